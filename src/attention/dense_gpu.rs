@@ -1,0 +1,381 @@
+//! Launcher of `shaders/flash_attention.wgsl`: picks the variant, cuts the problem into
+//! dispatches that respect the binding and grid limits (see [`super::split`]), writes
+//! each dispatch's parameters once at plan build time, and records the dispatches.
+
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::split::{DenseDispatch, SplitLimits, SplitProblem, split_dense};
+use super::{AttentionOptions, AttentionShape};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::preprocess::Defines;
+use crate::tensor::DType;
+
+/// Uniform parameters of one dispatch; mirrors `struct Params` in the WGSL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct DenseParams {
+    q_base: u32,
+    k_base: u32,
+    v_base: u32,
+    o_base: u32,
+    ml_base: u32,
+    acc_base: u32,
+    q_head_stride: u32,
+    kv_head_stride: u32,
+    ml_head_stride: u32,
+    h0: u32,
+    kv0: u32,
+    group: u32,
+    r0: u32,
+    r1: u32,
+    c0: u32,
+    c1: u32,
+    causal: u32,
+    causal_shift: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+/// A sub-range of a buffer to bind: byte offset, byte size, and the element offset of
+/// the wanted start inside the binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SubRange {
+    pub offset: u64,
+    pub size: u64,
+    pub base: u32,
+}
+
+/// Binds bytes `start..end`, starting the binding at `start` rounded down to `align`.
+/// `unit` is the size of one addressed element (for the base).
+pub(crate) fn sub_range(start: u64, end: u64, align: u64, unit: u64) -> SubRange {
+    let offset = start / align * align;
+    SubRange {
+        offset,
+        size: (end - offset).div_ceil(4) * 4,
+        base: ((start - offset) / unit) as u32,
+    }
+}
+
+/// The flags of one dispatch's kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Variant {
+    import: bool,
+    export: bool,
+    write: bool,
+}
+
+/// Where the row state of a run lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StateMode {
+    /// The caller's `RowState` tensors (full `[heads, rows, ...]` layout).
+    Caller,
+    /// The plan's scratch (one chunk of rows), or nothing when a single pass suffices.
+    Scratch,
+}
+
+struct Prepared {
+    dispatch: DenseDispatch,
+    kernel: Arc<Kernel>,
+    slot: u64,
+    q: SubRange,
+    k: SubRange,
+    v: SubRange,
+    o: SubRange,
+    ml: Option<SubRange>,
+    acc: Option<SubRange>,
+}
+
+/// A built dense attention on a GPU context.
+pub(crate) struct DenseGpu {
+    caller: Vec<Prepared>,
+    scratch: Vec<Prepared>,
+    params: wgpu::Buffer,
+    scratch_ml: Option<wgpu::Buffer>,
+    scratch_acc: Option<wgpu::Buffer>,
+    dummy: wgpu::Buffer,
+}
+
+fn kernel_spec(d: usize, dtype: DType, v: Variant) -> KernelSpec {
+    use BindingKind::*;
+    KernelSpec {
+        file: "flash_attention.wgsl",
+        entry: "flash_attention",
+        defines: Defines::new()
+            .const_u32("D", d as u32)
+            .flag_if("STORE_F16", dtype == DType::F16)
+            .flag_if("IMPORT_STATE", v.import)
+            .flag_if("EXPORT_STATE", v.export)
+            .flag_if("WRITE_OUTPUT", v.write),
+        bindings: vec![
+            Uniform,
+            StorageRead,
+            StorageRead,
+            StorageRead,
+            StorageReadWrite,
+            StorageReadWrite,
+            StorageReadWrite,
+        ],
+    }
+}
+
+/// Every variant the dense family can compile, for the shader dump and portability tests.
+pub fn all_dense_variants() -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for d in [64, 128, 256] {
+        for dtype in [DType::F32, DType::F16] {
+            for bits in 0..8u8 {
+                let v = Variant {
+                    import: bits & 1 != 0,
+                    export: bits & 2 != 0,
+                    write: bits & 4 != 0,
+                };
+                if v.export || v.write {
+                    out.push(kernel_spec(d, dtype, v));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl DenseGpu {
+    pub(crate) fn build(
+        ctx: &Context,
+        shape: &AttentionShape,
+        opts: &AttentionOptions,
+    ) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let caps = &g.caps;
+        let lim = SplitLimits {
+            max_binding: caps.max_storage_binding,
+            offset_align: caps.storage_offset_alignment as u64,
+            max_groups: caps.max_workgroups_per_dim,
+        };
+        let problem = SplitProblem {
+            q_heads: shape.q_heads,
+            kv_heads: shape.kv_heads,
+            q_len: shape.seq_len,
+            kv_len: shape.kv_len,
+            head_dim: shape.head_dim,
+            elem_bytes: opts.dtype.size(),
+            causal: opts.causal,
+        };
+        let dispatches = split_dense(&problem, &lim)?;
+        log::debug!("dense attention: {} dispatch(es)", dispatches.len());
+        let align = lim.offset_align;
+        let (d, n, nk) = (shape.head_dim as u64, shape.seq_len as u64, shape.kv_len as u64);
+        let s = opts.dtype.size() as u64;
+        let group = (shape.q_heads / shape.kv_heads) as u64;
+        let uniform_align = g.device.limits().min_uniform_buffer_offset_alignment as u64;
+        let slot_size = (std::mem::size_of::<DenseParams>() as u64).div_ceil(uniform_align) * uniform_align;
+        let needs_chain = dispatches.iter().any(|x| !(x.first && x.last));
+        let scratch_rows = dispatches
+            .iter()
+            .filter(|x| !(x.first && x.last))
+            .map(|x| (x.r1 - x.r0) as u64)
+            .max()
+            .unwrap_or(0);
+
+        let mut params: Vec<u8> = vec![];
+        let mut prepare = |mode: StateMode| -> Result<Vec<Prepared>> {
+            let mut out = vec![];
+            for x in &dispatches {
+                let (h0, h1, r0, r1) = (x.h0 as u64, x.h1 as u64, x.r0 as u64, x.r1 as u64);
+                let (c0, c1) = (x.c0 as u64, x.c1 as u64);
+                let kv0 = h0 / group;
+                let kv1 = (h1 - 1) / group + 1;
+                let q_start = (h0 * n + r0) * d;
+                let q_end = ((h1 - 1) * n + r1) * d;
+                let q = sub_range(q_start * s, q_end * s, align, s);
+                let o = q;
+                let k = sub_range((kv0 * nk + c0) * d * s, ((kv1 - 1) * nk + c1) * d * s, align, s);
+                let v = k;
+                let variant = Variant {
+                    import: !x.first || (mode == StateMode::Caller && opts.import_state),
+                    export: !x.last || mode == StateMode::Caller,
+                    write: x.last,
+                };
+                let uses_state = variant.import || variant.export;
+                let (ml, acc) = match (uses_state, mode) {
+                    (false, _) => (None, None),
+                    (true, StateMode::Caller) => (
+                        Some(sub_range((h0 * n + r0) * 8, ((h1 - 1) * n + r1) * 8, align, 8)),
+                        Some(sub_range(q_start * 4, q_end * 4, align, 4)),
+                    ),
+                    (true, StateMode::Scratch) => (
+                        Some(SubRange { offset: 0, size: (r1 - r0) * 8, base: 0 }),
+                        Some(SubRange { offset: 0, size: (r1 - r0) * d * 4, base: 0 }),
+                    ),
+                };
+                let p = DenseParams {
+                    q_base: q.base,
+                    k_base: k.base,
+                    v_base: v.base,
+                    o_base: o.base,
+                    ml_base: ml.map(|m| m.base).unwrap_or(0),
+                    acc_base: acc.map(|a| a.base).unwrap_or(0),
+                    q_head_stride: (n * d) as u32,
+                    kv_head_stride: (nk * d) as u32,
+                    ml_head_stride: n as u32,
+                    h0: h0 as u32,
+                    kv0: kv0 as u32,
+                    group: group as u32,
+                    r0: r0 as u32,
+                    r1: r1 as u32,
+                    c0: c0 as u32,
+                    c1: c1 as u32,
+                    causal: opts.causal as u32,
+                    causal_shift: (nk - n) as u32,
+                    scale: opts.scale_for(shape),
+                    _pad: 0,
+                };
+                let slot = params.len() as u64;
+                params.extend_from_slice(bytemuck::bytes_of(&p));
+                params.resize((slot + slot_size) as usize, 0);
+                out.push(Prepared {
+                    dispatch: *x,
+                    kernel: ctx.kernel(&kernel_spec(shape.head_dim, opts.dtype, variant))?,
+                    slot,
+                    q,
+                    k,
+                    v,
+                    o,
+                    ml,
+                    acc,
+                });
+            }
+            Ok(out)
+        };
+        let scratch = prepare(StateMode::Scratch)?;
+        let caller = prepare(StateMode::Caller)?;
+        let params_buf = g.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dense attention params"),
+            size: params.len() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        g.queue.write_buffer(&params_buf, 0, &params);
+        let storage = |label: &str, size: u64| {
+            g.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size.max(16),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        Ok(DenseGpu {
+            caller,
+            scratch,
+            params: params_buf,
+            scratch_ml: needs_chain.then(|| storage("dense attention scratch ml", scratch_rows * 8)),
+            scratch_acc: needs_chain
+                .then(|| storage("dense attention scratch acc", scratch_rows * d * 4)),
+            dummy: storage("dense attention unused binding", 16),
+        })
+    }
+
+    /// Number of dispatches a run records.
+    pub(crate) fn dispatch_count(&self) -> usize {
+        self.scratch.len()
+    }
+
+    /// Records the dense stage. `state` is the caller's (ml, acc) buffers, if any.
+    pub(crate) fn record(
+        &self,
+        rec: &mut Recorder<'_>,
+        stage: &str,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        o: &wgpu::Buffer,
+        state: Option<(&wgpu::Buffer, &wgpu::Buffer)>,
+    ) {
+        let device = rec.gpu().device.clone();
+        let (list, ml_buf, acc_buf) = match state {
+            Some((ml, acc)) => (&self.caller, Some(ml), Some(acc)),
+            None => (&self.scratch, self.scratch_ml.as_ref(), self.scratch_acc.as_ref()),
+        };
+        let dummy = &self.dummy;
+        let bind = |buf, r| bind_range(buf, r, dummy);
+        let groups: Vec<(wgpu::BindGroup, &Prepared)> = list
+            .iter()
+            .map(|x| {
+                let ml = ml_buf.unwrap_or(&self.dummy);
+                let acc = acc_buf.unwrap_or(&self.dummy);
+                let entries = [
+                    wgpu::BufferBinding {
+                        buffer: &self.params,
+                        offset: x.slot,
+                        size: wgpu::BufferSize::new(std::mem::size_of::<DenseParams>() as u64),
+                    },
+                    bind(q, Some(x.q)),
+                    bind(k, Some(x.k)),
+                    bind(v, Some(x.v)),
+                    bind(o, Some(x.o)),
+                    bind(ml, x.ml),
+                    bind(acc, x.acc),
+                ];
+                let entries: Vec<wgpu::BindGroupEntry> = entries
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: wgpu::BindingResource::Buffer(b),
+                    })
+                    .collect();
+                let bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("dense attention bindings"),
+                    layout: &x.kernel.layout,
+                    entries: &entries,
+                });
+                (bg, x)
+            })
+            .collect();
+        rec.stage(stage, |pass| {
+            for (bg, x) in &groups {
+                let (gx, gy) = x.dispatch.grid();
+                pass.set_pipeline(&x.kernel.pipeline);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+            groups.len() as u32
+        });
+    }
+}
+
+fn bind_range<'a>(
+    buf: &'a wgpu::Buffer,
+    r: Option<SubRange>,
+    dummy: &'a wgpu::Buffer,
+) -> wgpu::BufferBinding<'a> {
+    match r {
+        Some(r) => wgpu::BufferBinding {
+            buffer: buf,
+            offset: r.offset,
+            size: wgpu::BufferSize::new(r.size),
+        },
+        None => dummy.as_entire_buffer_binding(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_range_aligns_down_and_keeps_the_residual_as_base() {
+        let r = sub_range(1000, 2000, 256, 4);
+        assert_eq!(r, SubRange { offset: 768, size: 1232, base: 58 });
+        let r = sub_range(512, 514, 256, 2);
+        assert_eq!(r, SubRange { offset: 512, size: 4, base: 0 });
+    }
+
+    #[test]
+    fn variants_cover_dims_and_dtypes() {
+        assert_eq!(all_dense_variants().len(), 3 * 2 * 6);
+    }
+}

@@ -1,0 +1,576 @@
+//! Device selection: a [`Context`] is either a wgpu GPU (adapter + device + queue + the
+//! capabilities read from the adapter) or the CPU fallback (a rayon thread pool).
+//!
+//! Selection: best GPU by default, CPU when no adapter exists; by API and by environment
+//! (`WGSPARSE_BACKEND=auto|vulkan|metal|dx12|gl|cpu`, `WGSPARSE_ADAPTER=<name substring>`).
+//! `WGSPARSE_REQUIRE_GPU=1` turns the silent CPU fallback into an error (CI uses it so a
+//! missing lavapipe fails the GPU tests instead of skipping them).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Which compute API to run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Best GPU found, else the CPU.
+    #[default]
+    Auto,
+    /// Vulkan (Linux, Windows, Android; lavapipe in CI).
+    Vulkan,
+    /// Metal (macOS, iOS).
+    Metal,
+    /// Direct3D 12 (Windows).
+    Dx12,
+    /// OpenGL / GLES compute.
+    Gl,
+    /// The browser's WebGPU (wasm32 only).
+    BrowserWebGpu,
+    /// The multithreaded CPU path.
+    Cpu,
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Backend::Auto,
+            "vulkan" | "vk" => Backend::Vulkan,
+            "metal" | "mtl" => Backend::Metal,
+            "dx12" | "d3d12" => Backend::Dx12,
+            "gl" | "gles" | "opengl" => Backend::Gl,
+            "webgpu" | "browser" => Backend::BrowserWebGpu,
+            "cpu" => Backend::Cpu,
+            other => return Err(Error::UnknownBackend(other.to_string())),
+        })
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Backend::Auto => "auto",
+            Backend::Vulkan => "vulkan",
+            Backend::Metal => "metal",
+            Backend::Dx12 => "dx12",
+            Backend::Gl => "gl",
+            Backend::BrowserWebGpu => "webgpu",
+            Backend::Cpu => "cpu",
+        };
+        f.write_str(s)
+    }
+}
+
+impl Backend {
+    fn from_wgpu(b: wgpu::Backend) -> Self {
+        match b {
+            wgpu::Backend::Vulkan => Backend::Vulkan,
+            wgpu::Backend::Metal => Backend::Metal,
+            wgpu::Backend::Dx12 => Backend::Dx12,
+            wgpu::Backend::Gl => Backend::Gl,
+            wgpu::Backend::BrowserWebGpu => Backend::BrowserWebGpu,
+            _ => Backend::Auto,
+        }
+    }
+    fn wgpu_backends(self) -> wgpu::Backends {
+        match self {
+            Backend::Vulkan => wgpu::Backends::VULKAN,
+            Backend::Metal => wgpu::Backends::METAL,
+            Backend::Dx12 => wgpu::Backends::DX12,
+            Backend::Gl => wgpu::Backends::GL,
+            Backend::BrowserWebGpu => wgpu::Backends::BROWSER_WEBGPU,
+            Backend::Auto | Backend::Cpu => wgpu::Backends::all(),
+        }
+    }
+}
+
+/// How to pick the device, and testing knobs.
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// API to use (`Auto`: best GPU, else CPU).
+    pub backend: Backend,
+    /// Only adapters whose name contains this (case-insensitive).
+    pub adapter_name: Option<String>,
+    /// Fail instead of falling back to the CPU when no GPU adapter is found.
+    pub require_gpu: bool,
+    /// Pretend the device allows at most this many bytes per storage binding (never more
+    /// than the real limit). Lets tests drive the split paths with small data.
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl ContextOptions {
+    /// Reads `WGSPARSE_BACKEND`, `WGSPARSE_ADAPTER`, `WGSPARSE_REQUIRE_GPU` and
+    /// `WGSPARSE_MAX_BINDING_BYTES`.
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let backend = match var("WGSPARSE_BACKEND") {
+            Some(b) => b.parse()?,
+            None => Backend::Auto,
+        };
+        let max_binding_bytes = match var("WGSPARSE_MAX_BINDING_BYTES") {
+            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+                Error::InvalidArgument(format!("WGSPARSE_MAX_BINDING_BYTES=`{v}` is not a number"))
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            backend,
+            adapter_name: var("WGSPARSE_ADAPTER"),
+            require_gpu: matches!(var("WGSPARSE_REQUIRE_GPU").as_deref(), Some("1" | "true" | "yes")),
+            max_binding_bytes,
+        })
+    }
+    /// Overrides the backend (the CLI's `--backend`), keeping the rest.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+}
+
+/// A cooperative-matrix shape the adapter offers (`m×n×k`, operand and accumulator types).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CoopMatrixShape {
+    /// Rows of A and C.
+    pub m: u32,
+    /// Columns of B and C.
+    pub n: u32,
+    /// Inner dimension.
+    pub k: u32,
+    /// Type of A and B (`f16`, `f32`, ...).
+    pub ab: String,
+    /// Type of C and the result.
+    pub cr: String,
+}
+
+/// What the device can do, read from the adapter (and, for limits, lowered by options).
+#[derive(Clone, Debug, Serialize)]
+pub struct Capabilities {
+    /// `shader-f16`: f16 arithmetic in WGSL.
+    pub f16: bool,
+    /// Subgroup operations (native only through wgpu).
+    pub subgroups: bool,
+    /// Smallest subgroup size the adapter may use.
+    pub subgroup_min_size: u32,
+    /// Largest subgroup size.
+    pub subgroup_max_size: u32,
+    /// Cooperative-matrix shapes (empty when the feature is absent).
+    pub coop_matrix: Vec<CoopMatrixShape>,
+    /// Timestamp queries at pass boundaries.
+    pub timestamps: bool,
+    /// Bytes per storage binding this crate plans with (the adapter's, or lower).
+    pub max_storage_binding: u64,
+    /// The adapter's own storage-binding limit.
+    pub adapter_max_storage_binding: u64,
+    /// Largest buffer.
+    pub max_buffer: u64,
+    /// Workgroup (shared) memory in bytes.
+    pub max_workgroup_storage: u32,
+    /// Invocations per workgroup.
+    pub max_invocations: u32,
+    /// Workgroups per dispatch axis.
+    pub max_workgroups_per_dim: u32,
+    /// Storage buffers per shader stage.
+    pub max_storage_buffers_per_stage: u32,
+    /// Alignment of storage-binding offsets.
+    pub storage_offset_alignment: u32,
+}
+
+impl Capabilities {
+    /// What the CPU path reports: no GPU features, host-sized limits.
+    fn cpu() -> Self {
+        Capabilities {
+            f16: true,
+            subgroups: false,
+            subgroup_min_size: 0,
+            subgroup_max_size: 0,
+            coop_matrix: vec![],
+            timestamps: false,
+            max_storage_binding: u64::MAX,
+            adapter_max_storage_binding: u64::MAX,
+            max_buffer: u64::MAX,
+            max_workgroup_storage: 0,
+            max_invocations: 0,
+            max_workgroups_per_dim: u32::MAX,
+            max_storage_buffers_per_stage: u32::MAX,
+            storage_offset_alignment: 1,
+        }
+    }
+
+    fn from_adapter(
+        features: wgpu::Features,
+        limits: &wgpu::Limits,
+        info: &wgpu::AdapterInfo,
+        coop: &[wgpu::CooperativeMatrixProperties],
+        max_binding_bytes: Option<u64>,
+    ) -> Self {
+        let adapter_binding = limits.max_storage_buffer_binding_size;
+        let planned = max_binding_bytes
+            .map(|m| m.min(adapter_binding))
+            .unwrap_or(adapter_binding);
+        Capabilities {
+            f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_min_size: info.subgroup_min_size,
+            subgroup_max_size: info.subgroup_max_size,
+            coop_matrix: if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+                coop.iter()
+                    .map(|c| CoopMatrixShape {
+                        m: c.m_size,
+                        n: c.n_size,
+                        k: c.k_size,
+                        ab: format!("{:?}", c.ab_type).to_lowercase(),
+                        cr: format!("{:?}", c.cr_type).to_lowercase(),
+                    })
+                    .collect()
+            } else {
+                vec![]
+            },
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_storage_binding: planned,
+            adapter_max_storage_binding: adapter_binding,
+            max_buffer: limits.max_buffer_size,
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
+            storage_offset_alignment: limits.min_storage_buffer_offset_alignment,
+        }
+    }
+}
+
+/// One adapter as `wgsparse info` lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterSummary {
+    /// Adapter name (e.g. "NVIDIA H200", "llvmpipe (LLVM 15.0.6, 256 bits)").
+    pub name: String,
+    /// API.
+    pub backend: Backend,
+    /// Discrete, integrated, virtual, CPU (software) or other.
+    pub device_type: String,
+    /// Driver name and version.
+    pub driver: String,
+    /// Capabilities read from the adapter.
+    pub capabilities: Capabilities,
+}
+
+/// The GPU half of a context.
+pub struct GpuDevice {
+    /// The adapter the device was opened on.
+    pub adapter: wgpu::Adapter,
+    /// The wgpu device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    /// Adapter info.
+    pub info: wgpu::AdapterInfo,
+    /// Capabilities the plans choose variants from.
+    pub caps: Capabilities,
+    pub(crate) pipelines: Mutex<HashMap<crate::pipeline::PipelineKey, Arc<crate::pipeline::Kernel>>>,
+}
+
+pub(crate) enum DeviceKind {
+    Gpu(GpuDevice),
+    Cpu,
+}
+
+pub(crate) struct ContextInner {
+    pub(crate) id: u64,
+    pub(crate) kind: DeviceKind,
+    pub(crate) cpu_caps: Capabilities,
+}
+
+/// A compute device: a GPU through wgpu, or the CPU. Cheap to clone; several contexts can
+/// live at once (one per GPU).
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) inner: Arc<ContextInner>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Context({} on {})", self.adapter_name(), self.backend())
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// wgpu features this crate uses when the adapter has them.
+fn wanted_features() -> wgpu::Features {
+    wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP
+        | wgpu::Features::SUBGROUP_BARRIER
+        | wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+        | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+}
+
+fn device_type_name(t: wgpu::DeviceType) -> &'static str {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => "discrete",
+        wgpu::DeviceType::IntegratedGpu => "integrated",
+        wgpu::DeviceType::VirtualGpu => "virtual",
+        wgpu::DeviceType::Cpu => "cpu",
+        wgpu::DeviceType::Other => "other",
+    }
+}
+
+/// Ranks adapters: real GPUs before software ones, native APIs before GL.
+fn adapter_rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let api = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        wgpu::Backend::BrowserWebGpu => 1,
+        _ => 2,
+    };
+    (ty, api)
+}
+
+fn instance(backend: Backend) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backend.wgpu_backends();
+    wgpu::Instance::new(desc)
+}
+
+async fn matching_adapters(opts: &ContextOptions) -> Vec<wgpu::Adapter> {
+    if opts.backend == Backend::Cpu {
+        return vec![];
+    }
+    let inst = instance(opts.backend);
+    let mut adapters = inst.enumerate_adapters(opts.backend.wgpu_backends()).await;
+    if let Some(name) = &opts.adapter_name {
+        let needle = name.to_lowercase();
+        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&needle));
+    }
+    adapters.sort_by_key(|a| adapter_rank(&a.get_info()));
+    adapters
+}
+
+impl Context {
+    /// Opens the device the options ask for (async: the browser needs it).
+    pub async fn new(opts: ContextOptions) -> Result<Self> {
+        if opts.backend == Backend::Cpu {
+            return Ok(Self::cpu());
+        }
+        let adapters = matching_adapters(&opts).await;
+        let Some(adapter) = adapters.into_iter().next() else {
+            let what = match (&opts.backend, &opts.adapter_name) {
+                (Backend::Auto, None) => String::new(),
+                (b, None) => format!(" for backend {b}"),
+                (b, Some(n)) => format!(" for backend {b} named like `{n}`"),
+            };
+            if opts.backend == Backend::Auto && opts.adapter_name.is_none() && !opts.require_gpu
+            {
+                log::info!("no GPU adapter found; using the CPU path");
+                return Ok(Self::cpu());
+            }
+            return Err(Error::NoAdapter(what));
+        };
+        Self::from_adapter(adapter, opts.max_binding_bytes).await
+    }
+
+    /// Blocking version of [`Context::new`] (not on the web).
+    pub fn new_blocking(opts: ContextOptions) -> Result<Self> {
+        pollster::block_on(Self::new(opts))
+    }
+
+    /// The CPU context.
+    pub fn cpu() -> Self {
+        Context {
+            inner: Arc::new(ContextInner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                kind: DeviceKind::Cpu,
+                cpu_caps: Capabilities::cpu(),
+            }),
+        }
+    }
+
+    /// Opens a device on this adapter with every feature we use that it has and its real
+    /// limits (never the 128 MiB WebGPU defaults).
+    pub async fn from_adapter(adapter: wgpu::Adapter, max_binding_bytes: Option<u64>) -> Result<Self> {
+        let features = adapter.features() & wanted_features();
+        let limits = adapter.limits();
+        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: cooperative matrix is only used by kernels chosen from the
+            // capabilities read below; wgpu asks for this opt-in for experimental features.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgsparse device"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: experimental,
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await?;
+        Ok(Self::wrap(adapter, device, queue, max_binding_bytes))
+    }
+
+    /// Wraps a device that the host application already has. The capabilities are read
+    /// from the device's own features and limits (what it was opened with).
+    pub fn from_wgpu(adapter: wgpu::Adapter, device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        Self::wrap(adapter, device, queue, None)
+    }
+
+    fn wrap(
+        adapter: wgpu::Adapter,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        max_binding_bytes: Option<u64>,
+    ) -> Self {
+        let info = adapter.get_info();
+        let coop = adapter.cooperative_matrix_properties();
+        let caps = Capabilities::from_adapter(
+            device.features(),
+            &device.limits(),
+            &info,
+            &coop,
+            max_binding_bytes,
+        );
+        log::info!("wgsparse: {} ({:?}) caps {:?}", info.name, info.backend, caps);
+        device.on_uncaptured_error(Arc::new(|e| log::error!("wgpu: {e}")));
+        Context {
+            inner: Arc::new(ContextInner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                kind: DeviceKind::Gpu(GpuDevice {
+                    adapter,
+                    device,
+                    queue,
+                    info,
+                    caps,
+                    pipelines: Mutex::new(HashMap::new()),
+                }),
+                cpu_caps: Capabilities::cpu(),
+            }),
+        }
+    }
+
+    /// Lists every adapter wgpu sees (all APIs), plus the CPU path, without opening devices.
+    pub async fn list_adapters() -> Vec<AdapterSummary> {
+        let opts = ContextOptions::default();
+        let mut out: Vec<AdapterSummary> = matching_adapters(&opts)
+            .await
+            .into_iter()
+            .map(|a| {
+                let info = a.get_info();
+                let caps = Capabilities::from_adapter(
+                    a.features(),
+                    &a.limits(),
+                    &info,
+                    &a.cooperative_matrix_properties(),
+                    None,
+                );
+                AdapterSummary {
+                    name: info.name.clone(),
+                    backend: Backend::from_wgpu(info.backend),
+                    device_type: device_type_name(info.device_type).into(),
+                    driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+                    capabilities: caps,
+                }
+            })
+            .collect();
+        out.push(AdapterSummary {
+            name: format!("CPU ({} threads)", rayon::current_num_threads()),
+            backend: Backend::Cpu,
+            device_type: "cpu".into(),
+            driver: "wgsparse rayon path".into(),
+            capabilities: Capabilities::cpu(),
+        });
+        out
+    }
+
+    /// Opens one context per GPU adapter found (for multi-GPU hosts).
+    pub async fn all_gpus() -> Result<Vec<Context>> {
+        let mut out = vec![];
+        for a in matching_adapters(&ContextOptions::default()).await {
+            out.push(Self::from_adapter(a, None).await?);
+        }
+        Ok(out)
+    }
+
+    /// The GPU device, or `None` on the CPU path.
+    pub fn gpu(&self) -> Option<&GpuDevice> {
+        match &self.inner.kind {
+            DeviceKind::Gpu(g) => Some(g),
+            DeviceKind::Cpu => None,
+        }
+    }
+
+    /// True on the CPU path.
+    pub fn is_cpu(&self) -> bool {
+        self.gpu().is_none()
+    }
+
+    /// The API in use.
+    pub fn backend(&self) -> Backend {
+        match self.gpu() {
+            Some(g) => Backend::from_wgpu(g.info.backend),
+            None => Backend::Cpu,
+        }
+    }
+
+    /// The adapter's name (or "CPU (n threads)").
+    pub fn adapter_name(&self) -> String {
+        match self.gpu() {
+            Some(g) => g.info.name.clone(),
+            None => format!("CPU ({} threads)", rayon::current_num_threads()),
+        }
+    }
+
+    /// Capabilities the plans choose kernel variants from.
+    pub fn capabilities(&self) -> &Capabilities {
+        match self.gpu() {
+            Some(g) => &g.caps,
+            None => &self.inner.cpu_caps,
+        }
+    }
+
+    /// Two handles to the same device compare equal.
+    pub fn same_device(&self, other: &Context) -> bool {
+        self.inner.id == other.inner.id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_round_trip() {
+        for b in [
+            Backend::Auto,
+            Backend::Vulkan,
+            Backend::Metal,
+            Backend::Dx12,
+            Backend::Gl,
+            Backend::Cpu,
+        ] {
+            assert_eq!(b.to_string().parse::<Backend>().unwrap(), b);
+        }
+        assert!(matches!("cuda".parse::<Backend>(), Err(Error::UnknownBackend(_))));
+    }
+
+    #[test]
+    fn cpu_context_is_cpu() {
+        let c = Context::new_blocking(ContextOptions::default().with_backend(Backend::Cpu)).unwrap();
+        assert!(c.is_cpu());
+        assert_eq!(c.backend(), Backend::Cpu);
+        assert!(!c.same_device(&Context::cpu()));
+    }
+}

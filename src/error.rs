@@ -1,0 +1,76 @@
+//! The crate's error type: every fallible public call returns [`Result`].
+
+use thiserror::Error;
+
+/// Everything that can go wrong in wgsparse, as a typed value (never a panic).
+#[derive(Debug, Error)]
+pub enum Error {
+    /// No GPU adapter matched the request (backend, adapter name).
+    #[error("no GPU adapter found{0}")]
+    NoAdapter(String),
+    /// The backend name given (e.g. in `WGSPARSE_BACKEND`) is not one we know.
+    #[error("unknown backend `{0}` (expected auto, vulkan, metal, dx12, gl or cpu)")]
+    UnknownBackend(String),
+    /// `request_device` failed.
+    #[error("could not open the GPU device: {0}")]
+    RequestDevice(#[from] wgpu::RequestDeviceError),
+    /// A shape is not acceptable for the operation.
+    #[error("invalid shape: {0}")]
+    InvalidShape(String),
+    /// Two tensors, or a tensor and a plan, do not agree.
+    #[error("mismatch: {0}")]
+    Mismatch(String),
+    /// A tensor of this dtype is not supported here.
+    #[error("unsupported dtype {0:?} for {1}")]
+    UnsupportedDtype(crate::DType, &'static str),
+    /// The data does not fit the device even after splitting; says what and by how much.
+    #[error("{what} needs {needed} bytes but the device allows {limit} bytes ({over} bytes over)")]
+    TooLarge {
+        /// What did not fit.
+        what: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes allowed.
+        limit: u64,
+        /// `needed - limit`.
+        over: u64,
+    },
+    /// A tensor lives on another context than the plan.
+    #[error("tensor belongs to a different context (device) than the plan")]
+    WrongContext,
+    /// WGSL failed to preprocess, parse or validate.
+    #[error("shader `{name}`: {message}")]
+    Shader {
+        /// Shader family name.
+        name: String,
+        /// What the preprocessor or naga said.
+        message: String,
+    },
+    /// Mapping a buffer for readback failed.
+    #[error("buffer readback failed: {0}")]
+    Readback(String),
+    /// The GPU reported an error (validation, out of memory) while running a plan.
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    /// An I/O error (reading a data file, writing output).
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A bad argument or configuration value.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Builds a [`Error::TooLarge`] from the needed and allowed sizes.
+    pub fn too_large(what: impl Into<String>, needed: u64, limit: u64) -> Self {
+        Error::TooLarge {
+            what: what.into(),
+            needed,
+            limit,
+            over: needed.saturating_sub(limit),
+        }
+    }
+}

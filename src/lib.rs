@@ -1,0 +1,30 @@
+//! # wgsparse
+//!
+//! Sparse long-context prefill attention and MoE kernels written in WGSL, run through
+//! wgpu on Vulkan, Metal, DX12, GL and browser WebGPU, with a multithreaded CPU fallback
+//! that is also every kernel's test oracle.
+//!
+//! Layers (each calls only the one below): [`Context`] (device + capabilities) →
+//! [`Tensor`] → kernels (`shaders/*.wgsl`, one launcher and one CPU twin each) → plans
+//! ([`AttentionPlan`]) built once and run many times → tools (the `wgsparse` CLI, the
+//! benchmarks).
+
+#![warn(missing_docs)]
+
+pub mod attention;
+pub mod context;
+pub mod error;
+pub mod metrics;
+pub mod pipeline;
+pub mod preprocess;
+pub mod synthetic;
+pub mod tensor;
+
+pub use attention::{
+    AttentionOptions, AttentionPlan, AttentionPlanBuilder, AttentionReport, AttentionShape,
+    Method, RowState,
+};
+pub use context::{AdapterSummary, Backend, Capabilities, Context, ContextOptions};
+pub use error::{Error, Result};
+pub use pipeline::{Report, StageTime};
+pub use tensor::{DType, HostData, Tensor};

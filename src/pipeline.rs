@@ -1,0 +1,332 @@
+//! The pipeline builder: compiled-kernel cache and a [`Recorder`] that puts a plan's
+//! stages into one command submission, timing each stage with GPU timestamp queries where
+//! the adapter has them (wall clock for the whole submission otherwise).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::context::{Context, GpuDevice};
+use crate::error::{Error, Result};
+use crate::preprocess::{Defines, preprocess, validate_wgsl};
+
+/// How a kernel binds one resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindingKind {
+    /// `var<uniform>` parameters.
+    Uniform,
+    /// `var<storage, read>`.
+    StorageRead,
+    /// `var<storage, read_write>`.
+    StorageReadWrite,
+}
+
+/// Which kernel to compile: a shader file, an entry point, a variant and its bindings
+/// (binding `i` of group 0 has kind `bindings[i]`).
+#[derive(Clone, Debug)]
+pub struct KernelSpec {
+    /// File under `shaders/`.
+    pub file: &'static str,
+    /// Entry point.
+    pub entry: &'static str,
+    /// Flags and constants of this variant.
+    pub defines: Defines,
+    /// Binding kinds in order.
+    pub bindings: Vec<BindingKind>,
+}
+
+impl KernelSpec {
+    /// The final WGSL of this variant.
+    pub fn source(&self) -> Result<String> {
+        preprocess(self.file, &self.defines)
+    }
+    /// Human-readable name (`file:entry[variant]`).
+    pub fn label(&self) -> String {
+        format!("{}:{}[{}]", self.file, self.entry, self.defines.signature())
+    }
+}
+
+pub(crate) type PipelineKey = (&'static str, &'static str, Defines);
+
+/// A compiled compute pipeline and its bind-group layout.
+pub struct Kernel {
+    /// The pipeline.
+    pub pipeline: wgpu::ComputePipeline,
+    /// Layout of bind group 0.
+    pub layout: wgpu::BindGroupLayout,
+    /// `file:entry[variant]`.
+    pub label: String,
+}
+
+impl Context {
+    /// Compiles a kernel once per (file, entry, variant) and caches it on this context.
+    pub fn kernel(&self, spec: &KernelSpec) -> Result<Arc<Kernel>> {
+        let g = self
+            .gpu()
+            .ok_or_else(|| Error::InvalidArgument("kernels need a GPU context".into()))?;
+        let key: PipelineKey = (spec.file, spec.entry, spec.defines.clone());
+        if let Some(k) = g.pipelines.lock().expect("pipeline cache lock").get(&key) {
+            return Ok(k.clone());
+        }
+        let kernel = Arc::new(compile(g, spec)?);
+        g.pipelines
+            .lock()
+            .expect("pipeline cache lock")
+            .insert(key, kernel.clone());
+        Ok(kernel)
+    }
+
+    /// Number of pipelines compiled so far on this context.
+    pub fn cached_pipelines(&self) -> usize {
+        self.gpu()
+            .map(|g| g.pipelines.lock().expect("pipeline cache lock").len())
+            .unwrap_or(0)
+    }
+}
+
+fn compile(g: &GpuDevice, spec: &KernelSpec) -> Result<Kernel> {
+    let label = spec.label();
+    let source = spec.source()?;
+    // naga first: a bad variant becomes a typed error with a readable message.
+    validate_wgsl(&label, &source)?;
+    let scope = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let module = g
+        .device
+        .create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = spec
+        .bindings
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: match kind {
+                BindingKind::Uniform => wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                BindingKind::StorageRead | BindingKind::StorageReadWrite => {
+                    wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: *kind == BindingKind::StorageRead,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    }
+                }
+            },
+            count: None,
+        })
+        .collect();
+    let layout = g
+        .device
+        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(&label),
+            entries: &entries,
+        });
+    let pl = g
+        .device
+        .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(&label),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+    let pipeline = g
+        .device
+        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: Some(&pl),
+            module: &module,
+            entry_point: Some(spec.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Shader {
+            name: label,
+            message: e.to_string(),
+        });
+    }
+    log::debug!("compiled {label}");
+    Ok(Kernel {
+        pipeline,
+        layout,
+        label,
+    })
+}
+
+/// Time of one stage of a plan run.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageTime {
+    /// Stage name.
+    pub name: String,
+    /// GPU time in milliseconds from timestamp queries (None without them).
+    pub ms: Option<f64>,
+    /// Dispatches recorded in the stage.
+    pub dispatches: u32,
+}
+
+/// Timing report of one submission.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// Per-stage times.
+    pub stages: Vec<StageTime>,
+    /// Wall time from submission to completion, in milliseconds (host clock).
+    pub wall_ms: f64,
+    /// Sum of stage GPU times when timestamps exist.
+    pub gpu_ms: Option<f64>,
+    /// `"timestamp"` or `"wall"`.
+    pub timing: String,
+}
+
+impl Report {
+    /// The best time we have: summed GPU time, else wall time.
+    pub fn ms(&self) -> f64 {
+        self.gpu_ms.unwrap_or(self.wall_ms)
+    }
+}
+
+/// Records the stages of a plan into one command encoder and submits them once.
+pub struct Recorder<'a> {
+    g: &'a GpuDevice,
+    encoder: wgpu::CommandEncoder,
+    stages: Vec<StageTime>,
+    queries: Option<wgpu::QuerySet>,
+    max_stages: u32,
+    scope: Option<wgpu::ErrorScopeGuard>,
+}
+
+impl<'a> Recorder<'a> {
+    /// Starts a recording with room for `max_stages` timed stages.
+    pub fn new(ctx: &'a Context, label: &str, max_stages: u32) -> Result<Self> {
+        let g = ctx
+            .gpu()
+            .ok_or_else(|| Error::InvalidArgument("recording needs a GPU context".into()))?;
+        let scope = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let queries = (g.caps.timestamps && max_stages > 0).then(|| {
+            g.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some(&format!("{label} timestamps")),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * max_stages,
+            })
+        });
+        let encoder = g
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+        Ok(Recorder {
+            g,
+            encoder,
+            stages: vec![],
+            queries,
+            max_stages,
+            scope: Some(scope),
+        })
+    }
+
+    /// The device being recorded for.
+    pub fn gpu(&self) -> &GpuDevice {
+        self.g
+    }
+
+    /// The encoder, for copies between stages.
+    pub fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        &mut self.encoder
+    }
+
+    /// Records one stage: a compute pass (timed when possible) in which `f` dispatches.
+    /// `f` returns how many dispatches it recorded.
+    pub fn stage(&mut self, name: &str, f: impl FnOnce(&mut wgpu::ComputePass<'_>) -> u32) {
+        let i = self.stages.len() as u32;
+        let timestamp_writes = match &self.queries {
+            Some(q) if i < self.max_stages => Some(wgpu::ComputePassTimestampWrites {
+                query_set: q,
+                beginning_of_pass_write_index: Some(2 * i),
+                end_of_pass_write_index: Some(2 * i + 1),
+            }),
+            _ => None,
+        };
+        let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(name),
+            timestamp_writes,
+        });
+        let dispatches = f(&mut pass);
+        drop(pass);
+        self.stages.push(StageTime {
+            name: name.to_string(),
+            ms: None,
+            dispatches,
+        });
+    }
+
+    /// Submits everything recorded, waits for it and returns the timing report.
+    pub async fn submit(mut self) -> Result<Report> {
+        let n = (self.stages.len() as u32).min(self.max_stages);
+        let readback = match (&self.queries, n) {
+            (Some(q), n) if n > 0 => {
+                let size = 16 * n as u64;
+                let resolve = self.g.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("timestamp resolve"),
+                    size,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                });
+                self.encoder.resolve_query_set(q, 0..2 * n, &resolve, 0);
+                Some(resolve)
+            }
+            _ => None,
+        };
+        let start = Instant::now();
+        self.g.queue.submit([self.encoder.finish()]);
+        if let Some(e) = self.scope.take().expect("scope pushed in new").pop().await {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        let mut report = Report {
+            stages: self.stages,
+            ..Default::default()
+        };
+        match readback {
+            Some(resolve) => {
+                let bytes = crate::tensor::read_buffer(self.g, &resolve, 0, resolve.size()).await?;
+                report.wall_ms = start.elapsed().as_secs_f64() * 1e3;
+                let ticks: &[u64] = bytemuck::cast_slice(&bytes);
+                let period = self.g.queue.get_timestamp_period() as f64;
+                let mut total = 0.0;
+                for (i, st) in report.stages.iter_mut().enumerate().take(n as usize) {
+                    let ms = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period / 1e6;
+                    st.ms = Some(ms);
+                    total += ms;
+                }
+                report.gpu_ms = Some(total);
+                report.timing = "timestamp".into();
+            }
+            None => {
+                #[cfg(not(target_arch = "wasm32"))]
+                self.g
+                    .device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| Error::Gpu(e.to_string()))?;
+                #[cfg(target_arch = "wasm32")]
+                {
+                    let (tx, rx) = futures::channel::oneshot::channel();
+                    self.g.queue.on_submitted_work_done(move || {
+                        let _ = tx.send(());
+                    });
+                    let _ = rx.await;
+                }
+                report.wall_ms = start.elapsed().as_secs_f64() * 1e3;
+                report.timing = "wall".into();
+            }
+        }
+        Ok(report)
+    }
+
+    /// Blocking [`Recorder::submit`] (not on the web).
+    pub fn submit_blocking(self) -> Result<Report> {
+        pollster::block_on(self.submit())
+    }
+}

@@ -1,0 +1,149 @@
+//! Dense flash attention: GPU kernel vs its CPU twin (and the CPU twin vs a naive
+//! reference), on fresh random inputs with poisoned outputs, ragged lengths, GQA,
+//! every head_dim, both dtypes, the row-state export/import, and the split paths.
+
+mod common;
+
+use wgsparse::attention::dense_cpu::{HostRowState, dense_attention_cpu, naive_attention};
+use wgsparse::metrics::compare;
+use wgsparse::synthetic::qkv_host;
+use wgsparse::{AttentionShape, Context, DType, RowState, Tensor};
+
+/// Tolerances (max abs error on outputs of unit-variance inputs): f32 storage agrees to
+/// float rounding; f16 storage adds the rounding of the f16 output (2^-11 relative).
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 4e-3,
+        _ => 2e-5,
+    }
+}
+
+/// Rounds through the storage dtype so the CPU twin sees exactly what the GPU reads.
+fn round_to(x: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
+        _ => x.to_vec(),
+    }
+}
+
+fn check_gpu_vs_cpu(ctx: &Context, shape: AttentionShape, dtype: DType, causal: bool, seed: u64) {
+    let (q, k, v) = qkv_host(&shape, seed);
+    let (q, k, v) = (round_to(&q, dtype), round_to(&k, dtype), round_to(&v, dtype));
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let want = dense_attention_cpu(&shape, causal, scale, &q, &k, &v, None);
+    let plan = ctx.attention(shape).causal(causal).dtype(dtype).build().unwrap();
+    let qt = Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype).unwrap();
+    let kt = Tensor::from_f32(ctx, &shape.kv_dims(), &k, dtype).unwrap();
+    let vt = Tensor::from_f32(ctx, &shape.kv_dims(), &v, dtype).unwrap();
+    // Poisoned output: any element the kernel does not write stays NaN and fails.
+    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN).unwrap();
+    plan.run_into(&qt, &kt, &vt, &mut out).unwrap();
+    let got = out.to_f32_blocking().unwrap();
+    let err = compare(&got, &want);
+    let report = plan.report().unwrap();
+    eprintln!("{shape:?} {dtype:?} causal={causal}: {err:?} ({} dispatches)", report.dispatches);
+    assert!(err.max_abs_err <= tol(dtype), "{shape:?} {dtype:?} causal={causal}: {err:?}");
+}
+
+#[test]
+fn cpu_twin_matches_naive_reference() {
+    let seed = common::seed();
+    for (shape, causal) in [
+        (AttentionShape::new(2, 1, 37, 64), true),
+        (AttentionShape::new(3, 3, 70, 128), false),
+        (
+            AttentionShape {
+                kv_len: 90,
+                ..AttentionShape::new(2, 2, 20, 64)
+            },
+            true,
+        ),
+    ] {
+        let (q, k, v) = qkv_host(&shape, seed);
+        let scale = 0.125;
+        let a = dense_attention_cpu(&shape, causal, scale, &q, &k, &v, None);
+        let b = naive_attention(&shape, causal, scale, &q, &k, &v);
+        let err = compare(&a, &b);
+        assert!(err.max_abs_err < 1e-5, "{shape:?}: {err:?}");
+    }
+}
+
+#[test]
+fn gpu_matches_cpu_twin_on_ragged_gqa_shapes() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let cases = [
+        (AttentionShape::new(2, 1, 77, 64), DType::F32, true),
+        (AttentionShape::new(4, 2, 45, 128), DType::F16, true),
+        (AttentionShape::new(2, 2, 33, 256), DType::F32, false),
+        (AttentionShape::new(3, 1, 19, 64), DType::F16, false),
+        (AttentionShape::new(2, 1, 40, 256), DType::F16, true),
+        (
+            AttentionShape {
+                kv_len: 71,
+                ..AttentionShape::new(2, 1, 30, 128)
+            },
+            DType::F32,
+            true,
+        ),
+    ];
+    for (i, (shape, dtype, causal)) in cases.into_iter().enumerate() {
+        check_gpu_vs_cpu(&ctx, shape, dtype, causal, seed + i as u64);
+    }
+}
+
+#[test]
+fn split_paths_with_lowered_binding_limit_match_cpu() {
+    let seed = common::seed();
+    // 16 KiB bindings: 64-dim f32 rows are 256 B, so one head of 100 rows (25.6 KB)
+    // exceeds a binding and the chunked path (rows and keys, state carried) runs.
+    if let Some(ctx) = common::gpu(Some(16 << 10)) {
+        check_gpu_vs_cpu(&ctx, AttentionShape::new(2, 1, 100, 64), DType::F32, true, seed);
+        check_gpu_vs_cpu(&ctx, AttentionShape::new(2, 2, 90, 64), DType::F16, false, seed + 1);
+    }
+    // 40 KiB: whole heads fit, but only a few per binding -> several head groups.
+    if let Some(ctx) = common::gpu(Some(40 << 10)) {
+        check_gpu_vs_cpu(&ctx, AttentionShape::new(8, 2, 50, 64), DType::F32, true, seed + 2);
+        check_gpu_vs_cpu(&ctx, AttentionShape::new(6, 3, 35, 128), DType::F16, true, seed + 3);
+    }
+}
+
+#[test]
+fn row_state_export_and_import_continue_a_row() {
+    let seed = common::seed();
+    let shape = AttentionShape::new(2, 1, 41, 64);
+    let (q, k, v) = qkv_host(&shape, seed);
+    let scale = 1.0 / 8.0;
+    let mut want_state = HostRowState::empty(&shape);
+    let want = dense_attention_cpu(&shape, true, scale, &q, &k, &v, Some(&mut want_state));
+    let mut contexts = vec![Context::cpu()];
+    contexts.extend(common::gpu(None));
+    contexts.extend(common::gpu(Some(12 << 10)));
+    for ctx in contexts {
+        let qt = Tensor::from_f32(&ctx, &shape.q_dims(), &q, DType::F32).unwrap();
+        let kt = Tensor::from_f32(&ctx, &shape.kv_dims(), &k, DType::F32).unwrap();
+        let vt = Tensor::from_f32(&ctx, &shape.kv_dims(), &v, DType::F32).unwrap();
+        let mut out = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
+        let mut state = RowState::empty(&ctx, &shape).unwrap();
+        // Poison the state: without import it must be ignored and fully overwritten.
+        state.acc = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
+        let export = ctx.attention(shape).build().unwrap();
+        export.run_with_state(&qt, &kt, &vt, &mut out, &mut state).unwrap();
+        let ml = state.ml.to_f32_blocking().unwrap();
+        let acc = state.acc.to_f32_blocking().unwrap();
+        assert!(compare(&out.to_f32_blocking().unwrap(), &want).max_abs_err < 2e-5);
+        assert!(compare(&ml, &want_state.ml).max_abs_err < 1e-4, "{ctx:?} ml");
+        assert!(compare(&acc, &want_state.acc).max_abs_err < 1e-4, "{ctx:?} acc");
+        // Continuing the exported rows over the same keys again sees every key twice:
+        // m stays, l and acc double, and the normalized output is unchanged.
+        let import = ctx.attention(shape).import_state(true).build().unwrap();
+        let mut out2 = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
+        import.run_with_state(&qt, &kt, &vt, &mut out2, &mut state).unwrap();
+        assert!(compare(&out2.to_f32_blocking().unwrap(), &want).max_abs_err < 2e-5, "{ctx:?}");
+        let ml2 = state.ml.to_f32_blocking().unwrap();
+        for r in 0..ml.len() / 2 {
+            assert!((ml2[2 * r] - ml[2 * r]).abs() < 1e-5);
+            assert!((ml2[2 * r + 1] - 2.0 * ml[2 * r + 1]).abs() < 1e-3 * ml[2 * r + 1]);
+        }
+    }
+}
