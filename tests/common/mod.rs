@@ -7,7 +7,10 @@ use wgsparse::{Context, ContextOptions};
 /// does not demand one. The test script sets `WGSPARSE_REQUIRE_GPU=1`, which turns a
 /// missing adapter into a failure: in CI a skipped GPU test is not a pass.
 pub fn gpu(max_binding_bytes: Option<u64>) -> Option<Context> {
-    let _ = env_logger::builder().is_test(true).try_init();
+    let _ = env_logger::builder()
+        .is_test(true)
+        .filter_module("wgpu_hal::gles", log::LevelFilter::Off)
+        .try_init();
     let mut opts = ContextOptions::from_env().expect("environment");
     if opts.backend == wgsparse::Backend::Cpu {
         opts.backend = wgsparse::Backend::Auto;
