@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The test command of the README and of CI.
+#
+#   bash scripts/test.sh [extra args for `cargo test`]
+#
+# On a fresh Debian/Ubuntu machine it first installs what the GPU tests need: a Vulkan
+# loader and lavapipe, Mesa's software Vulkan driver (apt, as root or through
+# passwordless sudo; otherwise it prints the command and stops). It then runs every test
+# with WGSPARSE_REQUIRE_GPU=1, so a missing adapter FAILS the GPU tests instead of
+# skipping them, and builds the benches and examples so they cannot rot.
+#
+# Environment: WGSPARSE_SKIP_APT=1 skips the package check; WGSPARSE_REQUIRE_GPU=0 lets
+# the GPU tests skip on a machine without any adapter (not for CI).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf '[test.sh] %s\n' "$*" >&2; }
+
+# --- Rust toolchain -------------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    say "cargo not found: install a Rust toolchain >= 1.88 with rustup, then re-run."
+    exit 1
+fi
+
+# --- System packages: Vulkan loader + lavapipe, and a C linker ------------------------
+have_vulkan_driver() {
+    # The loader library and at least one ICD manifest (lavapipe's, or a real GPU's).
+    local loader=0 icd=0
+    if ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; then
+        loader=1
+    else
+        for d in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib; do
+            [ -e "$d/libvulkan.so.1" ] && loader=1
+        done
+    fi
+    for d in /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/share/vulkan/icd.d; do
+        compgen -G "$d/*.json" >/dev/null 2>&1 && icd=1
+    done
+    [ "$loader" = 1 ] && [ "$icd" = 1 ]
+}
+
+packages=()
+if ! have_vulkan_driver; then
+    packages+=(mesa-vulkan-drivers libvulkan1)
+fi
+if ! command -v cc >/dev/null 2>&1; then
+    packages+=(gcc libc6-dev)
+fi
+
+if [ "${#packages[@]}" -gt 0 ] && [ "${WGSPARSE_SKIP_APT:-0}" != 1 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "missing: ${packages[*]} (no apt-get here: install the equivalent packages"
+        say "of your distribution, i.e. a Vulkan loader and Mesa's lavapipe driver)"
+        exit 1
+    fi
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo=(sudo -n)
+        else
+            say "missing packages and not root. Run:"
+            say "  sudo apt-get update && sudo apt-get install -y ${packages[*]}"
+            exit 1
+        fi
+    fi
+    say "installing ${packages[*]}"
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+        "${packages[@]}" >/dev/null
+fi
+
+# --- Environment ----------------------------------------------------------------------
+# wgpu's GL/EGL probing wants a private runtime directory; containers often lack one.
+if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "${XDG_RUNTIME_DIR}" ]; then
+    XDG_RUNTIME_DIR="$(mktemp -d "${TMPDIR:-/tmp}/wgsparse-xdg.XXXXXX")"
+    chmod 0700 "$XDG_RUNTIME_DIR"
+    export XDG_RUNTIME_DIR
+    trap 'rm -rf "$XDG_RUNTIME_DIR"' EXIT
+fi
+export WGSPARSE_REQUIRE_GPU="${WGSPARSE_REQUIRE_GPU:-1}"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+# --- Tests ----------------------------------------------------------------------------
+start=$SECONDS
+say "cargo test (WGSPARSE_REQUIRE_GPU=$WGSPARSE_REQUIRE_GPU)"
+cargo test --locked "$@"
+say "cargo build --benches --examples (debug: they must compile)"
+cargo build --locked --benches --examples
+say "all tests passed in $((SECONDS - start)) s"

@@ -1,0 +1,528 @@
+//! Portability of every kernel variant, without any GPU: each variant is preprocessed,
+//! parsed and validated by naga with no optional capabilities (the WebGPU baseline), then
+//! translated to every shading language wgpu targets: SPIR-V (Vulkan), MSL (Metal), HLSL
+//! (DX12, shader model 5.1 for FXC and 6.0 for DXC) and GLSL (GLES 3.1 and GL 4.3
+//! compute). A translation error fails the test; nothing is skipped.
+//!
+//! A second group checks the limits a browser enforces by default (WebGPU's defaults):
+//! at most 256 invocations per workgroup, 16 KiB of workgroup memory, 8 storage buffers
+//! per stage; no `enable` of optional features; and that the bindings the shader declares
+//! agree with the launcher's `KernelSpec` and its uniform struct.
+
+use naga::back::{glsl, hlsl, msl, spv};
+use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
+use naga::{AddressSpace, Module, ResourceBinding, ShaderStage, StorageAccess};
+use wgsparse::attention::dense_gpu::{DenseParams, all_dense_variants};
+use wgsparse::pipeline::{BindingKind, KernelSpec};
+
+/// WebGPU's default `maxComputeWorkgroupStorageSize`.
+const WEB_WORKGROUP_BYTES: u32 = 16384;
+/// WebGPU's default `maxComputeInvocationsPerWorkgroup`.
+const WEB_INVOCATIONS: u32 = 256;
+/// WebGPU's default `maxComputeWorkgroupSizeX/Y/Z`.
+const WEB_WORKGROUP_DIMS: [u32; 3] = [256, 256, 64];
+/// WebGPU's default `maxStorageBuffersPerShaderStage`.
+const WEB_STORAGE_BUFFERS: usize = 8;
+/// WebGPU's default `maxUniformBuffersPerShaderStage`.
+const WEB_UNIFORM_BUFFERS: usize = 12;
+
+/// One compiled-to-IR kernel variant.
+struct Compiled {
+    spec: KernelSpec,
+    label: String,
+    source: String,
+    module: Module,
+    info: ModuleInfo,
+}
+
+fn validate(label: &str, source: &str, module: &Module, caps: Capabilities) -> ModuleInfo {
+    Validator::new(ValidationFlags::all(), caps)
+        .validate(module)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{label}: naga validation failed:\n{}",
+                e.emit_to_string(source)
+            )
+        })
+}
+
+/// What naga may assume on every WebGPU implementation: wgpu's mapping of no optional
+/// features and the fully compliant downlevel flags. `SHADER_FLOAT16_IN_FLOAT32` is
+/// `pack2x16float` / `unpack2x16float`, core WGSL, which the f16-storage variants use.
+fn webgpu_baseline() -> Capabilities {
+    Capabilities::SHADER_FLOAT16_IN_FLOAT32
+        | Capabilities::MULTISAMPLED_SHADING
+        | Capabilities::CUBE_ARRAY_TEXTURES
+}
+
+/// Every variant of every kernel family, parsed and validated with the WebGPU baseline
+/// (so no subgroups, f16 arithmetic, f64, ...).
+fn compiled() -> Vec<Compiled> {
+    let specs = all_dense_variants();
+    assert!(!specs.is_empty(), "no kernel variants to check");
+    specs
+        .into_iter()
+        .map(|spec| {
+            let label = spec.label();
+            let source = spec
+                .source()
+                .unwrap_or_else(|e| panic!("{label}: preprocessing failed: {e}"));
+            let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
+                panic!("{label}: WGSL parse failed:\n{}", e.emit_to_string(&source))
+            });
+            let info = validate(&label, &source, &module, webgpu_baseline());
+            Compiled {
+                spec,
+                label,
+                source,
+                module,
+                info,
+            }
+        })
+        .collect()
+}
+
+/// The bounds-check policies wgpu uses by default (clamp every access).
+fn policies() -> naga::proc::BoundsCheckPolicies {
+    naga::proc::BoundsCheckPolicies {
+        index: naga::proc::BoundsCheckPolicy::Restrict,
+        buffer: naga::proc::BoundsCheckPolicy::Restrict,
+        image_load: naga::proc::BoundsCheckPolicy::Restrict,
+        binding_array: naga::proc::BoundsCheckPolicy::Restrict,
+    }
+}
+
+/// Resource bindings of a module, in binding order.
+fn bindings(module: &Module) -> Vec<(ResourceBinding, AddressSpace)> {
+    let mut out: Vec<_> = module
+        .global_variables
+        .iter()
+        .filter_map(|(_, g)| g.binding.map(|b| (b, g.space)))
+        .collect();
+    out.sort_by_key(|(b, _)| (b.group, b.binding));
+    out
+}
+
+fn entry<'a>(c: &'a Compiled) -> &'a naga::EntryPoint {
+    let eps: Vec<_> = c
+        .module
+        .entry_points
+        .iter()
+        .filter(|e| e.name == c.spec.entry)
+        .collect();
+    assert_eq!(
+        eps.len(),
+        1,
+        "{}: entry point `{}` not found once",
+        c.label,
+        c.spec.entry
+    );
+    assert_eq!(eps[0].stage, ShaderStage::Compute, "{}", c.label);
+    eps[0]
+}
+
+/// Runs `check` on every variant and fails once, listing every variant that failed.
+fn for_all(what: &str, check: impl Fn(&Compiled) -> Result<(), String>) {
+    let all = compiled();
+    let failures: Vec<String> = all
+        .iter()
+        .filter_map(|c| check(c).err().map(|e| format!("{}: {e}", c.label)))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {} variants failed:\n{}",
+        failures.len(),
+        all.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn every_variant_validates_with_the_webgpu_baseline() {
+    let all = compiled();
+    for c in &all {
+        // f32 storage needs nothing at all; f16 storage only pack/unpack2x16float, which
+        // wgpu withholds on llvmpipe without `shader-f16` (DownlevelFlags::SHADER_F16_IN_F32).
+        let caps = if c.spec.defines.has("STORE_F16") {
+            Capabilities::SHADER_FLOAT16_IN_FLOAT32
+        } else {
+            Capabilities::empty()
+        };
+        validate(&c.label, &c.source, &c.module, caps);
+    }
+    // 3 head dims x 2 dtypes x 6 state/output flag combinations.
+    assert_eq!(all.len(), 36);
+    let mut labels: Vec<&str> = all.iter().map(|c| c.label.as_str()).collect();
+    labels.sort();
+    labels.dedup();
+    assert_eq!(
+        labels.len(),
+        all.len(),
+        "two variants share a label (cache key)"
+    );
+}
+
+// --- Translation to every backend ----------------------------------------------------
+
+/// Walks SPIR-V instructions: (opcode, operands).
+fn spirv_instructions(words: &[u32]) -> Result<Vec<(u16, &[u32])>, String> {
+    if words.len() < 5 || words[0] != 0x0723_0203 {
+        return Err("missing SPIR-V header / magic number".into());
+    }
+    let mut out = vec![];
+    let mut i = 5;
+    while i < words.len() {
+        let count = (words[i] >> 16) as usize;
+        let opcode = (words[i] & 0xffff) as u16;
+        if count == 0 || i + count > words.len() {
+            return Err(format!("malformed instruction at word {i}"));
+        }
+        out.push((opcode, &words[i + 1..i + count]));
+        i += count;
+    }
+    Ok(out)
+}
+
+fn spirv_string(words: &[u32]) -> String {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[test]
+fn translates_to_spirv() {
+    const OP_ENTRY_POINT: u16 = 15;
+    const OP_EXECUTION_MODE: u16 = 16;
+    const GL_COMPUTE: u32 = 5;
+    const LOCAL_SIZE: u32 = 17;
+    for_all("SPIR-V", |c| {
+        let wg = entry(c).workgroup_size;
+        let mut binding_map = spv::BindingMap::default();
+        for (b, _) in bindings(&c.module) {
+            binding_map.insert(
+                b,
+                spv::BindingInfo {
+                    descriptor_set: b.group,
+                    binding: b.binding,
+                    binding_array_size: None,
+                },
+            );
+        }
+        for version in [(1, 0), (1, 3)] {
+            let options = spv::Options {
+                lang_version: version,
+                fake_missing_bindings: false,
+                binding_map: binding_map.clone(),
+                bounds_check_policies: policies(),
+                ..Default::default()
+            };
+            let pipeline = spv::PipelineOptions {
+                shader_stage: ShaderStage::Compute,
+                entry_point: c.spec.entry.to_string(),
+            };
+            let words = spv::write_vec(&c.module, &c.info, &options, Some(&pipeline))
+                .map_err(|e| format!("SPIR-V {version:?}: {e}"))?;
+            let insts = spirv_instructions(&words)?;
+            let ep = insts
+                .iter()
+                .find(|(op, args)| *op == OP_ENTRY_POINT && args[0] == GL_COMPUTE)
+                .ok_or("no GLCompute OpEntryPoint")?;
+            let name = spirv_string(&ep.1[2..]);
+            if name != c.spec.entry {
+                return Err(format!("entry point is `{name}`"));
+            }
+            let ep_id = ep.1[1];
+            let local = insts
+                .iter()
+                .find(|(op, a)| *op == OP_EXECUTION_MODE && a[0] == ep_id && a[1] == LOCAL_SIZE)
+                .ok_or("no LocalSize execution mode")?;
+            if local.1[2..5] != wg {
+                return Err(format!("LocalSize {:?} != {wg:?}", &local.1[2..5]));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn translates_to_msl() {
+    for_all("MSL", |c| {
+        let mut resources = msl::BindingMap::default();
+        for (b, space) in bindings(&c.module) {
+            resources.insert(
+                b,
+                msl::BindTarget {
+                    buffer: Some(b.binding as u8),
+                    mutable: matches!(space, AddressSpace::Storage { access } if access.contains(StorageAccess::STORE)),
+                    ..Default::default()
+                },
+            );
+        }
+        let mut per_entry_point_map = msl::EntryPointResourceMap::default();
+        per_entry_point_map.insert(
+            c.spec.entry.to_string(),
+            msl::EntryPointResources {
+                resources,
+                immediates_buffer: None,
+                // Runtime-sized arrays with clamped indexing need the buffer sizes.
+                sizes_buffer: Some(30),
+            },
+        );
+        for version in [(2, 0), (2, 4)] {
+            let options = msl::Options {
+                lang_version: version,
+                per_entry_point_map: per_entry_point_map.clone(),
+                fake_missing_bindings: false,
+                bounds_check_policies: policies(),
+                zero_initialize_workgroup_memory: true,
+                ..Default::default()
+            };
+            let pipeline = msl::PipelineOptions {
+                entry_point: Some((ShaderStage::Compute, c.spec.entry.to_string())),
+                ..Default::default()
+            };
+            let (text, info) = msl::write_string(&c.module, &c.info, &options, &pipeline)
+                .map_err(|e| format!("MSL {version:?}: {e}"))?;
+            let name = info
+                .entry_point_names
+                .first()
+                .cloned()
+                .ok_or("no entry point written")?
+                .map_err(|e| format!("MSL {version:?}: {e}"))?;
+            if !text.contains(&format!("kernel void {name}(")) {
+                return Err(format!("MSL {version:?}: no `kernel void {name}(`"));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn translates_to_hlsl() {
+    for_all("HLSL", |c| {
+        let mut binding_map = hlsl::BindingMap::default();
+        for (b, _) in bindings(&c.module) {
+            binding_map.insert(
+                b,
+                hlsl::BindTarget {
+                    space: b.group as u8,
+                    register: b.binding,
+                    ..Default::default()
+                },
+            );
+        }
+        let [x, y, z] = entry(c).workgroup_size;
+        for model in [hlsl::ShaderModel::V5_1, hlsl::ShaderModel::V6_0] {
+            let options = hlsl::Options {
+                shader_model: model,
+                binding_map: binding_map.clone(),
+                fake_missing_bindings: false,
+                zero_initialize_workgroup_memory: true,
+                restrict_indexing: true,
+                ..Default::default()
+            };
+            let pipeline = hlsl::PipelineOptions {
+                entry_point: Some((ShaderStage::Compute, c.spec.entry.to_string())),
+            };
+            let mut text = String::new();
+            let info = hlsl::Writer::new(&mut text, &options, &pipeline)
+                .write(&c.module, &c.info, None)
+                .map_err(|e| format!("HLSL {model:?}: {e}"))?;
+            let name = info
+                .entry_point_names
+                .first()
+                .cloned()
+                .ok_or("no entry point written")?
+                .map_err(|e| format!("HLSL {model:?}: {e}"))?;
+            if !text.contains(&format!("[numthreads({x}, {y}, {z})]")) {
+                return Err(format!("HLSL {model:?}: no [numthreads({x}, {y}, {z})]"));
+            }
+            if !text.contains(&format!("void {name}(")) {
+                return Err(format!("HLSL {model:?}: no `void {name}(`"));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn translates_to_glsl_es_310_and_430() {
+    for_all("GLSL", |c| {
+        let mut binding_map = glsl::BindingMap::default();
+        for (b, _) in bindings(&c.module) {
+            binding_map.insert(b, b.binding as u8);
+        }
+        let [x, y, z] = entry(c).workgroup_size;
+        for version in [glsl::Version::new_gles(310), glsl::Version::Desktop(430)] {
+            let options = glsl::Options {
+                version,
+                writer_flags: glsl::WriterFlags::empty(),
+                binding_map: binding_map.clone(),
+                zero_initialize_workgroup_memory: true,
+            };
+            let pipeline = glsl::PipelineOptions {
+                shader_stage: ShaderStage::Compute,
+                entry_point: c.spec.entry.to_string(),
+                multiview: None,
+            };
+            let mut text = String::new();
+            glsl::Writer::new(
+                &mut text,
+                &c.module,
+                &c.info,
+                &options,
+                &pipeline,
+                policies(),
+            )
+            .and_then(|mut w| w.write())
+            .map_err(|e| format!("GLSL {version}: {e}"))?;
+            if !text.starts_with(&format!("#version {version}")) {
+                return Err(format!("GLSL {version}: no #version line"));
+            }
+            let local =
+                format!("layout(local_size_x = {x}, local_size_y = {y}, local_size_z = {z}) in;");
+            if !text.contains(&local) || !text.contains("void main(") {
+                return Err(format!(
+                    "GLSL {version}: no compute entry point (`{local}`, main)"
+                ));
+            }
+        }
+        Ok(())
+    });
+}
+
+// --- Browser default limits and host/shader agreement ----------------------------------
+
+#[test]
+fn no_optional_wgsl_extensions() {
+    for_all("enable directives", |c| {
+        for ext in ["subgroups", "f16", "chromium_"] {
+            if c.source.lines().any(|l| {
+                let l = l.trim_start();
+                l.starts_with("enable") && l.contains(ext)
+            }) {
+                return Err(format!(
+                    "enables `{ext}` (not available in every browser / GL)"
+                ));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn fits_webgpu_default_workgroup_limits() {
+    for_all("WebGPU default limits", |c| {
+        let ep = entry(c);
+        if ep.workgroup_size_overrides.is_some() {
+            return Err("workgroup size set by overrides: cannot check it statically".into());
+        }
+        let wg = ep.workgroup_size;
+        let invocations: u32 = wg.iter().product();
+        if invocations > WEB_INVOCATIONS {
+            return Err(format!(
+                "{wg:?} = {invocations} invocations > {WEB_INVOCATIONS}"
+            ));
+        }
+        if wg.iter().zip(WEB_WORKGROUP_DIMS).any(|(a, b)| *a > b) {
+            return Err(format!(
+                "workgroup size {wg:?} exceeds {WEB_WORKGROUP_DIMS:?}"
+            ));
+        }
+        let mut layouter = naga::proc::Layouter::default();
+        layouter
+            .update(c.module.to_ctx())
+            .map_err(|e| format!("layout: {e}"))?;
+        // WebGPU counts each workgroup variable rounded up to 16 bytes.
+        let shared: u32 = c
+            .module
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == AddressSpace::WorkGroup)
+            .map(|(_, g)| layouter[g.ty].size.div_ceil(16) * 16)
+            .sum();
+        if shared > WEB_WORKGROUP_BYTES {
+            return Err(format!(
+                "{shared} bytes of workgroup memory > {WEB_WORKGROUP_BYTES}"
+            ));
+        }
+        let b = bindings(&c.module);
+        let storage = b
+            .iter()
+            .filter(|(_, s)| matches!(s, AddressSpace::Storage { .. }))
+            .count();
+        let uniform = b
+            .iter()
+            .filter(|(_, s)| *s == AddressSpace::Uniform)
+            .count();
+        if storage > WEB_STORAGE_BUFFERS || uniform > WEB_UNIFORM_BUFFERS {
+            return Err(format!(
+                "{storage} storage / {uniform} uniform buffers per stage"
+            ));
+        }
+        if b.iter().any(|(rb, _)| rb.group >= 4) {
+            return Err("bind group index >= 4 (WebGPU maxBindGroups)".into());
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn shader_bindings_match_the_kernel_spec() {
+    for_all("bindings vs KernelSpec", |c| {
+        let b = bindings(&c.module);
+        if b.len() != c.spec.bindings.len() {
+            return Err(format!(
+                "shader declares {} bindings, the spec {}",
+                b.len(),
+                c.spec.bindings.len()
+            ));
+        }
+        for (i, ((rb, space), kind)) in b.iter().zip(&c.spec.bindings).enumerate() {
+            if rb.group != 0 || rb.binding != i as u32 {
+                return Err(format!(
+                    "binding {i} is @group({}) @binding({})",
+                    rb.group, rb.binding
+                ));
+            }
+            let ok = match (kind, space) {
+                (BindingKind::Uniform, AddressSpace::Uniform) => true,
+                (BindingKind::StorageRead, AddressSpace::Storage { access }) => {
+                    !access.contains(StorageAccess::STORE)
+                }
+                (BindingKind::StorageReadWrite, AddressSpace::Storage { access }) => {
+                    access.contains(StorageAccess::STORE)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "binding {i}: spec says {kind:?}, shader has {space:?}"
+                ));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn uniform_params_match_the_host_struct() {
+    let host = std::mem::size_of::<DenseParams>() as u32;
+    for_all("uniform Params layout", |c| {
+        let mut layouter = naga::proc::Layouter::default();
+        layouter
+            .update(c.module.to_ctx())
+            .map_err(|e| format!("layout: {e}"))?;
+        let (_, g) = c
+            .module
+            .global_variables
+            .iter()
+            .find(|(_, g)| g.space == AddressSpace::Uniform)
+            .ok_or("no uniform")?;
+        let size = layouter[g.ty].size;
+        if size != host {
+            return Err(format!("WGSL Params is {size} bytes, DenseParams {host}"));
+        }
+        Ok(())
+    });
+}
