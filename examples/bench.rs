@@ -1,0 +1,509 @@
+//! GPU speed run of dense causal flash attention over a ladder of sequence lengths.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--seq-lens 4096,8192,16384,32768,65536,131072]
+//!     [--q-heads 32] [--kv-heads 8] [--head-dim 128] [--dtype f16] [--iters 10]
+//!     [--warmup 2] [--budget-s 20] [--length-budget-s 60] [--json FILE] [--check-len N]
+//! ```
+//!
+//! The device is chosen as everywhere else in the crate (`WGSPARSE_BACKEND`,
+//! `WGSPARSE_ADAPTER`, `WGSPARSE_REQUIRE_GPU`, ...). Per length it builds a dense causal
+//! plan, uploads synthetic Q/K/V (independent standard-normal values from a fixed seed,
+//! generated in parallel chunks: clearly synthetic, not a model's activations), runs
+//! `--warmup` untimed and `--iters` timed runs, and reports the median of
+//! [`wgsparse::AttentionReport::ms`] (GPU timestamps when the adapter has them, else the
+//! wall clock of the submission) and TFLOP/s counting `4 · causal pairs · head_dim` FLOPs.
+//!
+//! Device-time guards: when a single run takes longer than `--budget-s`, no longer length
+//! is tried; a length whose run is predicted (quadratic scaling from the last one) to take
+//! longer than `--budget-s` is skipped; timed iterations at one length stop after
+//! `--length-budget-s`.
+//!
+//! `--check-len N` first compares the GPU output at N tokens (same heads) with the CPU twin
+//! (`dense_attention_cpu` on the same dtype-rounded inputs) and exits non-zero on a
+//! mismatch; `--check-only` stops after the check.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use half::f16;
+use rayon::prelude::*;
+use serde::Serialize;
+use wgsparse::attention::dense_cpu::dense_attention_cpu;
+use wgsparse::metrics::{ErrorStats, compare};
+use wgsparse::{AttentionShape, Context, ContextOptions, DType, HostData, Method, Tensor};
+
+#[derive(Parser, Debug)]
+#[command(about = "Dense causal flash attention speed run (wgsparse, WGSL through wgpu)")]
+struct Args {
+    /// Sequence lengths (queries = keys), comma-separated; `k` suffix = ×1024 (e.g. 128k).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_len,
+        default_value = "4096,8192,16384,32768,65536,131072"
+    )]
+    seq_lens: Vec<usize>,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    q_heads: usize,
+    /// Key/value heads (GQA when fewer than the query heads).
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
+    /// Head dimension (64, 128 or 256).
+    #[arg(long, default_value_t = 128)]
+    head_dim: usize,
+    /// Storage dtype of Q, K, V and the output (f16 or f32; accumulation is f32).
+    #[arg(long, default_value = "f16")]
+    dtype: DType,
+    /// Timed runs per length.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Untimed runs per length before timing.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Longest single run (seconds, wall clock) before larger lengths are skipped.
+    #[arg(long, default_value_t = 20.0)]
+    budget_s: f64,
+    /// Stop timed iterations at one length after this many seconds (at least one runs).
+    #[arg(long, default_value_t = 60.0)]
+    length_budget_s: f64,
+    /// Write one JSON object per line (one per length) to this file (truncated first).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// First check the GPU output at this length against the CPU twin.
+    #[arg(long)]
+    check_len: Option<usize>,
+    /// Max abs error allowed by the check (default 4e-3 for f16, 2e-5 for f32).
+    #[arg(long)]
+    check_tol: Option<f64>,
+    /// Stop after the check.
+    #[arg(long, requires = "check_len")]
+    check_only: bool,
+    /// Seed of the synthetic inputs.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+/// `4096`, `4k`, `128K` → tokens.
+fn parse_len(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mul) = match t.strip_suffix('k') {
+        Some(n) => (n, 1024),
+        None => (t.as_str(), 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("`{s}` is not a positive length (e.g. 4096 or 4k)"))
+}
+
+/// One row of the results (also one JSON line).
+#[derive(Serialize, Debug)]
+struct Row {
+    bench: &'static str,
+    method: &'static str,
+    adapter: String,
+    backend: String,
+    tokens: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: &'static str,
+    causal: bool,
+    /// "ok", "skipped" or "error".
+    status: String,
+    /// Why it was skipped or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+    median_ms: Option<f64>,
+    min_ms: Option<f64>,
+    max_ms: Option<f64>,
+    median_wall_ms: Option<f64>,
+    tflops: Option<f64>,
+    flops: f64,
+    dispatches: Option<usize>,
+    /// "timestamp" or "wall".
+    timing: Option<String>,
+    iters: usize,
+    warmup: usize,
+    samples_ms: Vec<f64>,
+    build_ms: Option<f64>,
+    upload_ms: Option<f64>,
+}
+
+fn main() {
+    env_logger::init();
+    let args = Args::parse();
+    if let Err(e) = real_main(&args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    if !matches!(args.dtype, DType::F16 | DType::F32) {
+        return Err(format!("--dtype must be f16 or f32, not {}", args.dtype.name()).into());
+    }
+    let ctx = Context::new_blocking(ContextOptions::from_env()?)?;
+    let caps = ctx.capabilities();
+    println!(
+        "adapter: {} | backend: {}",
+        ctx.adapter_name(),
+        ctx.backend()
+    );
+    println!(
+        "capabilities: f16={} subgroups={} coop_matrix_shapes={} timestamps={} max_storage_binding={} max_buffer={}",
+        caps.f16,
+        caps.subgroups,
+        caps.coop_matrix.len(),
+        caps.timestamps,
+        caps.max_storage_binding,
+        caps.max_buffer
+    );
+    if ctx.is_cpu() {
+        println!(
+            "warning: no GPU adapter, timing the CPU path (set WGSPARSE_REQUIRE_GPU=1 to fail instead)"
+        );
+    }
+
+    if let Some(n) = args.check_len {
+        let shape = AttentionShape::new(args.q_heads, args.kv_heads, n, args.head_dim);
+        let tol = args.check_tol.unwrap_or(match args.dtype {
+            DType::F16 => 4e-3,
+            _ => 2e-5,
+        });
+        let t = Instant::now();
+        let err = check(&ctx, shape, args.dtype, args.seed)?;
+        let ok = err.max_abs_err <= tol;
+        println!(
+            "check {n} tokens ({} heads / {} kv heads, d {}, {}): max_abs_err {:.3e} rel_l2_err {:.3e} (tol {tol:.1e}) -> {} [{:.1} s]",
+            args.q_heads,
+            args.kv_heads,
+            args.head_dim,
+            args.dtype.name(),
+            err.max_abs_err,
+            err.rel_l2_err,
+            if ok { "PASS" } else { "FAIL" },
+            t.elapsed().as_secs_f64()
+        );
+        if !ok {
+            return Err(format!("check failed at {n} tokens: {err:?} exceeds tol {tol:e}").into());
+        }
+        if args.check_only {
+            return Ok(());
+        }
+    }
+
+    let mut json = match &args.json {
+        Some(p) => {
+            Some(File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?)
+        }
+        None => None,
+    };
+    let mut rows: Vec<Row> = vec![];
+    // (flops, wall ms of one run) of the last measured length, for the prediction.
+    let mut last: Option<(f64, f64)> = None;
+    let mut stop: Option<String> = None;
+    for &n in &args.seq_lens {
+        let shape = AttentionShape::new(args.q_heads, args.kv_heads, n, args.head_dim);
+        let mut row = Row {
+            bench: "wgsparse",
+            method: "dense",
+            adapter: ctx.adapter_name(),
+            backend: ctx.backend().to_string(),
+            tokens: n,
+            q_heads: args.q_heads,
+            kv_heads: args.kv_heads,
+            head_dim: args.head_dim,
+            dtype: args.dtype.name(),
+            causal: true,
+            status: "skipped".into(),
+            note: None,
+            median_ms: None,
+            min_ms: None,
+            max_ms: None,
+            median_wall_ms: None,
+            tflops: None,
+            flops: shape.flops(true),
+            dispatches: None,
+            timing: None,
+            iters: 0,
+            warmup: 0,
+            samples_ms: vec![],
+            build_ms: None,
+            upload_ms: None,
+        };
+        if stop.is_none()
+            && let Some((f0, wall0)) = last
+        {
+            let predicted_s = wall0 * shape.flops(true) / f0 / 1e3;
+            if predicted_s > args.budget_s {
+                stop = Some(format!(
+                    "predicted {predicted_s:.1} s per run (quadratic from the previous length) > budget {} s",
+                    args.budget_s
+                ));
+            }
+        }
+        if let Some(why) = &stop {
+            println!("{n:>7} tokens: skipped ({why})");
+            row.note = Some(why.clone());
+        } else {
+            match bench_one(&ctx, args, shape, &mut row) {
+                Ok(max_wall_ms) => {
+                    row.status = "ok".into();
+                    println!(
+                        "{n:>7} tokens: median {:.3} ms ({}), {} TFLOP/s, {} dispatches, {} timed runs [build {:.0} ms, upload {:.0} ms]",
+                        row.median_ms.unwrap_or(f64::NAN),
+                        row.timing.as_deref().unwrap_or("?"),
+                        fmt_tflops(row.tflops.unwrap_or(f64::NAN)),
+                        row.dispatches.unwrap_or(0),
+                        row.iters,
+                        row.build_ms.unwrap_or(f64::NAN),
+                        row.upload_ms.unwrap_or(f64::NAN),
+                    );
+                    last = Some((shape.flops(true), row.median_wall_ms.unwrap_or(max_wall_ms)));
+                    if max_wall_ms / 1e3 > args.budget_s {
+                        stop = Some(format!(
+                            "a run at {n} tokens took {:.1} s > budget {} s",
+                            max_wall_ms / 1e3,
+                            args.budget_s
+                        ));
+                    }
+                }
+                Err(e) => {
+                    println!("{n:>7} tokens: error: {e}");
+                    row.status = "error".into();
+                    row.note = Some(e.to_string());
+                    stop = Some(format!("error at {n} tokens"));
+                }
+            }
+        }
+        if let Some(f) = json.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(&row)?)?;
+            f.flush()?;
+        }
+        rows.push(row);
+    }
+
+    println!();
+    println!(
+        "dense causal attention, {} q heads / {} kv heads, d {}, {}, on {} ({})",
+        args.q_heads,
+        args.kv_heads,
+        args.head_dim,
+        args.dtype.name(),
+        ctx.adapter_name(),
+        ctx.backend()
+    );
+    println!();
+    println!("| tokens | ms | TFLOP/s | dispatches | timing source |");
+    println!("|---:|---:|---:|---:|---|");
+    for r in &rows {
+        match r.status.as_str() {
+            "ok" => println!(
+                "| {} | {:.3} | {} | {} | {} |",
+                r.tokens,
+                r.median_ms.unwrap_or(f64::NAN),
+                fmt_tflops(r.tflops.unwrap_or(f64::NAN)),
+                r.dispatches.unwrap_or(0),
+                r.timing.as_deref().unwrap_or("?")
+            ),
+            s => println!("| {} | {s} | | | |", r.tokens),
+        }
+    }
+    Ok(())
+}
+
+/// Times one length; fills `row` and returns the longest single-run wall time (ms).
+fn bench_one(
+    ctx: &Context,
+    args: &Args,
+    shape: AttentionShape,
+    row: &mut Row,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let plan = ctx
+        .attention(shape)
+        .method(Method::Dense)
+        .causal(true)
+        .dtype(args.dtype)
+        .build()?;
+    row.build_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+
+    let t = Instant::now();
+    let seed = args
+        .seed
+        .wrapping_mul(1_000_003)
+        .wrapping_add(shape.seq_len as u64);
+    let q = synthetic_tensor(ctx, &shape.q_dims(), args.dtype, seed)?;
+    let k = synthetic_tensor(ctx, &shape.kv_dims(), args.dtype, seed.wrapping_add(1))?;
+    let v = synthetic_tensor(ctx, &shape.kv_dims(), args.dtype, seed.wrapping_add(2))?;
+    let mut out = zeros(ctx, &shape.q_dims(), args.dtype)?;
+    row.upload_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+
+    let mut max_wall_ms: f64 = 0.0;
+    let run = |out: &mut Tensor| -> Result<wgsparse::AttentionReport, Box<dyn std::error::Error>> {
+        plan.run_into(&q, &k, &v, out)?;
+        Ok(plan.report().ok_or("the plan returned no report")?)
+    };
+
+    for _ in 0..args.warmup {
+        let r = run(&mut out)?;
+        row.warmup += 1;
+        max_wall_ms = max_wall_ms.max(r.timing.wall_ms);
+        if r.timing.wall_ms / 1e3 > args.budget_s {
+            // Over budget already: this run is the measurement.
+            record(row, &shape, &[r.ms()], &[r.timing.wall_ms], &r);
+            return Ok(max_wall_ms);
+        }
+    }
+
+    let start = Instant::now();
+    let (mut ms, mut wall) = (vec![], vec![]);
+    let mut last = None;
+    for _ in 0..args.iters.max(1) {
+        let r = run(&mut out)?;
+        ms.push(r.ms());
+        wall.push(r.timing.wall_ms);
+        max_wall_ms = max_wall_ms.max(r.timing.wall_ms);
+        last = Some(r);
+        if max_wall_ms / 1e3 > args.budget_s || start.elapsed().as_secs_f64() > args.length_budget_s
+        {
+            break;
+        }
+    }
+    let r = last.expect("at least one timed run");
+    record(row, &shape, &ms, &wall, &r);
+    Ok(max_wall_ms)
+}
+
+fn record(
+    row: &mut Row,
+    shape: &AttentionShape,
+    ms: &[f64],
+    wall: &[f64],
+    r: &wgsparse::AttentionReport,
+) {
+    let med = median(ms);
+    row.iters = ms.len();
+    row.samples_ms = ms.to_vec();
+    row.median_ms = Some(med);
+    row.min_ms = ms.iter().copied().reduce(f64::min);
+    row.max_ms = ms.iter().copied().reduce(f64::max);
+    row.median_wall_ms = Some(median(wall));
+    row.tflops = Some(shape.flops(true) / med / 1e9);
+    row.dispatches = Some(r.dispatches);
+    row.timing = Some(r.timing.timing.clone());
+}
+
+/// Two decimals, more for the tiny figures of software rasterizers.
+fn fmt_tflops(t: f64) -> String {
+    if t.abs() >= 1.0 || t == 0.0 || !t.is_finite() {
+        format!("{t:.2}")
+    } else {
+        format!("{t:.2e}")
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// SplitMix64: decorrelates the per-chunk seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Synthetic standard-normal tensor: [`wgsparse::synthetic::gaussian`] on chunks of 1 Mi
+/// elements with independent seeds, filled in parallel (a 128k × 32 × 128 Q is 512 Mi
+/// values; one thread would take many seconds).
+fn synthetic_tensor(
+    ctx: &Context,
+    dims: &[usize],
+    dtype: DType,
+    seed: u64,
+) -> wgsparse::Result<Tensor> {
+    const CHUNK: usize = 1 << 20;
+    let n: usize = dims.iter().product();
+    let base = mix(seed);
+    let data = match dtype {
+        DType::F16 => {
+            let mut v = vec![f16::ZERO; n];
+            v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+                let g = wgsparse::synthetic::gaussian(c.len(), mix(base ^ i as u64));
+                for (d, s) in c.iter_mut().zip(g) {
+                    *d = f16::from_f32(s);
+                }
+            });
+            HostData::F16(v)
+        }
+        _ => {
+            let mut v = vec![0.0f32; n];
+            v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+                c.copy_from_slice(&wgsparse::synthetic::gaussian(
+                    c.len(),
+                    mix(base ^ i as u64),
+                ));
+            });
+            HostData::F32(v)
+        }
+    };
+    Tensor::from_host(ctx, dims, data)
+}
+
+/// A zero tensor without the f32 round trip of `Tensor::zeros`.
+fn zeros(ctx: &Context, dims: &[usize], dtype: DType) -> wgsparse::Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let data = match dtype {
+        DType::F16 => HostData::F16(vec![f16::ZERO; n]),
+        _ => HostData::F32(vec![0.0; n]),
+    };
+    Tensor::from_host(ctx, dims, data)
+}
+
+/// GPU (or whatever `ctx` is) output vs the CPU twin on the same dtype-rounded inputs, with
+/// a NaN-poisoned output so unwritten elements fail.
+fn check(
+    ctx: &Context,
+    shape: AttentionShape,
+    dtype: DType,
+    seed: u64,
+) -> Result<ErrorStats, Box<dyn std::error::Error>> {
+    let (q, k, v) = wgsparse::synthetic::qkv_host(&shape, seed);
+    let round = |x: Vec<f32>| -> Vec<f32> {
+        match dtype {
+            DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            _ => x,
+        }
+    };
+    let (q, k, v) = (round(q), round(k), round(v));
+    let plan = ctx
+        .attention(shape)
+        .method(Method::Dense)
+        .causal(true)
+        .dtype(dtype)
+        .build()?;
+    let scale = plan.options().scale_for(&shape);
+    let qt = Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype)?;
+    let kt = Tensor::from_f32(ctx, &shape.kv_dims(), &k, dtype)?;
+    let vt = Tensor::from_f32(ctx, &shape.kv_dims(), &v, dtype)?;
+    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
+    plan.run_into(&qt, &kt, &vt, &mut out)?;
+    let got = out.to_f32_blocking()?;
+    let want = dense_attention_cpu(&shape, true, scale, &q, &k, &v, None);
+    Ok(compare(&got, &want))
+}
