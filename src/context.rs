@@ -123,7 +123,10 @@ impl ContextOptions {
         Ok(Self {
             backend,
             adapter_name: var("WGSPARSE_ADAPTER"),
-            require_gpu: matches!(var("WGSPARSE_REQUIRE_GPU").as_deref(), Some("1" | "true" | "yes")),
+            require_gpu: matches!(
+                var("WGSPARSE_REQUIRE_GPU").as_deref(),
+                Some("1" | "true" | "yes")
+            ),
             max_binding_bytes,
         })
     }
@@ -272,11 +275,12 @@ pub struct GpuDevice {
     pub info: wgpu::AdapterInfo,
     /// Capabilities the plans choose variants from.
     pub caps: Capabilities,
-    pub(crate) pipelines: Mutex<HashMap<crate::pipeline::PipelineKey, Arc<crate::pipeline::Kernel>>>,
+    pub(crate) pipelines:
+        Mutex<HashMap<crate::pipeline::PipelineKey, Arc<crate::pipeline::Kernel>>>,
 }
 
 pub(crate) enum DeviceKind {
-    Gpu(GpuDevice),
+    Gpu(Box<GpuDevice>),
     Cpu,
 }
 
@@ -371,8 +375,7 @@ impl Context {
                 (b, None) => format!(" for backend {b}"),
                 (b, Some(n)) => format!(" for backend {b} named like `{n}`"),
             };
-            if opts.backend == Backend::Auto && opts.adapter_name.is_none() && !opts.require_gpu
-            {
+            if opts.backend == Backend::Auto && opts.adapter_name.is_none() && !opts.require_gpu {
                 log::info!("no GPU adapter found; using the CPU path");
                 return Ok(Self::cpu());
             }
@@ -399,7 +402,10 @@ impl Context {
 
     /// Opens a device on this adapter with every feature we use that it has and its real
     /// limits (never the 128 MiB WebGPU defaults).
-    pub async fn from_adapter(adapter: wgpu::Adapter, max_binding_bytes: Option<u64>) -> Result<Self> {
+    pub async fn from_adapter(
+        adapter: wgpu::Adapter,
+        max_binding_bytes: Option<u64>,
+    ) -> Result<Self> {
         let features = adapter.features() & wanted_features();
         let limits = adapter.limits();
         let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
@@ -443,19 +449,24 @@ impl Context {
             &coop,
             max_binding_bytes,
         );
-        log::info!("wgsparse: {} ({:?}) caps {:?}", info.name, info.backend, caps);
+        log::info!(
+            "wgsparse: {} ({:?}) caps {:?}",
+            info.name,
+            info.backend,
+            caps
+        );
         device.on_uncaptured_error(Arc::new(|e| log::error!("wgpu: {e}")));
         Context {
             inner: Arc::new(ContextInner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                kind: DeviceKind::Gpu(GpuDevice {
+                kind: DeviceKind::Gpu(Box::new(GpuDevice {
                     adapter,
                     device,
                     queue,
                     info,
                     caps,
                     pipelines: Mutex::new(HashMap::new()),
-                }),
+                })),
                 cpu_caps: Capabilities::cpu(),
             }),
         }
@@ -480,7 +491,9 @@ impl Context {
                     name: info.name.clone(),
                     backend: Backend::from_wgpu(info.backend),
                     device_type: device_type_name(info.device_type).into(),
-                    driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+                    driver: format!("{} {}", info.driver, info.driver_info)
+                        .trim()
+                        .to_string(),
                     capabilities: caps,
                 }
             })
@@ -563,12 +576,16 @@ mod tests {
         ] {
             assert_eq!(b.to_string().parse::<Backend>().unwrap(), b);
         }
-        assert!(matches!("cuda".parse::<Backend>(), Err(Error::UnknownBackend(_))));
+        assert!(matches!(
+            "cuda".parse::<Backend>(),
+            Err(Error::UnknownBackend(_))
+        ));
     }
 
     #[test]
     fn cpu_context_is_cpu() {
-        let c = Context::new_blocking(ContextOptions::default().with_backend(Backend::Cpu)).unwrap();
+        let c =
+            Context::new_blocking(ContextOptions::default().with_backend(Backend::Cpu)).unwrap();
         assert!(c.is_cpu());
         assert_eq!(c.backend(), Backend::Cpu);
         assert!(!c.same_device(&Context::cpu()));

@@ -21,8 +21,8 @@ pub mod synthetic;
 pub mod tensor;
 
 pub use attention::{
-    AttentionOptions, AttentionPlan, AttentionPlanBuilder, AttentionReport, AttentionShape,
-    Method, RowState,
+    AttentionOptions, AttentionPlan, AttentionPlanBuilder, AttentionReport, AttentionShape, Method,
+    RowState,
 };
 pub use context::{AdapterSummary, Backend, Capabilities, Context, ContextOptions};
 pub use error::{Error, Result};

@@ -26,7 +26,11 @@ pub fn compare(got: &[f32], want: &[f32]) -> ErrorStats {
     }
     ErrorStats {
         max_abs_err: max_abs,
-        rel_l2_err: if den > 0.0 { num.sqrt() / den.sqrt() } else { num.sqrt() },
+        rel_l2_err: if den > 0.0 {
+            num.sqrt() / den.sqrt()
+        } else {
+            num.sqrt()
+        },
     }
 }
 

@@ -91,12 +91,10 @@ fn compile(g: &GpuDevice, spec: &KernelSpec) -> Result<Kernel> {
     // naga first: a bad variant becomes a typed error with a readable message.
     validate_wgsl(&label, &source)?;
     let scope = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let module = g
-        .device
-        .create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+    let module = g.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(&label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
     let entries: Vec<wgpu::BindGroupLayoutEntry> = spec
         .bindings
         .iter()
@@ -250,10 +248,12 @@ impl<'a> Recorder<'a> {
             }),
             _ => None,
         };
-        let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(name),
-            timestamp_writes,
-        });
+        let mut pass = self
+            .encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(name),
+                timestamp_writes,
+            });
         let dispatches = f(&mut pass);
         drop(pass);
         self.stages.push(StageTime {

@@ -159,10 +159,7 @@ fn expand(
                 }
                 "include" => {
                     if active(&stack) {
-                        let target = rest
-                            .trim_start_matches("include")
-                            .trim()
-                            .trim_matches('"');
+                        let target = rest.trim_start_matches("include").trim().trim_matches('"');
                         expand(target, defines, load, included, out, depth + 1)?;
                     }
                 }
@@ -182,10 +179,7 @@ fn expand(
 }
 
 /// Parses and validates WGSL with naga; returns the module and its validation info.
-pub fn validate_wgsl(
-    name: &str,
-    source: &str,
-) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
+pub fn validate_wgsl(name: &str, source: &str) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
     let module = naga::front::wgsl::parse_str(source).map_err(|e| Error::Shader {
         name: name.to_string(),
         message: e.emit_to_string(source),
@@ -222,12 +216,21 @@ mod tests {
 
     #[test]
     fn flags_consts_and_includes() {
-        let d = Defines::new().flag("X").const_u32("D", 64).const_f32("S", 0.5);
+        let d = Defines::new()
+            .flag("X")
+            .const_u32("D", 64)
+            .const_f32("S", 0.5);
         let out = preprocess_with("main.wgsl", &d, &files).unwrap();
         let body: Vec<&str> = out.lines().skip(1).collect();
         assert_eq!(
             body,
-            vec!["const D: u32 = 64u;", "const S: f32 = 0.5;", "a", "x", "no_y"]
+            vec![
+                "const D: u32 = 64u;",
+                "const S: f32 = 0.5;",
+                "a",
+                "x",
+                "no_y"
+            ]
         );
         let out = preprocess_with("main.wgsl", &Defines::new().flag("Y"), &files).unwrap();
         assert_eq!(out.lines().skip(1).collect::<Vec<_>>(), vec!["a", "not_x"]);

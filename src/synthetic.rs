@@ -36,7 +36,12 @@ pub fn qkv_host(shape: &AttentionShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f
 }
 
 /// Q, K, V tensors on a context.
-pub fn qkv(ctx: &Context, shape: &AttentionShape, dtype: DType, seed: u64) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn qkv(
+    ctx: &Context,
+    shape: &AttentionShape,
+    dtype: DType,
+    seed: u64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v) = qkv_host(shape, seed);
     Ok((
         Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype)?,

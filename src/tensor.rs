@@ -93,7 +93,9 @@ impl HostData {
     pub fn from_f32(values: &[f32], dtype: DType) -> Result<Self> {
         match dtype {
             DType::F32 => Ok(HostData::F32(values.to_vec())),
-            DType::F16 => Ok(HostData::F16(values.iter().map(|&x| f16::from_f32(x)).collect())),
+            DType::F16 => Ok(HostData::F16(
+                values.iter().map(|&x| f16::from_f32(x)).collect(),
+            )),
             d => Err(Error::UnsupportedDtype(d, "float data")),
         }
     }
@@ -144,7 +146,11 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?} {:?} on {:?})", self.dtype, self.shape, self.ctx)
+        write!(
+            f,
+            "Tensor({:?} {:?} on {:?})",
+            self.dtype, self.shape, self.ctx
+        )
     }
 }
 
@@ -170,14 +176,7 @@ impl Tensor {
                 let bytes = data.to_padded_bytes();
                 let size = (bytes.len() as u64).max(4);
                 check_buffer_size(ctx, "tensor", size)?;
-                let buffer = g.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(&format!("tensor {} {:?}", dtype.name(), shape)),
-                    size,
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
+                let buffer = new_storage_buffer(g, dtype, shape, size);
                 if !bytes.is_empty() {
                     g.queue.write_buffer(&buffer, 0, &bytes);
                 }
@@ -208,14 +207,27 @@ impl Tensor {
         Self::from_f32(ctx, shape, &vec![value; numel], dtype)
     }
 
-    /// An uninitialized-on-the-host, zeroed-on-the-device tensor.
+    /// A zero-filled tensor.
     pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
         let numel: usize = shape.iter().product();
-        match dtype {
-            DType::F32 | DType::F16 => Self::filled(ctx, shape, dtype, 0.0),
-            DType::U32 => Self::from_u32(ctx, shape, &vec![0; numel]),
-            DType::I32 => Self::from_host(ctx, shape, HostData::I32(vec![0; numel])),
+        if let Some(g) = ctx.gpu() {
+            // wgpu zero-initializes new buffers: no host array, no upload.
+            let size = gpu_bytes(numel, dtype).max(4);
+            check_buffer_size(ctx, "tensor", size)?;
+            return Ok(Tensor {
+                ctx: ctx.clone(),
+                shape: shape.to_vec(),
+                dtype,
+                storage: Storage::Gpu(new_storage_buffer(g, dtype, shape, size)),
+            });
         }
+        let data = match dtype {
+            DType::F32 => HostData::F32(vec![0.0; numel]),
+            DType::F16 => HostData::F16(vec![half::f16::ZERO; numel]),
+            DType::U32 => HostData::U32(vec![0; numel]),
+            DType::I32 => HostData::I32(vec![0; numel]),
+        };
+        Self::from_host(ctx, shape, data)
     }
 
     /// Shape.
@@ -283,6 +295,22 @@ impl Tensor {
     }
 }
 
+fn new_storage_buffer(
+    g: &crate::context::GpuDevice,
+    dtype: DType,
+    shape: &[usize],
+    size: u64,
+) -> wgpu::Buffer {
+    g.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(&format!("tensor {} {:?}", dtype.name(), shape)),
+        size,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
 pub(crate) fn check_buffer_size(ctx: &Context, what: &str, size: u64) -> Result<()> {
     let max = ctx.capabilities().max_buffer;
     if size > max {
@@ -312,11 +340,9 @@ pub(crate) async fn read_buffer(
     enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
     g.queue.submit([enc.finish()]);
     let (tx, rx) = futures::channel::oneshot::channel();
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
+    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
     #[cfg(not(target_arch = "wasm32"))]
     g.device
         .poll(wgpu::PollType::wait_indefinitely())

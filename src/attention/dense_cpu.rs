@@ -194,7 +194,10 @@ pub fn naive_attention(
             let s: Vec<f64> = (0..end)
                 .map(|j| {
                     let krow = &k[(kvh * nk + j) * d..(kvh * nk + j + 1) * d];
-                    qrow.iter().zip(krow).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>()
+                    qrow.iter()
+                        .zip(krow)
+                        .map(|(a, b)| (*a as f64) * (*b as f64))
+                        .sum::<f64>()
                         * scale as f64
                 })
                 .collect();

@@ -89,6 +89,15 @@ struct Prepared {
     acc: Option<SubRange>,
 }
 
+/// The buffers one run binds: inputs, output, and the caller's (ml, acc) state if any.
+pub(crate) struct DenseBuffers<'a> {
+    pub q: &'a wgpu::Buffer,
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub o: &'a wgpu::Buffer,
+    pub state: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
+}
+
 /// A built dense attention on a GPU context.
 pub(crate) struct DenseGpu {
     caller: Vec<Prepared>,
@@ -167,11 +176,16 @@ impl DenseGpu {
         let dispatches = split_dense(&problem, &lim)?;
         log::debug!("dense attention: {} dispatch(es)", dispatches.len());
         let align = lim.offset_align;
-        let (d, n, nk) = (shape.head_dim as u64, shape.seq_len as u64, shape.kv_len as u64);
+        let (d, n, nk) = (
+            shape.head_dim as u64,
+            shape.seq_len as u64,
+            shape.kv_len as u64,
+        );
         let s = opts.dtype.size() as u64;
         let group = (shape.q_heads / shape.kv_heads) as u64;
         let uniform_align = g.device.limits().min_uniform_buffer_offset_alignment as u64;
-        let slot_size = (std::mem::size_of::<DenseParams>() as u64).div_ceil(uniform_align) * uniform_align;
+        let slot_size =
+            (std::mem::size_of::<DenseParams>() as u64).div_ceil(uniform_align) * uniform_align;
         let needs_chain = dispatches.iter().any(|x| !(x.first && x.last));
         let scratch_rows = dispatches
             .iter()
@@ -192,7 +206,12 @@ impl DenseGpu {
                 let q_end = ((h1 - 1) * n + r1) * d;
                 let q = sub_range(q_start * s, q_end * s, align, s);
                 let o = q;
-                let k = sub_range((kv0 * nk + c0) * d * s, ((kv1 - 1) * nk + c1) * d * s, align, s);
+                let k = sub_range(
+                    (kv0 * nk + c0) * d * s,
+                    ((kv1 - 1) * nk + c1) * d * s,
+                    align,
+                    s,
+                );
                 let v = k;
                 let variant = Variant {
                     import: !x.first || (mode == StateMode::Caller && opts.import_state),
@@ -203,12 +222,25 @@ impl DenseGpu {
                 let (ml, acc) = match (uses_state, mode) {
                     (false, _) => (None, None),
                     (true, StateMode::Caller) => (
-                        Some(sub_range((h0 * n + r0) * 8, ((h1 - 1) * n + r1) * 8, align, 8)),
+                        Some(sub_range(
+                            (h0 * n + r0) * 8,
+                            ((h1 - 1) * n + r1) * 8,
+                            align,
+                            8,
+                        )),
                         Some(sub_range(q_start * 4, q_end * 4, align, 4)),
                     ),
                     (true, StateMode::Scratch) => (
-                        Some(SubRange { offset: 0, size: (r1 - r0) * 8, base: 0 }),
-                        Some(SubRange { offset: 0, size: (r1 - r0) * d * 4, base: 0 }),
+                        Some(SubRange {
+                            offset: 0,
+                            size: (r1 - r0) * 8,
+                            base: 0,
+                        }),
+                        Some(SubRange {
+                            offset: 0,
+                            size: (r1 - r0) * d * 4,
+                            base: 0,
+                        }),
                     ),
                 };
                 let p = DenseParams {
@@ -271,7 +303,8 @@ impl DenseGpu {
             caller,
             scratch,
             params: params_buf,
-            scratch_ml: needs_chain.then(|| storage("dense attention scratch ml", scratch_rows * 8)),
+            scratch_ml: needs_chain
+                .then(|| storage("dense attention scratch ml", scratch_rows * 8)),
             scratch_acc: needs_chain
                 .then(|| storage("dense attention scratch acc", scratch_rows * d * 4)),
             dummy: storage("dense attention unused binding", 16),
@@ -284,20 +317,16 @@ impl DenseGpu {
     }
 
     /// Records the dense stage. `state` is the caller's (ml, acc) buffers, if any.
-    pub(crate) fn record(
-        &self,
-        rec: &mut Recorder<'_>,
-        stage: &str,
-        q: &wgpu::Buffer,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
-        o: &wgpu::Buffer,
-        state: Option<(&wgpu::Buffer, &wgpu::Buffer)>,
-    ) {
+    pub(crate) fn record(&self, rec: &mut Recorder<'_>, stage: &str, io: &DenseBuffers<'_>) {
         let device = rec.gpu().device.clone();
-        let (list, ml_buf, acc_buf) = match state {
+        let (q, k, v, o) = (io.q, io.k, io.v, io.o);
+        let (list, ml_buf, acc_buf) = match io.state {
             Some((ml, acc)) => (&self.caller, Some(ml), Some(acc)),
-            None => (&self.scratch, self.scratch_ml.as_ref(), self.scratch_acc.as_ref()),
+            None => (
+                &self.scratch,
+                self.scratch_ml.as_ref(),
+                self.scratch_acc.as_ref(),
+            ),
         };
         let dummy = &self.dummy;
         let bind = |buf, r| bind_range(buf, r, dummy);
@@ -369,9 +398,23 @@ mod tests {
     #[test]
     fn sub_range_aligns_down_and_keeps_the_residual_as_base() {
         let r = sub_range(1000, 2000, 256, 4);
-        assert_eq!(r, SubRange { offset: 768, size: 1232, base: 58 });
+        assert_eq!(
+            r,
+            SubRange {
+                offset: 768,
+                size: 1232,
+                base: 58
+            }
+        );
         let r = sub_range(512, 514, 256, 2);
-        assert_eq!(r, SubRange { offset: 512, size: 4, base: 0 });
+        assert_eq!(
+            r,
+            SubRange {
+                offset: 512,
+                size: 4,
+                base: 0
+            }
+        );
     }
 
     #[test]

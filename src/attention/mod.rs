@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::pipeline::{Recorder, Report, StageTime};
 use crate::tensor::{DType, HostData, Tensor};
 use dense_cpu::{HostRowState, dense_attention_cpu};
-use dense_gpu::DenseGpu;
+use dense_gpu::{DenseBuffers, DenseGpu};
 
 /// Sizes of one attention problem (batch 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -60,14 +60,17 @@ impl AttentionShape {
         if self.q_heads == 0 || self.kv_heads == 0 || self.seq_len == 0 || self.kv_len == 0 {
             return bad(format!("every size must be positive: {self:?}"));
         }
-        if self.q_heads % self.kv_heads != 0 {
+        if !self.q_heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "q_heads {} is not a multiple of kv_heads {}",
                 self.q_heads, self.kv_heads
             ));
         }
         if ![64, 128, 256].contains(&self.head_dim) {
-            return bad(format!("head_dim {} is not one of 64, 128, 256", self.head_dim));
+            return bad(format!(
+                "head_dim {} is not one of 64, 128, 256",
+                self.head_dim
+            ));
         }
         if causal && self.kv_len < self.seq_len {
             return bad(format!(
@@ -75,9 +78,12 @@ impl AttentionShape {
                 self.kv_len, self.seq_len
             ));
         }
-        let elems = self.q_heads as u64 * self.seq_len.max(self.kv_len) as u64 * self.head_dim as u64;
+        let elems =
+            self.q_heads as u64 * self.seq_len.max(self.kv_len) as u64 * self.head_dim as u64;
         if elems > u32::MAX as u64 {
-            return bad(format!("{elems} elements per tensor exceed the 32-bit index range"));
+            return bad(format!(
+                "{elems} elements per tensor exceed the 32-bit index range"
+            ));
         }
         Ok(())
     }
@@ -132,7 +138,9 @@ impl std::str::FromStr for Method {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "dense" => Ok(Method::Dense),
-            o => Err(Error::InvalidArgument(format!("unknown method `{o}` (known: dense)"))),
+            o => Err(Error::InvalidArgument(format!(
+                "unknown method `{o}` (known: dense)"
+            ))),
         }
     }
 }
@@ -272,7 +280,9 @@ impl AttentionPlanBuilder {
         if let Some(s) = self.opts.scale
             && !(s.is_finite() && s > 0.0)
         {
-            return Err(Error::InvalidArgument(format!("scale {s} must be finite and positive")));
+            return Err(Error::InvalidArgument(format!(
+                "scale {s} must be finite and positive"
+            )));
         }
         let gpu = match self.ctx.gpu() {
             Some(_) => Some(DenseGpu::build(&self.ctx, &self.shape, &self.opts)?),
@@ -380,7 +390,12 @@ impl AttentionPlan {
         self.check(v, &self.shape.kv_dims(), dt, "v")?;
         self.check(out, &self.shape.q_dims(), dt, "output")?;
         if let Some(st) = &state {
-            self.check(&st.ml, &[self.shape.q_heads, self.shape.seq_len, 2], DType::F32, "state.ml")?;
+            self.check(
+                &st.ml,
+                &[self.shape.q_heads, self.shape.seq_len, 2],
+                DType::F32,
+                "state.ml",
+            )?;
             self.check(&st.acc, &self.shape.q_dims(), DType::F32, "state.acc")?;
         }
         let report = match &self.gpu {
@@ -388,15 +403,14 @@ impl AttentionPlan {
                 let buf = |t: &Tensor| t.buffer().expect("checked: same GPU context").clone();
                 let mut rec = Recorder::new(&self.ctx, "attention", 1)?;
                 let st = state.as_ref().map(|s| (buf(&s.ml), buf(&s.acc)));
-                gpu.record(
-                    &mut rec,
-                    "dense",
-                    &buf(q),
-                    &buf(k),
-                    &buf(v),
-                    &buf(out),
-                    st.as_ref().map(|(a, b)| (a, b)),
-                );
+                let io = DenseBuffers {
+                    q: &buf(q),
+                    k: &buf(k),
+                    v: &buf(v),
+                    o: &buf(out),
+                    state: st.as_ref().map(|(a, b)| (a, b)),
+                };
+                gpu.record(&mut rec, "dense", &io);
                 let timing = rec.submit().await?;
                 AttentionReport {
                     method: self.method.name().into(),
@@ -434,14 +448,23 @@ impl AttentionPlan {
                 } else {
                     HostRowState::empty(&self.shape)
                 };
-                let o = dense_attention_cpu(&self.shape, self.opts.causal, scale, &qf, &kf, &vf, Some(&mut hs));
+                let o = dense_attention_cpu(
+                    &self.shape,
+                    self.opts.causal,
+                    scale,
+                    &qf,
+                    &kf,
+                    &vf,
+                    Some(&mut hs),
+                );
                 *st.ml.host_mut().expect("CPU") = HostData::F32(hs.ml);
                 *st.acc.host_mut().expect("CPU") = HostData::F32(hs.acc);
                 o
             }
             None => dense_attention_cpu(&self.shape, self.opts.causal, scale, &qf, &kf, &vf, None),
         };
-        *out.host_mut().expect("checked: CPU context") = HostData::from_f32(&result, self.opts.dtype)?;
+        *out.host_mut().expect("checked: CPU context") =
+            HostData::from_f32(&result, self.opts.dtype)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         Ok(AttentionReport {
             method: self.method.name().into(),
@@ -461,4 +484,3 @@ impl AttentionPlan {
         })
     }
 }
-

@@ -203,7 +203,10 @@ mod tests {
         // 512 heads x 300 rows x 256 x f32 = 157 MB of Q: more than one lavapipe binding.
         let d = split_dense(&prob(512, 512, 300, 256, 4), &LAVAPIPE).unwrap();
         assert!(d.len() > 1);
-        assert!(d.iter().all(|x| x.r0 == 0 && x.r1 == 300 && x.first && x.last));
+        assert!(
+            d.iter()
+                .all(|x| x.r0 == 0 && x.r1 == 300 && x.first && x.last)
+        );
         assert_eq!(d.last().unwrap().h1, 512);
     }
 
