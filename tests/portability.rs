@@ -103,7 +103,7 @@ fn bindings(module: &Module) -> Vec<(ResourceBinding, AddressSpace)> {
     out
 }
 
-fn entry<'a>(c: &'a Compiled) -> &'a naga::EntryPoint {
+fn entry(c: &Compiled) -> &naga::EntryPoint {
     let eps: Vec<_> = c
         .module
         .entry_points
