@@ -28,10 +28,19 @@ fn round_to(x: &[f32], dtype: DType) -> Vec<f32> {
 
 fn check_gpu_vs_cpu(ctx: &Context, shape: AttentionShape, dtype: DType, causal: bool, seed: u64) {
     let (q, k, v) = qkv_host(&shape, seed);
-    let (q, k, v) = (round_to(&q, dtype), round_to(&k, dtype), round_to(&v, dtype));
+    let (q, k, v) = (
+        round_to(&q, dtype),
+        round_to(&k, dtype),
+        round_to(&v, dtype),
+    );
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     let want = dense_attention_cpu(&shape, causal, scale, &q, &k, &v, None);
-    let plan = ctx.attention(shape).causal(causal).dtype(dtype).build().unwrap();
+    let plan = ctx
+        .attention(shape)
+        .causal(causal)
+        .dtype(dtype)
+        .build()
+        .unwrap();
     let qt = Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype).unwrap();
     let kt = Tensor::from_f32(ctx, &shape.kv_dims(), &k, dtype).unwrap();
     let vt = Tensor::from_f32(ctx, &shape.kv_dims(), &v, dtype).unwrap();
@@ -41,8 +50,14 @@ fn check_gpu_vs_cpu(ctx: &Context, shape: AttentionShape, dtype: DType, causal: 
     let got = out.to_f32_blocking().unwrap();
     let err = compare(&got, &want);
     let report = plan.report().unwrap();
-    eprintln!("{shape:?} {dtype:?} causal={causal}: {err:?} ({} dispatches)", report.dispatches);
-    assert!(err.max_abs_err <= tol(dtype), "{shape:?} {dtype:?} causal={causal}: {err:?}");
+    eprintln!(
+        "{shape:?} {dtype:?} causal={causal}: {err:?} ({} dispatches)",
+        report.dispatches
+    );
+    assert!(
+        err.max_abs_err <= tol(dtype),
+        "{shape:?} {dtype:?} causal={causal}: {err:?}"
+    );
 }
 
 #[test]
@@ -98,13 +113,37 @@ fn split_paths_with_lowered_binding_limit_match_cpu() {
     // 16 KiB bindings: 64-dim f32 rows are 256 B, so one head of 100 rows (25.6 KB)
     // exceeds a binding and the chunked path (rows and keys, state carried) runs.
     if let Some(ctx) = common::gpu(Some(16 << 10)) {
-        check_gpu_vs_cpu(&ctx, AttentionShape::new(2, 1, 100, 64), DType::F32, true, seed);
-        check_gpu_vs_cpu(&ctx, AttentionShape::new(2, 2, 90, 64), DType::F16, false, seed + 1);
+        check_gpu_vs_cpu(
+            &ctx,
+            AttentionShape::new(2, 1, 100, 64),
+            DType::F32,
+            true,
+            seed,
+        );
+        check_gpu_vs_cpu(
+            &ctx,
+            AttentionShape::new(2, 2, 90, 64),
+            DType::F16,
+            false,
+            seed + 1,
+        );
     }
     // 40 KiB: whole heads fit, but only a few per binding -> several head groups.
     if let Some(ctx) = common::gpu(Some(40 << 10)) {
-        check_gpu_vs_cpu(&ctx, AttentionShape::new(8, 2, 50, 64), DType::F32, true, seed + 2);
-        check_gpu_vs_cpu(&ctx, AttentionShape::new(6, 3, 35, 128), DType::F16, true, seed + 3);
+        check_gpu_vs_cpu(
+            &ctx,
+            AttentionShape::new(8, 2, 50, 64),
+            DType::F32,
+            true,
+            seed + 2,
+        );
+        check_gpu_vs_cpu(
+            &ctx,
+            AttentionShape::new(6, 3, 35, 128),
+            DType::F16,
+            true,
+            seed + 3,
+        );
     }
 }
 
@@ -128,18 +167,31 @@ fn row_state_export_and_import_continue_a_row() {
         // Poison the state: without import it must be ignored and fully overwritten.
         state.acc = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
         let export = ctx.attention(shape).build().unwrap();
-        export.run_with_state(&qt, &kt, &vt, &mut out, &mut state).unwrap();
+        export
+            .run_with_state(&qt, &kt, &vt, &mut out, &mut state)
+            .unwrap();
         let ml = state.ml.to_f32_blocking().unwrap();
         let acc = state.acc.to_f32_blocking().unwrap();
         assert!(compare(&out.to_f32_blocking().unwrap(), &want).max_abs_err < 2e-5);
-        assert!(compare(&ml, &want_state.ml).max_abs_err < 1e-4, "{ctx:?} ml");
-        assert!(compare(&acc, &want_state.acc).max_abs_err < 1e-4, "{ctx:?} acc");
+        assert!(
+            compare(&ml, &want_state.ml).max_abs_err < 1e-4,
+            "{ctx:?} ml"
+        );
+        assert!(
+            compare(&acc, &want_state.acc).max_abs_err < 1e-4,
+            "{ctx:?} acc"
+        );
         // Continuing the exported rows over the same keys again sees every key twice:
         // m stays, l and acc double, and the normalized output is unchanged.
         let import = ctx.attention(shape).import_state(true).build().unwrap();
         let mut out2 = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
-        import.run_with_state(&qt, &kt, &vt, &mut out2, &mut state).unwrap();
-        assert!(compare(&out2.to_f32_blocking().unwrap(), &want).max_abs_err < 2e-5, "{ctx:?}");
+        import
+            .run_with_state(&qt, &kt, &vt, &mut out2, &mut state)
+            .unwrap();
+        assert!(
+            compare(&out2.to_f32_blocking().unwrap(), &want).max_abs_err < 2e-5,
+            "{ctx:?}"
+        );
         let ml2 = state.ml.to_f32_blocking().unwrap();
         for r in 0..ml.len() / 2 {
             assert!((ml2[2 * r] - ml[2 * r]).abs() < 1e-5);
