@@ -1,10 +1,16 @@
 // Dense flash attention, portable variant (no subgroups, no cooperative matrix).
 //
-// One workgroup of 64 threads computes BQ = 32 query rows of one q-head against key
-// tiles of BK = 32 keys. Threads form an 8x8 grid: thread (tx, ty) owns score entries
-// rows ty*4..+4 x keys tx*4..+4, and output columns c*32 + tx*4..+4 (c < D/32) of the
-// same 4 rows. Q and K/V pass through workgroup memory in 32-dimension chunks, so the
-// workgroup memory is 12.5 KiB for every head_dim (fits WebGPU's 16 KiB default).
+// One workgroup of WG = 2*BQ threads computes BQ query rows (BQ = 32 or 64, a constant
+// from the launcher) of one q-head against key tiles of BK = 32 keys. Threads form an
+// 8 x (BQ/4) grid: thread (tx, ty) owns the scores of
+// rows ty*4..+4 x keys {tx, tx+8, tx+16, tx+24} (interleaved so that the 8 threads of a
+// quarter-warp hit 8 different banks of the padded K tile), and output columns
+// c*32 + tx*4..+4 (c < D/32) of the same 4 rows. K/V pass through workgroup memory in
+// 32-dimension chunks. Q either stays resident in workgroup memory for the whole key
+// loop (Q_RESIDENT, when the device has the room: BQ*D*4 bytes) or is staged chunk by
+// chunk with K (BQ = 32: 12.5 KiB in all, fits WebGPU's 16 KiB default; BQ = 64: 17 KiB).
+// Scores use exp2 with log2(e) folded into the scale; the exported state is converted
+// back to natural-log units so every kernel and the CPU twin share one convention.
 //
 // Layouts: Q/O/ACC [heads, rows, D], K/V [kv_heads, keys, D], ML [heads, rows] of
 // (m, l). A dispatch covers q-heads h0.., rows r0..r1, keys c0..c1; each binding starts
@@ -14,7 +20,8 @@
 // chunk, continuing the online softmax through ML/ACC between key chunks.
 //
 // Flags: STORE_F16 (f16 storage), IMPORT_STATE (start from ML/ACC), EXPORT_STATE (write
-// ML/ACC), WRITE_OUTPUT (write O = acc / l). Constant D: head_dim, a multiple of 32.
+// ML/ACC), WRITE_OUTPUT (write O = acc / l). Constants: D (head_dim, a multiple of 32),
+// BQ (query rows per workgroup, a multiple of 32).
 
 #include "common/storage.wgsl"
 #include "common/online_softmax.wgsl"
@@ -42,13 +49,13 @@ struct Params {
     _pad: u32,
 }
 
-const BQ: u32 = 32u;
+const WG: u32 = 2u * BQ;
 const BK: u32 = 32u;
-const DC: u32 = 32u;         // head_dim chunk staged in workgroup memory
-const DC4: u32 = DC / 4u;    // vec4s per chunk row
-const NC: u32 = D / DC;      // chunks per row
+const DC: u32 = 32u;          // head_dim chunk staged in workgroup memory
+const DC4: u32 = DC / 4u;     // vec4s per chunk row
+const KV_STRIDE: u32 = DC4 + 1u;  // padded row stride of the K/V tile (bank spread)
+const NC: u32 = D / DC;       // chunks per row
 const D4: u32 = D / 4u;
-
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q_buf: array<Store4>;
 @group(0) @binding(2) var<storage, read> k_buf: array<Store4>;
@@ -57,12 +64,16 @@ const D4: u32 = D / 4u;
 @group(0) @binding(5) var<storage, read_write> ml_buf: array<vec2<f32>>;
 @group(0) @binding(6) var<storage, read_write> acc_buf: array<vec4<f32>>;
 
-var<workgroup> q_tile: array<vec4<f32>, 256>;   // [BQ rows][DC4]
-var<workgroup> kv_tile: array<vec4<f32>, 256>;  // [BK keys][DC4]
-var<workgroup> p_tile: array<f32, 1024>;        // [BQ rows][BK keys]
-var<workgroup> row_m: array<f32, 32>;
-var<workgroup> row_l: array<f32, 32>;
-var<workgroup> row_alpha: array<f32, 32>;
+#ifdef Q_RESIDENT
+var<workgroup> q_tile: array<vec4<f32>, BQ * D4>;        // [BQ rows][D4]
+#else
+var<workgroup> q_tile: array<vec4<f32>, BQ * DC4>;       // [BQ rows][DC4]
+#endif
+var<workgroup> kv_tile: array<vec4<f32>, BK * KV_STRIDE>;  // [BK keys][KV_STRIDE]
+var<workgroup> p_tile: array<vec4<f32>, BK * BQ / 4u>;     // [BK keys][BQ/4 row quads]
+var<workgroup> row_m: array<f32, BQ>;
+var<workgroup> row_l: array<f32, BQ>;
+var<workgroup> row_alpha: array<f32, BQ>;
 
 fn q_row_vec4(h: u32, r: u32) -> u32 {
     return (p.q_base + (h - p.h0) * p.q_head_stride + (r - p.r0) * D) / 4u;
@@ -80,7 +91,7 @@ fn ml_index(h: u32, r: u32) -> u32 {
     return p.ml_base + (h - p.h0) * p.ml_head_stride + (r - p.r0);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn flash_attention(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -91,6 +102,8 @@ fn flash_attention(
     let kvh = h / p.group;
     let row0 = p.r0 + wg.x * BQ;
     let row_end = min(row0 + BQ, p.r1);
+    // Scores are kept in log2 units: s2 = q.k * scale * log2(e).
+    let scale2 = p.scale * LOG2E;
 
     // Row state: m and l in workgroup memory (thread r < BQ owns row r), acc in registers.
     var acc: array<vec4<f32>, 4u * NC>;
@@ -100,7 +113,7 @@ fn flash_attention(
 #ifdef IMPORT_STATE
         if row0 + lid < p.r1 {
             let s = ml_buf[ml_index(h, row0 + lid)];
-            m = s.x;
+            m = m_from_natural(s.x);
             l = s.y;
         }
 #endif
@@ -119,6 +132,16 @@ fn flash_attention(
             acc[i * NC + c] = a;
         }
     }
+#ifdef Q_RESIDENT
+    for (var t = lid; t < BQ * D4; t += WG) {
+        let rr = t / D4;
+        var qv = vec4<f32>(0.0);
+        if row0 + rr < p.r1 {
+            qv = decode4(q_buf[q_row_vec4(h, row0 + rr) + t % D4]);
+        }
+        q_tile[t] = qv;
+    }
+#endif
 
     // Keys this block can see.
     var key_end = p.c1;
@@ -128,59 +151,73 @@ fn flash_attention(
 
     for (var kt = p.c0; kt < key_end; kt += BK) {
         // S = Q K^T for the tile, accumulated over head_dim chunks.
-        var s: array<vec4<f32>, 4>;
+        var s: array<vec4<f32>, 4>;   // s[i][j]: row ty*4+i, key tx+8j
         for (var c = 0u; c < NC; c++) {
             workgroupBarrier();
-            for (var t = lid; t < BQ * DC4; t += 64u) {
+#ifndef Q_RESIDENT
+            for (var t = lid; t < BQ * DC4; t += WG) {
                 let rr = t / DC4;
-                let cc = t % DC4;
                 var qv = vec4<f32>(0.0);
                 if row0 + rr < p.r1 {
-                    qv = decode4(q_buf[q_row_vec4(h, row0 + rr) + c * DC4 + cc]);
+                    qv = decode4(q_buf[q_row_vec4(h, row0 + rr) + c * DC4 + t % DC4]);
                 }
                 q_tile[t] = qv;
+            }
+#endif
+            for (var t = lid; t < BK * DC4; t += WG) {
+                let kk = t / DC4;
+                let cc = t % DC4;
                 var kv = vec4<f32>(0.0);
-                if kt + rr < key_end {
-                    kv = decode4(k_buf[kv_row_vec4(p.k_base, kvh, kt + rr) + c * DC4 + cc]);
+                if kt + kk < key_end {
+                    kv = decode4(k_buf[kv_row_vec4(p.k_base, kvh, kt + kk) + c * DC4 + cc]);
                 }
-                kv_tile[t] = kv;
+                kv_tile[kk * KV_STRIDE + cc] = kv;
             }
             workgroupBarrier();
             for (var d4 = 0u; d4 < DC4; d4++) {
-                let b0 = kv_tile[(tx * 4u + 0u) * DC4 + d4];
-                let b1 = kv_tile[(tx * 4u + 1u) * DC4 + d4];
-                let b2 = kv_tile[(tx * 4u + 2u) * DC4 + d4];
-                let b3 = kv_tile[(tx * 4u + 3u) * DC4 + d4];
+                let b0 = kv_tile[(tx + 0u) * KV_STRIDE + d4];
+                let b1 = kv_tile[(tx + 8u) * KV_STRIDE + d4];
+                let b2 = kv_tile[(tx + 16u) * KV_STRIDE + d4];
+                let b3 = kv_tile[(tx + 24u) * KV_STRIDE + d4];
                 for (var i = 0u; i < 4u; i++) {
+#ifdef Q_RESIDENT
+                    let a = q_tile[(ty * 4u + i) * D4 + c * DC4 + d4];
+#else
                     let a = q_tile[(ty * 4u + i) * DC4 + d4];
+#endif
                     s[i] += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
                 }
             }
         }
-        // Scale, mask, publish the scores.
-        for (var i = 0u; i < 4u; i++) {
-            let r = row0 + ty * 4u + i;
-            for (var j = 0u; j < 4u; j++) {
-                let key = kt + tx * 4u + j;
+        // Scale, mask, publish the scores (transposed: one vec4 = 4 rows of one key).
+        for (var j = 0u; j < 4u; j++) {
+            let key = kt + tx + 8u * j;
+            var quad: vec4<f32>;
+            for (var i = 0u; i < 4u; i++) {
+                let r = row0 + ty * 4u + i;
                 var live = r < p.r1 && key < key_end;
                 if p.causal != 0u {
                     live = live && key <= r + p.causal_shift;
                 }
-                p_tile[(ty * 4u + i) * BK + tx * 4u + j] = select(NEG_BIG, s[i][j] * p.scale, live);
+                quad[i] = select(NEG_BIG, s[i][j] * scale2, live);
             }
+            p_tile[(tx + 8u * j) * (BQ / 4u) + ty] = quad;
         }
         workgroupBarrier();
         // Online softmax per row: new max, weights, rescale factor.
         if lid < BQ {
+            let quad_index = lid / 4u;
+            let lane = lid % 4u;
             let m_old = row_m[lid];
             var m_new = m_old;
             for (var j = 0u; j < BK; j++) {
-                m_new = max(m_new, p_tile[lid * BK + j]);
+                m_new = max(m_new, p_tile[j * (BQ / 4u) + quad_index][lane]);
             }
             var sum = 0.0;
             for (var j = 0u; j < BK; j++) {
-                let w = softmax_weight(p_tile[lid * BK + j], m_new);
-                p_tile[lid * BK + j] = w;
+                let sj = p_tile[j * (BQ / 4u) + quad_index][lane];
+                let w = softmax_weight(sj, m_new);
+                p_tile[j * (BQ / 4u) + quad_index][lane] = w;
                 sum += w;
             }
             let alpha = rescale_factor(m_old, m_new);
@@ -198,21 +235,23 @@ fn flash_attention(
         // acc += P V, V staged in head_dim chunks.
         for (var c = 0u; c < NC; c++) {
             workgroupBarrier();
-            for (var t = lid; t < BK * DC4; t += 64u) {
+            for (var t = lid; t < BK * DC4; t += WG) {
                 let kk = t / DC4;
                 let cc = t % DC4;
                 var vv = vec4<f32>(0.0);
                 if kt + kk < key_end {
                     vv = decode4(v_buf[kv_row_vec4(p.v_base, kvh, kt + kk) + c * DC4 + cc]);
                 }
-                kv_tile[t] = vv;
+                kv_tile[kk * KV_STRIDE + cc] = vv;
             }
             workgroupBarrier();
             for (var k = 0u; k < BK; k++) {
-                let v = kv_tile[k * DC4 + tx];
-                for (var i = 0u; i < 4u; i++) {
-                    acc[i * NC + c] += p_tile[(ty * 4u + i) * BK + k] * v;
-                }
+                let v = kv_tile[k * KV_STRIDE + tx];
+                let w = p_tile[k * (BQ / 4u) + ty];
+                acc[0u * NC + c] += w.x * v;
+                acc[1u * NC + c] += w.y * v;
+                acc[2u * NC + c] += w.z * v;
+                acc[3u * NC + c] += w.w * v;
             }
         }
         workgroupBarrier();
@@ -221,7 +260,8 @@ fn flash_attention(
     workgroupBarrier();
 #ifdef EXPORT_STATE
     if lid < BQ && row0 + lid < p.r1 {
-        ml_buf[ml_index(h, row0 + lid)] = vec2<f32>(row_m[lid], row_l[lid]);
+        let m = row_m[lid];
+        ml_buf[ml_index(h, row0 + lid)] = vec2<f32>(m_to_natural(m), row_l[lid]);
     }
 #endif
     for (var i = 0u; i < 4u; i++) {

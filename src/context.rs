@@ -103,23 +103,50 @@ pub struct ContextOptions {
     /// Pretend the device allows at most this many bytes per storage binding (never more
     /// than the real limit). Lets tests drive the split paths with small data.
     pub max_binding_bytes: Option<u64>,
+    /// Pretend the device has at most this much workgroup memory (never more than the
+    /// real limit): makes the kernels pick the variants a browser with WebGPU's default
+    /// 16 KiB would get, so tests cover them natively.
+    pub max_workgroup_bytes: Option<u32>,
+}
+
+/// Artificially lowered limits (testing knobs; see [`ContextOptions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitOverrides {
+    /// Bytes per storage binding.
+    pub max_binding_bytes: Option<u64>,
+    /// Bytes of workgroup memory.
+    pub max_workgroup_bytes: Option<u32>,
 }
 
 impl ContextOptions {
-    /// Reads `WGSPARSE_BACKEND`, `WGSPARSE_ADAPTER`, `WGSPARSE_REQUIRE_GPU` and
-    /// `WGSPARSE_MAX_BINDING_BYTES`.
+    /// The limit overrides of these options.
+    pub fn overrides(&self) -> LimitOverrides {
+        LimitOverrides {
+            max_binding_bytes: self.max_binding_bytes,
+            max_workgroup_bytes: self.max_workgroup_bytes,
+        }
+    }
+
+    /// Reads `WGSPARSE_BACKEND`, `WGSPARSE_ADAPTER`, `WGSPARSE_REQUIRE_GPU`,
+    /// `WGSPARSE_MAX_BINDING_BYTES` and `WGSPARSE_MAX_WORKGROUP_BYTES`.
     pub fn from_env() -> Result<Self> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let backend = match var("WGSPARSE_BACKEND") {
             Some(b) => b.parse()?,
             None => Backend::Auto,
         };
-        let max_binding_bytes = match var("WGSPARSE_MAX_BINDING_BYTES") {
-            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
-                Error::InvalidArgument(format!("WGSPARSE_MAX_BINDING_BYTES=`{v}` is not a number"))
-            })?),
-            None => None,
-        };
+        fn number<T: FromStr>(name: &str, v: Option<String>) -> Result<Option<T>> {
+            v.map(|v| {
+                v.trim().parse::<T>().map_err(|_| {
+                    Error::InvalidArgument(format!("{name}=`{v}` is not a number"))
+                })
+            })
+            .transpose()
+        }
+        let max_binding_bytes =
+            number("WGSPARSE_MAX_BINDING_BYTES", var("WGSPARSE_MAX_BINDING_BYTES"))?;
+        let max_workgroup_bytes =
+            number("WGSPARSE_MAX_WORKGROUP_BYTES", var("WGSPARSE_MAX_WORKGROUP_BYTES"))?;
         Ok(Self {
             backend,
             adapter_name: var("WGSPARSE_ADAPTER"),
@@ -128,6 +155,7 @@ impl ContextOptions {
                 Some("1" | "true" | "yes")
             ),
             max_binding_bytes,
+            max_workgroup_bytes,
         })
     }
     /// Overrides the backend (the CLI's `--backend`), keeping the rest.
@@ -211,10 +239,15 @@ impl Capabilities {
         limits: &wgpu::Limits,
         info: &wgpu::AdapterInfo,
         coop: &[wgpu::CooperativeMatrixProperties],
-        max_binding_bytes: Option<u64>,
+        overrides: LimitOverrides,
     ) -> Self {
         let adapter_binding = limits.max_storage_buffer_binding_size;
-        let planned = max_binding_bytes
+        let workgroup = overrides
+            .max_workgroup_bytes
+            .map(|m| m.min(limits.max_compute_workgroup_storage_size))
+            .unwrap_or(limits.max_compute_workgroup_storage_size);
+        let planned = overrides
+            .max_binding_bytes
             .map(|m| m.min(adapter_binding))
             .unwrap_or(adapter_binding);
         Capabilities {
@@ -239,7 +272,7 @@ impl Capabilities {
             max_storage_binding: planned,
             adapter_max_storage_binding: adapter_binding,
             max_buffer: limits.max_buffer_size,
-            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_workgroup_storage: workgroup,
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
@@ -277,6 +310,9 @@ pub struct GpuDevice {
     pub caps: Capabilities,
     pub(crate) pipelines:
         Mutex<HashMap<crate::pipeline::PipelineKey, Arc<crate::pipeline::Kernel>>>,
+    /// Compile with wgpu's runtime bounds checks and loop bounding (debugging aid,
+    /// `WGSPARSE_CHECKED_SHADERS=1`; the browser always checks).
+    pub checked_shaders: bool,
 }
 
 pub(crate) enum DeviceKind {
@@ -381,7 +417,7 @@ impl Context {
             }
             return Err(Error::NoAdapter(what));
         };
-        Self::from_adapter(adapter, opts.max_binding_bytes).await
+        Self::from_adapter(adapter, opts.overrides()).await
     }
 
     /// Blocking version of [`Context::new`] (not on the web).
@@ -401,11 +437,9 @@ impl Context {
     }
 
     /// Opens a device on this adapter with every feature we use that it has and its real
-    /// limits (never the 128 MiB WebGPU defaults).
-    pub async fn from_adapter(
-        adapter: wgpu::Adapter,
-        max_binding_bytes: Option<u64>,
-    ) -> Result<Self> {
+    /// limits (never the 128 MiB WebGPU defaults); `overrides` lowers the limits the
+    /// plans use (tests).
+    pub async fn from_adapter(adapter: wgpu::Adapter, overrides: LimitOverrides) -> Result<Self> {
         let features = adapter.features() & wanted_features();
         let limits = adapter.limits();
         let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
@@ -425,20 +459,20 @@ impl Context {
                 trace: wgpu::Trace::Off,
             })
             .await?;
-        Ok(Self::wrap(adapter, device, queue, max_binding_bytes))
+        Ok(Self::wrap(adapter, device, queue, overrides))
     }
 
     /// Wraps a device that the host application already has. The capabilities are read
     /// from the device's own features and limits (what it was opened with).
     pub fn from_wgpu(adapter: wgpu::Adapter, device: wgpu::Device, queue: wgpu::Queue) -> Self {
-        Self::wrap(adapter, device, queue, None)
+        Self::wrap(adapter, device, queue, LimitOverrides::default())
     }
 
     fn wrap(
         adapter: wgpu::Adapter,
         device: wgpu::Device,
         queue: wgpu::Queue,
-        max_binding_bytes: Option<u64>,
+        overrides: LimitOverrides,
     ) -> Self {
         let info = adapter.get_info();
         let coop = adapter.cooperative_matrix_properties();
@@ -447,7 +481,7 @@ impl Context {
             &device.limits(),
             &info,
             &coop,
-            max_binding_bytes,
+            overrides,
         );
         log::info!(
             "wgsparse: {} ({:?}) caps {:?}",
@@ -466,6 +500,8 @@ impl Context {
                     info,
                     caps,
                     pipelines: Mutex::new(HashMap::new()),
+                    checked_shaders: std::env::var("WGSPARSE_CHECKED_SHADERS")
+                        .is_ok_and(|v| v == "1" || v == "true"),
                 })),
                 cpu_caps: Capabilities::cpu(),
             }),
@@ -485,7 +521,7 @@ impl Context {
                     &a.limits(),
                     &info,
                     &a.cooperative_matrix_properties(),
-                    None,
+                    LimitOverrides::default(),
                 );
                 AdapterSummary {
                     name: info.name.clone(),
@@ -512,7 +548,7 @@ impl Context {
     pub async fn all_gpus() -> Result<Vec<Context>> {
         let mut out = vec![];
         for a in matching_adapters(&ContextOptions::default()).await {
-            out.push(Self::from_adapter(a, None).await?);
+            out.push(Self::from_adapter(a, LimitOverrides::default()).await?);
         }
         Ok(out)
     }

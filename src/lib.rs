@@ -24,7 +24,7 @@ pub use attention::{
     AttentionOptions, AttentionPlan, AttentionPlanBuilder, AttentionReport, AttentionShape, Method,
     RowState,
 };
-pub use context::{AdapterSummary, Backend, Capabilities, Context, ContextOptions};
+pub use context::{AdapterSummary, Backend, Capabilities, Context, ContextOptions, LimitOverrides};
 pub use error::{Error, Result};
 pub use pipeline::{Report, StageTime};
 pub use tensor::{DType, HostData, Tensor};

@@ -110,9 +110,9 @@ fn gpu_matches_cpu_twin_on_ragged_gqa_shapes() {
 #[test]
 fn split_paths_with_lowered_binding_limit_match_cpu() {
     let seed = common::seed();
-    // 16 KiB bindings: 64-dim f32 rows are 256 B, so one head of 100 rows (25.6 KB)
+    // 24 KiB bindings: 64-dim f32 rows are 256 B, so one head of 100 rows (25.6 KB)
     // exceeds a binding and the chunked path (rows and keys, state carried) runs.
-    if let Some(ctx) = common::gpu(Some(16 << 10)) {
+    if let Some(ctx) = common::gpu(Some(24 << 10)) {
         check_gpu_vs_cpu(
             &ctx,
             AttentionShape::new(2, 1, 100, 64),
@@ -148,16 +148,28 @@ fn split_paths_with_lowered_binding_limit_match_cpu() {
 }
 
 #[test]
+fn webgpu_default_limit_variant_matches_cpu() {
+    // 16 KiB of workgroup memory: the 32-row, Q-streaming variant a browser gets.
+    let Some(ctx) = common::gpu_limited(None, Some(16384)) else { return };
+    let seed = common::seed();
+    check_gpu_vs_cpu(&ctx, AttentionShape::new(2, 1, 77, 64), DType::F32, true, seed);
+    check_gpu_vs_cpu(&ctx, AttentionShape::new(2, 2, 50, 256), DType::F16, true, seed + 1);
+    check_gpu_vs_cpu(&ctx, AttentionShape::new(4, 1, 37, 128), DType::F32, false, seed + 2);
+}
+
+#[test]
 fn row_state_export_and_import_continue_a_row() {
     let seed = common::seed();
-    let shape = AttentionShape::new(2, 1, 41, 64);
+    // 100 rows of 64 f32 dims = 25.6 KB per head: over the 20 KiB binding below, so
+    // that context also carries the state through the chunked path.
+    let shape = AttentionShape::new(2, 1, 100, 64);
     let (q, k, v) = qkv_host(&shape, seed);
     let scale = 1.0 / 8.0;
     let mut want_state = HostRowState::empty(&shape);
     let want = dense_attention_cpu(&shape, true, scale, &q, &k, &v, Some(&mut want_state));
     let mut contexts = vec![Context::cpu()];
     contexts.extend(common::gpu(None));
-    contexts.extend(common::gpu(Some(12 << 10)));
+    contexts.extend(common::gpu(Some(20 << 10)));
     for ctx in contexts {
         let qt = Tensor::from_f32(&ctx, &shape.q_dims(), &q, DType::F32).unwrap();
         let kt = Tensor::from_f32(&ctx, &shape.kv_dims(), &k, DType::F32).unwrap();

@@ -79,6 +79,7 @@ pub(crate) enum StateMode {
 
 struct Prepared {
     dispatch: DenseDispatch,
+    bq: usize,
     kernel: Arc<Kernel>,
     slot: u64,
     q: SubRange,
@@ -108,14 +109,50 @@ pub(crate) struct DenseGpu {
     dummy: wgpu::Buffer,
 }
 
-fn kernel_spec(d: usize, dtype: DType, v: Variant) -> KernelSpec {
+/// Workgroup bytes of the kernel: K/V tile (padded), P tile, row stats, and the Q tile
+/// (whole rows when resident, one 32-dim chunk otherwise).
+pub fn dense_workgroup_bytes(d: usize, bq: usize, q_resident: bool) -> u32 {
+    let q = if q_resident { bq * d * 4 } else { bq * 32 * 4 };
+    (q + 32 * 9 * 16 + 32 * bq * 4 + 3 * bq * 4) as u32
+}
+
+/// The tile configuration of the dense kernel for a device: query rows per workgroup
+/// (64 with 128 threads where the device allows it, else 32 with 64 threads: fits
+/// WebGPU's default limits) and whether Q stays resident in workgroup memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenseTiles {
+    /// Query rows per workgroup (32 or 64).
+    pub bq: usize,
+    /// Q kept in workgroup memory for the whole key loop.
+    pub q_resident: bool,
+}
+
+impl DenseTiles {
+    /// Chooses from the device limits.
+    pub fn choose(d: usize, caps: &crate::Capabilities) -> Self {
+        let ws = caps.max_workgroup_storage;
+        let bq = if caps.max_invocations >= 128 && dense_workgroup_bytes(d, 64, false) <= ws {
+            64
+        } else {
+            32
+        };
+        DenseTiles {
+            bq,
+            q_resident: dense_workgroup_bytes(d, bq, true) <= ws,
+        }
+    }
+}
+
+fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant) -> KernelSpec {
     use BindingKind::*;
     KernelSpec {
         file: "flash_attention.wgsl",
         entry: "flash_attention",
         defines: Defines::new()
             .const_u32("D", d as u32)
+            .const_u32("BQ", tiles.bq as u32)
             .flag_if("STORE_F16", dtype == DType::F16)
+            .flag_if("Q_RESIDENT", tiles.q_resident)
             .flag_if("IMPORT_STATE", v.import)
             .flag_if("EXPORT_STATE", v.export)
             .flag_if("WRITE_OUTPUT", v.write),
@@ -132,9 +169,14 @@ fn kernel_spec(d: usize, dtype: DType, v: Variant) -> KernelSpec {
 }
 
 /// Every variant the dense family can compile, for the shader dump and portability tests.
+/// Each needs [`dense_workgroup_bytes`] of workgroup memory; only `BQ=32` without
+/// `Q_RESIDENT` fits WebGPU's 16 KiB default (the portable fallback).
 pub fn all_dense_variants() -> Vec<KernelSpec> {
     let mut out = vec![];
-    for d in [64, 128, 256] {
+    let tiles = [32, 64].into_iter().flat_map(|bq| {
+        [false, true].map(move |q_resident| DenseTiles { bq, q_resident })
+    });
+    for (d, tiles) in [64, 128, 256].into_iter().flat_map(|d| tiles.clone().map(move |t| (d, t))) {
         for dtype in [DType::F32, DType::F16] {
             for bits in 0..8u8 {
                 let v = Variant {
@@ -143,7 +185,7 @@ pub fn all_dense_variants() -> Vec<KernelSpec> {
                     write: bits & 4 != 0,
                 };
                 if v.export || v.write {
-                    out.push(kernel_spec(d, dtype, v));
+                    out.push(kernel_spec(d, dtype, tiles, v));
                 }
             }
         }
@@ -186,6 +228,7 @@ impl DenseGpu {
         let uniform_align = g.device.limits().min_uniform_buffer_offset_alignment as u64;
         let slot_size =
             (std::mem::size_of::<DenseParams>() as u64).div_ceil(uniform_align) * uniform_align;
+        let tiles = DenseTiles::choose(shape.head_dim, caps);
         let needs_chain = dispatches.iter().any(|x| !(x.first && x.last));
         let scratch_rows = dispatches
             .iter()
@@ -270,7 +313,8 @@ impl DenseGpu {
                 params.resize((slot + slot_size) as usize, 0);
                 out.push(Prepared {
                     dispatch: *x,
-                    kernel: ctx.kernel(&kernel_spec(shape.head_dim, opts.dtype, variant))?,
+                    bq: tiles.bq,
+                    kernel: ctx.kernel(&kernel_spec(shape.head_dim, opts.dtype, tiles, variant))?,
                     slot,
                     q,
                     k,
@@ -366,7 +410,7 @@ impl DenseGpu {
             .collect();
         rec.stage(stage, |pass| {
             for (bg, x) in &groups {
-                let (gx, gy) = x.dispatch.grid();
+                let (gx, gy) = x.dispatch.grid(x.bq);
                 pass.set_pipeline(&x.kernel.pipeline);
                 pass.set_bind_group(0, bg, &[]);
                 pass.dispatch_workgroups(gx, gy, 1);
@@ -419,6 +463,6 @@ mod tests {
 
     #[test]
     fn variants_cover_dims_and_dtypes() {
-        assert_eq!(all_dense_variants().len(), 3 * 2 * 6);
+        assert_eq!(all_dense_variants().len(), 3 * 4 * 2 * 6);
     }
 }

@@ -10,8 +10,11 @@
 
 use crate::error::{Error, Result};
 
-/// Query rows per workgroup of the dense kernel.
-pub const BLOCK_Q: usize = 32;
+/// Granularity of row chunks: the largest query block of the dense kernel (64 rows; the
+/// kernel's 32-row configuration divides it).
+pub const BLOCK_Q: usize = 64;
+/// The smallest query block of the dense kernel: grid sizes are checked with it.
+pub const MIN_BLOCK_Q: usize = 32;
 /// Keys per tile of the dense kernel.
 pub const BLOCK_K: usize = 32;
 
@@ -67,10 +70,11 @@ pub struct DenseDispatch {
 }
 
 impl DenseDispatch {
-    /// Workgroups along x (query blocks) and y (heads).
-    pub fn grid(&self) -> (u32, u32) {
+    /// Workgroups along x (query blocks of `bq` rows, `bq` dividing [`BLOCK_Q`]) and y
+    /// (heads).
+    pub fn grid(&self, bq: usize) -> (u32, u32) {
         (
-            (self.r1 - self.r0).div_ceil(BLOCK_Q) as u32,
+            (self.r1 - self.r0).div_ceil(bq) as u32,
             (self.h1 - self.h0) as u32,
         )
     }
@@ -90,7 +94,7 @@ pub fn split_dense(p: &SplitProblem, lim: &SplitLimits) -> Result<Vec<DenseDispa
 
     let head_q = p.q_len as u64 * q_row;
     let head_kv = p.kv_len as u64 * kv_row;
-    let blocks = p.q_len.div_ceil(BLOCK_Q);
+    let blocks = p.q_len.div_ceil(MIN_BLOCK_Q);
     if head_q <= budget && head_kv <= budget && blocks <= max_groups {
         // Whole heads: as many q heads as fit, with the kv heads they touch.
         let mut per = ((budget / head_q.max(1)) as usize).clamp(1, p.q_heads.min(max_groups));
@@ -121,12 +125,12 @@ pub fn split_dense(p: &SplitProblem, lim: &SplitLimits) -> Result<Vec<DenseDispa
     }
 
     // Chunked: one head per dispatch.
-    let rows = ((budget / q_row) as usize).min(max_groups * BLOCK_Q) / BLOCK_Q * BLOCK_Q;
+    let rows = ((budget / q_row) as usize).min(max_groups * MIN_BLOCK_Q) / BLOCK_Q * BLOCK_Q;
     let keys = (budget / kv_row) as usize / BLOCK_K * BLOCK_K;
     if rows == 0 || keys == 0 {
         let need = (BLOCK_Q as u64 * q_row).max(BLOCK_K as u64 * kv_row) + lim.offset_align;
         return Err(Error::too_large(
-            "one 32-row tile of attention (Q/ACC or K/V)",
+            "one 64-row tile of attention (Q/ACC or K/V)",
             need,
             lim.max_binding,
         ));

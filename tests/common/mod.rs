@@ -7,6 +7,12 @@ use wgsparse::{Context, ContextOptions};
 /// does not demand one. The test script sets `WGSPARSE_REQUIRE_GPU=1`, which turns a
 /// missing adapter into a failure: in CI a skipped GPU test is not a pass.
 pub fn gpu(max_binding_bytes: Option<u64>) -> Option<Context> {
+    gpu_limited(max_binding_bytes, None)
+}
+
+/// Like [`gpu`], also lowering the workgroup memory the kernels may plan with (16384 =
+/// WebGPU's default, the browser variants).
+pub fn gpu_limited(max_binding_bytes: Option<u64>, max_workgroup_bytes: Option<u32>) -> Option<Context> {
     let _ = env_logger::builder()
         .is_test(true)
         .filter_module("wgpu_hal::gles", log::LevelFilter::Off)
@@ -17,6 +23,7 @@ pub fn gpu(max_binding_bytes: Option<u64>) -> Option<Context> {
     }
     opts.require_gpu = true;
     opts.max_binding_bytes = max_binding_bytes;
+    opts.max_workgroup_bytes = max_workgroup_bytes;
     match Context::new_blocking(opts) {
         Ok(c) => Some(c),
         Err(e) => {
