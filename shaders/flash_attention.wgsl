@@ -21,7 +21,9 @@
 //
 // Flags: STORE_F16 (f16 storage), IMPORT_STATE (start from ML/ACC), EXPORT_STATE (write
 // ML/ACC), WRITE_OUTPUT (write O = acc / l). Constants: D (head_dim, a multiple of 32),
-// BQ (query rows per workgroup, a multiple of 32).
+// NC = D / 32, BQ (query rows per workgroup, a multiple of 32). Loops that index the
+// per-thread arrays are #unroll'ed so every index is a constant (registers, not local
+// memory).
 
 #include "common/storage.wgsl"
 #include "common/online_softmax.wgsl"
@@ -54,7 +56,6 @@ const BK: u32 = 32u;
 const DC: u32 = 32u;          // head_dim chunk staged in workgroup memory
 const DC4: u32 = DC / 4u;     // vec4s per chunk row
 const KV_STRIDE: u32 = DC4 + 1u;  // padded row stride of the K/V tile (bank spread)
-const NC: u32 = D / DC;       // chunks per row
 const D4: u32 = D / 4u;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q_buf: array<Store4>;
@@ -120,18 +121,16 @@ fn flash_attention(
         row_m[lid] = m;
         row_l[lid] = l;
     }
-    for (var i = 0u; i < 4u; i++) {
-        let r = row0 + ty * 4u + i;
-        for (var c = 0u; c < NC; c++) {
-            var a = vec4<f32>(0.0);
 #ifdef IMPORT_STATE
-            if r < p.r1 {
-                a = acc_buf[acc_row_vec4(h, r) + c * DC4 + tx];
-            }
-#endif
-            acc[i * NC + c] = a;
-        }
+    #unroll i 4
+    if row0 + ty * 4u + ${i}u < p.r1 {
+        let base = acc_row_vec4(h, row0 + ty * 4u + ${i}u) + tx;
+        #unroll c NC
+        acc[${i}u * NC + ${c}u] = acc_buf[base + ${c}u * DC4];
+        #endunroll
     }
+    #endunroll
+#endif
 #ifdef Q_RESIDENT
     for (var t = lid; t < BQ * D4; t += WG) {
         let rr = t / D4;
@@ -179,30 +178,36 @@ fn flash_attention(
                 let b1 = kv_tile[(tx + 8u) * KV_STRIDE + d4];
                 let b2 = kv_tile[(tx + 16u) * KV_STRIDE + d4];
                 let b3 = kv_tile[(tx + 24u) * KV_STRIDE + d4];
-                for (var i = 0u; i < 4u; i++) {
+                #unroll i 4
+                {
 #ifdef Q_RESIDENT
-                    let a = q_tile[(ty * 4u + i) * D4 + c * DC4 + d4];
+                    let a = q_tile[(ty * 4u + ${i}u) * D4 + c * DC4 + d4];
 #else
-                    let a = q_tile[(ty * 4u + i) * DC4 + d4];
+                    let a = q_tile[(ty * 4u + ${i}u) * DC4 + d4];
 #endif
-                    s[i] += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
+                    s[${i}] += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
                 }
+                #endunroll
             }
         }
         // Scale, mask, publish the scores (transposed: one vec4 = 4 rows of one key).
-        for (var j = 0u; j < 4u; j++) {
-            let key = kt + tx + 8u * j;
+        #unroll j 4
+        {
+            let key = kt + tx + 8u * ${j}u;
             var quad: vec4<f32>;
-            for (var i = 0u; i < 4u; i++) {
-                let r = row0 + ty * 4u + i;
+            #unroll i 4
+            {
+                let r = row0 + ty * 4u + ${i}u;
                 var live = r < p.r1 && key < key_end;
                 if p.causal != 0u {
                     live = live && key <= r + p.causal_shift;
                 }
-                quad[i] = select(NEG_BIG, s[i][j] * scale2, live);
+                quad[${i}] = select(NEG_BIG, s[${i}][${j}] * scale2, live);
             }
-            p_tile[(tx + 8u * j) * (BQ / 4u) + ty] = quad;
+            #endunroll
+            p_tile[(tx + 8u * ${j}u) * (BQ / 4u) + ty] = quad;
         }
+        #endunroll
         workgroupBarrier();
         // Online softmax per row: new max, weights, rescale factor.
         if lid < BQ {
@@ -226,34 +231,36 @@ fn flash_attention(
             row_m[lid] = m_new;
         }
         workgroupBarrier();
-        for (var i = 0u; i < 4u; i++) {
-            let alpha = row_alpha[ty * 4u + i];
-            for (var c = 0u; c < NC; c++) {
-                acc[i * NC + c] *= alpha;
-            }
+        #unroll i 4
+        {
+            let alpha = row_alpha[ty * 4u + ${i}u];
+            #unroll c NC
+            acc[${i}u * NC + ${c}u] *= alpha;
+            #endunroll
         }
+        #endunroll
         // acc += P V, V staged in head_dim chunks.
-        for (var c = 0u; c < NC; c++) {
-            workgroupBarrier();
-            for (var t = lid; t < BK * DC4; t += WG) {
-                let kk = t / DC4;
-                let cc = t % DC4;
-                var vv = vec4<f32>(0.0);
-                if kt + kk < key_end {
-                    vv = decode4(v_buf[kv_row_vec4(p.v_base, kvh, kt + kk) + c * DC4 + cc]);
-                }
-                kv_tile[kk * KV_STRIDE + cc] = vv;
+        #unroll c NC
+        workgroupBarrier();
+        for (var t = lid; t < BK * DC4; t += WG) {
+            let kk = t / DC4;
+            let cc = t % DC4;
+            var vv = vec4<f32>(0.0);
+            if kt + kk < key_end {
+                vv = decode4(v_buf[kv_row_vec4(p.v_base, kvh, kt + kk) + ${c}u * DC4 + cc]);
             }
-            workgroupBarrier();
-            for (var k = 0u; k < BK; k++) {
-                let v = kv_tile[k * KV_STRIDE + tx];
-                let w = p_tile[k * (BQ / 4u) + ty];
-                acc[0u * NC + c] += w.x * v;
-                acc[1u * NC + c] += w.y * v;
-                acc[2u * NC + c] += w.z * v;
-                acc[3u * NC + c] += w.w * v;
-            }
+            kv_tile[kk * KV_STRIDE + cc] = vv;
         }
+        workgroupBarrier();
+        for (var k = 0u; k < BK; k++) {
+            let v = kv_tile[k * KV_STRIDE + tx];
+            let w = p_tile[k * (BQ / 4u) + ty];
+            acc[0u * NC + ${c}u] += w.x * v;
+            acc[1u * NC + ${c}u] += w.y * v;
+            acc[2u * NC + ${c}u] += w.z * v;
+            acc[3u * NC + ${c}u] += w.w * v;
+        }
+        #endunroll
         workgroupBarrier();
     }
 
@@ -264,21 +271,23 @@ fn flash_attention(
         ml_buf[ml_index(h, row0 + lid)] = vec2<f32>(m_to_natural(m), row_l[lid]);
     }
 #endif
-    for (var i = 0u; i < 4u; i++) {
-        let r = row0 + ty * 4u + i;
-        if r < p.r1 {
+    #unroll i 4
+    if row0 + ty * 4u + ${i}u < p.r1 {
+        let r = row0 + ty * 4u + ${i}u;
 #ifdef EXPORT_STATE
-            for (var c = 0u; c < NC; c++) {
-                acc_buf[acc_row_vec4(h, r) + c * DC4 + tx] = acc[i * NC + c];
-            }
+        let abase = acc_row_vec4(h, r) + tx;
+        #unroll c NC
+        acc_buf[abase + ${c}u * DC4] = acc[${i}u * NC + ${c}u];
+        #endunroll
 #endif
 #ifdef WRITE_OUTPUT
-            let l = row_l[ty * 4u + i];
-            let inv = select(0.0, 1.0 / l, l > 0.0);
-            for (var c = 0u; c < NC; c++) {
-                o_buf[o_row_vec4(h, r) + c * DC4 + tx] = encode4(acc[i * NC + c] * inv);
-            }
+        let l = row_l[ty * 4u + ${i}u];
+        let inv = select(0.0, 1.0 / l, l > 0.0);
+        let obase = o_row_vec4(h, r) + tx;
+        #unroll c NC
+        o_buf[obase + ${c}u * DC4] = encode4(acc[${i}u * NC + ${c}u] * inv);
+        #endunroll
 #endif
-        }
     }
+    #endunroll
 }

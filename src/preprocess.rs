@@ -1,5 +1,11 @@
 //! A small WGSL preprocessor: `#include "file"`, `#ifdef` / `#ifndef` / `#else` /
-//! `#endif` on flags, and typed constants injected as WGSL `const` declarations.
+//! `#endif` on flags, typed constants injected as WGSL `const` declarations, and
+//! `#unroll VAR COUNT` … `#endunroll`, which repeats its lines COUNT times (a number or
+//! a u32 constant of the variant) with `${VAR}` replaced by 0, 1, …
+//!
+//! Unrolling matters for speed: WGSL has no unroll hint, and a private array indexed by
+//! a loop counter ends up in slow local memory on some drivers; unrolled, every index is
+//! a constant and the array lives in registers.
 //!
 //! WGSL has no includes or templates, so shared snippets (online softmax, tile loaders)
 //! live in `shaders/common/` and kernels pull them in here. Everything else is plain WGSL
@@ -67,6 +73,11 @@ impl Defines {
             .insert(name.to_string(), format!("const {name}: f32 = {value:?};"));
         self
     }
+    /// The value of a u32 constant set with [`Defines::const_u32`].
+    pub fn const_u32_value(&self, name: &str) -> Option<u32> {
+        let decl = self.consts.get(name)?;
+        decl.rsplit('=').next()?.trim().trim_end_matches(';').trim_end_matches('u').parse().ok()
+    }
     /// True when the flag is set.
     pub fn has(&self, name: &str) -> bool {
         self.flags.contains(name)
@@ -101,7 +112,69 @@ pub fn preprocess_with(
     }
     let mut included = BTreeSet::new();
     expand(path, defines, load, &mut included, &mut out, 0)?;
-    Ok(out)
+    let lines: Vec<&str> = out.lines().collect();
+    let mut unrolled = String::with_capacity(out.len() * 2);
+    unroll(path, &lines, &[], defines, &mut unrolled)?;
+    Ok(unrolled)
+}
+
+/// Expands `#unroll` blocks (nested ones too) and substitutes `${VAR}`.
+fn unroll(
+    path: &str,
+    lines: &[&str],
+    subst: &[(String, u32)],
+    defines: &Defines,
+    out: &mut String,
+) -> Result<()> {
+    let mut i = 0;
+    while i < lines.len() {
+        let t = lines[i].trim_start();
+        if let Some(rest) = t.strip_prefix("#unroll") {
+            let mut words = rest.split_whitespace();
+            let (Some(var), Some(count)) = (words.next(), words.next()) else {
+                return Err(err(path, i, "#unroll needs a variable and a count"));
+            };
+            let n = count
+                .parse::<u32>()
+                .ok()
+                .or_else(|| defines.const_u32_value(count))
+                .ok_or_else(|| err(path, i, format!("unroll count `{count}` is not known")))?;
+            let mut depth = 1;
+            let mut j = i + 1;
+            while j < lines.len() {
+                let tj = lines[j].trim_start();
+                if tj.starts_with("#unroll") {
+                    depth += 1;
+                } else if tj.starts_with("#endunroll") {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                j += 1;
+            }
+            if j == lines.len() {
+                return Err(err(path, i, "#unroll without #endunroll"));
+            }
+            for k in 0..n {
+                let mut inner = subst.to_vec();
+                inner.push((var.to_string(), k));
+                unroll(path, &lines[i + 1..j], &inner, defines, out)?;
+            }
+            i = j + 1;
+        } else if t.starts_with("#endunroll") {
+            return Err(err(path, i, "#endunroll without #unroll"));
+        } else {
+            let mut line = lines[i].to_string();
+            for (var, k) in subst {
+                line = line.replace(&format!("${{{var}}}"), &k.to_string());
+            }
+            out.push_str(&line);
+            out.push('\n');
+            i += 1;
+        }
+    }
+    Ok(())
 }
 
 fn err(path: &str, line: usize, message: impl Into<String>) -> Error {
@@ -161,6 +234,13 @@ fn expand(
                     if active(&stack) {
                         let target = rest.trim_start_matches("include").trim().trim_matches('"');
                         expand(target, defines, load, included, out, depth + 1)?;
+                    }
+                }
+                "unroll" | "endunroll" => {
+                    // Kept for the unroll pass, which runs after includes and #ifdefs.
+                    if active(&stack) {
+                        out.push_str(line);
+                        out.push('\n');
                     }
                 }
                 other => return Err(err(path, n, format!("unknown directive #{other}"))),
@@ -234,6 +314,37 @@ mod tests {
         );
         let out = preprocess_with("main.wgsl", &Defines::new().flag("Y"), &files).unwrap();
         assert_eq!(out.lines().skip(1).collect::<Vec<_>>(), vec!["a", "not_x"]);
+    }
+
+    #[test]
+    fn unroll_repeats_and_substitutes_nested() {
+        let files = |p: &str| -> Option<String> {
+            (p == "u.wgsl").then(|| {
+                "#unroll i 2\n#unroll c NC\na[${i} * 3 + ${c}]\n#endunroll\n#endunroll\nend\n".into()
+            })
+        };
+        let d = Defines::new().const_u32("NC", 3);
+        assert_eq!(d.const_u32_value("NC"), Some(3));
+        let out = preprocess_with("u.wgsl", &d, &files).unwrap();
+        let body: Vec<&str> = out.lines().skip(2).collect();
+        assert_eq!(
+            body,
+            vec![
+                "a[0 * 3 + 0]", "a[0 * 3 + 1]", "a[0 * 3 + 2]",
+                "a[1 * 3 + 0]", "a[1 * 3 + 1]", "a[1 * 3 + 2]", "end"
+            ]
+        );
+        let bad = |p: &str| -> Option<String> {
+            match p {
+                "a.wgsl" => Some("#unroll i 2\nx\n".into()),
+                "b.wgsl" => Some("#endunroll\n".into()),
+                "c.wgsl" => Some("#unroll i MISSING\nx\n#endunroll\n".into()),
+                _ => None,
+            }
+        };
+        for f in ["a.wgsl", "b.wgsl", "c.wgsl"] {
+            assert!(matches!(preprocess_with(f, &d, &bad), Err(Error::Shader { .. })));
+        }
     }
 
     #[test]

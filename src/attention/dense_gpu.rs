@@ -150,6 +150,7 @@ fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant) -> KernelS
         entry: "flash_attention",
         defines: Defines::new()
             .const_u32("D", d as u32)
+            .const_u32("NC", (d / 32) as u32)
             .const_u32("BQ", tiles.bq as u32)
             .flag_if("STORE_F16", dtype == DType::F16)
             .flag_if("Q_RESIDENT", tiles.q_resident)
