@@ -4,19 +4,24 @@
 //! (DX12, shader model 5.1 for FXC and 6.0 for DXC) and GLSL (GLES 3.1 and GL 4.3
 //! compute). A translation error fails the test; nothing is skipped.
 //!
-//! A second group checks the limits a browser enforces by default (WebGPU's defaults):
-//! at most 256 invocations per workgroup, 16 KiB of workgroup memory, 8 storage buffers
-//! per stage; no `enable` of optional features; and that the bindings the shader declares
-//! agree with the launcher's `KernelSpec` and its uniform struct.
+//! A second group checks limits: every variant stays within WebGPU's default invocation
+//! and binding limits (256 invocations, 8 storage buffers per stage); the host's
+//! workgroup-memory estimate never undercounts a variant; the tile configuration the
+//! launcher chooses for a device fits that device, in particular WebGPU's default 16 KiB
+//! of workgroup memory (the browser variant); no `enable` of optional features; and the
+//! bindings the shader declares agree with the launcher's `KernelSpec` and uniform struct.
+
+use std::sync::OnceLock;
 
 use naga::back::{glsl, hlsl, msl, spv};
-use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
+use naga::valid::{Capabilities as NagaCaps, ModuleInfo, ValidationFlags, Validator};
 use naga::{AddressSpace, Module, ResourceBinding, ShaderStage, StorageAccess};
-use wgsparse::attention::dense_gpu::{DenseParams, all_dense_variants};
+use wgsparse::attention::dense_gpu::{
+    DenseParams, DenseTiles, all_dense_variants, dense_workgroup_bytes,
+};
 use wgsparse::pipeline::{BindingKind, KernelSpec};
+use wgsparse::{Capabilities, Context};
 
-/// WebGPU's default `maxComputeWorkgroupStorageSize`.
-const WEB_WORKGROUP_BYTES: u32 = 16384;
 /// WebGPU's default `maxComputeInvocationsPerWorkgroup`.
 const WEB_INVOCATIONS: u32 = 256;
 /// WebGPU's default `maxComputeWorkgroupSizeX/Y/Z`.
@@ -35,7 +40,7 @@ struct Compiled {
     info: ModuleInfo,
 }
 
-fn validate(label: &str, source: &str, module: &Module, caps: Capabilities) -> ModuleInfo {
+fn validate(label: &str, source: &str, module: &Module, caps: NagaCaps) -> ModuleInfo {
     Validator::new(ValidationFlags::all(), caps)
         .validate(module)
         .unwrap_or_else(|e| {
@@ -49,15 +54,20 @@ fn validate(label: &str, source: &str, module: &Module, caps: Capabilities) -> M
 /// What naga may assume on every WebGPU implementation: wgpu's mapping of no optional
 /// features and the fully compliant downlevel flags. `SHADER_FLOAT16_IN_FLOAT32` is
 /// `pack2x16float` / `unpack2x16float`, core WGSL, which the f16-storage variants use.
-fn webgpu_baseline() -> Capabilities {
-    Capabilities::SHADER_FLOAT16_IN_FLOAT32
-        | Capabilities::MULTISAMPLED_SHADING
-        | Capabilities::CUBE_ARRAY_TEXTURES
+fn webgpu_baseline() -> NagaCaps {
+    NagaCaps::SHADER_FLOAT16_IN_FLOAT32
+        | NagaCaps::MULTISAMPLED_SHADING
+        | NagaCaps::CUBE_ARRAY_TEXTURES
 }
 
 /// Every variant of every kernel family, parsed and validated with the WebGPU baseline
 /// (so no subgroups, f16 arithmetic, f64, ...).
-fn compiled() -> Vec<Compiled> {
+fn compiled() -> &'static [Compiled] {
+    static ALL: OnceLock<Vec<Compiled>> = OnceLock::new();
+    ALL.get_or_init(compile_all)
+}
+
+fn compile_all() -> Vec<Compiled> {
     let specs = all_dense_variants();
     assert!(!specs.is_empty(), "no kernel variants to check");
     specs
@@ -140,18 +150,16 @@ fn for_all(what: &str, check: impl Fn(&Compiled) -> Result<(), String>) {
 #[test]
 fn every_variant_validates_with_the_webgpu_baseline() {
     let all = compiled();
-    for c in &all {
+    for c in all {
         // f32 storage needs nothing at all; f16 storage only pack/unpack2x16float, which
         // wgpu withholds on llvmpipe without `shader-f16` (DownlevelFlags::SHADER_F16_IN_F32).
         let caps = if c.spec.defines.has("STORE_F16") {
-            Capabilities::SHADER_FLOAT16_IN_FLOAT32
+            NagaCaps::SHADER_FLOAT16_IN_FLOAT32
         } else {
-            Capabilities::empty()
+            NagaCaps::empty()
         };
         validate(&c.label, &c.source, &c.module, caps);
     }
-    // 3 head dims x 2 dtypes x 6 state/output flag combinations.
-    assert_eq!(all.len(), 36);
     let mut labels: Vec<&str> = all.iter().map(|c| c.label.as_str()).collect();
     labels.sort();
     labels.dedup();
@@ -410,40 +418,48 @@ fn no_optional_wgsl_extensions() {
     });
 }
 
+/// A `const` the variant was compiled with (`D`, `BQ`, ...), from its signature.
+fn const_of(spec: &KernelSpec, name: &str) -> Option<usize> {
+    spec.defines.signature().split(',').find_map(|part| {
+        let (k, v) = part.split_once('=')?;
+        (k == name).then(|| v.trim_end_matches('u').parse().ok())?
+    })
+}
+
+/// Invocations per workgroup of the variant's entry point.
+fn invocations(c: &Compiled) -> Result<u32, String> {
+    let ep = entry(c);
+    if ep.workgroup_size_overrides.is_some() {
+        return Err("workgroup size set by overrides: cannot check it statically".into());
+    }
+    Ok(ep.workgroup_size.iter().product())
+}
+
+/// Workgroup memory of the variant as WebGPU counts it (each variable rounded up to 16).
+fn workgroup_bytes(c: &Compiled) -> Result<u32, String> {
+    let mut layouter = naga::proc::Layouter::default();
+    layouter
+        .update(c.module.to_ctx())
+        .map_err(|e| format!("layout: {e}"))?;
+    Ok(c.module
+        .global_variables
+        .iter()
+        .filter(|(_, g)| g.space == AddressSpace::WorkGroup)
+        .map(|(_, g)| layouter[g.ty].size.div_ceil(16) * 16)
+        .sum())
+}
+
 #[test]
-fn fits_webgpu_default_workgroup_limits() {
+fn every_variant_fits_webgpu_invocation_and_binding_limits() {
     for_all("WebGPU default limits", |c| {
-        let ep = entry(c);
-        if ep.workgroup_size_overrides.is_some() {
-            return Err("workgroup size set by overrides: cannot check it statically".into());
-        }
-        let wg = ep.workgroup_size;
-        let invocations: u32 = wg.iter().product();
-        if invocations > WEB_INVOCATIONS {
-            return Err(format!(
-                "{wg:?} = {invocations} invocations > {WEB_INVOCATIONS}"
-            ));
+        let wg = entry(c).workgroup_size;
+        let n = invocations(c)?;
+        if n > WEB_INVOCATIONS {
+            return Err(format!("{wg:?} = {n} invocations > {WEB_INVOCATIONS}"));
         }
         if wg.iter().zip(WEB_WORKGROUP_DIMS).any(|(a, b)| *a > b) {
             return Err(format!(
                 "workgroup size {wg:?} exceeds {WEB_WORKGROUP_DIMS:?}"
-            ));
-        }
-        let mut layouter = naga::proc::Layouter::default();
-        layouter
-            .update(c.module.to_ctx())
-            .map_err(|e| format!("layout: {e}"))?;
-        // WebGPU counts each workgroup variable rounded up to 16 bytes.
-        let shared: u32 = c
-            .module
-            .global_variables
-            .iter()
-            .filter(|(_, g)| g.space == AddressSpace::WorkGroup)
-            .map(|(_, g)| layouter[g.ty].size.div_ceil(16) * 16)
-            .sum();
-        if shared > WEB_WORKGROUP_BYTES {
-            return Err(format!(
-                "{shared} bytes of workgroup memory > {WEB_WORKGROUP_BYTES}"
             ));
         }
         let b = bindings(&c.module);
@@ -465,6 +481,73 @@ fn fits_webgpu_default_workgroup_limits() {
         }
         Ok(())
     });
+}
+
+#[test]
+fn host_workgroup_estimate_covers_the_shader() {
+    // The launcher picks tiles from `dense_workgroup_bytes`; it must never undercount.
+    for_all("dense_workgroup_bytes", |c| {
+        let d = const_of(&c.spec, "D").ok_or("no D")?;
+        let bq = const_of(&c.spec, "BQ").ok_or("no BQ")?;
+        let estimate = dense_workgroup_bytes(d, bq, c.spec.defines.has("Q_RESIDENT"));
+        let actual = workgroup_bytes(c)?;
+        if actual > estimate {
+            return Err(format!(
+                "shader uses {actual} bytes, the host plans with {estimate}"
+            ));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn tile_choice_fits_the_device_limits() {
+    let all = compiled();
+    let base = Context::cpu().capabilities().clone();
+    let mut failures = vec![];
+    // WebGPU's defaults (256 invocations, 16 KiB) first, then other real-world limits.
+    for (max_invocations, max_workgroup_storage) in [
+        (256, 16384),
+        (128, 16384),
+        (1024, 16352),
+        (256, 17408),
+        (1024, 32768),
+        (1024, 49152),
+        (1024, 65536),
+    ] {
+        let caps = Capabilities {
+            max_invocations,
+            max_workgroup_storage,
+            ..base.clone()
+        };
+        for d in [64, 128, 256] {
+            let t = DenseTiles::choose(d, &caps);
+            let chosen: Vec<&Compiled> = all
+                .iter()
+                .filter(|c| {
+                    const_of(&c.spec, "D") == Some(d)
+                        && const_of(&c.spec, "BQ") == Some(t.bq)
+                        && c.spec.defines.has("Q_RESIDENT") == t.q_resident
+                })
+                .collect();
+            if chosen.is_empty() {
+                failures.push(format!(
+                    "d={d} {t:?}: no such variant in all_dense_variants()"
+                ));
+            }
+            for c in chosen {
+                let (n, bytes) = (invocations(c).unwrap(), workgroup_bytes(c).unwrap());
+                if n > max_invocations || bytes > max_workgroup_storage {
+                    failures.push(format!(
+                        "limits ({max_invocations} invocations, {max_workgroup_storage} B): \
+                         chose {} needing {n} invocations, {bytes} B",
+                        c.label
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
