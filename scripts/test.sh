@@ -6,8 +6,9 @@
 # On a fresh Debian/Ubuntu machine it first installs what the GPU tests need: a Vulkan
 # loader and lavapipe, Mesa's software Vulkan driver (apt, as root or through
 # passwordless sudo; otherwise it prints the command and stops). It then runs every test
-# with WGSPARSE_REQUIRE_GPU=1, so a missing adapter FAILS the GPU tests instead of
-# skipping them, and builds the benches and examples so they cannot rot.
+# with WGSPARSE_REQUIRE_GPU=1 (and WGSPARSE_REQUIRE_GL=1 for the GL-compute test), so a
+# missing adapter FAILS the GPU tests instead of skipping them, and builds the benches
+# and examples so they cannot rot.
 #
 # Environment: WGSPARSE_SKIP_APT=1 skips the package check; WGSPARSE_REQUIRE_GPU=0 lets
 # the GPU tests skip on a machine without any adapter (not for CI).
@@ -48,6 +49,10 @@ packages=()
 if ! have_vulkan_driver; then
     packages+=(mesa-vulkan-drivers libvulkan1)
 fi
+# GL compute through EGL (llvmpipe): the GL backend test needs Mesa's EGL and GL driver.
+if ! ldconfig -p 2>/dev/null | grep -q 'libEGL_mesa\.so\.0'; then
+    packages+=(libegl1 libegl-mesa0 libgl1-mesa-dri)
+fi
 if ! command -v cc >/dev/null 2>&1; then
     packages+=(gcc libc6-dev)
 fi
@@ -83,6 +88,7 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "${XDG_RUNTIME_DIR}" ]; then
     trap 'rm -rf "$XDG_RUNTIME_DIR"' EXIT
 fi
 export WGSPARSE_REQUIRE_GPU="${WGSPARSE_REQUIRE_GPU:-1}"
+export WGSPARSE_REQUIRE_GL="${WGSPARSE_REQUIRE_GL:-$WGSPARSE_REQUIRE_GPU}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 # --- Tests ----------------------------------------------------------------------------

@@ -2,13 +2,11 @@
 //
 // One workgroup of WG = 2*BQ threads computes BQ query rows (BQ = 32 or 64, a constant
 // from the launcher) of one q-head against key tiles of BK = 32 keys. Threads form an
-// 8 x (BQ/4) grid: thread (tx, ty) owns the scores of
-// rows ty*4..+4 x keys {tx, tx+8, tx+16, tx+24} (interleaved so that the 8 threads of a
+// 8 x (BQ/4) grid: thread (tx, ty) owns the scores of rows ty*4..+4 x keys {tx, tx+8, tx+16, tx+24} (interleaved so that the 8 threads of a
 // quarter-warp hit 8 different banks of the padded K tile), and output columns
 // c*32 + tx*4..+4 (c < D/32) of the same 4 rows. K/V pass through workgroup memory in
-// 32-dimension chunks. Q either stays resident in workgroup memory for the whole key
-// loop (Q_RESIDENT, when the device has the room: BQ*D*4 bytes) or is staged chunk by
-// chunk with K (BQ = 32: 12.5 KiB in all, fits WebGPU's 16 KiB default; BQ = 64: 17 KiB).
+// 32-dimension chunks, and so does Q, chunk by chunk with K (BQ = 32: 13 KiB in all,
+// fits WebGPU's 16 KiB default; BQ = 64: 21.5 KiB).
 // Scores use exp2 with log2(e) folded into the scale; the exported state is converted
 // back to natural-log units so every kernel and the CPU twin share one convention.
 //
@@ -56,7 +54,6 @@ const BK: u32 = 32u;
 const DC: u32 = 32u;          // head_dim chunk staged in workgroup memory
 const DC4: u32 = DC / 4u;     // vec4s per chunk row
 const KV_STRIDE: u32 = DC4 + 1u;  // padded row stride of the K/V tile (bank spread)
-const D4: u32 = D / 4u;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q_buf: array<Store4>;
 @group(0) @binding(2) var<storage, read> k_buf: array<Store4>;
@@ -65,11 +62,7 @@ const D4: u32 = D / 4u;
 @group(0) @binding(5) var<storage, read_write> ml_buf: array<vec2<f32>>;
 @group(0) @binding(6) var<storage, read_write> acc_buf: array<vec4<f32>>;
 
-#ifdef Q_RESIDENT
-var<workgroup> q_tile: array<vec4<f32>, BQ * D4>;        // [BQ rows][D4]
-#else
 var<workgroup> q_tile: array<vec4<f32>, BQ * DC4>;       // [BQ rows][DC4]
-#endif
 var<workgroup> kv_tile: array<vec4<f32>, BK * KV_STRIDE>;  // [BK keys][KV_STRIDE]
 var<workgroup> p_tile: array<vec4<f32>, BK * BQ / 4u>;     // [BK keys][BQ/4 row quads]
 var<workgroup> row_m: array<f32, BQ>;
@@ -131,16 +124,6 @@ fn flash_attention(
     }
     #endunroll
 #endif
-#ifdef Q_RESIDENT
-    for (var t = lid; t < BQ * D4; t += WG) {
-        let rr = t / D4;
-        var qv = vec4<f32>(0.0);
-        if row0 + rr < p.r1 {
-            qv = decode4(q_buf[q_row_vec4(h, row0 + rr) + t % D4]);
-        }
-        q_tile[t] = qv;
-    }
-#endif
 
     // Keys this block can see.
     var key_end = p.c1;
@@ -153,7 +136,6 @@ fn flash_attention(
         var s: array<vec4<f32>, 4>;   // s[i][j]: row ty*4+i, key tx+8j
         for (var c = 0u; c < NC; c++) {
             workgroupBarrier();
-#ifndef Q_RESIDENT
             for (var t = lid; t < BQ * DC4; t += WG) {
                 let rr = t / DC4;
                 var qv = vec4<f32>(0.0);
@@ -162,7 +144,6 @@ fn flash_attention(
                 }
                 q_tile[t] = qv;
             }
-#endif
             for (var t = lid; t < BK * DC4; t += WG) {
                 let kk = t / DC4;
                 let cc = t % DC4;
@@ -180,11 +161,7 @@ fn flash_attention(
                 let b3 = kv_tile[(tx + 24u) * KV_STRIDE + d4];
                 #unroll i 4
                 {
-#ifdef Q_RESIDENT
-                    let a = q_tile[(ty * 4u + ${i}u) * D4 + c * DC4 + d4];
-#else
                     let a = q_tile[(ty * 4u + ${i}u) * DC4 + d4];
-#endif
                     s[${i}] += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
                 }
                 #endunroll

@@ -137,16 +137,20 @@ impl ContextOptions {
         };
         fn number<T: FromStr>(name: &str, v: Option<String>) -> Result<Option<T>> {
             v.map(|v| {
-                v.trim().parse::<T>().map_err(|_| {
-                    Error::InvalidArgument(format!("{name}=`{v}` is not a number"))
-                })
+                v.trim()
+                    .parse::<T>()
+                    .map_err(|_| Error::InvalidArgument(format!("{name}=`{v}` is not a number")))
             })
             .transpose()
         }
-        let max_binding_bytes =
-            number("WGSPARSE_MAX_BINDING_BYTES", var("WGSPARSE_MAX_BINDING_BYTES"))?;
-        let max_workgroup_bytes =
-            number("WGSPARSE_MAX_WORKGROUP_BYTES", var("WGSPARSE_MAX_WORKGROUP_BYTES"))?;
+        let max_binding_bytes = number(
+            "WGSPARSE_MAX_BINDING_BYTES",
+            var("WGSPARSE_MAX_BINDING_BYTES"),
+        )?;
+        let max_workgroup_bytes = number(
+            "WGSPARSE_MAX_WORKGROUP_BYTES",
+            var("WGSPARSE_MAX_WORKGROUP_BYTES"),
+        )?;
         Ok(Self {
             backend,
             adapter_name: var("WGSPARSE_ADAPTER"),
@@ -185,6 +189,9 @@ pub struct CoopMatrixShape {
 pub struct Capabilities {
     /// `shader-f16`: f16 arithmetic in WGSL.
     pub f16: bool,
+    /// `pack2x16float` / `unpack2x16float` work, so f16 tensors can be stored (two per
+    /// `u32`) even without `shader-f16` (downlevel flag `SHADER_F16_IN_F32`).
+    pub f16_storage: bool,
     /// Subgroup operations (native only through wgpu).
     pub subgroups: bool,
     /// Smallest subgroup size the adapter may use.
@@ -218,6 +225,7 @@ impl Capabilities {
     fn cpu() -> Self {
         Capabilities {
             f16: true,
+            f16_storage: true,
             subgroups: false,
             subgroup_min_size: 0,
             subgroup_max_size: 0,
@@ -236,6 +244,7 @@ impl Capabilities {
 
     fn from_adapter(
         features: wgpu::Features,
+        downlevel: wgpu::DownlevelFlags,
         limits: &wgpu::Limits,
         info: &wgpu::AdapterInfo,
         coop: &[wgpu::CooperativeMatrixProperties],
@@ -252,6 +261,7 @@ impl Capabilities {
             .unwrap_or(adapter_binding);
         Capabilities {
             f16: features.contains(wgpu::Features::SHADER_F16),
+            f16_storage: downlevel.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
@@ -478,6 +488,7 @@ impl Context {
         let coop = adapter.cooperative_matrix_properties();
         let caps = Capabilities::from_adapter(
             device.features(),
+            adapter.get_downlevel_capabilities().flags,
             &device.limits(),
             &info,
             &coop,
@@ -518,6 +529,7 @@ impl Context {
                 let info = a.get_info();
                 let caps = Capabilities::from_adapter(
                     a.features(),
+                    a.get_downlevel_capabilities().flags,
                     &a.limits(),
                     &info,
                     &a.cooperative_matrix_properties(),

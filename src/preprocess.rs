@@ -76,7 +76,13 @@ impl Defines {
     /// The value of a u32 constant set with [`Defines::const_u32`].
     pub fn const_u32_value(&self, name: &str) -> Option<u32> {
         let decl = self.consts.get(name)?;
-        decl.rsplit('=').next()?.trim().trim_end_matches(';').trim_end_matches('u').parse().ok()
+        decl.rsplit('=')
+            .next()?
+            .trim()
+            .trim_end_matches(';')
+            .trim_end_matches('u')
+            .parse()
+            .ok()
     }
     /// True when the flag is set.
     pub fn has(&self, name: &str) -> bool {
@@ -320,7 +326,8 @@ mod tests {
     fn unroll_repeats_and_substitutes_nested() {
         let files = |p: &str| -> Option<String> {
             (p == "u.wgsl").then(|| {
-                "#unroll i 2\n#unroll c NC\na[${i} * 3 + ${c}]\n#endunroll\n#endunroll\nend\n".into()
+                "#unroll i 2\n#unroll c NC\na[${i} * 3 + ${c}]\n#endunroll\n#endunroll\nend\n"
+                    .into()
             })
         };
         let d = Defines::new().const_u32("NC", 3);
@@ -330,8 +337,13 @@ mod tests {
         assert_eq!(
             body,
             vec![
-                "a[0 * 3 + 0]", "a[0 * 3 + 1]", "a[0 * 3 + 2]",
-                "a[1 * 3 + 0]", "a[1 * 3 + 1]", "a[1 * 3 + 2]", "end"
+                "a[0 * 3 + 0]",
+                "a[0 * 3 + 1]",
+                "a[0 * 3 + 2]",
+                "a[1 * 3 + 0]",
+                "a[1 * 3 + 1]",
+                "a[1 * 3 + 2]",
+                "end"
             ]
         );
         let bad = |p: &str| -> Option<String> {
@@ -343,7 +355,10 @@ mod tests {
             }
         };
         for f in ["a.wgsl", "b.wgsl", "c.wgsl"] {
-            assert!(matches!(preprocess_with(f, &d, &bad), Err(Error::Shader { .. })));
+            assert!(matches!(
+                preprocess_with(f, &d, &bad),
+                Err(Error::Shader { .. })
+            ));
         }
     }
 

@@ -101,6 +101,14 @@ fn gpu_matches_cpu_twin_on_ragged_gqa_shapes() {
             DType::F32,
             true,
         ),
+        (
+            AttentionShape {
+                kv_len: 37,
+                ..AttentionShape::new(2, 1, 60, 64)
+            },
+            DType::F32,
+            false,
+        ),
     ];
     for (i, (shape, dtype, causal)) in cases.into_iter().enumerate() {
         check_gpu_vs_cpu(&ctx, shape, dtype, causal, seed + i as u64);
@@ -150,11 +158,66 @@ fn split_paths_with_lowered_binding_limit_match_cpu() {
 #[test]
 fn webgpu_default_limit_variant_matches_cpu() {
     // 16 KiB of workgroup memory: the 32-row, Q-streaming variant a browser gets.
-    let Some(ctx) = common::gpu_limited(None, Some(16384)) else { return };
+    let Some(ctx) = common::gpu_limited(None, Some(16384)) else {
+        return;
+    };
     let seed = common::seed();
-    check_gpu_vs_cpu(&ctx, AttentionShape::new(2, 1, 77, 64), DType::F32, true, seed);
-    check_gpu_vs_cpu(&ctx, AttentionShape::new(2, 2, 50, 256), DType::F16, true, seed + 1);
-    check_gpu_vs_cpu(&ctx, AttentionShape::new(4, 1, 37, 128), DType::F32, false, seed + 2);
+    check_gpu_vs_cpu(
+        &ctx,
+        AttentionShape::new(2, 1, 77, 64),
+        DType::F32,
+        true,
+        seed,
+    );
+    check_gpu_vs_cpu(
+        &ctx,
+        AttentionShape::new(2, 2, 50, 256),
+        DType::F16,
+        true,
+        seed + 1,
+    );
+    check_gpu_vs_cpu(
+        &ctx,
+        AttentionShape::new(4, 1, 37, 128),
+        DType::F32,
+        false,
+        seed + 2,
+    );
+}
+
+#[test]
+fn gl_backend_matches_cpu() {
+    // GL compute (llvmpipe through EGL in CI). `WGSPARSE_REQUIRE_GL=1` (set by the test
+    // script) makes a missing GL adapter a failure.
+    let opts = wgsparse::ContextOptions {
+        backend: wgsparse::Backend::Gl,
+        ..Default::default()
+    };
+    let ctx = match Context::new_blocking(opts) {
+        Ok(c) => c,
+        Err(e) if std::env::var("WGSPARSE_REQUIRE_GL").is_ok_and(|v| v == "1") => {
+            panic!("WGSPARSE_REQUIRE_GL=1 but no GL adapter: {e}")
+        }
+        Err(e) => return eprintln!("skipping GL test: {e}"),
+    };
+    assert_eq!(ctx.backend(), wgsparse::Backend::Gl);
+    let seed = common::seed();
+    check_gpu_vs_cpu(
+        &ctx,
+        AttentionShape::new(2, 1, 45, 64),
+        DType::F32,
+        true,
+        seed,
+    );
+    if ctx.capabilities().f16_storage {
+        check_gpu_vs_cpu(
+            &ctx,
+            AttentionShape::new(2, 2, 30, 128),
+            DType::F16,
+            false,
+            seed + 1,
+        );
+    }
 }
 
 #[test]

@@ -487,9 +487,8 @@ fn every_variant_fits_webgpu_invocation_and_binding_limits() {
 fn host_workgroup_estimate_covers_the_shader() {
     // The launcher picks tiles from `dense_workgroup_bytes`; it must never undercount.
     for_all("dense_workgroup_bytes", |c| {
-        let d = const_of(&c.spec, "D").ok_or("no D")?;
         let bq = const_of(&c.spec, "BQ").ok_or("no BQ")?;
-        let estimate = dense_workgroup_bytes(d, bq, c.spec.defines.has("Q_RESIDENT"));
+        let estimate = dense_workgroup_bytes(bq);
         let actual = workgroup_bytes(c)?;
         if actual > estimate {
             return Err(format!(
@@ -521,13 +520,11 @@ fn tile_choice_fits_the_device_limits() {
             ..base.clone()
         };
         for d in [64, 128, 256] {
-            let t = DenseTiles::choose(d, &caps);
+            let t = DenseTiles::choose(&caps);
             let chosen: Vec<&Compiled> = all
                 .iter()
                 .filter(|c| {
-                    const_of(&c.spec, "D") == Some(d)
-                        && const_of(&c.spec, "BQ") == Some(t.bq)
-                        && c.spec.defines.has("Q_RESIDENT") == t.q_resident
+                    const_of(&c.spec, "D") == Some(d) && const_of(&c.spec, "BQ") == Some(t.bq)
                 })
                 .collect();
             if chosen.is_empty() {

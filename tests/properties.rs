@@ -492,13 +492,10 @@ proptest! {
     }
 }
 
-/// Non-causal attention with fewer keys than queries is a valid shape
-/// (`AttentionShape::validate` accepts it), but `kv_len - seq_len` underflows in the CPU
-/// twin (`dense_attention_cpu`), in `split_dense` and in the GPU launcher: a panic in
-/// debug builds (a wrapped, unused value in release). Un-ignore this, and let the
-/// strategies above produce such shapes, once that is fixed.
+/// Non-causal attention with fewer keys than queries is a valid shape: the causal
+/// offset `kv_len - seq_len` must not underflow in the CPU twin, the split or the GPU
+/// launcher.
 #[test]
-#[ignore = "library bug: kv_len - seq_len underflows when non-causal kv_len < seq_len"]
 fn non_causal_with_fewer_keys_than_queries() {
     let shape = AttentionShape {
         q_heads: 2,

@@ -71,7 +71,7 @@ pub fn dense_attention_cpu(
     let n = shape.seq_len;
     let nk = shape.kv_len;
     let group = shape.q_heads / shape.kv_heads;
-    let shift = nk - n;
+    let shift = nk.saturating_sub(n);
     let mut out = vec![0.0f32; shape.q_heads * n * d];
     let blocks_per_head = n.div_ceil(ROWS);
     let (ml_in, acc_in) = match &state {

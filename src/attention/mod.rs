@@ -284,6 +284,12 @@ impl AttentionPlanBuilder {
                 "scale {s} must be finite and positive"
             )));
         }
+        if self.opts.dtype == DType::F16 && !self.ctx.capabilities().f16_storage {
+            return Err(Error::UnsupportedDtype(
+                DType::F16,
+                "attention on this device (no pack2x16float/unpack2x16float); use f32",
+            ));
+        }
         let gpu = match self.ctx.gpu() {
             Some(_) => Some(DenseGpu::build(&self.ctx, &self.shape, &self.opts)?),
             None => None,

@@ -90,7 +90,7 @@ pub fn split_dense(p: &SplitProblem, lim: &SplitLimits) -> Result<Vec<DenseDispa
     let q_row = d * 4;
     let kv_row = d * p.elem_bytes as u64;
     let max_groups = lim.max_groups as usize;
-    let shift = p.kv_len - p.q_len;
+    let shift = p.kv_len.saturating_sub(p.q_len);
 
     let head_q = p.q_len as u64 * q_row;
     let head_kv = p.kv_len as u64 * kv_row;

@@ -12,7 +12,10 @@ pub fn gpu(max_binding_bytes: Option<u64>) -> Option<Context> {
 
 /// Like [`gpu`], also lowering the workgroup memory the kernels may plan with (16384 =
 /// WebGPU's default, the browser variants).
-pub fn gpu_limited(max_binding_bytes: Option<u64>, max_workgroup_bytes: Option<u32>) -> Option<Context> {
+pub fn gpu_limited(
+    max_binding_bytes: Option<u64>,
+    max_workgroup_bytes: Option<u32>,
+) -> Option<Context> {
     let _ = env_logger::builder()
         .is_test(true)
         .filter_module("wgpu_hal::gles", log::LevelFilter::Off)
