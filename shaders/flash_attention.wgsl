@@ -19,7 +19,8 @@
 //
 // Flags: STORE_F16 (f16 storage), IMPORT_STATE (start from ML/ACC), EXPORT_STATE (write
 // ML/ACC), WRITE_OUTPUT (write O = acc / l). Constants: D (head_dim, a multiple of 32),
-// NC = D / 32, BQ (query rows per workgroup, a multiple of 32). Loops that index the
+// NC = D / 32, BQ (query rows per workgroup, 32 or 64), KPT = BK * DC4 / WG (K/V vec4s
+// each thread moves per chunk). Loops that index the
 // per-thread arrays are #unroll'ed so every index is a constant (registers, not local
 // memory).
 
@@ -85,6 +86,31 @@ fn ml_index(h: u32, r: u32) -> u32 {
     return p.ml_base + (h - p.h0) * p.ml_head_stride + (r - p.r0);
 }
 
+// One vec4 of the Q chunk `chunk` (thread slot t of BQ x DC4), zero past the rows.
+fn fetch_q(h: u32, row0: u32, chunk: u32, t: u32) -> vec4<f32> {
+    let r = row0 + t / DC4;
+    if r < p.r1 {
+        return decode4(q_buf[q_row_vec4(h, r) + chunk * DC4 + t % DC4]);
+    }
+    return vec4<f32>(0.0);
+}
+// One vec4 of the K (or V) chunk of the tile at `kt` (slot t of BK x DC4), zero past
+// the visible keys.
+fn fetch_k(kvh: u32, kt: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
+    let j = kt + t / DC4;
+    if j < key_end {
+        return decode4(k_buf[kv_row_vec4(p.k_base, kvh, j) + chunk * DC4 + t % DC4]);
+    }
+    return vec4<f32>(0.0);
+}
+fn fetch_v(kvh: u32, kt: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
+    let j = kt + t / DC4;
+    if j < key_end {
+        return decode4(v_buf[kv_row_vec4(p.v_base, kvh, j) + chunk * DC4 + t % DC4]);
+    }
+    return vec4<f32>(0.0);
+}
+
 @compute @workgroup_size(WG)
 fn flash_attention(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -131,42 +157,59 @@ fn flash_attention(
         key_end = min(key_end, row_end + p.causal_shift);
     }
 
+    // Software pipelining: each stage's Q/K (or V) chunk was fetched into registers
+    // while the previous stage computed, so global-memory latency overlaps the math.
+    // Per thread: 4 vec4 of Q and KPT = BK * DC4 / WG vec4 of K or V per chunk.
+    var q_next: array<vec4<f32>, 4>;
+    var kv_next: array<vec4<f32>, KPT>;
+    if p.c0 < key_end {
+        #unroll u 4
+        q_next[${u}] = fetch_q(h, row0, 0u, lid + ${u}u * WG);
+        #endunroll
+        #unroll u KPT
+        kv_next[${u}] = fetch_k(kvh, p.c0, key_end, 0u, lid + ${u}u * WG);
+        #endunroll
+    }
     for (var kt = p.c0; kt < key_end; kt += BK) {
         // S = Q K^T for the tile, accumulated over head_dim chunks.
         var s: array<vec4<f32>, 4>;   // s[i][j]: row ty*4+i, key tx+8j
-        for (var c = 0u; c < NC; c++) {
-            workgroupBarrier();
-            for (var t = lid; t < BQ * DC4; t += WG) {
-                let rr = t / DC4;
-                var qv = vec4<f32>(0.0);
-                if row0 + rr < p.r1 {
-                    qv = decode4(q_buf[q_row_vec4(h, row0 + rr) + c * DC4 + t % DC4]);
-                }
-                q_tile[t] = qv;
-            }
-            for (var t = lid; t < BK * DC4; t += WG) {
-                let kk = t / DC4;
-                let cc = t % DC4;
-                var kv = vec4<f32>(0.0);
-                if kt + kk < key_end {
-                    kv = decode4(k_buf[kv_row_vec4(p.k_base, kvh, kt + kk) + c * DC4 + cc]);
-                }
-                kv_tile[kk * KV_STRIDE + cc] = kv;
-            }
-            workgroupBarrier();
-            for (var d4 = 0u; d4 < DC4; d4++) {
-                let b0 = kv_tile[(tx + 0u) * KV_STRIDE + d4];
-                let b1 = kv_tile[(tx + 8u) * KV_STRIDE + d4];
-                let b2 = kv_tile[(tx + 16u) * KV_STRIDE + d4];
-                let b3 = kv_tile[(tx + 24u) * KV_STRIDE + d4];
-                #unroll i 4
-                {
-                    let a = q_tile[(ty * 4u + ${i}u) * DC4 + d4];
-                    s[${i}] += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
-                }
-                #endunroll
-            }
+        #unroll c NC
+        workgroupBarrier();
+        #unroll u 4
+        q_tile[lid + ${u}u * WG] = q_next[${u}];
+        #endunroll
+        #unroll u KPT
+        {
+            let t = lid + ${u}u * WG;
+            kv_tile[(t / DC4) * KV_STRIDE + t % DC4] = kv_next[${u}];
         }
+        #endunroll
+        workgroupBarrier();
+        if ${c}u + 1u < NC {
+            #unroll u 4
+            q_next[${u}] = fetch_q(h, row0, ${c}u + 1u, lid + ${u}u * WG);
+            #endunroll
+            #unroll u KPT
+            kv_next[${u}] = fetch_k(kvh, kt, key_end, ${c}u + 1u, lid + ${u}u * WG);
+            #endunroll
+        } else {
+            #unroll u KPT
+            kv_next[${u}] = fetch_v(kvh, kt, key_end, 0u, lid + ${u}u * WG);
+            #endunroll
+        }
+        for (var d4 = 0u; d4 < DC4; d4++) {
+            let b0 = kv_tile[(tx + 0u) * KV_STRIDE + d4];
+            let b1 = kv_tile[(tx + 8u) * KV_STRIDE + d4];
+            let b2 = kv_tile[(tx + 16u) * KV_STRIDE + d4];
+            let b3 = kv_tile[(tx + 24u) * KV_STRIDE + d4];
+            #unroll i 4
+            {
+                let a = q_tile[(ty * 4u + ${i}u) * DC4 + d4];
+                s[${i}] += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
+            }
+            #endunroll
+        }
+        #endunroll
         // Scale, mask, publish the scores (transposed: one vec4 = 4 rows of one key).
         #unroll j 4
         {
@@ -219,16 +262,25 @@ fn flash_attention(
         // acc += P V, V staged in head_dim chunks.
         #unroll c NC
         workgroupBarrier();
-        for (var t = lid; t < BK * DC4; t += WG) {
-            let kk = t / DC4;
-            let cc = t % DC4;
-            var vv = vec4<f32>(0.0);
-            if kt + kk < key_end {
-                vv = decode4(v_buf[kv_row_vec4(p.v_base, kvh, kt + kk) + ${c}u * DC4 + cc]);
-            }
-            kv_tile[kk * KV_STRIDE + cc] = vv;
+        #unroll u KPT
+        {
+            let t = lid + ${u}u * WG;
+            kv_tile[(t / DC4) * KV_STRIDE + t % DC4] = kv_next[${u}];
         }
+        #endunroll
         workgroupBarrier();
+        if ${c}u + 1u < NC {
+            #unroll u KPT
+            kv_next[${u}] = fetch_v(kvh, kt, key_end, ${c}u + 1u, lid + ${u}u * WG);
+            #endunroll
+        } else if kt + BK < key_end {
+            #unroll u 4
+            q_next[${u}] = fetch_q(h, row0, 0u, lid + ${u}u * WG);
+            #endunroll
+            #unroll u KPT
+            kv_next[${u}] = fetch_k(kvh, kt + BK, key_end, 0u, lid + ${u}u * WG);
+            #endunroll
+        }
         for (var k = 0u; k < BK; k++) {
             let v = kv_tile[k * KV_STRIDE + tx];
             let w = p_tile[k * (BQ / 4u) + ty];
@@ -238,7 +290,6 @@ fn flash_attention(
             acc[3u * NC + ${c}u] += w.w * v;
         }
         #endunroll
-        workgroupBarrier();
     }
 
     workgroupBarrier();

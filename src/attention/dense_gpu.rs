@@ -148,6 +148,7 @@ fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant) -> KernelS
             .const_u32("D", d as u32)
             .const_u32("NC", (d / 32) as u32)
             .const_u32("BQ", tiles.bq as u32)
+            .const_u32("KPT", (32 * 8 / (2 * tiles.bq)) as u32)
             .flag_if("STORE_F16", dtype == DType::F16)
             .flag_if("IMPORT_STATE", v.import)
             .flag_if("EXPORT_STATE", v.export)
