@@ -29,12 +29,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use half::f16;
-use rayon::prelude::*;
 use serde::Serialize;
-use wgsparse::attention::dense_cpu::dense_attention_cpu;
-use wgsparse::metrics::{ErrorStats, compare};
-use wgsparse::{AttentionShape, Context, ContextOptions, DType, HostData, Method, Tensor};
+use wgsparse::{AttentionShape, Context, ContextOptions, DType, Method, Tensor};
 
 #[derive(Parser, Debug)]
 #[command(about = "Dense causal flash attention speed run (wgsparse, WGSL through wgpu)")]
@@ -173,12 +169,13 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 
     if let Some(n) = args.check_len {
         let shape = AttentionShape::new(args.q_heads, args.kv_heads, n, args.head_dim);
-        let tol = args.check_tol.unwrap_or(match args.dtype {
-            DType::F16 => 4e-3,
-            _ => 2e-5,
-        });
+        let tol = args
+            .check_tol
+            .unwrap_or(wgsparse::verify::dense_tolerance(args.dtype));
         let t = Instant::now();
-        let err = check(&ctx, shape, args.dtype, args.seed)?;
+        let err =
+            wgsparse::verify::dense_against_cpu_twin(&ctx, shape, args.dtype, true, args.seed)?
+                .errors;
         let ok = err.max_abs_err <= tol;
         println!(
             "check {n} tokens ({} heads / {} kv heads, d {}, {}): max_abs_err {:.3e} rel_l2_err {:.3e} (tol {tol:.1e}) -> {} [{:.1} s]",
@@ -340,10 +337,8 @@ fn bench_one(
         .seed
         .wrapping_mul(1_000_003)
         .wrapping_add(shape.seq_len as u64);
-    let q = synthetic_tensor(ctx, &shape.q_dims(), args.dtype, seed)?;
-    let k = synthetic_tensor(ctx, &shape.kv_dims(), args.dtype, seed.wrapping_add(1))?;
-    let v = synthetic_tensor(ctx, &shape.kv_dims(), args.dtype, seed.wrapping_add(2))?;
-    let mut out = zeros(ctx, &shape.q_dims(), args.dtype)?;
+    let (q, k, v) = wgsparse::synthetic::qkv(ctx, &shape, args.dtype, seed)?;
+    let mut out = Tensor::zeros(ctx, &shape.q_dims(), args.dtype)?;
     row.upload_ms = Some(t.elapsed().as_secs_f64() * 1e3);
 
     let mut max_wall_ms: f64 = 0.0;
@@ -418,92 +413,4 @@ fn median(xs: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
     }
-}
-
-/// SplitMix64: decorrelates the per-chunk seeds.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Synthetic standard-normal tensor: [`wgsparse::synthetic::gaussian`] on chunks of 1 Mi
-/// elements with independent seeds, filled in parallel (a 128k × 32 × 128 Q is 512 Mi
-/// values; one thread would take many seconds).
-fn synthetic_tensor(
-    ctx: &Context,
-    dims: &[usize],
-    dtype: DType,
-    seed: u64,
-) -> wgsparse::Result<Tensor> {
-    const CHUNK: usize = 1 << 20;
-    let n: usize = dims.iter().product();
-    let base = mix(seed);
-    let data = match dtype {
-        DType::F16 => {
-            let mut v = vec![f16::ZERO; n];
-            v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
-                let g = wgsparse::synthetic::gaussian(c.len(), mix(base ^ i as u64));
-                for (d, s) in c.iter_mut().zip(g) {
-                    *d = f16::from_f32(s);
-                }
-            });
-            HostData::F16(v)
-        }
-        _ => {
-            let mut v = vec![0.0f32; n];
-            v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
-                c.copy_from_slice(&wgsparse::synthetic::gaussian(
-                    c.len(),
-                    mix(base ^ i as u64),
-                ));
-            });
-            HostData::F32(v)
-        }
-    };
-    Tensor::from_host(ctx, dims, data)
-}
-
-/// A zero tensor without the f32 round trip of `Tensor::zeros`.
-fn zeros(ctx: &Context, dims: &[usize], dtype: DType) -> wgsparse::Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let data = match dtype {
-        DType::F16 => HostData::F16(vec![f16::ZERO; n]),
-        _ => HostData::F32(vec![0.0; n]),
-    };
-    Tensor::from_host(ctx, dims, data)
-}
-
-/// GPU (or whatever `ctx` is) output vs the CPU twin on the same dtype-rounded inputs, with
-/// a NaN-poisoned output so unwritten elements fail.
-fn check(
-    ctx: &Context,
-    shape: AttentionShape,
-    dtype: DType,
-    seed: u64,
-) -> Result<ErrorStats, Box<dyn std::error::Error>> {
-    let (q, k, v) = wgsparse::synthetic::qkv_host(&shape, seed);
-    let round = |x: Vec<f32>| -> Vec<f32> {
-        match dtype {
-            DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
-            _ => x,
-        }
-    };
-    let (q, k, v) = (round(q), round(k), round(v));
-    let plan = ctx
-        .attention(shape)
-        .method(Method::Dense)
-        .causal(true)
-        .dtype(dtype)
-        .build()?;
-    let scale = plan.options().scale_for(&shape);
-    let qt = Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype)?;
-    let kt = Tensor::from_f32(ctx, &shape.kv_dims(), &k, dtype)?;
-    let vt = Tensor::from_f32(ctx, &shape.kv_dims(), &v, dtype)?;
-    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
-    plan.run_into(&qt, &kt, &vt, &mut out)?;
-    let got = out.to_f32_blocking()?;
-    let want = dense_attention_cpu(&shape, true, scale, &q, &k, &v, None);
-    Ok(compare(&got, &want))
 }

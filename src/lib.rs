@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod synthetic;
 pub mod tensor;
+pub mod verify;
 
 pub use attention::{
     AttentionOptions, AttentionPlan, AttentionPlanBuilder, AttentionReport, AttentionShape, Method,

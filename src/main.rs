@@ -282,12 +282,7 @@ fn other_device_result(
         ));
     }
     let (q, k, v) = wgsparse::synthetic::qkv_host(&shape, a.seed);
-    let round = |x: Vec<f32>| -> Vec<f32> {
-        match a.dtype {
-            DType::F16 => x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
-            _ => x,
-        }
-    };
+    let round = |x: Vec<f32>| a.dtype.round_trip(&x);
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     let out = naive_attention(
         &shape,

@@ -29,6 +29,14 @@ impl DType {
             _ => 4,
         }
     }
+    /// `values` as this dtype stores them, back in f32 (f16 rounds; others unchanged).
+    /// Gives a CPU reference exactly the inputs a GPU kernel reads.
+    pub fn round_trip(self, values: &[f32]) -> Vec<f32> {
+        match self {
+            DType::F16 => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            _ => values.to_vec(),
+        }
+    }
     /// Lower-case name (`f32`, `f16`, ...).
     pub fn name(self) -> &'static str {
         match self {

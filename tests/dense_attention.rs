@@ -7,56 +7,19 @@ mod common;
 use wgsparse::attention::dense_cpu::{HostRowState, dense_attention_cpu, naive_attention};
 use wgsparse::metrics::compare;
 use wgsparse::synthetic::qkv_host;
+use wgsparse::verify::{dense_against_cpu_twin, dense_tolerance};
 use wgsparse::{AttentionShape, Context, DType, RowState, Tensor};
 
-/// Tolerances (max abs error on outputs of unit-variance inputs): f32 storage agrees to
-/// float rounding; f16 storage adds the rounding of the f16 output (2^-11 relative).
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => 4e-3,
-        _ => 2e-5,
-    }
-}
-
-/// Rounds through the storage dtype so the CPU twin sees exactly what the GPU reads.
-fn round_to(x: &[f32], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F16 => x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
-        _ => x.to_vec(),
-    }
-}
-
 fn check_gpu_vs_cpu(ctx: &Context, shape: AttentionShape, dtype: DType, causal: bool, seed: u64) {
-    let (q, k, v) = qkv_host(&shape, seed);
-    let (q, k, v) = (
-        round_to(&q, dtype),
-        round_to(&k, dtype),
-        round_to(&v, dtype),
-    );
-    let scale = 1.0 / (shape.head_dim as f32).sqrt();
-    let want = dense_attention_cpu(&shape, causal, scale, &q, &k, &v, None);
-    let plan = ctx
-        .attention(shape)
-        .causal(causal)
-        .dtype(dtype)
-        .build()
-        .unwrap();
-    let qt = Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype).unwrap();
-    let kt = Tensor::from_f32(ctx, &shape.kv_dims(), &k, dtype).unwrap();
-    let vt = Tensor::from_f32(ctx, &shape.kv_dims(), &v, dtype).unwrap();
-    // Poisoned output: any element the kernel does not write stays NaN and fails.
-    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN).unwrap();
-    plan.run_into(&qt, &kt, &vt, &mut out).unwrap();
-    let got = out.to_f32_blocking().unwrap();
-    let err = compare(&got, &want);
-    let report = plan.report().unwrap();
+    let v = dense_against_cpu_twin(ctx, shape, dtype, causal, seed).unwrap();
     eprintln!(
-        "{shape:?} {dtype:?} causal={causal}: {err:?} ({} dispatches)",
-        report.dispatches
+        "{shape:?} {dtype:?} causal={causal}: {:?} ({} dispatches)",
+        v.errors, v.report.dispatches
     );
     assert!(
-        err.max_abs_err <= tol(dtype),
-        "{shape:?} {dtype:?} causal={causal}: {err:?}"
+        v.errors.max_abs_err <= dense_tolerance(dtype),
+        "{shape:?} {dtype:?} causal={causal}: {:?}",
+        v.errors
     );
 }
 

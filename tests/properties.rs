@@ -14,6 +14,7 @@ use wgsparse::attention::split::{
 };
 use wgsparse::metrics::compare;
 use wgsparse::synthetic::qkv_host;
+use wgsparse::verify::{dense_against_cpu_twin, dense_tolerance};
 use wgsparse::{AttentionShape, Context, DType, Error, Tensor};
 
 const HEAD_DIMS: [usize; 3] = [64, 128, 256];
@@ -447,13 +448,6 @@ fn gpu(max_binding: Option<u64>) -> Option<Context> {
     c
 }
 
-fn round_to(x: &[f32], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F16 => x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
-        _ => x.to_vec(),
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(6))]
 
@@ -470,21 +464,9 @@ proptest! {
         let Some(ctx) = gpu(limit) else { return Ok(()) };
         let ctx = &ctx;
         let dtype = if f16 { DType::F16 } else { DType::F32 };
-        let (q, k, v) = qkv_host(&shape, seed);
-        let (q, k, v) = (round_to(&q, dtype), round_to(&k, dtype), round_to(&v, dtype));
-        let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        let want = dense_attention_cpu(&shape, causal, scale, &q, &k, &v, None);
-        let plan = ctx.attention(shape).causal(causal).dtype(dtype).build().unwrap();
-        let qt = Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype).unwrap();
-        let kt = Tensor::from_f32(ctx, &shape.kv_dims(), &k, dtype).unwrap();
-        let vt = Tensor::from_f32(ctx, &shape.kv_dims(), &v, dtype).unwrap();
-        // Poisoned output: an element the kernel does not write stays NaN.
-        let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN).unwrap();
-        plan.run_into(&qt, &kt, &vt, &mut out).unwrap();
-        let got = out.to_f32_blocking().unwrap();
-        let err = compare(&got, &want);
-        let tol = if f16 { 4e-3 } else { 2e-5 };
-        let dispatches = plan.report().map(|r| r.dispatches).unwrap_or(0);
+        let v = dense_against_cpu_twin(ctx, shape, dtype, causal, seed).unwrap();
+        let (err, dispatches) = (v.errors, v.report.dispatches);
+        let tol = dense_tolerance(dtype);
         prop_assert!(
             err.max_abs_err <= tol,
             "{shape:?} {dtype:?} causal={causal} split={split} ({dispatches} dispatches): {err:?}"

@@ -1,0 +1,66 @@
+//! Checking a device against the CPU twin: the routine the tests, the bench's
+//! `--check-len` and the CLI share.
+
+use crate::attention::dense_cpu::dense_attention_cpu;
+use crate::attention::{AttentionReport, AttentionShape};
+use crate::context::Context;
+use crate::error::Result;
+use crate::metrics::{ErrorStats, compare};
+use crate::synthetic::qkv_host;
+use crate::tensor::{DType, Tensor};
+
+/// What a verification found.
+#[derive(Clone, Debug)]
+pub struct Verification {
+    /// Device output vs the CPU twin.
+    pub errors: ErrorStats,
+    /// The device run's report.
+    pub report: AttentionReport,
+}
+
+/// Runs dense attention on `ctx` with synthetic inputs (seed `seed`) and a NaN-poisoned
+/// output, so an element the kernel does not write shows as an infinite error, and
+/// compares it with the CPU twin on the same dtype-rounded inputs.
+pub fn dense_against_cpu_twin(
+    ctx: &Context,
+    shape: AttentionShape,
+    dtype: DType,
+    causal: bool,
+    seed: u64,
+) -> Result<Verification> {
+    let (q, k, v) = qkv_host(&shape, seed);
+    let (q, k, v) = (
+        dtype.round_trip(&q),
+        dtype.round_trip(&k),
+        dtype.round_trip(&v),
+    );
+    let plan = ctx.attention(shape).causal(causal).dtype(dtype).build()?;
+    let want = dense_attention_cpu(
+        &shape,
+        causal,
+        plan.options().scale_for(&shape),
+        &q,
+        &k,
+        &v,
+        None,
+    );
+    let qt = Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype)?;
+    let kt = Tensor::from_f32(ctx, &shape.kv_dims(), &k, dtype)?;
+    let vt = Tensor::from_f32(ctx, &shape.kv_dims(), &v, dtype)?;
+    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
+    plan.run_into(&qt, &kt, &vt, &mut out)?;
+    let got = out.to_f32_blocking()?;
+    Ok(Verification {
+        errors: compare(&got, &want),
+        report: plan.report().expect("the plan ran"),
+    })
+}
+
+/// The stated GPU-vs-CPU-twin tolerance (max abs error on unit-variance inputs): f32
+/// storage agrees to float rounding; f16 storage adds the rounding of the f16 output.
+pub fn dense_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 4e-3,
+        _ => 2e-5,
+    }
+}
