@@ -111,6 +111,16 @@ fn fetch_v(kvh: u32, kt: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
+// Writes this thread's fetched K/V vec4s into the padded tile.
+fn store_kv_tile(lid: u32, vals: array<vec4<f32>, KPT>) {
+    #unroll u KPT
+    {
+        let t = lid + ${u}u * WG;
+        kv_tile[(t / DC4) * KV_STRIDE + t % DC4] = vals[${u}];
+    }
+    #endunroll
+}
+
 @compute @workgroup_size(WG)
 fn flash_attention(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -178,12 +188,7 @@ fn flash_attention(
         #unroll u 4
         q_tile[lid + ${u}u * WG] = q_next[${u}];
         #endunroll
-        #unroll u KPT
-        {
-            let t = lid + ${u}u * WG;
-            kv_tile[(t / DC4) * KV_STRIDE + t % DC4] = kv_next[${u}];
-        }
-        #endunroll
+        store_kv_tile(lid, kv_next);
         workgroupBarrier();
         if ${c}u + 1u < NC {
             #unroll u 4
@@ -262,12 +267,7 @@ fn flash_attention(
         // acc += P V, V staged in head_dim chunks.
         #unroll c NC
         workgroupBarrier();
-        #unroll u KPT
-        {
-            let t = lid + ${u}u * WG;
-            kv_tile[(t / DC4) * KV_STRIDE + t % DC4] = kv_next[${u}];
-        }
-        #endunroll
+        store_kv_tile(lid, kv_next);
         workgroupBarrier();
         if ${c}u + 1u < NC {
             #unroll u KPT
