@@ -1,0 +1,99 @@
+//! The `wgsparse` binary: `info` and `attention --check --json` keep their contract.
+
+mod common;
+
+use std::process::Command;
+
+fn wgsparse(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wgsparse"))
+        .args(args)
+        .output()
+        .expect("run wgsparse");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn last_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
+}
+
+#[test]
+fn info_lists_the_cpu_backend_and_the_gpu() {
+    let (ok, out, err) = wgsparse(&["info", "--json"]);
+    assert!(ok, "{err}");
+    let v = last_json(&out);
+    let adapters = v["adapters"].as_array().unwrap();
+    assert!(adapters.iter().any(|a| a["backend"] == "cpu"));
+    if common::gpu(None).is_some() {
+        assert!(adapters.iter().any(|a| a["backend"] == "vulkan"
+            || a["backend"] == "metal"
+            || a["backend"] == "dx12"));
+        assert_ne!(v["chosen"]["backend"], "cpu");
+    }
+}
+
+#[test]
+fn attention_check_json_has_the_stable_keys() {
+    let gpu = common::gpu(None).is_some();
+    for backend in ["cpu", "auto"] {
+        let (ok, out, err) = wgsparse(&[
+            "attention",
+            "--method",
+            "dense",
+            "--seq-len",
+            "70",
+            "--q-heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "64",
+            "--dtype",
+            "f32",
+            "--iters",
+            "1",
+            "--backend",
+            backend,
+            "--check",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v = last_json(&out);
+        for key in [
+            "backend",
+            "adapter",
+            "method",
+            "seq_len",
+            "q_heads",
+            "kv_heads",
+            "head_dim",
+            "dtype",
+            "ms",
+            "density",
+            "max_abs_err",
+            "rel_l2_err",
+        ] {
+            assert!(!v[key].is_null(), "missing {key} in {v}");
+        }
+        assert_eq!(v["seq_len"], 70);
+        assert_eq!(v["density"], 1.0);
+        assert!(v["max_abs_err"].as_f64().unwrap() <= 2e-5, "{v}");
+        if backend == "auto" && gpu {
+            assert_ne!(v["backend"], "cpu");
+            assert_eq!(v["check_against"], "cpu");
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_fail_with_a_message() {
+    let (ok, _, err) = wgsparse(&["attention", "--head-dim", "100", "--seq-len", "8"]);
+    assert!(!ok);
+    assert!(err.contains("head_dim"), "{err}");
+    let (ok, _, err) = wgsparse(&["attention", "--backend", "cuda"]);
+    assert!(!ok);
+    assert!(err.contains("cuda"), "{err}");
+}
