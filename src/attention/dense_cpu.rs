@@ -2,15 +2,39 @@
 //! multithreaded with rayon over (head, query block). Same semantics as the GPU kernel:
 //! causal alignment at the end of the keys, GQA without copying K/V, optional import
 //! and export of the row state `(m, l, acc)`.
+//!
+//! The inner loops are shaped like a GEMM micro-kernel so that each K and V element
+//! loaded is reused across `MR` query rows held in registers:
+//! - `S = Q·Kᵀ` runs on an `MR × NR` register tile. K is packed once per call into
+//!   panels of `NR` keys laid out `[d][NR]` (and each row group of Q into `[d][MR]`),
+//!   so the tile streams both operands contiguously: one K vector load feeds `MR`
+//!   multiply-adds.
+//! - `acc += P·V` runs on an `MR × NV` register tile of `acc`, walking the keys of a
+//!   tile; one V vector load again feeds `MR` multiply-adds.
+//! - `exp` of the scores is a branch-free polynomial (Cephes `expf`, about 1 ulp) that
+//!   vectorizes; a libm call per score would cost as much as the two matmuls.
+//!
+//! The kernels are plain Rust over fixed-size arrays, generic over how a multiply-add
+//! is done ([`MulAdd`]). On x86-64 the whole per-task routine is instantiated a second
+//! time inside a `#[target_feature(enable = "avx2,fma")]` function and picked at run
+//! time, so the compiler emits 256-bit FMA code there while the crate itself still
+//! targets baseline x86-64 (SSE2); other CPUs and wasm take the portable instance.
 
 use rayon::prelude::*;
 
 use super::AttentionShape;
 
 const NEG_BIG: f32 = -1.0e30;
-/// Query rows per task.
-const ROWS: usize = 16;
-/// Keys per tile.
+/// Query rows per task (a multiple of `MR`).
+const ROWS: usize = 48;
+/// Query rows per register tile.
+const MR: usize = 6;
+/// Keys per packed K panel, the column width of the `S` register tile.
+const NR: usize = 16;
+/// Output columns per `P·V` register tile.
+const NV: usize = 16;
+/// Keys per tile (a multiple of `NR`): K and V tiles of 64 keys × 128 dims (64 KiB)
+/// stay in L2 while every row group of the task uses them.
 const KEYS: usize = 64;
 
 /// Row state on the host: `ml` is `[q_heads, q_len, 2]` (m, l), `acc` is
@@ -38,21 +62,352 @@ impl HostRowState {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums so the compiler vectorizes.
-    let mut s = [0.0f32; 8];
-    let (ca, ra) = a.as_chunks::<8>();
-    let (cb, rb) = b.as_chunks::<8>();
-    for (x, y) in ca.iter().zip(cb) {
-        for i in 0..8 {
-            s[i] += x[i] * y[i];
+/// How the kernels do `a * b + c`. Rust never fuses a multiply and an add on its own,
+/// so the fused form is spelled out, and used only where the CPU has FMA (elsewhere
+/// `mul_add` would be a libm call).
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// Separate multiply and add: baseline x86-64 (SSE2) and wasm.
+struct Unfused;
+impl MulAdd for Unfused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// One fused multiply-add: AArch64 (always has it) and the AVX2+FMA x86-64 path.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+struct Fused;
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// The multiply-add of the path taken when no run-time dispatch applies.
+#[cfg(target_arch = "aarch64")]
+type Portable = Fused;
+#[cfg(not(target_arch = "aarch64"))]
+type Portable = Unfused;
+
+/// `e^x`, branch-free so that loops over it vectorize (Cephes `expf`: range reduction
+/// by `ln 2`, degree-5 polynomial, about 1 ulp). Inputs below -87.3 (where `e^x` leaves
+/// the normal range) give about 1e-38 instead of a subnormal or 0; callers here only
+/// pass `x <= 0` and weigh the result against terms near 1.
+#[inline(always)]
+fn exp_approx<F: MulAdd>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to an integer in the low mantissa bits (round to nearest
+    // even), which avoids a float-to-int conversion the SSE2 vectorizer lacks.
+    const ROUND: f32 = 12_582_912.0;
+    // Comparisons rather than f32::clamp/max: those also order NaNs, which costs extra
+    // instructions per lane.
+    let x = if x < -87.3 { -87.3 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    let t = F::mul_add(x, LOG2E, ROUND);
+    let n = t - ROUND;
+    let e = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    let r = F::mul_add(n, -LN2_HI, x);
+    let r = F::mul_add(n, -LN2_LO, r);
+    let mut y = 1.987_569_2e-4;
+    y = F::mul_add(y, r, 1.398_199_9e-3);
+    y = F::mul_add(y, r, 8.333_452e-3);
+    y = F::mul_add(y, r, 4.166_579_6e-2);
+    y = F::mul_add(y, r, 1.666_666_5e-1);
+    y = F::mul_add(y, r, 0.5);
+    y = F::mul_add(y, r * r, r) + 1.0;
+    // 2^n built in the exponent field; n is in [-126, 127] after the clamps above.
+    y * f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// `S[i][j] = q_i · k_j` for the `MR` rows of a packed Q group (`[d][MR]`) and the `NR`
+/// keys of a packed K panel (`[d][NR]`): a rank-1 update of an `MR × NR` register tile per
+/// dimension, so each K vector loaded serves `MR` rows.
+#[inline(always)]
+fn qk_tile<F: MulAdd>(qg: &[f32], panel: &[f32]) -> [[f32; NR]; MR] {
+    let mut s = [[0.0f32; NR]; MR];
+    for (qc, kc) in qg.as_chunks::<MR>().0.iter().zip(panel.as_chunks::<NR>().0) {
+        for (si, &qv) in s.iter_mut().zip(qc) {
+            for (sv, &kv) in si.iter_mut().zip(kc) {
+                *sv = F::mul_add(qv, kv, *sv);
+            }
         }
     }
-    let mut t: f32 = s.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        t += x * y;
+    s
+}
+
+/// `acc[i] += Σ_j p[j][i] · v_j` for the `MR` rows of `acc` (`[MR][d]`) and the first
+/// `keys` rows of `v` (`[keys][d]`), `NV` columns at a time held in registers so that
+/// each V vector loaded serves `MR` rows (the weights are broadcast from `p[i][j]`).
+///
+/// The shapes here are what LLVM turns into a register tile: fixed-size arrays filled
+/// by `copy_from_slice`. Small changes can lose it (folding the softmax rescale into
+/// the tile load made this loop scalar and the whole call 6x slower), so check the
+/// bench after editing these kernels.
+#[inline(always)]
+fn pv_tile<F: MulAdd>(p: &[[f32; KEYS]; MR], keys: usize, v: &[f32], d: usize, acc: &mut [f32]) {
+    let keys = keys.min(KEYS);
+    let v = &v[..keys * d];
+    let mut col = 0;
+    while col + NV <= d {
+        let mut a = [[0.0f32; NV]; MR];
+        for (i, ai) in a.iter_mut().enumerate() {
+            ai.copy_from_slice(&acc[i * d + col..i * d + col + NV]);
+        }
+        for (j, vrow) in v.chunks_exact(d).enumerate() {
+            let vc: &[f32; NV] = vrow[col..col + NV].try_into().expect("NV columns");
+            for (ai, pi) in a.iter_mut().zip(p) {
+                let w = pi[j];
+                for (av, &vv) in ai.iter_mut().zip(vc) {
+                    *av = F::mul_add(w, vv, *av);
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            acc[i * d + col..i * d + col + NV].copy_from_slice(ai);
+        }
+        col += NV;
     }
-    t
+    // Leftover columns when d is not a multiple of NV (not a head_dim the crate
+    // validates, but the function takes any shape).
+    for c in col..d {
+        for i in 0..MR {
+            let mut sum = acc[i * d + c];
+            for (&w, vrow) in p[i].iter().zip(v.chunks_exact(d)) {
+                sum = F::mul_add(w, vrow[c], sum);
+            }
+            acc[i * d + c] = sum;
+        }
+    }
+}
+
+/// Scales the first `vis` scores of a row, masks the rest to `NEG_BIG`, and returns
+/// the larger of `m` and the row maximum. Plain loops over the whole tile so they
+/// vectorize; eight running maxima break the dependency chain.
+#[inline(always)]
+fn mask_and_max(row: &mut [f32; KEYS], vis: usize, scale: f32, m: f32) -> f32 {
+    for (j, sv) in row.iter_mut().enumerate() {
+        *sv = if j < vis { *sv * scale } else { NEG_BIG };
+    }
+    let mut mx8 = [NEG_BIG; 8];
+    for chunk in row.as_chunks::<8>().0 {
+        for (mv, &sv) in mx8.iter_mut().zip(chunk) {
+            *mv = if sv > *mv { sv } else { *mv };
+        }
+    }
+    mx8.iter().fold(m, |a, &b| a.max(b))
+}
+
+/// `p[j] = e^(s[j] - mx)` for the unmasked scores (`> NEG_BIG / 2`, as the GPU kernel
+/// tests) and 0 for the others; returns the sum of the weights. The exponential is
+/// computed for every lane and then selected, so the loop has no branch.
+#[inline(always)]
+fn softmax_weights<F: MulAdd>(row: &[f32; KEYS], mx: f32, p: &mut [f32; KEYS]) -> f32 {
+    for (pv, &sv) in p.iter_mut().zip(row) {
+        let w = exp_approx::<F>(sv - mx);
+        *pv = if sv > 0.5 * NEG_BIG { w } else { 0.0 };
+    }
+    let mut sum8 = [0.0f32; 8];
+    for chunk in p.as_chunks::<8>().0 {
+        for (sm, &w) in sum8.iter_mut().zip(chunk) {
+            *sm += w;
+        }
+    }
+    sum8.iter().sum()
+}
+
+/// What every task reads.
+struct Inputs<'a> {
+    d: usize,
+    n: usize,
+    nk: usize,
+    group: usize,
+    shift: usize,
+    causal: bool,
+    scale: f32,
+    q: &'a [f32],
+    /// K packed per kv head into `nk.div_ceil(NR)` panels of `[d][NR]`, zero-padded.
+    kp: &'a [f32],
+    v: &'a [f32],
+}
+
+/// One (head, row block) of the output, with its slice of the row state if any.
+struct Task<'a> {
+    h: usize,
+    r0: usize,
+    out: &'a mut [f32],
+    state: Option<(&'a mut [f32], &'a mut [f32])>,
+}
+
+/// Runs one task with the portable multiply-add.
+fn run_task_portable(inp: &Inputs, task: Task) {
+    run_task::<Portable>(inp, task)
+}
+
+/// The same routine compiled for AVX2 + FMA: the compiler vectorizes the kernels to
+/// 8-lane `vfmadd` code inside this function.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn run_task_avx2_fma(inp: &Inputs, task: Task) {
+    run_task::<Fused>(inp, task)
+}
+
+/// Computes `task`'s rows: online softmax over key tiles of `KEYS`, row groups of `MR`
+/// inside, then writes the normalized output and exports the row state.
+#[inline(always)]
+fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
+    let Inputs {
+        d,
+        n,
+        nk,
+        group,
+        shift,
+        causal,
+        scale,
+        q,
+        kp,
+        v,
+    } = *inp;
+    let Task { h, r0, out, state } = task;
+    let rows = out.len() / d;
+    let r1 = r0 + rows;
+    let groups = rows.div_ceil(MR);
+    let kvh = h / group;
+    let panels = nk.div_ceil(NR);
+    let kp_head = &kp[kvh * panels * NR * d..(kvh + 1) * panels * NR * d];
+    let v_head = &v[kvh * nk * d..(kvh + 1) * nk * d];
+
+    // Q rows of each group transposed to [d][MR]; rows past r1 stay zero (their
+    // scores are masked, and their state is never written back).
+    let mut qp = vec![0.0f32; groups * d * MR];
+    for i in 0..rows {
+        let qrow = &q[(h * n + r0 + i) * d..(h * n + r0 + i + 1) * d];
+        let qg = &mut qp[(i / MR) * d * MR..(i / MR + 1) * d * MR];
+        for (c, &x) in qrow.iter().enumerate() {
+            qg[c * MR + i % MR] = x;
+        }
+    }
+    let mut m = vec![NEG_BIG; groups * MR];
+    let mut l = vec![0.0f32; groups * MR];
+    let mut acc = vec![0.0f32; groups * MR * d];
+    if let Some((ml, acc_in)) = &state {
+        for i in 0..rows {
+            m[i] = ml[2 * i];
+            l[i] = ml[2 * i + 1];
+        }
+        acc[..rows * d].copy_from_slice(acc_in);
+    }
+
+    // Keys past the last row's causal horizon are masked for every row of the task.
+    let key_end = if causal { (r1 + shift).min(nk) } else { nk };
+    let mut s = [[0.0f32; KEYS]; MR];
+    let mut p = [[0.0f32; KEYS]; MR];
+    let mut c0 = 0;
+    while c0 < key_end {
+        for g in 0..groups {
+            let gr0 = r0 + g * MR;
+            let gr1 = (gr0 + MR).min(r1);
+            // Keys this group sees in this tile. A tile a group does not see at all is
+            // skipped: for it the original loop leaves (m, l, acc) unchanged (alpha =
+            // 1, no terms) once the row has seen key 0 in the first tile.
+            let g_end = if causal { (gr1 + shift).min(nk) } else { nk };
+            if g_end <= c0 {
+                continue;
+            }
+            let c1 = (c0 + KEYS).min(g_end);
+            let kt = c1 - c0;
+
+            // S for the group, one panel of NR keys at a time.
+            let qg = &qp[g * d * MR..(g + 1) * d * MR];
+            for t in 0..kt.div_ceil(NR) {
+                let panel_idx = c0 / NR + t;
+                let panel = &kp_head[panel_idx * NR * d..(panel_idx + 1) * NR * d];
+                let tile = qk_tile::<F>(qg, panel);
+                for (si, ti) in s.iter_mut().zip(&tile) {
+                    si[t * NR..(t + 1) * NR].copy_from_slice(ti);
+                }
+            }
+
+            // Online softmax per row; every loop runs over the whole KEYS array with
+            // masks so that it vectorizes.
+            for i in 0..MR {
+                let r = gr0 + i;
+                let visible_end = if r >= gr1 {
+                    c0 // padding row: nothing visible
+                } else if causal {
+                    (r + shift + 1).min(c1)
+                } else {
+                    c1
+                };
+                let vis = visible_end.saturating_sub(c0);
+                let gi = g * MR + i;
+                let mx = mask_and_max(&mut s[i], vis, scale, m[gi]);
+                let alpha = (m[gi] - mx).exp();
+                let sum = softmax_weights::<F>(&s[i], mx, &mut p[i]);
+                l[gi] = l[gi] * alpha + sum;
+                m[gi] = mx;
+                for a in &mut acc[gi * d..(gi + 1) * d] {
+                    *a *= alpha;
+                }
+            }
+
+            pv_tile::<F>(
+                &p,
+                kt,
+                &v_head[c0 * d..],
+                d,
+                &mut acc[g * MR * d..(g + 1) * MR * d],
+            );
+        }
+        c0 += KEYS;
+    }
+
+    for i in 0..rows {
+        let inv = if l[i] > 0.0 { 1.0 / l[i] } else { 0.0 };
+        for (o, &a) in out[i * d..(i + 1) * d]
+            .iter_mut()
+            .zip(&acc[i * d..(i + 1) * d])
+        {
+            *o = a * inv;
+        }
+    }
+    if let Some((ml, acc_out)) = state {
+        for i in 0..rows {
+            ml[2 * i] = m[i];
+            ml[2 * i + 1] = l[i];
+        }
+        acc_out.copy_from_slice(&acc[..rows * d]);
+    }
+}
+
+/// K of every kv head as panels of `NR` keys laid out `[d][NR]` (keys past `nk` are
+/// zero), the operand layout `qk_tile` streams. Built once per call and shared by the
+/// `group` query heads of each kv head.
+fn pack_k(k: &[f32], kv_heads: usize, nk: usize, d: usize) -> Vec<f32> {
+    let panels = nk.div_ceil(NR);
+    let mut kp = vec![0.0f32; kv_heads * panels * NR * d];
+    kp.par_chunks_mut(NR * d)
+        .enumerate()
+        .for_each(|(idx, panel)| {
+            let (kvh, pi) = (idx / panels, idx % panels);
+            for jj in 0..NR.min(nk - pi * NR) {
+                let key = pi * NR + jj;
+                let krow = &k[(kvh * nk + key) * d..(kvh * nk + key + 1) * d];
+                for (c, &x) in krow.iter().enumerate() {
+                    panel[c * NR + jj] = x;
+                }
+            }
+        });
+    kp
 }
 
 /// Dense attention on the host. `q` is `[q_heads, seq_len, d]`, `k`/`v` are
@@ -67,110 +422,90 @@ pub fn dense_attention_cpu(
     v: &[f32],
     state: Option<&mut HostRowState>,
 ) -> Vec<f32> {
+    dense_attention_with(shape, causal, scale, q, k, v, state, true)
+}
+
+/// [`dense_attention_cpu`] with the run-time SIMD dispatch switchable, so that tests on
+/// an AVX2 machine also cover the portable path.
+#[allow(clippy::too_many_arguments)]
+fn dense_attention_with(
+    shape: &AttentionShape,
+    causal: bool,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    state: Option<&mut HostRowState>,
+    allow_simd: bool,
+) -> Vec<f32> {
     let d = shape.head_dim;
     let n = shape.seq_len;
     let nk = shape.kv_len;
-    let group = shape.q_heads / shape.kv_heads;
-    let shift = nk.saturating_sub(n);
     let mut out = vec![0.0f32; shape.q_heads * n * d];
-    let blocks_per_head = n.div_ceil(ROWS);
-    let (ml_in, acc_in) = match &state {
-        Some(s) => (Some(s.ml.as_slice()), Some(s.acc.as_slice())),
-        None => (None, None),
+    if out.is_empty() {
+        // No rows or no columns: nothing to compute (and chunks of 0 would panic).
+        return out;
+    }
+    let inp = Inputs {
+        d,
+        n,
+        nk,
+        group: shape.q_heads / shape.kv_heads,
+        shift: nk.saturating_sub(n),
+        causal,
+        scale,
+        q,
+        kp: &pack_k(k, shape.kv_heads, nk, d),
+        v,
     };
-    // Each task computes one (head, row block) and returns its final state.
-    let results: Vec<(Vec<f32>, Vec<f32>)> = (0..shape.q_heads * blocks_per_head)
-        .into_par_iter()
-        .map(|task| {
-            let h = task / blocks_per_head;
-            let r0 = (task % blocks_per_head) * ROWS;
-            let r1 = (r0 + ROWS).min(n);
-            let rows = r1 - r0;
-            let kvh = h / group;
-            let mut m = vec![NEG_BIG; rows];
-            let mut l = vec![0.0f32; rows];
-            let mut acc = vec![0.0f32; rows * d];
-            if let (Some(mli), Some(acci)) = (ml_in, acc_in) {
-                for i in 0..rows {
-                    let row = h * n + r0 + i;
-                    m[i] = mli[2 * row];
-                    l[i] = mli[2 * row + 1];
-                    acc[i * d..(i + 1) * d].copy_from_slice(&acci[row * d..(row + 1) * d]);
-                }
-            }
-            let key_end = if causal { (r1 + shift).min(nk) } else { nk };
-            let kbase = kvh * nk * d;
-            let mut s = vec![0.0f32; KEYS];
-            let mut c0 = 0;
-            while c0 < key_end {
-                let c1 = (c0 + KEYS).min(key_end);
-                for i in 0..rows {
-                    let r = r0 + i;
-                    let qrow = &q[(h * n + r) * d..(h * n + r + 1) * d];
-                    let visible_end = if causal { (r + shift + 1).min(c1) } else { c1 };
-                    let mut mx = m[i];
-                    for j in c0..c1 {
-                        let val = if j < visible_end {
-                            dot(qrow, &k[kbase + j * d..kbase + (j + 1) * d]) * scale
-                        } else {
-                            NEG_BIG
-                        };
-                        s[j - c0] = val;
-                        mx = mx.max(val);
-                    }
-                    let alpha = (m[i] - mx).exp();
-                    let arow = &mut acc[i * d..(i + 1) * d];
-                    for a in arow.iter_mut() {
-                        *a *= alpha;
-                    }
-                    let mut sum = 0.0;
-                    for j in c0..c1 {
-                        let sv = s[j - c0];
-                        if sv > 0.5 * NEG_BIG {
-                            let w = (sv - mx).exp();
-                            sum += w;
-                            let vrow = &v[kbase + j * d..kbase + (j + 1) * d];
-                            for (a, x) in arow.iter_mut().zip(vrow) {
-                                *a += w * x;
-                            }
-                        }
-                    }
-                    l[i] = l[i] * alpha + sum;
-                    m[i] = mx;
-                }
-                c0 = c1;
-            }
-            let mut ml = vec![0.0f32; rows * 2];
-            for i in 0..rows {
-                ml[2 * i] = m[i];
-                ml[2 * i + 1] = l[i];
-            }
-            (ml, acc)
-        })
-        .collect();
-    for (task, (ml, acc)) in results.iter().enumerate() {
-        let h = task / blocks_per_head;
-        let r0 = (task % blocks_per_head) * ROWS;
-        let rows = ml.len() / 2;
-        for i in 0..rows {
-            let row = h * n + r0 + i;
-            let lv = ml[2 * i + 1];
-            let inv = if lv > 0.0 { 1.0 / lv } else { 0.0 };
-            for c in 0..d {
-                out[row * d + c] = acc[i * d + c] * inv;
-            }
+
+    // Split the output (and the state) into disjoint per-task slices up front, so that
+    // the tasks write their rows in place.
+    let mut tasks = Vec::with_capacity(shape.q_heads * n.div_ceil(ROWS));
+    let mut state_rows = state.map(|st| {
+        (
+            st.ml.chunks_mut(2 * n).map(|c| c.chunks_mut(2 * ROWS)),
+            st.acc.chunks_mut(n * d).map(|c| c.chunks_mut(ROWS * d)),
+        )
+    });
+    for (h, out_h) in out.chunks_mut(n * d).enumerate() {
+        let mut st_h = state_rows.as_mut().map(|(ml, acc)| {
+            (
+                ml.next().expect("state ml rows"),
+                acc.next().expect("state acc rows"),
+            )
+        });
+        for (b, out_b) in out_h.chunks_mut(ROWS * d).enumerate() {
+            let st = st_h.as_mut().map(|(ml, acc)| {
+                (
+                    ml.next().expect("state ml block"),
+                    acc.next().expect("state acc block"),
+                )
+            });
+            tasks.push(Task {
+                h,
+                r0: b * ROWS,
+                out: out_b,
+                state: st,
+            });
         }
     }
-    if let Some(st) = state {
-        for (task, (ml, acc)) in results.into_iter().enumerate() {
-            let h = task / blocks_per_head;
-            let r0 = (task % blocks_per_head) * ROWS;
-            let rows = ml.len() / 2;
-            let row = h * n + r0;
-            st.ml[2 * row..2 * (row + rows)].copy_from_slice(&ml);
-            st.acc[row * d..(row + rows) * d].copy_from_slice(&acc);
+
+    #[cfg(target_arch = "x86_64")]
+    let avx2_fma =
+        allow_simd && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = allow_simd;
+    tasks.into_par_iter().for_each(|task| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma {
+            // SAFETY: the CPU was just checked to support AVX2 and FMA, the only
+            // requirement of a `#[target_feature(enable = "avx2,fma")]` function.
+            unsafe { run_task_avx2_fma(&inp, task) };
+            return;
         }
-    }
+        run_task_portable(&inp, task);
+    });
     out
 }
 
@@ -214,4 +549,96 @@ pub fn naive_attention(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn fill(len: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Both paths (portable and, where the CPU has it, AVX2+FMA) against the f64
+    /// reference, on ragged shapes: row blocks and key tiles with tails, GQA, causal
+    /// offsets, a head_dim that is not a multiple of the register tile width.
+    #[test]
+    fn both_paths_match_naive() {
+        let shapes = [
+            (AttentionShape::new(2, 1, 37, 64), true),
+            (AttentionShape::new(3, 3, 70, 128), false),
+            (
+                AttentionShape {
+                    kv_len: 133,
+                    ..AttentionShape::new(4, 2, 101, 64)
+                },
+                true,
+            ),
+            (
+                AttentionShape {
+                    kv_len: 90,
+                    ..AttentionShape::new(2, 2, 20, 40)
+                },
+                false,
+            ),
+            (AttentionShape::new(1, 1, 1, 8), true),
+        ];
+        for (i, (shape, causal)) in shapes.into_iter().enumerate() {
+            let q = fill(shape.q_heads * shape.seq_len * shape.head_dim, 3 * i as u64);
+            let k = fill(
+                shape.kv_heads * shape.kv_len * shape.head_dim,
+                3 * i as u64 + 1,
+            );
+            let v = fill(
+                shape.kv_heads * shape.kv_len * shape.head_dim,
+                3 * i as u64 + 2,
+            );
+            let scale = 1.0 / (shape.head_dim as f32).sqrt();
+            let want = naive_attention(&shape, causal, scale, &q, &k, &v);
+            for simd in [false, true] {
+                let got = dense_attention_with(&shape, causal, scale, &q, &k, &v, None, simd);
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(err < 1e-5, "{shape:?} causal={causal} simd={simd}: {err}");
+            }
+        }
+    }
+
+    /// Exporting the state after a first half of the keys and importing it for the
+    /// second half gives the one-pass result, on the portable path too.
+    #[test]
+    fn state_round_trip_both_paths() {
+        let full = AttentionShape::new(2, 1, 50, 64);
+        let (d, nk) = (full.head_dim, full.kv_len);
+        let q = fill(full.q_heads * full.seq_len * d, 11);
+        let k = fill(full.kv_heads * nk * d, 12);
+        let v = fill(full.kv_heads * nk * d, 13);
+        let want = naive_attention(&full, false, 0.125, &q, &k, &v);
+        for simd in [false, true] {
+            let mut st = HostRowState::empty(&full);
+            let (k0, k1) = (&k[..25 * d], &k[25 * d..]);
+            let (v0, v1) = (&v[..25 * d], &v[25 * d..]);
+            let part = AttentionShape { kv_len: 25, ..full };
+            dense_attention_with(&part, false, 0.125, &q, k0, v0, Some(&mut st), simd);
+            let got = dense_attention_with(&part, false, 0.125, &q, k1, v1, Some(&mut st), simd);
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err < 1e-5, "simd={simd}: {err}");
+        }
+    }
 }
