@@ -182,7 +182,9 @@ fn flash_attention(
     }
     for (var kt = p.c0; kt < key_end; kt += BK) {
         // S = Q K^T for the tile, accumulated over head_dim chunks.
-        var s: array<vec4<f32>, 4>;   // s[i][j]: row ty*4+i, key tx+8j
+        // s[i][j]: row ty*4+i, key tx+8j. Explicitly zeroed: Tint (Chrome) does not
+        // re-zero an uninitialized `var` declared inside a loop on every iteration.
+        var s = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
         #unroll c NC
         workgroupBarrier();
         #unroll u 4

@@ -106,7 +106,10 @@ pub(crate) struct DenseGpu {
     params: wgpu::Buffer,
     scratch_ml: Option<wgpu::Buffer>,
     scratch_acc: Option<wgpu::Buffer>,
-    dummy: wgpu::Buffer,
+    /// Stand-ins for the unused (ml, acc) bindings: two buffers, because WebGPU forbids
+    /// binding one buffer range to two writable bindings of a group (wgpu native does
+    /// not check this; Chrome's Dawn does).
+    dummy: [wgpu::Buffer; 2],
 }
 
 /// Workgroup bytes of the kernel with `bq` query rows: the Q chunk, the K/V tile
@@ -349,7 +352,10 @@ impl DenseGpu {
                 .then(|| storage("dense attention scratch ml", scratch_rows * 8)),
             scratch_acc: needs_chain
                 .then(|| storage("dense attention scratch acc", scratch_rows * d * 4)),
-            dummy: storage("dense attention unused binding", 16),
+            dummy: [
+                storage("dense attention unused ml binding", 16),
+                storage("dense attention unused acc binding", 16),
+            ],
         })
     }
 
@@ -370,25 +376,24 @@ impl DenseGpu {
                 self.scratch_acc.as_ref(),
             ),
         };
-        let dummy = &self.dummy;
-        let bind = |buf, r| bind_range(buf, r, dummy);
+        let [dummy_ml, dummy_acc] = &self.dummy;
         let groups: Vec<(wgpu::BindGroup, &Prepared)> = list
             .iter()
             .map(|x| {
-                let ml = ml_buf.unwrap_or(&self.dummy);
-                let acc = acc_buf.unwrap_or(&self.dummy);
+                let ml = ml_buf.unwrap_or(dummy_ml);
+                let acc = acc_buf.unwrap_or(dummy_acc);
                 let entries = [
                     wgpu::BufferBinding {
                         buffer: &self.params,
                         offset: x.slot,
                         size: wgpu::BufferSize::new(std::mem::size_of::<DenseParams>() as u64),
                     },
-                    bind(q, Some(x.q)),
-                    bind(k, Some(x.k)),
-                    bind(v, Some(x.v)),
-                    bind(o, Some(x.o)),
-                    bind(ml, x.ml),
-                    bind(acc, x.acc),
+                    bind_range(q, Some(x.q), dummy_ml),
+                    bind_range(k, Some(x.k), dummy_ml),
+                    bind_range(v, Some(x.v), dummy_ml),
+                    bind_range(o, Some(x.o), dummy_ml),
+                    bind_range(ml, x.ml, dummy_ml),
+                    bind_range(acc, x.acc, dummy_acc),
                 ];
                 let entries: Vec<wgpu::BindGroupEntry> = entries
                     .into_iter()
