@@ -3,7 +3,13 @@
 //! the adapter has them (wall clock for the whole submission otherwise).
 
 use std::sync::Arc;
-use std::time::Instant;
+
+/// The host clock: `std::time::Instant` natively; on wasm32 (where it panics) the
+/// browser's `performance.now()` through `web-time`.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use std::time::Instant;
+#[cfg(target_arch = "wasm32")]
+pub(crate) use web_time::Instant;
 
 use serde::Serialize;
 
@@ -90,11 +96,30 @@ fn compile(g: &GpuDevice, spec: &KernelSpec) -> Result<Kernel> {
     let source = spec.source()?;
     // naga first: a bad variant becomes a typed error with a readable message.
     validate_wgsl(&label, &source)?;
+    // Natively a compile error is caught here. On the web an error scope can only be
+    // popped asynchronously, and this function is synchronous: there an invalid
+    // pipeline shows up as a validation error at the first submission instead (the
+    // `Recorder`'s error scope), so no scope is pushed.
+    #[cfg(not(target_arch = "wasm32"))]
     let scope = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let module = g.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+    let desc = wgpu::ShaderModuleDescriptor {
         label: Some(&label),
         source: wgpu::ShaderSource::Wgsl(source.into()),
-    });
+    };
+    // The browser always applies its own robustness checks; natively wgpu's are optional.
+    let module = if g.checked_shaders || cfg!(target_arch = "wasm32") {
+        g.device.create_shader_module(desc)
+    } else {
+        // SAFETY: every kernel guards its storage accesses against the ranges the launcher
+        // binds (tested against the CPU twins with NaN-poisoned outputs and with
+        // `WGSPARSE_CHECKED_SHADERS=1`), indexes its private and workgroup arrays with
+        // in-range constants or loop counters, and bounds its loops by uniform values.
+        // Without this, naga clamps every index and adds a counter to every loop.
+        unsafe {
+            g.device
+                .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+        }
+    };
     let entries: Vec<wgpu::BindGroupLayoutEntry> = spec
         .bindings
         .iter()
@@ -144,6 +169,7 @@ fn compile(g: &GpuDevice, spec: &KernelSpec) -> Result<Kernel> {
             compilation_options: Default::default(),
             cache: None,
         });
+    #[cfg(not(target_arch = "wasm32"))]
     if let Some(e) = pollster::block_on(scope.pop()) {
         return Err(Error::Shader {
             name: label,

@@ -125,6 +125,12 @@ pub enum Method {
 }
 
 impl Method {
+    /// Every method this build has, in a stable order (the CLI's and the web demo's
+    /// pickers list these).
+    pub fn all() -> Vec<Method> {
+        vec![Method::Dense]
+    }
+
     /// Short name (`dense`, ...).
     pub fn name(&self) -> &'static str {
         match self {
@@ -440,7 +446,7 @@ impl AttentionPlan {
         out: &mut Tensor,
         state: Option<&mut RowState>,
     ) -> Result<AttentionReport> {
-        let start = std::time::Instant::now();
+        let start = crate::pipeline::Instant::now();
         let host = |t: &Tensor| t.host().expect("checked: CPU context").to_f32();
         let (qf, kf, vf) = (host(q), host(k), host(v));
         let scale = self.opts.scale_for(&self.shape);

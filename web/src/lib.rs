@@ -1,0 +1,419 @@
+//! wgsparse in the browser: the crate's attention plans exposed to JavaScript through
+//! wasm-bindgen.
+//!
+//! ```js
+//! import init, { WebContext, methods } from "./pkg/wgsparse_web.js";
+//! await init();
+//! const ctx = await WebContext.create("auto");      // WebGPU when the browser has it, else CPU
+//! const r = await ctx.runAttention(JSON.stringify({ method: "dense", seq_len: 512 }));
+//! const summary = JSON.parse(r.json);                 // timings, density, pattern, errors
+//! const out = r.output;                               // Float32Array [q_heads, seq_len, d]
+//! ```
+//!
+//! Everything here is async (no `pollster` on the web): device creation, the run, and the
+//! readback await the browser's promises.
+
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+use wgsparse::attention::dense_cpu::naive_attention;
+use wgsparse::metrics::{ErrorStats, compare};
+use wgsparse::{AttentionShape, Context, ContextOptions, DType, Method, Tensor};
+
+mod clock;
+mod pattern;
+
+pub use pattern::BlockPattern;
+
+/// Reports Rust panics on the browser console (with the message) instead of an opaque
+/// `unreachable` trap.
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        web_sys::console::error_1(&format!("wgsparse panic: {info}").into());
+    }));
+}
+
+/// Names of every attention method this build has (the demo's picker lists them).
+#[wasm_bindgen]
+pub fn methods() -> Vec<String> {
+    Method::all().iter().map(|m| m.name().to_string()).collect()
+}
+
+/// The crate version.
+#[wasm_bindgen]
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+/// One device: the browser's WebGPU or the CPU path compiled to WASM.
+#[wasm_bindgen]
+pub struct WebContext {
+    ctx: Context,
+    requested: String,
+    fallback_reason: Option<String>,
+}
+
+/// Device description returned by [`WebContext::info_json`].
+#[derive(Serialize)]
+struct DeviceInfo<'a> {
+    backend: String,
+    is_cpu: bool,
+    requested: &'a str,
+    adapter: String,
+    vendor: u32,
+    device_id: u32,
+    device_type: String,
+    driver: String,
+    fallback_reason: Option<&'a str>,
+    capabilities: &'a wgsparse::Capabilities,
+    dense_tile_rows: Option<usize>,
+}
+
+#[wasm_bindgen]
+impl WebContext {
+    /// Opens a device. `device`: `"auto"` (WebGPU when the browser offers an adapter,
+    /// else the CPU), `"webgpu"` (error without it) or `"cpu"`.
+    pub async fn create(device: String) -> Result<WebContext, JsError> {
+        let requested = device.trim().to_ascii_lowercase();
+        let (ctx, fallback_reason) = match requested.as_str() {
+            "cpu" => (Context::cpu(), None),
+            "webgpu" | "gpu" => match open_webgpu().await {
+                Ok(c) => (c, None),
+                Err(e) => return Err(JsError::new(&e)),
+            },
+            "" | "auto" => match open_webgpu().await {
+                Ok(c) => (c, None),
+                Err(e) => (Context::cpu(), Some(e)),
+            },
+            o => {
+                return Err(JsError::new(&format!(
+                    "unknown device `{o}` (auto, webgpu, cpu)"
+                )));
+            }
+        };
+        Ok(WebContext {
+            ctx,
+            requested,
+            fallback_reason,
+        })
+    }
+
+    /// `"webgpu"` or `"cpu"`.
+    pub fn backend(&self) -> String {
+        self.ctx.backend().to_string()
+    }
+
+    /// Why `"auto"` fell back to the CPU (no `navigator.gpu`, no adapter, ...), if it did.
+    #[wasm_bindgen(js_name = fallbackReason)]
+    pub fn fallback_reason(&self) -> Option<String> {
+        self.fallback_reason.clone()
+    }
+
+    /// The device as JSON: backend, adapter, capabilities (limits, f16, subgroups) and
+    /// the dense kernel's tile rows on this device.
+    #[wasm_bindgen(js_name = infoJson)]
+    pub fn info_json(&self) -> String {
+        let gpu = self.ctx.gpu();
+        let info = DeviceInfo {
+            backend: self.backend(),
+            is_cpu: self.ctx.is_cpu(),
+            requested: &self.requested,
+            adapter: match gpu {
+                Some(g) => g.info.name.clone(),
+                None => "CPU (WASM)".into(),
+            },
+            vendor: gpu.map(|g| g.info.vendor).unwrap_or(0),
+            device_id: gpu.map(|g| g.info.device).unwrap_or(0),
+            device_type: gpu
+                .map(|g| format!("{:?}", g.info.device_type))
+                .unwrap_or_else(|| "Cpu".into()),
+            driver: gpu
+                .map(|g| format!("{} {}", g.info.driver, g.info.driver_info))
+                .unwrap_or_default(),
+            fallback_reason: self.fallback_reason.as_deref(),
+            capabilities: self.ctx.capabilities(),
+            dense_tile_rows: gpu
+                .map(|g| wgsparse::attention::dense_gpu::DenseTiles::choose(&g.caps).bq),
+        };
+        serde_json::to_string(&info).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// Runs one attention problem (options as JSON, see [`RunOptions`]) and resolves to
+    /// a [`RunResult`]: the output and a JSON summary (per-stage times, density, the
+    /// selected block pattern, errors against dense attention on the WASM CPU path).
+    #[wasm_bindgen(js_name = runAttention)]
+    pub fn run_attention(&self, options_json: String) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let opts: RunOptions = serde_json::from_str(&options_json)
+                .map_err(|e| JsError::new(&format!("bad options: {e}")))?;
+            run(&ctx, &opts)
+                .await
+                .map(JsValue::from)
+                .map_err(|e| JsError::new(&e).into())
+        })
+    }
+}
+
+/// Opens the browser's WebGPU adapter, or says why not.
+async fn open_webgpu() -> Result<Context, String> {
+    if !wgpu::util::is_browser_webgpu_supported().await {
+        return Err("this browser offers no WebGPU adapter (navigator.gpu missing, or requestAdapter() returned null)".into());
+    }
+    let opts = ContextOptions::default().with_backend(wgsparse::Backend::BrowserWebGpu);
+    Context::new(opts)
+        .await
+        .map_err(|e| format!("WebGPU device: {e}"))
+}
+
+/// What to run (JSON from the page; every field optional).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct RunOptions {
+    /// Method name (`dense`, ...).
+    pub method: String,
+    /// Query rows (= keys).
+    pub seq_len: usize,
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head dimension (64, 128, 256).
+    pub head_dim: usize,
+    /// Causal masking.
+    pub causal: bool,
+    /// `f32` or `f16` storage.
+    pub dtype: String,
+    /// Seed of the synthetic Gaussian Q/K/V.
+    pub seed: u64,
+    /// Compare against dense attention on the WASM CPU path (or, on the CPU, against a
+    /// naive f64 reference when the problem is small enough).
+    pub compare: bool,
+    /// Block size of the pattern picture (rows and keys per cell).
+    pub block: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            method: "dense".into(),
+            seq_len: 512,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            causal: true,
+            dtype: "f32".into(),
+            seed: 7,
+            compare: true,
+            block: 64,
+        }
+    }
+}
+
+/// Host-measured time of one stage.
+#[derive(Serialize)]
+struct Stage {
+    name: String,
+    ms: f64,
+    /// `host` (performance.now around an awaited step) or `gpu` (timestamp queries).
+    clock: &'static str,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    backend: String,
+    method: String,
+    seq_len: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+    dtype: String,
+    seed: u64,
+    /// Attention time: GPU timestamps where the adapter has them, else wall clock.
+    attention_ms: f64,
+    attention_timing: String,
+    total_ms: f64,
+    stages: Vec<Stage>,
+    density: f64,
+    /// Share of the dense softmax mass inside the selected blocks (1 for dense).
+    recall: Option<f64>,
+    pattern: BlockPattern,
+    reference: Option<String>,
+    error: Option<ErrorStats>,
+    checksum: f64,
+    output_len: usize,
+    nonfinite: usize,
+    data: &'static str,
+}
+
+/// The result of a run: `json` (the summary) and `output` (`[q_heads, seq_len, d]`).
+#[wasm_bindgen]
+pub struct RunResult {
+    json: String,
+    output: Vec<f32>,
+}
+
+#[wasm_bindgen]
+impl RunResult {
+    /// The summary as JSON.
+    #[wasm_bindgen(getter)]
+    pub fn json(&self) -> String {
+        self.json.clone()
+    }
+    /// The attention output (a copy, as a Float32Array).
+    #[wasm_bindgen(getter)]
+    pub fn output(&self) -> Vec<f32> {
+        self.output.clone()
+    }
+}
+
+/// Problems up to this many query–key pairs × head_dim get the naive f64 reference on
+/// the CPU path (a few hundred ms in WASM).
+const NAIVE_BUDGET: f64 = 3e8;
+
+async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
+    let t_all = clock::now_ms();
+    let method: Method = o.method.parse().map_err(|e| format!("{e}"))?;
+    let dtype: DType = o.dtype.parse().map_err(|e| format!("{e}"))?;
+    let shape = AttentionShape::new(o.q_heads, o.kv_heads, o.seq_len, o.head_dim);
+    shape.validate(o.causal).map_err(|e| e.to_string())?;
+    if o.block == 0 {
+        return Err("block must be positive".into());
+    }
+    let mut stages = vec![];
+
+    let t = clock::now_ms();
+    let (qh, kh, vh) = wgsparse::synthetic::qkv_host(&shape, o.seed);
+    host_stage(&mut stages, "generate inputs", t);
+
+    let t = clock::now_ms();
+    let plan = ctx
+        .attention(shape)
+        .method(method.clone())
+        .causal(o.causal)
+        .dtype(dtype)
+        .build()
+        .map_err(|e| e.to_string())?;
+    host_stage(&mut stages, "build plan (compile kernels)", t);
+
+    let t = clock::now_ms();
+    let up = |dims: &[usize], v: &[f32]| Tensor::from_f32(ctx, dims, v, dtype);
+    let (q, k, v) = (|| {
+        Ok::<_, wgsparse::Error>((
+            up(&shape.q_dims(), &qh)?,
+            up(&shape.kv_dims(), &kh)?,
+            up(&shape.kv_dims(), &vh)?,
+        ))
+    })()
+    .map_err(|e| e.to_string())?;
+    let mut out = Tensor::zeros(ctx, &shape.q_dims(), dtype).map_err(|e| e.to_string())?;
+    host_stage(&mut stages, "upload", t);
+
+    let t = clock::now_ms();
+    plan.run_async(&q, &k, &v, &mut out, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    host_stage(&mut stages, "attention (submit to done)", t);
+    let report = plan.report().ok_or("the plan recorded no report")?;
+    if report.timing.timing == "timestamp" {
+        for s in &report.timing.stages {
+            if let Some(ms) = s.ms {
+                stages.push(Stage {
+                    name: format!("kernel `{}` (GPU timestamps)", s.name),
+                    ms,
+                    clock: "gpu",
+                });
+            }
+        }
+    }
+
+    let t = clock::now_ms();
+    let output = out.to_f32().await.map_err(|e| e.to_string())?;
+    host_stage(&mut stages, "readback", t);
+
+    let pattern = BlockPattern::for_method(&method, &shape, o.causal, o.block);
+    let (mut reference, mut error) = (None, None);
+    if o.compare {
+        let t = clock::now_ms();
+        let scale = plan.options().scale_for(&shape);
+        let work = shape.pairs(o.causal) * shape.head_dim as f64;
+        let (name, want) = if !ctx.is_cpu() || method != Method::Dense {
+            let cpu = Context::cpu();
+            let dense = cpu
+                .attention(shape)
+                .causal(o.causal)
+                .dtype(DType::F32)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let up = |dims: &[usize], v: &[f32]| Tensor::from_f32(&cpu, dims, v, DType::F32);
+            let (q, k, v) = (|| {
+                Ok::<_, wgsparse::Error>((
+                    up(&shape.q_dims(), &qh)?,
+                    up(&shape.kv_dims(), &kh)?,
+                    up(&shape.kv_dims(), &vh)?,
+                ))
+            })()
+            .map_err(|e| e.to_string())?;
+            let mut r =
+                Tensor::zeros(&cpu, &shape.q_dims(), DType::F32).map_err(|e| e.to_string())?;
+            dense
+                .run_async(&q, &k, &v, &mut r, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            (
+                "dense, WASM CPU path",
+                r.to_f32().await.map_err(|e| e.to_string())?,
+            )
+        } else if work <= NAIVE_BUDGET {
+            (
+                "naive f64 attention, WASM",
+                naive_attention(&shape, o.causal, scale, &qh, &kh, &vh),
+            )
+        } else {
+            (
+                "none (problem too large for the naive reference)",
+                output.clone(),
+            )
+        };
+        host_stage(&mut stages, "reference", t);
+        reference = Some(name.to_string());
+        error = Some(compare(&output, &want));
+    }
+
+    let summary = Summary {
+        backend: ctx.backend().to_string(),
+        method: method.name().into(),
+        seq_len: o.seq_len,
+        q_heads: o.q_heads,
+        kv_heads: o.kv_heads,
+        head_dim: o.head_dim,
+        causal: o.causal,
+        dtype: dtype.name().into(),
+        seed: o.seed,
+        attention_ms: report.ms(),
+        attention_timing: report.timing.timing.clone(),
+        total_ms: clock::now_ms() - t_all,
+        stages,
+        density: report.density,
+        recall: pattern.recall_if_complete(),
+        pattern,
+        reference,
+        error,
+        checksum: output.iter().map(|&x| x as f64).sum(),
+        output_len: output.len(),
+        nonfinite: output.iter().filter(|x| !x.is_finite()).count(),
+        data: "synthetic Gaussian Q/K/V (fixed seed), not a model's activations",
+    };
+    let json = serde_json::to_string(&summary).map_err(|e| e.to_string())?;
+    Ok(RunResult { json, output })
+}
+
+/// Records a host-timed stage that started at `t0` (ms).
+fn host_stage(stages: &mut Vec<Stage>, name: &str, t0: f64) {
+    stages.push(Stage {
+        name: name.into(),
+        ms: clock::now_ms() - t0,
+        clock: "host",
+    });
+}
