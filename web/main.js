@@ -1,0 +1,207 @@
+// The wgsparse demo page: picks a device, runs attention through the WASM module and
+// shows timings, errors against dense attention and the selected block pattern.
+// Test hook: `window.wgsparseDemo` (ready, run(options), last result).
+import init, { WebContext, methods, version } from "./pkg/wgsparse_web.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const contexts = new Map(); // device pick -> Promise<WebContext>
+
+function setStatus(state, text) {
+  const s = $("status");
+  s.dataset.state = state;
+  s.textContent = text;
+  document.body.dataset.state = state;
+}
+
+function showError(err) {
+  const msg = err && err.message ? err.message : String(err);
+  const box = $("error");
+  box.textContent = "Error: " + msg;
+  box.style.display = "block";
+  setStatus("error", "failed");
+  console.warn("wgsparse demo:", msg);
+}
+
+function clearError() {
+  $("error").style.display = "none";
+  $("error").textContent = "";
+}
+
+window.addEventListener("error", (e) => showError(e.error || e.message));
+window.addEventListener("unhandledrejection", (e) => showError(e.reason));
+
+async function browserAdapterText() {
+  // What the browser itself says about its adapter (wgpu leaves the name empty on the web).
+  try {
+    const a = navigator.gpu && (await navigator.gpu.requestAdapter());
+    if (!a) return "";
+    const i = a.info || {};
+    return [i.vendor, i.architecture, i.device, i.description].filter((x) => x).join(" / ");
+  } catch {
+    return "";
+  }
+}
+
+function context(pick) {
+  if (!contexts.has(pick)) {
+    const p = WebContext.create(pick);
+    p.catch(() => contexts.delete(pick)); // a failed open may be retried
+    contexts.set(pick, p);
+  }
+  return contexts.get(pick);
+}
+
+async function describeDevice(ctx) {
+  const info = JSON.parse(ctx.infoJson());
+  let text, detail;
+  if (info.is_cpu) {
+    text = "CPU (WASM)";
+    detail = info.fallback_reason ? "— fallback: " + info.fallback_reason : "— CPU path chosen";
+  } else {
+    const adapter = (await browserAdapterText()) || info.adapter || "adapter";
+    text = "WebGPU: " + adapter;
+    const c = info.capabilities;
+    detail = `— max ${c.max_invocations} invocations/workgroup, ${(c.max_storage_binding / 2 ** 20).toFixed(0)} MiB per binding, ` +
+      `${c.max_workgroup_storage} B workgroup memory, f16 arithmetic ${c.f16 ? "yes" : "no"}, ` +
+      `dense tiles ${info.dense_tile_rows} rows`;
+  }
+  $("device").textContent = text;
+  $("device-detail").textContent = detail;
+  $("device").dataset.backend = info.backend;
+  return { ...info, label: text };
+}
+
+const fmt = (x, d = 2) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
+const sci = (x) => (x === null || x === undefined ? "–" : Number(x).toExponential(2));
+
+function row(table, cells) {
+  const tr = document.createElement("tr");
+  cells.forEach((c, i) => {
+    const td = document.createElement("td");
+    td.textContent = c;
+    if (i > 0) td.className = "num";
+    tr.appendChild(td);
+  });
+  table.appendChild(tr);
+}
+
+function render(summary, device) {
+  const t = $("summary").tBodies[0];
+  t.replaceChildren();
+  row(t, ["device", device.label]);
+  row(t, ["method", summary.method]);
+  row(t, ["shape", `${summary.q_heads}×${summary.seq_len}×${summary.head_dim} (KV heads ${summary.kv_heads}), ${summary.dtype}, ${summary.causal ? "causal" : "full"}`]);
+  row(t, ["attention time", `${fmt(summary.attention_ms)} ms (${summary.attention_timing})`]);
+  row(t, ["total time", `${fmt(summary.total_ms)} ms`]);
+  row(t, ["density (pairs computed)", fmt(summary.density, 3)]);
+  row(t, ["recall (dense softmax mass kept)", summary.recall === null ? "–" : fmt(summary.recall, 3)]);
+  row(t, ["reference", summary.reference || "not compared"]);
+  row(t, ["max |error| vs dense", summary.error ? sci(summary.error.max_abs_err) : "–"]);
+  row(t, ["relative L2 error", summary.error ? sci(summary.error.rel_l2_err) : "–"]);
+  row(t, ["non-finite outputs", String(summary.nonfinite)]);
+  const s = $("stages").tBodies[0];
+  s.replaceChildren();
+  for (const st of summary.stages) row(s, [st.name, `${fmt(st.ms)} ms`]);
+  drawPattern(summary.pattern);
+}
+
+function drawPattern(p) {
+  const cv = $("pattern");
+  const g = cv.getContext("2d");
+  const size = 480;
+  const cell = Math.max(1, Math.floor(size / Math.max(p.q_blocks, p.k_blocks)));
+  cv.width = cell * p.k_blocks;
+  cv.height = cell * p.q_blocks;
+  const colors = ["#f1f3f5", "#2f6fe4", "#f2b8b5"];
+  for (let r = 0; r < p.q_blocks; r++) {
+    for (let c = 0; c < p.k_blocks; c++) {
+      g.fillStyle = colors[p.cells[r * p.k_blocks + c]] || "#000";
+      g.fillRect(c * cell, r * cell, cell, cell);
+    }
+  }
+  if (cell >= 6) {
+    g.strokeStyle = "rgba(255,255,255,0.6)";
+    for (let i = 0; i <= p.k_blocks; i++) { g.beginPath(); g.moveTo(i * cell + 0.5, 0); g.lineTo(i * cell + 0.5, cv.height); g.stroke(); }
+    for (let i = 0; i <= p.q_blocks; i++) { g.beginPath(); g.moveTo(0, i * cell + 0.5); g.lineTo(cv.width, i * cell + 0.5); g.stroke(); }
+  }
+  $("pattern-caption").textContent =
+    `${p.q_blocks} query blocks × ${p.k_blocks} key blocks of ${p.block_q}×${p.block_k}; ` +
+    `${(100 * p.block_density).toFixed(1)}% of the needed blocks computed.`;
+}
+
+function formOptions() {
+  const v = (id) => $(id).value;
+  return {
+    method: v("method"),
+    seq_len: Number(v("seq_len")),
+    q_heads: Number(v("q_heads")),
+    kv_heads: Number(v("kv_heads")),
+    head_dim: Number(v("head_dim")),
+    dtype: v("dtype"),
+    device: v("device_pick"),
+    compare: $("compare").checked,
+  };
+}
+
+let busy = false;
+async function run(options) {
+  if (busy) throw new Error("a run is already in progress");
+  busy = true;
+  $("run").disabled = true;
+  clearError();
+  const { device = "auto", ...opts } = options;
+  try {
+    setStatus("running", "opening device…");
+    const ctx = await context(device);
+    const dev = await describeDevice(ctx);
+    setStatus("running", `running ${opts.method || "dense"} on ${dev.is_cpu ? "the CPU (WASM)" : "WebGPU"}…`);
+    // Let the browser paint the state before the (possibly long) run.
+    await new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
+    const res = await ctx.runAttention(JSON.stringify({ block: 64, ...opts }));
+    const summary = JSON.parse(res.json);
+    const output = res.output;
+    res.free();
+    render(summary, dev);
+    setStatus("done", `done in ${fmt(summary.total_ms, 0)} ms`);
+    const result = { summary, device: dev, output };
+    window.wgsparseDemo.last = result;
+    return result;
+  } catch (e) {
+    showError(e);
+    throw e;
+  } finally {
+    busy = false;
+    $("run").disabled = false;
+  }
+}
+
+async function main() {
+  setStatus("loading", "loading WebAssembly…");
+  await init();
+  const sel = $("method");
+  for (const m of methods()) {
+    const o = document.createElement("option");
+    o.value = o.textContent = m;
+    sel.appendChild(o);
+  }
+  if (params.get("device")) $("device_pick").value = params.get("device");
+  const ctx = await context($("device_pick").value);
+  await describeDevice(ctx);
+  $("run").disabled = false;
+  setStatus("idle", `ready (wgsparse ${version()})`);
+  $("form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    run(formOptions()).catch(() => {}); // shown on the page by run()
+  });
+  $("device_pick").addEventListener("change", () => {
+    context($("device_pick").value).then(describeDevice).catch(showError);
+  });
+  return { methods: methods() };
+}
+
+window.wgsparseDemo = { run, last: null };
+window.wgsparseDemo.ready = main().catch((e) => {
+  showError(e);
+  throw e;
+});
