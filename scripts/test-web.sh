@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Browser test: builds the web crate (scripts/build-web.sh), serves web/ on 127.0.0.1 and
+# drives the system Chromium headless through playwright-core (never a downloaded
+# browser) to check the demo page on WebGPU and on the CPU (WASM) fallback; see
+# scripts/web-test/browser-test.mjs for the assertions.
+#
+#   bash scripts/test-web.sh
+#
+# Installs what is missing (apt, as root or through passwordless sudo): chromium, and
+# nodejs + npm; then playwright-core from scripts/web-test/package-lock.json into the
+# git-ignored scripts/web-test/node_modules. Screenshots: target/web-test/*.png.
+# Environment: CHROMIUM=/path/to/chromium, WGSPARSE_SKIP_APT=1.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+say() { printf '[test-web] %s\n' "$*" >&2; }
+start=$SECONDS
+
+# --- system packages ------------------------------------------------------------------
+chromium="${CHROMIUM:-}"
+if [ -z "$chromium" ]; then
+    for c in /usr/bin/chromium /usr/bin/chromium-browser; do
+        [ -x "$c" ] && chromium="$c" && break
+    done
+fi
+packages=()
+[ -n "$chromium" ] || packages+=(chromium)
+node_ok() {
+    command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 &&
+        [ "$(node -p 'process.versions.node.split(".")[0]')" -ge 18 ]
+}
+node_ok || packages+=(nodejs npm)
+if [ "${#packages[@]}" -gt 0 ]; then
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo=(sudo -n)
+        else
+            say "missing ${packages[*]} and not root. Run: sudo apt-get install -y ${packages[*]}"
+            exit 1
+        fi
+    fi
+    if [ "${WGSPARSE_SKIP_APT:-0}" = 1 ] || ! command -v apt-get >/dev/null 2>&1; then
+        say "missing ${packages[*]} (WGSPARSE_SKIP_APT=1 or no apt-get)"
+        exit 1
+    fi
+    say "apt-get install ${packages[*]}"
+    t=$SECONDS
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+        "${packages[@]}" >/dev/null
+    say "installed in $((SECONDS - t)) s"
+    [ -n "$chromium" ] || chromium=/usr/bin/chromium
+fi
+node_ok || { say "node >= 18 with npm is needed"; exit 1; }
+say "browser: $("$chromium" --version 2>/dev/null || echo "$chromium"), node $(node --version)"
+
+# --- playwright-core (pinned by the committed lockfile) ---------------------------------
+pw=scripts/web-test
+if [ ! -f "$pw/node_modules/playwright-core/package.json" ] ||
+    [ "$pw/package-lock.json" -nt "$pw/node_modules/.package-lock.json" ]; then
+    say "npm ci (playwright-core)"
+    # PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD: belt and braces, playwright-core never downloads.
+    (cd "$pw" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# --- build and test ---------------------------------------------------------------------
+t=$SECONDS
+bash scripts/build-web.sh
+say "web build took $((SECONDS - t)) s"
+CHROMIUM="$chromium" node "$pw/browser-test.mjs" web target/web-test
+say "browser test passed; screenshots in target/web-test/; $((SECONDS - start)) s in all"

@@ -1,0 +1,214 @@
+// Headless-browser test of the demo page (web/): serves web/ on 127.0.0.1, drives the
+// system Chromium through playwright-core (never a downloaded browser) and checks
+//   1. with WebGPU: dense attention (and every sparse method the build lists) runs on the
+//      browser's WebGPU adapter and agrees with the WASM CPU path;
+//   2. with WebGPU unavailable: the page falls back to the CPU path and still gives the
+//      right answer (vs a naive f64 reference, and vs the WebGPU output of step 1);
+//   3. no page errors, no console errors, no error box.
+// Usage: node browser-test.mjs <web dir> <out dir>   (CHROMIUM=/path overrides the browser)
+import { chromium } from "playwright-core";
+import http from "node:http";
+import fs from "node:fs";
+import path from "node:path";
+import os from "node:os";
+
+const webDir = path.resolve(process.argv[2] || "web");
+const outDir = path.resolve(process.argv[3] || "target/web-test");
+fs.mkdirSync(outDir, { recursive: true });
+const browserPath = process.env.CHROMIUM || "/usr/bin/chromium";
+const F32_TOL = 1e-4; // GPU vs CPU twin, f32 storage (native bound: 2e-5)
+const F16_TOL = 5e-3; // f16 storage: the output is rounded to f16
+
+const log = (...a) => console.log("[browser-test]", ...a);
+let failures = 0;
+function check(cond, what) {
+  if (cond) log("ok  ", what);
+  else { failures++; log("FAIL", what); }
+}
+
+// --- static server ----------------------------------------------------------------
+const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript",
+  ".wasm": "application/wasm", ".json": "application/json", ".css": "text/css", ".ts": "text/plain" };
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, "http://x");
+  let p = path.normalize(decodeURIComponent(url.pathname)).replace(/^(\.\.[/\\])+/, "");
+  if (p.endsWith("/")) p += "index.html";
+  const file = path.join(webDir, p);
+  if (!file.startsWith(webDir) || !fs.existsSync(file) || !fs.statSync(file).isFile()) {
+    res.writeHead(404); res.end("not found"); return;
+  }
+  res.writeHead(200, { "content-type": types[path.extname(file)] || "application/octet-stream",
+    "cache-control": "no-store" });
+  fs.createReadStream(file).pipe(res);
+});
+await new Promise((r) => server.listen(0, "127.0.0.1", r));
+const base = `http://127.0.0.1:${server.address().port}/`;
+log("serving", webDir, "at", base, "browser", browserPath);
+
+const baseArgs = ["--headless=new", "--no-sandbox", "--disable-gpu-sandbox", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"];
+
+async function openPage(webgpu) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "wgsparse-chromium-"));
+  const args = webgpu
+    ? [...baseArgs, "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader"]
+    : [...baseArgs, "--disable-features=WebGPU,Vulkan"];
+  const t0 = Date.now();
+  const ctx = await chromium.launchPersistentContext(dir, {
+    executablePath: browserPath, headless: true, args, viewport: { width: 1100, height: 900 },
+  });
+  const page = ctx.pages()[0] || (await ctx.newPage());
+  const problems = [];
+  page.on("pageerror", (e) => problems.push("pageerror: " + e.message));
+  page.on("console", (m) => {
+    if (m.type() === "error") problems.push("console.error: " + m.text());
+    if (process.env.WGSPARSE_WEB_TEST_VERBOSE) log("console", m.type(), m.text());
+  });
+  page.on("crash", () => problems.push("page crashed"));
+  page.setDefaultTimeout(240_000);
+  await page.goto(base + "index.html");
+  await page.evaluate(() => window.wgsparseDemo.ready);
+  log(`${webgpu ? "WebGPU" : "no-WebGPU"} browser up and page ready in ${Date.now() - t0} ms`);
+  return { ctx, page, problems, dir };
+}
+
+async function runApi(page, opts) {
+  const t0 = Date.now();
+  const r = await page.evaluate(async (o) => {
+    const res = await window.wgsparseDemo.run(o);
+    return { summary: res.summary, device: res.device };
+  }, opts);
+  log(`run ${JSON.stringify(opts)}: backend ${r.summary.backend}, attention ${r.summary.attention_ms.toFixed(2)} ms ` +
+    `(${r.summary.attention_timing}), total ${r.summary.total_ms.toFixed(0)} ms, page round trip ${Date.now() - t0} ms, ` +
+    `max_abs_err ${r.summary.error && r.summary.error.max_abs_err.toExponential(2)} vs ${r.summary.reference}`);
+  return r.summary;
+}
+
+async function runUi(page, sel) {
+  for (const [id, v] of Object.entries(sel)) await page.selectOption("#" + id, String(v));
+  const t0 = Date.now();
+  await page.click("#run");
+  await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state));
+  const state = await page.evaluate(() => document.body.dataset.state);
+  const errText = await page.evaluate(() => document.getElementById("error").textContent);
+  check(state === "done", `UI run finished (state ${state}${errText ? ": " + errText : ""})`);
+  const last = await page.evaluate(() => {
+    const l = window.wgsparseDemo.last;
+    return l && { summary: l.summary, device: l.device, output: Array.from(l.output) };
+  });
+  log(`UI run ${JSON.stringify(sel)} in ${Date.now() - t0} ms: ${last && last.summary.backend}, ` +
+    `attention ${last && last.summary.attention_ms.toFixed(2)} ms`);
+  return last;
+}
+
+function triangle(p) {
+  // Dense causal: query block r computes key blocks 0..=r (square blocks, kv_len = seq_len).
+  for (let r = 0; r < p.q_blocks; r++)
+    for (let c = 0; c < p.k_blocks; c++)
+      if (p.cells[r * p.k_blocks + c] !== (c <= r ? 1 : 0)) return false;
+  return true;
+}
+
+function maxAbs(a, b) {
+  if (a.length !== b.length) return Infinity;
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]) || (a[i] === b[i] ? 0 : Infinity));
+  return m;
+}
+
+const ui = { seq_len: 512, q_heads: 4, kv_heads: 2, head_dim: 64, dtype: "f32" };
+let gpuOut = null;
+const t0 = Date.now();
+try {
+  // --- 1. WebGPU --------------------------------------------------------------------
+  {
+    const { ctx, page, problems, dir } = await openPage(true);
+    const device = await page.evaluate(() => ({
+      backend: document.getElementById("device").dataset.backend,
+      text: document.getElementById("device").textContent,
+      detail: document.getElementById("device-detail").textContent,
+    }));
+    log("device:", device.text, device.detail);
+    check(device.backend === "webgpu", `WebGPU path chosen (backend ${device.backend})`);
+    const methods = await page.evaluate(() => Array.from(document.querySelectorAll("#method option")).map((o) => o.value));
+    log("methods in the picker:", methods.join(", "));
+    check(methods.includes("dense"), "picker lists dense");
+    const cases = [
+      { method: "dense", seq_len: 300, q_heads: 4, kv_heads: 1, head_dim: 128, dtype: "f32", tol: F32_TOL },
+      { method: "dense", seq_len: 200, q_heads: 2, kv_heads: 2, head_dim: 64, dtype: "f32", causal: false, tol: F32_TOL },
+      { method: "dense", seq_len: 256, q_heads: 2, kv_heads: 1, head_dim: 64, dtype: "f16", tol: F16_TOL },
+      { method: "dense", seq_len: 128, q_heads: 2, kv_heads: 1, head_dim: 256, dtype: "f32", tol: F32_TOL },
+    ];
+    for (const m of methods.filter((m) => m !== "dense"))
+      cases.push({ method: m, seq_len: 512, q_heads: 4, kv_heads: 2, head_dim: 64, dtype: "f32", sparse: true });
+    if (!methods.some((m) => m !== "dense")) log("no sparse method in this build: the sparse assertion waits for them");
+    for (const { tol, sparse, ...c } of cases) {
+      const s = await runApi(page, { device: "auto", ...c });
+      const tag = `${c.method} ${c.dtype} n=${c.seq_len} d=${c.head_dim}${c.causal === false ? " non-causal" : ""}`;
+      check(s.backend === "webgpu", `${tag}: ran on WebGPU`);
+      check(s.nonfinite === 0, `${tag}: finite output`);
+      check(s.reference === "dense, WASM CPU path", `${tag}: compared with the WASM CPU path`);
+      if (sparse) {
+        check(s.density > 0 && s.density <= 1, `${tag}: density ${s.density}`);
+        check(s.error && s.error.rel_l2_err < 0.1, `${tag}: rel L2 vs dense ${s.error && s.error.rel_l2_err}`);
+      } else {
+        check(s.error && s.error.max_abs_err <= tol, `${tag}: max_abs_err ${s.error && s.error.max_abs_err} <= ${tol}`);
+        check(s.density === 1, `${tag}: density 1`);
+      }
+    }
+    const last = await runUi(page, { method: "dense", device_pick: "auto", ...ui });
+    const s = last.summary;
+    check(s.backend === "webgpu", "UI run on WebGPU");
+    check(s.error && s.error.max_abs_err <= F32_TOL, `UI run agrees with the WASM CPU path (max_abs_err ${s.error && s.error.max_abs_err})`);
+    check(s.density === 1 && s.recall === 1, "dense: density 1, recall 1");
+    check(triangle(s.pattern) && s.pattern.q_blocks === 8, "dense causal pattern is the 8×8 block triangle");
+    const painted = await page.evaluate(() => {
+      const c = document.getElementById("pattern");
+      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+      let blue = 0;
+      for (let i = 0; i < d.length; i += 4) if (d[i] === 0x2f && d[i + 1] === 0x6f && d[i + 2] === 0xe4) blue++;
+      return blue / (d.length / 4);
+    });
+    check(painted > 0.4 && painted < 0.7, `heatmap painted (computed share of pixels ${painted.toFixed(2)})`);
+    gpuOut = last.output;
+    await page.screenshot({ path: path.join(outDir, "demo-webgpu.png"), fullPage: true });
+    log("screenshot:", path.join(outDir, "demo-webgpu.png"));
+    const errBox = await page.evaluate(() => getComputedStyle(document.getElementById("error")).display);
+    check(errBox === "none", "no error shown on the page");
+    check(problems.length === 0, `no page/console errors (${problems.join(" | ") || "none"})`);
+    await ctx.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+
+  // --- 2. no WebGPU: CPU (WASM) fallback ---------------------------------------------
+  {
+    const { ctx, page, problems, dir } = await openPage(false);
+    const device = await page.evaluate(() => ({
+      backend: document.getElementById("device").dataset.backend,
+      text: document.getElementById("device").textContent,
+      detail: document.getElementById("device-detail").textContent,
+    }));
+    log("device:", device.text, device.detail);
+    check(device.backend === "cpu" && device.text === "CPU (WASM)", "falls back to CPU (WASM)");
+    const last = await runUi(page, { method: "dense", device_pick: "auto", ...ui });
+    const s = last.summary;
+    check(s.backend === "cpu", "UI run on the CPU path");
+    check(s.reference === "naive f64 attention, WASM" && s.error.max_abs_err <= 1e-5,
+      `CPU path vs naive f64 reference: max_abs_err ${s.error && s.error.max_abs_err}`);
+    const d = maxAbs(last.output, gpuOut);
+    check(d <= F32_TOL, `CPU (WASM) output = WebGPU output of step 1 (max_abs_diff ${d})`);
+    await page.screenshot({ path: path.join(outDir, "demo-cpu.png"), fullPage: true });
+    const errBox = await page.evaluate(() => getComputedStyle(document.getElementById("error")).display);
+    check(errBox === "none", "no error shown on the page");
+    check(problems.length === 0, `no page/console errors (${problems.join(" | ") || "none"})`);
+    await ctx.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+} catch (e) {
+  failures++;
+  log("FAIL exception:", e && e.stack ? e.stack : e);
+} finally {
+  server.close();
+}
+log(`${failures === 0 ? "PASS" : "FAIL"} (${failures} failures) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+process.exit(failures === 0 ? 0 : 1);
