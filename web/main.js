@@ -145,6 +145,7 @@ function formOptions() {
 }
 
 let busy = false;
+const warmed = new Set(); // device picks that have run once
 async function run(options) {
   if (busy) throw new Error("a run is already in progress");
   busy = true;
@@ -155,13 +156,15 @@ async function run(options) {
     setStatus("running", "opening device…");
     const ctx = await context(device);
     const dev = await describeDevice(ctx);
-    setStatus("running", `running ${opts.method || "dense"} on ${dev.is_cpu ? "the CPU (WASM)" : "WebGPU"}…`);
+    const first = !dev.is_cpu && !warmed.has(device) ? " (the first run includes the browser's shader compilation)" : "";
+    setStatus("running", `running ${opts.method || "dense"} on ${dev.is_cpu ? "the CPU (WASM)" : "WebGPU"}…${first}`);
     // Let the browser paint the state before the (possibly long) run.
     await new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
     const res = await ctx.runAttention(JSON.stringify({ block: 64, ...opts }));
     const summary = JSON.parse(res.json);
     const output = res.output;
     res.free();
+    warmed.add(device);
     render(summary, dev);
     setStatus("done", `done in ${fmt(summary.total_ms, 0)} ms`);
     const result = { summary, device: dev, output };

@@ -200,6 +200,12 @@ try {
     await page.screenshot({ path: path.join(outDir, "demo-cpu.png"), fullPage: true });
     const errBox = await page.evaluate(() => getComputedStyle(document.getElementById("error")).display);
     check(errBox === "none", "no error shown on the page");
+    // A bad request is reported on the page (typed error from the crate), not thrown away.
+    const bad = await page.evaluate(async () => {
+      try { await window.wgsparseDemo.run({ device: "cpu", method: "dense", seq_len: 64, q_heads: 3, kv_heads: 2, head_dim: 64 }); return "no error"; }
+      catch (e) { return { msg: String(e && e.message), shown: document.getElementById("error").textContent, state: document.body.dataset.state }; }
+    });
+    check(bad.state === "error" && /multiple of kv_heads/.test(bad.shown), `invalid shape shown on the page (${bad.shown})`);
     check(problems.length === 0, `no page/console errors (${problems.join(" | ") || "none"})`);
     await ctx.close();
     fs.rmSync(dir, { recursive: true, force: true });
