@@ -8,10 +8,12 @@
 # passwordless sudo; otherwise it prints the command and stops). It then runs every test
 # with WGSPARSE_REQUIRE_GPU=1 (and WGSPARSE_REQUIRE_GL=1 for the GL-compute test), so a
 # missing adapter FAILS the GPU tests instead of skipping them, and builds the benches
-# and examples so they cannot rot.
+# and examples so they cannot rot, and finally runs the browser test (scripts/test-web.sh:
+# the WASM build and the demo page in headless Chromium, WebGPU and the CPU fallback).
 #
 # Environment: WGSPARSE_SKIP_APT=1 skips the package check; WGSPARSE_REQUIRE_GPU=0 lets
-# the GPU tests skip on a machine without any adapter (not for CI).
+# the GPU tests skip on a machine without any adapter (not for CI); WGSPARSE_SKIP_WEB=1
+# skips the browser test.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -97,4 +99,8 @@ say "cargo test (WGSPARSE_REQUIRE_GPU=$WGSPARSE_REQUIRE_GPU)"
 cargo test --locked "$@"
 say "cargo build --benches --examples (debug: they must compile)"
 cargo build --locked --benches --examples
+if [ "${WGSPARSE_SKIP_WEB:-0}" != 1 ]; then
+    say "scripts/test-web.sh (WASM build + headless Chromium; WGSPARSE_SKIP_WEB=1 skips it)"
+    bash scripts/test-web.sh
+fi
 say "all tests passed in $((SECONDS - start)) s"
