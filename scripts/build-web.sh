@@ -30,6 +30,8 @@ profile=release
 target=wasm32-unknown-unknown
 crate=wgsparse_web
 cache="${WGSPARSE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/wgsparse}"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
 start=$SECONDS
 
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
@@ -104,7 +106,7 @@ debian)
     say "compiler: Debian $(/usr/bin/rustc --version) with -Zbuild-std"
     # Separate target dir: std is rebuilt with a different compiler.
     env PATH=/usr/bin:/bin RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
-        CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" CARGO_TARGET_DIR="$root/target/web-debian" \
+        CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" CARGO_TARGET_DIR="$target_dir/web-debian" \
         /usr/bin/cargo build --locked "${profile_flag[@]}" -Zbuild-std=std,panic_abort \
         --target "$target" -p wgsparse-web
     cleanup_debian
@@ -117,8 +119,8 @@ debian)
 esac
 
 case "$choice" in
-debian) wasm="$root/target/web-debian/$target/$profile/$crate.wasm" ;;
-*) wasm="$root/target/$target/$profile/$crate.wasm" ;;
+debian) wasm="$target_dir/web-debian/$target/$profile/$crate.wasm" ;;
+*) wasm="$target_dir/$target/$profile/$crate.wasm" ;;
 esac
 [ -f "$wasm" ] || { say "no $wasm after the build"; exit 1; }
 
