@@ -2,7 +2,7 @@
 //! `--check-len` and the CLI share.
 
 use crate::attention::dense_cpu::dense_attention_cpu;
-use crate::attention::{AttentionReport, AttentionShape};
+use crate::attention::{AttentionReport, AttentionShape, upload_qkv};
 use crate::context::Context;
 use crate::error::Result;
 use crate::metrics::{ErrorStats, compare};
@@ -44,9 +44,7 @@ pub fn dense_against_cpu_twin(
         &v,
         None,
     );
-    let qt = Tensor::from_f32(ctx, &shape.q_dims(), &q, dtype)?;
-    let kt = Tensor::from_f32(ctx, &shape.kv_dims(), &k, dtype)?;
-    let vt = Tensor::from_f32(ctx, &shape.kv_dims(), &v, dtype)?;
+    let (qt, kt, vt) = upload_qkv(ctx, &shape, &q, &k, &v, dtype)?;
     let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
     plan.run_into(&qt, &kt, &vt, &mut out)?;
     let got = out.to_f32_blocking()?;

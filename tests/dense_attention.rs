@@ -5,6 +5,7 @@
 mod common;
 
 use wgsparse::attention::dense_cpu::{HostRowState, dense_attention_cpu, naive_attention};
+use wgsparse::attention::upload_qkv;
 use wgsparse::metrics::compare;
 use wgsparse::synthetic::qkv_host;
 use wgsparse::verify::{dense_against_cpu_twin, dense_tolerance};
@@ -197,9 +198,7 @@ fn row_state_export_and_import_continue_a_row() {
     contexts.extend(common::gpu(None));
     contexts.extend(common::gpu(Some(20 << 10)));
     for ctx in contexts {
-        let qt = Tensor::from_f32(&ctx, &shape.q_dims(), &q, DType::F32).unwrap();
-        let kt = Tensor::from_f32(&ctx, &shape.kv_dims(), &k, DType::F32).unwrap();
-        let vt = Tensor::from_f32(&ctx, &shape.kv_dims(), &v, DType::F32).unwrap();
+        let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
         let mut out = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
         let mut state = RowState::empty(&ctx, &shape).unwrap();
         // Poison the state: without import it must be ignored and fully overwritten.

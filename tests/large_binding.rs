@@ -4,6 +4,7 @@
 mod common;
 
 use wgsparse::attention::dense_cpu::dense_attention_cpu;
+use wgsparse::attention::upload_qkv;
 use wgsparse::metrics::compare;
 use wgsparse::synthetic::qkv_host;
 use wgsparse::{AttentionShape, DType, Tensor};
@@ -24,9 +25,7 @@ fn q_larger_than_one_binding_runs_and_matches_cpu() {
     let (q, k, v) = qkv_host(&shape, seed);
     let want = dense_attention_cpu(&shape, true, 1.0 / 16.0, &q, &k, &v, None);
     let plan = ctx.attention(shape).dtype(DType::F32).build().unwrap();
-    let qt = Tensor::from_f32(&ctx, &shape.q_dims(), &q, DType::F32).unwrap();
-    let kt = Tensor::from_f32(&ctx, &shape.kv_dims(), &k, DType::F32).unwrap();
-    let vt = Tensor::from_f32(&ctx, &shape.kv_dims(), &v, DType::F32).unwrap();
+    let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
     let mut out = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
     plan.run_into(&qt, &kt, &vt, &mut out).unwrap();
     let report = plan.report().unwrap();

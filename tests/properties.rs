@@ -12,6 +12,7 @@ use wgsparse::attention::dense_cpu::{dense_attention_cpu, naive_attention};
 use wgsparse::attention::split::{
     BLOCK_K, BLOCK_Q, DenseDispatch, MIN_BLOCK_Q, SplitLimits, SplitProblem, split_dense,
 };
+use wgsparse::attention::upload_qkv;
 use wgsparse::metrics::compare;
 use wgsparse::synthetic::qkv_host;
 use wgsparse::verify::{dense_against_cpu_twin, dense_tolerance};
@@ -514,9 +515,7 @@ fn non_causal_with_fewer_keys_than_queries() {
                 .scale(0.125)
                 .build()
                 .unwrap();
-            let qt = Tensor::from_f32(&ctx, &shape.q_dims(), &q, DType::F32).unwrap();
-            let kt = Tensor::from_f32(&ctx, &shape.kv_dims(), &k, DType::F32).unwrap();
-            let vt = Tensor::from_f32(&ctx, &shape.kv_dims(), &v, DType::F32).unwrap();
+            let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
             let out = plan.run(&qt, &kt, &vt).unwrap().to_f32_blocking().unwrap();
             assert!(compare(&out, &want).max_abs_err <= 2e-5, "{ctx:?}");
         }

@@ -114,6 +114,23 @@ impl AttentionShape {
     }
 }
 
+/// Uploads host Q (`[q_heads, seq_len, d]`) and K, V (`[kv_heads, kv_len, d]`) of a
+/// shape to `ctx`, stored as `dtype`.
+pub fn upload_qkv(
+    ctx: &Context,
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dtype: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        Tensor::from_f32(ctx, &shape.q_dims(), q, dtype)?,
+        Tensor::from_f32(ctx, &shape.kv_dims(), k, dtype)?,
+        Tensor::from_f32(ctx, &shape.kv_dims(), v, dtype)?,
+    ))
+}
+
 /// Which attention algorithm a plan runs. Sparse methods (anchor, sale, proxy, window,
 /// oracle) join this enum as they land.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

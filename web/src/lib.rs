@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wgsparse::attention::dense_cpu::naive_attention;
+use wgsparse::attention::upload_qkv;
 use wgsparse::metrics::{ErrorStats, compare};
 use wgsparse::{AttentionShape, Context, ContextOptions, DType, Method, Tensor};
 
@@ -298,15 +299,7 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
     host_stage(&mut stages, "build plan (compile kernels)", t);
 
     let t = clock::now_ms();
-    let up = |dims: &[usize], v: &[f32]| Tensor::from_f32(ctx, dims, v, dtype);
-    let (q, k, v) = (|| {
-        Ok::<_, wgsparse::Error>((
-            up(&shape.q_dims(), &qh)?,
-            up(&shape.kv_dims(), &kh)?,
-            up(&shape.kv_dims(), &vh)?,
-        ))
-    })()
-    .map_err(|e| e.to_string())?;
+    let (q, k, v) = upload_qkv(ctx, &shape, &qh, &kh, &vh, dtype).map_err(|e| e.to_string())?;
     let mut out = Tensor::zeros(ctx, &shape.q_dims(), dtype).map_err(|e| e.to_string())?;
     host_stage(&mut stages, "upload", t);
 
@@ -346,15 +339,8 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
                 .dtype(DType::F32)
                 .build()
                 .map_err(|e| e.to_string())?;
-            let up = |dims: &[usize], v: &[f32]| Tensor::from_f32(&cpu, dims, v, DType::F32);
-            let (q, k, v) = (|| {
-                Ok::<_, wgsparse::Error>((
-                    up(&shape.q_dims(), &qh)?,
-                    up(&shape.kv_dims(), &kh)?,
-                    up(&shape.kv_dims(), &vh)?,
-                ))
-            })()
-            .map_err(|e| e.to_string())?;
+            let (q, k, v) =
+                upload_qkv(&cpu, &shape, &qh, &kh, &vh, DType::F32).map_err(|e| e.to_string())?;
             let mut r =
                 Tensor::zeros(&cpu, &shape.q_dims(), DType::F32).map_err(|e| e.to_string())?;
             dense
