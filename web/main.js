@@ -109,6 +109,12 @@ function render(summary, device) {
 function drawPattern(p) {
   const cv = $("pattern");
   const g = cv.getContext("2d");
+  if (!p) {
+    cv.width = 1;
+    cv.height = 1;
+    $("pattern-caption").textContent = "This method did not report its selected blocks.";
+    return;
+  }
   const size = 480;
   const cell = Math.max(1, Math.floor(size / Math.max(p.q_blocks, p.k_blocks)));
   cv.width = cell * p.k_blocks;

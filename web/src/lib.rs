@@ -239,7 +239,8 @@ struct Summary {
     density: f64,
     /// Share of the dense softmax mass inside the selected blocks (1 for dense).
     recall: Option<f64>,
-    pattern: BlockPattern,
+    /// `null` when the method's selected blocks are not known (see `BlockPattern::for_method`).
+    pattern: Option<BlockPattern>,
     reference: Option<String>,
     error: Option<ErrorStats>,
     checksum: f64,
@@ -382,7 +383,7 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
         total_ms: clock::now_ms() - t_all,
         stages,
         density: report.density,
-        recall: pattern.recall_if_complete(),
+        recall: pattern.as_ref().and_then(BlockPattern::recall_if_complete),
         pattern,
         reference,
         error,

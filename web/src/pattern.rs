@@ -35,7 +35,14 @@ pub struct BlockPattern {
 
 impl BlockPattern {
     /// The pattern of `method` on `shape` with square blocks of `block` rows and keys.
-    pub fn for_method(method: &Method, shape: &AttentionShape, causal: bool, block: usize) -> Self {
+    /// `None` for a method whose selected blocks this crate cannot know ahead of the run
+    /// (a sparse method reports its own pattern).
+    pub fn for_method(
+        method: &Method,
+        shape: &AttentionShape,
+        causal: bool,
+        block: usize,
+    ) -> Option<Self> {
         let (n, nk) = (shape.seq_len, shape.kv_len);
         let q_blocks = n.div_ceil(block);
         let k_blocks = nk.div_ceil(block);
@@ -53,22 +60,24 @@ impl BlockPattern {
                 } else {
                     match method {
                         Method::Dense => cell::COMPUTED,
+                        // A sparse method's pattern must come from its own report (the
+                        // blocks it selected), never be guessed here.
                         #[allow(unreachable_patterns)]
-                        _ => cell::SKIPPED,
+                        _ => return None,
                     }
                 });
             }
         }
         let computed = cells.iter().filter(|&&c| c == cell::COMPUTED).count();
         let need = cells.iter().filter(|&&c| c != cell::MASKED).count();
-        BlockPattern {
+        Some(BlockPattern {
             block_q: block,
             block_k: block,
             q_blocks,
             k_blocks,
             cells,
             block_density: computed as f64 / need.max(1) as f64,
-        }
+        })
     }
 
     /// The recall (share of dense softmax mass inside computed blocks) when it is known
@@ -86,7 +95,7 @@ mod tests {
     #[test]
     fn dense_causal_is_a_triangle() {
         let shape = AttentionShape::new(2, 1, 256, 64);
-        let p = BlockPattern::for_method(&Method::Dense, &shape, true, 64);
+        let p = BlockPattern::for_method(&Method::Dense, &shape, true, 64).unwrap();
         assert_eq!((p.q_blocks, p.k_blocks), (4, 4));
         let computed: Vec<usize> = (0..4)
             .map(|r| {
@@ -99,7 +108,7 @@ mod tests {
         assert_eq!(computed, vec![1, 2, 3, 4]);
         assert_eq!(p.block_density, 1.0);
         assert_eq!(p.recall_if_complete(), Some(1.0));
-        let full = BlockPattern::for_method(&Method::Dense, &shape, false, 100);
+        let full = BlockPattern::for_method(&Method::Dense, &shape, false, 100).unwrap();
         assert!(full.cells.iter().all(|&c| c == cell::COMPUTED));
         assert_eq!((full.q_blocks, full.k_blocks), (3, 3));
     }
