@@ -2,7 +2,7 @@
 //! dispatches that respect the binding and grid limits (see [`super::split`]), writes
 //! each dispatch's parameters once at plan build time, and records the dispatches.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -80,7 +80,10 @@ pub(crate) enum StateMode {
 struct Prepared {
     dispatch: DenseDispatch,
     bq: usize,
-    kernel: Arc<Kernel>,
+    spec: KernelSpec,
+    /// Compiled at build time for the plain runs; for runs with a caller's row state
+    /// only on the first such run (most plans never have one).
+    kernel: OnceLock<Arc<Kernel>>,
     slot: u64,
     q: SubRange,
     k: SubRange,
@@ -312,10 +315,16 @@ impl DenseGpu {
                 let slot = params.len() as u64;
                 params.extend_from_slice(bytemuck::bytes_of(&p));
                 params.resize((slot + slot_size) as usize, 0);
+                let spec = kernel_spec(shape.head_dim, opts.dtype, tiles, variant);
+                let kernel = OnceLock::new();
+                if mode == StateMode::Scratch {
+                    let _ = kernel.set(ctx.kernel(&spec)?);
+                }
                 out.push(Prepared {
                     dispatch: *x,
                     bq: tiles.bq,
-                    kernel: ctx.kernel(&kernel_spec(shape.head_dim, opts.dtype, tiles, variant))?,
+                    spec,
+                    kernel,
                     slot,
                     q,
                     k,
@@ -365,7 +374,13 @@ impl DenseGpu {
     }
 
     /// Records the dense stage. `state` is the caller's (ml, acc) buffers, if any.
-    pub(crate) fn record(&self, rec: &mut Recorder<'_>, stage: &str, io: &DenseBuffers<'_>) {
+    pub(crate) fn record(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder<'_>,
+        stage: &str,
+        io: &DenseBuffers<'_>,
+    ) -> Result<()> {
         let device = rec.gpu().device.clone();
         let (q, k, v, o) = (io.q, io.k, io.v, io.o);
         let (list, ml_buf, acc_buf) = match io.state {
@@ -377,9 +392,17 @@ impl DenseGpu {
             ),
         };
         let [dummy_ml, dummy_acc] = &self.dummy;
-        let groups: Vec<(wgpu::BindGroup, &Prepared)> = list
+        let groups = list
             .iter()
             .map(|x| {
+                let kernel = match x.kernel.get() {
+                    Some(k) => k.clone(),
+                    None => {
+                        let k = ctx.kernel(&x.spec)?;
+                        let _ = x.kernel.set(k.clone());
+                        k
+                    }
+                };
                 let ml = ml_buf.unwrap_or(dummy_ml);
                 let acc = acc_buf.unwrap_or(dummy_acc);
                 let entries = [
@@ -388,12 +411,13 @@ impl DenseGpu {
                         offset: x.slot,
                         size: wgpu::BufferSize::new(std::mem::size_of::<DenseParams>() as u64),
                     },
-                    bind_range(q, Some(x.q), dummy_ml),
-                    bind_range(k, Some(x.k), dummy_ml),
-                    bind_range(v, Some(x.v), dummy_ml),
-                    bind_range(o, Some(x.o), dummy_ml),
-                    bind_range(ml, x.ml, dummy_ml),
-                    bind_range(acc, x.acc, dummy_acc),
+                    bind_range(q, x.q),
+                    bind_range(k, x.k),
+                    bind_range(v, x.v),
+                    bind_range(o, x.o),
+                    x.ml.map_or(dummy_ml.as_entire_buffer_binding(), |r| bind_range(ml, r)),
+                    x.acc
+                        .map_or(dummy_acc.as_entire_buffer_binding(), |r| bind_range(acc, r)),
                 ];
                 let entries: Vec<wgpu::BindGroupEntry> = entries
                     .into_iter()
@@ -405,36 +429,29 @@ impl DenseGpu {
                     .collect();
                 let bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("dense attention bindings"),
-                    layout: &x.kernel.layout,
+                    layout: &kernel.layout,
                     entries: &entries,
                 });
-                (bg, x)
+                Ok((bg, kernel, x.dispatch.grid(x.bq)))
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         rec.stage(stage, |pass| {
-            for (bg, x) in &groups {
-                let (gx, gy) = x.dispatch.grid(x.bq);
-                pass.set_pipeline(&x.kernel.pipeline);
+            for (bg, kernel, (gx, gy)) in &groups {
+                pass.set_pipeline(&kernel.pipeline);
                 pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(gx, gy, 1);
+                pass.dispatch_workgroups(*gx, *gy, 1);
             }
             groups.len() as u32
         });
+        Ok(())
     }
 }
 
-fn bind_range<'a>(
-    buf: &'a wgpu::Buffer,
-    r: Option<SubRange>,
-    dummy: &'a wgpu::Buffer,
-) -> wgpu::BufferBinding<'a> {
-    match r {
-        Some(r) => wgpu::BufferBinding {
-            buffer: buf,
-            offset: r.offset,
-            size: wgpu::BufferSize::new(r.size),
-        },
-        None => dummy.as_entire_buffer_binding(),
+fn bind_range(buf: &wgpu::Buffer, r: SubRange) -> wgpu::BufferBinding<'_> {
+    wgpu::BufferBinding {
+        buffer: buf,
+        offset: r.offset,
+        size: wgpu::BufferSize::new(r.size),
     }
 }
 

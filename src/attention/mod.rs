@@ -439,7 +439,7 @@ impl AttentionPlan {
                     o: &buf(out),
                     state: st.as_ref().map(|(a, b)| (a, b)),
                 };
-                gpu.record(&mut rec, "dense", &io);
+                gpu.record(&self.ctx, &mut rec, "dense", &io)?;
                 let timing = rec.submit().await?;
                 AttentionReport {
                     method: self.method.name().into(),
