@@ -27,5 +27,5 @@ pub use attention::{
 };
 pub use context::{AdapterSummary, Backend, Capabilities, Context, ContextOptions, LimitOverrides};
 pub use error::{Error, Result};
-pub use pipeline::{Report, StageTime};
+pub use pipeline::{Recorder, Report, StageTime};
 pub use tensor::{DType, HostData, Tensor};

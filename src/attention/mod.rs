@@ -429,17 +429,8 @@ impl AttentionPlan {
         }
         let report = match &self.gpu {
             Some(gpu) => {
-                let buf = |t: &Tensor| t.buffer().expect("checked: same GPU context").clone();
-                let mut rec = Recorder::new(&self.ctx, "attention", 1)?;
-                let st = state.as_ref().map(|s| (buf(&s.ml), buf(&s.acc)));
-                let io = DenseBuffers {
-                    q: &buf(q),
-                    k: &buf(k),
-                    v: &buf(v),
-                    o: &buf(out),
-                    state: st.as_ref().map(|(a, b)| (a, b)),
-                };
-                gpu.record(&self.ctx, &mut rec, "dense", &io)?;
+                let mut rec = Recorder::new(&self.ctx, "attention", self.stage_count())?;
+                self.record_checked(&mut rec, q, k, v, out, state.as_deref())?;
                 let timing = rec.submit().await?;
                 AttentionReport {
                     method: self.method.name().into(),
@@ -453,6 +444,54 @@ impl AttentionPlan {
         };
         *self.last.lock().expect("report lock") = Some(report);
         Ok(())
+    }
+
+    /// How many timed stages a run records (size a shared [`Recorder`] with it).
+    pub fn stage_count(&self) -> u32 {
+        1
+    }
+
+    /// Records the attention into someone else's [`Recorder`] (GPU contexts only), so
+    /// that a bigger plan (a decoder layer) submits it together with its own stages. The
+    /// caller submits; [`AttentionPlan::report`] is not updated by a recorded run.
+    pub fn record(
+        &self,
+        rec: &mut Recorder<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+    ) -> Result<()> {
+        let dt = self.opts.dtype;
+        self.check(q, &self.shape.q_dims(), dt, "q")?;
+        self.check(k, &self.shape.kv_dims(), dt, "k")?;
+        self.check(v, &self.shape.kv_dims(), dt, "v")?;
+        self.check(out, &self.shape.q_dims(), dt, "output")?;
+        self.record_checked(rec, q, k, v, out, None)
+    }
+
+    fn record_checked(
+        &self,
+        rec: &mut Recorder<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        state: Option<&RowState>,
+    ) -> Result<()> {
+        let gpu = self.gpu.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("AttentionPlan::record needs a GPU context".into())
+        })?;
+        let buf = |t: &Tensor| t.buffer().expect("checked: same GPU context").clone();
+        let st = state.map(|s| (buf(&s.ml), buf(&s.acc)));
+        let io = DenseBuffers {
+            q: &buf(q),
+            k: &buf(k),
+            v: &buf(v),
+            o: &buf(out),
+            state: st.as_ref().map(|(a, b)| (a, b)),
+        };
+        gpu.record(&self.ctx, rec, "dense", &io)
     }
 
     fn run_cpu(
