@@ -17,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod pipeline;
 pub mod preprocess;
+pub mod qkv_file;
 pub mod synthetic;
 pub mod tensor;
 pub mod verify;
