@@ -119,7 +119,7 @@ impl QkvFile {
 
     /// Writes the file with the given storage dtype (F32 or F16).
     pub fn save(&self, path: impl AsRef<Path>, dtype: DType) -> Result<()> {
-        let (st_dtype, enc): (Dtype, fn(&[f32]) -> Vec<u8>) = match dtype {
+        let (st_dtype, enc): (Dtype, Encoder) = match dtype {
             DType::F32 => (Dtype::F32, |x| bytemuck::cast_slice(x).to_vec()),
             DType::F16 => (Dtype::F16, |x| {
                 x.iter()
@@ -154,6 +154,9 @@ impl QkvFile {
             .map_err(|e| Error::InvalidArgument(format!("Q/K/V file: {e}")))
     }
 }
+
+/// Turns f32 values into the stored little-endian bytes.
+type Encoder = fn(&[f32]) -> Vec<u8>;
 
 fn to_f32(t: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
     let b = t.data();
