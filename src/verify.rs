@@ -2,7 +2,7 @@
 //! `--check-len` and the CLI share.
 
 use crate::attention::dense_cpu::dense_attention_cpu;
-use crate::attention::{AttentionReport, AttentionShape, upload_qkv};
+use crate::attention::{AttentionReport, AttentionShape, Method, upload_qkv};
 use crate::context::Context;
 use crate::error::Result;
 use crate::metrics::{ErrorStats, compare};
@@ -52,6 +52,49 @@ pub fn dense_against_cpu_twin(
         errors: compare(&got, &want),
         report: plan.report().expect("the plan ran"),
     })
+}
+
+/// Runs `method` on `ctx` and on the CPU (the twin: the same plan on a CPU context) with
+/// the same dtype-rounded inputs `(q, k, v)` and a NaN-poisoned device output, and
+/// compares. Returns the device's and the CPU's reports too.
+pub fn method_against_cpu_twin(
+    ctx: &Context,
+    shape: AttentionShape,
+    method: &Method,
+    dtype: DType,
+    causal: bool,
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<(Verification, AttentionReport)> {
+    let (q, k, v) = (
+        dtype.round_trip(qkv.0),
+        dtype.round_trip(qkv.1),
+        dtype.round_trip(qkv.2),
+    );
+    let cpu = Context::cpu();
+    let twin = cpu
+        .attention(shape)
+        .method(method.clone())
+        .causal(causal)
+        .build()?;
+    let (qc, kc, vc) = upload_qkv(&cpu, &shape, &q, &k, &v, DType::F32)?;
+    let want = twin.run(&qc, &kc, &vc)?.to_f32_blocking()?;
+    let plan = ctx
+        .attention(shape)
+        .method(method.clone())
+        .causal(causal)
+        .dtype(dtype)
+        .build()?;
+    let (qt, kt, vt) = upload_qkv(ctx, &shape, &q, &k, &v, dtype)?;
+    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
+    plan.run_into(&qt, &kt, &vt, &mut out)?;
+    let got = out.to_f32_blocking()?;
+    Ok((
+        Verification {
+            errors: compare(&got, &want),
+            report: plan.report().expect("the plan ran"),
+        },
+        twin.report().expect("the twin ran"),
+    ))
 }
 
 /// The stated GPU-vs-CPU-twin tolerance (max abs error on unit-variance inputs): f32
