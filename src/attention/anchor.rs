@@ -275,7 +275,7 @@ pub fn anchor_cpu(
 /// Uniform parameters of the selection kernels; mirrors `struct Params` in the WGSL.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-struct SelectParams {
+pub struct SelectParams {
     seq_len: u32,
     q_heads: u32,
     group: u32,
