@@ -105,3 +105,58 @@ pub fn dense_tolerance(dtype: DType) -> f64 {
         _ => 2e-5,
     }
 }
+
+/// A method measured against dense attention on the same inputs and device.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    /// Density, attention-mass recall, output errors, tolerance recalls.
+    pub quality: crate::metrics::Quality,
+    /// The method's run.
+    pub report: AttentionReport,
+    /// The dense run.
+    pub dense_report: AttentionReport,
+}
+
+/// Runs `method` and dense attention on `ctx` with the same Q/K/V (host f32, stored as
+/// `dtype`), both exporting their final row state, and measures the method against
+/// dense ([`crate::metrics::Quality`]).
+pub fn evaluate(
+    ctx: &Context,
+    shape: AttentionShape,
+    method: &Method,
+    dtype: DType,
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<Evaluation> {
+    use crate::attention::RowState;
+    let (qt, kt, vt) = upload_qkv(ctx, &shape, qkv.0, qkv.1, qkv.2, dtype)?;
+    let run = |m: &Method| -> Result<(Vec<f32>, Vec<f32>, AttentionReport)> {
+        let plan = ctx
+            .attention(shape)
+            .method(m.clone())
+            .dtype(dtype)
+            .build()?;
+        let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
+        let ml = if matches!(m, Method::Anchor(_)) {
+            plan.run_into(&qt, &kt, &vt, &mut out)?;
+            pollster::block_on(plan.row_stats())?.ok_or_else(|| {
+                crate::error::Error::InvalidArgument("anchor plan kept no row state".into())
+            })?
+        } else {
+            let mut st = RowState::empty(ctx, &shape)?;
+            plan.run_with_state(&qt, &kt, &vt, &mut out, &mut st)?;
+            st.ml.to_f32_blocking()?
+        };
+        Ok((
+            out.to_f32_blocking()?,
+            ml,
+            plan.report().expect("the plan ran"),
+        ))
+    };
+    let (dense_out, dense_ml, dense_report) = run(&Method::Dense)?;
+    let (out, ml, report) = run(method)?;
+    Ok(Evaluation {
+        quality: crate::metrics::Quality::measure(report.density, &out, &ml, &dense_out, &dense_ml),
+        report,
+        dense_report,
+    })
+}

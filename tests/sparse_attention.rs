@@ -380,7 +380,7 @@ fn anchor_matches_cpu_twin() {
             .unwrap();
         let stripes = &lut[1];
 
-        let (want, sel, stats) = anchor_cpu(
+        let run = anchor_cpu(
             &shape,
             &cfg,
             1.0 / (shape.head_dim as f32).sqrt(),
@@ -389,6 +389,7 @@ fn anchor_matches_cpu_twin() {
             &v,
         )
         .unwrap();
+        let (want, sel, stats) = (run.out, run.selection, run.stats);
         // Selection: every candidate decided the same way unless its margin is a tie.
         let groups = cfg.groups(shape.seq_len);
         let mut ties = 0;
@@ -552,4 +553,44 @@ fn bad_sparse_requests_are_typed_errors() {
             .build(),
         Err(Error::InvalidShape(_))
     ));
+}
+
+/// The evaluation path on the GPU and the CPU: dense scores perfectly against itself;
+/// a window keeps less than all the mass; the two devices agree on every metric.
+#[test]
+fn evaluation_metrics_agree_between_gpu_and_cpu() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let shape = AttentionShape::new(2, 1, 700, 64);
+    let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), seed);
+    let cpu = Context::cpu();
+    let dense =
+        wgsparse::verify::evaluate(&ctx, shape, &Method::Dense, DType::F32, (&q, &k, &v)).unwrap();
+    assert!(
+        (dense.quality.attn_recall - 1.0).abs() < 1e-5,
+        "{:?}",
+        dense.quality
+    );
+    assert_eq!(dense.quality.tol_recall_01, 1.0);
+    for m in [
+        Method::Window(WindowConfig {
+            window: 100,
+            sinks: 4,
+        }),
+        Method::Anchor(small_anchor()),
+    ] {
+        let g = wgsparse::verify::evaluate(&ctx, shape, &m, DType::F32, (&q, &k, &v)).unwrap();
+        let c = wgsparse::verify::evaluate(&cpu, shape, &m, DType::F32, (&q, &k, &v)).unwrap();
+        eprintln!(
+            "{} gpu {:?}\n{} cpu {:?}",
+            m.name(),
+            g.quality,
+            m.name(),
+            c.quality
+        );
+        assert!(g.quality.attn_recall < 1.0 && g.quality.attn_recall > 0.5);
+        assert!((g.quality.attn_recall - c.quality.attn_recall).abs() < 1e-4);
+        assert!((g.quality.rel_l2_err - c.quality.rel_l2_err).abs() < 1e-4);
+        assert!((g.quality.density - c.quality.density).abs() < 1e-9);
+    }
 }

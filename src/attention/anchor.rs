@@ -244,8 +244,20 @@ pub fn select_cpu(
     Ok(AnchorSelection { stripes, margins })
 }
 
-/// AnchorAttention on the host (the CPU twin of the GPU plan). Returns the output, the
-/// selection and the statistics.
+/// What [`anchor_cpu`] returns.
+#[derive(Clone, Debug)]
+pub struct AnchorRun {
+    /// The output `[q_heads, seq_len, head_dim]`.
+    pub out: Vec<f32>,
+    /// The stripes and the margins.
+    pub selection: AnchorSelection,
+    /// Pair counts.
+    pub stats: AnchorStats,
+    /// Final (m, l) per row `[q_heads, seq_len, 2]` (for attention-mass recall).
+    pub ml: Vec<f32>,
+}
+
+/// AnchorAttention on the host (the CPU twin of the GPU plan).
 pub fn anchor_cpu(
     shape: &AttentionShape,
     cfg: &AnchorConfig,
@@ -253,7 +265,7 @@ pub fn anchor_cpu(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-) -> Result<(Vec<f32>, AnchorSelection, AnchorStats)> {
+) -> Result<AnchorRun> {
     cfg.validate()?;
     let anchor_lut = cfg.anchor_lut(shape.q_heads, shape.seq_len)?;
     let mut st = HostRowState::empty(shape);
@@ -269,7 +281,12 @@ pub fn anchor_cpu(
     let out = attention_cpu(shape, &exec(&sel.stripes), q, k, v, Some(&mut st));
     let counts: Vec<u32> = sel.stripes.ranges.iter().map(|[a, b]| b - a).collect();
     let stats = AnchorStats::from_counts(shape, cfg, &anchor_lut, &counts);
-    Ok((out, sel, stats))
+    Ok(AnchorRun {
+        out,
+        selection: sel,
+        stats,
+        ml: st.ml,
+    })
 }
 
 /// Uniform parameters of the selection kernels; mirrors `struct Params` in the WGSL.
@@ -478,7 +495,9 @@ impl AnchorGpu {
                 keys: KeyMode::Gather {
                     q_block: cfg.group_rows(),
                 },
-                export_state: false,
+                // The final (m, l) gives the attention-mass recall; the extra writes
+                // are a small fraction of the pass.
+                export_state: true,
                 ..Default::default()
             },
         )?;
@@ -692,6 +711,14 @@ impl AnchorGpu {
             &self.anchor_lut,
             &counts,
         ))
+    }
+
+    /// Final (m, l) of every row of the last run, `[q_heads, seq_len, 2]`.
+    pub(crate) async fn row_stats(&self, ctx: &Context) -> Result<Vec<f32>> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let size = (self.shape.q_heads * self.shape.seq_len * 8) as u64;
+        let bytes = crate::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 
     async fn read_ranges(&self, g: &crate::context::GpuDevice) -> Result<Vec<[u32; 2]>> {

@@ -413,6 +413,7 @@ impl AttentionPlanBuilder {
             pairs,
             last: Mutex::new(None),
             cpu_selection: Mutex::new(None),
+            cpu_row_stats: Mutex::new(None),
         })
     }
 }
@@ -552,6 +553,8 @@ pub struct AttentionPlan {
     last: Mutex<Option<AttentionReport>>,
     /// AnchorAttention on the CPU: the LUTs of the last run.
     cpu_selection: Mutex<Option<Vec<SparseLut>>>,
+    /// AnchorAttention on the CPU: the final (m, l) of the last run.
+    cpu_row_stats: Mutex<Option<Vec<f32>>>,
 }
 
 impl AttentionPlan {
@@ -762,6 +765,19 @@ impl AttentionPlan {
         }
     }
 
+    /// The final (m, l) of every row of the last run `[q_heads, seq_len, 2]`, for
+    /// methods that keep their own row state (AnchorAttention); `None` for the others,
+    /// whose state a caller gets with [`AttentionPlan::run_with_state`].
+    pub async fn row_stats(&self) -> Result<Option<Vec<f32>>> {
+        if self.report().is_none() {
+            return Ok(None);
+        }
+        match &self.gpu {
+            Some(GpuPlan::Anchor(a)) => Ok(Some(a.row_stats(&self.ctx).await?)),
+            _ => Ok(self.cpu_row_stats.lock().expect("row stats lock").clone()),
+        }
+    }
+
     fn run_cpu(
         &self,
         q: &Tensor,
@@ -788,12 +804,13 @@ impl AttentionPlan {
         let mut anchor = None;
         let result = match (&self.method, state) {
             (Method::Anchor(cfg), _) => {
-                let (o, sel, stats) = anchor_cpu(&self.shape, cfg, scale, &qf, &kf, &vf)?;
+                let run = anchor_cpu(&self.shape, cfg, scale, &qf, &kf, &vf)?;
                 let anchor_lut = cfg.anchor_lut(self.shape.q_heads, self.shape.seq_len)?;
                 *self.cpu_selection.lock().expect("selection lock") =
-                    Some(vec![anchor_lut, sel.stripes]);
-                anchor = Some(stats);
-                o
+                    Some(vec![anchor_lut, run.selection.stripes]);
+                *self.cpu_row_stats.lock().expect("row stats lock") = Some(run.ml);
+                anchor = Some(run.stats);
+                run.out
             }
             (_, Some(st)) => {
                 let mut hs = if self.opts.import_state {
