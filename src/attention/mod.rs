@@ -16,6 +16,7 @@ pub mod anchor;
 pub mod dense_cpu;
 pub mod dense_gpu;
 pub mod lut;
+pub mod oracle;
 pub mod split;
 
 use std::sync::{Arc, Mutex};
