@@ -47,7 +47,7 @@ enum Command {
         backend: Option<Backend>,
     },
     /// Run attention on synthetic Q/K/V and print per-stage times.
-    Attention(AttentionArgs),
+    Attention(Box<AttentionArgs>),
     /// Print the final WGSL of kernel variants (after includes and defines).
     Shader {
         /// List the variants instead of printing one.
