@@ -64,6 +64,14 @@ pub enum Error {
     /// A model's architecture or configuration is not one the decoder supports.
     #[error("model: {0}")]
     Model(String),
+    /// A data file (Q/K/V file, model file) is malformed or not what was expected.
+    #[error("bad file `{path}`: {message}")]
+    BadFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A bad argument or configuration value.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod qkv_file;
 pub mod synthetic;
 pub mod tensor;
 pub mod verify;

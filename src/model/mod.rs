@@ -5,4 +5,5 @@
 
 pub mod gguf;
 pub mod quant;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod tokenizer;
