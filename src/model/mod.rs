@@ -7,3 +7,4 @@ pub mod gguf;
 pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod tokenizer;
+pub mod decoder;
