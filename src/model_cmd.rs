@@ -182,12 +182,11 @@ pub fn dump_qkv(a: &DumpArgs) -> Result<()> {
     }
     let ids = text_ids(&tok, &a.text, a.tokens)?;
     std::fs::create_dir_all(&a.out)?;
-    let stem = a
-        .m
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let stem =
+        a.m.model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
     let text_name = a
         .text
         .file_name()

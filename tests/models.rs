@@ -44,7 +44,8 @@ fn check_tokens(model_file: &str, fixture: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(fixture);
-    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let text = f["text"].as_str().unwrap();
     let want: Vec<u32> = f["ids"]
         .as_array()
@@ -59,7 +60,11 @@ fn check_tokens(model_file: &str, fixture: &str) {
         (want.len(), None),
         "{model_file}: ids differ from the reference (first difference at {first_diff:?})"
     );
-    assert_eq!(tok.decode(&got).unwrap(), text, "{model_file}: decode round trip");
+    assert_eq!(
+        tok.decode(&got).unwrap(),
+        text,
+        "{model_file}: decode round trip"
+    );
 }
 
 #[test]
@@ -96,7 +101,10 @@ fn check_tensor_stats(name: &str) {
         assert!(std > 1e-3 && std < 1.0, "{}: std {std}", t.name);
         assert!(mean.abs() < std, "{}: mean {mean} vs std {std}", t.name);
     }
-    assert!(seen.len() >= 2, "{name}: expected several quantization types");
+    assert!(
+        seen.len() >= 2,
+        "{name}: expected several quantization types"
+    );
 }
 
 #[test]
@@ -123,7 +131,8 @@ fn smollm2_greedy_and_nll_match_the_research_notes() {
     );
     // research/data.md: NLL 2.8179 on the first 700 tokens of Pride and Prejudice.
     let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokens_smollm2_prideprejudice.json"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tokens_smollm2_prideprejudice.json"),
     )
     .unwrap();
     let f: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -245,7 +245,11 @@ pub fn rope(v: &mut [f32], pos: usize, base: f32, neox: bool) {
     for i in 0..half {
         let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / d as f64);
         let (s, c) = (theta.sin() as f32, theta.cos() as f32);
-        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let (a, b) = if neox {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
         let (x0, x1) = (v[a], v[b]);
         v[a] = x0 * c - x1 * s;
         v[b] = x0 * s + x1 * c;
@@ -278,7 +282,13 @@ pub fn windowed_attention(
         let ks = &k[kh * n * d..(kh + 1) * n * d];
         let vs = &v[kh * n * d..(kh + 1) * n * d];
         let scores: Vec<f32> = (lo..=pos)
-            .map(|j| scale * qv.iter().zip(&ks[j * d..j * d + d]).map(|(a, b)| a * b).sum::<f32>())
+            .map(|j| {
+                scale
+                    * qv.iter()
+                        .zip(&ks[j * d..j * d + d])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+            })
             .collect();
         let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut l = 0f32;
@@ -447,7 +457,15 @@ impl Decoder {
         }
     }
 
-    fn attend(&self, layer: usize, q: &[f32], k: &[f32], v: &[f32], t: usize, n: usize) -> Result<Vec<f32>> {
+    fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        n: usize,
+    ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let d = c.head_dim;
         let scale = 1.0 / (d as f32).sqrt();
@@ -487,7 +505,18 @@ impl Decoder {
                     };
                     run(&slice(k), &slice(v), w, Method::Dense)
                 } else if self.ctx.is_cpu() {
-                    Ok(windowed_attention(q, k, v, c.n_head, c.n_kv_head, t, n, d, w, scale))
+                    Ok(windowed_attention(
+                        q,
+                        k,
+                        v,
+                        c.n_head,
+                        c.n_kv_head,
+                        t,
+                        n,
+                        d,
+                        w,
+                        scale,
+                    ))
                 } else {
                     Err(Error::Model(format!(
                         "layer {layer} has a {w}-token sliding window and the prompt is {n} \
@@ -548,13 +577,17 @@ impl Decoder {
             if let Some(w) = &l.k_norm {
                 rms_norm(&mut k, w, c.norm_eps);
             }
-            let base = if c.global[li] { c.rope_base } else { c.rope_base_local };
-            q.par_chunks_mut(d).enumerate().for_each(|(i, h)| {
-                rope(h, start + i / c.n_head, base, c.rope_neox)
-            });
-            k.par_chunks_mut(d).enumerate().for_each(|(i, h)| {
-                rope(h, start + i / c.n_kv_head, base, c.rope_neox)
-            });
+            let base = if c.global[li] {
+                c.rope_base
+            } else {
+                c.rope_base_local
+            };
+            q.par_chunks_mut(d)
+                .enumerate()
+                .for_each(|(i, h)| rope(h, start + i / c.n_head, base, c.rope_neox));
+            k.par_chunks_mut(d)
+                .enumerate()
+                .for_each(|(i, h)| rope(h, start + i / c.n_kv_head, base, c.rope_neox));
             // [t, heads, d] -> [heads, t, d]
             let heads_first = |x: &[f32], hn: usize| -> Vec<f32> {
                 let mut o = vec![0f32; x.len()];
@@ -683,7 +716,12 @@ impl Decoder {
             let v = logits.len() / (r1 - r0);
             for (i, row) in logits.chunks_exact(v).enumerate() {
                 let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let lse = m as f64 + row.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln();
+                let lse = m as f64
+                    + row
+                        .iter()
+                        .map(|&x| ((x - m) as f64).exp())
+                        .sum::<f64>()
+                        .ln();
                 total += lse - row[ids[r0 + i + 1] as usize] as f64;
             }
         }
@@ -765,8 +803,16 @@ mod tests {
     /// Full softmax over all keys with an explicit window mask: the reference.
     #[allow(clippy::too_many_arguments)]
     fn masked_reference(
-        q: &[f32], k: &[f32], v: &[f32], h: usize, kvh: usize, t: usize, n: usize, d: usize,
-        w: usize, scale: f32,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        h: usize,
+        kvh: usize,
+        t: usize,
+        n: usize,
+        d: usize,
+        w: usize,
+        scale: f32,
     ) -> Vec<f32> {
         let mut out = vec![0f32; h * t * d];
         for hh in 0..h {
@@ -776,7 +822,10 @@ mod tests {
                 let s: Vec<f64> = (0..n)
                     .map(|j| {
                         if j <= p && p - j < w {
-                            (scale * (0..d).map(|x| q[(hh * t + i) * d + x] * k[(kh * n + j) * d + x]).sum::<f32>()) as f64
+                            (scale
+                                * (0..d)
+                                    .map(|x| q[(hh * t + i) * d + x] * k[(kh * n + j) * d + x])
+                                    .sum::<f32>()) as f64
                         } else {
                             f64::NEG_INFINITY
                         }
@@ -804,7 +853,11 @@ mod tests {
             let k = rnd(&mut rng, kvh * n * d, 1.0);
             let v = rnd(&mut rng, kvh * n * d, 1.0);
             let got = windowed_attention(&q, &k, &v, h, kvh, t, n, d, w, 0.3);
-            close(&got, &masked_reference(&q, &k, &v, h, kvh, t, n, d, w, 0.3), 1e-5);
+            close(
+                &got,
+                &masked_reference(&q, &k, &v, h, kvh, t, n, d, w, 0.3),
+                1e-5,
+            );
         }
         // A window covering everything is plain causal attention.
         let (t, n, d) = (20, 20, 64);
@@ -822,24 +875,44 @@ mod tests {
     /// A random 2-layer model of an architecture (head_dim 64, like SmolLM2).
     pub(crate) fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (dm, nh, nkv, hd, ff, vocab, nl) = (96usize, 2usize, 1usize, 64usize, 80usize, 40usize, 2usize);
+        let (dm, nh, nkv, hd, ff, vocab, nl) =
+            (96usize, 2usize, 1usize, 64usize, 80usize, 40usize, 2usize);
         let mut b = GgufBuilder::new()
             .meta("general.architecture", Value::Str(arch.into()))
             .meta(&format!("{arch}.block_count"), Value::U64(nl as u64))
             .meta(&format!("{arch}.embedding_length"), Value::U64(dm as u64))
-            .meta(&format!("{arch}.feed_forward_length"), Value::U64(ff as u64))
+            .meta(
+                &format!("{arch}.feed_forward_length"),
+                Value::U64(ff as u64),
+            )
             .meta(&format!("{arch}.context_length"), Value::U64(512))
-            .meta(&format!("{arch}.attention.head_count"), Value::U64(nh as u64))
-            .meta(&format!("{arch}.attention.head_count_kv"), Value::U64(nkv as u64))
-            .meta(&format!("{arch}.attention.key_length"), Value::U64(hd as u64))
+            .meta(
+                &format!("{arch}.attention.head_count"),
+                Value::U64(nh as u64),
+            )
+            .meta(
+                &format!("{arch}.attention.head_count_kv"),
+                Value::U64(nkv as u64),
+            )
+            .meta(
+                &format!("{arch}.attention.key_length"),
+                Value::U64(hd as u64),
+            )
             .meta(&format!("{arch}.rope.freq_base"), Value::F64(10000.0))
-            .meta(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F64(1e-6));
+            .meta(
+                &format!("{arch}.attention.layer_norm_rms_epsilon"),
+                Value::F64(1e-6),
+            );
         if arch == "gemma3" {
             b = b.meta("gemma3.attention.sliding_window", Value::U64(6));
         }
         let mut m = |b: GgufBuilder, name: &str, rows: usize, cols: usize| {
             let s = 1.0 / (cols as f32).sqrt();
-            b.tensor_f32(name, &[cols as u64, rows as u64], &rnd(&mut rng, rows * cols, s))
+            b.tensor_f32(
+                name,
+                &[cols as u64, rows as u64],
+                &rnd(&mut rng, rows * cols, s),
+            )
         };
         b = m(b, "token_embd.weight", vocab, dm);
         let ones = |n: usize| vec![1.0f32; n];
@@ -901,12 +974,21 @@ mod tests {
         let g = Gguf::from_bytes(tiny_model("gemma3", 5)).unwrap();
         let mut dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
         let ids: Vec<u32> = (0..12).map(|i| (i * 3 % 40) as u32).collect();
-        let a = dec.forward(&ids, &mut dec.new_cache(), &mut |_| Ok(())).unwrap();
+        let a = dec
+            .forward(&ids, &mut dec.new_cache(), &mut |_| Ok(()))
+            .unwrap();
         dec.cfg.window = Some(1000);
-        let b = dec.forward(&ids, &mut dec.new_cache(), &mut |_| Ok(())).unwrap();
+        let b = dec
+            .forward(&ids, &mut dec.new_cache(), &mut |_| Ok(()))
+            .unwrap();
         let dm = dec.cfg.d_model;
         close(&a[..6 * dm], &b[..6 * dm], 1e-5);
-        assert!(a[6 * dm..].iter().zip(&b[6 * dm..]).any(|(x, y)| (x - y).abs() > 1e-3));
+        assert!(
+            a[6 * dm..]
+                .iter()
+                .zip(&b[6 * dm..])
+                .any(|(x, y)| (x - y).abs() > 1e-3)
+        );
     }
 
     #[test]

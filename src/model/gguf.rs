@@ -350,7 +350,9 @@ impl Gguf {
                 f.seek(SeekFrom::Start(t.offset))?;
                 let mut v = vec![0u8; t.bytes as usize];
                 f.read_exact(&mut v).map_err(|e| {
-                    Error::Gguf(format!("reading tensor `{name}` failed (file changed?): {e}"))
+                    Error::Gguf(format!(
+                        "reading tensor `{name}` failed (file changed?): {e}"
+                    ))
                 })?;
                 Ok(v)
             }
@@ -492,7 +494,11 @@ mod tests {
         assert_eq!(g.str("general.architecture").unwrap(), "llama");
         assert_eq!(g.u64("llama.block_count").unwrap(), 2);
         assert_eq!(g.f64("llama.rope.freq_base").unwrap(), 10000.0);
-        let toks = g.require("tokenizer.ggml.tokens").unwrap().as_array().unwrap();
+        let toks = g
+            .require("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap();
         assert_eq!(toks[1].as_str(), Some("bc"));
         assert_eq!(g.tensor("w").unwrap().dims, vec![3, 2]);
         assert_eq!(
@@ -525,14 +531,15 @@ mod tests {
         b[4] = 9;
         assert!(matches!(Gguf::from_bytes(b), Err(Error::Gguf(_))));
         // An unknown tensor type id.
-        let b = GgufBuilder::new()
-            .tensor_f32("w", &[4], &[0.0; 4])
-            .build();
+        let b = GgufBuilder::new().tensor_f32("w", &[4], &[0.0; 4]).build();
         let mut bad = b.clone();
         // type id sits right before the 8-byte offset, after name and 1 dim
         let name_end = 24 + 8 + 1 + 4 + 8;
         bad[name_end..name_end + 4].copy_from_slice(&77u32.to_le_bytes());
         let e = Gguf::from_bytes(bad).err().expect("unknown type must fail");
-        assert!(e.to_string().contains("unknown ggml tensor type id 77"), "{e}");
+        assert!(
+            e.to_string().contains("unknown ggml tensor type id 77"),
+            "{e}"
+        );
     }
 }

@@ -3,8 +3,8 @@
 //! qwen2 and gemma3 architectures ([`decoder`]) whose attention runs through the crate's
 //! [`AttentionPlan`](crate::AttentionPlan), and that dumps real post-RoPE Q/K/V.
 
+pub mod decoder;
 pub mod gguf;
 pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod tokenizer;
-pub mod decoder;

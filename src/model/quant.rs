@@ -338,9 +338,7 @@ mod tests {
         let qh: u32 = 0x5555 | (1 << 19);
         let mut b = f16b(2.0).to_vec();
         b.extend_from_slice(&qh.to_le_bytes());
-        for _ in 0..16 {
-            b.push(0x21); // low 1, high 2
-        }
+        b.extend([0x21u8; 16]); // low 1, high 2
         let y = dequantize(GgmlType::Q5_0, &b, 32).unwrap();
         assert_eq!(y[0], ((1 | 16) - 16) as f32 * 2.0); // 2
         assert_eq!(y[1], (1 - 16) as f32 * 2.0); // -30
@@ -353,9 +351,7 @@ mod tests {
         let qh: u32 = 1 << 31; // weight 31 gets bit 4
         let mut b = [f16b(0.5), f16b(1.0)].concat();
         b.extend_from_slice(&qh.to_le_bytes());
-        for _ in 0..16 {
-            b.push(0xf3);
-        }
+        b.extend([0xf3u8; 16]);
         let y = dequantize(GgmlType::Q5_1, &b, 32).unwrap();
         assert_eq!(y[0], 3.0 * 0.5 + 1.0);
         assert_eq!(y[30], 15.0 * 0.5 + 1.0);
@@ -387,7 +383,11 @@ mod tests {
             s[j + 8] = (sc[j + 4] & 0x0f) | ((mn[j + 4] & 0x0f) << 4);
         }
         for j in 0..8 {
-            assert_eq!(scale_min_k4(j, &s), (sc[j], mn[j]), "packing of sub-block {j}");
+            assert_eq!(
+                scale_min_k4(j, &s),
+                (sc[j], mn[j]),
+                "packing of sub-block {j}"
+            );
         }
         let mut b = [f16b(1.0), f16b(0.5)].concat();
         b.extend_from_slice(&s);
@@ -427,7 +427,7 @@ mod tests {
         assert_eq!(y[64], 0.5 * -2.0 * ((2 | 32) - 32) as f32);
         assert_eq!(y[96], 0.5 * 4.0 * ((4 | 48) - 32) as f32);
         assert_eq!(y[1], 0.5 * 2.0 * -32.0);
-        assert_eq!(y[16], 0.5 * -1.0 * -32.0); // l=16 uses scale index 1
+        assert_eq!(y[16], -0.5 * -32.0); // l=16 uses scale index 1 (-1)
         assert_eq!(y[128], 0.5 * 5.0 * 31.0);
     }
 

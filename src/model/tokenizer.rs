@@ -120,7 +120,11 @@ pub fn merges_from_vocab(tokens: &[String]) -> Vec<(String, String)> {
             }
         }
         local.sort_by_key(|x| (x.0, x.1));
-        merges.extend(local.into_iter().map(|(_, _, ci, l, r)| (score_pos, ci, l, r)));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, ci, l, r)| (score_pos, ci, l, r)),
+        );
     }
     // Stable sort: by position ascending, then left length descending, then right
     // length descending (equal merged tokens: left + right length is constant).
@@ -216,8 +220,7 @@ impl ModelTokenizer {
             .get("tokenizer.ggml.pre")
             .and_then(Value::as_str)
             .unwrap_or("default");
-        let byte_level =
-            |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
         let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
         let pre_tokenizer = match pre {
             "qwen2" | "deepseek-r1-qwen" => {
