@@ -15,7 +15,6 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use wgsparse::attention::dense_cpu::naive_attention;
-use wgsparse::attention::dense_gpu::all_dense_variants;
 use wgsparse::metrics::{ErrorStats, compare};
 use wgsparse::{
     AttentionPlan, AttentionShape, Backend, Context, ContextOptions, DType, Error, Method, Result,
@@ -304,7 +303,7 @@ fn other_device_result(
 }
 
 fn shader(list: bool, name: Option<String>) -> Result<()> {
-    let variants = all_dense_variants();
+    let variants = wgsparse::all_kernel_variants();
     if list || name.is_none() {
         for (i, v) in variants.iter().enumerate() {
             println!("{i:3} {}", v.label());

@@ -16,9 +16,8 @@ use std::sync::OnceLock;
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities as NagaCaps, ModuleInfo, ValidationFlags, Validator};
 use naga::{AddressSpace, Module, ResourceBinding, ShaderStage, StorageAccess};
-use wgsparse::attention::dense_gpu::{
-    DenseParams, DenseTiles, all_dense_variants, dense_workgroup_bytes,
-};
+use wgsparse::attention::anchor::SelectParams;
+use wgsparse::attention::dense_gpu::{DenseParams, DenseTiles, dense_workgroup_bytes};
 use wgsparse::pipeline::{BindingKind, KernelSpec};
 use wgsparse::{Capabilities, Context};
 
@@ -68,7 +67,7 @@ fn compiled() -> &'static [Compiled] {
 }
 
 fn compile_all() -> Vec<Compiled> {
-    let specs = all_dense_variants();
+    let specs = wgsparse::all_kernel_variants();
     assert!(!specs.is_empty(), "no kernel variants to check");
     specs
         .into_iter()
@@ -487,6 +486,9 @@ fn every_variant_fits_webgpu_invocation_and_binding_limits() {
 fn host_workgroup_estimate_covers_the_shader() {
     // The launcher picks tiles from `dense_workgroup_bytes`; it must never undercount.
     for_all("dense_workgroup_bytes", |c| {
+        if c.spec.file != "flash_attention.wgsl" {
+            return Ok(());
+        }
         let bq = const_of(&c.spec, "BQ").ok_or("no BQ")?;
         let estimate = dense_workgroup_bytes(bq);
         let actual = workgroup_bytes(c)?;
@@ -529,7 +531,7 @@ fn tile_choice_fits_the_device_limits() {
                 .collect();
             if chosen.is_empty() {
                 failures.push(format!(
-                    "d={d} {t:?}: no such variant in all_dense_variants()"
+                    "d={d} {t:?}: no such variant in wgsparse::all_kernel_variants()"
                 ));
             }
             for c in chosen {
@@ -587,8 +589,13 @@ fn shader_bindings_match_the_kernel_spec() {
 
 #[test]
 fn uniform_params_match_the_host_struct() {
-    let host = std::mem::size_of::<DenseParams>() as u32;
     for_all("uniform Params layout", |c| {
+        let (host, name) = match c.spec.file {
+            "flash_attention.wgsl" => (std::mem::size_of::<DenseParams>(), "DenseParams"),
+            "anchor/select.wgsl" => (std::mem::size_of::<SelectParams>(), "SelectParams"),
+            other => return Err(format!("no host Params struct known for {other}")),
+        };
+        let host = host as u32;
         let mut layouter = naga::proc::Layouter::default();
         layouter
             .update(c.module.to_ctx())
@@ -601,7 +608,7 @@ fn uniform_params_match_the_host_struct() {
             .ok_or("no uniform")?;
         let size = layouter[g.ty].size;
         if size != host {
-            return Err(format!("WGSL Params is {size} bytes, DenseParams {host}"));
+            return Err(format!("WGSL Params is {size} bytes, {name} {host}"));
         }
         Ok(())
     });
