@@ -11,12 +11,12 @@
 //! step against the KV cache. Gemma's sliding-window layers: while every key is inside
 //! the window (prompt ≤ window) they are plain causal attention; a one-token decode step
 //! attends to the last `window` keys; a longer prefill uses [`windowed_attention`] on the
-//! CPU, and on a GPU context returns [`Error::Model`] because no windowed GPU method
-//! exists in this build yet.
+//! CPU and [`Method::Window`] (no sinks) on a GPU; a chunked prefill after cached tokens
+//! on a GPU returns [`Error::Model`].
 
 use rayon::prelude::*;
 
-use crate::attention::{AttentionShape, Method};
+use crate::attention::{AttentionShape, Method, WindowConfig};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
@@ -517,11 +517,23 @@ impl Decoder {
                         w,
                         scale,
                     ))
+                } else if t == n {
+                    // A prefill from an empty cache: the crate's window method.
+                    run(
+                        k,
+                        v,
+                        n,
+                        Method::Window(WindowConfig {
+                            window: w,
+                            sinks: 0,
+                        }),
+                    )
                 } else {
                     Err(Error::Model(format!(
-                        "layer {layer} has a {w}-token sliding window and the prompt is {n} \
-                         tokens: no windowed GPU attention method exists in this build yet \
-                         (run with --backend cpu, or a prompt of at most {w} tokens)"
+                        "layer {layer} has a {w}-token sliding window: a chunked prefill \
+                         ({t} new tokens after {} cached) has no windowed GPU path yet \
+                         (run with --backend cpu)",
+                        n - t
                     )))
                 }
             }
@@ -988,6 +1000,36 @@ mod tests {
                 .iter()
                 .zip(&b[6 * dm..])
                 .any(|(x, y)| (x - y).abs() > 1e-3)
+        );
+    }
+
+    #[test]
+    fn window_method_matches_windowed_attention() {
+        // The crate's Method::Window (sinks 0), which GPU contexts use for Gemma's local
+        // layers, means the same mask as the decoder's CPU window.
+        let mut rng = StdRng::seed_from_u64(4);
+        let (h, kvh, t, d, w) = (4, 1, 70, 64, 9);
+        let q = rnd(&mut rng, h * t * d, 1.0);
+        let k = rnd(&mut rng, kvh * t * d, 1.0);
+        let v = rnd(&mut rng, kvh * t * d, 1.0);
+        let ctx = Context::cpu();
+        let shape = AttentionShape::new(h, kvh, t, d);
+        let plan = ctx
+            .attention(shape)
+            .method(Method::Window(WindowConfig {
+                window: w,
+                sinks: 0,
+            }))
+            .scale(0.125)
+            .build()
+            .unwrap();
+        let (qt, kt, vt) =
+            crate::attention::upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+        let got = plan.run(&qt, &kt, &vt).unwrap().to_f32_blocking().unwrap();
+        close(
+            &got,
+            &windowed_attention(&q, &k, &v, h, kvh, t, t, d, w, 0.125),
+            1e-4,
         );
     }
 
