@@ -107,7 +107,7 @@ pub fn oracle(
             }
             // Fewest key blocks reaching γ × rows of the block's summed mass.
             let rows = (r1 - r0) as f64;
-            let mut order: Vec<usize> = (0..nkb).filter(|&kb| kb * key_block <= r1 - 1).collect();
+            let mut order: Vec<usize> = (0..nkb).filter(|&kb| kb * key_block < r1).collect();
             order.sort_unstable_by(|&a, &c| mass[c].total_cmp(&mass[a]));
             let mut acc = 0.0;
             let mut chosen = vec![];
