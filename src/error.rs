@@ -55,6 +55,15 @@ pub enum Error {
     /// An I/O error (reading a data file, writing output).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A GGUF model file is malformed, truncated, or uses something this reader lacks.
+    #[error("gguf: {0}")]
+    Gguf(String),
+    /// A tokenizer could not be built from a model's vocabulary, or failed to encode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A model's architecture or configuration is not one the decoder supports.
+    #[error("model: {0}")]
+    Model(String),
     /// A data file (Q/K/V file, model file) is malformed or not what was expected.
     #[error("bad file `{path}`: {message}")]
     BadFile {

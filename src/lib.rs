@@ -15,6 +15,7 @@ pub mod attention;
 pub mod context;
 pub mod error;
 pub mod metrics;
+pub mod model;
 pub mod pipeline;
 pub mod preprocess;
 pub mod qkv_file;

@@ -7,6 +7,8 @@
 //!   Q/K/V with per-stage times; `--check` compares with the other device.
 //! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
 
+mod model_cmd;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +50,12 @@ enum Command {
     },
     /// Run attention on synthetic Q/K/V and print per-stage times.
     Attention(Box<AttentionArgs>),
+    /// Greedy text generation with a real GGUF model (llama, qwen2, gemma3).
+    Generate(model_cmd::GenerateArgs),
+    /// Mean next-token negative log-likelihood of a model on the start of a text.
+    Nll(model_cmd::NllArgs),
+    /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
+    DumpQkv(model_cmd::DumpArgs),
     /// Print the final WGSL of kernel variants (after includes and defines).
     Shader {
         /// List the variants instead of printing one.
@@ -531,6 +539,9 @@ fn main() -> ExitCode {
         Some(Command::Info { json, backend }) => info(json, backend),
         Some(Command::Attention(a)) => attention(&a),
         Some(Command::Shader { list, name }) => shader(list, name),
+        Some(Command::Generate(a)) => model_cmd::generate(&a),
+        Some(Command::Nll(a)) => model_cmd::nll(&a),
+        Some(Command::DumpQkv(a)) => model_cmd::dump_qkv(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

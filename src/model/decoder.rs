@@ -1,0 +1,1044 @@
+//! A small decoder-only transformer for the llama, qwen2 and gemma3 GGUF architectures,
+//! as far as SmolLM2-135M, Qwen2.5-Coder-1.5B and Gemma-3-270M need: RMSNorm, RoPE
+//! (adjacent pairs for llama GGUFs, whose Q/K rows are permuted by the converter; NEOX
+//! half-split pairs for qwen2 and gemma3), GQA, QKV bias, QK-norm, sliding-window layers
+//! with their own RoPE base, SwiGLU / GeGLU, tied embeddings, Gemma's embedding scaling,
+//! pre- and post-norms, and final logit softcapping when the file sets it.
+//!
+//! Projections run on the CPU in f32 on dequantized weights (`matrixmultiply` SGEMM,
+//! rows split over rayon). Attention runs through the crate's [`AttentionPlan`] on the
+//! decoder's [`Context`] with the chosen [`Method`], for prefill and for every decode
+//! step against the KV cache. Gemma's sliding-window layers: while every key is inside
+//! the window (prompt ≤ window) they are plain causal attention; a one-token decode step
+//! attends to the last `window` keys; a longer prefill uses [`windowed_attention`] on the
+//! CPU and [`Method::Window`] (no sinks) on a GPU; a chunked prefill after cached tokens
+//! on a GPU returns [`Error::Model`].
+
+use rayon::prelude::*;
+
+use crate::attention::{AttentionShape, Method, WindowConfig};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::model::gguf::Gguf;
+use crate::tensor::DType;
+
+/// Supported architectures (`general.architecture`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// llama (SmolLM2).
+    Llama,
+    /// qwen2 (Qwen2.5).
+    Qwen2,
+    /// gemma3.
+    Gemma3,
+}
+
+/// Hyper-parameters read from a GGUF.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Architecture.
+    pub arch: Arch,
+    /// Layers.
+    pub n_layer: usize,
+    /// Hidden size.
+    pub d_model: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// FFN width.
+    pub ffn_dim: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Trained context length.
+    pub ctx_len: usize,
+    /// RoPE base of global (full-attention) layers.
+    pub rope_base: f32,
+    /// RoPE base of sliding-window layers (gemma3: 10 000).
+    pub rope_base_local: f32,
+    /// NEOX RoPE (pairs `i`, `i + d/2`) instead of adjacent pairs.
+    pub rope_neox: bool,
+    /// RMSNorm epsilon.
+    pub norm_eps: f32,
+    /// Sliding window of local layers (keys `p - window < j <= p`).
+    pub window: Option<usize>,
+    /// Per layer: true = full (global) attention, false = sliding window.
+    pub global: Vec<bool>,
+    /// Final logit softcapping.
+    pub final_softcap: Option<f32>,
+}
+
+impl Config {
+    /// Reads the configuration of a llama / qwen2 / gemma3 GGUF.
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let arch_name = g.str("general.architecture")?;
+        let arch = match arch_name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "gemma3" => Arch::Gemma3,
+            o => {
+                return Err(Error::Model(format!(
+                    "architecture `{o}` is not supported (llama, qwen2, gemma3)"
+                )));
+            }
+        };
+        let k = |s: &str| format!("{arch_name}.{s}");
+        let u = |s: &str| g.u64(&k(s)).map(|v| v as usize);
+        let n_layer = u("block_count")?;
+        let d_model = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        let n_kv_head = u("attention.head_count_kv").unwrap_or(n_head);
+        let head_dim = u("attention.key_length").unwrap_or(d_model / n_head.max(1));
+        let vocab = g.tensor("token_embd.weight")?.dims[1] as usize;
+        let rope_base = g.f64(&k("rope.freq_base")).unwrap_or(10000.0) as f32;
+        let window = match arch {
+            Arch::Gemma3 => Some(u("attention.sliding_window")?),
+            _ => None,
+        };
+        // gemma3: every 6th layer is global (5, 11, 17, ...), as in llama.cpp/transformers.
+        let global = (0..n_layer)
+            .map(|l| arch != Arch::Gemma3 || l % 6 == 5)
+            .collect();
+        if g.get(&k("attn_logit_softcapping")).is_some() {
+            return Err(Error::Model(
+                "attention logit softcapping is not supported by the attention kernels".into(),
+            ));
+        }
+        let cfg = Config {
+            arch,
+            n_layer,
+            d_model,
+            n_head,
+            n_kv_head,
+            head_dim,
+            ffn_dim: u("feed_forward_length")?,
+            vocab,
+            ctx_len: u("context_length")?,
+            rope_base,
+            rope_base_local: if arch == Arch::Gemma3 {
+                10000.0
+            } else {
+                rope_base
+            },
+            rope_neox: arch != Arch::Llama,
+            norm_eps: g.f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
+            window,
+            global,
+            final_softcap: g.f64(&k("final_logit_softcapping")).ok().map(|v| v as f32),
+        };
+        if cfg.n_head == 0 || cfg.n_kv_head == 0 || !cfg.n_head.is_multiple_of(cfg.n_kv_head) {
+            return Err(Error::Model(format!(
+                "bad head counts {} / {}",
+                cfg.n_head, cfg.n_kv_head
+            )));
+        }
+        Ok(cfg)
+    }
+}
+
+/// A dense f32 matrix `[rows, cols]`, row-major (a linear layer's `[out, in]`).
+pub struct Mat {
+    /// Rows (output features).
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// `rows * cols` values.
+    pub data: Vec<f32>,
+}
+
+impl Mat {
+    fn load(g: &Gguf, name: &str) -> Result<Self> {
+        let t = g.tensor(name)?;
+        if t.dims.len() != 2 {
+            return Err(Error::Model(format!(
+                "`{name}` has dims {:?}, expected a matrix",
+                t.dims
+            )));
+        }
+        Ok(Mat {
+            cols: t.dims[0] as usize,
+            rows: t.dims[1] as usize,
+            data: g.tensor_f32(name)?,
+        })
+    }
+
+    /// `x [t, cols]` times this matrix transposed: `[t, rows]`.
+    pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
+        matmul_t(x, t, self.cols, &self.data, self.rows)
+    }
+}
+
+/// `y[t, n] = x[t, k] · w[n, k]ᵀ` (SGEMM, parallel over row or column blocks).
+pub fn matmul_t(x: &[f32], t: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), t * k);
+    assert_eq!(w.len(), n * k);
+    let mut y = vec![0f32; t * n];
+    let gemm = |rows: usize, xs: &[f32], wcols: &[f32], ncols: usize, out: &mut [f32]| {
+        // SAFETY: the pointers cover rows×k, ncols×k and rows×ncols elements with the
+        // strides given; matrixmultiply reads/writes only within them.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                k,
+                ncols,
+                1.0,
+                xs.as_ptr(),
+                k as isize,
+                1,
+                wcols.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                out.as_mut_ptr(),
+                ncols as isize,
+                1,
+            );
+        }
+    };
+    if t >= 32 {
+        let rb = 32;
+        y.par_chunks_mut(rb * n)
+            .zip(x.par_chunks(rb * k))
+            .for_each(|(out, xs)| gemm(xs.len() / k, xs, w, n, out));
+    } else {
+        // Few rows (decode): split the output features.
+        let cb = 256.min(n);
+        let parts: Vec<(usize, Vec<f32>)> = w
+            .par_chunks(cb * k)
+            .enumerate()
+            .map(|(i, wc)| {
+                let nc = wc.len() / k;
+                let mut out = vec![0f32; t * nc];
+                gemm(t, x, wc, nc, &mut out);
+                (i * cb, out)
+            })
+            .collect();
+        for (c0, part) in parts {
+            let nc = part.len() / t;
+            for r in 0..t {
+                y[r * n + c0..r * n + c0 + nc].copy_from_slice(&part[r * nc..(r + 1) * nc]);
+            }
+        }
+    }
+    y
+}
+
+/// RMSNorm of each `w.len()`-sized row of `x`, in place.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for row in x.chunks_exact_mut(d) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(w) {
+            *v *= r * g;
+        }
+    }
+}
+
+/// Rotates one head vector for position `pos`: adjacent pairs `(2i, 2i+1)` or NEOX
+/// pairs `(i, i + d/2)`, frequency `base^(-2i/d)`.
+pub fn rope(v: &mut [f32], pos: usize, base: f32, neox: bool) {
+    let d = v.len();
+    let half = d / 2;
+    for i in 0..half {
+        let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / d as f64);
+        let (s, c) = (theta.sin() as f32, theta.cos() as f32);
+        let (a, b) = if neox {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
+        let (x0, x1) = (v[a], v[b]);
+        v[a] = x0 * c - x1 * s;
+        v[b] = x0 * s + x1 * c;
+    }
+}
+
+/// Causal sliding-window attention on the CPU: `q [h, t, d]`, `k`/`v [kvh, n, d]`;
+/// query `i` sits at position `n - t + i` and sees keys `j` with `pos - window < j <= pos`.
+#[allow(clippy::too_many_arguments)]
+pub fn windowed_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    n: usize,
+    d: usize,
+    window: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let group = heads / kv_heads;
+    let mut out = vec![0f32; heads * t * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+        let (h, i) = (row / t, row % t);
+        let kh = h / group;
+        let pos = n - t + i;
+        let lo = (pos + 1).saturating_sub(window);
+        let qv = &q[row * d..(row + 1) * d];
+        let ks = &k[kh * n * d..(kh + 1) * n * d];
+        let vs = &v[kh * n * d..(kh + 1) * n * d];
+        let scores: Vec<f32> = (lo..=pos)
+            .map(|j| {
+                scale
+                    * qv.iter()
+                        .zip(&ks[j * d..j * d + d])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+            })
+            .collect();
+        let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut l = 0f32;
+        for (s, j) in scores.iter().zip(lo..=pos) {
+            let p = (s - m).exp();
+            l += p;
+            for (acc, x) in o.iter_mut().zip(&vs[j * d..j * d + d]) {
+                *acc += p * x;
+            }
+        }
+        for x in o.iter_mut() {
+            *x /= l;
+        }
+    });
+    out
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Mat,
+    wk: Mat,
+    wv: Mat,
+    wo: Mat,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    gate: Mat,
+    up: Mat,
+    down: Mat,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// Post-RoPE Q `[heads, t, d]`, K and V `[kv_heads, t, d]` of one layer for the tokens
+/// of one forward call, handed to a [`Decoder::forward`] observer.
+pub struct LayerQkv<'a> {
+    /// Layer index.
+    pub layer: usize,
+    /// Whether the layer attends globally (false: sliding window).
+    pub global: bool,
+    /// Position of the first token.
+    pub start: usize,
+    /// Tokens in this call.
+    pub tokens: usize,
+    /// Q `[n_head, tokens, head_dim]`.
+    pub q: &'a [f32],
+    /// K `[n_kv_head, tokens, head_dim]`.
+    pub k: &'a [f32],
+    /// V `[n_kv_head, tokens, head_dim]`.
+    pub v: &'a [f32],
+}
+
+/// The KV cache of one sequence: per layer, K and V `[kv_heads, len, head_dim]`.
+pub struct KvCache {
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A loaded model.
+pub struct Decoder {
+    /// Its configuration.
+    pub cfg: Config,
+    embd: Mat,
+    output: Option<Mat>,
+    out_norm: Vec<f32>,
+    layers: Vec<Layer>,
+    ctx: Context,
+    method: Method,
+    /// Layers whose attention runs the plan's method; others run dense (all when empty).
+    pub method_layers: Vec<usize>,
+}
+
+fn vec_opt(g: &Gguf, name: &str) -> Result<Option<Vec<f32>>> {
+    if g.has_tensor(name) {
+        Ok(Some(g.tensor_f32(name)?))
+    } else {
+        Ok(None)
+    }
+}
+
+impl Decoder {
+    /// Loads and dequantizes every weight of a GGUF; attention runs on `ctx` with `method`.
+    pub fn load(g: &Gguf, ctx: &Context, method: Method) -> Result<Self> {
+        let cfg = Config::from_gguf(g)?;
+        let embd = Mat::load(g, "token_embd.weight")?;
+        let output = if g.has_tensor("output.weight") {
+            Some(Mat::load(g, "output.weight")?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let layer = Layer {
+                attn_norm: g.tensor_f32(&n("attn_norm.weight"))?,
+                wq: Mat::load(g, &n("attn_q.weight"))?,
+                wk: Mat::load(g, &n("attn_k.weight"))?,
+                wv: Mat::load(g, &n("attn_v.weight"))?,
+                wo: Mat::load(g, &n("attn_output.weight"))?,
+                bq: vec_opt(g, &n("attn_q.bias"))?,
+                bk: vec_opt(g, &n("attn_k.bias"))?,
+                bv: vec_opt(g, &n("attn_v.bias"))?,
+                q_norm: vec_opt(g, &n("attn_q_norm.weight"))?,
+                k_norm: vec_opt(g, &n("attn_k_norm.weight"))?,
+                post_attn_norm: vec_opt(g, &n("post_attention_norm.weight"))?,
+                ffn_norm: g.tensor_f32(&n("ffn_norm.weight"))?,
+                gate: Mat::load(g, &n("ffn_gate.weight"))?,
+                up: Mat::load(g, &n("ffn_up.weight"))?,
+                down: Mat::load(g, &n("ffn_down.weight"))?,
+                post_ffn_norm: vec_opt(g, &n("post_ffw_norm.weight"))?,
+            };
+            let (qd, kd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+            if layer.wq.rows != qd
+                || layer.wk.rows != kd
+                || layer.wv.rows != kd
+                || layer.wq.cols != cfg.d_model
+                || layer.wo.cols != qd
+                || layer.attn_norm.len() != cfg.d_model
+            {
+                return Err(Error::Model(format!(
+                    "layer {l}: projection shapes do not match the configuration {cfg:?}"
+                )));
+            }
+            layers.push(layer);
+        }
+        log::info!("loaded {:?}: {} layers", cfg.arch, cfg.n_layer);
+        Ok(Decoder {
+            out_norm: g.tensor_f32("output_norm.weight")?,
+            cfg,
+            embd,
+            output,
+            layers,
+            ctx: ctx.clone(),
+            method,
+            method_layers: Vec::new(),
+        })
+    }
+
+    /// The attention context.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// An empty KV cache.
+    pub fn new_cache(&self) -> KvCache {
+        let per = || vec![vec![Vec::new(); self.cfg.n_kv_head]; self.cfg.n_layer];
+        KvCache {
+            k: per(),
+            v: per(),
+            len: 0,
+        }
+    }
+
+    fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let d = c.head_dim;
+        let scale = 1.0 / (d as f32).sqrt();
+        let window = if c.global[layer] { None } else { c.window };
+        let method = if self.method_layers.is_empty() || self.method_layers.contains(&layer) {
+            self.method.clone()
+        } else {
+            Method::Dense
+        };
+        let run = |k: &[f32], v: &[f32], n: usize, method: Method| -> Result<Vec<f32>> {
+            let shape = AttentionShape {
+                q_heads: c.n_head,
+                kv_heads: c.n_kv_head,
+                seq_len: t,
+                kv_len: n,
+                head_dim: d,
+            };
+            let plan = self
+                .ctx
+                .attention(shape)
+                .method(method)
+                .dtype(DType::F32)
+                .scale(scale)
+                .build()?;
+            let (qt, kt, vt) =
+                crate::attention::upload_qkv(&self.ctx, &shape, q, k, v, DType::F32)?;
+            plan.run(&qt, &kt, &vt)?.to_f32_blocking()
+        };
+        match window {
+            Some(w) if n > w => {
+                if t == 1 {
+                    // One query: its window is the last `w` keys, all of them visible.
+                    let slice = |x: &[f32]| -> Vec<f32> {
+                        (0..c.n_kv_head)
+                            .flat_map(|h| x[(h * n + n - w) * d..(h + 1) * n * d].iter().copied())
+                            .collect()
+                    };
+                    run(&slice(k), &slice(v), w, Method::Dense)
+                } else if self.ctx.is_cpu() {
+                    Ok(windowed_attention(
+                        q,
+                        k,
+                        v,
+                        c.n_head,
+                        c.n_kv_head,
+                        t,
+                        n,
+                        d,
+                        w,
+                        scale,
+                    ))
+                } else if t == n {
+                    // A prefill from an empty cache: the crate's window method.
+                    run(
+                        k,
+                        v,
+                        n,
+                        Method::Window(WindowConfig {
+                            window: w,
+                            sinks: 0,
+                        }),
+                    )
+                } else {
+                    Err(Error::Model(format!(
+                        "layer {layer} has a {w}-token sliding window: a chunked prefill \
+                         ({t} new tokens after {} cached) has no windowed GPU path yet \
+                         (run with --backend cpu)",
+                        n - t
+                    )))
+                }
+            }
+            _ => run(k, v, n, method),
+        }
+    }
+
+    /// Runs `ids` through the model after what `cache` holds, appending to it. Returns
+    /// the final-normed hidden states `[ids.len(), d_model]`. `observe` sees every
+    /// layer's post-RoPE Q/K/V of these tokens.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        observe: &mut dyn FnMut(&LayerQkv<'_>) -> Result<()>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let (t, dm, d) = (ids.len(), c.d_model, c.head_dim);
+        let start = cache.len;
+        if t == 0 {
+            return Err(Error::InvalidArgument("no tokens to run".into()));
+        }
+        let mut x = Vec::with_capacity(t * dm);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.embd.rows {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} outside the vocabulary ({})",
+                    self.embd.rows
+                )));
+            }
+            x.extend_from_slice(&self.embd.data[id * dm..(id + 1) * dm]);
+        }
+        if c.arch == Arch::Gemma3 {
+            let s = (dm as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        for (li, l) in self.layers.iter().enumerate() {
+            let mut xn = x.clone();
+            rms_norm(&mut xn, &l.attn_norm, c.norm_eps);
+            let proj = |m: &Mat, b: &Option<Vec<f32>>| {
+                let mut y = m.apply(&xn, t);
+                if let Some(b) = b {
+                    y.chunks_exact_mut(b.len())
+                        .for_each(|r| r.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+                }
+                y
+            };
+            let (mut q, mut k, v) = (proj(&l.wq, &l.bq), proj(&l.wk, &l.bk), proj(&l.wv, &l.bv));
+            if let Some(w) = &l.q_norm {
+                rms_norm(&mut q, w, c.norm_eps);
+            }
+            if let Some(w) = &l.k_norm {
+                rms_norm(&mut k, w, c.norm_eps);
+            }
+            let base = if c.global[li] {
+                c.rope_base
+            } else {
+                c.rope_base_local
+            };
+            q.par_chunks_mut(d)
+                .enumerate()
+                .for_each(|(i, h)| rope(h, start + i / c.n_head, base, c.rope_neox));
+            k.par_chunks_mut(d)
+                .enumerate()
+                .for_each(|(i, h)| rope(h, start + i / c.n_kv_head, base, c.rope_neox));
+            // [t, heads, d] -> [heads, t, d]
+            let heads_first = |x: &[f32], hn: usize| -> Vec<f32> {
+                let mut o = vec![0f32; x.len()];
+                for i in 0..t {
+                    for h in 0..hn {
+                        o[(h * t + i) * d..(h * t + i + 1) * d]
+                            .copy_from_slice(&x[(i * hn + h) * d..(i * hn + h + 1) * d]);
+                    }
+                }
+                o
+            };
+            let (qh, kh, vh) = (
+                heads_first(&q, c.n_head),
+                heads_first(&k, c.n_kv_head),
+                heads_first(&v, c.n_kv_head),
+            );
+            observe(&LayerQkv {
+                layer: li,
+                global: c.global[li],
+                start,
+                tokens: t,
+                q: &qh,
+                k: &kh,
+                v: &vh,
+            })?;
+            for h in 0..c.n_kv_head {
+                cache.k[li][h].extend_from_slice(&kh[h * t * d..(h + 1) * t * d]);
+                cache.v[li][h].extend_from_slice(&vh[h * t * d..(h + 1) * t * d]);
+            }
+            let n = start + t;
+            let (kc, vc) = if start == 0 {
+                (kh, vh)
+            } else {
+                (cache.k[li].concat(), cache.v[li].concat())
+            };
+            let o = self.attend(li, &qh, &kc, &vc, t, n)?;
+            // [heads, t, d] -> [t, heads*d]
+            let mut ot = vec![0f32; t * c.n_head * d];
+            for h in 0..c.n_head {
+                for i in 0..t {
+                    ot[(i * c.n_head + h) * d..(i * c.n_head + h + 1) * d]
+                        .copy_from_slice(&o[(h * t + i) * d..(h * t + i + 1) * d]);
+                }
+            }
+            let mut a = l.wo.apply(&ot, t);
+            if let Some(w) = &l.post_attn_norm {
+                rms_norm(&mut a, w, c.norm_eps);
+            }
+            x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
+            let mut xn = x.clone();
+            rms_norm(&mut xn, &l.ffn_norm, c.norm_eps);
+            let g = l.gate.apply(&xn, t);
+            let u = l.up.apply(&xn, t);
+            let gelu = c.arch == Arch::Gemma3;
+            let hdn: Vec<f32> = g
+                .par_iter()
+                .zip(u.par_iter())
+                .map(|(&g, &u)| {
+                    let act = if gelu {
+                        0.5 * g * (1.0 + (0.797_884_6 * (g + 0.044_715 * g * g * g)).tanh())
+                    } else {
+                        g / (1.0 + (-g).exp())
+                    };
+                    act * u
+                })
+                .collect();
+            let mut f = l.down.apply(&hdn, t);
+            if let Some(w) = &l.post_ffn_norm {
+                rms_norm(&mut f, w, c.norm_eps);
+            }
+            x.iter_mut().zip(&f).for_each(|(x, f)| *x += f);
+        }
+        cache.len += t;
+        rms_norm(&mut x, &self.out_norm, c.norm_eps);
+        Ok(x)
+    }
+
+    /// Logits `[rows, vocab]` of final hidden states `[rows, d_model]`.
+    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let m = self.output.as_ref().unwrap_or(&self.embd);
+        let rows = hidden.len() / self.cfg.d_model;
+        let mut y = m.apply(hidden, rows);
+        if let Some(cap) = self.cfg.final_softcap {
+            y.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
+        y
+    }
+
+    /// Greedy generation: prefill `prompt`, then up to `max_new` tokens, stopping early
+    /// at any of `stop`. Calls `on_token` with each new id.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        let mut cache = self.new_cache();
+        let mut out = Vec::new();
+        let h = self.forward(prompt, &mut cache, &mut |_| Ok(()))?;
+        let dm = self.cfg.d_model;
+        let mut last = h[h.len() - dm..].to_vec();
+        for _ in 0..max_new {
+            let next = argmax(&self.logits(&last));
+            out.push(next);
+            on_token(next);
+            if stop.contains(&next) {
+                break;
+            }
+            last = self.forward(&[next], &mut cache, &mut |_| Ok(()))?;
+        }
+        Ok(out)
+    }
+
+    /// Mean next-token negative log-likelihood (nats) of `ids` (prefill of all of them,
+    /// then each position predicts the next), and the count of predictions.
+    pub fn nll(&self, ids: &[u32]) -> Result<(f64, usize)> {
+        let mut cache = self.new_cache();
+        let h = self.forward(ids, &mut cache, &mut |_| Ok(()))?;
+        let dm = self.cfg.d_model;
+        let mut total = 0f64;
+        let n = ids.len() - 1;
+        for r0 in (0..n).step_by(64) {
+            let r1 = (r0 + 64).min(n);
+            let logits = self.logits(&h[r0 * dm..r1 * dm]);
+            let v = logits.len() / (r1 - r0);
+            for (i, row) in logits.chunks_exact(v).enumerate() {
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let lse = m as f64
+                    + row
+                        .iter()
+                        .map(|&x| ((x - m) as f64).exp())
+                        .sum::<f64>()
+                        .ln();
+                total += lse - row[ids[r0 + i + 1] as usize] as f64;
+            }
+        }
+        Ok((total / n.max(1) as f64, n))
+    }
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::dense_cpu::naive_attention;
+    use crate::model::gguf::{GgufBuilder, Value};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn rnd(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-s..s)).collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{i}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_naive() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for (t, k, n) in [(1, 17, 300), (5, 64, 9), (70, 33, 513)] {
+            let x = rnd(&mut rng, t * k, 1.0);
+            let w = rnd(&mut rng, n * k, 1.0);
+            let y = matmul_t(&x, t, k, &w, n);
+            let mut r = vec![0f32; t * n];
+            for i in 0..t {
+                for j in 0..n {
+                    r[i * n + j] = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
+                }
+            }
+            close(&y, &r, 1e-4);
+        }
+    }
+
+    #[test]
+    fn rope_depends_only_on_relative_position() {
+        let mut rng = StdRng::seed_from_u64(2);
+        for neox in [false, true] {
+            let (q, k) = (rnd(&mut rng, 64, 1.0), rnd(&mut rng, 64, 1.0));
+            let dot = |pq: usize, pk: usize| {
+                let (mut a, mut b) = (q.clone(), k.clone());
+                rope(&mut a, pq, 10000.0, neox);
+                rope(&mut b, pk, 10000.0, neox);
+                a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+            };
+            assert!((dot(7, 3) - dot(104, 100)).abs() < 1e-3);
+            assert!((dot(0, 0) - q.iter().zip(&k).map(|(x, y)| x * y).sum::<f32>()).abs() < 1e-5);
+            assert!((dot(5, 0) - dot(0, 5)).abs() > 1e-4, "rotation must matter");
+        }
+        // Position 1, base 1: adjacent pair (0,1) rotates by 1 rad; NEOX pairs (0, d/2).
+        let mut v = vec![0f32; 4];
+        v[0] = 1.0;
+        rope(&mut v, 1, 1.0, false);
+        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[1] - 1f32.sin()).abs() < 1e-6);
+        let mut v = vec![1.0, 0.0, 0.0, 0.0];
+        rope(&mut v, 1, 1.0, true);
+        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[2] - 1f32.sin()).abs() < 1e-6);
+    }
+
+    /// Full softmax over all keys with an explicit window mask: the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn masked_reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        h: usize,
+        kvh: usize,
+        t: usize,
+        n: usize,
+        d: usize,
+        w: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; h * t * d];
+        for hh in 0..h {
+            let kh = hh / (h / kvh);
+            for i in 0..t {
+                let p = n - t + i;
+                let s: Vec<f64> = (0..n)
+                    .map(|j| {
+                        if j <= p && p - j < w {
+                            (scale
+                                * (0..d)
+                                    .map(|x| q[(hh * t + i) * d + x] * k[(kh * n + j) * d + x])
+                                    .sum::<f32>()) as f64
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for j in 0..n {
+                    let pj = ((s[j] - m).exp() / z) as f32;
+                    for x in 0..d {
+                        out[(hh * t + i) * d + x] += pj * v[(kh * n + j) * d + x];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn windowed_attention_matches_masked_reference() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (h, kvh, d) = (4, 2, 16);
+        for (t, n, w) in [(37, 37, 5), (10, 50, 7), (1, 20, 4), (33, 33, 1)] {
+            let q = rnd(&mut rng, h * t * d, 1.0);
+            let k = rnd(&mut rng, kvh * n * d, 1.0);
+            let v = rnd(&mut rng, kvh * n * d, 1.0);
+            let got = windowed_attention(&q, &k, &v, h, kvh, t, n, d, w, 0.3);
+            close(
+                &got,
+                &masked_reference(&q, &k, &v, h, kvh, t, n, d, w, 0.3),
+                1e-5,
+            );
+        }
+        // A window covering everything is plain causal attention.
+        let (t, n, d) = (20, 20, 64);
+        let q = rnd(&mut rng, h * t * d, 1.0);
+        let k = rnd(&mut rng, kvh * n * d, 1.0);
+        let v = rnd(&mut rng, kvh * n * d, 1.0);
+        let shape = AttentionShape::new(h, kvh, t, d);
+        close(
+            &windowed_attention(&q, &k, &v, h, kvh, t, n, d, n, 0.125),
+            &naive_attention(&shape, true, 0.125, &q, &k, &v),
+            1e-5,
+        );
+    }
+
+    /// A random 2-layer model of an architecture (head_dim 64, like SmolLM2).
+    pub(crate) fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (dm, nh, nkv, hd, ff, vocab, nl) =
+            (96usize, 2usize, 1usize, 64usize, 80usize, 40usize, 2usize);
+        let mut b = GgufBuilder::new()
+            .meta("general.architecture", Value::Str(arch.into()))
+            .meta(&format!("{arch}.block_count"), Value::U64(nl as u64))
+            .meta(&format!("{arch}.embedding_length"), Value::U64(dm as u64))
+            .meta(
+                &format!("{arch}.feed_forward_length"),
+                Value::U64(ff as u64),
+            )
+            .meta(&format!("{arch}.context_length"), Value::U64(512))
+            .meta(
+                &format!("{arch}.attention.head_count"),
+                Value::U64(nh as u64),
+            )
+            .meta(
+                &format!("{arch}.attention.head_count_kv"),
+                Value::U64(nkv as u64),
+            )
+            .meta(
+                &format!("{arch}.attention.key_length"),
+                Value::U64(hd as u64),
+            )
+            .meta(&format!("{arch}.rope.freq_base"), Value::F64(10000.0))
+            .meta(
+                &format!("{arch}.attention.layer_norm_rms_epsilon"),
+                Value::F64(1e-6),
+            );
+        if arch == "gemma3" {
+            b = b.meta("gemma3.attention.sliding_window", Value::U64(6));
+        }
+        let mut m = |b: GgufBuilder, name: &str, rows: usize, cols: usize| {
+            let s = 1.0 / (cols as f32).sqrt();
+            b.tensor_f32(
+                name,
+                &[cols as u64, rows as u64],
+                &rnd(&mut rng, rows * cols, s),
+            )
+        };
+        b = m(b, "token_embd.weight", vocab, dm);
+        let ones = |n: usize| vec![1.0f32; n];
+        b = b.tensor_f32("output_norm.weight", &[dm as u64], &ones(dm));
+        for l in 0..nl {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            b = b.tensor_f32(&n("attn_norm.weight"), &[dm as u64], &ones(dm));
+            b = b.tensor_f32(&n("ffn_norm.weight"), &[dm as u64], &ones(dm));
+            b = m(b, &n("attn_q.weight"), nh * hd, dm);
+            b = m(b, &n("attn_k.weight"), nkv * hd, dm);
+            b = m(b, &n("attn_v.weight"), nkv * hd, dm);
+            b = m(b, &n("attn_output.weight"), dm, nh * hd);
+            b = m(b, &n("ffn_gate.weight"), ff, dm);
+            b = m(b, &n("ffn_up.weight"), ff, dm);
+            b = m(b, &n("ffn_down.weight"), dm, ff);
+            if arch == "qwen2" {
+                b = m(b, &n("attn_q.bias"), 1, nh * hd);
+                b = m(b, &n("attn_k.bias"), 1, nkv * hd);
+                b = m(b, &n("attn_v.bias"), 1, nkv * hd);
+            }
+            if arch == "gemma3" {
+                for s in ["attn_q_norm.weight", "attn_k_norm.weight"] {
+                    b = b.tensor_f32(&n(s), &[hd as u64], &ones(hd));
+                }
+                for s in ["post_attention_norm.weight", "post_ffw_norm.weight"] {
+                    b = b.tensor_f32(&n(s), &[dm as u64], &ones(dm));
+                }
+            }
+        }
+        b.build()
+    }
+
+    #[test]
+    fn kv_cache_decode_matches_prefill() {
+        // gemma3 with window 6 and 11 tokens: layer 0 and 1 are local (window binds).
+        for arch in ["llama", "qwen2", "gemma3"] {
+            let g = Gguf::from_bytes(tiny_model(arch, 11)).unwrap();
+            let dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+            let ids: Vec<u32> = (0..11).map(|i| (i * 7 % 40) as u32).collect();
+            let mut c1 = dec.new_cache();
+            let full = dec.forward(&ids, &mut c1, &mut |_| Ok(())).unwrap();
+            let mut c2 = dec.new_cache();
+            let mut inc = dec.forward(&ids[..4], &mut c2, &mut |_| Ok(())).unwrap();
+            for &id in &ids[4..] {
+                inc.extend(dec.forward(&[id], &mut c2, &mut |_| Ok(())).unwrap());
+            }
+            assert_eq!(c2.len(), 11);
+            close(&inc, &full, 2e-4);
+            let (nll, n) = dec.nll(&ids).unwrap();
+            assert_eq!(n, 10);
+            assert!(nll.is_finite() && nll > 0.0);
+        }
+    }
+
+    #[test]
+    fn window_changes_gemma_local_layers() {
+        // The same weights with a huge window give different hidden states once the
+        // prompt is longer than the real window: the window is applied.
+        let g = Gguf::from_bytes(tiny_model("gemma3", 5)).unwrap();
+        let mut dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+        let ids: Vec<u32> = (0..12).map(|i| (i * 3 % 40) as u32).collect();
+        let a = dec
+            .forward(&ids, &mut dec.new_cache(), &mut |_| Ok(()))
+            .unwrap();
+        dec.cfg.window = Some(1000);
+        let b = dec
+            .forward(&ids, &mut dec.new_cache(), &mut |_| Ok(()))
+            .unwrap();
+        let dm = dec.cfg.d_model;
+        close(&a[..6 * dm], &b[..6 * dm], 1e-5);
+        assert!(
+            a[6 * dm..]
+                .iter()
+                .zip(&b[6 * dm..])
+                .any(|(x, y)| (x - y).abs() > 1e-3)
+        );
+    }
+
+    #[test]
+    fn window_method_matches_windowed_attention() {
+        // The crate's Method::Window (sinks 0), which GPU contexts use for Gemma's local
+        // layers, means the same mask as the decoder's CPU window.
+        let mut rng = StdRng::seed_from_u64(4);
+        let (h, kvh, t, d, w) = (4, 1, 70, 64, 9);
+        let q = rnd(&mut rng, h * t * d, 1.0);
+        let k = rnd(&mut rng, kvh * t * d, 1.0);
+        let v = rnd(&mut rng, kvh * t * d, 1.0);
+        let ctx = Context::cpu();
+        let shape = AttentionShape::new(h, kvh, t, d);
+        let plan = ctx
+            .attention(shape)
+            .method(Method::Window(WindowConfig {
+                window: w,
+                sinks: 0,
+            }))
+            .scale(0.125)
+            .build()
+            .unwrap();
+        let (qt, kt, vt) =
+            crate::attention::upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+        let got = plan.run(&qt, &kt, &vt).unwrap().to_f32_blocking().unwrap();
+        close(
+            &got,
+            &windowed_attention(&q, &k, &v, h, kvh, t, t, d, w, 0.125),
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn bad_architecture_is_typed_error() {
+        let g = GgufBuilder::new()
+            .meta("general.architecture", Value::Str("mamba".into()))
+            .build();
+        let g = Gguf::from_bytes(g).unwrap();
+        assert!(matches!(Config::from_gguf(&g), Err(Error::Model(_))));
+    }
+}

@@ -1,0 +1,10 @@
+//! Real models: a GGUF reader with dequantization ([`gguf`], [`quant`]), the tokenizer
+//! built from a GGUF's vocabulary ([`tokenizer`]), and a small decoder for the llama,
+//! qwen2 and gemma3 architectures ([`decoder`]) whose attention runs through the crate's
+//! [`AttentionPlan`](crate::AttentionPlan), and that dumps real post-RoPE Q/K/V.
+
+pub mod decoder;
+pub mod gguf;
+pub mod quant;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod tokenizer;

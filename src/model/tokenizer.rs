@@ -1,0 +1,468 @@
+//! The tokenizer a GGUF describes, built with the `tokenizers` crate from the file's
+//! metadata (`tokenizer.ggml.*`), the way Hugging Face `transformers` builds it:
+//!
+//! - `tokenizer.ggml.model = gpt2` (SmolLM2, Qwen2.5): byte-level BPE with the file's
+//!   merges. The split before BPE follows `tokenizer.ggml.pre`: `qwen2` uses Qwen2's
+//!   regex, `smollm` splits every digit first (`\p{N}`, as the model's own tokenizer and
+//!   llama.cpp do), anything else GPT-2's byte-level regex.
+//! - `tokenizer.ggml.model = llama` (Gemma-3's SentencePiece vocabulary): BPE with byte
+//!   fallback, spaces written `▁`, and merges rebuilt from the vocabulary: every token
+//!   cut into two vocabulary tokens, ordered by the token's position in the file (for
+//!   Gemma the file order is the merge order; its scores are not).
+//!
+//! Control tokens (`<|im_start|>`, `<bos>`, ...) are added as special tokens so they are
+//! never split.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Value as Json, json};
+
+use crate::error::{Error, Result};
+use crate::model::gguf::{Gguf, Value};
+
+/// A model's tokenizer plus its special ids.
+pub struct ModelTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Beginning-of-sequence id, if the file names one.
+    pub bos: Option<u32>,
+    /// End-of-sequence id, if the file names one.
+    pub eos: Option<u32>,
+    /// Whether prompts start with BOS (`tokenizer.ggml.add_bos_token`; SentencePiece
+    /// vocabularies default to yes).
+    pub add_bos: bool,
+    /// Extra ids that end a generation (e.g. `<end_of_turn>`, `<|im_end|>`).
+    pub stop_ids: Vec<u32>,
+    /// The chat template, if the file has one.
+    pub chat_template: Option<String>,
+    kind: String,
+}
+
+/// GPT-2's byte → printable-character table (the byte-level BPE alphabet).
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.into_iter().zip(cs) {
+        table[b as usize] = char::from_u32(c).expect("valid char");
+    }
+    table
+}
+
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn strings(g: &Gguf, key: &str) -> Result<Vec<String>> {
+    let arr = g
+        .require(key)?
+        .as_array()
+        .ok_or_else(|| Error::Tokenizer(format!("`{key}` is not an array")))?;
+    arr.iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| Error::Tokenizer(format!("`{key}` holds a non-string")))
+        })
+        .collect()
+}
+
+fn token_types(g: &Gguf, n: usize) -> Vec<i64> {
+    g.get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|v| match v {
+                    Value::I64(x) => *x,
+                    Value::U64(x) => *x as i64,
+                    _ => 1,
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![1; n])
+}
+
+fn added(id: usize, content: &str, special: bool) -> Json {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+           "rstrip": false, "normalized": false, "special": special})
+}
+
+/// Merges implied by a SentencePiece vocabulary: every token cut into two vocabulary
+/// tokens, best first by the token's file position, then longer left part first
+/// (transformers' `generate_merges` with position scores).
+pub fn merges_from_vocab(tokens: &[String]) -> Vec<(String, String)> {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        last.insert(t, i);
+    }
+    let mut seen = HashSet::with_capacity(tokens.len());
+    // (position of the merged token, left length in chars, left, right)
+    let mut merges: Vec<(usize, usize, &str, &str)> = Vec::new();
+    for t in tokens {
+        if !seen.insert(t.as_str()) {
+            continue;
+        }
+        let score_pos = last[t.as_str()];
+        let mut local = Vec::new();
+        for (ci, (bi, _)) in t.char_indices().enumerate().skip(1) {
+            let (l, r) = t.split_at(bi);
+            if let (Some(&il), Some(&ir)) = (last.get(l), last.get(r)) {
+                local.push((il, ir, ci, l, r));
+            }
+        }
+        local.sort_by_key(|x| (x.0, x.1));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, ci, l, r)| (score_pos, ci, l, r)),
+        );
+    }
+    // Stable sort: by position ascending, then left length descending, then right
+    // length descending (equal merged tokens: left + right length is constant).
+    merges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    merges
+        .into_iter()
+        .map(|(_, _, l, r)| (l.to_owned(), r.to_owned()))
+        .collect()
+}
+
+impl ModelTokenizer {
+    /// Builds the tokenizer described by a GGUF's metadata.
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let kind = g.str("tokenizer.ggml.model")?.to_owned();
+        let tokens = strings(g, "tokenizer.ggml.tokens")?;
+        let types = token_types(g, tokens.len());
+        let id = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v as u32);
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let add_bos = match g.get("tokenizer.ggml.add_bos_token") {
+            Some(Value::Bool(b)) => *b,
+            _ => kind == "llama",
+        };
+        let spec = match kind.as_str() {
+            "gpt2" => Self::byte_level_spec(g, &tokens, &types)?,
+            "llama" => Self::sentencepiece_spec(g, &tokens, &types)?,
+            o => {
+                return Err(Error::Tokenizer(format!(
+                    "tokenizer.ggml.model `{o}` is not supported (gpt2, llama)"
+                )));
+            }
+        };
+        let inner: tokenizers::Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e| Error::Tokenizer(format!("building the {kind} tokenizer: {e}")))?;
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        for s in ["<end_of_turn>", "<|im_end|>", "<|endoftext|>"] {
+            if let Some(i) = inner.token_to_id(s)
+                && !stop_ids.contains(&i)
+            {
+                stop_ids.push(i);
+            }
+        }
+        let chat_template = g
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        log::info!(
+            "tokenizer: {kind} ({}), {} tokens, bos {bos:?} (add: {add_bos}), eos {eos:?}",
+            g.get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("-"),
+            tokens.len()
+        );
+        Ok(ModelTokenizer {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            stop_ids,
+            chat_template,
+            kind,
+        })
+    }
+
+    fn byte_level_spec(g: &Gguf, tokens: &[String], types: &[i64]) -> Result<Json> {
+        let table = bytes_to_unicode();
+        let alphabet: HashSet<char> = table.iter().copied().collect();
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added_tokens = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            let in_alphabet = t.chars().all(|c| alphabet.contains(&c));
+            let spelled = if in_alphabet {
+                t.clone()
+            } else {
+                t.bytes().map(|b| table[b as usize]).collect()
+            };
+            if types.get(i) == Some(&3) && in_alphabet {
+                added_tokens.push(added(i, t, true));
+            }
+            vocab.insert(spelled, json!(i));
+        }
+        let merges = strings(g, "tokenizer.ggml.merges")?;
+        let merges: Vec<Json> = merges
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok(json!([a, b])),
+                None => Err(Error::Tokenizer(format!("merge `{m}` has no space"))),
+            })
+            .collect::<Result<_>>()?;
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+        let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        let pre_tokenizer = match pre {
+            "qwen2" | "deepseek-r1-qwen" => {
+                json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]})
+            }
+            "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" => {
+                json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]})
+            }
+            "smollm" => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            _ => byte_level(true),
+        };
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added_tokens,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        }))
+    }
+
+    fn sentencepiece_spec(g: &Gguf, tokens: &[String], types: &[i64]) -> Result<Json> {
+        // Runs of spaces are stored as spaces; the BPE sees them as `▁`.
+        let spelled: Vec<String> = tokens
+            .iter()
+            .map(|t| {
+                if !t.is_empty() && t.chars().all(|c| c == ' ') {
+                    "▁".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        for (i, t) in spelled.iter().enumerate() {
+            vocab.insert(t.clone(), json!(i));
+        }
+        let mut added_tokens = Vec::new();
+        for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
+            if *ty == 3 {
+                added_tokens.push(added(i, t, true));
+            } else if *ty == 4 && vocab.contains_key(t) {
+                added_tokens.push(added(i, t, false));
+            }
+        }
+        let merges: Vec<Json> = merges_from_vocab(&spelled)
+            .into_iter()
+            .map(|(a, b)| json!([a, b]))
+            .collect();
+        let unk = g
+            .get("tokenizer.ggml.unknown_token_id")
+            .and_then(Value::as_u64)
+            .and_then(|i| tokens.get(i as usize))
+            .cloned();
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added_tokens,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        }))
+    }
+
+    /// `gpt2` (byte-level BPE) or `llama` (SentencePiece).
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// Vocabulary size (with added tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text` (special-token strings in the text are matched whole; no BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Like [`encode`](Self::encode), with BOS first when the model wants it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.add_bos
+            && let Some(b) = self.bos
+        {
+            ids.push(b);
+        }
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Text of ids (special tokens skipped).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
+    }
+
+    /// A one-turn chat prompt in the model's format (ChatML for SmolLM2 and Qwen, turn
+    /// markers for Gemma), chosen from the chat template's markers.
+    pub fn chat_prompt(&self, user: &str) -> Result<String> {
+        let t = self.chat_template.as_deref().unwrap_or("");
+        if t.contains("<|im_start|>") || self.inner.token_to_id("<|im_start|>").is_some() {
+            let system = if t.contains("SmolLM") {
+                "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+            } else if t.contains("You are Qwen") {
+                "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+            } else {
+                ""
+            };
+            let mut p = String::new();
+            if !system.is_empty() {
+                p += &format!("<|im_start|>system\n{system}<|im_end|>\n");
+            }
+            p += &format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n");
+            Ok(p)
+        } else if self.inner.token_to_id("<start_of_turn>").is_some() {
+            Ok(format!(
+                "<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
+            ))
+        } else {
+            Err(Error::Tokenizer(
+                "this model has no chat format this crate knows (ChatML or Gemma turns)".into(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::GgufBuilder;
+
+    fn strs(v: &[&str]) -> Value {
+        Value::Array(v.iter().map(|s| Value::Str((*s).into())).collect())
+    }
+
+    #[test]
+    fn byte_level_bpe_from_metadata() {
+        let toks = [
+            "<|endoftext|>",
+            "h",
+            "e",
+            "l",
+            "o",
+            "Ġ",
+            "he",
+            "ll",
+            "hell",
+            "hello",
+            "Ġh",
+            "1",
+            "2",
+        ];
+        let types = Value::Array(
+            (0..toks.len())
+                .map(|i| Value::I64(if i == 0 { 3 } else { 1 }))
+                .collect(),
+        );
+        let g = GgufBuilder::new()
+            .meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
+            .meta("tokenizer.ggml.pre", Value::Str("smollm".into()))
+            .meta("tokenizer.ggml.tokens", strs(&toks))
+            .meta("tokenizer.ggml.token_type", types)
+            .meta(
+                "tokenizer.ggml.merges",
+                strs(&["h e", "l l", "he ll", "hell o", "Ġ h"]),
+            )
+            .meta("tokenizer.ggml.eos_token_id", Value::U64(0))
+            .build();
+        let g = Gguf::from_bytes(g).unwrap();
+        let t = ModelTokenizer::from_gguf(&g).unwrap();
+        assert!(!t.add_bos);
+        // BPE merges by rank ("Ġ h" ranks after "h e", so " hell" is Ġ + hell), the
+        // special token kept whole, digits split apart.
+        let ids = t.encode("hello hell<|endoftext|>12").unwrap();
+        assert_eq!(ids, vec![9, 5, 8, 0, 11, 12]);
+        assert_eq!(t.decode(&[9, 5, 8]).unwrap(), "hello hell");
+    }
+
+    #[test]
+    fn sentencepiece_merges_follow_file_order() {
+        // "ab" is listed before "bc": in "abc" the merge a+b wins.
+        let toks: Vec<String> = ["<unk>", "a", "b", "c", "ab", "bc", "abc", "▁", "▁a"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let m = merges_from_vocab(&toks);
+        assert_eq!(
+            m,
+            vec![
+                ("a".into(), "b".into()),
+                ("b".into(), "c".into()),
+                ("ab".into(), "c".into()),
+                ("a".into(), "bc".into()),
+                ("▁".into(), "a".into()),
+            ]
+        );
+        let g = GgufBuilder::new()
+            .meta("tokenizer.ggml.model", Value::Str("llama".into()))
+            .meta(
+                "tokenizer.ggml.tokens",
+                Value::Array(toks.iter().map(|s| Value::Str(s.clone())).collect()),
+            )
+            .meta("tokenizer.ggml.unknown_token_id", Value::U64(0))
+            .meta("tokenizer.ggml.bos_token_id", Value::U64(0))
+            .build();
+        let t = ModelTokenizer::from_gguf(&Gguf::from_bytes(g).unwrap()).unwrap();
+        assert!(t.add_bos, "SentencePiece vocabularies default to BOS");
+        assert_eq!(t.encode("abc a").unwrap(), vec![6, 8]);
+        assert_eq!(t.encode("cab").unwrap(), vec![3, 4]);
+        assert_eq!(t.encode_prompt("a").unwrap(), vec![0, 1]);
+        assert_eq!(t.decode(&[6, 8]).unwrap(), "abc a");
+    }
+
+    #[test]
+    fn unknown_kind_is_typed_error() {
+        let g = GgufBuilder::new()
+            .meta("tokenizer.ggml.model", Value::Str("rwkv".into()))
+            .meta("tokenizer.ggml.tokens", strs(&["a"]))
+            .build();
+        let e = ModelTokenizer::from_gguf(&Gguf::from_bytes(g).unwrap());
+        assert!(matches!(e, Err(Error::Tokenizer(_))));
+    }
+}
