@@ -14,7 +14,10 @@
 pub mod attention;
 pub mod context;
 pub mod error;
+pub(crate) mod launch;
 pub mod metrics;
+pub mod moe;
+pub mod ops;
 pub mod pipeline;
 pub mod preprocess;
 pub mod synthetic;

@@ -1,0 +1,224 @@
+//! Launcher of `shaders/moe/expert_ffn.wgsl`: the grouped ReGLU expert FFN, as a tiled
+//! grouped GEMM (prefill) or GEMV-like kernels that skip inactive neurons' weights
+//! (decode), with f16 or Q4_0 weights. Two stages: `expert_up` (gate, up, ReGLU) and
+//! `expert_down`.
+
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+use serde::Serialize;
+
+use super::{MoeConfig, PackedExperts, WeightFormat};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::launch::{bind, check_axis, uniform};
+use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::preprocess::Defines;
+
+/// Positions per tile of the grouped GEMM.
+pub const TILE_M: usize = 64;
+/// Neurons (up) or hidden columns (down) per tile.
+pub const TILE_N: usize = 64;
+/// Neurons per GEMV-up workgroup.
+pub const GEMV_NEURONS: usize = 8;
+/// Columns per GEMV-down workgroup (64 threads x 4).
+pub const GEMV_COLS: usize = 256;
+
+/// Which expert-FFN kernels a plan runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnKernel {
+    /// Tiled grouped GEMM, 64 x 64 tiles (prefill: many tokens per expert).
+    Tiled,
+    /// One workgroup per position and neuron block; skipped neurons' up and down rows
+    /// are never read (decode: 1–8 tokens).
+    Gemv,
+}
+
+/// Uniform parameters; mirrors `struct Params` in the WGSL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct FfnParams {
+    assignments: u32,
+    hidden: u32,
+    ffn: u32,
+    experts: u32,
+    top_k: u32,
+    gate_sb: u32,
+    up_sb: u32,
+    down_sb: u32,
+}
+
+/// The kernel of one half (`down = false`: gate/up/ReGLU) for a path and weight format.
+pub fn expert_ffn_spec(down: bool, kernel: FfnKernel, format: WeightFormat) -> KernelSpec {
+    use BindingKind::*;
+    let bindings = if down {
+        vec![
+            Uniform,
+            StorageRead,
+            StorageRead,
+            StorageRead,
+            StorageReadWrite,
+        ]
+    } else {
+        vec![
+            Uniform,
+            StorageRead,
+            StorageRead,
+            StorageRead,
+            StorageRead,
+            StorageRead,
+            StorageReadWrite,
+            StorageReadWrite,
+        ]
+    };
+    KernelSpec {
+        file: "moe/expert_ffn.wgsl",
+        entry: if down { "expert_down" } else { "expert_up" },
+        defines: Defines::new()
+            .flag(if down { "DOWN" } else { "UP" })
+            .flag(match kernel {
+                FfnKernel::Tiled => "TILED",
+                FfnKernel::Gemv => "GEMV",
+            })
+            .flag(match format {
+                WeightFormat::F16 => "WEIGHTS_F16",
+                WeightFormat::Q4_0 => "WEIGHTS_Q4_0",
+            }),
+        bindings,
+    }
+}
+
+/// Every expert-FFN variant.
+pub fn all_expert_ffn_variants() -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for down in [false, true] {
+        for k in [FfnKernel::Tiled, FfnKernel::Gemv] {
+            for f in [WeightFormat::F16, WeightFormat::Q4_0] {
+                out.push(expert_ffn_spec(down, k, f));
+            }
+        }
+    }
+    out
+}
+
+/// Upper bound of the tiles over all experts: Σ ceil(count_e / TILE_M).
+pub fn max_tiles(assignments: usize, experts: usize) -> usize {
+    assignments.div_ceil(TILE_M) + experts.min(assignments)
+}
+
+/// The FFN's buffers for one recording.
+pub(crate) struct FfnIo<'a> {
+    pub meta: &'a wgpu::Buffer,
+    pub z: &'a wgpu::Buffer,
+    pub sorted: &'a wgpu::Buffer,
+    pub act: &'a wgpu::Buffer,
+    pub stats: &'a wgpu::Buffer,
+    pub y: &'a wgpu::Buffer,
+}
+
+/// Weight buffers on the GPU.
+pub(crate) struct FfnWeights {
+    pub gate: wgpu::Buffer,
+    pub up: wgpu::Buffer,
+    pub down_t: wgpu::Buffer,
+}
+
+/// A built expert FFN.
+pub(crate) struct FfnGpu {
+    up: Arc<Kernel>,
+    down: Arc<Kernel>,
+    params: wgpu::Buffer,
+    up_grid: (u32, u32),
+    down_grid: (u32, u32),
+}
+
+impl FfnGpu {
+    pub(crate) fn build(
+        ctx: &Context,
+        cfg: &MoeConfig,
+        w: &PackedExperts,
+        assignments: usize,
+        kernel: FfnKernel,
+    ) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let max = g.caps.max_workgroups_per_dim;
+        let format = w.format();
+        let p = FfnParams {
+            assignments: assignments as u32,
+            hidden: cfg.hidden as u32,
+            ffn: cfg.ffn as u32,
+            experts: cfg.experts as u32,
+            top_k: cfg.top_k as u32,
+            gate_sb: w.gate.scale_base,
+            up_sb: w.up.scale_base,
+            down_sb: w.down_t.scale_base,
+        };
+        let (up_grid, down_grid) = match kernel {
+            FfnKernel::Tiled => {
+                let tiles = check_axis(
+                    max_tiles(assignments, cfg.experts) as u64,
+                    max,
+                    "expert FFN tiles",
+                )?;
+                (
+                    (tiles, cfg.ffn.div_ceil(TILE_N) as u32),
+                    (tiles, cfg.hidden.div_ceil(TILE_N) as u32),
+                )
+            }
+            FfnKernel::Gemv => {
+                let a = check_axis(assignments as u64, max, "expert FFN GEMV positions")?;
+                (
+                    (cfg.ffn.div_ceil(GEMV_NEURONS) as u32, a),
+                    (cfg.hidden.div_ceil(GEMV_COLS) as u32, a),
+                )
+            }
+        };
+        Ok(FfnGpu {
+            up: ctx.kernel(&expert_ffn_spec(false, kernel, format))?,
+            down: ctx.kernel(&expert_ffn_spec(true, kernel, format))?,
+            params: uniform(g, "moe expert ffn params", bytemuck::bytes_of(&p)),
+            up_grid,
+            down_grid,
+        })
+    }
+
+    pub(crate) fn record(&self, rec: &mut Recorder<'_>, w: &FfnWeights, io: &FfnIo<'_>) {
+        rec.encoder().clear_buffer(io.stats, 0, None);
+        let up_bg = bind(
+            rec.gpu(),
+            &self.up,
+            "moe expert up bindings",
+            &[
+                &self.params,
+                io.meta,
+                io.z,
+                io.sorted,
+                &w.gate,
+                &w.up,
+                io.act,
+                io.stats,
+            ],
+        );
+        let down_bg = bind(
+            rec.gpu(),
+            &self.down,
+            "moe expert down bindings",
+            &[&self.params, io.meta, io.act, &w.down_t, io.y],
+        );
+        let (ux, uy) = self.up_grid;
+        rec.stage("expert_up", |pass| {
+            pass.set_pipeline(&self.up.pipeline);
+            pass.set_bind_group(0, &up_bg, &[]);
+            pass.dispatch_workgroups(ux, uy, 1);
+            1
+        });
+        let (dx, dy) = self.down_grid;
+        rec.stage("expert_down", |pass| {
+            pass.set_pipeline(&self.down.pipeline);
+            pass.set_bind_group(0, &down_bg, &[]);
+            pass.dispatch_workgroups(dx, dy, 1);
+            1
+        });
+    }
+}
