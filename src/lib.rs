@@ -15,6 +15,7 @@ pub mod attention;
 pub mod context;
 pub mod error;
 pub(crate) mod launch;
+pub mod layer;
 pub mod metrics;
 pub mod moe;
 pub mod ops;
