@@ -95,7 +95,7 @@ impl DecoderLayerConfig {
         {
             return Err(Error::InvalidArgument(format!("RoPE θ {t} must be > 1")));
         }
-        if !(self.rms_eps > 0.0) {
+        if self.rms_eps.is_nan() || self.rms_eps <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "RMSNorm eps {} must be positive",
                 self.rms_eps
