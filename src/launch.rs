@@ -101,3 +101,11 @@ pub(crate) fn check_axis(n: u64, max_per_dim: u32, what: &str) -> Result<u32> {
     }
     Ok(n.max(1) as u32)
 }
+
+/// Errors unless the device can `unpack2x16float` (f16 weights and Q4_0 scales).
+pub(crate) fn require_f16_storage(g: &GpuDevice, what: &'static str) -> Result<()> {
+    if !g.caps.f16_storage {
+        return Err(Error::UnsupportedDtype(crate::tensor::DType::F16, what));
+    }
+    Ok(())
+}

@@ -5,7 +5,11 @@
 //! - `wgsparse info [--json]`: adapters, chosen backend, features, limits.
 //! - `wgsparse attention --method dense ... [--check] [--json]`: one run on synthetic
 //!   Q/K/V with per-stage times; `--check` compares with the other device.
+//! - `wgsparse moe --tokens T --hidden H --experts E --top-k K --ffn F [--weights f16|q4_0]
+//!   [--check] [--json]`: one MoE layer on synthetic data (see `cli_moe.rs`).
 //! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
+
+mod cli_moe;
 
 use std::process::ExitCode;
 
@@ -44,6 +48,8 @@ enum Command {
     },
     /// Run attention on synthetic Q/K/V and print per-stage times.
     Attention(AttentionArgs),
+    /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
+    Moe(cli_moe::MoeArgs),
     /// Print the final WGSL of kernel variants (after includes and defines).
     Shader {
         /// List the variants instead of printing one.
@@ -296,7 +302,8 @@ fn other_device_result(
 }
 
 fn shader(list: bool, name: Option<String>) -> Result<()> {
-    let variants = all_dense_variants();
+    let mut variants = all_dense_variants();
+    variants.extend(wgsparse::moe::all_moe_variants());
     if list || name.is_none() {
         for (i, v) in variants.iter().enumerate() {
             println!("{i:3} {}", v.label());
@@ -381,6 +388,7 @@ fn main() -> ExitCode {
         None => demo(),
         Some(Command::Info { json, backend }) => info(json, backend),
         Some(Command::Attention(a)) => attention(&a),
+        Some(Command::Moe(a)) => cli_moe::moe(&a),
         Some(Command::Shader { list, name }) => shader(list, name),
     };
     match result {

@@ -68,7 +68,8 @@ fn compiled() -> &'static [Compiled] {
 }
 
 fn compile_all() -> Vec<Compiled> {
-    let specs = all_dense_variants();
+    let mut specs = all_dense_variants();
+    specs.extend(wgsparse::moe::all_moe_variants());
     assert!(!specs.is_empty(), "no kernel variants to check");
     specs
         .into_iter()
@@ -153,7 +154,11 @@ fn every_variant_validates_with_the_webgpu_baseline() {
     for c in all {
         // f32 storage needs nothing at all; f16 storage only pack/unpack2x16float, which
         // wgpu withholds on llvmpipe without `shader-f16` (DownlevelFlags::SHADER_F16_IN_F32).
-        let caps = if c.spec.defines.has("STORE_F16") {
+        // The MoE / layer kernels read f16 weights and Q4_0 scales the same way.
+        let caps = if ["STORE_F16", "WEIGHTS_F16", "WEIGHTS_Q4_0"]
+            .iter()
+            .any(|f| c.spec.defines.has(f))
+        {
             NagaCaps::SHADER_FLOAT16_IN_FLOAT32
         } else {
             NagaCaps::empty()
@@ -487,6 +492,9 @@ fn every_variant_fits_webgpu_invocation_and_binding_limits() {
 fn host_workgroup_estimate_covers_the_shader() {
     // The launcher picks tiles from `dense_workgroup_bytes`; it must never undercount.
     for_all("dense_workgroup_bytes", |c| {
+        if c.spec.file != "flash_attention.wgsl" {
+            return Ok(());
+        }
         let bq = const_of(&c.spec, "BQ").ok_or("no BQ")?;
         let estimate = dense_workgroup_bytes(bq);
         let actual = workgroup_bytes(c)?;
@@ -494,6 +502,21 @@ fn host_workgroup_estimate_covers_the_shader() {
             return Err(format!(
                 "shader uses {actual} bytes, the host plans with {estimate}"
             ));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn moe_and_layer_variants_fit_webgpu_default_workgroup_memory() {
+    // These families have one tile configuration each: it must fit everywhere.
+    for_all("16 KiB workgroup memory", |c| {
+        if c.spec.file == "flash_attention.wgsl" {
+            return Ok(());
+        }
+        let bytes = workgroup_bytes(c)?;
+        if bytes > 16384 {
+            return Err(format!("{bytes} B of workgroup memory > 16384"));
         }
         Ok(())
     });
@@ -587,8 +610,12 @@ fn shader_bindings_match_the_kernel_spec() {
 
 #[test]
 fn uniform_params_match_the_host_struct() {
-    let host = std::mem::size_of::<DenseParams>() as u32;
     for_all("uniform Params layout", |c| {
+        let host = if c.spec.file == "flash_attention.wgsl" {
+            std::mem::size_of::<DenseParams>() as u32
+        } else {
+            wgsparse::moe::params_size(c.spec.file).ok_or("no host params struct known")? as u32
+        };
         let mut layouter = naga::proc::Layouter::default();
         layouter
             .update(c.module.to_ctx())
@@ -601,7 +628,9 @@ fn uniform_params_match_the_host_struct() {
             .ok_or("no uniform")?;
         let size = layouter[g.ty].size;
         if size != host {
-            return Err(format!("WGSL Params is {size} bytes, DenseParams {host}"));
+            return Err(format!(
+                "WGSL Params is {size} bytes, the host struct {host}"
+            ));
         }
         Ok(())
     });

@@ -264,3 +264,48 @@ pub fn moe_cpu(
         skipped,
     }
 }
+
+/// A straightforward reference of the whole layer in f64: the plain formula
+/// `residual + Σ_k w_k · down((up·z) ⊙ ReLU(gate·z))` per token, no dispatch and no
+/// skipping, on the routing of [`top_k`] (f32 logits). Slow; an independent oracle for
+/// `--check` when no second device exists.
+pub fn moe_reference_f64(
+    router_in: &[f32],
+    expert_in: &[f32],
+    residual: &[f32],
+    w: &PackedExperts,
+) -> Vec<f32> {
+    let c = &w.config;
+    let (h, f, k) = (c.hidden, c.ffn, c.top_k);
+    let logits = router_logits(router_in, &w.router, h, c.experts);
+    let (ids, weights) = top_k(&logits, c.experts, k, c.scoring);
+    let mut out = vec![0.0f32; residual.len()];
+    out.par_chunks_mut(h).enumerate().for_each(|(t, o)| {
+        let z = &expert_in[t * h..(t + 1) * h];
+        let mut acc: Vec<f64> = residual[t * h..(t + 1) * h]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let (mut gr, mut ur, mut dr) = (vec![0.0; h], vec![0.0; h], vec![0.0; h]);
+        for j in 0..k {
+            let e = ids[t * k + j] as usize;
+            let wt = weights[t * k + j] as f64;
+            for n in 0..f {
+                let row = e * f + n;
+                w.gate.row(row, &mut gr);
+                w.up.row(row, &mut ur);
+                w.down_t.row(row, &mut dr);
+                let g: f64 = gr.iter().zip(z).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let u: f64 = ur.iter().zip(z).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let a = wt * u * g.max(0.0);
+                for (o, d) in acc.iter_mut().zip(&dr) {
+                    *o += a * *d as f64;
+                }
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    });
+    out
+}

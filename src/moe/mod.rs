@@ -288,6 +288,9 @@ pub struct MoeWeights {
 
 impl MoeWeights {
     /// Synthetic weights from `seed` (Gaussian, scaled 1/√fan-in): clearly not a model's.
+    /// The router's weights are rounded to multiples of 1/256: with inputs on a grid
+    /// too ([`grid_input`]), every router logit is an exact f32 sum on every device, so
+    /// a GPU and the CPU pick the same experts and `--check` compares like with like.
     pub fn random(cfg: &MoeConfig, seed: u64) -> Self {
         let (e, f, h) = (cfg.experts, cfg.ffn, cfg.hidden);
         let scaled = |len: usize, seed: u64, s: f32| -> Vec<f32> {
@@ -299,7 +302,10 @@ impl MoeWeights {
         let sh = 1.0 / (h as f32).sqrt();
         MoeWeights {
             config: *cfg,
-            router: scaled(e * h, seed ^ 0x11, sh),
+            router: scaled(e * h, seed ^ 0x11, sh)
+                .into_iter()
+                .map(|v| (v * 256.0).round() / 256.0)
+                .collect(),
             gate: scaled(e * f * h, seed ^ 0x22, sh),
             up: scaled(e * f * h, seed ^ 0x33, sh),
             down_t: scaled(e * f * h, seed ^ 0x44, 1.0 / (f as f32).sqrt()),
@@ -341,6 +347,44 @@ impl MoeWeights {
             down_t: PackedMatrix::pack(format, rows, c.hidden, &self.down_t)?,
         })
     }
+}
+
+/// Synthetic activations `[tokens, hidden]` from `seed`: Gaussian values rounded to
+/// multiples of 1/16 and clamped to ±4 (see [`MoeWeights::random`] for why).
+pub fn grid_input(len: usize, seed: u64) -> Vec<f32> {
+    crate::synthetic::gaussian_parallel(len, seed)
+        .into_iter()
+        .map(|v| ((v * 16.0).round() / 16.0).clamp(-4.0, 4.0))
+        .collect()
+}
+
+/// Every kernel variant of the MoE and decoder-layer families (router, dispatch, expert
+/// FFN, combine, RMSNorm, RoPE, linear), for the shader dump and the portability tests.
+pub fn all_moe_variants() -> Vec<crate::pipeline::KernelSpec> {
+    let mut v = router::all_router_variants();
+    v.extend(dispatch::all_dispatch_variants());
+    v.extend(expert_ffn::all_expert_ffn_variants());
+    v.push(combine::combine_spec());
+    v.push(crate::ops::rmsnorm::rmsnorm_spec());
+    v.push(crate::ops::rope::rope_spec());
+    v.extend(crate::ops::linear::all_linear_variants());
+    v
+}
+
+/// Size in bytes of the host parameter struct of a variant's shader file (for the
+/// host/shader layout check), or `None` for files outside these families.
+pub fn params_size(file: &str) -> Option<usize> {
+    use std::mem::size_of;
+    Some(match file {
+        "moe/router.wgsl" => size_of::<router::RouterParams>(),
+        "moe/dispatch.wgsl" => size_of::<dispatch::DispatchParams>(),
+        "moe/expert_ffn.wgsl" => size_of::<expert_ffn::FfnParams>(),
+        "moe/combine.wgsl" => size_of::<combine::CombineParams>(),
+        "rmsnorm.wgsl" => size_of::<crate::ops::rmsnorm::RmsNormParams>(),
+        "rope.wgsl" => size_of::<crate::ops::rope::RopeParams>(),
+        "linear.wgsl" => size_of::<crate::ops::linear::LinearParams>(),
+        _ => return None,
+    })
 }
 
 /// Expert weights in their storage format.

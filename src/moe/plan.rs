@@ -205,6 +205,7 @@ impl MoeGpu {
         tokens: usize,
         path: FfnPath,
     ) -> Result<Self> {
+        crate::launch::require_f16_storage(g, "MoE weights on this device (no unpack2x16float)")?;
         let a = tokens * cfg.top_k;
         let (e, f, h) = (cfg.experts as u64, cfg.ffn as u64, cfg.hidden as u64);
         let a64 = a as u64;

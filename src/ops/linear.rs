@@ -144,6 +144,10 @@ impl LinearGpu {
         layout: LinearLayout,
     ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        crate::launch::require_f16_storage(
+            g,
+            "projection weights on this device (no unpack2x16float)",
+        )?;
         let (n, k) = (w.rows, w.cols);
         let head_major = layout.in_head_major || layout.out_head_major;
         if head_major
