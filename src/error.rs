@@ -55,6 +55,14 @@ pub enum Error {
     /// An I/O error (reading a data file, writing output).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A data file (Q/K/V file, model file) is malformed or not what was expected.
+    #[error("bad file `{path}`: {message}")]
+    BadFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A bad argument or configuration value.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -21,6 +21,7 @@ pub mod moe;
 pub mod ops;
 pub mod pipeline;
 pub mod preprocess;
+pub mod qkv_file;
 pub mod synthetic;
 pub mod tensor;
 pub mod verify;

@@ -23,6 +23,7 @@
 use rayon::prelude::*;
 
 use super::AttentionShape;
+use super::lut::SparseLut;
 
 const NEG_BIG: f32 = -1.0e30;
 /// Query rows per task (a multiple of `MR`).
@@ -190,13 +191,16 @@ fn pv_tile<F: MulAdd>(p: &[[f32; KEYS]; MR], keys: usize, v: &[f32], d: usize, a
     }
 }
 
-/// Scales the first `vis` scores of a row, masks the rest to `NEG_BIG`, and returns
-/// the larger of `m` and the row maximum. Plain loops over the whole tile so they
-/// vectorize; eight running maxima break the dependency chain.
+/// Scales the visible scores of a row, masks the rest to `NEG_BIG`, and returns the
+/// larger of `m` and the row maximum. Lane `j` is visible iff `j < hi` and (`j <
+/// sink_end` or `j >= lo`): the causal horizon, and a sliding window with sink keys.
+/// Plain loops over the whole tile so they vectorize; eight running maxima break the
+/// dependency chain.
 #[inline(always)]
-fn mask_and_max(row: &mut [f32; KEYS], vis: usize, scale: f32, m: f32) -> f32 {
+fn mask_and_max(row: &mut [f32; KEYS], vis: Visible, scale: f32, m: f32) -> f32 {
     for (j, sv) in row.iter_mut().enumerate() {
-        *sv = if j < vis { *sv * scale } else { NEG_BIG };
+        let live = j < vis.hi && (j < vis.sink_end || j >= vis.lo);
+        *sv = if live { *sv * scale } else { NEG_BIG };
     }
     let mut mx8 = [NEG_BIG; 8];
     for chunk in row.as_chunks::<8>().0 {
@@ -225,6 +229,29 @@ fn softmax_weights<F: MulAdd>(row: &[f32; KEYS], mx: f32, p: &mut [f32; KEYS]) -
     sum8.iter().sum()
 }
 
+/// Visible lanes of one row in one key tile (see [`mask_and_max`]).
+#[derive(Clone, Copy)]
+struct Visible {
+    sink_end: usize,
+    lo: usize,
+    hi: usize,
+}
+
+/// Options of the CPU attention beyond the shape.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuAttention<'a> {
+    /// Causal masking.
+    pub causal: bool,
+    /// Softmax scale.
+    pub scale: f32,
+    /// Sliding window in keys (0 = none): row r sees keys j with j + window > r.
+    pub window: usize,
+    /// Keys at the start that every row sees despite the window.
+    pub sinks: usize,
+    /// Sparse key lists (the block-sparse and stripe executors); None = every key.
+    pub lut: Option<&'a SparseLut>,
+}
+
 /// What every task reads.
 struct Inputs<'a> {
     d: usize,
@@ -234,10 +261,30 @@ struct Inputs<'a> {
     shift: usize,
     causal: bool,
     scale: f32,
+    window: usize,
+    sinks: usize,
+    lut: Option<&'a SparseLut>,
     q: &'a [f32],
-    /// K packed per kv head into `nk.div_ceil(NR)` panels of `[d][NR]`, zero-padded.
+    /// K packed per kv head into `nk.div_ceil(NR)` panels of `[d][NR]`, zero-padded
+    /// (dense), or K as given (sparse: gathered per tile).
     kp: &'a [f32],
     v: &'a [f32],
+}
+
+/// The key positions of one tile: a contiguous range, or gathered ones.
+enum TileKeys<'a> {
+    Range(usize, usize),
+    List(&'a [u32]),
+}
+
+impl TileKeys<'_> {
+    /// How many of the tile's keys are below position `x`.
+    fn below(&self, x: usize) -> usize {
+        match *self {
+            TileKeys::Range(c0, kt) => x.saturating_sub(c0).min(kt),
+            TileKeys::List(l) => l.partition_point(|&p| (p as usize) < x),
+        }
+    }
 }
 
 /// One (head, row block) of the output, with its slice of the row state if any.
@@ -273,6 +320,9 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
         shift,
         causal,
         scale,
+        window,
+        sinks,
+        lut,
         q,
         kp,
         v,
@@ -282,9 +332,19 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
     let r1 = r0 + rows;
     let groups = rows.div_ceil(MR);
     let kvh = h / group;
+    // Dense: K pre-packed for the whole head. Sparse: this block's key list, and the
+    // tile's keys gathered into `gk` (packed) and `gv` before use.
+    let list = lut.map(|l| l.keys_of(h, r0 / l.q_block));
     let panels = nk.div_ceil(NR);
-    let kp_head = &kp[kvh * panels * NR * d..(kvh + 1) * panels * NR * d];
+    let kp_head = match lut {
+        None => &kp[kvh * panels * NR * d..(kvh + 1) * panels * NR * d],
+        Some(_) => &kp[kvh * nk * d..(kvh + 1) * nk * d],
+    };
     let v_head = &v[kvh * nk * d..(kvh + 1) * nk * d];
+    let (mut gk, mut gv) = match lut {
+        None => (vec![], vec![]),
+        Some(_) => (vec![0.0f32; KEYS * d], vec![0.0f32; KEYS * d]),
+    };
 
     // Q rows of each group transposed to [d][MR]; rows past r1 stay zero (their
     // scores are masked, and their state is never written back).
@@ -309,30 +369,53 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
 
     // Keys past the last row's causal horizon are masked for every row of the task.
     let key_end = if causal { (r1 + shift).min(nk) } else { nk };
+    let total = match &list {
+        None => key_end,
+        Some(l) => l.partition_point(|&p| (p as usize) < key_end),
+    };
     let mut s = [[0.0f32; KEYS]; MR];
     let mut p = [[0.0f32; KEYS]; MR];
     let mut c0 = 0;
-    while c0 < key_end {
+    while c0 < total {
+        let kt = KEYS.min(total - c0);
+        let (tile, panels_t, v_t): (TileKeys, &[f32], &[f32]) = match &list {
+            None => (
+                TileKeys::Range(c0, kt),
+                &kp_head[c0 * d..],
+                &v_head[c0 * d..],
+            ),
+            Some(l) => {
+                let pos = &l[c0..c0 + kt];
+                gk.fill(0.0);
+                for (jj, &key) in pos.iter().enumerate() {
+                    let key = key as usize;
+                    let krow = &kp_head[key * d..(key + 1) * d];
+                    let panel = &mut gk[(jj / NR) * NR * d..(jj / NR + 1) * NR * d];
+                    for (c, &x) in krow.iter().enumerate() {
+                        panel[c * NR + jj % NR] = x;
+                    }
+                    gv[jj * d..(jj + 1) * d].copy_from_slice(&v_head[key * d..(key + 1) * d]);
+                }
+                (TileKeys::List(pos), &gk[..], &gv[..])
+            }
+        };
         for g in 0..groups {
             let gr0 = r0 + g * MR;
             let gr1 = (gr0 + MR).min(r1);
-            // Keys this group sees in this tile. A tile a group does not see at all is
-            // skipped: for it the original loop leaves (m, l, acc) unchanged (alpha =
-            // 1, no terms) once the row has seen key 0 in the first tile.
-            let g_end = if causal { (gr1 + shift).min(nk) } else { nk };
-            if g_end <= c0 {
+            // Keys of the tile this group sees at all (a prefix: keys are ascending). A
+            // tile a group does not see is skipped, which leaves (m, l, acc) as the
+            // masked update would.
+            let kt_g = if causal { tile.below(gr1 + shift) } else { kt };
+            if kt_g == 0 {
                 continue;
             }
-            let c1 = (c0 + KEYS).min(g_end);
-            let kt = c1 - c0;
 
             // S for the group, one panel of NR keys at a time.
             let qg = &qp[g * d * MR..(g + 1) * d * MR];
-            for t in 0..kt.div_ceil(NR) {
-                let panel_idx = c0 / NR + t;
-                let panel = &kp_head[panel_idx * NR * d..(panel_idx + 1) * NR * d];
-                let tile = qk_tile::<F>(qg, panel);
-                for (si, ti) in s.iter_mut().zip(&tile) {
+            for t in 0..kt_g.div_ceil(NR) {
+                let panel = &panels_t[t * NR * d..(t + 1) * NR * d];
+                let tile_s = qk_tile::<F>(qg, panel);
+                for (si, ti) in s.iter_mut().zip(&tile_s) {
                     si[t * NR..(t + 1) * NR].copy_from_slice(ti);
                 }
             }
@@ -341,14 +424,22 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
             // masks so that it vectorizes.
             for i in 0..MR {
                 let r = gr0 + i;
-                let visible_end = if r >= gr1 {
-                    c0 // padding row: nothing visible
-                } else if causal {
-                    (r + shift + 1).min(c1)
+                let vis = if r >= gr1 {
+                    // Padding row: nothing visible.
+                    Visible { sink_end: 0, lo: 0, hi: 0 }
                 } else {
-                    c1
+                    let horizon = if causal { r + shift + 1 } else { nk };
+                    let hi = tile.below(horizon).min(kt_g);
+                    if window > 0 {
+                        Visible {
+                            sink_end: tile.below(sinks),
+                            lo: tile.below((r + shift + 1).saturating_sub(window)),
+                            hi,
+                        }
+                    } else {
+                        Visible { sink_end: 0, lo: 0, hi }
+                    }
                 };
-                let vis = visible_end.saturating_sub(c0);
                 let gi = g * MR + i;
                 let mx = mask_and_max(&mut s[i], vis, scale, m[gi]);
                 let alpha = (m[gi] - mx).exp();
@@ -360,13 +451,7 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
                 }
             }
 
-            pv_tile::<F>(
-                &p,
-                kt,
-                &v_head[c0 * d..],
-                d,
-                &mut acc[g * MR * d..(g + 1) * MR * d],
-            );
+            pv_tile::<F>(&p, kt_g, v_t, d, &mut acc[g * MR * d..(g + 1) * MR * d]);
         }
         c0 += KEYS;
     }
@@ -422,11 +507,32 @@ pub fn dense_attention_cpu(
     v: &[f32],
     state: Option<&mut HostRowState>,
 ) -> Vec<f32> {
-    dense_attention_with(shape, causal, scale, q, k, v, state, true)
+    let opts = CpuAttention {
+        causal,
+        scale,
+        window: 0,
+        sinks: 0,
+        lut: None,
+    };
+    attention_with(shape, &opts, q, k, v, state, true)
 }
 
-/// [`dense_attention_cpu`] with the run-time SIMD dispatch switchable, so that tests on
-/// an AVX2 machine also cover the portable path.
+/// Attention on the host with every option: sliding window, sparse key lists (the CPU
+/// twin of the block-sparse and stripe executors), row-state import/export. The LUT
+/// must have been validated against `shape` (square: `kv_len == seq_len`).
+pub fn attention_cpu(
+    shape: &AttentionShape,
+    opts: &CpuAttention,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    state: Option<&mut HostRowState>,
+) -> Vec<f32> {
+    attention_with(shape, opts, q, k, v, state, true)
+}
+
+/// Dense attention with the SIMD dispatch switchable (tests).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn dense_attention_with(
     shape: &AttentionShape,
@@ -438,6 +544,34 @@ fn dense_attention_with(
     state: Option<&mut HostRowState>,
     allow_simd: bool,
 ) -> Vec<f32> {
+    let opts = CpuAttention {
+        causal,
+        scale,
+        window: 0,
+        sinks: 0,
+        lut: None,
+    };
+    attention_with(shape, &opts, q, k, v, state, allow_simd)
+}
+
+/// [`attention_cpu`] with the run-time SIMD dispatch switchable, so that tests on an
+/// AVX2 machine also cover the portable path.
+fn attention_with(
+    shape: &AttentionShape,
+    opts: &CpuAttention,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    state: Option<&mut HostRowState>,
+    allow_simd: bool,
+) -> Vec<f32> {
+    let CpuAttention {
+        causal,
+        scale,
+        window,
+        sinks,
+        lut,
+    } = *opts;
     let d = shape.head_dim;
     let n = shape.seq_len;
     let nk = shape.kv_len;
@@ -454,18 +588,30 @@ fn dense_attention_with(
         shift: nk.saturating_sub(n),
         causal,
         scale,
+        window,
+        sinks,
+        lut,
         q,
-        kp: &pack_k(k, shape.kv_heads, nk, d),
+        kp: &match lut {
+            None => pack_k(k, shape.kv_heads, nk, d),
+            Some(_) => k.to_vec(),
+        },
         v,
+    };
+    // A task's rows must lie in one LUT row (query block, a multiple of 32).
+    let rows_per_task = match lut {
+        None => ROWS,
+        Some(l) if l.q_block.is_multiple_of(64) => 64,
+        Some(_) => 32,
     };
 
     // Split the output (and the state) into disjoint per-task slices up front, so that
     // the tasks write their rows in place.
-    let mut tasks = Vec::with_capacity(shape.q_heads * n.div_ceil(ROWS));
+    let mut tasks = Vec::with_capacity(shape.q_heads * n.div_ceil(rows_per_task));
     let mut state_rows = state.map(|st| {
         (
-            st.ml.chunks_mut(2 * n).map(|c| c.chunks_mut(2 * ROWS)),
-            st.acc.chunks_mut(n * d).map(|c| c.chunks_mut(ROWS * d)),
+            st.ml.chunks_mut(2 * n).map(|c| c.chunks_mut(2 * rows_per_task)),
+            st.acc.chunks_mut(n * d).map(|c| c.chunks_mut(rows_per_task * d)),
         )
     });
     for (h, out_h) in out.chunks_mut(n * d).enumerate() {
@@ -475,7 +621,7 @@ fn dense_attention_with(
                 acc.next().expect("state acc rows"),
             )
         });
-        for (b, out_b) in out_h.chunks_mut(ROWS * d).enumerate() {
+        for (b, out_b) in out_h.chunks_mut(rows_per_task * d).enumerate() {
             let st = st_h.as_mut().map(|(ml, acc)| {
                 (
                     ml.next().expect("state ml block"),
@@ -484,7 +630,7 @@ fn dense_attention_with(
             });
             tasks.push(Task {
                 h,
-                r0: b * ROWS,
+                r0: b * rows_per_task,
                 out: out_b,
                 state: st,
             });
@@ -518,16 +664,36 @@ pub fn naive_attention(
     k: &[f32],
     v: &[f32],
 ) -> Vec<f32> {
+    let shift = shape.kv_len - shape.seq_len.min(shape.kv_len);
+    naive_masked_attention(shape, scale, q, k, v, |_, r, j| {
+        !causal || j <= r + shift
+    })
+}
+
+/// Straightforward reference over any key set: row `r` of head `h` attends key `j`
+/// iff `visible(h, r, j)` (f64 accumulation). A row that sees no key gets zeros.
+pub fn naive_masked_attention(
+    shape: &AttentionShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    visible: impl Fn(usize, usize, usize) -> bool,
+) -> Vec<f32> {
     let (d, n, nk) = (shape.head_dim, shape.seq_len, shape.kv_len);
     let group = shape.q_heads / shape.kv_heads;
     let mut out = vec![0.0; shape.q_heads * n * d];
     for h in 0..shape.q_heads {
         let kvh = h / group;
         for r in 0..n {
-            let end = if causal { r + nk - n + 1 } else { nk };
+            let keys: Vec<usize> = (0..nk).filter(|&j| visible(h, r, j)).collect();
+            if keys.is_empty() {
+                continue;
+            }
             let qrow = &q[(h * n + r) * d..(h * n + r + 1) * d];
-            let s: Vec<f64> = (0..end)
-                .map(|j| {
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
                     let krow = &k[(kvh * nk + j) * d..(kvh * nk + j + 1) * d];
                     qrow.iter()
                         .zip(krow)
@@ -541,7 +707,7 @@ pub fn naive_attention(
             let sum: f64 = w.iter().sum();
             for c in 0..d {
                 let mut a = 0.0;
-                for (j, wj) in w.iter().enumerate() {
+                for (&j, wj) in keys.iter().zip(&w) {
                     a += wj * v[(kvh * nk + j) * d + c] as f64;
                 }
                 out[(h * n + r) * d + c] = (a / sum) as f32;
@@ -640,5 +806,91 @@ mod tests {
                 .fold(0.0f32, f32::max);
             assert!(err < 1e-5, "simd={simd}: {err}");
         }
+    }
+
+    fn max_err(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// The sparse twins (block lists, gathered key lists) and the sliding window
+    /// against the naive reference over the same key sets, ragged lengths, GQA, both
+    /// SIMD paths, with a state round trip.
+    #[test]
+    fn sparse_lists_and_window_match_naive() {
+        use crate::attention::lut::{LutUnit, SparseLut};
+        let shape = AttentionShape::new(4, 2, 157, 64);
+        let (d, n) = (shape.head_dim, shape.seq_len);
+        let q = fill(shape.q_heads * n * d, 21);
+        let k = fill(shape.kv_heads * n * d, 22);
+        let v = fill(shape.kv_heads * n * d, 23);
+        let scale = 0.3;
+        let mut x = 7u64;
+        let mut coin = move |p: u64| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) % 100 < p
+        };
+        let blocks = SparseLut::from_fn(4, n, 64, LutUnit::Blocks(32), |_, b| {
+            (0..n.div_ceil(32) as u32)
+                .filter(|&i| i as usize <= 2 * b + 1 && coin(60))
+                .collect()
+        })
+        .unwrap();
+        let stripes = SparseLut::from_fn(4, n, 32, LutUnit::Keys, |_, _| {
+            (0..n as u32).filter(|_| coin(30)).collect()
+        })
+        .unwrap();
+        for lut in [&blocks, &stripes] {
+            let want = naive_masked_attention(&shape, scale, &q, &k, &v, |h, r, j| {
+                j <= r && lut.keys_of(h, r / lut.q_block).contains(&(j as u32))
+            });
+            let opts = CpuAttention {
+                causal: true,
+                scale,
+                window: 0,
+                sinks: 0,
+                lut: Some(lut),
+            };
+            for simd in [false, true] {
+                let got = attention_with(&shape, &opts, &q, &k, &v, None, simd);
+                assert!(max_err(&got, &want) < 1e-5, "{:?} simd={simd}", lut.unit);
+            }
+        }
+        // Window 40 with 5 sinks, dense and through a block list.
+        let want = naive_masked_attention(&shape, scale, &q, &k, &v, |_, r, j| {
+            j <= r && (j + 40 > r || j < 5)
+        });
+        let all = SparseLut::from_fn(4, n, 64, LutUnit::Blocks(32), |_, _| {
+            (0..n.div_ceil(32) as u32).collect()
+        })
+        .unwrap();
+        for lut in [None, Some(&all)] {
+            let opts = CpuAttention {
+                causal: true,
+                scale,
+                window: 40,
+                sinks: 5,
+                lut,
+            };
+            for simd in [false, true] {
+                let got = attention_with(&shape, &opts, &q, &k, &v, None, simd);
+                assert!(max_err(&got, &want) < 1e-5, "window simd={simd}");
+            }
+        }
+        // Dense keys 0..64 exported, then a stripe list of the rest imported.
+        let want = naive_attention(&shape, true, scale, &q, &k, &v);
+        let head = SparseLut::from_fn(4, n, 64, LutUnit::Keys, |_, _| (0..64).collect()).unwrap();
+        let tail =
+            SparseLut::from_fn(4, n, 64, LutUnit::Keys, |_, _| (64..n as u32).collect()).unwrap();
+        let mut st = HostRowState::empty(&shape);
+        let mk = |lut| CpuAttention {
+            causal: true,
+            scale,
+            window: 0,
+            sinks: 0,
+            lut: Some(lut),
+        };
+        attention_with(&shape, &mk(&head), &q, &k, &v, Some(&mut st), true);
+        let got = attention_with(&shape, &mk(&tail), &q, &k, &v, Some(&mut st), true);
+        assert!(max_err(&got, &want) < 1e-5);
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod dense_cpu;
 pub mod dense_gpu;
+pub mod lut;
 pub mod split;
 
 use std::sync::Mutex;
