@@ -210,3 +210,116 @@ fn other_result(
         "f64 reference (no GPU found)".into(),
     ))
 }
+
+#[derive(Args, Clone)]
+pub struct LayerArgs {
+    /// Tokens (the whole causal context of the run; no KV cache).
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    /// Weight format of every matrix: f16 or q4_0.
+    #[arg(long, default_value = "f16")]
+    weights: WeightFormat,
+    /// A NoPE layer (no rotary embedding) instead of RoPE θ = 1.5e6.
+    #[arg(long)]
+    nope: bool,
+    /// auto, vulkan, metal, dx12, gl or cpu (also WGSPARSE_BACKEND).
+    #[arg(long)]
+    backend: Option<Backend>,
+    /// Timed runs after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Also run the CPU layer and print the errors.
+    #[arg(long)]
+    check: bool,
+    /// Make the last line one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Seed of the synthetic data.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+/// `wgsparse layer`: one SmallThinker-4B decoder layer (router, RMSNorm, attention with
+/// RoPE or NoPE, MoE) on synthetic weights, as one submission.
+pub fn layer(a: &LayerArgs) -> Result<()> {
+    use wgsparse::layer::{DecoderLayerConfig, DecoderLayerWeights, decoder_layer_cpu};
+    let mut opts = ContextOptions::from_env()?;
+    if let Some(b) = a.backend {
+        opts.backend = b;
+    }
+    let ctx = Context::new_blocking(opts)?;
+    let mut cfg = DecoderLayerConfig::smallthinker_4b();
+    if a.nope {
+        cfg.rope_theta = None;
+    }
+    let w = DecoderLayerWeights::random(&cfg, a.seed);
+    let h = cfg.moe.hidden;
+    let x = grid_input(a.tokens * h, a.seed ^ 0xdef);
+    let plan = ctx
+        .decoder_layer(cfg)
+        .tokens(a.tokens)
+        .format(a.weights)
+        .build(&w)?;
+    let xt = Tensor::from_f32(&ctx, &[a.tokens, h], &x, DType::F32)?;
+    let mut out = Tensor::zeros(&ctx, &[a.tokens, h], DType::F32)?;
+    plan.run_into(&xt, &mut out)?;
+    let mut times = vec![];
+    let mut report = plan.report().expect("ran");
+    for _ in 0..a.iters.max(1) {
+        plan.run_into(&xt, &mut out)?;
+        report = plan.report().expect("ran");
+        times.push(report.ms);
+    }
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    let tokens_per_s = a.tokens as f64 / (ms / 1e3);
+    if !a.json {
+        println!(
+            "SmallThinker-4B decoder layer on {} ({}), synthetic: {} tokens, {} weights, {}",
+            ctx.adapter_name(),
+            ctx.backend(),
+            a.tokens,
+            a.weights.name(),
+            if a.nope { "NoPE" } else { "RoPE" }
+        );
+        for s in &report.timing.stages {
+            println!(
+                "  stage {:<12} {:>10} ms",
+                s.name,
+                s.ms.map(|x| format!("{x:.3}")).unwrap_or("-".into())
+            );
+        }
+        println!(
+            "  median {ms:.3} ms ({} timing), {tokens_per_s:.0} tokens/s, skipped neurons {:.3}",
+            report.timing.timing, report.skip_frac
+        );
+    }
+    let mut err = None;
+    if a.check {
+        let want = decoder_layer_cpu(&x, &w.pack(a.weights)?)?;
+        let s = compare(&out.to_f32_blocking()?, &want);
+        if !a.json {
+            println!(
+                "  check vs cpu layer: max_abs_err {:.3e}, rel_l2_err {:.3e}",
+                s.max_abs_err, s.rel_l2_err
+            );
+        }
+        err = Some(s);
+    }
+    if a.json {
+        let mut v = json!({
+            "backend": ctx.backend(), "adapter": ctx.adapter_name(), "tokens": a.tokens,
+            "weights": a.weights, "rope": !a.nope, "attention": report.attention, "ms": ms,
+            "tokens_per_s": tokens_per_s, "skip_frac": report.skip_frac,
+            "expert_counts": report.expert_counts, "timing": report.timing.timing,
+            "stages": report.timing.stages, "data": "synthetic",
+        });
+        if let Some(s) = err {
+            v["max_abs_err"] = json!(s.max_abs_err);
+            v["rel_l2_err"] = json!(s.rel_l2_err);
+            v["check_against"] = json!("cpu layer");
+        }
+        println!("{}", serde_json::to_string(&v).expect("serializable"));
+    }
+    Ok(())
+}

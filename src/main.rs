@@ -7,6 +7,8 @@
 //!   Q/K/V with per-stage times; `--check` compares with the other device.
 //! - `wgsparse moe --tokens T --hidden H --experts E --top-k K --ffn F [--weights f16|q4_0]
 //!   [--check] [--json]`: one MoE layer on synthetic data (see `cli_moe.rs`).
+//! - `wgsparse layer --tokens T [--weights f16|q4_0] [--nope] [--check] [--json]`: one
+//!   SmallThinker-4B decoder layer as one submission.
 //! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
 
 mod cli_moe;
@@ -50,6 +52,8 @@ enum Command {
     Attention(AttentionArgs),
     /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
     Moe(cli_moe::MoeArgs),
+    /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
+    Layer(cli_moe::LayerArgs),
     /// Print the final WGSL of kernel variants (after includes and defines).
     Shader {
         /// List the variants instead of printing one.
@@ -389,6 +393,7 @@ fn main() -> ExitCode {
         Some(Command::Info { json, backend }) => info(json, backend),
         Some(Command::Attention(a)) => attention(&a),
         Some(Command::Moe(a)) => cli_moe::moe(&a),
+        Some(Command::Layer(a)) => cli_moe::layer(&a),
         Some(Command::Shader { list, name }) => shader(list, name),
     };
     match result {

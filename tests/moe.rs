@@ -421,3 +421,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn oversized_bindings_are_typed_errors() {
+    // 64 KiB per binding: the f16 expert matrices (8 x 128 x 256 x 2 B = 512 KiB) do
+    // not fit, and the error says which buffer and by how much.
+    let Some(ctx) = common::gpu(Some(64 * 1024)) else {
+        return;
+    };
+    let c = cfg(256, 8, 2, 128);
+    let w = MoeWeights::random(&c, 1);
+    match ctx.moe(c).tokens(16).build(&w) {
+        Err(Error::TooLarge {
+            what,
+            needed,
+            limit,
+            over,
+        }) => {
+            assert!(what.contains("weights"), "{what}");
+            assert_eq!(limit, 64 * 1024);
+            assert_eq!(over, needed - limit);
+        }
+        other => panic!("expected TooLarge, got {:?}", other.map(|_| ())),
+    }
+    // Small weights but too many tokens for one activation binding.
+    let c = cfg(64, 4, 2, 32);
+    let w = MoeWeights::random(&c, 2);
+    assert!(matches!(
+        ctx.moe(c).tokens(200).build(&w),
+        Err(Error::TooLarge { .. })
+    ));
+    assert!(ctx.moe(c).tokens(100).build(&w).is_ok());
+}
