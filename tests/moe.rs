@@ -48,6 +48,8 @@ struct Case {
     format: WeightFormat,
     path: FfnPath,
     router: RouterKind,
+    /// Tile height of the tiled kernels (None: the plan's choice).
+    tile_m: Option<usize>,
 }
 
 fn weights_for(case: &Case, rng: &mut StdRng, seed: u64) -> MoeWeights {
@@ -83,13 +85,11 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     let x = grid_values(t * h, 2, &mut rng);
     let z = wgsparse::synthetic::gaussian(t * h, seed ^ 0x77);
     let res = wgsparse::synthetic::gaussian(t * h, seed ^ 0x99);
-    let plan = ctx
-        .moe(*c)
-        .tokens(t)
-        .format(case.format)
-        .path(case.path)
-        .build(&w)
-        .unwrap();
+    let mut b = ctx.moe(*c).tokens(t).format(case.format).path(case.path);
+    if let Some(m) = case.tile_m {
+        b = b.tile_m(m);
+    }
+    let plan = b.build(&w).unwrap();
     let packed = w.pack(case.format).unwrap();
     let want = moe_cpu(&x, &z, &res, &packed);
 
@@ -101,8 +101,12 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     plan.run_into(&xt, &zt, &rt, &mut out).unwrap();
     let got = plan.intermediates_blocking().unwrap();
     let label = format!(
-        "{:?} T={t} {:?} {:?} {:?}",
-        c, case.format, case.path, case.router
+        "{:?} T={t} {:?} {:?} TM={} {:?}",
+        c,
+        case.format,
+        case.path,
+        plan.tile_m(),
+        case.router
     );
 
     // Router.
@@ -125,7 +129,7 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     );
     assert_eq!(
         &got.meta[2 * e + 1..3 * e + 2],
-        &want.map.tile_starts(64)[..],
+        &want.map.tile_starts(plan.tile_m() as u32)[..],
         "{label}: tile starts"
     );
     assert_eq!(got.sorted, want.map.sorted, "{label}: sorted");
@@ -183,6 +187,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             format: WeightFormat::F16,
             path: FfnPath::Tiled,
             router: RouterKind::Random,
+            tile_m: None,
         },
         Case {
             cfg: cfg(128, 16, 4, 80),
@@ -190,6 +195,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             format: WeightFormat::Q4_0,
             path: FfnPath::Tiled,
             router: RouterKind::SomeTies,
+            tile_m: Some(32),
         },
         Case {
             cfg: cfg(96, 8, 1, 32),
@@ -197,6 +203,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             format: WeightFormat::F16,
             path: FfnPath::Tiled,
             router: RouterKind::AllTied,
+            tile_m: Some(64),
         },
         Case {
             cfg: MoeConfig {
@@ -207,6 +214,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             format: WeightFormat::Q4_0,
             path: FfnPath::Tiled,
             router: RouterKind::Random,
+            tile_m: Some(32),
         },
         Case {
             cfg: cfg(64, 4, 3, 16),
@@ -214,6 +222,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             format: WeightFormat::F16,
             path: FfnPath::Tiled,
             router: RouterKind::AllTied,
+            tile_m: None,
         },
     ];
     for (i, case) in cases.iter().enumerate() {
@@ -232,6 +241,7 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             format: WeightFormat::Q4_0,
             path: FfnPath::Gemv,
             router: RouterKind::Random,
+            tile_m: None,
         },
         Case {
             cfg: cfg(64, 8, 2, 48),
@@ -239,6 +249,7 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             format: WeightFormat::F16,
             path: FfnPath::Gemv,
             router: RouterKind::SomeTies,
+            tile_m: None,
         },
         Case {
             cfg: cfg(128, 16, 1, 64),
@@ -246,6 +257,7 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             format: WeightFormat::Q4_0,
             path: FfnPath::Gemv,
             router: RouterKind::AllTied,
+            tile_m: None,
         },
         Case {
             cfg: MoeConfig {
@@ -256,6 +268,7 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             format: WeightFormat::F16,
             path: FfnPath::Gemv,
             router: RouterKind::Random,
+            tile_m: None,
         },
     ];
     for (i, case) in cases.iter().enumerate() {
@@ -452,4 +465,19 @@ fn oversized_bindings_are_typed_errors() {
         Err(Error::TooLarge { .. })
     ));
     assert!(ctx.moe(c).tokens(100).build(&w).is_ok());
+}
+
+#[test]
+fn tile_height_follows_tokens_per_expert() {
+    use wgsparse::moe::expert_ffn::choose_tile_m;
+    assert_eq!(choose_tile_m(4096 * 4, 32), 64);
+    assert_eq!(choose_tile_m(512 * 4, 32), 32);
+    assert_eq!(choose_tile_m(64 * 4, 32), 16);
+    let ctx = Context::cpu();
+    let c = cfg(64, 4, 2, 32);
+    let w = MoeWeights::random(&c, 3);
+    assert!(matches!(
+        ctx.moe(c).tokens(20).tile_m(48).build(&w),
+        Err(Error::InvalidArgument(_))
+    ));
 }

@@ -11,9 +11,10 @@
 // (decode, a few tokens) then skip the up row and the down row of that neuron: their
 // weights are never read. The tiled variants (prefill) compute whole 64 x 64 tiles.
 //
-// Variants: TILED (grouped GEMM: a workgroup computes a 64-position x 64-column tile of
-// one expert; x = the tile index over all experts, found in the tile starts of `seg`;
-// tiles past the last one exit) or GEMV (a workgroup per position and neuron/column
+// Variants: TILED (grouped GEMM: a workgroup computes a TM-position x 64-column tile of
+// one expert, TM = 16 MI = 16, 32 or 64 chosen by the plan from the tokens per expert;
+// x = the tile index over all experts, found in the tile starts of `seg`; tiles past
+// the last one exit) or GEMV (a workgroup per position and neuron/column
 // block). Weights: WEIGHTS_F16 or WEIGHTS_Q4_0 (common/weights.wgsl). Activations and
 // accumulation are f32. Requires hidden % 32 == 0 and ffn % 16 == 0.
 //
@@ -67,7 +68,7 @@ fn find_expert(base: u32, x: u32) -> u32 {
 #endif
 
 #ifdef TILED
-const TM: u32 = 64u;
+const TM: u32 = 16u * MI;
 const TN: u32 = 64u;
 const TK: u32 = 16u;
 const S: u32 = 5u;  // padded row stride (vec4) of the [64][16] tiles: no bank conflicts
@@ -76,13 +77,13 @@ const S: u32 = 5u;  // padded row stride (vec4) of the [64][16] tiles: no bank c
 // ---------------------------------------------------------------------------------------
 #ifdef UP
 #ifdef TILED
-var<workgroup> zs: array<vec4<f32>, 320>;
+var<workgroup> zs: array<vec4<f32>, ZS_LEN>;
 var<workgroup> gs: array<vec4<f32>, 320>;
 var<workgroup> us: array<vec4<f32>, 320>;
 var<workgroup> skipped_wg: atomic<u32>;
 
-// Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i and neurons
-// tx + 16 j (i, j < 4) of the tile.
+// Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and
+// neurons tx + 16 j (j < 4) of the tile.
 @compute @workgroup_size(256)
 fn expert_up(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -103,7 +104,8 @@ fn expert_up(
     let lc = lid % 4u;
     let h4 = p.hidden / 4u;
     let zrow = row0 + lr;
-    let zvalid = zrow < row_end;
+    let zload = lid < TM * 4u;
+    let zvalid = zload && zrow < row_end;
     var ztok = 0u;
     if (zvalid) {
         ztok = sorted[zrow] / p.top_k;
@@ -114,7 +116,7 @@ fn expert_up(
     if (lid == 0u) {
         atomicStore(&skipped_wg, 0u);
     }
-#unroll i 4
+#unroll i MI
     var ag${i} = vec4<f32>(0.0);
     var au${i} = vec4<f32>(0.0);
     var a${i} = vec4<f32>(0.0);
@@ -124,7 +126,9 @@ fn expert_up(
         if (zvalid) {
             zv = z[ztok * h4 + k0 / 4u + lc];
         }
-        zs[lr * S + lc] = zv;
+        if (zload) {
+            zs[lr * S + lc] = zv;
+        }
         var gv = vec4<f32>(0.0);
         var uv = vec4<f32>(0.0);
         if (wvalid) {
@@ -137,14 +141,14 @@ fn expert_up(
         us[lr * S + lc] = uv;
         workgroupBarrier();
 #unroll k 4
-#unroll i 4
+#unroll i MI
         a${i} = zs[(ty + ${i}u * 16u) * S + ${k}u];
 #endunroll
 #unroll j 4
         {
             let g = gs[(tx + ${j}u * 16u) * S + ${k}u];
             let u = us[(tx + ${j}u * 16u) * S + ${k}u];
-#unroll i 4
+#unroll i MI
             ag${i}[${j}] += dot(a${i}, g);
             au${i}[${j}] += dot(a${i}, u);
 #endunroll
@@ -155,7 +159,7 @@ fn expert_up(
     }
     var skipped = 0u;
     var evaluated = 0u;
-#unroll i 4
+#unroll i MI
     {
         let pos = row0 + ty + ${i}u * 16u;
 #unroll j 4
@@ -256,10 +260,10 @@ fn expert_up(
 // ---------------------------------------------------------------------------------------
 #ifdef DOWN
 #ifdef TILED
-var<workgroup> as_: array<vec4<f32>, 320>;
+var<workgroup> as_: array<vec4<f32>, ZS_LEN>;
 var<workgroup> ws: array<vec4<f32>, 256>;
 
-// Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < 4) and the
+// Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and the
 // columns 4 tx..4 tx + 3 of the 64-column block.
 @compute @workgroup_size(256)
 fn expert_down(
@@ -281,12 +285,13 @@ fn expert_down(
     let lr = lid / 4u;
     let lc = lid % 4u;
     let arow = row0 + lr;
-    let avalid = arow < row_end;
+    let aload = lid < TM * 4u;
+    let avalid = aload && arow < row_end;
     let f4 = p.ffn / 4u;
     let kn = lid / 16u;
     let wc4 = c40 + lid % 16u;
     let wvalid = wc4 < h4;
-#unroll i 4
+#unroll i MI
     var acc${i} = vec4<f32>(0.0);
     var a${i} = vec4<f32>(0.0);
 #endunroll
@@ -295,7 +300,9 @@ fn expert_down(
         if (avalid) {
             av = act4[arow * f4 + k0 / 4u + lc];
         }
-        as_[lr * S + lc] = av;
+        if (aload) {
+            as_[lr * S + lc] = av;
+        }
         var wv = vec4<f32>(0.0);
         if (wvalid) {
             let l = wloc(e * p.ffn + k0 + kn, wc4 * 4u, p.hidden, p.down_sb);
@@ -304,13 +311,13 @@ fn expert_down(
         ws[kn * 16u + lid % 16u] = wv;
         workgroupBarrier();
 #unroll k 4
-#unroll i 4
+#unroll i MI
         a${i} = as_[(ty + ${i}u * 16u) * S + ${k}u];
 #endunroll
 #unroll c 4
         {
             let b = ws[(${k}u * 4u + ${c}u) * 16u + tx];
-#unroll i 4
+#unroll i MI
             acc${i} += a${i}[${c}] * b;
 #endunroll
         }
@@ -319,7 +326,7 @@ fn expert_down(
         workgroupBarrier();
     }
     let c4 = c40 + tx;
-#unroll i 4
+#unroll i MI
     {
         let pos = row0 + ty + ${i}u * 16u;
         if (pos < row_end && c4 < h4) {

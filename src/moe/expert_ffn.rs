@@ -15,8 +15,8 @@ use crate::launch::{bind, check_axis, uniform};
 use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
 use crate::preprocess::Defines;
 
-/// Positions per tile of the grouped GEMM.
-pub const TILE_M: usize = 64;
+/// Positions per tile of the grouped GEMM: 16, 32 or 64 (see [`choose_tile_m`]).
+pub const TILE_MS: [usize; 3] = [16, 32, 64];
 /// Neurons (up) or hidden columns (down) per tile.
 pub const TILE_N: usize = 64;
 /// Neurons per GEMV-up workgroup.
@@ -49,8 +49,26 @@ pub struct FfnParams {
     down_sb: u32,
 }
 
-/// The kernel of one half (`down = false`: gate/up/ReGLU) for a path and weight format.
-pub fn expert_ffn_spec(down: bool, kernel: FfnKernel, format: WeightFormat) -> KernelSpec {
+/// The tile height for `assignments` spread over `experts`: the largest of 16, 32, 64
+/// that the average expert fills at least one and a half times (fewer half-empty tiles
+/// when each expert gets few tokens; more reuse of each weight tile when it gets many).
+pub fn choose_tile_m(assignments: usize, experts: usize) -> usize {
+    let per_expert = assignments / experts.max(1);
+    match per_expert {
+        n if n >= 96 => 64,
+        n if n >= 48 => 32,
+        _ => 16,
+    }
+}
+
+/// The kernel of one half (`down = false`: gate/up/ReGLU) for a path, weight format and
+/// (tiled) tile height `tile_m`.
+pub fn expert_ffn_spec(
+    down: bool,
+    kernel: FfnKernel,
+    format: WeightFormat,
+    tile_m: usize,
+) -> KernelSpec {
     use BindingKind::*;
     let bindings = if down {
         vec![
@@ -72,19 +90,26 @@ pub fn expert_ffn_spec(down: bool, kernel: FfnKernel, format: WeightFormat) -> K
             StorageReadWrite,
         ]
     };
+    let defines = Defines::new()
+        .flag(if down { "DOWN" } else { "UP" })
+        .flag(match kernel {
+            FfnKernel::Tiled => "TILED",
+            FfnKernel::Gemv => "GEMV",
+        })
+        .flag(match format {
+            WeightFormat::F16 => "WEIGHTS_F16",
+            WeightFormat::Q4_0 => "WEIGHTS_Q4_0",
+        });
+    let defines = match kernel {
+        FfnKernel::Tiled => defines
+            .const_u32("MI", (tile_m / 16) as u32)
+            .const_u32("ZS_LEN", (tile_m * 5) as u32),
+        FfnKernel::Gemv => defines,
+    };
     KernelSpec {
         file: "moe/expert_ffn.wgsl",
         entry: if down { "expert_down" } else { "expert_up" },
-        defines: Defines::new()
-            .flag(if down { "DOWN" } else { "UP" })
-            .flag(match kernel {
-                FfnKernel::Tiled => "TILED",
-                FfnKernel::Gemv => "GEMV",
-            })
-            .flag(match format {
-                WeightFormat::F16 => "WEIGHTS_F16",
-                WeightFormat::Q4_0 => "WEIGHTS_Q4_0",
-            }),
+        defines,
         bindings,
     }
 }
@@ -93,18 +118,19 @@ pub fn expert_ffn_spec(down: bool, kernel: FfnKernel, format: WeightFormat) -> K
 pub fn all_expert_ffn_variants() -> Vec<KernelSpec> {
     let mut out = vec![];
     for down in [false, true] {
-        for k in [FfnKernel::Tiled, FfnKernel::Gemv] {
-            for f in [WeightFormat::F16, WeightFormat::Q4_0] {
-                out.push(expert_ffn_spec(down, k, f));
+        for f in [WeightFormat::F16, WeightFormat::Q4_0] {
+            for tm in TILE_MS {
+                out.push(expert_ffn_spec(down, FfnKernel::Tiled, f, tm));
             }
+            out.push(expert_ffn_spec(down, FfnKernel::Gemv, f, 0));
         }
     }
     out
 }
 
-/// Upper bound of the tiles over all experts: Σ ceil(count_e / TILE_M).
-pub fn max_tiles(assignments: usize, experts: usize) -> usize {
-    assignments.div_ceil(TILE_M) + experts.min(assignments)
+/// Upper bound of the tiles over all experts: Σ ceil(count_e / tile_m).
+pub fn max_tiles(assignments: usize, experts: usize, tile_m: usize) -> usize {
+    assignments.div_ceil(tile_m) + experts.min(assignments)
 }
 
 /// The FFN's buffers for one recording.
@@ -140,7 +166,13 @@ impl FfnGpu {
         w: &PackedExperts,
         assignments: usize,
         kernel: FfnKernel,
+        tile_m: usize,
     ) -> Result<Self> {
+        if kernel == FfnKernel::Tiled && !TILE_MS.contains(&tile_m) {
+            return Err(Error::InvalidArgument(format!(
+                "tile height {tile_m} is not one of {TILE_MS:?}"
+            )));
+        }
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let max = g.caps.max_workgroups_per_dim;
         let format = w.format();
@@ -157,7 +189,7 @@ impl FfnGpu {
         let (up_grid, down_grid) = match kernel {
             FfnKernel::Tiled => {
                 let tiles = check_axis(
-                    max_tiles(assignments, cfg.experts) as u64,
+                    max_tiles(assignments, cfg.experts, tile_m) as u64,
                     max,
                     "expert FFN tiles",
                 )?;
@@ -175,8 +207,8 @@ impl FfnGpu {
             }
         };
         Ok(FfnGpu {
-            up: ctx.kernel(&expert_ffn_spec(false, kernel, format))?,
-            down: ctx.kernel(&expert_ffn_spec(true, kernel, format))?,
+            up: ctx.kernel(&expert_ffn_spec(false, kernel, format, tile_m))?,
+            down: ctx.kernel(&expert_ffn_spec(true, kernel, format, tile_m))?,
             params: uniform(g, "moe expert ffn params", bytemuck::bytes_of(&p)),
             up_grid,
             down_grid,

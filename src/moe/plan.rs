@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::combine::{CombineGpu, CombineIo};
 use super::cpu;
 use super::dispatch::{DispatchGpu, DispatchIo, meta_words};
-use super::expert_ffn::{FfnGpu, FfnIo, FfnWeights, TILE_M};
+use super::expert_ffn::{FfnGpu, FfnIo, FfnWeights, TILE_MS, choose_tile_m};
 use super::router::{RouterGpu, RouterIo};
 use super::{MoeConfig, MoeWeights, PackedExperts, WeightFormat};
 use crate::context::{Backend, Context, GpuDevice};
@@ -28,7 +28,7 @@ pub const DECODE_MAX_TOKENS: usize = 8;
 pub struct MoeReport {
     /// Backend that ran it.
     pub backend: Backend,
-    /// Expert kernels: `tiled`, `gemv`, or `cpu`.
+    /// Expert kernels: `tiled16`, `tiled32`, `tiled64` (tile height), `gemv`, or `cpu`.
     pub path: String,
     /// Weight format.
     pub weights: WeightFormat,
@@ -80,6 +80,7 @@ pub struct MoePlanBuilder {
     tokens: usize,
     format: WeightFormat,
     path: Option<FfnPath>,
+    tile_m: Option<usize>,
 }
 
 impl Context {
@@ -91,6 +92,7 @@ impl Context {
             tokens: 1,
             format: WeightFormat::F16,
             path: None,
+            tile_m: None,
         }
     }
 }
@@ -110,6 +112,12 @@ impl MoePlanBuilder {
     /// tiled above).
     pub fn path(mut self, p: FfnPath) -> Self {
         self.path = Some(p);
+        self
+    }
+    /// Forces the tile height of the tiled kernels (16, 32 or 64; default
+    /// [`choose_tile_m`] from the tokens per expert).
+    pub fn tile_m(mut self, m: usize) -> Self {
+        self.tile_m = Some(m);
         self
     }
     /// Packs `weights` in the chosen format and builds.
@@ -151,6 +159,14 @@ impl MoePlanBuilder {
         } else {
             FfnPath::Tiled
         });
+        let tile_m = self
+            .tile_m
+            .unwrap_or_else(|| choose_tile_m(assignments as usize, self.cfg.experts));
+        if !TILE_MS.contains(&tile_m) {
+            return Err(Error::InvalidArgument(format!(
+                "tile height {tile_m} is not one of {TILE_MS:?}"
+            )));
+        }
         let format = weights.format();
         let gpu = match self.ctx.gpu() {
             Some(g) => Some(MoeGpu::build(
@@ -160,6 +176,7 @@ impl MoePlanBuilder {
                 &weights,
                 self.tokens,
                 path,
+                tile_m,
             )?),
             None => None,
         };
@@ -170,6 +187,7 @@ impl MoePlanBuilder {
             cfg: self.cfg,
             tokens: self.tokens,
             path,
+            tile_m,
             gpu,
             last: Mutex::new(None),
         })
@@ -204,16 +222,17 @@ impl MoeGpu {
         w: &PackedExperts,
         tokens: usize,
         path: FfnPath,
+        tile_m: usize,
     ) -> Result<Self> {
         crate::launch::require_f16_storage(g, "MoE weights on this device (no unpack2x16float)")?;
         let a = tokens * cfg.top_k;
         let (e, f, h) = (cfg.experts as u64, cfg.ffn as u64, cfg.hidden as u64);
         let a64 = a as u64;
-        let dispatch = DispatchGpu::build(ctx, cfg.experts, a, TILE_M)?;
+        let dispatch = DispatchGpu::build(ctx, cfg.experts, a, tile_m)?;
         let words = |m: &super::PackedMatrix| bytemuck::cast_slice::<u32, u8>(&m.words).to_vec();
         Ok(MoeGpu {
             router: RouterGpu::build(ctx, cfg, tokens)?,
-            ffn: FfnGpu::build(ctx, cfg, w, a, path)?,
+            ffn: FfnGpu::build(ctx, cfg, w, a, path, tile_m)?,
             combine: CombineGpu::build(ctx, tokens, cfg.hidden, cfg.top_k)?,
             router_w: storage_init(g, "moe router weights", bytemuck::cast_slice(&w.router))?,
             w: FfnWeights {
@@ -243,6 +262,7 @@ pub struct MoePlan {
     cfg: MoeConfig,
     tokens: usize,
     path: FfnPath,
+    tile_m: usize,
     format: WeightFormat,
     host: Option<PackedExperts>,
     gpu: Option<MoeGpu>,
@@ -261,6 +281,10 @@ impl MoePlan {
     /// The expert kernels chosen.
     pub fn path(&self) -> FfnPath {
         self.path
+    }
+    /// Positions per tile of the tiled kernels (and of the dispatch's tile starts).
+    pub fn tile_m(&self) -> usize {
+        self.tile_m
     }
     /// The weight format.
     pub fn format(&self) -> WeightFormat {
@@ -447,9 +471,9 @@ impl MoePlan {
         let (expert_counts, skip_frac) = self.gpu_stats().await?;
         Ok(self.make_report(
             self.ctx.backend(),
-            match self.path {
-                FfnPath::Tiled => "tiled",
-                FfnPath::Gemv => "gemv",
+            &match self.path {
+                FfnPath::Tiled => format!("tiled{}", self.tile_m),
+                FfnPath::Gemv => "gemv".into(),
             },
             timing,
             skip_frac,
