@@ -392,6 +392,52 @@ fn bad_configs_and_tensors_are_typed_errors() {
     assert!("q8".parse::<WeightFormat>().is_err());
 }
 
+#[test]
+fn more_tokens_than_one_grid_axis() {
+    // 70,000 tokens: the router's one-workgroup-per-token grid exceeds 65,535 on one
+    // axis and is folded into 2D; dispatch and experts see 70,000 assignments.
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let case = Case {
+        cfg: cfg(32, 2, 1, 16),
+        tokens: 70_000,
+        format: WeightFormat::F16,
+        path: FfnPath::Tiled,
+        router: RouterKind::Random,
+        tile_m: None,
+    };
+    check_case(&ctx, &case, seed);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    /// Random small configs on the GPU against the CPU twins (every path, format and tile).
+    #[test]
+    fn random_configs_on_the_gpu(
+        h in prop::sample::select(vec![32usize, 64, 96, 160]),
+        e in 1usize..20,
+        k in 1usize..5,
+        f in prop::sample::select(vec![16usize, 32, 48, 112]),
+        t in 1usize..90,
+        q4 in any::<bool>(),
+        gemv in any::<bool>(),
+        tm in prop::sample::select(vec![16usize, 32, 64]),
+        seed in any::<u64>(),
+    ) {
+        let Some(ctx) = common::gpu(None) else { return Ok(()) };
+        let case = Case {
+            cfg: cfg(h, e, k.min(e), f),
+            tokens: t,
+            format: if q4 { WeightFormat::Q4_0 } else { WeightFormat::F16 },
+            path: if gemv { FfnPath::Gemv } else { FfnPath::Tiled },
+            router: RouterKind::Random,
+            tile_m: Some(tm),
+        };
+        check_case(&ctx, &case, seed);
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
