@@ -115,7 +115,7 @@ impl MoePlanBuilder {
         self
     }
     /// Forces the tile height of the tiled kernels (16, 32 or 64; default
-    /// [`choose_tile_m`] from the tokens per expert).
+    /// [`super::expert_ffn::choose_tile_m`] from the tokens per expert).
     pub fn tile_m(mut self, m: usize) -> Self {
         self.tile_m = Some(m);
         self
