@@ -1,10 +1,18 @@
-//! GPU speed run of dense causal flash attention over a ladder of sequence lengths.
+//! GPU speed run of causal attention methods over a ladder of sequence lengths: dense
+//! flash attention and the sparse methods side by side on the same inputs.
 //!
 //! ```text
 //! cargo run --release --example bench -- [--seq-lens 4096,8192,16384,32768,65536,131072]
 //!     [--q-heads 32] [--kv-heads 8] [--head-dim 128] [--dtype f16] [--iters 10]
 //!     [--warmup 2] [--budget-s 20] [--length-budget-s 60] [--json FILE] [--check-len N]
+//!     [--methods dense,anchor,anchor:theta=8,window:window=4096] [--data structured]
 //! ```
+//!
+//! `--methods` lists what runs at each length, on the same Q/K/V: `dense`, `anchor`
+//! (optionally `:theta=T,step=S,init=I`), `window` (optionally `:window=W,sinks=S`).
+//! `--data gaussian` (the default for a dense-only run) has no attention structure;
+//! `--data structured` plants sinks, a local band and heavy columns (synthetic: the
+//! sparse methods' densities on it say nothing about a real model).
 //!
 //! The device is chosen as everywhere else in the crate (`WGSPARSE_BACKEND`,
 //! `WGSPARSE_ADAPTER`, `WGSPARSE_REQUIRE_GPU`, ...). Per length it builds a dense causal
@@ -82,6 +90,36 @@ struct Args {
     /// Seed of the synthetic inputs.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Methods to run at each length (see the module docs).
+    #[arg(long, value_delimiter = ';', default_value = "dense")]
+    methods: Vec<String>,
+    /// Synthetic inputs: gaussian or structured.
+    #[arg(long, default_value = "gaussian")]
+    data: String,
+}
+
+/// `anchor:theta=8,step=16` → the method.
+fn parse_method(s: &str) -> Result<Method, String> {
+    let (name, params) = s.split_once(':').unwrap_or((s, ""));
+    let mut m: Method = name.parse().map_err(|e| format!("{e}"))?;
+    for kv in params.split(',').filter(|x| !x.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or(format!("`{kv}`: expected key=value"))?;
+        let num = |v: &str| {
+            v.parse::<f64>()
+                .map_err(|_| format!("`{kv}`: not a number"))
+        };
+        match (&mut m, k) {
+            (Method::Anchor(c), "theta") => c.theta = num(v)? as f32,
+            (Method::Anchor(c), "step") => c.step = num(v)? as usize,
+            (Method::Anchor(c), "init") => c.init_keys = num(v)? as usize,
+            (Method::Window(w), "window") => w.window = num(v)? as usize,
+            (Method::Window(w), "sinks") => w.sinks = num(v)? as usize,
+            _ => return Err(format!("`{k}` is not a parameter of {name}")),
+        }
+    }
+    Ok(m)
 }
 
 /// `4096`, `4k`, `128K` → tokens.
@@ -103,6 +141,12 @@ fn parse_len(s: &str) -> Result<usize, String> {
 struct Row {
     bench: &'static str,
     method: &'static str,
+    /// The method's parameters and the data.
+    config: String,
+    /// Fraction of causal pairs computed.
+    density: Option<f64>,
+    /// Per-stage GPU times of the median run.
+    stages: Vec<(String, Option<f64>)>,
     adapter: String,
     backend: String,
     tokens: usize,
@@ -206,90 +250,121 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // (flops, wall ms of one run) of the last measured length, for the prediction.
     let mut last: Option<(f64, f64)> = None;
     let mut stop: Option<String> = None;
+    let methods = args
+        .methods
+        .iter()
+        .map(|m| parse_method(m))
+        .collect::<Result<Vec<_>, _>>()?;
     for &n in &args.seq_lens {
         let shape = AttentionShape::new(args.q_heads, args.kv_heads, n, args.head_dim);
-        let mut row = Row {
-            bench: "wgsparse",
-            method: "dense",
-            adapter: ctx.adapter_name(),
-            backend: ctx.backend().to_string(),
-            tokens: n,
-            q_heads: args.q_heads,
-            kv_heads: args.kv_heads,
-            head_dim: args.head_dim,
-            dtype: args.dtype.name(),
-            causal: true,
-            status: "skipped".into(),
-            note: None,
-            median_ms: None,
-            min_ms: None,
-            max_ms: None,
-            median_wall_ms: None,
-            tflops: None,
-            flops: shape.flops(true),
-            dispatches: None,
-            timing: None,
-            iters: 0,
-            warmup: 0,
-            samples_ms: vec![],
-            build_ms: None,
-            upload_ms: None,
-        };
-        if stop.is_none()
-            && let Some((f0, wall0)) = last
-        {
-            let predicted_s = wall0 * shape.flops(true) / f0 / 1e3;
-            if predicted_s > args.budget_s {
-                stop = Some(format!(
-                    "predicted {predicted_s:.1} s per run (quadratic from the previous length) > budget {} s",
-                    args.budget_s
-                ));
-            }
-        }
-        if let Some(why) = &stop {
-            println!("{n:>7} tokens: skipped ({why})");
-            row.note = Some(why.clone());
+        let data = if stop.is_none() {
+            let t = Instant::now();
+            let d = inputs(&ctx, args, shape)?;
+            println!(
+                "{n:>7} tokens: {} inputs in {:.1} s",
+                args.data,
+                t.elapsed().as_secs_f64()
+            );
+            Some(d)
         } else {
-            match bench_one(&ctx, args, shape, &mut row) {
-                Ok(max_wall_ms) => {
-                    row.status = "ok".into();
-                    println!(
-                        "{n:>7} tokens: median {:.3} ms ({}), {} TFLOP/s, {} dispatches, {} timed runs [build {:.0} ms, upload {:.0} ms]",
-                        row.median_ms.unwrap_or(f64::NAN),
-                        row.timing.as_deref().unwrap_or("?"),
-                        fmt_tflops(row.tflops.unwrap_or(f64::NAN)),
-                        row.dispatches.unwrap_or(0),
-                        row.iters,
-                        row.build_ms.unwrap_or(f64::NAN),
-                        row.upload_ms.unwrap_or(f64::NAN),
-                    );
-                    last = Some((shape.flops(true), row.median_wall_ms.unwrap_or(max_wall_ms)));
-                    if max_wall_ms / 1e3 > args.budget_s {
-                        stop = Some(format!(
-                            "a run at {n} tokens took {:.1} s > budget {} s",
-                            max_wall_ms / 1e3,
-                            args.budget_s
-                        ));
+            None
+        };
+        for method in &methods {
+            let mut row = Row {
+                bench: "wgsparse",
+                method: method.name(),
+                config: format!("{} | data {}", serde_json::to_string(method)?, args.data),
+                density: None,
+                stages: vec![],
+                adapter: ctx.adapter_name(),
+                backend: ctx.backend().to_string(),
+                tokens: n,
+                q_heads: args.q_heads,
+                kv_heads: args.kv_heads,
+                head_dim: args.head_dim,
+                dtype: args.dtype.name(),
+                causal: true,
+                status: "skipped".into(),
+                note: None,
+                median_ms: None,
+                min_ms: None,
+                max_ms: None,
+                median_wall_ms: None,
+                tflops: None,
+                flops: shape.flops(true),
+                dispatches: None,
+                timing: None,
+                iters: 0,
+                warmup: 0,
+                samples_ms: vec![],
+                build_ms: None,
+                upload_ms: None,
+            };
+            if stop.is_none()
+                && let Some((f0, wall0)) = last
+            {
+                let predicted_s = wall0 * shape.flops(true) / f0 / 1e3;
+                if predicted_s > args.budget_s {
+                    stop = Some(format!(
+                        "predicted {predicted_s:.1} s per run (quadratic from the previous length) > budget {} s",
+                        args.budget_s
+                    ));
+                }
+            }
+            if let Some(why) = &stop {
+                println!("{n:>7} tokens: skipped ({why})");
+                row.note = Some(why.clone());
+            } else {
+                let (q, k, v) = data.as_ref().expect("inputs exist unless stopped");
+                match bench_one(&ctx, args, shape, method, (q, k, v), &mut row) {
+                    Ok(max_wall_ms) => {
+                        row.status = "ok".into();
+                        println!(
+                            "{n:>7} tokens {:<7} median {:.3} ms ({}), {} dense-equiv. TFLOP/s, density {:.4}, {} dispatches, {} timed runs [build {:.0} ms, upload {:.0} ms]",
+                            method.name(),
+                            row.median_ms.unwrap_or(f64::NAN),
+                            row.timing.as_deref().unwrap_or("?"),
+                            fmt_tflops(row.tflops.unwrap_or(f64::NAN)),
+                            row.density.unwrap_or(f64::NAN),
+                            row.dispatches.unwrap_or(0),
+                            row.iters,
+                            row.build_ms.unwrap_or(f64::NAN),
+                            row.upload_ms.unwrap_or(f64::NAN),
+                        );
+                        if std::ptr::eq(method, &methods[0]) {
+                            last = Some((
+                                shape.flops(true),
+                                row.median_wall_ms.unwrap_or(max_wall_ms),
+                            ));
+                        }
+                        if max_wall_ms / 1e3 > args.budget_s {
+                            stop = Some(format!(
+                                "a run at {n} tokens took {:.1} s > budget {} s",
+                                max_wall_ms / 1e3,
+                                args.budget_s
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        println!("{n:>7} tokens: error: {e}");
+                        row.status = "error".into();
+                        row.note = Some(e.to_string());
+                        stop = Some(format!("error at {n} tokens"));
                     }
                 }
-                Err(e) => {
-                    println!("{n:>7} tokens: error: {e}");
-                    row.status = "error".into();
-                    row.note = Some(e.to_string());
-                    stop = Some(format!("error at {n} tokens"));
-                }
             }
+            if let Some(f) = json.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&row)?)?;
+                f.flush()?;
+            }
+            rows.push(row);
         }
-        if let Some(f) = json.as_mut() {
-            writeln!(f, "{}", serde_json::to_string(&row)?)?;
-            f.flush()?;
-        }
-        rows.push(row);
     }
 
     println!();
     println!(
-        "dense causal attention, {} q heads / {} kv heads, d {}, {}, on {} ({})",
+        "causal attention ({} data), {} q heads / {} kv heads, d {}, {}, on {} ({})",
+        args.data,
         args.q_heads,
         args.kv_heads,
         args.head_dim,
@@ -298,46 +373,68 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ctx.backend()
     );
     println!();
-    println!("| tokens | ms | TFLOP/s | dispatches | timing source |");
-    println!("|---:|---:|---:|---:|---|");
+    println!("| tokens | method | ms | dense-equiv. TFLOP/s | density | dispatches | timing |");
+    println!("|---:|---|---:|---:|---:|---:|---|");
     for r in &rows {
         match r.status.as_str() {
             "ok" => println!(
-                "| {} | {:.3} | {} | {} | {} |",
+                "| {} | {} | {:.3} | {} | {:.4} | {} | {} |",
                 r.tokens,
+                r.method,
                 r.median_ms.unwrap_or(f64::NAN),
                 fmt_tflops(r.tflops.unwrap_or(f64::NAN)),
+                r.density.unwrap_or(f64::NAN),
                 r.dispatches.unwrap_or(0),
                 r.timing.as_deref().unwrap_or("?")
             ),
-            s => println!("| {} | {s} | | | |", r.tokens),
+            s => println!("| {} | {} | {s} | | | | |", r.tokens, r.method),
         }
     }
     Ok(())
 }
 
-/// Times one length; fills `row` and returns the longest single-run wall time (ms).
+/// The inputs of one length: Gaussian (generated straight into the storage dtype) or
+/// structured (see `wgsparse::synthetic::structured_qkv_host`).
+fn inputs(
+    ctx: &Context,
+    args: &Args,
+    shape: AttentionShape,
+) -> Result<(Tensor, Tensor, Tensor), Box<dyn std::error::Error>> {
+    let seed = args
+        .seed
+        .wrapping_mul(1_000_003)
+        .wrapping_add(shape.seq_len as u64);
+    Ok(match args.data.as_str() {
+        "gaussian" => wgsparse::synthetic::qkv(ctx, &shape, args.dtype, seed)?,
+        "structured" => {
+            let st = wgsparse::synthetic::Structure::default();
+            let (q, k, v) = wgsparse::synthetic::structured_qkv_host(&shape, &st, seed);
+            wgsparse::attention::upload_qkv(ctx, &shape, &q, &k, &v, args.dtype)?
+        }
+        o => return Err(format!("--data {o}: expected gaussian or structured").into()),
+    })
+}
+
+/// Times one method at one length; fills `row` and returns the longest single-run wall
+/// time (ms).
 fn bench_one(
     ctx: &Context,
     args: &Args,
     shape: AttentionShape,
+    method: &Method,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
     row: &mut Row,
 ) -> Result<f64, Box<dyn std::error::Error>> {
     let t = Instant::now();
     let plan = ctx
         .attention(shape)
-        .method(Method::Dense)
+        .method(method.clone())
         .causal(true)
         .dtype(args.dtype)
         .build()?;
     row.build_ms = Some(t.elapsed().as_secs_f64() * 1e3);
 
     let t = Instant::now();
-    let seed = args
-        .seed
-        .wrapping_mul(1_000_003)
-        .wrapping_add(shape.seq_len as u64);
-    let (q, k, v) = wgsparse::synthetic::qkv(ctx, &shape, args.dtype, seed)?;
     let mut out = Tensor::zeros(ctx, &shape.q_dims(), args.dtype)?;
     row.upload_ms = Some(t.elapsed().as_secs_f64() * 1e3);
 
@@ -394,6 +491,13 @@ fn record(
     row.tflops = Some(shape.flops(true) / med / 1e9);
     row.dispatches = Some(r.dispatches);
     row.timing = Some(r.timing.timing.clone());
+    row.density = Some(r.density);
+    row.stages = r
+        .timing
+        .stages
+        .iter()
+        .map(|s| (s.name.clone(), s.ms))
+        .collect();
 }
 
 /// Two decimals, more for the tiny figures of software rasterizers.

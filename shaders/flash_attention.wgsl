@@ -17,8 +17,20 @@
 // whose tensors exceed one storage binding: per head group, per row chunk, and per key
 // chunk, continuing the online softmax through ML/ACC between key chunks.
 //
+// Key sources (the sparse executors are this kernel with another key loop):
+// - default: the contiguous keys c0..c1 (dense);
+// - KEYS_BLOCKS: block-sparse. LUT row (h, row0 / lut_q_block) is a range of LUT_IDX
+//   holding ascending key-block indices of lut_key_block keys (a multiple of BK), each
+//   visited as lut_key_block / BK contiguous tiles;
+// - KEYS_GATHER: stripes. LUT row (h, row0 / lut_q_block) is a range of LUT_IDX holding
+//   ascending key positions; each tile gathers BK of those K/V rows.
+// LUT_RANGES[h * lut_rows + block] = (first, end) entries of LUT_IDX. Entries past the
+// causal horizon are skipped (they are ascending), so a LUT can be causal-agnostic.
+// Every mode applies the causal mask per key, and the sliding window when window > 0:
+// key j is visible to row r iff j <= r + shift and (j + window > r + shift or j < sinks).
+//
 // Flags: STORE_F16 (f16 storage), IMPORT_STATE (start from ML/ACC), EXPORT_STATE (write
-// ML/ACC), WRITE_OUTPUT (write O = acc / l). Constants: D (head_dim, a multiple of 32),
+// ML/ACC), WRITE_OUTPUT (write O = acc / l), KEYS_BLOCKS / KEYS_GATHER (with SPARSE_KEYS). Constants: D (head_dim, a multiple of 32),
 // NC = D / 32, BQ (query rows per workgroup, 32 or 64), KPT = BK * DC4 / WG (K/V vec4s
 // each thread moves per chunk). Loops that index the
 // per-thread arrays are #unroll'ed so every index is a constant (registers, not local
@@ -47,7 +59,11 @@ struct Params {
     causal: u32,
     causal_shift: u32,
     scale: f32,
-    _pad: u32,
+    lut_q_block: u32,
+    lut_key_block: u32,
+    lut_rows: u32,
+    window: u32,
+    sinks: u32,
 }
 
 const WG: u32 = 2u * BQ;
@@ -62,6 +78,16 @@ const KV_STRIDE: u32 = DC4 + 1u;  // padded row stride of the K/V tile (bank spr
 @group(0) @binding(4) var<storage, read_write> o_buf: array<Store4>;
 @group(0) @binding(5) var<storage, read_write> ml_buf: array<vec2<f32>>;
 @group(0) @binding(6) var<storage, read_write> acc_buf: array<vec4<f32>>;
+#ifdef SPARSE_KEYS
+@group(0) @binding(7) var<storage, read> lut_ranges: array<vec2<u32>>;
+@group(0) @binding(8) var<storage, read> lut_idx: array<u32>;
+var<workgroup> wg_first: u32;
+var<workgroup> wg_count: u32;
+#endif
+const INVALID_KEY: u32 = 0xffffffffu;
+// This workgroup's LUT entries [lut_e0, lut_e1) (sparse modes).
+var<private> lut_e0: u32;
+var<private> lut_e1: u32;
 
 var<workgroup> q_tile: array<vec4<f32>, BQ * DC4>;       // [BQ rows][DC4]
 var<workgroup> kv_tile: array<vec4<f32>, BK * KV_STRIDE>;  // [BK keys][KV_STRIDE]
@@ -86,6 +112,61 @@ fn ml_index(h: u32, r: u32) -> u32 {
     return p.ml_base + (h - p.h0) * p.ml_head_stride + (r - p.r0);
 }
 
+// Position of key `slot` of key tile `it`, or INVALID_KEY (always >= key_end).
+fn tile_key(it: u32, slot: u32) -> u32 {
+#ifdef KEYS_BLOCKS
+    let tiles_per_block = p.lut_key_block / BK;
+    return lut_idx[lut_e0 + it / tiles_per_block] * p.lut_key_block
+        + (it % tiles_per_block) * BK + slot;
+#else
+#ifdef KEYS_GATHER
+    let e = lut_e0 + it * BK + slot;
+    if e < lut_e1 {
+        return lut_idx[e];
+    }
+    return INVALID_KEY;
+#else
+    return p.c0 + it * BK + slot;
+#endif
+#endif
+}
+
+#ifdef SPARSE_KEYS
+// Entries of [first, end) whose key (block start, or position) is below key_end: a
+// binary search, the entries being ascending.
+fn entries_below(first: u32, end: u32, key_end: u32) -> u32 {
+    var lo = first;
+    var hi = end;
+    while lo < hi {
+        let mid = (lo + hi) / 2u;
+#ifdef KEYS_BLOCKS
+        let key = lut_idx[mid] * p.lut_key_block;
+#else
+        let key = lut_idx[mid];
+#endif
+        if key < key_end {
+            lo = mid + 1u;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo - first;
+}
+#endif
+
+// Visibility of key `key` to row `r` (key_end already covers the causal horizon of the
+// block and the end of the keys).
+fn key_visible(r: u32, key: u32, key_end: u32) -> bool {
+    var live = r < p.r1 && key < key_end;
+    if p.causal != 0u {
+        live = live && key <= r + p.causal_shift;
+    }
+    if p.window != 0u {
+        live = live && (key + p.window > r + p.causal_shift || key < p.sinks);
+    }
+    return live;
+}
+
 // One vec4 of the Q chunk `chunk` (thread slot t of BQ x DC4), zero past the rows.
 fn fetch_q(h: u32, row0: u32, chunk: u32, t: u32) -> vec4<f32> {
     let r = row0 + t / DC4;
@@ -94,17 +175,17 @@ fn fetch_q(h: u32, row0: u32, chunk: u32, t: u32) -> vec4<f32> {
     }
     return vec4<f32>(0.0);
 }
-// One vec4 of the K (or V) chunk of the tile at `kt` (slot t of BK x DC4), zero past
+// One vec4 of the K (or V) chunk of key tile `it` (slot t of BK x DC4), zero past
 // the visible keys.
-fn fetch_k(kvh: u32, kt: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
-    let j = kt + t / DC4;
+fn fetch_k(kvh: u32, it: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
+    let j = tile_key(it, t / DC4);
     if j < key_end {
         return decode4(k_buf[kv_row_vec4(p.k_base, kvh, j) + chunk * DC4 + t % DC4]);
     }
     return vec4<f32>(0.0);
 }
-fn fetch_v(kvh: u32, kt: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
-    let j = kt + t / DC4;
+fn fetch_v(kvh: u32, it: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
+    let j = tile_key(it, t / DC4);
     if j < key_end {
         return decode4(v_buf[kv_row_vec4(p.v_base, kvh, j) + chunk * DC4 + t % DC4]);
     }
@@ -166,21 +247,42 @@ fn flash_attention(
     if p.causal != 0u {
         key_end = min(key_end, row_end + p.causal_shift);
     }
+    // Key tiles to visit (workgroup-uniform: the loop below has barriers).
+#ifdef SPARSE_KEYS
+    if lid == 0u {
+        let range = lut_ranges[h * p.lut_rows + row0 / p.lut_q_block];
+        wg_first = range.x;
+        wg_count = entries_below(range.x, max(range.x, range.y), key_end);
+    }
+    lut_e0 = workgroupUniformLoad(&wg_first);
+    let entries = workgroupUniformLoad(&wg_count);
+    lut_e1 = lut_e0 + entries;
+#ifdef KEYS_BLOCKS
+    let n_tiles = entries * (p.lut_key_block / BK);
+#else
+    let n_tiles = (entries + BK - 1u) / BK;
+#endif
+#else
+    var n_tiles = 0u;
+    if key_end > p.c0 {
+        n_tiles = (key_end - p.c0 + BK - 1u) / BK;
+    }
+#endif
 
     // Software pipelining: each stage's Q/K (or V) chunk was fetched into registers
     // while the previous stage computed, so global-memory latency overlaps the math.
     // Per thread: 4 vec4 of Q and KPT = BK * DC4 / WG vec4 of K or V per chunk.
     var q_next: array<vec4<f32>, 4>;
     var kv_next: array<vec4<f32>, KPT>;
-    if p.c0 < key_end {
+    if n_tiles > 0u {
         #unroll u 4
         q_next[${u}] = fetch_q(h, row0, 0u, lid + ${u}u * WG);
         #endunroll
         #unroll u KPT
-        kv_next[${u}] = fetch_k(kvh, p.c0, key_end, 0u, lid + ${u}u * WG);
+        kv_next[${u}] = fetch_k(kvh, 0u, key_end, 0u, lid + ${u}u * WG);
         #endunroll
     }
-    for (var kt = p.c0; kt < key_end; kt += BK) {
+    for (var it = 0u; it < n_tiles; it++) {
         // S = Q K^T for the tile, accumulated over head_dim chunks.
         // s[i][j]: row ty*4+i, key tx+8j. Explicitly zeroed: Tint (Chrome) does not
         // re-zero an uninitialized `var` declared inside a loop on every iteration.
@@ -197,11 +299,11 @@ fn flash_attention(
             q_next[${u}] = fetch_q(h, row0, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
             #unroll u KPT
-            kv_next[${u}] = fetch_k(kvh, kt, key_end, ${c}u + 1u, lid + ${u}u * WG);
+            kv_next[${u}] = fetch_k(kvh, it, key_end, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
         } else {
             #unroll u KPT
-            kv_next[${u}] = fetch_v(kvh, kt, key_end, 0u, lid + ${u}u * WG);
+            kv_next[${u}] = fetch_v(kvh, it, key_end, 0u, lid + ${u}u * WG);
             #endunroll
         }
         for (var d4 = 0u; d4 < DC4; d4++) {
@@ -220,15 +322,12 @@ fn flash_attention(
         // Scale, mask, publish the scores (transposed: one vec4 = 4 rows of one key).
         #unroll j 4
         {
-            let key = kt + tx + 8u * ${j}u;
+            let key = tile_key(it, tx + 8u * ${j}u);
             var quad: vec4<f32>;
             #unroll i 4
             {
                 let r = row0 + ty * 4u + ${i}u;
-                var live = r < p.r1 && key < key_end;
-                if p.causal != 0u {
-                    live = live && key <= r + p.causal_shift;
-                }
+                let live = key_visible(r, key, key_end);
                 quad[${i}] = select(NEG_BIG, s[${i}][${j}] * scale2, live);
             }
             #endunroll
@@ -273,14 +372,14 @@ fn flash_attention(
         workgroupBarrier();
         if ${c}u + 1u < NC {
             #unroll u KPT
-            kv_next[${u}] = fetch_v(kvh, kt, key_end, ${c}u + 1u, lid + ${u}u * WG);
+            kv_next[${u}] = fetch_v(kvh, it, key_end, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
-        } else if kt + BK < key_end {
+        } else if it + 1u < n_tiles {
             #unroll u 4
             q_next[${u}] = fetch_q(h, row0, 0u, lid + ${u}u * WG);
             #endunroll
             #unroll u KPT
-            kv_next[${u}] = fetch_k(kvh, kt + BK, key_end, 0u, lid + ${u}u * WG);
+            kv_next[${u}] = fetch_k(kvh, it + 1u, key_end, 0u, lid + ${u}u * WG);
             #endunroll
         }
         for (var k = 0u; k < BK; k++) {

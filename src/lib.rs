@@ -34,3 +34,12 @@ pub use context::{AdapterSummary, Backend, Capabilities, Context, ContextOptions
 pub use error::{Error, Result};
 pub use pipeline::{Recorder, Report, StageTime};
 pub use tensor::{DType, HostData, Tensor};
+
+/// Every kernel variant the crate can compile, for the shader dump (`wgsparse shader`)
+/// and the portability tests (naga to SPIR-V, MSL, HLSL, GLSL).
+pub fn all_kernel_variants() -> Vec<pipeline::KernelSpec> {
+    let mut v = attention::dense_gpu::all_dense_variants();
+    v.extend(attention::anchor::all_anchor_variants());
+    v.extend(moe::all_moe_variants());
+    v
+}

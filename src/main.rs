@@ -15,12 +15,16 @@ mod cli_moe;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use wgsparse::attention::dense_cpu::naive_attention;
-use wgsparse::attention::dense_gpu::all_dense_variants;
-use wgsparse::metrics::{ErrorStats, compare};
+use wgsparse::attention::oracle::oracle;
+use wgsparse::attention::upload_qkv;
+use wgsparse::metrics::compare;
+use wgsparse::qkv_file::QkvFile;
+use wgsparse::synthetic::{Structure, structured_qkv_host};
+use wgsparse::verify::evaluate;
 use wgsparse::{
     AttentionPlan, AttentionShape, Backend, Context, ContextOptions, DType, Error, Method, Result,
     Tensor,
@@ -49,7 +53,7 @@ enum Command {
         backend: Option<Backend>,
     },
     /// Run attention on synthetic Q/K/V and print per-stage times.
-    Attention(AttentionArgs),
+    Attention(Box<AttentionArgs>),
     /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
     Moe(cli_moe::MoeArgs),
     /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
@@ -64,11 +68,34 @@ enum Command {
     },
 }
 
-#[derive(Args, Clone)]
+#[derive(Parser, Clone)]
 struct AttentionArgs {
-    /// Algorithm: dense (sparse methods join as they land).
+    /// Algorithm: dense, anchor (AnchorAttention) or window (sliding window + sinks).
     #[arg(long, default_value = "dense")]
     method: Method,
+    /// AnchorAttention: admission margin θ (natural-log logit units).
+    #[arg(long)]
+    theta: Option<f32>,
+    /// AnchorAttention: pooled blocks per query group (16 = 2048 queries).
+    #[arg(long)]
+    step: Option<usize>,
+    /// AnchorAttention: initial keys every query attends.
+    #[arg(long)]
+    init_keys: Option<usize>,
+    /// Window method: keys per window.
+    #[arg(long)]
+    window: Option<usize>,
+    /// Window method: leading sink keys every row attends.
+    #[arg(long)]
+    sinks: Option<usize>,
+    /// Q/K/V file (safetensors with tensors q, k, v and a `source` label; see
+    /// `wgsparse::qkv_file`); sets the shape. Without it, synthetic data.
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
+    /// Synthetic data: `structured` (sinks, local band, heavy columns, RoPE) or
+    /// `gaussian` (no structure).
+    #[arg(long, default_value = "structured")]
+    synthetic: String,
     /// Query rows (= keys for prefill).
     #[arg(long, default_value_t = 4096)]
     seq_len: usize,
@@ -87,15 +114,21 @@ struct AttentionArgs {
     /// auto, vulkan, metal, dx12, gl or cpu (also WGSPARSE_BACKEND).
     #[arg(long)]
     backend: Option<Backend>,
-    /// Attend to every key, not only the past ones.
+    /// Attend to every key, not only the past ones (dense only).
     #[arg(long)]
     non_causal: bool,
     /// Timed runs after one warm-up; the median is reported.
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    /// Also run on the other device (CPU vs GPU) and print the errors.
+    /// Dense: also run on the other device (CPU vs GPU) and print the errors. Sparse
+    /// methods: density, attention-mass recall and output errors vs dense attention
+    /// on the same device and data.
     #[arg(long)]
     check: bool,
+    /// With --check: also the oracle densities for this attention-mass coverage
+    /// (exact, on the CPU: slow beyond ~16k tokens).
+    #[arg(long)]
+    oracle: Option<f64>,
     /// Make the last line one JSON object.
     #[arg(long)]
     json: bool,
@@ -106,6 +139,77 @@ struct AttentionArgs {
     #[arg(long, default_value_t = 7)]
     seed: u64,
 }
+
+impl AttentionArgs {
+    /// The method with the command-line parameters applied.
+    fn method(&self) -> Result<Method> {
+        Ok(match &self.method {
+            Method::Anchor(base) => {
+                let mut c = *base;
+                if let Some(t) = self.theta {
+                    c.theta = t;
+                }
+                if let Some(s) = self.step {
+                    c.step = s;
+                }
+                if let Some(i) = self.init_keys {
+                    c.init_keys = i;
+                }
+                Method::Anchor(c)
+            }
+            Method::Window(base) => {
+                let mut w = *base;
+                if let Some(x) = self.window {
+                    w.window = x;
+                }
+                if let Some(x) = self.sinks {
+                    w.sinks = x;
+                }
+                Method::Window(w)
+            }
+            m => {
+                if self.theta.is_some() || self.window.is_some() {
+                    return Err(Error::InvalidArgument(format!(
+                        "--theta / --window do not apply to --method {}",
+                        m.name()
+                    )));
+                }
+                m.clone()
+            }
+        })
+    }
+
+    /// Host Q/K/V, their shape and a label saying where they come from.
+    fn data(&self) -> Result<(AttentionShape, HostQkv, String)> {
+        if let Some(path) = &self.data {
+            let f = QkvFile::load(path)?;
+            let label = f.describe();
+            return Ok((f.shape, (f.q, f.k, f.v), label));
+        }
+        let shape = AttentionShape::new(self.q_heads, self.kv_heads, self.seq_len, self.head_dim);
+        shape.validate(!self.non_causal)?;
+        Ok(match self.synthetic.as_str() {
+            "structured" => (
+                shape,
+                structured_qkv_host(&shape, &Structure::default(), self.seed),
+                "synthetic structured Q/K/V (sinks, local band, heavy columns, RoPE)".into(),
+            ),
+            "gaussian" => (
+                shape,
+                wgsparse::synthetic::qkv_host(&shape, self.seed),
+                "synthetic Gaussian Q/K/V (no attention structure)".into(),
+            ),
+            o => {
+                return Err(Error::InvalidArgument(format!(
+                    "--synthetic {o}: expected structured or gaussian"
+                )));
+            }
+        })
+    }
+}
+
+/// Host Q, K, V (f32).
+type HostQkv = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 fn options(backend: Option<Backend>, max_binding: Option<u64>) -> Result<ContextOptions> {
     let mut o = ContextOptions::from_env()?;
@@ -175,16 +279,18 @@ struct Measured {
 fn measure(
     ctx: &Context,
     a: &AttentionArgs,
+    method: &Method,
     shape: AttentionShape,
+    qkv: &HostQkv,
     iters: usize,
 ) -> Result<Measured> {
     let plan: AttentionPlan = ctx
         .attention(shape)
-        .method(a.method.clone())
+        .method(method.clone())
         .causal(!a.non_causal)
         .dtype(a.dtype)
         .build()?;
-    let (q, k, v) = wgsparse::synthetic::qkv(ctx, &shape, a.dtype, a.seed)?;
+    let (q, k, v) = upload_qkv(ctx, &shape, &qkv.0, &qkv.1, &qkv.2, a.dtype)?;
     let mut out = Tensor::zeros(ctx, &shape.q_dims(), a.dtype)?;
     plan.run_into(&q, &k, &v, &mut out)?; // warm-up (pipeline creation, first touch)
     let mut times = vec![];
@@ -204,23 +310,25 @@ fn measure(
 
 fn attention(a: &AttentionArgs) -> Result<()> {
     let ctx = Context::new_blocking(options(a.backend, a.max_binding_bytes)?)?;
-    let shape = AttentionShape::new(a.q_heads, a.kv_heads, a.seq_len, a.head_dim);
+    let method = a.method()?;
+    let (shape, qkv, data_label) = a.data()?;
     let causal = !a.non_causal;
-    let m = measure(&ctx, a, shape, a.iters)?;
-    let tflops = shape.flops(causal) / m.ms / 1e9;
+    let m = measure(&ctx, a, &method, shape, &qkv, a.iters)?;
+    let dense_equiv_tflops = shape.flops(causal) / m.ms / 1e9;
     if !a.json {
         println!(
-            "{} attention on {} ({}), synthetic Q/K/V: {} q-heads / {} kv-heads x {} tokens x d={} {}{}",
-            a.method.name(),
+            "{} attention on {} ({}): {} q-heads / {} kv-heads x {} tokens x d={} {}{}",
+            method.name(),
             ctx.adapter_name(),
             ctx.backend(),
-            a.q_heads,
-            a.kv_heads,
-            a.seq_len,
-            a.head_dim,
+            shape.q_heads,
+            shape.kv_heads,
+            shape.seq_len,
+            shape.head_dim,
             a.dtype.name(),
             if causal { ", causal" } else { "" }
         );
+        println!("  data: {data_label}");
         for s in &m.report.timing.stages {
             println!(
                 "  stage {:<10} {:>10} ms  ({} dispatch{})",
@@ -231,13 +339,34 @@ fn attention(a: &AttentionArgs) -> Result<()> {
             );
         }
         println!(
-            "  median {:.3} ms ({} timing), {:.3} TFLOP/s, density {:.3}",
-            m.ms, m.report.timing.timing, tflops, m.report.density
+            "  median {:.3} ms ({} timing), {:.3} dense-equivalent TFLOP/s, density {:.4}",
+            m.ms, m.report.timing.timing, dense_equiv_tflops, m.report.density
         );
+        if let Some(st) = &m.report.anchor {
+            let per = &st.stripes_per_group;
+            println!(
+                "  anchor: {} groups, stripes per group (mean over heads) {}, anchor pairs {:.4} + stripe pairs {:.4} of causal",
+                per.len(),
+                per.iter()
+                    .map(|x| format!("{x:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                st.anchor_pairs as f64 / st.causal_pairs as f64,
+                st.stripe_pairs as f64 / st.causal_pairs as f64,
+            );
+        }
     }
-    let mut check: Option<(ErrorStats, String)> = None;
-    if a.check {
-        let (other_out, other_name) = other_device_result(&ctx, a, shape)?;
+    let mut v = json!({
+        "backend": ctx.backend(), "adapter": ctx.adapter_name(), "method": method.name(),
+        "config": method, "seq_len": shape.seq_len, "q_heads": shape.q_heads,
+        "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "dtype": a.dtype,
+        "causal": causal, "ms": m.ms, "density": m.report.density,
+        "tflops": dense_equiv_tflops, "timing": m.report.timing.timing,
+        "stages": m.report.timing.stages, "dispatches": m.report.dispatches,
+        "data": data_label, "anchor": m.report.anchor,
+    });
+    if a.check && method == Method::Dense {
+        let (other_out, other_name) = other_device_result(&ctx, a, shape, &qkv)?;
         let stats = compare(&m.out, &other_out);
         if !a.json {
             println!(
@@ -245,22 +374,50 @@ fn attention(a: &AttentionArgs) -> Result<()> {
                 stats.max_abs_err, stats.rel_l2_err
             );
         }
-        check = Some((stats, other_name));
+        v["max_abs_err"] = json!(stats.max_abs_err);
+        v["rel_l2_err"] = json!(stats.rel_l2_err);
+        v["check_against"] = json!(other_name);
+    } else if a.check {
+        let e = evaluate(&ctx, shape, &method, a.dtype, (&qkv.0, &qkv.1, &qkv.2))?;
+        let qm = e.quality;
+        if !a.json {
+            println!(
+                "  vs dense ({data_label}): density {:.4}, attention-mass recall {:.4}, rel L2 err {:.3e}, max abs err {:.3e}, elementwise recall {:.4} (|err| < 0.01) / {:.4} (< 0.005)",
+                qm.density,
+                qm.attn_recall,
+                qm.rel_l2_err,
+                qm.max_abs_err,
+                qm.tol_recall_01,
+                qm.tol_recall_005
+            );
+            println!(
+                "  dense on the same device: {:.3} ms -> speed-up {:.2}x",
+                e.dense_report.ms(),
+                e.dense_report.ms() / m.ms
+            );
+        }
+        v["attn_recall"] = json!(qm.attn_recall);
+        v["rel_l2_err"] = json!(qm.rel_l2_err);
+        v["max_abs_err"] = json!(qm.max_abs_err);
+        v["tol_recall_01"] = json!(qm.tol_recall_01);
+        v["tol_recall_005"] = json!(qm.tol_recall_005);
+        v["dense_ms"] = json!(e.dense_report.ms());
+        v["check_against"] = json!("dense attention, same device and data");
+    }
+    if let Some(gamma) = a.oracle {
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let o = oracle(&shape, scale, &qkv.0, &qkv.1, gamma, 64, 64)?;
+        if !a.json {
+            println!(
+                "  oracle at attention-mass coverage {gamma}: per-row density {:.4}, per-block (64x64) density {:.4} (recall {:.4})",
+                o.row_density, o.block_density, o.block_recall
+            );
+        }
+        v["oracle_gamma"] = json!(gamma);
+        v["oracle_row_density"] = json!(o.row_density);
+        v["oracle_block_density"] = json!(o.block_density);
     }
     if a.json {
-        let mut v = json!({
-            "backend": ctx.backend(), "adapter": ctx.adapter_name(), "method": a.method.name(),
-            "seq_len": a.seq_len, "q_heads": a.q_heads, "kv_heads": a.kv_heads,
-            "head_dim": a.head_dim, "dtype": a.dtype, "causal": causal, "ms": m.ms,
-            "density": m.report.density, "tflops": tflops, "timing": m.report.timing.timing,
-            "stages": m.report.timing.stages, "dispatches": m.report.dispatches,
-            "data": "synthetic",
-        });
-        if let Some((s, name)) = check {
-            v["max_abs_err"] = json!(s.max_abs_err);
-            v["rel_l2_err"] = json!(s.rel_l2_err);
-            v["check_against"] = json!(name);
-        }
         println!("{}", serde_json::to_string(&v).expect("serializable"));
     }
     Ok(())
@@ -272,9 +429,10 @@ fn other_device_result(
     ctx: &Context,
     a: &AttentionArgs,
     shape: AttentionShape,
+    qkv: &HostQkv,
 ) -> Result<(Vec<f32>, String)> {
     if !ctx.is_cpu() {
-        let m = measure(&Context::cpu(), a, shape, 1)?;
+        let m = measure(&Context::cpu(), a, &Method::Dense, shape, qkv, 1)?;
         return Ok((m.out, "cpu".into()));
     }
     let gpu_opts = ContextOptions {
@@ -282,7 +440,7 @@ fn other_device_result(
         ..options(Some(Backend::Auto), a.max_binding_bytes)?
     };
     if let Ok(gpu) = Context::new_blocking(gpu_opts) {
-        let m = measure(&gpu, a, shape, 1)?;
+        let m = measure(&gpu, a, &Method::Dense, shape, qkv, 1)?;
         return Ok((m.out, format!("gpu ({})", gpu.adapter_name())));
     }
     if shape.flops(!a.non_causal) > 2e10 {
@@ -291,23 +449,21 @@ fn other_device_result(
                 .into(),
         ));
     }
-    let (q, k, v) = wgsparse::synthetic::qkv_host(&shape, a.seed);
-    let round = |x: Vec<f32>| a.dtype.round_trip(&x);
+    let round = |x: &[f32]| a.dtype.round_trip(x);
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     let out = naive_attention(
         &shape,
         !a.non_causal,
         scale,
-        &round(q),
-        &round(k),
-        &round(v),
+        &round(&qkv.0),
+        &round(&qkv.1),
+        &round(&qkv.2),
     );
-    Ok((round(out), "naive f64 reference (no GPU found)".into()))
+    Ok((round(&out), "naive f64 reference (no GPU found)".into()))
 }
 
 fn shader(list: bool, name: Option<String>) -> Result<()> {
-    let mut variants = all_dense_variants();
-    variants.extend(wgsparse::moe::all_moe_variants());
+    let variants = wgsparse::all_kernel_variants();
     if list || name.is_none() {
         for (i, v) in variants.iter().enumerate() {
             println!("{i:3} {}", v.label());
@@ -348,23 +504,15 @@ fn demo() -> Result<()> {
     let mut rows = vec![];
     for &n in lens {
         bar.set_message(format!("{n} tokens"));
-        let a = AttentionArgs {
-            method: Method::Dense,
-            seq_len: n,
-            q_heads: 32,
-            kv_heads: 8,
-            head_dim: 128,
-            dtype: DType::F16,
-            backend: None,
-            non_causal: false,
-            iters: 1,
-            check: false,
-            json: false,
-            max_binding_bytes: None,
-            seed: 7,
-        };
-        let shape = AttentionShape::new(32, 8, n, 128);
-        let m = measure(&ctx, &a, shape, 1)?;
+        let a = AttentionArgs::parse_from([
+            "attention",
+            "--seq-len",
+            &n.to_string(),
+            "--synthetic",
+            "gaussian",
+        ]);
+        let (shape, qkv, _) = a.data()?;
+        let m = measure(&ctx, &a, &Method::Dense, shape, &qkv, 1)?;
         rows.push((
             n,
             m.ms,

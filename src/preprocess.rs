@@ -53,6 +53,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         "flash_attention.wgsl",
         include_str!("../shaders/flash_attention.wgsl"),
     ),
+    (
+        "anchor/select.wgsl",
+        include_str!("../shaders/anchor/select.wgsl"),
+    ),
 ];
 
 /// Looks a shader file up by its path under `shaders/`.

@@ -2,7 +2,7 @@
 //! `--check-len` and the CLI share.
 
 use crate::attention::dense_cpu::dense_attention_cpu;
-use crate::attention::{AttentionReport, AttentionShape, upload_qkv};
+use crate::attention::{AttentionReport, AttentionShape, Method, upload_qkv};
 use crate::context::Context;
 use crate::error::Result;
 use crate::metrics::{ErrorStats, compare};
@@ -54,6 +54,49 @@ pub fn dense_against_cpu_twin(
     })
 }
 
+/// Runs `method` on `ctx` and on the CPU (the twin: the same plan on a CPU context) with
+/// the same dtype-rounded inputs `(q, k, v)` and a NaN-poisoned device output, and
+/// compares. Returns the device's and the CPU's reports too.
+pub fn method_against_cpu_twin(
+    ctx: &Context,
+    shape: AttentionShape,
+    method: &Method,
+    dtype: DType,
+    causal: bool,
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<(Verification, AttentionReport)> {
+    let (q, k, v) = (
+        dtype.round_trip(qkv.0),
+        dtype.round_trip(qkv.1),
+        dtype.round_trip(qkv.2),
+    );
+    let cpu = Context::cpu();
+    let twin = cpu
+        .attention(shape)
+        .method(method.clone())
+        .causal(causal)
+        .build()?;
+    let (qc, kc, vc) = upload_qkv(&cpu, &shape, &q, &k, &v, DType::F32)?;
+    let want = twin.run(&qc, &kc, &vc)?.to_f32_blocking()?;
+    let plan = ctx
+        .attention(shape)
+        .method(method.clone())
+        .causal(causal)
+        .dtype(dtype)
+        .build()?;
+    let (qt, kt, vt) = upload_qkv(ctx, &shape, &q, &k, &v, dtype)?;
+    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
+    plan.run_into(&qt, &kt, &vt, &mut out)?;
+    let got = out.to_f32_blocking()?;
+    Ok((
+        Verification {
+            errors: compare(&got, &want),
+            report: plan.report().expect("the plan ran"),
+        },
+        twin.report().expect("the twin ran"),
+    ))
+}
+
 /// The stated GPU-vs-CPU-twin tolerance (max abs error on unit-variance inputs): f32
 /// storage agrees to float rounding; f16 storage adds the rounding of the f16 output.
 pub fn dense_tolerance(dtype: DType) -> f64 {
@@ -61,4 +104,59 @@ pub fn dense_tolerance(dtype: DType) -> f64 {
         DType::F16 => 4e-3,
         _ => 2e-5,
     }
+}
+
+/// A method measured against dense attention on the same inputs and device.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    /// Density, attention-mass recall, output errors, tolerance recalls.
+    pub quality: crate::metrics::Quality,
+    /// The method's run.
+    pub report: AttentionReport,
+    /// The dense run.
+    pub dense_report: AttentionReport,
+}
+
+/// Runs `method` and dense attention on `ctx` with the same Q/K/V (host f32, stored as
+/// `dtype`), both exporting their final row state, and measures the method against
+/// dense ([`crate::metrics::Quality`]).
+pub fn evaluate(
+    ctx: &Context,
+    shape: AttentionShape,
+    method: &Method,
+    dtype: DType,
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<Evaluation> {
+    use crate::attention::RowState;
+    let (qt, kt, vt) = upload_qkv(ctx, &shape, qkv.0, qkv.1, qkv.2, dtype)?;
+    let run = |m: &Method| -> Result<(Vec<f32>, Vec<f32>, AttentionReport)> {
+        let plan = ctx
+            .attention(shape)
+            .method(m.clone())
+            .dtype(dtype)
+            .build()?;
+        let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
+        let ml = if matches!(m, Method::Anchor(_)) {
+            plan.run_into(&qt, &kt, &vt, &mut out)?;
+            pollster::block_on(plan.row_stats())?.ok_or_else(|| {
+                crate::error::Error::InvalidArgument("anchor plan kept no row state".into())
+            })?
+        } else {
+            let mut st = RowState::empty(ctx, &shape)?;
+            plan.run_with_state(&qt, &kt, &vt, &mut out, &mut st)?;
+            st.ml.to_f32_blocking()?
+        };
+        Ok((
+            out.to_f32_blocking()?,
+            ml,
+            plan.report().expect("the plan ran"),
+        ))
+    };
+    let (dense_out, dense_ml, dense_report) = run(&Method::Dense)?;
+    let (out, ml, report) = run(method)?;
+    Ok(Evaluation {
+        quality: crate::metrics::Quality::measure(report.density, &out, &ml, &dense_out, &dense_ml),
+        report,
+        dense_report,
+    })
 }

@@ -97,3 +97,83 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!ok);
     assert!(err.contains("cuda"), "{err}");
 }
+
+/// `--method anchor --check --json` on a Q/K/V file: the quality keys the issue names,
+/// and the data label from the file.
+#[test]
+fn anchor_check_on_a_data_file_has_the_quality_keys() {
+    use wgsparse::qkv_file::QkvFile;
+    use wgsparse::synthetic::{Structure, structured_qkv_host};
+    let shape = wgsparse::AttentionShape::new(2, 1, 600, 64);
+    let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), common::seed());
+    let file = QkvFile {
+        shape,
+        q,
+        k,
+        v,
+        meta: [
+            ("source".to_string(), "synthetic".to_string()),
+            ("model".to_string(), "cli-test".to_string()),
+        ]
+        .into(),
+    };
+    let dir = std::env::temp_dir().join(format!("wgsparse-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("qkv.safetensors");
+    file.save(&path, wgsparse::DType::F16).unwrap();
+    for backend in ["cpu", "auto"] {
+        let (ok, out, err) = wgsparse(&[
+            "attention",
+            "--method",
+            "anchor",
+            "--theta",
+            "4",
+            "--step",
+            "2",
+            "--init-keys",
+            "128",
+            "--data",
+            path.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--iters",
+            "1",
+            "--backend",
+            backend,
+            "--check",
+            "--oracle",
+            "0.9",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v = last_json(&out);
+        for key in [
+            "density",
+            "attn_recall",
+            "rel_l2_err",
+            "max_abs_err",
+            "tol_recall_01",
+            "oracle_row_density",
+        ] {
+            let x = v[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("missing {key} in {v}"));
+            assert!((0.0..=1e3).contains(&x), "{key} = {x}");
+        }
+        assert!(v["data"].as_str().unwrap().contains("cli-test"), "{v}");
+        assert!(v["attn_recall"].as_f64().unwrap() <= 1.0);
+        assert_eq!(v["seq_len"], 600);
+    }
+    // A bad θ is a typed error, not a panic.
+    let (ok, _, err) = wgsparse(&[
+        "attention",
+        "--method",
+        "anchor",
+        "--theta",
+        "NaN",
+        "--seq-len",
+        "64",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("theta"), "{err}");
+}

@@ -16,9 +16,8 @@ use std::sync::OnceLock;
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities as NagaCaps, ModuleInfo, ValidationFlags, Validator};
 use naga::{AddressSpace, Module, ResourceBinding, ShaderStage, StorageAccess};
-use wgsparse::attention::dense_gpu::{
-    DenseParams, DenseTiles, all_dense_variants, dense_workgroup_bytes,
-};
+use wgsparse::attention::anchor::SelectParams;
+use wgsparse::attention::dense_gpu::{DenseParams, DenseTiles, dense_workgroup_bytes};
 use wgsparse::pipeline::{BindingKind, KernelSpec};
 use wgsparse::{Capabilities, Context};
 
@@ -68,8 +67,7 @@ fn compiled() -> &'static [Compiled] {
 }
 
 fn compile_all() -> Vec<Compiled> {
-    let mut specs = all_dense_variants();
-    specs.extend(wgsparse::moe::all_moe_variants());
+    let specs = wgsparse::all_kernel_variants();
     assert!(!specs.is_empty(), "no kernel variants to check");
     specs
         .into_iter()
@@ -511,7 +509,7 @@ fn host_workgroup_estimate_covers_the_shader() {
 fn moe_and_layer_variants_fit_webgpu_default_workgroup_memory() {
     // These families have one tile configuration each: it must fit everywhere.
     for_all("16 KiB workgroup memory", |c| {
-        if c.spec.file == "flash_attention.wgsl" {
+        if wgsparse::moe::params_size(c.spec.file).is_none() {
             return Ok(());
         }
         let bytes = workgroup_bytes(c)?;
@@ -552,7 +550,7 @@ fn tile_choice_fits_the_device_limits() {
                 .collect();
             if chosen.is_empty() {
                 failures.push(format!(
-                    "d={d} {t:?}: no such variant in all_dense_variants()"
+                    "d={d} {t:?}: no such variant in wgsparse::all_kernel_variants()"
                 ));
             }
             for c in chosen {
@@ -611,11 +609,15 @@ fn shader_bindings_match_the_kernel_spec() {
 #[test]
 fn uniform_params_match_the_host_struct() {
     for_all("uniform Params layout", |c| {
-        let host = if c.spec.file == "flash_attention.wgsl" {
-            std::mem::size_of::<DenseParams>() as u32
-        } else {
-            wgsparse::moe::params_size(c.spec.file).ok_or("no host params struct known")? as u32
+        let (host, name) = match c.spec.file {
+            "flash_attention.wgsl" => (std::mem::size_of::<DenseParams>(), "DenseParams"),
+            "anchor/select.wgsl" => (std::mem::size_of::<SelectParams>(), "SelectParams"),
+            other => match wgsparse::moe::params_size(other) {
+                Some(size) => (size, "the MoE/layer Params struct"),
+                None => return Err(format!("no host Params struct known for {other}")),
+            },
         };
+        let host = host as u32;
         let mut layouter = naga::proc::Layouter::default();
         layouter
             .update(c.module.to_ctx())
@@ -628,9 +630,7 @@ fn uniform_params_match_the_host_struct() {
             .ok_or("no uniform")?;
         let size = layouter[g.ty].size;
         if size != host {
-            return Err(format!(
-                "WGSL Params is {size} bytes, the host struct {host}"
-            ));
+            return Err(format!("WGSL Params is {size} bytes, {name} {host}"));
         }
         Ok(())
     });

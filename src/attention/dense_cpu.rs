@@ -426,7 +426,11 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
                 let r = gr0 + i;
                 let vis = if r >= gr1 {
                     // Padding row: nothing visible.
-                    Visible { sink_end: 0, lo: 0, hi: 0 }
+                    Visible {
+                        sink_end: 0,
+                        lo: 0,
+                        hi: 0,
+                    }
                 } else {
                     let horizon = if causal { r + shift + 1 } else { nk };
                     let hi = tile.below(horizon).min(kt_g);
@@ -437,7 +441,11 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
                             hi,
                         }
                     } else {
-                        Visible { sink_end: 0, lo: 0, hi }
+                        Visible {
+                            sink_end: 0,
+                            lo: 0,
+                            hi,
+                        }
                     }
                 };
                 let gi = g * MR + i;
@@ -610,8 +618,12 @@ fn attention_with(
     let mut tasks = Vec::with_capacity(shape.q_heads * n.div_ceil(rows_per_task));
     let mut state_rows = state.map(|st| {
         (
-            st.ml.chunks_mut(2 * n).map(|c| c.chunks_mut(2 * rows_per_task)),
-            st.acc.chunks_mut(n * d).map(|c| c.chunks_mut(rows_per_task * d)),
+            st.ml
+                .chunks_mut(2 * n)
+                .map(|c| c.chunks_mut(2 * rows_per_task)),
+            st.acc
+                .chunks_mut(n * d)
+                .map(|c| c.chunks_mut(rows_per_task * d)),
         )
     });
     for (h, out_h) in out.chunks_mut(n * d).enumerate() {
@@ -665,9 +677,7 @@ pub fn naive_attention(
     v: &[f32],
 ) -> Vec<f32> {
     let shift = shape.kv_len - shape.seq_len.min(shape.kv_len);
-    naive_masked_attention(shape, scale, q, k, v, |_, r, j| {
-        !causal || j <= r + shift
-    })
+    naive_masked_attention(shape, scale, q, k, v, |_, r, j| !causal || j <= r + shift)
 }
 
 /// Straightforward reference over any key set: row `r` of head `h` attends key `j`
@@ -809,7 +819,10 @@ mod tests {
     }
 
     fn max_err(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     /// The sparse twins (block lists, gathered key lists) and the sliding window
@@ -826,7 +839,9 @@ mod tests {
         let scale = 0.3;
         let mut x = 7u64;
         let mut coin = move |p: u64| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 33) % 100 < p
         };
         let blocks = SparseLut::from_fn(4, n, 64, LutUnit::Blocks(32), |_, b| {

@@ -1,12 +1,16 @@
 //! Launcher of `shaders/flash_attention.wgsl`: picks the variant, cuts the problem into
 //! dispatches that respect the binding and grid limits (see [`super::split`]), writes
 //! each dispatch's parameters once at plan build time, and records the dispatches.
+//!
+//! The same launcher runs the two sparse executors (the kernel with another key loop,
+//! [`KeyMode`]): block-sparse and stripe (gathered keys), both reading a LUT
+//! ([`super::lut::SparseLut`] layout) from GPU buffers the caller binds at record time.
 
 use std::sync::{Arc, OnceLock};
 
 use bytemuck::{Pod, Zeroable};
 
-use super::split::{DenseDispatch, SplitLimits, SplitProblem, split_dense};
+use super::split::{DenseDispatch, SplitLimits, SplitProblem, split_dense, split_sparse};
 use super::{AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -37,7 +41,64 @@ pub struct DenseParams {
     causal: u32,
     causal_shift: u32,
     scale: f32,
-    _pad: u32,
+    lut_q_block: u32,
+    lut_key_block: u32,
+    lut_rows: u32,
+    window: u32,
+    sinks: u32,
+}
+
+/// Which keys the kernel visits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyMode {
+    /// Every key (dense).
+    Range,
+    /// Key blocks from a LUT of `key_block`-key blocks per `q_block` query rows.
+    Blocks {
+        /// Query rows per LUT row.
+        q_block: usize,
+        /// Keys per block (a multiple of 32).
+        key_block: usize,
+    },
+    /// Gathered key positions from a LUT per `q_block` query rows.
+    Gather {
+        /// Query rows per LUT row.
+        q_block: usize,
+    },
+}
+
+impl KeyMode {
+    fn q_block(self) -> Option<usize> {
+        match self {
+            KeyMode::Range => None,
+            KeyMode::Blocks { q_block, .. } | KeyMode::Gather { q_block } => Some(q_block),
+        }
+    }
+}
+
+/// What one executor run computes beyond the shape and options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecConfig {
+    /// Key source.
+    pub keys: KeyMode,
+    /// Sliding window (0 = none).
+    pub window: usize,
+    /// Sink keys kept despite the window.
+    pub sinks: usize,
+    /// Runs with a caller's row state write the final state back (off for a last pass
+    /// that only needs the output).
+    pub export_state: bool,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            keys: KeyMode::Range,
+            window: 0,
+            sinks: 0,
+            export_state: true,
+        }
+    }
 }
 
 /// A sub-range of a buffer to bind: byte offset, byte size, and the element offset of
@@ -66,6 +127,24 @@ struct Variant {
     import: bool,
     export: bool,
     write: bool,
+}
+
+/// Key-source flag of a variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum KeyFlag {
+    Range,
+    Blocks,
+    Gather,
+}
+
+impl From<KeyMode> for KeyFlag {
+    fn from(m: KeyMode) -> Self {
+        match m {
+            KeyMode::Range => KeyFlag::Range,
+            KeyMode::Blocks { .. } => KeyFlag::Blocks,
+            KeyMode::Gather { .. } => KeyFlag::Gather,
+        }
+    }
 }
 
 /// Where the row state of a run lives.
@@ -100,10 +179,13 @@ pub(crate) struct DenseBuffers<'a> {
     pub v: &'a wgpu::Buffer,
     pub o: &'a wgpu::Buffer,
     pub state: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
+    /// LUT (ranges, indices) of the sparse modes.
+    pub lut: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
 }
 
 /// A built dense attention on a GPU context.
 pub(crate) struct DenseGpu {
+    keys: KeyMode,
     caller: Vec<Prepared>,
     scratch: Vec<Prepared>,
     params: wgpu::Buffer,
@@ -116,10 +198,10 @@ pub(crate) struct DenseGpu {
 }
 
 /// Workgroup bytes of the kernel with `bq` query rows: the Q chunk, the K/V tile
-/// (padded), the P tile and the row stats. Independent of head_dim: Q and K/V are
-/// staged 32 dimensions at a time.
+/// (padded), the P tile, the row stats and (sparse modes) the LUT slice bounds, each rounded to 16 bytes as drivers may.
+/// Independent of head_dim: Q and K/V are staged 32 dimensions at a time.
 pub fn dense_workgroup_bytes(bq: usize) -> u32 {
-    (bq * 32 * 4 + 32 * 9 * 16 + 32 * bq * 4 + 3 * bq * 4) as u32
+    (bq * 32 * 4 + 32 * 9 * 16 + 32 * bq * 4 + 3 * bq * 4 + 32) as u32
 }
 
 /// The tile configuration of the dense kernel for a device: query rows per workgroup,
@@ -143,10 +225,31 @@ impl DenseTiles {
             bq: if fits_64 { 64 } else { 32 },
         }
     }
+
+    /// Chooses for a key mode: a workgroup's rows must lie in one LUT row.
+    pub fn choose_for(caps: &crate::Capabilities, keys: KeyMode) -> Self {
+        let t = Self::choose(caps);
+        match keys.q_block() {
+            Some(qb) if !qb.is_multiple_of(t.bq) => DenseTiles { bq: 32 },
+            _ => t,
+        }
+    }
 }
 
-fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant) -> KernelSpec {
+fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant, keys: KeyFlag) -> KernelSpec {
     use BindingKind::*;
+    let mut bindings = vec![
+        Uniform,
+        StorageRead,
+        StorageRead,
+        StorageRead,
+        StorageReadWrite,
+        StorageReadWrite,
+        StorageReadWrite,
+    ];
+    if keys != KeyFlag::Range {
+        bindings.extend([StorageRead, StorageRead]);
+    }
     KernelSpec {
         file: "flash_attention.wgsl",
         entry: "flash_attention",
@@ -158,16 +261,11 @@ fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant) -> KernelS
             .flag_if("STORE_F16", dtype == DType::F16)
             .flag_if("IMPORT_STATE", v.import)
             .flag_if("EXPORT_STATE", v.export)
-            .flag_if("WRITE_OUTPUT", v.write),
-        bindings: vec![
-            Uniform,
-            StorageRead,
-            StorageRead,
-            StorageRead,
-            StorageReadWrite,
-            StorageReadWrite,
-            StorageReadWrite,
-        ],
+            .flag_if("WRITE_OUTPUT", v.write)
+            .flag_if("SPARSE_KEYS", keys != KeyFlag::Range)
+            .flag_if("KEYS_BLOCKS", keys == KeyFlag::Blocks)
+            .flag_if("KEYS_GATHER", keys == KeyFlag::Gather),
+        bindings,
     }
 }
 
@@ -189,7 +287,9 @@ pub fn all_dense_variants() -> Vec<KernelSpec> {
                     write: bits & 4 != 0,
                 };
                 if v.export || v.write {
-                    out.push(kernel_spec(d, dtype, tiles, v));
+                    for keys in [KeyFlag::Range, KeyFlag::Blocks, KeyFlag::Gather] {
+                        out.push(kernel_spec(d, dtype, tiles, v, keys));
+                    }
                 }
             }
         }
@@ -202,6 +302,7 @@ impl DenseGpu {
         ctx: &Context,
         shape: &AttentionShape,
         opts: &AttentionOptions,
+        exec: &ExecConfig,
     ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let caps = &g.caps;
@@ -219,7 +320,18 @@ impl DenseGpu {
             elem_bytes: opts.dtype.size(),
             causal: opts.causal,
         };
-        let dispatches = split_dense(&problem, &lim)?;
+        let sparse = exec.keys != KeyMode::Range;
+        if sparse && shape.kv_len != shape.seq_len {
+            return Err(Error::InvalidShape(format!(
+                "sparse attention needs as many keys as queries (prefill), got {} and {}",
+                shape.kv_len, shape.seq_len
+            )));
+        }
+        let dispatches = if sparse {
+            split_sparse(&problem, &lim)?
+        } else {
+            split_dense(&problem, &lim)?
+        };
         log::debug!("dense attention: {} dispatch(es)", dispatches.len());
         let align = lim.offset_align;
         let (d, n, nk) = (
@@ -232,7 +344,12 @@ impl DenseGpu {
         let uniform_align = g.device.limits().min_uniform_buffer_offset_alignment as u64;
         let slot_size =
             (std::mem::size_of::<DenseParams>() as u64).div_ceil(uniform_align) * uniform_align;
-        let tiles = DenseTiles::choose(caps);
+        let tiles = DenseTiles::choose_for(caps, exec.keys);
+        let (lut_q_block, lut_key_block) = match exec.keys {
+            KeyMode::Range => (1, 32),
+            KeyMode::Blocks { q_block, key_block } => (q_block, key_block),
+            KeyMode::Gather { q_block } => (q_block, 32),
+        };
         let needs_chain = dispatches.iter().any(|x| !(x.first && x.last));
         let scratch_rows = dispatches
             .iter()
@@ -262,7 +379,7 @@ impl DenseGpu {
                 let v = k;
                 let variant = Variant {
                     import: !x.first || (mode == StateMode::Caller && opts.import_state),
-                    export: !x.last || mode == StateMode::Caller,
+                    export: !x.last || (mode == StateMode::Caller && exec.export_state),
                     write: x.last,
                 };
                 let uses_state = variant.import || variant.export;
@@ -310,12 +427,17 @@ impl DenseGpu {
                     causal: opts.causal as u32,
                     causal_shift: nk.saturating_sub(n) as u32,
                     scale: opts.scale_for(shape),
-                    _pad: 0,
+                    lut_q_block: lut_q_block as u32,
+                    lut_key_block: lut_key_block as u32,
+                    lut_rows: shape.seq_len.div_ceil(lut_q_block) as u32,
+                    window: exec.window as u32,
+                    sinks: exec.sinks as u32,
                 };
                 let slot = params.len() as u64;
                 params.extend_from_slice(bytemuck::bytes_of(&p));
                 params.resize((slot + slot_size) as usize, 0);
-                let spec = kernel_spec(shape.head_dim, opts.dtype, tiles, variant);
+                let spec =
+                    kernel_spec(shape.head_dim, opts.dtype, tiles, variant, exec.keys.into());
                 let kernel = OnceLock::new();
                 if mode == StateMode::Scratch {
                     let _ = kernel.set(ctx.kernel(&spec)?);
@@ -354,6 +476,7 @@ impl DenseGpu {
             })
         };
         Ok(DenseGpu {
+            keys: exec.keys,
             caller,
             scratch,
             params: params_buf,
@@ -392,6 +515,15 @@ impl DenseGpu {
             ),
         };
         let [dummy_ml, dummy_acc] = &self.dummy;
+        let lut = match (self.keys, io.lut) {
+            (KeyMode::Range, _) => None,
+            (_, Some(l)) => Some(l),
+            (_, None) => {
+                return Err(Error::InvalidArgument(
+                    "sparse executor recorded without its LUT buffers".into(),
+                ));
+            }
+        };
         let groups = list
             .iter()
             .map(|x| {
@@ -419,8 +551,11 @@ impl DenseGpu {
                     x.acc
                         .map_or(dummy_acc.as_entire_buffer_binding(), |r| bind_range(acc, r)),
                 ];
+                let lut_entries =
+                    lut.map(|(r, i)| [r.as_entire_buffer_binding(), i.as_entire_buffer_binding()]);
                 let entries: Vec<wgpu::BindGroupEntry> = entries
                     .into_iter()
+                    .chain(lut_entries.into_iter().flatten())
                     .enumerate()
                     .map(|(i, b)| wgpu::BindGroupEntry {
                         binding: i as u32,
@@ -483,6 +618,6 @@ mod tests {
 
     #[test]
     fn variants_cover_dims_and_dtypes() {
-        assert_eq!(all_dense_variants().len(), 3 * 2 * 2 * 6);
+        assert_eq!(all_dense_variants().len(), 3 * 2 * 2 * 6 * 3);
     }
 }

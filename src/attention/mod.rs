@@ -12,12 +12,14 @@
 //! # Ok::<(), wgsparse::Error>(())
 //! ```
 
+pub mod anchor;
 pub mod dense_cpu;
 pub mod dense_gpu;
 pub mod lut;
+pub mod oracle;
 pub mod split;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -25,8 +27,10 @@ use crate::context::{Backend, Context};
 use crate::error::{Error, Result};
 use crate::pipeline::{Recorder, Report, StageTime};
 use crate::tensor::{DType, HostData, Tensor};
-use dense_cpu::{HostRowState, dense_attention_cpu};
-use dense_gpu::{DenseBuffers, DenseGpu};
+use anchor::{AnchorConfig, AnchorGpu, AnchorStats, anchor_cpu};
+use dense_cpu::{CpuAttention, HostRowState, attention_cpu};
+use dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
+use lut::{LutUnit, SparseLut};
 
 /// Sizes of one attention problem (batch 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -132,27 +136,91 @@ pub fn upload_qkv(
     ))
 }
 
-/// Which attention algorithm a plan runs. Sparse methods (anchor, sale, proxy, window,
-/// oracle) join this enum as they land.
+/// Which attention algorithm a plan runs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[non_exhaustive]
 pub enum Method {
     /// Exact flash attention: the reference and the fallback.
     #[default]
     Dense,
+    /// AnchorAttention (papers.md §1): anchor pass, stripe selection, stripe pass.
+    Anchor(AnchorConfig),
+    /// Sliding-window attention with sink keys (exact, through the block-sparse
+    /// executor).
+    Window(WindowConfig),
+    /// The block-sparse executor with a fixed LUT ([`LutUnit::Blocks`]), e.g. an oracle
+    /// pattern or a caller's block mask.
+    BlockSparse(Arc<SparseLut>),
+    /// The stripe executor with fixed key lists ([`LutUnit::Keys`]).
+    Stripes(Arc<SparseLut>),
+}
+
+/// Sliding window with sinks: row r attends keys j ≤ r with `r − j < window` or
+/// `j < sinks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowConfig {
+    /// Keys per window (≥ 1).
+    pub window: usize,
+    /// Leading keys every row also attends.
+    pub sinks: usize,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            window: 4096,
+            sinks: 4,
+        }
+    }
+}
+
+impl WindowConfig {
+    /// The block LUT the window runs on: 64-row query blocks, 64-key blocks (sink
+    /// blocks and the band).
+    pub fn lut(&self, q_heads: usize, seq_len: usize) -> Result<SparseLut> {
+        const B: usize = 64;
+        let sink_blocks = self.sinks.div_ceil(B);
+        SparseLut::from_fn(q_heads, seq_len, B, LutUnit::Blocks(B), |_, qb| {
+            let first_row = qb * B;
+            let lo = (first_row + 1).saturating_sub(self.window) / B;
+            let mut v: Vec<u32> = (0..sink_blocks.min(lo) as u32).collect();
+            v.extend(lo as u32..=qb as u32);
+            v
+        })
+    }
+
+    /// Causal pairs the window computes (all heads).
+    pub fn pairs(&self, q_heads: usize, seq_len: usize) -> u64 {
+        let per_head: u64 = (0..seq_len)
+            .map(|r| {
+                let band = (r + 1).min(self.window);
+                let sinks = self.sinks.min(r + 1 - band);
+                (band + sinks) as u64
+            })
+            .sum();
+        per_head * q_heads as u64
+    }
 }
 
 impl Method {
-    /// Every method this build has, in a stable order (the CLI's and the web demo's
-    /// pickers list these).
+    /// Every method this build can run from a name alone, in a stable order (the CLI's
+    /// and the web demo's pickers list these), with default parameters.
     pub fn all() -> Vec<Method> {
-        vec![Method::Dense]
+        vec![
+            Method::Dense,
+            Method::Anchor(AnchorConfig::default()),
+            Method::Window(WindowConfig::default()),
+        ]
     }
 
-    /// Short name (`dense`, ...).
+    /// Short name (`dense`, `anchor`, `window`, `block-sparse`, `stripes`).
     pub fn name(&self) -> &'static str {
         match self {
             Method::Dense => "dense",
+            Method::Anchor(_) => "anchor",
+            Method::Window(_) => "window",
+            Method::BlockSparse(_) => "block-sparse",
+            Method::Stripes(_) => "stripes",
         }
     }
 }
@@ -162,8 +230,10 @@ impl std::str::FromStr for Method {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "dense" => Ok(Method::Dense),
+            "anchor" => Ok(Method::Anchor(AnchorConfig::default())),
+            "window" => Ok(Method::Window(WindowConfig::default())),
             o => Err(Error::InvalidArgument(format!(
-                "unknown method `{o}` (known: dense)"
+                "unknown method `{o}` (known: dense, anchor, window)"
             ))),
         }
     }
@@ -231,10 +301,13 @@ pub struct AttentionReport {
     pub backend: Backend,
     /// Per-stage timing.
     pub timing: Report,
-    /// Fraction of causal query–key pairs computed (1.0 for dense).
+    /// Fraction of causal query–key pairs computed (1.0 for dense; sparse methods
+    /// count every pair they compute, AnchorAttention's anchor region included).
     pub density: f64,
     /// Dispatches recorded (GPU) or tasks (CPU).
     pub dispatches: usize,
+    /// AnchorAttention's details (anchor vs stripe pairs, stripes per group).
+    pub anchor: Option<AnchorStats>,
 }
 
 impl AttentionReport {
@@ -314,9 +387,22 @@ impl AttentionPlanBuilder {
                 "attention on this device (no pack2x16float/unpack2x16float); use f32",
             ));
         }
+        let (exec, lut, pairs) = method_setup(&self.method, &self.shape, &self.opts)?;
         let gpu = match self.ctx.gpu() {
-            Some(_) => Some(DenseGpu::build(&self.ctx, &self.shape, &self.opts)?),
             None => None,
+            Some(g) => Some(match &self.method {
+                Method::Anchor(cfg) => {
+                    GpuPlan::Anchor(AnchorGpu::build(&self.ctx, &self.shape, &self.opts, cfg)?)
+                }
+                _ => {
+                    let exec = DenseGpu::build(&self.ctx, &self.shape, &self.opts, &exec)?;
+                    let lut = match &lut {
+                        None => None,
+                        Some(l) => Some(upload_lut(&self.ctx, g, l)?),
+                    };
+                    GpuPlan::Exec { exec, lut }
+                }
+            }),
         };
         Ok(AttentionPlan {
             ctx: self.ctx,
@@ -324,9 +410,134 @@ impl AttentionPlanBuilder {
             method: self.method,
             opts: self.opts,
             gpu,
+            lut,
+            pairs,
             last: Mutex::new(None),
+            cpu_selection: Mutex::new(None),
+            cpu_row_stats: Mutex::new(None),
         })
     }
+}
+
+/// The executor configuration, the LUT and the computed pairs (when static) of a
+/// method, after checking the method against the shape and options.
+fn method_setup(
+    method: &Method,
+    shape: &AttentionShape,
+    opts: &AttentionOptions,
+) -> Result<(ExecConfig, Option<Arc<SparseLut>>, Option<u64>)> {
+    let sparse_needs_square = || {
+        if shape.kv_len != shape.seq_len {
+            return Err(Error::InvalidShape(format!(
+                "{} attention needs as many keys as queries (prefill), got {} and {}",
+                method.name(),
+                shape.kv_len,
+                shape.seq_len
+            )));
+        }
+        Ok(())
+    };
+    Ok(match method {
+        Method::Dense => (ExecConfig::default(), None, None),
+        Method::Anchor(cfg) => {
+            cfg.validate()?;
+            sparse_needs_square()?;
+            if !opts.causal {
+                return Err(Error::InvalidArgument(
+                    "anchor attention is a causal (prefill) method".into(),
+                ));
+            }
+            (ExecConfig::default(), None, None)
+        }
+        Method::Window(w) => {
+            sparse_needs_square()?;
+            if w.window == 0 || !opts.causal {
+                return Err(Error::InvalidArgument(
+                    "window attention needs causal masking and a window of at least 1 key".into(),
+                ));
+            }
+            let lut = Arc::new(w.lut(shape.q_heads, shape.seq_len)?);
+            let exec = ExecConfig {
+                keys: KeyMode::Blocks {
+                    q_block: lut.q_block,
+                    key_block: 64,
+                },
+                window: w.window.min(u32::MAX as usize),
+                sinks: w.sinks.min(u32::MAX as usize),
+                ..Default::default()
+            };
+            (exec, Some(lut), Some(w.pairs(shape.q_heads, shape.seq_len)))
+        }
+        Method::BlockSparse(lut) | Method::Stripes(lut) => {
+            sparse_needs_square()?;
+            lut.validate(shape)?;
+            let keys = match (method, lut.unit) {
+                (Method::BlockSparse(_), LutUnit::Blocks(kb)) => KeyMode::Blocks {
+                    q_block: lut.q_block,
+                    key_block: kb,
+                },
+                (Method::Stripes(_), LutUnit::Keys) => KeyMode::Gather {
+                    q_block: lut.q_block,
+                },
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} needs a LUT of {}",
+                        method.name(),
+                        if matches!(method, Method::BlockSparse(_)) {
+                            "key blocks"
+                        } else {
+                            "key positions"
+                        }
+                    )));
+                }
+            };
+            let exec = ExecConfig {
+                keys,
+                ..Default::default()
+            };
+            (exec, Some(lut.clone()), Some(lut.pairs(opts.causal)))
+        }
+    })
+}
+
+/// The two LUT buffers (ranges, indices) on the GPU.
+fn upload_lut(
+    ctx: &Context,
+    g: &crate::context::GpuDevice,
+    lut: &SparseLut,
+) -> Result<[wgpu::Buffer; 2]> {
+    let limit = g.caps.max_storage_binding;
+    if lut.gpu_bytes() > limit {
+        return Err(Error::too_large("sparse LUT", lut.gpu_bytes(), limit));
+    }
+    crate::tensor::check_buffer_size(ctx, "sparse LUT", lut.gpu_bytes())?;
+    let make = |label: &str, bytes: &[u8]| {
+        let buf = g.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (bytes.len() as u64).max(16),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        g.queue.write_buffer(&buf, 0, bytes);
+        buf
+    };
+    Ok([
+        make("sparse lut ranges", bytemuck::cast_slice(&lut.ranges)),
+        make("sparse lut indices", bytemuck::cast_slice(&lut.indices)),
+    ])
+}
+
+/// What runs on a GPU context. (One per plan, never in a collection: the size
+/// difference of the variants does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum GpuPlan {
+    /// One executor pass (dense, window, fixed block or stripe LUT).
+    Exec {
+        exec: DenseGpu,
+        lut: Option<[wgpu::Buffer; 2]>,
+    },
+    /// AnchorAttention's three stages.
+    Anchor(AnchorGpu),
 }
 
 /// A built attention: run it many times on tensors of its shape.
@@ -335,8 +546,16 @@ pub struct AttentionPlan {
     shape: AttentionShape,
     method: Method,
     opts: AttentionOptions,
-    gpu: Option<DenseGpu>,
+    gpu: Option<GpuPlan>,
+    /// The fixed LUT of window / block-sparse / stripe methods.
+    lut: Option<Arc<SparseLut>>,
+    /// Pairs computed, when the method fixes them (window, fixed LUTs).
+    pairs: Option<u64>,
     last: Mutex<Option<AttentionReport>>,
+    /// AnchorAttention on the CPU: the LUTs of the last run.
+    cpu_selection: Mutex<Option<Vec<SparseLut>>>,
+    /// AnchorAttention on the CPU: the final (m, l) of the last run.
+    cpu_row_stats: Mutex<Option<Vec<f32>>>,
 }
 
 impl AttentionPlan {
@@ -428,17 +647,32 @@ impl AttentionPlan {
             )?;
             self.check(&st.acc, &self.shape.q_dims(), DType::F32, "state.acc")?;
         }
+        if state.is_some() && matches!(self.method, Method::Anchor(_)) {
+            return Err(Error::InvalidArgument(
+                "anchor attention manages its own row state; run it without one".into(),
+            ));
+        }
         let report = match &self.gpu {
             Some(gpu) => {
                 let mut rec = Recorder::new(&self.ctx, "attention", self.stage_count())?;
                 self.record_checked(&mut rec, q, k, v, out, state.as_deref())?;
                 let timing = rec.submit().await?;
+                let (density, anchor, dispatches) = match gpu {
+                    GpuPlan::Exec { exec, .. } => {
+                        (self.static_density(), None, exec.dispatch_count())
+                    }
+                    GpuPlan::Anchor(a) => {
+                        let stats = a.stats(&self.ctx).await?;
+                        (stats.density(), Some(stats), a.dispatch_count())
+                    }
+                };
                 AttentionReport {
                     method: self.method.name().into(),
                     backend: self.ctx.backend(),
                     timing,
-                    density: 1.0,
-                    dispatches: gpu.dispatch_count(),
+                    density,
+                    dispatches,
+                    anchor,
                 }
             }
             None => self.run_cpu(q, k, v, out, state)?,
@@ -447,9 +681,20 @@ impl AttentionPlan {
         Ok(())
     }
 
+    /// Density of methods whose pattern does not depend on the data.
+    fn static_density(&self) -> f64 {
+        match self.pairs {
+            Some(p) => p as f64 / self.shape.pairs(self.opts.causal).max(1.0),
+            None => 1.0,
+        }
+    }
+
     /// How many timed stages a run records (size a shared [`Recorder`] with it).
     pub fn stage_count(&self) -> u32 {
-        1
+        match &self.gpu {
+            Some(GpuPlan::Anchor(_)) => AnchorGpu::STAGES,
+            _ => 1,
+        }
     }
 
     /// Records the attention into someone else's [`Recorder`] (GPU contexts only), so
@@ -484,15 +729,54 @@ impl AttentionPlan {
             Error::InvalidArgument("AttentionPlan::record needs a GPU context".into())
         })?;
         let buf = |t: &Tensor| t.buffer().expect("checked: same GPU context").clone();
-        let st = state.map(|s| (buf(&s.ml), buf(&s.acc)));
-        let io = DenseBuffers {
-            q: &buf(q),
-            k: &buf(k),
-            v: &buf(v),
-            o: &buf(out),
-            state: st.as_ref().map(|(a, b)| (a, b)),
-        };
-        gpu.record(&self.ctx, rec, "dense", &io)
+        match gpu {
+            GpuPlan::Exec { exec, lut } => {
+                let st = state.map(|s| (buf(&s.ml), buf(&s.acc)));
+                let io = DenseBuffers {
+                    q: &buf(q),
+                    k: &buf(k),
+                    v: &buf(v),
+                    o: &buf(out),
+                    state: st.as_ref().map(|(a, b)| (a, b)),
+                    lut: lut.as_ref().map(|[r, i]| (r, i)),
+                };
+                exec.record(&self.ctx, rec, self.method.name(), &io)
+            }
+            GpuPlan::Anchor(a) => a.record(&self.ctx, rec, &buf(q), &buf(k), &buf(v), &buf(out)),
+        }
+    }
+
+    /// The keys the last run visited, as LUTs: the fixed LUT of window / block-sparse /
+    /// stripe plans; for AnchorAttention the anchor pass's block LUT and the stripes it
+    /// selected (read back from the GPU). `None` for dense (every key) or before a run.
+    pub async fn selected_pattern(&self) -> Result<Option<Vec<SparseLut>>> {
+        match (&self.method, &self.gpu) {
+            (Method::Dense, _) => Ok(None),
+            (Method::Anchor(_), Some(GpuPlan::Anchor(a))) => {
+                if self.report().is_none() {
+                    return Ok(None);
+                }
+                let (anchor, stripes) = a.selection(&self.ctx).await?;
+                Ok(Some(vec![anchor, stripes]))
+            }
+            (Method::Anchor(_), _) => {
+                Ok(self.cpu_selection.lock().expect("selection lock").clone())
+            }
+            _ => Ok(self.lut.as_ref().map(|l| vec![(**l).clone()])),
+        }
+    }
+
+    /// The final (m, l) of every row of the last run `[q_heads, seq_len, 2]`, for
+    /// methods that keep their own row state (AnchorAttention); `None` for the others,
+    /// whose state a caller gets with [`AttentionPlan::run_with_state`].
+    pub async fn row_stats(&self) -> Result<Option<Vec<f32>>> {
+        if self.report().is_none() {
+            return Ok(None);
+        }
+        match &self.gpu {
+            Some(GpuPlan::Anchor(a)) => Ok(Some(a.row_stats(&self.ctx).await?)),
+            _ => Ok(self.cpu_row_stats.lock().expect("row stats lock").clone()),
+        }
     }
 
     fn run_cpu(
@@ -507,8 +791,29 @@ impl AttentionPlan {
         let host = |t: &Tensor| t.host().expect("checked: CPU context").to_f32();
         let (qf, kf, vf) = (host(q), host(k), host(v));
         let scale = self.opts.scale_for(&self.shape);
-        let result = match state {
-            Some(st) => {
+        let (window, sinks) = match &self.method {
+            Method::Window(w) => (w.window, w.sinks),
+            _ => (0, 0),
+        };
+        let copts = CpuAttention {
+            causal: self.opts.causal,
+            scale,
+            window,
+            sinks,
+            lut: self.lut.as_deref(),
+        };
+        let mut anchor = None;
+        let result = match (&self.method, state) {
+            (Method::Anchor(cfg), _) => {
+                let run = anchor_cpu(&self.shape, cfg, scale, &qf, &kf, &vf)?;
+                let anchor_lut = cfg.anchor_lut(self.shape.q_heads, self.shape.seq_len)?;
+                *self.cpu_selection.lock().expect("selection lock") =
+                    Some(vec![anchor_lut, run.selection.stripes]);
+                *self.cpu_row_stats.lock().expect("row stats lock") = Some(run.ml);
+                anchor = Some(run.stats);
+                run.out
+            }
+            (_, Some(st)) => {
                 let mut hs = if self.opts.import_state {
                     HostRowState {
                         ml: host(&st.ml),
@@ -517,30 +822,26 @@ impl AttentionPlan {
                 } else {
                     HostRowState::empty(&self.shape)
                 };
-                let o = dense_attention_cpu(
-                    &self.shape,
-                    self.opts.causal,
-                    scale,
-                    &qf,
-                    &kf,
-                    &vf,
-                    Some(&mut hs),
-                );
+                let o = attention_cpu(&self.shape, &copts, &qf, &kf, &vf, Some(&mut hs));
                 *st.ml.host_mut().expect("CPU") = HostData::F32(hs.ml);
                 *st.acc.host_mut().expect("CPU") = HostData::F32(hs.acc);
                 o
             }
-            None => dense_attention_cpu(&self.shape, self.opts.causal, scale, &qf, &kf, &vf, None),
+            (_, None) => attention_cpu(&self.shape, &copts, &qf, &kf, &vf, None),
         };
         *out.host_mut().expect("checked: CPU context") =
             HostData::from_f32(&result, self.opts.dtype)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
+        let density = match &anchor {
+            Some(a) => a.density(),
+            None => self.static_density(),
+        };
         Ok(AttentionReport {
             method: self.method.name().into(),
             backend: Backend::Cpu,
             timing: Report {
                 stages: vec![StageTime {
-                    name: "dense".into(),
+                    name: self.method.name().into(),
                     ms: Some(ms),
                     dispatches: 1,
                 }],
@@ -548,8 +849,9 @@ impl AttentionPlan {
                 gpu_ms: None,
                 timing: "wall".into(),
             },
-            density: 1.0,
+            density,
             dispatches: 1,
+            anchor,
         })
     }
 }

@@ -169,6 +169,54 @@ pub fn split_dense(p: &SplitProblem, lim: &SplitLimits) -> Result<Vec<DenseDispa
     Ok(out)
 }
 
+/// The dispatches of a sparse attention (block-sparse or stripe executor): like
+/// [`split_dense`] but keys are never cut into chunks, because a LUT addresses any key
+/// of the head. One kv head must therefore fit a binding; rows are chunked as needed.
+pub fn split_sparse(p: &SplitProblem, lim: &SplitLimits) -> Result<Vec<DenseDispatch>> {
+    let budget = lim.max_binding.saturating_sub(lim.offset_align);
+    let head_kv = p.kv_len as u64 * p.head_dim as u64 * p.elem_bytes as u64;
+    if head_kv > budget {
+        return Err(Error::too_large(
+            "one kv head of K (sparse attention visits any key, so keys are not chunked)",
+            head_kv + lim.offset_align,
+            lim.max_binding,
+        ));
+    }
+    let whole_heads = split_dense(p, lim)?;
+    if whole_heads.iter().all(|x| x.first && x.last) {
+        return Ok(whole_heads);
+    }
+    let q_row = p.head_dim as u64 * 4;
+    let rows =
+        ((budget / q_row) as usize).min(lim.max_groups as usize * MIN_BLOCK_Q) / BLOCK_Q * BLOCK_Q;
+    if rows == 0 {
+        return Err(Error::too_large(
+            "one 64-row tile of attention (Q/ACC)",
+            BLOCK_Q as u64 * q_row + lim.offset_align,
+            lim.max_binding,
+        ));
+    }
+    let mut out = vec![];
+    for h in 0..p.q_heads {
+        let mut r0 = 0;
+        while r0 < p.q_len {
+            let r1 = (r0 + rows).min(p.q_len);
+            out.push(DenseDispatch {
+                h0: h,
+                h1: h + 1,
+                r0,
+                r1,
+                c0: 0,
+                c1: p.kv_len,
+                first: true,
+                last: true,
+            });
+            r0 = r1;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +285,23 @@ mod tests {
         };
         assert!(matches!(
             split_dense(&prob(1, 1, 64, 256, 4), &lim),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn sparse_split_never_cuts_keys() {
+        // f16 K (64 MiB per head) fits; f32 Q/ACC rows (128 MiB per head) do not.
+        let d = split_sparse(&prob(2, 1, 131072, 256, 2), &LAVAPIPE).unwrap();
+        assert!(d.len() > 2);
+        assert!(
+            d.iter()
+                .all(|x| x.c0 == 0 && x.c1 == 131072 && x.first && x.last)
+        );
+        assert!(d.iter().all(|x| x.r0 % BLOCK_Q == 0));
+        // A kv head over the binding is a typed error.
+        assert!(matches!(
+            split_sparse(&prob(2, 1, 131072, 256, 4), &LAVAPIPE),
             Err(Error::TooLarge { .. })
         ));
     }

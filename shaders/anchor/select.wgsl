@@ -1,0 +1,221 @@
+// AnchorAttention stripe identification (papers.md §1.4, step 2), in three kernels:
+//
+// anchor_pool    one workgroup per (128-row block, q-head): the block's mean query
+//                q̄ [D] and its mean anchor ā (mean over the rows of m, the row max of
+//                the anchor pass, natural-log units including the softmax scale).
+// anchor_flags   one workgroup per (256-key chunk, 2048-query group, q-head): for each
+//                candidate key j of the group, keep[j] = OR over the group's pooled rows
+//                s of  q̄_s·k_j·scale + θ >= ā_s. Writes one bit per candidate and the
+//                chunk's count of kept keys.
+// anchor_compact same grid: the kept positions of the chunk, ascending, at the chunk's
+//                offset (the counts of the group's earlier chunks) in the group's slice
+//                of the stripe list; chunk 0 also writes the group's LUT range.
+//
+// Candidates of group g are [init_end, g * GROUP): the keys the anchor pass did not
+// visit (not the released code's overlapping range, see papers.md §1.4).
+// Constants: D (head_dim), POOL (128 rows per pooled block), BLOCKS_PER_GROUP (16).
+
+#include "common/storage.wgsl"
+
+struct Params {
+    seq_len: u32,
+    q_heads: u32,
+    group: u32,          // q heads per kv head
+    n_groups: u32,       // query groups (2048 rows each)
+    n_pool: u32,         // pooled blocks per head
+    init_end: u32,       // first candidate key
+    chunks: u32,         // candidate chunks per (head, group) in the grid
+    scale: f32,
+    theta: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+const D4: u32 = D / 4u;
+const CHUNK: u32 = 256u;
+const GROUP_ROWS: u32 = POOL * BLOCKS_PER_GROUP;
+const NEG_BIG: f32 = -1.0e30;
+
+// Each stage declares only the bindings it uses (WebGPU allows 8 storage buffers).
+@group(0) @binding(0) var<uniform> p: Params;
+#ifdef STAGE_POOL
+@group(0) @binding(1) var<storage, read> q_buf: array<Store4>;
+@group(0) @binding(2) var<storage, read> ml_buf: array<vec2<f32>>;
+@group(0) @binding(3) var<storage, read_write> qbar: array<vec4<f32>>;   // [h, n_pool, D4]
+@group(0) @binding(4) var<storage, read_write> abar: array<f32>;         // [h, n_pool]
+#endif
+#ifdef STAGE_FLAGS
+@group(0) @binding(1) var<storage, read> k_buf: array<Store4>;
+@group(0) @binding(2) var<storage, read> qbar: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> abar: array<f32>;
+@group(0) @binding(4) var<storage, read_write> flags: array<u32>;        // [h, g, chunks * 8]
+@group(0) @binding(5) var<storage, read_write> counts: array<u32>;       // [h, g, chunks]
+#endif
+#ifdef STAGE_COMPACT
+@group(0) @binding(1) var<storage, read> flags: array<u32>;
+@group(0) @binding(2) var<storage, read> counts: array<u32>;
+@group(0) @binding(3) var<storage, read> group_base: array<u32>;         // [h, g] slice starts
+@group(0) @binding(4) var<storage, read_write> lut_ranges: array<vec2<u32>>; // [h, g]
+@group(0) @binding(5) var<storage, read_write> lut_idx: array<u32>;
+#endif
+
+var<workgroup> partial: array<u32, 256>;
+
+// Candidate range of group g.
+fn candidates(g: u32) -> vec2<u32> {
+    let end = min(g * GROUP_ROWS, p.seq_len);
+    return vec2<u32>(p.init_end, max(p.init_end, end));
+}
+
+#ifdef STAGE_POOL
+@compute @workgroup_size(64)
+fn anchor_pool(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let b = wg.x;
+    let h = wg.y;
+    let r0 = b * POOL;
+    let r1 = min(r0 + POOL, p.seq_len);
+    let inv = 1.0 / f32(r1 - r0);
+    // Thread c4 owns dimensions 4*c4..+4 (D4 <= 64 threads).
+    if lid < D4 {
+        var sum = vec4<f32>(0.0);
+        for (var r = r0; r < r1; r++) {
+            sum += decode4(q_buf[(h * p.seq_len + r) * D4 + lid]);
+        }
+        qbar[(h * p.n_pool + b) * D4 + lid] = sum * inv;
+    }
+    if lid == 0u {
+        var m = 0.0;
+        for (var r = r0; r < r1; r++) {
+            m += ml_buf[h * p.seq_len + r].x;
+        }
+        abar[h * p.n_pool + b] = m * inv;
+    }
+}
+
+#endif
+
+#ifdef STAGE_FLAGS
+var<workgroup> words: array<atomic<u32>, 8>;
+
+@compute @workgroup_size(256)
+fn anchor_flags(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let chunk = wg.x;
+    let g = wg.y;
+    let h = wg.z;
+    let cand = candidates(g);
+    let c0 = cand.x + chunk * CHUNK;
+    if c0 >= cand.y {
+        return;  // workgroup-uniform: the whole chunk is past this group's candidates
+    }
+    if lid < 8u {
+        atomicStore(&words[lid], 0u);
+    }
+    workgroupBarrier();
+    let j = c0 + lid;
+    let s0 = g * BLOCKS_PER_GROUP;
+    let s1 = min(s0 + BLOCKS_PER_GROUP, p.n_pool);
+    var keep = false;
+    if j < cand.y {
+        let kvh = h / p.group;
+        // Scores of this key against the group's pooled rows, K read once; the
+        // unrolled loops keep the dot products in registers. Pooled rows past the
+        // sequence (a ragged last group) read row s1 - 1 again, which changes nothing.
+        var dots: array<f32, BLOCKS_PER_GROUP>;
+        #unroll s BLOCKS_PER_GROUP
+        dots[${s}] = 0.0;
+        #endunroll
+        for (var c = 0u; c < D4; c++) {
+            let kv = decode4(k_buf[(kvh * p.seq_len + j) * D4 + c]);
+            #unroll s BLOCKS_PER_GROUP
+            dots[${s}] += dot(qbar[(h * p.n_pool + min(s0 + ${s}u, s1 - 1u)) * D4 + c], kv);
+            #endunroll
+        }
+        #unroll s BLOCKS_PER_GROUP
+        keep = keep || dots[${s}] * p.scale + p.theta
+            >= abar[h * p.n_pool + min(s0 + ${s}u, s1 - 1u)];
+        #endunroll
+    }
+    if keep {
+        atomicOr(&words[lid / 32u], 1u << (lid % 32u));
+    }
+    workgroupBarrier();
+    let row = h * p.n_groups + g;
+    if lid < 8u {
+        let w = atomicLoad(&words[lid]);
+        flags[(row * p.chunks + chunk) * 8u + lid] = w;
+        partial[lid] = countOneBits(w);
+    }
+    workgroupBarrier();
+    if lid == 0u {
+        var n = 0u;
+        for (var w = 0u; w < 8u; w++) {
+            n += partial[w];
+        }
+        counts[row * p.chunks + chunk] = n;
+    }
+}
+
+#endif
+
+#ifdef STAGE_COMPACT
+@compute @workgroup_size(256)
+fn anchor_compact(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let chunk = wg.x;
+    let g = wg.y;
+    let h = wg.z;
+    let cand = candidates(g);
+    let row = h * p.n_groups + g;
+    let used = (cand.y - cand.x + CHUNK - 1u) / CHUNK;  // chunks with candidates
+    // Kept keys of this group's earlier chunks (chunk 0: of all its chunks, for the
+    // range), summed by the whole workgroup.
+    var upto = chunk;
+    if chunk == 0u {
+        upto = used;
+    }
+    var mine = 0u;
+    for (var c = lid; c < upto; c += 256u) {
+        mine += counts[row * p.chunks + c];
+    }
+    partial[lid] = mine;
+    workgroupBarrier();
+    for (var stride = 128u; stride > 0u; stride /= 2u) {
+        if lid < stride {
+            partial[lid] += partial[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let before = partial[0];
+    let base = group_base[row];
+    if chunk == 0u && lid == 0u {
+        lut_ranges[row] = vec2<u32>(base, base + before);
+    }
+    if chunk >= used {
+        return;
+    }
+    // This key's rank among the chunk's kept keys: set bits before it.
+    let w = lid / 32u;
+    let bit = lid % 32u;
+    let word = flags[(row * p.chunks + chunk) * 8u + w];
+    if (word & (1u << bit)) != 0u {
+        var rank = countOneBits(word & ((1u << bit) - 1u));
+        for (var v = 0u; v < w; v++) {
+            rank += countOneBits(flags[(row * p.chunks + chunk) * 8u + v]);
+        }
+        var offset = before;
+        if chunk == 0u {
+            offset = 0u;
+        }
+        lut_idx[base + offset + rank] = cand.x + chunk * CHUNK + lid;
+    }
+}
+#endif

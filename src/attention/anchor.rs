@@ -1,0 +1,804 @@
+//! AnchorAttention (papers.md §1): an exact anchor pass over the initial keys and the
+//! query's own group, difference-aware stripe selection against the pooled anchor, and
+//! a stripe pass that gathers the selected K/V rows and continues the anchor's row
+//! state. GPU: three stages on the shared executors plus `shaders/anchor/select.wgsl`,
+//! recorded into one submission. CPU twin: [`anchor_cpu`].
+//!
+//! Differences from the released code, on purpose:
+//! - the candidate range of group g is `[init_keys, g · group)`, the keys the anchor pass
+//!   did not visit (the released kernel scans `[128, g · 2048 − 128)`: it counts keys
+//!   128..2047 twice and never considers the last 128 keys before the group);
+//! - any length works: the last group and the last pooled block may be partial (the
+//!   released patch runs the ragged tail with dense attention instead);
+//! - GQA: each q-head selects its own stripes, K/V are read through the kv head (the
+//!   released code expands K/V to every q-head first).
+
+use std::ops::Range;
+
+use bytemuck::{Pod, Zeroable};
+use serde::Serialize;
+
+use super::dense_cpu::{CpuAttention, HostRowState, attention_cpu};
+use super::dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
+use super::lut::{LutUnit, SparseLut};
+use super::{AttentionOptions, AttentionShape};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::preprocess::Defines;
+use crate::tensor::DType;
+
+/// AnchorAttention's hyperparameters (the authors' defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct AnchorConfig {
+    /// Admission margin θ in natural-log logit units: key j is kept for a group when
+    /// `q̄·k_j/√d + θ ≥ ā` for one of the group's pooled rows.
+    pub theta: f32,
+    /// Rows per pooled query block, and the block size of the anchor pass (128).
+    pub block: usize,
+    /// Pooled blocks per query group sharing one stripe set (16: 2048 queries).
+    pub step: usize,
+    /// Initial keys every query attends exactly (2048).
+    pub init_keys: usize,
+}
+
+impl Default for AnchorConfig {
+    fn default() -> Self {
+        AnchorConfig {
+            theta: 12.0,
+            block: 128,
+            step: 16,
+            init_keys: 2048,
+        }
+    }
+}
+
+impl AnchorConfig {
+    /// Query rows per group (`block · step`).
+    pub fn group_rows(&self) -> usize {
+        self.block * self.step
+    }
+
+    /// Checks the configuration; errors say what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(format!("anchor: {m}")));
+        if !self.theta.is_finite() {
+            return bad(format!("theta {} is not finite", self.theta));
+        }
+        if self.block == 0 || !self.block.is_multiple_of(64) || self.block > 1024 {
+            return bad(format!(
+                "block {} must be a multiple of 64 in 64..=1024 (the executor's query tiles)",
+                self.block
+            ));
+        }
+        if !(1..=32).contains(&self.step) {
+            return bad(format!("step {} must be in 1..=32", self.step));
+        }
+        if !self.init_keys.is_multiple_of(self.block) {
+            return bad(format!(
+                "init_keys {} must be a multiple of block {}",
+                self.init_keys, self.block
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of query groups for a length.
+    pub fn groups(&self, seq_len: usize) -> usize {
+        seq_len.div_ceil(self.group_rows())
+    }
+
+    /// Candidate keys of group `g`: `[init_keys, g · group_rows)` (empty when the anchor
+    /// pass already covers everything before the group).
+    pub fn candidates(&self, g: usize, seq_len: usize) -> Range<usize> {
+        let start = self.init_keys.min(seq_len);
+        let end = (g * self.group_rows()).min(seq_len);
+        start..end.max(start)
+    }
+
+    /// The anchor pass's block LUT: for each `block`-row query block, the initial key
+    /// blocks and the blocks of its own group up to the diagonal (causal masking in the
+    /// executor trims the diagonal block).
+    pub fn anchor_lut(&self, q_heads: usize, seq_len: usize) -> Result<SparseLut> {
+        let init_blocks = self.init_keys.div_ceil(self.block);
+        SparseLut::from_fn(
+            q_heads,
+            seq_len,
+            self.block,
+            LutUnit::Blocks(self.block),
+            |_, qb| {
+                let group_first = qb / self.step * self.step;
+                let mut v: Vec<u32> = (0..init_blocks.min(group_first) as u32).collect();
+                v.extend(group_first as u32..=qb as u32);
+                v
+            },
+        )
+    }
+
+    /// Capacity of the stripe list of each group: its candidate count.
+    fn capacity(&self, g: usize, seq_len: usize) -> usize {
+        self.candidates(g, seq_len).len()
+    }
+}
+
+/// What AnchorAttention computed in one run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AnchorStats {
+    /// Causal (q, k) pairs of the whole attention (all heads).
+    pub causal_pairs: u64,
+    /// Pairs the anchor pass computed (init keys + own group, causal).
+    pub anchor_pairs: u64,
+    /// Pairs the stripe pass computed (selected keys × the group's rows).
+    pub stripe_pairs: u64,
+    /// Selected stripes per query group, averaged over heads.
+    pub stripes_per_group: Vec<f64>,
+}
+
+impl AnchorStats {
+    /// Fraction of causal pairs computed, anchor region included.
+    pub fn density(&self) -> f64 {
+        (self.anchor_pairs + self.stripe_pairs) as f64 / self.causal_pairs.max(1) as f64
+    }
+
+    fn from_counts(
+        shape: &AttentionShape,
+        cfg: &AnchorConfig,
+        anchor_lut: &SparseLut,
+        counts: &[u32],
+    ) -> Self {
+        let n = shape.seq_len;
+        let groups = cfg.groups(n);
+        let mut stripe_pairs = 0u64;
+        let mut per_group = vec![0.0; groups];
+        for (i, &c) in counts.iter().enumerate() {
+            let g = i % groups;
+            let rows = (((g + 1) * cfg.group_rows()).min(n) - g * cfg.group_rows()) as u64;
+            stripe_pairs += c as u64 * rows;
+            per_group[g] += c as f64 / shape.q_heads as f64;
+        }
+        AnchorStats {
+            causal_pairs: shape.q_heads as u64 * (n as u64 * (n as u64 + 1) / 2),
+            anchor_pairs: anchor_lut.pairs(true),
+            stripe_pairs,
+            stripes_per_group: per_group,
+        }
+    }
+}
+
+/// The stripe selection on the host: the stripe LUT (one row per group) and, for each
+/// (head, group), each candidate's best margin `max_s (q̄_s·k_j·scale + θ − ā_s)` (kept
+/// iff ≥ 0), so tests can tell a real disagreement from a rounding tie.
+#[derive(Clone, Debug)]
+pub struct AnchorSelection {
+    /// Selected keys per (head, group), ascending.
+    pub stripes: SparseLut,
+    /// Margins per (head, group) over its candidates in order.
+    pub margins: Vec<Vec<f32>>,
+}
+
+/// Pooled queries `[h, n_pool, d]` and pooled anchors `[h, n_pool]` (mean of m).
+pub fn pool_cpu(
+    shape: &AttentionShape,
+    cfg: &AnchorConfig,
+    q: &[f32],
+    ml: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let np = n.div_ceil(cfg.block);
+    let mut qbar = vec![0.0f32; shape.q_heads * np * d];
+    let mut abar = vec![0.0f32; shape.q_heads * np];
+    for h in 0..shape.q_heads {
+        for b in 0..np {
+            let (r0, r1) = (b * cfg.block, ((b + 1) * cfg.block).min(n));
+            let inv = 1.0 / (r1 - r0) as f32;
+            let out = &mut qbar[(h * np + b) * d..(h * np + b + 1) * d];
+            for r in r0..r1 {
+                for (o, &x) in out.iter_mut().zip(&q[(h * n + r) * d..(h * n + r + 1) * d]) {
+                    *o += x;
+                }
+            }
+            out.iter_mut().for_each(|o| *o *= inv);
+            abar[h * np + b] = (r0..r1).map(|r| ml[2 * (h * n + r)]).sum::<f32>() * inv;
+        }
+    }
+    (qbar, abar)
+}
+
+/// Stripe selection on the host from the anchor pass's row state `ml` `[h, n, 2]`.
+pub fn select_cpu(
+    shape: &AttentionShape,
+    cfg: &AnchorConfig,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    ml: &[f32],
+) -> Result<AnchorSelection> {
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let np = n.div_ceil(cfg.block);
+    let group = shape.q_heads / shape.kv_heads;
+    let (qbar, abar) = pool_cpu(shape, cfg, q, ml);
+    let mut margins = vec![];
+    let stripes = SparseLut::from_fn(shape.q_heads, n, cfg.group_rows(), LutUnit::Keys, |h, g| {
+        let kvh = h / group;
+        let s0 = g * cfg.step;
+        let s1 = (s0 + cfg.step).min(np);
+        let mut kept = vec![];
+        let mut mg = vec![];
+        for j in cfg.candidates(g, n) {
+            let krow = &k[(kvh * n + j) * d..(kvh * n + j + 1) * d];
+            let best = (s0..s1)
+                .map(|s| {
+                    let qb = &qbar[(h * np + s) * d..(h * np + s + 1) * d];
+                    let dot: f32 = qb.iter().zip(krow).map(|(a, b)| a * b).sum();
+                    dot * scale + cfg.theta - abar[h * np + s]
+                })
+                .fold(f32::NEG_INFINITY, f32::max);
+            if best >= 0.0 {
+                kept.push(j as u32);
+            }
+            mg.push(best);
+        }
+        margins.push(mg);
+        kept
+    })?;
+    Ok(AnchorSelection { stripes, margins })
+}
+
+/// What [`anchor_cpu`] returns.
+#[derive(Clone, Debug)]
+pub struct AnchorRun {
+    /// The output `[q_heads, seq_len, head_dim]`.
+    pub out: Vec<f32>,
+    /// The stripes and the margins.
+    pub selection: AnchorSelection,
+    /// Pair counts.
+    pub stats: AnchorStats,
+    /// Final (m, l) per row `[q_heads, seq_len, 2]` (for attention-mass recall).
+    pub ml: Vec<f32>,
+}
+
+/// AnchorAttention on the host (the CPU twin of the GPU plan).
+pub fn anchor_cpu(
+    shape: &AttentionShape,
+    cfg: &AnchorConfig,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<AnchorRun> {
+    cfg.validate()?;
+    let anchor_lut = cfg.anchor_lut(shape.q_heads, shape.seq_len)?;
+    let mut st = HostRowState::empty(shape);
+    let exec = |lut| CpuAttention {
+        causal: true,
+        scale,
+        window: 0,
+        sinks: 0,
+        lut: Some(lut),
+    };
+    attention_cpu(shape, &exec(&anchor_lut), q, k, v, Some(&mut st));
+    let sel = select_cpu(shape, cfg, scale, q, k, &st.ml)?;
+    let out = attention_cpu(shape, &exec(&sel.stripes), q, k, v, Some(&mut st));
+    let counts: Vec<u32> = sel.stripes.ranges.iter().map(|[a, b]| b - a).collect();
+    let stats = AnchorStats::from_counts(shape, cfg, &anchor_lut, &counts);
+    Ok(AnchorRun {
+        out,
+        selection: sel,
+        stats,
+        ml: st.ml,
+    })
+}
+
+/// Uniform parameters of the selection kernels; mirrors `struct Params` in the WGSL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct SelectParams {
+    seq_len: u32,
+    q_heads: u32,
+    group: u32,
+    n_groups: u32,
+    n_pool: u32,
+    init_end: u32,
+    chunks: u32,
+    scale: f32,
+    theta: f32,
+    _pad: [u32; 3],
+}
+
+/// Candidate keys per workgroup of the flag/compact kernels.
+const CHUNK: usize = 256;
+
+fn select_spec(stage: &str, d: usize, cfg: &AnchorConfig, dtype: DType) -> KernelSpec {
+    use BindingKind::*;
+    let (entry, flag, bindings) = match stage {
+        "pool" => (
+            "anchor_pool",
+            "STAGE_POOL",
+            vec![
+                Uniform,
+                StorageRead,
+                StorageRead,
+                StorageReadWrite,
+                StorageReadWrite,
+            ],
+        ),
+        "flags" => (
+            "anchor_flags",
+            "STAGE_FLAGS",
+            vec![
+                Uniform,
+                StorageRead,
+                StorageRead,
+                StorageRead,
+                StorageReadWrite,
+                StorageReadWrite,
+            ],
+        ),
+        _ => (
+            "anchor_compact",
+            "STAGE_COMPACT",
+            vec![
+                Uniform,
+                StorageRead,
+                StorageRead,
+                StorageRead,
+                StorageReadWrite,
+                StorageReadWrite,
+            ],
+        ),
+    };
+    KernelSpec {
+        file: "anchor/select.wgsl",
+        entry,
+        defines: Defines::new()
+            .flag(flag)
+            .flag_if("STORE_F16", dtype == DType::F16)
+            .const_u32("D", d as u32)
+            .const_u32("POOL", cfg.block as u32)
+            .const_u32("BLOCKS_PER_GROUP", cfg.step as u32),
+        bindings,
+    }
+}
+
+/// Every selection-kernel variant (shader dump and portability tests): the three
+/// stages for d = 64/128/256, f32/f16, step 16 and 32.
+pub fn all_anchor_variants() -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for d in [64, 128, 256] {
+        for dtype in [DType::F32, DType::F16] {
+            for step in [16, 32] {
+                let cfg = AnchorConfig {
+                    step,
+                    ..Default::default()
+                };
+                for stage in ["pool", "flags", "compact"] {
+                    out.push(select_spec(stage, d, &cfg, dtype));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// AnchorAttention on a GPU context.
+pub(crate) struct AnchorGpu {
+    cfg: AnchorConfig,
+    shape: AttentionShape,
+    anchor_exec: DenseGpu,
+    stripe_exec: DenseGpu,
+    anchor_lut: SparseLut,
+    kernels: [std::sync::Arc<Kernel>; 3],
+    params: wgpu::Buffer,
+    grid_pool: (u32, u32),
+    grid_select: (u32, u32, u32),
+    bufs: AnchorBuffers,
+}
+
+struct AnchorBuffers {
+    anchor_ranges: wgpu::Buffer,
+    anchor_idx: wgpu::Buffer,
+    ml: wgpu::Buffer,
+    acc: wgpu::Buffer,
+    qbar: wgpu::Buffer,
+    abar: wgpu::Buffer,
+    flags: wgpu::Buffer,
+    counts: wgpu::Buffer,
+    group_base: wgpu::Buffer,
+    stripe_ranges: wgpu::Buffer,
+    stripe_idx: wgpu::Buffer,
+}
+
+impl AnchorGpu {
+    pub(crate) fn build(
+        ctx: &Context,
+        shape: &AttentionShape,
+        opts: &AttentionOptions,
+        cfg: &AnchorConfig,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if !opts.causal {
+            return Err(Error::InvalidArgument(
+                "anchor attention is a causal (prefill) method".into(),
+            ));
+        }
+        if opts.import_state {
+            return Err(Error::InvalidArgument(
+                "anchor attention starts from an empty row state (import_state is for the executors)"
+                    .into(),
+            ));
+        }
+        if shape.kv_len != shape.seq_len {
+            return Err(Error::InvalidShape(
+                "anchor attention needs as many keys as queries".into(),
+            ));
+        }
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let caps = &g.caps;
+        let (h, n, d) = (shape.q_heads, shape.seq_len, shape.head_dim);
+        let groups = cfg.groups(n);
+        let n_pool = n.div_ceil(cfg.block);
+        let chunks = (0..groups)
+            .map(|gi| cfg.capacity(gi, n).div_ceil(CHUNK))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let grid_select = (chunks as u32, groups as u32, h as u32);
+        for (axis, v) in [
+            ("chunks", chunks),
+            ("groups", groups),
+            ("heads", h),
+            ("pool", n_pool),
+        ] {
+            if v > caps.max_workgroups_per_dim as usize {
+                return Err(Error::InvalidShape(format!(
+                    "anchor selection grid: {v} {axis} > {} workgroups per axis",
+                    caps.max_workgroups_per_dim
+                )));
+            }
+        }
+        // Stripe slices: capacity = candidates of the group, per head.
+        let mut group_base = Vec::with_capacity(h * groups);
+        let mut total = 0u64;
+        for _ in 0..h {
+            for gi in 0..groups {
+                group_base.push(u32::try_from(total).map_err(|_| {
+                    Error::InvalidShape("anchor stripe list over 2^32 entries".into())
+                })?);
+                total += cfg.capacity(gi, n) as u64;
+            }
+        }
+        let anchor_lut = cfg.anchor_lut(h, n)?;
+        let base_opts = AttentionOptions {
+            import_state: false,
+            ..opts.clone()
+        };
+        let anchor_exec = DenseGpu::build(
+            ctx,
+            shape,
+            &base_opts,
+            &ExecConfig {
+                keys: KeyMode::Blocks {
+                    q_block: cfg.block,
+                    key_block: cfg.block,
+                },
+                ..Default::default()
+            },
+        )?;
+        let stripe_exec = DenseGpu::build(
+            ctx,
+            shape,
+            &AttentionOptions {
+                import_state: true,
+                ..opts.clone()
+            },
+            &ExecConfig {
+                keys: KeyMode::Gather {
+                    q_block: cfg.group_rows(),
+                },
+                // The final (m, l) gives the attention-mass recall; the extra writes
+                // are a small fraction of the pass.
+                export_state: true,
+                ..Default::default()
+            },
+        )?;
+
+        // Whole-tensor bindings of the selection kernels.
+        let es = opts.dtype.size() as u64;
+        let bind_limit = caps.max_storage_binding;
+        let sizes = [
+            ("Q (anchor pooling)", (h * n * d) as u64 * es),
+            ("K (anchor selection)", (shape.kv_heads * n * d) as u64 * es),
+            ("row state m, l", (h * n * 8) as u64),
+            ("stripe list", total.max(1) * 4),
+            ("selection flags", (h * groups * chunks * 32) as u64),
+        ];
+        for (what, size) in sizes {
+            if size > bind_limit {
+                return Err(Error::too_large(what, size, bind_limit));
+            }
+        }
+        let acc_size = (h * n * d) as u64 * 4;
+        crate::tensor::check_buffer_size(ctx, "anchor row state acc", acc_size)?;
+
+        let dev = &g.device;
+        let storage = |label: &str, size: u64| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size.max(16).div_ceil(4) * 4,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let upload = |label: &str, bytes: &[u8]| {
+            let b = storage(label, bytes.len() as u64);
+            g.queue.write_buffer(&b, 0, bytes);
+            b
+        };
+        let bufs = AnchorBuffers {
+            anchor_ranges: upload(
+                "anchor lut ranges",
+                bytemuck::cast_slice(&anchor_lut.ranges),
+            ),
+            anchor_idx: upload(
+                "anchor lut indices",
+                bytemuck::cast_slice(&anchor_lut.indices),
+            ),
+            ml: storage("anchor row state ml", (h * n * 8) as u64),
+            acc: storage("anchor row state acc", acc_size),
+            qbar: storage("anchor pooled q", (h * n_pool * d * 4) as u64),
+            abar: storage("anchor pooled anchors", (h * n_pool * 4) as u64),
+            flags: storage("anchor selection flags", (h * groups * chunks * 32) as u64),
+            counts: storage("anchor chunk counts", (h * groups * chunks * 4) as u64),
+            group_base: upload(
+                "anchor stripe slice starts",
+                bytemuck::cast_slice(&group_base),
+            ),
+            stripe_ranges: storage("anchor stripe lut ranges", (h * groups * 8) as u64),
+            stripe_idx: storage("anchor stripe lut indices", total * 4),
+        };
+        let p = SelectParams {
+            seq_len: n as u32,
+            q_heads: h as u32,
+            group: (h / shape.kv_heads) as u32,
+            n_groups: groups as u32,
+            n_pool: n_pool as u32,
+            init_end: cfg.init_keys.min(n) as u32,
+            chunks: chunks as u32,
+            scale: opts.scale_for(shape),
+            theta: cfg.theta,
+            _pad: [0; 3],
+        };
+        let params = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("anchor selection params"),
+            size: std::mem::size_of::<SelectParams>() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        g.queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
+        let kernels = [
+            ctx.kernel(&select_spec("pool", d, cfg, opts.dtype))?,
+            ctx.kernel(&select_spec("flags", d, cfg, opts.dtype))?,
+            ctx.kernel(&select_spec("compact", d, cfg, opts.dtype))?,
+        ];
+        Ok(AnchorGpu {
+            cfg: *cfg,
+            shape: *shape,
+            anchor_exec,
+            stripe_exec,
+            anchor_lut,
+            kernels,
+            params,
+            grid_pool: (n_pool as u32, h as u32),
+            grid_select,
+            bufs,
+        })
+    }
+
+    /// Timed stages a run records.
+    pub(crate) const STAGES: u32 = 5;
+
+    /// Dispatches a run records.
+    pub(crate) fn dispatch_count(&self) -> usize {
+        self.anchor_exec.dispatch_count() + 3 + self.stripe_exec.dispatch_count()
+    }
+
+    /// Records anchor pass, selection (pool, flags, compact) and stripe pass.
+    pub(crate) fn record(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder<'_>,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) -> Result<()> {
+        let b = &self.bufs;
+        self.anchor_exec.record(
+            ctx,
+            rec,
+            "anchor",
+            &DenseBuffers {
+                q,
+                k,
+                v,
+                o: out,
+                state: Some((&b.ml, &b.acc)),
+                lut: Some((&b.anchor_ranges, &b.anchor_idx)),
+            },
+        )?;
+        let device = rec.gpu().device.clone();
+        let group = |kernel: &Kernel, label: &str, bufs: &[&wgpu::Buffer]| {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: self.params.as_entire_binding(),
+            }];
+            for (i, buf) in bufs.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: buf.as_entire_binding(),
+                });
+            }
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout: &kernel.layout,
+                entries: &entries,
+            })
+        };
+        let [kp, kf, kc] = &self.kernels;
+        let bg_pool = group(kp, "anchor pool bindings", &[q, &b.ml, &b.qbar, &b.abar]);
+        let bg_flags = group(
+            kf,
+            "anchor flags bindings",
+            &[k, &b.qbar, &b.abar, &b.flags, &b.counts],
+        );
+        let bg_compact = group(
+            kc,
+            "anchor compact bindings",
+            &[
+                &b.flags,
+                &b.counts,
+                &b.group_base,
+                &b.stripe_ranges,
+                &b.stripe_idx,
+            ],
+        );
+        let (px, py) = self.grid_pool;
+        rec.stage("pool", |pass| {
+            pass.set_pipeline(&kp.pipeline);
+            pass.set_bind_group(0, &bg_pool, &[]);
+            pass.dispatch_workgroups(px, py, 1);
+            1
+        });
+        let (sx, sy, sz) = self.grid_select;
+        rec.stage("select", |pass| {
+            pass.set_pipeline(&kf.pipeline);
+            pass.set_bind_group(0, &bg_flags, &[]);
+            pass.dispatch_workgroups(sx, sy, sz);
+            1
+        });
+        rec.stage("compact", |pass| {
+            pass.set_pipeline(&kc.pipeline);
+            pass.set_bind_group(0, &bg_compact, &[]);
+            pass.dispatch_workgroups(sx, sy, sz);
+            1
+        });
+        self.stripe_exec.record(
+            ctx,
+            rec,
+            "stripes",
+            &DenseBuffers {
+                q,
+                k,
+                v,
+                o: out,
+                state: Some((&b.ml, &b.acc)),
+                lut: Some((&b.stripe_ranges, &b.stripe_idx)),
+            },
+        )
+    }
+
+    /// Statistics of the last run (reads the stripe ranges back: `q_heads × groups`
+    /// pairs of u32).
+    pub(crate) async fn stats(&self, ctx: &Context) -> Result<AnchorStats> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let ranges = self.read_ranges(g).await?;
+        let counts: Vec<u32> = ranges.iter().map(|[a, b]| b - a).collect();
+        Ok(AnchorStats::from_counts(
+            &self.shape,
+            &self.cfg,
+            &self.anchor_lut,
+            &counts,
+        ))
+    }
+
+    /// Final (m, l) of every row of the last run, `[q_heads, seq_len, 2]`.
+    pub(crate) async fn row_stats(&self, ctx: &Context) -> Result<Vec<f32>> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let size = (self.shape.q_heads * self.shape.seq_len * 8) as u64;
+        let bytes = crate::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    async fn read_ranges(&self, g: &crate::context::GpuDevice) -> Result<Vec<[u32; 2]>> {
+        let size = self.bufs.stripe_ranges.size();
+        let bytes = crate::tensor::read_buffer(g, &self.bufs.stripe_ranges, 0, size).await?;
+        let words: &[u32] = bytemuck::cast_slice(&bytes);
+        let rows = self.shape.q_heads * self.cfg.groups(self.shape.seq_len);
+        Ok(words[..2 * rows]
+            .chunks_exact(2)
+            .map(|c| [c[0], c[1]])
+            .collect())
+    }
+
+    /// The anchor LUT and the stripes selected by the last run (reads the stripe list
+    /// back).
+    pub(crate) async fn selection(&self, ctx: &Context) -> Result<(SparseLut, SparseLut)> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let ranges = self.read_ranges(g).await?;
+        let size = self.bufs.stripe_idx.size();
+        let bytes = crate::tensor::read_buffer(g, &self.bufs.stripe_idx, 0, size).await?;
+        let idx: &[u32] = bytemuck::cast_slice(&bytes);
+        let stripes = SparseLut::from_fn(
+            self.shape.q_heads,
+            self.shape.seq_len,
+            self.cfg.group_rows(),
+            LutUnit::Keys,
+            |h, gi| {
+                let [a, b] = ranges[h * self.cfg.groups(self.shape.seq_len) + gi];
+                idx[a as usize..b as usize].to_vec()
+            },
+        )?;
+        Ok((self.anchor_lut.clone(), stripes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anchor_lut_covers_init_and_own_group_causally() {
+        let cfg = AnchorConfig {
+            block: 64,
+            step: 2,
+            init_keys: 128,
+            ..Default::default()
+        };
+        let lut = cfg.anchor_lut(1, 300).unwrap();
+        // Block 0, 1 (group 0): dense causal. Block 3 (group 1 = blocks 2, 3): init
+        // blocks 0, 1 then 2, 3. Block 4 (group 2): 0, 1, 4.
+        assert_eq!(lut.keys_of(0, 1), (0..128).collect::<Vec<u32>>());
+        assert_eq!(lut.keys_of(0, 3), (0..256).collect::<Vec<u32>>());
+        let b4: Vec<u32> = (0..128).chain(256..300).collect();
+        assert_eq!(lut.keys_of(0, 4), b4);
+        assert_eq!(cfg.candidates(0, 300), 128..128);
+        assert_eq!(cfg.candidates(1, 300), 128..128);
+        assert_eq!(cfg.candidates(2, 300), 128..256);
+    }
+
+    #[test]
+    fn bad_configs_are_typed_errors() {
+        for cfg in [
+            AnchorConfig {
+                block: 96,
+                ..Default::default()
+            },
+            AnchorConfig {
+                step: 0,
+                ..Default::default()
+            },
+            AnchorConfig {
+                init_keys: 100,
+                ..Default::default()
+            },
+            AnchorConfig {
+                theta: f32::NAN,
+                ..Default::default()
+            },
+        ] {
+            assert!(matches!(cfg.validate(), Err(Error::InvalidArgument(_))));
+        }
+    }
+}

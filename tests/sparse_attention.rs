@@ -1,0 +1,596 @@
+//! The sparse executors (block-sparse, stripe), the sliding window and AnchorAttention:
+//! GPU vs the CPU twin on fresh random inputs with NaN-poisoned outputs, ragged
+//! lengths, GQA, f32 and f16 storage, row-state import/export, lowered binding limits;
+//! and the CPU twin vs a naive reference over the same key sets.
+
+mod common;
+
+use std::sync::Arc;
+
+use wgsparse::attention::anchor::{AnchorConfig, anchor_cpu, select_cpu};
+use wgsparse::attention::dense_cpu::{
+    CpuAttention, HostRowState, attention_cpu, naive_masked_attention,
+};
+use wgsparse::attention::lut::{LutUnit, SparseLut};
+use wgsparse::attention::{WindowConfig, upload_qkv};
+use wgsparse::metrics::compare;
+use wgsparse::synthetic::{Structure, qkv_host, structured_qkv_host};
+use wgsparse::verify::{dense_tolerance, method_against_cpu_twin};
+use wgsparse::{AttentionShape, Context, DType, Error, Method, RowState, Tensor};
+
+/// A small deterministic generator for LUT contents (the inputs are seeded per run).
+struct Coin(u64);
+impl Coin {
+    fn flip(&mut self, percent: u64) -> bool {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % 100 < percent
+    }
+}
+
+fn random_block_lut(
+    shape: &AttentionShape,
+    q_block: usize,
+    key_block: usize,
+    seed: u64,
+) -> SparseLut {
+    let mut c = Coin(seed);
+    let n = shape.seq_len;
+    SparseLut::from_fn(
+        shape.q_heads,
+        n,
+        q_block,
+        LutUnit::Blocks(key_block),
+        |_, b| {
+            // Causal-ish lists with holes; some rows empty, some past the diagonal.
+            (0..n.div_ceil(key_block) as u32)
+                .filter(|&i| (i as usize * key_block) < (b + 2) * q_block && c.flip(55))
+                .collect()
+        },
+    )
+    .unwrap()
+}
+
+fn random_stripe_lut(shape: &AttentionShape, q_block: usize, seed: u64) -> SparseLut {
+    let mut c = Coin(seed);
+    SparseLut::from_fn(
+        shape.q_heads,
+        shape.seq_len,
+        q_block,
+        LutUnit::Keys,
+        |_, _| (0..shape.seq_len as u32).filter(|_| c.flip(25)).collect(),
+    )
+    .unwrap()
+}
+
+fn check(
+    ctx: &Context,
+    shape: AttentionShape,
+    method: &Method,
+    dtype: DType,
+    causal: bool,
+    seed: u64,
+) {
+    let (q, k, v) = qkv_host(&shape, seed);
+    let (got, twin) =
+        method_against_cpu_twin(ctx, shape, method, dtype, causal, (&q, &k, &v)).unwrap();
+    eprintln!(
+        "{} {shape:?} {dtype:?} causal={causal}: {:?} density {:.3} ({} dispatches)",
+        method.name(),
+        got.errors,
+        got.report.density,
+        got.report.dispatches
+    );
+    assert!(
+        got.errors.max_abs_err <= dense_tolerance(dtype),
+        "{} {shape:?} {dtype:?}: {:?}",
+        method.name(),
+        got.errors
+    );
+    assert!((got.report.density - twin.density).abs() < 1e-12);
+}
+
+#[test]
+fn cpu_twin_of_the_executors_matches_naive_reference() {
+    let seed = common::seed();
+    let shape = AttentionShape::new(4, 2, 203, 64);
+    let (q, k, v) = qkv_host(&shape, seed);
+    for lut in [
+        random_block_lut(&shape, 64, 32, seed),
+        random_block_lut(&shape, 128, 128, seed + 1),
+        random_stripe_lut(&shape, 64, seed + 2),
+    ] {
+        let want = naive_masked_attention(&shape, 0.125, &q, &k, &v, |h, r, j| {
+            j <= r && lut.keys_of(h, r / lut.q_block).contains(&(j as u32))
+        });
+        let opts = CpuAttention {
+            causal: true,
+            scale: 0.125,
+            window: 0,
+            sinks: 0,
+            lut: Some(&lut),
+        };
+        let got = attention_cpu(&shape, &opts, &q, &k, &v, None);
+        assert!(compare(&got, &want).max_abs_err < 1e-5, "{:?}", lut.unit);
+    }
+}
+
+#[test]
+fn block_sparse_executor_matches_cpu_twin() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let cases = [
+        (AttentionShape::new(2, 1, 300, 64), 64, 32, DType::F32, true),
+        (
+            AttentionShape::new(4, 2, 257, 128),
+            128,
+            128,
+            DType::F16,
+            true,
+        ),
+        (
+            AttentionShape::new(2, 2, 190, 256),
+            64,
+            64,
+            DType::F32,
+            false,
+        ),
+        (AttentionShape::new(3, 1, 97, 64), 32, 32, DType::F16, true),
+    ];
+    for (i, (shape, qb, kb, dtype, causal)) in cases.into_iter().enumerate() {
+        let lut = random_block_lut(&shape, qb, kb, seed + i as u64);
+        check(
+            &ctx,
+            shape,
+            &Method::BlockSparse(Arc::new(lut)),
+            dtype,
+            causal,
+            seed + i as u64,
+        );
+    }
+}
+
+#[test]
+fn stripe_executor_matches_cpu_twin() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let cases = [
+        (AttentionShape::new(2, 1, 333, 64), 64, DType::F32, true),
+        (AttentionShape::new(4, 2, 200, 128), 128, DType::F16, true),
+        (AttentionShape::new(2, 2, 150, 64), 32, DType::F32, false),
+        (AttentionShape::new(2, 1, 129, 256), 2048, DType::F32, true),
+    ];
+    for (i, (shape, qb, dtype, causal)) in cases.into_iter().enumerate() {
+        let lut = random_stripe_lut(&shape, qb, seed + 10 + i as u64);
+        check(
+            &ctx,
+            shape,
+            &Method::Stripes(Arc::new(lut)),
+            dtype,
+            causal,
+            seed + i as u64,
+        );
+    }
+}
+
+#[test]
+fn window_matches_cpu_twin_and_naive() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let shape = AttentionShape::new(2, 1, 301, 64);
+    for (w, dtype) in [
+        (
+            WindowConfig {
+                window: 70,
+                sinks: 3,
+            },
+            DType::F32,
+        ),
+        (
+            WindowConfig {
+                window: 128,
+                sinks: 0,
+            },
+            DType::F16,
+        ),
+        (
+            WindowConfig {
+                window: 1,
+                sinks: 64,
+            },
+            DType::F32,
+        ),
+    ] {
+        check(&ctx, shape, &Method::Window(w), dtype, true, seed);
+    }
+    // The twin itself against the definition.
+    let (q, k, v) = qkv_host(&shape, seed);
+    let w = WindowConfig {
+        window: 70,
+        sinks: 3,
+    };
+    let cpu = Context::cpu();
+    let plan = cpu
+        .attention(shape)
+        .method(Method::Window(w))
+        .build()
+        .unwrap();
+    let (qc, kc, vc) = upload_qkv(&cpu, &shape, &q, &k, &v, DType::F32).unwrap();
+    let got = plan.run(&qc, &kc, &vc).unwrap().to_f32_blocking().unwrap();
+    let want = naive_masked_attention(&shape, 0.125, &q, &k, &v, |_, r, j| {
+        j <= r && (r - j < 70 || j < 3)
+    });
+    assert!(compare(&got, &want).max_abs_err < 1e-5);
+    let density = plan.report().unwrap().density;
+    let pairs: usize = (0..301)
+        .map(|r: usize| (r + 1).min(70) + 3.min((r + 1).saturating_sub(70)))
+        .sum();
+    assert!((density - (pairs as f64 / (301.0 * 302.0 / 2.0))).abs() < 1e-12);
+}
+
+/// Dense over keys [0, 64) exported, then a stripe LUT of the remaining keys imported:
+/// the result is dense attention (the executors continue each other's row state).
+#[test]
+fn executors_continue_row_state() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let shape = AttentionShape::new(2, 1, 200, 64);
+    let (q, k, v) = qkv_host(&shape, seed);
+    let head = SparseLut::from_fn(2, 200, 64, LutUnit::Blocks(64), |_, _| vec![0]).unwrap();
+    let tail = SparseLut::from_fn(2, 200, 64, LutUnit::Keys, |_, _| (64..200).collect()).unwrap();
+    let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+    let mut state = RowState::empty(&ctx, &shape).unwrap();
+    let mut out = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
+    let first = ctx
+        .attention(shape)
+        .method(Method::BlockSparse(Arc::new(head)))
+        .build()
+        .unwrap();
+    first
+        .run_with_state(&qt, &kt, &vt, &mut out, &mut state)
+        .unwrap();
+    let second = ctx
+        .attention(shape)
+        .method(Method::Stripes(Arc::new(tail)))
+        .import_state(true)
+        .build()
+        .unwrap();
+    let mut out = Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
+    second
+        .run_with_state(&qt, &kt, &vt, &mut out, &mut state)
+        .unwrap();
+    let got = out.to_f32_blocking().unwrap();
+    let want = wgsparse::attention::dense_cpu::naive_attention(&shape, true, 0.125, &q, &k, &v);
+    let err = compare(&got, &want);
+    assert!(err.max_abs_err < 2e-5, "{err:?}");
+    // The exported state agrees with the CPU twin's.
+    let mut hs = HostRowState::empty(&shape);
+    let lut = SparseLut::from_fn(2, 200, 64, LutUnit::Keys, |_, _| (0..200).collect()).unwrap();
+    let opts = CpuAttention {
+        causal: true,
+        scale: 0.125,
+        window: 0,
+        sinks: 0,
+        lut: Some(&lut),
+    };
+    attention_cpu(&shape, &opts, &q, &k, &v, Some(&mut hs));
+    let ml = state.ml.to_f32_blocking().unwrap();
+    assert!(compare(&ml, &hs.ml).max_abs_err < 1e-4);
+}
+
+#[test]
+fn sparse_executors_split_rows_under_low_binding_limits() {
+    // 96 KiB bindings: one head's Q/ACC rows (600 x 64 x 4 = 150 KiB) need row chunks;
+    // one kv head of f16 K (75 KiB) fits, as the sparse split requires.
+    let Some(ctx) = common::gpu(Some(96 << 10)) else {
+        return;
+    };
+    let seed = common::seed();
+    let shape = AttentionShape::new(2, 1, 600, 64);
+    let lut = random_block_lut(&shape, 64, 32, seed);
+    let (q, k, v) = qkv_host(&shape, seed);
+    let (got, _) = method_against_cpu_twin(
+        &ctx,
+        shape,
+        &Method::BlockSparse(Arc::new(lut)),
+        DType::F16,
+        true,
+        (&q, &k, &v),
+    )
+    .unwrap();
+    assert!(got.report.dispatches > 2, "{}", got.report.dispatches);
+    assert!(
+        got.errors.max_abs_err <= dense_tolerance(DType::F16),
+        "{:?}",
+        got.errors
+    );
+}
+
+fn small_anchor() -> AnchorConfig {
+    AnchorConfig {
+        theta: 4.0,
+        block: 64,
+        step: 2,
+        init_keys: 128,
+    }
+}
+
+/// Anchor on the GPU vs its CPU twin: same stripes (up to rounding ties), same output.
+#[test]
+fn anchor_matches_cpu_twin() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let mut selected = 0;
+    for (i, (shape, cfg, dtype)) in [
+        (
+            AttentionShape::new(2, 1, 700, 64),
+            small_anchor(),
+            DType::F32,
+        ),
+        (
+            AttentionShape::new(4, 2, 555, 128),
+            AnchorConfig {
+                step: 3,
+                ..small_anchor()
+            },
+            DType::F16,
+        ),
+        (
+            AttentionShape::new(2, 2, 4300, 64),
+            AnchorConfig {
+                // Groups of 2048 rows: a higher anchor (max over more keys) than the
+                // small configs, so a wider margin.
+                theta: 7.0,
+                ..Default::default()
+            },
+            DType::F32,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = seed + i as u64;
+        // Planted structure (sinks, band, heavy columns): θ = 4 keeps the heavy columns
+        // and drops most other keys, so the selection is neither empty nor everything.
+        let planted = Structure {
+            heavy_per_1000: 20.0,
+            ..Default::default()
+        };
+        let (q, k, v) = structured_qkv_host(&shape, &planted, seed);
+        let (q, k, v) = (
+            dtype.round_trip(&q),
+            dtype.round_trip(&k),
+            dtype.round_trip(&v),
+        );
+        let plan = ctx
+            .attention(shape)
+            .method(Method::Anchor(cfg))
+            .dtype(dtype)
+            .build()
+            .unwrap();
+        let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, dtype).unwrap();
+        let mut out = Tensor::filled(&ctx, &shape.q_dims(), dtype, f32::NAN).unwrap();
+        plan.run_into(&qt, &kt, &vt, &mut out).unwrap();
+        let got = out.to_f32_blocking().unwrap();
+        let report = plan.report().unwrap();
+        let lut = pollster::block_on(plan.selected_pattern())
+            .unwrap()
+            .unwrap();
+        let stripes = &lut[1];
+
+        let run = anchor_cpu(
+            &shape,
+            &cfg,
+            1.0 / (shape.head_dim as f32).sqrt(),
+            &q,
+            &k,
+            &v,
+        )
+        .unwrap();
+        let (want, sel, stats) = (run.out, run.selection, run.stats);
+        // Selection: every candidate decided the same way unless its margin is a tie.
+        let groups = cfg.groups(shape.seq_len);
+        let mut ties = 0;
+        for h in 0..shape.q_heads {
+            for g in 0..groups {
+                let gpu: Vec<u32> = stripes.keys_of(h, g);
+                let cpu: Vec<u32> = sel.stripes.keys_of(h, g);
+                for (idx, j) in cfg.candidates(g, shape.seq_len).enumerate() {
+                    let (a, b) = (gpu.contains(&(j as u32)), cpu.contains(&(j as u32)));
+                    if a != b {
+                        let m = sel.margins[h * groups + g][idx];
+                        assert!(m.abs() < 1e-3, "h {h} g {g} key {j}: margin {m}");
+                        ties += 1;
+                    }
+                }
+            }
+        }
+        let best = sel
+            .margins
+            .iter()
+            .flatten()
+            .cloned()
+            .fold(f32::NEG_INFINITY, f32::max);
+        eprintln!("best margin {best}");
+        let err = compare(&got, &want);
+        eprintln!(
+            "anchor {shape:?} {dtype:?}: {err:?}, density gpu {:.4} cpu {:.4}, stripes/group {:?}, ties {ties}",
+            report.density,
+            stats.density(),
+            report.anchor.as_ref().unwrap().stripes_per_group
+        );
+        selected += report.anchor.as_ref().unwrap().stripe_pairs;
+        assert!(report.density < 1.0);
+        if ties == 0 {
+            assert_eq!(report.anchor.as_ref().unwrap(), &stats);
+            assert!(err.max_abs_err <= dense_tolerance(dtype), "{err:?}");
+        }
+    }
+    assert!(
+        selected > 0,
+        "no stripe selected in any case: the test would be vacuous"
+    );
+}
+
+/// θ large keeps every candidate: anchor == dense. The selection twin agrees.
+#[test]
+fn anchor_with_huge_theta_is_dense() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let shape = AttentionShape::new(2, 1, 520, 64);
+    let cfg = AnchorConfig {
+        theta: 1e4,
+        ..small_anchor()
+    };
+    let (q, k, v) = qkv_host(&shape, seed);
+    let (got, _) = method_against_cpu_twin(
+        &ctx,
+        shape,
+        &Method::Anchor(cfg),
+        DType::F32,
+        true,
+        (&q, &k, &v),
+    )
+    .unwrap();
+    assert!(
+        (got.report.density - 1.0).abs() < 1e-12,
+        "{}",
+        got.report.density
+    );
+    let want = wgsparse::attention::dense_cpu::naive_attention(&shape, true, 0.125, &q, &k, &v);
+    let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+    let plan = ctx
+        .attention(shape)
+        .method(Method::Anchor(cfg))
+        .build()
+        .unwrap();
+    let out = plan.run(&qt, &kt, &vt).unwrap().to_f32_blocking().unwrap();
+    assert!(compare(&out, &want).max_abs_err < 2e-5);
+    // Host selection with the anchor-pass state keeps all candidates too.
+    let mut st = HostRowState::empty(&shape);
+    let lut = cfg.anchor_lut(2, 520).unwrap();
+    let opts = CpuAttention {
+        causal: true,
+        scale: 0.125,
+        window: 0,
+        sinks: 0,
+        lut: Some(&lut),
+    };
+    attention_cpu(&shape, &opts, &q, &k, &v, Some(&mut st));
+    let sel = select_cpu(&shape, &cfg, 0.125, &q, &k, &st.ml).unwrap();
+    assert_eq!(sel.stripes.keys_of(0, 4), (128..512).collect::<Vec<u32>>());
+}
+
+#[test]
+fn bad_sparse_requests_are_typed_errors() {
+    let ctx = Context::cpu();
+    let shape = AttentionShape::new(2, 1, 100, 64);
+    let blocks = Arc::new(random_block_lut(&shape, 64, 32, 1));
+    // A block LUT handed to the stripe executor, and vice versa.
+    assert!(matches!(
+        ctx.attention(shape)
+            .method(Method::Stripes(blocks.clone()))
+            .build(),
+        Err(Error::InvalidArgument(_))
+    ));
+    // A LUT for another length.
+    let other = AttentionShape::new(2, 1, 90, 64);
+    assert!(matches!(
+        ctx.attention(other)
+            .method(Method::BlockSparse(blocks))
+            .build(),
+        Err(Error::Mismatch(_))
+    ));
+    // Anchor: non-causal, bad config, a row state.
+    assert!(
+        ctx.attention(shape)
+            .method(Method::Anchor(small_anchor()))
+            .causal(false)
+            .build()
+            .is_err()
+    );
+    assert!(
+        ctx.attention(shape)
+            .method(Method::Anchor(AnchorConfig {
+                block: 100,
+                ..Default::default()
+            }))
+            .build()
+            .is_err()
+    );
+    let plan = ctx
+        .attention(shape)
+        .method(Method::Anchor(small_anchor()))
+        .build()
+        .unwrap();
+    let (q, k, v) = qkv_host(&shape, 3);
+    let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+    let mut out = Tensor::zeros(&ctx, &shape.q_dims(), DType::F32).unwrap();
+    let mut st = RowState::empty(&ctx, &shape).unwrap();
+    assert!(matches!(
+        plan.run_with_state(&qt, &kt, &vt, &mut out, &mut st),
+        Err(Error::InvalidArgument(_))
+    ));
+    // Window 0, and sparse methods with kv_len != seq_len.
+    assert!(
+        ctx.attention(shape)
+            .method(Method::Window(WindowConfig {
+                window: 0,
+                sinks: 0
+            }))
+            .build()
+            .is_err()
+    );
+    let ragged = AttentionShape {
+        kv_len: 120,
+        ..shape
+    };
+    assert!(matches!(
+        ctx.attention(ragged)
+            .method(Method::Window(WindowConfig::default()))
+            .build(),
+        Err(Error::InvalidShape(_))
+    ));
+}
+
+/// The evaluation path on the GPU and the CPU: dense scores perfectly against itself;
+/// a window keeps less than all the mass; the two devices agree on every metric.
+#[test]
+fn evaluation_metrics_agree_between_gpu_and_cpu() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let shape = AttentionShape::new(2, 1, 700, 64);
+    let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), seed);
+    let cpu = Context::cpu();
+    let dense =
+        wgsparse::verify::evaluate(&ctx, shape, &Method::Dense, DType::F32, (&q, &k, &v)).unwrap();
+    assert!(
+        (dense.quality.attn_recall - 1.0).abs() < 1e-5,
+        "{:?}",
+        dense.quality
+    );
+    assert_eq!(dense.quality.tol_recall_01, 1.0);
+    for m in [
+        Method::Window(WindowConfig {
+            window: 100,
+            sinks: 4,
+        }),
+        Method::Anchor(small_anchor()),
+    ] {
+        let g = wgsparse::verify::evaluate(&ctx, shape, &m, DType::F32, (&q, &k, &v)).unwrap();
+        let c = wgsparse::verify::evaluate(&cpu, shape, &m, DType::F32, (&q, &k, &v)).unwrap();
+        eprintln!(
+            "{} gpu {:?}\n{} cpu {:?}",
+            m.name(),
+            g.quality,
+            m.name(),
+            c.quality
+        );
+        assert!(g.quality.attn_recall < 1.0 && g.quality.attn_recall > 0.5);
+        assert!((g.quality.attn_recall - c.quality.attn_recall).abs() < 1e-4);
+        assert!((g.quality.rel_l2_err - c.quality.rel_l2_err).abs() < 1e-4);
+        assert!((g.quality.density - c.quality.density).abs() < 1e-9);
+    }
+}
