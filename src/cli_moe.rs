@@ -222,6 +222,13 @@ pub struct LayerArgs {
     /// A NoPE layer (no rotary embedding) instead of RoPE θ = 1.5e6.
     #[arg(long)]
     nope: bool,
+    /// Sliding-window attention over this many keys (the 21B's RoPE layers: 4096)
+    /// instead of full causal attention.
+    #[arg(long)]
+    window: Option<usize>,
+    /// Sink keys every row attends inside the window.
+    #[arg(long, default_value_t = 0)]
+    sinks: usize,
     /// auto, vulkan, metal, dx12, gl or cpu (also WGSPARSE_BACKEND).
     #[arg(long)]
     backend: Option<Backend>,
@@ -252,6 +259,8 @@ pub fn layer(a: &LayerArgs) -> Result<()> {
     if a.nope {
         cfg.rope_theta = None;
     }
+    cfg.window = a.window;
+    cfg.sinks = a.sinks;
     let w = DecoderLayerWeights::random(&cfg, a.seed);
     let h = cfg.moe.hidden;
     let x = grid_input(a.tokens * h, a.seed ^ 0xdef);
@@ -275,12 +284,13 @@ pub fn layer(a: &LayerArgs) -> Result<()> {
     let tokens_per_s = a.tokens as f64 / (ms / 1e3);
     if !a.json {
         println!(
-            "SmallThinker-4B decoder layer on {} ({}), synthetic: {} tokens, {} weights, {}",
+            "SmallThinker-4B decoder layer on {} ({}), synthetic: {} tokens, {} weights, {}, {} attention",
             ctx.adapter_name(),
             ctx.backend(),
             a.tokens,
             a.weights.name(),
-            if a.nope { "NoPE" } else { "RoPE" }
+            if a.nope { "NoPE" } else { "RoPE" },
+            report.attention
         );
         for s in &report.timing.stages {
             println!(

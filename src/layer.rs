@@ -10,10 +10,9 @@
 //! ```
 //!
 //! Attention goes through the public [`AttentionPlan`] (its `record` puts it in this
-//! layer's [`Recorder`]). Full attention uses [`Method::Dense`]. RoPE layers of the 21B
-//! model use a 4096-token sliding window (with optional sink tokens); this build has no
-//! windowed attention method yet, so a config with `window: Some(_)` is refused with a
-//! typed [`Error::InvalidArgument`] instead of silently running full attention.
+//! layer's [`Recorder`]). Full attention (NoPE layers) uses [`Method::Dense`]; a layer
+//! with `window: Some(w)` (the 21B's RoPE layers: 4096 tokens, optional sinks) uses
+//! [`Method::Window`].
 //!
 //! The prompt chunk is the whole context (no KV cache): positions are `0..tokens`.
 
@@ -21,8 +20,8 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::attention::dense_cpu::dense_attention_cpu;
-use crate::attention::{AttentionPlan, AttentionShape, Method};
+use crate::attention::dense_cpu::{CpuAttention, attention_cpu};
+use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
 use crate::context::{Backend, Context};
 use crate::error::{Error, Result};
 use crate::launch::storage_init;
@@ -104,15 +103,18 @@ impl DecoderLayerConfig {
         AttentionShape::new(self.q_heads, self.kv_heads, 1, self.head_dim).validate(true)
     }
 
-    /// The attention method of this layer in this build.
+    /// The attention method of this layer: dense (full causal) without a window,
+    /// [`Method::Window`] with one.
     pub fn attention_method(&self) -> Result<Method> {
         match self.window {
             None => Ok(Method::Dense),
-            Some(w) => Err(Error::InvalidArgument(format!(
-                "sliding-window attention (window {w}, {} sinks) needs Method::Window, \
-                 which this build does not have yet; refusing to run full attention instead",
-                self.sinks
-            ))),
+            Some(0) => Err(Error::InvalidArgument(
+                "a sliding window needs at least 1 key".into(),
+            )),
+            Some(window) => Ok(Method::Window(WindowConfig {
+                window,
+                sinks: self.sinks,
+            })),
         }
     }
 }
@@ -220,7 +222,7 @@ pub fn decoder_layer_cpu(x: &[f32], w: &PackedLayer) -> Result<Vec<f32>> {
 /// layer's output).
 pub fn decoder_layer_cpu_moe(x: &[f32], w: &PackedLayer) -> Result<crate::moe::cpu::MoeCpu> {
     let c = &w.config;
-    c.attention_method()?;
+    let method = c.attention_method()?;
     let (h, d) = (c.moe.hidden, c.head_dim);
     let t = x.len() / h;
     let n1 = rmsnorm_cpu(x, &w.norm1, c.rms_eps);
@@ -232,8 +234,21 @@ pub fn decoder_layer_cpu_moe(x: &[f32], w: &PackedLayer) -> Result<crate::moe::c
         rope_cpu(&mut q, t, d, &table);
         rope_cpu(&mut k, t, d, &table);
     }
+    // Attention: the CPU twin of the method (dense, or the window with its sinks and
+    // its block LUT, as the window plan runs it).
     let shape = AttentionShape::new(c.q_heads, c.kv_heads, t, d);
-    let attn = dense_attention_cpu(&shape, true, 1.0 / (d as f32).sqrt(), &q, &k, &v, None);
+    let (window, sinks, lut) = match &method {
+        Method::Window(wc) => (wc.window, wc.sinks, Some(wc.lut(c.q_heads, t)?)),
+        _ => (0, 0, None),
+    };
+    let opts = CpuAttention {
+        causal: true,
+        scale: 1.0 / (d as f32).sqrt(),
+        window,
+        sinks,
+        lut: lut.as_ref(),
+    };
+    let attn = attention_cpu(&shape, &opts, &q, &k, &v, None);
     let o = linear_cpu(&from_head_major(&attn, t, d), &w.wo);
     let hres: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
     let z = rmsnorm_cpu(&hres, &w.norm2, c.rms_eps);

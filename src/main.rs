@@ -7,7 +7,8 @@
 //!   Q/K/V with per-stage times; `--check` compares with the other device.
 //! - `wgsparse moe --tokens T --hidden H --experts E --top-k K --ffn F [--weights f16|q4_0]
 //!   [--check] [--json]`: one MoE layer on synthetic data (see `cli_moe.rs`).
-//! - `wgsparse layer --tokens T [--weights f16|q4_0] [--nope] [--check] [--json]`: one
+//! - `wgsparse layer --tokens T [--weights f16|q4_0] [--nope] [--window W [--sinks S]]
+//!   [--check] [--json]`: one
 //!   SmallThinker-4B decoder layer as one submission.
 //! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
 

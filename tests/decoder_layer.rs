@@ -16,7 +16,7 @@ use wgsparse::ops::linear::{LinearGpu, LinearLayout, from_head_major, linear_cpu
 use wgsparse::ops::rmsnorm::{RmsNormGpu, rmsnorm_cpu};
 use wgsparse::ops::rope::{RopeGpu, rope_cpu, rope_table};
 use wgsparse::synthetic::gaussian;
-use wgsparse::{Context, DType, Error, Recorder, Tensor};
+use wgsparse::{Context, DType, Error, Method, Recorder, Tensor};
 
 fn ok(e: wgsparse::metrics::ErrorStats, abs: f64, rel: f64) -> bool {
     e.max_abs_err <= abs && e.rel_l2_err <= rel
@@ -154,6 +154,45 @@ fn linear_matches_cpu_twin_in_every_layout() {
     }
 }
 
+#[test]
+fn sliding_window_layer_matches_the_cpu_layer() {
+    // A RoPE layer with a 40-key window and 4 sinks over 100 tokens: rows past the
+    // window see only the sinks and the band, on both devices.
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let cfg = DecoderLayerConfig {
+        window: Some(40),
+        sinks: 4,
+        ..small_layer(true)
+    };
+    let tokens = 100;
+    let mut w = DecoderLayerWeights::random(&cfg, seed);
+    w.moe.router = grid_input(w.moe.router.len(), seed ^ 1)
+        .into_iter()
+        .map(|v| v / 2.0)
+        .collect();
+    let h = cfg.moe.hidden;
+    let x = grid_input(tokens * h, seed ^ 2);
+    let plan = ctx.decoder_layer(cfg).tokens(tokens).build(&w).unwrap();
+    let xt = Tensor::from_f32(&ctx, &[tokens, h], &x, DType::F32).unwrap();
+    let mut out = Tensor::filled(&ctx, &[tokens, h], DType::F32, f32::NAN).unwrap();
+    plan.run_into(&xt, &mut out).unwrap();
+    let got = out.to_f32_blocking().unwrap();
+    let packed = w.pack(WeightFormat::F16).unwrap();
+    let want = decoder_layer_cpu(&x, &packed).unwrap();
+    let e = compare(&got, &want);
+    assert!(ok(e, 5e-4, 1e-4), "window layer: {e:?}");
+    assert_eq!(plan.report().unwrap().attention, "window");
+    // The window matters: the same layer with full attention differs.
+    let full = DecoderLayerConfig {
+        window: None,
+        ..cfg
+    };
+    let wf = DecoderLayerWeights { config: full, ..w };
+    let dense = decoder_layer_cpu(&x, &wf.pack(WeightFormat::F16).unwrap()).unwrap();
+    assert!(compare(&dense, &want).max_abs_err > 1e-3);
+}
+
 fn small_layer(rope: bool) -> DecoderLayerConfig {
     DecoderLayerConfig {
         moe: MoeConfig::new(128, 8, 2, 64),
@@ -229,7 +268,7 @@ fn decoder_layer_plan_matches_the_cpu_layer() {
 }
 
 #[test]
-fn cpu_layer_plan_equals_the_twin_and_windows_are_refused() {
+fn cpu_layer_plan_equals_the_twin_and_the_nope_pattern() {
     let ctx = Context::cpu();
     let cfg = small_layer(true);
     let w = DecoderLayerWeights::random(&cfg, 5);
@@ -247,15 +286,17 @@ fn cpu_layer_plan_equals_the_twin_and_windows_are_refused() {
     // SmallThinker-21B pattern: every 4th layer NoPE + full, the others RoPE + window.
     let nope = cfg.with_nope_pattern(8, 4, 4096);
     assert_eq!((nope.rope_theta, nope.window), (None, None));
+    assert_eq!(nope.attention_method().unwrap(), Method::Dense);
     let swa = cfg.with_nope_pattern(9, 4, 4096);
     assert_eq!((swa.rope_theta, swa.window), (Some(1.5e6), Some(4096)));
-    let ws = DecoderLayerWeights::random(&swa, 1);
+    assert!(matches!(swa.attention_method().unwrap(), Method::Window(_)));
+    let zero = DecoderLayerConfig {
+        window: Some(0),
+        ..cfg
+    };
+    let wz = DecoderLayerWeights::random(&zero, 1);
     assert!(matches!(
-        ctx.decoder_layer(swa).tokens(4).build(&ws),
-        Err(Error::InvalidArgument(_))
-    ));
-    assert!(matches!(
-        decoder_layer_cpu(&x, &ws.pack(WeightFormat::F16).unwrap()),
+        ctx.decoder_layer(zero).tokens(4).build(&wz),
         Err(Error::InvalidArgument(_))
     ));
     let bad = DecoderLayerConfig {
