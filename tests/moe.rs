@@ -387,6 +387,19 @@ fn bad_configs_and_tensors_are_typed_errors() {
     assert!(matches!(plan.run(&wrong_shape), Err(Error::Mismatch(_))));
     let wrong_dtype = Tensor::zeros(&ctx, &[4, 64], DType::F16).unwrap();
     assert!(matches!(plan.run(&wrong_dtype), Err(Error::Mismatch(_))));
+    // Packed weights that do not match their config never reach a kernel.
+    let mut p = w.pack(WeightFormat::Q4_0).unwrap();
+    p.up.words.pop();
+    assert!(matches!(
+        ctx.moe(c).tokens(4).build_packed(p),
+        Err(Error::Mismatch(_))
+    ));
+    let mut p = w.pack(WeightFormat::F16).unwrap();
+    p.down_t = w.pack(WeightFormat::Q4_0).unwrap().down_t;
+    assert!(matches!(
+        ctx.moe(c).tokens(4).build_packed(p),
+        Err(Error::Mismatch(_))
+    ));
     let other = Tensor::zeros(&Context::cpu(), &[4, 64], DType::F32).unwrap();
     assert!(matches!(plan.run(&other), Err(Error::WrongContext)));
     assert!("q8".parse::<WeightFormat>().is_err());

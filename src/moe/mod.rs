@@ -218,6 +218,31 @@ impl PackedMatrix {
         })
     }
 
+    /// Checks that the words hold exactly `rows x cols` weights of the format (the
+    /// kernels index them without bounds checks).
+    pub fn validate(&self) -> Result<()> {
+        let blocks = self.rows * self.cols / 32;
+        let (words, scale_ok) = match self.format {
+            WeightFormat::F16 => ((self.rows * self.cols).div_ceil(2), true),
+            WeightFormat::Q4_0 => (
+                4 * blocks + blocks.div_ceil(2),
+                self.scale_base as usize == 4 * blocks,
+            ),
+        };
+        if !self.cols.is_multiple_of(32) || self.words.len() != words || !scale_ok {
+            return Err(Error::Mismatch(format!(
+                "a {} x {} {} matrix needs {words} words (scales at {}), got {} (scales at {})",
+                self.rows,
+                self.cols,
+                self.format.name(),
+                4 * blocks,
+                self.words.len(),
+                self.scale_base
+            )));
+        }
+        Ok(())
+    }
+
     /// Decodes row `r` into `out` (exactly the values the kernels read).
     pub fn row(&self, r: usize, out: &mut [f32]) {
         let c = self.cols;
@@ -406,5 +431,54 @@ impl PackedExperts {
     /// The storage format.
     pub fn format(&self) -> WeightFormat {
         self.gate.format
+    }
+
+    /// Checks every matrix against the config: shape, format and word count (the
+    /// kernels index the words without bounds checks, so a short buffer must never
+    /// reach them).
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.config;
+        c.validate()?;
+        if self.router.len() != c.experts * c.hidden {
+            return Err(Error::Mismatch(format!(
+                "router has {} values, the config needs {}",
+                self.router.len(),
+                c.experts * c.hidden
+            )));
+        }
+        let rows = c.experts * c.ffn;
+        for (name, m) in [
+            ("gate", &self.gate),
+            ("up", &self.up),
+            ("down_t", &self.down_t),
+        ] {
+            let blocks = m.rows * m.cols / 32;
+            let words = match m.format {
+                WeightFormat::F16 => (m.rows * m.cols).div_ceil(2),
+                WeightFormat::Q4_0 => 4 * blocks + blocks.div_ceil(2),
+            };
+            let scale_ok = match m.format {
+                WeightFormat::F16 => true,
+                WeightFormat::Q4_0 => m.scale_base as usize == 4 * blocks,
+            };
+            if m.rows != rows
+                || m.cols != c.hidden
+                || m.format != self.gate.format
+                || m.words.len() != words
+                || !scale_ok
+            {
+                return Err(Error::Mismatch(format!(
+                    "{name} is a {} x {} {} matrix with {} words (scales at {}); the config \
+                     needs {rows} x {} in one format with {words} words",
+                    m.rows,
+                    m.cols,
+                    m.format.name(),
+                    m.words.len(),
+                    m.scale_base,
+                    c.hidden
+                )));
+            }
+        }
+        Ok(())
     }
 }

@@ -134,6 +134,7 @@ impl MoePlanBuilder {
     /// Builds with already packed weights (their format wins over [`Self::format`]).
     pub fn build_packed(self, weights: PackedExperts) -> Result<MoePlan> {
         self.cfg.validate()?;
+        weights.validate()?;
         if weights.config != self.cfg {
             return Err(Error::Mismatch(format!(
                 "weights are for {:?}, the plan for {:?}",

@@ -148,6 +148,7 @@ impl LinearGpu {
             g,
             "projection weights on this device (no unpack2x16float)",
         )?;
+        w.validate()?;
         let (n, k) = (w.rows, w.cols);
         let head_major = layout.in_head_major || layout.out_head_major;
         if head_major
