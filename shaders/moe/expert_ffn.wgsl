@@ -338,8 +338,12 @@ fn expert_down(
 #endif
 
 #ifdef GEMV
-// One position (wid.y), 64 threads x 4 columns; rows of skipped neurons are not read.
-@compute @workgroup_size(64)
+var<workgroup> part: array<vec4<f32>, 256>;
+
+// One position (wid.y) and 64 columns (wid.x) per workgroup: thread (tx, ty) =
+// (lid % 16, lid / 16) owns columns 4 tx..4 tx + 3 and neurons ty, ty + 16, ...; the 16
+// partial sums are added in workgroup memory. Rows of skipped neurons are not read.
+@compute @workgroup_size(256)
 fn expert_down(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -350,19 +354,30 @@ fn expert_down(
     }
     let e = find_expert(p.experts, pos);
     let h4 = p.hidden / 4u;
-    let c4 = wid.x * 64u + lid;
-    if (c4 >= h4) {
-        return;
-    }
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let c4 = wid.x * 16u + tx;
     var acc = vec4<f32>(0.0);
-    for (var n = 0u; n < p.ffn; n++) {
-        let a = act4[(pos * p.ffn + n) / 4u][n % 4u];
-        if (a != 0.0) {
-            let l = wloc(e * p.ffn + n, c4 * 4u, p.hidden, p.down_sb);
-            acc += a * wdecode(down[l.w0], down[l.w1], l);
+    if (c4 < h4) {
+        for (var n = ty; n < p.ffn; n += 16u) {
+            let a = act4[(pos * p.ffn + n) / 4u][n % 4u];
+            if (a != 0.0) {
+                let l = wloc(e * p.ffn + n, c4 * 4u, p.hidden, p.down_sb);
+                acc += a * wdecode(down[l.w0], down[l.w1], l);
+            }
         }
     }
-    y[pos * h4 + c4] = acc;
+    part[lid] = acc;
+    workgroupBarrier();
+#unroll s 4
+    if (ty < (8u >> ${s}u)) {
+        part[lid] += part[lid + (8u >> ${s}u) * 16u];
+    }
+    workgroupBarrier();
+#endunroll
+    if (ty == 0u && c4 < h4) {
+        y[pos * h4 + c4] = part[lid];
+    }
 }
 #endif
 #endif

@@ -21,8 +21,8 @@ pub const TILE_MS: [usize; 3] = [16, 32, 64];
 pub const TILE_N: usize = 64;
 /// Neurons per GEMV-up workgroup.
 pub const GEMV_NEURONS: usize = 8;
-/// Columns per GEMV-down workgroup (64 threads x 4).
-pub const GEMV_COLS: usize = 256;
+/// Columns per GEMV-down workgroup (16 column groups of 4 x 16 neuron slices).
+pub const GEMV_COLS: usize = 64;
 
 /// Which expert-FFN kernels a plan runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
