@@ -38,6 +38,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use serde::Serialize;
+use wgsparse::attention::lut::{LutUnit, SparseLut};
 use wgsparse::{AttentionShape, Context, ContextOptions, DType, Method, Tensor};
 
 #[derive(Parser, Debug)]
@@ -98,9 +99,76 @@ struct Args {
     data: String,
 }
 
+/// A method as given on the command line: most are fixed; `blocks` is a random block
+/// mask resolved per length.
+#[derive(Clone, Debug)]
+enum MethodSpec {
+    Fixed(Method),
+    /// Block-sparse executor, `block × block` blocks: block 0, the diagonal, and each
+    /// other causal block with probability `p` by a hash of (head, query block, key
+    /// block) — the same rule as `benches/peers/torch_flex.py`, so both run the same
+    /// mask.
+    RandomBlocks {
+        p: f64,
+        block: usize,
+    },
+}
+
+impl MethodSpec {
+    fn name(&self) -> &'static str {
+        match self {
+            MethodSpec::Fixed(m) => m.name(),
+            MethodSpec::RandomBlocks { .. } => "block-sparse",
+        }
+    }
+
+    fn resolve(&self, shape: &AttentionShape) -> Result<Method, Box<dyn std::error::Error>> {
+        Ok(match self {
+            MethodSpec::Fixed(m) => m.clone(),
+            MethodSpec::RandomBlocks { p, block } => {
+                let b = *block;
+                let lut = SparseLut::from_fn(
+                    shape.q_heads,
+                    shape.seq_len,
+                    b,
+                    LutUnit::Blocks(b),
+                    |h, qb| {
+                        let qb = qb as u64;
+                        (0..=qb)
+                            .filter(|&kb| kb == 0 || kb == qb || keep(h as u64, qb, kb, *p))
+                            .map(|kb| kb as u32)
+                            .collect()
+                    },
+                )?;
+                Method::BlockSparse(std::sync::Arc::new(lut))
+            }
+        })
+    }
+}
+
+/// The shared hash rule of the random block masks: keep iff hash(h, qb, kb) < p.
+fn keep(h: u64, qb: u64, kb: u64, p: f64) -> bool {
+    let x = (h << 40) | (qb << 20) | kb;
+    let y = x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+    (y as f64) / ((1u64 << 53) as f64) < p
+}
+
 /// `anchor:theta=8,step=16` → the method.
-fn parse_method(s: &str) -> Result<Method, String> {
+fn parse_method(s: &str) -> Result<MethodSpec, String> {
     let (name, params) = s.split_once(':').unwrap_or((s, ""));
+    if name == "blocks" {
+        let (mut p, mut block) = (0.1, 128);
+        for kv in params.split(',').filter(|x| !x.is_empty()) {
+            match kv.split_once('=') {
+                Some(("p", v)) => p = v.parse().map_err(|_| format!("`{kv}`: not a number"))?,
+                Some(("block", v)) => {
+                    block = v.parse().map_err(|_| format!("`{kv}`: not a number"))?
+                }
+                _ => return Err(format!("`{kv}`: blocks takes p=P,block=B")),
+            }
+        }
+        return Ok(MethodSpec::RandomBlocks { p, block });
+    }
     let mut m: Method = name.parse().map_err(|e| format!("{e}"))?;
     for kv in params.split(',').filter(|x| !x.is_empty()) {
         let (k, v) = kv
@@ -119,7 +187,7 @@ fn parse_method(s: &str) -> Result<Method, String> {
             _ => return Err(format!("`{k}` is not a parameter of {name}")),
         }
     }
-    Ok(m)
+    Ok(MethodSpec::Fixed(m))
 }
 
 /// `4096`, `4k`, `128K` → tokens.
@@ -269,11 +337,18 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             None
         };
-        for method in &methods {
+        for spec in &methods {
+            let method = &spec.resolve(&shape)?;
+            let config = match spec {
+                MethodSpec::Fixed(m) => serde_json::to_string(m)?,
+                MethodSpec::RandomBlocks { p, block } => {
+                    format!("random blocks p={p} block={block}")
+                }
+            };
             let mut row = Row {
                 bench: "wgsparse",
-                method: method.name(),
-                config: format!("{} | data {}", serde_json::to_string(method)?, args.data),
+                method: spec.name(),
+                config: format!("{config} | data {}", args.data),
                 density: None,
                 stages: vec![],
                 adapter: ctx.adapter_name(),
@@ -331,7 +406,7 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                             row.build_ms.unwrap_or(f64::NAN),
                             row.upload_ms.unwrap_or(f64::NAN),
                         );
-                        if std::ptr::eq(method, &methods[0]) {
+                        if std::ptr::eq(spec, &methods[0]) {
                             last = Some((
                                 shape.flops(true),
                                 row.median_wall_ms.unwrap_or(max_wall_ms),
@@ -440,7 +515,7 @@ fn bench_one(
 
     let mut max_wall_ms: f64 = 0.0;
     let run = |out: &mut Tensor| -> Result<wgsparse::AttentionReport, Box<dyn std::error::Error>> {
-        plan.run_into(&q, &k, &v, out)?;
+        plan.run_into(q, k, v, out)?;
         Ok(plan.report().ok_or("the plan returned no report")?)
     };
 

@@ -175,17 +175,16 @@ fn fetch_q(h: u32, row0: u32, chunk: u32, t: u32) -> vec4<f32> {
     }
     return vec4<f32>(0.0);
 }
-// One vec4 of the K (or V) chunk of key tile `it` (slot t of BK x DC4), zero past
-// the visible keys.
-fn fetch_k(kvh: u32, it: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
-    let j = tile_key(it, t / DC4);
+// One vec4 of the K (or V) chunk of key `j` (slot t of BK x DC4), zero past the
+// visible keys. Each thread looks its slots' keys up once per tile (`fkeys`): a LUT
+// read per fetch would put a dependent load in front of every K/V load.
+fn fetch_k(kvh: u32, j: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
     if j < key_end {
         return decode4(k_buf[kv_row_vec4(p.k_base, kvh, j) + chunk * DC4 + t % DC4]);
     }
     return vec4<f32>(0.0);
 }
-fn fetch_v(kvh: u32, it: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
-    let j = tile_key(it, t / DC4);
+fn fetch_v(kvh: u32, j: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
     if j < key_end {
         return decode4(v_buf[kv_row_vec4(p.v_base, kvh, j) + chunk * DC4 + t % DC4]);
     }
@@ -274,12 +273,14 @@ fn flash_attention(
     // Per thread: 4 vec4 of Q and KPT = BK * DC4 / WG vec4 of K or V per chunk.
     var q_next: array<vec4<f32>, 4>;
     var kv_next: array<vec4<f32>, KPT>;
+    var fkeys: array<u32, KPT>;  // keys of this thread's fetch slots, tile being fetched
     if n_tiles > 0u {
         #unroll u 4
         q_next[${u}] = fetch_q(h, row0, 0u, lid + ${u}u * WG);
         #endunroll
         #unroll u KPT
-        kv_next[${u}] = fetch_k(kvh, 0u, key_end, 0u, lid + ${u}u * WG);
+        fkeys[${u}] = tile_key(0u, (lid + ${u}u * WG) / DC4);
+        kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, 0u, lid + ${u}u * WG);
         #endunroll
     }
     for (var it = 0u; it < n_tiles; it++) {
@@ -299,11 +300,11 @@ fn flash_attention(
             q_next[${u}] = fetch_q(h, row0, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
             #unroll u KPT
-            kv_next[${u}] = fetch_k(kvh, it, key_end, ${c}u + 1u, lid + ${u}u * WG);
+            kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
         } else {
             #unroll u KPT
-            kv_next[${u}] = fetch_v(kvh, it, key_end, 0u, lid + ${u}u * WG);
+            kv_next[${u}] = fetch_v(kvh, fkeys[${u}], key_end, 0u, lid + ${u}u * WG);
             #endunroll
         }
         for (var d4 = 0u; d4 < DC4; d4++) {
@@ -372,14 +373,15 @@ fn flash_attention(
         workgroupBarrier();
         if ${c}u + 1u < NC {
             #unroll u KPT
-            kv_next[${u}] = fetch_v(kvh, it, key_end, ${c}u + 1u, lid + ${u}u * WG);
+            kv_next[${u}] = fetch_v(kvh, fkeys[${u}], key_end, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
         } else if it + 1u < n_tiles {
             #unroll u 4
             q_next[${u}] = fetch_q(h, row0, 0u, lid + ${u}u * WG);
             #endunroll
             #unroll u KPT
-            kv_next[${u}] = fetch_k(kvh, it + 1u, key_end, 0u, lid + ${u}u * WG);
+            fkeys[${u}] = tile_key(it + 1u, (lid + ${u}u * WG) / DC4);
+            kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, 0u, lid + ${u}u * WG);
             #endunroll
         }
         for (var k = 0u; k < BK; k++) {
