@@ -14,8 +14,12 @@
 pub mod attention;
 pub mod context;
 pub mod error;
+pub(crate) mod launch;
+pub mod layer;
 pub mod metrics;
 pub mod model;
+pub mod moe;
+pub mod ops;
 pub mod pipeline;
 pub mod preprocess;
 pub mod qkv_file;
@@ -37,5 +41,6 @@ pub use tensor::{DType, HostData, Tensor};
 pub fn all_kernel_variants() -> Vec<pipeline::KernelSpec> {
     let mut v = attention::dense_gpu::all_dense_variants();
     v.extend(attention::anchor::all_anchor_variants());
+    v.extend(moe::all_moe_variants());
     v
 }

@@ -5,9 +5,15 @@
 //! - `wgsparse info [--json]`: adapters, chosen backend, features, limits.
 //! - `wgsparse attention --method dense ... [--check] [--json]`: one run on synthetic
 //!   Q/K/V with per-stage times; `--check` compares with the other device.
+//! - `wgsparse moe --tokens T --hidden H --experts E --top-k K --ffn F [--weights f16|q4_0]
+//!   [--check] [--json]`: one MoE layer on synthetic data (see `cli_moe.rs`).
+//! - `wgsparse layer --tokens T [--weights f16|q4_0] [--nope] [--window W [--sinks S]]
+//!   [--check] [--json]`: one
+//!   SmallThinker-4B decoder layer as one submission.
 //! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
 
 mod model_cmd;
+mod cli_moe;
 
 use std::process::ExitCode;
 
@@ -56,6 +62,10 @@ enum Command {
     Nll(model_cmd::NllArgs),
     /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
     DumpQkv(model_cmd::DumpArgs),
+    /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
+    Moe(cli_moe::MoeArgs),
+    /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
+    Layer(cli_moe::LayerArgs),
     /// Print the final WGSL of kernel variants (after includes and defines).
     Shader {
         /// List the variants instead of printing one.
@@ -538,6 +548,8 @@ fn main() -> ExitCode {
         None => demo(),
         Some(Command::Info { json, backend }) => info(json, backend),
         Some(Command::Attention(a)) => attention(&a),
+        Some(Command::Moe(a)) => cli_moe::moe(&a),
+        Some(Command::Layer(a)) => cli_moe::layer(&a),
         Some(Command::Shader { list, name }) => shader(list, name),
         Some(Command::Generate(a)) => model_cmd::generate(&a),
         Some(Command::Nll(a)) => model_cmd::nll(&a),

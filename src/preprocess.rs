@@ -27,6 +27,29 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../shaders/common/storage.wgsl"),
     ),
     (
+        "common/weights.wgsl",
+        include_str!("../shaders/common/weights.wgsl"),
+    ),
+    (
+        "moe/router.wgsl",
+        include_str!("../shaders/moe/router.wgsl"),
+    ),
+    (
+        "moe/dispatch.wgsl",
+        include_str!("../shaders/moe/dispatch.wgsl"),
+    ),
+    (
+        "moe/expert_ffn.wgsl",
+        include_str!("../shaders/moe/expert_ffn.wgsl"),
+    ),
+    (
+        "moe/combine.wgsl",
+        include_str!("../shaders/moe/combine.wgsl"),
+    ),
+    ("rmsnorm.wgsl", include_str!("../shaders/rmsnorm.wgsl")),
+    ("rope.wgsl", include_str!("../shaders/rope.wgsl")),
+    ("linear.wgsl", include_str!("../shaders/linear.wgsl")),
+    (
         "flash_attention.wgsl",
         include_str!("../shaders/flash_attention.wgsl"),
     ),

@@ -152,7 +152,11 @@ fn every_variant_validates_with_the_webgpu_baseline() {
     for c in all {
         // f32 storage needs nothing at all; f16 storage only pack/unpack2x16float, which
         // wgpu withholds on llvmpipe without `shader-f16` (DownlevelFlags::SHADER_F16_IN_F32).
-        let caps = if c.spec.defines.has("STORE_F16") {
+        // The MoE / layer kernels read f16 weights and Q4_0 scales the same way.
+        let caps = if ["STORE_F16", "WEIGHTS_F16", "WEIGHTS_Q4_0"]
+            .iter()
+            .any(|f| c.spec.defines.has(f))
+        {
             NagaCaps::SHADER_FLOAT16_IN_FLOAT32
         } else {
             NagaCaps::empty()
@@ -502,6 +506,21 @@ fn host_workgroup_estimate_covers_the_shader() {
 }
 
 #[test]
+fn moe_and_layer_variants_fit_webgpu_default_workgroup_memory() {
+    // These families have one tile configuration each: it must fit everywhere.
+    for_all("16 KiB workgroup memory", |c| {
+        if wgsparse::moe::params_size(c.spec.file).is_none() {
+            return Ok(());
+        }
+        let bytes = workgroup_bytes(c)?;
+        if bytes > 16384 {
+            return Err(format!("{bytes} B of workgroup memory > 16384"));
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn tile_choice_fits_the_device_limits() {
     let all = compiled();
     let base = Context::cpu().capabilities().clone();
@@ -593,7 +612,10 @@ fn uniform_params_match_the_host_struct() {
         let (host, name) = match c.spec.file {
             "flash_attention.wgsl" => (std::mem::size_of::<DenseParams>(), "DenseParams"),
             "anchor/select.wgsl" => (std::mem::size_of::<SelectParams>(), "SelectParams"),
-            other => return Err(format!("no host Params struct known for {other}")),
+            other => match wgsparse::moe::params_size(other) {
+                Some(size) => (size, "the MoE/layer Params struct"),
+                None => return Err(format!("no host Params struct known for {other}")),
+            },
         };
         let host = host as u32;
         let mut layouter = naga::proc::Layouter::default();

@@ -1,0 +1,39 @@
+// MoE combine: out[t, :] = residual[t, :] + Σ_j weights[t, j] * y[inv[t * K + j], :]
+// (the weighted gather-add of the experts' outputs back to token order, slots in
+// order j = 0..K-1 as in the CPU twin). One thread per 4 elements of a row; the
+// threads are on a 2D grid of 256-thread workgroups, flattened.
+
+struct Params {
+    tokens: u32,
+    hidden: u32,
+    top_k: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> y: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> weights: array<f32>;
+@group(0) @binding(3) var<storage, read> inv: array<u32>;
+@group(0) @binding(4) var<storage, read> residual: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn moe_combine(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let h4 = p.hidden / 4u;
+    let idx = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (idx >= p.tokens * h4) {
+        return;
+    }
+    let t = idx / h4;
+    let c4 = idx % h4;
+    var acc = residual[idx];
+    for (var j = 0u; j < p.top_k; j++) {
+        let a = t * p.top_k + j;
+        acc += weights[a] * y[inv[a] * h4 + c4];
+    }
+    out[idx] = acc;
+}

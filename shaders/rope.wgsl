@@ -1,0 +1,38 @@
+// Rotary position embedding (rotate-half convention of HF Llama/Qwen/SmallThinker), in
+// place on x [heads, tokens, D]: for i < D/2, with (c, s) = table[t, i],
+//   x[i]       <- x[i] c - x[i + D/2] s
+//   x[i + D/2] <- x[i + D/2] c + x[i] s
+// The cos/sin table [tokens, D/2, 2] is computed on the host in f64 (GPU sin/cos lose
+// accuracy at large angles). One thread per (head, token, i), on a flattened 2D grid.
+
+struct Params {
+    heads: u32,
+    tokens: u32,
+    half: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> table: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read_write> x: array<f32>;
+
+@compute @workgroup_size(256)
+fn rope(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (idx >= p.heads * p.tokens * p.half) {
+        return;
+    }
+    let i = idx % p.half;
+    let row = idx / p.half;  // head * tokens + t
+    let t = row % p.tokens;
+    let cs = table[t * p.half + i];
+    let base = row * 2u * p.half;
+    let x1 = x[base + i];
+    let x2 = x[base + i + p.half];
+    x[base + i] = x1 * cs.x - x2 * cs.y;
+    x[base + i + p.half] = x2 * cs.x + x1 * cs.y;
+}

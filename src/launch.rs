@@ -1,0 +1,111 @@
+//! Small helpers the MoE and layer-op launchers share: labelled uniform and storage
+//! buffers, bind groups over whole buffers, and 2D grids for 1D work that may exceed the
+//! 65,535-workgroups-per-axis limit.
+
+use crate::context::GpuDevice;
+use crate::error::{Error, Result};
+use crate::pipeline::Kernel;
+
+/// A uniform buffer holding `bytes` (written now).
+pub(crate) fn uniform(g: &GpuDevice, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    let buf = g.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (bytes.len() as u64).div_ceil(16).max(1) * 16,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    g.queue.write_buffer(&buf, 0, bytes);
+    buf
+}
+
+/// A storage buffer of `size` bytes (at least 16), checked against the planned binding
+/// limit: a typed [`Error::TooLarge`] names it when it does not fit.
+pub(crate) fn storage(g: &GpuDevice, label: &str, size: u64) -> Result<wgpu::Buffer> {
+    check_binding(g, label, size)?;
+    Ok(g.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.div_ceil(4).max(4) * 4,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    }))
+}
+
+/// A storage buffer initialized with `words`.
+pub(crate) fn storage_init(g: &GpuDevice, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+    let buf = storage(g, label, bytes.len() as u64)?;
+    if !bytes.is_empty() {
+        g.queue.write_buffer(&buf, 0, bytes);
+    }
+    Ok(buf)
+}
+
+/// Errors when one binding of `size` bytes exceeds the device's storage-binding limit.
+pub(crate) fn check_binding(g: &GpuDevice, what: &str, size: u64) -> Result<()> {
+    let limit = g.caps.max_storage_binding;
+    if size > limit {
+        return Err(Error::too_large(
+            format!("{what} (one storage binding)"),
+            size,
+            limit,
+        ));
+    }
+    Ok(())
+}
+
+/// A bind group binding `buffers` (whole) to bindings 0, 1, ... of `kernel`.
+pub(crate) fn bind(
+    g: &GpuDevice,
+    kernel: &Kernel,
+    label: &str,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: b.as_entire_binding(),
+        })
+        .collect();
+    g.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &kernel.layout,
+        entries: &entries,
+    })
+}
+
+/// A 2D grid of at least `groups` workgroups (x ≤ `max_per_dim`), for kernels that
+/// flatten `wid.x + wid.y * num_workgroups.x` and skip the excess.
+pub(crate) fn grid_2d(groups: u64, max_per_dim: u32, what: &str) -> Result<(u32, u32)> {
+    let max = max_per_dim.max(1) as u64;
+    if groups <= max {
+        return Ok((groups.max(1) as u32, 1));
+    }
+    let y = groups.div_ceil(max);
+    if y > max {
+        return Err(Error::InvalidShape(format!(
+            "{what}: {groups} workgroups exceed the {max} x {max} dispatch grid"
+        )));
+    }
+    Ok((max as u32, y as u32))
+}
+
+/// Checks one dispatch axis against the device limit.
+pub(crate) fn check_axis(n: u64, max_per_dim: u32, what: &str) -> Result<u32> {
+    if n > max_per_dim as u64 {
+        return Err(Error::InvalidShape(format!(
+            "{what}: {n} workgroups on one axis exceed the device's {max_per_dim}"
+        )));
+    }
+    Ok(n.max(1) as u32)
+}
+
+/// Errors unless the device can `unpack2x16float` (f16 weights and Q4_0 scales).
+pub(crate) fn require_f16_storage(g: &GpuDevice, what: &'static str) -> Result<()> {
+    if !g.caps.f16_storage {
+        return Err(Error::UnsupportedDtype(crate::tensor::DType::F16, what));
+    }
+    Ok(())
+}

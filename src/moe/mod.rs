@@ -1,0 +1,484 @@
+//! Mixture-of-experts layer (SmallThinker style): a router on the residual entering the
+//! layer (top-k, sigmoid weights renormalized), a GPU dispatch into expert-contiguous
+//! order, a grouped ReGLU expert FFN that skips neurons whose gate is ≤ 0, and a weighted
+//! combine with the residual. Weights in f16 or ggml's Q4_0.
+//!
+//! Kernels live in `shaders/moe/`; each has a launcher here and a CPU twin in [`cpu`]
+//! (the fallback and the test oracle). [`MoePlan`] strings them into one submission.
+//!
+//! ```no_run
+//! use wgsparse::moe::{MoeConfig, MoeWeights, WeightFormat};
+//! use wgsparse::{Context, ContextOptions, DType, Tensor};
+//! let ctx = Context::new_blocking(ContextOptions::from_env()?)?;
+//! let cfg = MoeConfig::new(1536, 32, 4, 768);
+//! let weights = MoeWeights::random(&cfg, 1);
+//! let plan = ctx.moe(cfg).tokens(512).format(WeightFormat::Q4_0).build(&weights)?;
+//! let x = wgsparse::synthetic::tensor(&ctx, &[512, 1536], DType::F32, 2)?;
+//! let out = plan.run(&x)?;
+//! println!("{:?}", plan.report());
+//! # Ok::<(), wgsparse::Error>(())
+//! ```
+
+pub mod combine;
+pub mod cpu;
+pub mod dispatch;
+pub mod expert_ffn;
+pub mod plan;
+pub mod q4_0;
+pub mod router;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+pub use plan::{FfnPath, MoePlan, MoePlanBuilder, MoeReport};
+
+/// Largest expert count the router and dispatch kernels take (one workgroup's threads).
+pub const MAX_EXPERTS: usize = 256;
+/// Largest top-k.
+pub const MAX_TOP_K: usize = 8;
+
+/// How the router turns the chosen logits into weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterScoring {
+    /// `sigmoid(logit)` renormalized to sum 1 over the chosen experts (SmallThinker).
+    #[default]
+    Sigmoid,
+    /// Softmax over the chosen logits (= full softmax renormalized over the top k).
+    Softmax,
+}
+
+/// Storage format of the expert weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub enum WeightFormat {
+    /// IEEE half, two per u32.
+    #[default]
+    #[serde(rename = "f16")]
+    F16,
+    /// ggml Q4_0 (32-weight blocks, 4.5 bits per weight), repacked u32-aligned.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+}
+
+impl WeightFormat {
+    /// `f16` or `q4_0`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F16 => "f16",
+            WeightFormat::Q4_0 => "q4_0",
+        }
+    }
+    /// Bytes per stored weight (Q4_0: 18 bytes per 32).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            WeightFormat::F16 => 2.0,
+            WeightFormat::Q4_0 => 18.0 / 32.0,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(WeightFormat::F16),
+            "q4_0" | "q4" => Ok(WeightFormat::Q4_0),
+            o => Err(Error::InvalidArgument(format!(
+                "unknown weight format `{o}` (known: f16, q4_0)"
+            ))),
+        }
+    }
+}
+
+/// Sizes of one MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MoeConfig {
+    /// Model width (a multiple of 32).
+    pub hidden: usize,
+    /// Experts (1..=256).
+    pub experts: usize,
+    /// Experts per token (1..=min(8, experts)).
+    pub top_k: usize,
+    /// Expert FFN width (a multiple of 16).
+    pub ffn: usize,
+    /// Router weighting.
+    pub scoring: RouterScoring,
+}
+
+impl MoeConfig {
+    /// A sigmoid-routed config.
+    pub fn new(hidden: usize, experts: usize, top_k: usize, ffn: usize) -> Self {
+        MoeConfig {
+            hidden,
+            experts,
+            top_k,
+            ffn,
+            scoring: RouterScoring::Sigmoid,
+        }
+    }
+
+    /// SmallThinker-4B-A0.6B: hidden 1536, 32 experts, top-4, width 768.
+    pub fn smallthinker_4b() -> Self {
+        Self::new(1536, 32, 4, 768)
+    }
+
+    /// Checks the sizes; a typed error says which one is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidShape(m));
+        if self.hidden == 0 || !self.hidden.is_multiple_of(32) {
+            return bad(format!(
+                "hidden {} must be a positive multiple of 32",
+                self.hidden
+            ));
+        }
+        if self.ffn == 0 || !self.ffn.is_multiple_of(16) {
+            return bad(format!(
+                "ffn {} must be a positive multiple of 16",
+                self.ffn
+            ));
+        }
+        if self.experts == 0 || self.experts > MAX_EXPERTS {
+            return bad(format!(
+                "experts {} must be in 1..={MAX_EXPERTS}",
+                self.experts
+            ));
+        }
+        if self.top_k == 0 || self.top_k > MAX_TOP_K.min(self.experts) {
+            return bad(format!(
+                "top_k {} must be in 1..={}",
+                self.top_k,
+                MAX_TOP_K.min(self.experts)
+            ));
+        }
+        let rows = self.experts as u64 * self.ffn as u64 * self.hidden as u64;
+        if rows > u32::MAX as u64 {
+            return bad(format!(
+                "{rows} weights per matrix exceed the 32-bit index range"
+            ));
+        }
+        Ok(())
+    }
+
+    /// FLOPs of the expert FFNs for `tokens` tokens without neuron skipping (three
+    /// matmuls of 2 FLOPs per multiply-add per routed token).
+    pub fn expert_flops(&self, tokens: usize) -> f64 {
+        6.0 * (tokens * self.top_k) as f64 * self.ffn as f64 * self.hidden as f64
+    }
+}
+
+/// A weight matrix `[rows, cols]` in its GPU storage layout (u32 words).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedMatrix {
+    /// Storage format.
+    pub format: WeightFormat,
+    /// Rows.
+    pub rows: usize,
+    /// Columns (a multiple of 32).
+    pub cols: usize,
+    /// The words the kernels read.
+    pub words: Vec<u32>,
+    /// Index of the first scale word (Q4_0; 0 for f16).
+    pub scale_base: u32,
+}
+
+impl PackedMatrix {
+    /// Packs row-major f32 values (f16: rounded; Q4_0: quantized per 32-column block).
+    pub fn pack(format: WeightFormat, rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        if values.len() != rows * cols {
+            return Err(Error::Mismatch(format!(
+                "{} values for a {rows} x {cols} matrix",
+                values.len()
+            )));
+        }
+        if !cols.is_multiple_of(32) {
+            return Err(Error::InvalidShape(format!(
+                "packed matrices need columns in multiples of 32, got {cols}"
+            )));
+        }
+        let (words, scale_base) = match format {
+            WeightFormat::F16 => {
+                let halves: Vec<u16> = values
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect();
+                let words = halves
+                    .chunks(2)
+                    .map(|c| c[0] as u32 | ((c.get(1).copied().unwrap_or(0) as u32) << 16))
+                    .collect();
+                (words, 0)
+            }
+            WeightFormat::Q4_0 => q4_0::repack(&q4_0::quantize_row(values)?),
+        };
+        Ok(PackedMatrix {
+            format,
+            rows,
+            cols,
+            words,
+            scale_base,
+        })
+    }
+
+    /// Checks that the words hold exactly `rows x cols` weights of the format (the
+    /// kernels index them without bounds checks).
+    pub fn validate(&self) -> Result<()> {
+        let blocks = self.rows * self.cols / 32;
+        let (words, scale_ok) = match self.format {
+            WeightFormat::F16 => ((self.rows * self.cols).div_ceil(2), true),
+            WeightFormat::Q4_0 => (
+                4 * blocks + blocks.div_ceil(2),
+                self.scale_base as usize == 4 * blocks,
+            ),
+        };
+        if !self.cols.is_multiple_of(32) || self.words.len() != words || !scale_ok {
+            return Err(Error::Mismatch(format!(
+                "a {} x {} {} matrix needs {words} words (scales at {}), got {} (scales at {})",
+                self.rows,
+                self.cols,
+                self.format.name(),
+                4 * blocks,
+                self.words.len(),
+                self.scale_base
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decodes row `r` into `out` (exactly the values the kernels read).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols;
+        match self.format {
+            WeightFormat::F16 => {
+                for (j, o) in out.iter_mut().enumerate().take(c) {
+                    let e = r * c + j;
+                    let w = self.words[e / 2];
+                    let bits = if e.is_multiple_of(2) {
+                        w & 0xffff
+                    } else {
+                        w >> 16
+                    };
+                    *o = half::f16::from_bits(bits as u16).to_f32();
+                }
+            }
+            WeightFormat::Q4_0 => {
+                let nb = c / 32;
+                for b in 0..nb {
+                    let blk = r * nb + b;
+                    let s = self.words[self.scale_base as usize + blk / 2];
+                    let bits = if blk.is_multiple_of(2) {
+                        s & 0xffff
+                    } else {
+                        s >> 16
+                    };
+                    let d = half::f16::from_bits(bits as u16).to_f32();
+                    for j in 0..32 {
+                        let w = self.words[4 * blk + (j % 16) / 4];
+                        let q = (w >> (8 * (j % 4) + 4 * (j / 16))) & 0xf;
+                        out[32 * b + j] = (q as f32 - 8.0) * d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every value, decoded.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.row(r, o);
+        }
+        out
+    }
+
+    /// Bytes on the GPU.
+    pub fn bytes(&self) -> u64 {
+        self.words.len() as u64 * 4
+    }
+}
+
+/// Host weights of one MoE layer, f32 masters (row-major).
+#[derive(Clone, Debug)]
+pub struct MoeWeights {
+    /// The sizes.
+    pub config: MoeConfig,
+    /// Router `[experts, hidden]` (kept f32).
+    pub router: Vec<f32>,
+    /// Gate projections `[experts, ffn, hidden]`.
+    pub gate: Vec<f32>,
+    /// Up projections `[experts, ffn, hidden]`.
+    pub up: Vec<f32>,
+    /// Down projections stored transposed, `[experts, ffn, hidden]` (row n = neuron n's
+    /// down weights).
+    pub down_t: Vec<f32>,
+}
+
+impl MoeWeights {
+    /// Synthetic weights from `seed` (Gaussian, scaled 1/√fan-in): clearly not a model's.
+    /// The router's weights are rounded to multiples of 1/256: with inputs on a grid
+    /// too ([`grid_input`]), every router logit is an exact f32 sum on every device, so
+    /// a GPU and the CPU pick the same experts and `--check` compares like with like.
+    pub fn random(cfg: &MoeConfig, seed: u64) -> Self {
+        let (e, f, h) = (cfg.experts, cfg.ffn, cfg.hidden);
+        let scaled = |len: usize, seed: u64, s: f32| -> Vec<f32> {
+            crate::synthetic::gaussian_parallel(len, seed)
+                .into_iter()
+                .map(|v| v * s)
+                .collect()
+        };
+        let sh = 1.0 / (h as f32).sqrt();
+        MoeWeights {
+            config: *cfg,
+            router: scaled(e * h, seed ^ 0x11, sh)
+                .into_iter()
+                .map(|v| (v * 256.0).round() / 256.0)
+                .collect(),
+            gate: scaled(e * f * h, seed ^ 0x22, sh),
+            up: scaled(e * f * h, seed ^ 0x33, sh),
+            down_t: scaled(e * f * h, seed ^ 0x44, 1.0 / (f as f32).sqrt()),
+        }
+    }
+
+    /// Checks the lengths against the config.
+    pub fn validate(&self) -> Result<()> {
+        self.config.validate()?;
+        let c = &self.config;
+        let m = c.experts * c.ffn * c.hidden;
+        for (name, v, want) in [
+            ("router", &self.router, c.experts * c.hidden),
+            ("gate", &self.gate, m),
+            ("up", &self.up, m),
+            ("down_t", &self.down_t, m),
+        ] {
+            if v.len() != want {
+                return Err(Error::Mismatch(format!(
+                    "{name} has {} values, the config needs {want}",
+                    v.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Packs the expert matrices for the GPU (and the CPU twin, which reads the same
+    /// decoded values).
+    pub fn pack(&self, format: WeightFormat) -> Result<PackedExperts> {
+        self.validate()?;
+        let c = &self.config;
+        let rows = c.experts * c.ffn;
+        Ok(PackedExperts {
+            config: *c,
+            router: self.router.clone(),
+            gate: PackedMatrix::pack(format, rows, c.hidden, &self.gate)?,
+            up: PackedMatrix::pack(format, rows, c.hidden, &self.up)?,
+            down_t: PackedMatrix::pack(format, rows, c.hidden, &self.down_t)?,
+        })
+    }
+}
+
+/// Synthetic activations `[tokens, hidden]` from `seed`: Gaussian values rounded to
+/// multiples of 1/16 and clamped to ±4 (see [`MoeWeights::random`] for why).
+pub fn grid_input(len: usize, seed: u64) -> Vec<f32> {
+    crate::synthetic::gaussian_parallel(len, seed)
+        .into_iter()
+        .map(|v| ((v * 16.0).round() / 16.0).clamp(-4.0, 4.0))
+        .collect()
+}
+
+/// Every kernel variant of the MoE and decoder-layer families (router, dispatch, expert
+/// FFN, combine, RMSNorm, RoPE, linear), for the shader dump and the portability tests.
+pub fn all_moe_variants() -> Vec<crate::pipeline::KernelSpec> {
+    let mut v = router::all_router_variants();
+    v.extend(dispatch::all_dispatch_variants());
+    v.extend(expert_ffn::all_expert_ffn_variants());
+    v.push(combine::combine_spec());
+    v.push(crate::ops::rmsnorm::rmsnorm_spec());
+    v.push(crate::ops::rope::rope_spec());
+    v.extend(crate::ops::linear::all_linear_variants());
+    v
+}
+
+/// Size in bytes of the host parameter struct of a variant's shader file (for the
+/// host/shader layout check), or `None` for files outside these families.
+pub fn params_size(file: &str) -> Option<usize> {
+    use std::mem::size_of;
+    Some(match file {
+        "moe/router.wgsl" => size_of::<router::RouterParams>(),
+        "moe/dispatch.wgsl" => size_of::<dispatch::DispatchParams>(),
+        "moe/expert_ffn.wgsl" => size_of::<expert_ffn::FfnParams>(),
+        "moe/combine.wgsl" => size_of::<combine::CombineParams>(),
+        "rmsnorm.wgsl" => size_of::<crate::ops::rmsnorm::RmsNormParams>(),
+        "rope.wgsl" => size_of::<crate::ops::rope::RopeParams>(),
+        "linear.wgsl" => size_of::<crate::ops::linear::LinearParams>(),
+        _ => return None,
+    })
+}
+
+/// Expert weights in their storage format.
+#[derive(Clone, Debug)]
+pub struct PackedExperts {
+    /// The sizes.
+    pub config: MoeConfig,
+    /// Router `[experts, hidden]`, f32.
+    pub router: Vec<f32>,
+    /// Gate `[experts * ffn, hidden]`.
+    pub gate: PackedMatrix,
+    /// Up `[experts * ffn, hidden]`.
+    pub up: PackedMatrix,
+    /// Down, transposed: `[experts * ffn, hidden]`.
+    pub down_t: PackedMatrix,
+}
+
+impl PackedExperts {
+    /// The storage format.
+    pub fn format(&self) -> WeightFormat {
+        self.gate.format
+    }
+
+    /// Checks every matrix against the config: shape, format and word count (the
+    /// kernels index the words without bounds checks, so a short buffer must never
+    /// reach them).
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.config;
+        c.validate()?;
+        if self.router.len() != c.experts * c.hidden {
+            return Err(Error::Mismatch(format!(
+                "router has {} values, the config needs {}",
+                self.router.len(),
+                c.experts * c.hidden
+            )));
+        }
+        let rows = c.experts * c.ffn;
+        for (name, m) in [
+            ("gate", &self.gate),
+            ("up", &self.up),
+            ("down_t", &self.down_t),
+        ] {
+            let blocks = m.rows * m.cols / 32;
+            let words = match m.format {
+                WeightFormat::F16 => (m.rows * m.cols).div_ceil(2),
+                WeightFormat::Q4_0 => 4 * blocks + blocks.div_ceil(2),
+            };
+            let scale_ok = match m.format {
+                WeightFormat::F16 => true,
+                WeightFormat::Q4_0 => m.scale_base as usize == 4 * blocks,
+            };
+            if m.rows != rows
+                || m.cols != c.hidden
+                || m.format != self.gate.format
+                || m.words.len() != words
+                || !scale_ok
+            {
+                return Err(Error::Mismatch(format!(
+                    "{name} is a {} x {} {} matrix with {} words (scales at {}); the config \
+                     needs {rows} x {} in one format with {words} words",
+                    m.rows,
+                    m.cols,
+                    m.format.name(),
+                    m.words.len(),
+                    m.scale_base,
+                    c.hidden
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,617 @@
+//! [`MoePlan`]: the MoE layer built once for a token count, run many times, on a GPU
+//! (router → dispatch → expert up → expert down → combine, one submission) or on the
+//! CPU (the twins of [`super::cpu`]).
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use super::combine::{CombineGpu, CombineIo};
+use super::cpu;
+use super::dispatch::{DispatchGpu, DispatchIo, meta_words};
+use super::expert_ffn::{FfnGpu, FfnIo, FfnWeights, TILE_MS, choose_tile_m};
+use super::router::{RouterGpu, RouterIo};
+use super::{MoeConfig, MoeWeights, PackedExperts, WeightFormat};
+use crate::context::{Backend, Context, GpuDevice};
+use crate::error::{Error, Result};
+use crate::launch::{storage, storage_init};
+use crate::pipeline::{Instant, Recorder, Report, StageTime};
+use crate::tensor::{DType, HostData, Tensor, read_buffer};
+
+pub use super::expert_ffn::FfnKernel as FfnPath;
+
+/// Up to this many tokens the plan picks the GEMV (decode) expert kernels.
+pub const DECODE_MAX_TOKENS: usize = 8;
+
+/// What a run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct MoeReport {
+    /// Backend that ran it.
+    pub backend: Backend,
+    /// Expert kernels: `tiled16`, `tiled32`, `tiled64` (tile height), `gemv`, or `cpu`.
+    pub path: String,
+    /// Weight format.
+    pub weights: WeightFormat,
+    /// Tokens.
+    pub tokens: usize,
+    /// Per-stage timing.
+    pub timing: Report,
+    /// Milliseconds (GPU timestamps where present, else wall clock).
+    pub ms: f64,
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+    /// Fraction of (routed token, neuron) pairs whose gate was ≤ 0, counted by the
+    /// kernels themselves.
+    pub skip_frac: f64,
+    /// Assignments each expert received (read back from the GPU dispatch).
+    pub expert_counts: Vec<u32>,
+    /// Expert FLOPs without skipping (6 · tokens · k · ffn · hidden) per second, in
+    /// TFLOP/s: the dense-equivalent rate.
+    pub tflops: f64,
+}
+
+/// The GPU intermediates of the last run (for tests and debugging).
+#[derive(Clone, Debug)]
+pub struct MoeIntermediates {
+    /// Router logits `[tokens, experts]`.
+    pub logits: Vec<f32>,
+    /// Chosen experts `[tokens, k]`.
+    pub ids: Vec<u32>,
+    /// Their weights `[tokens, k]`.
+    pub weights: Vec<f32>,
+    /// Counts, offsets and tile starts (see `shaders/moe/dispatch.wgsl`).
+    pub meta: Vec<u32>,
+    /// Assignment at each expert-contiguous position.
+    pub sorted: Vec<u32>,
+    /// Position of each assignment.
+    pub inv: Vec<u32>,
+    /// ReGLU activations `[A, ffn]`.
+    pub act: Vec<f32>,
+    /// Expert outputs `[A, hidden]`.
+    pub y: Vec<f32>,
+    /// (skipped, evaluated) neuron counts.
+    pub stats: [u32; 2],
+}
+
+/// Starts building a [`MoePlan`]; see [`Context::moe`].
+pub struct MoePlanBuilder {
+    ctx: Context,
+    cfg: MoeConfig,
+    tokens: usize,
+    format: WeightFormat,
+    path: Option<FfnPath>,
+    tile_m: Option<usize>,
+}
+
+impl Context {
+    /// Starts a MoE plan for `cfg` on this context.
+    pub fn moe(&self, cfg: MoeConfig) -> MoePlanBuilder {
+        MoePlanBuilder {
+            ctx: self.clone(),
+            cfg,
+            tokens: 1,
+            format: WeightFormat::F16,
+            path: None,
+            tile_m: None,
+        }
+    }
+}
+
+impl MoePlanBuilder {
+    /// Tokens per run.
+    pub fn tokens(mut self, n: usize) -> Self {
+        self.tokens = n;
+        self
+    }
+    /// Weight storage format.
+    pub fn format(mut self, f: WeightFormat) -> Self {
+        self.format = f;
+        self
+    }
+    /// Forces the expert kernels (default: GEMV up to [`DECODE_MAX_TOKENS`] tokens,
+    /// tiled above).
+    pub fn path(mut self, p: FfnPath) -> Self {
+        self.path = Some(p);
+        self
+    }
+    /// Forces the tile height of the tiled kernels (16, 32 or 64; default
+    /// [`super::expert_ffn::choose_tile_m`] from the tokens per expert).
+    pub fn tile_m(mut self, m: usize) -> Self {
+        self.tile_m = Some(m);
+        self
+    }
+    /// Packs `weights` in the chosen format and builds.
+    pub fn build(self, weights: &MoeWeights) -> Result<MoePlan> {
+        if weights.config != self.cfg {
+            return Err(Error::Mismatch(format!(
+                "weights are for {:?}, the plan for {:?}",
+                weights.config, self.cfg
+            )));
+        }
+        let packed = weights.pack(self.format)?;
+        self.build_packed(packed)
+    }
+    /// Builds with already packed weights (their format wins over [`Self::format`]).
+    pub fn build_packed(self, weights: PackedExperts) -> Result<MoePlan> {
+        self.cfg.validate()?;
+        weights.validate()?;
+        if weights.config != self.cfg {
+            return Err(Error::Mismatch(format!(
+                "weights are for {:?}, the plan for {:?}",
+                weights.config, self.cfg
+            )));
+        }
+        if self.tokens == 0 {
+            return Err(Error::InvalidShape(
+                "a MoE plan needs at least 1 token".into(),
+            ));
+        }
+        let assignments = self.tokens as u64 * self.cfg.top_k as u64;
+        if assignments * self.cfg.ffn.max(self.cfg.hidden) as u64 > u32::MAX as u64 {
+            return Err(Error::InvalidShape(format!(
+                "{} tokens x top-{} x {} exceed the 32-bit index range",
+                self.tokens,
+                self.cfg.top_k,
+                self.cfg.ffn.max(self.cfg.hidden)
+            )));
+        }
+        let path = self.path.unwrap_or(if self.tokens <= DECODE_MAX_TOKENS {
+            FfnPath::Gemv
+        } else {
+            FfnPath::Tiled
+        });
+        let tile_m = self
+            .tile_m
+            .unwrap_or_else(|| choose_tile_m(assignments as usize, self.cfg.experts));
+        if !TILE_MS.contains(&tile_m) {
+            return Err(Error::InvalidArgument(format!(
+                "tile height {tile_m} is not one of {TILE_MS:?}"
+            )));
+        }
+        let format = weights.format();
+        let gpu = match self.ctx.gpu() {
+            Some(g) => Some(MoeGpu::build(
+                &self.ctx,
+                g,
+                &self.cfg,
+                &weights,
+                self.tokens,
+                path,
+                tile_m,
+            )?),
+            None => None,
+        };
+        Ok(MoePlan {
+            host: if gpu.is_none() { Some(weights) } else { None },
+            format,
+            ctx: self.ctx,
+            cfg: self.cfg,
+            tokens: self.tokens,
+            path,
+            tile_m,
+            gpu,
+            last: Mutex::new(None),
+        })
+    }
+}
+
+struct MoeGpu {
+    router: RouterGpu,
+    dispatch: DispatchGpu,
+    ffn: FfnGpu,
+    combine: CombineGpu,
+    router_w: wgpu::Buffer,
+    w: FfnWeights,
+    logits: wgpu::Buffer,
+    ids: wgpu::Buffer,
+    topk_w: wgpu::Buffer,
+    block_counts: wgpu::Buffer,
+    meta: wgpu::Buffer,
+    sorted: wgpu::Buffer,
+    inv: wgpu::Buffer,
+    act: wgpu::Buffer,
+    y: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    format: WeightFormat,
+}
+
+impl MoeGpu {
+    fn build(
+        ctx: &Context,
+        g: &GpuDevice,
+        cfg: &MoeConfig,
+        w: &PackedExperts,
+        tokens: usize,
+        path: FfnPath,
+        tile_m: usize,
+    ) -> Result<Self> {
+        crate::launch::require_f16_storage(g, "MoE weights on this device (no unpack2x16float)")?;
+        let a = tokens * cfg.top_k;
+        let (e, f, h) = (cfg.experts as u64, cfg.ffn as u64, cfg.hidden as u64);
+        let a64 = a as u64;
+        let dispatch = DispatchGpu::build(ctx, cfg.experts, a, tile_m)?;
+        let words = |m: &super::PackedMatrix| bytemuck::cast_slice::<u32, u8>(&m.words).to_vec();
+        Ok(MoeGpu {
+            router: RouterGpu::build(ctx, cfg, tokens)?,
+            ffn: FfnGpu::build(ctx, cfg, w, a, path, tile_m)?,
+            combine: CombineGpu::build(ctx, tokens, cfg.hidden, cfg.top_k)?,
+            router_w: storage_init(g, "moe router weights", bytemuck::cast_slice(&w.router))?,
+            w: FfnWeights {
+                gate: storage_init(g, "moe gate weights", &words(&w.gate))?,
+                up: storage_init(g, "moe up weights", &words(&w.up))?,
+                down_t: storage_init(g, "moe down (transposed) weights", &words(&w.down_t))?,
+            },
+            logits: storage(g, "moe router logits", tokens as u64 * e * 4)?,
+            ids: storage(g, "moe expert ids", a64 * 4)?,
+            topk_w: storage(g, "moe expert weights", a64 * 4)?,
+            block_counts: storage(g, "moe block counts", dispatch.blocks as u64 * e * 4)?,
+            meta: storage(g, "moe dispatch meta", meta_words(cfg.experts) as u64 * 4)?,
+            sorted: storage(g, "moe sorted assignments", a64 * 4)?,
+            inv: storage(g, "moe inverse map", a64 * 4)?,
+            act: storage(g, "moe activations", a64 * f * 4)?,
+            y: storage(g, "moe expert outputs", a64 * h * 4)?,
+            stats: storage(g, "moe skip counters", 8)?,
+            dispatch,
+            format: w.format(),
+        })
+    }
+}
+
+/// A built MoE layer.
+pub struct MoePlan {
+    ctx: Context,
+    cfg: MoeConfig,
+    tokens: usize,
+    path: FfnPath,
+    tile_m: usize,
+    format: WeightFormat,
+    host: Option<PackedExperts>,
+    gpu: Option<MoeGpu>,
+    last: Mutex<Option<MoeReport>>,
+}
+
+impl MoePlan {
+    /// The config.
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+    /// Tokens per run.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+    /// The expert kernels chosen.
+    pub fn path(&self) -> FfnPath {
+        self.path
+    }
+    /// Positions per tile of the tiled kernels (and of the dispatch's tile starts).
+    pub fn tile_m(&self) -> usize {
+        self.tile_m
+    }
+    /// The weight format.
+    pub fn format(&self) -> WeightFormat {
+        self.gpu.as_ref().map_or(self.format, |g| g.format)
+    }
+    /// The context it runs on.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+    /// The report of the last run.
+    pub fn report(&self) -> Option<MoeReport> {
+        self.last.lock().expect("report lock").clone()
+    }
+    /// Timed stages a GPU run records (router, dispatch, expert_up, expert_down,
+    /// combine).
+    pub fn stage_count(&self) -> u32 {
+        5
+    }
+
+    fn check(&self, t: &Tensor, what: &str) -> Result<()> {
+        if !t.context().same_device(&self.ctx) {
+            return Err(Error::WrongContext);
+        }
+        let dims = [self.tokens, self.cfg.hidden];
+        if t.shape() != dims {
+            return Err(Error::Mismatch(format!(
+                "{what} has shape {:?}, the plan expects {dims:?}",
+                t.shape()
+            )));
+        }
+        if t.dtype() != DType::F32 {
+            return Err(Error::Mismatch(format!(
+                "{what} is {:?}, the MoE plan takes f32 activations",
+                t.dtype()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `x + MoE(x)` with the router and the experts both on `x` (blocking).
+    pub fn run(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out = Tensor::zeros(&self.ctx, x.shape(), DType::F32)?;
+        pollster::block_on(self.run_async(x, x, x, &mut out))?;
+        Ok(out)
+    }
+
+    /// Blocking [`MoePlan::run_async`] (not on the web).
+    pub fn run_into(
+        &self,
+        router_in: &Tensor,
+        expert_in: &Tensor,
+        residual: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        pollster::block_on(self.run_async(router_in, expert_in, residual, out))
+    }
+
+    /// `out = residual + Σ_k w_k · Expert_k(expert_in)` with experts routed on
+    /// `router_in` (all `[tokens, hidden]` f32). Async: the only run usable in a browser.
+    pub async fn run_async(
+        &self,
+        router_in: &Tensor,
+        expert_in: &Tensor,
+        residual: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        for (t, what) in [
+            (router_in, "router input"),
+            (expert_in, "expert input"),
+            (residual, "residual"),
+            (&*out, "output"),
+        ] {
+            self.check(t, what)?;
+        }
+        let report = match &self.gpu {
+            Some(_) => {
+                let mut rec = Recorder::new(&self.ctx, "moe", self.stage_count())?;
+                self.record_route(&mut rec, router_in)?;
+                self.record_experts(&mut rec, expert_in, residual, out)?;
+                let timing = rec.submit().await?;
+                self.gpu_report(timing).await?
+            }
+            None => self.run_cpu(router_in, expert_in, residual, out)?,
+        };
+        *self.last.lock().expect("report lock") = Some(report);
+        Ok(())
+    }
+
+    fn gpu_ref(&self) -> Result<&MoeGpu> {
+        self.gpu
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("recording a MoE plan needs a GPU".into()))
+    }
+
+    /// Records the router and the dispatch (stages `router`, `dispatch`) on
+    /// `router_in` into a caller's recorder: a decoder layer records these before its
+    /// attention, so the chosen experts are known while attention runs.
+    pub fn record_route(&self, rec: &mut Recorder<'_>, router_in: &Tensor) -> Result<()> {
+        self.check(router_in, "router input")?;
+        let g = self.gpu_ref()?;
+        let x = router_in.buffer().expect("checked: GPU tensor");
+        g.router.record(
+            rec,
+            &RouterIo {
+                x,
+                w: &g.router_w,
+                logits: &g.logits,
+                ids: &g.ids,
+                weights: &g.topk_w,
+            },
+        );
+        g.dispatch.record(
+            rec,
+            &DispatchIo {
+                ids: &g.ids,
+                block_counts: &g.block_counts,
+                meta: &g.meta,
+                sorted: &g.sorted,
+                inv: &g.inv,
+            },
+        );
+        Ok(())
+    }
+
+    /// Records the experts and the combine (stages `expert_up`, `expert_down`,
+    /// `combine`) after [`MoePlan::record_route`] in the same recorder.
+    pub fn record_experts(
+        &self,
+        rec: &mut Recorder<'_>,
+        expert_in: &Tensor,
+        residual: &Tensor,
+        out: &Tensor,
+    ) -> Result<()> {
+        self.check(expert_in, "expert input")?;
+        self.check(residual, "residual")?;
+        self.check(out, "output")?;
+        let g = self.gpu_ref()?;
+        fn buf(t: &Tensor) -> &wgpu::Buffer {
+            t.buffer().expect("checked: GPU tensor")
+        }
+        g.ffn.record(
+            rec,
+            &g.w,
+            &FfnIo {
+                meta: &g.meta,
+                z: buf(expert_in),
+                sorted: &g.sorted,
+                act: &g.act,
+                stats: &g.stats,
+                y: &g.y,
+            },
+        );
+        g.combine.record(
+            rec,
+            &CombineIo {
+                y: &g.y,
+                weights: &g.topk_w,
+                inv: &g.inv,
+                residual: buf(residual),
+                out: buf(out),
+            },
+        );
+        Ok(())
+    }
+
+    /// Expert counts and the skip fraction of the last GPU run (read back).
+    pub async fn gpu_stats(&self) -> Result<(Vec<u32>, f64)> {
+        let g = self.gpu_ref()?;
+        let dev = self.ctx.gpu().expect("GPU plan");
+        let e = self.cfg.experts as u64;
+        let counts: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&read_buffer(dev, &g.meta, 0, e * 4).await?);
+        let stats: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&read_buffer(dev, &g.stats, 0, 8).await?);
+        let frac = if stats[1] > 0 {
+            stats[0] as f64 / stats[1] as f64
+        } else {
+            0.0
+        };
+        Ok((counts, frac))
+    }
+
+    async fn gpu_report(&self, timing: Report) -> Result<MoeReport> {
+        let (expert_counts, skip_frac) = self.gpu_stats().await?;
+        Ok(self.make_report(
+            self.ctx.backend(),
+            &match self.path {
+                FfnPath::Tiled => format!("tiled{}", self.tile_m),
+                FfnPath::Gemv => "gemv".into(),
+            },
+            timing,
+            skip_frac,
+            expert_counts,
+        ))
+    }
+
+    fn make_report(
+        &self,
+        backend: Backend,
+        path: &str,
+        timing: Report,
+        skip_frac: f64,
+        expert_counts: Vec<u32>,
+    ) -> MoeReport {
+        let ms = timing.ms();
+        MoeReport {
+            backend,
+            path: path.into(),
+            weights: self.format(),
+            tokens: self.tokens,
+            ms,
+            tokens_per_s: self.tokens as f64 / (ms / 1e3),
+            skip_frac,
+            expert_counts,
+            tflops: self.cfg.expert_flops(self.tokens) / ms / 1e9,
+            timing,
+        }
+    }
+
+    /// Reads every GPU intermediate of the last run (GPU plans only).
+    pub async fn intermediates(&self) -> Result<MoeIntermediates> {
+        let g = self.gpu_ref()?;
+        let dev = self.ctx.gpu().expect("GPU plan");
+        async fn words<T: bytemuck::Pod>(dev: &GpuDevice, b: &wgpu::Buffer) -> Result<Vec<T>> {
+            Ok(bytemuck::pod_collect_to_vec(
+                &read_buffer(dev, b, 0, b.size()).await?,
+            ))
+        }
+        let (t, e, k) = (self.tokens, self.cfg.experts, self.cfg.top_k);
+        let a = t * k;
+        let trim = |mut v: Vec<u32>, n: usize| {
+            v.truncate(n);
+            v
+        };
+        let trimf = |mut v: Vec<f32>, n: usize| {
+            v.truncate(n);
+            v
+        };
+        let stats = words::<u32>(dev, &g.stats).await?;
+        Ok(MoeIntermediates {
+            logits: trimf(words(dev, &g.logits).await?, t * e),
+            ids: trim(words(dev, &g.ids).await?, a),
+            weights: trimf(words(dev, &g.topk_w).await?, a),
+            meta: trim(words(dev, &g.meta).await?, meta_words(e)),
+            sorted: trim(words(dev, &g.sorted).await?, a),
+            inv: trim(words(dev, &g.inv).await?, a),
+            act: trimf(words(dev, &g.act).await?, a * self.cfg.ffn),
+            y: trimf(words(dev, &g.y).await?, a * self.cfg.hidden),
+            stats: [stats[0], stats[1]],
+        })
+    }
+
+    /// Fills every GPU intermediate (ids, weights, dispatch, activations, expert
+    /// outputs) with all-ones bits (NaN as f32, `u32::MAX` as an index), so that a test
+    /// sees any element a kernel fails to write.
+    pub fn poison_intermediates(&self) -> Result<()> {
+        let g = self.gpu_ref()?;
+        let dev = self.ctx.gpu().expect("GPU plan");
+        for b in [
+            &g.logits,
+            &g.ids,
+            &g.topk_w,
+            &g.block_counts,
+            &g.meta,
+            &g.sorted,
+            &g.inv,
+            &g.act,
+            &g.y,
+            &g.stats,
+        ] {
+            dev.queue.write_buffer(b, 0, &vec![0xff; b.size() as usize]);
+        }
+        Ok(())
+    }
+
+    /// Blocking [`MoePlan::intermediates`].
+    pub fn intermediates_blocking(&self) -> Result<MoeIntermediates> {
+        pollster::block_on(self.intermediates())
+    }
+
+    fn run_cpu(
+        &self,
+        router_in: &Tensor,
+        expert_in: &Tensor,
+        residual: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<MoeReport> {
+        let w = self.host.as_ref().expect("CPU plans keep the host weights");
+        let host = |t: &Tensor| t.host().expect("checked: CPU tensor").to_f32();
+        let c = &self.cfg;
+        let mut stages = vec![];
+        let mut timed = |name: &str, start: Instant| {
+            stages.push(StageTime {
+                name: name.into(),
+                ms: Some(start.elapsed().as_secs_f64() * 1e3),
+                dispatches: 1,
+            })
+        };
+        let total = Instant::now();
+        let s = Instant::now();
+        let logits = cpu::router_logits(&host(router_in), &w.router, c.hidden, c.experts);
+        let (ids, weights) = cpu::top_k(&logits, c.experts, c.top_k, c.scoring);
+        timed("router", s);
+        let s = Instant::now();
+        let map = cpu::dispatch(&ids, c.experts);
+        timed("dispatch", s);
+        let s = Instant::now();
+        let (_act, y, skipped) = cpu::experts_ffn(&host(expert_in), w, &map, c.top_k);
+        timed("experts", s);
+        let s = Instant::now();
+        let o = cpu::combine(&y, &weights, &map.inv, &host(residual), c.top_k, c.hidden);
+        timed("combine", s);
+        *out.host_mut().expect("checked: CPU tensor") = HostData::F32(o);
+        let wall = total.elapsed().as_secs_f64() * 1e3;
+        let evaluated = (self.tokens * c.top_k * c.ffn) as f64;
+        Ok(self.make_report(
+            Backend::Cpu,
+            "cpu",
+            Report {
+                stages,
+                wall_ms: wall,
+                gpu_ms: None,
+                timing: "wall".into(),
+            },
+            skipped as f64 / evaluated,
+            map.counts,
+        ))
+    }
+}

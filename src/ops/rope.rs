@@ -1,0 +1,147 @@
+//! Rotary position embedding (`shaders/rope.wgsl`): the cos/sin table, launcher and CPU
+//! twin. Rotate-half convention (HF Llama / Qwen / SmallThinker): dimension `i` pairs
+//! with `i + D/2`, frequency `θ^(−2i/D)`.
+
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::launch::{bind, grid_2d, storage_init, uniform};
+use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::preprocess::Defines;
+
+/// Uniform parameters; mirrors `struct Params` in the WGSL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct RopeParams {
+    heads: u32,
+    tokens: u32,
+    half: u32,
+    _pad: u32,
+}
+
+/// The RoPE kernel.
+pub fn rope_spec() -> KernelSpec {
+    use BindingKind::*;
+    KernelSpec {
+        file: "rope.wgsl",
+        entry: "rope",
+        defines: Defines::new(),
+        bindings: vec![Uniform, StorageRead, StorageReadWrite],
+    }
+}
+
+/// `[tokens, head_dim/2, 2]` of (cos, sin) of `(pos0 + t) · θ^(−2i/head_dim)`, computed
+/// in f64.
+pub fn rope_table(tokens: usize, head_dim: usize, theta: f64, pos0: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = Vec::with_capacity(tokens * head_dim);
+    for t in 0..tokens {
+        for i in 0..half {
+            let inv = theta.powf(-(2.0 * i as f64) / head_dim as f64);
+            let a = (pos0 + t) as f64 * inv;
+            out.push(a.cos() as f32);
+            out.push(a.sin() as f32);
+        }
+    }
+    out
+}
+
+/// CPU twin: rotates `x [heads, tokens, head_dim]` in place with `table`.
+pub fn rope_cpu(x: &mut [f32], tokens: usize, head_dim: usize, table: &[f32]) {
+    let half = head_dim / 2;
+    for (r, row) in x.chunks_exact_mut(head_dim).enumerate() {
+        let t = r % tokens;
+        for i in 0..half {
+            let (c, s) = (table[(t * half + i) * 2], table[(t * half + i) * 2 + 1]);
+            let (x1, x2) = (row[i], row[i + half]);
+            row[i] = x1 * c - x2 * s;
+            row[i + half] = x2 * c + x1 * s;
+        }
+    }
+}
+
+/// A built RoPE for tensors `[heads[i], tokens, head_dim]` (one per entry of `heads`,
+/// e.g. Q and K) at positions `pos0..`.
+pub struct RopeGpu {
+    kernel: Arc<Kernel>,
+    params: Vec<(wgpu::Buffer, (u32, u32))>,
+    table: wgpu::Buffer,
+}
+
+impl RopeGpu {
+    /// Compiles, uploads the table and writes the parameters.
+    pub fn build(
+        ctx: &Context,
+        heads: &[usize],
+        tokens: usize,
+        head_dim: usize,
+        theta: f64,
+        pos0: usize,
+    ) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || theta.is_nan() || theta <= 1.0 {
+            return Err(Error::InvalidArgument(format!(
+                "RoPE needs an even head_dim (got {head_dim}) and θ > 1 (got {theta})"
+            )));
+        }
+        let params = heads
+            .iter()
+            .map(|&h| {
+                let p = RopeParams {
+                    heads: h as u32,
+                    tokens: tokens as u32,
+                    half: (head_dim / 2) as u32,
+                    _pad: 0,
+                };
+                let groups = (h as u64 * tokens as u64 * head_dim as u64 / 2).div_ceil(256);
+                Ok((
+                    uniform(g, "rope params", bytemuck::bytes_of(&p)),
+                    grid_2d(groups, g.caps.max_workgroups_per_dim, "rope")?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let table = rope_table(tokens, head_dim, theta, pos0);
+        Ok(RopeGpu {
+            kernel: ctx.kernel(&rope_spec())?,
+            params,
+            table: storage_init(g, "rope cos/sin table", bytemuck::cast_slice(&table))?,
+        })
+    }
+
+    /// Records the rotation (in place) of `xs[i]`, shaped `[heads[i], tokens,
+    /// head_dim]`, as one stage.
+    pub fn record(&self, rec: &mut Recorder<'_>, name: &str, xs: &[&wgpu::Buffer]) -> Result<()> {
+        if xs.len() != self.params.len() {
+            return Err(Error::Mismatch(format!(
+                "RoPE built for {} tensors, given {}",
+                self.params.len(),
+                xs.len()
+            )));
+        }
+        let groups: Vec<(wgpu::BindGroup, (u32, u32))> = xs
+            .iter()
+            .zip(&self.params)
+            .map(|(x, (p, grid))| {
+                let bg = bind(
+                    rec.gpu(),
+                    &self.kernel,
+                    "rope bindings",
+                    &[p, &self.table, x],
+                );
+                (bg, *grid)
+            })
+            .collect();
+        rec.stage(name, |pass| {
+            pass.set_pipeline(&self.kernel.pipeline);
+            for (bg, (gx, gy)) in &groups {
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(*gx, *gy, 1);
+            }
+            groups.len() as u32
+        });
+        Ok(())
+    }
+}
