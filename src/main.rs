@@ -12,8 +12,8 @@
 //!   SmallThinker-4B decoder layer as one submission.
 //! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
 
-mod model_cmd;
 mod cli_moe;
+mod model_cmd;
 
 use std::process::ExitCode;
 
