@@ -29,7 +29,7 @@ pub mod verify;
 
 pub use attention::{
     AttentionOptions, AttentionPlan, AttentionPlanBuilder, AttentionReport, AttentionShape, Method,
-    RowState,
+    RowState, WindowConfig,
 };
 pub use context::{AdapterSummary, Backend, Capabilities, Context, ContextOptions, LimitOverrides};
 pub use error::{Error, Result};

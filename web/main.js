@@ -94,16 +94,28 @@ function render(summary, device) {
   row(t, ["shape", `${summary.q_heads}×${summary.seq_len}×${summary.head_dim} (KV heads ${summary.kv_heads}), ${summary.dtype}, ${summary.causal ? "causal" : "full"}`]);
   row(t, ["attention time", `${fmt(summary.attention_ms)} ms (${summary.attention_timing})`]);
   row(t, ["total time", `${fmt(summary.total_ms)} ms`]);
-  row(t, ["density (pairs computed)", fmt(summary.density, 3)]);
-  row(t, ["recall (dense softmax mass kept)", summary.recall === null ? "–" : fmt(summary.recall, 3)]);
-  row(t, ["reference", summary.reference || "not compared"]);
-  row(t, ["max |error| vs dense", summary.error ? sci(summary.error.max_abs_err) : "–"]);
-  row(t, ["relative L2 error", summary.error ? sci(summary.error.rel_l2_err) : "–"]);
+  row(t, ["data", summary.data]);
+  row(t, ["density (causal pairs computed)", fmt(summary.density, 4)]);
+  const qy = summary.quality;
+  row(t, ["attention-mass recall vs dense", qy ? fmt(qy.attn_recall, 4) : "–"]);
+  row(t, ["output rel. L2 error vs dense", qy ? sci(qy.rel_l2_err) : "–"]);
+  row(t, ["elements within 0.01 of dense", qy ? fmt(qy.tol_recall_01, 4) : "–"]);
+  row(t, ["checked against", summary.reference || "not compared"]);
+  row(t, ["max |error| vs that reference", summary.error ? sci(summary.error.max_abs_err) : "–"]);
   row(t, ["non-finite outputs", String(summary.nonfinite)]);
   const s = $("stages").tBodies[0];
   s.replaceChildren();
   for (const st of summary.stages) row(s, [st.name, `${fmt(st.ms)} ms`]);
   drawPattern(summary.pattern);
+}
+
+// Cell colour: masked (no causal pair) grey; otherwise from skipped (pink) to computed
+// (blue) by the computed fraction; exactly computed cells are pure #2f6fe4.
+function cellColor(v) {
+  if (v < 0) return "#f1f3f5";
+  if (v >= 1) return "#2f6fe4";
+  const mix = (a, b) => Math.round(a + (b - a) * v);
+  return `rgb(${mix(0xf2, 0x2f)},${mix(0xb8, 0x6f)},${mix(0xb5, 0xe4)})`;
 }
 
 function drawPattern(p) {
@@ -112,28 +124,24 @@ function drawPattern(p) {
   if (!p) {
     cv.width = 1;
     cv.height = 1;
-    $("pattern-caption").textContent = "This method did not report its selected blocks.";
+    $("pattern-caption").textContent = "No pattern reported.";
     return;
   }
-  const size = 480;
-  const cell = Math.max(1, Math.floor(size / Math.max(p.q_blocks, p.k_blocks)));
-  cv.width = cell * p.k_blocks;
-  cv.height = cell * p.q_blocks;
-  const colors = ["#f1f3f5", "#2f6fe4", "#f2b8b5"];
+  // Columns are keys (or bins of keys); rows are query blocks, drawn tall enough that
+  // the picture is roughly square.
+  const cw = Math.max(1, Math.floor(512 / p.k_bins));
+  const rh = Math.max(1, Math.floor((cw * p.k_bins) / p.q_blocks));
+  cv.width = cw * p.k_bins;
+  cv.height = rh * p.q_blocks;
   for (let r = 0; r < p.q_blocks; r++) {
-    for (let c = 0; c < p.k_blocks; c++) {
-      g.fillStyle = colors[p.cells[r * p.k_blocks + c]] || "#000";
-      g.fillRect(c * cell, r * cell, cell, cell);
+    for (let c = 0; c < p.k_bins; c++) {
+      g.fillStyle = cellColor(p.cells[r * p.k_bins + c]);
+      g.fillRect(c * cw, r * rh, cw, rh);
     }
   }
-  if (cell >= 6) {
-    g.strokeStyle = "rgba(255,255,255,0.6)";
-    for (let i = 0; i <= p.k_blocks; i++) { g.beginPath(); g.moveTo(i * cell + 0.5, 0); g.lineTo(i * cell + 0.5, cv.height); g.stroke(); }
-    for (let i = 0; i <= p.q_blocks; i++) { g.beginPath(); g.moveTo(0, i * cell + 0.5); g.lineTo(cv.width, i * cell + 0.5); g.stroke(); }
-  }
   $("pattern-caption").textContent =
-    `${p.q_blocks} query blocks × ${p.k_blocks} key blocks of ${p.block_q}×${p.block_k}; ` +
-    `${(100 * p.block_density).toFixed(1)}% of the needed blocks computed.`;
+    `head ${p.head}: ${p.q_blocks} query blocks of ${p.block_q} rows × ${p.k_bins} columns of ${p.key_bin} key(s); ` +
+    `${(100 * p.head_density).toFixed(1)}% of this head's causal pairs computed. Stripes are single columns.`;
 }
 
 function formOptions() {
@@ -146,6 +154,9 @@ function formOptions() {
     head_dim: Number(v("head_dim")),
     dtype: v("dtype"),
     device: v("device_pick"),
+    data: v("data"),
+    theta: Number(v("theta")),
+    window: Number(v("window")),
     compare: $("compare").checked,
   };
 }

@@ -102,11 +102,20 @@ async function runUi(page, sel) {
 }
 
 function triangle(p) {
-  // Dense causal: query block r computes key blocks 0..=r (square blocks, kv_len = seq_len).
+  // Dense causal: query block r computes every key up to its last row; later keys are
+  // masked (-1).
   for (let r = 0; r < p.q_blocks; r++)
-    for (let c = 0; c < p.k_blocks; c++)
-      if (p.cells[r * p.k_blocks + c] !== (c <= r ? 1 : 0)) return false;
+    for (let c = 0; c < p.k_bins; c++) {
+      const first = c * p.key_bin, last = (r + 1) * p.block_q - 1;
+      if (p.cells[r * p.k_bins + c] !== (first <= last ? 1 : -1)) return false;
+    }
   return true;
+}
+
+// Some needed cell skipped and some computed: a real sparse picture.
+function sparsePicture(p) {
+  const needed = p.cells.filter((v) => v >= 0);
+  return needed.some((v) => v === 0) && needed.some((v) => v > 0) && p.head_density < 1;
 }
 
 function maxAbs(a, b) {
@@ -147,10 +156,17 @@ try {
       const tag = `${c.method} ${c.dtype} n=${c.seq_len} d=${c.head_dim}${c.causal === false ? " non-causal" : ""}`;
       check(s.backend === "webgpu", `${tag}: ran on WebGPU`);
       check(s.nonfinite === 0, `${tag}: finite output`);
-      check(s.reference === "dense, WASM CPU path", `${tag}: compared with the WASM CPU path`);
+      check(s.reference === `${c.method}, WASM CPU path`, `${tag}: compared with the same method on the WASM CPU path`);
       if (sparse) {
-        check(s.density > 0 && s.density <= 1, `${tag}: density ${s.density}`);
-        check(s.error && s.error.rel_l2_err < 0.1, `${tag}: rel L2 vs dense ${s.error && s.error.rel_l2_err}`);
+        // The WebGPU kernels agree with their WASM CPU twins; the method itself is an
+        // approximation of dense attention, measured (not asserted equal).
+        check(s.error && s.error.max_abs_err <= F32_TOL * 10, `${tag}: max_abs_err vs the WASM twin ${s.error && s.error.max_abs_err}`);
+        check(s.density > 0 && s.density < 1, `${tag}: density ${s.density}`);
+        const q = s.quality;
+        check(q && q.attn_recall > 0.5 && q.attn_recall < 1, `${tag}: attention-mass recall ${q && q.attn_recall}`);
+        check(q && Math.abs(q.density - s.density) < 1e-12, `${tag}: quality density`);
+        check(s.pattern && sparsePicture(s.pattern), `${tag}: pattern shows computed and skipped keys`);
+        log(`${tag}: density ${s.density.toFixed(3)}, recall ${q.attn_recall.toFixed(4)}, rel L2 vs dense ${q.rel_l2_err.toExponential(2)}, within 0.01: ${q.tol_recall_01.toFixed(4)}`);
       } else {
         check(s.error && s.error.max_abs_err <= tol, `${tag}: max_abs_err ${s.error && s.error.max_abs_err} <= ${tol}`);
         check(s.density === 1, `${tag}: density 1`);
@@ -160,8 +176,8 @@ try {
     const s = last.summary;
     check(s.backend === "webgpu", "UI run on WebGPU");
     check(s.error && s.error.max_abs_err <= F32_TOL, `UI run agrees with the WASM CPU path (max_abs_err ${s.error && s.error.max_abs_err})`);
-    check(s.density === 1 && s.recall === 1, "dense: density 1, recall 1");
-    check(triangle(s.pattern) && s.pattern.q_blocks === 8, "dense causal pattern is the 8×8 block triangle");
+    check(s.density === 1 && Math.abs(s.recall - 1) < 1e-5, `dense: density 1, recall ${s.recall}`);
+    check(triangle(s.pattern) && s.pattern.q_blocks === 8, "dense causal pattern is the full triangle of 8 query blocks");
     const painted = await page.evaluate(() => {
       const c = document.getElementById("pattern");
       const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
@@ -173,6 +189,11 @@ try {
     gpuOut = last.output;
     await page.screenshot({ path: path.join(outDir, "demo-webgpu.png"), fullPage: true });
     log("screenshot:", path.join(outDir, "demo-webgpu.png"));
+    // The anchor picture: stripes as columns.
+    const anchorRun = await runUi(page, { method: "anchor", device_pick: "auto", ...ui });
+    check(anchorRun.summary.pattern && sparsePicture(anchorRun.summary.pattern), "UI anchor run shows its stripes");
+    await page.screenshot({ path: path.join(outDir, "demo-webgpu-anchor.png"), fullPage: true });
+    log("screenshot:", path.join(outDir, "demo-webgpu-anchor.png"));
     const errBox = await page.evaluate(() => getComputedStyle(document.getElementById("error")).display);
     check(errBox === "none", "no error shown on the page");
     check(problems.length === 0, `no page/console errors (${problems.join(" | ") || "none"})`);
@@ -197,6 +218,10 @@ try {
       `CPU path vs naive f64 reference: max_abs_err ${s.error && s.error.max_abs_err}`);
     const d = maxAbs(last.output, gpuOut);
     check(d <= F32_TOL, `CPU (WASM) output = WebGPU output of step 1 (max_abs_diff ${d})`);
+    // A sparse method on the CPU path against a naive reference over its own keys.
+    const sp = await runApi(page, { device: "cpu", method: "anchor", seq_len: 256, q_heads: 2, kv_heads: 1, head_dim: 64 });
+    check(sp.backend === "cpu" && /selected keys/.test(sp.reference) && sp.error.max_abs_err <= 1e-5,
+      `CPU anchor vs naive f64 over its keys: max_abs_err ${sp.error && sp.error.max_abs_err}`);
     await page.screenshot({ path: path.join(outDir, "demo-cpu.png"), fullPage: true });
     const errBox = await page.evaluate(() => getComputedStyle(document.getElementById("error")).display);
     check(errBox === "none", "no error shown on the page");

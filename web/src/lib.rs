@@ -15,15 +15,20 @@
 
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
-use wgsparse::attention::dense_cpu::naive_attention;
+use wgsparse::attention::anchor::AnchorConfig;
+use wgsparse::attention::dense_cpu::{naive_attention, naive_masked_attention};
 use wgsparse::attention::upload_qkv;
-use wgsparse::metrics::{ErrorStats, compare};
-use wgsparse::{AttentionShape, Context, ContextOptions, DType, Method, Tensor};
+use wgsparse::metrics::{ErrorStats, Quality, compare};
+use wgsparse::synthetic::{Structure, structured_qkv_host};
+use wgsparse::{
+    AttentionPlan, AttentionShape, Context, ContextOptions, DType, Method, RowState, Tensor,
+    WindowConfig,
+};
 
 mod clock;
 mod pattern;
 
-pub use pattern::BlockPattern;
+pub use pattern::{KeyPattern, Visibility};
 
 /// Reports Rust panics on the browser console (with the message) instead of an opaque
 /// `unreachable` trap.
@@ -190,8 +195,23 @@ pub struct RunOptions {
     /// Compare against dense attention on the WASM CPU path (or, on the CPU, against a
     /// naive f64 reference when the problem is small enough).
     pub compare: bool,
-    /// Block size of the pattern picture (rows and keys per cell).
+    /// Query rows per row of the pattern picture.
     pub block: usize,
+    /// `structured` (sinks, local band, heavy columns, RoPE) or `gaussian`.
+    pub data: String,
+    /// AnchorAttention: θ, rows per pooled block, blocks per group, initial keys
+    /// (demo-sized defaults: the paper's 2048-query groups need longer prompts).
+    pub theta: f32,
+    /// AnchorAttention: rows per pooled block.
+    pub anchor_block: usize,
+    /// AnchorAttention: pooled blocks per query group.
+    pub step: usize,
+    /// AnchorAttention: initial keys.
+    pub init_keys: usize,
+    /// Window method: keys per window.
+    pub window: usize,
+    /// Window method: sink keys.
+    pub sinks: usize,
 }
 
 impl Default for RunOptions {
@@ -207,7 +227,33 @@ impl Default for RunOptions {
             seed: 7,
             compare: true,
             block: 64,
+            data: "structured".into(),
+            theta: 5.0,
+            anchor_block: 64,
+            step: 2,
+            init_keys: 128,
+            window: 128,
+            sinks: 4,
         }
+    }
+}
+
+impl RunOptions {
+    fn method(&self) -> Result<Method, String> {
+        let m: Method = self.method.parse().map_err(|e| format!("{e}"))?;
+        Ok(match m {
+            Method::Anchor(_) => Method::Anchor(AnchorConfig {
+                theta: self.theta,
+                block: self.anchor_block,
+                step: self.step,
+                init_keys: self.init_keys,
+            }),
+            Method::Window(_) => Method::Window(WindowConfig {
+                window: self.window,
+                sinks: self.sinks,
+            }),
+            m => m,
+        })
     }
 }
 
@@ -237,16 +283,22 @@ struct Summary {
     total_ms: f64,
     stages: Vec<Stage>,
     density: f64,
-    /// Share of the dense softmax mass inside the selected blocks (1 for dense).
+    /// Attention-mass recall vs dense on the same device (1 for dense).
     recall: Option<f64>,
-    /// `null` when the method's selected blocks are not known (see `BlockPattern::for_method`).
-    pattern: Option<BlockPattern>,
+    /// Density, recall and output errors vs dense attention on the same device.
+    quality: Option<Quality>,
+    /// The method's parameters.
+    config: Method,
+    /// The keys computed for head 0 (query blocks × keys).
+    pattern: Option<KeyPattern>,
+    /// What the output was checked against: the same method on the WASM CPU path (a
+    /// WebGPU run), or a naive f64 reference (a CPU run).
     reference: Option<String>,
     error: Option<ErrorStats>,
     checksum: f64,
     output_len: usize,
     nonfinite: usize,
-    data: &'static str,
+    data: String,
 }
 
 /// The result of a run: `json` (the summary) and `output` (`[q_heads, seq_len, d]`).
@@ -274,9 +326,35 @@ impl RunResult {
 /// the CPU path (a few hundred ms in WASM).
 const NAIVE_BUDGET: f64 = 3e8;
 
+/// Runs `plan` once more, returning its output and its final (m, l) per row.
+async fn run_with_ml(
+    ctx: &Context,
+    plan: &AttentionPlan,
+    shape: &AttentionShape,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    dtype: DType,
+) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let e = |x: wgsparse::Error| x.to_string();
+    let mut out = Tensor::zeros(ctx, &shape.q_dims(), dtype).map_err(e)?;
+    let ml = if matches!(plan.method(), Method::Anchor(_)) {
+        plan.run_async(q, k, v, &mut out, None).await.map_err(e)?;
+        plan.row_stats()
+            .await
+            .map_err(e)?
+            .ok_or("no row state kept")?
+    } else {
+        let mut st = RowState::empty(ctx, shape).map_err(e)?;
+        plan.run_async(q, k, v, &mut out, Some(&mut st))
+            .await
+            .map_err(e)?;
+        st.ml.to_f32().await.map_err(e)?
+    };
+    Ok((out.to_f32().await.map_err(e)?, ml))
+}
+
 async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
     let t_all = clock::now_ms();
-    let method: Method = o.method.parse().map_err(|e| format!("{e}"))?;
+    let method = o.method()?;
     let dtype: DType = o.dtype.parse().map_err(|e| format!("{e}"))?;
     let shape = AttentionShape::new(o.q_heads, o.kv_heads, o.seq_len, o.head_dim);
     shape.validate(o.causal).map_err(|e| e.to_string())?;
@@ -286,7 +364,33 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
     let mut stages = vec![];
 
     let t = clock::now_ms();
-    let (qh, kh, vh) = wgsparse::synthetic::qkv_host(&shape, o.seed);
+    let (qh, kh, vh, data) = match o.data.as_str() {
+        "structured" => {
+            let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), o.seed);
+            (
+                q,
+                k,
+                v,
+                "synthetic structured Q/K/V (sinks, local band, heavy columns, RoPE)",
+            )
+        }
+        "gaussian" => {
+            let (q, k, v) = wgsparse::synthetic::qkv_host(&shape, o.seed);
+            (
+                q,
+                k,
+                v,
+                "synthetic Gaussian Q/K/V (fixed seed), not a model's activations",
+            )
+        }
+        other => return Err(format!("data `{other}`: expected structured or gaussian")),
+    };
+    // Inputs as stored: every comparison below uses the same rounded values.
+    let (qh, kh, vh) = (
+        dtype.round_trip(&qh),
+        dtype.round_trip(&kh),
+        dtype.round_trip(&vh),
+    );
     host_stage(&mut stages, "generate inputs", t);
 
     let t = clock::now_ms();
@@ -301,7 +405,8 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
 
     let t = clock::now_ms();
     let (q, k, v) = upload_qkv(ctx, &shape, &qh, &kh, &vh, dtype).map_err(|e| e.to_string())?;
-    let mut out = Tensor::zeros(ctx, &shape.q_dims(), dtype).map_err(|e| e.to_string())?;
+    let mut out =
+        Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN).map_err(|e| e.to_string())?;
     host_stage(&mut stages, "upload", t);
 
     let t = clock::now_ms();
@@ -326,16 +431,27 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
     let output = out.to_f32().await.map_err(|e| e.to_string())?;
     host_stage(&mut stages, "readback", t);
 
-    let pattern = BlockPattern::for_method(&method, &shape, o.causal, o.block);
-    let (mut reference, mut error) = (None, None);
+    let t = clock::now_ms();
+    let luts = plan
+        .selected_pattern()
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    let vis = Visibility::new(&method, &luts, o.causal);
+    let pattern = Some(KeyPattern::build(&shape, &vis, 0, o.block, 512));
+    host_stage(&mut stages, "pattern", t);
+
+    let (mut reference, mut error, mut quality) = (None, None, None);
     if o.compare {
         let t = clock::now_ms();
         let scale = plan.options().scale_for(&shape);
         let work = shape.pairs(o.causal) * shape.head_dim as f64;
-        let (name, want) = if !ctx.is_cpu() || method != Method::Dense {
+        let (name, want) = if !ctx.is_cpu() {
+            // The twin: the same method on the WASM CPU path, same inputs.
             let cpu = Context::cpu();
-            let dense = cpu
+            let twin = cpu
                 .attention(shape)
+                .method(method.clone())
                 .causal(o.causal)
                 .dtype(DType::F32)
                 .build()
@@ -344,28 +460,64 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
                 upload_qkv(&cpu, &shape, &qh, &kh, &vh, DType::F32).map_err(|e| e.to_string())?;
             let mut r =
                 Tensor::zeros(&cpu, &shape.q_dims(), DType::F32).map_err(|e| e.to_string())?;
-            dense
-                .run_async(&q, &k, &v, &mut r, None)
+            twin.run_async(&q, &k, &v, &mut r, None)
                 .await
                 .map_err(|e| e.to_string())?;
             (
-                "dense, WASM CPU path",
+                format!("{}, WASM CPU path", method.name()),
                 r.to_f32().await.map_err(|e| e.to_string())?,
             )
-        } else if work <= NAIVE_BUDGET {
+        } else if work <= NAIVE_BUDGET && method == Method::Dense {
             (
-                "naive f64 attention, WASM",
+                "naive f64 attention, WASM".to_string(),
                 naive_attention(&shape, o.causal, scale, &qh, &kh, &vh),
+            )
+        } else if work <= NAIVE_BUDGET {
+            // Per head and row the keys the method reported, then plain softmax.
+            let n = shape.seq_len;
+            let rows: Vec<Vec<Vec<bool>>> = (0..shape.q_heads)
+                .map(|h| {
+                    (0..n)
+                        .map(|r| {
+                            (0..n)
+                                .map(|j| KeyPattern::visible(&vis, h, r, j, n))
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect();
+            (
+                "naive f64 attention over the method's selected keys, WASM".to_string(),
+                naive_masked_attention(&shape, scale, &qh, &kh, &vh, |h, r, j| rows[h][r][j]),
             )
         } else {
             (
-                "none (problem too large for the naive reference)",
+                "none (problem too large for the naive reference)".to_string(),
                 output.clone(),
             )
         };
         host_stage(&mut stages, "reference", t);
-        reference = Some(name.to_string());
+        reference = Some(name);
         error = Some(compare(&output, &want));
+
+        // Quality against dense attention on this device.
+        let t = clock::now_ms();
+        let dense = ctx
+            .attention(shape)
+            .causal(o.causal)
+            .dtype(dtype)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (dense_out, dense_ml) = run_with_ml(ctx, &dense, &shape, (&q, &k, &v), dtype).await?;
+        let (m_out, m_ml) = run_with_ml(ctx, &plan, &shape, (&q, &k, &v), dtype).await?;
+        quality = Some(Quality::measure(
+            report.density,
+            &m_out,
+            &m_ml,
+            &dense_out,
+            &dense_ml,
+        ));
+        host_stage(&mut stages, "quality vs dense", t);
     }
 
     let summary = Summary {
@@ -383,14 +535,16 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
         total_ms: clock::now_ms() - t_all,
         stages,
         density: report.density,
-        recall: pattern.as_ref().and_then(BlockPattern::recall_if_complete),
+        recall: quality.map(|q| q.attn_recall),
+        quality,
+        config: method.clone(),
         pattern,
         reference,
         error,
         checksum: output.iter().map(|&x| x as f64).sum(),
         output_len: output.len(),
         nonfinite: output.iter().filter(|x| !x.is_finite()).count(),
-        data: "synthetic Gaussian Q/K/V (fixed seed), not a model's activations",
+        data: data.into(),
     };
     let json = serde_json::to_string(&summary).map_err(|e| e.to_string())?;
     Ok(RunResult { json, output })

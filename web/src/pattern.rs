@@ -1,115 +1,164 @@
-//! The block pattern a method computes: query blocks × key blocks, for the demo's
-//! heatmap.
+//! The keys a method computed, as a picture for the demo: query blocks (rows) × key
+//! bins (columns, one key per column up to 512 keys), each cell the fraction of its
+//! causal (query, key) pairs the method computed — stripes show as single columns,
+//! blocks as rectangles.
 
 use serde::Serialize;
+use wgsparse::attention::lut::SparseLut;
 use wgsparse::{AttentionShape, Method};
 
-/// Cell values of [`BlockPattern::cells`].
-pub mod cell {
-    /// Never needed: every pair in the block is above the causal diagonal.
-    pub const MASKED: u8 = 0;
-    /// Computed by the method.
-    pub const COMPUTED: u8 = 1;
-    /// Needed by dense attention but skipped by a sparse method.
-    pub const SKIPPED: u8 = 2;
-}
+/// Cell value of a cell with no pair dense attention needs (above the diagonal).
+pub const MASKED: f32 = -1.0;
 
-/// Which (query block, key block) tiles a method computes; the same for every head
-/// for the methods this build has.
+/// Fraction of needed pairs computed per (query block, key bin) of one head.
 #[derive(Clone, Debug, Serialize)]
-pub struct BlockPattern {
-    /// Query rows per block.
+pub struct KeyPattern {
+    /// The head shown.
+    pub head: usize,
+    /// Query rows per picture row.
     pub block_q: usize,
-    /// Keys per block.
-    pub block_k: usize,
-    /// Number of query blocks (rows of the picture).
+    /// Keys per picture column.
+    pub key_bin: usize,
+    /// Picture rows.
     pub q_blocks: usize,
-    /// Number of key blocks (columns).
-    pub k_blocks: usize,
-    /// `q_blocks × k_blocks` cells, row-major: [`cell::MASKED`], [`cell::COMPUTED`] or
-    /// [`cell::SKIPPED`].
-    pub cells: Vec<u8>,
-    /// Computed cells / cells dense causal attention needs.
-    pub block_density: f64,
+    /// Picture columns.
+    pub k_bins: usize,
+    /// `q_blocks × k_bins`, row-major: [`MASKED`] or the computed fraction in [0, 1].
+    pub cells: Vec<f32>,
+    /// Computed pairs / needed pairs of this head.
+    pub head_density: f64,
 }
 
-impl BlockPattern {
-    /// The pattern of `method` on `shape` with square blocks of `block` rows and keys.
-    /// `None` for a method whose selected blocks this crate cannot know ahead of the run
-    /// (a sparse method reports its own pattern).
-    pub fn for_method(
-        method: &Method,
-        shape: &AttentionShape,
-        causal: bool,
-        block: usize,
-    ) -> Option<Self> {
-        let (n, nk) = (shape.seq_len, shape.kv_len);
-        let q_blocks = n.div_ceil(block);
-        let k_blocks = nk.div_ceil(block);
-        let shift = nk - n.min(nk);
-        let needed = |qb: usize, kb: usize| {
-            // The block's last row sees keys up to last_row + shift.
-            let last_row = ((qb + 1) * block).min(n) - 1;
-            !causal || kb * block <= last_row + shift
-        };
-        let mut cells = Vec::with_capacity(q_blocks * k_blocks);
-        for qb in 0..q_blocks {
-            for kb in 0..k_blocks {
-                cells.push(if !needed(qb, kb) {
-                    cell::MASKED
-                } else {
-                    match method {
-                        Method::Dense => cell::COMPUTED,
-                        // A sparse method's pattern must come from its own report (the
-                        // blocks it selected), never be guessed here.
-                        #[allow(unreachable_patterns)]
-                        _ => return None,
-                    }
-                });
-            }
+/// Which keys row `r` of head `h` visits, from a method and the LUTs it reported.
+pub struct Visibility<'a> {
+    method: &'a Method,
+    luts: Vec<&'a SparseLut>,
+    causal: bool,
+}
+
+impl<'a> Visibility<'a> {
+    /// `luts`: what [`wgsparse::AttentionPlan::selected_pattern`] returned (empty for
+    /// dense and window, which need none).
+    pub fn new(method: &'a Method, luts: &'a [SparseLut], causal: bool) -> Self {
+        Visibility {
+            method,
+            luts: luts.iter().collect(),
+            causal,
         }
-        let computed = cells.iter().filter(|&&c| c == cell::COMPUTED).count();
-        let need = cells.iter().filter(|&&c| c != cell::MASKED).count();
-        Some(BlockPattern {
-            block_q: block,
-            block_k: block,
-            q_blocks,
-            k_blocks,
-            cells,
-            block_density: computed as f64 / need.max(1) as f64,
-        })
     }
 
-    /// The recall (share of dense softmax mass inside computed blocks) when it is known
-    /// without scores: 1 when every needed block is computed. `None` otherwise (the
-    /// sparse methods compute it from the scores).
-    pub fn recall_if_complete(&self) -> Option<f64> {
-        (!self.cells.contains(&cell::SKIPPED)).then_some(1.0)
+    /// The visible keys of each row of query block `rows` of head `h`, as a bitmap per
+    /// row (`n` keys).
+    fn row_keys(&self, h: usize, r: usize, n: usize) -> Vec<bool> {
+        let mut vis = vec![false; n];
+        let horizon = if self.causal { r + 1 } else { n };
+        match self.method {
+            Method::Window(w) => {
+                for (j, v) in vis.iter_mut().enumerate().take(horizon) {
+                    *v = r - j < w.window || j < w.sinks;
+                }
+            }
+            Method::Dense => vis[..horizon].iter_mut().for_each(|v| *v = true),
+            _ => {
+                for lut in &self.luts {
+                    for j in lut.keys_of(h, r / lut.q_block) {
+                        if (j as usize) < horizon {
+                            vis[j as usize] = true;
+                        }
+                    }
+                }
+            }
+        }
+        vis
+    }
+}
+
+impl KeyPattern {
+    /// The picture of head `head`: `block_q` rows per picture row, at most `max_cols`
+    /// columns.
+    pub fn build(
+        shape: &AttentionShape,
+        vis: &Visibility,
+        head: usize,
+        block_q: usize,
+        max_cols: usize,
+    ) -> Self {
+        let n = shape.seq_len;
+        let key_bin = n.div_ceil(max_cols.max(1)).max(1);
+        let (q_blocks, k_bins) = (n.div_ceil(block_q), n.div_ceil(key_bin));
+        let mut computed = vec![0u64; q_blocks * k_bins];
+        let mut needed = vec![0u64; q_blocks * k_bins];
+        let (mut all_c, mut all_n) = (0u64, 0u64);
+        for r in 0..n {
+            let keys = vis.row_keys(head, r, n);
+            let horizon = if vis.causal { r + 1 } else { n };
+            let row = r / block_q;
+            for (j, &k) in keys.iter().enumerate().take(horizon) {
+                let c = row * k_bins + j / key_bin;
+                needed[c] += 1;
+                computed[c] += k as u64;
+            }
+            all_n += horizon as u64;
+            all_c += keys.iter().filter(|&&k| k).count() as u64;
+        }
+        let cells = computed
+            .iter()
+            .zip(&needed)
+            .map(|(&c, &nd)| {
+                if nd == 0 {
+                    MASKED
+                } else {
+                    c as f32 / nd as f32
+                }
+            })
+            .collect();
+        KeyPattern {
+            head,
+            block_q,
+            key_bin,
+            q_blocks,
+            k_bins,
+            cells,
+            head_density: all_c as f64 / all_n.max(1) as f64,
+        }
+    }
+
+    /// Whether query row `r` of `head` visits key `j` (for a naive reference).
+    pub fn visible(vis: &Visibility, h: usize, r: usize, j: usize, n: usize) -> bool {
+        vis.row_keys(h, r, n)[j]
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wgsparse::WindowConfig;
 
     #[test]
-    fn dense_causal_is_a_triangle() {
+    fn dense_causal_is_a_full_triangle_and_window_a_band() {
         let shape = AttentionShape::new(2, 1, 256, 64);
-        let p = BlockPattern::for_method(&Method::Dense, &shape, true, 64).unwrap();
-        assert_eq!((p.q_blocks, p.k_blocks), (4, 4));
-        let computed: Vec<usize> = (0..4)
-            .map(|r| {
-                p.cells[r * 4..r * 4 + 4]
-                    .iter()
-                    .filter(|&&c| c == cell::COMPUTED)
-                    .count()
-            })
-            .collect();
-        assert_eq!(computed, vec![1, 2, 3, 4]);
-        assert_eq!(p.block_density, 1.0);
-        assert_eq!(p.recall_if_complete(), Some(1.0));
-        let full = BlockPattern::for_method(&Method::Dense, &shape, false, 100).unwrap();
-        assert!(full.cells.iter().all(|&c| c == cell::COMPUTED));
-        assert_eq!((full.q_blocks, full.k_blocks), (3, 3));
+        let vis = Visibility::new(&Method::Dense, &[], true);
+        let p = KeyPattern::build(&shape, &vis, 0, 64, 512);
+        assert_eq!((p.q_blocks, p.k_bins, p.key_bin), (4, 256, 1));
+        for r in 0..4 {
+            for c in 0..256 {
+                let v = p.cells[r * 256 + c];
+                assert_eq!(v, if c < (r + 1) * 64 { 1.0 } else { MASKED });
+            }
+        }
+        assert_eq!(p.head_density, 1.0);
+        let m = Method::Window(WindowConfig {
+            window: 32,
+            sinks: 4,
+        });
+        let vis = Visibility::new(&m, &[], true);
+        let p = KeyPattern::build(&shape, &vis, 0, 64, 128);
+        assert_eq!(p.key_bin, 2);
+        // Last row block: sinks computed, the middle skipped, the band computed.
+        let last = &p.cells[3 * 128..];
+        assert_eq!(last[0], 1.0);
+        assert_eq!(last[60], 0.0);
+        assert_eq!(last[127], 1.0);
+        assert!(p.head_density < 0.5);
     }
 }
