@@ -87,6 +87,8 @@ async function runApi(page, opts) {
 async function runUi(page, sel) {
   for (const [id, v] of Object.entries(sel)) await page.selectOption("#" + id, String(v));
   const t0 = Date.now();
+  // Forget the previous run's state, so the wait below sees this run finish.
+  await page.evaluate(() => { document.body.dataset.state = "clicked"; window.wgsparseDemo.last = null; });
   await page.click("#run");
   await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state));
   const state = await page.evaluate(() => document.body.dataset.state);
