@@ -90,6 +90,12 @@ async function runUi(page, sel) {
   // Forget the previous run's state, so the wait below sees this run finish.
   await page.evaluate(() => { document.body.dataset.state = "clicked"; window.wgsparseDemo.last = null; });
   await page.click("#run");
+  // The run starts at once, or the form did not submit (e.g. an input failed validation).
+  const started = await page
+    .waitForFunction(() => document.body.dataset.state !== "clicked", null, { timeout: 15_000 })
+    .then(() => true, () => false);
+  check(started, "the Run button starts a run (the form submits)");
+  if (!started) return null;
   await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state));
   const state = await page.evaluate(() => document.body.dataset.state);
   const errText = await page.evaluate(() => document.getElementById("error").textContent);
