@@ -252,6 +252,19 @@ pub struct CpuAttention<'a> {
     pub lut: Option<&'a SparseLut>,
 }
 
+impl CpuAttention<'_> {
+    /// Every key (no window, no LUT).
+    pub fn dense(causal: bool, scale: f32) -> Self {
+        CpuAttention {
+            causal,
+            scale,
+            window: 0,
+            sinks: 0,
+            lut: None,
+        }
+    }
+}
+
 /// What every task reads.
 struct Inputs<'a> {
     d: usize,
@@ -515,13 +528,7 @@ pub fn dense_attention_cpu(
     v: &[f32],
     state: Option<&mut HostRowState>,
 ) -> Vec<f32> {
-    let opts = CpuAttention {
-        causal,
-        scale,
-        window: 0,
-        sinks: 0,
-        lut: None,
-    };
+    let opts = CpuAttention::dense(causal, scale);
     attention_with(shape, &opts, q, k, v, state, true)
 }
 
@@ -552,13 +559,7 @@ fn dense_attention_with(
     state: Option<&mut HostRowState>,
     allow_simd: bool,
 ) -> Vec<f32> {
-    let opts = CpuAttention {
-        causal,
-        scale,
-        window: 0,
-        sinks: 0,
-        lut: None,
-    };
+    let opts = CpuAttention::dense(causal, scale);
     attention_with(shape, &opts, q, k, v, state, allow_simd)
 }
 
