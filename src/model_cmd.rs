@@ -9,7 +9,7 @@ use clap::Args;
 use wgsparse::attention::anchor::AnchorConfig;
 use wgsparse::metrics::Quality;
 use wgsparse::model::decoder::{Decoder, LayerQkv};
-use wgsparse::model::eval::{EvalMethod, end_to_end, layer_quality};
+use wgsparse::model::eval::{EvalMethod, HeadQuality, end_to_end, layer_quality};
 use wgsparse::model::gguf::Gguf;
 use wgsparse::model::tokenizer::ModelTokenizer;
 use wgsparse::qkv_file::QkvFile;
@@ -268,8 +268,8 @@ pub struct EvalArgs {
     /// Tokens after the prefill whose NLL and greedy predictions are compared.
     #[arg(long, default_value_t = 128)]
     continuation: usize,
-    /// Layers measured per head: comma-separated indices, or `all` (every global
-    /// attention layer). Sliding-window layers are not measured.
+    /// Layers measured per head: comma-separated indices, `all` (every global attention
+    /// layer) or `none` (end to end only). Sliding-window layers are not measured.
     #[arg(long, default_value = "all")]
     layers: String,
     /// Methods, comma-separated: dense, anchor, window, oracle.
@@ -352,13 +352,17 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
 }
 
 fn eval_layers(spec: &str, global: &[bool]) -> Result<Vec<usize>> {
-    if spec.trim() == "all" {
-        return Ok((0..global.len()).filter(|&l| global[l]).collect());
+    match spec.trim() {
+        "all" => return Ok((0..global.len()).filter(|&l| global[l]).collect()),
+        "none" => return Ok(Vec::new()),
+        _ => {}
     }
     let mut out = Vec::new();
     for p in spec.split(',') {
         let l: usize = p.trim().parse().map_err(|_| {
-            Error::InvalidArgument(format!("--layers: `{p}` is not a layer index or `all`"))
+            Error::InvalidArgument(format!(
+                "--layers: `{p}` is not a layer index, `all` or `none`"
+            ))
         })?;
         if l >= global.len() {
             return Err(Error::InvalidArgument(format!(
@@ -390,6 +394,11 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     let (_, tok, dec) = load(&m_args)?;
     let layers = eval_layers(&a.layers, &dec.cfg.global)?;
+    if layers.is_empty() && a.no_end_to_end {
+        return Err(Error::InvalidArgument(
+            "--layers none with --no-end-to-end leaves nothing to measure".into(),
+        ));
+    }
     if a.continuation == 0 && !a.no_end_to_end {
         return Err(Error::InvalidArgument("--continuation must be ≥ 1".into()));
     }
@@ -486,6 +495,28 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         a.tokens,
         ctx.backend()
     );
+    if !quality.is_empty() {
+        print_quality(&quality, &methods);
+    }
+    if !e2e.is_empty() {
+        println!(
+            "\nEnd to end: NLL of the next {} tokens after a {}-token prefill with the method in every global attention layer (continuation dense):\n",
+            a.continuation, a.tokens
+        );
+        println!("| method | NLL (nats) | ppl | ΔNLL vs dense | top-1 agreement | prefill s |");
+        println!("|---|---|---|---|---|---|");
+        for r in &e2e {
+            println!(
+                "| {} | {:.4} | {:.3} | {:+.4} | {:.4} | {:.1} |",
+                r.method, r.nll, r.ppl, r.nll_delta, r.top1_agreement, r.prefill_s
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints the per-layer and the mean quality tables (markdown).
+fn print_quality(quality: &[HeadQuality], methods: &[EvalMethod]) {
     println!("Per layer (all heads pooled; per-head min–max of the attention-mass recall):\n");
     println!(
         "| layer | method | density | oracle row density | mass recall | recall min–max over heads | rel L2 err | tol. recall (<0.01) |"
@@ -514,7 +545,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         "| method | density | mass recall | worst head recall | rel L2 err | tol. recall (<0.01) |"
     );
     println!("|---|---|---|---|---|---|");
-    for m in &methods {
+    for m in methods {
         let label = m.label();
         let ls: Vec<_> = quality
             .iter()
@@ -535,19 +566,4 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             mean(&|q| q.tol_recall_01)
         );
     }
-    if !e2e.is_empty() {
-        println!(
-            "\nEnd to end: NLL of the next {} tokens after a {}-token prefill with the method in every global attention layer (continuation dense):\n",
-            a.continuation, a.tokens
-        );
-        println!("| method | NLL (nats) | ppl | ΔNLL vs dense | top-1 agreement | prefill s |");
-        println!("|---|---|---|---|---|---|");
-        for r in &e2e {
-            println!(
-                "| {} | {:.4} | {:.3} | {:+.4} | {:.4} | {:.1} |",
-                r.method, r.nll, r.ppl, r.nll_delta, r.top1_agreement, r.prefill_s
-            );
-        }
-    }
-    Ok(())
 }
