@@ -4,7 +4,8 @@
 #
 #   bash scripts/test-models.sh [extra args for `cargo test`]
 #
-# 1. fetches SmolLM2 and the novels (scripts/fetch-models.sh smollm2 austen; idempotent);
+# 1. fetches SmolLM2 (scripts/fetch-models.sh smollm2; idempotent; the tests read their
+#    text from tests/fixtures);
 # 2. makes sure data/venv (or $WGSPARSE_DATA/venv) has numpy and gguf, the reference's
 #    only dependencies (pip install into that private venv);
 # 3. runs, with WGSPARSE_REQUIRE_MODELS=1: the numpy reference test (tests/reference.rs),
@@ -20,7 +21,7 @@ PYTHON="${PYTHON:-python3}"
 say() { printf '[test-models] %s\n' "$*" >&2; }
 
 start=$SECONDS
-bash scripts/fetch-models.sh smollm2 austen
+bash scripts/fetch-models.sh smollm2
 
 venv="$DATA/venv"
 if ! "$venv/bin/python" -c 'import numpy, gguf' 2>/dev/null; then
