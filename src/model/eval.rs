@@ -302,7 +302,8 @@ pub struct EndToEnd {
     /// Fraction of continuation positions whose greedy next token equals the dense
     /// prefill run's.
     pub top1_agreement: f64,
-    /// Wall-clock seconds of the prefill (whole model, this machine).
+    /// Wall-clock seconds of the prefill (whole model, this machine; for the dense row
+    /// it includes what `observe_dense` did, e.g. the per-layer measurements).
     pub prefill_s: f64,
 }
 
