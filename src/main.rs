@@ -62,6 +62,8 @@ enum Command {
     Nll(model_cmd::NllArgs),
     /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
     DumpQkv(model_cmd::DumpArgs),
+    /// Quality of attention methods on a real model: per layer and head, and end to end.
+    Eval(model_cmd::EvalArgs),
     /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
     Moe(cli_moe::MoeArgs),
     /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
@@ -554,6 +556,7 @@ fn main() -> ExitCode {
         Some(Command::Generate(a)) => model_cmd::generate(&a),
         Some(Command::Nll(a)) => model_cmd::nll(&a),
         Some(Command::DumpQkv(a)) => model_cmd::dump_qkv(&a),
+        Some(Command::Eval(a)) => model_cmd::eval(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,4 @@
-//! The real-model subcommands of the CLI: `generate`, `nll` and `dump-qkv`.
+//! The real-model subcommands of the CLI: `generate`, `nll`, `dump-qkv` and `eval`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -6,11 +6,16 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use wgsparse::model::decoder::Decoder;
+use wgsparse::attention::anchor::AnchorConfig;
+use wgsparse::metrics::Quality;
+use wgsparse::model::decoder::{Decoder, LayerQkv};
+use wgsparse::model::eval::{EvalMethod, HeadQuality, end_to_end, layer_quality};
 use wgsparse::model::gguf::Gguf;
 use wgsparse::model::tokenizer::ModelTokenizer;
 use wgsparse::qkv_file::QkvFile;
-use wgsparse::{AttentionShape, Backend, Context, ContextOptions, DType, Error, Method, Result};
+use wgsparse::{
+    AttentionShape, Backend, Context, ContextOptions, DType, Error, Method, Result, WindowConfig,
+};
 
 /// Options shared by the model commands.
 #[derive(Args, Clone)]
@@ -245,5 +250,320 @@ pub fn dump_qkv(a: &DumpArgs) -> Result<()> {
         Err(Error::InvalidArgument(m)) if m == stop => Ok(()),
         Err(e) => Err(e),
         Ok(_) => Ok(()),
+    }
+}
+
+/// `wgsparse eval`.
+#[derive(Args, Clone)]
+pub struct EvalArgs {
+    /// A GGUF file (llama, qwen2 or gemma3; see scripts/fetch-models.sh).
+    #[arg(long)]
+    model: PathBuf,
+    /// A UTF-8 text file.
+    #[arg(long)]
+    text: PathBuf,
+    /// Prefill tokens from the start of the text (BOS included when the model wants one).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Tokens after the prefill whose NLL and greedy predictions are compared.
+    #[arg(long, default_value_t = 128)]
+    continuation: usize,
+    /// Layers measured per head: comma-separated indices, `all` (every global attention
+    /// layer) or `none` (end to end only). Sliding-window layers are not measured.
+    #[arg(long, default_value = "all")]
+    layers: String,
+    /// Methods, comma-separated: dense, anchor, window, oracle.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "dense,anchor,window,oracle"
+    )]
+    methods: Vec<String>,
+    /// AnchorAttention's θ; several comma-separated values give one anchor row each.
+    #[arg(long, value_delimiter = ',', default_value = "12")]
+    theta: Vec<f32>,
+    /// Window method: keys per window.
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// Window method: sink keys.
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
+    /// Oracle: attention-mass coverage γ.
+    #[arg(long, default_value_t = 0.95)]
+    coverage: f64,
+    /// Skip the end-to-end prefill runs (per-layer figures only).
+    #[arg(long)]
+    no_end_to_end: bool,
+    /// Where attention runs: auto, vulkan, metal, dx12, gl or cpu (default cpu; also
+    /// WGSPARSE_BACKEND). Projections run on the CPU either way.
+    #[arg(long)]
+    backend: Option<Backend>,
+    /// Print JSON lines (one per head/layer row and per end-to-end row) instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
+    let mut out = Vec::new();
+    for m in &a.methods {
+        match m.trim() {
+            "dense" => out.push(EvalMethod::Dense),
+            "anchor" => {
+                for &theta in &a.theta {
+                    let c = AnchorConfig {
+                        theta,
+                        ..AnchorConfig::default()
+                    };
+                    c.validate()?;
+                    out.push(EvalMethod::Anchor(c));
+                }
+            }
+            "window" => {
+                if a.window == 0 {
+                    return Err(Error::InvalidArgument("--window must be ≥ 1".into()));
+                }
+                out.push(EvalMethod::Window(WindowConfig {
+                    window: a.window,
+                    sinks: a.sinks,
+                }))
+            }
+            "oracle" => {
+                if !(a.coverage > 0.0 && a.coverage <= 1.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "--coverage {} not in (0, 1]",
+                        a.coverage
+                    )));
+                }
+                out.push(EvalMethod::Oracle {
+                    coverage: a.coverage,
+                })
+            }
+            o => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown eval method `{o}` (known: dense, anchor, window, oracle)"
+                )));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidArgument("no --methods given".into()));
+    }
+    Ok(out)
+}
+
+fn eval_layers(spec: &str, global: &[bool]) -> Result<Vec<usize>> {
+    match spec.trim() {
+        "all" => return Ok((0..global.len()).filter(|&l| global[l]).collect()),
+        "none" => return Ok(Vec::new()),
+        _ => {}
+    }
+    let mut out = Vec::new();
+    for p in spec.split(',') {
+        let l: usize = p.trim().parse().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "--layers: `{p}` is not a layer index, `all` or `none`"
+            ))
+        })?;
+        if l >= global.len() {
+            return Err(Error::InvalidArgument(format!(
+                "layer {l} does not exist ({} layers)",
+                global.len()
+            )));
+        }
+        if !global[l] {
+            return Err(Error::InvalidArgument(format!(
+                "layer {l} is a sliding-window layer; eval measures global attention layers"
+            )));
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn f(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "–".into())
+}
+
+/// Quality of attention methods on a real model's layers and end to end.
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    let methods = eval_methods(a)?;
+    let m_args = ModelArgs {
+        model: a.model.clone(),
+        method: Method::Dense,
+        backend: a.backend,
+    };
+    let (_, tok, dec) = load(&m_args)?;
+    let layers = eval_layers(&a.layers, &dec.cfg.global)?;
+    if layers.is_empty() && a.no_end_to_end {
+        return Err(Error::InvalidArgument(
+            "--layers none with --no-end-to-end leaves nothing to measure".into(),
+        ));
+    }
+    if a.continuation == 0 && !a.no_end_to_end {
+        return Err(Error::InvalidArgument("--continuation must be ≥ 1".into()));
+    }
+    let total = a.tokens + if a.no_end_to_end { 0 } else { a.continuation };
+    if total > dec.cfg.ctx_len {
+        return Err(Error::InvalidArgument(format!(
+            "{} prefill + {} continuation tokens exceed the model's {}-token context",
+            a.tokens,
+            total - a.tokens,
+            dec.cfg.ctx_len
+        )));
+    }
+    let ids = text_ids(&tok, &a.text, total)?;
+    let c = dec.cfg.clone();
+    let scale = dec.attention_scale();
+    let ctx = dec.context().clone();
+    let text_name = a
+        .text
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let model_name = a
+        .model
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    eprintln!(
+        "eval: {model_name} on {text_name}, prefill {} tokens, continuation {}, layers {:?}, attention on {}",
+        a.tokens,
+        if a.no_end_to_end { 0 } else { a.continuation },
+        layers,
+        ctx.backend()
+    );
+    let t0 = Instant::now();
+    let mut quality = Vec::new();
+    let mut observe = |l: &LayerQkv<'_>| -> Result<()> {
+        if layers.contains(&l.layer) {
+            let shape = AttentionShape::new(c.n_head, c.n_kv_head, l.tokens, c.head_dim);
+            let rows = layer_quality(&ctx, l.layer, &shape, scale, (l.q, l.k, l.v), &methods)?;
+            eprintln!(
+                "layer {} measured ({:.1} s)",
+                l.layer,
+                t0.elapsed().as_secs_f64()
+            );
+            if a.json {
+                for r in &rows {
+                    let mut v = serde_json::to_value(r)
+                        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                    v["kind"] = "head".into();
+                    v["model"] = model_name.clone().into();
+                    v["text"] = text_name.clone().into();
+                    v["tokens"] = a.tokens.into();
+                    println!("{v}");
+                }
+            }
+            quality.extend(rows);
+        }
+        Ok(())
+    };
+    let e2e = if a.no_end_to_end {
+        let mut cache = dec.new_cache();
+        dec.forward(&ids[..a.tokens], &mut cache, &mut observe)?;
+        Vec::new()
+    } else {
+        end_to_end(
+            &dec,
+            &ids,
+            a.tokens,
+            a.continuation,
+            &methods,
+            &mut observe,
+            &mut |r| {
+                eprintln!(
+                    "end to end: {} done ({:.1} s)",
+                    r.method,
+                    t0.elapsed().as_secs_f64()
+                );
+                if a.json
+                    && let Ok(mut v) = serde_json::to_value(r)
+                {
+                    v["kind"] = "end_to_end".into();
+                    v["model"] = model_name.clone().into();
+                    v["text"] = text_name.clone().into();
+                    println!("{v}");
+                }
+            },
+        )?
+    };
+    if a.json {
+        return Ok(());
+    }
+    println!(
+        "\n## {model_name}, {text_name}, {} prefill tokens, attention on {}\n",
+        a.tokens,
+        ctx.backend()
+    );
+    if !quality.is_empty() {
+        print_quality(&quality, &methods);
+    }
+    if !e2e.is_empty() {
+        println!(
+            "\nEnd to end: NLL of the next {} tokens after a {}-token prefill with the method in every global attention layer (continuation dense):\n",
+            a.continuation, a.tokens
+        );
+        println!("| method | NLL (nats) | ppl | ΔNLL vs dense | top-1 agreement | prefill s |");
+        println!("|---|---|---|---|---|---|");
+        for r in &e2e {
+            println!(
+                "| {} | {:.4} | {:.3} | {:+.4} | {:.4} | {:.1} |",
+                r.method, r.nll, r.ppl, r.nll_delta, r.top1_agreement, r.prefill_s
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints the per-layer and the mean quality tables (markdown).
+fn print_quality(quality: &[HeadQuality], methods: &[EvalMethod]) {
+    println!("Per layer (all heads pooled; per-head min–max of the attention-mass recall):\n");
+    println!(
+        "| layer | method | density | oracle row density | mass recall | recall min–max over heads | rel L2 err | tol. recall (<0.01) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in quality.iter().filter(|r| r.head.is_none()) {
+        let heads = quality
+            .iter()
+            .filter(|h| h.head.is_some() && h.layer == r.layer && h.method == r.method);
+        let (lo, hi) = heads.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), h| {
+            (lo.min(h.quality.attn_recall), hi.max(h.quality.attn_recall))
+        });
+        println!(
+            "| {} | {} | {:.4} | {} | {:.4} | {lo:.4}–{hi:.4} | {:.2e} | {:.4} |",
+            r.layer,
+            r.method,
+            r.quality.density,
+            f(r.oracle_row_density),
+            r.quality.attn_recall,
+            r.quality.rel_l2_err,
+            r.quality.tol_recall_01
+        );
+    }
+    println!("\nMean over the measured layers:\n");
+    println!(
+        "| method | density | mass recall | worst head recall | rel L2 err | tol. recall (<0.01) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for m in methods {
+        let label = m.label();
+        let ls: Vec<_> = quality
+            .iter()
+            .filter(|r| r.head.is_none() && r.method == label)
+            .collect();
+        let worst = quality
+            .iter()
+            .filter(|r| r.head.is_some() && r.method == label)
+            .map(|r| r.quality.attn_recall)
+            .fold(f64::INFINITY, f64::min);
+        let k = ls.len().max(1) as f64;
+        let mean = |g: &dyn Fn(&Quality) -> f64| ls.iter().map(|r| g(&r.quality)).sum::<f64>() / k;
+        println!(
+            "| {label} | {:.4} | {:.4} | {worst:.4} | {:.2e} | {:.4} |",
+            mean(&|q| q.density),
+            mean(&|q| q.attn_recall),
+            mean(&|q| q.rel_l2_err),
+            mean(&|q| q.tol_recall_01)
+        );
     }
 }

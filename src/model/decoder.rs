@@ -457,9 +457,31 @@ impl Decoder {
         }
     }
 
+    /// The method the decoder's plan runs in `layer` (the loaded method, or dense for a
+    /// layer outside [`Decoder::method_layers`]).
+    pub fn layer_method(&self, layer: usize) -> Method {
+        if self.method_layers.is_empty() || self.method_layers.contains(&layer) {
+            self.method.clone()
+        } else {
+            Method::Dense
+        }
+    }
+
+    /// Replaces the attention method (for every layer in [`Decoder::method_layers`]).
+    pub fn set_method(&mut self, method: Method) {
+        self.method = method;
+    }
+
+    /// The softmax scale of the attention (1/√head_dim).
+    pub fn attention_scale(&self) -> f32 {
+        1.0 / (self.cfg.head_dim as f32).sqrt()
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         layer: usize,
+        method: Method,
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -468,13 +490,8 @@ impl Decoder {
     ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let d = c.head_dim;
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = self.attention_scale();
         let window = if c.global[layer] { None } else { c.window };
-        let method = if self.method_layers.is_empty() || self.method_layers.contains(&layer) {
-            self.method.clone()
-        } else {
-            Method::Dense
-        };
         let run = |k: &[f32], v: &[f32], n: usize, method: Method| -> Result<Vec<f32>> {
             let shape = AttentionShape {
                 q_heads: c.n_head,
@@ -550,6 +567,22 @@ impl Decoder {
         cache: &mut KvCache,
         observe: &mut dyn FnMut(&LayerQkv<'_>) -> Result<()>,
     ) -> Result<Vec<f32>> {
+        self.forward_with(ids, cache, &mut |l| {
+            observe(l)?;
+            Ok(self.layer_method(l.layer))
+        })
+    }
+
+    /// [`Decoder::forward`] where `pick` sees every layer's post-RoPE Q/K/V of these
+    /// tokens and returns the method that layer's attention runs (a sliding-window
+    /// layer keeps its window whenever the keys reach past it, whatever `pick` says).
+    /// Lets a method depend on the layer's own Q/K, as the oracle does.
+    pub fn forward_with(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        pick: &mut dyn FnMut(&LayerQkv<'_>) -> Result<Method>,
+    ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let (t, dm, d) = (ids.len(), c.d_model, c.head_dim);
         let start = cache.len;
@@ -616,7 +649,7 @@ impl Decoder {
                 heads_first(&k, c.n_kv_head),
                 heads_first(&v, c.n_kv_head),
             );
-            observe(&LayerQkv {
+            let method = pick(&LayerQkv {
                 layer: li,
                 global: c.global[li],
                 start,
@@ -635,7 +668,7 @@ impl Decoder {
             } else {
                 (cache.k[li].concat(), cache.v[li].concat())
             };
-            let o = self.attend(li, &qh, &kc, &vc, t, n)?;
+            let o = self.attend(li, method, &qh, &kc, &vc, t, n)?;
             // [heads, t, d] -> [t, heads*d]
             let mut ot = vec![0f32; t * c.n_head * d];
             for h in 0..c.n_head {

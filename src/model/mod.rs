@@ -4,6 +4,7 @@
 //! [`AttentionPlan`](crate::AttentionPlan), and that dumps real post-RoPE Q/K/V.
 
 pub mod decoder;
+pub mod eval;
 pub mod gguf;
 pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]

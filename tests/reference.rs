@@ -1,0 +1,113 @@
+//! The decoder's logits against an independent reference: `tests/reference/
+//! llama_reference.py`, a numpy (float64) forward pass of SmolLM2 that reads the GGUF
+//! with the `gguf` package and shares no code with the Rust decoder.
+//!
+//! Needs the SmolLM2 GGUF (`scripts/fetch-models.sh smollm2`) and a Python with numpy
+//! and gguf: `$WGSPARSE_REFERENCE_PYTHON`, else `data/venv/bin/python` (see
+//! `scripts/test.sh`). Without them the test prints why and returns; with
+//! `WGSPARSE_REQUIRE_MODELS=1` it fails instead.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use wgsparse::model::decoder::{Decoder, argmax};
+use wgsparse::model::gguf::Gguf;
+use wgsparse::model::tokenizer::ModelTokenizer;
+use wgsparse::{Context, Method};
+
+/// Tokens compared.
+const TOKENS: usize = 64;
+/// Max |logit difference| allowed, in logit units (logits here reach about 30; 9.3e-5
+/// measured when written): both sides use the same dequantized weights, the rest is f32
+/// (ours) vs f64 (numpy) arithmetic through 30 layers.
+const TOL: f32 = 2e-3;
+
+fn require() -> bool {
+    std::env::var("WGSPARSE_REQUIRE_MODELS").is_ok_and(|v| v == "1")
+}
+
+fn skip(why: String) {
+    assert!(!require(), "WGSPARSE_REQUIRE_MODELS=1 but {why}");
+    eprintln!("skipping: {why}");
+}
+
+#[test]
+fn smollm2_logits_match_the_numpy_reference() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let data = std::env::var("WGSPARSE_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("data"));
+    let model = data.join("models/smollm2-135m-instruct-q4_1.gguf");
+    if !model.exists() {
+        return skip(format!("{} is missing", model.display()));
+    }
+    let python = std::env::var("WGSPARSE_REFERENCE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| data.join("venv/bin/python"));
+    let ok = Command::new(&python)
+        .args(["-c", "import numpy, gguf"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        return skip(format!(
+            "{} cannot import numpy and gguf (scripts/test.sh makes that venv)",
+            python.display()
+        ));
+    }
+
+    let g = Gguf::open(&model).unwrap();
+    let tok = ModelTokenizer::from_gguf(&g).unwrap();
+    let f: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/tokens_smollm2_prideprejudice.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut ids = tok.encode_prompt(f["text"].as_str().unwrap()).unwrap();
+    assert!(ids.len() >= TOKENS);
+    ids.truncate(TOKENS);
+
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let (ids_path, out_path) = (
+        tmp.join("reference_ids.bin"),
+        tmp.join("reference_logits.bin"),
+    );
+    let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    std::fs::write(&ids_path, bytes).unwrap();
+    let o = Command::new(&python)
+        .arg(root.join("tests/reference/llama_reference.py"))
+        .arg(&model)
+        .arg(&ids_path)
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let want: Vec<f32> = std::fs::read(&out_path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+
+    let dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+    let mut cache = dec.new_cache();
+    let h = dec.forward(&ids, &mut cache, &mut |_| Ok(())).unwrap();
+    let got = dec.logits(&h);
+    assert_eq!(got.len(), want.len(), "logit counts differ");
+    let vocab = got.len() / TOKENS;
+    let mut max_diff = 0f32;
+    let mut argmax_same = 0;
+    for (g, w) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)) {
+        for (a, b) in g.iter().zip(w) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+        argmax_same += usize::from(argmax(g) == argmax(w));
+    }
+    eprintln!(
+        "SmolLM2, {TOKENS} tokens: max |Δlogit| {max_diff:.2e}, greedy token equal at {argmax_same}/{TOKENS} positions"
+    );
+    assert!(max_diff < TOL, "max |Δlogit| {max_diff} ≥ {TOL}");
+    assert_eq!(argmax_same, TOKENS);
+}
