@@ -533,6 +533,14 @@ fn bad_sparse_requests_are_typed_errors() {
         plan.run_with_state(&qt, &kt, &vt, &mut out, &mut st),
         Err(Error::InvalidArgument(_))
     ));
+    // Anchor keeps its own row state: importing one is refused at build (CPU and GPU).
+    assert!(matches!(
+        ctx.attention(shape)
+            .method(Method::Anchor(small_anchor()))
+            .import_state(true)
+            .build(),
+        Err(Error::InvalidArgument(_))
+    ));
     // Window 0, and sparse methods with kv_len != seq_len.
     assert!(
         ctx.attention(shape)

@@ -415,23 +415,8 @@ impl AnchorGpu {
         opts: &AttentionOptions,
         cfg: &AnchorConfig,
     ) -> Result<Self> {
-        cfg.validate()?;
-        if !opts.causal {
-            return Err(Error::InvalidArgument(
-                "anchor attention is a causal (prefill) method".into(),
-            ));
-        }
-        if opts.import_state {
-            return Err(Error::InvalidArgument(
-                "anchor attention starts from an empty row state (import_state is for the executors)"
-                    .into(),
-            ));
-        }
-        if shape.kv_len != shape.seq_len {
-            return Err(Error::InvalidShape(
-                "anchor attention needs as many keys as queries".into(),
-            ));
-        }
+        // The configuration, causality, import_state and the square shape were checked
+        // by the plan builder (`method_setup`), for the CPU path too.
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let caps = &g.caps;
         let (h, n, d) = (shape.q_heads, shape.seq_len, shape.head_dim);

@@ -447,6 +447,12 @@ fn method_setup(
                     "anchor attention is a causal (prefill) method".into(),
                 ));
             }
+            if opts.import_state {
+                return Err(Error::InvalidArgument(
+                    "anchor attention starts from an empty row state (import_state is for the executors)"
+                        .into(),
+                ));
+            }
             (ExecConfig::default(), None, None)
         }
         Method::Window(w) => {
@@ -599,6 +605,15 @@ impl AttentionPlan {
         Ok(())
     }
 
+    /// Checks the inputs and the output against the plan's shape, dtype and device.
+    fn check_io(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor) -> Result<()> {
+        let dt = self.opts.dtype;
+        self.check(q, &self.shape.q_dims(), dt, "q")?;
+        self.check(k, &self.shape.kv_dims(), dt, "k")?;
+        self.check(v, &self.shape.kv_dims(), dt, "v")?;
+        self.check(out, &self.shape.q_dims(), dt, "output")
+    }
+
     /// Runs and returns a new output tensor `[q_heads, seq_len, head_dim]`.
     pub fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let mut out = Tensor::zeros(&self.ctx, &self.shape.q_dims(), self.opts.dtype)?;
@@ -633,11 +648,7 @@ impl AttentionPlan {
         out: &mut Tensor,
         state: Option<&mut RowState>,
     ) -> Result<()> {
-        let dt = self.opts.dtype;
-        self.check(q, &self.shape.q_dims(), dt, "q")?;
-        self.check(k, &self.shape.kv_dims(), dt, "k")?;
-        self.check(v, &self.shape.kv_dims(), dt, "v")?;
-        self.check(out, &self.shape.q_dims(), dt, "output")?;
+        self.check_io(q, k, v, out)?;
         if let Some(st) = &state {
             self.check(
                 &st.ml,
@@ -708,11 +719,7 @@ impl AttentionPlan {
         v: &Tensor,
         out: &Tensor,
     ) -> Result<()> {
-        let dt = self.opts.dtype;
-        self.check(q, &self.shape.q_dims(), dt, "q")?;
-        self.check(k, &self.shape.kv_dims(), dt, "k")?;
-        self.check(v, &self.shape.kv_dims(), dt, "v")?;
-        self.check(out, &self.shape.q_dims(), dt, "output")?;
+        self.check_io(q, k, v, out)?;
         self.record_checked(rec, q, k, v, out, None)
     }
 

@@ -476,15 +476,7 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
             // Per head and row the keys the method reported, then plain softmax.
             let n = shape.seq_len;
             let rows: Vec<Vec<Vec<bool>>> = (0..shape.q_heads)
-                .map(|h| {
-                    (0..n)
-                        .map(|r| {
-                            (0..n)
-                                .map(|j| KeyPattern::visible(&vis, h, r, j, n))
-                                .collect()
-                        })
-                        .collect()
-                })
+                .map(|h| (0..n).map(|r| vis.row_keys(h, r, n)).collect())
                 .collect();
             (
                 "naive f64 attention over the method's selected keys, WASM".to_string(),

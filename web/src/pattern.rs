@@ -47,9 +47,8 @@ impl<'a> Visibility<'a> {
         }
     }
 
-    /// The visible keys of each row of query block `rows` of head `h`, as a bitmap per
-    /// row (`n` keys).
-    fn row_keys(&self, h: usize, r: usize, n: usize) -> Vec<bool> {
+    /// The keys row `r` of head `h` visits, as a bitmap over the `n` keys.
+    pub fn row_keys(&self, h: usize, r: usize, n: usize) -> Vec<bool> {
         let mut vis = vec![false; n];
         let horizon = if self.causal { r + 1 } else { n };
         match self.method {
@@ -121,11 +120,6 @@ impl KeyPattern {
             cells,
             head_density: all_c as f64 / all_n.max(1) as f64,
         }
-    }
-
-    /// Whether query row `r` of `head` visits key `j` (for a naive reference).
-    pub fn visible(vis: &Visibility, h: usize, r: usize, j: usize, n: usize) -> bool {
-        vis.row_keys(h, r, n)[j]
     }
 }
 
