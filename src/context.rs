@@ -202,6 +202,11 @@ pub struct Capabilities {
     pub coop_matrix: Vec<CoopMatrixShape>,
     /// Timestamp queries at pass boundaries.
     pub timestamps: bool,
+    /// WGSL's `packed_4x8_integer_dot_product` language feature (`dot4I8Packed`):
+    /// always on native wgpu (naga lowers it to the hardware instruction or a
+    /// polyfill), what the browser reports on the web. `WGSPARSE_NO_INT_DOT4=1` turns it
+    /// off (tests of the plain-integer variants).
+    pub int_dot4: bool,
     /// Bytes per storage binding this crate plans with (the adapter's, or lower).
     pub max_storage_binding: u64,
     /// The adapter's own storage-binding limit.
@@ -227,6 +232,7 @@ impl Capabilities {
             f16: true,
             f16_storage: true,
             subgroups: false,
+            int_dot4: false,
             subgroup_min_size: 0,
             subgroup_max_size: 0,
             coop_matrix: vec![],
@@ -279,6 +285,7 @@ impl Capabilities {
                 vec![]
             },
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            int_dot4: int_dot4_available(info.backend),
             max_storage_binding: planned,
             adapter_max_storage_binding: adapter_binding,
             max_buffer: limits.max_buffer_size,
@@ -386,6 +393,21 @@ fn adapter_rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
         _ => 2,
     };
     (ty, api)
+}
+
+/// Whether WGSL's packed 4×8 integer dot product may be used on this backend.
+fn int_dot4_available(backend: wgpu::Backend) -> bool {
+    #[cfg(not(target_arch = "wasm32"))]
+    if std::env::var("WGSPARSE_NO_INT_DOT4").is_ok_and(|v| v == "1") {
+        return false;
+    }
+    if backend == wgpu::Backend::BrowserWebGpu {
+        // The browser's WGSL compiler decides; ask it through a (cheap) web instance.
+        return instance(Backend::BrowserWebGpu)
+            .wgsl_language_features()
+            .contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
+    }
+    true
 }
 
 fn instance(backend: Backend) -> wgpu::Instance {

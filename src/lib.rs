@@ -41,6 +41,7 @@ pub use tensor::{DType, HostData, Tensor};
 pub fn all_kernel_variants() -> Vec<pipeline::KernelSpec> {
     let mut v = attention::dense_gpu::all_dense_variants();
     v.extend(attention::anchor::all_anchor_variants());
+    v.extend(attention::sale::all_sale_variants());
     v.extend(moe::all_moe_variants());
     v
 }

@@ -57,6 +57,14 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         "anchor/select.wgsl",
         include_str!("../shaders/anchor/select.wgsl"),
     ),
+    (
+        "sale/quantize.wgsl",
+        include_str!("../shaders/sale/quantize.wgsl"),
+    ),
+    (
+        "sale/estimate.wgsl",
+        include_str!("../shaders/sale/estimate.wgsl"),
+    ),
 ];
 
 /// Looks a shader file up by its path under `shaders/`.

@@ -17,6 +17,7 @@ pub mod dense_cpu;
 pub mod dense_gpu;
 pub mod lut;
 pub mod oracle;
+pub mod sale;
 pub mod split;
 
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ use anchor::{AnchorConfig, AnchorGpu, AnchorStats, anchor_cpu};
 use dense_cpu::{CpuAttention, HostRowState, attention_cpu};
 use dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
 use lut::{LutUnit, SparseLut};
+use sale::{SaleConfig, SaleGpu, SaleStats, sale_cpu};
 
 /// Sizes of one attention problem (batch 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -153,6 +155,9 @@ pub enum Method {
     BlockSparse(Arc<SparseLut>),
     /// The stripe executor with fixed key lists ([`LutUnit::Keys`]).
     Stripes(Arc<SparseLut>),
+    /// SALE (papers.md §2): low-bit score estimation, Relative Attention Score block
+    /// selection, block-sparse attention on 64 × 32 blocks.
+    Sale(SaleConfig),
 }
 
 /// Sliding window with sinks: row r attends keys j ≤ r with `r − j < window` or
@@ -210,10 +215,11 @@ impl Method {
             Method::Dense,
             Method::Anchor(AnchorConfig::default()),
             Method::Window(WindowConfig::default()),
+            Method::Sale(SaleConfig::default()),
         ]
     }
 
-    /// Short name (`dense`, `anchor`, `window`, `block-sparse`, `stripes`).
+    /// Short name (`dense`, `anchor`, `window`, `sale`, `block-sparse`, `stripes`).
     pub fn name(&self) -> &'static str {
         match self {
             Method::Dense => "dense",
@@ -221,6 +227,7 @@ impl Method {
             Method::Window(_) => "window",
             Method::BlockSparse(_) => "block-sparse",
             Method::Stripes(_) => "stripes",
+            Method::Sale(_) => "sale",
         }
     }
 }
@@ -232,8 +239,9 @@ impl std::str::FromStr for Method {
             "dense" => Ok(Method::Dense),
             "anchor" => Ok(Method::Anchor(AnchorConfig::default())),
             "window" => Ok(Method::Window(WindowConfig::default())),
+            "sale" => Ok(Method::Sale(SaleConfig::default())),
             o => Err(Error::InvalidArgument(format!(
-                "unknown method `{o}` (known: dense, anchor, window)"
+                "unknown method `{o}` (known: dense, anchor, window, sale)"
             ))),
         }
     }
@@ -308,12 +316,28 @@ pub struct AttentionReport {
     pub dispatches: usize,
     /// AnchorAttention's details (anchor vs stripe pairs, stripes per group).
     pub anchor: Option<AnchorStats>,
+    /// SALE's details (exact vs selected pairs, blocks per head).
+    pub sale: Option<SaleStats>,
 }
 
 impl AttentionReport {
     /// Milliseconds of the run (GPU timestamps where present, else wall clock).
     pub fn ms(&self) -> f64 {
         self.timing.ms()
+    }
+
+    /// Milliseconds of the stages that choose the pattern rather than compute
+    /// attention (SALE: quantize, estimate, compact; AnchorAttention: pool, select,
+    /// compact); `None` for methods without such stages or without stage times.
+    pub fn estimation_ms(&self) -> Option<f64> {
+        const NAMES: [&str; 5] = ["quantize", "estimate", "pool", "select", "compact"];
+        let mut total = None;
+        for s in &self.timing.stages {
+            if NAMES.contains(&s.name.as_str()) {
+                *total.get_or_insert(0.0) += s.ms?;
+            }
+        }
+        total
     }
 }
 
@@ -394,6 +418,9 @@ impl AttentionPlanBuilder {
                 Method::Anchor(cfg) => {
                     GpuPlan::Anchor(AnchorGpu::build(&self.ctx, &self.shape, &self.opts, cfg)?)
                 }
+                Method::Sale(cfg) => {
+                    GpuPlan::Sale(SaleGpu::build(&self.ctx, &self.shape, &self.opts, cfg)?)
+                }
                 _ => {
                     let exec = DenseGpu::build(&self.ctx, &self.shape, &self.opts, &exec)?;
                     let lut = match &lut {
@@ -450,6 +477,23 @@ fn method_setup(
             if opts.import_state {
                 return Err(Error::InvalidArgument(
                     "anchor attention starts from an empty row state (import_state is for the executors)"
+                        .into(),
+                ));
+            }
+            (ExecConfig::default(), None, None)
+        }
+        Method::Sale(cfg) => {
+            cfg.validate()?;
+            cfg.validate_heads(shape.q_heads)?;
+            sparse_needs_square()?;
+            if !opts.causal {
+                return Err(Error::InvalidArgument(
+                    "sale attention is a causal (prefill) method".into(),
+                ));
+            }
+            if opts.import_state {
+                return Err(Error::InvalidArgument(
+                    "sale attention starts from an empty row state (import_state is for the executors)"
                         .into(),
                 ));
             }
@@ -544,6 +588,8 @@ enum GpuPlan {
     },
     /// AnchorAttention's three stages.
     Anchor(AnchorGpu),
+    /// SALE's stages.
+    Sale(SaleGpu),
 }
 
 /// A built attention: run it many times on tensors of its shape.
@@ -658,23 +704,28 @@ impl AttentionPlan {
             )?;
             self.check(&st.acc, &self.shape.q_dims(), DType::F32, "state.acc")?;
         }
-        if state.is_some() && matches!(self.method, Method::Anchor(_)) {
-            return Err(Error::InvalidArgument(
-                "anchor attention manages its own row state; run it without one".into(),
-            ));
+        if state.is_some() && matches!(self.method, Method::Anchor(_) | Method::Sale(_)) {
+            return Err(Error::InvalidArgument(format!(
+                "{} attention manages its own row state; run it without one",
+                self.method.name()
+            )));
         }
         let report = match &self.gpu {
             Some(gpu) => {
                 let mut rec = Recorder::new(&self.ctx, "attention", self.stage_count())?;
                 self.record_checked(&mut rec, q, k, v, out, state.as_deref())?;
                 let timing = rec.submit().await?;
-                let (density, anchor, dispatches) = match gpu {
+                let (density, anchor, sale, dispatches) = match gpu {
                     GpuPlan::Exec { exec, .. } => {
-                        (self.static_density(), None, exec.dispatch_count())
+                        (self.static_density(), None, None, exec.dispatch_count())
                     }
                     GpuPlan::Anchor(a) => {
                         let stats = a.stats(&self.ctx).await?;
-                        (stats.density(), Some(stats), a.dispatch_count())
+                        (stats.density(), Some(stats), None, a.dispatch_count())
+                    }
+                    GpuPlan::Sale(s) => {
+                        let stats = s.stats(&self.ctx).await?;
+                        (stats.density(), None, Some(stats), s.dispatch_count())
                     }
                 };
                 AttentionReport {
@@ -684,6 +735,7 @@ impl AttentionPlan {
                     density,
                     dispatches,
                     anchor,
+                    sale,
                 }
             }
             None => self.run_cpu(q, k, v, out, state)?,
@@ -704,6 +756,7 @@ impl AttentionPlan {
     pub fn stage_count(&self) -> u32 {
         match &self.gpu {
             Some(GpuPlan::Anchor(_)) => AnchorGpu::STAGES,
+            Some(GpuPlan::Sale(_)) => SaleGpu::STAGES,
             _ => 1,
         }
     }
@@ -750,6 +803,7 @@ impl AttentionPlan {
                 exec.record(&self.ctx, rec, self.method.name(), &io)
             }
             GpuPlan::Anchor(a) => a.record(&self.ctx, rec, &buf(q), &buf(k), &buf(v), &buf(out)),
+            GpuPlan::Sale(s) => s.record(&self.ctx, rec, &buf(q), &buf(k), &buf(v), &buf(out)),
         }
     }
 
@@ -766,7 +820,14 @@ impl AttentionPlan {
                 let (anchor, stripes) = a.selection(&self.ctx).await?;
                 Ok(Some(vec![anchor, stripes]))
             }
-            (Method::Anchor(_), _) => {
+            (Method::Sale(_), Some(GpuPlan::Sale(s))) => {
+                if self.report().is_none() {
+                    return Ok(None);
+                }
+                let (exact, blocks) = s.selection(&self.ctx).await?;
+                Ok(Some(vec![exact, blocks]))
+            }
+            (Method::Anchor(_) | Method::Sale(_), _) => {
                 Ok(self.cpu_selection.lock().expect("selection lock").clone())
             }
             _ => Ok(self.lut.as_ref().map(|l| vec![(**l).clone()])),
@@ -782,6 +843,7 @@ impl AttentionPlan {
         }
         match &self.gpu {
             Some(GpuPlan::Anchor(a)) => Ok(Some(a.row_stats(&self.ctx).await?)),
+            Some(GpuPlan::Sale(s)) => Ok(Some(s.row_stats(&self.ctx).await?)),
             _ => Ok(self.cpu_row_stats.lock().expect("row stats lock").clone()),
         }
     }
@@ -810,7 +872,17 @@ impl AttentionPlan {
             lut: self.lut.as_deref(),
         };
         let mut anchor = None;
+        let mut sale = None;
         let result = match (&self.method, state) {
+            (Method::Sale(cfg), _) => {
+                let run = sale_cpu(&self.shape, cfg, scale, &qf, &kf, &vf)?;
+                let exact = cfg.exact_lut(self.shape.q_heads, self.shape.seq_len)?;
+                *self.cpu_selection.lock().expect("selection lock") =
+                    Some(vec![exact, run.selection.blocks]);
+                *self.cpu_row_stats.lock().expect("row stats lock") = Some(run.ml);
+                sale = Some(run.stats);
+                run.out
+            }
             (Method::Anchor(cfg), _) => {
                 let run = anchor_cpu(&self.shape, cfg, scale, &qf, &kf, &vf)?;
                 let anchor_lut = cfg.anchor_lut(self.shape.q_heads, self.shape.seq_len)?;
@@ -839,9 +911,10 @@ impl AttentionPlan {
         *out.host_mut().expect("checked: CPU context") =
             HostData::from_f32(&result, self.opts.dtype)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let density = match &anchor {
-            Some(a) => a.density(),
-            None => self.static_density(),
+        let density = match (&anchor, &sale) {
+            (Some(a), _) => a.density(),
+            (_, Some(s)) => s.density(),
+            _ => self.static_density(),
         };
         Ok(AttentionReport {
             method: self.method.name().into(),
@@ -859,6 +932,7 @@ impl AttentionPlan {
             density,
             dispatches: 1,
             anchor,
+            sale,
         })
     }
 }

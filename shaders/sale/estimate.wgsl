@@ -1,0 +1,275 @@
+// SALE's block selection (papers.md §2.4), in two kernels:
+//
+// sale_estimate  one workgroup (64 threads) per (chunk of 32 candidate key blocks,
+//                64-row query block, q-head). Candidates of query block qb are the
+//                32-key blocks [1, 2·qb − LOCAL_BLOCKS): everything causal except the
+//                sink block 0, the local window and the two diagonal blocks, which the
+//                exact pass computed. For each candidate block it forms the integer dot
+//                products of the quantized Q' and K' (dot4I8Packed where the WGSL
+//                language feature exists, plain integer arithmetic otherwise), turns
+//                them into score estimates  ŝ = sq·sk·Σ + q_mean·k'_j  and keeps the
+//                block when any of its 64 × 32 entries passes the Relative Attention
+//                Score test  ŝ > (m + ln(τ_h·l)) / scale − q·k_mean,  i.e.
+//                exp(scale·(q·k − m)) / l > τ_h  with (m, l) the exact pass's row state.
+//                Writes one bit per candidate block (32 per u32). No N × N matrix.
+//                With WRITE_DOTS it writes the integer dot products instead (tests).
+// sale_compact   same grid: the kept key blocks of the chunk, ascending, at the
+//                chunk's offset (set bits of the row's earlier chunks) in the row's slice
+//                of the LUT; chunk 0 also writes the row's LUT range.
+// Constants: D (head_dim), BITS (4 or 8), LOCAL_BLOCKS (local window / 32).
+
+struct Params {
+    seq_len: u32,
+    q_heads: u32,
+    group: u32,        // q heads per kv head
+    n_qb: u32,         // 64-row query blocks
+    chunks: u32,       // candidate chunks per (head, query block) in the grid
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const BQ: u32 = 64u;
+const BK: u32 = 32u;
+const CHUNK_BLOCKS: u32 = 32u;
+const PER_WORD: u32 = 32u / BITS;
+const WORDS: u32 = D / PER_WORD;     // packed words per row
+const HIGH_NIBBLES: u32 = 0xF0F0F0F0u;
+const NEG_BIG: f32 = -3.0e38;
+const POS_BIG: f32 = 3.0e38;
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// Exclusive end of the candidate key blocks of query block qb (candidates start at 1).
+fn cand_end(qb: u32) -> u32 {
+    let diag = qb * (BQ / BK);
+    if diag > LOCAL_BLOCKS + 1u {
+        return diag - LOCAL_BLOCKS;
+    }
+    return 1u;
+}
+
+#ifdef STAGE_ESTIMATE
+@group(0) @binding(1) var<storage, read> qq: array<u32>;              // [q_heads, n, WORDS]
+@group(0) @binding(2) var<storage, read> kq: array<u32>;              // [kv_heads, n, WORDS]
+@group(0) @binding(3) var<storage, read> q_meta: array<vec2<f32>>;    // [q_heads, n] (sq, q·k_mean)
+@group(0) @binding(4) var<storage, read> k_meta: array<vec2<f32>>;    // [q_heads, n] (sk, q_mean·k')
+@group(0) @binding(5) var<storage, read> ml_buf: array<vec2<f32>>;    // [q_heads, n] exact pass (m, l)
+@group(0) @binding(6) var<storage, read> tau: array<f32>;             // [q_heads]
+#ifdef WRITE_DOTS
+@group(0) @binding(7) var<storage, read_write> dots: array<i32>;      // [q_heads, n, n]
+#else
+@group(0) @binding(7) var<storage, read_write> flags: array<u32>;     // [q_heads, n_qb, chunks]
+#endif
+
+var<workgroup> q_tile: array<u32, BQ * WORDS>;   // the query block's packed rows
+var<workgroup> k_tile: array<u32, BK * WORDS>;   // one key block's packed rows
+var<workgroup> selected: atomic<u32>;
+
+#ifdef INT_DOT4
+fn dot4(a: u32, b: u32) -> i32 {
+    return dot4I8Packed(a, b);
+}
+#else
+fn dot4(a: u32, b: u32) -> i32 {
+    let x = bitcast<i32>(a);
+    let y = bitcast<i32>(b);
+    return extractBits(x, 0u, 8u) * extractBits(y, 0u, 8u)
+        + extractBits(x, 8u, 8u) * extractBits(y, 8u, 8u)
+        + extractBits(x, 16u, 8u) * extractBits(y, 16u, 8u)
+        + extractBits(x, 24u, 8u) * extractBits(y, 24u, 8u);
+}
+#endif
+
+@compute @workgroup_size(64)
+fn sale_estimate(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let chunk = wg.x;
+    let qb = wg.y;
+    let h = wg.z;
+    let n = p.seq_len;
+    let kb0 = 1u + chunk * CHUNK_BLOCKS;
+    let kb_end = min(kb0 + CHUNK_BLOCKS, cand_end(qb));
+    if kb0 >= kb_end {
+        return;  // workgroup-uniform: no candidates in this chunk
+    }
+    let kvh = h / p.group;
+    for (var i = lid; i < BQ * WORDS; i += 64u) {
+        let row = qb * BQ + i / WORDS;
+        var w = 0u;
+        if row < n {
+            w = qq[(h * n + row) * WORDS + i % WORDS];
+        }
+        q_tile[i] = w;
+    }
+    if lid == 0u {
+        atomicStore(&selected, 0u);
+    }
+    // Thread (rg, kg) owns rows rg + 16·t (t < 4) and keys kg + 4·u (u < 8) of a block.
+    let rg = lid / 4u;
+    let kg = lid % 4u;
+    var thr: array<f32, 4>;
+    var sq: array<f32, 4>;
+    let tau_h = tau[h];
+    #unroll t 4
+    {
+        let row = qb * BQ + rg + 16u * ${t}u;
+        thr[${t}] = POS_BIG;  // rows past the end never pass
+        sq[${t}] = 0.0;
+        if row < n {
+            let qm = q_meta[h * n + row];
+            let ml = ml_buf[h * n + row];
+            sq[${t}] = qm.x;
+            thr[${t}] = NEG_BIG;  // τ = 0: every block passes (dense)
+            if tau_h > 0.0 {
+                thr[${t}] = (ml.x + log(tau_h * ml.y)) / p.scale - qm.y;
+            }
+        }
+    }
+    #endunroll
+    for (var kb = kb0; kb < kb_end; kb++) {
+        workgroupBarrier();  // the previous block's tile is no longer read
+        for (var i = lid; i < BK * WORDS; i += 64u) {
+            k_tile[i] = kq[(kvh * n + kb * BK) * WORDS + i];
+        }
+        workgroupBarrier();
+        var acc: array<i32, 32>;
+        #unroll a 32
+        acc[${a}] = 0;
+        #endunroll
+        for (var w = 0u; w < WORDS; w++) {
+            #unroll t 4
+            let qw${t} = q_tile[(rg + 16u * ${t}u) * WORDS + w];
+            #endunroll
+#ifdef INT4
+            #unroll t 4
+            let qlo${t} = (qw${t} << 4u) & HIGH_NIBBLES;
+            let qhi${t} = qw${t} & HIGH_NIBBLES;
+            #endunroll
+            #unroll u 8
+            {
+                // Nibbles 0, 2, 4, 6 (lo) and 1, 3, 5, 7 (hi) of the word, each times 16
+                // in a signed byte: the products are exactly 256× the true ones.
+                let kw = k_tile[(kg + 4u * ${u}u) * WORDS + w];
+                let klo = (kw << 4u) & HIGH_NIBBLES;
+                let khi = kw & HIGH_NIBBLES;
+                #unroll t 4
+                acc[${t} * 8 + ${u}] += dot4(qlo${t}, klo) + dot4(qhi${t}, khi);
+                #endunroll
+            }
+            #endunroll
+#else
+            #unroll u 8
+            {
+                let kw = k_tile[(kg + 4u * ${u}u) * WORDS + w];
+                #unroll t 4
+                acc[${t} * 8 + ${u}] += dot4(qw${t}, kw);
+                #endunroll
+            }
+            #endunroll
+#endif
+        }
+#ifdef WRITE_DOTS
+        #unroll t 4
+        #unroll u 8
+        {
+            let row = qb * BQ + rg + 16u * ${t}u;
+            if row < n {
+#ifdef INT4
+                let s = acc[${t} * 8 + ${u}] >> 8u;
+#else
+                let s = acc[${t} * 8 + ${u}];
+#endif
+                dots[(h * n + row) * n + kb * BK + kg + 4u * ${u}u] = s;
+            }
+        }
+        #endunroll
+        #endunroll
+#else
+        var hit = false;
+        #unroll u 8
+        {
+            let km = k_meta[h * n + kb * BK + kg + 4u * ${u}u];
+            #unroll t 4
+            {
+#ifdef INT4
+                let s = acc[${t} * 8 + ${u}] >> 8u;
+#else
+                let s = acc[${t} * 8 + ${u}];
+#endif
+                hit = hit || f32(s) * sq[${t}] * km.x + km.y > thr[${t}];
+            }
+            #endunroll
+        }
+        #endunroll
+        if hit {
+            atomicOr(&selected, 1u << (kb - kb0));
+        }
+#endif
+    }
+#ifndef WRITE_DOTS
+    workgroupBarrier();
+    if lid == 0u {
+        flags[(h * p.n_qb + qb) * p.chunks + chunk] = atomicLoad(&selected);
+    }
+#endif
+}
+#endif
+
+#ifdef STAGE_COMPACT
+@group(0) @binding(1) var<storage, read> flags: array<u32>;
+@group(0) @binding(2) var<storage, read> row_base: array<u32>;        // [h, n_qb] slice starts
+@group(0) @binding(3) var<storage, read_write> lut_ranges: array<vec2<u32>>; // [h, n_qb]
+@group(0) @binding(4) var<storage, read_write> lut_idx: array<u32>;
+
+var<workgroup> partial: array<u32, 64>;
+
+@compute @workgroup_size(64)
+fn sale_compact(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let chunk = wg.x;
+    let qb = wg.y;
+    let h = wg.z;
+    let row = h * p.n_qb + qb;
+    let used = (cand_end(qb) - 1u + CHUNK_BLOCKS - 1u) / CHUNK_BLOCKS;
+    // Kept blocks of the row's earlier chunks (chunk 0: of all its chunks, for the
+    // range), summed by the whole workgroup.
+    var upto = chunk;
+    if chunk == 0u {
+        upto = used;
+    }
+    var mine = 0u;
+    for (var c = lid; c < upto; c += 64u) {
+        mine += countOneBits(flags[row * p.chunks + c]);
+    }
+    partial[lid] = mine;
+    workgroupBarrier();
+    for (var stride = 32u; stride > 0u; stride /= 2u) {
+        if lid < stride {
+            partial[lid] += partial[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let before = partial[0];
+    let base = row_base[row];
+    if chunk == 0u && lid == 0u {
+        lut_ranges[row] = vec2<u32>(base, base + before);
+    }
+    if chunk >= used || lid >= 32u {
+        return;
+    }
+    let word = flags[row * p.chunks + chunk];
+    if (word & (1u << lid)) != 0u {
+        let rank = countOneBits(word & ((1u << lid) - 1u));
+        var offset = before;
+        if chunk == 0u {
+            offset = 0u;
+        }
+        lut_idx[base + offset + rank] = 1u + chunk * CHUNK_BLOCKS + lid;
+    }
+}
+#endif

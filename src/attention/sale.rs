@@ -1,0 +1,1389 @@
+//! SALE (papers.md §2): low-bit estimation of every causal 64 × 32 block's scores, the
+//! Relative Attention Score test against the exact sink + local + diagonal pass, and the
+//! selected blocks through the block-sparse executor continuing that pass's row state.
+//!
+//! GPU: `shaders/sale/quantize.wgsl` (sequence means, per-row int4/int8 codes and the
+//! mean-correction terms), the block executor (exact pass, exporting (m, l, acc)),
+//! `shaders/sale/estimate.wgsl` (integer dot products, RAS test, block bits, compaction
+//! into the executor's LUT) and the block executor again (selected blocks, importing
+//! the state) — one submission. CPU twin: [`sale_cpu`].
+//!
+//! Choices (stated because they differ from the released CUDA code):
+//! - **Scale groups**: one scale per row (token) and head, over all `head_dim` channels
+//!   (the CUDA code shares scales between rows r and r+8 of Q and between 8 keys of a
+//!   block, to match its tensor-core fragments; WGSL has none, and per-row scales are at
+//!   least as accurate). Round trip error ≤ scale/2 per element, scale = amax/7 (int4)
+//!   or amax/127 (int8) of the mean-subtracted row.
+//! - **Mean correction**: both Q and K are smoothed by their sequence means; the
+//!   estimate adds `q_mean·k'_j` (per key) and compares against a threshold lowered by
+//!   `q_i·k_mean` (per row), so it approximates `q_i·k_j` in the units of the exact
+//!   pass's row max. The exact passes use the original (unsmoothed) K.
+//! - **Integer products**: int4 codes are widened to signed bytes times 16 and fed to
+//!   `dot4I8Packed` (products are exactly 256× the true ones); int8 codes are used as
+//!   they are. Without the WGSL feature the same sums come from plain integer math.
+//! - **Two-pass thresholds** (the released default): (m, l) are frozen after the exact
+//!   pass.
+
+use bytemuck::{Pod, Zeroable};
+use serde::{Deserialize, Serialize};
+
+use super::dense_cpu::{CpuAttention, HostRowState, attention_cpu};
+use super::dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
+use super::lut::{LutUnit, SparseLut};
+use super::{AttentionOptions, AttentionShape};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::preprocess::Defines;
+use crate::tensor::DType;
+
+/// Query rows per selection block.
+pub const BLOCK_Q: usize = 64;
+/// Keys per selection block.
+pub const BLOCK_K: usize = 32;
+/// Candidate key blocks per workgroup of the estimation (one bit each in a u32).
+const CHUNK_BLOCKS: usize = 32;
+/// Rows per partial sum of the sequence means.
+const MEAN_CHUNK_ROWS: usize = 512;
+
+/// SALE's hyperparameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SaleConfig {
+    /// RAS threshold τ of every head without its own (0 = dense).
+    pub tau: f32,
+    /// Estimation bits: 4 or 8.
+    pub bits: u32,
+    /// Query rows per block (64: the released kernel asserts it).
+    pub block_q: usize,
+    /// Keys per block (32).
+    pub block_k: usize,
+    /// Local window computed exactly before the diagonal, in keys (128; a multiple of
+    /// 32).
+    pub local: usize,
+    /// Per-head thresholds (length `q_heads`), e.g. from calibration; overrides `tau`.
+    pub head_tau: Option<Vec<f32>>,
+}
+
+impl Default for SaleConfig {
+    fn default() -> Self {
+        SaleConfig {
+            tau: 0.004,
+            bits: 4,
+            block_q: BLOCK_Q,
+            block_k: BLOCK_K,
+            local: 128,
+            head_tau: None,
+        }
+    }
+}
+
+impl SaleConfig {
+    /// Checks the configuration; errors say what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(format!("sale: {m}")));
+        if !(self.tau.is_finite() && self.tau >= 0.0) {
+            return bad(format!("tau {} must be finite and >= 0", self.tau));
+        }
+        if self.bits != 4 && self.bits != 8 {
+            return bad(format!("bits {} must be 4 or 8", self.bits));
+        }
+        if self.block_q != BLOCK_Q || self.block_k != BLOCK_K {
+            return bad(format!(
+                "blocks {}x{}: the estimation kernel is built for {BLOCK_Q}x{BLOCK_K}",
+                self.block_q, self.block_k
+            ));
+        }
+        if !self.local.is_multiple_of(BLOCK_K) || self.local > 1 << 16 {
+            return bad(format!(
+                "local window {} must be a multiple of {BLOCK_K} up to 65536",
+                self.local
+            ));
+        }
+        if let Some(t) = &self.head_tau
+            && let Some(x) = t.iter().find(|x| !(x.is_finite() && **x >= 0.0))
+        {
+            return bad(format!("per-head tau {x} must be finite and >= 0"));
+        }
+        Ok(())
+    }
+
+    /// Checks the per-head thresholds against a head count.
+    pub fn validate_heads(&self, q_heads: usize) -> Result<()> {
+        match &self.head_tau {
+            Some(t) if t.len() != q_heads => Err(Error::InvalidArgument(format!(
+                "sale: {} per-head thresholds for {q_heads} q heads",
+                t.len()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// τ of head `h`.
+    pub fn tau_of(&self, h: usize) -> f32 {
+        self.head_tau.as_ref().map_or(self.tau, |t| t[h])
+    }
+
+    /// Local window in key blocks.
+    pub fn local_blocks(&self) -> usize {
+        self.local / BLOCK_K
+    }
+
+    /// Exclusive end of the candidate key blocks of query block `qb` (candidates start
+    /// at block 1: block 0 is the sink).
+    pub fn cand_end(&self, qb: usize) -> usize {
+        let diag = qb * (BLOCK_Q / BLOCK_K);
+        if diag > self.local_blocks() + 1 {
+            diag - self.local_blocks()
+        } else {
+            1
+        }
+    }
+
+    /// Candidate blocks of query block `qb`.
+    pub fn candidates(&self, qb: usize) -> usize {
+        self.cand_end(qb) - 1
+    }
+
+    /// The exact pass's LUT: sink block 0, the local window and the diagonal blocks of
+    /// every 64-row query block (32-key blocks; causal masking trims the diagonal).
+    pub fn exact_lut(&self, q_heads: usize, seq_len: usize) -> Result<SparseLut> {
+        let nkb = seq_len.div_ceil(BLOCK_K);
+        SparseLut::from_fn(
+            q_heads,
+            seq_len,
+            BLOCK_Q,
+            LutUnit::Blocks(BLOCK_K),
+            |_, qb| {
+                let end = ((qb + 1) * (BLOCK_Q / BLOCK_K)).min(nkb) as u32;
+                let mut v = vec![0u32];
+                v.extend(self.cand_end(qb) as u32..end);
+                v
+            },
+        )
+    }
+}
+
+/// Quantized Q and K with their scales and correction terms (the GPU layout).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedQk {
+    /// 4 or 8.
+    pub bits: u32,
+    /// Packed codes of Q' `[q_heads, n, words]`.
+    pub q_packed: Vec<u32>,
+    /// Packed codes of K' `[kv_heads, n, words]`.
+    pub k_packed: Vec<u32>,
+    /// Per Q row: (scale, q_i · k_mean) `[q_heads, n]`.
+    pub q_meta: Vec<[f32; 2]>,
+    /// Per key and q head: (scale of k'_j, q_mean[h] · k'_j) `[q_heads, n]`.
+    pub k_meta: Vec<[f32; 2]>,
+}
+
+impl QuantizedQk {
+    /// Packed words per row.
+    pub fn words(bits: u32, head_dim: usize) -> usize {
+        head_dim * bits as usize / 32
+    }
+
+    /// The signed code of channel `c` of a packed row.
+    pub fn code(bits: u32, row: &[u32], c: usize) -> i32 {
+        let per = (32 / bits) as usize;
+        let w = row[c / per] >> ((c % per) as u32 * bits);
+        let shift = 32 - bits;
+        ((w << shift) as i32) >> shift
+    }
+
+    /// The integer dot product of Q' row `(h, i)` and K' row `(kvh, j)`.
+    pub fn int_dot(&self, shape: &AttentionShape, h: usize, i: usize, j: usize) -> i32 {
+        let (n, d) = (shape.seq_len, shape.head_dim);
+        let w = Self::words(self.bits, d);
+        let kvh = h / (shape.q_heads / shape.kv_heads);
+        let qr = &self.q_packed[(h * n + i) * w..(h * n + i + 1) * w];
+        let kr = &self.k_packed[(kvh * n + j) * w..(kvh * n + j + 1) * w];
+        (0..d)
+            .map(|c| Self::code(self.bits, qr, c) * Self::code(self.bits, kr, c))
+            .sum()
+    }
+
+    /// The estimate of `q_i · k_j` minus the row term `q_i · k_mean`.
+    pub fn estimate(&self, shape: &AttentionShape, h: usize, i: usize, j: usize) -> f32 {
+        let n = shape.seq_len;
+        let [sq, _] = self.q_meta[h * n + i];
+        let [sk, qmk] = self.k_meta[h * n + j];
+        self.int_dot(shape, h, i, j) as f32 * sq * sk + qmk
+    }
+}
+
+fn quantize_row(x: &[f32], bits: u32, out: &mut [u32]) -> f32 {
+    let levels = ((1u32 << (bits - 1)) - 1) as f32;
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let (scale, inv) = if amax > 0.0 {
+        (amax / levels, levels / amax)
+    } else {
+        (0.0, 0.0)
+    };
+    let per = (32 / bits) as usize;
+    let mask = (1u32 << bits) - 1;
+    out.iter_mut().for_each(|w| *w = 0);
+    for (c, &v) in x.iter().enumerate() {
+        let q = (v * inv).round_ties_even().clamp(-levels, levels) as i32;
+        out[c / per] |= (q as u32 & mask) << ((c % per) as u32 * bits);
+    }
+    scale
+}
+
+fn head_means(x: &[f32], heads: usize, n: usize, d: usize) -> Vec<f32> {
+    let mut m = vec![0.0f64; heads * d];
+    for h in 0..heads {
+        for r in 0..n {
+            for c in 0..d {
+                m[h * d + c] += x[(h * n + r) * d + c] as f64;
+            }
+        }
+    }
+    m.iter().map(|v| (v / n as f64) as f32).collect()
+}
+
+/// Quantization on the host (the CPU twin of `shaders/sale/quantize.wgsl`).
+pub fn quantize_cpu(shape: &AttentionShape, bits: u32, q: &[f32], k: &[f32]) -> QuantizedQk {
+    let (hq, hk, n, d) = (shape.q_heads, shape.kv_heads, shape.seq_len, shape.head_dim);
+    let group = hq / hk;
+    let w = QuantizedQk::words(bits, d);
+    let qm = head_means(q, hq, n, d);
+    let km = head_means(k, hk, n, d);
+    let mut out = QuantizedQk {
+        bits,
+        q_packed: vec![0; hq * n * w],
+        k_packed: vec![0; hk * n * w],
+        q_meta: vec![[0.0; 2]; hq * n],
+        k_meta: vec![[0.0; 2]; hq * n],
+    };
+    let mut xs = vec![0.0f32; d];
+    for h in 0..hq {
+        let kvh = h / group;
+        for r in 0..n {
+            let x = &q[(h * n + r) * d..(h * n + r + 1) * d];
+            for c in 0..d {
+                xs[c] = x[c] - qm[h * d + c];
+            }
+            let s = quantize_row(&xs, bits, &mut out.q_packed[(h * n + r) * w..][..w]);
+            let qkm: f32 = x.iter().zip(&km[kvh * d..][..d]).map(|(a, b)| a * b).sum();
+            out.q_meta[h * n + r] = [s, qkm];
+        }
+    }
+    for kvh in 0..hk {
+        for r in 0..n {
+            let x = &k[(kvh * n + r) * d..(kvh * n + r + 1) * d];
+            for c in 0..d {
+                xs[c] = x[c] - km[kvh * d + c];
+            }
+            let s = quantize_row(&xs, bits, &mut out.k_packed[(kvh * n + r) * w..][..w]);
+            for h in kvh * group..(kvh + 1) * group {
+                let qmk: f32 = qm[h * d..][..d].iter().zip(&xs).map(|(a, b)| a * b).sum();
+                out.k_meta[h * n + r] = [s, qmk];
+            }
+        }
+    }
+    out
+}
+
+/// The RAS threshold of a row in estimate units: `(m + ln(τ·l)) / scale − q_i·k_mean`
+/// (−∞ for τ = 0: every block passes).
+pub fn row_threshold(tau: f32, m: f32, l: f32, scale: f32, qkm: f32) -> f32 {
+    if tau > 0.0 {
+        (m + (tau * l).ln()) / scale - qkm
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
+/// The selected blocks on the host: the LUT of kept candidate blocks and, per (head,
+/// query block), each candidate's margin `max over its entries of (ŝ − threshold)`
+/// (kept iff > 0), so tests can tell a real disagreement from a rounding tie.
+#[derive(Clone, Debug)]
+pub struct SaleSelection {
+    /// Kept candidate key blocks per (head, 64-row query block), ascending.
+    pub blocks: SparseLut,
+    /// Margins per (head, query block) over its candidates in order.
+    pub margins: Vec<Vec<f32>>,
+}
+
+/// Block selection on the host from the quantized Q/K and the exact pass's row state
+/// `ml` `[q_heads, n, 2]`.
+pub fn select_cpu(
+    shape: &AttentionShape,
+    cfg: &SaleConfig,
+    scale: f32,
+    quant: &QuantizedQk,
+    ml: &[f32],
+) -> Result<SaleSelection> {
+    let n = shape.seq_len;
+    let mut margins = vec![];
+    let blocks = SparseLut::from_fn(
+        shape.q_heads,
+        n,
+        BLOCK_Q,
+        LutUnit::Blocks(BLOCK_K),
+        |h, qb| {
+            let rows = qb * BLOCK_Q..((qb + 1) * BLOCK_Q).min(n);
+            let thr: Vec<f32> = rows
+                .clone()
+                .map(|i| {
+                    let (m, l) = (ml[2 * (h * n + i)], ml[2 * (h * n + i) + 1]);
+                    row_threshold(cfg.tau_of(h), m, l, scale, quant.q_meta[h * n + i][1])
+                })
+                .collect();
+            let mut kept = vec![];
+            let mut mg = vec![];
+            for kb in 1..cfg.cand_end(qb) {
+                let mut best = f32::NEG_INFINITY;
+                for (ri, i) in rows.clone().enumerate() {
+                    for j in kb * BLOCK_K..(kb + 1) * BLOCK_K {
+                        best = best.max(quant.estimate(shape, h, i, j) - thr[ri]);
+                    }
+                }
+                if best > 0.0 {
+                    kept.push(kb as u32);
+                }
+                mg.push(best);
+            }
+            margins.push(mg);
+            kept
+        },
+    )?;
+    Ok(SaleSelection { blocks, margins })
+}
+
+/// What SALE computed in one run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SaleStats {
+    /// Causal (q, k) pairs of the whole attention (all heads).
+    pub causal_pairs: u64,
+    /// Pairs of the exact pass (sink block, local window, diagonal; causal).
+    pub exact_pairs: u64,
+    /// Pairs of the selected blocks.
+    pub selected_pairs: u64,
+    /// Candidate 64 × 32 blocks (all heads).
+    pub candidate_blocks: u64,
+    /// Selected blocks (all heads).
+    pub selected_blocks: u64,
+    /// Fraction of candidate blocks selected, per q head.
+    pub selected_per_head: Vec<f64>,
+}
+
+impl SaleStats {
+    /// Fraction of causal pairs computed, exact pass included.
+    pub fn density(&self) -> f64 {
+        (self.exact_pairs + self.selected_pairs) as f64 / self.causal_pairs.max(1) as f64
+    }
+
+    fn from_counts(
+        shape: &AttentionShape,
+        cfg: &SaleConfig,
+        exact: &SparseLut,
+        counts: &[u32],
+    ) -> Self {
+        let n = shape.seq_len;
+        let nqb = n.div_ceil(BLOCK_Q);
+        let per_head_cand: u64 = (0..nqb).map(|qb| cfg.candidates(qb) as u64).sum();
+        let mut selected_pairs = 0;
+        let mut per_head = vec![0u64; shape.q_heads];
+        for (i, &c) in counts.iter().enumerate() {
+            let qb = i % nqb;
+            let rows = (((qb + 1) * BLOCK_Q).min(n) - qb * BLOCK_Q) as u64;
+            selected_pairs += c as u64 * rows * BLOCK_K as u64;
+            per_head[i / nqb] += c as u64;
+        }
+        SaleStats {
+            causal_pairs: shape.q_heads as u64 * (n as u64 * (n as u64 + 1) / 2),
+            exact_pairs: exact.pairs(true),
+            selected_pairs,
+            candidate_blocks: per_head_cand * shape.q_heads as u64,
+            selected_blocks: per_head.iter().sum(),
+            selected_per_head: per_head
+                .iter()
+                .map(|&s| s as f64 / per_head_cand.max(1) as f64)
+                .collect(),
+        }
+    }
+}
+
+/// What [`sale_cpu`] returns.
+#[derive(Clone, Debug)]
+pub struct SaleRun {
+    /// The output `[q_heads, seq_len, head_dim]`.
+    pub out: Vec<f32>,
+    /// The quantized Q/K the estimate used.
+    pub quant: QuantizedQk,
+    /// The selected blocks and margins.
+    pub selection: SaleSelection,
+    /// Pair and block counts.
+    pub stats: SaleStats,
+    /// Final (m, l) per row `[q_heads, seq_len, 2]`.
+    pub ml: Vec<f32>,
+}
+
+/// SALE on the host (the CPU twin of the GPU plan).
+pub fn sale_cpu(
+    shape: &AttentionShape,
+    cfg: &SaleConfig,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<SaleRun> {
+    cfg.validate()?;
+    cfg.validate_heads(shape.q_heads)?;
+    let exact = cfg.exact_lut(shape.q_heads, shape.seq_len)?;
+    let mut st = HostRowState::empty(shape);
+    let exec = |lut| CpuAttention {
+        causal: true,
+        scale,
+        window: 0,
+        sinks: 0,
+        lut: Some(lut),
+    };
+    attention_cpu(shape, &exec(&exact), q, k, v, Some(&mut st));
+    let quant = quantize_cpu(shape, cfg.bits, q, k);
+    let selection = select_cpu(shape, cfg, scale, &quant, &st.ml)?;
+    let out = attention_cpu(shape, &exec(&selection.blocks), q, k, v, Some(&mut st));
+    let counts: Vec<u32> = selection.blocks.ranges.iter().map(|[a, b]| b - a).collect();
+    let stats = SaleStats::from_counts(shape, cfg, &exact, &counts);
+    Ok(SaleRun {
+        out,
+        quant,
+        selection,
+        stats,
+        ml: st.ml,
+    })
+}
+
+/// Uniform parameters of the quantization kernels (`struct Params` in quantize.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+struct QuantParams {
+    seq_len: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    group: u32,
+    chunks: u32,
+    chunk_rows: u32,
+    _pad: [u32; 2],
+}
+
+/// Uniform parameters of the estimation kernels (`struct Params` in estimate.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+struct EstimateParams {
+    seq_len: u32,
+    q_heads: u32,
+    group: u32,
+    n_qb: u32,
+    chunks: u32,
+    scale: f32,
+    _pad: [u32; 2],
+}
+
+/// Which SALE kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    MeanPartial,
+    MeanFinal,
+    QuantQ,
+    QuantK,
+    Estimate,
+    Dots,
+    Compact,
+}
+
+fn sale_spec(
+    stage: Stage,
+    d: usize,
+    bits: u32,
+    local: usize,
+    dtype: DType,
+    dot4: bool,
+) -> KernelSpec {
+    use BindingKind::*;
+    let quant = |flag: &str| {
+        Defines::new()
+            .flag(flag)
+            .flag_if("STORE_F16", dtype == DType::F16)
+            .const_u32("D", d as u32)
+            .const_u32("BITS", bits)
+    };
+    let est = |flag: &str| {
+        Defines::new()
+            .flag(flag)
+            .flag_if("INT4", bits == 4)
+            .flag_if("INT_DOT4", dot4)
+            .const_u32("D", d as u32)
+            .const_u32("BITS", bits)
+            .const_u32("LOCAL_BLOCKS", (local / BLOCK_K) as u32)
+    };
+    let (file, entry, defines, bindings) = match stage {
+        Stage::MeanPartial => (
+            "sale/quantize.wgsl",
+            "sale_mean_partial",
+            quant("STAGE_MEAN_PARTIAL"),
+            vec![Uniform, StorageRead, StorageRead, StorageReadWrite],
+        ),
+        Stage::MeanFinal => (
+            "sale/quantize.wgsl",
+            "sale_mean_final",
+            quant("STAGE_MEAN_FINAL"),
+            vec![Uniform, StorageRead, StorageReadWrite],
+        ),
+        Stage::QuantQ | Stage::QuantK => (
+            "sale/quantize.wgsl",
+            "sale_quant",
+            quant("STAGE_QUANT").flag_if("QUANT_K", stage == Stage::QuantK),
+            vec![
+                Uniform,
+                StorageRead,
+                StorageRead,
+                StorageReadWrite,
+                StorageReadWrite,
+            ],
+        ),
+        Stage::Estimate | Stage::Dots => (
+            "sale/estimate.wgsl",
+            "sale_estimate",
+            est("STAGE_ESTIMATE").flag_if("WRITE_DOTS", stage == Stage::Dots),
+            vec![
+                Uniform,
+                StorageRead,
+                StorageRead,
+                StorageRead,
+                StorageRead,
+                StorageRead,
+                StorageRead,
+                StorageReadWrite,
+            ],
+        ),
+        Stage::Compact => (
+            "sale/estimate.wgsl",
+            "sale_compact",
+            est("STAGE_COMPACT"),
+            vec![
+                Uniform,
+                StorageRead,
+                StorageRead,
+                StorageReadWrite,
+                StorageReadWrite,
+            ],
+        ),
+    };
+    KernelSpec {
+        file,
+        entry,
+        defines,
+        bindings,
+    }
+}
+
+/// Workgroup memory of the estimation kernel: the query block's packed rows and one key
+/// block's packed rows (int4 d 256: 12 KiB; int8 d 256: 24 KiB, over WebGPU's default
+/// 16 KiB).
+pub fn estimate_workgroup_bytes(head_dim: usize, bits: u32) -> u32 {
+    let words = QuantizedQk::words(bits, head_dim);
+    ((BLOCK_Q + BLOCK_K) * words * 4 + 4) as u32
+}
+
+/// Every SALE kernel variant (shader dump and portability tests): d = 64/128/256,
+/// int4/int8, f32/f16 storage, with and without `dot4I8Packed`, the test-only dot
+/// product output included.
+pub fn all_sale_variants() -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for d in [64, 128, 256] {
+        for bits in [4, 8] {
+            for dtype in [DType::F32, DType::F16] {
+                for stage in [
+                    Stage::MeanPartial,
+                    Stage::MeanFinal,
+                    Stage::QuantQ,
+                    Stage::QuantK,
+                ] {
+                    out.push(sale_spec(stage, d, bits, 128, dtype, true));
+                }
+            }
+            for dot4 in [true, false] {
+                for stage in [Stage::Estimate, Stage::Dots, Stage::Compact] {
+                    out.push(sale_spec(stage, d, bits, 128, DType::F32, dot4));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// GPU buffers of a SALE plan.
+struct SaleBuffers {
+    quant_params: wgpu::Buffer,
+    est_params: wgpu::Buffer,
+    partial: wgpu::Buffer,
+    means: wgpu::Buffer,
+    qq: wgpu::Buffer,
+    kq: wgpu::Buffer,
+    q_meta: wgpu::Buffer,
+    k_meta: wgpu::Buffer,
+    tau: wgpu::Buffer,
+    exact_ranges: wgpu::Buffer,
+    exact_idx: wgpu::Buffer,
+    ml: wgpu::Buffer,
+    acc: wgpu::Buffer,
+    flags: wgpu::Buffer,
+    row_base: wgpu::Buffer,
+    sel_ranges: wgpu::Buffer,
+    sel_idx: wgpu::Buffer,
+}
+
+/// SALE on a GPU context.
+pub(crate) struct SaleGpu {
+    cfg: SaleConfig,
+    shape: AttentionShape,
+    exact_exec: DenseGpu,
+    sparse_exec: DenseGpu,
+    exact_lut: SparseLut,
+    kernels: Vec<std::sync::Arc<Kernel>>,
+    mean_chunks: u32,
+    chunks: u32,
+    bufs: SaleBuffers,
+}
+
+/// Sizes derived from a shape and config.
+struct Layout {
+    n_qb: usize,
+    chunks: usize,
+    mean_chunks: usize,
+    words: usize,
+    row_base: Vec<u32>,
+    capacity: u64,
+}
+
+impl Layout {
+    fn new(shape: &AttentionShape, cfg: &SaleConfig) -> Result<Self> {
+        let n = shape.seq_len;
+        let n_qb = n.div_ceil(BLOCK_Q);
+        let chunks = cfg.candidates(n_qb - 1).div_ceil(CHUNK_BLOCKS).max(1);
+        let mut row_base = Vec::with_capacity(shape.q_heads * n_qb);
+        let mut total = 0u64;
+        for _ in 0..shape.q_heads {
+            for qb in 0..n_qb {
+                row_base.push(u32::try_from(total).map_err(|_| {
+                    Error::InvalidShape("sale block list over 2^32 entries".into())
+                })?);
+                total += cfg.candidates(qb) as u64;
+            }
+        }
+        Ok(Layout {
+            n_qb,
+            chunks,
+            mean_chunks: n.div_ceil(MEAN_CHUNK_ROWS),
+            words: QuantizedQk::words(cfg.bits, shape.head_dim),
+            row_base,
+            capacity: total,
+        })
+    }
+}
+
+impl SaleGpu {
+    pub(crate) fn build(
+        ctx: &Context,
+        shape: &AttentionShape,
+        opts: &AttentionOptions,
+        cfg: &SaleConfig,
+    ) -> Result<Self> {
+        // Configuration, causality, import_state and the square shape were checked by
+        // the plan builder (`method_setup`), for the CPU path too.
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let caps = &g.caps;
+        let (hq, hk, n, d) = (shape.q_heads, shape.kv_heads, shape.seq_len, shape.head_dim);
+        let lay = Layout::new(shape, cfg)?;
+        let need_wg = estimate_workgroup_bytes(d, cfg.bits);
+        if need_wg > caps.max_workgroup_storage {
+            return Err(Error::too_large(
+                format!(
+                    "sale estimation workgroup memory (d {d}, int{}; int4 needs less)",
+                    cfg.bits
+                ),
+                need_wg as u64,
+                caps.max_workgroup_storage as u64,
+            ));
+        }
+        for (axis, v) in [
+            ("candidate chunks", lay.chunks),
+            ("query blocks", lay.n_qb),
+            ("heads", hq + hk),
+            ("mean chunks", lay.mean_chunks),
+        ] {
+            if v > caps.max_workgroups_per_dim as usize {
+                return Err(Error::InvalidShape(format!(
+                    "sale grid: {v} {axis} > {} workgroups per axis",
+                    caps.max_workgroups_per_dim
+                )));
+            }
+        }
+        let es = opts.dtype.size() as u64;
+        let sizes = [
+            ("Q (sale quantization)", (hq * n * d) as u64 * es),
+            ("K (sale quantization)", (hk * n * d) as u64 * es),
+            ("quantized Q", (hq * n * lay.words * 4) as u64),
+            ("row state m, l", (hq * n * 8) as u64),
+            ("sale block list", lay.capacity.max(1) * 4),
+            ("sale block bits", (hq * lay.n_qb * lay.chunks * 4) as u64),
+        ];
+        for (what, size) in sizes {
+            if size > caps.max_storage_binding {
+                return Err(Error::too_large(what, size, caps.max_storage_binding));
+            }
+        }
+        let acc_size = (hq * n * d) as u64 * 4;
+        crate::tensor::check_buffer_size(ctx, "sale row state acc", acc_size)?;
+
+        let exact_lut = cfg.exact_lut(hq, n)?;
+        let block_keys = KeyMode::Blocks {
+            q_block: BLOCK_Q,
+            key_block: BLOCK_K,
+        };
+        let exact_exec = DenseGpu::build(
+            ctx,
+            shape,
+            &AttentionOptions {
+                import_state: false,
+                ..opts.clone()
+            },
+            &ExecConfig {
+                keys: block_keys,
+                ..Default::default()
+            },
+        )?;
+        let sparse_exec = DenseGpu::build(
+            ctx,
+            shape,
+            &AttentionOptions {
+                import_state: true,
+                ..opts.clone()
+            },
+            &ExecConfig {
+                keys: block_keys,
+                // The final (m, l) gives the attention-mass recall.
+                export_state: true,
+                ..Default::default()
+            },
+        )?;
+
+        let dev = &g.device;
+        let storage = |label: &str, size: u64| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size.max(16).div_ceil(4) * 4,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let upload = |label: &str, bytes: &[u8]| {
+            let b = storage(label, bytes.len() as u64);
+            g.queue.write_buffer(&b, 0, bytes);
+            b
+        };
+        let uniform = |label: &str, bytes: &[u8]| {
+            let b = dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes.len() as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            g.queue.write_buffer(&b, 0, bytes);
+            b
+        };
+        let taus: Vec<f32> = (0..hq).map(|h| cfg.tau_of(h)).collect();
+        let qp = QuantParams {
+            seq_len: n as u32,
+            q_heads: hq as u32,
+            kv_heads: hk as u32,
+            group: (hq / hk) as u32,
+            chunks: lay.mean_chunks as u32,
+            chunk_rows: MEAN_CHUNK_ROWS as u32,
+            _pad: [0; 2],
+        };
+        let ep = EstimateParams {
+            seq_len: n as u32,
+            q_heads: hq as u32,
+            group: (hq / hk) as u32,
+            n_qb: lay.n_qb as u32,
+            chunks: lay.chunks as u32,
+            scale: opts.scale_for(shape),
+            _pad: [0; 2],
+        };
+        let d4 = (d / 4) as u64;
+        let bufs = SaleBuffers {
+            quant_params: uniform("sale quantization params", bytemuck::bytes_of(&qp)),
+            est_params: uniform("sale estimation params", bytemuck::bytes_of(&ep)),
+            partial: storage(
+                "sale mean partial sums",
+                ((hq + hk) * lay.mean_chunks) as u64 * d4 * 16,
+            ),
+            means: storage("sale sequence means", (hq + hk) as u64 * d4 * 16),
+            qq: storage("sale quantized q", (hq * n * lay.words * 4) as u64),
+            kq: storage("sale quantized k", (hk * n * lay.words * 4) as u64),
+            q_meta: storage("sale q scales and corrections", (hq * n * 8) as u64),
+            k_meta: storage("sale k scales and corrections", (hq * n * 8) as u64),
+            tau: upload("sale per-head tau", bytemuck::cast_slice(&taus)),
+            exact_ranges: upload(
+                "sale exact lut ranges",
+                bytemuck::cast_slice(&exact_lut.ranges),
+            ),
+            exact_idx: upload(
+                "sale exact lut indices",
+                bytemuck::cast_slice(&exact_lut.indices),
+            ),
+            ml: storage("sale row state ml", (hq * n * 8) as u64),
+            acc: storage("sale row state acc", acc_size),
+            flags: storage("sale block bits", (hq * lay.n_qb * lay.chunks * 4) as u64),
+            row_base: upload(
+                "sale block list slice starts",
+                bytemuck::cast_slice(&lay.row_base),
+            ),
+            sel_ranges: storage("sale selected lut ranges", (hq * lay.n_qb * 8) as u64),
+            sel_idx: storage("sale selected lut indices", lay.capacity * 4),
+        };
+        let spec = |s| sale_spec(s, d, cfg.bits, cfg.local, opts.dtype, caps.int_dot4);
+        let kernels = [
+            Stage::MeanPartial,
+            Stage::MeanFinal,
+            Stage::QuantQ,
+            Stage::QuantK,
+            Stage::Estimate,
+            Stage::Compact,
+        ]
+        .into_iter()
+        .map(|s| ctx.kernel(&spec(s)))
+        .collect::<Result<Vec<_>>>()?;
+        Ok(SaleGpu {
+            cfg: cfg.clone(),
+            shape: *shape,
+            exact_exec,
+            sparse_exec,
+            exact_lut,
+            kernels,
+            mean_chunks: lay.mean_chunks as u32,
+            chunks: lay.chunks as u32,
+            bufs,
+        })
+    }
+
+    /// Timed stages a run records.
+    pub(crate) const STAGES: u32 = 5;
+
+    /// Dispatches a run records.
+    pub(crate) fn dispatch_count(&self) -> usize {
+        4 + self.exact_exec.dispatch_count() + 2 + self.sparse_exec.dispatch_count()
+    }
+
+    /// Records quantization, exact pass, estimation, compaction and the sparse pass.
+    pub(crate) fn record(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder<'_>,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) -> Result<()> {
+        let b = &self.bufs;
+        let device = rec.gpu().device.clone();
+        let group =
+            |kernel: &Kernel, label: &str, params: &wgpu::Buffer, bufs: &[&wgpu::Buffer]| {
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: params.as_entire_binding(),
+                }];
+                for (i, buf) in bufs.iter().enumerate() {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: i as u32 + 1,
+                        resource: buf.as_entire_binding(),
+                    });
+                }
+                device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(label),
+                    layout: &kernel.layout,
+                    entries: &entries,
+                })
+            };
+        let [kmp, kmf, kqq, kqk, kest, kcomp] = &self.kernels[..] else {
+            unreachable!("six SALE kernels")
+        };
+        let qp = &b.quant_params;
+        let ep = &b.est_params;
+        let bg_mp = group(kmp, "sale mean partial bindings", qp, &[q, k, &b.partial]);
+        let bg_mf = group(kmf, "sale mean final bindings", qp, &[&b.partial, &b.means]);
+        let bg_qq = group(
+            kqq,
+            "sale quantize q bindings",
+            qp,
+            &[q, &b.means, &b.qq, &b.q_meta],
+        );
+        let bg_qk = group(
+            kqk,
+            "sale quantize k bindings",
+            qp,
+            &[k, &b.means, &b.kq, &b.k_meta],
+        );
+        let bg_est = group(
+            kest,
+            "sale estimation bindings",
+            ep,
+            &[&b.qq, &b.kq, &b.q_meta, &b.k_meta, &b.ml, &b.tau, &b.flags],
+        );
+        let bg_comp = group(
+            kcomp,
+            "sale compaction bindings",
+            ep,
+            &[&b.flags, &b.row_base, &b.sel_ranges, &b.sel_idx],
+        );
+        let (hq, hk, n) = (
+            self.shape.q_heads as u32,
+            self.shape.kv_heads as u32,
+            self.shape.seq_len as u32,
+        );
+        let row_blocks = n.div_ceil(64);
+        let mean_chunks = self.mean_chunks;
+        rec.stage("quantize", |pass| {
+            pass.set_pipeline(&kmp.pipeline);
+            pass.set_bind_group(0, &bg_mp, &[]);
+            pass.dispatch_workgroups(mean_chunks, hq + hk, 1);
+            pass.set_pipeline(&kmf.pipeline);
+            pass.set_bind_group(0, &bg_mf, &[]);
+            pass.dispatch_workgroups(hq + hk, 1, 1);
+            pass.set_pipeline(&kqq.pipeline);
+            pass.set_bind_group(0, &bg_qq, &[]);
+            pass.dispatch_workgroups(row_blocks, hq, 1);
+            pass.set_pipeline(&kqk.pipeline);
+            pass.set_bind_group(0, &bg_qk, &[]);
+            pass.dispatch_workgroups(row_blocks, hk, 1);
+            4
+        });
+        self.exact_exec.record(
+            ctx,
+            rec,
+            "exact",
+            &DenseBuffers {
+                q,
+                k,
+                v,
+                o: out,
+                state: Some((&b.ml, &b.acc)),
+                lut: Some((&b.exact_ranges, &b.exact_idx)),
+            },
+        )?;
+        let grid = (self.chunks, n.div_ceil(BLOCK_Q as u32), hq);
+        rec.stage("estimate", |pass| {
+            pass.set_pipeline(&kest.pipeline);
+            pass.set_bind_group(0, &bg_est, &[]);
+            pass.dispatch_workgroups(grid.0, grid.1, grid.2);
+            1
+        });
+        rec.stage("compact", |pass| {
+            pass.set_pipeline(&kcomp.pipeline);
+            pass.set_bind_group(0, &bg_comp, &[]);
+            pass.dispatch_workgroups(grid.0, grid.1, grid.2);
+            1
+        });
+        self.sparse_exec.record(
+            ctx,
+            rec,
+            "sparse",
+            &DenseBuffers {
+                q,
+                k,
+                v,
+                o: out,
+                state: Some((&b.ml, &b.acc)),
+                lut: Some((&b.sel_ranges, &b.sel_idx)),
+            },
+        )
+    }
+
+    async fn read_ranges(&self, g: &crate::context::GpuDevice) -> Result<Vec<[u32; 2]>> {
+        let rows = self.shape.q_heads * self.shape.seq_len.div_ceil(BLOCK_Q);
+        let bytes =
+            crate::tensor::read_buffer(g, &self.bufs.sel_ranges, 0, (rows * 8) as u64).await?;
+        let words: &[u32] = bytemuck::cast_slice(&bytes);
+        Ok(words.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+    }
+
+    /// Statistics of the last run (reads the LUT ranges back).
+    pub(crate) async fn stats(&self, ctx: &Context) -> Result<SaleStats> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let counts: Vec<u32> = self
+            .read_ranges(g)
+            .await?
+            .iter()
+            .map(|[a, b]| b - a)
+            .collect();
+        Ok(SaleStats::from_counts(
+            &self.shape,
+            &self.cfg,
+            &self.exact_lut,
+            &counts,
+        ))
+    }
+
+    /// Final (m, l) of every row of the last run.
+    pub(crate) async fn row_stats(&self, ctx: &Context) -> Result<Vec<f32>> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let size = (self.shape.q_heads * self.shape.seq_len * 8) as u64;
+        let bytes = crate::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    /// The exact pass's LUT and the blocks the last run selected.
+    pub(crate) async fn selection(&self, ctx: &Context) -> Result<(SparseLut, SparseLut)> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let ranges = self.read_ranges(g).await?;
+        let size = self.bufs.sel_idx.size();
+        let bytes = crate::tensor::read_buffer(g, &self.bufs.sel_idx, 0, size).await?;
+        let idx: &[u32] = bytemuck::cast_slice(&bytes);
+        let nqb = self.shape.seq_len.div_ceil(BLOCK_Q);
+        let blocks = SparseLut::from_fn(
+            self.shape.q_heads,
+            self.shape.seq_len,
+            BLOCK_Q,
+            LutUnit::Blocks(BLOCK_K),
+            |h, qb| {
+                let [a, b] = ranges[h * nqb + qb];
+                idx[a as usize..b as usize].to_vec()
+            },
+        )?;
+        Ok((self.exact_lut.clone(), blocks))
+    }
+
+    /// The quantized Q and K of the last run (read back; inspection and tests).
+    pub(crate) async fn quantized(&self, ctx: &Context) -> Result<QuantizedQk> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let read_u32 = |buf: &wgpu::Buffer| {
+            let buf = buf.clone();
+            async move {
+                let bytes = crate::tensor::read_buffer(g, &buf, 0, buf.size()).await?;
+                Ok::<Vec<u32>, Error>(bytemuck::cast_slice(&bytes).to_vec())
+            }
+        };
+        let (hq, hk, n) = (self.shape.q_heads, self.shape.kv_heads, self.shape.seq_len);
+        let w = QuantizedQk::words(self.cfg.bits, self.shape.head_dim);
+        let pairs = |v: Vec<u32>| -> Vec<[f32; 2]> {
+            v[..2 * hq * n]
+                .chunks_exact(2)
+                .map(|c| [f32::from_bits(c[0]), f32::from_bits(c[1])])
+                .collect()
+        };
+        Ok(QuantizedQk {
+            bits: self.cfg.bits,
+            q_packed: read_u32(&self.bufs.qq).await?[..hq * n * w].to_vec(),
+            k_packed: read_u32(&self.bufs.kq).await?[..hk * n * w].to_vec(),
+            q_meta: pairs(read_u32(&self.bufs.q_meta).await?),
+            k_meta: pairs(read_u32(&self.bufs.k_meta).await?),
+        })
+    }
+
+    /// The exact pass's (m, l) is overwritten by the sparse pass, so tests of the
+    /// selection recompute it on the host; this runs the estimation kernel in its
+    /// dot-product mode on quantized data and returns the integer sums `[q_heads, n, n]`
+    /// (entries outside the candidate blocks keep `fill`).
+    pub(crate) async fn dots(
+        &self,
+        ctx: &Context,
+        quant: &QuantizedQk,
+        fill: i32,
+        dot4: bool,
+    ) -> Result<Vec<i32>> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let (hq, n, d) = (self.shape.q_heads, self.shape.seq_len, self.shape.head_dim);
+        let size = (hq * n * n * 4) as u64;
+        if size > g.caps.max_storage_binding {
+            return Err(Error::too_large(
+                "sale dot products",
+                size,
+                g.caps.max_storage_binding,
+            ));
+        }
+        let kernel = ctx.kernel(&sale_spec(
+            Stage::Dots,
+            d,
+            self.cfg.bits,
+            self.cfg.local,
+            DType::F32,
+            dot4,
+        ))?;
+        let b = &self.bufs;
+        g.queue
+            .write_buffer(&b.qq, 0, bytemuck::cast_slice(&quant.q_packed));
+        g.queue
+            .write_buffer(&b.kq, 0, bytemuck::cast_slice(&quant.k_packed));
+        let dots = g.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("sale dot products"),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        g.queue
+            .write_buffer(&dots, 0, bytemuck::cast_slice(&vec![fill; hq * n * n]));
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: b.est_params.as_entire_binding(),
+        }];
+        for (i, buf) in [&b.qq, &b.kq, &b.q_meta, &b.k_meta, &b.ml, &b.tau, &dots]
+            .into_iter()
+            .enumerate()
+        {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: buf.as_entire_binding(),
+            });
+        }
+        let bg = g.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("sale dot products bindings"),
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        let mut rec = Recorder::new(ctx, "sale dot products", 1)?;
+        let grid = (self.chunks, n.div_ceil(BLOCK_Q) as u32, hq as u32);
+        rec.stage("dots", |pass| {
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(grid.0, grid.1, grid.2);
+            1
+        });
+        rec.submit().await?;
+        let bytes = crate::tensor::read_buffer(g, &dots, 0, size).await?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_lut_and_candidates_partition_the_causal_blocks() {
+        let cfg = SaleConfig::default();
+        let n = 700;
+        let lut = cfg.exact_lut(1, n).unwrap();
+        for qb in 0..n.div_ceil(BLOCK_Q) {
+            let exact: Vec<u32> =
+                lut.indices[lut.ranges[qb][0] as usize..lut.ranges[qb][1] as usize].to_vec();
+            let mut all: Vec<u32> = exact.clone();
+            all.extend(1..cfg.cand_end(qb) as u32);
+            all.sort();
+            all.dedup();
+            let last = ((qb + 1) * 2).min(n.div_ceil(BLOCK_K)) as u32;
+            assert_eq!(all, (0..last).collect::<Vec<_>>(), "query block {qb}");
+            assert_eq!(
+                all.len(),
+                exact.len() + cfg.candidates(qb),
+                "overlap at {qb}"
+            );
+        }
+        // Query block 10: sink, local blocks 16..20, diagonal 20, 21; candidates 1..16.
+        assert_eq!(cfg.cand_end(10), 16);
+    }
+
+    #[test]
+    fn quantize_round_trip_within_half_a_step() {
+        for bits in [4u32, 8] {
+            let d = 64;
+            let x: Vec<f32> = (0..d)
+                .map(|i| ((i * 37 % 17) as f32 - 8.3) * 0.37)
+                .collect();
+            let mut w = vec![0u32; QuantizedQk::words(bits, d)];
+            let s = quantize_row(&x, bits, &mut w);
+            for (c, &v) in x.iter().enumerate() {
+                let back = QuantizedQk::code(bits, &w, c) as f32 * s;
+                assert!(
+                    (back - v).abs() <= s * 0.5 + 1e-6,
+                    "bits {bits} c {c}: {back} vs {v}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_configs_are_typed_errors() {
+        for cfg in [
+            SaleConfig {
+                tau: -1.0,
+                ..Default::default()
+            },
+            SaleConfig {
+                tau: f32::NAN,
+                ..Default::default()
+            },
+            SaleConfig {
+                bits: 2,
+                ..Default::default()
+            },
+            SaleConfig {
+                block_q: 128,
+                ..Default::default()
+            },
+            SaleConfig {
+                local: 100,
+                ..Default::default()
+            },
+            SaleConfig {
+                head_tau: Some(vec![0.1, f32::INFINITY]),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(cfg.validate(), Err(Error::InvalidArgument(_))),
+                "{cfg:?}"
+            );
+        }
+        let cfg = SaleConfig {
+            head_tau: Some(vec![0.1; 3]),
+            ..Default::default()
+        };
+        assert!(cfg.validate_heads(4).is_err());
+        assert!(cfg.validate_heads(3).is_ok());
+    }
+
+    /// A GPU context; a missing adapter fails under `WGSPARSE_REQUIRE_GPU=1` (CI) and
+    /// skips otherwise.
+    fn gpu() -> Option<Context> {
+        let mut opts = crate::ContextOptions::from_env().expect("environment");
+        if opts.backend == crate::Backend::Cpu {
+            opts.backend = crate::Backend::Auto;
+        }
+        opts.require_gpu = true;
+        match Context::new_blocking(opts) {
+            Ok(c) => Some(c),
+            Err(e) if std::env::var("WGSPARSE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+                panic!("WGSPARSE_REQUIRE_GPU=1 but no GPU adapter: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping GPU test: {e}");
+                None
+            }
+        }
+    }
+
+    /// Random Q, K, V with a non-zero mean per channel (so the smoothing matters).
+    fn random_qkv(shape: &AttentionShape, seed: u64) -> [Vec<f32>; 3] {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let d = shape.head_dim;
+        let offsets: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut make = |heads: usize| -> Vec<f32> {
+            (0..heads * shape.seq_len * d)
+                .map(|i| rng.random_range(-1.5f32..1.5) + offsets[i % d])
+                .collect()
+        };
+        [
+            make(shape.q_heads),
+            make(shape.kv_heads),
+            make(shape.kv_heads),
+        ]
+    }
+
+    fn seed() -> u64 {
+        let s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("seed = {s}");
+        s
+    }
+
+    /// GPU quantization vs the CPU twin, then the estimation kernel's integer dot
+    /// products (both the dot4I8Packed and the plain-integer variant) vs the host, bit
+    /// for bit on the GPU's own codes, at a ragged length with GQA.
+    #[test]
+    fn gpu_quantization_and_integer_dots_match_the_host() {
+        let Some(ctx) = gpu() else { return };
+        let shape = AttentionShape::new(4, 2, 333, 64);
+        let [q, k, v] = random_qkv(&shape, seed());
+        for bits in [4u32, 8] {
+            let cfg = SaleConfig {
+                bits,
+                local: 64,
+                ..Default::default()
+            };
+            let plan = ctx
+                .attention(shape)
+                .method(super::super::Method::Sale(cfg.clone()))
+                .build()
+                .unwrap();
+            let (tq, tk, tv) =
+                super::super::upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+            plan.run(&tq, &tk, &tv).unwrap();
+            let Some(super::super::GpuPlan::Sale(sg)) = &plan.gpu else {
+                panic!("a GPU plan")
+            };
+            let gq = pollster::block_on(sg.quantized(&ctx)).unwrap();
+            let cq = quantize_cpu(&shape, bits, &q, &k);
+            // Codes: rounding ties may flip by one step (GPU division is not exact).
+            let w = QuantizedQk::words(bits, shape.head_dim);
+            let mut flips = 0;
+            for (packed_g, packed_c) in [(&gq.q_packed, &cq.q_packed), (&gq.k_packed, &cq.k_packed)]
+            {
+                for (rg, rc) in packed_g.chunks(w).zip(packed_c.chunks(w)) {
+                    for c in 0..shape.head_dim {
+                        let (a, b) = (
+                            QuantizedQk::code(bits, rg, c),
+                            QuantizedQk::code(bits, rc, c),
+                        );
+                        assert!((a - b).abs() <= 1, "bits {bits}: code {a} vs {b}");
+                        flips += (a != b) as usize;
+                    }
+                }
+            }
+            let total = (shape.q_heads + shape.kv_heads) * shape.seq_len * shape.head_dim;
+            assert!(
+                flips * 1000 <= total,
+                "bits {bits}: {flips} of {total} codes differ"
+            );
+            for (metas_g, metas_c) in [(&gq.q_meta, &cq.q_meta), (&gq.k_meta, &cq.k_meta)] {
+                for (a, b) in metas_g.iter().zip(metas_c) {
+                    assert!(
+                        (a[0] - b[0]).abs() <= 1e-5 * b[0].abs() + 1e-7,
+                        "scale {a:?} vs {b:?}"
+                    );
+                    assert!((a[1] - b[1]).abs() <= 1e-3, "correction {a:?} vs {b:?}");
+                }
+            }
+            let fill = i32::MIN;
+            for dot4 in [true, false] {
+                let dots = pollster::block_on(sg.dots(&ctx, &gq, fill, dot4)).unwrap();
+                let n = shape.seq_len;
+                let mut checked = 0;
+                for h in 0..shape.q_heads {
+                    for i in 0..n {
+                        let qb = i / BLOCK_Q;
+                        let cand = BLOCK_K..cfg.cand_end(qb) * BLOCK_K;
+                        for j in 0..n {
+                            let got = dots[(h * n + i) * n + j];
+                            if cand.contains(&j) {
+                                assert_eq!(
+                                    got,
+                                    gq.int_dot(&shape, h, i, j),
+                                    "bits {bits} dot4 {dot4} h {h} i {i} j {j}"
+                                );
+                                checked += 1;
+                            } else {
+                                assert_eq!(
+                                    got, fill,
+                                    "bits {bits}: wrote outside the candidates at h {h} i {i} j {j}"
+                                );
+                            }
+                        }
+                    }
+                }
+                assert!(checked > 50_000, "{checked} entries checked");
+            }
+        }
+    }
+}
