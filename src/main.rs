@@ -22,6 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use wgsparse::attention::dense_cpu::naive_attention;
 use wgsparse::attention::oracle::oracle;
+use wgsparse::attention::sale_calibrate::SaleThresholds;
 use wgsparse::attention::upload_qkv;
 use wgsparse::metrics::compare;
 use wgsparse::qkv_file::QkvFile;
@@ -64,6 +65,8 @@ enum Command {
     DumpQkv(model_cmd::DumpArgs),
     /// Quality of attention methods on a real model: per layer and head, and end to end.
     Eval(model_cmd::EvalArgs),
+    /// Calibrate SALE's per-head thresholds on a real model and text.
+    Calibrate(model_cmd::CalibrateArgs),
     /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
     Moe(cli_moe::MoeArgs),
     /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
@@ -80,9 +83,23 @@ enum Command {
 
 #[derive(Parser, Clone)]
 struct AttentionArgs {
-    /// Algorithm: dense, anchor (AnchorAttention) or window (sliding window + sinks).
+    /// Algorithm: dense, anchor (AnchorAttention), window (sliding window + sinks) or
+    /// sale (SALE: low-bit estimation, 64 x 32 blocks).
     #[arg(long, default_value = "dense")]
     method: Method,
+    /// SALE: Relative Attention Score threshold τ of every head (0 = dense).
+    #[arg(long, conflicts_with = "thresholds")]
+    tau: Option<f32>,
+    /// SALE: per-head τ from `wgsparse calibrate` (the layer from --layer, from the
+    /// Q/K/V file's `layer`, or the file's only layer).
+    #[arg(long)]
+    thresholds: Option<std::path::PathBuf>,
+    /// SALE with --thresholds: which calibrated layer.
+    #[arg(long)]
+    layer: Option<usize>,
+    /// SALE: estimation bits, 4 or 8.
+    #[arg(long)]
+    bits: Option<u32>,
     /// AnchorAttention: admission margin θ (natural-log logit units).
     #[arg(long)]
     theta: Option<f32>,
@@ -151,9 +168,43 @@ struct AttentionArgs {
 }
 
 impl AttentionArgs {
-    /// The method with the command-line parameters applied.
-    fn method(&self) -> Result<Method> {
+    /// The method with the command-line parameters applied (`data_layer`: the layer
+    /// named by the Q/K/V file, for --thresholds).
+    fn method(&self, data_layer: Option<usize>) -> Result<Method> {
+        let sale_only = self.tau.is_some()
+            || self.thresholds.is_some()
+            || self.bits.is_some()
+            || self.layer.is_some();
+        if sale_only && !matches!(self.method, Method::Sale(_)) {
+            return Err(Error::InvalidArgument(
+                "--tau / --thresholds / --bits / --layer apply to --method sale".into(),
+            ));
+        }
         Ok(match &self.method {
+            Method::Sale(base) => {
+                let mut c = base.clone();
+                if let Some(t) = self.tau {
+                    c.tau = t;
+                }
+                if let Some(b) = self.bits {
+                    c.bits = b;
+                }
+                if let Some(path) = &self.thresholds {
+                    let t = SaleThresholds::load(path)?;
+                    let layer = match (self.layer, data_layer, t.layers.as_slice()) {
+                        (Some(l), _, _) | (None, Some(l), _) => l,
+                        (None, None, [only]) => only.layer,
+                        _ => {
+                            return Err(Error::InvalidArgument(format!(
+                                "{} holds several layers: pick one with --layer",
+                                path.display()
+                            )));
+                        }
+                    };
+                    c = t.config_for(&c, layer)?;
+                }
+                Method::Sale(c)
+            }
             Method::Anchor(base) => {
                 let mut c = *base;
                 if let Some(t) = self.theta {
@@ -189,12 +240,14 @@ impl AttentionArgs {
         })
     }
 
-    /// Host Q/K/V, their shape and a label saying where they come from.
-    fn data(&self) -> Result<(AttentionShape, HostQkv, String)> {
+    /// Host Q/K/V, their shape, a label saying where they come from and the model
+    /// layer they belong to (files that say so).
+    fn data(&self) -> Result<(AttentionShape, HostQkv, String, Option<usize>)> {
         if let Some(path) = &self.data {
             let f = QkvFile::load(path)?;
             let label = f.describe();
-            return Ok((f.shape, (f.q, f.k, f.v), label));
+            let layer = f.meta.get("layer").and_then(|l| l.parse().ok());
+            return Ok((f.shape, (f.q, f.k, f.v), label, layer));
         }
         let shape = AttentionShape::new(self.q_heads, self.kv_heads, self.seq_len, self.head_dim);
         shape.validate(!self.non_causal)?;
@@ -203,11 +256,13 @@ impl AttentionArgs {
                 shape,
                 structured_qkv_host(&shape, &Structure::default(), self.seed),
                 "synthetic structured Q/K/V (sinks, local band, heavy columns, RoPE)".into(),
+                None,
             ),
             "gaussian" => (
                 shape,
                 wgsparse::synthetic::qkv_host(&shape, self.seed),
                 "synthetic Gaussian Q/K/V (no attention structure)".into(),
+                None,
             ),
             o => {
                 return Err(Error::InvalidArgument(format!(
@@ -320,8 +375,8 @@ fn measure(
 
 fn attention(a: &AttentionArgs) -> Result<()> {
     let ctx = Context::new_blocking(options(a.backend, a.max_binding_bytes)?)?;
-    let method = a.method()?;
-    let (shape, qkv, data_label) = a.data()?;
+    let (shape, qkv, data_label, data_layer) = a.data()?;
+    let method = a.method(data_layer)?;
     let causal = !a.non_causal;
     let m = measure(&ctx, a, &method, shape, &qkv, a.iters)?;
     let dense_equiv_tflops = shape.flops(causal) / m.ms / 1e9;
@@ -352,6 +407,20 @@ fn attention(a: &AttentionArgs) -> Result<()> {
             "  median {:.3} ms ({} timing), {:.3} dense-equivalent TFLOP/s, density {:.4}",
             m.ms, m.report.timing.timing, dense_equiv_tflops, m.report.density
         );
+        if let Some(st) = &m.report.sale {
+            println!(
+                "  sale: {} of {} candidate 64x32 blocks selected ({:.4}), exact pairs {:.4} + selected pairs {:.4} of causal, estimation {} ms",
+                st.selected_blocks,
+                st.candidate_blocks,
+                st.selected_blocks as f64 / st.candidate_blocks.max(1) as f64,
+                st.exact_pairs as f64 / st.causal_pairs as f64,
+                st.selected_pairs as f64 / st.causal_pairs as f64,
+                m.report
+                    .estimation_ms()
+                    .map(|x| format!("{x:.3}"))
+                    .unwrap_or("-".into()),
+            );
+        }
         if let Some(st) = &m.report.anchor {
             let per = &st.stripes_per_group;
             println!(
@@ -373,7 +442,8 @@ fn attention(a: &AttentionArgs) -> Result<()> {
         "causal": causal, "ms": m.ms, "density": m.report.density,
         "tflops": dense_equiv_tflops, "timing": m.report.timing.timing,
         "stages": m.report.timing.stages, "dispatches": m.report.dispatches,
-        "data": data_label, "anchor": m.report.anchor,
+        "data": data_label, "anchor": m.report.anchor, "sale": m.report.sale,
+        "est_ms": m.report.estimation_ms(),
     });
     if a.check && method == Method::Dense {
         let (other_out, other_name) = other_device_result(&ctx, a, shape, &qkv)?;
@@ -521,7 +591,7 @@ fn demo() -> Result<()> {
             "--synthetic",
             "gaussian",
         ]);
-        let (shape, qkv, _) = a.data()?;
+        let (shape, qkv, _, _) = a.data()?;
         let m = measure(&ctx, &a, &Method::Dense, shape, &qkv, 1)?;
         rows.push((
             n,
@@ -557,6 +627,7 @@ fn main() -> ExitCode {
         Some(Command::Nll(a)) => model_cmd::nll(&a),
         Some(Command::DumpQkv(a)) => model_cmd::dump_qkv(&a),
         Some(Command::Eval(a)) => model_cmd::eval(&a),
+        Some(Command::Calibrate(a)) => model_cmd::calibrate(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

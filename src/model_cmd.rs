@@ -7,6 +7,10 @@ use std::time::Instant;
 
 use clap::Args;
 use wgsparse::attention::anchor::AnchorConfig;
+use wgsparse::attention::sale::SaleConfig;
+use wgsparse::attention::sale_calibrate::{
+    DEFAULT_BUDGET, LayerThresholds, SaleThresholds, calibrate as calibrate_layer,
+};
 use wgsparse::metrics::Quality;
 use wgsparse::model::decoder::{Decoder, LayerQkv};
 use wgsparse::model::eval::{EvalMethod, HeadQuality, end_to_end, layer_quality};
@@ -272,13 +276,23 @@ pub struct EvalArgs {
     /// layer) or `none` (end to end only). Sliding-window layers are not measured.
     #[arg(long, default_value = "all")]
     layers: String,
-    /// Methods, comma-separated: dense, anchor, window, oracle.
+    /// Methods, comma-separated: dense, anchor, window, oracle, sale.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "dense,anchor,window,oracle"
     )]
     methods: Vec<String>,
+    /// SALE's τ; several comma-separated values give one sale row each (ignored with
+    /// --thresholds).
+    #[arg(long, value_delimiter = ',', default_value = "0.004")]
+    tau: Vec<f32>,
+    /// SALE: calibrated per-head thresholds (`wgsparse calibrate`) instead of --tau.
+    #[arg(long)]
+    thresholds: Option<PathBuf>,
+    /// SALE: estimation bits, 4 or 8.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
     /// AnchorAttention's θ; several comma-separated values give one anchor row each.
     #[arg(long, value_delimiter = ',', default_value = "12")]
     theta: Vec<f32>,
@@ -338,9 +352,34 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
                     coverage: a.coverage,
                 })
             }
+            "sale" => {
+                let base = SaleConfig {
+                    bits: a.bits,
+                    ..SaleConfig::default()
+                };
+                if let Some(path) = &a.thresholds {
+                    base.validate()?;
+                    out.push(EvalMethod::Sale {
+                        cfg: base,
+                        thresholds: Some(std::sync::Arc::new(SaleThresholds::load(path)?)),
+                    });
+                } else {
+                    for &tau in &a.tau {
+                        let cfg = SaleConfig {
+                            tau,
+                            ..base.clone()
+                        };
+                        cfg.validate()?;
+                        out.push(EvalMethod::Sale {
+                            cfg,
+                            thresholds: None,
+                        });
+                    }
+                }
+            }
             o => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown eval method `{o}` (known: dense, anchor, window, oracle)"
+                    "unknown eval method `{o}` (known: dense, anchor, window, oracle, sale)"
                 )));
             }
         }
@@ -566,4 +605,100 @@ fn print_quality(quality: &[HeadQuality], methods: &[EvalMethod]) {
             mean(&|q| q.tol_recall_01)
         );
     }
+}
+
+/// `wgsparse calibrate`.
+#[derive(Args, Clone)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// A UTF-8 text file (calibrate on one text, evaluate on another).
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens from the start of the text (BOS included when the model wants one).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Error budget: a head's τ halves until `Σ|O_sale − O_dense| < budget · N`.
+    #[arg(long, default_value_t = DEFAULT_BUDGET)]
+    budget: f64,
+    /// Estimation bits, 4 or 8.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Layers to calibrate: comma-separated indices or `all` (every global attention
+    /// layer).
+    #[arg(long, default_value = "all")]
+    layers: String,
+    /// Output thresholds file (JSON), read by `--method sale --thresholds FILE`.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Per-head SALE thresholds on a model's real Q/K/V over a text (papers.md §2.5).
+pub fn calibrate(a: &CalibrateArgs) -> Result<()> {
+    if !matches!(a.m.method, Method::Sale(_)) {
+        return Err(Error::InvalidArgument(
+            "calibrate supports --method sale".into(),
+        ));
+    }
+    let base = SaleConfig {
+        bits: a.bits,
+        ..SaleConfig::default()
+    };
+    base.validate()?;
+    let m_args = ModelArgs {
+        method: Method::Dense,
+        ..a.m.clone()
+    };
+    let (_, tok, dec) = load(&m_args)?;
+    let layers = eval_layers(&a.layers, &dec.cfg.global)?;
+    if a.tokens > dec.cfg.ctx_len {
+        return Err(Error::InvalidArgument(format!(
+            "{} tokens exceed the model's {}-token context",
+            a.tokens, dec.cfg.ctx_len
+        )));
+    }
+    let ids = text_ids(&tok, &a.text, a.tokens)?;
+    let c = dec.cfg.clone();
+    let scale = dec.attention_scale();
+    let ctx = dec.context().clone();
+    let name = |p: &PathBuf| {
+        p.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    let mut cache = dec.new_cache();
+    dec.forward(&ids, &mut cache, &mut |l: &LayerQkv<'_>| -> Result<()> {
+        if layers.contains(&l.layer) {
+            let shape = AttentionShape::new(c.n_head, c.n_kv_head, l.tokens, c.head_dim);
+            let cal = calibrate_layer(&ctx, shape, &base, a.budget, scale, (l.q, l.k, l.v))?;
+            eprintln!(
+                "layer {:>2}: tau {:?} ({} runs, {:.1} s)",
+                l.layer,
+                cal.tau,
+                cal.runs,
+                t0.elapsed().as_secs_f64()
+            );
+            out.push(LayerThresholds {
+                layer: l.layer,
+                tau: cal.tau,
+                error_per_row: cal.error_per_row,
+            });
+        }
+        Ok(())
+    })?;
+    let file = SaleThresholds {
+        method: "sale".into(),
+        model: name(&a.m.model),
+        text: name(&a.text),
+        tokens: a.tokens,
+        budget: a.budget,
+        bits: a.bits,
+        local: base.local,
+        layers: out,
+    };
+    file.save(&a.out)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
 }

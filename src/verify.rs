@@ -146,7 +146,7 @@ pub fn evaluate(
             .dtype(dtype)
             .build()?;
         let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
-        let ml = if matches!(m, Method::Anchor(_)) {
+        let ml = if m.manages_state() {
             plan.run_into(&qt, &kt, &vt, &mut out)?;
             pollster::block_on(plan.row_stats())?.ok_or_else(|| {
                 crate::error::Error::InvalidArgument("anchor plan kept no row state".into())

@@ -18,6 +18,7 @@ pub mod dense_gpu;
 pub mod lut;
 pub mod oracle;
 pub mod sale;
+pub mod sale_calibrate;
 pub mod split;
 
 use std::sync::{Arc, Mutex};
@@ -217,6 +218,13 @@ impl Method {
             Method::Window(WindowConfig::default()),
             Method::Sale(SaleConfig::default()),
         ]
+    }
+
+    /// Whether the method keeps its own row state (an exact pass continued by a sparse
+    /// one): such plans run without a caller's state and report their final (m, l)
+    /// through [`AttentionPlan::row_stats`].
+    pub fn manages_state(&self) -> bool {
+        matches!(self, Method::Anchor(_) | Method::Sale(_))
     }
 
     /// Short name (`dense`, `anchor`, `window`, `sale`, `block-sparse`, `stripes`).
@@ -704,7 +712,7 @@ impl AttentionPlan {
             )?;
             self.check(&st.acc, &self.shape.q_dims(), DType::F32, "state.acc")?;
         }
-        if state.is_some() && matches!(self.method, Method::Anchor(_) | Method::Sale(_)) {
+        if state.is_some() && self.method.manages_state() {
             return Err(Error::InvalidArgument(format!(
                 "{} attention manages its own row state; run it without one",
                 self.method.name()

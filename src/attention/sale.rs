@@ -1061,6 +1061,7 @@ impl SaleGpu {
     }
 
     /// The quantized Q and K of the last run (read back; inspection and tests).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) async fn quantized(&self, ctx: &Context) -> Result<QuantizedQk> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let read_u32 = |buf: &wgpu::Buffer| {
@@ -1091,6 +1092,7 @@ impl SaleGpu {
     /// selection recompute it on the host; this runs the estimation kernel in its
     /// dot-product mode on quantized data and returns the integer sums `[q_heads, n, n]`
     /// (entries outside the candidate blocks keep `fill`).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) async fn dots(
         &self,
         ctx: &Context,

@@ -18,6 +18,8 @@ use serde::Serialize;
 
 use crate::attention::anchor::AnchorConfig;
 use crate::attention::oracle::oracle;
+use crate::attention::sale::SaleConfig;
+use crate::attention::sale_calibrate::SaleThresholds;
 use crate::attention::{AttentionShape, Method, RowState, WindowConfig, upload_qkv};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -42,6 +44,14 @@ pub enum EvalMethod {
         /// Attention-mass coverage γ in (0, 1].
         coverage: f64,
     },
+    /// SALE with one τ for every head, or with calibrated per-layer, per-head τ.
+    Sale {
+        /// Bits, blocks, local window, and τ when no thresholds are given.
+        cfg: SaleConfig,
+        /// Calibrated thresholds (`wgsparse calibrate`); every measured layer must be in
+        /// the file.
+        thresholds: Option<std::sync::Arc<SaleThresholds>>,
+    },
 }
 
 impl EvalMethod {
@@ -52,14 +62,25 @@ impl EvalMethod {
             EvalMethod::Anchor(c) => format!("anchor θ={}", c.theta),
             EvalMethod::Window(w) => format!("window {}+{} sinks", w.window, w.sinks),
             EvalMethod::Oracle { coverage } => format!("oracle γ={coverage}"),
+            EvalMethod::Sale {
+                cfg,
+                thresholds: None,
+            } => format!("sale τ={} int{}", cfg.tau, cfg.bits),
+            EvalMethod::Sale {
+                cfg,
+                thresholds: Some(t),
+            } => format!("sale calibrated (budget {}) int{}", t.budget, cfg.bits),
         }
     }
 
-    /// The crate method that runs it on one attention (`shape`, this Q/K): the oracle
-    /// computes its block LUT here. Also returns the per-row oracle density for the
-    /// oracle.
+    /// The crate method that runs it on one attention of `layer` (`shape`, this Q/K,
+    /// whose q heads are the layer's heads `heads`): the oracle computes its block LUT
+    /// here, calibrated SALE picks those heads' τ. Also returns the per-row oracle
+    /// density for the oracle.
     pub fn method_for(
         &self,
+        layer: usize,
+        heads: std::ops::Range<usize>,
         shape: &AttentionShape,
         scale: f32,
         q: &[f32],
@@ -69,6 +90,26 @@ impl EvalMethod {
             EvalMethod::Dense => (Method::Dense, None),
             EvalMethod::Anchor(c) => (Method::Anchor(*c), None),
             EvalMethod::Window(w) => (Method::Window(*w), None),
+            EvalMethod::Sale { cfg, thresholds } => {
+                let cfg = match thresholds {
+                    None => cfg.clone(),
+                    Some(t) => {
+                        let all = t.config_for(cfg, layer)?;
+                        let tau = all.head_tau.expect("config_for sets head_tau");
+                        let picked = tau.get(heads.clone()).ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "layer {layer} has {} thresholds, heads {heads:?} asked",
+                                tau.len()
+                            ))
+                        })?;
+                        SaleConfig {
+                            head_tau: Some(picked.to_vec()),
+                            ..all
+                        }
+                    }
+                };
+                (Method::Sale(cfg), None)
+            }
             EvalMethod::Oracle { coverage } => {
                 let o = oracle(shape, scale, q, k, *coverage, ORACLE_BLOCK, ORACLE_BLOCK)?;
                 (
@@ -113,10 +154,10 @@ fn run_rows(
         .scale(scale)
         .build()?;
     let mut out = Tensor::filled(ctx, &shape.q_dims(), DType::F32, f32::NAN)?;
-    let ml = if matches!(method, Method::Anchor(_)) {
+    let ml = if method.manages_state() {
         plan.run_into(&qt, &kt, &vt, &mut out)?;
         pollster::block_on(plan.row_stats())?
-            .ok_or_else(|| Error::InvalidArgument("anchor plan kept no row state".into()))?
+            .ok_or_else(|| Error::InvalidArgument("the plan kept no row state".into()))?
     } else {
         let mut st = RowState::empty(ctx, &shape)?;
         plan.run_with_state(&qt, &kt, &vt, &mut out, &mut st)?;
@@ -185,7 +226,7 @@ pub fn layer_quality(
         let vh = &v[kvh * n * d..(kvh + 1) * n * d];
         let (dout, dml, _) = run_rows(ctx, one, &Method::Dense, scale, (qh, kh, vh))?;
         for (mi, m) in methods.iter().enumerate() {
-            let (method, row_density) = m.method_for(&one, scale, qh, kh)?;
+            let (method, row_density) = m.method_for(layer, h..h + 1, &one, scale, qh, kh)?;
             let (out, ml, density) = run_rows(ctx, one, &method, scale, (qh, kh, vh))?;
             per_head[mi].push(HeadQuality {
                 layer,
@@ -250,7 +291,9 @@ fn continuation(
             return Ok(Method::Dense);
         }
         let shape = AttentionShape::new(c.n_head, c.n_kv_head, l.tokens, c.head_dim);
-        Ok(method.method_for(&shape, scale, l.q, l.k)?.0)
+        Ok(method
+            .method_for(l.layer, 0..c.n_head, &shape, scale, l.q, l.k)?
+            .0)
     })?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let dm = c.d_model;

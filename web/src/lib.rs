@@ -336,7 +336,7 @@ async fn run_with_ml(
 ) -> Result<(Vec<f32>, Vec<f32>), String> {
     let e = |x: wgsparse::Error| x.to_string();
     let mut out = Tensor::zeros(ctx, &shape.q_dims(), dtype).map_err(e)?;
-    let ml = if matches!(plan.method(), Method::Anchor(_)) {
+    let ml = if plan.method().manages_state() {
         plan.run_async(q, k, v, &mut out, None).await.map_err(e)?;
         plan.row_stats()
             .await
