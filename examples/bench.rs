@@ -9,7 +9,9 @@
 //! ```
 //!
 //! `--methods` lists what runs at each length, on the same Q/K/V: `dense`, `anchor`
-//! (optionally `:theta=T,step=S,init=I`), `window` (optionally `:window=W,sinks=S`).
+//! (optionally `:theta=T,step=S,init=I`), `window` (optionally `:window=W,sinks=S`),
+//! `sale` (optionally `:tau=T,bits=B,local=L`), `blocks:p=P,block=B` (hashed random
+//! block masks, the same ones `benches/peers/torch_flex.py` builds).
 //! `--data gaussian` (the default for a dense-only run) has no attention structure;
 //! `--data structured` plants sinks, a local band and heavy columns (synthetic: the
 //! sparse methods' densities on it say nothing about a real model).
@@ -184,6 +186,9 @@ fn parse_method(s: &str) -> Result<MethodSpec, String> {
             (Method::Anchor(c), "init") => c.init_keys = num(v)? as usize,
             (Method::Window(w), "window") => w.window = num(v)? as usize,
             (Method::Window(w), "sinks") => w.sinks = num(v)? as usize,
+            (Method::Sale(c), "tau") => c.tau = num(v)? as f32,
+            (Method::Sale(c), "bits") => c.bits = num(v)? as u32,
+            (Method::Sale(c), "local") => c.local = num(v)? as usize,
             _ => return Err(format!("`{k}` is not a parameter of {name}")),
         }
     }
@@ -209,12 +214,17 @@ fn parse_len(s: &str) -> Result<usize, String> {
 struct Row {
     bench: &'static str,
     method: &'static str,
+    /// The method as `--methods` named it.
+    label: String,
     /// The method's parameters and the data.
     config: String,
     /// Fraction of causal pairs computed.
     density: Option<f64>,
     /// Per-stage GPU times of the median run.
     stages: Vec<(String, Option<f64>)>,
+    /// Milliseconds of the pattern-choosing stages of the median run (SALE: quantize,
+    /// estimate, compact; AnchorAttention: pool, select, compact).
+    est_ms: Option<f64>,
     adapter: String,
     backend: String,
     tokens: usize,
@@ -337,7 +347,7 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             None
         };
-        for spec in &methods {
+        for (spec, label) in methods.iter().zip(&args.methods) {
             let method = &spec.resolve(&shape)?;
             let config = match spec {
                 MethodSpec::Fixed(m) => serde_json::to_string(m)?,
@@ -348,9 +358,11 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             let mut row = Row {
                 bench: "wgsparse",
                 method: spec.name(),
+                label: label.trim().to_string(),
                 config: format!("{config} | data {}", args.data),
                 density: None,
                 stages: vec![],
+                est_ms: None,
                 adapter: ctx.adapter_name(),
                 backend: ctx.backend().to_string(),
                 tokens: n,
@@ -448,21 +460,39 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ctx.backend()
     );
     println!();
-    println!("| tokens | method | ms | dense-equiv. TFLOP/s | density | dispatches | timing |");
-    println!("|---:|---|---:|---:|---:|---:|---|");
+    println!(
+        "| tokens | method | ms | speed-up vs dense | estimation ms (% of run, % of dense) | dense-equiv. TFLOP/s | density | dispatches | timing |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
+        let dense_ms = rows
+            .iter()
+            .find(|d| d.tokens == r.tokens && d.method == "dense" && d.status == "ok")
+            .and_then(|d| d.median_ms);
         match r.status.as_str() {
-            "ok" => println!(
-                "| {} | {} | {:.3} | {} | {:.4} | {} | {} |",
-                r.tokens,
-                r.method,
-                r.median_ms.unwrap_or(f64::NAN),
-                fmt_tflops(r.tflops.unwrap_or(f64::NAN)),
-                r.density.unwrap_or(f64::NAN),
-                r.dispatches.unwrap_or(0),
-                r.timing.as_deref().unwrap_or("?")
-            ),
-            s => println!("| {} | {} | {s} | | | | |", r.tokens, r.method),
+            "ok" => {
+                let ms = r.median_ms.unwrap_or(f64::NAN);
+                let est = match (r.est_ms, dense_ms) {
+                    (Some(e), Some(d)) => {
+                        format!("{e:.3} ({:.1} %, {:.1} %)", 100.0 * e / ms, 100.0 * e / d)
+                    }
+                    (Some(e), None) => format!("{e:.3} ({:.1} %)", 100.0 * e / ms),
+                    _ => String::new(),
+                };
+                println!(
+                    "| {} | {} | {:.3} | {} | {} | {} | {:.4} | {} | {} |",
+                    r.tokens,
+                    r.label,
+                    ms,
+                    dense_ms.map(|d| format!("{:.2}x", d / ms)).unwrap_or_default(),
+                    est,
+                    fmt_tflops(r.tflops.unwrap_or(f64::NAN)),
+                    r.density.unwrap_or(f64::NAN),
+                    r.dispatches.unwrap_or(0),
+                    r.timing.as_deref().unwrap_or("?")
+                )
+            }
+            s => println!("| {} | {} | {s} | | | | | | |", r.tokens, r.label),
         }
     }
     Ok(())
@@ -567,6 +597,7 @@ fn record(
     row.dispatches = Some(r.dispatches);
     row.timing = Some(r.timing.timing.clone());
     row.density = Some(r.density);
+    row.est_ms = r.estimation_ms();
     row.stages = r
         .timing
         .stages
