@@ -484,7 +484,9 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     r.tokens,
                     r.label,
                     ms,
-                    dense_ms.map(|d| format!("{:.2}x", d / ms)).unwrap_or_default(),
+                    dense_ms
+                        .map(|d| format!("{:.2}x", d / ms))
+                        .unwrap_or_default(),
                     est,
                     fmt_tflops(r.tflops.unwrap_or(f64::NAN)),
                     r.density.unwrap_or(f64::NAN),

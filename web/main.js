@@ -157,6 +157,8 @@ function formOptions() {
     data: v("data"),
     theta: Number(v("theta")),
     window: Number(v("window")),
+    tau: Number(v("tau")),
+    bits: Number(v("bits")),
     compare: $("compare").checked,
   };
 }

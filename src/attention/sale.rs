@@ -308,7 +308,8 @@ pub struct SaleSelection {
 }
 
 /// Block selection on the host from the quantized Q/K and the exact pass's row state
-/// `ml` `[q_heads, n, 2]`.
+/// `ml` `[q_heads, n, 2]`. The codes are unpacked once; (head, query block) rows run in
+/// parallel.
 pub fn select_cpu(
     shape: &AttentionShape,
     cfg: &SaleConfig,
@@ -316,14 +317,23 @@ pub fn select_cpu(
     quant: &QuantizedQk,
     ml: &[f32],
 ) -> Result<SaleSelection> {
-    let n = shape.seq_len;
-    let mut margins = vec![];
-    let blocks = SparseLut::from_fn(
-        shape.q_heads,
-        n,
-        BLOCK_Q,
-        LutUnit::Blocks(BLOCK_K),
-        |h, qb| {
+    use rayon::prelude::*;
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let group = shape.q_heads / shape.kv_heads;
+    let w = QuantizedQk::words(quant.bits, d);
+    let unpack = |packed: &[u32]| -> Vec<i8> {
+        packed
+            .chunks(w)
+            .flat_map(|row| (0..d).map(move |c| QuantizedQk::code(quant.bits, row, c) as i8))
+            .collect()
+    };
+    let (qc, kc) = (unpack(&quant.q_packed), unpack(&quant.k_packed));
+    let nqb = n.div_ceil(BLOCK_Q);
+    let per_row: Vec<(Vec<u32>, Vec<f32>)> = (0..shape.q_heads * nqb)
+        .into_par_iter()
+        .map(|row| {
+            let (h, qb) = (row / nqb, row % nqb);
+            let kvh = h / group;
             let rows = qb * BLOCK_Q..((qb + 1) * BLOCK_Q).min(n);
             let thr: Vec<f32> = rows
                 .clone()
@@ -337,8 +347,14 @@ pub fn select_cpu(
             for kb in 1..cfg.cand_end(qb) {
                 let mut best = f32::NEG_INFINITY;
                 for (ri, i) in rows.clone().enumerate() {
+                    let qi = &qc[(h * n + i) * d..][..d];
+                    let sq = quant.q_meta[h * n + i][0];
                     for j in kb * BLOCK_K..(kb + 1) * BLOCK_K {
-                        best = best.max(quant.estimate(shape, h, i, j) - thr[ri]);
+                        let kj = &kc[(kvh * n + j) * d..][..d];
+                        let dot: i32 = qi.iter().zip(kj).map(|(a, b)| *a as i32 * *b as i32).sum();
+                        let [sk, qmk] = quant.k_meta[h * n + j];
+                        // Same operation order as the kernel: (Σ · sq) · sk + q_mean·k'.
+                        best = best.max(dot as f32 * sq * sk + qmk - thr[ri]);
                     }
                 }
                 if best > 0.0 {
@@ -346,9 +362,16 @@ pub fn select_cpu(
                 }
                 mg.push(best);
             }
-            margins.push(mg);
-            kept
-        },
+            (kept, mg)
+        })
+        .collect();
+    let margins = per_row.iter().map(|(_, m)| m.clone()).collect();
+    let blocks = SparseLut::from_fn(
+        shape.q_heads,
+        n,
+        BLOCK_Q,
+        LutUnit::Blocks(BLOCK_K),
+        |h, qb| per_row[h * nqb + qb].0.clone(),
     )?;
     Ok(SaleSelection { blocks, margins })
 }

@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wgsparse::attention::anchor::AnchorConfig;
+use wgsparse::attention::sale::SaleConfig;
 use wgsparse::attention::dense_cpu::{naive_attention, naive_masked_attention};
 use wgsparse::attention::upload_qkv;
 use wgsparse::metrics::{ErrorStats, Quality, compare};
@@ -212,6 +213,10 @@ pub struct RunOptions {
     pub window: usize,
     /// Window method: sink keys.
     pub sinks: usize,
+    /// SALE: Relative Attention Score threshold τ (0 = dense).
+    pub tau: f32,
+    /// SALE: estimation bits, 4 or 8.
+    pub bits: u32,
 }
 
 impl Default for RunOptions {
@@ -234,6 +239,8 @@ impl Default for RunOptions {
             init_keys: 128,
             window: 128,
             sinks: 4,
+            tau: 0.004,
+            bits: 4,
         }
     }
 }
@@ -251,6 +258,11 @@ impl RunOptions {
             Method::Window(_) => Method::Window(WindowConfig {
                 window: self.window,
                 sinks: self.sinks,
+            }),
+            Method::Sale(c) => Method::Sale(SaleConfig {
+                tau: self.tau,
+                bits: self.bits,
+                ..c
             }),
             m => m,
         })
