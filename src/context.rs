@@ -402,12 +402,36 @@ fn int_dot4_available(backend: wgpu::Backend) -> bool {
         return false;
     }
     if backend == wgpu::Backend::BrowserWebGpu {
-        // The browser's WGSL compiler decides; ask it through a (cheap) web instance.
-        return instance(Backend::BrowserWebGpu)
-            .wgsl_language_features()
-            .contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
+        return browser_has_int_dot4();
     }
     true
+}
+
+/// `navigator.gpu.wgslLanguageFeatures.has("packed_4x8_integer_dot_product")`: the
+/// browser's WGSL compiler decides.
+#[cfg(target_arch = "wasm32")]
+fn browser_has_int_dot4() -> bool {
+    use js_sys::{Function, Reflect};
+    let get = |o: &wasm_bindgen::JsValue, k: &str| Reflect::get(o, &k.into()).ok();
+    let features = get(&js_sys::global().into(), "navigator")
+        .and_then(|n| get(&n, "gpu"))
+        .and_then(|g| get(&g, "wgslLanguageFeatures"));
+    let Some(features) = features else {
+        return false;
+    };
+    get(&features, "has")
+        .and_then(|h| {
+            Function::from(h)
+                .call1(&features, &"packed_4x8_integer_dot_product".into())
+                .ok()
+        })
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn browser_has_int_dot4() -> bool {
+    false
 }
 
 fn instance(backend: Backend) -> wgpu::Instance {
