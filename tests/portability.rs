@@ -18,6 +18,7 @@ use naga::valid::{Capabilities as NagaCaps, ModuleInfo, ValidationFlags, Validat
 use naga::{AddressSpace, Module, ResourceBinding, ShaderStage, StorageAccess};
 use wgsparse::attention::anchor::SelectParams;
 use wgsparse::attention::dense_gpu::{DenseParams, DenseTiles, dense_workgroup_bytes};
+use wgsparse::attention::sale::{SaleEstimateParams, SaleQuantParams};
 use wgsparse::pipeline::{BindingKind, KernelSpec};
 use wgsparse::{Capabilities, Context};
 
@@ -612,6 +613,11 @@ fn uniform_params_match_the_host_struct() {
         let (host, name) = match c.spec.file {
             "flash_attention.wgsl" => (std::mem::size_of::<DenseParams>(), "DenseParams"),
             "anchor/select.wgsl" => (std::mem::size_of::<SelectParams>(), "SelectParams"),
+            "sale/quantize.wgsl" => (std::mem::size_of::<SaleQuantParams>(), "SaleQuantParams"),
+            "sale/estimate.wgsl" => (
+                std::mem::size_of::<SaleEstimateParams>(),
+                "SaleEstimateParams",
+            ),
             other => match wgsparse::moe::params_size(other) {
                 Some(size) => (size, "the MoE/layer Params struct"),
                 None => return Err(format!("no host Params struct known for {other}")),

@@ -483,7 +483,7 @@ pub fn sale_cpu(
 /// Uniform parameters of the quantization kernels (`struct Params` in quantize.wgsl).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-struct QuantParams {
+pub struct SaleQuantParams {
     seq_len: u32,
     q_heads: u32,
     kv_heads: u32,
@@ -496,7 +496,7 @@ struct QuantParams {
 /// Uniform parameters of the estimation kernels (`struct Params` in estimate.wgsl).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-struct EstimateParams {
+pub struct SaleEstimateParams {
     seq_len: u32,
     q_heads: u32,
     group: u32,
@@ -822,7 +822,7 @@ impl SaleGpu {
             b
         };
         let taus: Vec<f32> = (0..hq).map(|h| cfg.tau_of(h)).collect();
-        let qp = QuantParams {
+        let qp = SaleQuantParams {
             seq_len: n as u32,
             q_heads: hq as u32,
             kv_heads: hk as u32,
@@ -831,7 +831,7 @@ impl SaleGpu {
             chunk_rows: MEAN_CHUNK_ROWS as u32,
             _pad: [0; 2],
         };
-        let ep = EstimateParams {
+        let ep = SaleEstimateParams {
             seq_len: n as u32,
             q_heads: hq as u32,
             group: (hq / hk) as u32,
