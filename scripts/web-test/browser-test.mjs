@@ -156,9 +156,11 @@ try {
       { method: "dense", seq_len: 256, q_heads: 2, kv_heads: 1, head_dim: 64, dtype: "f16", tol: F16_TOL },
       { method: "dense", seq_len: 128, q_heads: 2, kv_heads: 1, head_dim: 256, dtype: "f32", tol: F32_TOL },
     ];
-    // Sparse methods first (their kernels are the newest), then dense.
+    // WGSPARSE_WEB_TEST_ONLY=<method>: only that method's API case (debugging; the
+    // method need not be in the picker).
     if (process.env.WGSPARSE_WEB_TEST_ONLY) cases.length = 0;
-    for (const m of methods.filter((m) => m !== "dense" && (!process.env.WGSPARSE_WEB_TEST_ONLY || m === process.env.WGSPARSE_WEB_TEST_ONLY)))
+    const only = process.env.WGSPARSE_WEB_TEST_ONLY;
+    for (const m of only ? [only] : methods.filter((m) => m !== "dense"))
       cases.push({ method: m, seq_len: 512, q_heads: 4, kv_heads: 2, head_dim: 64, dtype: "f32", sparse: true });
     if (!methods.some((m) => m !== "dense")) log("no sparse method in this build: the sparse assertion waits for them");
     for (const { tol, sparse, ...c } of cases) {

@@ -135,6 +135,28 @@ fn sale_estimate(
             k_tile[i] = kq[(kvh * n + kb * BK) * WORDS + i];
         }
         workgroupBarrier();
+#ifdef PORTABLE_LOOPS
+        // Plain loops (the browser variant: SwiftShader's compiler in Chromium loses the
+        // device on the unrolled body below).
+        var acc: array<i32, 32>;
+        for (var a = 0u; a < 32u; a++) {
+            acc[a] = 0;
+        }
+        for (var w = 0u; w < WORDS; w++) {
+            for (var t = 0u; t < 4u; t++) {
+                let qw = q_tile[(rg + 16u * t) * WORDS + w];
+                for (var u = 0u; u < 8u; u++) {
+                    let kw = k_tile[(kg + 4u * u) * WORDS + w];
+#ifdef INT4
+                    acc[t * 8u + u] += dot4((qw << 4u) & HIGH_NIBBLES, (kw << 4u) & HIGH_NIBBLES)
+                        + dot4(qw & HIGH_NIBBLES, kw & HIGH_NIBBLES);
+#else
+                    acc[t * 8u + u] += dot4(qw, kw);
+#endif
+                }
+            }
+        }
+#else
         var acc: array<i32, 32>;
         #unroll a 32
         acc[${a}] = 0;
@@ -171,6 +193,7 @@ fn sale_estimate(
             #endunroll
 #endif
         }
+#endif
 #ifdef WRITE_DOTS
         #unroll t 4
         #unroll u 8
@@ -189,6 +212,19 @@ fn sale_estimate(
         #endunroll
 #else
         var hit = false;
+#ifdef PORTABLE_LOOPS
+        for (var u = 0u; u < 8u; u++) {
+            let km = k_meta[h * n + kb * BK + kg + 4u * u];
+            for (var t = 0u; t < 4u; t++) {
+#ifdef INT4
+                let s = acc[t * 8u + u] >> 8u;
+#else
+                let s = acc[t * 8u + u];
+#endif
+                hit = hit || f32(s) * sq[t] * km.x + km.y > thr[t];
+            }
+        }
+#else
         #unroll u 8
         {
             let km = k_meta[h * n + kb * BK + kg + 4u * ${u}u];
@@ -204,6 +240,7 @@ fn sale_estimate(
             #endunroll
         }
         #endunroll
+#endif
         if hit {
             atomicOr(&selected, 1u << (kb - kb0));
         }

@@ -518,13 +518,22 @@ enum Stage {
     Compact,
 }
 
+/// How the estimation kernel is built: `dot4I8Packed` or plain integer products, and
+/// the unrolled register tile (native) or plain loops (the browser: Chromium's
+/// SwiftShader loses the device compiling the unrolled body).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EstimateVariant {
+    dot4: bool,
+    portable_loops: bool,
+}
+
 fn sale_spec(
     stage: Stage,
     d: usize,
     bits: u32,
     local: usize,
     dtype: DType,
-    dot4: bool,
+    ev: EstimateVariant,
 ) -> KernelSpec {
     use BindingKind::*;
     let quant = |flag: &str| {
@@ -538,7 +547,11 @@ fn sale_spec(
         Defines::new()
             .flag(flag)
             .flag_if("INT4", bits == 4)
-            .flag_if("INT_DOT4", dot4)
+            .flag_if("INT_DOT4", ev.dot4)
+            .flag_if(
+                "PORTABLE_LOOPS",
+                ev.portable_loops && stage != Stage::Compact,
+            )
             .const_u32("D", d as u32)
             .const_u32("BITS", bits)
             .const_u32("LOCAL_BLOCKS", (local / BLOCK_K) as u32)
@@ -626,14 +639,29 @@ pub fn all_sale_variants() -> Vec<KernelSpec> {
                     Stage::QuantQ,
                     Stage::QuantK,
                 ] {
-                    out.push(sale_spec(stage, d, bits, 128, dtype, true));
+                    let ev = EstimateVariant {
+                        dot4: true,
+                        portable_loops: false,
+                    };
+                    out.push(sale_spec(stage, d, bits, 128, dtype, ev));
                 }
             }
             for dot4 in [true, false] {
-                for stage in [Stage::Estimate, Stage::Dots, Stage::Compact] {
-                    out.push(sale_spec(stage, d, bits, 128, DType::F32, dot4));
+                for portable_loops in [false, true] {
+                    let ev = EstimateVariant {
+                        dot4,
+                        portable_loops,
+                    };
+                    for stage in [Stage::Estimate, Stage::Dots] {
+                        out.push(sale_spec(stage, d, bits, 128, DType::F32, ev));
+                    }
                 }
             }
+            let ev = EstimateVariant {
+                dot4: false,
+                portable_loops: false,
+            };
+            out.push(sale_spec(Stage::Compact, d, bits, 128, DType::F32, ev));
         }
     }
     out
@@ -872,7 +900,11 @@ impl SaleGpu {
             sel_ranges: storage("sale selected lut ranges", (hq * lay.n_qb * 8) as u64),
             sel_idx: storage("sale selected lut indices", lay.capacity * 4),
         };
-        let spec = |s| sale_spec(s, d, cfg.bits, cfg.local, opts.dtype, caps.int_dot4);
+        let ev = EstimateVariant {
+            dot4: caps.int_dot4,
+            portable_loops: ctx.backend() == crate::Backend::BrowserWebGpu,
+        };
+        let spec = |s| sale_spec(s, d, cfg.bits, cfg.local, opts.dtype, ev);
         let kernels = [
             Stage::MeanPartial,
             Stage::MeanFinal,
@@ -1122,6 +1154,7 @@ impl SaleGpu {
         quant: &QuantizedQk,
         fill: i32,
         dot4: bool,
+        portable_loops: bool,
     ) -> Result<Vec<i32>> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let (hq, n, d) = (self.shape.q_heads, self.shape.seq_len, self.shape.head_dim);
@@ -1139,7 +1172,10 @@ impl SaleGpu {
             self.cfg.bits,
             self.cfg.local,
             DType::F32,
-            dot4,
+            EstimateVariant {
+                dot4,
+                portable_loops,
+            },
         ))?;
         let b = &self.bufs;
         g.queue
@@ -1381,8 +1417,8 @@ mod tests {
                 }
             }
             let fill = i32::MIN;
-            for dot4 in [true, false] {
-                let dots = pollster::block_on(sg.dots(&ctx, &gq, fill, dot4)).unwrap();
+            for (dot4, portable) in [(true, false), (false, false), (true, true), (false, true)] {
+                let dots = pollster::block_on(sg.dots(&ctx, &gq, fill, dot4, portable)).unwrap();
                 let n = shape.seq_len;
                 let mut checked = 0;
                 for h in 0..shape.q_heads {

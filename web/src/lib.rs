@@ -40,18 +40,10 @@ pub fn start() {
     }));
 }
 
-/// Names of the attention methods the browser build offers (the demo's picker lists
-/// them): every method of the crate except SALE, whose run loses the device in headless
-/// Chromium's SwiftShader (the GPU process drops the instance; the same kernels pass on
-/// native Vulkan, lavapipe and the H200). Known gap, not hidden: `run` still accepts
-/// `sale` by name.
+/// Names of every attention method this build has (the demo's picker lists them).
 #[wasm_bindgen]
 pub fn methods() -> Vec<String> {
-    Method::all()
-        .iter()
-        .filter(|m| !matches!(m, Method::Sale(_)))
-        .map(|m| m.name().to_string())
-        .collect()
+    Method::all().iter().map(|m| m.name().to_string()).collect()
 }
 
 /// The crate version.
