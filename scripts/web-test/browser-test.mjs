@@ -206,6 +206,11 @@ try {
     check(anchorRun.summary.pattern && sparsePicture(anchorRun.summary.pattern), "UI anchor run shows its stripes");
     await page.screenshot({ path: path.join(outDir, "demo-webgpu-anchor.png"), fullPage: true });
     log("screenshot:", path.join(outDir, "demo-webgpu-anchor.png"));
+    // The SALE picture: 64 × 32 blocks.
+    const saleRun = await runUi(page, { method: "sale", device_pick: "auto", ...ui });
+    check(saleRun.summary.pattern && sparsePicture(saleRun.summary.pattern), "UI sale run shows its blocks");
+    await page.screenshot({ path: path.join(outDir, "demo-webgpu-sale.png"), fullPage: true });
+    log("screenshot:", path.join(outDir, "demo-webgpu-sale.png"));
     const errBox = await page.evaluate(() => getComputedStyle(document.getElementById("error")).display);
     check(errBox === "none", "no error shown on the page");
     check(problems.length === 0, `no page/console errors (${problems.join(" | ") || "none"})`);
