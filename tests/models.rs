@@ -5,6 +5,8 @@
 //! `$WGSPARSE_DATA/models/`). Without them each test prints why and returns; with
 //! `WGSPARSE_REQUIRE_MODELS=1` a missing file fails the test instead.
 
+mod common;
+
 use std::path::PathBuf;
 
 use wgsparse::model::decoder::Decoder;
@@ -143,6 +145,51 @@ fn smollm2_greedy_and_nll_match_the_research_notes() {
     let (nll, n) = dec.nll(&ids).unwrap();
     eprintln!("SmolLM2 NLL over {n} predictions: {nll:.4}");
     assert!((nll - 2.8179).abs() < 0.01, "NLL {nll}");
+}
+
+/// The decoder with its attention on a GPU (lavapipe in CI) against the CPU path:
+/// next-token NLL over 256 real tokens and a greedy continuation, dense and SALE.
+#[test]
+fn smollm2_decoder_on_the_gpu_matches_the_cpu() {
+    let Some(g) = model(SMOLLM2) else { return };
+    let Some(gpu) = common::gpu(None) else { return };
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tokens_smollm2_prideprejudice.json"),
+    )
+    .unwrap();
+    let f: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<u32> = f["ids"].as_array().unwrap()[..256]
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let sale = Method::Sale(wgsparse::attention::sale::SaleConfig {
+        tau: 0.01,
+        ..Default::default()
+    });
+    for method in [Method::Dense, sale] {
+        let on_cpu = Decoder::load(&g, &Context::cpu(), method.clone()).unwrap();
+        let on_gpu = Decoder::load(&g, &gpu, method.clone()).unwrap();
+        let (nll_cpu, n) = on_cpu.nll(&ids).unwrap();
+        let (nll_gpu, _) = on_gpu.nll(&ids).unwrap();
+        eprintln!(
+            "{}: NLL over {n} tokens cpu {nll_cpu:.5} gpu ({}) {nll_gpu:.5}",
+            method.name(),
+            gpu.adapter_name()
+        );
+        assert!(
+            (nll_cpu - nll_gpu).abs() < 2e-3,
+            "{}: {nll_cpu} vs {nll_gpu}",
+            method.name()
+        );
+        let greedy = |d: &Decoder| d.generate(&ids[..200], 12, &[], &mut |_| {}).unwrap();
+        assert_eq!(
+            greedy(&on_cpu),
+            greedy(&on_gpu),
+            "{}: greedy tokens",
+            method.name()
+        );
+    }
 }
 
 #[test]

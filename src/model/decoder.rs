@@ -554,6 +554,9 @@ impl Decoder {
                     )))
                 }
             }
+            // The sparse methods are prefill methods (as many keys as queries): decode
+            // steps and chunked continuations over a cache run dense.
+            _ if t != n => run(k, v, n, Method::Dense),
             _ => run(k, v, n, method),
         }
     }
