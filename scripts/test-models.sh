@@ -11,8 +11,7 @@
 # 3. runs, with WGSPARSE_REQUIRE_MODELS=1: the numpy reference test (tests/reference.rs),
 #    the eval tests (tests/eval.rs) and the SmolLM2 tests of tests/models.rs.
 #
-# Not part of scripts/test.sh yet: that path (GPU, GL and browser tests included) was not
-# run end to end with these steps added.
+# scripts/test.sh (the README's test command and CI) runs it after the other tests.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

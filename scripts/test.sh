@@ -8,12 +8,14 @@
 # passwordless sudo; otherwise it prints the command and stops). It then runs every test
 # with WGSPARSE_REQUIRE_GPU=1 (and WGSPARSE_REQUIRE_GL=1 for the GL-compute test), so a
 # missing adapter FAILS the GPU tests instead of skipping them, and builds the benches
-# and examples so they cannot rot, and finally runs the browser test (scripts/test-web.sh:
-# the WASM build and the demo page in headless Chromium, WebGPU and the CPU fallback).
+# and examples so they cannot rot, then the real-model tests (scripts/test-models.sh:
+# fetches SmolLM2, 93 MB, and checks the decoder against a numpy reference and the GPU
+# decoder against the CPU one), and finally the browser test (scripts/test-web.sh: the
+# WASM build and the demo page in headless Chromium, WebGPU and the CPU fallback).
 #
 # Environment: WGSPARSE_SKIP_APT=1 skips the package check; WGSPARSE_REQUIRE_GPU=0 lets
 # the GPU tests skip on a machine without any adapter (not for CI); WGSPARSE_SKIP_WEB=1
-# skips the browser test.
+# skips the browser test; WGSPARSE_SKIP_MODELS=1 the real-model tests.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -99,6 +101,10 @@ say "cargo test (WGSPARSE_REQUIRE_GPU=$WGSPARSE_REQUIRE_GPU)"
 cargo test --locked "$@"
 say "cargo build --benches --examples (debug: they must compile)"
 cargo build --locked --benches --examples
+if [ "${WGSPARSE_SKIP_MODELS:-0}" != 1 ]; then
+    say "scripts/test-models.sh (SmolLM2: numpy reference, eval, GPU-vs-CPU decoder; WGSPARSE_SKIP_MODELS=1 skips it)"
+    bash scripts/test-models.sh
+fi
 if [ "${WGSPARSE_SKIP_WEB:-0}" != 1 ]; then
     say "scripts/test-web.sh (WASM build + headless Chromium; WGSPARSE_SKIP_WEB=1 skips it)"
     bash scripts/test-web.sh
