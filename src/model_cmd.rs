@@ -498,8 +498,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         Ok(())
     };
     let e2e = if a.no_end_to_end {
-        let mut cache = dec.new_cache();
-        dec.forward(&ids[..a.tokens], &mut cache, &mut observe)?;
+        // Only the layers up to the last measured one need to run.
+        let last = layers.iter().max().map_or(0, |&l| l + 1);
+        dec.observe_layers(&ids[..a.tokens], last, &mut observe)?;
         Vec::new()
     } else {
         end_to_end(

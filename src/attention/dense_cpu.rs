@@ -68,6 +68,24 @@ impl HostRowState {
 /// `mul_add` would be a libm call).
 trait MulAdd {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
+
+    /// The `S = Q·Kᵀ` register tile ([`qk_tile`]).
+    #[inline(always)]
+    fn qk_tile(qg: &[f32], panel: &[f32]) -> [[f32; NR]; MR]
+    where
+        Self: Sized,
+    {
+        qk_tile::<Self>(qg, panel)
+    }
+
+    /// The `acc += P·V` register tile ([`pv_tile`]).
+    #[inline(always)]
+    fn pv_tile(p: &[[f32; KEYS]; MR], keys: usize, v: &[f32], d: usize, acc: &mut [f32])
+    where
+        Self: Sized,
+    {
+        pv_tile::<Self>(p, keys, v, d, acc)
+    }
 }
 
 /// Separate multiply and add: baseline x86-64 (SSE2) and wasm.
@@ -89,6 +107,125 @@ impl MulAdd for Fused {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
+    }
+}
+
+/// The AVX2 + FMA path: fused multiply-adds, and the two register tiles written with
+/// 256-bit intrinsics ([`avx2`]). LLVM's auto-vectorizer kept the plain-Rust tiles in
+/// scalar `vfmadd…ss` code with the accumulators in memory (10× slower), so the hot
+/// loops do not depend on it here. Only instantiated inside [`run_task_avx2_fma`].
+#[cfg(target_arch = "x86_64")]
+struct Avx2Fma;
+#[cfg(target_arch = "x86_64")]
+impl MulAdd for Avx2Fma {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+
+    #[inline(always)]
+    fn qk_tile(qg: &[f32], panel: &[f32]) -> [[f32; NR]; MR] {
+        // SAFETY: only reached from `run_task_avx2_fma`, which runs after the CPU was
+        // detected to have AVX2 and FMA.
+        unsafe { avx2::qk_tile(qg, panel) }
+    }
+
+    #[inline(always)]
+    fn pv_tile(p: &[[f32; KEYS]; MR], keys: usize, v: &[f32], d: usize, acc: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { avx2::pv_tile(p, keys, v, d, acc) }
+    }
+}
+
+/// The register tiles in AVX2 + FMA intrinsics: `MR × 16` accumulators as `MR × 2`
+/// `__m256` (12 of the 16 ymm registers), one broadcast per row and two vector loads
+/// per step feeding `2·MR` FMAs.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{KEYS, MR, NR, NV};
+    use std::arch::x86_64::*;
+
+    const _: () = assert!(NR == 16 && NV == 16, "the tiles are two __m256 wide");
+
+    /// [`super::qk_tile`] for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn qk_tile(qg: &[f32], panel: &[f32]) -> [[f32; NR]; MR] {
+        let dims = (qg.len() / MR).min(panel.len() / NR);
+        let (q, k) = (qg.as_ptr(), panel.as_ptr());
+        let mut a = [[_mm256_setzero_ps(); 2]; MR];
+        for c in 0..dims {
+            // SAFETY: c < dims keeps every read inside `qg` (dims·MR) and `panel`
+            // (dims·NR).
+            unsafe {
+                let k0 = _mm256_loadu_ps(k.add(c * NR));
+                let k1 = _mm256_loadu_ps(k.add(c * NR + 8));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let qv = _mm256_set1_ps(*q.add(c * MR + i));
+                    ai[0] = _mm256_fmadd_ps(qv, k0, ai[0]);
+                    ai[1] = _mm256_fmadd_ps(qv, k1, ai[1]);
+                }
+            }
+        }
+        let mut s = [[0.0f32; NR]; MR];
+        for (si, ai) in s.iter_mut().zip(&a) {
+            // SAFETY: each row of `s` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(si.as_mut_ptr(), ai[0]);
+                _mm256_storeu_ps(si.as_mut_ptr().add(8), ai[1]);
+            }
+        }
+        s
+    }
+
+    /// [`super::pv_tile`] for AVX2 + FMA (leftover columns past a multiple of 16 go
+    /// through the portable tile's scalar tail).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pv_tile(
+        p: &[[f32; KEYS]; MR],
+        keys: usize,
+        v: &[f32],
+        d: usize,
+        acc: &mut [f32],
+    ) {
+        let keys = keys.min(KEYS);
+        let v = &v[..keys * d];
+        let acc = &mut acc[..MR * d];
+        let (vp, ap) = (v.as_ptr(), acc.as_mut_ptr());
+        let mut col = 0;
+        while col + NV <= d {
+            // SAFETY: rows i < MR and columns col..col + 16 ≤ d lie inside `acc`
+            // (MR·d) and, for keys j < keys, inside `v` (keys·d).
+            unsafe {
+                let mut a = [[_mm256_setzero_ps(); 2]; MR];
+                for (i, ai) in a.iter_mut().enumerate() {
+                    ai[0] = _mm256_loadu_ps(ap.add(i * d + col));
+                    ai[1] = _mm256_loadu_ps(ap.add(i * d + col + 8));
+                }
+                for j in 0..keys {
+                    let v0 = _mm256_loadu_ps(vp.add(j * d + col));
+                    let v1 = _mm256_loadu_ps(vp.add(j * d + col + 8));
+                    for (ai, pi) in a.iter_mut().zip(p) {
+                        let w = _mm256_set1_ps(pi[j]);
+                        ai[0] = _mm256_fmadd_ps(w, v0, ai[0]);
+                        ai[1] = _mm256_fmadd_ps(w, v1, ai[1]);
+                    }
+                }
+                for (i, ai) in a.iter().enumerate() {
+                    _mm256_storeu_ps(ap.add(i * d + col), ai[0]);
+                    _mm256_storeu_ps(ap.add(i * d + col + 8), ai[1]);
+                }
+            }
+            col += NV;
+        }
+        if col < d {
+            super::pv_tail::<super::Fused>(p, keys, v, d, acc, col);
+        }
     }
 }
 
@@ -164,12 +301,14 @@ fn pv_tile<F: MulAdd>(p: &[[f32; KEYS]; MR], keys: usize, v: &[f32], d: usize, a
         for (i, ai) in a.iter_mut().enumerate() {
             ai.copy_from_slice(&acc[i * d + col..i * d + col + NV]);
         }
-        for (j, vrow) in v.chunks_exact(d).enumerate() {
-            let vc: &[f32; NV] = vrow[col..col + NV].try_into().expect("NV columns");
-            for (ai, pi) in a.iter_mut().zip(p) {
-                let w = pi[j];
-                for (av, &vv) in ai.iter_mut().zip(vc) {
-                    *av = F::mul_add(w, vv, *av);
+        for j in 0..keys {
+            let vc: [f32; NV] = v[j * d + col..j * d + col + NV]
+                .try_into()
+                .expect("NV columns");
+            for i in 0..MR {
+                let w = p[i][j];
+                for c in 0..NV {
+                    a[i][c] = F::mul_add(w, vc[c], a[i][c]);
                 }
             }
         }
@@ -178,8 +317,21 @@ fn pv_tile<F: MulAdd>(p: &[[f32; KEYS]; MR], keys: usize, v: &[f32], d: usize, a
         }
         col += NV;
     }
-    // Leftover columns when d is not a multiple of NV (not a head_dim the crate
-    // validates, but the function takes any shape).
+    pv_tail::<F>(p, keys, v, d, acc, col);
+}
+
+/// Columns `col..d` of [`pv_tile`], one at a time: the leftover when d is not a
+/// multiple of `NV` (not a head_dim the crate validates, but the tiles take any shape).
+#[inline(always)]
+fn pv_tail<F: MulAdd>(
+    p: &[[f32; KEYS]; MR],
+    keys: usize,
+    v: &[f32],
+    d: usize,
+    acc: &mut [f32],
+    col: usize,
+) {
+    let v = &v[..keys.min(KEYS) * d];
     for c in col..d {
         for i in 0..MR {
             let mut sum = acc[i * d + c];
@@ -318,7 +470,7 @@ fn run_task_portable(inp: &Inputs, task: Task) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn run_task_avx2_fma(inp: &Inputs, task: Task) {
-    run_task::<Fused>(inp, task)
+    run_task::<Avx2Fma>(inp, task)
 }
 
 /// Computes `task`'s rows: online softmax over key tiles of `KEYS`, row groups of `MR`
@@ -427,7 +579,7 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
             let qg = &qp[g * d * MR..(g + 1) * d * MR];
             for t in 0..kt_g.div_ceil(NR) {
                 let panel = &panels_t[t * NR * d..(t + 1) * NR * d];
-                let tile_s = qk_tile::<F>(qg, panel);
+                let tile_s = F::qk_tile(qg, panel);
                 for (si, ti) in s.iter_mut().zip(&tile_s) {
                     si[t * NR..(t + 1) * NR].copy_from_slice(ti);
                 }
@@ -472,7 +624,7 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
                 }
             }
 
-            pv_tile::<F>(&p, kt_g, v_t, d, &mut acc[g * MR * d..(g + 1) * MR * d]);
+            F::pv_tile(&p, kt_g, v_t, d, &mut acc[g * MR * d..(g + 1) * MR * d]);
         }
         c0 += KEYS;
     }

@@ -10,9 +10,9 @@
 //! decoder's [`Context`] with the chosen [`Method`], for prefill and for every decode
 //! step against the KV cache. Gemma's sliding-window layers: while every key is inside
 //! the window (prompt ≤ window) they are plain causal attention; a one-token decode step
-//! attends to the last `window` keys; a longer prefill uses [`windowed_attention`] on the
-//! CPU and [`Method::Window`] (no sinks) on a GPU; a chunked prefill after cached tokens
-//! on a GPU returns [`Error::Model`].
+//! attends to the last `window` keys; a longer prefill runs [`Method::Window`] (no sinks,
+//! block skipping) on the GPU or the CPU twin; a chunked prefill after cached tokens uses
+//! the row-wise [`windowed_attention`] on the CPU and returns [`Error::Model`] on a GPU.
 
 use rayon::prelude::*;
 
@@ -197,13 +197,16 @@ pub fn matmul_t(x: &[f32], t: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> 
             );
         }
     };
-    if t >= 32 {
-        let rb = 32;
+    if t >= 256 {
+        // Row blocks: each sgemm call packs all of W, so the blocks are as large as
+        // the threads allow (at least 128 rows) rather than many small ones.
+        let rb = t.div_ceil(rayon::current_num_threads()).max(128);
         y.par_chunks_mut(rb * n)
             .zip(x.par_chunks(rb * k))
             .for_each(|(out, xs)| gemm(xs.len() / k, xs, w, n, out));
     } else {
-        // Few rows (decode): split the output features.
+        // Few rows (decode, logits of a continuation): split the output features, so
+        // that every thread packs only its own slice of W.
         let cb = 256.min(n);
         let parts: Vec<(usize, Vec<f32>)> = w
             .par_chunks(cb * k)
@@ -521,7 +524,20 @@ impl Decoder {
                             .collect()
                     };
                     run(&slice(k), &slice(v), w, Method::Dense)
+                } else if t == n {
+                    // A prefill from an empty cache: the crate's window method (block
+                    // skipping on both the GPU and the CPU twin).
+                    run(
+                        k,
+                        v,
+                        n,
+                        Method::Window(WindowConfig {
+                            window: w,
+                            sinks: 0,
+                        }),
+                    )
                 } else if self.ctx.is_cpu() {
+                    // A chunked prefill after cached tokens: the row-wise reference.
                     Ok(windowed_attention(
                         q,
                         k,
@@ -534,17 +550,6 @@ impl Decoder {
                         w,
                         scale,
                     ))
-                } else if t == n {
-                    // A prefill from an empty cache: the crate's window method.
-                    run(
-                        k,
-                        v,
-                        n,
-                        Method::Window(WindowConfig {
-                            window: w,
-                            sinks: 0,
-                        }),
-                    )
                 } else {
                     Err(Error::Model(format!(
                         "layer {layer} has a {w}-token sliding window: a chunked prefill \
@@ -586,6 +591,46 @@ impl Decoder {
         cache: &mut KvCache,
         pick: &mut dyn FnMut(&LayerQkv<'_>) -> Result<Method>,
     ) -> Result<Vec<f32>> {
+        self.run_layers(ids, cache, pick, self.layers.len())
+    }
+
+    /// Runs `ids` from an empty cache through the first `layers` layers only (dense
+    /// attention), showing each one's post-RoPE Q/K/V to `observe`: what a per-layer
+    /// measurement of the early layers needs, without paying for the rest of the model.
+    pub fn observe_layers(
+        &self,
+        ids: &[u32],
+        layers: usize,
+        observe: &mut dyn FnMut(&LayerQkv<'_>) -> Result<()>,
+    ) -> Result<()> {
+        if layers > self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{layers} layers asked of a {}-layer model",
+                self.layers.len()
+            )));
+        }
+        let mut cache = self.new_cache();
+        self.run_layers(
+            ids,
+            &mut cache,
+            &mut |l| {
+                observe(l)?;
+                Ok(self.layer_method(l.layer))
+            },
+            layers,
+        )?;
+        Ok(())
+    }
+
+    /// The body of [`Decoder::forward_with`] over the first `limit` layers; the final
+    /// norm applies only when every layer ran (and `cache.len` advances only then).
+    fn run_layers(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        pick: &mut dyn FnMut(&LayerQkv<'_>) -> Result<Method>,
+        limit: usize,
+    ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let (t, dm, d) = (ids.len(), c.d_model, c.head_dim);
         let start = cache.len;
@@ -607,7 +652,7 @@ impl Decoder {
             let s = (dm as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= s);
         }
-        for (li, l) in self.layers.iter().enumerate() {
+        for (li, l) in self.layers.iter().enumerate().take(limit) {
             let mut xn = x.clone();
             rms_norm(&mut xn, &l.attn_norm, c.norm_eps);
             let proj = |m: &Mat, b: &Option<Vec<f32>>| {
@@ -707,6 +752,9 @@ impl Decoder {
                 rms_norm(&mut f, w, c.norm_eps);
             }
             x.iter_mut().zip(&f).for_each(|(x, f)| *x += f);
+        }
+        if limit < self.layers.len() {
+            return Ok(x);
         }
         cache.len += t;
         rms_norm(&mut x, &self.out_norm, c.norm_eps);
@@ -1041,8 +1089,8 @@ mod tests {
 
     #[test]
     fn window_method_matches_windowed_attention() {
-        // The crate's Method::Window (sinks 0), which GPU contexts use for Gemma's local
-        // layers, means the same mask as the decoder's CPU window.
+        // The crate's Method::Window (sinks 0), which every prefill uses for Gemma's local
+        // layers, means the same mask as the decoder's row-wise window (chunked prefills).
         let mut rng = StdRng::seed_from_u64(4);
         let (h, kvh, t, d, w) = (4, 1, 70, 64, 9);
         let q = rnd(&mut rng, h * t * d, 1.0);
