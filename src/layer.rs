@@ -25,6 +25,7 @@ use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
 use crate::context::{Backend, Context};
 use crate::error::{Error, Result};
 use crate::launch::storage_init;
+use crate::moe::stream::{ExpertResidency, StreamStats};
 use crate::moe::{MoeConfig, MoePlan, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
 use crate::ops::linear::{LinearGpu, LinearLayout, from_head_major, linear_cpu, to_head_major};
 use crate::ops::rmsnorm::{RmsNormGpu, rmsnorm_cpu};
@@ -268,6 +269,11 @@ pub struct LayerReport {
     pub tokens_per_s: f64,
     /// Skipped-neuron fraction of the MoE.
     pub skip_frac: f64,
+    /// Skipped 16-neuron chunks of the tiled down GEMM (see
+    /// [`crate::moe::plan::MoeReport::down_chunk_skip_frac`]).
+    pub down_chunk_skip_frac: Option<f64>,
+    /// Expert streaming of this run (`None`: every expert resident).
+    pub stream: Option<StreamStats>,
     /// Assignments per expert.
     pub expert_counts: Vec<u32>,
     /// Attention method.
@@ -300,6 +306,7 @@ pub struct DecoderLayerPlanBuilder {
     cfg: DecoderLayerConfig,
     tokens: usize,
     format: WeightFormat,
+    residency: ExpertResidency,
 }
 
 impl Context {
@@ -310,6 +317,7 @@ impl Context {
             cfg,
             tokens: 1,
             format: WeightFormat::F16,
+            residency: ExpertResidency::Resident,
         }
     }
 }
@@ -323,6 +331,14 @@ impl DecoderLayerPlanBuilder {
     /// Weight format of every matrix.
     pub fn format(mut self, f: WeightFormat) -> Self {
         self.format = f;
+        self
+    }
+    /// Streams the expert weights from host memory with `slots` GPU slots: the router
+    /// runs in its own submission, attention is submitted behind it, and the routed
+    /// experts missing from the slots are uploaded while attention runs (see
+    /// [`crate::moe::stream`]).
+    pub fn stream_experts(mut self, slots: usize) -> Self {
+        self.residency = ExpertResidency::Streamed { slots };
         self
     }
     /// Packs the weights and builds.
@@ -349,7 +365,11 @@ impl DecoderLayerPlanBuilder {
                     .method(method.clone())
                     .dtype(DType::F32)
                     .build()?;
-                let moe = ctx.moe(c.moe).tokens(t).build_packed(packed.moe.clone())?;
+                let moe = ctx
+                    .moe(c.moe)
+                    .tokens(t)
+                    .residency(self.residency)
+                    .build_packed(packed.moe.clone())?;
                 let hm = LinearLayout {
                     out_head_major: true,
                     ..Default::default()
@@ -459,27 +479,42 @@ impl DecoderLayerPlan {
             }
         }
         let report = match &self.gpu {
-            Some(g) => {
+            Some(g) if !g.moe.is_streamed() => {
                 let mut rec = Recorder::new(&self.ctx, "decoder layer", self.stage_count())?;
-                let b = |t: &Tensor| t.buffer().expect("GPU tensor").clone();
                 // Router first: the experts are known before attention runs.
                 g.moe.record_route(&mut rec, x)?;
-                g.norm
-                    .record(&mut rec, "rmsnorm_1", &b(x), &g.norm1, &b(&g.n1));
-                g.q.record(&mut rec, "q_proj", &b(&g.n1), &b(&g.qt), None)?;
-                g.k.record(&mut rec, "k_proj", &b(&g.n1), &b(&g.kt), None)?;
-                g.v.record(&mut rec, "v_proj", &b(&g.n1), &b(&g.vt), None)?;
-                if let Some(r) = &g.rope {
-                    r.record(&mut rec, "rope", &[&b(&g.qt), &b(&g.kt)])?;
-                }
-                g.attn.record(&mut rec, &g.qt, &g.kt, &g.vt, &g.attn_out)?;
-                g.o.record(&mut rec, "o_proj", &b(&g.attn_out), &b(&g.h), Some(&b(x)))?;
-                g.norm
-                    .record(&mut rec, "rmsnorm_2", &b(&g.h), &g.norm2, &b(&g.z));
+                self.record_attention(&mut rec, g, x)?;
                 g.moe.record_experts(&mut rec, &g.z, &g.h, out)?;
                 let timing = rec.submit().await?;
-                let (expert_counts, skip_frac) = g.moe.gpu_stats().await?;
-                self.make_report(self.ctx.backend(), timing, skip_frac, expert_counts)
+                let (expert_counts, skip_frac, chunks) = g.moe.gpu_stats().await?;
+                let mut r = self.make_report(self.ctx.backend(), timing, skip_frac, expert_counts);
+                r.down_chunk_skip_frac = chunks;
+                r
+            }
+            Some(g) => {
+                // Streamed experts: the router alone, then attention behind it; once
+                // the router's submission is done (attention still running), the
+                // missing experts are handed to the queue, then the expert rounds.
+                let start = Instant::now();
+                let mut rec = Recorder::new(&self.ctx, "layer route", 2)?;
+                g.moe.record_route(&mut rec, x)?;
+                g.moe.record_routing_readback(&mut rec)?;
+                let route = rec.submit_deferred().await?;
+                let mut rec = Recorder::new(&self.ctx, "layer attention", self.stage_count())?;
+                self.record_attention(&mut rec, g, x)?;
+                let attn = rec.submit_deferred().await?;
+                let counts = g.moe.read_routing(&route).await?;
+                let (rounds, stream) = g.moe.run_streamed_experts(&counts, &g.z, &g.h, out).await?;
+                let mut parts = vec![route.report().await?, attn.report().await?];
+                for r in rounds {
+                    parts.push(r.report().await?);
+                }
+                let timing = Report::concat(parts, start.elapsed().as_secs_f64() * 1e3);
+                let (expert_counts, skip_frac, chunks) = g.moe.gpu_stats().await?;
+                let mut r = self.make_report(self.ctx.backend(), timing, skip_frac, expert_counts);
+                r.down_chunk_skip_frac = chunks;
+                r.stream = Some(stream);
+                r
             }
             None => {
                 let w = self.host.as_ref().expect("CPU plans keep the weights");
@@ -511,6 +546,24 @@ impl DecoderLayerPlan {
         Ok(())
     }
 
+    /// Records RMSNorm 1, the projections, RoPE, attention, the output projection with
+    /// the residual (into `h`) and RMSNorm 2 (into `z`).
+    fn record_attention(&self, rec: &mut Recorder<'_>, g: &LayerGpu, x: &Tensor) -> Result<()> {
+        let b = |t: &Tensor| t.buffer().expect("GPU tensor").clone();
+        g.norm.record(rec, "rmsnorm_1", &b(x), &g.norm1, &b(&g.n1));
+        g.q.record(rec, "q_proj", &b(&g.n1), &b(&g.qt), None)?;
+        g.k.record(rec, "k_proj", &b(&g.n1), &b(&g.kt), None)?;
+        g.v.record(rec, "v_proj", &b(&g.n1), &b(&g.vt), None)?;
+        if let Some(r) = &g.rope {
+            r.record(rec, "rope", &[&b(&g.qt), &b(&g.kt)])?;
+        }
+        g.attn.record(rec, &g.qt, &g.kt, &g.vt, &g.attn_out)?;
+        g.o.record(rec, "o_proj", &b(&g.attn_out), &b(&g.h), Some(&b(x)))?;
+        g.norm
+            .record(rec, "rmsnorm_2", &b(&g.h), &g.norm2, &b(&g.z));
+        Ok(())
+    }
+
     fn make_report(
         &self,
         backend: Backend,
@@ -524,6 +577,8 @@ impl DecoderLayerPlan {
             ms,
             tokens_per_s: self.tokens as f64 / (ms / 1e3),
             skip_frac,
+            down_chunk_skip_frac: None,
+            stream: None,
             expert_counts,
             attention: self.method.name().into(),
             timing,

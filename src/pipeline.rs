@@ -213,6 +213,24 @@ impl Report {
     pub fn ms(&self) -> f64 {
         self.gpu_ms.unwrap_or(self.wall_ms)
     }
+
+    /// One report for consecutive submissions of one run: their stages in order, GPU
+    /// time summed when every part has it, and `wall_ms` measured by the caller over
+    /// the whole run.
+    pub fn concat(parts: Vec<Report>, wall_ms: f64) -> Report {
+        let gpu_ms = parts.iter().map(|r| r.gpu_ms).sum::<Option<f64>>();
+        Report {
+            timing: if gpu_ms.is_some() {
+                "timestamp"
+            } else {
+                "wall"
+            }
+            .into(),
+            stages: parts.into_iter().flat_map(|r| r.stages).collect(),
+            wall_ms,
+            gpu_ms,
+        }
+    }
 }
 
 /// Records the stages of a plan into one command encoder and submits them once.
@@ -290,7 +308,15 @@ impl<'a> Recorder<'a> {
     }
 
     /// Submits everything recorded, waits for it and returns the timing report.
-    pub async fn submit(mut self) -> Result<Report> {
+    pub async fn submit(self) -> Result<Report> {
+        self.submit_deferred().await?.report().await
+    }
+
+    /// Submits everything recorded without waiting for the GPU: validation errors are
+    /// returned now, the timing later from [`Submitted::report`]. Lets a plan queue
+    /// more work (or do host work, such as uploading streamed weights) while this
+    /// submission runs.
+    pub async fn submit_deferred(mut self) -> Result<Submitted<'a>> {
         let n = (self.stages.len() as u32).min(self.max_stages);
         let readback = match (&self.queries, n) {
             (Some(q), n) if n > 0 => {
@@ -307,22 +333,58 @@ impl<'a> Recorder<'a> {
             _ => None,
         };
         let start = Instant::now();
-        self.g.queue.submit([self.encoder.finish()]);
+        let index = self.g.queue.submit([self.encoder.finish()]);
         if let Some(e) = self.scope.take().expect("scope pushed in new").pop().await {
             return Err(Error::Gpu(e.to_string()));
         }
+        Ok(Submitted {
+            g: self.g,
+            index,
+            stages: self.stages,
+            n,
+            readback,
+            start,
+        })
+    }
+
+    /// Blocking [`Recorder::submit`] (not on the web).
+    pub fn submit_blocking(self) -> Result<Report> {
+        pollster::block_on(self.submit())
+    }
+}
+
+/// A submitted recording whose GPU work may still be running (see
+/// [`Recorder::submit_deferred`]).
+pub struct Submitted<'a> {
+    g: &'a GpuDevice,
+    index: wgpu::SubmissionIndex,
+    stages: Vec<StageTime>,
+    n: u32,
+    readback: Option<wgpu::Buffer>,
+    start: Instant,
+}
+
+impl Submitted<'_> {
+    /// The queue's index of this submission (to wait for it alone).
+    pub fn index(&self) -> &wgpu::SubmissionIndex {
+        &self.index
+    }
+
+    /// Waits for this submission and returns its timing report (GPU timestamps where
+    /// the device has them; else the wall clock from submission to completion).
+    pub async fn report(self) -> Result<Report> {
         let mut report = Report {
             stages: self.stages,
             ..Default::default()
         };
-        match readback {
+        match self.readback {
             Some(resolve) => {
                 let bytes = crate::tensor::read_buffer(self.g, &resolve, 0, resolve.size()).await?;
-                report.wall_ms = start.elapsed().as_secs_f64() * 1e3;
+                report.wall_ms = self.start.elapsed().as_secs_f64() * 1e3;
                 let ticks: &[u64] = bytemuck::cast_slice(&bytes);
                 let period = self.g.queue.get_timestamp_period() as f64;
                 let mut total = 0.0;
-                for (i, st) in report.stages.iter_mut().enumerate().take(n as usize) {
+                for (i, st) in report.stages.iter_mut().enumerate().take(self.n as usize) {
                     let ms = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period / 1e6;
                     st.ms = Some(ms);
                     total += ms;
@@ -334,7 +396,10 @@ impl<'a> Recorder<'a> {
                 #[cfg(not(target_arch = "wasm32"))]
                 self.g
                     .device
-                    .poll(wgpu::PollType::wait_indefinitely())
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: Some(self.index),
+                        timeout: None,
+                    })
                     .map_err(|e| Error::Gpu(e.to_string()))?;
                 #[cfg(target_arch = "wasm32")]
                 {
@@ -344,15 +409,10 @@ impl<'a> Recorder<'a> {
                     });
                     let _ = rx.await;
                 }
-                report.wall_ms = start.elapsed().as_secs_f64() * 1e3;
+                report.wall_ms = self.start.elapsed().as_secs_f64() * 1e3;
                 report.timing = "wall".into();
             }
         }
         Ok(report)
-    }
-
-    /// Blocking [`Recorder::submit`] (not on the web).
-    pub fn submit_blocking(self) -> Result<Report> {
-        pollster::block_on(self.submit())
     }
 }

@@ -268,6 +268,63 @@ fn decoder_layer_plan_matches_the_cpu_layer() {
 }
 
 #[test]
+fn streamed_expert_layer_equals_the_resident_layer() {
+    // Router in its own submission, attention behind it, experts uploaded once the
+    // routing is read back: the same output as the one-submission layer, bit for bit.
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    for (i, (tokens, format, slots)) in [
+        (45, WeightFormat::F16, 3),
+        (3, WeightFormat::Q4_0, 8),
+        (70, WeightFormat::Q4_0, 5),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = small_layer(true);
+        let s = seed + 50 + i as u64;
+        let w = DecoderLayerWeights::random(&cfg, s);
+        let h = cfg.moe.hidden;
+        let x = grid_input(tokens * h, s ^ 2);
+        let xt = Tensor::from_f32(&ctx, &[tokens, h], &x, DType::F32).unwrap();
+        let run = |plan: &wgsparse::layer::DecoderLayerPlan| {
+            let mut out = Tensor::filled(&ctx, &[tokens, h], DType::F32, f32::NAN).unwrap();
+            plan.run_into(&xt, &mut out).unwrap();
+            out.to_f32_blocking().unwrap()
+        };
+        let resident = ctx.decoder_layer(cfg).tokens(tokens).format(format);
+        let want = run(&resident.build(&w).unwrap());
+        let streamed = ctx
+            .decoder_layer(cfg)
+            .tokens(tokens)
+            .format(format)
+            .stream_experts(slots)
+            .build(&w)
+            .unwrap();
+        for pass in 0..2 {
+            let got = run(&streamed);
+            assert_eq!(got, want, "T={tokens} {format:?} slots {slots} pass {pass}");
+            let rep = streamed.report().unwrap();
+            let st = rep.stream.clone().unwrap();
+            assert_eq!(
+                st.routed,
+                rep.expert_counts.iter().filter(|&&n| n > 0).count()
+            );
+            assert_eq!(st.rounds, st.routed.div_ceil(slots).max(1));
+            if pass == 0 {
+                assert_eq!((st.hits, st.uploads), (0, st.routed));
+            }
+            let names: Vec<&str> = rep.timing.stages.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names[0], "router");
+            let at = |n: &str| names.iter().position(|x| *x == n).expect(n);
+            assert!(at("dispatch") < at("rmsnorm_1"), "{names:?}");
+            assert!(at("o_proj") < at("rmsnorm_2") && at("rmsnorm_2") < at("expert_up"));
+            assert_eq!(names.last(), Some(&"combine"));
+        }
+    }
+}
+
+#[test]
 fn cpu_layer_plan_equals_the_twin_and_the_nope_pattern() {
     let ctx = Context::cpu();
     let cfg = small_layer(true);

@@ -50,6 +50,8 @@ struct Case {
     router: RouterKind,
     /// Tile height of the tiled kernels (None: the plan's choice).
     tile_m: Option<usize>,
+    /// Stream the experts through this many GPU slots (None: all resident).
+    slots: Option<usize>,
 }
 
 fn weights_for(case: &Case, rng: &mut StdRng, seed: u64) -> MoeWeights {
@@ -89,6 +91,9 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     if let Some(m) = case.tile_m {
         b = b.tile_m(m);
     }
+    if let Some(s) = case.slots {
+        b = b.stream_experts(s);
+    }
     let plan = b.build(&w).unwrap();
     let packed = w.pack(case.format).unwrap();
     let want = moe_cpu(&x, &z, &res, &packed);
@@ -101,12 +106,13 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     plan.run_into(&xt, &zt, &rt, &mut out).unwrap();
     let got = plan.intermediates_blocking().unwrap();
     let label = format!(
-        "{:?} T={t} {:?} {:?} TM={} {:?}",
+        "{:?} T={t} {:?} {:?} TM={} {:?} slots {:?}",
         c,
         case.format,
         case.path,
         plan.tile_m(),
-        case.router
+        case.router,
+        case.slots
     );
 
     // Router.
@@ -165,6 +171,31 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     );
     let rep = plan.report().unwrap();
     assert_eq!(rep.expert_counts, want.map.counts);
+    match case.slots {
+        None => assert!(rep.stream.is_none()),
+        Some(slots) => {
+            // A fresh plan: nothing cached, every routed expert uploaded once.
+            let st = rep
+                .stream
+                .clone()
+                .expect("streamed run reports its uploads");
+            let routed = want.map.counts.iter().filter(|&&n| n > 0).count();
+            assert_eq!(
+                (st.slots, st.routed, st.hits),
+                (slots, routed, 0),
+                "{label}"
+            );
+            assert_eq!(st.uploads, routed, "{label}");
+            assert_eq!(st.rounds, routed.div_ceil(slots).max(1), "{label}");
+        }
+    }
+    if case.path == FfnPath::Tiled {
+        let frac = rep.down_chunk_skip_frac.expect("tiled runs count chunks");
+        assert!((0.0..=1.0).contains(&frac), "{label}: chunk skip {frac}");
+        assert!(got.stats[3] > 0, "{label}: chunks counted");
+    } else {
+        assert_eq!(rep.down_chunk_skip_frac, None);
+    }
     assert!((rep.skip_frac - want.skipped as f64 / evaluated as f64).abs() < 1e-3);
     eprintln!(
         "{label}: out {e_out:?}, skip {:.3}, counts {:?}",
@@ -188,6 +219,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             path: FfnPath::Tiled,
             router: RouterKind::Random,
             tile_m: None,
+            slots: None,
         },
         Case {
             cfg: cfg(128, 16, 4, 80),
@@ -196,6 +228,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             path: FfnPath::Tiled,
             router: RouterKind::SomeTies,
             tile_m: Some(32),
+            slots: None,
         },
         Case {
             cfg: cfg(96, 8, 1, 32),
@@ -204,6 +237,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             path: FfnPath::Tiled,
             router: RouterKind::AllTied,
             tile_m: Some(64),
+            slots: None,
         },
         Case {
             cfg: MoeConfig {
@@ -215,6 +249,7 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             path: FfnPath::Tiled,
             router: RouterKind::Random,
             tile_m: Some(32),
+            slots: None,
         },
         Case {
             cfg: cfg(64, 4, 3, 16),
@@ -223,6 +258,26 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             path: FfnPath::Tiled,
             router: RouterKind::AllTied,
             tile_m: None,
+            slots: None,
+        },
+        // Streamed experts: 16 routed through 5 slots (4 rounds), 3 through 1.
+        Case {
+            cfg: cfg(128, 16, 4, 80),
+            tokens: 100,
+            format: WeightFormat::Q4_0,
+            path: FfnPath::Tiled,
+            router: RouterKind::Random,
+            tile_m: Some(16),
+            slots: Some(5),
+        },
+        Case {
+            cfg: cfg(64, 4, 3, 16),
+            tokens: 300,
+            format: WeightFormat::F16,
+            path: FfnPath::Tiled,
+            router: RouterKind::AllTied,
+            tile_m: None,
+            slots: Some(1),
         },
     ];
     for (i, case) in cases.iter().enumerate() {
@@ -242,6 +297,7 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             path: FfnPath::Gemv,
             router: RouterKind::Random,
             tile_m: None,
+            slots: None,
         },
         Case {
             cfg: cfg(64, 8, 2, 48),
@@ -250,6 +306,7 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             path: FfnPath::Gemv,
             router: RouterKind::SomeTies,
             tile_m: None,
+            slots: None,
         },
         Case {
             cfg: cfg(128, 16, 1, 64),
@@ -258,6 +315,7 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             path: FfnPath::Gemv,
             router: RouterKind::AllTied,
             tile_m: None,
+            slots: None,
         },
         Case {
             cfg: MoeConfig {
@@ -269,10 +327,132 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             path: FfnPath::Gemv,
             router: RouterKind::Random,
             tile_m: None,
+            slots: None,
+        },
+        // Streamed decode: 4 routed experts through 3 slots; 8 slots for 8 experts.
+        Case {
+            cfg: cfg(256, 32, 4, 128),
+            tokens: 1,
+            format: WeightFormat::Q4_0,
+            path: FfnPath::Gemv,
+            router: RouterKind::Random,
+            tile_m: None,
+            slots: Some(3),
+        },
+        Case {
+            cfg: cfg(64, 8, 2, 48),
+            tokens: 5,
+            format: WeightFormat::F16,
+            path: FfnPath::Gemv,
+            router: RouterKind::SomeTies,
+            tile_m: None,
+            slots: Some(8),
         },
     ];
     for (i, case) in cases.iter().enumerate() {
         check_case(&ctx, case, seed + 100 + i as u64);
+    }
+}
+
+/// Runs `plan` on (x, x, res) and returns the output.
+fn run_plan(ctx: &Context, plan: &wgsparse::moe::MoePlan, x: &[f32], res: &[f32]) -> Vec<f32> {
+    let dims = [plan.tokens(), plan.config().hidden];
+    let xt = Tensor::from_f32(ctx, &dims, x, DType::F32).unwrap();
+    let rt = Tensor::from_f32(ctx, &dims, res, DType::F32).unwrap();
+    let mut out = Tensor::filled(ctx, &dims, DType::F32, f32::NAN).unwrap();
+    plan.run_into(&xt, &xt, &rt, &mut out).unwrap();
+    out.to_f32_blocking().unwrap()
+}
+
+#[test]
+fn streamed_experts_reuse_the_cache_and_equal_resident() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let c = cfg(64, 8, 2, 48);
+    let t = 40;
+    let w = MoeWeights::random(&c, seed);
+    let x = grid_values(t * c.hidden, 2, &mut rng);
+    let res = wgsparse::synthetic::gaussian(t * c.hidden, seed ^ 5);
+    for format in [WeightFormat::F16, WeightFormat::Q4_0] {
+        let resident = ctx.moe(c).tokens(t).format(format).build(&w).unwrap();
+        let want = run_plan(&ctx, &resident, &x, &res);
+        for slots in [8, 3] {
+            let plan = ctx
+                .moe(c)
+                .tokens(t)
+                .format(format)
+                .stream_experts(slots)
+                .build(&w)
+                .unwrap();
+            assert!(plan.is_streamed());
+            for run in 0..2 {
+                let got = run_plan(&ctx, &plan, &x, &res);
+                // Same kernels on the same weights, read from slots: the same bits.
+                assert_eq!(got, want, "{format:?} slots {slots} run {run}");
+                let st = plan.report().unwrap().stream.unwrap();
+                let routed = st.routed;
+                if slots >= routed {
+                    // Everything fits: the second run uploads nothing.
+                    let hits = if run == 0 { 0 } else { routed };
+                    assert_eq!((st.hits, st.uploads, st.rounds), (hits, routed - hits, 1));
+                } else {
+                    // LRU with more experts than slots: the last round's experts stay.
+                    assert_eq!(st.rounds, routed.div_ceil(slots));
+                    assert_eq!(st.hits + st.uploads, routed);
+                    if run == 1 {
+                        assert!(st.hits >= 1, "{st:?}");
+                    }
+                }
+                assert!(st.uploaded_bytes >= st.uploads as u64 * 3 * (c.ffn * c.hidden) as u64 / 4);
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_skips_chunks_inactive_for_a_whole_tile() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    // ffn 64 = four 16-neuron chunks; chunk 1's gate rows are 0 in every expert, so
+    // gate · z = 0 (inactive) for every token: every tile skips that chunk.
+    let c = cfg(64, 4, 2, 64);
+    let t = 200;
+    let mut w = MoeWeights::random(&c, seed);
+    for e in 0..c.experts {
+        for n in 16..32 {
+            let row = (e * c.ffn + n) * c.hidden;
+            w.gate[row..row + c.hidden].fill(0.0);
+        }
+    }
+    let x = grid_values(t * c.hidden, 2, &mut rng);
+    let res = wgsparse::synthetic::gaussian(t * c.hidden, seed ^ 6);
+    for format in [WeightFormat::F16, WeightFormat::Q4_0] {
+        let on = ctx.moe(c).tokens(t).format(format).build(&w).unwrap();
+        let off = ctx
+            .moe(c)
+            .tokens(t)
+            .format(format)
+            .skip_chunks(false)
+            .build(&w)
+            .unwrap();
+        assert_eq!(on.path(), FfnPath::Tiled);
+        let a = run_plan(&ctx, &on, &x, &res);
+        let b = run_plan(&ctx, &off, &x, &res);
+        let e = compare(&a, &b);
+        assert!(
+            e.max_abs_err == 0.0,
+            "{format:?}: skipping changed the output {e:?}"
+        );
+        let frac = on.report().unwrap().down_chunk_skip_frac.unwrap();
+        // At least the dead chunk; random gates on 16+ tokens leave the others live.
+        assert!((0.25..0.3).contains(&frac), "{format:?}: chunk skip {frac}");
+        assert_eq!(off.report().unwrap().down_chunk_skip_frac, None);
+        // And the twin agrees on the output.
+        let want = moe_cpu(&x, &x, &res, &w.pack(format).unwrap());
+        let e = compare(&a, &want.out);
+        assert!(e.max_abs_err <= ACT_TOL, "{format:?}: {e:?}");
     }
 }
 
@@ -418,6 +598,7 @@ fn more_tokens_than_one_grid_axis() {
         path: FfnPath::Tiled,
         router: RouterKind::Random,
         tile_m: None,
+        slots: None,
     };
     check_case(&ctx, &case, seed);
 }
@@ -425,7 +606,8 @@ fn more_tokens_than_one_grid_axis() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(6))]
 
-    /// Random small configs on the GPU against the CPU twins (every path, format and tile).
+    /// Random small configs on the GPU against the CPU twins (every path, format and
+    /// tile, resident or streamed experts).
     #[test]
     fn random_configs_on_the_gpu(
         h in prop::sample::select(vec![32usize, 64, 96, 160]),
@@ -436,6 +618,7 @@ proptest! {
         q4 in any::<bool>(),
         gemv in any::<bool>(),
         tm in prop::sample::select(vec![16usize, 32, 64]),
+        slots in prop::option::of(1usize..20),
         seed in any::<u64>(),
     ) {
         let Some(ctx) = common::gpu(None) else { return Ok(()) };
@@ -446,6 +629,7 @@ proptest! {
             path: if gemv { FfnPath::Gemv } else { FfnPath::Tiled },
             router: RouterKind::Random,
             tile_m: Some(tm),
+            slots: slots.map(|s| s.min(e)),
         };
         check_case(&ctx, &case, seed);
     }

@@ -9,7 +9,16 @@
 // Neuron skipping: where gate · z <= 0 the neuron's activation is 0 and is counted in
 // stats[0] (stats[1] counts every evaluated (position, neuron) pair). The GEMV variants
 // (decode, a few tokens) then skip the up row and the down row of that neuron: their
-// weights are never read. The tiled variants (prefill) compute whole 64 x 64 tiles.
+// weights are never read. The tiled up kernel (prefill) computes gate and up in one
+// pass over whole tiles; the tiled down kernel with SKIP_CHUNKS skips each 16-neuron
+// chunk whose activations are 0 for every position of its tile: that chunk's down
+// weights are not read and its multiply-adds not done (stats[2] counts skipped
+// (tile, column block, chunk) triples, stats[3] all of them).
+//
+// Streamed weights: `slot_of[e]` is the slot of expert e's rows in the weight buffers
+// (the identity when every expert is resident). Experts marked NOT_RESIDENT are not
+// computed by this dispatch: a streaming plan runs the experts in rounds, each round
+// with the slots it uploaded.
 //
 // Variants: TILED (grouped GEMM: a workgroup computes a TM-position x 64-column tile of
 // one expert, TM = 16 MI = 16, 32 or 64 chosen by the plan from the tokens per expert;
@@ -36,6 +45,8 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> seg: array<u32>;
 
+const NOT_RESIDENT: u32 = 0xffffffffu;
+
 // Largest expert e < E whose entry seg[base + e] is <= x (empty experts, whose entry
 // equals the next one's, are passed over).
 fn find_expert(base: u32, x: u32) -> u32 {
@@ -59,12 +70,15 @@ fn find_expert(base: u32, x: u32) -> u32 {
 @group(0) @binding(5) var<storage, read> up: array<u32>;
 @group(0) @binding(6) var<storage, read_write> act: array<f32>;
 @group(0) @binding(7) var<storage, read_write> stats: array<atomic<u32>>;
+@group(0) @binding(8) var<storage, read> slot_of: array<u32>;
 #endif
 
 #ifdef DOWN
 @group(0) @binding(2) var<storage, read> act4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> down: array<u32>;
 @group(0) @binding(4) var<storage, read_write> y: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> slot_of: array<u32>;
+@group(0) @binding(6) var<storage, read_write> stats: array<atomic<u32>>;
 #endif
 
 #ifdef TILED
@@ -95,6 +109,10 @@ fn expert_up(
         return;
     }
     let e = find_expert(2u * ne + 1u, tile);
+    let slot = slot_of[e];
+    if (slot == NOT_RESIDENT) {
+        return;
+    }
     let row0 = seg[ne + e] + (tile - seg[2u * ne + 1u + e]) * TM;
     let row_end = seg[ne + e + 1u];
     let n0 = wid.y * TN;
@@ -112,7 +130,7 @@ fn expert_up(
     }
     let wn = n0 + lr;
     let wvalid = wn < p.ffn;
-    let wrow = e * p.ffn + wn;
+    let wrow = slot * p.ffn + wn;
     if (lid == 0u) {
         atomicStore(&skipped_wg, 0u);
     }
@@ -221,12 +239,16 @@ fn expert_up(
         return;
     }
     let e = find_expert(p.experts, pos);
+    let slot = slot_of[e];
+    if (slot == NOT_RESIDENT) {
+        return;
+    }
     let tok = sorted[pos] / p.top_k;
     let n = wid.x * 8u + lid / 32u;
     let lane = lid % 32u;
     let nvalid = n < p.ffn;
     let h4 = p.hidden / 4u;
-    let row = e * p.ffn + n;
+    let row = slot * p.ffn + n;
     var acc = 0.0;
     if (nvalid) {
         for (var c4 = lane; c4 < h4; c4 += 32u) {
@@ -262,6 +284,11 @@ fn expert_up(
 #ifdef TILED
 var<workgroup> as_: array<vec4<f32>, ZS_LEN>;
 var<workgroup> ws: array<vec4<f32>, 256>;
+#ifdef SKIP_CHUNKS
+// Whether any activation of the current chunk is non-zero; two flags, by chunk parity,
+// so one can be reset while the other is read.
+var<workgroup> live_wg: array<atomic<u32>, 2>;
+#endif
 
 // Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and the
 // columns 4 tx..4 tx + 3 of the 64-column block.
@@ -276,6 +303,10 @@ fn expert_down(
         return;
     }
     let e = find_expert(2u * ne + 1u, tile);
+    let slot = slot_of[e];
+    if (slot == NOT_RESIDENT) {
+        return;
+    }
     let row0 = seg[ne + e] + (tile - seg[2u * ne + 1u + e]) * TM;
     let row_end = seg[ne + e + 1u];
     let h4 = p.hidden / 4u;
@@ -295,6 +326,15 @@ fn expert_down(
     var acc${i} = vec4<f32>(0.0);
     var a${i} = vec4<f32>(0.0);
 #endunroll
+#ifdef SKIP_CHUNKS
+    if (lid == 0u) {
+        atomicStore(&live_wg[0], 0u);
+        atomicStore(&live_wg[1], 0u);
+    }
+    workgroupBarrier();
+    var par = 0u;
+    var skipped = 0u;  // counted by thread 0
+#endif
     for (var k0 = 0u; k0 < p.ffn; k0 += TK) {
         var av = vec4<f32>(0.0);
         if (avalid) {
@@ -303,28 +343,54 @@ fn expert_down(
         if (aload) {
             as_[lr * S + lc] = av;
         }
+#ifdef SKIP_CHUNKS
+        if (any(av != vec4<f32>(0.0))) {
+            atomicOr(&live_wg[par], 1u);
+        }
+        workgroupBarrier();
+        // Every thread reads the same flag after the barrier; it guards only loads and
+        // arithmetic, never a barrier.
+        let live = atomicLoad(&live_wg[par]) != 0u;
+        if (lid == 0u) {
+            atomicStore(&live_wg[1u - par], 0u);
+            if (!live) {
+                skipped += 1u;
+            }
+        }
+        par = 1u - par;
+#else
+        let live = true;
+#endif
         var wv = vec4<f32>(0.0);
-        if (wvalid) {
-            let l = wloc(e * p.ffn + k0 + kn, wc4 * 4u, p.hidden, p.down_sb);
+        if (wvalid && live) {
+            let l = wloc(slot * p.ffn + k0 + kn, wc4 * 4u, p.hidden, p.down_sb);
             wv = wdecode(down[l.w0], down[l.w1], l);
         }
         ws[kn * 16u + lid % 16u] = wv;
         workgroupBarrier();
+        if (live) {
 #unroll k 4
 #unroll i MI
-        a${i} = as_[(ty + ${i}u * 16u) * S + ${k}u];
+            a${i} = as_[(ty + ${i}u * 16u) * S + ${k}u];
 #endunroll
 #unroll c 4
-        {
-            let b = ws[(${k}u * 4u + ${c}u) * 16u + tx];
+            {
+                let b = ws[(${k}u * 4u + ${c}u) * 16u + tx];
 #unroll i MI
-            acc${i} += a${i}[${c}] * b;
+                acc${i} += a${i}[${c}] * b;
+#endunroll
+            }
+#endunroll
 #endunroll
         }
-#endunroll
-#endunroll
         workgroupBarrier();
     }
+#ifdef SKIP_CHUNKS
+    if (lid == 0u) {
+        atomicAdd(&stats[2], skipped);
+        atomicAdd(&stats[3], p.ffn / TK);
+    }
+#endif
     let c4 = c40 + tx;
 #unroll i MI
     {
@@ -353,6 +419,10 @@ fn expert_down(
         return;
     }
     let e = find_expert(p.experts, pos);
+    let slot = slot_of[e];
+    if (slot == NOT_RESIDENT) {
+        return;
+    }
     let h4 = p.hidden / 4u;
     let tx = lid % 16u;
     let ty = lid / 16u;
@@ -362,7 +432,7 @@ fn expert_down(
         for (var n = ty; n < p.ffn; n += 16u) {
             let a = act4[(pos * p.ffn + n) / 4u][n % 4u];
             if (a != 0.0) {
-                let l = wloc(e * p.ffn + n, c4 * 4u, p.hidden, p.down_sb);
+                let l = wloc(slot * p.ffn + n, c4 * 4u, p.hidden, p.down_sb);
                 acc += a * wdecode(down[l.w0], down[l.w1], l);
             }
         }

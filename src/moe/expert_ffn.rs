@@ -1,14 +1,15 @@
 //! Launcher of `shaders/moe/expert_ffn.wgsl`: the grouped ReGLU expert FFN, as a tiled
-//! grouped GEMM (prefill) or GEMV-like kernels that skip inactive neurons' weights
-//! (decode), with f16 or Q4_0 weights. Two stages: `expert_up` (gate, up, ReGLU) and
-//! `expert_down`.
+//! grouped GEMM (prefill; the down GEMM skips 16-neuron chunks inactive for a whole
+//! tile) or GEMV-like kernels that skip inactive neurons' weights (decode), with f16 or
+//! Q4_0 weights, read through an expert → slot map (streamed experts). Two stages:
+//! `expert_up` (gate, up, ReGLU) and `expert_down`.
 
 use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 use serde::Serialize;
 
-use super::{MoeConfig, PackedExperts, WeightFormat};
+use super::{MoeConfig, WeightFormat};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::launch::{bind, check_axis, uniform};
@@ -61,13 +62,18 @@ pub fn choose_tile_m(assignments: usize, experts: usize) -> usize {
     }
 }
 
-/// The kernel of one half (`down = false`: gate/up/ReGLU) for a path, weight format and
-/// (tiled) tile height `tile_m`.
+/// Neurons per chunk of the tiled down kernel (the unit [`expert_ffn_spec`]'s
+/// `skip_chunks` skips).
+pub const SKIP_CHUNK: usize = 16;
+
+/// The kernel of one half (`down = false`: gate/up/ReGLU) for a path, weight format,
+/// (tiled) tile height `tile_m` and (tiled down) whether inactive chunks are skipped.
 pub fn expert_ffn_spec(
     down: bool,
     kernel: FfnKernel,
     format: WeightFormat,
     tile_m: usize,
+    skip_chunks: bool,
 ) -> KernelSpec {
     use BindingKind::*;
     let bindings = if down {
@@ -75,6 +81,8 @@ pub fn expert_ffn_spec(
             Uniform,
             StorageRead,
             StorageRead,
+            StorageRead,
+            StorageReadWrite,
             StorageRead,
             StorageReadWrite,
         ]
@@ -88,6 +96,7 @@ pub fn expert_ffn_spec(
             StorageRead,
             StorageReadWrite,
             StorageReadWrite,
+            StorageRead,
         ]
     };
     let defines = Defines::new()
@@ -106,6 +115,11 @@ pub fn expert_ffn_spec(
             .const_u32("ZS_LEN", (tile_m * 5) as u32),
         FfnKernel::Gemv => defines,
     };
+    let defines = if down && kernel == FfnKernel::Tiled && skip_chunks {
+        defines.flag("SKIP_CHUNKS")
+    } else {
+        defines
+    };
     KernelSpec {
         file: "moe/expert_ffn.wgsl",
         entry: if down { "expert_down" } else { "expert_up" },
@@ -120,9 +134,12 @@ pub fn all_expert_ffn_variants() -> Vec<KernelSpec> {
     for down in [false, true] {
         for f in [WeightFormat::F16, WeightFormat::Q4_0] {
             for tm in TILE_MS {
-                out.push(expert_ffn_spec(down, FfnKernel::Tiled, f, tm));
+                out.push(expert_ffn_spec(down, FfnKernel::Tiled, f, tm, false));
+                if down {
+                    out.push(expert_ffn_spec(down, FfnKernel::Tiled, f, tm, true));
+                }
             }
-            out.push(expert_ffn_spec(down, FfnKernel::Gemv, f, 0));
+            out.push(expert_ffn_spec(down, FfnKernel::Gemv, f, 0, false));
         }
     }
     out
@@ -136,6 +153,8 @@ pub fn max_tiles(assignments: usize, experts: usize, tile_m: usize) -> usize {
 /// The FFN's buffers for one recording.
 pub(crate) struct FfnIo<'a> {
     pub meta: &'a wgpu::Buffer,
+    /// Expert → weight slot (`u32::MAX`: not computed by this recording).
+    pub slot_of: &'a wgpu::Buffer,
     pub z: &'a wgpu::Buffer,
     pub sorted: &'a wgpu::Buffer,
     pub act: &'a wgpu::Buffer,
@@ -160,13 +179,18 @@ pub(crate) struct FfnGpu {
 }
 
 impl FfnGpu {
+    /// `scale_bases` are the Q4_0 scale offsets (gate, up, down) of the weight buffers
+    /// the kernels will read (all experts resident, or the slots of a streaming plan).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn build(
         ctx: &Context,
         cfg: &MoeConfig,
-        w: &PackedExperts,
+        format: WeightFormat,
+        scale_bases: [u32; 3],
         assignments: usize,
         kernel: FfnKernel,
         tile_m: usize,
+        skip_chunks: bool,
     ) -> Result<Self> {
         if kernel == FfnKernel::Tiled && !TILE_MS.contains(&tile_m) {
             return Err(Error::InvalidArgument(format!(
@@ -175,16 +199,15 @@ impl FfnGpu {
         }
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let max = g.caps.max_workgroups_per_dim;
-        let format = w.format();
         let p = FfnParams {
             assignments: assignments as u32,
             hidden: cfg.hidden as u32,
             ffn: cfg.ffn as u32,
             experts: cfg.experts as u32,
             top_k: cfg.top_k as u32,
-            gate_sb: w.gate.scale_base,
-            up_sb: w.up.scale_base,
-            down_sb: w.down_t.scale_base,
+            gate_sb: scale_bases[0],
+            up_sb: scale_bases[1],
+            down_sb: scale_bases[2],
         };
         let (up_grid, down_grid) = match kernel {
             FfnKernel::Tiled => {
@@ -207,16 +230,16 @@ impl FfnGpu {
             }
         };
         Ok(FfnGpu {
-            up: ctx.kernel(&expert_ffn_spec(false, kernel, format, tile_m))?,
-            down: ctx.kernel(&expert_ffn_spec(true, kernel, format, tile_m))?,
+            up: ctx.kernel(&expert_ffn_spec(false, kernel, format, tile_m, false))?,
+            down: ctx.kernel(&expert_ffn_spec(true, kernel, format, tile_m, skip_chunks))?,
             params: uniform(g, "moe expert ffn params", bytemuck::bytes_of(&p)),
             up_grid,
             down_grid,
         })
     }
 
+    /// Records both stages (the caller clears `io.stats` once per run).
     pub(crate) fn record(&self, rec: &mut Recorder<'_>, w: &FfnWeights, io: &FfnIo<'_>) {
-        rec.encoder().clear_buffer(io.stats, 0, None);
         let up_bg = bind(
             rec.gpu(),
             &self.up,
@@ -230,13 +253,22 @@ impl FfnGpu {
                 &w.up,
                 io.act,
                 io.stats,
+                io.slot_of,
             ],
         );
         let down_bg = bind(
             rec.gpu(),
             &self.down,
             "moe expert down bindings",
-            &[&self.params, io.meta, io.act, &w.down_t, io.y],
+            &[
+                &self.params,
+                io.meta,
+                io.act,
+                &w.down_t,
+                io.y,
+                io.slot_of,
+                io.stats,
+            ],
         );
         let (ux, uy) = self.up_grid;
         rec.stage("expert_up", |pass| {

@@ -26,6 +26,7 @@ pub mod expert_ffn;
 pub mod plan;
 pub mod q4_0;
 pub mod router;
+pub mod stream;
 
 use serde::Serialize;
 

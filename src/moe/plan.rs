@@ -11,11 +11,15 @@ use super::cpu;
 use super::dispatch::{DispatchGpu, DispatchIo, meta_words};
 use super::expert_ffn::{FfnGpu, FfnIo, FfnWeights, TILE_MS, choose_tile_m};
 use super::router::{RouterGpu, RouterIo};
-use super::{MoeConfig, MoeWeights, PackedExperts, WeightFormat};
+use super::stream::{
+    ExpertCache, ExpertResidency, NOT_RESIDENT, StreamStats, expert_words, slot_buffer_words,
+    slot_offsets,
+};
+use super::{MoeConfig, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
 use crate::context::{Backend, Context, GpuDevice};
 use crate::error::{Error, Result};
 use crate::launch::{storage, storage_init};
-use crate::pipeline::{Instant, Recorder, Report, StageTime};
+use crate::pipeline::{Instant, Recorder, Report, StageTime, Submitted};
 use crate::tensor::{DType, HostData, Tensor, read_buffer};
 
 pub use super::expert_ffn::FfnKernel as FfnPath;
@@ -43,6 +47,13 @@ pub struct MoeReport {
     /// Fraction of (routed token, neuron) pairs whose gate was ≤ 0, counted by the
     /// kernels themselves.
     pub skip_frac: f64,
+    /// Tiled (prefill) path with chunk skipping: the fraction of 16-neuron chunks of
+    /// the down GEMM whose weights were not read (inactive for every position of the
+    /// tile). `None` for the GEMV path (which skips per neuron) and the CPU.
+    pub down_chunk_skip_frac: Option<f64>,
+    /// Expert streaming: what this run uploaded (`None` when every expert is
+    /// resident).
+    pub stream: Option<StreamStats>,
     /// Assignments each expert received (read back from the GPU dispatch).
     pub expert_counts: Vec<u32>,
     /// Expert FLOPs without skipping (6 · tokens · k · ffn · hidden) per second, in
@@ -69,8 +80,9 @@ pub struct MoeIntermediates {
     pub act: Vec<f32>,
     /// Expert outputs `[A, hidden]`.
     pub y: Vec<f32>,
-    /// (skipped, evaluated) neuron counts.
-    pub stats: [u32; 2],
+    /// (skipped, evaluated) neuron counts, (skipped, all) down chunks of the tiled
+    /// path.
+    pub stats: [u32; 4],
 }
 
 /// Starts building a [`MoePlan`]; see [`Context::moe`].
@@ -81,6 +93,8 @@ pub struct MoePlanBuilder {
     format: WeightFormat,
     path: Option<FfnPath>,
     tile_m: Option<usize>,
+    residency: ExpertResidency,
+    skip_chunks: bool,
 }
 
 impl Context {
@@ -93,6 +107,8 @@ impl Context {
             format: WeightFormat::F16,
             path: None,
             tile_m: None,
+            residency: ExpertResidency::Resident,
+            skip_chunks: true,
         }
     }
 }
@@ -118,6 +134,24 @@ impl MoePlanBuilder {
     /// [`super::expert_ffn::choose_tile_m`] from the tokens per expert).
     pub fn tile_m(mut self, m: usize) -> Self {
         self.tile_m = Some(m);
+        self
+    }
+    /// Keeps the expert weights in host memory and caches `slots` experts on the GPU;
+    /// each run uploads the routed experts it misses (see [`super::stream`]). On the
+    /// CPU the weights are host memory already and this changes nothing.
+    pub fn stream_experts(mut self, slots: usize) -> Self {
+        self.residency = ExpertResidency::Streamed { slots };
+        self
+    }
+    /// Where the expert weights live (default: all resident on the GPU).
+    pub fn residency(mut self, r: ExpertResidency) -> Self {
+        self.residency = r;
+        self
+    }
+    /// Whether the tiled (prefill) down GEMM skips 16-neuron chunks that are
+    /// inactive for a whole tile (default true; costs one extra barrier per chunk).
+    pub fn skip_chunks(mut self, on: bool) -> Self {
+        self.skip_chunks = on;
         self
     }
     /// Packs `weights` in the chosen format and builds.
@@ -169,6 +203,10 @@ impl MoePlanBuilder {
             )));
         }
         let format = weights.format();
+        let streamed = match self.residency {
+            ExpertResidency::Resident => None,
+            ExpertResidency::Streamed { slots } => Some(ExpertCache::new(self.cfg.experts, slots)?),
+        };
         let gpu = match self.ctx.gpu() {
             Some(g) => Some(MoeGpu::build(
                 &self.ctx,
@@ -178,17 +216,21 @@ impl MoePlanBuilder {
                 self.tokens,
                 path,
                 tile_m,
+                self.skip_chunks,
+                streamed,
             )?),
             None => None,
         };
+        let keep_host = gpu.as_ref().is_none_or(|g| g.stream.is_some());
         Ok(MoePlan {
-            host: if gpu.is_none() { Some(weights) } else { None },
+            host: if keep_host { Some(weights) } else { None },
             format,
             ctx: self.ctx,
             cfg: self.cfg,
             tokens: self.tokens,
             path,
             tile_m,
+            chunk_skipping: path == FfnPath::Tiled && self.skip_chunks,
             gpu,
             last: Mutex::new(None),
         })
@@ -212,10 +254,21 @@ struct MoeGpu {
     act: wgpu::Buffer,
     y: wgpu::Buffer,
     stats: wgpu::Buffer,
+    /// Expert → weight slot (the identity when every expert is resident).
+    slot_of: wgpu::Buffer,
     format: WeightFormat,
+    /// Streaming state: the cache and the routing readback.
+    stream: Option<StreamGpu>,
+}
+
+/// The GPU side of expert streaming.
+struct StreamGpu {
+    cache: Mutex<ExpertCache>,
+    counts_readback: wgpu::Buffer,
 }
 
 impl MoeGpu {
+    #[allow(clippy::too_many_arguments)]
     fn build(
         ctx: &Context,
         g: &GpuDevice,
@@ -224,23 +277,55 @@ impl MoeGpu {
         tokens: usize,
         path: FfnPath,
         tile_m: usize,
+        skip_chunks: bool,
+        streamed: Option<ExpertCache>,
     ) -> Result<Self> {
         crate::launch::require_f16_storage(g, "MoE weights on this device (no unpack2x16float)")?;
         let a = tokens * cfg.top_k;
         let (e, f, h) = (cfg.experts as u64, cfg.ffn as u64, cfg.hidden as u64);
         let a64 = a as u64;
         let dispatch = DispatchGpu::build(ctx, cfg.experts, a, tile_m)?;
-        let words = |m: &super::PackedMatrix| bytemuck::cast_slice::<u32, u8>(&m.words).to_vec();
+        let words = |m: &PackedMatrix| bytemuck::cast_slice::<u32, u8>(&m.words).to_vec();
+        // Resident: every expert's words as packed. Streamed: room for `slots` experts
+        // (zeroed; runs upload into it) with the slot layout's scale bases.
+        let (gate, up, down_t, bases, identity) = match &streamed {
+            None => (
+                storage_init(g, "moe gate weights", &words(&w.gate))?,
+                storage_init(g, "moe up weights", &words(&w.up))?,
+                storage_init(g, "moe down (transposed) weights", &words(&w.down_t))?,
+                [w.gate.scale_base, w.up.scale_base, w.down_t.scale_base],
+                (0..cfg.experts as u32).collect::<Vec<u32>>(),
+            ),
+            Some(c) => {
+                let slots = c.slots();
+                let sized = |m: &PackedMatrix, label: &str| -> Result<(wgpu::Buffer, u32)> {
+                    let (n, base) = slot_buffer_words(m, slots, cfg.ffn);
+                    Ok((storage(g, label, n as u64 * 4)?, base))
+                };
+                let (gb, gs) = sized(&w.gate, "moe gate weight slots")?;
+                let (ub, us) = sized(&w.up, "moe up weight slots")?;
+                let (db, ds) = sized(&w.down_t, "moe down (transposed) weight slots")?;
+                (gb, ub, db, [gs, us, ds], vec![NOT_RESIDENT; cfg.experts])
+            }
+        };
+        let stream = match streamed {
+            None => None,
+            Some(cache) => Some(StreamGpu {
+                cache: Mutex::new(cache),
+                counts_readback: g.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("moe routed counts readback"),
+                    size: e * 4,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+            }),
+        };
         Ok(MoeGpu {
             router: RouterGpu::build(ctx, cfg, tokens)?,
-            ffn: FfnGpu::build(ctx, cfg, w, a, path, tile_m)?,
+            ffn: FfnGpu::build(ctx, cfg, w.format(), bases, a, path, tile_m, skip_chunks)?,
             combine: CombineGpu::build(ctx, tokens, cfg.hidden, cfg.top_k)?,
             router_w: storage_init(g, "moe router weights", bytemuck::cast_slice(&w.router))?,
-            w: FfnWeights {
-                gate: storage_init(g, "moe gate weights", &words(&w.gate))?,
-                up: storage_init(g, "moe up weights", &words(&w.up))?,
-                down_t: storage_init(g, "moe down (transposed) weights", &words(&w.down_t))?,
-            },
+            w: FfnWeights { gate, up, down_t },
             logits: storage(g, "moe router logits", tokens as u64 * e * 4)?,
             ids: storage(g, "moe expert ids", a64 * 4)?,
             topk_w: storage(g, "moe expert weights", a64 * 4)?,
@@ -250,9 +335,11 @@ impl MoeGpu {
             inv: storage(g, "moe inverse map", a64 * 4)?,
             act: storage(g, "moe activations", a64 * f * 4)?,
             y: storage(g, "moe expert outputs", a64 * h * 4)?,
-            stats: storage(g, "moe skip counters", 8)?,
+            stats: storage(g, "moe skip counters", 16)?,
+            slot_of: storage_init(g, "moe expert slots", bytemuck::cast_slice(&identity))?,
             dispatch,
             format: w.format(),
+            stream,
         })
     }
 }
@@ -267,6 +354,8 @@ pub struct MoePlan {
     format: WeightFormat,
     host: Option<PackedExperts>,
     gpu: Option<MoeGpu>,
+    /// The tiled down kernel counts (and skips) inactive chunks.
+    chunk_skipping: bool,
     last: Mutex<Option<MoeReport>>,
 }
 
@@ -361,17 +450,170 @@ impl MoePlan {
             self.check(t, what)?;
         }
         let report = match &self.gpu {
-            Some(_) => {
+            Some(g) if g.stream.is_none() => {
                 let mut rec = Recorder::new(&self.ctx, "moe", self.stage_count())?;
                 self.record_route(&mut rec, router_in)?;
                 self.record_experts(&mut rec, expert_in, residual, out)?;
                 let timing = rec.submit().await?;
-                self.gpu_report(timing).await?
+                self.gpu_report(timing, None).await?
+            }
+            Some(_) => {
+                let start = Instant::now();
+                let mut rec = Recorder::new(&self.ctx, "moe route", 2)?;
+                self.record_route(&mut rec, router_in)?;
+                self.record_routing_readback(&mut rec)?;
+                let route = rec.submit_deferred().await?;
+                let counts = self.read_routing(&route).await?;
+                let (rounds, stream) = self
+                    .run_streamed_experts(&counts, expert_in, residual, out)
+                    .await?;
+                let mut parts = vec![route.report().await?];
+                for r in rounds {
+                    parts.push(r.report().await?);
+                }
+                let timing = Report::concat(parts, start.elapsed().as_secs_f64() * 1e3);
+                self.gpu_report(timing, Some(stream)).await?
             }
             None => self.run_cpu(router_in, expert_in, residual, out)?,
         };
         *self.last.lock().expect("report lock") = Some(report);
         Ok(())
+    }
+
+    /// Whether the expert weights are streamed from host memory (GPU plans built with
+    /// [`MoePlanBuilder::stream_experts`]).
+    pub fn is_streamed(&self) -> bool {
+        self.gpu.as_ref().is_some_and(|g| g.stream.is_some())
+    }
+
+    fn stream_ref(&self) -> Result<(&MoeGpu, &StreamGpu)> {
+        let g = self.gpu_ref()?;
+        let s = g.stream.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("this MoE plan keeps every expert resident".into())
+        })?;
+        Ok((g, s))
+    }
+
+    /// Streamed plans: records the copy of the per-expert token counts (written by
+    /// [`MoePlan::record_route`]) into the readback buffer that
+    /// [`MoePlan::read_routing`] maps. Record it right after the route, in the same
+    /// recording, and submit that recording on its own.
+    pub fn record_routing_readback(&self, rec: &mut Recorder<'_>) -> Result<()> {
+        let (g, s) = self.stream_ref()?;
+        let bytes = self.cfg.experts as u64 * 4;
+        rec.encoder()
+            .copy_buffer_to_buffer(&g.meta, 0, &s.counts_readback, 0, bytes);
+        Ok(())
+    }
+
+    /// Streamed plans: waits for the routing submission alone (later submissions,
+    /// such as a layer's attention, keep running) and returns the tokens each expert
+    /// received.
+    pub async fn read_routing(&self, route: &Submitted<'_>) -> Result<Vec<u32>> {
+        let (g, s) = self.stream_ref()?;
+        let _ = g;
+        let dev = self.ctx.gpu().expect("GPU plan");
+        let slice = s.counts_readback.slice(..);
+        let (tx, rx) = futures::channel::oneshot::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        dev.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(route.index().clone()),
+                timeout: None,
+            })
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        #[cfg(target_arch = "wasm32")]
+        let _ = (dev, route);
+        rx.await
+            .map_err(|_| Error::Readback("map callback dropped".into()))?
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let counts: Vec<u32> = bytemuck::pod_collect_to_vec(
+            &slice
+                .get_mapped_range()
+                .map_err(|e| Error::Readback(e.to_string()))?,
+        );
+        s.counts_readback.unmap();
+        Ok(counts)
+    }
+
+    /// Streamed plans: plans the rounds for `counts` (from [`MoePlan::read_routing`]),
+    /// uploads the missing experts into their slots and submits each round's expert
+    /// kernels (the last one with the combine), without waiting for the GPU. The
+    /// uploads are handed to the queue while earlier submissions still run.
+    pub async fn run_streamed_experts<'s>(
+        &'s self,
+        counts: &[u32],
+        expert_in: &Tensor,
+        residual: &Tensor,
+        out: &Tensor,
+    ) -> Result<(Vec<Submitted<'s>>, StreamStats)> {
+        self.check(expert_in, "expert input")?;
+        self.check(residual, "residual")?;
+        self.check(out, "output")?;
+        let (g, s) = self.stream_ref()?;
+        let dev = self.ctx.gpu().expect("GPU plan");
+        let host = self
+            .host
+            .as_ref()
+            .expect("streamed plans keep the host weights");
+        let t0 = Instant::now();
+        let (rounds, hits, slots) = {
+            let mut cache = s.cache.lock().expect("cache lock");
+            let (r, h) = cache.plan(counts)?;
+            (r, h, cache.slots())
+        };
+        let mut stats = StreamStats {
+            slots,
+            routed: counts.iter().filter(|&&n| n > 0).count(),
+            hits,
+            rounds: rounds.len(),
+            ..Default::default()
+        };
+        let ffn = self.cfg.ffn;
+        let mut subs = Vec::with_capacity(rounds.len());
+        for (i, round) in rounds.iter().enumerate() {
+            let u0 = Instant::now();
+            for &(e, slot) in &round.uploads {
+                for (m, buf) in [
+                    (&host.gate, &g.w.gate),
+                    (&host.up, &g.w.up),
+                    (&host.down_t, &g.w.down_t),
+                ] {
+                    let (words, scales) = expert_words(m, e, ffn);
+                    let (w_at, s_at) = slot_offsets(m, slots, ffn, slot);
+                    let data = bytemuck::cast_slice(&m.words[words]);
+                    dev.queue.write_buffer(buf, w_at as u64 * 4, data);
+                    stats.uploaded_bytes += data.len() as u64;
+                    if let (Some(sr), Some(s_at)) = (scales, s_at) {
+                        let data = bytemuck::cast_slice(&m.words[sr]);
+                        dev.queue.write_buffer(buf, s_at as u64 * 4, data);
+                        stats.uploaded_bytes += data.len() as u64;
+                    }
+                }
+            }
+            dev.queue
+                .write_buffer(&g.slot_of, 0, bytemuck::cast_slice(&round.slot_of));
+            stats.uploaded_bytes += round.slot_of.len() as u64 * 4;
+            stats.uploads += round.uploads.len();
+            stats.upload_ms += u0.elapsed().as_secs_f64() * 1e3;
+            let last = i + 1 == rounds.len();
+            let mut rec = Recorder::new(&self.ctx, "moe experts", if last { 3 } else { 2 })?;
+            if i == 0 {
+                rec.encoder().clear_buffer(&g.stats, 0, None);
+            }
+            self.record_ffn(&mut rec, g, expert_in);
+            if last {
+                self.record_combine(&mut rec, g, residual, out);
+            }
+            subs.push(rec.submit_deferred().await?);
+            if i == 0 {
+                stats.stall_ms = t0.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        Ok((subs, stats))
     }
 
     fn gpu_ref(&self) -> Result<&MoeGpu> {
@@ -411,7 +653,9 @@ impl MoePlan {
     }
 
     /// Records the experts and the combine (stages `expert_up`, `expert_down`,
-    /// `combine`) after [`MoePlan::record_route`] in the same recorder.
+    /// `combine`) after [`MoePlan::record_route`] in the same recorder (plans with
+    /// resident experts; a streamed plan runs them with
+    /// [`MoePlan::run_streamed_experts`]).
     pub fn record_experts(
         &self,
         rec: &mut Recorder<'_>,
@@ -423,54 +667,67 @@ impl MoePlan {
         self.check(residual, "residual")?;
         self.check(out, "output")?;
         let g = self.gpu_ref()?;
-        fn buf(t: &Tensor) -> &wgpu::Buffer {
-            t.buffer().expect("checked: GPU tensor")
+        if g.stream.is_some() {
+            return Err(Error::InvalidArgument(
+                "a streamed MoE plan runs its experts with run_streamed_experts (the \
+                 routing must be read back first)"
+                    .into(),
+            ));
         }
+        rec.encoder().clear_buffer(&g.stats, 0, None);
+        self.record_ffn(rec, g, expert_in);
+        self.record_combine(rec, g, residual, out);
+        Ok(())
+    }
+
+    fn record_ffn(&self, rec: &mut Recorder<'_>, g: &MoeGpu, expert_in: &Tensor) {
         g.ffn.record(
             rec,
             &g.w,
             &FfnIo {
                 meta: &g.meta,
-                z: buf(expert_in),
+                slot_of: &g.slot_of,
+                z: expert_in.buffer().expect("checked: GPU tensor"),
                 sorted: &g.sorted,
                 act: &g.act,
                 stats: &g.stats,
                 y: &g.y,
             },
         );
+    }
+
+    fn record_combine(&self, rec: &mut Recorder<'_>, g: &MoeGpu, residual: &Tensor, out: &Tensor) {
         g.combine.record(
             rec,
             &CombineIo {
                 y: &g.y,
                 weights: &g.topk_w,
                 inv: &g.inv,
-                residual: buf(residual),
-                out: buf(out),
+                residual: residual.buffer().expect("checked: GPU tensor"),
+                out: out.buffer().expect("checked: GPU tensor"),
             },
         );
-        Ok(())
     }
 
-    /// Expert counts and the skip fraction of the last GPU run (read back).
-    pub async fn gpu_stats(&self) -> Result<(Vec<u32>, f64)> {
+    /// What the kernels of the last GPU run counted (read back): tokens per expert,
+    /// the skipped-neuron fraction, and the tiled down GEMM's skipped-chunk fraction
+    /// (when that path with chunk skipping ran).
+    pub async fn gpu_stats(&self) -> Result<(Vec<u32>, f64, Option<f64>)> {
         let g = self.gpu_ref()?;
         let dev = self.ctx.gpu().expect("GPU plan");
         let e = self.cfg.experts as u64;
         let counts: Vec<u32> =
             bytemuck::pod_collect_to_vec(&read_buffer(dev, &g.meta, 0, e * 4).await?);
         let stats: Vec<u32> =
-            bytemuck::pod_collect_to_vec(&read_buffer(dev, &g.stats, 0, 8).await?);
-        let frac = if stats[1] > 0 {
-            stats[0] as f64 / stats[1] as f64
-        } else {
-            0.0
-        };
-        Ok((counts, frac))
+            bytemuck::pod_collect_to_vec(&read_buffer(dev, &g.stats, 0, 16).await?);
+        let frac = |a: u32, b: u32| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+        let chunks = self.chunk_skipping.then(|| frac(stats[2], stats[3]));
+        Ok((counts, frac(stats[0], stats[1]), chunks))
     }
 
-    async fn gpu_report(&self, timing: Report) -> Result<MoeReport> {
-        let (expert_counts, skip_frac) = self.gpu_stats().await?;
-        Ok(self.make_report(
+    async fn gpu_report(&self, timing: Report, stream: Option<StreamStats>) -> Result<MoeReport> {
+        let (expert_counts, skip_frac, chunks) = self.gpu_stats().await?;
+        let mut r = self.make_report(
             self.ctx.backend(),
             &match self.path {
                 FfnPath::Tiled => format!("tiled{}", self.tile_m),
@@ -479,7 +736,10 @@ impl MoePlan {
             timing,
             skip_frac,
             expert_counts,
-        ))
+        );
+        r.down_chunk_skip_frac = chunks;
+        r.stream = stream;
+        Ok(r)
     }
 
     fn make_report(
@@ -499,6 +759,8 @@ impl MoePlan {
             ms,
             tokens_per_s: self.tokens as f64 / (ms / 1e3),
             skip_frac,
+            down_chunk_skip_frac: None,
+            stream: None,
             expert_counts,
             tflops: self.cfg.expert_flops(self.tokens) / ms / 1e9,
             timing,
@@ -534,7 +796,7 @@ impl MoePlan {
             inv: trim(words(dev, &g.inv).await?, a),
             act: trimf(words(dev, &g.act).await?, a * self.cfg.ffn),
             y: trimf(words(dev, &g.y).await?, a * self.cfg.hidden),
-            stats: [stats[0], stats[1]],
+            stats: [stats[0], stats[1], stats[2], stats[3]],
         })
     }
 
