@@ -64,37 +64,105 @@ pub struct MoeArgs {
     /// Seed of the synthetic data.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Keep the expert weights in host memory and cache this many experts on the GPU
+    /// (uploads of missed experts are part of each run).
+    #[arg(long)]
+    stream_slots: Option<usize>,
+    /// Tiled path: do not skip 16-neuron chunks that are inactive for a whole tile.
+    #[arg(long)]
+    no_skip_chunks: bool,
+    /// Synthetic "cold" neurons: zero the gate rows of this fraction of each expert's
+    /// 16-neuron chunks (they never fire), a stand-in for trained ReGLU sparsity.
+    #[arg(long, default_value_t = 0.0)]
+    cold_chunks: f64,
+    /// A fresh random input for every timed run (the routing changes from run to run,
+    /// as from token to token in decoding: what a streamed expert cache sees); the
+    /// output and --check use one more run on the usual input.
+    #[arg(long)]
+    vary_inputs: bool,
+}
+
+/// Streaming figures of several runs added up (hits, uploads, bytes, times), `None` for
+/// unstreamed runs.
+pub fn sum_stream(runs: &[wgsparse::moe::stream::StreamStats]) -> Option<wgsparse::moe::stream::StreamStats> {
+    let first = runs.first()?;
+    let mut s = wgsparse::moe::stream::StreamStats {
+        slots: first.slots,
+        ..Default::default()
+    };
+    for r in runs {
+        s.routed += r.routed;
+        s.hits += r.hits;
+        s.uploads += r.uploads;
+        s.uploaded_bytes += r.uploaded_bytes;
+        s.rounds += r.rounds;
+        s.upload_ms += r.upload_ms;
+        s.stall_ms += r.stall_ms;
+    }
+    Some(s)
 }
 
 struct Run {
     out: Vec<f32>,
     ms: f64,
+    /// Median host wall clock of a run (uploads and submissions included).
+    wall_ms: f64,
     report: MoeReport,
 }
 
 fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usize) -> Result<Run> {
-    let mut b = ctx.moe(cfg).tokens(a.tokens).format(a.weights);
+    let mut b = ctx
+        .moe(cfg)
+        .tokens(a.tokens)
+        .format(a.weights)
+        .skip_chunks(!a.no_skip_chunks);
+    if let Some(s) = a.stream_slots {
+        b = b.stream_experts(s);
+    }
     match a.path {
         PathArg::Auto => {}
         PathArg::Tiled => b = b.path(FfnPath::Tiled),
         PathArg::Gemv => b = b.path(FfnPath::Gemv),
     }
     let plan = b.build(w)?;
-    let x = grid_input(a.tokens * a.hidden, a.seed ^ 0xabc);
-    let xt = Tensor::from_f32(ctx, &[a.tokens, a.hidden], &x, DType::F32)?;
-    let mut out = Tensor::zeros(ctx, &[a.tokens, a.hidden], DType::F32)?;
+    let dims = [a.tokens, a.hidden];
+    let input = |seed: u64| Tensor::from_f32(ctx, &dims, &grid_input(dims[0] * dims[1], seed), DType::F32);
+    let xt = input(a.seed ^ 0xabc)?;
+    let mut out = Tensor::zeros(ctx, &dims, DType::F32)?;
     plan.run_into(&xt, &xt, &xt, &mut out)?; // warm-up
     let mut times = vec![];
+    let mut walls = vec![];
     let mut report = plan.report().expect("ran");
-    for _ in 0..iters.max(1) {
-        plan.run_into(&xt, &xt, &xt, &mut out)?;
+    let mut stream = vec![];
+    for i in 0..iters.max(1) {
+        let fresh = if a.vary_inputs {
+            Some(input(a.seed ^ (0x1000 + i as u64))?)
+        } else {
+            None
+        };
+        let xi = fresh.as_ref().unwrap_or(&xt);
+        let t0 = std::time::Instant::now();
+        plan.run_into(xi, xi, xi, &mut out)?;
+        walls.push(t0.elapsed().as_secs_f64() * 1e3);
         report = plan.report().expect("ran");
         times.push(report.ms);
+        stream.extend(report.stream.clone());
+    }
+    if a.vary_inputs {
+        plan.run_into(&xt, &xt, &xt, &mut out)?;
+        // Keep the timed runs' streaming figures (summed), the last run's counts.
+        let last = plan.report().expect("ran");
+        report = MoeReport {
+            stream: sum_stream(&stream),
+            ..last
+        };
     }
     times.sort_by(f64::total_cmp);
+    walls.sort_by(f64::total_cmp);
     Ok(Run {
         out: out.to_f32_blocking()?,
         ms: times[times.len() / 2],
+        wall_ms: walls[walls.len() / 2],
         report,
     })
 }
@@ -114,7 +182,7 @@ pub fn moe(a: &MoeArgs) -> Result<()> {
         ..MoeConfig::new(a.hidden, a.experts, a.top_k, a.ffn)
     };
     cfg.validate()?;
-    let w = MoeWeights::random(&cfg, a.seed);
+    let w = MoeWeights::random(&cfg, a.seed).with_cold_chunks(a.cold_chunks, a.seed ^ 0xc01d)?;
     let r = run_on(&ctx, a, cfg, &w, a.iters)?;
     let flops = cfg.expert_flops(a.tokens);
     let tflops = flops / r.ms / 1e9;
@@ -150,6 +218,22 @@ pub fn moe(a: &MoeArgs) -> Result<()> {
             counts.iter().min().unwrap_or(&0),
             counts.iter().max().unwrap_or(&0)
         );
+        if let Some(f) = r.report.down_chunk_skip_frac {
+            println!("  down GEMM chunks skipped (inactive for a whole tile): {f:.3}");
+        }
+        if let Some(st) = &r.report.stream {
+            println!(
+                "  streamed experts: {} slots, {} routed, {} cached, {} uploaded ({:.1} MB, {:.3} ms on the host), {} rounds; wall {:.3} ms",
+                st.slots,
+                st.routed,
+                st.hits,
+                st.uploads,
+                st.uploaded_bytes as f64 / 1e6,
+                st.upload_ms,
+                st.rounds,
+                r.wall_ms
+            );
+        }
     }
     let mut check: Option<(ErrorStats, String)> = None;
     if a.check {
@@ -171,7 +255,9 @@ pub fn moe(a: &MoeArgs) -> Result<()> {
             "ms": r.ms, "tokens_per_s": tokens_per_s, "tflops": tflops,
             "skip_frac": r.report.skip_frac, "expert_counts": r.report.expert_counts,
             "timing": r.report.timing.timing, "stages": r.report.timing.stages,
-            "data": "synthetic",
+            "data": "synthetic", "wall_ms": r.wall_ms,
+            "down_chunk_skip_frac": r.report.down_chunk_skip_frac,
+            "stream": r.report.stream, "cold_chunks": a.cold_chunks,
         });
         if let Some((s, name)) = check {
             v["max_abs_err"] = json!(s.max_abs_err);
@@ -244,6 +330,15 @@ pub struct LayerArgs {
     /// Seed of the synthetic data.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Stream the expert weights from host memory through this many GPU slots: the
+    /// router runs alone, attention is queued behind it, and the routed experts that
+    /// miss are uploaded while attention runs.
+    #[arg(long)]
+    stream_slots: Option<usize>,
+    /// A fresh random input for every timed run (changing routing, as in decoding);
+    /// --check uses one more run on the usual input.
+    #[arg(long)]
+    vary_inputs: bool,
 }
 
 /// `wgsparse layer`: one SmallThinker-4B decoder layer (router, RMSNorm, attention with
@@ -264,23 +359,40 @@ pub fn layer(a: &LayerArgs) -> Result<()> {
     let w = DecoderLayerWeights::random(&cfg, a.seed);
     let h = cfg.moe.hidden;
     let x = grid_input(a.tokens * h, a.seed ^ 0xdef);
-    let plan = ctx
-        .decoder_layer(cfg)
-        .tokens(a.tokens)
-        .format(a.weights)
-        .build(&w)?;
+    let mut b = ctx.decoder_layer(cfg).tokens(a.tokens).format(a.weights);
+    if let Some(s) = a.stream_slots {
+        b = b.stream_experts(s);
+    }
+    let plan = b.build(&w)?;
     let xt = Tensor::from_f32(&ctx, &[a.tokens, h], &x, DType::F32)?;
     let mut out = Tensor::zeros(&ctx, &[a.tokens, h], DType::F32)?;
     plan.run_into(&xt, &mut out)?;
     let mut times = vec![];
+    let mut walls = vec![];
     let mut report = plan.report().expect("ran");
-    for _ in 0..a.iters.max(1) {
-        plan.run_into(&xt, &mut out)?;
+    let mut stream = vec![];
+    for i in 0..a.iters.max(1) {
+        let fresh = if a.vary_inputs {
+            let xv = grid_input(a.tokens * h, a.seed ^ (0x2000 + i as u64));
+            Some(Tensor::from_f32(&ctx, &[a.tokens, h], &xv, DType::F32)?)
+        } else {
+            None
+        };
+        let t0 = std::time::Instant::now();
+        plan.run_into(fresh.as_ref().unwrap_or(&xt), &mut out)?;
+        walls.push(t0.elapsed().as_secs_f64() * 1e3);
         report = plan.report().expect("ran");
         times.push(report.ms);
+        stream.extend(report.stream.clone());
+    }
+    if a.vary_inputs {
+        plan.run_into(&xt, &mut out)?;
+        report.stream = sum_stream(&stream);
     }
     times.sort_by(f64::total_cmp);
+    walls.sort_by(f64::total_cmp);
     let ms = times[times.len() / 2];
+    let wall_ms = walls[walls.len() / 2];
     let tokens_per_s = a.tokens as f64 / (ms / 1e3);
     if !a.json {
         println!(
@@ -300,9 +412,22 @@ pub fn layer(a: &LayerArgs) -> Result<()> {
             );
         }
         println!(
-            "  median {ms:.3} ms ({} timing), {tokens_per_s:.0} tokens/s, skipped neurons {:.3}",
+            "  median {ms:.3} ms ({} timing), wall {wall_ms:.3} ms, {tokens_per_s:.0} tokens/s, skipped neurons {:.3}",
             report.timing.timing, report.skip_frac
         );
+        if let Some(st) = &report.stream {
+            println!(
+                "  streamed experts: {} slots, {} routed, {} cached, {} uploaded ({:.1} MB; {:.3} ms host upload, {:.3} ms from routing known to experts submitted), {} rounds",
+                st.slots,
+                st.routed,
+                st.hits,
+                st.uploads,
+                st.uploaded_bytes as f64 / 1e6,
+                st.upload_ms,
+                st.stall_ms,
+                st.rounds
+            );
+        }
     }
     let mut err = None;
     if a.check {
@@ -322,7 +447,8 @@ pub fn layer(a: &LayerArgs) -> Result<()> {
             "weights": a.weights, "rope": !a.nope, "attention": report.attention, "ms": ms,
             "tokens_per_s": tokens_per_s, "skip_frac": report.skip_frac,
             "expert_counts": report.expert_counts, "timing": report.timing.timing,
-            "stages": report.timing.stages, "data": "synthetic",
+            "stages": report.timing.stages, "data": "synthetic", "wall_ms": wall_ms,
+            "down_chunk_skip_frac": report.down_chunk_skip_frac, "stream": report.stream,
         });
         if let Some(s) = err {
             v["max_abs_err"] = json!(s.max_abs_err);

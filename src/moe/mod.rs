@@ -338,6 +338,35 @@ impl MoeWeights {
         }
     }
 
+    /// Makes a fraction `frac` of each expert's 16-neuron chunks "cold" (synthetic):
+    /// their gate rows become 0, so `gate · z = 0` and those neurons never fire. Random
+    /// Gaussian gates fire about half the time independently per token, which a tiled
+    /// kernel can never skip; trained ReGLU experts have neurons that rarely fire, and
+    /// this is a plain stand-in for them when measuring the prefill chunk skipping.
+    /// Chunks are picked per expert from `seed`.
+    pub fn with_cold_chunks(mut self, frac: f64, seed: u64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&frac) {
+            return Err(Error::InvalidArgument(format!(
+                "cold chunk fraction {frac} not in [0, 1]"
+            )));
+        }
+        use rand::seq::SliceRandom;
+        use rand::{SeedableRng, rngs::StdRng};
+        let c = self.config;
+        let chunks = c.ffn / expert_ffn::SKIP_CHUNK;
+        let cold = (frac * chunks as f64).round() as usize;
+        let mut rng = StdRng::seed_from_u64(seed);
+        for e in 0..c.experts {
+            let mut ids: Vec<usize> = (0..chunks).collect();
+            ids.shuffle(&mut rng);
+            for &ch in &ids[..cold] {
+                let n0 = e * c.ffn + ch * expert_ffn::SKIP_CHUNK;
+                self.gate[n0 * c.hidden..(n0 + expert_ffn::SKIP_CHUNK) * c.hidden].fill(0.0);
+            }
+        }
+        Ok(self)
+    }
+
     /// Checks the lengths against the config.
     pub fn validate(&self) -> Result<()> {
         self.config.validate()?;

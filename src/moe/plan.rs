@@ -13,7 +13,7 @@ use super::expert_ffn::{FfnGpu, FfnIo, FfnWeights, TILE_MS, choose_tile_m};
 use super::router::{RouterGpu, RouterIo};
 use super::stream::{
     ExpertCache, ExpertResidency, NOT_RESIDENT, StreamStats, expert_words, slot_buffer_words,
-    slot_offsets,
+    slot_offsets, write_buffer_parallel,
 };
 use super::{MoeConfig, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
 use crate::context::{Backend, Context, GpuDevice};
@@ -585,11 +585,11 @@ impl MoePlan {
                     let (words, scales) = expert_words(m, e, ffn);
                     let (w_at, s_at) = slot_offsets(m, slots, ffn, slot);
                     let data = bytemuck::cast_slice(&m.words[words]);
-                    dev.queue.write_buffer(buf, w_at as u64 * 4, data);
+                    write_buffer_parallel(&dev.queue, buf, w_at as u64 * 4, data);
                     stats.uploaded_bytes += data.len() as u64;
                     if let (Some(sr), Some(s_at)) = (scales, s_at) {
                         let data = bytemuck::cast_slice(&m.words[sr]);
-                        dev.queue.write_buffer(buf, s_at as u64 * 4, data);
+                        write_buffer_parallel(&dev.queue, buf, s_at as u64 * 4, data);
                         stats.uploaded_bytes += data.len() as u64;
                     }
                 }
