@@ -308,18 +308,15 @@ impl MoeGpu {
                 (gb, ub, db, [gs, us, ds], vec![NOT_RESIDENT; cfg.experts])
             }
         };
-        let stream = match streamed {
-            None => None,
-            Some(cache) => Some(StreamGpu {
-                cache: Mutex::new(cache),
-                counts_readback: g.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("moe routed counts readback"),
-                    size: e * 4,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }),
+        let stream = streamed.map(|cache| StreamGpu {
+            cache: Mutex::new(cache),
+            counts_readback: g.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("moe routed counts readback"),
+                size: e * 4,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
             }),
-        };
+        });
         Ok(MoeGpu {
             router: RouterGpu::build(ctx, cfg, tokens)?,
             ffn: FfnGpu::build(ctx, cfg, w.format(), bases, a, path, tile_m, skip_chunks)?,
