@@ -84,7 +84,9 @@ pub struct MoeArgs {
 
 /// Streaming figures of several runs added up (hits, uploads, bytes, times), `None` for
 /// unstreamed runs.
-pub fn sum_stream(runs: &[wgsparse::moe::stream::StreamStats]) -> Option<wgsparse::moe::stream::StreamStats> {
+pub fn sum_stream(
+    runs: &[wgsparse::moe::stream::StreamStats],
+) -> Option<wgsparse::moe::stream::StreamStats> {
     let first = runs.first()?;
     let mut s = wgsparse::moe::stream::StreamStats {
         slots: first.slots,
@@ -126,7 +128,8 @@ fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usi
     }
     let plan = b.build(w)?;
     let dims = [a.tokens, a.hidden];
-    let input = |seed: u64| Tensor::from_f32(ctx, &dims, &grid_input(dims[0] * dims[1], seed), DType::F32);
+    let input =
+        |seed: u64| Tensor::from_f32(ctx, &dims, &grid_input(dims[0] * dims[1], seed), DType::F32);
     let xt = input(a.seed ^ 0xabc)?;
     let mut out = Tensor::zeros(ctx, &dims, DType::F32)?;
     plan.run_into(&xt, &xt, &xt, &mut out)?; // warm-up
