@@ -76,6 +76,21 @@ pub(crate) fn bind(
     })
 }
 
+/// A bind group with `params` (a uniform) at binding 0 and `buffers` at 1, 2, ...: the
+/// layout of the selection kernels of the sparse attention plans.
+pub(crate) fn bind_params(
+    g: &GpuDevice,
+    kernel: &Kernel,
+    label: &str,
+    params: &wgpu::Buffer,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let all: Vec<&wgpu::Buffer> = std::iter::once(params)
+        .chain(buffers.iter().copied())
+        .collect();
+    bind(g, kernel, label, &all)
+}
+
 /// A 2D grid of at least `groups` workgroups (x ≤ `max_per_dim`), for kernels that
 /// flatten `wid.x + wid.y * num_workgroups.x` and skip the excess.
 pub(crate) fn grid_2d(groups: u64, max_per_dim: u32, what: &str) -> Result<(u32, u32)> {

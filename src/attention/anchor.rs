@@ -24,6 +24,7 @@ use super::lut::{LutUnit, SparseLut};
 use super::{AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::launch::{bind_params, storage, storage_init, uniform};
 use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
 use crate::preprocess::Defines;
 use crate::tensor::DType;
@@ -505,43 +506,34 @@ impl AnchorGpu {
         let acc_size = (h * n * d) as u64 * 4;
         crate::tensor::check_buffer_size(ctx, "anchor row state acc", acc_size)?;
 
-        let dev = &g.device;
-        let storage = |label: &str, size: u64| {
-            dev.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size.max(16).div_ceil(4) * 4,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            })
-        };
-        let upload = |label: &str, bytes: &[u8]| {
-            let b = storage(label, bytes.len() as u64);
-            g.queue.write_buffer(&b, 0, bytes);
-            b
-        };
         let bufs = AnchorBuffers {
-            anchor_ranges: upload(
+            anchor_ranges: storage_init(
+                g,
                 "anchor lut ranges",
                 bytemuck::cast_slice(&anchor_lut.ranges),
-            ),
-            anchor_idx: upload(
+            )?,
+            anchor_idx: storage_init(
+                g,
                 "anchor lut indices",
                 bytemuck::cast_slice(&anchor_lut.indices),
-            ),
-            ml: storage("anchor row state ml", (h * n * 8) as u64),
-            acc: storage("anchor row state acc", acc_size),
-            qbar: storage("anchor pooled q", (h * n_pool * d * 4) as u64),
-            abar: storage("anchor pooled anchors", (h * n_pool * 4) as u64),
-            flags: storage("anchor selection flags", (h * groups * chunks * 32) as u64),
-            counts: storage("anchor chunk counts", (h * groups * chunks * 4) as u64),
-            group_base: upload(
+            )?,
+            ml: storage(g, "anchor row state ml", (h * n * 8) as u64)?,
+            acc: storage(g, "anchor row state acc", acc_size)?,
+            qbar: storage(g, "anchor pooled q", (h * n_pool * d * 4) as u64)?,
+            abar: storage(g, "anchor pooled anchors", (h * n_pool * 4) as u64)?,
+            flags: storage(
+                g,
+                "anchor selection flags",
+                (h * groups * chunks * 32) as u64,
+            )?,
+            counts: storage(g, "anchor chunk counts", (h * groups * chunks * 4) as u64)?,
+            group_base: storage_init(
+                g,
                 "anchor stripe slice starts",
                 bytemuck::cast_slice(&group_base),
-            ),
-            stripe_ranges: storage("anchor stripe lut ranges", (h * groups * 8) as u64),
-            stripe_idx: storage("anchor stripe lut indices", total * 4),
+            )?,
+            stripe_ranges: storage(g, "anchor stripe lut ranges", (h * groups * 8) as u64)?,
+            stripe_idx: storage(g, "anchor stripe lut indices", total * 4)?,
         };
         let p = SelectParams {
             seq_len: n as u32,
@@ -555,13 +547,7 @@ impl AnchorGpu {
             theta: cfg.theta,
             _pad: [0; 3],
         };
-        let params = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("anchor selection params"),
-            size: std::mem::size_of::<SelectParams>() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        g.queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
+        let params = uniform(g, "anchor selection params", bytemuck::bytes_of(&p));
         let kernels = [
             ctx.kernel(&select_spec("pool", d, cfg, opts.dtype))?,
             ctx.kernel(&select_spec("flags", d, cfg, opts.dtype))?,
@@ -613,23 +599,9 @@ impl AnchorGpu {
                 lut: Some((&b.anchor_ranges, &b.anchor_idx)),
             },
         )?;
-        let device = rec.gpu().device.clone();
+        let gd = rec.gpu();
         let group = |kernel: &Kernel, label: &str, bufs: &[&wgpu::Buffer]| {
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: 0,
-                resource: self.params.as_entire_binding(),
-            }];
-            for (i, buf) in bufs.iter().enumerate() {
-                entries.push(wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
-                    resource: buf.as_entire_binding(),
-                });
-            }
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(label),
-                layout: &kernel.layout,
-                entries: &entries,
-            })
+            bind_params(gd, kernel, label, &self.params, bufs)
         };
         let [kp, kf, kc] = &self.kernels;
         let bg_pool = group(kp, "anchor pool bindings", &[q, &b.ml, &b.qbar, &b.abar]);

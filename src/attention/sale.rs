@@ -33,6 +33,7 @@ use super::lut::{LutUnit, SparseLut};
 use super::{AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::launch::{bind_params, storage, storage_init, uniform};
 use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
 use crate::preprocess::Defines;
 use crate::tensor::DType;
@@ -823,32 +824,6 @@ impl SaleGpu {
             },
         )?;
 
-        let dev = &g.device;
-        let storage = |label: &str, size: u64| {
-            dev.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size.max(16).div_ceil(4) * 4,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            })
-        };
-        let upload = |label: &str, bytes: &[u8]| {
-            let b = storage(label, bytes.len() as u64);
-            g.queue.write_buffer(&b, 0, bytes);
-            b
-        };
-        let uniform = |label: &str, bytes: &[u8]| {
-            let b = dev.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes.len() as u64,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            g.queue.write_buffer(&b, 0, bytes);
-            b
-        };
         let taus: Vec<f32> = (0..hq).map(|h| cfg.tau_of(h)).collect();
         let qp = SaleQuantParams {
             seq_len: n as u32,
@@ -870,35 +845,43 @@ impl SaleGpu {
         };
         let d4 = (d / 4) as u64;
         let bufs = SaleBuffers {
-            quant_params: uniform("sale quantization params", bytemuck::bytes_of(&qp)),
-            est_params: uniform("sale estimation params", bytemuck::bytes_of(&ep)),
+            quant_params: uniform(g, "sale quantization params", bytemuck::bytes_of(&qp)),
+            est_params: uniform(g, "sale estimation params", bytemuck::bytes_of(&ep)),
             partial: storage(
+                g,
                 "sale mean partial sums",
                 ((hq + hk) * lay.mean_chunks) as u64 * d4 * 16,
-            ),
-            means: storage("sale sequence means", (hq + hk) as u64 * d4 * 16),
-            qq: storage("sale quantized q", (hq * n * lay.words * 4) as u64),
-            kq: storage("sale quantized k", (hk * n * lay.words * 4) as u64),
-            q_meta: storage("sale q scales and corrections", (hq * n * 8) as u64),
-            k_meta: storage("sale k scales and corrections", (hq * n * 8) as u64),
-            tau: upload("sale per-head tau", bytemuck::cast_slice(&taus)),
-            exact_ranges: upload(
+            )?,
+            means: storage(g, "sale sequence means", (hq + hk) as u64 * d4 * 16)?,
+            qq: storage(g, "sale quantized q", (hq * n * lay.words * 4) as u64)?,
+            kq: storage(g, "sale quantized k", (hk * n * lay.words * 4) as u64)?,
+            q_meta: storage(g, "sale q scales and corrections", (hq * n * 8) as u64)?,
+            k_meta: storage(g, "sale k scales and corrections", (hq * n * 8) as u64)?,
+            tau: storage_init(g, "sale per-head tau", bytemuck::cast_slice(&taus))?,
+            exact_ranges: storage_init(
+                g,
                 "sale exact lut ranges",
                 bytemuck::cast_slice(&exact_lut.ranges),
-            ),
-            exact_idx: upload(
+            )?,
+            exact_idx: storage_init(
+                g,
                 "sale exact lut indices",
                 bytemuck::cast_slice(&exact_lut.indices),
-            ),
-            ml: storage("sale row state ml", (hq * n * 8) as u64),
-            acc: storage("sale row state acc", acc_size),
-            flags: storage("sale block bits", (hq * lay.n_qb * lay.chunks * 4) as u64),
-            row_base: upload(
+            )?,
+            ml: storage(g, "sale row state ml", (hq * n * 8) as u64)?,
+            acc: storage(g, "sale row state acc", acc_size)?,
+            flags: storage(
+                g,
+                "sale block bits",
+                (hq * lay.n_qb * lay.chunks * 4) as u64,
+            )?,
+            row_base: storage_init(
+                g,
                 "sale block list slice starts",
                 bytemuck::cast_slice(&lay.row_base),
-            ),
-            sel_ranges: storage("sale selected lut ranges", (hq * lay.n_qb * 8) as u64),
-            sel_idx: storage("sale selected lut indices", lay.capacity * 4),
+            )?,
+            sel_ranges: storage(g, "sale selected lut ranges", (hq * lay.n_qb * 8) as u64)?,
+            sel_idx: storage(g, "sale selected lut indices", lay.capacity * 4)?,
         };
         let ev = EstimateVariant {
             dot4: caps.int_dot4,
@@ -948,24 +931,10 @@ impl SaleGpu {
         out: &wgpu::Buffer,
     ) -> Result<()> {
         let b = &self.bufs;
-        let device = rec.gpu().device.clone();
+        let gd = rec.gpu();
         let group =
             |kernel: &Kernel, label: &str, params: &wgpu::Buffer, bufs: &[&wgpu::Buffer]| {
-                let mut entries = vec![wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: params.as_entire_binding(),
-                }];
-                for (i, buf) in bufs.iter().enumerate() {
-                    entries.push(wgpu::BindGroupEntry {
-                        binding: i as u32 + 1,
-                        resource: buf.as_entire_binding(),
-                    });
-                }
-                device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(label),
-                    layout: &kernel.layout,
-                    entries: &entries,
-                })
+                bind_params(gd, kernel, label, params, bufs)
             };
         let [kmp, kmf, kqq, kqk, kest, kcomp] = &self.kernels[..] else {
             unreachable!("six SALE kernels")
@@ -1192,24 +1161,13 @@ impl SaleGpu {
         });
         g.queue
             .write_buffer(&dots, 0, bytemuck::cast_slice(&vec![fill; hq * n * n]));
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: b.est_params.as_entire_binding(),
-        }];
-        for (i, buf) in [&b.qq, &b.kq, &b.q_meta, &b.k_meta, &b.ml, &b.tau, &dots]
-            .into_iter()
-            .enumerate()
-        {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: buf.as_entire_binding(),
-            });
-        }
-        let bg = g.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("sale dot products bindings"),
-            layout: &kernel.layout,
-            entries: &entries,
-        });
+        let bg = bind_params(
+            g,
+            &kernel,
+            "sale dot products bindings",
+            &b.est_params,
+            &[&b.qq, &b.kq, &b.q_meta, &b.k_meta, &b.ml, &b.tau, &dots],
+        );
         let mut rec = Recorder::new(ctx, "sale dot products", 1)?;
         let grid = (self.chunks, n.div_ceil(BLOCK_Q) as u32, hq as u32);
         rec.stage("dots", |pass| {
