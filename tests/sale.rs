@@ -25,19 +25,7 @@ fn run_gpu(
     wgsparse::AttentionReport,
     Vec<wgsparse::attention::lut::SparseLut>,
 ) {
-    let plan = ctx
-        .attention(shape)
-        .method(Method::Sale(cfg.clone()))
-        .dtype(dtype)
-        .build()
-        .unwrap();
-    let (qt, kt, vt) = upload_qkv(ctx, &shape, q, k, v, dtype).unwrap();
-    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN).unwrap();
-    plan.run_into(&qt, &kt, &vt, &mut out).unwrap();
-    let lut = pollster::block_on(plan.selected_pattern())
-        .unwrap()
-        .unwrap();
-    (out.to_f32_blocking().unwrap(), plan.report().unwrap(), lut)
+    common::run_sparse(ctx, shape, Method::Sale(cfg.clone()), dtype, (q, k, v))
 }
 
 /// SALE on the GPU vs its CPU twin: every candidate block decided the same way unless

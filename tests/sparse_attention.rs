@@ -364,20 +364,8 @@ fn anchor_matches_cpu_twin() {
             dtype.round_trip(&k),
             dtype.round_trip(&v),
         );
-        let plan = ctx
-            .attention(shape)
-            .method(Method::Anchor(cfg))
-            .dtype(dtype)
-            .build()
-            .unwrap();
-        let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, dtype).unwrap();
-        let mut out = Tensor::filled(&ctx, &shape.q_dims(), dtype, f32::NAN).unwrap();
-        plan.run_into(&qt, &kt, &vt, &mut out).unwrap();
-        let got = out.to_f32_blocking().unwrap();
-        let report = plan.report().unwrap();
-        let lut = pollster::block_on(plan.selected_pattern())
-            .unwrap()
-            .unwrap();
+        let (got, report, lut) =
+            common::run_sparse(&ctx, shape, Method::Anchor(cfg), dtype, (&q, &k, &v));
         let stripes = &lut[1];
 
         let run = anchor_cpu(

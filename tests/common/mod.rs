@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use wgsparse::{Context, ContextOptions};
+use wgsparse::attention::lut::SparseLut;
+use wgsparse::attention::upload_qkv;
+use wgsparse::{AttentionReport, AttentionShape, Context, ContextOptions, DType, Method, Tensor};
 
 /// A GPU context, or `None` (test skipped) when no adapter exists and the environment
 /// does not demand one. The test script sets `WGSPARSE_REQUIRE_GPU=1`, which turns a
@@ -53,4 +55,29 @@ pub fn seed() -> u64 {
         });
     eprintln!("seed = {s} (set WGSPARSE_SEED to replay)");
     s
+}
+
+/// Runs a sparse `method` through an attention plan into a NaN-poisoned output (any row
+/// it fails to write shows) and returns the output, the report and the blocks the plan
+/// reports it selected.
+pub fn run_sparse(
+    ctx: &Context,
+    shape: AttentionShape,
+    method: Method,
+    dtype: DType,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+) -> (Vec<f32>, AttentionReport, Vec<SparseLut>) {
+    let plan = ctx
+        .attention(shape)
+        .method(method)
+        .dtype(dtype)
+        .build()
+        .unwrap();
+    let (qt, kt, vt) = upload_qkv(ctx, &shape, q, k, v, dtype).unwrap();
+    let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN).unwrap();
+    plan.run_into(&qt, &kt, &vt, &mut out).unwrap();
+    let lut = pollster::block_on(plan.selected_pattern())
+        .unwrap()
+        .expect("a sparse plan reports its blocks");
+    (out.to_f32_blocking().unwrap(), plan.report().unwrap(), lut)
 }
