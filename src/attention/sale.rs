@@ -334,7 +334,6 @@ pub fn select_cpu(
         .into_par_iter()
         .map(|row| {
             let (h, qb) = (row / nqb, row % nqb);
-            let kvh = h / group;
             let rows = qb * BLOCK_Q..((qb + 1) * BLOCK_Q).min(n);
             let thr: Vec<f32> = rows
                 .clone()
@@ -343,27 +342,24 @@ pub fn select_cpu(
                     row_threshold(cfg.tau_of(h), m, l, scale, quant.q_meta[h * n + i][1])
                 })
                 .collect();
-            let mut kept = vec![];
-            let mut mg = vec![];
-            for kb in 1..cfg.cand_end(qb) {
-                let mut best = f32::NEG_INFINITY;
-                for (ri, i) in rows.clone().enumerate() {
-                    let qi = &qc[(h * n + i) * d..][..d];
-                    let sq = quant.q_meta[h * n + i][0];
-                    for j in kb * BLOCK_K..(kb + 1) * BLOCK_K {
-                        let kj = &kc[(kvh * n + j) * d..][..d];
-                        let dot: i32 = qi.iter().zip(kj).map(|(a, b)| *a as i32 * *b as i32).sum();
-                        let [sk, qmk] = quant.k_meta[h * n + j];
-                        // Same operation order as the kernel: (Σ · sq) · sk + q_mean·k'.
-                        best = best.max(dot as f32 * sq * sk + qmk - thr[ri]);
-                    }
-                }
-                if best > 0.0 {
-                    kept.push(kb as u32);
-                }
-                mg.push(best);
+            let job = BlockRow {
+                n,
+                d,
+                h,
+                kvh: h / group,
+                rows,
+                cand_end: cfg.cand_end(qb),
+                thr: &thr,
+                qc: &qc,
+                kc: &kc,
+                quant,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { job.select_avx2() };
             }
-            (kept, mg)
+            job.select()
         })
         .collect();
     let margins = per_row.iter().map(|(_, m)| m.clone()).collect();
@@ -375,6 +371,61 @@ pub fn select_cpu(
         |h, qb| per_row[h * nqb + qb].0.clone(),
     )?;
     Ok(SaleSelection { blocks, margins })
+}
+
+/// One query block row of [`select_cpu`]: its candidate key blocks, decided from the
+/// unpacked codes.
+struct BlockRow<'a> {
+    n: usize,
+    d: usize,
+    h: usize,
+    kvh: usize,
+    rows: std::ops::Range<usize>,
+    cand_end: usize,
+    thr: &'a [f32],
+    qc: &'a [i8],
+    kc: &'a [i8],
+    quant: &'a QuantizedQk,
+}
+
+impl BlockRow<'_> {
+    /// (kept blocks, margin of every candidate block).
+    #[inline(always)]
+    fn select(&self) -> (Vec<u32>, Vec<f32>) {
+        let (n, d, h, kvh) = (self.n, self.d, self.h, self.kvh);
+        let mut kept = vec![];
+        let mut mg = vec![];
+        for kb in 1..self.cand_end {
+            let mut best = f32::NEG_INFINITY;
+            for (ri, i) in self.rows.clone().enumerate() {
+                let qi = &self.qc[(h * n + i) * d..][..d];
+                let sq = self.quant.q_meta[h * n + i][0];
+                for j in kb * BLOCK_K..(kb + 1) * BLOCK_K {
+                    let kj = &self.kc[(kvh * n + j) * d..][..d];
+                    let dot: i32 = qi.iter().zip(kj).map(|(a, b)| *a as i32 * *b as i32).sum();
+                    let [sk, qmk] = self.quant.k_meta[h * n + j];
+                    // Same operation order as the kernel: (Σ · sq) · sk + q_mean·k'.
+                    best = best.max(dot as f32 * sq * sk + qmk - self.thr[ri]);
+                }
+            }
+            if best > 0.0 {
+                kept.push(kb as u32);
+            }
+            mg.push(best);
+        }
+        (kept, mg)
+    }
+
+    /// [`BlockRow::select`] compiled for AVX2: the integer dot products vectorize to
+    /// 16-lane multiply-adds (4× the baseline SSE2 code's width).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn select_avx2(&self) -> (Vec<u32>, Vec<f32>) {
+        self.select()
+    }
 }
 
 /// What SALE computed in one run.
