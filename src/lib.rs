@@ -25,6 +25,8 @@ pub mod preprocess;
 pub mod qkv_file;
 pub mod synthetic;
 pub mod tensor;
+#[cfg(test)]
+mod test_util;
 pub mod verify;
 
 pub use attention::{

@@ -416,3 +416,41 @@ impl Submitted<'_> {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(names: &[&str], gpu: Option<f64>) -> Report {
+        Report {
+            stages: names
+                .iter()
+                .map(|n| StageTime {
+                    name: n.to_string(),
+                    ms: gpu,
+                    dispatches: 1,
+                })
+                .collect(),
+            wall_ms: 1.0,
+            gpu_ms: gpu.map(|g| g * names.len() as f64),
+            timing: if gpu.is_some() { "timestamp" } else { "wall" }.into(),
+        }
+    }
+
+    #[test]
+    fn concatenated_reports_keep_stage_order_and_sum_gpu_time_only_when_complete() {
+        let r = Report::concat(
+            vec![part(&["a", "b"], Some(0.5)), part(&["c"], Some(2.0))],
+            9.0,
+        );
+        let names: Vec<&str> = r.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(
+            (r.gpu_ms, r.wall_ms, r.timing.as_str()),
+            (Some(3.0), 9.0, "timestamp")
+        );
+        assert_eq!(r.ms(), 3.0);
+        let r = Report::concat(vec![part(&["a"], Some(1.0)), part(&["b"], None)], 4.0);
+        assert_eq!((r.gpu_ms, r.ms(), r.timing.as_str()), (None, 4.0, "wall"));
+    }
+}
