@@ -30,7 +30,7 @@ use crate::moe::{MoeConfig, MoePlan, MoeWeights, PackedExperts, PackedMatrix, We
 use crate::ops::linear::{LinearGpu, LinearLayout, from_head_major, linear_cpu, to_head_major};
 use crate::ops::rmsnorm::{RmsNormGpu, rmsnorm_cpu};
 use crate::ops::rope::{RopeGpu, rope_cpu, rope_table};
-use crate::pipeline::{Instant, Recorder, Report, StageTime};
+use crate::pipeline::{Instant, Recorder, Report, StageTime, Submitted};
 use crate::tensor::{DType, HostData, Tensor};
 
 /// Sizes and per-layer attention kind of one decoder layer.
@@ -479,41 +479,33 @@ impl DecoderLayerPlan {
             }
         }
         let report = match &self.gpu {
-            Some(g) if !g.moe.is_streamed() => {
-                let mut rec = Recorder::new(&self.ctx, "decoder layer", self.stage_count())?;
-                // Router first: the experts are known before attention runs.
-                g.moe.record_route(&mut rec, x)?;
-                self.record_attention(&mut rec, g, x)?;
-                g.moe.record_experts(&mut rec, &g.z, &g.h, out)?;
-                let timing = rec.submit().await?;
-                let (expert_counts, skip_frac, chunks) = g.moe.gpu_stats().await?;
-                let mut r = self.make_report(self.ctx.backend(), timing, skip_frac, expert_counts);
-                r.down_chunk_skip_frac = chunks;
-                r
-            }
             Some(g) => {
-                // Streamed experts: the router alone, then attention behind it; once
-                // the router's submission is done (attention still running), the
-                // missing experts are handed to the queue, then the expert rounds.
-                let start = Instant::now();
-                let mut rec = Recorder::new(&self.ctx, "layer route", 2)?;
-                g.moe.record_route(&mut rec, x)?;
-                g.moe.record_routing_readback(&mut rec)?;
-                let route = rec.submit_deferred().await?;
-                let mut rec = Recorder::new(&self.ctx, "layer attention", self.stage_count())?;
-                self.record_attention(&mut rec, g, x)?;
-                let attn = rec.submit_deferred().await?;
-                let counts = g.moe.read_routing(&route).await?;
-                let (rounds, stream) = g.moe.run_streamed_experts(&counts, &g.z, &g.h, out).await?;
-                let mut parts = vec![route.report().await?, attn.report().await?];
-                for r in rounds {
-                    parts.push(r.report().await?);
-                }
-                let timing = Report::concat(parts, start.elapsed().as_secs_f64() * 1e3);
+                let (timing, stream) = if !g.moe.is_streamed() {
+                    let mut rec = Recorder::new(&self.ctx, "decoder layer", self.stage_count())?;
+                    // Router first: the experts are known before attention runs.
+                    g.moe.record_route(&mut rec, x)?;
+                    self.record_attention(&mut rec, g, x)?;
+                    g.moe.record_experts(&mut rec, &g.z, &g.h, out)?;
+                    (rec.submit().await?, None)
+                } else {
+                    // Streamed experts: the router alone, then attention behind it; once
+                    // the router's submission is done (attention still running), the
+                    // missing experts are handed to the queue, then the expert rounds.
+                    let start = Instant::now();
+                    let route = g.moe.submit_route(x).await?;
+                    let mut rec = Recorder::new(&self.ctx, "layer attention", self.stage_count())?;
+                    self.record_attention(&mut rec, g, x)?;
+                    let attn = rec.submit_deferred().await?;
+                    let counts = g.moe.read_routing(&route).await?;
+                    let (rounds, stream) =
+                        g.moe.run_streamed_experts(&counts, &g.z, &g.h, out).await?;
+                    let subs = [route, attn].into_iter().chain(rounds).collect();
+                    (Submitted::report_all(subs, start).await?, Some(stream))
+                };
                 let (expert_counts, skip_frac, chunks) = g.moe.gpu_stats().await?;
                 let mut r = self.make_report(self.ctx.backend(), timing, skip_frac, expert_counts);
                 r.down_chunk_skip_frac = chunks;
-                r.stream = Some(stream);
+                r.stream = stream;
                 r
             }
             None => {

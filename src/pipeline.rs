@@ -364,7 +364,17 @@ pub struct Submitted<'a> {
     start: Instant,
 }
 
-impl Submitted<'_> {
+impl<'a> Submitted<'a> {
+    /// Waits for consecutive submissions of one run and joins their reports
+    /// ([`Report::concat`]); `start` is when the run began (for the wall clock).
+    pub async fn report_all(subs: Vec<Submitted<'a>>, start: Instant) -> Result<Report> {
+        let mut parts = Vec::with_capacity(subs.len());
+        for s in subs {
+            parts.push(s.report().await?);
+        }
+        Ok(Report::concat(parts, start.elapsed().as_secs_f64() * 1e3))
+    }
+
     /// The queue's index of this submission (to wait for it alone).
     pub fn index(&self) -> &wgpu::SubmissionIndex {
         &self.index

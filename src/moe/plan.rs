@@ -456,19 +456,13 @@ impl MoePlan {
             }
             Some(_) => {
                 let start = Instant::now();
-                let mut rec = Recorder::new(&self.ctx, "moe route", 2)?;
-                self.record_route(&mut rec, router_in)?;
-                self.record_routing_readback(&mut rec)?;
-                let route = rec.submit_deferred().await?;
+                let route = self.submit_route(router_in).await?;
                 let counts = self.read_routing(&route).await?;
                 let (rounds, stream) = self
                     .run_streamed_experts(&counts, expert_in, residual, out)
                     .await?;
-                let mut parts = vec![route.report().await?];
-                for r in rounds {
-                    parts.push(r.report().await?);
-                }
-                let timing = Report::concat(parts, start.elapsed().as_secs_f64() * 1e3);
+                let subs = std::iter::once(route).chain(rounds).collect();
+                let timing = Submitted::report_all(subs, start).await?;
                 self.gpu_report(timing, Some(stream)).await?
             }
             None => self.run_cpu(router_in, expert_in, residual, out)?,
@@ -489,6 +483,16 @@ impl MoePlan {
             Error::InvalidArgument("this MoE plan keeps every expert resident".into())
         })?;
         Ok((g, s))
+    }
+
+    /// Streamed plans: submits the router and the dispatch on `router_in` alone, with
+    /// the copy of the token counts that [`MoePlan::read_routing`] maps, without
+    /// waiting; work submitted after it (a layer's attention) queues behind it.
+    pub async fn submit_route(&self, router_in: &Tensor) -> Result<Submitted<'_>> {
+        let mut rec = Recorder::new(&self.ctx, "moe route", 2)?;
+        self.record_route(&mut rec, router_in)?;
+        self.record_routing_readback(&mut rec)?;
+        rec.submit_deferred().await
     }
 
     /// Streamed plans: records the copy of the per-expert token counts (written by

@@ -56,6 +56,24 @@ pub struct StreamStats {
     pub stall_ms: f64,
 }
 
+impl std::fmt::Display for StreamStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} slots, {} routed, {} cached, {} uploaded ({:.1} MB; {:.3} ms host upload, \
+             {:.3} ms from routing known to experts submitted), {} rounds",
+            self.slots,
+            self.routed,
+            self.hits,
+            self.uploads,
+            self.uploaded_bytes as f64 / 1e6,
+            self.upload_ms,
+            self.stall_ms,
+            self.rounds
+        )
+    }
+}
+
 /// The words of expert `e` in a packed `[experts · ffn, hidden]` matrix: its weight
 /// words, and (Q4_0) its scale words.
 pub fn expert_words(
