@@ -37,7 +37,8 @@ fn bench_shape(
                 .dtype(dtype)
                 .build()
                 .expect("attention plan");
-            let (q, k, v) = wgsparse::synthetic::qkv(ctx, shape, dtype, 7).expect("inputs");
+            let (q, k, v) =
+                wgsparse::attention::synthetic::qkv(ctx, shape, dtype, 7).expect("inputs");
             let mut out = Tensor::zeros(ctx, &shape.q_dims(), dtype).expect("output");
             let id = BenchmarkId::new(
                 format!("causal_{}", dtype.name()),

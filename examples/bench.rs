@@ -293,11 +293,12 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let shape = AttentionShape::new(args.q_heads, args.kv_heads, n, args.head_dim);
         let tol = args
             .check_tol
-            .unwrap_or(wgsparse::verify::dense_tolerance(args.dtype));
+            .unwrap_or(wgsparse::attention::verify::dense_tolerance(args.dtype));
         let t = Instant::now();
-        let err =
-            wgsparse::verify::dense_against_cpu_twin(&ctx, shape, args.dtype, true, args.seed)?
-                .errors;
+        let err = wgsparse::attention::verify::dense_against_cpu_twin(
+            &ctx, shape, args.dtype, true, args.seed,
+        )?
+        .errors;
         let ok = err.max_abs_err <= tol;
         println!(
             "check {n} tokens ({} heads / {} kv heads, d {}, {}): max_abs_err {:.3e} rel_l2_err {:.3e} (tol {tol:.1e}) -> {} [{:.1} s]",
@@ -501,7 +502,7 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The inputs of one length: Gaussian (generated straight into the storage dtype) or
-/// structured (see `wgsparse::synthetic::structured_qkv_host`).
+/// structured (see `wgsparse::attention::synthetic::structured_qkv_host`).
 fn inputs(
     ctx: &Context,
     args: &Args,
@@ -512,10 +513,10 @@ fn inputs(
         .wrapping_mul(1_000_003)
         .wrapping_add(shape.seq_len as u64);
     Ok(match args.data.as_str() {
-        "gaussian" => wgsparse::synthetic::qkv(ctx, &shape, args.dtype, seed)?,
+        "gaussian" => wgsparse::attention::synthetic::qkv(ctx, &shape, args.dtype, seed)?,
         "structured" => {
-            let st = wgsparse::synthetic::Structure::default();
-            let (q, k, v) = wgsparse::synthetic::structured_qkv_host(&shape, &st, seed);
+            let st = wgsparse::attention::synthetic::Structure::default();
+            let (q, k, v) = wgsparse::attention::synthetic::structured_qkv_host(&shape, &st, seed);
             wgsparse::attention::upload_qkv(ctx, &shape, &q, &k, &v, args.dtype)?
         }
         o => return Err(format!("--data {o}: expected gaussian or structured").into()),

@@ -4,7 +4,7 @@
 
 use clap::Args;
 use serde_json::json;
-use wgsparse::metrics::{ErrorStats, compare};
+use wgsparse::attention::metrics::{ErrorStats, compare};
 use wgsparse::moe::cpu::{moe_cpu, moe_reference_f64};
 use wgsparse::moe::{
     FfnPath, MoeConfig, MoeReport, MoeWeights, RouterScoring, WeightFormat, grid_input,
@@ -337,7 +337,9 @@ pub struct LayerArgs {
 /// `wgsparse layer`: one SmallThinker-4B decoder layer (router, RMSNorm, attention with
 /// RoPE or NoPE, MoE) on synthetic weights, as one submission.
 pub fn layer(a: &LayerArgs) -> Result<()> {
-    use wgsparse::layer::{DecoderLayerConfig, DecoderLayerWeights, decoder_layer_cpu};
+    use wgsparse::model::smallthinker::{
+        DecoderLayerConfig, DecoderLayerWeights, decoder_layer_cpu,
+    };
     let mut opts = ContextOptions::from_env()?;
     if let Some(b) = a.backend {
         opts.backend = b;

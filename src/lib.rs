@@ -12,38 +12,31 @@
 #![warn(missing_docs)]
 
 pub mod attention;
-pub mod context;
 pub mod error;
-pub(crate) mod launch;
-pub mod layer;
-pub mod metrics;
 pub mod model;
 pub mod moe;
 pub mod ops;
-pub mod pipeline;
-pub mod preprocess;
-pub mod qkv_file;
-pub mod synthetic;
-pub mod tensor;
-#[cfg(test)]
-mod test_util;
-pub mod verify;
+pub mod quant;
+pub mod runtime;
 
 pub use attention::{
     AttentionOptions, AttentionPlan, AttentionPlanBuilder, AttentionReport, AttentionShape, Method,
     RowState, WindowConfig,
 };
-pub use context::{AdapterSummary, Backend, Capabilities, Context, ContextOptions, LimitOverrides};
 pub use error::{Error, Result};
-pub use pipeline::{Recorder, Report, StageTime};
-pub use tensor::{DType, HostData, Tensor};
+pub use runtime::context::{
+    AdapterSummary, Backend, Capabilities, Context, ContextOptions, LimitOverrides,
+};
+pub use runtime::tensor::{DType, HostData, Tensor};
+pub use runtime::{Recorder, Report, StageTime};
 
 /// Every kernel variant the crate can compile, for the shader dump (`wgsparse shader`)
 /// and the portability tests (naga to SPIR-V, MSL, HLSL, GLSL).
-pub fn all_kernel_variants() -> Vec<pipeline::KernelSpec> {
+pub fn all_kernel_variants() -> Vec<runtime::KernelSpec> {
     let mut v = attention::dense_gpu::all_dense_variants();
     v.extend(attention::anchor::all_anchor_variants());
     v.extend(attention::sale::all_sale_variants());
     v.extend(moe::all_moe_variants());
+    v.extend(ops::all_ops_variants());
     v
 }

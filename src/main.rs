@@ -21,13 +21,13 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use wgsparse::attention::dense_cpu::naive_attention;
+use wgsparse::attention::metrics::compare;
 use wgsparse::attention::oracle::oracle;
+use wgsparse::attention::qkv_file::QkvFile;
 use wgsparse::attention::sale_calibrate::SaleThresholds;
+use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
-use wgsparse::metrics::compare;
-use wgsparse::qkv_file::QkvFile;
-use wgsparse::synthetic::{Structure, structured_qkv_host};
-use wgsparse::verify::evaluate;
+use wgsparse::attention::verify::evaluate;
 use wgsparse::{
     AttentionPlan, AttentionShape, Backend, Context, ContextOptions, DType, Error, Method, Result,
     Tensor,
@@ -260,7 +260,7 @@ impl AttentionArgs {
             ),
             "gaussian" => (
                 shape,
-                wgsparse::synthetic::qkv_host(&shape, self.seed),
+                wgsparse::attention::synthetic::qkv_host(&shape, self.seed),
                 "synthetic Gaussian Q/K/V (no attention structure)".into(),
                 None,
             ),

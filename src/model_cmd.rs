@@ -7,16 +7,16 @@ use std::time::Instant;
 
 use clap::Args;
 use wgsparse::attention::anchor::AnchorConfig;
+use wgsparse::attention::metrics::Quality;
+use wgsparse::attention::qkv_file::QkvFile;
 use wgsparse::attention::sale::SaleConfig;
 use wgsparse::attention::sale_calibrate::{
     DEFAULT_BUDGET, LayerThresholds, SaleThresholds, calibrate as calibrate_layer,
 };
-use wgsparse::metrics::Quality;
 use wgsparse::model::decoder::{Decoder, LayerQkv};
 use wgsparse::model::eval::{EvalMethod, HeadQuality, end_to_end, layer_quality};
 use wgsparse::model::gguf::Gguf;
 use wgsparse::model::tokenizer::ModelTokenizer;
-use wgsparse::qkv_file::QkvFile;
 use wgsparse::{
     AttentionShape, Backend, Context, ContextOptions, DType, Error, Method, Result, WindowConfig,
 };

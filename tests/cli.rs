@@ -102,8 +102,8 @@ fn bad_arguments_fail_with_a_message() {
 /// and the data label from the file.
 #[test]
 fn anchor_check_on_a_data_file_has_the_quality_keys() {
-    use wgsparse::qkv_file::QkvFile;
-    use wgsparse::synthetic::{Structure, structured_qkv_host};
+    use wgsparse::attention::qkv_file::QkvFile;
+    use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
     let shape = wgsparse::AttentionShape::new(2, 1, 600, 64);
     let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), common::seed());
     let file = QkvFile {

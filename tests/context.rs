@@ -3,7 +3,7 @@
 
 mod common;
 
-use wgsparse::verify::{dense_against_cpu_twin, dense_tolerance};
+use wgsparse::attention::verify::{dense_against_cpu_twin, dense_tolerance};
 use wgsparse::{AttentionShape, Backend, Context, DType, LimitOverrides};
 
 #[test]
@@ -74,7 +74,7 @@ fn several_contexts_live_at_once() {
     }
     // Tensors of one context are refused by a plan of another.
     let plan = first.attention(shape).build().unwrap();
-    let (q, k, v) = wgsparse::synthetic::qkv(&cpu, &shape, DType::F32, seed).unwrap();
+    let (q, k, v) = wgsparse::attention::synthetic::qkv(&cpu, &shape, DType::F32, seed).unwrap();
     assert!(matches!(
         plan.run(&q, &k, &v),
         Err(wgsparse::Error::WrongContext)

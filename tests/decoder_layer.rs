@@ -9,16 +9,16 @@
 mod common;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use wgsparse::layer::{DecoderLayerConfig, DecoderLayerWeights, decoder_layer_cpu};
-use wgsparse::metrics::compare;
+use wgsparse::attention::metrics::compare;
+use wgsparse::attention::synthetic::gaussian;
+use wgsparse::model::smallthinker::{DecoderLayerConfig, DecoderLayerWeights, decoder_layer_cpu};
 use wgsparse::moe::{MoeConfig, PackedMatrix, WeightFormat};
 use wgsparse::ops::linear::{LinearGpu, LinearLayout, from_head_major, linear_cpu, to_head_major};
 use wgsparse::ops::rmsnorm::{RmsNormGpu, rmsnorm_cpu};
 use wgsparse::ops::rope::{RopeGpu, rope_cpu, rope_table};
-use wgsparse::synthetic::gaussian;
 use wgsparse::{Context, DType, Error, Method, Recorder, Tensor};
 
-fn ok(e: wgsparse::metrics::ErrorStats, abs: f64, rel: f64) -> bool {
+fn ok(e: wgsparse::attention::metrics::ErrorStats, abs: f64, rel: f64) -> bool {
     e.max_abs_err <= abs && e.rel_l2_err <= rel
 }
 
@@ -287,7 +287,7 @@ fn streamed_expert_layer_equals_the_resident_layer() {
         let h = cfg.moe.hidden;
         let x = grid_input(tokens * h, s ^ 2);
         let xt = Tensor::from_f32(&ctx, &[tokens, h], &x, DType::F32).unwrap();
-        let run = |plan: &wgsparse::layer::DecoderLayerPlan| {
+        let run = |plan: &wgsparse::model::smallthinker::DecoderLayerPlan| {
             let mut out = Tensor::filled(&ctx, &[tokens, h], DType::F32, f32::NAN).unwrap();
             plan.run_into(&xt, &mut out).unwrap();
             out.to_f32_blocking().unwrap()

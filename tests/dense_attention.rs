@@ -5,10 +5,10 @@
 mod common;
 
 use wgsparse::attention::dense_cpu::{HostRowState, dense_attention_cpu, naive_attention};
+use wgsparse::attention::metrics::compare;
+use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::upload_qkv;
-use wgsparse::metrics::compare;
-use wgsparse::synthetic::qkv_host;
-use wgsparse::verify::{dense_against_cpu_twin, dense_tolerance};
+use wgsparse::attention::verify::{dense_against_cpu_twin, dense_tolerance};
 use wgsparse::{AttentionShape, Context, DType, RowState, Tensor};
 
 fn check_gpu_vs_cpu(ctx: &Context, shape: AttentionShape, dtype: DType, causal: bool, seed: u64) {

@@ -4,9 +4,9 @@
 mod common;
 
 use wgsparse::attention::dense_cpu::dense_attention_cpu;
+use wgsparse::attention::metrics::compare;
+use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::upload_qkv;
-use wgsparse::metrics::compare;
-use wgsparse::synthetic::qkv_host;
 use wgsparse::{AttentionShape, DType, Tensor};
 
 #[test]

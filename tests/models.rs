@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use wgsparse::model::decoder::Decoder;
 use wgsparse::model::gguf::Gguf;
-use wgsparse::model::quant::GgmlType;
 use wgsparse::model::tokenizer::ModelTokenizer;
+use wgsparse::quant::ggml::GgmlType;
 use wgsparse::{Context, Method};
 
 const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";

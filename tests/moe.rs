@@ -16,7 +16,7 @@ mod common;
 
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use wgsparse::metrics::compare;
+use wgsparse::attention::metrics::compare;
 use wgsparse::moe::cpu::{self, moe_cpu};
 use wgsparse::moe::{FfnPath, MoeConfig, MoeWeights, RouterScoring, WeightFormat};
 use wgsparse::{Context, DType, Error, Tensor};
@@ -85,8 +85,8 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let w = weights_for(case, &mut rng, seed);
     let x = grid_values(t * h, 2, &mut rng);
-    let z = wgsparse::synthetic::gaussian(t * h, seed ^ 0x77);
-    let res = wgsparse::synthetic::gaussian(t * h, seed ^ 0x99);
+    let z = wgsparse::attention::synthetic::gaussian(t * h, seed ^ 0x77);
+    let res = wgsparse::attention::synthetic::gaussian(t * h, seed ^ 0x99);
     let mut b = ctx.moe(*c).tokens(t).format(case.format).path(case.path);
     if let Some(m) = case.tile_m {
         b = b.tile_m(m);
@@ -373,7 +373,7 @@ fn streamed_experts_reuse_the_cache_and_equal_resident() {
     let t = 40;
     let w = MoeWeights::random(&c, seed);
     let x = grid_values(t * c.hidden, 2, &mut rng);
-    let res = wgsparse::synthetic::gaussian(t * c.hidden, seed ^ 5);
+    let res = wgsparse::attention::synthetic::gaussian(t * c.hidden, seed ^ 5);
     for format in [WeightFormat::F16, WeightFormat::Q4_0] {
         let resident = ctx.moe(c).tokens(t).format(format).build(&w).unwrap();
         let want = run_plan(&ctx, &resident, &x, &res);
@@ -427,7 +427,7 @@ fn prefill_skips_chunks_inactive_for_a_whole_tile() {
         }
     }
     let x = grid_values(t * c.hidden, 2, &mut rng);
-    let res = wgsparse::synthetic::gaussian(t * c.hidden, seed ^ 6);
+    let res = wgsparse::attention::synthetic::gaussian(t * c.hidden, seed ^ 6);
     for format in [WeightFormat::F16, WeightFormat::Q4_0] {
         let on = ctx.moe(c).tokens(t).format(format).build(&w).unwrap();
         let off = ctx
@@ -478,7 +478,7 @@ fn cpu_plan_equals_the_twin() {
     let t = 29;
     let seed = common::seed();
     let w = MoeWeights::random(&c, seed);
-    let x = wgsparse::synthetic::gaussian(t * c.hidden, seed ^ 5);
+    let x = wgsparse::attention::synthetic::gaussian(t * c.hidden, seed ^ 5);
     let plan = ctx
         .moe(c)
         .tokens(t)
@@ -507,7 +507,7 @@ fn cpu_twin_expert_ffn_matches_a_dense_reference() {
         p.up.dequantize(),
         p.down_t.dequantize(),
     );
-    let z = wgsparse::synthetic::gaussian(t * c.hidden, seed ^ 9);
+    let z = wgsparse::attention::synthetic::gaussian(t * c.hidden, seed ^ 9);
     let zero = vec![0.0; t * c.hidden];
     let r = moe_cpu(&z, &z, &zero, &p);
     let (h, f) = (c.hidden, c.ffn);

@@ -19,7 +19,7 @@ use naga::{AddressSpace, Module, ResourceBinding, ShaderStage, StorageAccess};
 use wgsparse::attention::anchor::SelectParams;
 use wgsparse::attention::dense_gpu::{DenseParams, DenseTiles, dense_workgroup_bytes};
 use wgsparse::attention::sale::{SaleEstimateParams, SaleQuantParams};
-use wgsparse::pipeline::{BindingKind, KernelSpec};
+use wgsparse::runtime::{BindingKind, KernelSpec};
 use wgsparse::{Capabilities, Context};
 
 /// WebGPU's default `maxComputeInvocationsPerWorkgroup`.
@@ -491,7 +491,7 @@ fn every_variant_fits_webgpu_invocation_and_binding_limits() {
 fn host_workgroup_estimate_covers_the_shader() {
     // The launcher picks tiles from `dense_workgroup_bytes`; it must never undercount.
     for_all("dense_workgroup_bytes", |c| {
-        if c.spec.file != "flash_attention.wgsl" {
+        if c.spec.file != "attention/flash.wgsl" {
             return Ok(());
         }
         let bq = const_of(&c.spec, "BQ").ok_or("no BQ")?;
@@ -510,7 +510,10 @@ fn host_workgroup_estimate_covers_the_shader() {
 fn moe_and_layer_variants_fit_webgpu_default_workgroup_memory() {
     // These families have one tile configuration each: it must fit everywhere.
     for_all("16 KiB workgroup memory", |c| {
-        if wgsparse::moe::params_size(c.spec.file).is_none() {
+        if wgsparse::moe::params_size(c.spec.file)
+            .or_else(|| wgsparse::ops::params_size(c.spec.file))
+            .is_none()
+        {
             return Ok(());
         }
         let bytes = workgroup_bytes(c)?;
@@ -611,14 +614,18 @@ fn shader_bindings_match_the_kernel_spec() {
 fn uniform_params_match_the_host_struct() {
     for_all("uniform Params layout", |c| {
         let (host, name) = match c.spec.file {
-            "flash_attention.wgsl" => (std::mem::size_of::<DenseParams>(), "DenseParams"),
-            "anchor/select.wgsl" => (std::mem::size_of::<SelectParams>(), "SelectParams"),
-            "sale/quantize.wgsl" => (std::mem::size_of::<SaleQuantParams>(), "SaleQuantParams"),
-            "sale/estimate.wgsl" => (
+            "attention/flash.wgsl" => (std::mem::size_of::<DenseParams>(), "DenseParams"),
+            "attention/select/anchor.wgsl" => (std::mem::size_of::<SelectParams>(), "SelectParams"),
+            "attention/select/sale_quantize.wgsl" => {
+                (std::mem::size_of::<SaleQuantParams>(), "SaleQuantParams")
+            }
+            "attention/select/sale_estimate.wgsl" => (
                 std::mem::size_of::<SaleEstimateParams>(),
                 "SaleEstimateParams",
             ),
-            other => match wgsparse::moe::params_size(other) {
+            other => match wgsparse::moe::params_size(other)
+                .or_else(|| wgsparse::ops::params_size(other))
+            {
                 Some(size) => (size, "the MoE/layer Params struct"),
                 None => return Err(format!("no host Params struct known for {other}")),
             },

@@ -9,13 +9,13 @@ use std::sync::Mutex;
 
 use proptest::prelude::*;
 use wgsparse::attention::dense_cpu::{dense_attention_cpu, naive_attention};
+use wgsparse::attention::metrics::compare;
 use wgsparse::attention::split::{
     BLOCK_K, BLOCK_Q, DenseDispatch, MIN_BLOCK_Q, SplitLimits, SplitProblem, split_dense,
 };
+use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::upload_qkv;
-use wgsparse::metrics::compare;
-use wgsparse::synthetic::qkv_host;
-use wgsparse::verify::{dense_against_cpu_twin, dense_tolerance};
+use wgsparse::attention::verify::{dense_against_cpu_twin, dense_tolerance};
 use wgsparse::{AttentionShape, Context, DType, Error, Tensor};
 
 const HEAD_DIMS: [usize; 3] = [64, 128, 256];

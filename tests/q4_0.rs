@@ -6,12 +6,12 @@ mod common;
 
 use half::f16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use wgsparse::moe::q4_0::{
+use wgsparse::moe::{PackedMatrix, WeightFormat};
+use wgsparse::ops::linear::{LinearGpu, LinearLayout};
+use wgsparse::quant::q4_0::{
     BLOCK_BYTES, dequantize, from_ggml_bytes, quantize_block, quantize_row, repack, to_ggml_bytes,
     unpack,
 };
-use wgsparse::moe::{PackedMatrix, WeightFormat};
-use wgsparse::ops::linear::{LinearGpu, LinearLayout};
 use wgsparse::{DType, Error, Recorder, Tensor};
 
 #[test]
@@ -132,7 +132,7 @@ fn gpu_decodes_the_repacked_layout_exactly() {
     let seed = common::seed();
     let (n, k) = (40, 96); // 3 blocks per row, 120 blocks: odd scale pairs across rows
     for format in [WeightFormat::Q4_0, WeightFormat::F16] {
-        let w = wgsparse::synthetic::gaussian(n * k, seed);
+        let w = wgsparse::attention::synthetic::gaussian(n * k, seed);
         let m = PackedMatrix::pack(format, n, k, &w).unwrap();
         // Token t is the one-hot vector e_t: y[t, r] = W[r, t], exactly.
         let mut eye = vec![0.0f32; k * k];

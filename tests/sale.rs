@@ -7,11 +7,11 @@
 mod common;
 
 use wgsparse::attention::dense_cpu::{CpuAttention, HostRowState, attention_cpu, naive_attention};
+use wgsparse::attention::metrics::compare;
 use wgsparse::attention::sale::{BLOCK_K, BLOCK_Q, SaleConfig, sale_cpu};
+use wgsparse::attention::synthetic::{Structure, qkv_host, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
-use wgsparse::metrics::compare;
-use wgsparse::synthetic::{Structure, qkv_host, structured_qkv_host};
-use wgsparse::verify::{dense_tolerance_for, method_against_cpu_twin};
+use wgsparse::attention::verify::{dense_tolerance_for, method_against_cpu_twin};
 use wgsparse::{AttentionShape, Context, DType, Error, Method, RowState, Tensor};
 
 fn run_gpu(

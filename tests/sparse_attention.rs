@@ -12,10 +12,10 @@ use wgsparse::attention::dense_cpu::{
     CpuAttention, HostRowState, attention_cpu, naive_masked_attention,
 };
 use wgsparse::attention::lut::{LutUnit, SparseLut};
+use wgsparse::attention::metrics::compare;
+use wgsparse::attention::synthetic::{Structure, qkv_host, structured_qkv_host};
+use wgsparse::attention::verify::{dense_tolerance, dense_tolerance_for, method_against_cpu_twin};
 use wgsparse::attention::{WindowConfig, upload_qkv};
-use wgsparse::metrics::compare;
-use wgsparse::synthetic::{Structure, qkv_host, structured_qkv_host};
-use wgsparse::verify::{dense_tolerance, dense_tolerance_for, method_against_cpu_twin};
 use wgsparse::{AttentionShape, Context, DType, Error, Method, RowState, Tensor};
 
 /// A small deterministic generator for LUT contents (the inputs are seeded per run).
@@ -561,8 +561,14 @@ fn evaluation_metrics_agree_between_gpu_and_cpu() {
     let shape = AttentionShape::new(2, 1, 700, 64);
     let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), seed);
     let cpu = Context::cpu();
-    let dense =
-        wgsparse::verify::evaluate(&ctx, shape, &Method::Dense, DType::F32, (&q, &k, &v)).unwrap();
+    let dense = wgsparse::attention::verify::evaluate(
+        &ctx,
+        shape,
+        &Method::Dense,
+        DType::F32,
+        (&q, &k, &v),
+    )
+    .unwrap();
     assert!(
         (dense.quality.attn_recall - 1.0).abs() < 1e-5,
         "{:?}",
@@ -576,8 +582,10 @@ fn evaluation_metrics_agree_between_gpu_and_cpu() {
         }),
         Method::Anchor(small_anchor()),
     ] {
-        let g = wgsparse::verify::evaluate(&ctx, shape, &m, DType::F32, (&q, &k, &v)).unwrap();
-        let c = wgsparse::verify::evaluate(&cpu, shape, &m, DType::F32, (&q, &k, &v)).unwrap();
+        let g = wgsparse::attention::verify::evaluate(&ctx, shape, &m, DType::F32, (&q, &k, &v))
+            .unwrap();
+        let c = wgsparse::attention::verify::evaluate(&cpu, shape, &m, DType::F32, (&q, &k, &v))
+            .unwrap();
         eprintln!(
             "{} gpu {:?}\n{} cpu {:?}",
             m.name(),

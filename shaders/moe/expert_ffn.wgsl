@@ -29,7 +29,7 @@
 //
 // seg (from the dispatch): [0, E) counts, [E, 2E+1) offsets, [2E+1, 3E+2) tile starts.
 
-#include "common/weights.wgsl"
+#include "quant/weights.wgsl"
 
 struct Params {
     assignments: u32,

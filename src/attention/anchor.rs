@@ -22,12 +22,12 @@ use super::dense_cpu::{CpuAttention, HostRowState, attention_cpu};
 use super::dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
 use super::lut::{LutUnit, SparseLut};
 use super::{AttentionOptions, AttentionShape};
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::launch::{bind_params, storage, storage_init, uniform};
-use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
-use crate::preprocess::Defines;
-use crate::tensor::DType;
+use crate::runtime::context::Context;
+use crate::runtime::launch::{bind_params, storage, storage_init, uniform};
+use crate::runtime::preprocess::Defines;
+use crate::runtime::tensor::DType;
+use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
 /// AnchorAttention's hyperparameters (the authors' defaults).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -349,7 +349,7 @@ fn select_spec(stage: &str, d: usize, cfg: &AnchorConfig, dtype: DType) -> Kerne
         ),
     };
     KernelSpec {
-        file: "anchor/select.wgsl",
+        file: "attention/select/anchor.wgsl",
         entry,
         defines: Defines::new()
             .flag(flag)
@@ -504,7 +504,7 @@ impl AnchorGpu {
             }
         }
         let acc_size = (h * n * d) as u64 * 4;
-        crate::tensor::check_buffer_size(ctx, "anchor row state acc", acc_size)?;
+        crate::runtime::tensor::check_buffer_size(ctx, "anchor row state acc", acc_size)?;
 
         let bufs = AnchorBuffers {
             anchor_ranges: storage_init(
@@ -674,13 +674,14 @@ impl AnchorGpu {
     pub(crate) async fn row_stats(&self, ctx: &Context) -> Result<Vec<f32>> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let size = (self.shape.q_heads * self.shape.seq_len * 8) as u64;
-        let bytes = crate::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
+        let bytes = crate::runtime::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 
-    async fn read_ranges(&self, g: &crate::context::GpuDevice) -> Result<Vec<[u32; 2]>> {
+    async fn read_ranges(&self, g: &crate::runtime::context::GpuDevice) -> Result<Vec<[u32; 2]>> {
         let size = self.bufs.stripe_ranges.size();
-        let bytes = crate::tensor::read_buffer(g, &self.bufs.stripe_ranges, 0, size).await?;
+        let bytes =
+            crate::runtime::tensor::read_buffer(g, &self.bufs.stripe_ranges, 0, size).await?;
         let words: &[u32] = bytemuck::cast_slice(&bytes);
         let rows = self.shape.q_heads * self.cfg.groups(self.shape.seq_len);
         Ok(words[..2 * rows]
@@ -695,7 +696,7 @@ impl AnchorGpu {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let ranges = self.read_ranges(g).await?;
         let size = self.bufs.stripe_idx.size();
-        let bytes = crate::tensor::read_buffer(g, &self.bufs.stripe_idx, 0, size).await?;
+        let bytes = crate::runtime::tensor::read_buffer(g, &self.bufs.stripe_idx, 0, size).await?;
         let idx: &[u32] = bytemuck::cast_slice(&bytes);
         let stripes = SparseLut::from_fn(
             self.shape.q_heads,

@@ -12,11 +12,11 @@ use bytemuck::{Pod, Zeroable};
 
 use super::split::{DenseDispatch, SplitLimits, SplitProblem, split_dense, split_sparse};
 use super::{AttentionOptions, AttentionShape};
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
-use crate::preprocess::Defines;
-use crate::tensor::DType;
+use crate::runtime::context::Context;
+use crate::runtime::preprocess::Defines;
+use crate::runtime::tensor::DType;
+use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
 /// Uniform parameters of one dispatch; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -251,7 +251,7 @@ fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant, keys: KeyF
         bindings.extend([StorageRead, StorageRead]);
     }
     KernelSpec {
-        file: "flash_attention.wgsl",
+        file: "attention/flash.wgsl",
         entry: "flash_attention",
         defines: Defines::new()
             .const_u32("D", d as u32)

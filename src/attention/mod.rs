@@ -6,7 +6,7 @@
 //! let ctx = Context::new_blocking(ContextOptions::from_env()?)?;
 //! let shape = AttentionShape::new(32, 8, 4096, 128);
 //! let plan = ctx.attention(shape).method(Method::Dense).dtype(DType::F16).build()?;
-//! let (q, k, v) = wgsparse::synthetic::qkv(&ctx, &shape, DType::F16, 7)?;
+//! let (q, k, v) = wgsparse::attention::synthetic::qkv(&ctx, &shape, DType::F16, 7)?;
 //! let out = plan.run(&q, &k, &v)?;
 //! println!("{:?}", plan.report());
 //! # Ok::<(), wgsparse::Error>(())
@@ -16,19 +16,23 @@ pub mod anchor;
 pub mod dense_cpu;
 pub mod dense_gpu;
 pub mod lut;
+pub mod metrics;
 pub mod oracle;
+pub mod qkv_file;
 pub mod sale;
 pub mod sale_calibrate;
 pub mod split;
+pub mod synthetic;
+pub mod verify;
 
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::context::{Backend, Context};
 use crate::error::{Error, Result};
-use crate::pipeline::{Recorder, Report, StageTime};
-use crate::tensor::{DType, HostData, Tensor};
+use crate::runtime::context::{Backend, Context};
+use crate::runtime::tensor::{DType, HostData, Tensor};
+use crate::runtime::{Recorder, Report, StageTime};
 use anchor::{AnchorConfig, AnchorGpu, AnchorStats, anchor_cpu};
 use dense_cpu::{CpuAttention, HostRowState, attention_cpu};
 use dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
@@ -561,14 +565,14 @@ fn method_setup(
 /// The two LUT buffers (ranges, indices) on the GPU.
 fn upload_lut(
     ctx: &Context,
-    g: &crate::context::GpuDevice,
+    g: &crate::runtime::context::GpuDevice,
     lut: &SparseLut,
 ) -> Result<[wgpu::Buffer; 2]> {
     let limit = g.caps.max_storage_binding;
     if lut.gpu_bytes() > limit {
         return Err(Error::too_large("sparse LUT", lut.gpu_bytes(), limit));
     }
-    crate::tensor::check_buffer_size(ctx, "sparse LUT", lut.gpu_bytes())?;
+    crate::runtime::tensor::check_buffer_size(ctx, "sparse LUT", lut.gpu_bytes())?;
     let make = |label: &str, bytes: &[u8]| {
         let buf = g.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
@@ -864,7 +868,7 @@ impl AttentionPlan {
         out: &mut Tensor,
         state: Option<&mut RowState>,
     ) -> Result<AttentionReport> {
-        let start = crate::pipeline::Instant::now();
+        let start = crate::runtime::Instant::now();
         let host = |t: &Tensor| t.host().expect("checked: CPU context").to_f32();
         let (qf, kf, vf) = (host(q), host(k), host(v));
         let scale = self.opts.scale_for(&self.shape);

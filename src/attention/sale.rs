@@ -31,12 +31,12 @@ use super::dense_cpu::{CpuAttention, HostRowState, attention_cpu};
 use super::dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
 use super::lut::{LutUnit, SparseLut};
 use super::{AttentionOptions, AttentionShape};
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::launch::{bind_params, storage, storage_init, uniform};
-use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
-use crate::preprocess::Defines;
-use crate::tensor::DType;
+use crate::runtime::context::Context;
+use crate::runtime::launch::{bind_params, storage, storage_init, uniform};
+use crate::runtime::preprocess::Defines;
+use crate::runtime::tensor::DType;
+use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
 /// Query rows per selection block.
 pub const BLOCK_Q: usize = 64;
@@ -610,19 +610,19 @@ fn sale_spec(
     };
     let (file, entry, defines, bindings) = match stage {
         Stage::MeanPartial => (
-            "sale/quantize.wgsl",
+            "attention/select/sale_quantize.wgsl",
             "sale_mean_partial",
             quant("STAGE_MEAN_PARTIAL"),
             vec![Uniform, StorageRead, StorageRead, StorageReadWrite],
         ),
         Stage::MeanFinal => (
-            "sale/quantize.wgsl",
+            "attention/select/sale_quantize.wgsl",
             "sale_mean_final",
             quant("STAGE_MEAN_FINAL"),
             vec![Uniform, StorageRead, StorageReadWrite],
         ),
         Stage::QuantQ | Stage::QuantK => (
-            "sale/quantize.wgsl",
+            "attention/select/sale_quantize.wgsl",
             "sale_quant",
             quant("STAGE_QUANT").flag_if("QUANT_K", stage == Stage::QuantK),
             vec![
@@ -634,7 +634,7 @@ fn sale_spec(
             ],
         ),
         Stage::Estimate | Stage::Dots => (
-            "sale/estimate.wgsl",
+            "attention/select/sale_estimate.wgsl",
             "sale_estimate",
             est("STAGE_ESTIMATE").flag_if("WRITE_DOTS", stage == Stage::Dots),
             vec![
@@ -649,7 +649,7 @@ fn sale_spec(
             ],
         ),
         Stage::Compact => (
-            "sale/estimate.wgsl",
+            "attention/select/sale_estimate.wgsl",
             "sale_compact",
             est("STAGE_COMPACT"),
             vec![
@@ -841,7 +841,7 @@ impl SaleGpu {
             }
         }
         let acc_size = (hq * n * d) as u64 * 4;
-        crate::tensor::check_buffer_size(ctx, "sale row state acc", acc_size)?;
+        crate::runtime::tensor::check_buffer_size(ctx, "sale row state acc", acc_size)?;
 
         let exact_lut = cfg.exact_lut(hq, n)?;
         let block_keys = KeyMode::Blocks {
@@ -1081,10 +1081,11 @@ impl SaleGpu {
         )
     }
 
-    async fn read_ranges(&self, g: &crate::context::GpuDevice) -> Result<Vec<[u32; 2]>> {
+    async fn read_ranges(&self, g: &crate::runtime::context::GpuDevice) -> Result<Vec<[u32; 2]>> {
         let rows = self.shape.q_heads * self.shape.seq_len.div_ceil(BLOCK_Q);
         let bytes =
-            crate::tensor::read_buffer(g, &self.bufs.sel_ranges, 0, (rows * 8) as u64).await?;
+            crate::runtime::tensor::read_buffer(g, &self.bufs.sel_ranges, 0, (rows * 8) as u64)
+                .await?;
         let words: &[u32] = bytemuck::cast_slice(&bytes);
         Ok(words.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
     }
@@ -1110,7 +1111,7 @@ impl SaleGpu {
     pub(crate) async fn row_stats(&self, ctx: &Context) -> Result<Vec<f32>> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let size = (self.shape.q_heads * self.shape.seq_len * 8) as u64;
-        let bytes = crate::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
+        let bytes = crate::runtime::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 
@@ -1119,7 +1120,7 @@ impl SaleGpu {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let ranges = self.read_ranges(g).await?;
         let size = self.bufs.sel_idx.size();
-        let bytes = crate::tensor::read_buffer(g, &self.bufs.sel_idx, 0, size).await?;
+        let bytes = crate::runtime::tensor::read_buffer(g, &self.bufs.sel_idx, 0, size).await?;
         let idx: &[u32] = bytemuck::cast_slice(&bytes);
         let nqb = self.shape.seq_len.div_ceil(BLOCK_Q);
         let blocks = SparseLut::from_fn(
@@ -1142,7 +1143,7 @@ impl SaleGpu {
         let read_u32 = |buf: &wgpu::Buffer| {
             let buf = buf.clone();
             async move {
-                let bytes = crate::tensor::read_buffer(g, &buf, 0, buf.size()).await?;
+                let bytes = crate::runtime::tensor::read_buffer(g, &buf, 0, buf.size()).await?;
                 Ok::<Vec<u32>, Error>(bytemuck::cast_slice(&bytes).to_vec())
             }
         };
@@ -1228,7 +1229,7 @@ impl SaleGpu {
             1
         });
         rec.submit().await?;
-        let bytes = crate::tensor::read_buffer(g, &dots, 0, size).await?;
+        let bytes = crate::runtime::tensor::read_buffer(g, &dots, 0, size).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 }
@@ -1321,7 +1322,7 @@ mod tests {
         assert!(cfg.validate_heads(3).is_ok());
     }
 
-    use crate::test_util::gpu;
+    use crate::runtime::test_util::gpu;
 
     /// Random Q, K, V with a non-zero mean per channel (so the smoothing matters).
     fn random_qkv(shape: &AttentionShape, seed: u64) -> [Vec<f32>; 3] {

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::sale::SaleConfig;
 use super::{AttentionShape, Method, upload_qkv};
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::runtime::context::Context;
+use crate::runtime::tensor::DType;
 
 /// First τ of the halving loop.
 pub const TAU_START: f32 = 0.008;

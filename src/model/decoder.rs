@@ -17,10 +17,13 @@
 use rayon::prelude::*;
 
 use crate::attention::{AttentionShape, Method, WindowConfig};
-use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
-use crate::tensor::DType;
+use crate::ops::linear::{matmul_t, to_head_major};
+use crate::ops::rmsnorm::rmsnorm_in_place;
+use crate::ops::rope::{RopeStyle, rope_rows, rope_table};
+use crate::runtime::context::Context;
+use crate::runtime::tensor::DType;
 
 /// Supported architectures (`general.architecture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,95 +170,6 @@ impl Mat {
     /// `x [t, cols]` times this matrix transposed: `[t, rows]`.
     pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
         matmul_t(x, t, self.cols, &self.data, self.rows)
-    }
-}
-
-/// `y[t, n] = x[t, k] · w[n, k]ᵀ` (SGEMM, parallel over row or column blocks).
-pub fn matmul_t(x: &[f32], t: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), t * k);
-    assert_eq!(w.len(), n * k);
-    let mut y = vec![0f32; t * n];
-    let gemm = |rows: usize, xs: &[f32], wcols: &[f32], ncols: usize, out: &mut [f32]| {
-        // SAFETY: the pointers cover rows×k, ncols×k and rows×ncols elements with the
-        // strides given; matrixmultiply reads/writes only within them.
-        unsafe {
-            matrixmultiply::sgemm(
-                rows,
-                k,
-                ncols,
-                1.0,
-                xs.as_ptr(),
-                k as isize,
-                1,
-                wcols.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                out.as_mut_ptr(),
-                ncols as isize,
-                1,
-            );
-        }
-    };
-    if t >= 256 {
-        // Row blocks: each sgemm call packs all of W, so the blocks are as large as
-        // the threads allow (at least 128 rows) rather than many small ones.
-        let rb = t.div_ceil(rayon::current_num_threads()).max(128);
-        y.par_chunks_mut(rb * n)
-            .zip(x.par_chunks(rb * k))
-            .for_each(|(out, xs)| gemm(xs.len() / k, xs, w, n, out));
-    } else {
-        // Few rows (decode, logits of a continuation): split the output features, so
-        // that every thread packs only its own slice of W.
-        let cb = 256.min(n);
-        let parts: Vec<(usize, Vec<f32>)> = w
-            .par_chunks(cb * k)
-            .enumerate()
-            .map(|(i, wc)| {
-                let nc = wc.len() / k;
-                let mut out = vec![0f32; t * nc];
-                gemm(t, x, wc, nc, &mut out);
-                (i * cb, out)
-            })
-            .collect();
-        for (c0, part) in parts {
-            let nc = part.len() / t;
-            for r in 0..t {
-                y[r * n + c0..r * n + c0 + nc].copy_from_slice(&part[r * nc..(r + 1) * nc]);
-            }
-        }
-    }
-    y
-}
-
-/// RMSNorm of each `w.len()`-sized row of `x`, in place.
-pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
-    let d = w.len();
-    for row in x.chunks_exact_mut(d) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let r = 1.0 / (ms + eps).sqrt();
-        for (v, g) in row.iter_mut().zip(w) {
-            *v *= r * g;
-        }
-    }
-}
-
-/// Rotates one head vector for position `pos`: adjacent pairs `(2i, 2i+1)` or NEOX
-/// pairs `(i, i + d/2)`, frequency `base^(-2i/d)`.
-pub fn rope(v: &mut [f32], pos: usize, base: f32, neox: bool) {
-    let d = v.len();
-    let half = d / 2;
-    for i in 0..half {
-        let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / d as f64);
-        let (s, c) = (theta.sin() as f32, theta.cos() as f32);
-        let (a, b) = if neox {
-            (i, i + half)
-        } else {
-            (2 * i, 2 * i + 1)
-        };
-        let (x0, x1) = (v[a], v[b]);
-        v[a] = x0 * c - x1 * s;
-        v[b] = x0 * s + x1 * c;
     }
 }
 
@@ -654,7 +568,7 @@ impl Decoder {
         }
         for (li, l) in self.layers.iter().enumerate().take(limit) {
             let mut xn = x.clone();
-            rms_norm(&mut xn, &l.attn_norm, c.norm_eps);
+            rmsnorm_in_place(&mut xn, &l.attn_norm, c.norm_eps);
             let proj = |m: &Mat, b: &Option<Vec<f32>>| {
                 let mut y = m.apply(&xn, t);
                 if let Some(b) = b {
@@ -665,37 +579,28 @@ impl Decoder {
             };
             let (mut q, mut k, v) = (proj(&l.wq, &l.bq), proj(&l.wk, &l.bk), proj(&l.wv, &l.bv));
             if let Some(w) = &l.q_norm {
-                rms_norm(&mut q, w, c.norm_eps);
+                rmsnorm_in_place(&mut q, w, c.norm_eps);
             }
             if let Some(w) = &l.k_norm {
-                rms_norm(&mut k, w, c.norm_eps);
+                rmsnorm_in_place(&mut k, w, c.norm_eps);
             }
             let base = if c.global[li] {
                 c.rope_base
             } else {
                 c.rope_base_local
             };
-            q.par_chunks_mut(d)
-                .enumerate()
-                .for_each(|(i, h)| rope(h, start + i / c.n_head, base, c.rope_neox));
-            k.par_chunks_mut(d)
-                .enumerate()
-                .for_each(|(i, h)| rope(h, start + i / c.n_kv_head, base, c.rope_neox));
-            // [t, heads, d] -> [heads, t, d]
-            let heads_first = |x: &[f32], hn: usize| -> Vec<f32> {
-                let mut o = vec![0f32; x.len()];
-                for i in 0..t {
-                    for h in 0..hn {
-                        o[(h * t + i) * d..(h * t + i + 1) * d]
-                            .copy_from_slice(&x[(i * hn + h) * d..(i * hn + h + 1) * d]);
-                    }
-                }
-                o
+            let table = rope_table(t, d, base as f64, start);
+            let style = if c.rope_neox {
+                RopeStyle::Neox
+            } else {
+                RopeStyle::Adjacent
             };
+            rope_rows(&mut q, d, &table, style, |i| i / c.n_head);
+            rope_rows(&mut k, d, &table, style, |i| i / c.n_kv_head);
             let (qh, kh, vh) = (
-                heads_first(&q, c.n_head),
-                heads_first(&k, c.n_kv_head),
-                heads_first(&v, c.n_kv_head),
+                to_head_major(&q, t, d),
+                to_head_major(&k, t, d),
+                to_head_major(&v, t, d),
             );
             let method = pick(&LayerQkv {
                 layer: li,
@@ -727,11 +632,11 @@ impl Decoder {
             }
             let mut a = l.wo.apply(&ot, t);
             if let Some(w) = &l.post_attn_norm {
-                rms_norm(&mut a, w, c.norm_eps);
+                rmsnorm_in_place(&mut a, w, c.norm_eps);
             }
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             let mut xn = x.clone();
-            rms_norm(&mut xn, &l.ffn_norm, c.norm_eps);
+            rmsnorm_in_place(&mut xn, &l.ffn_norm, c.norm_eps);
             let g = l.gate.apply(&xn, t);
             let u = l.up.apply(&xn, t);
             let gelu = c.arch == Arch::Gemma3;
@@ -749,7 +654,7 @@ impl Decoder {
                 .collect();
             let mut f = l.down.apply(&hdn, t);
             if let Some(w) = &l.post_ffn_norm {
-                rms_norm(&mut f, w, c.norm_eps);
+                rmsnorm_in_place(&mut f, w, c.norm_eps);
             }
             x.iter_mut().zip(&f).for_each(|(x, f)| *x += f);
         }
@@ -757,7 +662,7 @@ impl Decoder {
             return Ok(x);
         }
         cache.len += t;
-        rms_norm(&mut x, &self.out_norm, c.norm_eps);
+        rmsnorm_in_place(&mut x, &self.out_norm, c.norm_eps);
         Ok(x)
     }
 
@@ -852,48 +757,6 @@ mod tests {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{i}: {x} vs {y}");
         }
-    }
-
-    #[test]
-    fn matmul_matches_naive() {
-        let mut rng = StdRng::seed_from_u64(1);
-        for (t, k, n) in [(1, 17, 300), (5, 64, 9), (70, 33, 513)] {
-            let x = rnd(&mut rng, t * k, 1.0);
-            let w = rnd(&mut rng, n * k, 1.0);
-            let y = matmul_t(&x, t, k, &w, n);
-            let mut r = vec![0f32; t * n];
-            for i in 0..t {
-                for j in 0..n {
-                    r[i * n + j] = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
-                }
-            }
-            close(&y, &r, 1e-4);
-        }
-    }
-
-    #[test]
-    fn rope_depends_only_on_relative_position() {
-        let mut rng = StdRng::seed_from_u64(2);
-        for neox in [false, true] {
-            let (q, k) = (rnd(&mut rng, 64, 1.0), rnd(&mut rng, 64, 1.0));
-            let dot = |pq: usize, pk: usize| {
-                let (mut a, mut b) = (q.clone(), k.clone());
-                rope(&mut a, pq, 10000.0, neox);
-                rope(&mut b, pk, 10000.0, neox);
-                a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
-            };
-            assert!((dot(7, 3) - dot(104, 100)).abs() < 1e-3);
-            assert!((dot(0, 0) - q.iter().zip(&k).map(|(x, y)| x * y).sum::<f32>()).abs() < 1e-5);
-            assert!((dot(5, 0) - dot(0, 5)).abs() > 1e-4, "rotation must matter");
-        }
-        // Position 1, base 1: adjacent pair (0,1) rotates by 1 rad; NEOX pairs (0, d/2).
-        let mut v = vec![0f32; 4];
-        v[0] = 1.0;
-        rope(&mut v, 1, 1.0, false);
-        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[1] - 1f32.sin()).abs() < 1e-6);
-        let mut v = vec![1.0, 0.0, 0.0, 0.0];
-        rope(&mut v, 1, 1.0, true);
-        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[2] - 1f32.sin()).abs() < 1e-6);
     }
 
     /// Full softmax over all keys with an explicit window mask: the reference.

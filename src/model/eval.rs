@@ -2,7 +2,7 @@
 //!
 //! - **per layer and head**: on a layer's real post-RoPE Q/K/V (from a dense prefill),
 //!   each method against dense attention on the same inputs: density, attention-mass
-//!   recall, output relative L2 error, tolerance recall ([`crate::metrics::Quality`]).
+//!   recall, output relative L2 error, tolerance recall ([`crate::attention::metrics::Quality`]).
 //!   Every head runs as its own one-head attention (its K/V head under GQA), so the
 //!   figures are per head; the layer figures pool the heads' outputs and row states.
 //!   The oracle is the per-block oracle LUT at coverage γ ([`crate::attention::oracle`]),
@@ -17,15 +17,15 @@
 use serde::Serialize;
 
 use crate::attention::anchor::AnchorConfig;
+use crate::attention::metrics::Quality;
 use crate::attention::oracle::oracle;
 use crate::attention::sale::SaleConfig;
 use crate::attention::sale_calibrate::SaleThresholds;
 use crate::attention::{AttentionShape, Method, RowState, WindowConfig, upload_qkv};
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::metrics::Quality;
 use crate::model::decoder::{Decoder, LayerQkv, argmax};
-use crate::tensor::{DType, Tensor};
+use crate::runtime::context::Context;
+use crate::runtime::tensor::{DType, Tensor};
 
 /// Block size of the oracle LUT (the block-sparse executor's 64 × 64 blocks).
 pub const ORACLE_BLOCK: usize = 64;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
-use crate::model::quant::{GgmlType, dequantize};
+use crate::quant::ggml::{GgmlType, dequantize};
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]

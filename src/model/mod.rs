@@ -1,4 +1,4 @@
-//! Real models: a GGUF reader with dequantization ([`gguf`], [`quant`]), the tokenizer
+//! Real models: a GGUF reader with dequantization ([`gguf`], weight formats in [`crate::quant`]), the tokenizer
 //! built from a GGUF's vocabulary ([`tokenizer`]), and a small decoder for the llama,
 //! qwen2 and gemma3 architectures ([`decoder`]) whose attention runs through the crate's
 //! [`AttentionPlan`](crate::AttentionPlan), and that dumps real post-RoPE Q/K/V.
@@ -6,6 +6,6 @@
 pub mod decoder;
 pub mod eval;
 pub mod gguf;
-pub mod quant;
+pub mod smallthinker;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod tokenizer;

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::launch::{bind, grid_2d, uniform};
-use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
-use crate::preprocess::Defines;
+use crate::runtime::context::Context;
+use crate::runtime::launch::{bind, grid_2d, uniform};
+use crate::runtime::preprocess::Defines;
+use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]

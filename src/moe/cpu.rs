@@ -5,24 +5,7 @@
 use rayon::prelude::*;
 
 use super::{PackedExperts, RouterScoring};
-
-/// `Σ a·b` with 8 independent lanes (vectorizes; the order differs from a plain loop
-/// only by float rounding).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
+use crate::ops::linear::dot;
 
 /// Router logits `[tokens, experts]` = `x [tokens, hidden] · routerᵀ`.
 pub fn router_logits(x: &[f32], router: &[f32], hidden: usize, experts: usize) -> Vec<f32> {

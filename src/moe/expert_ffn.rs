@@ -10,11 +10,11 @@ use bytemuck::{Pod, Zeroable};
 use serde::Serialize;
 
 use super::{MoeConfig, WeightFormat};
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::launch::{bind, check_axis, uniform};
-use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
-use crate::preprocess::Defines;
+use crate::runtime::context::Context;
+use crate::runtime::launch::{bind, check_axis, uniform};
+use crate::runtime::preprocess::Defines;
+use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
 /// Positions per tile of the grouped GEMM: 16, 32 or 64 (see [`choose_tile_m`]).
 pub const TILE_MS: [usize; 3] = [16, 32, 64];

@@ -13,7 +13,7 @@
 //! let cfg = MoeConfig::new(1536, 32, 4, 768);
 //! let weights = MoeWeights::random(&cfg, 1);
 //! let plan = ctx.moe(cfg).tokens(512).format(WeightFormat::Q4_0).build(&weights)?;
-//! let x = wgsparse::synthetic::tensor(&ctx, &[512, 1536], DType::F32, 2)?;
+//! let x = wgsparse::attention::synthetic::tensor(&ctx, &[512, 1536], DType::F32, 2)?;
 //! let out = plan.run(&x)?;
 //! println!("{:?}", plan.report());
 //! # Ok::<(), wgsparse::Error>(())
@@ -24,13 +24,13 @@ pub mod cpu;
 pub mod dispatch;
 pub mod expert_ffn;
 pub mod plan;
-pub mod q4_0;
 pub mod router;
 pub mod stream;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+pub use crate::quant::{PackedMatrix, WeightFormat};
 pub use plan::{FfnPath, MoePlan, MoePlanBuilder, MoeReport};
 
 /// Largest expert count the router and dispatch kernels take (one workgroup's threads).
@@ -47,48 +47,6 @@ pub enum RouterScoring {
     Sigmoid,
     /// Softmax over the chosen logits (= full softmax renormalized over the top k).
     Softmax,
-}
-
-/// Storage format of the expert weights.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
-pub enum WeightFormat {
-    /// IEEE half, two per u32.
-    #[default]
-    #[serde(rename = "f16")]
-    F16,
-    /// ggml Q4_0 (32-weight blocks, 4.5 bits per weight), repacked u32-aligned.
-    #[serde(rename = "q4_0")]
-    Q4_0,
-}
-
-impl WeightFormat {
-    /// `f16` or `q4_0`.
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightFormat::F16 => "f16",
-            WeightFormat::Q4_0 => "q4_0",
-        }
-    }
-    /// Bytes per stored weight (Q4_0: 18 bytes per 32).
-    pub fn bytes_per_weight(self) -> f64 {
-        match self {
-            WeightFormat::F16 => 2.0,
-            WeightFormat::Q4_0 => 18.0 / 32.0,
-        }
-    }
-}
-
-impl std::str::FromStr for WeightFormat {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f16" => Ok(WeightFormat::F16),
-            "q4_0" | "q4" => Ok(WeightFormat::Q4_0),
-            o => Err(Error::InvalidArgument(format!(
-                "unknown weight format `{o}` (known: f16, q4_0)"
-            ))),
-        }
-    }
 }
 
 /// Sizes of one MoE layer.
@@ -167,135 +125,6 @@ impl MoeConfig {
     }
 }
 
-/// A weight matrix `[rows, cols]` in its GPU storage layout (u32 words).
-#[derive(Clone, Debug, PartialEq)]
-pub struct PackedMatrix {
-    /// Storage format.
-    pub format: WeightFormat,
-    /// Rows.
-    pub rows: usize,
-    /// Columns (a multiple of 32).
-    pub cols: usize,
-    /// The words the kernels read.
-    pub words: Vec<u32>,
-    /// Index of the first scale word (Q4_0; 0 for f16).
-    pub scale_base: u32,
-}
-
-impl PackedMatrix {
-    /// Packs row-major f32 values (f16: rounded; Q4_0: quantized per 32-column block).
-    pub fn pack(format: WeightFormat, rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
-        if values.len() != rows * cols {
-            return Err(Error::Mismatch(format!(
-                "{} values for a {rows} x {cols} matrix",
-                values.len()
-            )));
-        }
-        if !cols.is_multiple_of(32) {
-            return Err(Error::InvalidShape(format!(
-                "packed matrices need columns in multiples of 32, got {cols}"
-            )));
-        }
-        let (words, scale_base) = match format {
-            WeightFormat::F16 => {
-                let halves: Vec<u16> = values
-                    .iter()
-                    .map(|&v| half::f16::from_f32(v).to_bits())
-                    .collect();
-                let words = halves
-                    .chunks(2)
-                    .map(|c| c[0] as u32 | ((c.get(1).copied().unwrap_or(0) as u32) << 16))
-                    .collect();
-                (words, 0)
-            }
-            WeightFormat::Q4_0 => q4_0::repack(&q4_0::quantize_row(values)?),
-        };
-        Ok(PackedMatrix {
-            format,
-            rows,
-            cols,
-            words,
-            scale_base,
-        })
-    }
-
-    /// Checks that the words hold exactly `rows x cols` weights of the format (the
-    /// kernels index them without bounds checks).
-    pub fn validate(&self) -> Result<()> {
-        let blocks = self.rows * self.cols / 32;
-        let (words, scale_ok) = match self.format {
-            WeightFormat::F16 => ((self.rows * self.cols).div_ceil(2), true),
-            WeightFormat::Q4_0 => (
-                4 * blocks + blocks.div_ceil(2),
-                self.scale_base as usize == 4 * blocks,
-            ),
-        };
-        if !self.cols.is_multiple_of(32) || self.words.len() != words || !scale_ok {
-            return Err(Error::Mismatch(format!(
-                "a {} x {} {} matrix needs {words} words (scales at {}), got {} (scales at {})",
-                self.rows,
-                self.cols,
-                self.format.name(),
-                4 * blocks,
-                self.words.len(),
-                self.scale_base
-            )));
-        }
-        Ok(())
-    }
-
-    /// Decodes row `r` into `out` (exactly the values the kernels read).
-    pub fn row(&self, r: usize, out: &mut [f32]) {
-        let c = self.cols;
-        match self.format {
-            WeightFormat::F16 => {
-                for (j, o) in out.iter_mut().enumerate().take(c) {
-                    let e = r * c + j;
-                    let w = self.words[e / 2];
-                    let bits = if e.is_multiple_of(2) {
-                        w & 0xffff
-                    } else {
-                        w >> 16
-                    };
-                    *o = half::f16::from_bits(bits as u16).to_f32();
-                }
-            }
-            WeightFormat::Q4_0 => {
-                let nb = c / 32;
-                for b in 0..nb {
-                    let blk = r * nb + b;
-                    let s = self.words[self.scale_base as usize + blk / 2];
-                    let bits = if blk.is_multiple_of(2) {
-                        s & 0xffff
-                    } else {
-                        s >> 16
-                    };
-                    let d = half::f16::from_bits(bits as u16).to_f32();
-                    for j in 0..32 {
-                        let w = self.words[4 * blk + (j % 16) / 4];
-                        let q = (w >> (8 * (j % 4) + 4 * (j / 16))) & 0xf;
-                        out[32 * b + j] = (q as f32 - 8.0) * d;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every value, decoded.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.rows * self.cols];
-        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.row(r, o);
-        }
-        out
-    }
-
-    /// Bytes on the GPU.
-    pub fn bytes(&self) -> u64 {
-        self.words.len() as u64 * 4
-    }
-}
-
 /// Host weights of one MoE layer, f32 masters (row-major).
 #[derive(Clone, Debug)]
 pub struct MoeWeights {
@@ -320,7 +149,7 @@ impl MoeWeights {
     pub fn random(cfg: &MoeConfig, seed: u64) -> Self {
         let (e, f, h) = (cfg.experts, cfg.ffn, cfg.hidden);
         let scaled = |len: usize, seed: u64, s: f32| -> Vec<f32> {
-            crate::synthetic::gaussian_parallel(len, seed)
+            crate::attention::synthetic::gaussian_parallel(len, seed)
                 .into_iter()
                 .map(|v| v * s)
                 .collect()
@@ -407,22 +236,19 @@ impl MoeWeights {
 /// Synthetic activations `[tokens, hidden]` from `seed`: Gaussian values rounded to
 /// multiples of 1/16 and clamped to ±4 (see [`MoeWeights::random`] for why).
 pub fn grid_input(len: usize, seed: u64) -> Vec<f32> {
-    crate::synthetic::gaussian_parallel(len, seed)
+    crate::attention::synthetic::gaussian_parallel(len, seed)
         .into_iter()
         .map(|v| ((v * 16.0).round() / 16.0).clamp(-4.0, 4.0))
         .collect()
 }
 
-/// Every kernel variant of the MoE and decoder-layer families (router, dispatch, expert
-/// FFN, combine, RMSNorm, RoPE, linear), for the shader dump and the portability tests.
-pub fn all_moe_variants() -> Vec<crate::pipeline::KernelSpec> {
+/// Every kernel variant of the MoE family (router, dispatch, expert FFN, combine), for
+/// the shader dump and the portability tests.
+pub fn all_moe_variants() -> Vec<crate::runtime::KernelSpec> {
     let mut v = router::all_router_variants();
     v.extend(dispatch::all_dispatch_variants());
     v.extend(expert_ffn::all_expert_ffn_variants());
     v.push(combine::combine_spec());
-    v.push(crate::ops::rmsnorm::rmsnorm_spec());
-    v.push(crate::ops::rope::rope_spec());
-    v.extend(crate::ops::linear::all_linear_variants());
     v
 }
 
@@ -435,9 +261,6 @@ pub fn params_size(file: &str) -> Option<usize> {
         "moe/dispatch.wgsl" => size_of::<dispatch::DispatchParams>(),
         "moe/expert_ffn.wgsl" => size_of::<expert_ffn::FfnParams>(),
         "moe/combine.wgsl" => size_of::<combine::CombineParams>(),
-        "rmsnorm.wgsl" => size_of::<crate::ops::rmsnorm::RmsNormParams>(),
-        "rope.wgsl" => size_of::<crate::ops::rope::RopeParams>(),
-        "linear.wgsl" => size_of::<crate::ops::linear::LinearParams>(),
         _ => return None,
     })
 }

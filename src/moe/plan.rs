@@ -16,11 +16,11 @@ use super::stream::{
     slot_offsets, write_buffer_parallel,
 };
 use super::{MoeConfig, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
-use crate::context::{Backend, Context, GpuDevice};
 use crate::error::{Error, Result};
-use crate::launch::{storage, storage_init};
-use crate::pipeline::{Instant, Recorder, Report, StageTime, Submitted};
-use crate::tensor::{DType, HostData, Tensor, read_buffer};
+use crate::runtime::context::{Backend, Context, GpuDevice};
+use crate::runtime::launch::{storage, storage_init};
+use crate::runtime::tensor::{DType, HostData, Tensor, read_buffer};
+use crate::runtime::{Instant, Recorder, Report, StageTime, Submitted};
 
 pub use super::expert_ffn::FfnKernel as FfnPath;
 
@@ -280,7 +280,10 @@ impl MoeGpu {
         skip_chunks: bool,
         streamed: Option<ExpertCache>,
     ) -> Result<Self> {
-        crate::launch::require_f16_storage(g, "MoE weights on this device (no unpack2x16float)")?;
+        crate::runtime::launch::require_f16_storage(
+            g,
+            "MoE weights on this device (no unpack2x16float)",
+        )?;
         let a = tokens * cfg.top_k;
         let (e, f, h) = (cfg.experts as u64, cfg.ffn as u64, cfg.hidden as u64);
         let a64 = a as u64;

@@ -342,18 +342,23 @@ mod tests {
 
     #[test]
     fn parallel_staging_copies_land_where_write_buffer_would() {
-        let Some(ctx) = crate::test_util::gpu() else {
+        let Some(ctx) = crate::runtime::test_util::gpu() else {
             return;
         };
         let g = ctx.gpu().expect("GPU context");
         // Above the 1 MiB threshold (parallel pieces, a ragged last one) and below it.
         for len in [3 * (1 << 20) + 12, 4000] {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
-            let buf = crate::launch::storage(g, "upload test", len as u64 + 16).unwrap();
+            let buf = crate::runtime::launch::storage(g, "upload test", len as u64 + 16).unwrap();
             g.queue.write_buffer(&buf, 0, &vec![0xee; len + 16]);
             write_buffer_parallel(&g.queue, &buf, 8, &data);
-            let back = pollster::block_on(crate::tensor::read_buffer(g, &buf, 0, len as u64 + 16))
-                .unwrap();
+            let back = pollster::block_on(crate::runtime::tensor::read_buffer(
+                g,
+                &buf,
+                0,
+                len as u64 + 16,
+            ))
+            .unwrap();
             assert_eq!(&back[..8], &[0xee; 8]);
             assert!(back[8..8 + len] == data[..], "len {len}");
             assert_eq!(&back[8 + len..], &[0xee; 8]);

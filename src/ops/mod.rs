@@ -1,6 +1,30 @@
-//! Dense layer ops of the decoder layer: RMSNorm, RoPE and linear projections (f16 or
-//! Q4_0 weights). Each has a WGSL kernel, a launcher and a CPU twin.
+//! Dense layer ops shared by the models (the SmallThinker layer, the GGUF decoder) and the
+//! MoE layer: RMSNorm, RoPE (rotate-half and adjacent pairs) and linear projections (f16
+//! or Q4_0 weights; f32 SGEMM on the CPU). Each has a WGSL kernel under `shaders/ops/`, a
+//! launcher and a CPU twin.
 
 pub mod linear;
 pub mod rmsnorm;
 pub mod rope;
+
+use crate::runtime::KernelSpec;
+
+/// Every kernel variant of the ops (RMSNorm, RoPE, linear), for the shader dump and the
+/// portability tests.
+pub fn all_ops_variants() -> Vec<KernelSpec> {
+    let mut v = vec![rmsnorm::rmsnorm_spec(), rope::rope_spec()];
+    v.extend(linear::all_linear_variants());
+    v
+}
+
+/// Size in bytes of the host parameter struct of an op's shader file (for the
+/// host/shader layout check), or `None` for other files.
+pub fn params_size(file: &str) -> Option<usize> {
+    use std::mem::size_of;
+    Some(match file {
+        "ops/rmsnorm.wgsl" => size_of::<rmsnorm::RmsNormParams>(),
+        "ops/rope.wgsl" => size_of::<rope::RopeParams>(),
+        "ops/linear.wgsl" => size_of::<linear::LinearParams>(),
+        _ => return None,
+    })
+}

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
 
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::launch::{bind, grid_2d, uniform};
-use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
-use crate::preprocess::Defines;
+use crate::runtime::context::Context;
+use crate::runtime::launch::{bind, grid_2d, uniform};
+use crate::runtime::preprocess::Defines;
+use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -25,7 +25,7 @@ pub struct RmsNormParams {
 pub fn rmsnorm_spec() -> KernelSpec {
     use BindingKind::*;
     KernelSpec {
-        file: "rmsnorm.wgsl",
+        file: "ops/rmsnorm.wgsl",
         entry: "rmsnorm",
         defines: Defines::new(),
         bindings: vec![Uniform, StorageRead, StorageRead, StorageReadWrite],
@@ -34,18 +34,21 @@ pub fn rmsnorm_spec() -> KernelSpec {
 
 /// CPU twin: `x [tokens, hidden]` normalized by its RMS and scaled by `g`.
 pub fn rmsnorm_cpu(x: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
-    let h = g.len();
-    let mut out = vec![0.0; x.len()];
-    out.par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .for_each(|(o, xr)| {
-            let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-            let r = 1.0 / ((ss / h as f64) as f32 + eps).sqrt();
-            for ((ov, &xv), &gv) in o.iter_mut().zip(xr).zip(g) {
-                *ov = xv * r * gv;
-            }
-        });
+    let mut out = x.to_vec();
+    rmsnorm_in_place(&mut out, g, eps);
     out
+}
+
+/// RMSNorm of every `g.len()`-wide row of `x`, in place (sum of squares in f64).
+pub fn rmsnorm_in_place(x: &mut [f32], g: &[f32], eps: f32) {
+    let h = g.len();
+    x.par_chunks_mut(h).for_each(|row| {
+        let ss: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let r = 1.0 / ((ss / h as f64) as f32 + eps).sqrt();
+        for (v, &gv) in row.iter_mut().zip(g) {
+            *v = *v * r * gv;
+        }
+    });
 }
 
 /// A built RMSNorm for a token count and width.

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::launch::{bind, grid_2d, storage_init, uniform};
-use crate::pipeline::{BindingKind, Kernel, KernelSpec, Recorder};
-use crate::preprocess::Defines;
+use crate::runtime::context::Context;
+use crate::runtime::launch::{bind, grid_2d, storage_init, uniform};
+use crate::runtime::preprocess::Defines;
+use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -26,7 +26,7 @@ pub struct RopeParams {
 pub fn rope_spec() -> KernelSpec {
     use BindingKind::*;
     KernelSpec {
-        file: "rope.wgsl",
+        file: "ops/rope.wgsl",
         entry: "rope",
         defines: Defines::new(),
         bindings: vec![Uniform, StorageRead, StorageReadWrite],
@@ -49,18 +49,46 @@ pub fn rope_table(tokens: usize, head_dim: usize, theta: f64, pos0: usize) -> Ve
     out
 }
 
-/// CPU twin: rotates `x [heads, tokens, head_dim]` in place with `table`.
-pub fn rope_cpu(x: &mut [f32], tokens: usize, head_dim: usize, table: &[f32]) {
+/// Which dimensions rotate together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Rotate-half (NeoX, HF Llama / Qwen / Gemma / SmallThinker): `i` with `i + d/2`.
+    Neox,
+    /// Adjacent pairs (original Llama / GGUF `llama`): `2i` with `2i + 1`.
+    Adjacent,
+}
+
+/// Rotates every `head_dim` row of `x` in place with `table` (from [`rope_table`]);
+/// `token_of(r)` is the table row (token) of row `r`. Parallel over rows.
+pub fn rope_rows(
+    x: &mut [f32],
+    head_dim: usize,
+    table: &[f32],
+    style: RopeStyle,
+    token_of: impl Fn(usize) -> usize + Sync,
+) {
+    use rayon::prelude::*;
     let half = head_dim / 2;
-    for (r, row) in x.chunks_exact_mut(head_dim).enumerate() {
-        let t = r % tokens;
-        for i in 0..half {
-            let (c, s) = (table[(t * half + i) * 2], table[(t * half + i) * 2 + 1]);
-            let (x1, x2) = (row[i], row[i + half]);
-            row[i] = x1 * c - x2 * s;
-            row[i + half] = x2 * c + x1 * s;
-        }
-    }
+    x.par_chunks_exact_mut(head_dim)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let t = token_of(r);
+            for i in 0..half {
+                let (c, s) = (table[(t * half + i) * 2], table[(t * half + i) * 2 + 1]);
+                let (a, b) = match style {
+                    RopeStyle::Neox => (i, i + half),
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                };
+                let (x1, x2) = (row[a], row[b]);
+                row[a] = x1 * c - x2 * s;
+                row[b] = x2 * c + x1 * s;
+            }
+        });
+}
+
+/// CPU twin: rotates `x [heads, tokens, head_dim]` in place with `table` (rotate-half).
+pub fn rope_cpu(x: &mut [f32], tokens: usize, head_dim: usize, table: &[f32]) {
+    rope_rows(x, head_dim, table, RopeStyle::Neox, |r| r % tokens);
 }
 
 /// A built RoPE for tensors `[heads[i], tokens, head_dim]` (one per entry of `heads`,
@@ -143,5 +171,51 @@ impl RopeGpu {
             groups.len() as u32
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn rnd(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-s..s)).collect()
+    }
+
+    /// Rotates one head vector for position `pos`.
+    fn rope(v: &mut [f32], pos: usize, base: f32, neox: bool) {
+        let table = rope_table(1, v.len(), base as f64, pos);
+        let style = if neox {
+            RopeStyle::Neox
+        } else {
+            RopeStyle::Adjacent
+        };
+        rope_rows(v, v.len(), &table, style, |_| 0);
+    }
+
+    #[test]
+    fn rope_depends_only_on_relative_position() {
+        let mut rng = StdRng::seed_from_u64(2);
+        for neox in [false, true] {
+            let (q, k) = (rnd(&mut rng, 64, 1.0), rnd(&mut rng, 64, 1.0));
+            let dot = |pq: usize, pk: usize| {
+                let (mut a, mut b) = (q.clone(), k.clone());
+                rope(&mut a, pq, 10000.0, neox);
+                rope(&mut b, pk, 10000.0, neox);
+                a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+            };
+            assert!((dot(7, 3) - dot(104, 100)).abs() < 1e-3);
+            assert!((dot(0, 0) - q.iter().zip(&k).map(|(x, y)| x * y).sum::<f32>()).abs() < 1e-5);
+            assert!((dot(5, 0) - dot(0, 5)).abs() > 1e-4, "rotation must matter");
+        }
+        // Position 1, base 1: adjacent pair (0,1) rotates by 1 rad; NEOX pairs (0, d/2).
+        let mut v = vec![0f32; 4];
+        v[0] = 1.0;
+        rope(&mut v, 1, 1.0, false);
+        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[1] - 1f32.sin()).abs() < 1e-6);
+        let mut v = vec![1.0, 0.0, 0.0, 0.0];
+        rope(&mut v, 1, 1.0, true);
+        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[2] - 1f32.sin()).abs() < 1e-6);
     }
 }

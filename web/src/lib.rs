@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wgsparse::attention::anchor::AnchorConfig;
 use wgsparse::attention::dense_cpu::{naive_attention, naive_masked_attention};
+use wgsparse::attention::metrics::{ErrorStats, Quality, compare};
 use wgsparse::attention::sale::SaleConfig;
+use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
-use wgsparse::metrics::{ErrorStats, Quality, compare};
-use wgsparse::synthetic::{Structure, structured_qkv_host};
 use wgsparse::{
     AttentionPlan, AttentionShape, Context, ContextOptions, DType, Method, RowState, Tensor,
     WindowConfig,
@@ -387,7 +387,7 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
             )
         }
         "gaussian" => {
-            let (q, k, v) = wgsparse::synthetic::qkv_host(&shape, o.seed);
+            let (q, k, v) = wgsparse::attention::synthetic::qkv_host(&shape, o.seed);
             (
                 q,
                 k,

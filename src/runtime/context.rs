@@ -6,15 +6,15 @@
 //! `WGSPARSE_REQUIRE_GPU=1` turns the silent CPU fallback into an error (CI uses it so a
 //! missing lavapipe fails the GPU tests instead of skipping them).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::runtime::kernel::{Kernel, KernelCache, KernelSpec};
 
 /// Which compute API to run on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
@@ -325,8 +325,7 @@ pub struct GpuDevice {
     pub info: wgpu::AdapterInfo,
     /// Capabilities the plans choose variants from.
     pub caps: Capabilities,
-    pub(crate) pipelines:
-        Mutex<HashMap<crate::pipeline::PipelineKey, Arc<crate::pipeline::Kernel>>>,
+    pub(crate) kernels: KernelCache,
     /// Compile with wgpu's runtime bounds checks and loop bounding (debugging aid,
     /// `WGSPARSE_CHECKED_SHADERS=1`; the browser always checks).
     pub checked_shaders: bool,
@@ -556,7 +555,7 @@ impl Context {
                     queue,
                     info,
                     caps,
-                    pipelines: Mutex::new(HashMap::new()),
+                    kernels: KernelCache::default(),
                     checked_shaders: std::env::var("WGSPARSE_CHECKED_SHADERS")
                         .is_ok_and(|v| v == "1" || v == "true"),
                 })),
@@ -651,6 +650,21 @@ impl Context {
     /// Two handles to the same device compare equal.
     pub fn same_device(&self, other: &Context) -> bool {
         self.inner.id == other.inner.id
+    }
+}
+
+impl Context {
+    /// Compiles a kernel once per (file, entry, variant) and caches it on this context.
+    pub fn kernel(&self, spec: &KernelSpec) -> Result<Arc<Kernel>> {
+        let g = self
+            .gpu()
+            .ok_or_else(|| Error::InvalidArgument("kernels need a GPU context".into()))?;
+        g.kernels.get(&g.device, g.checked_shaders, spec)
+    }
+
+    /// Number of pipelines compiled so far on this context.
+    pub fn cached_pipelines(&self) -> usize {
+        self.gpu().map(|g| g.kernels.len()).unwrap_or(0)
     }
 }
 

@@ -136,15 +136,6 @@ fn h(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-fn dq_q4_0(b: &[u8], y: &mut [f32]) {
-    let d = h(b, 0);
-    let qs = &b[2..18];
-    for j in 0..16 {
-        y[j] = ((qs[j] & 0x0f) as i32 - 8) as f32 * d;
-        y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
-    }
-}
-
 fn dq_q4_1(b: &[u8], y: &mut [f32]) {
     let (d, m) = (h(b, 0), h(b, 2));
     let qs = &b[4..20];
@@ -271,7 +262,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
         }
         _ => {
             let f: fn(&[u8], &mut [f32]) = match ty {
-                GgmlType::Q4_0 => dq_q4_0,
+                GgmlType::Q4_0 => super::q4_0::dequantize_ggml_block,
                 GgmlType::Q4_1 => dq_q4_1,
                 GgmlType::Q5_0 => dq_q5_0,
                 GgmlType::Q5_1 => dq_q5_1,

@@ -8,7 +8,7 @@
 //   RESIDUAL:       y = res + x·Wᵀ (res [tokens, N]).
 // Thread (tx, ty) = (lid % 16, lid / 16) owns tokens ty + 16 i and outputs tx + 16 j.
 
-#include "common/weights.wgsl"
+#include "quant/weights.wgsl"
 
 struct Params {
     tokens: u32,

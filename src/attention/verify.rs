@@ -2,12 +2,12 @@
 //! `--check-len` and the CLI share.
 
 use crate::attention::dense_cpu::dense_attention_cpu;
+use crate::attention::metrics::{ErrorStats, compare};
+use crate::attention::synthetic::qkv_host;
 use crate::attention::{AttentionReport, AttentionShape, Method, upload_qkv};
-use crate::context::Context;
 use crate::error::Result;
-use crate::metrics::{ErrorStats, compare};
-use crate::synthetic::qkv_host;
-use crate::tensor::{DType, Tensor};
+use crate::runtime::context::Context;
+use crate::runtime::tensor::{DType, Tensor};
 
 /// What a verification found.
 #[derive(Clone, Debug)]
@@ -120,7 +120,7 @@ pub fn dense_tolerance_for(dtype: DType, keys: usize) -> f64 {
 #[derive(Clone, Debug)]
 pub struct Evaluation {
     /// Density, attention-mass recall, output errors, tolerance recalls.
-    pub quality: crate::metrics::Quality,
+    pub quality: crate::attention::metrics::Quality,
     /// The method's run.
     pub report: AttentionReport,
     /// The dense run.
@@ -129,7 +129,7 @@ pub struct Evaluation {
 
 /// Runs `method` and dense attention on `ctx` with the same Q/K/V (host f32, stored as
 /// `dtype`), both exporting their final row state, and measures the method against
-/// dense ([`crate::metrics::Quality`]).
+/// dense ([`crate::attention::metrics::Quality`]).
 pub fn evaluate(
     ctx: &Context,
     shape: AttentionShape,
@@ -165,7 +165,13 @@ pub fn evaluate(
     let (dense_out, dense_ml, dense_report) = run(&Method::Dense)?;
     let (out, ml, report) = run(method)?;
     Ok(Evaluation {
-        quality: crate::metrics::Quality::measure(report.density, &out, &ml, &dense_out, &dense_ml),
+        quality: crate::attention::metrics::Quality::measure(
+            report.density,
+            &out,
+            &ml,
+            &dense_out,
+            &dense_ml,
+        ),
         report,
         dense_report,
     })

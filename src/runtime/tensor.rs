@@ -3,8 +3,8 @@
 use half::f16;
 use serde::Serialize;
 
-use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::runtime::context::Context;
 
 /// Element type of a tensor. f16 is stored as IEEE half (two per `u32` on the GPU, read
 /// with `unpack2x16float`, so it works without the `shader-f16` feature).
@@ -304,7 +304,7 @@ impl Tensor {
 }
 
 fn new_storage_buffer(
-    g: &crate::context::GpuDevice,
+    g: &crate::runtime::context::GpuDevice,
     dtype: DType,
     shape: &[usize],
     size: u64,
@@ -329,7 +329,7 @@ pub(crate) fn check_buffer_size(ctx: &Context, what: &str, size: u64) -> Result<
 
 /// Copies `size` bytes at `offset` of `buffer` to the host.
 pub(crate) async fn read_buffer(
-    g: &crate::context::GpuDevice,
+    g: &crate::runtime::context::GpuDevice,
     buffer: &wgpu::Buffer,
     offset: u64,
     size: u64,

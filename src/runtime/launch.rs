@@ -2,9 +2,9 @@
 //! buffers, bind groups over whole buffers, and 2D grids for 1D work that may exceed the
 //! 65,535-workgroups-per-axis limit.
 
-use crate::context::GpuDevice;
 use crate::error::{Error, Result};
-use crate::pipeline::Kernel;
+use crate::runtime::Kernel;
+use crate::runtime::context::GpuDevice;
 
 /// A uniform buffer holding `bytes` (written now).
 pub(crate) fn uniform(g: &GpuDevice, label: &str, bytes: &[u8]) -> wgpu::Buffer {
@@ -120,7 +120,10 @@ pub(crate) fn check_axis(n: u64, max_per_dim: u32, what: &str) -> Result<u32> {
 /// Errors unless the device can `unpack2x16float` (f16 weights and Q4_0 scales).
 pub(crate) fn require_f16_storage(g: &GpuDevice, what: &'static str) -> Result<()> {
     if !g.caps.f16_storage {
-        return Err(Error::UnsupportedDtype(crate::tensor::DType::F16, what));
+        return Err(Error::UnsupportedDtype(
+            crate::runtime::tensor::DType::F16,
+            what,
+        ));
     }
     Ok(())
 }

@@ -1,8 +1,6 @@
-//! The pipeline builder: compiled-kernel cache and a [`Recorder`] that puts a plan's
-//! stages into one command submission, timing each stage with GPU timestamp queries where
-//! the adapter has them (wall clock for the whole submission otherwise).
-
-use std::sync::Arc;
+//! The recorder: puts a plan's stages into one command submission, timing each stage
+//! with GPU timestamp queries where the adapter has them (wall clock for the whole
+//! submission otherwise), and the typed [`Report`] of a run.
 
 /// The host clock: `std::time::Instant` natively; on wasm32 (where it panics) the
 /// browser's `performance.now()` through `web-time`.
@@ -13,176 +11,8 @@ pub(crate) use web_time::Instant;
 
 use serde::Serialize;
 
-use crate::context::{Context, GpuDevice};
 use crate::error::{Error, Result};
-use crate::preprocess::{Defines, preprocess, validate_wgsl};
-
-/// How a kernel binds one resource.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BindingKind {
-    /// `var<uniform>` parameters.
-    Uniform,
-    /// `var<storage, read>`.
-    StorageRead,
-    /// `var<storage, read_write>`.
-    StorageReadWrite,
-}
-
-/// Which kernel to compile: a shader file, an entry point, a variant and its bindings
-/// (binding `i` of group 0 has kind `bindings[i]`).
-#[derive(Clone, Debug)]
-pub struct KernelSpec {
-    /// File under `shaders/`.
-    pub file: &'static str,
-    /// Entry point.
-    pub entry: &'static str,
-    /// Flags and constants of this variant.
-    pub defines: Defines,
-    /// Binding kinds in order.
-    pub bindings: Vec<BindingKind>,
-}
-
-impl KernelSpec {
-    /// The final WGSL of this variant.
-    pub fn source(&self) -> Result<String> {
-        preprocess(self.file, &self.defines)
-    }
-    /// Human-readable name (`file:entry[variant]`).
-    pub fn label(&self) -> String {
-        format!("{}:{}[{}]", self.file, self.entry, self.defines.signature())
-    }
-}
-
-pub(crate) type PipelineKey = (&'static str, &'static str, Defines);
-
-/// A compiled compute pipeline and its bind-group layout.
-pub struct Kernel {
-    /// The pipeline.
-    pub pipeline: wgpu::ComputePipeline,
-    /// Layout of bind group 0.
-    pub layout: wgpu::BindGroupLayout,
-    /// `file:entry[variant]`.
-    pub label: String,
-}
-
-impl Context {
-    /// Compiles a kernel once per (file, entry, variant) and caches it on this context.
-    pub fn kernel(&self, spec: &KernelSpec) -> Result<Arc<Kernel>> {
-        let g = self
-            .gpu()
-            .ok_or_else(|| Error::InvalidArgument("kernels need a GPU context".into()))?;
-        let key: PipelineKey = (spec.file, spec.entry, spec.defines.clone());
-        if let Some(k) = g.pipelines.lock().expect("pipeline cache lock").get(&key) {
-            return Ok(k.clone());
-        }
-        let kernel = Arc::new(compile(g, spec)?);
-        g.pipelines
-            .lock()
-            .expect("pipeline cache lock")
-            .insert(key, kernel.clone());
-        Ok(kernel)
-    }
-
-    /// Number of pipelines compiled so far on this context.
-    pub fn cached_pipelines(&self) -> usize {
-        self.gpu()
-            .map(|g| g.pipelines.lock().expect("pipeline cache lock").len())
-            .unwrap_or(0)
-    }
-}
-
-fn compile(g: &GpuDevice, spec: &KernelSpec) -> Result<Kernel> {
-    let label = spec.label();
-    let source = spec.source()?;
-    // naga first: a bad variant becomes a typed error with a readable message.
-    validate_wgsl(&label, &source)?;
-    // Natively a compile error is caught here. On the web an error scope can only be
-    // popped asynchronously, and this function is synchronous: there an invalid
-    // pipeline shows up as a validation error at the first submission instead (the
-    // `Recorder`'s error scope), so no scope is pushed.
-    #[cfg(not(target_arch = "wasm32"))]
-    let scope = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let desc = wgpu::ShaderModuleDescriptor {
-        label: Some(&label),
-        source: wgpu::ShaderSource::Wgsl(source.into()),
-    };
-    // The browser always applies its own robustness checks; natively wgpu's are optional.
-    let module = if g.checked_shaders || cfg!(target_arch = "wasm32") {
-        g.device.create_shader_module(desc)
-    } else {
-        // SAFETY: every kernel guards its storage accesses against the ranges the launcher
-        // binds (tested against the CPU twins with NaN-poisoned outputs and with
-        // `WGSPARSE_CHECKED_SHADERS=1`), indexes its private and workgroup arrays with
-        // in-range constants or loop counters, and bounds its loops by uniform values.
-        // Without this, naga clamps every index and adds a counter to every loop.
-        unsafe {
-            g.device
-                .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
-        }
-    };
-    let entries: Vec<wgpu::BindGroupLayoutEntry> = spec
-        .bindings
-        .iter()
-        .enumerate()
-        .map(|(i, kind)| wgpu::BindGroupLayoutEntry {
-            binding: i as u32,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: match kind {
-                BindingKind::Uniform => wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Uniform,
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                BindingKind::StorageRead | BindingKind::StorageReadWrite => {
-                    wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage {
-                            read_only: *kind == BindingKind::StorageRead,
-                        },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    }
-                }
-            },
-            count: None,
-        })
-        .collect();
-    let layout = g
-        .device
-        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(&label),
-            entries: &entries,
-        });
-    let pl = g
-        .device
-        .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(&label),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-    let pipeline = g
-        .device
-        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&label),
-            layout: Some(&pl),
-            module: &module,
-            entry_point: Some(spec.entry),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-    #[cfg(not(target_arch = "wasm32"))]
-    if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(Error::Shader {
-            name: label,
-            message: e.to_string(),
-        });
-    }
-    log::debug!("compiled {label}");
-    Ok(Kernel {
-        pipeline,
-        layout,
-        label,
-    })
-}
+use crate::runtime::context::{Context, GpuDevice};
 
 /// Time of one stage of a plan run.
 #[derive(Clone, Debug, Serialize)]
@@ -389,7 +219,9 @@ impl<'a> Submitted<'a> {
         };
         match self.readback {
             Some(resolve) => {
-                let bytes = crate::tensor::read_buffer(self.g, &resolve, 0, resolve.size()).await?;
+                let bytes =
+                    crate::runtime::tensor::read_buffer(self.g, &resolve, 0, resolve.size())
+                        .await?;
                 report.wall_ms = self.start.elapsed().as_secs_f64() * 1e3;
                 let ticks: &[u64] = bytemuck::cast_slice(&bytes);
                 let period = self.g.queue.get_timestamp_period() as f64;

@@ -30,7 +30,7 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use crate::attention::AttentionShape;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::runtime::tensor::DType;
 
 /// Q, K and V of one attention (one layer of one prompt), on the host as f32.
 #[derive(Clone, Debug, PartialEq)]

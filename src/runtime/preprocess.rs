@@ -20,50 +20,56 @@ use crate::error::{Error, Result};
 pub const SHADER_FILES: &[(&str, &str)] = &[
     (
         "common/online_softmax.wgsl",
-        include_str!("../shaders/common/online_softmax.wgsl"),
+        include_str!("../../shaders/common/online_softmax.wgsl"),
     ),
     (
         "common/storage.wgsl",
-        include_str!("../shaders/common/storage.wgsl"),
+        include_str!("../../shaders/common/storage.wgsl"),
     ),
     (
-        "common/weights.wgsl",
-        include_str!("../shaders/common/weights.wgsl"),
+        "quant/weights.wgsl",
+        include_str!("../../shaders/quant/weights.wgsl"),
+    ),
+    (
+        "ops/rmsnorm.wgsl",
+        include_str!("../../shaders/ops/rmsnorm.wgsl"),
+    ),
+    ("ops/rope.wgsl", include_str!("../../shaders/ops/rope.wgsl")),
+    (
+        "ops/linear.wgsl",
+        include_str!("../../shaders/ops/linear.wgsl"),
+    ),
+    (
+        "attention/flash.wgsl",
+        include_str!("../../shaders/attention/flash.wgsl"),
+    ),
+    (
+        "attention/select/anchor.wgsl",
+        include_str!("../../shaders/attention/select/anchor.wgsl"),
+    ),
+    (
+        "attention/select/sale_quantize.wgsl",
+        include_str!("../../shaders/attention/select/sale_quantize.wgsl"),
+    ),
+    (
+        "attention/select/sale_estimate.wgsl",
+        include_str!("../../shaders/attention/select/sale_estimate.wgsl"),
     ),
     (
         "moe/router.wgsl",
-        include_str!("../shaders/moe/router.wgsl"),
+        include_str!("../../shaders/moe/router.wgsl"),
     ),
     (
         "moe/dispatch.wgsl",
-        include_str!("../shaders/moe/dispatch.wgsl"),
+        include_str!("../../shaders/moe/dispatch.wgsl"),
     ),
     (
         "moe/expert_ffn.wgsl",
-        include_str!("../shaders/moe/expert_ffn.wgsl"),
+        include_str!("../../shaders/moe/expert_ffn.wgsl"),
     ),
     (
         "moe/combine.wgsl",
-        include_str!("../shaders/moe/combine.wgsl"),
-    ),
-    ("rmsnorm.wgsl", include_str!("../shaders/rmsnorm.wgsl")),
-    ("rope.wgsl", include_str!("../shaders/rope.wgsl")),
-    ("linear.wgsl", include_str!("../shaders/linear.wgsl")),
-    (
-        "flash_attention.wgsl",
-        include_str!("../shaders/flash_attention.wgsl"),
-    ),
-    (
-        "anchor/select.wgsl",
-        include_str!("../shaders/anchor/select.wgsl"),
-    ),
-    (
-        "sale/quantize.wgsl",
-        include_str!("../shaders/sale/quantize.wgsl"),
-    ),
-    (
-        "sale/estimate.wgsl",
-        include_str!("../shaders/sale/estimate.wgsl"),
+        include_str!("../../shaders/moe/combine.wgsl"),
     ),
 ];
 

@@ -9,7 +9,7 @@
 //! WGSL has no 16-bit loads and 18-byte blocks are not u32-aligned, so on upload the
 //! blocks of a matrix are repacked ([`repack`]): first every block's 16 `qs` bytes as 4
 //! little-endian words, then the scales, two per word (even block in the low half).
-//! `shaders/common/weights.wgsl` reads that layout.
+//! `shaders/quant/weights.wgsl` reads that layout.
 
 use half::f16;
 
@@ -81,9 +81,20 @@ pub fn quantize_row(x: &[f32]) -> Result<Vec<BlockQ4_0>> {
 
 /// Dequantizes one block: `(q − 8)·d`.
 pub fn dequantize_block(b: &BlockQ4_0, out: &mut [f32]) {
-    let d = b.d.to_f32();
-    for (j, o) in out.iter_mut().enumerate().take(QK4_0) {
-        *o = (b.code(j) as f32 - 8.0) * d;
+    decode(b.d.to_f32(), &b.qs, out);
+}
+
+/// Dequantizes one block in ggml's 18-byte layout (the GGUF reader's path).
+pub fn dequantize_ggml_block(bytes: &[u8], out: &mut [f32]) {
+    let d = f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+    decode(d, &bytes[2..BLOCK_BYTES], out);
+}
+
+/// `(q − 8)·d` of the 32 nibbles of `qs` (element `j` low, `j + 16` high nibble).
+fn decode(d: f32, qs: &[u8], out: &mut [f32]) {
+    for (j, &byte) in qs.iter().enumerate().take(QK4_0 / 2) {
+        out[j] = ((byte & 0x0f) as f32 - 8.0) * d;
+        out[j + QK4_0 / 2] = ((byte >> 4) as f32 - 8.0) * d;
     }
 }
 

@@ -22,16 +22,16 @@ use serde::Serialize;
 
 use crate::attention::dense_cpu::{CpuAttention, attention_cpu};
 use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
-use crate::context::{Backend, Context};
 use crate::error::{Error, Result};
-use crate::launch::storage_init;
 use crate::moe::stream::{ExpertResidency, StreamStats};
 use crate::moe::{MoeConfig, MoePlan, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
 use crate::ops::linear::{LinearGpu, LinearLayout, from_head_major, linear_cpu, to_head_major};
 use crate::ops::rmsnorm::{RmsNormGpu, rmsnorm_cpu};
 use crate::ops::rope::{RopeGpu, rope_cpu, rope_table};
-use crate::pipeline::{Instant, Recorder, Report, StageTime, Submitted};
-use crate::tensor::{DType, HostData, Tensor};
+use crate::runtime::context::{Backend, Context};
+use crate::runtime::launch::storage_init;
+use crate::runtime::tensor::{DType, HostData, Tensor};
+use crate::runtime::{Instant, Recorder, Report, StageTime, Submitted};
 
 /// Sizes and per-layer attention kind of one decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -147,7 +147,7 @@ impl DecoderLayerWeights {
         let h = cfg.moe.hidden;
         let (qd, kd) = (cfg.q_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
         let g = |n: usize, s: u64, scale: f32| -> Vec<f32> {
-            crate::synthetic::gaussian_parallel(n, seed ^ s)
+            crate::attention::synthetic::gaussian_parallel(n, seed ^ s)
                 .into_iter()
                 .map(|v| v * scale)
                 .collect()

@@ -9,9 +9,9 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use rayon::prelude::*;
 
 use crate::attention::AttentionShape;
-use crate::context::Context;
 use crate::error::Result;
-use crate::tensor::{DType, HostData, Tensor};
+use crate::runtime::context::Context;
+use crate::runtime::tensor::{DType, HostData, Tensor};
 
 /// Values per independently seeded chunk: large tensors are filled in parallel.
 const CHUNK: usize = 1 << 20;

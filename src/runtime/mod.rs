@@ -1,0 +1,28 @@
+//! The runtime: everything between wgpu and the kernels of the layers above, and nothing
+//! that knows about attention, MoE or models.
+//!
+//! - [`context`]: device selection and capabilities (a GPU through wgpu, or the CPU).
+//! - [`tensor`]: typed buffers with a shape, on either device.
+//! - [`preprocess`]: the small WGSL preprocessor (includes, flags, constants, unrolling)
+//!   and the table of shader files.
+//! - [`kernel`]: kernel specs (file, entry, variant, bindings), compiled pipelines and the
+//!   per-device cache.
+//! - [`launch`]: the typed launcher every kernel goes through (params upload, bind group,
+//!   grid checks) and buffer helpers.
+//! - [`recorder`]: one command submission per plan run, per-stage GPU time.
+//!
+//! Imports inside run down this list: `recorder` → `launch` → `tensor` → `context` →
+//! `kernel` → `preprocess`.
+
+pub mod context;
+pub mod kernel;
+pub mod launch;
+pub mod preprocess;
+pub mod recorder;
+pub mod tensor;
+#[cfg(test)]
+pub(crate) mod test_util;
+
+pub use kernel::{BindingKind, Kernel, KernelSpec};
+pub(crate) use recorder::Instant;
+pub use recorder::{Recorder, Report, StageTime, Submitted};
