@@ -21,7 +21,7 @@ pub mod runtime;
 
 pub use attention::{
     AttentionOptions, AttentionPlan, AttentionPlanBuilder, AttentionReport, AttentionShape, Method,
-    RowState, WindowConfig,
+    MethodStats, RowState, WindowConfig,
 };
 pub use error::{Error, Result};
 pub use runtime::context::{
@@ -33,9 +33,9 @@ pub use runtime::{Recorder, Report, StageTime};
 /// Every kernel variant the crate can compile, for the shader dump (`wgsparse shader`)
 /// and the portability tests (naga to SPIR-V, MSL, HLSL, GLSL).
 pub fn all_kernel_variants() -> Vec<runtime::KernelSpec> {
-    let mut v = attention::dense_gpu::all_dense_variants();
-    v.extend(attention::anchor::all_anchor_variants());
-    v.extend(attention::sale::all_sale_variants());
+    let mut v = attention::flash::all_flash_variants();
+    v.extend(attention::select::anchor::all_anchor_variants());
+    v.extend(attention::select::sale::all_sale_variants());
     v.extend(moe::all_moe_variants());
     v.extend(ops::all_ops_variants());
     v

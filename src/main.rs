@@ -20,11 +20,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use wgsparse::attention::dense_cpu::naive_attention;
+use wgsparse::attention::flash_cpu::naive_attention;
 use wgsparse::attention::metrics::compare;
-use wgsparse::attention::oracle::oracle;
 use wgsparse::attention::qkv_file::QkvFile;
-use wgsparse::attention::sale_calibrate::SaleThresholds;
+use wgsparse::attention::select::oracle::oracle;
+use wgsparse::attention::select::sale_calibrate::SaleThresholds;
 use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
 use wgsparse::attention::verify::evaluate;
@@ -407,32 +407,11 @@ fn attention(a: &AttentionArgs) -> Result<()> {
             "  median {:.3} ms ({} timing), {:.3} dense-equivalent TFLOP/s, density {:.4}",
             m.ms, m.report.timing.timing, dense_equiv_tflops, m.report.density
         );
-        if let Some(st) = &m.report.sale {
-            println!(
-                "  sale: {} of {} candidate 64x32 blocks selected ({:.4}), exact pairs {:.4} + selected pairs {:.4} of causal, estimation {} ms",
-                st.selected_blocks,
-                st.candidate_blocks,
-                st.selected_blocks as f64 / st.candidate_blocks.max(1) as f64,
-                st.exact_pairs as f64 / st.causal_pairs as f64,
-                st.selected_pairs as f64 / st.causal_pairs as f64,
-                m.report
-                    .estimation_ms()
-                    .map(|x| format!("{x:.3}"))
-                    .unwrap_or("-".into()),
-            );
+        if let Some(st) = &m.report.stats {
+            println!("  {st}");
         }
-        if let Some(st) = &m.report.anchor {
-            let per = &st.stripes_per_group;
-            println!(
-                "  anchor: {} groups, stripes per group (mean over heads) {}, anchor pairs {:.4} + stripe pairs {:.4} of causal",
-                per.len(),
-                per.iter()
-                    .map(|x| format!("{x:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                st.anchor_pairs as f64 / st.causal_pairs as f64,
-                st.stripe_pairs as f64 / st.causal_pairs as f64,
-            );
+        if let Some(ms) = m.report.estimation_ms() {
+            println!("  estimation {ms:.3} ms");
         }
     }
     let mut v = json!({
@@ -442,9 +421,19 @@ fn attention(a: &AttentionArgs) -> Result<()> {
         "causal": causal, "ms": m.ms, "density": m.report.density,
         "tflops": dense_equiv_tflops, "timing": m.report.timing.timing,
         "stages": m.report.timing.stages, "dispatches": m.report.dispatches,
-        "data": data_label, "anchor": m.report.anchor, "sale": m.report.sale,
+        "data": data_label,
         "est_ms": m.report.estimation_ms(),
     });
+    for name in ["anchor", "sale"] {
+        v[name] = serde_json::Value::Null;
+    }
+    if let Some(st) = &m.report.stats
+        && let serde_json::Value::Object(map) = json!(st)
+    {
+        for (k, x) in map {
+            v[k] = x;
+        }
+    }
     if a.check && method == Method::Dense {
         let (other_out, other_name) = other_device_result(&ctx, a, shape, &qkv)?;
         let stats = compare(&m.out, &other_out);

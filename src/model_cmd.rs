@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use wgsparse::attention::anchor::AnchorConfig;
 use wgsparse::attention::metrics::Quality;
 use wgsparse::attention::qkv_file::QkvFile;
-use wgsparse::attention::sale::SaleConfig;
-use wgsparse::attention::sale_calibrate::{
+use wgsparse::attention::select::anchor::AnchorConfig;
+use wgsparse::attention::select::sale::SaleConfig;
+use wgsparse::attention::select::sale_calibrate::{
     DEFAULT_BUDGET, LayerThresholds, SaleThresholds, calibrate as calibrate_layer,
 };
 use wgsparse::model::decoder::{Decoder, LayerQkv};

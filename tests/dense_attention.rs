@@ -4,7 +4,7 @@
 
 mod common;
 
-use wgsparse::attention::dense_cpu::{HostRowState, dense_attention_cpu, naive_attention};
+use wgsparse::attention::flash_cpu::{HostRowState, dense_attention_cpu, naive_attention};
 use wgsparse::attention::metrics::compare;
 use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::upload_qkv;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use wgsparse::attention::anchor::AnchorConfig;
+use wgsparse::attention::select::anchor::AnchorConfig;
 use wgsparse::model::decoder::Decoder;
 use wgsparse::model::eval::{EvalMethod, end_to_end, layer_quality};
 use wgsparse::model::gguf::Gguf;

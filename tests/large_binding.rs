@@ -3,7 +3,7 @@
 
 mod common;
 
-use wgsparse::attention::dense_cpu::dense_attention_cpu;
+use wgsparse::attention::flash_cpu::dense_attention_cpu;
 use wgsparse::attention::metrics::compare;
 use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::upload_qkv;

@@ -163,7 +163,7 @@ fn smollm2_decoder_on_the_gpu_matches_the_cpu() {
         .iter()
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
-    let sale = Method::Sale(wgsparse::attention::sale::SaleConfig {
+    let sale = Method::Sale(wgsparse::attention::select::sale::SaleConfig {
         tau: 0.01,
         ..Default::default()
     });

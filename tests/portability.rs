@@ -16,9 +16,9 @@ use std::sync::OnceLock;
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities as NagaCaps, ModuleInfo, ValidationFlags, Validator};
 use naga::{AddressSpace, Module, ResourceBinding, ShaderStage, StorageAccess};
-use wgsparse::attention::anchor::SelectParams;
-use wgsparse::attention::dense_gpu::{DenseParams, DenseTiles, dense_workgroup_bytes};
-use wgsparse::attention::sale::{SaleEstimateParams, SaleQuantParams};
+use wgsparse::attention::flash::{DenseTiles, FlashParams, dense_workgroup_bytes};
+use wgsparse::attention::select::anchor::SelectParams;
+use wgsparse::attention::select::sale::{SaleEstimateParams, SaleQuantParams};
 use wgsparse::runtime::{BindingKind, KernelSpec};
 use wgsparse::{Capabilities, Context};
 
@@ -614,7 +614,7 @@ fn shader_bindings_match_the_kernel_spec() {
 fn uniform_params_match_the_host_struct() {
     for_all("uniform Params layout", |c| {
         let (host, name) = match c.spec.file {
-            "attention/flash.wgsl" => (std::mem::size_of::<DenseParams>(), "DenseParams"),
+            "attention/flash.wgsl" => (std::mem::size_of::<FlashParams>(), "FlashParams"),
             "attention/select/anchor.wgsl" => (std::mem::size_of::<SelectParams>(), "SelectParams"),
             "attention/select/sale_quantize.wgsl" => {
                 (std::mem::size_of::<SaleQuantParams>(), "SaleQuantParams")

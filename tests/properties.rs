@@ -8,7 +8,7 @@ mod common;
 use std::sync::Mutex;
 
 use proptest::prelude::*;
-use wgsparse::attention::dense_cpu::{dense_attention_cpu, naive_attention};
+use wgsparse::attention::flash_cpu::{dense_attention_cpu, naive_attention};
 use wgsparse::attention::metrics::compare;
 use wgsparse::attention::split::{
     BLOCK_K, BLOCK_Q, DenseDispatch, MIN_BLOCK_Q, SplitLimits, SplitProblem, split_dense,

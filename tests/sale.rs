@@ -6,9 +6,10 @@
 
 mod common;
 
-use wgsparse::attention::dense_cpu::{CpuAttention, HostRowState, attention_cpu, naive_attention};
+use wgsparse::attention::MethodStats;
+use wgsparse::attention::flash_cpu::{CpuAttention, HostRowState, attention_cpu, naive_attention};
 use wgsparse::attention::metrics::compare;
-use wgsparse::attention::sale::{BLOCK_K, BLOCK_Q, SaleConfig, sale_cpu};
+use wgsparse::attention::select::sale::{BLOCK_K, BLOCK_Q, SaleConfig, sale_cpu};
 use wgsparse::attention::synthetic::{Structure, qkv_host, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
 use wgsparse::attention::verify::{dense_tolerance_for, method_against_cpu_twin};
@@ -114,7 +115,9 @@ fn sale_matches_cpu_twin() {
         attention_cpu(&shape, &exec(&lut[0]), &q, &k, &v, Some(&mut st));
         let want = attention_cpu(&shape, &exec(gpu_blocks), &q, &k, &v, Some(&mut st));
         let err = compare(&got, &want);
-        let stats = report.sale.as_ref().unwrap();
+        let Some(MethodStats::Sale(stats)) = &report.stats else {
+            panic!("sale stats")
+        };
         eprintln!(
             "sale {shape:?} int{} {dtype:?}: {err:?}, density gpu {:.4} cpu {:.4}, per head {:?}, ties {ties}",
             cfg.bits,
@@ -187,7 +190,9 @@ fn sale_selects_a_planted_heavy_block() {
                 "int{bits} head {h}: planted block not selected"
             );
         }
-        let stats = report.sale.unwrap();
+        let Some(MethodStats::Sale(stats)) = report.stats else {
+            panic!("sale stats")
+        };
         eprintln!("int{bits}: selected {:?}", stats.selected_per_head);
         assert!(
             stats.selected_blocks * 4 < stats.candidate_blocks,
@@ -245,7 +250,9 @@ fn sale_with_tau_zero_is_dense() {
         ..Default::default()
     };
     let (_, report, _) = run_gpu(&ctx, shape, &per_head, DType::F32, (&q, &k, &v));
-    let s = report.sale.unwrap();
+    let Some(MethodStats::Sale(s)) = report.stats else {
+        panic!("sale stats")
+    };
     assert_eq!(s.selected_per_head[0], 1.0);
     assert!(s.selected_per_head[1] < 1.0, "{:?}", s.selected_per_head);
 }

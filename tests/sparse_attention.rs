@@ -7,12 +7,12 @@ mod common;
 
 use std::sync::Arc;
 
-use wgsparse::attention::anchor::{AnchorConfig, anchor_cpu, select_cpu};
-use wgsparse::attention::dense_cpu::{
+use wgsparse::attention::flash_cpu::{
     CpuAttention, HostRowState, attention_cpu, naive_masked_attention,
 };
 use wgsparse::attention::lut::{LutUnit, SparseLut};
 use wgsparse::attention::metrics::compare;
+use wgsparse::attention::select::anchor::{AnchorConfig, anchor_cpu, select_cpu};
 use wgsparse::attention::synthetic::{Structure, qkv_host, structured_qkv_host};
 use wgsparse::attention::verify::{dense_tolerance, dense_tolerance_for, method_against_cpu_twin};
 use wgsparse::attention::{WindowConfig, upload_qkv};
@@ -262,7 +262,7 @@ fn executors_continue_row_state() {
         .run_with_state(&qt, &kt, &vt, &mut out, &mut state)
         .unwrap();
     let got = out.to_f32_blocking().unwrap();
-    let want = wgsparse::attention::dense_cpu::naive_attention(&shape, true, 0.125, &q, &k, &v);
+    let want = wgsparse::attention::flash_cpu::naive_attention(&shape, true, 0.125, &q, &k, &v);
     let err = compare(&got, &want);
     assert!(err.max_abs_err < 2e-5, "{err:?}");
     // The exported state agrees with the CPU twin's.
@@ -407,12 +407,12 @@ fn anchor_matches_cpu_twin() {
             "anchor {shape:?} {dtype:?}: {err:?}, density gpu {:.4} cpu {:.4}, stripes/group {:?}, ties {ties}",
             report.density,
             stats.density(),
-            report.anchor.as_ref().unwrap().stripes_per_group
+            anchor_stats(&report).stripes_per_group
         );
-        selected += report.anchor.as_ref().unwrap().stripe_pairs;
+        selected += anchor_stats(&report).stripe_pairs;
         assert!(report.density < 1.0);
         if ties == 0 {
-            assert_eq!(report.anchor.as_ref().unwrap(), &stats);
+            assert_eq!(anchor_stats(&report), &stats);
             let tol = dense_tolerance_for(dtype, shape.seq_len);
             assert!(err.max_abs_err <= tol, "{err:?}");
         }
@@ -448,7 +448,7 @@ fn anchor_with_huge_theta_is_dense() {
         "{}",
         got.report.density
     );
-    let want = wgsparse::attention::dense_cpu::naive_attention(&shape, true, 0.125, &q, &k, &v);
+    let want = wgsparse::attention::flash_cpu::naive_attention(&shape, true, 0.125, &q, &k, &v);
     let (qt, kt, vt) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
     let plan = ctx
         .attention(shape)
@@ -597,5 +597,14 @@ fn evaluation_metrics_agree_between_gpu_and_cpu() {
         assert!((g.quality.attn_recall - c.quality.attn_recall).abs() < 1e-4);
         assert!((g.quality.rel_l2_err - c.quality.rel_l2_err).abs() < 1e-4);
         assert!((g.quality.density - c.quality.density).abs() < 1e-9);
+    }
+}
+
+fn anchor_stats(
+    report: &wgsparse::AttentionReport,
+) -> &wgsparse::attention::select::anchor::AnchorStats {
+    match &report.stats {
+        Some(wgsparse::MethodStats::Anchor(a)) => a,
+        o => panic!("anchor stats expected, got {o:?}"),
     }
 }

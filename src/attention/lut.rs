@@ -151,6 +151,11 @@ impl SparseLut {
         }
     }
 
+    /// Entries of every LUT row (`[q_heads · rows]`).
+    pub fn counts(&self) -> Vec<u32> {
+        self.ranges.iter().map(|[a, b]| b - a).collect()
+    }
+
     /// (row, key) pairs the executors compute with this LUT: per row, the listed keys
     /// at or before it (causal) or all listed keys.
     pub fn pairs(&self, causal: bool) -> u64 {

@@ -12,15 +12,14 @@
 //! # Ok::<(), wgsparse::Error>(())
 //! ```
 
-pub mod anchor;
-pub mod dense_cpu;
-pub mod dense_gpu;
+pub mod flash;
+pub mod flash_cpu;
 pub mod lut;
+pub mod method;
 pub mod metrics;
-pub mod oracle;
 pub mod qkv_file;
-pub mod sale;
-pub mod sale_calibrate;
+pub mod select;
+pub mod sparse;
 pub mod split;
 pub mod synthetic;
 pub mod verify;
@@ -33,11 +32,12 @@ use crate::error::{Error, Result};
 use crate::runtime::context::{Backend, Context};
 use crate::runtime::tensor::{DType, HostData, Tensor};
 use crate::runtime::{Recorder, Report, StageTime};
-use anchor::{AnchorConfig, AnchorGpu, AnchorStats, anchor_cpu};
-use dense_cpu::{CpuAttention, HostRowState, attention_cpu};
-use dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
+use flash::{ExecConfig, FlashGpu, FlashIo, KeyMode};
+use flash_cpu::{CpuAttention, HostRowState, attention_cpu};
 use lut::{LutUnit, SparseLut};
-use sale::{SaleConfig, SaleGpu, SaleStats, sale_cpu};
+pub use method::{Method, MethodStats};
+pub use select::window::WindowConfig;
+use sparse::SparseGpu;
 
 /// Sizes of one attention problem (batch 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -143,122 +143,6 @@ pub fn upload_qkv(
     ))
 }
 
-/// Which attention algorithm a plan runs.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-#[non_exhaustive]
-pub enum Method {
-    /// Exact flash attention: the reference and the fallback.
-    #[default]
-    Dense,
-    /// AnchorAttention (papers.md §1): anchor pass, stripe selection, stripe pass.
-    Anchor(AnchorConfig),
-    /// Sliding-window attention with sink keys (exact, through the block-sparse
-    /// executor).
-    Window(WindowConfig),
-    /// The block-sparse executor with a fixed LUT ([`LutUnit::Blocks`]), e.g. an oracle
-    /// pattern or a caller's block mask.
-    BlockSparse(Arc<SparseLut>),
-    /// The stripe executor with fixed key lists ([`LutUnit::Keys`]).
-    Stripes(Arc<SparseLut>),
-    /// SALE (papers.md §2): low-bit score estimation, Relative Attention Score block
-    /// selection, block-sparse attention on 64 × 32 blocks.
-    Sale(SaleConfig),
-}
-
-/// Sliding window with sinks: row r attends keys j ≤ r with `r − j < window` or
-/// `j < sinks`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct WindowConfig {
-    /// Keys per window (≥ 1).
-    pub window: usize,
-    /// Leading keys every row also attends.
-    pub sinks: usize,
-}
-
-impl Default for WindowConfig {
-    fn default() -> Self {
-        WindowConfig {
-            window: 4096,
-            sinks: 4,
-        }
-    }
-}
-
-impl WindowConfig {
-    /// The block LUT the window runs on: 64-row query blocks, 64-key blocks (sink
-    /// blocks and the band).
-    pub fn lut(&self, q_heads: usize, seq_len: usize) -> Result<SparseLut> {
-        const B: usize = 64;
-        let sink_blocks = self.sinks.div_ceil(B);
-        SparseLut::from_fn(q_heads, seq_len, B, LutUnit::Blocks(B), |_, qb| {
-            let first_row = qb * B;
-            let lo = (first_row + 1).saturating_sub(self.window) / B;
-            let mut v: Vec<u32> = (0..sink_blocks.min(lo) as u32).collect();
-            v.extend(lo as u32..=qb as u32);
-            v
-        })
-    }
-
-    /// Causal pairs the window computes (all heads).
-    pub fn pairs(&self, q_heads: usize, seq_len: usize) -> u64 {
-        let per_head: u64 = (0..seq_len)
-            .map(|r| {
-                let band = (r + 1).min(self.window);
-                let sinks = self.sinks.min(r + 1 - band);
-                (band + sinks) as u64
-            })
-            .sum();
-        per_head * q_heads as u64
-    }
-}
-
-impl Method {
-    /// Every method this build can run from a name alone, in a stable order (the CLI's
-    /// and the web demo's pickers list these), with default parameters.
-    pub fn all() -> Vec<Method> {
-        vec![
-            Method::Dense,
-            Method::Anchor(AnchorConfig::default()),
-            Method::Window(WindowConfig::default()),
-            Method::Sale(SaleConfig::default()),
-        ]
-    }
-
-    /// Whether the method keeps its own row state (an exact pass continued by a sparse
-    /// one): such plans run without a caller's state and report their final (m, l)
-    /// through [`AttentionPlan::row_stats`].
-    pub fn manages_state(&self) -> bool {
-        matches!(self, Method::Anchor(_) | Method::Sale(_))
-    }
-
-    /// Short name (`dense`, `anchor`, `window`, `sale`, `block-sparse`, `stripes`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::Dense => "dense",
-            Method::Anchor(_) => "anchor",
-            Method::Window(_) => "window",
-            Method::BlockSparse(_) => "block-sparse",
-            Method::Stripes(_) => "stripes",
-            Method::Sale(_) => "sale",
-        }
-    }
-}
-
-impl std::str::FromStr for Method {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "dense" => Ok(Method::Dense),
-            "anchor" => Ok(Method::Anchor(AnchorConfig::default())),
-            "window" => Ok(Method::Window(WindowConfig::default())),
-            "sale" => Ok(Method::Sale(SaleConfig::default())),
-            o => Err(Error::InvalidArgument(format!(
-                "unknown method `{o}` (known: dense, anchor, window, sale)"
-            ))),
-        }
-    }
-}
-
 /// Options of an attention plan.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionOptions {
@@ -326,10 +210,11 @@ pub struct AttentionReport {
     pub density: f64,
     /// Dispatches recorded (GPU) or tasks (CPU).
     pub dispatches: usize,
-    /// AnchorAttention's details (anchor vs stripe pairs, stripes per group).
-    pub anchor: Option<AnchorStats>,
-    /// SALE's details (exact vs selected pairs, blocks per head).
-    pub sale: Option<SaleStats>,
+    /// A sparse method's details (AnchorAttention: anchor vs stripe pairs, stripes per
+    /// group; SALE: exact vs selected pairs, blocks per head), serialized under the
+    /// method's name.
+    #[serde(flatten)]
+    pub stats: Option<MethodStats>,
 }
 
 impl AttentionReport {
@@ -424,24 +309,22 @@ impl AttentionPlanBuilder {
             ));
         }
         let (exec, lut, pairs) = method_setup(&self.method, &self.shape, &self.opts)?;
-        let gpu = match self.ctx.gpu() {
-            None => None,
-            Some(g) => Some(match &self.method {
-                Method::Anchor(cfg) => {
-                    GpuPlan::Anchor(AnchorGpu::build(&self.ctx, &self.shape, &self.opts, cfg)?)
-                }
-                Method::Sale(cfg) => {
-                    GpuPlan::Sale(SaleGpu::build(&self.ctx, &self.shape, &self.opts, cfg)?)
-                }
-                _ => {
-                    let exec = DenseGpu::build(&self.ctx, &self.shape, &self.opts, &exec)?;
-                    let lut = match &lut {
-                        None => None,
-                        Some(l) => Some(upload_lut(&self.ctx, g, l)?),
-                    };
-                    GpuPlan::Exec { exec, lut }
-                }
-            }),
+        let gpu = match (self.ctx.gpu(), self.method.selector()) {
+            (None, _) => None,
+            (Some(_), Some(sel)) => Some(GpuPlan::Sparse(SparseGpu::build(
+                &self.ctx,
+                &self.shape,
+                &self.opts,
+                sel,
+            )?)),
+            (Some(g), None) => {
+                let exec = FlashGpu::build(&self.ctx, &self.shape, &self.opts, &exec)?;
+                let lut = match &lut {
+                    None => None,
+                    Some(l) => Some(upload_lut(&self.ctx, g, l)?),
+                };
+                Some(GpuPlan::Exec { exec, lut })
+            }
         };
         Ok(AttentionPlan {
             ctx: self.ctx,
@@ -476,41 +359,25 @@ fn method_setup(
         }
         Ok(())
     };
+    if let Some(sel) = method.selector() {
+        sel.validate(shape)?;
+        sparse_needs_square()?;
+        if !opts.causal {
+            return Err(Error::InvalidArgument(format!(
+                "{} attention is a causal (prefill) method",
+                method.name()
+            )));
+        }
+        if opts.import_state {
+            return Err(Error::InvalidArgument(format!(
+                "{} attention starts from an empty row state (import_state is for the executors)",
+                method.name()
+            )));
+        }
+        return Ok((ExecConfig::default(), None, None));
+    }
     Ok(match method {
         Method::Dense => (ExecConfig::default(), None, None),
-        Method::Anchor(cfg) => {
-            cfg.validate()?;
-            sparse_needs_square()?;
-            if !opts.causal {
-                return Err(Error::InvalidArgument(
-                    "anchor attention is a causal (prefill) method".into(),
-                ));
-            }
-            if opts.import_state {
-                return Err(Error::InvalidArgument(
-                    "anchor attention starts from an empty row state (import_state is for the executors)"
-                        .into(),
-                ));
-            }
-            (ExecConfig::default(), None, None)
-        }
-        Method::Sale(cfg) => {
-            cfg.validate()?;
-            cfg.validate_heads(shape.q_heads)?;
-            sparse_needs_square()?;
-            if !opts.causal {
-                return Err(Error::InvalidArgument(
-                    "sale attention is a causal (prefill) method".into(),
-                ));
-            }
-            if opts.import_state {
-                return Err(Error::InvalidArgument(
-                    "sale attention starts from an empty row state (import_state is for the executors)"
-                        .into(),
-                ));
-            }
-            (ExecConfig::default(), None, None)
-        }
         Method::Window(w) => {
             sparse_needs_square()?;
             if w.window == 0 || !opts.causal {
@@ -559,6 +426,12 @@ fn method_setup(
             };
             (exec, Some(lut.clone()), Some(lut.pairs(opts.causal)))
         }
+        m => {
+            return Err(Error::InvalidArgument(format!(
+                "{} has no executor configuration",
+                m.name()
+            )));
+        }
     })
 }
 
@@ -592,16 +465,14 @@ fn upload_lut(
 /// What runs on a GPU context. (One per plan, never in a collection: the size
 /// difference of the variants does not matter.)
 #[allow(clippy::large_enum_variant)]
-enum GpuPlan {
+pub(crate) enum GpuPlan {
     /// One executor pass (dense, window, fixed block or stripe LUT).
     Exec {
-        exec: DenseGpu,
+        exec: FlashGpu,
         lut: Option<[wgpu::Buffer; 2]>,
     },
-    /// AnchorAttention's three stages.
-    Anchor(AnchorGpu),
-    /// SALE's stages.
-    Sale(SaleGpu),
+    /// A selector on the two-pass sparse executor.
+    Sparse(SparseGpu),
 }
 
 /// A built attention: run it many times on tensors of its shape.
@@ -610,15 +481,15 @@ pub struct AttentionPlan {
     shape: AttentionShape,
     method: Method,
     opts: AttentionOptions,
-    gpu: Option<GpuPlan>,
+    pub(crate) gpu: Option<GpuPlan>,
     /// The fixed LUT of window / block-sparse / stripe methods.
     lut: Option<Arc<SparseLut>>,
     /// Pairs computed, when the method fixes them (window, fixed LUTs).
     pairs: Option<u64>,
     last: Mutex<Option<AttentionReport>>,
-    /// AnchorAttention on the CPU: the LUTs of the last run.
+    /// Sparse methods on the CPU: the LUTs of the last run.
     cpu_selection: Mutex<Option<Vec<SparseLut>>>,
-    /// AnchorAttention on the CPU: the final (m, l) of the last run.
+    /// Sparse methods on the CPU: the final (m, l) of the last run.
     cpu_row_stats: Mutex<Option<Vec<f32>>>,
 }
 
@@ -727,27 +598,19 @@ impl AttentionPlan {
                 let mut rec = Recorder::new(&self.ctx, "attention", self.stage_count())?;
                 self.record_checked(&mut rec, q, k, v, out, state.as_deref())?;
                 let timing = rec.submit().await?;
-                let (density, anchor, sale, dispatches) = match gpu {
-                    GpuPlan::Exec { exec, .. } => {
-                        (self.static_density(), None, None, exec.dispatch_count())
-                    }
-                    GpuPlan::Anchor(a) => {
-                        let stats = a.stats(&self.ctx).await?;
-                        (stats.density(), Some(stats), None, a.dispatch_count())
-                    }
-                    GpuPlan::Sale(s) => {
-                        let stats = s.stats(&self.ctx).await?;
-                        (stats.density(), None, Some(stats), s.dispatch_count())
-                    }
+                let (stats, dispatches) = match gpu {
+                    GpuPlan::Exec { exec, .. } => (None, exec.dispatch_count()),
+                    GpuPlan::Sparse(sp) => (Some(sp.stats(&self.ctx).await?), sp.dispatch_count()),
                 };
                 AttentionReport {
                     method: self.method.name().into(),
                     backend: self.ctx.backend(),
                     timing,
-                    density,
+                    density: stats
+                        .as_ref()
+                        .map_or(self.static_density(), |s| s.density()),
                     dispatches,
-                    anchor,
-                    sale,
+                    stats,
                 }
             }
             None => self.run_cpu(q, k, v, out, state)?,
@@ -767,8 +630,7 @@ impl AttentionPlan {
     /// How many timed stages a run records (size a shared [`Recorder`] with it).
     pub fn stage_count(&self) -> u32 {
         match &self.gpu {
-            Some(GpuPlan::Anchor(_)) => AnchorGpu::STAGES,
-            Some(GpuPlan::Sale(_)) => SaleGpu::STAGES,
+            Some(GpuPlan::Sparse(sp)) => sp.stage_count(),
             _ => 1,
         }
     }
@@ -804,7 +666,7 @@ impl AttentionPlan {
         match gpu {
             GpuPlan::Exec { exec, lut } => {
                 let st = state.map(|s| (buf(&s.ml), buf(&s.acc)));
-                let io = DenseBuffers {
+                let io = FlashIo {
                     q: &buf(q),
                     k: &buf(k),
                     v: &buf(v),
@@ -814,8 +676,11 @@ impl AttentionPlan {
                 };
                 exec.record(&self.ctx, rec, self.method.name(), &io)
             }
-            GpuPlan::Anchor(a) => a.record(&self.ctx, rec, &buf(q), &buf(k), &buf(v), &buf(out)),
-            GpuPlan::Sale(s) => s.record(&self.ctx, rec, &buf(q), &buf(k), &buf(v), &buf(out)),
+            GpuPlan::Sparse(sp) => sp.record(
+                &self.ctx,
+                rec,
+                [q, k, v, out].map(|t| t.buffer().expect("checked: same GPU context")),
+            ),
         }
     }
 
@@ -825,21 +690,14 @@ impl AttentionPlan {
     pub async fn selected_pattern(&self) -> Result<Option<Vec<SparseLut>>> {
         match (&self.method, &self.gpu) {
             (Method::Dense, _) => Ok(None),
-            (Method::Anchor(_), Some(GpuPlan::Anchor(a))) => {
+            (_, Some(GpuPlan::Sparse(sp))) => {
                 if self.report().is_none() {
                     return Ok(None);
                 }
-                let (anchor, stripes) = a.selection(&self.ctx).await?;
-                Ok(Some(vec![anchor, stripes]))
+                let (exact, selected) = sp.selection(&self.ctx).await?;
+                Ok(Some(vec![exact, selected]))
             }
-            (Method::Sale(_), Some(GpuPlan::Sale(s))) => {
-                if self.report().is_none() {
-                    return Ok(None);
-                }
-                let (exact, blocks) = s.selection(&self.ctx).await?;
-                Ok(Some(vec![exact, blocks]))
-            }
-            (Method::Anchor(_) | Method::Sale(_), _) => {
+            (m, _) if m.manages_state() => {
                 Ok(self.cpu_selection.lock().expect("selection lock").clone())
             }
             _ => Ok(self.lut.as_ref().map(|l| vec![(**l).clone()])),
@@ -854,8 +712,7 @@ impl AttentionPlan {
             return Ok(None);
         }
         match &self.gpu {
-            Some(GpuPlan::Anchor(a)) => Ok(Some(a.row_stats(&self.ctx).await?)),
-            Some(GpuPlan::Sale(s)) => Ok(Some(s.row_stats(&self.ctx).await?)),
+            Some(GpuPlan::Sparse(sp)) => Ok(Some(sp.row_stats(&self.ctx).await?)),
             _ => Ok(self.cpu_row_stats.lock().expect("row stats lock").clone()),
         }
     }
@@ -883,28 +740,16 @@ impl AttentionPlan {
             sinks,
             lut: self.lut.as_deref(),
         };
-        let mut anchor = None;
-        let mut sale = None;
-        let result = match (&self.method, state) {
-            (Method::Sale(cfg), _) => {
-                let run = sale_cpu(&self.shape, cfg, scale, &qf, &kf, &vf)?;
-                let exact = cfg.exact_lut(self.shape.q_heads, self.shape.seq_len)?;
-                *self.cpu_selection.lock().expect("selection lock") =
-                    Some(vec![exact, run.selection.blocks]);
+        let mut stats = None;
+        let result = match (self.method.selector(), state) {
+            (Some(sel), _) => {
+                let run = sparse::run_cpu(&*sel, &self.shape, scale, (&qf, &kf, &vf))?;
+                *self.cpu_selection.lock().expect("selection lock") = Some(run.luts);
                 *self.cpu_row_stats.lock().expect("row stats lock") = Some(run.ml);
-                sale = Some(run.stats);
+                stats = Some(run.stats);
                 run.out
             }
-            (Method::Anchor(cfg), _) => {
-                let run = anchor_cpu(&self.shape, cfg, scale, &qf, &kf, &vf)?;
-                let anchor_lut = cfg.anchor_lut(self.shape.q_heads, self.shape.seq_len)?;
-                *self.cpu_selection.lock().expect("selection lock") =
-                    Some(vec![anchor_lut, run.selection.stripes]);
-                *self.cpu_row_stats.lock().expect("row stats lock") = Some(run.ml);
-                anchor = Some(run.stats);
-                run.out
-            }
-            (_, Some(st)) => {
+            (None, Some(st)) => {
                 let mut hs = if self.opts.import_state {
                     HostRowState {
                         ml: host(&st.ml),
@@ -918,16 +763,14 @@ impl AttentionPlan {
                 *st.acc.host_mut().expect("CPU") = HostData::F32(hs.acc);
                 o
             }
-            (_, None) => attention_cpu(&self.shape, &copts, &qf, &kf, &vf, None),
+            (None, None) => attention_cpu(&self.shape, &copts, &qf, &kf, &vf, None),
         };
         *out.host_mut().expect("checked: CPU context") =
             HostData::from_f32(&result, self.opts.dtype)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let density = match (&anchor, &sale) {
-            (Some(a), _) => a.density(),
-            (_, Some(s)) => s.density(),
-            _ => self.static_density(),
-        };
+        let density = stats
+            .as_ref()
+            .map_or(self.static_density(), |s| s.density());
         Ok(AttentionReport {
             method: self.method.name().into(),
             backend: Backend::Cpu,
@@ -943,8 +786,7 @@ impl AttentionPlan {
             },
             density,
             dispatches: 1,
-            anchor,
-            sale,
+            stats,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! Checking a device against the CPU twin: the routine the tests, the bench's
 //! `--check-len` and the CLI share.
 
-use crate::attention::dense_cpu::dense_attention_cpu;
+use crate::attention::flash_cpu::dense_attention_cpu;
 use crate::attention::metrics::{ErrorStats, compare};
 use crate::attention::synthetic::qkv_host;
 use crate::attention::{AttentionReport, AttentionShape, Method, upload_qkv};

@@ -744,7 +744,7 @@ pub fn argmax(v: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::dense_cpu::naive_attention;
+    use crate::attention::flash_cpu::naive_attention;
     use crate::model::gguf::{GgufBuilder, Value};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 

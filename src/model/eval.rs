@@ -16,11 +16,11 @@
 
 use serde::Serialize;
 
-use crate::attention::anchor::AnchorConfig;
 use crate::attention::metrics::Quality;
-use crate::attention::oracle::oracle;
-use crate::attention::sale::SaleConfig;
-use crate::attention::sale_calibrate::SaleThresholds;
+use crate::attention::select::anchor::AnchorConfig;
+use crate::attention::select::oracle::oracle;
+use crate::attention::select::sale::SaleConfig;
+use crate::attention::select::sale_calibrate::SaleThresholds;
 use crate::attention::{AttentionShape, Method, RowState, WindowConfig, upload_qkv};
 use crate::error::{Error, Result};
 use crate::model::decoder::{Decoder, LayerQkv, argmax};

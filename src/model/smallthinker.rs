@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::attention::dense_cpu::{CpuAttention, attention_cpu};
+use crate::attention::flash_cpu::{CpuAttention, attention_cpu};
 use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
 use crate::moe::stream::{ExpertResidency, StreamStats};

@@ -15,10 +15,10 @@
 
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
-use wgsparse::attention::anchor::AnchorConfig;
-use wgsparse::attention::dense_cpu::{naive_attention, naive_masked_attention};
+use wgsparse::attention::flash_cpu::{naive_attention, naive_masked_attention};
 use wgsparse::attention::metrics::{ErrorStats, Quality, compare};
-use wgsparse::attention::sale::SaleConfig;
+use wgsparse::attention::select::anchor::AnchorConfig;
+use wgsparse::attention::select::sale::SaleConfig;
 use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
 use wgsparse::{
@@ -140,7 +140,7 @@ impl WebContext {
             fallback_reason: self.fallback_reason.as_deref(),
             capabilities: self.ctx.capabilities(),
             dense_tile_rows: gpu
-                .map(|g| wgsparse::attention::dense_gpu::DenseTiles::choose(&g.caps).bq),
+                .map(|g| wgsparse::attention::flash::DenseTiles::choose(&g.caps).bq),
         };
         serde_json::to_string(&info).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }

@@ -21,7 +21,7 @@ use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 /// Uniform parameters of one dispatch; mirrors `struct Params` in the WGSL.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct DenseParams {
+pub struct FlashParams {
     q_base: u32,
     k_base: u32,
     v_base: u32,
@@ -173,7 +173,7 @@ struct Prepared {
 }
 
 /// The buffers one run binds: inputs, output, and the caller's (ml, acc) state if any.
-pub(crate) struct DenseBuffers<'a> {
+pub(crate) struct FlashIo<'a> {
     pub q: &'a wgpu::Buffer,
     pub k: &'a wgpu::Buffer,
     pub v: &'a wgpu::Buffer,
@@ -184,7 +184,7 @@ pub(crate) struct DenseBuffers<'a> {
 }
 
 /// A built dense attention on a GPU context.
-pub(crate) struct DenseGpu {
+pub(crate) struct FlashGpu {
     keys: KeyMode,
     caller: Vec<Prepared>,
     scratch: Vec<Prepared>,
@@ -272,7 +272,7 @@ fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant, keys: KeyF
 /// Every variant the dense family can compile, for the shader dump and portability tests.
 /// Each needs [`dense_workgroup_bytes`] of workgroup memory; `BQ=32` fits WebGPU's
 /// 16 KiB default (the portable fallback).
-pub fn all_dense_variants() -> Vec<KernelSpec> {
+pub fn all_flash_variants() -> Vec<KernelSpec> {
     let mut out = vec![];
     let tiles = [32, 64].map(|bq| DenseTiles { bq });
     for (d, tiles) in [64, 128, 256]
@@ -297,7 +297,7 @@ pub fn all_dense_variants() -> Vec<KernelSpec> {
     out
 }
 
-impl DenseGpu {
+impl FlashGpu {
     pub(crate) fn build(
         ctx: &Context,
         shape: &AttentionShape,
@@ -343,7 +343,7 @@ impl DenseGpu {
         let group = (shape.q_heads / shape.kv_heads) as u64;
         let uniform_align = g.device.limits().min_uniform_buffer_offset_alignment as u64;
         let slot_size =
-            (std::mem::size_of::<DenseParams>() as u64).div_ceil(uniform_align) * uniform_align;
+            (std::mem::size_of::<FlashParams>() as u64).div_ceil(uniform_align) * uniform_align;
         let tiles = DenseTiles::choose_for(caps, exec.keys);
         let (lut_q_block, lut_key_block) = match exec.keys {
             KeyMode::Range => (1, 32),
@@ -407,7 +407,7 @@ impl DenseGpu {
                         }),
                     ),
                 };
-                let p = DenseParams {
+                let p = FlashParams {
                     q_base: q.base,
                     k_base: k.base,
                     v_base: v.base,
@@ -475,7 +475,7 @@ impl DenseGpu {
                 mapped_at_creation: false,
             })
         };
-        Ok(DenseGpu {
+        Ok(FlashGpu {
             keys: exec.keys,
             caller,
             scratch,
@@ -502,7 +502,7 @@ impl DenseGpu {
         ctx: &Context,
         rec: &mut Recorder<'_>,
         stage: &str,
-        io: &DenseBuffers<'_>,
+        io: &FlashIo<'_>,
     ) -> Result<()> {
         let device = rec.gpu().device.clone();
         let (q, k, v, o) = (io.q, io.k, io.v, io.o);
@@ -541,7 +541,7 @@ impl DenseGpu {
                     wgpu::BufferBinding {
                         buffer: &self.params,
                         offset: x.slot,
-                        size: wgpu::BufferSize::new(std::mem::size_of::<DenseParams>() as u64),
+                        size: wgpu::BufferSize::new(std::mem::size_of::<FlashParams>() as u64),
                     },
                     bind_range(q, x.q),
                     bind_range(k, x.k),
@@ -618,6 +618,6 @@ mod tests {
 
     #[test]
     fn variants_cover_dims_and_dtypes() {
-        assert_eq!(all_dense_variants().len(), 3 * 2 * 2 * 6 * 3);
+        assert_eq!(all_flash_variants().len(), 3 * 2 * 2 * 6 * 3);
     }
 }

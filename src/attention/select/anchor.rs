@@ -13,24 +13,26 @@
 //! - GQA: each q-head selects its own stripes, K/V are read through the kv head (the
 //!   released code expands K/V to every q-head first).
 
+use std::any::Any;
 use std::ops::Range;
 
 use bytemuck::{Pod, Zeroable};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::dense_cpu::{CpuAttention, HostRowState, attention_cpu};
-use super::dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
-use super::lut::{LutUnit, SparseLut};
-use super::{AttentionOptions, AttentionShape};
+use super::{GpuSelection, MethodStats, SelectIo, Selector};
+use crate::attention::lut::{LutUnit, SparseLut};
+use crate::attention::method::{Params, parse_value, unknown_param};
+use crate::attention::sparse::{SelectionLayout, TwoPassRun, two_pass_cpu};
+use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind_params, storage, storage_init, uniform};
+use crate::runtime::launch::{bind_params, check_axis, storage, uniform};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
 /// AnchorAttention's hyperparameters (the authors' defaults).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AnchorConfig {
     /// Admission margin θ in natural-log logit units: key j is kept for a group when
     /// `q̄·k_j/√d + θ ≥ ā` for one of the group's pooled rows.
@@ -147,22 +149,36 @@ impl AnchorStats {
         anchor_lut: &SparseLut,
         counts: &[u32],
     ) -> Self {
-        let n = shape.seq_len;
-        let groups = cfg.groups(n);
-        let mut stripe_pairs = 0u64;
+        let groups = cfg.groups(shape.seq_len);
         let mut per_group = vec![0.0; groups];
         for (i, &c) in counts.iter().enumerate() {
-            let g = i % groups;
-            let rows = (((g + 1) * cfg.group_rows()).min(n) - g * cfg.group_rows()) as u64;
-            stripe_pairs += c as u64 * rows;
-            per_group[g] += c as f64 / shape.q_heads as f64;
+            per_group[i % groups] += c as f64 / shape.q_heads as f64;
         }
         AnchorStats {
-            causal_pairs: shape.q_heads as u64 * (n as u64 * (n as u64 + 1) / 2),
+            causal_pairs: shape.pairs(true) as u64,
             anchor_pairs: anchor_lut.pairs(true),
-            stripe_pairs,
+            stripe_pairs: cfg
+                .stripe_layout(shape)
+                .selected_pairs(shape.seq_len, counts),
             stripes_per_group: per_group,
         }
+    }
+}
+
+impl std::fmt::Display for AnchorStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per = &self.stripes_per_group;
+        write!(
+            f,
+            "anchor: {} groups, stripes per group (mean over heads) {}, anchor pairs {:.4} + stripe pairs {:.4} of causal",
+            per.len(),
+            per.iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            self.anchor_pairs as f64 / self.causal_pairs as f64,
+            self.stripe_pairs as f64 / self.causal_pairs as f64,
+        )
     }
 }
 
@@ -269,24 +285,18 @@ pub fn anchor_cpu(
 ) -> Result<AnchorRun> {
     cfg.validate()?;
     let anchor_lut = cfg.anchor_lut(shape.q_heads, shape.seq_len)?;
-    let mut st = HostRowState::empty(shape);
-    let exec = |lut| CpuAttention {
-        causal: true,
-        scale,
-        window: 0,
-        sinks: 0,
-        lut: Some(lut),
-    };
-    attention_cpu(shape, &exec(&anchor_lut), q, k, v, Some(&mut st));
-    let sel = select_cpu(shape, cfg, scale, q, k, &st.ml)?;
-    let out = attention_cpu(shape, &exec(&sel.stripes), q, k, v, Some(&mut st));
-    let counts: Vec<u32> = sel.stripes.ranges.iter().map(|[a, b]| b - a).collect();
-    let stats = AnchorStats::from_counts(shape, cfg, &anchor_lut, &counts);
+    let TwoPassRun {
+        out, detail, ml, ..
+    } = two_pass_cpu(shape, &anchor_lut, scale, (q, k, v), |ml| {
+        let sel = select_cpu(shape, cfg, scale, q, k, ml)?;
+        Ok((sel.stripes.clone(), sel))
+    })?;
+    let stats = AnchorStats::from_counts(shape, cfg, &anchor_lut, &detail.stripes.counts());
     Ok(AnchorRun {
         out,
-        selection: sel,
+        selection: detail,
         stats,
-        ml: st.ml,
+        ml,
     })
 }
 
@@ -381,45 +391,108 @@ pub fn all_anchor_variants() -> Vec<KernelSpec> {
     out
 }
 
-/// AnchorAttention on a GPU context.
-pub(crate) struct AnchorGpu {
-    cfg: AnchorConfig,
-    shape: AttentionShape,
-    anchor_exec: DenseGpu,
-    stripe_exec: DenseGpu,
-    anchor_lut: SparseLut,
+impl AnchorConfig {
+    /// The stripe LUT's layout: one row per (head, group), room for every candidate.
+    pub fn stripe_layout(&self, shape: &AttentionShape) -> SelectionLayout {
+        let groups = self.groups(shape.seq_len);
+        SelectionLayout {
+            q_block: self.group_rows(),
+            unit: LutUnit::Keys,
+            capacity: (0..shape.q_heads * groups)
+                .map(|i| self.capacity(i % groups, shape.seq_len) as u32)
+                .collect(),
+        }
+    }
+}
+
+impl Params for AnchorConfig {
+    fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "theta" => self.theta = parse_value(key, value)?,
+            "block" => self.block = parse_value(key, value)?,
+            "step" => self.step = parse_value(key, value)?,
+            "init_keys" | "init" => self.init_keys = parse_value(key, value)?,
+            _ => {
+                return Err(unknown_param(
+                    "anchor",
+                    key,
+                    "theta, block, step, init_keys",
+                ));
+            }
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("theta", self.theta.to_string()),
+            ("block", self.block.to_string()),
+            ("step", self.step.to_string()),
+            ("init_keys", self.init_keys.to_string()),
+        ]
+    }
+}
+
+impl Selector for AnchorConfig {
+    fn name(&self) -> &'static str {
+        "anchor"
+    }
+    fn pass_names(&self) -> [&'static str; 2] {
+        ["anchor", "stripes"]
+    }
+    fn validate(&self, _shape: &AttentionShape) -> Result<()> {
+        AnchorConfig::validate(self)
+    }
+    fn exact_lut(&self, shape: &AttentionShape) -> Result<SparseLut> {
+        self.anchor_lut(shape.q_heads, shape.seq_len)
+    }
+    fn layout(&self, shape: &AttentionShape) -> Result<SelectionLayout> {
+        Ok(self.stripe_layout(shape))
+    }
+    fn select_cpu(
+        &self,
+        shape: &AttentionShape,
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        ml: &[f32],
+    ) -> Result<SparseLut> {
+        Ok(select_cpu(shape, self, scale, q, k, ml)?.stripes)
+    }
+    fn build_gpu(
+        &self,
+        ctx: &Context,
+        shape: &AttentionShape,
+        opts: &AttentionOptions,
+        _layout: &SelectionLayout,
+    ) -> Result<Box<dyn GpuSelection>> {
+        Ok(Box::new(AnchorSelectGpu::build(ctx, shape, opts, self)?))
+    }
+    fn stats(&self, shape: &AttentionShape, exact: &SparseLut, counts: &[u32]) -> MethodStats {
+        MethodStats::Anchor(AnchorStats::from_counts(shape, self, exact, counts))
+    }
+}
+
+/// AnchorAttention's selection on a GPU context: pooling, flags, compaction.
+struct AnchorSelectGpu {
     kernels: [std::sync::Arc<Kernel>; 3],
     params: wgpu::Buffer,
     grid_pool: (u32, u32),
     grid_select: (u32, u32, u32),
-    bufs: AnchorBuffers,
-}
-
-struct AnchorBuffers {
-    anchor_ranges: wgpu::Buffer,
-    anchor_idx: wgpu::Buffer,
-    ml: wgpu::Buffer,
-    acc: wgpu::Buffer,
     qbar: wgpu::Buffer,
     abar: wgpu::Buffer,
     flags: wgpu::Buffer,
     counts: wgpu::Buffer,
-    group_base: wgpu::Buffer,
-    stripe_ranges: wgpu::Buffer,
-    stripe_idx: wgpu::Buffer,
 }
 
-impl AnchorGpu {
-    pub(crate) fn build(
+impl AnchorSelectGpu {
+    fn build(
         ctx: &Context,
         shape: &AttentionShape,
         opts: &AttentionOptions,
         cfg: &AnchorConfig,
     ) -> Result<Self> {
-        // The configuration, causality, import_state and the square shape were checked
-        // by the plan builder (`method_setup`), for the CPU path too.
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let caps = &g.caps;
+        let max = g.caps.max_workgroups_per_dim;
         let (h, n, d) = (shape.q_heads, shape.seq_len, shape.head_dim);
         let groups = cfg.groups(n);
         let n_pool = n.div_ceil(cfg.block);
@@ -428,113 +501,22 @@ impl AnchorGpu {
             .max()
             .unwrap_or(0)
             .max(1);
-        let grid_select = (chunks as u32, groups as u32, h as u32);
-        for (axis, v) in [
-            ("chunks", chunks),
-            ("groups", groups),
-            ("heads", h),
-            ("pool", n_pool),
-        ] {
-            if v > caps.max_workgroups_per_dim as usize {
-                return Err(Error::InvalidShape(format!(
-                    "anchor selection grid: {v} {axis} > {} workgroups per axis",
-                    caps.max_workgroups_per_dim
-                )));
-            }
-        }
-        // Stripe slices: capacity = candidates of the group, per head.
-        let mut group_base = Vec::with_capacity(h * groups);
-        let mut total = 0u64;
-        for _ in 0..h {
-            for gi in 0..groups {
-                group_base.push(u32::try_from(total).map_err(|_| {
-                    Error::InvalidShape("anchor stripe list over 2^32 entries".into())
-                })?);
-                total += cfg.capacity(gi, n) as u64;
-            }
-        }
-        let anchor_lut = cfg.anchor_lut(h, n)?;
-        let base_opts = AttentionOptions {
-            import_state: false,
-            ..opts.clone()
-        };
-        let anchor_exec = DenseGpu::build(
-            ctx,
-            shape,
-            &base_opts,
-            &ExecConfig {
-                keys: KeyMode::Blocks {
-                    q_block: cfg.block,
-                    key_block: cfg.block,
-                },
-                ..Default::default()
-            },
-        )?;
-        let stripe_exec = DenseGpu::build(
-            ctx,
-            shape,
-            &AttentionOptions {
-                import_state: true,
-                ..opts.clone()
-            },
-            &ExecConfig {
-                keys: KeyMode::Gather {
-                    q_block: cfg.group_rows(),
-                },
-                // The final (m, l) gives the attention-mass recall; the extra writes
-                // are a small fraction of the pass.
-                export_state: true,
-                ..Default::default()
-            },
-        )?;
-
-        // Whole-tensor bindings of the selection kernels.
+        let grid_select = (
+            check_axis(chunks as u64, max, "anchor selection chunks")?,
+            check_axis(groups as u64, max, "anchor selection groups")?,
+            check_axis(h as u64, max, "anchor selection heads")?,
+        );
+        let grid_pool = (
+            check_axis(n_pool as u64, max, "anchor pooled blocks")?,
+            grid_select.2,
+        );
         let es = opts.dtype.size() as u64;
-        let bind_limit = caps.max_storage_binding;
-        let sizes = [
-            ("Q (anchor pooling)", (h * n * d) as u64 * es),
-            ("K (anchor selection)", (shape.kv_heads * n * d) as u64 * es),
-            ("row state m, l", (h * n * 8) as u64),
-            ("stripe list", total.max(1) * 4),
-            ("selection flags", (h * groups * chunks * 32) as u64),
-        ];
-        for (what, size) in sizes {
-            if size > bind_limit {
-                return Err(Error::too_large(what, size, bind_limit));
-            }
-        }
-        let acc_size = (h * n * d) as u64 * 4;
-        crate::runtime::tensor::check_buffer_size(ctx, "anchor row state acc", acc_size)?;
-
-        let bufs = AnchorBuffers {
-            anchor_ranges: storage_init(
-                g,
-                "anchor lut ranges",
-                bytemuck::cast_slice(&anchor_lut.ranges),
-            )?,
-            anchor_idx: storage_init(
-                g,
-                "anchor lut indices",
-                bytemuck::cast_slice(&anchor_lut.indices),
-            )?,
-            ml: storage(g, "anchor row state ml", (h * n * 8) as u64)?,
-            acc: storage(g, "anchor row state acc", acc_size)?,
-            qbar: storage(g, "anchor pooled q", (h * n_pool * d * 4) as u64)?,
-            abar: storage(g, "anchor pooled anchors", (h * n_pool * 4) as u64)?,
-            flags: storage(
-                g,
-                "anchor selection flags",
-                (h * groups * chunks * 32) as u64,
-            )?,
-            counts: storage(g, "anchor chunk counts", (h * groups * chunks * 4) as u64)?,
-            group_base: storage_init(
-                g,
-                "anchor stripe slice starts",
-                bytemuck::cast_slice(&group_base),
-            )?,
-            stripe_ranges: storage(g, "anchor stripe lut ranges", (h * groups * 8) as u64)?,
-            stripe_idx: storage(g, "anchor stripe lut indices", total * 4)?,
-        };
+        crate::runtime::launch::check_binding(g, "Q (anchor pooling)", (h * n * d) as u64 * es)?;
+        crate::runtime::launch::check_binding(
+            g,
+            "K (anchor selection)",
+            (shape.kv_heads * n * d) as u64 * es,
+        )?;
         let p = SelectParams {
             seq_len: n as u32,
             q_heads: h as u32,
@@ -547,78 +529,54 @@ impl AnchorGpu {
             theta: cfg.theta,
             _pad: [0; 3],
         };
-        let params = uniform(g, "anchor selection params", bytemuck::bytes_of(&p));
-        let kernels = [
-            ctx.kernel(&select_spec("pool", d, cfg, opts.dtype))?,
-            ctx.kernel(&select_spec("flags", d, cfg, opts.dtype))?,
-            ctx.kernel(&select_spec("compact", d, cfg, opts.dtype))?,
-        ];
-        Ok(AnchorGpu {
-            cfg: *cfg,
-            shape: *shape,
-            anchor_exec,
-            stripe_exec,
-            anchor_lut,
-            kernels,
-            params,
-            grid_pool: (n_pool as u32, h as u32),
+        let spec = |stage| select_spec(stage, d, cfg, opts.dtype);
+        Ok(AnchorSelectGpu {
+            kernels: [
+                ctx.kernel(&spec("pool"))?,
+                ctx.kernel(&spec("flags"))?,
+                ctx.kernel(&spec("compact"))?,
+            ],
+            params: uniform(g, "anchor selection params", bytemuck::bytes_of(&p)),
+            grid_pool,
             grid_select,
-            bufs,
+            qbar: storage(g, "anchor pooled q", (h * n_pool * d * 4) as u64)?,
+            abar: storage(g, "anchor pooled anchors", (h * n_pool * 4) as u64)?,
+            flags: storage(
+                g,
+                "anchor selection flags",
+                (h * groups * chunks * 32) as u64,
+            )?,
+            counts: storage(g, "anchor chunk counts", (h * groups * chunks * 4) as u64)?,
         })
     }
+}
 
-    /// Timed stages a run records.
-    pub(crate) const STAGES: u32 = 5;
-
-    /// Dispatches a run records.
-    pub(crate) fn dispatch_count(&self) -> usize {
-        self.anchor_exec.dispatch_count() + 3 + self.stripe_exec.dispatch_count()
-    }
-
-    /// Records anchor pass, selection (pool, flags, compact) and stripe pass.
-    pub(crate) fn record(
-        &self,
-        ctx: &Context,
-        rec: &mut Recorder<'_>,
-        q: &wgpu::Buffer,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-    ) -> Result<()> {
-        let b = &self.bufs;
-        self.anchor_exec.record(
-            ctx,
-            rec,
-            "anchor",
-            &DenseBuffers {
-                q,
-                k,
-                v,
-                o: out,
-                state: Some((&b.ml, &b.acc)),
-                lut: Some((&b.anchor_ranges, &b.anchor_idx)),
-            },
-        )?;
+impl GpuSelection for AnchorSelectGpu {
+    fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
         let gd = rec.gpu();
         let group = |kernel: &Kernel, label: &str, bufs: &[&wgpu::Buffer]| {
             bind_params(gd, kernel, label, &self.params, bufs)
         };
         let [kp, kf, kc] = &self.kernels;
-        let bg_pool = group(kp, "anchor pool bindings", &[q, &b.ml, &b.qbar, &b.abar]);
+        let bg_pool = group(
+            kp,
+            "anchor pool bindings",
+            &[io.q, io.ml, &self.qbar, &self.abar],
+        );
         let bg_flags = group(
             kf,
             "anchor flags bindings",
-            &[k, &b.qbar, &b.abar, &b.flags, &b.counts],
+            &[io.k, &self.qbar, &self.abar, &self.flags, &self.counts],
         );
         let bg_compact = group(
             kc,
             "anchor compact bindings",
             &[
-                &b.flags,
-                &b.counts,
-                &b.group_base,
-                &b.stripe_ranges,
-                &b.stripe_idx,
+                &self.flags,
+                &self.counts,
+                io.row_base,
+                io.ranges,
+                io.indices,
             ],
         );
         let (px, py) = self.grid_pool;
@@ -629,86 +587,24 @@ impl AnchorGpu {
             1
         });
         let (sx, sy, sz) = self.grid_select;
-        rec.stage("select", |pass| {
-            pass.set_pipeline(&kf.pipeline);
-            pass.set_bind_group(0, &bg_flags, &[]);
-            pass.dispatch_workgroups(sx, sy, sz);
-            1
-        });
-        rec.stage("compact", |pass| {
-            pass.set_pipeline(&kc.pipeline);
-            pass.set_bind_group(0, &bg_compact, &[]);
-            pass.dispatch_workgroups(sx, sy, sz);
-            1
-        });
-        self.stripe_exec.record(
-            ctx,
-            rec,
-            "stripes",
-            &DenseBuffers {
-                q,
-                k,
-                v,
-                o: out,
-                state: Some((&b.ml, &b.acc)),
-                lut: Some((&b.stripe_ranges, &b.stripe_idx)),
-            },
-        )
+        for (stage, kernel, bg) in [("select", kf, &bg_flags), ("compact", kc, &bg_compact)] {
+            rec.stage(stage, |pass| {
+                pass.set_pipeline(&kernel.pipeline);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(sx, sy, sz);
+                1
+            });
+        }
+        Ok(())
     }
-
-    /// Statistics of the last run (reads the stripe ranges back: `q_heads × groups`
-    /// pairs of u32).
-    pub(crate) async fn stats(&self, ctx: &Context) -> Result<AnchorStats> {
-        let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let ranges = self.read_ranges(g).await?;
-        let counts: Vec<u32> = ranges.iter().map(|[a, b]| b - a).collect();
-        Ok(AnchorStats::from_counts(
-            &self.shape,
-            &self.cfg,
-            &self.anchor_lut,
-            &counts,
-        ))
+    fn stage_count(&self) -> u32 {
+        3
     }
-
-    /// Final (m, l) of every row of the last run, `[q_heads, seq_len, 2]`.
-    pub(crate) async fn row_stats(&self, ctx: &Context) -> Result<Vec<f32>> {
-        let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let size = (self.shape.q_heads * self.shape.seq_len * 8) as u64;
-        let bytes = crate::runtime::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    fn dispatch_count(&self) -> usize {
+        3
     }
-
-    async fn read_ranges(&self, g: &crate::runtime::context::GpuDevice) -> Result<Vec<[u32; 2]>> {
-        let size = self.bufs.stripe_ranges.size();
-        let bytes =
-            crate::runtime::tensor::read_buffer(g, &self.bufs.stripe_ranges, 0, size).await?;
-        let words: &[u32] = bytemuck::cast_slice(&bytes);
-        let rows = self.shape.q_heads * self.cfg.groups(self.shape.seq_len);
-        Ok(words[..2 * rows]
-            .chunks_exact(2)
-            .map(|c| [c[0], c[1]])
-            .collect())
-    }
-
-    /// The anchor LUT and the stripes selected by the last run (reads the stripe list
-    /// back).
-    pub(crate) async fn selection(&self, ctx: &Context) -> Result<(SparseLut, SparseLut)> {
-        let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let ranges = self.read_ranges(g).await?;
-        let size = self.bufs.stripe_idx.size();
-        let bytes = crate::runtime::tensor::read_buffer(g, &self.bufs.stripe_idx, 0, size).await?;
-        let idx: &[u32] = bytemuck::cast_slice(&bytes);
-        let stripes = SparseLut::from_fn(
-            self.shape.q_heads,
-            self.shape.seq_len,
-            self.cfg.group_rows(),
-            LutUnit::Keys,
-            |h, gi| {
-                let [a, b] = ranges[h * self.cfg.groups(self.shape.seq_len) + gi];
-                idx[a as usize..b as usize].to_vec()
-            },
-        )?;
-        Ok((self.anchor_lut.clone(), stripes))
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 

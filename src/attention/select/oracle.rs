@@ -14,8 +14,8 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::AttentionShape;
-use super::lut::{LutUnit, SparseLut};
+use crate::attention::AttentionShape;
+use crate::attention::lut::{LutUnit, SparseLut};
 use crate::error::{Error, Result};
 
 /// The oracle patterns of one attention.

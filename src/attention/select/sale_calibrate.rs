@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::sale::SaleConfig;
-use super::{AttentionShape, Method, upload_qkv};
+use crate::attention::{AttentionShape, Method, upload_qkv};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
 use crate::runtime::tensor::DType;

@@ -24,16 +24,21 @@
 //! - **Two-pass thresholds** (the released default): (m, l) are frozen after the exact
 //!   pass.
 
+use std::any::Any;
+
 use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
 
-use super::dense_cpu::{CpuAttention, HostRowState, attention_cpu};
-use super::dense_gpu::{DenseBuffers, DenseGpu, ExecConfig, KeyMode};
-use super::lut::{LutUnit, SparseLut};
-use super::{AttentionOptions, AttentionShape};
+use super::{GpuSelection, MethodStats, SelectIo, Selector};
+use crate::attention::lut::{LutUnit, SparseLut};
+use crate::attention::method::{Params, parse_value, unknown_param};
+use crate::attention::sparse::{SelectionLayout, TwoPassRun, two_pass_cpu};
+use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind_params, storage, storage_init, uniform};
+use crate::runtime::launch::{
+    bind_params, check_axis, check_binding, storage, storage_init, uniform,
+};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
@@ -457,21 +462,18 @@ impl SaleStats {
         exact: &SparseLut,
         counts: &[u32],
     ) -> Self {
-        let n = shape.seq_len;
-        let nqb = n.div_ceil(BLOCK_Q);
+        let nqb = shape.seq_len.div_ceil(BLOCK_Q);
         let per_head_cand: u64 = (0..nqb).map(|qb| cfg.candidates(qb) as u64).sum();
-        let mut selected_pairs = 0;
         let mut per_head = vec![0u64; shape.q_heads];
         for (i, &c) in counts.iter().enumerate() {
-            let qb = i % nqb;
-            let rows = (((qb + 1) * BLOCK_Q).min(n) - qb * BLOCK_Q) as u64;
-            selected_pairs += c as u64 * rows * BLOCK_K as u64;
             per_head[i / nqb] += c as u64;
         }
         SaleStats {
-            causal_pairs: shape.q_heads as u64 * (n as u64 * (n as u64 + 1) / 2),
+            causal_pairs: shape.pairs(true) as u64,
             exact_pairs: exact.pairs(true),
-            selected_pairs,
+            selected_pairs: cfg
+                .block_layout(shape)
+                .selected_pairs(shape.seq_len, counts),
             candidate_blocks: per_head_cand * shape.q_heads as u64,
             selected_blocks: per_head.iter().sum(),
             selected_per_head: per_head
@@ -479,6 +481,20 @@ impl SaleStats {
                 .map(|&s| s as f64 / per_head_cand.max(1) as f64)
                 .collect(),
         }
+    }
+}
+
+impl std::fmt::Display for SaleStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sale: {} of {} candidate 64x32 blocks selected ({:.4}), exact pairs {:.4} + selected pairs {:.4} of causal",
+            self.selected_blocks,
+            self.candidate_blocks,
+            self.selected_blocks as f64 / self.candidate_blocks.max(1) as f64,
+            self.exact_pairs as f64 / self.causal_pairs as f64,
+            self.selected_pairs as f64 / self.causal_pairs as f64,
+        )
     }
 }
 
@@ -509,26 +525,20 @@ pub fn sale_cpu(
     cfg.validate()?;
     cfg.validate_heads(shape.q_heads)?;
     let exact = cfg.exact_lut(shape.q_heads, shape.seq_len)?;
-    let mut st = HostRowState::empty(shape);
-    let exec = |lut| CpuAttention {
-        causal: true,
-        scale,
-        window: 0,
-        sinks: 0,
-        lut: Some(lut),
-    };
-    attention_cpu(shape, &exec(&exact), q, k, v, Some(&mut st));
     let quant = quantize_cpu(shape, cfg.bits, q, k);
-    let selection = select_cpu(shape, cfg, scale, &quant, &st.ml)?;
-    let out = attention_cpu(shape, &exec(&selection.blocks), q, k, v, Some(&mut st));
-    let counts: Vec<u32> = selection.blocks.ranges.iter().map(|[a, b]| b - a).collect();
-    let stats = SaleStats::from_counts(shape, cfg, &exact, &counts);
+    let TwoPassRun {
+        out, detail, ml, ..
+    } = two_pass_cpu(shape, &exact, scale, (q, k, v), |ml| {
+        let sel = select_cpu(shape, cfg, scale, &quant, ml)?;
+        Ok((sel.blocks.clone(), sel))
+    })?;
+    let stats = SaleStats::from_counts(shape, cfg, &exact, &detail.blocks.counts());
     Ok(SaleRun {
         out,
         quant,
-        selection,
+        selection: detail,
         stats,
-        ml: st.ml,
+        ml,
     })
 }
 
@@ -719,10 +729,91 @@ pub fn all_sale_variants() -> Vec<KernelSpec> {
     out
 }
 
-/// GPU buffers of a SALE plan.
-struct SaleBuffers {
+impl SaleConfig {
+    /// The selected LUT's layout: one row per (head, 64-row query block), 32-key blocks,
+    /// room for every candidate block.
+    pub fn block_layout(&self, shape: &AttentionShape) -> SelectionLayout {
+        let nqb = shape.seq_len.div_ceil(BLOCK_Q);
+        SelectionLayout {
+            q_block: BLOCK_Q,
+            unit: LutUnit::Blocks(BLOCK_K),
+            capacity: (0..shape.q_heads * nqb)
+                .map(|i| self.candidates(i % nqb) as u32)
+                .collect(),
+        }
+    }
+}
+
+impl Params for SaleConfig {
+    fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "tau" => self.tau = parse_value(key, value)?,
+            "bits" => self.bits = parse_value(key, value)?,
+            "local" => self.local = parse_value(key, value)?,
+            _ => return Err(unknown_param("sale", key, "tau, bits, local")),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("tau", self.tau.to_string()),
+            ("bits", self.bits.to_string()),
+            ("local", self.local.to_string()),
+        ]
+    }
+}
+
+impl Selector for SaleConfig {
+    fn name(&self) -> &'static str {
+        "sale"
+    }
+    fn validate(&self, shape: &AttentionShape) -> Result<()> {
+        SaleConfig::validate(self)?;
+        self.validate_heads(shape.q_heads)
+    }
+    fn exact_lut(&self, shape: &AttentionShape) -> Result<SparseLut> {
+        SaleConfig::exact_lut(self, shape.q_heads, shape.seq_len)
+    }
+    fn layout(&self, shape: &AttentionShape) -> Result<SelectionLayout> {
+        Ok(self.block_layout(shape))
+    }
+    fn select_cpu(
+        &self,
+        shape: &AttentionShape,
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        ml: &[f32],
+    ) -> Result<SparseLut> {
+        let quant = quantize_cpu(shape, self.bits, q, k);
+        Ok(select_cpu(shape, self, scale, &quant, ml)?.blocks)
+    }
+    fn build_gpu(
+        &self,
+        ctx: &Context,
+        shape: &AttentionShape,
+        opts: &AttentionOptions,
+        layout: &SelectionLayout,
+    ) -> Result<Box<dyn GpuSelection>> {
+        Ok(Box::new(SaleSelectGpu::build(
+            ctx, shape, opts, self, layout,
+        )?))
+    }
+    fn stats(&self, shape: &AttentionShape, exact: &SparseLut, counts: &[u32]) -> MethodStats {
+        MethodStats::Sale(SaleStats::from_counts(shape, self, exact, counts))
+    }
+}
+
+/// SALE's selection on a GPU context: quantization (before the exact pass), estimation
+/// and compaction.
+pub(crate) struct SaleSelectGpu {
+    cfg: SaleConfig,
+    shape: AttentionShape,
+    kernels: Vec<std::sync::Arc<Kernel>>,
     quant_params: wgpu::Buffer,
     est_params: wgpu::Buffer,
+    grid_means: u32,
+    grid_estimate: (u32, u32, u32),
     partial: wgpu::Buffer,
     means: wgpu::Buffer,
     qq: wgpu::Buffer,
@@ -730,78 +821,25 @@ struct SaleBuffers {
     q_meta: wgpu::Buffer,
     k_meta: wgpu::Buffer,
     tau: wgpu::Buffer,
-    exact_ranges: wgpu::Buffer,
-    exact_idx: wgpu::Buffer,
-    ml: wgpu::Buffer,
-    acc: wgpu::Buffer,
     flags: wgpu::Buffer,
-    row_base: wgpu::Buffer,
-    sel_ranges: wgpu::Buffer,
-    sel_idx: wgpu::Buffer,
 }
 
-/// SALE on a GPU context.
-pub(crate) struct SaleGpu {
-    cfg: SaleConfig,
-    shape: AttentionShape,
-    exact_exec: DenseGpu,
-    sparse_exec: DenseGpu,
-    exact_lut: SparseLut,
-    kernels: Vec<std::sync::Arc<Kernel>>,
-    mean_chunks: u32,
-    chunks: u32,
-    bufs: SaleBuffers,
-}
-
-/// Sizes derived from a shape and config.
-struct Layout {
-    n_qb: usize,
-    chunks: usize,
-    mean_chunks: usize,
-    words: usize,
-    row_base: Vec<u32>,
-    capacity: u64,
-}
-
-impl Layout {
-    fn new(shape: &AttentionShape, cfg: &SaleConfig) -> Result<Self> {
-        let n = shape.seq_len;
-        let n_qb = n.div_ceil(BLOCK_Q);
-        let chunks = cfg.candidates(n_qb - 1).div_ceil(CHUNK_BLOCKS).max(1);
-        let mut row_base = Vec::with_capacity(shape.q_heads * n_qb);
-        let mut total = 0u64;
-        for _ in 0..shape.q_heads {
-            for qb in 0..n_qb {
-                row_base.push(u32::try_from(total).map_err(|_| {
-                    Error::InvalidShape("sale block list over 2^32 entries".into())
-                })?);
-                total += cfg.candidates(qb) as u64;
-            }
-        }
-        Ok(Layout {
-            n_qb,
-            chunks,
-            mean_chunks: n.div_ceil(MEAN_CHUNK_ROWS),
-            words: QuantizedQk::words(cfg.bits, shape.head_dim),
-            row_base,
-            capacity: total,
-        })
-    }
-}
-
-impl SaleGpu {
-    pub(crate) fn build(
+impl SaleSelectGpu {
+    fn build(
         ctx: &Context,
         shape: &AttentionShape,
         opts: &AttentionOptions,
         cfg: &SaleConfig,
+        layout: &SelectionLayout,
     ) -> Result<Self> {
-        // Configuration, causality, import_state and the square shape were checked by
-        // the plan builder (`method_setup`), for the CPU path too.
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let caps = &g.caps;
         let (hq, hk, n, d) = (shape.q_heads, shape.kv_heads, shape.seq_len, shape.head_dim);
-        let lay = Layout::new(shape, cfg)?;
+        let n_qb = n.div_ceil(BLOCK_Q);
+        let chunks = cfg.candidates(n_qb - 1).div_ceil(CHUNK_BLOCKS).max(1);
+        let mean_chunks = n.div_ceil(MEAN_CHUNK_ROWS);
+        let words = QuantizedQk::words(cfg.bits, d);
+        debug_assert_eq!(layout.capacity.len(), hq * n_qb);
         let need_wg = estimate_workgroup_bytes(d, cfg.bits);
         if need_wg > caps.max_workgroup_storage {
             return Err(Error::too_large(
@@ -813,75 +851,24 @@ impl SaleGpu {
                 caps.max_workgroup_storage as u64,
             ));
         }
-        for (axis, v) in [
-            ("candidate chunks", lay.chunks),
-            ("query blocks", lay.n_qb),
-            ("heads", hq + hk),
-            ("mean chunks", lay.mean_chunks),
-        ] {
-            if v > caps.max_workgroups_per_dim as usize {
-                return Err(Error::InvalidShape(format!(
-                    "sale grid: {v} {axis} > {} workgroups per axis",
-                    caps.max_workgroups_per_dim
-                )));
-            }
-        }
+        let max = caps.max_workgroups_per_dim;
+        let grid_estimate = (
+            check_axis(chunks as u64, max, "sale candidate chunks")?,
+            check_axis(n_qb as u64, max, "sale query blocks")?,
+            check_axis(hq as u64, max, "sale heads")?,
+        );
+        check_axis((hq + hk) as u64, max, "sale heads")?;
+        let grid_means = check_axis(mean_chunks as u64, max, "sale mean chunks")?;
         let es = opts.dtype.size() as u64;
-        let sizes = [
-            ("Q (sale quantization)", (hq * n * d) as u64 * es),
-            ("K (sale quantization)", (hk * n * d) as u64 * es),
-            ("quantized Q", (hq * n * lay.words * 4) as u64),
-            ("row state m, l", (hq * n * 8) as u64),
-            ("sale block list", lay.capacity.max(1) * 4),
-            ("sale block bits", (hq * lay.n_qb * lay.chunks * 4) as u64),
-        ];
-        for (what, size) in sizes {
-            if size > caps.max_storage_binding {
-                return Err(Error::too_large(what, size, caps.max_storage_binding));
-            }
-        }
-        let acc_size = (hq * n * d) as u64 * 4;
-        crate::runtime::tensor::check_buffer_size(ctx, "sale row state acc", acc_size)?;
-
-        let exact_lut = cfg.exact_lut(hq, n)?;
-        let block_keys = KeyMode::Blocks {
-            q_block: BLOCK_Q,
-            key_block: BLOCK_K,
-        };
-        let exact_exec = DenseGpu::build(
-            ctx,
-            shape,
-            &AttentionOptions {
-                import_state: false,
-                ..opts.clone()
-            },
-            &ExecConfig {
-                keys: block_keys,
-                ..Default::default()
-            },
-        )?;
-        let sparse_exec = DenseGpu::build(
-            ctx,
-            shape,
-            &AttentionOptions {
-                import_state: true,
-                ..opts.clone()
-            },
-            &ExecConfig {
-                keys: block_keys,
-                // The final (m, l) gives the attention-mass recall.
-                export_state: true,
-                ..Default::default()
-            },
-        )?;
-
+        check_binding(g, "Q (sale quantization)", (hq * n * d) as u64 * es)?;
+        check_binding(g, "K (sale quantization)", (hk * n * d) as u64 * es)?;
         let taus: Vec<f32> = (0..hq).map(|h| cfg.tau_of(h)).collect();
         let qp = SaleQuantParams {
             seq_len: n as u32,
             q_heads: hq as u32,
             kv_heads: hk as u32,
             group: (hq / hk) as u32,
-            chunks: lay.mean_chunks as u32,
+            chunks: mean_chunks as u32,
             chunk_rows: MEAN_CHUNK_ROWS as u32,
             _pad: [0; 2],
         };
@@ -889,51 +876,12 @@ impl SaleGpu {
             seq_len: n as u32,
             q_heads: hq as u32,
             group: (hq / hk) as u32,
-            n_qb: lay.n_qb as u32,
-            chunks: lay.chunks as u32,
+            n_qb: n_qb as u32,
+            chunks: chunks as u32,
             scale: opts.scale_for(shape),
             _pad: [0; 2],
         };
         let d4 = (d / 4) as u64;
-        let bufs = SaleBuffers {
-            quant_params: uniform(g, "sale quantization params", bytemuck::bytes_of(&qp)),
-            est_params: uniform(g, "sale estimation params", bytemuck::bytes_of(&ep)),
-            partial: storage(
-                g,
-                "sale mean partial sums",
-                ((hq + hk) * lay.mean_chunks) as u64 * d4 * 16,
-            )?,
-            means: storage(g, "sale sequence means", (hq + hk) as u64 * d4 * 16)?,
-            qq: storage(g, "sale quantized q", (hq * n * lay.words * 4) as u64)?,
-            kq: storage(g, "sale quantized k", (hk * n * lay.words * 4) as u64)?,
-            q_meta: storage(g, "sale q scales and corrections", (hq * n * 8) as u64)?,
-            k_meta: storage(g, "sale k scales and corrections", (hq * n * 8) as u64)?,
-            tau: storage_init(g, "sale per-head tau", bytemuck::cast_slice(&taus))?,
-            exact_ranges: storage_init(
-                g,
-                "sale exact lut ranges",
-                bytemuck::cast_slice(&exact_lut.ranges),
-            )?,
-            exact_idx: storage_init(
-                g,
-                "sale exact lut indices",
-                bytemuck::cast_slice(&exact_lut.indices),
-            )?,
-            ml: storage(g, "sale row state ml", (hq * n * 8) as u64)?,
-            acc: storage(g, "sale row state acc", acc_size)?,
-            flags: storage(
-                g,
-                "sale block bits",
-                (hq * lay.n_qb * lay.chunks * 4) as u64,
-            )?,
-            row_base: storage_init(
-                g,
-                "sale block list slice starts",
-                bytemuck::cast_slice(&lay.row_base),
-            )?,
-            sel_ranges: storage(g, "sale selected lut ranges", (hq * lay.n_qb * 8) as u64)?,
-            sel_idx: storage(g, "sale selected lut indices", lay.capacity * 4)?,
-        };
         let ev = EstimateVariant {
             dot4: caps.int_dot4,
             portable_loops: ctx.backend() == crate::Backend::BrowserWebGpu,
@@ -950,192 +898,133 @@ impl SaleGpu {
         .into_iter()
         .map(|s| ctx.kernel(&spec(s)))
         .collect::<Result<Vec<_>>>()?;
-        Ok(SaleGpu {
+        Ok(SaleSelectGpu {
             cfg: cfg.clone(),
             shape: *shape,
-            exact_exec,
-            sparse_exec,
-            exact_lut,
             kernels,
-            mean_chunks: lay.mean_chunks as u32,
-            chunks: lay.chunks as u32,
-            bufs,
+            quant_params: uniform(g, "sale quantization params", bytemuck::bytes_of(&qp)),
+            est_params: uniform(g, "sale estimation params", bytemuck::bytes_of(&ep)),
+            grid_means,
+            grid_estimate,
+            partial: storage(
+                g,
+                "sale mean partial sums",
+                ((hq + hk) * mean_chunks) as u64 * d4 * 16,
+            )?,
+            means: storage(g, "sale sequence means", (hq + hk) as u64 * d4 * 16)?,
+            qq: storage(g, "sale quantized q", (hq * n * words * 4) as u64)?,
+            kq: storage(g, "sale quantized k", (hk * n * words * 4) as u64)?,
+            q_meta: storage(g, "sale q scales and corrections", (hq * n * 8) as u64)?,
+            k_meta: storage(g, "sale k scales and corrections", (hq * n * 8) as u64)?,
+            tau: storage_init(g, "sale per-head tau", bytemuck::cast_slice(&taus))?,
+            flags: storage(g, "sale block bits", (hq * n_qb * chunks * 4) as u64)?,
         })
     }
+}
 
-    /// Timed stages a run records.
-    pub(crate) const STAGES: u32 = 5;
-
-    /// Dispatches a run records.
-    pub(crate) fn dispatch_count(&self) -> usize {
-        4 + self.exact_exec.dispatch_count() + 2 + self.sparse_exec.dispatch_count()
-    }
-
-    /// Records quantization, exact pass, estimation, compaction and the sparse pass.
-    pub(crate) fn record(
-        &self,
-        ctx: &Context,
-        rec: &mut Recorder<'_>,
-        q: &wgpu::Buffer,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-    ) -> Result<()> {
-        let b = &self.bufs;
+impl GpuSelection for SaleSelectGpu {
+    fn record_before(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
         let gd = rec.gpu();
-        let group =
-            |kernel: &Kernel, label: &str, params: &wgpu::Buffer, bufs: &[&wgpu::Buffer]| {
-                bind_params(gd, kernel, label, params, bufs)
-            };
-        let [kmp, kmf, kqq, kqk, kest, kcomp] = &self.kernels[..] else {
+        let qp = &self.quant_params;
+        let [kmp, kmf, kqq, kqk, ..] = &self.kernels[..] else {
             unreachable!("six SALE kernels")
         };
-        let qp = &b.quant_params;
-        let ep = &b.est_params;
-        let bg_mp = group(kmp, "sale mean partial bindings", qp, &[q, k, &b.partial]);
-        let bg_mf = group(kmf, "sale mean final bindings", qp, &[&b.partial, &b.means]);
-        let bg_qq = group(
-            kqq,
-            "sale quantize q bindings",
-            qp,
-            &[q, &b.means, &b.qq, &b.q_meta],
-        );
-        let bg_qk = group(
-            kqk,
-            "sale quantize k bindings",
-            qp,
-            &[k, &b.means, &b.kq, &b.k_meta],
-        );
-        let bg_est = group(
+        let (hq, hk) = (self.shape.q_heads as u32, self.shape.kv_heads as u32);
+        let row_blocks = self.shape.seq_len.div_ceil(64) as u32;
+        let steps = [
+            (
+                kmp,
+                "sale mean partial bindings",
+                vec![io.q, io.k, &self.partial],
+                (self.grid_means, hq + hk),
+            ),
+            (
+                kmf,
+                "sale mean final bindings",
+                vec![&self.partial, &self.means],
+                (hq + hk, 1),
+            ),
+            (
+                kqq,
+                "sale quantize q bindings",
+                vec![io.q, &self.means, &self.qq, &self.q_meta],
+                (row_blocks, hq),
+            ),
+            (
+                kqk,
+                "sale quantize k bindings",
+                vec![io.k, &self.means, &self.kq, &self.k_meta],
+                (row_blocks, hk),
+            ),
+        ]
+        .map(|(kernel, label, bufs, grid)| {
+            (kernel, bind_params(gd, kernel, label, qp, &bufs), grid)
+        });
+        rec.stage("quantize", |pass| {
+            for (kernel, bg, (x, y)) in &steps {
+                pass.set_pipeline(&kernel.pipeline);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(*x, *y, 1);
+            }
+            4
+        });
+        Ok(())
+    }
+
+    fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
+        let gd = rec.gpu();
+        let ep = &self.est_params;
+        let [.., kest, kcomp] = &self.kernels[..] else {
+            unreachable!("six SALE kernels")
+        };
+        let bg_est = bind_params(
+            gd,
             kest,
             "sale estimation bindings",
             ep,
-            &[&b.qq, &b.kq, &b.q_meta, &b.k_meta, &b.ml, &b.tau, &b.flags],
+            &[
+                &self.qq,
+                &self.kq,
+                &self.q_meta,
+                &self.k_meta,
+                io.ml,
+                &self.tau,
+                &self.flags,
+            ],
         );
-        let bg_comp = group(
+        let bg_comp = bind_params(
+            gd,
             kcomp,
             "sale compaction bindings",
             ep,
-            &[&b.flags, &b.row_base, &b.sel_ranges, &b.sel_idx],
+            &[&self.flags, io.row_base, io.ranges, io.indices],
         );
-        let (hq, hk, n) = (
-            self.shape.q_heads as u32,
-            self.shape.kv_heads as u32,
-            self.shape.seq_len as u32,
-        );
-        let row_blocks = n.div_ceil(64);
-        let mean_chunks = self.mean_chunks;
-        rec.stage("quantize", |pass| {
-            pass.set_pipeline(&kmp.pipeline);
-            pass.set_bind_group(0, &bg_mp, &[]);
-            pass.dispatch_workgroups(mean_chunks, hq + hk, 1);
-            pass.set_pipeline(&kmf.pipeline);
-            pass.set_bind_group(0, &bg_mf, &[]);
-            pass.dispatch_workgroups(hq + hk, 1, 1);
-            pass.set_pipeline(&kqq.pipeline);
-            pass.set_bind_group(0, &bg_qq, &[]);
-            pass.dispatch_workgroups(row_blocks, hq, 1);
-            pass.set_pipeline(&kqk.pipeline);
-            pass.set_bind_group(0, &bg_qk, &[]);
-            pass.dispatch_workgroups(row_blocks, hk, 1);
-            4
-        });
-        self.exact_exec.record(
-            ctx,
-            rec,
-            "exact",
-            &DenseBuffers {
-                q,
-                k,
-                v,
-                o: out,
-                state: Some((&b.ml, &b.acc)),
-                lut: Some((&b.exact_ranges, &b.exact_idx)),
-            },
-        )?;
-        let grid = (self.chunks, n.div_ceil(BLOCK_Q as u32), hq);
-        rec.stage("estimate", |pass| {
-            pass.set_pipeline(&kest.pipeline);
-            pass.set_bind_group(0, &bg_est, &[]);
-            pass.dispatch_workgroups(grid.0, grid.1, grid.2);
-            1
-        });
-        rec.stage("compact", |pass| {
-            pass.set_pipeline(&kcomp.pipeline);
-            pass.set_bind_group(0, &bg_comp, &[]);
-            pass.dispatch_workgroups(grid.0, grid.1, grid.2);
-            1
-        });
-        self.sparse_exec.record(
-            ctx,
-            rec,
-            "sparse",
-            &DenseBuffers {
-                q,
-                k,
-                v,
-                o: out,
-                state: Some((&b.ml, &b.acc)),
-                lut: Some((&b.sel_ranges, &b.sel_idx)),
-            },
-        )
+        let (x, y, z) = self.grid_estimate;
+        for (stage, kernel, bg) in [("estimate", kest, &bg_est), ("compact", kcomp, &bg_comp)] {
+            rec.stage(stage, |pass| {
+                pass.set_pipeline(&kernel.pipeline);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(x, y, z);
+                1
+            });
+        }
+        Ok(())
     }
 
-    async fn read_ranges(&self, g: &crate::runtime::context::GpuDevice) -> Result<Vec<[u32; 2]>> {
-        let rows = self.shape.q_heads * self.shape.seq_len.div_ceil(BLOCK_Q);
-        let bytes =
-            crate::runtime::tensor::read_buffer(g, &self.bufs.sel_ranges, 0, (rows * 8) as u64)
-                .await?;
-        let words: &[u32] = bytemuck::cast_slice(&bytes);
-        Ok(words.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+    fn stage_count(&self) -> u32 {
+        3
     }
 
-    /// Statistics of the last run (reads the LUT ranges back).
-    pub(crate) async fn stats(&self, ctx: &Context) -> Result<SaleStats> {
-        let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let counts: Vec<u32> = self
-            .read_ranges(g)
-            .await?
-            .iter()
-            .map(|[a, b]| b - a)
-            .collect();
-        Ok(SaleStats::from_counts(
-            &self.shape,
-            &self.cfg,
-            &self.exact_lut,
-            &counts,
-        ))
+    fn dispatch_count(&self) -> usize {
+        6
     }
 
-    /// Final (m, l) of every row of the last run.
-    pub(crate) async fn row_stats(&self, ctx: &Context) -> Result<Vec<f32>> {
-        let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let size = (self.shape.q_heads * self.shape.seq_len * 8) as u64;
-        let bytes = crate::runtime::tensor::read_buffer(g, &self.bufs.ml, 0, size).await?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    fn as_any(&self) -> &dyn Any {
+        self
     }
+}
 
-    /// The exact pass's LUT and the blocks the last run selected.
-    pub(crate) async fn selection(&self, ctx: &Context) -> Result<(SparseLut, SparseLut)> {
-        let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let ranges = self.read_ranges(g).await?;
-        let size = self.bufs.sel_idx.size();
-        let bytes = crate::runtime::tensor::read_buffer(g, &self.bufs.sel_idx, 0, size).await?;
-        let idx: &[u32] = bytemuck::cast_slice(&bytes);
-        let nqb = self.shape.seq_len.div_ceil(BLOCK_Q);
-        let blocks = SparseLut::from_fn(
-            self.shape.q_heads,
-            self.shape.seq_len,
-            BLOCK_Q,
-            LutUnit::Blocks(BLOCK_K),
-            |h, qb| {
-                let [a, b] = ranges[h * nqb + qb];
-                idx[a as usize..b as usize].to_vec()
-            },
-        )?;
-        Ok((self.exact_lut.clone(), blocks))
-    }
-
+impl SaleSelectGpu {
     /// The quantized Q and K of the last run (read back; inspection and tests).
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) async fn quantized(&self, ctx: &Context) -> Result<QuantizedQk> {
@@ -1157,36 +1046,30 @@ impl SaleGpu {
         };
         Ok(QuantizedQk {
             bits: self.cfg.bits,
-            q_packed: read_u32(&self.bufs.qq).await?[..hq * n * w].to_vec(),
-            k_packed: read_u32(&self.bufs.kq).await?[..hk * n * w].to_vec(),
-            q_meta: pairs(read_u32(&self.bufs.q_meta).await?),
-            k_meta: pairs(read_u32(&self.bufs.k_meta).await?),
+            q_packed: read_u32(&self.qq).await?[..hq * n * w].to_vec(),
+            k_packed: read_u32(&self.kq).await?[..hk * n * w].to_vec(),
+            q_meta: pairs(read_u32(&self.q_meta).await?),
+            k_meta: pairs(read_u32(&self.k_meta).await?),
         })
     }
 
     /// The exact pass's (m, l) is overwritten by the sparse pass, so tests of the
     /// selection recompute it on the host; this runs the estimation kernel in its
     /// dot-product mode on quantized data and returns the integer sums `[q_heads, n, n]`
-    /// (entries outside the candidate blocks keep `fill`).
+    /// (entries outside the candidate blocks keep `fill`). `ml` is the plan's row state.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) async fn dots(
         &self,
         ctx: &Context,
+        ml: &wgpu::Buffer,
         quant: &QuantizedQk,
         fill: i32,
-        dot4: bool,
-        portable_loops: bool,
+        (dot4, portable_loops): (bool, bool),
     ) -> Result<Vec<i32>> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let (hq, n, d) = (self.shape.q_heads, self.shape.seq_len, self.shape.head_dim);
         let size = (hq * n * n * 4) as u64;
-        if size > g.caps.max_storage_binding {
-            return Err(Error::too_large(
-                "sale dot products",
-                size,
-                g.caps.max_storage_binding,
-            ));
-        }
+        check_binding(g, "sale dot products", size)?;
         let kernel = ctx.kernel(&sale_spec(
             Stage::Dots,
             d,
@@ -1198,34 +1081,36 @@ impl SaleGpu {
                 portable_loops,
             },
         ))?;
-        let b = &self.bufs;
         g.queue
-            .write_buffer(&b.qq, 0, bytemuck::cast_slice(&quant.q_packed));
+            .write_buffer(&self.qq, 0, bytemuck::cast_slice(&quant.q_packed));
         g.queue
-            .write_buffer(&b.kq, 0, bytemuck::cast_slice(&quant.k_packed));
-        let dots = g.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("sale dot products"),
-            size,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        g.queue
-            .write_buffer(&dots, 0, bytemuck::cast_slice(&vec![fill; hq * n * n]));
+            .write_buffer(&self.kq, 0, bytemuck::cast_slice(&quant.k_packed));
+        let dots = storage_init(
+            g,
+            "sale dot products",
+            bytemuck::cast_slice(&vec![fill; hq * n * n]),
+        )?;
         let bg = bind_params(
             g,
             &kernel,
             "sale dot products bindings",
-            &b.est_params,
-            &[&b.qq, &b.kq, &b.q_meta, &b.k_meta, &b.ml, &b.tau, &dots],
+            &self.est_params,
+            &[
+                &self.qq,
+                &self.kq,
+                &self.q_meta,
+                &self.k_meta,
+                ml,
+                &self.tau,
+                &dots,
+            ],
         );
         let mut rec = Recorder::new(ctx, "sale dot products", 1)?;
-        let grid = (self.chunks, n.div_ceil(BLOCK_Q) as u32, hq as u32);
+        let (x, y, z) = self.grid_estimate;
         rec.stage("dots", |pass| {
             pass.set_pipeline(&kernel.pipeline);
             pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(grid.0, grid.1, grid.2);
+            pass.dispatch_workgroups(x, y, z);
             1
         });
         rec.submit().await?;
@@ -1367,15 +1252,20 @@ mod tests {
             };
             let plan = ctx
                 .attention(shape)
-                .method(super::super::Method::Sale(cfg.clone()))
+                .method(crate::attention::Method::Sale(cfg.clone()))
                 .build()
                 .unwrap();
             let (tq, tk, tv) =
-                super::super::upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+                crate::attention::upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
             plan.run(&tq, &tk, &tv).unwrap();
-            let Some(super::super::GpuPlan::Sale(sg)) = &plan.gpu else {
+            let Some(crate::attention::GpuPlan::Sparse(exec)) = &plan.gpu else {
                 panic!("a GPU plan")
             };
+            let sg = exec
+                .selection_gpu()
+                .as_any()
+                .downcast_ref::<SaleSelectGpu>()
+                .expect("SALE's selection");
             let gq = pollster::block_on(sg.quantized(&ctx)).unwrap();
             let cq = quantize_cpu(&shape, bits, &q, &k);
             // Codes: rounding ties may flip by one step (GPU division is not exact).
@@ -1410,7 +1300,14 @@ mod tests {
             }
             let fill = i32::MIN;
             for (dot4, portable) in [(true, false), (false, false), (true, true), (false, true)] {
-                let dots = pollster::block_on(sg.dots(&ctx, &gq, fill, dot4, portable)).unwrap();
+                let dots = pollster::block_on(sg.dots(
+                    &ctx,
+                    exec.ml_buffer(),
+                    &gq,
+                    fill,
+                    (dot4, portable),
+                ))
+                .unwrap();
                 let n = shape.seq_len;
                 let mut checked = 0;
                 for h in 0..shape.q_heads {

@@ -1,0 +1,375 @@
+//! The two-pass sparse executor every data-dependent method runs on:
+//!
+//! 1. **exact pass**: the flash kernel over a fixed block LUT of the selector (sinks,
+//!    local band, own group…), exporting the row state `(m, l, acc)`;
+//! 2. **selection**: the selector's kernels read Q, K and the exported `(m, l)` and write
+//!    one flag per candidate, compacted on the GPU into a LUT (one fixed-capacity slice
+//!    of an index buffer per LUT row, starts in `row_base`);
+//! 3. **sparse pass**: the flash kernel over that LUT (key blocks or gathered keys),
+//!    importing the row state and writing the output.
+//!
+//! All of it is recorded into one submission. The CPU twin [`two_pass_cpu`] runs the same
+//! three steps on the host. A method is a [`Selector`]; nothing here knows which one.
+
+use std::sync::Arc;
+
+use super::flash::{ExecConfig, FlashGpu, FlashIo, KeyMode};
+use super::flash_cpu::{CpuAttention, HostRowState, attention_cpu};
+use super::lut::{LutUnit, SparseLut};
+use super::select::{GpuSelection, MethodStats, SelectIo, Selector};
+use super::{AttentionOptions, AttentionShape};
+use crate::error::{Error, Result};
+use crate::runtime::Recorder;
+use crate::runtime::context::{Context, GpuDevice};
+use crate::runtime::launch::{check_binding, storage, storage_init};
+use crate::runtime::tensor::read_buffer;
+
+/// Where a selector writes its choice: one LUT row per head and `q_block` query rows,
+/// each with room for `capacity[row]` entries (its candidates).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SelectionLayout {
+    /// Query rows per LUT row.
+    pub q_block: usize,
+    /// Key blocks or gathered keys.
+    pub unit: LutUnit,
+    /// Candidates of every LUT row, head-major (`[q_heads · rows]`).
+    pub capacity: Vec<u32>,
+}
+
+impl SelectionLayout {
+    /// The executor's key mode for this layout.
+    pub fn keys(&self) -> KeyMode {
+        match self.unit {
+            LutUnit::Blocks(key_block) => KeyMode::Blocks {
+                q_block: self.q_block,
+                key_block,
+            },
+            LutUnit::Keys => KeyMode::Gather {
+                q_block: self.q_block,
+            },
+        }
+    }
+
+    /// Start of every LUT row's slice and the total capacity.
+    pub fn row_base(&self) -> Result<(Vec<u32>, u64)> {
+        let mut base = Vec::with_capacity(self.capacity.len());
+        let mut total = 0u64;
+        for &c in &self.capacity {
+            base.push(u32::try_from(total).map_err(|_| {
+                Error::InvalidShape("sparse selection list over 2^32 entries".into())
+            })?);
+            total += c as u64;
+        }
+        Ok((base, total))
+    }
+
+    /// Pairs the selected entries cover: `counts[row]` entries × the row's query rows
+    /// × keys per entry (selected keys lie strictly before their rows: no masking).
+    pub fn selected_pairs(&self, seq_len: usize, counts: &[u32]) -> u64 {
+        let rows_per_head = seq_len.div_ceil(self.q_block);
+        let width = match self.unit {
+            LutUnit::Blocks(kb) => kb as u64,
+            LutUnit::Keys => 1,
+        };
+        counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let r = i % rows_per_head;
+                let rows = ((r + 1) * self.q_block).min(seq_len) - r * self.q_block;
+                c as u64 * rows as u64 * width
+            })
+            .sum()
+    }
+}
+
+/// What [`two_pass_cpu`] returns: the output, the selected LUT, what the selection
+/// returned beside it, and the final `(m, l)` of every row.
+#[derive(Clone, Debug)]
+pub struct TwoPassRun<S> {
+    /// `[q_heads, seq_len, head_dim]`.
+    pub out: Vec<f32>,
+    /// The LUT of the sparse pass.
+    pub selected: SparseLut,
+    /// The selection's own details (margins, quantized data…).
+    pub detail: S,
+    /// Final `(m, l)` per row, `[q_heads, seq_len, 2]`.
+    pub ml: Vec<f32>,
+}
+
+/// The two-pass executor on the host: exact pass over `exact`, `select(ml)` on its row
+/// state, sparse pass over the returned LUT continuing the state.
+pub fn two_pass_cpu<S>(
+    shape: &AttentionShape,
+    exact: &SparseLut,
+    scale: f32,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    select: impl FnOnce(&[f32]) -> Result<(SparseLut, S)>,
+) -> Result<TwoPassRun<S>> {
+    let mut st = HostRowState::empty(shape);
+    let exec = |lut| CpuAttention {
+        causal: true,
+        scale,
+        window: 0,
+        sinks: 0,
+        lut: Some(lut),
+    };
+    attention_cpu(shape, &exec(exact), q, k, v, Some(&mut st));
+    let (selected, detail) = select(&st.ml)?;
+    let out = attention_cpu(shape, &exec(&selected), q, k, v, Some(&mut st));
+    Ok(TwoPassRun {
+        out,
+        selected,
+        detail,
+        ml: st.ml,
+    })
+}
+
+/// A selector's run on the host through the plan: output, the exact and the selected
+/// LUTs, statistics and final `(m, l)`.
+pub(crate) struct CpuSparseRun {
+    pub out: Vec<f32>,
+    pub luts: Vec<SparseLut>,
+    pub stats: MethodStats,
+    pub ml: Vec<f32>,
+}
+
+/// Runs `selector` on the host (the plan's CPU path).
+pub(crate) fn run_cpu(
+    selector: &dyn Selector,
+    shape: &AttentionShape,
+    scale: f32,
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<CpuSparseRun> {
+    let exact = selector.exact_lut(shape)?;
+    let run = two_pass_cpu(shape, &exact, scale, qkv, |ml| {
+        Ok((selector.select_cpu(shape, scale, qkv.0, qkv.1, ml)?, ()))
+    })?;
+    let counts = run.selected.counts();
+    let stats = selector.stats(shape, &exact, &counts);
+    Ok(CpuSparseRun {
+        out: run.out,
+        luts: vec![exact, run.selected],
+        stats,
+        ml: run.ml,
+    })
+}
+
+/// Buffers of one sparse plan: the exact LUT, the row state, the selected LUT.
+struct SparseBuffers {
+    exact_ranges: wgpu::Buffer,
+    exact_idx: wgpu::Buffer,
+    ml: wgpu::Buffer,
+    acc: wgpu::Buffer,
+    row_base: wgpu::Buffer,
+    ranges: wgpu::Buffer,
+    indices: wgpu::Buffer,
+}
+
+/// A selector on the two-pass executor, on a GPU context.
+pub(crate) struct SparseGpu {
+    selector: Arc<dyn Selector>,
+    shape: AttentionShape,
+    exact_lut: SparseLut,
+    layout: SelectionLayout,
+    exact_exec: FlashGpu,
+    sparse_exec: FlashGpu,
+    select: Box<dyn GpuSelection>,
+    bufs: SparseBuffers,
+}
+
+impl SparseGpu {
+    /// Builds the passes and the selector's kernels. The plan builder has checked the
+    /// selector against the shape and the options (causal, square, no imported state).
+    pub(crate) fn build(
+        ctx: &Context,
+        shape: &AttentionShape,
+        opts: &AttentionOptions,
+        selector: Arc<dyn Selector>,
+    ) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let (h, n, d) = (shape.q_heads, shape.seq_len, shape.head_dim);
+        let exact_lut = selector.exact_lut(shape)?;
+        let layout = selector.layout(shape)?;
+        let (row_base, total) = layout.row_base()?;
+        let name = selector.name();
+        check_binding(g, "row state m, l", (h * n * 8) as u64)?;
+        check_binding(g, &format!("{name} selected list"), total.max(1) * 4)?;
+        let acc_size = (h * n * d) as u64 * 4;
+        crate::runtime::tensor::check_buffer_size(ctx, &format!("{name} row state acc"), acc_size)?;
+        let exact_exec = FlashGpu::build(
+            ctx,
+            shape,
+            &AttentionOptions {
+                import_state: false,
+                ..opts.clone()
+            },
+            &ExecConfig {
+                keys: KeyMode::Blocks {
+                    q_block: exact_lut.q_block,
+                    key_block: match exact_lut.unit {
+                        LutUnit::Blocks(kb) => kb,
+                        LutUnit::Keys => {
+                            return Err(Error::InvalidArgument(format!(
+                                "{name}: the exact pass needs a block LUT"
+                            )));
+                        }
+                    },
+                },
+                ..Default::default()
+            },
+        )?;
+        // The final (m, l) gives the attention-mass recall: the sparse pass exports it.
+        let sparse_exec = FlashGpu::build(
+            ctx,
+            shape,
+            &AttentionOptions {
+                import_state: true,
+                ..opts.clone()
+            },
+            &ExecConfig {
+                keys: layout.keys(),
+                export_state: true,
+                ..Default::default()
+            },
+        )?;
+        let label = |what: &str| format!("{name} {what}");
+        let bufs = SparseBuffers {
+            exact_ranges: storage_init(
+                g,
+                &label("exact lut ranges"),
+                bytemuck::cast_slice(&exact_lut.ranges),
+            )?,
+            exact_idx: storage_init(
+                g,
+                &label("exact lut indices"),
+                bytemuck::cast_slice(&exact_lut.indices),
+            )?,
+            ml: storage(g, &label("row state ml"), (h * n * 8) as u64)?,
+            acc: storage(g, &label("row state acc"), acc_size)?,
+            row_base: storage_init(
+                g,
+                &label("selected slice starts"),
+                bytemuck::cast_slice(&row_base),
+            )?,
+            ranges: storage(g, &label("selected lut ranges"), row_base.len() as u64 * 8)?,
+            indices: storage(g, &label("selected lut indices"), total * 4)?,
+        };
+        let select = selector.build_gpu(ctx, shape, opts, &layout)?;
+        Ok(SparseGpu {
+            selector,
+            shape: *shape,
+            exact_lut,
+            layout,
+            exact_exec,
+            sparse_exec,
+            select,
+            bufs,
+        })
+    }
+
+    /// Timed stages a run records.
+    pub(crate) fn stage_count(&self) -> u32 {
+        2 + self.select.stage_count()
+    }
+
+    /// Dispatches a run records.
+    pub(crate) fn dispatch_count(&self) -> usize {
+        self.exact_exec.dispatch_count()
+            + self.select.dispatch_count()
+            + self.sparse_exec.dispatch_count()
+    }
+
+    /// The selector's GPU part (tests downcast it to inspect selector state).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn selection_gpu(&self) -> &dyn GpuSelection {
+        &*self.select
+    }
+
+    /// The row state `(m, l)` buffer.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn ml_buffer(&self) -> &wgpu::Buffer {
+        &self.bufs.ml
+    }
+
+    /// Records exact pass, selection and sparse pass.
+    pub(crate) fn record(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder<'_>,
+        [q, k, v, out]: [&wgpu::Buffer; 4],
+    ) -> Result<()> {
+        let b = &self.bufs;
+        let io = SelectIo {
+            q,
+            k,
+            ml: &b.ml,
+            row_base: &b.row_base,
+            ranges: &b.ranges,
+            indices: &b.indices,
+        };
+        self.select.record_before(rec, &io)?;
+        let [exact_name, sparse_name] = self.selector.pass_names();
+        let pass = |ranges, indices| FlashIo {
+            q,
+            k,
+            v,
+            o: out,
+            state: Some((&b.ml, &b.acc)),
+            lut: Some((ranges, indices)),
+        };
+        let exact = pass(&b.exact_ranges, &b.exact_idx);
+        self.exact_exec.record(ctx, rec, exact_name, &exact)?;
+        self.select.record(rec, &io)?;
+        let sparse = pass(&b.ranges, &b.indices);
+        self.sparse_exec.record(ctx, rec, sparse_name, &sparse)
+    }
+
+    async fn read_ranges(&self, g: &GpuDevice) -> Result<Vec<[u32; 2]>> {
+        let rows = self.layout.capacity.len();
+        let bytes = read_buffer(g, &self.bufs.ranges, 0, (rows * 8) as u64).await?;
+        let words: &[u32] = bytemuck::cast_slice(&bytes);
+        Ok(words.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+    }
+
+    /// Statistics of the last run (reads the selected LUT's ranges back).
+    pub(crate) async fn stats(&self, ctx: &Context) -> Result<MethodStats> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let counts: Vec<u32> = self
+            .read_ranges(g)
+            .await?
+            .iter()
+            .map(|[a, b]| b - a)
+            .collect();
+        Ok(self.selector.stats(&self.shape, &self.exact_lut, &counts))
+    }
+
+    /// Final `(m, l)` of every row of the last run, `[q_heads, seq_len, 2]`.
+    pub(crate) async fn row_stats(&self, ctx: &Context) -> Result<Vec<f32>> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let size = (self.shape.q_heads * self.shape.seq_len * 8) as u64;
+        let bytes = read_buffer(g, &self.bufs.ml, 0, size).await?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    /// The exact pass's LUT and the LUT the last run selected (read back).
+    pub(crate) async fn selection(&self, ctx: &Context) -> Result<(SparseLut, SparseLut)> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let ranges = self.read_ranges(g).await?;
+        let size = self.bufs.indices.size();
+        let bytes = read_buffer(g, &self.bufs.indices, 0, size).await?;
+        let idx: &[u32] = bytemuck::cast_slice(&bytes);
+        let rows = self.shape.seq_len.div_ceil(self.layout.q_block);
+        let selected = SparseLut::from_fn(
+            self.shape.q_heads,
+            self.shape.seq_len,
+            self.layout.q_block,
+            self.layout.unit,
+            |h, r| {
+                let [a, b] = ranges[h * rows + r];
+                idx[a as usize..b as usize].to_vec()
+            },
+        )?;
+        Ok((self.exact_lut.clone(), selected))
+    }
+}
