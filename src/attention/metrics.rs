@@ -1,5 +1,5 @@
 //! Quality metrics of a sparse attention against dense attention on the same Q/K/V
-//! (papers.md §8; every reported number says which one it is):
+//! (`docs/algorithms.md` §6; every reported number says which one it is):
 //! - output error: max abs and relative L2 ([`compare`]);
 //! - AnchorAttention's elementwise tolerance recall: the fraction of output elements
 //!   within `t` of dense ([`tolerance_recall`], t = 0.01 and 0.005);

@@ -7,5 +7,5 @@ pub mod decoder;
 pub mod eval;
 pub mod gguf;
 pub mod smallthinker;
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(all(feature = "tokenizers", not(target_arch = "wasm32")))]
 pub mod tokenizer;

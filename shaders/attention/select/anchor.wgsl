@@ -1,4 +1,4 @@
-// AnchorAttention stripe identification (papers.md §1.4, step 2), in three kernels:
+// AnchorAttention stripe identification (docs/algorithms.md §2), in three kernels:
 //
 // anchor_pool    one workgroup per (128-row block, q-head): the block's mean query
 //                q̄ [D] and its mean anchor ā (mean over the rows of m, the row max of
@@ -12,7 +12,7 @@
 //                of the stripe list; chunk 0 also writes the group's LUT range.
 //
 // Candidates of group g are [init_end, g * GROUP): the keys the anchor pass did not
-// visit (not the released code's overlapping range, see papers.md §1.4).
+// visit (not the released code's overlapping range, see docs/algorithms.md §2).
 // Constants: D (head_dim), POOL (128 rows per pooled block), BLOCKS_PER_GROUP (16).
 
 #include "common/storage.wgsl"

@@ -1,4 +1,4 @@
-// SALE's block selection (papers.md §2.4), in two kernels:
+// SALE's block selection (docs/algorithms.md §3), in two kernels:
 //
 // sale_estimate  one workgroup (64 threads) per (chunk of 32 candidate key blocks,
 //                64-row query block, q-head). Candidates of query block qb are the

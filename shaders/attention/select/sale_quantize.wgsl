@@ -1,4 +1,4 @@
-// SALE's low-bit Q and K (papers.md §2.3), in three kernels:
+// SALE's low-bit Q and K (docs/algorithms.md §3), in three kernels:
 //
 // sale_mean_partial  one workgroup per (row chunk, head), heads = q_heads then kv_heads:
 //                    the chunk's column sums of Q or K.

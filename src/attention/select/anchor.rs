@@ -1,4 +1,4 @@
-//! AnchorAttention (papers.md §1): an exact anchor pass over the initial keys and the
+//! AnchorAttention (`docs/algorithms.md` §2): an exact anchor pass over the initial keys and the
 //! query's own group, difference-aware stripe selection against the pooled anchor, and
 //! a stripe pass that gathers the selected K/V rows and continues the anchor's row
 //! state. GPU: three stages on the shared executors plus `shaders/anchor/select.wgsl`,

@@ -1,6 +1,6 @@
 //! Oracle patterns: the smallest key sets that reach an attention-mass coverage γ,
 //! computed exactly on the host from Q and K — the upper bound real methods are
-//! compared with (papers.md §8).
+//! compared with (`docs/algorithms.md` §5).
 //!
 //! - per row: for each query row, the fewest keys whose softmax mass is ≥ γ (the top
 //!   keys of that row); its density is the fraction of causal pairs they make up;

@@ -1,4 +1,4 @@
-//! SALE (papers.md §2): low-bit estimation of every causal 64 × 32 block's scores, the
+//! SALE (`docs/algorithms.md` §3): low-bit estimation of every causal 64 × 32 block's scores, the
 //! Relative Attention Score test against the exact sink + local + diagonal pass, and the
 //! selected blocks through the block-sparse executor continuing that pass's row state.
 //!

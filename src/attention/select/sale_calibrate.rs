@@ -1,4 +1,4 @@
-//! SALE's per-head calibration (papers.md §2.5) and the thresholds file.
+//! SALE's per-head calibration (`docs/algorithms.md` §3) and the thresholds file.
 //!
 //! For each head, τ starts at 0.008 and halves until the head's summed absolute output
 //! error against dense attention, `Σ_{i,c} |O_sale − O_dense|`, is below `budget · N`
@@ -125,7 +125,7 @@ pub struct Calibration {
 }
 
 /// Calibrates per-head τ on one attention (host Q/K/V of `shape`, f32) on `ctx`: the
-/// halving loop of papers.md §2.5 against dense attention on the same device.
+/// halving loop of `docs/algorithms.md` §3 against dense attention on the same device.
 pub fn calibrate(
     ctx: &Context,
     shape: AttentionShape,

@@ -1,24 +1,7 @@
-//! `wgsparse`: the command-line front end (the crate's main job).
-//!
-//! - `wgsparse` with no arguments: a short demo of dense attention at a few lengths on
-//!   the best device.
-//! - `wgsparse info [--json]`: adapters, chosen backend, features, limits.
-//! - `wgsparse attention --method dense ... [--check] [--json]`: one run on synthetic
-//!   Q/K/V with per-stage times; `--check` compares with the other device.
-//! - `wgsparse moe --tokens T --hidden H --experts E --top-k K --ffn F [--weights f16|q4_0]
-//!   [--check] [--json]`: one MoE layer on synthetic data (see `cli_moe.rs`).
-//! - `wgsparse layer --tokens T [--weights f16|q4_0] [--nope] [--window W [--sinks S]]
-//!   [--check] [--json]`: one
-//!   SmallThinker-4B decoder layer as one submission.
-//! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
+//! `wgsparse attention`: one attention method on synthetic or real Q/K/V, per-stage
+//! times, and with `--check` its quality against dense attention.
 
-mod cli_moe;
-mod model_cmd;
-
-use std::process::ExitCode;
-
-use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::Parser;
 use serde_json::json;
 use wgsparse::attention::flash_cpu::naive_attention;
 use wgsparse::attention::metrics::compare;
@@ -29,142 +12,95 @@ use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
 use wgsparse::attention::verify::evaluate;
 use wgsparse::{
-    AttentionPlan, AttentionShape, Backend, Context, ContextOptions, DType, Error, Method, Result,
-    Tensor,
+    AttentionPlan, AttentionShape, Backend, Context, DType, Error, Method, Result, Tensor,
 };
 
-#[derive(Parser)]
-#[command(
-    name = "wgsparse",
-    version,
-    about = "Sparse long-context attention on any GPU (WGSL) and the CPU"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// List adapters, the chosen backend, features and limits.
-    Info {
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Backend to report as chosen (also WGSPARSE_BACKEND).
-        #[arg(long)]
-        backend: Option<Backend>,
-    },
-    /// Run attention on synthetic Q/K/V and print per-stage times.
-    Attention(Box<AttentionArgs>),
-    /// Greedy text generation with a real GGUF model (llama, qwen2, gemma3).
-    Generate(model_cmd::GenerateArgs),
-    /// Mean next-token negative log-likelihood of a model on the start of a text.
-    Nll(model_cmd::NllArgs),
-    /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
-    DumpQkv(model_cmd::DumpArgs),
-    /// Quality of attention methods on a real model: per layer and head, and end to end.
-    Eval(model_cmd::EvalArgs),
-    /// Calibrate SALE's per-head thresholds on a real model and text.
-    Calibrate(model_cmd::CalibrateArgs),
-    /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
-    Moe(cli_moe::MoeArgs),
-    /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
-    Layer(cli_moe::LayerArgs),
-    /// Print the final WGSL of kernel variants (after includes and defines).
-    Shader {
-        /// List the variants instead of printing one.
-        #[arg(long)]
-        list: bool,
-        /// Variant label (as `--list` prints it) or index.
-        name: Option<String>,
-    },
-}
+use crate::device;
 
 #[derive(Parser, Clone)]
-struct AttentionArgs {
+pub struct AttentionArgs {
     /// Algorithm: dense, anchor (AnchorAttention), window (sliding window + sinks) or
     /// sale (SALE: low-bit estimation, 64 x 32 blocks).
     #[arg(long, default_value = "dense")]
-    method: Method,
+    pub(crate) method: Method,
     /// SALE: Relative Attention Score threshold τ of every head (0 = dense).
     #[arg(long, conflicts_with = "thresholds")]
-    tau: Option<f32>,
+    pub(crate) tau: Option<f32>,
     /// SALE: per-head τ from `wgsparse calibrate` (the layer from --layer, from the
     /// Q/K/V file's `layer`, or the file's only layer).
     #[arg(long)]
-    thresholds: Option<std::path::PathBuf>,
+    pub(crate) thresholds: Option<std::path::PathBuf>,
     /// SALE with --thresholds: which calibrated layer.
     #[arg(long)]
-    layer: Option<usize>,
+    pub(crate) layer: Option<usize>,
     /// SALE: estimation bits, 4 or 8.
     #[arg(long)]
-    bits: Option<u32>,
+    pub(crate) bits: Option<u32>,
     /// AnchorAttention: admission margin θ (natural-log logit units).
     #[arg(long)]
-    theta: Option<f32>,
+    pub(crate) theta: Option<f32>,
     /// AnchorAttention: pooled blocks per query group (16 = 2048 queries).
     #[arg(long)]
-    step: Option<usize>,
+    pub(crate) step: Option<usize>,
     /// AnchorAttention: initial keys every query attends.
     #[arg(long)]
-    init_keys: Option<usize>,
+    pub(crate) init_keys: Option<usize>,
     /// Window method: keys per window.
     #[arg(long)]
-    window: Option<usize>,
+    pub(crate) window: Option<usize>,
     /// Window method: leading sink keys every row attends.
     #[arg(long)]
-    sinks: Option<usize>,
+    pub(crate) sinks: Option<usize>,
     /// Q/K/V file (safetensors with tensors q, k, v and a `source` label; see
     /// `wgsparse::qkv_file`); sets the shape. Without it, synthetic data.
     #[arg(long)]
-    data: Option<std::path::PathBuf>,
+    pub(crate) data: Option<std::path::PathBuf>,
     /// Synthetic data: `structured` (sinks, local band, heavy columns, RoPE) or
     /// `gaussian` (no structure).
     #[arg(long, default_value = "structured")]
-    synthetic: String,
+    pub(crate) synthetic: String,
     /// Query rows (= keys for prefill).
     #[arg(long, default_value_t = 4096)]
-    seq_len: usize,
+    pub(crate) seq_len: usize,
     /// Query heads.
     #[arg(long, default_value_t = 32)]
-    q_heads: usize,
+    pub(crate) q_heads: usize,
     /// Key/value heads (GQA when fewer than q-heads).
     #[arg(long, default_value_t = 8)]
-    kv_heads: usize,
+    pub(crate) kv_heads: usize,
     /// Head dimension: 64, 128 or 256.
     #[arg(long, default_value_t = 128)]
-    head_dim: usize,
+    pub(crate) head_dim: usize,
     /// Storage dtype: f16 or f32 (accumulation is always f32).
     #[arg(long, default_value = "f16")]
-    dtype: DType,
+    pub(crate) dtype: DType,
     /// auto, vulkan, metal, dx12, gl or cpu (also WGSPARSE_BACKEND).
     #[arg(long)]
-    backend: Option<Backend>,
+    pub(crate) backend: Option<Backend>,
     /// Attend to every key, not only the past ones (dense only).
     #[arg(long)]
-    non_causal: bool,
+    pub(crate) non_causal: bool,
     /// Timed runs after one warm-up; the median is reported.
     #[arg(long, default_value_t = 3)]
-    iters: usize,
+    pub(crate) iters: usize,
     /// Dense: also run on the other device (CPU vs GPU) and print the errors. Sparse
     /// methods: density, attention-mass recall and output errors vs dense attention
     /// on the same device and data.
     #[arg(long)]
-    check: bool,
+    pub(crate) check: bool,
     /// With --check: also the oracle densities for this attention-mass coverage
     /// (exact, on the CPU: slow beyond ~16k tokens).
     #[arg(long)]
-    oracle: Option<f64>,
+    pub(crate) oracle: Option<f64>,
     /// Make the last line one JSON object.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Plan with at most this many bytes per storage binding (tests the split path).
     #[arg(long)]
-    max_binding_bytes: Option<u64>,
+    pub(crate) max_binding_bytes: Option<u64>,
     /// Seed of the synthetic data.
     #[arg(long, default_value_t = 7)]
-    seed: u64,
+    pub(crate) seed: u64,
 }
 
 impl AttentionArgs {
@@ -242,7 +178,7 @@ impl AttentionArgs {
 
     /// Host Q/K/V, their shape, a label saying where they come from and the model
     /// layer they belong to (files that say so).
-    fn data(&self) -> Result<(AttentionShape, HostQkv, String, Option<usize>)> {
+    pub fn data(&self) -> Result<(AttentionShape, HostQkv, String, Option<usize>)> {
         if let Some(path) = &self.data {
             let f = QkvFile::load(path)?;
             let label = f.describe();
@@ -274,74 +210,16 @@ impl AttentionArgs {
 }
 
 /// Host Q, K, V (f32).
-type HostQkv = (Vec<f32>, Vec<f32>, Vec<f32>);
-
-fn options(backend: Option<Backend>, max_binding: Option<u64>) -> Result<ContextOptions> {
-    let mut o = ContextOptions::from_env()?;
-    if let Some(b) = backend {
-        o.backend = b;
-    }
-    if max_binding.is_some() {
-        o.max_binding_bytes = max_binding;
-    }
-    Ok(o)
-}
-
-fn info(json_out: bool, backend: Option<Backend>) -> Result<()> {
-    let adapters = pollster::block_on(Context::list_adapters());
-    let ctx = Context::new_blocking(options(backend, None)?)?;
-    if json_out {
-        let v = json!({
-            "chosen": { "backend": ctx.backend(), "adapter": ctx.adapter_name(),
-                        "capabilities": ctx.capabilities() },
-            "adapters": adapters,
-        });
-        println!("{}", serde_json::to_string(&v).expect("serializable"));
-        return Ok(());
-    }
-    println!("adapters:");
-    for a in &adapters {
-        let c = &a.capabilities;
-        println!(
-            "  - {} [{}, {}] {}",
-            a.name, a.backend, a.device_type, a.driver
-        );
-        if a.backend != Backend::Cpu {
-            println!(
-                "      f16={} subgroups={} ({}..{}) coop_matrix={} timestamps={}",
-                c.f16,
-                c.subgroups,
-                c.subgroup_min_size,
-                c.subgroup_max_size,
-                c.coop_matrix
-                    .iter()
-                    .map(|s| format!("{}x{}x{} {}->{}", s.m, s.n, s.k, s.ab, s.cr))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                c.timestamps
-            );
-            println!(
-                "      max_storage_binding={} max_buffer={} workgroup_storage={} invocations={} storage_buffers/stage={}",
-                c.adapter_max_storage_binding,
-                c.max_buffer,
-                c.max_workgroup_storage,
-                c.max_invocations,
-                c.max_storage_buffers_per_stage
-            );
-        }
-    }
-    println!("chosen: {} on {}", ctx.adapter_name(), ctx.backend());
-    Ok(())
-}
+pub type HostQkv = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// One measured run: the output and the median report.
-struct Measured {
-    out: Vec<f32>,
-    ms: f64,
-    report: wgsparse::AttentionReport,
+pub struct Measured {
+    pub(crate) out: Vec<f32>,
+    pub(crate) ms: f64,
+    pub(crate) report: wgsparse::AttentionReport,
 }
 
-fn measure(
+pub fn measure(
     ctx: &Context,
     a: &AttentionArgs,
     method: &Method,
@@ -373,8 +251,8 @@ fn measure(
     })
 }
 
-fn attention(a: &AttentionArgs) -> Result<()> {
-    let ctx = Context::new_blocking(options(a.backend, a.max_binding_bytes)?)?;
+pub fn run(a: &AttentionArgs) -> Result<()> {
+    let ctx = device::context(a.backend, a.max_binding_bytes)?;
     let (shape, qkv, data_label, data_layer) = a.data()?;
     let method = a.method(data_layer)?;
     let causal = !a.non_causal;
@@ -504,11 +382,7 @@ fn other_device_result(
         let m = measure(&Context::cpu(), a, &Method::Dense, shape, qkv, 1)?;
         return Ok((m.out, "cpu".into()));
     }
-    let gpu_opts = ContextOptions {
-        require_gpu: true,
-        ..options(Some(Backend::Auto), a.max_binding_bytes)?
-    };
-    if let Ok(gpu) = Context::new_blocking(gpu_opts) {
+    if let Some(gpu) = device::other_gpu(a.max_binding_bytes) {
         let m = measure(&gpu, a, &Method::Dense, shape, qkv, 1)?;
         return Ok((m.out, format!("gpu ({})", gpu.adapter_name())));
     }
@@ -529,100 +403,4 @@ fn other_device_result(
         &round(&qkv.2),
     );
     Ok((round(&out), "naive f64 reference (no GPU found)".into()))
-}
-
-fn shader(list: bool, name: Option<String>) -> Result<()> {
-    let variants = wgsparse::all_kernel_variants();
-    if list || name.is_none() {
-        for (i, v) in variants.iter().enumerate() {
-            println!("{i:3} {}", v.label());
-        }
-        return Ok(());
-    }
-    let name = name.expect("checked");
-    let spec = variants
-        .iter()
-        .enumerate()
-        .find(|(i, v)| v.label() == name || i.to_string() == name)
-        .map(|(_, v)| v)
-        .ok_or_else(|| Error::InvalidArgument(format!("no variant `{name}` (see --list)")))?;
-    print!("{}", spec.source()?);
-    Ok(())
-}
-
-fn demo() -> Result<()> {
-    let ctx = Context::new_blocking(ContextOptions::from_env()?)?;
-    println!(
-        "wgsparse demo: dense causal attention on {} ({}), synthetic Q/K/V, 32 q-heads / 8 kv-heads, d=128, f16",
-        ctx.adapter_name(),
-        ctx.backend()
-    );
-    let lens: &[usize] = if ctx.is_cpu()
-        || ctx
-            .gpu()
-            .is_some_and(|g| g.info.device_type == wgpu::DeviceType::Cpu)
-    {
-        &[256, 512, 1024]
-    } else {
-        &[1024, 4096, 16384]
-    };
-    let bar = ProgressBar::new(lens.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),
-    );
-    let mut rows = vec![];
-    for &n in lens {
-        bar.set_message(format!("{n} tokens"));
-        let a = AttentionArgs::parse_from([
-            "attention",
-            "--seq-len",
-            &n.to_string(),
-            "--synthetic",
-            "gaussian",
-        ]);
-        let (shape, qkv, _, _) = a.data()?;
-        let m = measure(&ctx, &a, &Method::Dense, shape, &qkv, 1)?;
-        rows.push((
-            n,
-            m.ms,
-            shape.flops(true) / m.ms / 1e9,
-            m.report.timing.timing.clone(),
-        ));
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    println!("| tokens | ms | TFLOP/s | timing |\n|---:|---:|---:|---|");
-    for (n, ms, tf, t) in rows {
-        println!("| {n} | {ms:.3} | {tf:.3} | {t} |");
-    }
-    println!("(try `wgsparse info`, `wgsparse attention --check`, `wgsparse --help`)");
-    Ok(())
-}
-
-fn main() -> ExitCode {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,wgpu_hal::gles=off"),
-    )
-    .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        None => demo(),
-        Some(Command::Info { json, backend }) => info(json, backend),
-        Some(Command::Attention(a)) => attention(&a),
-        Some(Command::Moe(a)) => cli_moe::moe(&a),
-        Some(Command::Layer(a)) => cli_moe::layer(&a),
-        Some(Command::Shader { list, name }) => shader(list, name),
-        Some(Command::Generate(a)) => model_cmd::generate(&a),
-        Some(Command::Nll(a)) => model_cmd::nll(&a),
-        Some(Command::DumpQkv(a)) => model_cmd::dump_qkv(&a),
-        Some(Command::Eval(a)) => model_cmd::eval(&a),
-        Some(Command::Calibrate(a)) => model_cmd::calibrate(&a),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }

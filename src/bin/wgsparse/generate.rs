@@ -1,0 +1,57 @@
+//! `wgsparse generate`: greedy text generation with a real GGUF model.
+
+use std::io::Write;
+use std::time::Instant;
+
+use clap::Args;
+use wgsparse::Result;
+
+use crate::model::*;
+
+#[derive(Args, Clone)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// The prompt, used as given (BOS first when the model wants one).
+    #[arg(long)]
+    prompt: String,
+    /// New tokens at most (greedy).
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Wrap the prompt in the model's chat format (one user turn).
+    #[arg(long)]
+    chat: bool,
+}
+
+/// `wgsparse nll`.
+/// Greedy generation, streamed to stdout.
+pub fn run(a: &GenerateArgs) -> Result<()> {
+    let (_, tok, dec) = load(&a.m)?;
+    let prompt = if a.chat {
+        tok.chat_prompt(&a.prompt)?
+    } else {
+        a.prompt.clone()
+    };
+    let ids = tok.encode_prompt(&prompt)?;
+    let t0 = Instant::now();
+    let mut shown = String::new();
+    let mut all = Vec::new();
+    let out = dec.generate(&ids, a.tokens, &tok.stop_ids, &mut |id| {
+        all.push(id);
+        if let Ok(s) = tok.decode(&all) {
+            if let Some(new) = s.strip_prefix(shown.as_str()) {
+                print!("{new}");
+                let _ = std::io::stdout().flush();
+            }
+            shown = s;
+        }
+    })?;
+    println!();
+    eprintln!(
+        "{} prompt tokens, {} generated in {:.1} s",
+        ids.len(),
+        out.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `wgsparse info`: adapters, the chosen backend, features and limits.
+
+use serde_json::json;
+use wgsparse::{Backend, Context, Result};
+
+use crate::device;
+
+pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
+    let adapters = pollster::block_on(Context::list_adapters());
+    let ctx = device::context(backend, None)?;
+    if json_out {
+        let v = json!({
+            "chosen": { "backend": ctx.backend(), "adapter": ctx.adapter_name(),
+                        "capabilities": ctx.capabilities() },
+            "adapters": adapters,
+        });
+        println!("{}", serde_json::to_string(&v).expect("serializable"));
+        return Ok(());
+    }
+    println!("adapters:");
+    for a in &adapters {
+        let c = &a.capabilities;
+        println!(
+            "  - {} [{}, {}] {}",
+            a.name, a.backend, a.device_type, a.driver
+        );
+        if a.backend != Backend::Cpu {
+            println!(
+                "      f16={} subgroups={} ({}..{}) coop_matrix={} timestamps={}",
+                c.f16,
+                c.subgroups,
+                c.subgroup_min_size,
+                c.subgroup_max_size,
+                c.coop_matrix
+                    .iter()
+                    .map(|s| format!("{}x{}x{} {}->{}", s.m, s.n, s.k, s.ab, s.cr))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                c.timestamps
+            );
+            println!(
+                "      max_storage_binding={} max_buffer={} workgroup_storage={} invocations={} storage_buffers/stage={}",
+                c.adapter_max_storage_binding,
+                c.max_buffer,
+                c.max_workgroup_storage,
+                c.max_invocations,
+                c.max_storage_buffers_per_stage
+            );
+        }
+    }
+    println!("chosen: {} on {}", ctx.adapter_name(), ctx.backend());
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! `wgsparse`: the command-line front end (the crate's main job).
+//!
+//! - `wgsparse` with no arguments: a short demo of dense attention at a few lengths on
+//!   the best device.
+//! - `wgsparse info [--json]`: adapters, chosen backend, features, limits.
+//! - `wgsparse attention --method dense ... [--check] [--json]`: one run on synthetic
+//!   Q/K/V with per-stage times; `--check` compares with the other device.
+//! - `wgsparse moe --tokens T --hidden H --experts E --top-k K --ffn F [--weights f16|q4_0]
+//!   [--check] [--json]`: one MoE layer on synthetic data (see `cli_moe.rs`).
+//! - `wgsparse layer --tokens T [--weights f16|q4_0] [--nope] [--window W [--sinks S]]
+//!   [--check] [--json]`: one
+//!   SmallThinker-4B decoder layer as one submission.
+//! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
+
+mod attention;
+mod calibrate;
+mod demo;
+mod device;
+mod dump_qkv;
+mod eval;
+mod generate;
+mod info;
+mod layer;
+mod model;
+mod moe;
+mod nll;
+mod shader;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wgsparse::Backend;
+
+#[derive(Parser)]
+#[command(
+    name = "wgsparse",
+    version,
+    about = "Sparse long-context attention on any GPU (WGSL) and the CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List adapters, the chosen backend, features and limits.
+    Info {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Backend to report as chosen (also WGSPARSE_BACKEND).
+        #[arg(long)]
+        backend: Option<Backend>,
+    },
+    /// Run attention on synthetic Q/K/V and print per-stage times.
+    Attention(Box<attention::AttentionArgs>),
+    /// Greedy text generation with a real GGUF model (llama, qwen2, gemma3).
+    Generate(generate::GenerateArgs),
+    /// Mean next-token negative log-likelihood of a model on the start of a text.
+    Nll(nll::NllArgs),
+    /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
+    DumpQkv(dump_qkv::DumpArgs),
+    /// Quality of attention methods on a real model: per layer and head, and end to end.
+    Eval(eval::EvalArgs),
+    /// Calibrate SALE's per-head thresholds on a real model and text.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
+    Moe(moe::MoeArgs),
+    /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
+    Layer(layer::LayerArgs),
+    /// Print the final WGSL of kernel variants (after includes and defines).
+    Shader {
+        /// List the variants instead of printing one.
+        #[arg(long)]
+        list: bool,
+        /// Variant label (as `--list` prints it) or index.
+        name: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,wgpu_hal::gles=off"),
+    )
+    .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => demo::run(),
+        Some(Command::Info { json, backend }) => info::run(json, backend),
+        Some(Command::Attention(a)) => attention::run(&a),
+        Some(Command::Moe(a)) => moe::run(&a),
+        Some(Command::Layer(a)) => layer::run(&a),
+        Some(Command::Shader { list, name }) => shader::run(list, name),
+        Some(Command::Generate(a)) => generate::run(&a),
+        Some(Command::Nll(a)) => nll::run(&a),
+        Some(Command::DumpQkv(a)) => dump_qkv::run(&a),
+        Some(Command::Eval(a)) => eval::run(&a),
+        Some(Command::Calibrate(a)) => calibrate::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

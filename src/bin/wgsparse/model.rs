@@ -1,0 +1,60 @@
+//! What the model subcommands share: the model flags, the context, loading a GGUF with
+//! its tokenizer, and the token ids of a text.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use wgsparse::model::decoder::Decoder;
+use wgsparse::model::gguf::Gguf;
+use wgsparse::model::tokenizer::ModelTokenizer;
+use wgsparse::{Backend, Error, Method, Result};
+
+/// Options shared by the model commands.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A GGUF file (llama, qwen2 or gemma3; see scripts/fetch-models.sh).
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    /// Attention method of the prefill.
+    #[arg(long, default_value = "dense")]
+    pub(crate) method: Method,
+    /// Where attention runs: auto, vulkan, metal, dx12, gl or cpu (default cpu; also
+    /// WGSPARSE_BACKEND). Projections run on the CPU either way.
+    #[arg(long)]
+    pub(crate) backend: Option<Backend>,
+}
+
+/// `wgsparse generate`.
+pub fn load(m: &ModelArgs) -> Result<(Gguf, ModelTokenizer, Decoder)> {
+    let t0 = Instant::now();
+    let g = Gguf::open(&m.model)?;
+    let tok = ModelTokenizer::from_gguf(&g)?;
+    let ctx = crate::device::context_or(m.backend, Backend::Cpu)?;
+    let dec = Decoder::load(&g, &ctx, m.method.clone())?;
+    eprintln!(
+        "loaded {} ({:?}, {} layers, attention on {}) in {:.1} s",
+        m.model.display(),
+        dec.cfg.arch,
+        dec.cfg.n_layer,
+        ctx.backend(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok((g, tok, dec))
+}
+
+pub fn text_ids(tok: &ModelTokenizer, path: &PathBuf, n: usize) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path)?;
+    // Enough characters for n tokens (≥ 2 chars per token in prose), then cut.
+    let cut: String = text.chars().take(n.saturating_mul(8) + 64).collect();
+    let mut ids = tok.encode_prompt(&cut)?;
+    if ids.len() < n {
+        return Err(Error::InvalidArgument(format!(
+            "{} holds only {} tokens, {n} asked",
+            path.display(),
+            ids.len()
+        )));
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
