@@ -270,13 +270,13 @@ impl SparseGpu {
 
     /// Timed stages a run records.
     pub(crate) fn stage_count(&self) -> u32 {
-        2 + self.select.stage_count()
+        2 + self.select.counts().0
     }
 
     /// Dispatches a run records.
     pub(crate) fn dispatch_count(&self) -> usize {
         self.exact_exec.dispatch_count()
-            + self.select.dispatch_count()
+            + self.select.counts().1
             + self.sparse_exec.dispatch_count()
     }
 

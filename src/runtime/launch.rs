@@ -1,10 +1,73 @@
-//! Small helpers the MoE and layer-op launchers share: labelled uniform and storage
-//! buffers, bind groups over whole buffers, and 2D grids for 1D work that may exceed the
-//! 65,535-workgroups-per-axis limit.
+//! Launching kernels: the typed launcher [`Launch`] (a compiled kernel with its uniform
+//! parameters of type `P`, producing [`Dispatch`]es that a [`crate::runtime::Recorder`]
+//! records as one stage), and the helpers every launcher shares: labelled uniform and
+//! storage buffers checked against the binding limit, bind groups over whole buffers,
+//! grid checks and 2D grids for 1D work beyond 65,535 workgroups per axis.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bytemuck::Pod;
 
 use crate::error::{Error, Result};
-use crate::runtime::Kernel;
-use crate::runtime::context::GpuDevice;
+use crate::runtime::context::{Context, GpuDevice};
+use crate::runtime::{Kernel, KernelSpec};
+
+/// One dispatch ready to record: a kernel, its bind group and its grid.
+pub struct Dispatch {
+    /// The compiled kernel.
+    pub kernel: Arc<Kernel>,
+    /// Bind group 0.
+    pub bind_group: wgpu::BindGroup,
+    /// Workgroups per axis.
+    pub grid: (u32, u32, u32),
+}
+
+/// A kernel and its uniform parameters `P` (binding 0, written once at plan build
+/// time): binds the storage buffers of a run after them and yields a [`Dispatch`].
+pub struct Launch<P: Pod> {
+    kernel: Arc<Kernel>,
+    params: wgpu::Buffer,
+    _params: PhantomData<P>,
+}
+
+impl<P: Pod> Launch<P> {
+    /// Compiles (or takes from the cache) `spec` and uploads `params`.
+    pub fn new(ctx: &Context, spec: &KernelSpec, params: &P) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let kernel = ctx.kernel(spec)?;
+        let label = format!("{} params", kernel.label);
+        Ok(Launch {
+            params: uniform(g, &label, bytemuck::bytes_of(params)),
+            kernel,
+            _params: PhantomData,
+        })
+    }
+
+    /// A dispatch binding the parameters at 0 and `buffers` at 1, 2, ….
+    pub fn dispatch(
+        &self,
+        g: &GpuDevice,
+        buffers: &[&wgpu::Buffer],
+        grid: (u32, u32, u32),
+    ) -> Dispatch {
+        Dispatch {
+            bind_group: bind_params(g, &self.kernel, &self.kernel.label, &self.params, buffers),
+            kernel: self.kernel.clone(),
+            grid,
+        }
+    }
+
+    /// The compiled kernel.
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// The uniform buffer holding the parameters.
+    pub fn params(&self) -> &wgpu::Buffer {
+        &self.params
+    }
+}
 
 /// A uniform buffer holding `bytes` (written now).
 pub(crate) fn uniform(g: &GpuDevice, label: &str, bytes: &[u8]) -> wgpu::Buffer {

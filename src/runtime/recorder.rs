@@ -137,6 +137,20 @@ impl<'a> Recorder<'a> {
         });
     }
 
+    /// Records one timed stage of prepared dispatches ([`crate::runtime::launch::Dispatch`]),
+    /// in order.
+    pub fn dispatch_stage(&mut self, name: &str, list: &[crate::runtime::launch::Dispatch]) {
+        self.stage(name, |pass| {
+            for d in list {
+                let (x, y, z) = d.grid;
+                pass.set_pipeline(&d.kernel.pipeline);
+                pass.set_bind_group(0, &d.bind_group, &[]);
+                pass.dispatch_workgroups(x, y, z);
+            }
+            list.len() as u32
+        });
+    }
+
     /// Submits everything recorded, waits for it and returns the timing report.
     pub async fn submit(self) -> Result<Report> {
         self.submit_deferred().await?.report().await

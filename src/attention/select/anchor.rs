@@ -26,10 +26,10 @@ use crate::attention::sparse::{SelectionLayout, TwoPassRun, two_pass_cpu};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind_params, check_axis, storage, uniform};
+use crate::runtime::launch::{Launch, check_axis, storage};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// AnchorAttention's hyperparameters (the authors' defaults).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -474,8 +474,8 @@ impl Selector for AnchorConfig {
 
 /// AnchorAttention's selection on a GPU context: pooling, flags, compaction.
 struct AnchorSelectGpu {
-    kernels: [std::sync::Arc<Kernel>; 3],
-    params: wgpu::Buffer,
+    /// Pooling, flags and compaction.
+    launches: [Launch<SelectParams>; 3],
     grid_pool: (u32, u32),
     grid_select: (u32, u32, u32),
     qbar: wgpu::Buffer,
@@ -529,14 +529,9 @@ impl AnchorSelectGpu {
             theta: cfg.theta,
             _pad: [0; 3],
         };
-        let spec = |stage| select_spec(stage, d, cfg, opts.dtype);
+        let launch = |stage| Launch::new(ctx, &select_spec(stage, d, cfg, opts.dtype), &p);
         Ok(AnchorSelectGpu {
-            kernels: [
-                ctx.kernel(&spec("pool"))?,
-                ctx.kernel(&spec("flags"))?,
-                ctx.kernel(&spec("compact"))?,
-            ],
-            params: uniform(g, "anchor selection params", bytemuck::bytes_of(&p)),
+            launches: [launch("pool")?, launch("flags")?, launch("compact")?],
             grid_pool,
             grid_select,
             qbar: storage(g, "anchor pooled q", (h * n_pool * d * 4) as u64)?,
@@ -553,55 +548,27 @@ impl AnchorSelectGpu {
 
 impl GpuSelection for AnchorSelectGpu {
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
-        let gd = rec.gpu();
-        let group = |kernel: &Kernel, label: &str, bufs: &[&wgpu::Buffer]| {
-            bind_params(gd, kernel, label, &self.params, bufs)
-        };
-        let [kp, kf, kc] = &self.kernels;
-        let bg_pool = group(
-            kp,
-            "anchor pool bindings",
-            &[io.q, io.ml, &self.qbar, &self.abar],
-        );
-        let bg_flags = group(
-            kf,
-            "anchor flags bindings",
-            &[io.k, &self.qbar, &self.abar, &self.flags, &self.counts],
-        );
-        let bg_compact = group(
-            kc,
-            "anchor compact bindings",
-            &[
-                &self.flags,
-                &self.counts,
-                io.row_base,
-                io.ranges,
-                io.indices,
-            ],
-        );
+        let g = rec.gpu();
+        let [pool, flags, compact] = &self.launches;
         let (px, py) = self.grid_pool;
-        rec.stage("pool", |pass| {
-            pass.set_pipeline(&kp.pipeline);
-            pass.set_bind_group(0, &bg_pool, &[]);
-            pass.dispatch_workgroups(px, py, 1);
-            1
-        });
-        let (sx, sy, sz) = self.grid_select;
-        for (stage, kernel, bg) in [("select", kf, &bg_flags), ("compact", kc, &bg_compact)] {
-            rec.stage(stage, |pass| {
-                pass.set_pipeline(&kernel.pipeline);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(sx, sy, sz);
-                1
-            });
-        }
+        let pool = pool.dispatch(g, &[io.q, io.ml, &self.qbar, &self.abar], (px, py, 1));
+        let bufs = [io.k, &self.qbar, &self.abar, &self.flags, &self.counts];
+        let flags = flags.dispatch(g, &bufs, self.grid_select);
+        let bufs = [
+            &self.flags,
+            &self.counts,
+            io.row_base,
+            io.ranges,
+            io.indices,
+        ];
+        let compact = compact.dispatch(g, &bufs, self.grid_select);
+        rec.dispatch_stage("pool", &[pool]);
+        rec.dispatch_stage("select", &[flags]);
+        rec.dispatch_stage("compact", &[compact]);
         Ok(())
     }
-    fn stage_count(&self) -> u32 {
-        3
-    }
-    fn dispatch_count(&self) -> usize {
-        3
+    fn counts(&self) -> (u32, usize) {
+        (3, 3)
     }
     fn as_any(&self) -> &dyn Any {
         self

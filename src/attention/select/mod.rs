@@ -56,10 +56,8 @@ pub trait GpuSelection: Send + Sync {
     }
     /// The selection stages between the passes: from Q, K and `(m, l)` to the LUT.
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()>;
-    /// Timed stages both methods record.
-    fn stage_count(&self) -> u32;
-    /// Dispatches both methods record.
-    fn dispatch_count(&self) -> usize;
+    /// Timed stages and dispatches the two methods above record, together.
+    fn counts(&self) -> (u32, usize);
     /// For tests and inspection: the concrete type.
     fn as_any(&self) -> &dyn Any;
 }

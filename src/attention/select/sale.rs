@@ -36,12 +36,10 @@ use crate::attention::sparse::{SelectionLayout, TwoPassRun, two_pass_cpu};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{
-    bind_params, check_axis, check_binding, storage, storage_init, uniform,
-};
+use crate::runtime::launch::{Launch, check_axis, check_binding, storage, storage_init};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// Query rows per selection block.
 pub const BLOCK_Q: usize = 64;
@@ -809,9 +807,11 @@ impl Selector for SaleConfig {
 pub(crate) struct SaleSelectGpu {
     cfg: SaleConfig,
     shape: AttentionShape,
-    kernels: Vec<std::sync::Arc<Kernel>>,
-    quant_params: wgpu::Buffer,
-    est_params: wgpu::Buffer,
+    /// Mean partial sums, final means, Q codes, K codes.
+    quantize: [Launch<SaleQuantParams>; 4],
+    /// Estimation and compaction.
+    select: [Launch<SaleEstimateParams>; 2],
+    est_params: SaleEstimateParams,
     grid_means: u32,
     grid_estimate: (u32, u32, u32),
     partial: wgpu::Buffer,
@@ -887,23 +887,19 @@ impl SaleSelectGpu {
             portable_loops: ctx.backend() == crate::Backend::BrowserWebGpu,
         };
         let spec = |s| sale_spec(s, d, cfg.bits, cfg.local, opts.dtype, ev);
-        let kernels = [
-            Stage::MeanPartial,
-            Stage::MeanFinal,
-            Stage::QuantQ,
-            Stage::QuantK,
-            Stage::Estimate,
-            Stage::Compact,
-        ]
-        .into_iter()
-        .map(|s| ctx.kernel(&spec(s)))
-        .collect::<Result<Vec<_>>>()?;
+        let quant = |s| Launch::new(ctx, &spec(s), &qp);
+        let est = |s| Launch::new(ctx, &spec(s), &ep);
         Ok(SaleSelectGpu {
             cfg: cfg.clone(),
             shape: *shape,
-            kernels,
-            quant_params: uniform(g, "sale quantization params", bytemuck::bytes_of(&qp)),
-            est_params: uniform(g, "sale estimation params", bytemuck::bytes_of(&ep)),
+            quantize: [
+                quant(Stage::MeanPartial)?,
+                quant(Stage::MeanFinal)?,
+                quant(Stage::QuantQ)?,
+                quant(Stage::QuantK)?,
+            ],
+            select: [est(Stage::Estimate)?, est(Stage::Compact)?],
+            est_params: ep,
             grid_means,
             grid_estimate,
             partial: storage(
@@ -924,99 +920,54 @@ impl SaleSelectGpu {
 
 impl GpuSelection for SaleSelectGpu {
     fn record_before(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
-        let gd = rec.gpu();
-        let qp = &self.quant_params;
-        let [kmp, kmf, kqq, kqk, ..] = &self.kernels[..] else {
-            unreachable!("six SALE kernels")
-        };
+        let g = rec.gpu();
+        let [partial, means, codes_q, codes_k] = &self.quantize;
         let (hq, hk) = (self.shape.q_heads as u32, self.shape.kv_heads as u32);
         let row_blocks = self.shape.seq_len.div_ceil(64) as u32;
-        let steps = [
-            (
-                kmp,
-                "sale mean partial bindings",
-                vec![io.q, io.k, &self.partial],
-                (self.grid_means, hq + hk),
+        let list = [
+            partial.dispatch(
+                g,
+                &[io.q, io.k, &self.partial],
+                (self.grid_means, hq + hk, 1),
             ),
-            (
-                kmf,
-                "sale mean final bindings",
-                vec![&self.partial, &self.means],
-                (hq + hk, 1),
+            means.dispatch(g, &[&self.partial, &self.means], (hq + hk, 1, 1)),
+            codes_q.dispatch(
+                g,
+                &[io.q, &self.means, &self.qq, &self.q_meta],
+                (row_blocks, hq, 1),
             ),
-            (
-                kqq,
-                "sale quantize q bindings",
-                vec![io.q, &self.means, &self.qq, &self.q_meta],
-                (row_blocks, hq),
+            codes_k.dispatch(
+                g,
+                &[io.k, &self.means, &self.kq, &self.k_meta],
+                (row_blocks, hk, 1),
             ),
-            (
-                kqk,
-                "sale quantize k bindings",
-                vec![io.k, &self.means, &self.kq, &self.k_meta],
-                (row_blocks, hk),
-            ),
-        ]
-        .map(|(kernel, label, bufs, grid)| {
-            (kernel, bind_params(gd, kernel, label, qp, &bufs), grid)
-        });
-        rec.stage("quantize", |pass| {
-            for (kernel, bg, (x, y)) in &steps {
-                pass.set_pipeline(&kernel.pipeline);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(*x, *y, 1);
-            }
-            4
-        });
+        ];
+        rec.dispatch_stage("quantize", &list);
         Ok(())
     }
 
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
-        let gd = rec.gpu();
-        let ep = &self.est_params;
-        let [.., kest, kcomp] = &self.kernels[..] else {
-            unreachable!("six SALE kernels")
-        };
-        let bg_est = bind_params(
-            gd,
-            kest,
-            "sale estimation bindings",
-            ep,
-            &[
-                &self.qq,
-                &self.kq,
-                &self.q_meta,
-                &self.k_meta,
-                io.ml,
-                &self.tau,
-                &self.flags,
-            ],
-        );
-        let bg_comp = bind_params(
-            gd,
-            kcomp,
-            "sale compaction bindings",
-            ep,
-            &[&self.flags, io.row_base, io.ranges, io.indices],
-        );
-        let (x, y, z) = self.grid_estimate;
-        for (stage, kernel, bg) in [("estimate", kest, &bg_est), ("compact", kcomp, &bg_comp)] {
-            rec.stage(stage, |pass| {
-                pass.set_pipeline(&kernel.pipeline);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(x, y, z);
-                1
-            });
-        }
+        let g = rec.gpu();
+        let [estimate, compact] = &self.select;
+        let bufs = [
+            &self.qq,
+            &self.kq,
+            &self.q_meta,
+            &self.k_meta,
+            io.ml,
+            &self.tau,
+            &self.flags,
+        ];
+        let estimate = estimate.dispatch(g, &bufs, self.grid_estimate);
+        let bufs = [&self.flags, io.row_base, io.ranges, io.indices];
+        let compact = compact.dispatch(g, &bufs, self.grid_estimate);
+        rec.dispatch_stage("estimate", &[estimate]);
+        rec.dispatch_stage("compact", &[compact]);
         Ok(())
     }
 
-    fn stage_count(&self) -> u32 {
-        3
-    }
-
-    fn dispatch_count(&self) -> usize {
-        6
+    fn counts(&self) -> (u32, usize) {
+        (3, 6)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -1070,7 +1021,7 @@ impl SaleSelectGpu {
         let (hq, n, d) = (self.shape.q_heads, self.shape.seq_len, self.shape.head_dim);
         let size = (hq * n * n * 4) as u64;
         check_binding(g, "sale dot products", size)?;
-        let kernel = ctx.kernel(&sale_spec(
+        let spec = sale_spec(
             Stage::Dots,
             d,
             self.cfg.bits,
@@ -1080,7 +1031,8 @@ impl SaleSelectGpu {
                 dot4,
                 portable_loops,
             },
-        ))?;
+        );
+        let launch = Launch::new(ctx, &spec, &self.est_params)?;
         g.queue
             .write_buffer(&self.qq, 0, bytemuck::cast_slice(&quant.q_packed));
         g.queue
@@ -1090,29 +1042,17 @@ impl SaleSelectGpu {
             "sale dot products",
             bytemuck::cast_slice(&vec![fill; hq * n * n]),
         )?;
-        let bg = bind_params(
-            g,
-            &kernel,
-            "sale dot products bindings",
-            &self.est_params,
-            &[
-                &self.qq,
-                &self.kq,
-                &self.q_meta,
-                &self.k_meta,
-                ml,
-                &self.tau,
-                &dots,
-            ],
-        );
+        let bufs = [
+            &self.qq,
+            &self.kq,
+            &self.q_meta,
+            &self.k_meta,
+            ml,
+            &self.tau,
+            &dots,
+        ];
         let mut rec = Recorder::new(ctx, "sale dot products", 1)?;
-        let (x, y, z) = self.grid_estimate;
-        rec.stage("dots", |pass| {
-            pass.set_pipeline(&kernel.pipeline);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(x, y, z);
-            1
-        });
+        rec.dispatch_stage("dots", &[launch.dispatch(g, &bufs, self.grid_estimate)]);
         rec.submit().await?;
         let bytes = crate::runtime::tensor::read_buffer(g, &dots, 0, size).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
