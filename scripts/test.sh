@@ -101,6 +101,8 @@ say "cargo test (WGSPARSE_REQUIRE_GPU=$WGSPARSE_REQUIRE_GPU)"
 cargo test --locked "$@"
 say "cargo build --benches --examples (debug: they must compile)"
 cargo build --locked --benches --examples
+say "cargo run --example sparse_prefill (the embedding example, on the GPU: sale at 1,024 tokens)"
+cargo run --locked --example sparse_prefill -- sale 1024
 if [ "${WGSPARSE_SKIP_MODELS:-0}" != 1 ]; then
     say "scripts/test-models.sh (SmolLM2: numpy reference, eval, GPU-vs-CPU decoder; WGSPARSE_SKIP_MODELS=1 skips it)"
     bash scripts/test-models.sh
