@@ -302,8 +302,9 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
         "data": data_label,
         "est_ms": m.report.estimation_ms(),
     });
-    for name in ["anchor", "sale"] {
-        v[name] = serde_json::Value::Null;
+    // Every selector method's key is present (null unless this method filled it).
+    for m in Method::all().iter().filter(|m| m.manages_state()) {
+        v[m.name()] = serde_json::Value::Null;
     }
     if let Some(st) = &m.report.stats
         && let serde_json::Value::Object(map) = json!(st)
