@@ -122,7 +122,7 @@ fn sale_matches_cpu_twin() {
             "sale {shape:?} int{} {dtype:?}: {err:?}, density gpu {:.4} cpu {:.4}, per head {:?}, ties {ties}",
             cfg.bits,
             report.density,
-            run.stats.density(),
+            run.stats.pairs.density(),
             stats.selected_per_head
         );
         let tol = dense_tolerance_for(dtype, shape.seq_len);

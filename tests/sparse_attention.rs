@@ -406,10 +406,10 @@ fn anchor_matches_cpu_twin() {
         eprintln!(
             "anchor {shape:?} {dtype:?}: {err:?}, density gpu {:.4} cpu {:.4}, stripes/group {:?}, ties {ties}",
             report.density,
-            stats.density(),
+            stats.pairs.density(),
             anchor_stats(&report).stripes_per_group
         );
-        selected += anchor_stats(&report).stripe_pairs;
+        selected += anchor_stats(&report).pairs.selected;
         assert!(report.density < 1.0);
         if ties == 0 {
             assert_eq!(anchor_stats(&report), &stats);

@@ -14,6 +14,7 @@ use super::split::{DenseDispatch, SplitLimits, SplitProblem, split_dense, split_
 use super::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
+use crate::runtime::launch::Dispatch;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
@@ -237,18 +238,9 @@ impl DenseTiles {
 }
 
 fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant, keys: KeyFlag) -> KernelSpec {
-    use BindingKind::*;
-    let mut bindings = vec![
-        Uniform,
-        StorageRead,
-        StorageRead,
-        StorageRead,
-        StorageReadWrite,
-        StorageReadWrite,
-        StorageReadWrite,
-    ];
+    let mut bindings = BindingKind::layout("urrrwww");
     if keys != KeyFlag::Range {
-        bindings.extend([StorageRead, StorageRead]);
+        bindings.extend(BindingKind::layout("rr"));
     }
     KernelSpec {
         file: "attention/flash.wgsl",
@@ -504,9 +496,9 @@ impl FlashGpu {
         stage: &str,
         io: &FlashIo<'_>,
     ) -> Result<()> {
-        let device = rec.gpu().device.clone();
+        let g = rec.gpu();
         let (q, k, v, o) = (io.q, io.k, io.v, io.o);
-        let (list, ml_buf, acc_buf) = match io.state {
+        let (prepared, ml_buf, acc_buf) = match io.state {
             Some((ml, acc)) => (&self.caller, Some(ml), Some(acc)),
             None => (
                 &self.scratch,
@@ -524,7 +516,7 @@ impl FlashGpu {
                 ));
             }
         };
-        let groups = list
+        let list = prepared
             .iter()
             .map(|x| {
                 let kernel = match x.kernel.get() {
@@ -553,31 +545,12 @@ impl FlashGpu {
                 ];
                 let lut_entries =
                     lut.map(|(r, i)| [r.as_entire_buffer_binding(), i.as_entire_buffer_binding()]);
-                let entries: Vec<wgpu::BindGroupEntry> = entries
-                    .into_iter()
-                    .chain(lut_entries.into_iter().flatten())
-                    .enumerate()
-                    .map(|(i, b)| wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource: wgpu::BindingResource::Buffer(b),
-                    })
-                    .collect();
-                let bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("dense attention bindings"),
-                    layout: &kernel.layout,
-                    entries: &entries,
-                });
-                Ok((bg, kernel, x.dispatch.grid(x.bq)))
+                let (gx, gy) = x.dispatch.grid(x.bq);
+                let bindings = entries.into_iter().chain(lut_entries.into_iter().flatten());
+                Ok(Dispatch::ranges(g, kernel, bindings, (gx, gy, 1)))
             })
             .collect::<Result<Vec<_>>>()?;
-        rec.stage(stage, |pass| {
-            for (bg, kernel, (gx, gy)) in &groups {
-                pass.set_pipeline(&kernel.pipeline);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(*gx, *gy, 1);
-            }
-            groups.len() as u32
-        });
+        rec.dispatch_stage(stage, &list);
         Ok(())
     }
 }

@@ -43,6 +43,32 @@ pub fn unknown_param(method: &str, key: &str, known: &str) -> Error {
     ))
 }
 
+/// Implements [`Params`] for a config struct from its field list: each field is set
+/// by its name (or an alias) through [`parse_value`] and printed with `to_string`.
+///
+/// `impl_params!(AnchorConfig, "anchor" { theta, block, step, init_keys | "init" });`
+macro_rules! impl_params {
+    ($ty:ty, $method:literal { $($field:ident $(| $alias:literal)*),* $(,)? }) => {
+        impl $crate::attention::method::Params for $ty {
+            fn set(&mut self, key: &str, value: &str) -> $crate::error::Result<()> {
+                use $crate::attention::method::{parse_value, unknown_param};
+                match key {
+                    $(stringify!($field) $(| $alias)* => self.$field = parse_value(key, value)?,)*
+                    _ => {
+                        let known = [$(stringify!($field)),*].join(", ");
+                        return Err(unknown_param($method, key, &known));
+                    }
+                }
+                Ok(())
+            }
+            fn params(&self) -> Vec<(&'static str, String)> {
+                vec![$((stringify!($field), self.$field.to_string())),*]
+            }
+        }
+    };
+}
+pub(crate) use impl_params;
+
 macro_rules! registry {
     ($($(#[$doc:meta])* $variant:ident($cfg:ty, $stats:ty) = $name:literal;)*) => {
         /// Which attention algorithm a plan runs.
@@ -64,7 +90,8 @@ macro_rules! registry {
         }
 
         /// What a sparse method reports about one run (serialized under its method's
-        /// name).
+        /// name). Every method's statistics carry the executor's pair counts in a
+        /// field `pairs` ([`super::sparse::PassPairs`]).
         #[derive(Clone, Debug, PartialEq, Serialize)]
         #[serde(rename_all = "lowercase")]
         #[non_exhaustive]
@@ -121,7 +148,7 @@ macro_rules! registry {
             /// Fraction of causal pairs computed, the exact pass included.
             pub fn density(&self) -> f64 {
                 match self {
-                    $(MethodStats::$variant(s) => s.density(),)*
+                    $(MethodStats::$variant(s) => s.pairs.density(),)*
                 }
             }
         }
@@ -242,6 +269,28 @@ mod tests {
         ] {
             assert!(
                 matches!(bad.parse::<Method>(), Err(Error::InvalidArgument(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_selector_configs_are_typed_errors() {
+        let shape = crate::attention::AttentionShape::new(4, 2, 512, 64);
+        for bad in [
+            "anchor:block=96",
+            "anchor:step=0",
+            "anchor:init_keys=100",
+            "anchor:theta=NaN",
+            "sale:tau=-1",
+            "sale:tau=NaN",
+            "sale:bits=2",
+            "sale:local=100",
+        ] {
+            let m: Method = bad.parse().unwrap();
+            let sel = m.selector().unwrap();
+            assert!(
+                matches!(sel.validate(&shape), Err(Error::InvalidArgument(_))),
                 "{bad}"
             );
         }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::flash::{ExecConfig, FlashGpu, FlashIo, KeyMode};
 use super::flash_cpu::{CpuAttention, HostRowState, attention_cpu};
 use super::lut::{LutUnit, SparseLut};
-use super::select::{GpuSelection, MethodStats, SelectIo, Selector};
+use super::select::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
 use super::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::Recorder;
@@ -83,6 +83,65 @@ impl SelectionLayout {
     }
 }
 
+/// Pair counts of one two-pass run, all heads: the causal `(q, k)` pairs of the whole
+/// attention, those the exact pass computed and those the selected LUT covered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassPairs {
+    /// Causal pairs of dense attention.
+    pub causal: u64,
+    /// Pairs of the exact pass (causal).
+    pub exact: u64,
+    /// Pairs of the selected entries.
+    pub selected: u64,
+}
+
+impl PassPairs {
+    /// The counts of a run with `exact` as its exact LUT and `counts` entries selected
+    /// per row of `layout`.
+    pub fn new(
+        shape: &AttentionShape,
+        exact: &SparseLut,
+        layout: &SelectionLayout,
+        counts: &[u32],
+    ) -> Self {
+        PassPairs {
+            causal: shape.pairs(true) as u64,
+            exact: exact.pairs(true),
+            selected: layout.selected_pairs(shape.seq_len, counts),
+        }
+    }
+
+    /// Fraction of causal pairs computed, exact pass included.
+    pub fn density(&self) -> f64 {
+        (self.exact + self.selected) as f64 / self.causal.max(1) as f64
+    }
+
+    /// The exact and the selected pairs as fractions of the causal pairs.
+    pub fn fractions(&self) -> (f64, f64) {
+        let c = self.causal.max(1) as f64;
+        (self.exact as f64 / c, self.selected as f64 / c)
+    }
+
+    /// Serializes the counts under a method's key names (`causal_pairs`, then
+    /// `keys[0]`, `keys[1]`) followed by the method's own `extra` entries.
+    pub fn serialize_with<S: serde::Serializer>(
+        &self,
+        s: S,
+        keys: [&str; 2],
+        extra: &[(&str, serde_json::Value)],
+    ) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(3 + extra.len()))?;
+        m.serialize_entry("causal_pairs", &self.causal)?;
+        m.serialize_entry(keys[0], &self.exact)?;
+        m.serialize_entry(keys[1], &self.selected)?;
+        for (k, v) in extra {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
 /// What [`two_pass_cpu`] returns: the output, the selected LUT, what the selection
 /// returned beside it, and the final `(m, l)` of every row.
 #[derive(Clone, Debug)]
@@ -95,13 +154,15 @@ pub struct TwoPassRun<S> {
     pub detail: S,
     /// Final `(m, l)` per row, `[q_heads, seq_len, 2]`.
     pub ml: Vec<f32>,
+    /// Pair counts of both passes.
+    pub pairs: PassPairs,
 }
 
 /// The two-pass executor on the host: exact pass over `exact`, `select(ml)` on its row
-/// state, sparse pass over the returned LUT continuing the state.
+/// state (a LUT in `layout`), sparse pass over the returned LUT continuing the state.
 pub fn two_pass_cpu<S>(
     shape: &AttentionShape,
-    exact: &SparseLut,
+    (exact, layout): (&SparseLut, &SelectionLayout),
     scale: f32,
     (q, k, v): (&[f32], &[f32], &[f32]),
     select: impl FnOnce(&[f32]) -> Result<(SparseLut, S)>,
@@ -117,11 +178,13 @@ pub fn two_pass_cpu<S>(
     attention_cpu(shape, &exec(exact), q, k, v, Some(&mut st));
     let (selected, detail) = select(&st.ml)?;
     let out = attention_cpu(shape, &exec(&selected), q, k, v, Some(&mut st));
+    let pairs = PassPairs::new(shape, exact, layout, &selected.counts());
     Ok(TwoPassRun {
         out,
         selected,
         detail,
         ml: st.ml,
+        pairs,
     })
 }
 
@@ -142,11 +205,18 @@ pub(crate) fn run_cpu(
     qkv: (&[f32], &[f32], &[f32]),
 ) -> Result<CpuSparseRun> {
     let exact = selector.exact_lut(shape)?;
-    let run = two_pass_cpu(shape, &exact, scale, qkv, |ml| {
-        Ok((selector.select_cpu(shape, scale, qkv.0, qkv.1, ml)?, ()))
+    let layout = selector.layout(shape)?;
+    let run = two_pass_cpu(shape, (&exact, &layout), scale, qkv, |ml| {
+        let input = SelectInput {
+            shape,
+            scale,
+            q: qkv.0,
+            k: qkv.1,
+            ml,
+        };
+        Ok((selector.select_cpu(&input)?, ()))
     })?;
-    let counts = run.selected.counts();
-    let stats = selector.stats(shape, &exact, &counts);
+    let stats = selector.stats(shape, run.pairs, &run.selected.counts());
     Ok(CpuSparseRun {
         out: run.out,
         luts: vec![exact, run.selected],
@@ -255,7 +325,12 @@ impl SparseGpu {
             ranges: storage(g, &label("selected lut ranges"), row_base.len() as u64 * 8)?,
             indices: storage(g, &label("selected lut indices"), total * 4)?,
         };
-        let select = selector.build_gpu(ctx, shape, opts, &layout)?;
+        let select = selector.build_gpu(&SelectBuild {
+            ctx,
+            shape,
+            opts,
+            layout: &layout,
+        })?;
         Ok(SparseGpu {
             selector,
             shape: *shape,
@@ -341,7 +416,8 @@ impl SparseGpu {
             .iter()
             .map(|[a, b]| b - a)
             .collect();
-        Ok(self.selector.stats(&self.shape, &self.exact_lut, &counts))
+        let pairs = PassPairs::new(&self.shape, &self.exact_lut, &self.layout, &counts);
+        Ok(self.selector.stats(&self.shape, pairs, &counts))
     }
 
     /// Final `(m, l)` of every row of the last run, `[q_heads, seq_len, 2]`.

@@ -1,15 +1,13 @@
 //! Launcher of `shaders/moe/combine.wgsl`: the weighted gather-add of the experts'
 //! outputs back to token order, plus the residual.
 
-use std::sync::Arc;
-
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind, grid_2d, uniform};
+use crate::runtime::launch::{Launch, grid_2d};
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -23,19 +21,11 @@ pub struct CombineParams {
 
 /// The combine kernel.
 pub fn combine_spec() -> KernelSpec {
-    use BindingKind::*;
     KernelSpec {
         file: "moe/combine.wgsl",
         entry: "moe_combine",
         defines: Defines::new(),
-        bindings: vec![
-            Uniform,
-            StorageRead,
-            StorageRead,
-            StorageRead,
-            StorageRead,
-            StorageReadWrite,
-        ],
+        bindings: BindingKind::layout("urrrrw"),
     }
 }
 
@@ -50,8 +40,7 @@ pub(crate) struct CombineIo<'a> {
 
 /// A built combine.
 pub(crate) struct CombineGpu {
-    kernel: Arc<Kernel>,
-    params: wgpu::Buffer,
+    launch: Launch<CombineParams>,
     grid: (u32, u32),
 }
 
@@ -66,25 +55,15 @@ impl CombineGpu {
         };
         let groups = (tokens as u64 * hidden as u64 / 4).div_ceil(256);
         Ok(CombineGpu {
-            kernel: ctx.kernel(&combine_spec())?,
-            params: uniform(g, "moe combine params", bytemuck::bytes_of(&p)),
+            launch: Launch::new(ctx, &combine_spec(), &p)?,
             grid: grid_2d(groups, g.caps.max_workgroups_per_dim, "moe combine")?,
         })
     }
 
     pub(crate) fn record(&self, rec: &mut Recorder<'_>, io: &CombineIo<'_>) {
-        let bg = bind(
-            rec.gpu(),
-            &self.kernel,
-            "moe combine bindings",
-            &[&self.params, io.y, io.weights, io.inv, io.residual, io.out],
-        );
+        let bufs = [io.y, io.weights, io.inv, io.residual, io.out];
         let (gx, gy) = self.grid;
-        rec.stage("combine", |pass| {
-            pass.set_pipeline(&self.kernel.pipeline);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(gx, gy, 1);
-            1
-        });
+        let d = self.launch.dispatch(rec.gpu(), &bufs, (gx, gy, 1));
+        rec.dispatch_stage("combine", &[d]);
     }
 }

@@ -1,15 +1,13 @@
 //! Launcher of `shaders/moe/dispatch.wgsl`: histogram, scan and stable scatter of the
 //! router's assignments into expert-contiguous order (three dispatches, one stage).
 
-use std::sync::Arc;
-
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind, grid_2d, uniform};
+use crate::runtime::launch::{Launch, grid_2d};
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// Assignments per histogram / scatter workgroup.
 pub const DISPATCH_BLOCK: usize = 256;
@@ -37,7 +35,6 @@ pub enum DispatchPass {
 
 /// The kernel of one pass.
 pub fn dispatch_spec(pass: DispatchPass) -> KernelSpec {
-    use BindingKind::*;
     let (entry, flag) = match pass {
         DispatchPass::Histogram => ("moe_histogram", "HISTOGRAM"),
         DispatchPass::Scan => ("moe_scan", "SCAN"),
@@ -47,14 +44,7 @@ pub fn dispatch_spec(pass: DispatchPass) -> KernelSpec {
         file: "moe/dispatch.wgsl",
         entry,
         defines: Defines::new().flag(flag),
-        bindings: vec![
-            Uniform,
-            StorageRead,
-            StorageReadWrite,
-            StorageReadWrite,
-            StorageReadWrite,
-            StorageReadWrite,
-        ],
+        bindings: BindingKind::layout("urwwww"),
     }
 }
 
@@ -85,8 +75,8 @@ pub(crate) struct DispatchIo<'a> {
 
 /// A built dispatch for an assignment count.
 pub(crate) struct DispatchGpu {
-    kernels: [Arc<Kernel>; 3],
-    params: wgpu::Buffer,
+    /// Histogram, scan, scatter.
+    launches: [Launch<DispatchParams>; 3],
     grid: (u32, u32),
     /// Number of 256-assignment blocks.
     pub blocks: usize,
@@ -107,45 +97,28 @@ impl DispatchGpu {
             blocks: blocks as u32,
             tile_m: tile_m as u32,
         };
-        let k = |pass| ctx.kernel(&dispatch_spec(pass));
+        let k = |pass| Launch::new(ctx, &dispatch_spec(pass), &p);
         Ok(DispatchGpu {
-            kernels: [
+            launches: [
                 k(DispatchPass::Histogram)?,
                 k(DispatchPass::Scan)?,
                 k(DispatchPass::Scatter)?,
             ],
-            params: uniform(g, "moe dispatch params", bytemuck::bytes_of(&p)),
             grid: grid_2d(blocks as u64, g.caps.max_workgroups_per_dim, "moe dispatch")?,
             blocks,
         })
     }
 
     pub(crate) fn record(&self, rec: &mut Recorder<'_>, io: &DispatchIo<'_>) {
-        let bufs = [
-            &self.params,
-            io.ids,
-            io.block_counts,
-            io.meta,
-            io.sorted,
-            io.inv,
-        ];
-        let groups: Vec<wgpu::BindGroup> = self
-            .kernels
-            .iter()
-            .map(|k| bind(rec.gpu(), k, "moe dispatch bindings", &bufs))
-            .collect();
+        let bufs = [io.ids, io.block_counts, io.meta, io.sorted, io.inv];
         let (gx, gy) = self.grid;
-        rec.stage("dispatch", |pass| {
-            for (i, (k, bg)) in self.kernels.iter().zip(&groups).enumerate() {
-                pass.set_pipeline(&k.pipeline);
-                pass.set_bind_group(0, bg, &[]);
-                if i == 1 {
-                    pass.dispatch_workgroups(1, 1, 1);
-                } else {
-                    pass.dispatch_workgroups(gx, gy, 1);
-                }
-            }
-            3
-        });
+        let [histogram, scan, scatter] = &self.launches;
+        let g = rec.gpu();
+        let list = [
+            histogram.dispatch(g, &bufs, (gx, gy, 1)),
+            scan.dispatch(g, &bufs, (1, 1, 1)),
+            scatter.dispatch(g, &bufs, (gx, gy, 1)),
+        ];
+        rec.dispatch_stage("dispatch", &list);
     }
 }

@@ -4,17 +4,15 @@
 //! Q4_0 weights, read through an expert → slot map (streamed experts). Two stages:
 //! `expert_up` (gate, up, ReGLU) and `expert_down`.
 
-use std::sync::Arc;
-
 use bytemuck::{Pod, Zeroable};
 use serde::Serialize;
 
 use super::{MoeConfig, WeightFormat};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind, check_axis, uniform};
+use crate::runtime::launch::{Launch, check_axis};
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// Positions per tile of the grouped GEMM: 16, 32 or 64 (see [`choose_tile_m`]).
 pub const TILE_MS: [usize; 3] = [16, 32, 64];
@@ -75,29 +73,10 @@ pub fn expert_ffn_spec(
     tile_m: usize,
     skip_chunks: bool,
 ) -> KernelSpec {
-    use BindingKind::*;
     let bindings = if down {
-        vec![
-            Uniform,
-            StorageRead,
-            StorageRead,
-            StorageRead,
-            StorageReadWrite,
-            StorageRead,
-            StorageReadWrite,
-        ]
+        BindingKind::layout("urrrwrw")
     } else {
-        vec![
-            Uniform,
-            StorageRead,
-            StorageRead,
-            StorageRead,
-            StorageRead,
-            StorageRead,
-            StorageReadWrite,
-            StorageReadWrite,
-            StorageRead,
-        ]
+        BindingKind::layout("urrrrrwwr")
     };
     let defines = Defines::new()
         .flag(if down { "DOWN" } else { "UP" })
@@ -171,9 +150,8 @@ pub(crate) struct FfnWeights {
 
 /// A built expert FFN.
 pub(crate) struct FfnGpu {
-    up: Arc<Kernel>,
-    down: Arc<Kernel>,
-    params: wgpu::Buffer,
+    up: Launch<FfnParams>,
+    down: Launch<FfnParams>,
     up_grid: (u32, u32),
     down_grid: (u32, u32),
 }
@@ -229,10 +207,10 @@ impl FfnGpu {
                 )
             }
         };
+        let spec = |down, skip| expert_ffn_spec(down, kernel, format, tile_m, skip);
         Ok(FfnGpu {
-            up: ctx.kernel(&expert_ffn_spec(false, kernel, format, tile_m, false))?,
-            down: ctx.kernel(&expert_ffn_spec(true, kernel, format, tile_m, skip_chunks))?,
-            params: uniform(g, "moe expert ffn params", bytemuck::bytes_of(&p)),
+            up: Launch::new(ctx, &spec(false, false), &p)?,
+            down: Launch::new(ctx, &spec(true, skip_chunks), &p)?,
             up_grid,
             down_grid,
         })
@@ -240,49 +218,16 @@ impl FfnGpu {
 
     /// Records both stages (the caller clears `io.stats` once per run).
     pub(crate) fn record(&self, rec: &mut Recorder<'_>, w: &FfnWeights, io: &FfnIo<'_>) {
-        let up_bg = bind(
-            rec.gpu(),
-            &self.up,
-            "moe expert up bindings",
-            &[
-                &self.params,
-                io.meta,
-                io.z,
-                io.sorted,
-                &w.gate,
-                &w.up,
-                io.act,
-                io.stats,
-                io.slot_of,
-            ],
-        );
-        let down_bg = bind(
-            rec.gpu(),
-            &self.down,
-            "moe expert down bindings",
-            &[
-                &self.params,
-                io.meta,
-                io.act,
-                &w.down_t,
-                io.y,
-                io.slot_of,
-                io.stats,
-            ],
-        );
+        let g = rec.gpu();
         let (ux, uy) = self.up_grid;
-        rec.stage("expert_up", |pass| {
-            pass.set_pipeline(&self.up.pipeline);
-            pass.set_bind_group(0, &up_bg, &[]);
-            pass.dispatch_workgroups(ux, uy, 1);
-            1
-        });
+        let up_bufs = [io.meta, io.z, io.sorted, &w.gate, &w.up, io.act, io.stats];
+        let up = self
+            .up
+            .dispatch(g, &[&up_bufs[..], &[io.slot_of]].concat(), (ux, uy, 1));
         let (dx, dy) = self.down_grid;
-        rec.stage("expert_down", |pass| {
-            pass.set_pipeline(&self.down.pipeline);
-            pass.set_bind_group(0, &down_bg, &[]);
-            pass.dispatch_workgroups(dx, dy, 1);
-            1
-        });
+        let down_bufs = [io.meta, io.act, &w.down_t, io.y, io.slot_of, io.stats];
+        let down = self.down.dispatch(g, &down_bufs, (dx, dy, 1));
+        rec.dispatch_stage("expert_up", &[up]);
+        rec.dispatch_stage("expert_down", &[down]);
     }
 }

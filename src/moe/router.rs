@@ -1,16 +1,14 @@
 //! Launcher of `shaders/moe/router.wgsl`: logits, top-k and weights, one workgroup per
 //! token.
 
-use std::sync::Arc;
-
 use bytemuck::{Pod, Zeroable};
 
 use super::{MAX_EXPERTS, MAX_TOP_K, MoeConfig, RouterScoring};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind, grid_2d, uniform};
+use crate::runtime::launch::{Launch, grid_2d};
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -24,7 +22,6 @@ pub struct RouterParams {
 
 /// The router kernel for a scoring rule.
 pub fn router_spec(scoring: RouterScoring) -> KernelSpec {
-    use BindingKind::*;
     KernelSpec {
         file: "moe/router.wgsl",
         entry: "router",
@@ -32,14 +29,7 @@ pub fn router_spec(scoring: RouterScoring) -> KernelSpec {
             .const_u32("MAX_E", MAX_EXPERTS as u32)
             .const_u32("MAX_K", MAX_TOP_K as u32)
             .flag_if("SOFTMAX", scoring == RouterScoring::Softmax),
-        bindings: vec![
-            Uniform,
-            StorageRead,
-            StorageRead,
-            StorageReadWrite,
-            StorageReadWrite,
-            StorageReadWrite,
-        ],
+        bindings: BindingKind::layout("urrwww"),
     }
 }
 
@@ -62,8 +52,7 @@ pub(crate) struct RouterIo<'a> {
 
 /// A built router for a token count.
 pub(crate) struct RouterGpu {
-    kernel: Arc<Kernel>,
-    params: wgpu::Buffer,
+    launch: Launch<RouterParams>,
     grid: (u32, u32),
 }
 
@@ -77,25 +66,15 @@ impl RouterGpu {
             top_k: cfg.top_k as u32,
         };
         Ok(RouterGpu {
-            kernel: ctx.kernel(&router_spec(cfg.scoring))?,
-            params: uniform(g, "moe router params", bytemuck::bytes_of(&p)),
+            launch: Launch::new(ctx, &router_spec(cfg.scoring), &p)?,
             grid: grid_2d(tokens as u64, g.caps.max_workgroups_per_dim, "moe router")?,
         })
     }
 
     pub(crate) fn record(&self, rec: &mut Recorder<'_>, io: &RouterIo<'_>) {
-        let bg = bind(
-            rec.gpu(),
-            &self.kernel,
-            "moe router bindings",
-            &[&self.params, io.x, io.w, io.logits, io.ids, io.weights],
-        );
+        let bufs = [io.x, io.w, io.logits, io.ids, io.weights];
         let (gx, gy) = self.grid;
-        rec.stage("router", |pass| {
-            pass.set_pipeline(&self.kernel.pipeline);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(gx, gy, 1);
-            1
-        });
+        let d = self.launch.dispatch(rec.gpu(), &bufs, (gx, gy, 1));
+        rec.dispatch_stage("router", &[d]);
     }
 }

@@ -1,17 +1,15 @@
 //! Linear projections (`shaders/linear.wgsl`) with f16 or Q4_0 weights: launcher and
 //! CPU twin. Used for the attention's Q/K/V/O projections in the decoder layer.
 
-use std::sync::Arc;
-
 use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::quant::{PackedMatrix, WeightFormat};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind, check_axis, storage_init, uniform};
+use crate::runtime::launch::{Launch, check_axis, storage_init};
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -38,10 +36,9 @@ pub struct LinearLayout {
 
 /// The linear kernel for a weight format and layout.
 pub fn linear_spec(format: WeightFormat, layout: LinearLayout) -> KernelSpec {
-    use BindingKind::*;
-    let mut bindings = vec![Uniform, StorageRead, StorageRead, StorageReadWrite];
+    let mut bindings = BindingKind::layout("urrw");
     if layout.residual {
-        bindings.push(StorageRead);
+        bindings.push(BindingKind::StorageRead);
     }
     KernelSpec {
         file: "ops/linear.wgsl",
@@ -201,8 +198,7 @@ pub fn from_head_major(x: &[f32], tokens: usize, d: usize) -> Vec<f32> {
 
 /// A built projection with its weights on the GPU.
 pub struct LinearGpu {
-    kernel: Arc<Kernel>,
-    params: wgpu::Buffer,
+    launch: Launch<LinearParams>,
     weights: wgpu::Buffer,
     grid: (u32, u32),
     layout: LinearLayout,
@@ -246,8 +242,7 @@ impl LinearGpu {
         };
         let max = g.caps.max_workgroups_per_dim;
         Ok(LinearGpu {
-            kernel: ctx.kernel(&linear_spec(w.format, layout))?,
-            params: uniform(g, &format!("{label} params"), bytemuck::bytes_of(&p)),
+            launch: Launch::new(ctx, &linear_spec(w.format, layout), &p)?,
             weights: storage_init(
                 g,
                 &format!("{label} weights"),
@@ -270,7 +265,7 @@ impl LinearGpu {
         y: &wgpu::Buffer,
         residual: Option<&wgpu::Buffer>,
     ) -> Result<()> {
-        let mut bufs = vec![&self.params, x, &self.weights, y];
+        let mut bufs = vec![x, &self.weights, y];
         match (self.layout.residual, residual) {
             (true, Some(r)) => bufs.push(r),
             (false, None) => {}
@@ -282,14 +277,9 @@ impl LinearGpu {
                 )));
             }
         }
-        let bg = bind(rec.gpu(), &self.kernel, "linear bindings", &bufs);
         let (gx, gy) = self.grid;
-        rec.stage(name, |pass| {
-            pass.set_pipeline(&self.kernel.pipeline);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(gx, gy, 1);
-            1
-        });
+        let d = self.launch.dispatch(rec.gpu(), &bufs, (gx, gy, 1));
+        rec.dispatch_stage(name, &[d]);
         Ok(())
     }
 }

@@ -1,15 +1,13 @@
 //! RMSNorm (`shaders/rmsnorm.wgsl`): launcher and CPU twin.
 
-use std::sync::Arc;
-
 use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind, grid_2d, uniform};
+use crate::runtime::launch::{Launch, grid_2d};
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -23,12 +21,11 @@ pub struct RmsNormParams {
 
 /// The RMSNorm kernel.
 pub fn rmsnorm_spec() -> KernelSpec {
-    use BindingKind::*;
     KernelSpec {
         file: "ops/rmsnorm.wgsl",
         entry: "rmsnorm",
         defines: Defines::new(),
-        bindings: vec![Uniform, StorageRead, StorageRead, StorageReadWrite],
+        bindings: BindingKind::layout("urrw"),
     }
 }
 
@@ -53,8 +50,7 @@ pub fn rmsnorm_in_place(x: &mut [f32], g: &[f32], eps: f32) {
 
 /// A built RMSNorm for a token count and width.
 pub struct RmsNormGpu {
-    kernel: Arc<Kernel>,
-    params: wgpu::Buffer,
+    launch: Launch<RmsNormParams>,
     grid: (u32, u32),
 }
 
@@ -74,8 +70,7 @@ impl RmsNormGpu {
             _pad: 0,
         };
         Ok(RmsNormGpu {
-            kernel: ctx.kernel(&rmsnorm_spec())?,
-            params: uniform(g, "rmsnorm params", bytemuck::bytes_of(&p)),
+            launch: Launch::new(ctx, &rmsnorm_spec(), &p)?,
             grid: grid_2d(tokens as u64, g.caps.max_workgroups_per_dim, "rmsnorm")?,
         })
     }
@@ -89,18 +84,8 @@ impl RmsNormGpu {
         g: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) {
-        let bg = bind(
-            rec.gpu(),
-            &self.kernel,
-            "rmsnorm bindings",
-            &[&self.params, x, g, out],
-        );
         let (gx, gy) = self.grid;
-        rec.stage(name, |pass| {
-            pass.set_pipeline(&self.kernel.pipeline);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(gx, gy, 1);
-            1
-        });
+        let d = self.launch.dispatch(rec.gpu(), &[x, g, out], (gx, gy, 1));
+        rec.dispatch_stage(name, &[d]);
     }
 }

@@ -2,15 +2,13 @@
 //! twin. Rotate-half convention (HF Llama / Qwen / SmallThinker): dimension `i` pairs
 //! with `i + D/2`, frequency `θ^(−2i/D)`.
 
-use std::sync::Arc;
-
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{bind, grid_2d, storage_init, uniform};
+use crate::runtime::launch::{Dispatch, Launch, grid_2d, storage_init};
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -24,12 +22,11 @@ pub struct RopeParams {
 
 /// The RoPE kernel.
 pub fn rope_spec() -> KernelSpec {
-    use BindingKind::*;
     KernelSpec {
         file: "ops/rope.wgsl",
         entry: "rope",
         defines: Defines::new(),
-        bindings: vec![Uniform, StorageRead, StorageReadWrite],
+        bindings: BindingKind::layout("urw"),
     }
 }
 
@@ -94,8 +91,8 @@ pub fn rope_cpu(x: &mut [f32], tokens: usize, head_dim: usize, table: &[f32]) {
 /// A built RoPE for tensors `[heads[i], tokens, head_dim]` (one per entry of `heads`,
 /// e.g. Q and K) at positions `pos0..`.
 pub struct RopeGpu {
-    kernel: Arc<Kernel>,
-    params: Vec<(wgpu::Buffer, (u32, u32))>,
+    /// One launch and grid per rotated tensor.
+    params: Vec<(Launch<RopeParams>, (u32, u32))>,
     table: wgpu::Buffer,
 }
 
@@ -126,14 +123,13 @@ impl RopeGpu {
                 };
                 let groups = (h as u64 * tokens as u64 * head_dim as u64 / 2).div_ceil(256);
                 Ok((
-                    uniform(g, "rope params", bytemuck::bytes_of(&p)),
+                    Launch::new(ctx, &rope_spec(), &p)?,
                     grid_2d(groups, g.caps.max_workgroups_per_dim, "rope")?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
         let table = rope_table(tokens, head_dim, theta, pos0);
         Ok(RopeGpu {
-            kernel: ctx.kernel(&rope_spec())?,
             params,
             table: storage_init(g, "rope cos/sin table", bytemuck::cast_slice(&table))?,
         })
@@ -149,27 +145,14 @@ impl RopeGpu {
                 xs.len()
             )));
         }
-        let groups: Vec<(wgpu::BindGroup, (u32, u32))> = xs
+        let list: Vec<Dispatch> = xs
             .iter()
             .zip(&self.params)
-            .map(|(x, (p, grid))| {
-                let bg = bind(
-                    rec.gpu(),
-                    &self.kernel,
-                    "rope bindings",
-                    &[p, &self.table, x],
-                );
-                (bg, *grid)
+            .map(|(x, (launch, (gx, gy)))| {
+                launch.dispatch(rec.gpu(), &[&self.table, x], (*gx, *gy, 1))
             })
             .collect();
-        rec.stage(name, |pass| {
-            pass.set_pipeline(&self.kernel.pipeline);
-            for (bg, (gx, gy)) in &groups {
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(*gx, *gy, 1);
-            }
-            groups.len() as u32
-        });
+        rec.dispatch_stage(name, &list);
         Ok(())
     }
 }

@@ -19,6 +19,27 @@ pub enum BindingKind {
     StorageReadWrite,
 }
 
+impl BindingKind {
+    /// Binding kinds from a compact layout, one letter per binding in order: `u` a
+    /// uniform, `r` read-only storage, `w` read-write storage (`"urrw"`: parameters,
+    /// two inputs, one output).
+    ///
+    /// # Panics
+    /// On any other letter: layouts are literals next to their kernels, and the
+    /// portability tests compile every variant.
+    pub fn layout(letters: &str) -> Vec<BindingKind> {
+        letters
+            .chars()
+            .map(|c| match c {
+                'u' => BindingKind::Uniform,
+                'r' => BindingKind::StorageRead,
+                'w' => BindingKind::StorageReadWrite,
+                _ => panic!("binding layout `{letters}`: `{c}` is not u, r or w"),
+            })
+            .collect()
+    }
+}
+
 /// Which kernel to compile: a shader file, an entry point, a variant and its bindings
 /// (binding `i` of group 0 has kind `bindings[i]`).
 #[derive(Clone, Debug)]

@@ -23,6 +23,37 @@ pub struct Dispatch {
     pub grid: (u32, u32, u32),
 }
 
+impl Dispatch {
+    /// A dispatch binding buffer ranges (`bindings[i]` at binding `i`): for launchers
+    /// that split one tensor over several dispatches by offset (the flash executor's
+    /// limit-aware splitting) or share one parameter buffer between dispatches.
+    pub fn ranges<'a>(
+        g: &GpuDevice,
+        kernel: Arc<Kernel>,
+        bindings: impl IntoIterator<Item = wgpu::BufferBinding<'a>>,
+        grid: (u32, u32, u32),
+    ) -> Dispatch {
+        let entries: Vec<wgpu::BindGroupEntry> = bindings
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: wgpu::BindingResource::Buffer(b),
+            })
+            .collect();
+        let bind_group = g.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.label),
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        Dispatch {
+            kernel,
+            bind_group,
+            grid,
+        }
+    }
+}
+
 /// A kernel and its uniform parameters `P` (binding 0, written once at plan build
 /// time): binds the storage buffers of a run after them and yields a [`Dispatch`].
 pub struct Launch<P: Pod> {

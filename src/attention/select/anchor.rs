@@ -13,16 +13,15 @@
 //! - GQA: each q-head selects its own stripes, K/V are read through the kv head (the
 //!   released code expands K/V to every q-head first).
 
-use std::any::Any;
 use std::ops::Range;
 
 use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
 
-use super::{GpuSelection, MethodStats, SelectIo, Selector};
+use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
 use crate::attention::lut::{LutUnit, SparseLut};
-use crate::attention::method::{Params, parse_value, unknown_param};
-use crate::attention::sparse::{SelectionLayout, TwoPassRun, two_pass_cpu};
+use crate::attention::method::impl_params;
+use crate::attention::sparse::{PassPairs, SelectionLayout, TwoPassRun, two_pass_cpu};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
@@ -124,60 +123,53 @@ impl AnchorConfig {
     }
 }
 
-/// What AnchorAttention computed in one run.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// What AnchorAttention computed in one run (serialized with the keys `causal_pairs`,
+/// `anchor_pairs`, `stripe_pairs`, `stripes_per_group`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct AnchorStats {
-    /// Causal (q, k) pairs of the whole attention (all heads).
-    pub causal_pairs: u64,
-    /// Pairs the anchor pass computed (init keys + own group, causal).
-    pub anchor_pairs: u64,
-    /// Pairs the stripe pass computed (selected keys × the group's rows).
-    pub stripe_pairs: u64,
+    /// Causal pairs, anchor-pass pairs (init keys + own group) and stripe-pass pairs
+    /// (selected keys × the group's rows).
+    pub pairs: PassPairs,
     /// Selected stripes per query group, averaged over heads.
     pub stripes_per_group: Vec<f64>,
 }
 
 impl AnchorStats {
-    /// Fraction of causal pairs computed, anchor region included.
-    pub fn density(&self) -> f64 {
-        (self.anchor_pairs + self.stripe_pairs) as f64 / self.causal_pairs.max(1) as f64
-    }
-
-    fn from_counts(
-        shape: &AttentionShape,
-        cfg: &AnchorConfig,
-        anchor_lut: &SparseLut,
-        counts: &[u32],
-    ) -> Self {
+    fn new(shape: &AttentionShape, cfg: &AnchorConfig, pairs: PassPairs, counts: &[u32]) -> Self {
         let groups = cfg.groups(shape.seq_len);
-        let mut per_group = vec![0.0; groups];
+        let mut stripes_per_group = vec![0.0; groups];
         for (i, &c) in counts.iter().enumerate() {
-            per_group[i % groups] += c as f64 / shape.q_heads as f64;
+            stripes_per_group[i % groups] += c as f64 / shape.q_heads as f64;
         }
         AnchorStats {
-            causal_pairs: shape.pairs(true) as u64,
-            anchor_pairs: anchor_lut.pairs(true),
-            stripe_pairs: cfg
-                .stripe_layout(shape)
-                .selected_pairs(shape.seq_len, counts),
-            stripes_per_group: per_group,
+            pairs,
+            stripes_per_group,
         }
+    }
+}
+
+impl Serialize for AnchorStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let per = serde_json::json!(self.stripes_per_group);
+        let keys = ["anchor_pairs", "stripe_pairs"];
+        self.pairs
+            .serialize_with(s, keys, &[("stripes_per_group", per)])
     }
 }
 
 impl std::fmt::Display for AnchorStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let per = &self.stripes_per_group;
+        let per: Vec<String> = self
+            .stripes_per_group
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect();
+        let (anchor, stripes) = self.pairs.fractions();
         write!(
             f,
-            "anchor: {} groups, stripes per group (mean over heads) {}, anchor pairs {:.4} + stripe pairs {:.4} of causal",
+            "anchor: {} groups, stripes per group (mean over heads) {}, anchor pairs {anchor:.4} + stripe pairs {stripes:.4} of causal",
             per.len(),
-            per.iter()
-                .map(|x| format!("{x:.0}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            self.anchor_pairs as f64 / self.causal_pairs as f64,
-            self.stripe_pairs as f64 / self.causal_pairs as f64,
+            per.join(" "),
         )
     }
 }
@@ -285,13 +277,15 @@ pub fn anchor_cpu(
 ) -> Result<AnchorRun> {
     cfg.validate()?;
     let anchor_lut = cfg.anchor_lut(shape.q_heads, shape.seq_len)?;
-    let TwoPassRun {
-        out, detail, ml, ..
-    } = two_pass_cpu(shape, &anchor_lut, scale, (q, k, v), |ml| {
+    let luts = (&anchor_lut, &cfg.stripe_layout(shape));
+    let run = two_pass_cpu(shape, luts, scale, (q, k, v), |ml| {
         let sel = select_cpu(shape, cfg, scale, q, k, ml)?;
         Ok((sel.stripes.clone(), sel))
     })?;
-    let stats = AnchorStats::from_counts(shape, cfg, &anchor_lut, &detail.stripes.counts());
+    let stats = AnchorStats::new(shape, cfg, run.pairs, &run.selected.counts());
+    let TwoPassRun {
+        out, detail, ml, ..
+    } = run;
     Ok(AnchorRun {
         out,
         selection: detail,
@@ -320,42 +314,13 @@ pub struct SelectParams {
 const CHUNK: usize = 256;
 
 fn select_spec(stage: &str, d: usize, cfg: &AnchorConfig, dtype: DType) -> KernelSpec {
-    use BindingKind::*;
     let (entry, flag, bindings) = match stage {
-        "pool" => (
-            "anchor_pool",
-            "STAGE_POOL",
-            vec![
-                Uniform,
-                StorageRead,
-                StorageRead,
-                StorageReadWrite,
-                StorageReadWrite,
-            ],
-        ),
-        "flags" => (
-            "anchor_flags",
-            "STAGE_FLAGS",
-            vec![
-                Uniform,
-                StorageRead,
-                StorageRead,
-                StorageRead,
-                StorageReadWrite,
-                StorageReadWrite,
-            ],
-        ),
+        "pool" => ("anchor_pool", "STAGE_POOL", BindingKind::layout("urrww")),
+        "flags" => ("anchor_flags", "STAGE_FLAGS", BindingKind::layout("urrrww")),
         _ => (
             "anchor_compact",
             "STAGE_COMPACT",
-            vec![
-                Uniform,
-                StorageRead,
-                StorageRead,
-                StorageRead,
-                StorageReadWrite,
-                StorageReadWrite,
-            ],
+            BindingKind::layout("urrrww"),
         ),
     };
     KernelSpec {
@@ -405,32 +370,7 @@ impl AnchorConfig {
     }
 }
 
-impl Params for AnchorConfig {
-    fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        match key {
-            "theta" => self.theta = parse_value(key, value)?,
-            "block" => self.block = parse_value(key, value)?,
-            "step" => self.step = parse_value(key, value)?,
-            "init_keys" | "init" => self.init_keys = parse_value(key, value)?,
-            _ => {
-                return Err(unknown_param(
-                    "anchor",
-                    key,
-                    "theta, block, step, init_keys",
-                ));
-            }
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("theta", self.theta.to_string()),
-            ("block", self.block.to_string()),
-            ("step", self.step.to_string()),
-            ("init_keys", self.init_keys.to_string()),
-        ]
-    }
-}
+impl_params!(AnchorConfig, "anchor" { theta, block, step, init_keys | "init" });
 
 impl Selector for AnchorConfig {
     fn name(&self) -> &'static str {
@@ -448,27 +388,16 @@ impl Selector for AnchorConfig {
     fn layout(&self, shape: &AttentionShape) -> Result<SelectionLayout> {
         Ok(self.stripe_layout(shape))
     }
-    fn select_cpu(
-        &self,
-        shape: &AttentionShape,
-        scale: f32,
-        q: &[f32],
-        k: &[f32],
-        ml: &[f32],
-    ) -> Result<SparseLut> {
-        Ok(select_cpu(shape, self, scale, q, k, ml)?.stripes)
+    fn select_cpu(&self, x: &SelectInput<'_>) -> Result<SparseLut> {
+        Ok(select_cpu(x.shape, self, x.scale, x.q, x.k, x.ml)?.stripes)
     }
-    fn build_gpu(
-        &self,
-        ctx: &Context,
-        shape: &AttentionShape,
-        opts: &AttentionOptions,
-        _layout: &SelectionLayout,
-    ) -> Result<Box<dyn GpuSelection>> {
-        Ok(Box::new(AnchorSelectGpu::build(ctx, shape, opts, self)?))
+    fn build_gpu(&self, b: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>> {
+        Ok(Box::new(AnchorSelectGpu::build(
+            b.ctx, b.shape, b.opts, self,
+        )?))
     }
-    fn stats(&self, shape: &AttentionShape, exact: &SparseLut, counts: &[u32]) -> MethodStats {
-        MethodStats::Anchor(AnchorStats::from_counts(shape, self, exact, counts))
+    fn stats(&self, shape: &AttentionShape, pairs: PassPairs, counts: &[u32]) -> MethodStats {
+        MethodStats::Anchor(AnchorStats::new(shape, self, pairs, counts))
     }
 }
 
@@ -570,9 +499,6 @@ impl GpuSelection for AnchorSelectGpu {
     fn counts(&self) -> (u32, usize) {
         (3, 3)
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 #[cfg(test)]
@@ -597,29 +523,5 @@ mod tests {
         assert_eq!(cfg.candidates(0, 300), 128..128);
         assert_eq!(cfg.candidates(1, 300), 128..128);
         assert_eq!(cfg.candidates(2, 300), 128..256);
-    }
-
-    #[test]
-    fn bad_configs_are_typed_errors() {
-        for cfg in [
-            AnchorConfig {
-                block: 96,
-                ..Default::default()
-            },
-            AnchorConfig {
-                step: 0,
-                ..Default::default()
-            },
-            AnchorConfig {
-                init_keys: 100,
-                ..Default::default()
-            },
-            AnchorConfig {
-                theta: f32::NAN,
-                ..Default::default()
-            },
-        ] {
-            assert!(matches!(cfg.validate(), Err(Error::InvalidArgument(_))));
-        }
     }
 }

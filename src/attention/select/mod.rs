@@ -24,7 +24,7 @@ use std::any::Any;
 
 use super::lut::SparseLut;
 pub use super::method::MethodStats;
-use super::sparse::SelectionLayout;
+use super::sparse::{PassPairs, SelectionLayout};
 use super::{AttentionOptions, AttentionShape};
 use crate::error::Result;
 use crate::runtime::Recorder;
@@ -48,8 +48,39 @@ pub struct SelectIo<'a> {
     pub indices: &'a wgpu::Buffer,
 }
 
-/// The GPU stages of a selector, built once per plan.
-pub trait GpuSelection: Send + Sync {
+/// What a selection reads on the host: the run's shape, score scale, Q and K, and the
+/// exact pass's row state `(m, l)` (`[q_heads, seq_len, 2]`).
+#[derive(Clone, Copy)]
+pub struct SelectInput<'a> {
+    /// The run's shape.
+    pub shape: &'a AttentionShape,
+    /// Score scale (1/√d unless the caller set one).
+    pub scale: f32,
+    /// Queries `[q_heads, seq_len, head_dim]`.
+    pub q: &'a [f32],
+    /// Keys `[kv_heads, seq_len, head_dim]`.
+    pub k: &'a [f32],
+    /// Row state of the exact pass.
+    pub ml: &'a [f32],
+}
+
+/// What a selector's GPU part is built for: the context, the run's shape and options,
+/// and the layout of the LUT it writes.
+#[derive(Clone, Copy)]
+pub struct SelectBuild<'a> {
+    /// A GPU context.
+    pub ctx: &'a Context,
+    /// The run's shape.
+    pub shape: &'a AttentionShape,
+    /// The plan's options (dtype, scale).
+    pub opts: &'a AttentionOptions,
+    /// Geometry and capacity of the selected LUT.
+    pub layout: &'a SelectionLayout,
+}
+
+/// The GPU stages of a selector, built once per plan (tests downcast it through
+/// [`Any`] to inspect a selector's buffers).
+pub trait GpuSelection: Any + Send + Sync {
     /// Stages recorded before the exact pass (e.g. quantization); none by default.
     fn record_before(&self, _rec: &mut Recorder<'_>, _io: &SelectIo<'_>) -> Result<()> {
         Ok(())
@@ -58,8 +89,6 @@ pub trait GpuSelection: Send + Sync {
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()>;
     /// Timed stages and dispatches the two methods above record, together.
     fn counts(&self) -> (u32, usize);
-    /// For tests and inspection: the concrete type.
-    fn as_any(&self) -> &dyn Any;
 }
 
 /// A sparse method's choice of keys, run on the two-pass executor.
@@ -76,24 +105,11 @@ pub trait Selector: std::fmt::Debug + Send + Sync {
     fn exact_lut(&self, shape: &AttentionShape) -> Result<SparseLut>;
     /// Geometry and capacity of the selected LUT.
     fn layout(&self, shape: &AttentionShape) -> Result<SelectionLayout>;
-    /// The CPU twin of the selection: the selected LUT from Q, K and the exact pass's
-    /// `(m, l)`.
-    fn select_cpu(
-        &self,
-        shape: &AttentionShape,
-        scale: f32,
-        q: &[f32],
-        k: &[f32],
-        ml: &[f32],
-    ) -> Result<SparseLut>;
+    /// The CPU twin of the selection: the selected LUT.
+    fn select_cpu(&self, input: &SelectInput<'_>) -> Result<SparseLut>;
     /// Compiles the selection kernels and allocates their buffers.
-    fn build_gpu(
-        &self,
-        ctx: &Context,
-        shape: &AttentionShape,
-        opts: &AttentionOptions,
-        layout: &SelectionLayout,
-    ) -> Result<Box<dyn GpuSelection>>;
-    /// Statistics from the selected entries per LUT row.
-    fn stats(&self, shape: &AttentionShape, exact: &SparseLut, counts: &[u32]) -> MethodStats;
+    fn build_gpu(&self, build: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>>;
+    /// Statistics of a run: the executor's pair counts and the selected entries per LUT
+    /// row.
+    fn stats(&self, shape: &AttentionShape, pairs: PassPairs, counts: &[u32]) -> MethodStats;
 }

@@ -24,16 +24,14 @@
 //! - **Two-pass thresholds** (the released default): (m, l) are frozen after the exact
 //!   pass.
 
-use std::any::Any;
-
 use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
 
-use super::{GpuSelection, MethodStats, SelectIo, Selector};
+use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
+use crate::attention::AttentionShape;
 use crate::attention::lut::{LutUnit, SparseLut};
-use crate::attention::method::{Params, parse_value, unknown_param};
-use crate::attention::sparse::{SelectionLayout, TwoPassRun, two_pass_cpu};
-use crate::attention::{AttentionOptions, AttentionShape};
+use crate::attention::method::impl_params;
+use crate::attention::sparse::{PassPairs, SelectionLayout, TwoPassRun, two_pass_cpu};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
 use crate::runtime::launch::{Launch, check_axis, check_binding, storage, storage_init};
@@ -431,15 +429,14 @@ impl BlockRow<'_> {
     }
 }
 
-/// What SALE computed in one run.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// What SALE computed in one run (serialized with the keys `causal_pairs`,
+/// `exact_pairs`, `selected_pairs`, `candidate_blocks`, `selected_blocks`,
+/// `selected_per_head`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct SaleStats {
-    /// Causal (q, k) pairs of the whole attention (all heads).
-    pub causal_pairs: u64,
-    /// Pairs of the exact pass (sink block, local window, diagonal; causal).
-    pub exact_pairs: u64,
-    /// Pairs of the selected blocks.
-    pub selected_pairs: u64,
+    /// Causal pairs, exact-pass pairs (sink block, local window, diagonal) and the
+    /// selected blocks' pairs.
+    pub pairs: PassPairs,
     /// Candidate 64 × 32 blocks (all heads).
     pub candidate_blocks: u64,
     /// Selected blocks (all heads).
@@ -449,17 +446,7 @@ pub struct SaleStats {
 }
 
 impl SaleStats {
-    /// Fraction of causal pairs computed, exact pass included.
-    pub fn density(&self) -> f64 {
-        (self.exact_pairs + self.selected_pairs) as f64 / self.causal_pairs.max(1) as f64
-    }
-
-    fn from_counts(
-        shape: &AttentionShape,
-        cfg: &SaleConfig,
-        exact: &SparseLut,
-        counts: &[u32],
-    ) -> Self {
+    fn new(shape: &AttentionShape, cfg: &SaleConfig, pairs: PassPairs, counts: &[u32]) -> Self {
         let nqb = shape.seq_len.div_ceil(BLOCK_Q);
         let per_head_cand: u64 = (0..nqb).map(|qb| cfg.candidates(qb) as u64).sum();
         let mut per_head = vec![0u64; shape.q_heads];
@@ -467,11 +454,7 @@ impl SaleStats {
             per_head[i / nqb] += c as u64;
         }
         SaleStats {
-            causal_pairs: shape.pairs(true) as u64,
-            exact_pairs: exact.pairs(true),
-            selected_pairs: cfg
-                .block_layout(shape)
-                .selected_pairs(shape.seq_len, counts),
+            pairs,
             candidate_blocks: per_head_cand * shape.q_heads as u64,
             selected_blocks: per_head.iter().sum(),
             selected_per_head: per_head
@@ -482,16 +465,27 @@ impl SaleStats {
     }
 }
 
+impl Serialize for SaleStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde_json::json;
+        let extra = [
+            ("candidate_blocks", json!(self.candidate_blocks)),
+            ("selected_blocks", json!(self.selected_blocks)),
+            ("selected_per_head", json!(self.selected_per_head)),
+        ];
+        self.pairs
+            .serialize_with(s, ["exact_pairs", "selected_pairs"], &extra)
+    }
+}
+
 impl std::fmt::Display for SaleStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (exact, selected) = self.pairs.fractions();
+        let share = self.selected_blocks as f64 / self.candidate_blocks.max(1) as f64;
         write!(
             f,
-            "sale: {} of {} candidate 64x32 blocks selected ({:.4}), exact pairs {:.4} + selected pairs {:.4} of causal",
-            self.selected_blocks,
-            self.candidate_blocks,
-            self.selected_blocks as f64 / self.candidate_blocks.max(1) as f64,
-            self.exact_pairs as f64 / self.causal_pairs as f64,
-            self.selected_pairs as f64 / self.causal_pairs as f64,
+            "sale: {} of {} candidate 64x32 blocks selected ({share:.4}), exact pairs {exact:.4} + selected pairs {selected:.4} of causal",
+            self.selected_blocks, self.candidate_blocks,
         )
     }
 }
@@ -525,12 +519,22 @@ pub fn sale_cpu(
     let exact = cfg.exact_lut(shape.q_heads, shape.seq_len)?;
     let quant = quantize_cpu(shape, cfg.bits, q, k);
     let TwoPassRun {
-        out, detail, ml, ..
-    } = two_pass_cpu(shape, &exact, scale, (q, k, v), |ml| {
-        let sel = select_cpu(shape, cfg, scale, &quant, ml)?;
-        Ok((sel.blocks.clone(), sel))
-    })?;
-    let stats = SaleStats::from_counts(shape, cfg, &exact, &detail.blocks.counts());
+        out,
+        detail,
+        ml,
+        pairs,
+        selected,
+    } = two_pass_cpu(
+        shape,
+        (&exact, &cfg.block_layout(shape)),
+        scale,
+        (q, k, v),
+        |ml| {
+            let sel = select_cpu(shape, cfg, scale, &quant, ml)?;
+            Ok((sel.blocks.clone(), sel))
+        },
+    )?;
+    let stats = SaleStats::new(shape, cfg, pairs, &selected.counts());
     Ok(SaleRun {
         out,
         quant,
@@ -595,7 +599,6 @@ fn sale_spec(
     dtype: DType,
     ev: EstimateVariant,
 ) -> KernelSpec {
-    use BindingKind::*;
     let quant = |flag: &str| {
         Defines::new()
             .flag(flag)
@@ -621,52 +624,31 @@ fn sale_spec(
             "attention/select/sale_quantize.wgsl",
             "sale_mean_partial",
             quant("STAGE_MEAN_PARTIAL"),
-            vec![Uniform, StorageRead, StorageRead, StorageReadWrite],
+            BindingKind::layout("urrw"),
         ),
         Stage::MeanFinal => (
             "attention/select/sale_quantize.wgsl",
             "sale_mean_final",
             quant("STAGE_MEAN_FINAL"),
-            vec![Uniform, StorageRead, StorageReadWrite],
+            BindingKind::layout("urw"),
         ),
         Stage::QuantQ | Stage::QuantK => (
             "attention/select/sale_quantize.wgsl",
             "sale_quant",
             quant("STAGE_QUANT").flag_if("QUANT_K", stage == Stage::QuantK),
-            vec![
-                Uniform,
-                StorageRead,
-                StorageRead,
-                StorageReadWrite,
-                StorageReadWrite,
-            ],
+            BindingKind::layout("urrww"),
         ),
         Stage::Estimate | Stage::Dots => (
             "attention/select/sale_estimate.wgsl",
             "sale_estimate",
             est("STAGE_ESTIMATE").flag_if("WRITE_DOTS", stage == Stage::Dots),
-            vec![
-                Uniform,
-                StorageRead,
-                StorageRead,
-                StorageRead,
-                StorageRead,
-                StorageRead,
-                StorageRead,
-                StorageReadWrite,
-            ],
+            BindingKind::layout("urrrrrrw"),
         ),
         Stage::Compact => (
             "attention/select/sale_estimate.wgsl",
             "sale_compact",
             est("STAGE_COMPACT"),
-            vec![
-                Uniform,
-                StorageRead,
-                StorageRead,
-                StorageReadWrite,
-                StorageReadWrite,
-            ],
+            BindingKind::layout("urrww"),
         ),
     };
     KernelSpec {
@@ -742,24 +724,7 @@ impl SaleConfig {
     }
 }
 
-impl Params for SaleConfig {
-    fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        match key {
-            "tau" => self.tau = parse_value(key, value)?,
-            "bits" => self.bits = parse_value(key, value)?,
-            "local" => self.local = parse_value(key, value)?,
-            _ => return Err(unknown_param("sale", key, "tau, bits, local")),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("tau", self.tau.to_string()),
-            ("bits", self.bits.to_string()),
-            ("local", self.local.to_string()),
-        ]
-    }
-}
+impl_params!(SaleConfig, "sale" { tau, bits, local });
 
 impl Selector for SaleConfig {
     fn name(&self) -> &'static str {
@@ -775,30 +740,15 @@ impl Selector for SaleConfig {
     fn layout(&self, shape: &AttentionShape) -> Result<SelectionLayout> {
         Ok(self.block_layout(shape))
     }
-    fn select_cpu(
-        &self,
-        shape: &AttentionShape,
-        scale: f32,
-        q: &[f32],
-        k: &[f32],
-        ml: &[f32],
-    ) -> Result<SparseLut> {
-        let quant = quantize_cpu(shape, self.bits, q, k);
-        Ok(select_cpu(shape, self, scale, &quant, ml)?.blocks)
+    fn select_cpu(&self, x: &SelectInput<'_>) -> Result<SparseLut> {
+        let quant = quantize_cpu(x.shape, self.bits, x.q, x.k);
+        Ok(select_cpu(x.shape, self, x.scale, &quant, x.ml)?.blocks)
     }
-    fn build_gpu(
-        &self,
-        ctx: &Context,
-        shape: &AttentionShape,
-        opts: &AttentionOptions,
-        layout: &SelectionLayout,
-    ) -> Result<Box<dyn GpuSelection>> {
-        Ok(Box::new(SaleSelectGpu::build(
-            ctx, shape, opts, self, layout,
-        )?))
+    fn build_gpu(&self, b: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>> {
+        Ok(Box::new(SaleSelectGpu::build(b, self)?))
     }
-    fn stats(&self, shape: &AttentionShape, exact: &SparseLut, counts: &[u32]) -> MethodStats {
-        MethodStats::Sale(SaleStats::from_counts(shape, self, exact, counts))
+    fn stats(&self, shape: &AttentionShape, pairs: PassPairs, counts: &[u32]) -> MethodStats {
+        MethodStats::Sale(SaleStats::new(shape, self, pairs, counts))
     }
 }
 
@@ -825,13 +775,8 @@ pub(crate) struct SaleSelectGpu {
 }
 
 impl SaleSelectGpu {
-    fn build(
-        ctx: &Context,
-        shape: &AttentionShape,
-        opts: &AttentionOptions,
-        cfg: &SaleConfig,
-        layout: &SelectionLayout,
-    ) -> Result<Self> {
+    fn build(b: &SelectBuild<'_>, cfg: &SaleConfig) -> Result<Self> {
+        let (ctx, shape, opts) = (b.ctx, b.shape, b.opts);
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let caps = &g.caps;
         let (hq, hk, n, d) = (shape.q_heads, shape.kv_heads, shape.seq_len, shape.head_dim);
@@ -839,7 +784,7 @@ impl SaleSelectGpu {
         let chunks = cfg.candidates(n_qb - 1).div_ceil(CHUNK_BLOCKS).max(1);
         let mean_chunks = n.div_ceil(MEAN_CHUNK_ROWS);
         let words = QuantizedQk::words(cfg.bits, d);
-        debug_assert_eq!(layout.capacity.len(), hq * n_qb);
+        debug_assert_eq!(b.layout.capacity.len(), hq * n_qb);
         let need_wg = estimate_workgroup_bytes(d, cfg.bits);
         if need_wg > caps.max_workgroup_storage {
             return Err(Error::too_large(
@@ -968,10 +913,6 @@ impl GpuSelection for SaleSelectGpu {
 
     fn counts(&self) -> (u32, usize) {
         (3, 6)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -1108,25 +1049,10 @@ mod tests {
 
     #[test]
     fn bad_configs_are_typed_errors() {
+        // Text-settable parameters: `method::tests`; these two are not.
         for cfg in [
             SaleConfig {
-                tau: -1.0,
-                ..Default::default()
-            },
-            SaleConfig {
-                tau: f32::NAN,
-                ..Default::default()
-            },
-            SaleConfig {
-                bits: 2,
-                ..Default::default()
-            },
-            SaleConfig {
                 block_q: 128,
-                ..Default::default()
-            },
-            SaleConfig {
-                local: 100,
                 ..Default::default()
             },
             SaleConfig {
@@ -1201,9 +1127,8 @@ mod tests {
             let Some(crate::attention::GpuPlan::Sparse(exec)) = &plan.gpu else {
                 panic!("a GPU plan")
             };
-            let sg = exec
-                .selection_gpu()
-                .as_any()
+            let sel: &dyn std::any::Any = exec.selection_gpu();
+            let sg = sel
                 .downcast_ref::<SaleSelectGpu>()
                 .expect("SALE's selection");
             let gq = pollster::block_on(sg.quantized(&ctx)).unwrap();

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::attention::lut::{LutUnit, SparseLut};
-use crate::attention::method::{Params, parse_value, unknown_param};
+use crate::attention::method::impl_params;
 use crate::error::Result;
 
 /// Sliding window with sinks: row r attends keys j ≤ r with `r − j < window` or
@@ -54,19 +54,4 @@ impl WindowConfig {
     }
 }
 
-impl Params for WindowConfig {
-    fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        match key {
-            "window" => self.window = parse_value(key, value)?,
-            "sinks" => self.sinks = parse_value(key, value)?,
-            _ => return Err(unknown_param("window", key, "window, sinks")),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("window", self.window.to_string()),
-            ("sinks", self.sinks.to_string()),
-        ]
-    }
-}
+impl_params!(WindowConfig, "window" { window, sinks });

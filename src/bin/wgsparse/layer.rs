@@ -1,15 +1,20 @@
 //! `wgsparse layer`: one SmallThinker-4B decoder layer (router, attention, MoE) on
 //! synthetic data, as one submission.
 
+use std::fmt;
+
 use clap::Args;
-use serde_json::json;
+use serde::Serialize;
 use wgsparse::attention::metrics::compare;
+use wgsparse::model::smallthinker::LayerReport;
+use wgsparse::moe::stream::StreamStats;
 use wgsparse::moe::{WeightFormat, grid_input};
+use wgsparse::runtime::StageTime;
 use wgsparse::{Backend, DType, Result, Tensor};
 
-/// Expert-kernel choice on the command line.
 use crate::device;
-use crate::moe::*;
+use crate::moe::sum_stream;
+use crate::report::{Check, emit, stage_lines, timed};
 
 #[derive(Args, Clone)]
 pub struct LayerArgs {
@@ -78,86 +83,106 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     let plan = b.build(&w)?;
     let xt = Tensor::from_f32(&ctx, &[a.tokens, h], &x, DType::F32)?;
     let mut out = Tensor::zeros(&ctx, &[a.tokens, h], DType::F32)?;
-    plan.run_into(&xt, &mut out)?;
-    let mut times = vec![];
-    let mut walls = vec![];
-    let mut report = plan.report().expect("ran");
-    let mut stream = vec![];
-    for i in 0..a.iters.max(1) {
-        let fresh = if a.vary_inputs {
-            let xv = grid_input(a.tokens * h, a.seed ^ (0x2000 + i as u64));
-            Some(Tensor::from_f32(&ctx, &[a.tokens, h], &xv, DType::F32)?)
-        } else {
-            None
-        };
-        let t0 = std::time::Instant::now();
-        plan.run_into(fresh.as_ref().unwrap_or(&xt), &mut out)?;
-        walls.push(t0.elapsed().as_secs_f64() * 1e3);
-        report = plan.report().expect("ran");
-        times.push(report.ms);
-        stream.extend(report.stream.clone());
-    }
+    plan.run_into(&xt, &mut out)?; // warm-up
+    let input = |i: usize| {
+        let xv = grid_input(a.tokens * h, a.seed ^ (0x2000 + i as u64));
+        Tensor::from_f32(&ctx, &[a.tokens, h], &xv, DType::F32)
+    };
+    let t = timed(
+        a.iters,
+        |r: &LayerReport| r.ms,
+        |i| {
+            let fresh = a.vary_inputs.then(|| input(i)).transpose()?;
+            plan.run_into(fresh.as_ref().unwrap_or(&xt), &mut out)?;
+            Ok(plan.report().expect("ran"))
+        },
+    )?;
+    let mut report = t.runs.last().expect("one run").clone();
     if a.vary_inputs {
         plan.run_into(&xt, &mut out)?;
-        report.stream = sum_stream(&stream);
+        let streams: Vec<_> = t.runs.iter().filter_map(|r| r.stream.clone()).collect();
+        report.stream = sum_stream(&streams);
     }
-    times.sort_by(f64::total_cmp);
-    walls.sort_by(f64::total_cmp);
-    let ms = times[times.len() / 2];
-    let wall_ms = walls[walls.len() / 2];
-    let tokens_per_s = a.tokens as f64 / (ms / 1e3);
-    if !a.json {
-        println!(
-            "SmallThinker-4B decoder layer on {} ({}), synthetic: {} tokens, {} weights, {}, {} attention",
-            ctx.adapter_name(),
-            ctx.backend(),
-            a.tokens,
-            a.weights.name(),
-            if a.nope { "NoPE" } else { "RoPE" },
-            report.attention
-        );
-        for s in &report.timing.stages {
-            println!(
-                "  stage {:<12} {:>10} ms",
-                s.name,
-                s.ms.map(|x| format!("{x:.3}")).unwrap_or("-".into())
-            );
-        }
-        println!(
-            "  median {ms:.3} ms ({} timing), wall {wall_ms:.3} ms, {tokens_per_s:.0} tokens/s, skipped neurons {:.3}",
-            report.timing.timing, report.skip_frac
-        );
-        if let Some(st) = &report.stream {
-            println!("  streamed experts: {st}");
-        }
-    }
-    let mut err = None;
-    if a.check {
+    let check = if a.check {
         let want = decoder_layer_cpu(&x, &w.pack(a.weights)?)?;
-        let s = compare(&out.to_f32_blocking()?, &want);
-        if !a.json {
-            println!(
-                "  check vs cpu layer: max_abs_err {:.3e}, rel_l2_err {:.3e}",
-                s.max_abs_err, s.rel_l2_err
-            );
-        }
-        err = Some(s);
-    }
-    if a.json {
-        let mut v = json!({
-            "backend": ctx.backend(), "adapter": ctx.adapter_name(), "tokens": a.tokens,
-            "weights": a.weights, "rope": !a.nope, "attention": report.attention, "ms": ms,
-            "tokens_per_s": tokens_per_s, "skip_frac": report.skip_frac,
-            "expert_counts": report.expert_counts, "timing": report.timing.timing,
-            "stages": report.timing.stages, "data": "synthetic", "wall_ms": wall_ms,
-            "down_chunk_skip_frac": report.down_chunk_skip_frac, "stream": report.stream,
-        });
-        if let Some(s) = err {
-            v["max_abs_err"] = json!(s.max_abs_err);
-            v["rel_l2_err"] = json!(s.rel_l2_err);
-            v["check_against"] = json!("cpu layer");
-        }
-        println!("{}", serde_json::to_string(&v).expect("serializable"));
-    }
+        Some(Check::new(
+            compare(&out.to_f32_blocking()?, &want),
+            "cpu layer",
+        ))
+    } else {
+        None
+    };
+    let r = LayerRun {
+        backend: ctx.backend(),
+        adapter: ctx.adapter_name(),
+        tokens: a.tokens,
+        weights: a.weights,
+        rope: !a.nope,
+        attention: report.attention,
+        ms: t.ms,
+        tokens_per_s: a.tokens as f64 / (t.ms / 1e3),
+        skip_frac: report.skip_frac,
+        expert_counts: report.expert_counts,
+        timing: report.timing.timing,
+        stages: report.timing.stages,
+        data: "synthetic",
+        wall_ms: t.wall_ms,
+        down_chunk_skip_frac: report.down_chunk_skip_frac,
+        stream: report.stream,
+        check,
+    };
+    emit(&r, a.json);
     Ok(())
+}
+
+/// What `wgsparse layer` reports (`--json`: these keys).
+#[derive(Serialize)]
+pub struct LayerRun {
+    backend: Backend,
+    adapter: String,
+    tokens: usize,
+    weights: WeightFormat,
+    rope: bool,
+    attention: String,
+    /// Median milliseconds.
+    ms: f64,
+    tokens_per_s: f64,
+    skip_frac: f64,
+    expert_counts: Vec<u32>,
+    timing: String,
+    stages: Vec<StageTime>,
+    data: &'static str,
+    wall_ms: f64,
+    down_chunk_skip_frac: Option<f64>,
+    stream: Option<StreamStats>,
+    #[serde(flatten)]
+    check: Option<Check>,
+}
+
+impl fmt::Display for LayerRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "SmallThinker-4B decoder layer on {} ({}), synthetic: {} tokens, {} weights, {}, {} attention",
+            self.adapter,
+            self.backend,
+            self.tokens,
+            self.weights.name(),
+            if self.rope { "RoPE" } else { "NoPE" },
+            self.attention
+        )?;
+        stage_lines(f, &self.stages, 12, false)?;
+        writeln!(
+            f,
+            "  median {:.3} ms ({} timing), wall {:.3} ms, {:.0} tokens/s, skipped neurons {:.3}",
+            self.ms, self.timing, self.wall_ms, self.tokens_per_s, self.skip_frac
+        )?;
+        if let Some(st) = &self.stream {
+            writeln!(f, "  streamed experts: {st}")?;
+        }
+        if let Some(c) = &self.check {
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
 }

@@ -24,6 +24,7 @@ mod layer;
 mod model;
 mod moe;
 mod nll;
+mod report;
 mod shader;
 
 use std::process::ExitCode;

@@ -1,17 +1,22 @@
 //! `wgsparse moe`: one MoE layer (router, dispatch, experts, combine) on synthetic data.
 
+use std::fmt;
+
 use clap::Args;
-use serde_json::json;
-use wgsparse::attention::metrics::{ErrorStats, compare};
+use serde::Serialize;
+use wgsparse::attention::metrics::compare;
 use wgsparse::moe::cpu::{moe_cpu, moe_reference_f64};
+use wgsparse::moe::stream::StreamStats;
 use wgsparse::moe::{
     FfnPath, MoeConfig, MoeReport, MoeWeights, RouterScoring, WeightFormat, grid_input,
 };
+use wgsparse::runtime::StageTime;
 use wgsparse::{Backend, Context, DType, Result, Tensor};
 
-/// Expert-kernel choice on the command line.
 use crate::device;
+use crate::report::{Check, emit, stage_lines, timed};
 
+/// Expert-kernel choice on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PathArg {
     /// GEMV up to 8 tokens, tiled above.
@@ -84,11 +89,9 @@ pub struct MoeArgs {
 
 /// Streaming figures of several runs added up (hits, uploads, bytes, times), `None` for
 /// unstreamed runs.
-pub fn sum_stream(
-    runs: &[wgsparse::moe::stream::StreamStats],
-) -> Option<wgsparse::moe::stream::StreamStats> {
+pub fn sum_stream(runs: &[StreamStats]) -> Option<StreamStats> {
     let first = runs.first()?;
-    let mut s = wgsparse::moe::stream::StreamStats {
+    let mut s = StreamStats {
         slots: first.slots,
         ..Default::default()
     };
@@ -112,6 +115,9 @@ struct Run {
     report: MoeReport,
 }
 
+/// Measures a built plan: a warm-up run, `iters` timed runs (each on a fresh input with
+/// `--vary-inputs`), the medians, and the last run's report with the timed runs'
+/// streaming figures summed.
 fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usize) -> Result<Run> {
     let mut b = ctx
         .moe(cfg)
@@ -133,41 +139,108 @@ fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usi
     let xt = input(a.seed ^ 0xabc)?;
     let mut out = Tensor::zeros(ctx, &dims, DType::F32)?;
     plan.run_into(&xt, &xt, &xt, &mut out)?; // warm-up
-    let mut times = vec![];
-    let mut walls = vec![];
-    let mut report = plan.report().expect("ran");
-    let mut stream = vec![];
-    for i in 0..iters.max(1) {
-        let fresh = if a.vary_inputs {
-            Some(input(a.seed ^ (0x1000 + i as u64))?)
-        } else {
-            None
-        };
-        let xi = fresh.as_ref().unwrap_or(&xt);
-        let t0 = std::time::Instant::now();
-        plan.run_into(xi, xi, xi, &mut out)?;
-        walls.push(t0.elapsed().as_secs_f64() * 1e3);
-        report = plan.report().expect("ran");
-        times.push(report.ms);
-        stream.extend(report.stream.clone());
-    }
+    let t = timed(
+        iters,
+        |r: &MoeReport| r.ms,
+        |i| {
+            let fresh = a.vary_inputs.then(|| input(a.seed ^ (0x1000 + i as u64)));
+            let xi = fresh.transpose()?;
+            let xi = xi.as_ref().unwrap_or(&xt);
+            plan.run_into(xi, xi, xi, &mut out)?;
+            Ok(plan.report().expect("ran"))
+        },
+    )?;
+    let mut report = t.runs.last().expect("one run").clone();
     if a.vary_inputs {
         plan.run_into(&xt, &xt, &xt, &mut out)?;
         // Keep the timed runs' streaming figures (summed), the last run's counts.
-        let last = plan.report().expect("ran");
+        let streams: Vec<_> = t.runs.iter().filter_map(|r| r.stream.clone()).collect();
         report = MoeReport {
-            stream: sum_stream(&stream),
-            ..last
+            stream: sum_stream(&streams),
+            ..plan.report().expect("ran")
         };
     }
-    times.sort_by(f64::total_cmp);
-    walls.sort_by(f64::total_cmp);
     Ok(Run {
         out: out.to_f32_blocking()?,
-        ms: times[times.len() / 2],
-        wall_ms: walls[walls.len() / 2],
+        ms: t.ms,
+        wall_ms: t.wall_ms,
         report,
     })
+}
+
+/// What `wgsparse moe` reports (`--json`: these keys).
+#[derive(Serialize)]
+pub struct MoeRun {
+    backend: Backend,
+    adapter: String,
+    tokens: usize,
+    hidden: usize,
+    experts: usize,
+    top_k: usize,
+    ffn: usize,
+    weights: WeightFormat,
+    path: String,
+    router: RouterScoring,
+    /// Median milliseconds.
+    ms: f64,
+    tokens_per_s: f64,
+    /// Dense-equivalent expert TFLOP/s.
+    tflops: f64,
+    skip_frac: f64,
+    expert_counts: Vec<u32>,
+    timing: String,
+    stages: Vec<StageTime>,
+    data: &'static str,
+    wall_ms: f64,
+    down_chunk_skip_frac: Option<f64>,
+    stream: Option<StreamStats>,
+    cold_chunks: f64,
+    #[serde(flatten)]
+    check: Option<Check>,
+}
+
+impl fmt::Display for MoeRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "MoE on {} ({}), synthetic weights and inputs: {} tokens, hidden {}, {} experts, top-{}, ffn {}, {} weights, {} kernels",
+            self.adapter,
+            self.backend,
+            self.tokens,
+            self.hidden,
+            self.experts,
+            self.top_k,
+            self.ffn,
+            self.weights.name(),
+            self.path
+        )?;
+        stage_lines(f, &self.stages, 12, false)?;
+        let counts = &self.expert_counts;
+        writeln!(
+            f,
+            "  median {:.3} ms ({} timing), {:.0} tokens/s, {:.3} TFLOP/s dense-equivalent, skipped neurons {:.3}, tokens per expert {}..{}",
+            self.ms,
+            self.timing,
+            self.tokens_per_s,
+            self.tflops,
+            self.skip_frac,
+            counts.iter().min().unwrap_or(&0),
+            counts.iter().max().unwrap_or(&0)
+        )?;
+        if let Some(x) = self.down_chunk_skip_frac {
+            writeln!(
+                f,
+                "  down GEMM chunks skipped (inactive for a whole tile): {x:.3}"
+            )?;
+        }
+        if let Some(st) = &self.stream {
+            writeln!(f, "  streamed experts: {st}; wall {:.3} ms", self.wall_ms)?;
+        }
+        if let Some(c) = &self.check {
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
 }
 
 pub fn run(a: &MoeArgs) -> Result<()> {
@@ -183,78 +256,39 @@ pub fn run(a: &MoeArgs) -> Result<()> {
     cfg.validate()?;
     let w = MoeWeights::random(&cfg, a.seed).with_cold_chunks(a.cold_chunks, a.seed ^ 0xc01d)?;
     let r = run_on(&ctx, a, cfg, &w, a.iters)?;
-    let flops = cfg.expert_flops(a.tokens);
-    let tflops = flops / r.ms / 1e9;
-    let tokens_per_s = a.tokens as f64 / (r.ms / 1e3);
-    if !a.json {
-        println!(
-            "MoE on {} ({}), synthetic weights and inputs: {} tokens, hidden {}, {} experts, top-{}, ffn {}, {} weights, {} kernels",
-            ctx.adapter_name(),
-            ctx.backend(),
-            a.tokens,
-            a.hidden,
-            a.experts,
-            a.top_k,
-            a.ffn,
-            a.weights.name(),
-            r.report.path
-        );
-        for s in &r.report.timing.stages {
-            println!(
-                "  stage {:<12} {:>10} ms",
-                s.name,
-                s.ms.map(|x| format!("{x:.3}")).unwrap_or("-".into())
-            );
-        }
-        let counts = &r.report.expert_counts;
-        println!(
-            "  median {:.3} ms ({} timing), {:.0} tokens/s, {:.3} TFLOP/s dense-equivalent, skipped neurons {:.3}, tokens per expert {}..{}",
-            r.ms,
-            r.report.timing.timing,
-            tokens_per_s,
-            tflops,
-            r.report.skip_frac,
-            counts.iter().min().unwrap_or(&0),
-            counts.iter().max().unwrap_or(&0)
-        );
-        if let Some(f) = r.report.down_chunk_skip_frac {
-            println!("  down GEMM chunks skipped (inactive for a whole tile): {f:.3}");
-        }
-        if let Some(st) = &r.report.stream {
-            println!("  streamed experts: {st}; wall {:.3} ms", r.wall_ms);
-        }
-    }
-    let mut check: Option<(ErrorStats, String)> = None;
-    if a.check {
+    let check = if a.check {
         let (other, name) = other_result(&ctx, a, cfg, &w)?;
-        let s = compare(&r.out, &other);
-        if !a.json {
-            println!(
-                "  check vs {name}: max_abs_err {:.3e}, rel_l2_err {:.3e}",
-                s.max_abs_err, s.rel_l2_err
-            );
-        }
-        check = Some((s, name));
-    }
-    if a.json {
-        let mut v = json!({
-            "backend": ctx.backend(), "adapter": ctx.adapter_name(), "tokens": a.tokens,
-            "hidden": a.hidden, "experts": a.experts, "top_k": a.top_k, "ffn": a.ffn,
-            "weights": a.weights, "path": r.report.path, "router": cfg.scoring,
-            "ms": r.ms, "tokens_per_s": tokens_per_s, "tflops": tflops,
-            "skip_frac": r.report.skip_frac, "expert_counts": r.report.expert_counts,
-            "timing": r.report.timing.timing, "stages": r.report.timing.stages,
-            "data": "synthetic", "wall_ms": r.wall_ms,
-            "down_chunk_skip_frac": r.report.down_chunk_skip_frac,
-            "stream": r.report.stream, "cold_chunks": a.cold_chunks,
-        });
-        if let Some((s, name)) = check {
-            v["max_abs_err"] = json!(s.max_abs_err);
-            v["rel_l2_err"] = json!(s.rel_l2_err);
-            v["check_against"] = json!(name);
-        }
-        println!("{}", serde_json::to_string(&v).expect("serializable"));
-    }
+        Some(Check::new(compare(&r.out, &other), name))
+    } else {
+        None
+    };
+    let rep = r.report;
+    let report = MoeRun {
+        backend: ctx.backend(),
+        adapter: ctx.adapter_name(),
+        tokens: a.tokens,
+        hidden: a.hidden,
+        experts: a.experts,
+        top_k: a.top_k,
+        ffn: a.ffn,
+        weights: a.weights,
+        path: rep.path,
+        router: cfg.scoring,
+        ms: r.ms,
+        tokens_per_s: a.tokens as f64 / (r.ms / 1e3),
+        tflops: cfg.expert_flops(a.tokens) / r.ms / 1e9,
+        skip_frac: rep.skip_frac,
+        expert_counts: rep.expert_counts,
+        timing: rep.timing.timing,
+        stages: rep.timing.stages,
+        data: "synthetic",
+        wall_ms: r.wall_ms,
+        down_chunk_skip_frac: rep.down_chunk_skip_frac,
+        stream: rep.stream,
+        cold_chunks: a.cold_chunks,
+        check,
+    };
+    emit(&report, a.json);
     Ok(())
 }
 
