@@ -171,27 +171,7 @@ fn parse_method(s: &str) -> Result<MethodSpec, String> {
         }
         return Ok(MethodSpec::RandomBlocks { p, block });
     }
-    let mut m: Method = name.parse().map_err(|e| format!("{e}"))?;
-    for kv in params.split(',').filter(|x| !x.is_empty()) {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or(format!("`{kv}`: expected key=value"))?;
-        let num = |v: &str| {
-            v.parse::<f64>()
-                .map_err(|_| format!("`{kv}`: not a number"))
-        };
-        match (&mut m, k) {
-            (Method::Anchor(c), "theta") => c.theta = num(v)? as f32,
-            (Method::Anchor(c), "step") => c.step = num(v)? as usize,
-            (Method::Anchor(c), "init") => c.init_keys = num(v)? as usize,
-            (Method::Window(w), "window") => w.window = num(v)? as usize,
-            (Method::Window(w), "sinks") => w.sinks = num(v)? as usize,
-            (Method::Sale(c), "tau") => c.tau = num(v)? as f32,
-            (Method::Sale(c), "bits") => c.bits = num(v)? as u32,
-            (Method::Sale(c), "local") => c.local = num(v)? as usize,
-            _ => return Err(format!("`{k}` is not a parameter of {name}")),
-        }
-    }
+    let m: Method = s.parse().map_err(|e| format!("{e}"))?;
     Ok(MethodSpec::Fixed(m))
 }
 

@@ -2,29 +2,11 @@
 
 mod common;
 
-use std::process::Command;
-
-fn wgsparse(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgsparse"))
-        .args(args)
-        .output()
-        .expect("run wgsparse");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn last_json(stdout: &str) -> serde_json::Value {
-    serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
-}
-
 #[test]
 fn info_lists_the_cpu_backend_and_the_gpu() {
-    let (ok, out, err) = wgsparse(&["info", "--json"]);
+    let (ok, out, err) = common::wgsparse(&["info", "--json"]);
     assert!(ok, "{err}");
-    let v = last_json(&out);
+    let v = common::one_json(&out);
     let adapters = v["adapters"].as_array().unwrap();
     assert!(adapters.iter().any(|a| a["backend"] == "cpu"));
     if common::gpu(None).is_some() {
@@ -39,7 +21,7 @@ fn info_lists_the_cpu_backend_and_the_gpu() {
 fn attention_check_json_has_the_stable_keys() {
     let gpu = common::gpu(None).is_some();
     for backend in ["cpu", "auto"] {
-        let (ok, out, err) = wgsparse(&[
+        let (ok, out, err) = common::wgsparse(&[
             "attention",
             "--method",
             "dense",
@@ -61,7 +43,7 @@ fn attention_check_json_has_the_stable_keys() {
             "--json",
         ]);
         assert!(ok, "{err}");
-        let v = last_json(&out);
+        let v = common::one_json(&out);
         for key in [
             "backend",
             "adapter",
@@ -90,10 +72,10 @@ fn attention_check_json_has_the_stable_keys() {
 
 #[test]
 fn bad_arguments_fail_with_a_message() {
-    let (ok, _, err) = wgsparse(&["attention", "--head-dim", "100", "--seq-len", "8"]);
+    let (ok, _, err) = common::wgsparse(&["attention", "--head-dim", "100", "--seq-len", "8"]);
     assert!(!ok);
     assert!(err.contains("head_dim"), "{err}");
-    let (ok, _, err) = wgsparse(&["attention", "--backend", "cuda"]);
+    let (ok, _, err) = common::wgsparse(&["attention", "--backend", "cuda"]);
     assert!(!ok);
     assert!(err.contains("cuda"), "{err}");
 }
@@ -122,7 +104,7 @@ fn anchor_check_on_a_data_file_has_the_quality_keys() {
     let path = dir.join("qkv.safetensors");
     file.save(&path, wgsparse::DType::F16).unwrap();
     for backend in ["cpu", "auto"] {
-        let (ok, out, err) = wgsparse(&[
+        let (ok, out, err) = common::wgsparse(&[
             "attention",
             "--method",
             "anchor",
@@ -146,7 +128,7 @@ fn anchor_check_on_a_data_file_has_the_quality_keys() {
             "--json",
         ]);
         assert!(ok, "{err}");
-        let v = last_json(&out);
+        let v = common::one_json(&out);
         for key in [
             "density",
             "attn_recall",
@@ -165,7 +147,7 @@ fn anchor_check_on_a_data_file_has_the_quality_keys() {
         assert_eq!(v["seq_len"], 600);
     }
     // A bad θ is a typed error, not a panic.
-    let (ok, _, err) = wgsparse(&[
+    let (ok, _, err) = common::wgsparse(&[
         "attention",
         "--method",
         "anchor",

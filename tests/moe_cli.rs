@@ -3,20 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
-fn wgsparse(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgsparse"))
-        .args(args)
-        .output()
-        .expect("run wgsparse");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn moe_check_json_on_gpu_and_cpu() {
     let gpu = common::gpu(None).is_some();
@@ -26,7 +12,7 @@ fn moe_check_json_on_gpu_and_cpu() {
     }
     for backend in backends {
         for (weights, tokens) in [("f16", "37"), ("q4_0", "3")] {
-            let (ok, out, err) = wgsparse(&[
+            let (ok, out, err) = common::wgsparse(&[
                 "moe",
                 "--backend",
                 backend,
@@ -48,8 +34,7 @@ fn moe_check_json_on_gpu_and_cpu() {
                 "--json",
             ]);
             assert!(ok, "{backend} {weights}: {err}");
-            let v: serde_json::Value =
-                serde_json::from_str(out.lines().last().expect("output")).expect("JSON");
+            let v: serde_json::Value = common::one_json(&out);
             for key in [
                 "ms",
                 "tokens_per_s",
@@ -80,10 +65,39 @@ fn moe_check_json_on_gpu_and_cpu() {
 
 #[test]
 fn moe_bad_arguments_fail_with_a_message() {
-    let (ok, _, err) = wgsparse(&["moe", "--backend", "cpu", "--hidden", "100"]);
+    let (ok, _, err) = common::wgsparse(&["moe", "--backend", "cpu", "--hidden", "100"]);
     assert!(!ok);
     assert!(err.contains("hidden"), "{err}");
-    let (ok, _, err) = wgsparse(&["moe", "--backend", "cpu", "--weights", "q8"]);
+    let (ok, _, err) = common::wgsparse(&["moe", "--backend", "cpu", "--weights", "q8"]);
     assert!(!ok);
     assert!(err.contains("q8"), "{err}");
+}
+
+#[test]
+fn layer_check_json_is_one_object_within_tolerance() {
+    let mut backends = vec!["cpu"];
+    if common::gpu(None).is_some() {
+        backends.push("auto");
+    }
+    for backend in backends {
+        let (ok, out, err) = common::wgsparse(&[
+            "layer",
+            "--tokens",
+            "5",
+            "--iters",
+            "1",
+            "--check",
+            "--json",
+            "--backend",
+            backend,
+        ]);
+        assert!(ok, "{backend}: {err}");
+        let v = common::one_json(&out);
+        for key in ["ms", "tokens_per_s", "skip_frac", "stages", "attention"] {
+            assert!(!v[key].is_null(), "{backend}: missing {key} in {v}");
+        }
+        let rel = v["rel_l2_err"].as_f64().expect("rel_l2_err");
+        assert!(rel < 1e-3, "{backend}: rel_l2_err {rel}");
+        assert_eq!(v["check_against"], "cpu layer");
+    }
 }

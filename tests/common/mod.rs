@@ -81,3 +81,26 @@ pub fn run_sparse(
         .expect("a sparse plan reports its blocks");
     (out.to_f32_blocking().unwrap(), plan.report().unwrap(), lut)
 }
+
+/// Runs the `wgsparse` binary: (success, stdout, stderr).
+pub fn wgsparse(args: &[&str]) -> (bool, String, String) {
+    let bin = option_env!("CARGO_BIN_EXE_wgsparse").expect("the wgsparse binary (feature cli)");
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .output()
+        .expect("run wgsparse");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `--json` contract: stdout is exactly one JSON object and nothing else.
+pub fn one_json(stdout: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {stdout}"));
+    assert!(v.is_object(), "stdout is not a JSON object: {stdout}");
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
+    v
+}

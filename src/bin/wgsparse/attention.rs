@@ -1,8 +1,10 @@
 //! `wgsparse attention`: one attention method on synthetic or real Q/K/V, per-stage
 //! times, and with `--check` its quality against dense attention.
 
+use std::fmt;
+
 use clap::Parser;
-use serde_json::json;
+use serde::Serialize;
 use wgsparse::attention::flash_cpu::naive_attention;
 use wgsparse::attention::metrics::compare;
 use wgsparse::attention::qkv_file::QkvFile;
@@ -16,9 +18,15 @@ use wgsparse::{
 };
 
 use crate::device;
+use crate::report::{Check, emit, stage_lines, timed};
+use wgsparse::AttentionReport;
+use wgsparse::attention::MethodStats;
+use wgsparse::runtime::StageTime;
 
 #[derive(Parser, Clone)]
 pub struct AttentionArgs {
+    #[command(flatten)]
+    pub(crate) common: crate::device::CommonArgs,
     /// Algorithm: dense, anchor (AnchorAttention), window (sliding window + sinks) or
     /// sale (SALE: low-bit estimation, 64 x 32 blocks).
     #[arg(long, default_value = "dense")]
@@ -74,9 +82,6 @@ pub struct AttentionArgs {
     /// Storage dtype: f16 or f32 (accumulation is always f32).
     #[arg(long, default_value = "f16")]
     pub(crate) dtype: DType,
-    /// auto, vulkan, metal, dx12, gl or cpu (also WGSPARSE_BACKEND).
-    #[arg(long)]
-    pub(crate) backend: Option<Backend>,
     /// Attend to every key, not only the past ones (dense only).
     #[arg(long)]
     pub(crate) non_causal: bool,
@@ -92,15 +97,9 @@ pub struct AttentionArgs {
     /// (exact, on the CPU: slow beyond ~16k tokens).
     #[arg(long)]
     pub(crate) oracle: Option<f64>,
-    /// Make the last line one JSON object.
-    #[arg(long)]
-    pub(crate) json: bool,
     /// Plan with at most this many bytes per storage binding (tests the split path).
     #[arg(long)]
     pub(crate) max_binding_bytes: Option<u64>,
-    /// Seed of the synthetic data.
-    #[arg(long, default_value_t = 7)]
-    pub(crate) seed: u64,
 }
 
 impl AttentionArgs {
@@ -190,13 +189,13 @@ impl AttentionArgs {
         Ok(match self.synthetic.as_str() {
             "structured" => (
                 shape,
-                structured_qkv_host(&shape, &Structure::default(), self.seed),
+                structured_qkv_host(&shape, &Structure::default(), self.common.seed),
                 "synthetic structured Q/K/V (sinks, local band, heavy columns, RoPE)".into(),
                 None,
             ),
             "gaussian" => (
                 shape,
-                wgsparse::attention::synthetic::qkv_host(&shape, self.seed),
+                wgsparse::attention::synthetic::qkv_host(&shape, self.common.seed),
                 "synthetic Gaussian Q/K/V (no attention structure)".into(),
                 None,
             ),
@@ -236,138 +235,231 @@ pub fn measure(
     let (q, k, v) = upload_qkv(ctx, &shape, &qkv.0, &qkv.1, &qkv.2, a.dtype)?;
     let mut out = Tensor::zeros(ctx, &shape.q_dims(), a.dtype)?;
     plan.run_into(&q, &k, &v, &mut out)?; // warm-up (pipeline creation, first touch)
-    let mut times = vec![];
-    let mut report = plan.report().expect("ran");
-    for _ in 0..iters.max(1) {
-        plan.run_into(&q, &k, &v, &mut out)?;
-        report = plan.report().expect("ran");
-        times.push(report.ms());
-    }
-    times.sort_by(f64::total_cmp);
+    let t = timed(
+        iters,
+        |r: &AttentionReport| r.ms(),
+        |_| {
+            plan.run_into(&q, &k, &v, &mut out)?;
+            Ok(plan.report().expect("ran"))
+        },
+    )?;
     Ok(Measured {
         out: out.to_f32_blocking()?,
-        ms: times[times.len() / 2],
-        report,
+        ms: t.ms,
+        report: t.runs.into_iter().last().expect("one run"),
     })
 }
 
+/// Every selector method's statistics key (`anchor`, `sale`, …): `null` unless this
+/// run's method filled it.
+struct SelectorKeys(Option<MethodStats>);
+
+impl Serialize for SelectorKeys {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeMap};
+        let mut filled = match &self.0 {
+            Some(st) => match serde_json::to_value(st).map_err(S::Error::custom)? {
+                serde_json::Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            },
+            None => serde_json::Map::new(),
+        };
+        let mut m = s.serialize_map(None)?;
+        for method in Method::all().iter().filter(|m| m.manages_state()) {
+            let v = filled
+                .remove(method.name())
+                .unwrap_or(serde_json::Value::Null);
+            m.serialize_entry(method.name(), &v)?;
+        }
+        m.end()
+    }
+}
+
+/// A sparse method against dense attention on the same device and data.
+#[derive(Serialize)]
+struct VsDense {
+    attn_recall: f64,
+    rel_l2_err: f64,
+    max_abs_err: f64,
+    tol_recall_01: f64,
+    tol_recall_005: f64,
+    dense_ms: f64,
+    check_against: &'static str,
+    #[serde(skip)]
+    density: f64,
+}
+
+/// The oracle densities at one coverage.
+#[derive(Serialize)]
+struct OracleKeys {
+    oracle_gamma: f64,
+    oracle_row_density: f64,
+    oracle_block_density: f64,
+    #[serde(skip)]
+    block_recall: f64,
+}
+
+/// What `wgsparse attention` reports (`--json`: these keys).
+#[derive(Serialize)]
+pub struct AttentionRun {
+    backend: Backend,
+    adapter: String,
+    method: &'static str,
+    config: Method,
+    seq_len: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    causal: bool,
+    /// Median milliseconds.
+    ms: f64,
+    density: f64,
+    /// Dense-equivalent TFLOP/s.
+    tflops: f64,
+    timing: String,
+    stages: Vec<StageTime>,
+    dispatches: usize,
+    data: String,
+    est_ms: Option<f64>,
+    #[serde(flatten)]
+    selector: SelectorKeys,
+    #[serde(flatten)]
+    check: Option<Check>,
+    #[serde(flatten)]
+    vs_dense: Option<VsDense>,
+    #[serde(flatten)]
+    oracle: Option<OracleKeys>,
+}
+
+impl fmt::Display for AttentionRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} attention on {} ({}): {} q-heads / {} kv-heads x {} tokens x d={} {}{}",
+            self.method,
+            self.adapter,
+            self.backend,
+            self.q_heads,
+            self.kv_heads,
+            self.seq_len,
+            self.head_dim,
+            self.dtype.name(),
+            if self.causal { ", causal" } else { "" }
+        )?;
+        writeln!(f, "  data: {}", self.data)?;
+        stage_lines(f, &self.stages, 10, true)?;
+        writeln!(
+            f,
+            "  median {:.3} ms ({} timing), {:.3} dense-equivalent TFLOP/s, density {:.4}",
+            self.ms, self.timing, self.tflops, self.density
+        )?;
+        if let Some(st) = &self.selector.0 {
+            writeln!(f, "  {st}")?;
+        }
+        if let Some(ms) = self.est_ms {
+            writeln!(f, "  estimation {ms:.3} ms")?;
+        }
+        if let Some(c) = &self.check {
+            write!(f, "{c}")?;
+        }
+        if let Some(q) = &self.vs_dense {
+            writeln!(
+                f,
+                "  vs dense ({}): density {:.4}, attention-mass recall {:.4}, rel L2 err {:.3e}, max abs err {:.3e}, elementwise recall {:.4} (|err| < 0.01) / {:.4} (< 0.005)",
+                self.data,
+                q.density,
+                q.attn_recall,
+                q.rel_l2_err,
+                q.max_abs_err,
+                q.tol_recall_01,
+                q.tol_recall_005
+            )?;
+            writeln!(
+                f,
+                "  dense on the same device: {:.3} ms -> speed-up {:.2}x",
+                q.dense_ms,
+                q.dense_ms / self.ms
+            )?;
+        }
+        if let Some(o) = &self.oracle {
+            writeln!(
+                f,
+                "  oracle at attention-mass coverage {}: per-row density {:.4}, per-block (64x64) density {:.4} (recall {:.4})",
+                o.oracle_gamma, o.oracle_row_density, o.oracle_block_density, o.block_recall
+            )?;
+        }
+        Ok(())
+    }
+}
+
 pub fn run(a: &AttentionArgs) -> Result<()> {
-    let ctx = device::context(a.backend, a.max_binding_bytes)?;
+    let ctx = device::context(a.common.backend, a.max_binding_bytes)?;
     let (shape, qkv, data_label, data_layer) = a.data()?;
     let method = a.method(data_layer)?;
     let causal = !a.non_causal;
     let m = measure(&ctx, a, &method, shape, &qkv, a.iters)?;
-    let dense_equiv_tflops = shape.flops(causal) / m.ms / 1e9;
-    if !a.json {
-        println!(
-            "{} attention on {} ({}): {} q-heads / {} kv-heads x {} tokens x d={} {}{}",
-            method.name(),
-            ctx.adapter_name(),
-            ctx.backend(),
-            shape.q_heads,
-            shape.kv_heads,
-            shape.seq_len,
-            shape.head_dim,
-            a.dtype.name(),
-            if causal { ", causal" } else { "" }
-        );
-        println!("  data: {data_label}");
-        for s in &m.report.timing.stages {
-            println!(
-                "  stage {:<10} {:>10} ms  ({} dispatch{})",
-                s.name,
-                s.ms.map(|x| format!("{x:.3}")).unwrap_or("-".into()),
-                s.dispatches,
-                if s.dispatches == 1 { "" } else { "es" }
-            );
-        }
-        println!(
-            "  median {:.3} ms ({} timing), {:.3} dense-equivalent TFLOP/s, density {:.4}",
-            m.ms, m.report.timing.timing, dense_equiv_tflops, m.report.density
-        );
-        if let Some(st) = &m.report.stats {
-            println!("  {st}");
-        }
-        if let Some(ms) = m.report.estimation_ms() {
-            println!("  estimation {ms:.3} ms");
-        }
-    }
-    let mut v = json!({
-        "backend": ctx.backend(), "adapter": ctx.adapter_name(), "method": method.name(),
-        "config": method, "seq_len": shape.seq_len, "q_heads": shape.q_heads,
-        "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "dtype": a.dtype,
-        "causal": causal, "ms": m.ms, "density": m.report.density,
-        "tflops": dense_equiv_tflops, "timing": m.report.timing.timing,
-        "stages": m.report.timing.stages, "dispatches": m.report.dispatches,
-        "data": data_label,
-        "est_ms": m.report.estimation_ms(),
-    });
-    // Every selector method's key is present (null unless this method filled it).
-    for m in Method::all().iter().filter(|m| m.manages_state()) {
-        v[m.name()] = serde_json::Value::Null;
-    }
-    if let Some(st) = &m.report.stats
-        && let serde_json::Value::Object(map) = json!(st)
-    {
-        for (k, x) in map {
-            v[k] = x;
-        }
-    }
-    if a.check && method == Method::Dense {
+    let check = if a.check && method == Method::Dense {
         let (other_out, other_name) = other_device_result(&ctx, a, shape, &qkv)?;
-        let stats = compare(&m.out, &other_out);
-        if !a.json {
-            println!(
-                "  check vs {other_name}: max_abs_err {:.3e}, rel_l2_err {:.3e}",
-                stats.max_abs_err, stats.rel_l2_err
-            );
-        }
-        v["max_abs_err"] = json!(stats.max_abs_err);
-        v["rel_l2_err"] = json!(stats.rel_l2_err);
-        v["check_against"] = json!(other_name);
-    } else if a.check {
+        Some(Check::new(compare(&m.out, &other_out), other_name))
+    } else {
+        None
+    };
+    let vs_dense = if a.check && method != Method::Dense {
         let e = evaluate(&ctx, shape, &method, a.dtype, (&qkv.0, &qkv.1, &qkv.2))?;
-        let qm = e.quality;
-        if !a.json {
-            println!(
-                "  vs dense ({data_label}): density {:.4}, attention-mass recall {:.4}, rel L2 err {:.3e}, max abs err {:.3e}, elementwise recall {:.4} (|err| < 0.01) / {:.4} (< 0.005)",
-                qm.density,
-                qm.attn_recall,
-                qm.rel_l2_err,
-                qm.max_abs_err,
-                qm.tol_recall_01,
-                qm.tol_recall_005
-            );
-            println!(
-                "  dense on the same device: {:.3} ms -> speed-up {:.2}x",
-                e.dense_report.ms(),
-                e.dense_report.ms() / m.ms
-            );
+        let q = e.quality;
+        Some(VsDense {
+            attn_recall: q.attn_recall,
+            rel_l2_err: q.rel_l2_err,
+            max_abs_err: q.max_abs_err,
+            tol_recall_01: q.tol_recall_01,
+            tol_recall_005: q.tol_recall_005,
+            dense_ms: e.dense_report.ms(),
+            check_against: "dense attention, same device and data",
+            density: q.density,
+        })
+    } else {
+        None
+    };
+    let oracle = match a.oracle {
+        Some(gamma) => {
+            let scale = 1.0 / (shape.head_dim as f32).sqrt();
+            let o = oracle(&shape, scale, &qkv.0, &qkv.1, gamma, 64, 64)?;
+            Some(OracleKeys {
+                oracle_gamma: gamma,
+                oracle_row_density: o.row_density,
+                oracle_block_density: o.block_density,
+                block_recall: o.block_recall,
+            })
         }
-        v["attn_recall"] = json!(qm.attn_recall);
-        v["rel_l2_err"] = json!(qm.rel_l2_err);
-        v["max_abs_err"] = json!(qm.max_abs_err);
-        v["tol_recall_01"] = json!(qm.tol_recall_01);
-        v["tol_recall_005"] = json!(qm.tol_recall_005);
-        v["dense_ms"] = json!(e.dense_report.ms());
-        v["check_against"] = json!("dense attention, same device and data");
-    }
-    if let Some(gamma) = a.oracle {
-        let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        let o = oracle(&shape, scale, &qkv.0, &qkv.1, gamma, 64, 64)?;
-        if !a.json {
-            println!(
-                "  oracle at attention-mass coverage {gamma}: per-row density {:.4}, per-block (64x64) density {:.4} (recall {:.4})",
-                o.row_density, o.block_density, o.block_recall
-            );
-        }
-        v["oracle_gamma"] = json!(gamma);
-        v["oracle_row_density"] = json!(o.row_density);
-        v["oracle_block_density"] = json!(o.block_density);
-    }
-    if a.json {
-        println!("{}", serde_json::to_string(&v).expect("serializable"));
-    }
+        None => None,
+    };
+    let r = m.report;
+    let report = AttentionRun {
+        backend: ctx.backend(),
+        adapter: ctx.adapter_name(),
+        method: method.name(),
+        config: method.clone(),
+        seq_len: shape.seq_len,
+        q_heads: shape.q_heads,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
+        dtype: a.dtype,
+        causal,
+        ms: m.ms,
+        density: r.density,
+        tflops: shape.flops(causal) / m.ms / 1e9,
+        est_ms: r.estimation_ms(),
+        timing: r.timing.timing,
+        stages: r.timing.stages,
+        dispatches: r.dispatches,
+        data: data_label,
+        selector: SelectorKeys(r.stats),
+        check,
+        vs_dense,
+        oracle,
+    };
+    emit(&report, a.common.json);
     Ok(())
 }
 

@@ -1,7 +1,22 @@
 //! The one place the CLI builds contexts: `--backend` (else `WGSPARSE_BACKEND`, else the
 //! subcommand's default), an optional planned binding limit, and the cross-check GPU.
 
+use clap::Args;
 use wgsparse::{Backend, Context, ContextOptions, Result};
+
+/// Flags every measuring subcommand shares (`#[command(flatten)]`).
+#[derive(Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// auto, vulkan, metal, dx12, gl or cpu (also WGSPARSE_BACKEND).
+    #[arg(long)]
+    pub backend: Option<Backend>,
+    /// Print exactly one JSON object (the report's fields) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed of the synthetic data.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
 
 /// Options from the environment with the command line's backend and binding limit.
 pub fn options(backend: Option<Backend>, max_binding: Option<u64>) -> Result<ContextOptions> {

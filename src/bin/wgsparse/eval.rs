@@ -34,7 +34,9 @@ pub struct EvalArgs {
     /// layer) or `none` (end to end only). Sliding-window layers are not measured.
     #[arg(long, default_value = "all")]
     layers: String,
-    /// Methods, comma-separated: dense, anchor, window, oracle, sale.
+    /// Methods, comma-separated: dense, anchor, window, oracle, sale; or a method with
+    /// its parameters (`anchor:theta=8`, `sale:tau=0.002,bits=8`), which the flags
+    /// below then do not change.
     #[arg(
         long,
         value_delimiter = ',',
@@ -70,80 +72,99 @@ pub struct EvalArgs {
     /// WGSPARSE_BACKEND). Projections run on the CPU either way.
     #[arg(long)]
     backend: Option<Backend>,
-    /// Print JSON lines (one per head/layer row and per end-to-end row) instead of tables.
+    /// Print one JSON object (`rows`: per layer and head, `end_to_end`) instead of tables.
     #[arg(long)]
     json: bool,
 }
 
+/// The `--methods` list: `oracle` (eval's own), or any [`Method`] spec
+/// (`anchor:theta=8`, `window:window=1024,sinks=4`, `sale:tau=0.002`). A name without
+/// parameters takes them from the flags: one anchor row per `--theta`, one sale row per
+/// `--tau` (or the calibrated `--thresholds`), the window from `--window`/`--sinks`.
 fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
     let mut out = Vec::new();
-    for m in &a.methods {
-        match m.trim() {
-            "dense" => out.push(EvalMethod::Dense),
-            "anchor" => {
+    for spec in &a.methods {
+        let spec = spec.trim();
+        if spec == "oracle" {
+            if !(a.coverage > 0.0 && a.coverage <= 1.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "--coverage {} not in (0, 1]",
+                    a.coverage
+                )));
+            }
+            out.push(EvalMethod::Oracle {
+                coverage: a.coverage,
+            });
+            continue;
+        }
+        let method: Method = spec.parse().map_err(|e| {
+            Error::InvalidArgument(format!(
+                "unknown eval method `{spec}` (known: oracle and every --method spec: {e})"
+            ))
+        })?;
+        let from_flags = !spec.contains(':');
+        match method {
+            Method::Dense => out.push(EvalMethod::Dense),
+            Method::Anchor(c) if from_flags => {
                 for &theta in &a.theta {
-                    let c = AnchorConfig {
-                        theta,
-                        ..AnchorConfig::default()
-                    };
-                    c.validate()?;
-                    out.push(EvalMethod::Anchor(c));
+                    out.push(EvalMethod::Anchor(AnchorConfig { theta, ..c }));
                 }
             }
-            "window" => {
-                if a.window == 0 {
-                    return Err(Error::InvalidArgument("--window must be ≥ 1".into()));
-                }
-                out.push(EvalMethod::Window(WindowConfig {
-                    window: a.window,
-                    sinks: a.sinks,
-                }))
-            }
-            "oracle" => {
-                if !(a.coverage > 0.0 && a.coverage <= 1.0) {
-                    return Err(Error::InvalidArgument(format!(
-                        "--coverage {} not in (0, 1]",
-                        a.coverage
-                    )));
-                }
-                out.push(EvalMethod::Oracle {
-                    coverage: a.coverage,
-                })
-            }
-            "sale" => {
-                let base = SaleConfig {
-                    bits: a.bits,
-                    ..SaleConfig::default()
+            Method::Anchor(c) => out.push(EvalMethod::Anchor(c)),
+            Method::Window(_) if from_flags => out.push(EvalMethod::Window(WindowConfig {
+                window: a.window,
+                sinks: a.sinks,
+            })),
+            Method::Window(w) => out.push(EvalMethod::Window(w)),
+            Method::Sale(c) => {
+                let base = if from_flags {
+                    SaleConfig { bits: a.bits, ..c }
+                } else {
+                    c
                 };
                 if let Some(path) = &a.thresholds {
-                    base.validate()?;
                     out.push(EvalMethod::Sale {
                         cfg: base,
                         thresholds: Some(std::sync::Arc::new(SaleThresholds::load(path)?)),
                     });
-                } else {
+                } else if from_flags {
                     for &tau in &a.tau {
                         let cfg = SaleConfig {
                             tau,
                             ..base.clone()
                         };
-                        cfg.validate()?;
                         out.push(EvalMethod::Sale {
                             cfg,
                             thresholds: None,
                         });
                     }
+                } else {
+                    out.push(EvalMethod::Sale {
+                        cfg: base,
+                        thresholds: None,
+                    });
                 }
             }
-            o => {
+            m => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown eval method `{o}` (known: dense, anchor, window, oracle, sale)"
+                    "eval does not run `{}` (known: dense, anchor, window, oracle, sale)",
+                    m.name()
                 )));
             }
         }
     }
     if out.is_empty() {
         return Err(Error::InvalidArgument("no --methods given".into()));
+    }
+    for m in &out {
+        match m {
+            EvalMethod::Anchor(c) => c.validate()?,
+            EvalMethod::Sale { cfg, .. } => cfg.validate()?,
+            EvalMethod::Window(w) if w.window == 0 => {
+                return Err(Error::InvalidArgument("--window must be ≥ 1".into()));
+            }
+            _ => {}
+        }
     }
     Ok(out)
 }
@@ -240,17 +261,6 @@ pub fn run(a: &EvalArgs) -> Result<()> {
                 l.layer,
                 t0.elapsed().as_secs_f64()
             );
-            if a.json {
-                for r in &rows {
-                    let mut v = serde_json::to_value(r)
-                        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                    v["kind"] = "head".into();
-                    v["model"] = model_name.clone().into();
-                    v["text"] = text_name.clone().into();
-                    v["tokens"] = a.tokens.into();
-                    println!("{v}");
-                }
-            }
             quality.extend(rows);
         }
         Ok(())
@@ -274,18 +284,16 @@ pub fn run(a: &EvalArgs) -> Result<()> {
                     r.method,
                     t0.elapsed().as_secs_f64()
                 );
-                if a.json
-                    && let Ok(mut v) = serde_json::to_value(r)
-                {
-                    v["kind"] = "end_to_end".into();
-                    v["model"] = model_name.clone().into();
-                    v["text"] = text_name.clone().into();
-                    println!("{v}");
-                }
             },
         )?
     };
     if a.json {
+        let report = serde_json::json!({
+            "model": model_name, "text": text_name, "tokens": a.tokens,
+            "continuation": if a.no_end_to_end { 0 } else { a.continuation },
+            "backend": ctx.backend(), "rows": quality, "end_to_end": e2e,
+        });
+        println!("{report}");
         return Ok(());
     }
     println!(

@@ -18,6 +18,8 @@ use crate::report::{Check, emit, stage_lines, timed};
 
 #[derive(Args, Clone)]
 pub struct LayerArgs {
+    #[command(flatten)]
+    common: crate::device::CommonArgs,
     /// Tokens (the whole causal context of the run; no KV cache).
     #[arg(long, default_value_t = 512)]
     tokens: usize,
@@ -34,21 +36,12 @@ pub struct LayerArgs {
     /// Sink keys every row attends inside the window.
     #[arg(long, default_value_t = 0)]
     sinks: usize,
-    /// auto, vulkan, metal, dx12, gl or cpu (also WGSPARSE_BACKEND).
-    #[arg(long)]
-    backend: Option<Backend>,
     /// Timed runs after one warm-up; the median is reported.
     #[arg(long, default_value_t = 3)]
     iters: usize,
     /// Also run the CPU layer and print the errors.
     #[arg(long)]
     check: bool,
-    /// Make the last line one JSON object.
-    #[arg(long)]
-    json: bool,
-    /// Seed of the synthetic data.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
     /// Stream the expert weights from host memory through this many GPU slots: the
     /// router runs alone, attention is queued behind it, and the routed experts that
     /// miss are uploaded while attention runs.
@@ -66,16 +59,16 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     use wgsparse::model::smallthinker::{
         DecoderLayerConfig, DecoderLayerWeights, decoder_layer_cpu,
     };
-    let ctx = device::context(a.backend, None)?;
+    let ctx = device::context(a.common.backend, None)?;
     let mut cfg = DecoderLayerConfig::smallthinker_4b();
     if a.nope {
         cfg.rope_theta = None;
     }
     cfg.window = a.window;
     cfg.sinks = a.sinks;
-    let w = DecoderLayerWeights::random(&cfg, a.seed);
+    let w = DecoderLayerWeights::random(&cfg, a.common.seed);
     let h = cfg.moe.hidden;
-    let x = grid_input(a.tokens * h, a.seed ^ 0xdef);
+    let x = grid_input(a.tokens * h, a.common.seed ^ 0xdef);
     let mut b = ctx.decoder_layer(cfg).tokens(a.tokens).format(a.weights);
     if let Some(s) = a.stream_slots {
         b = b.stream_experts(s);
@@ -85,7 +78,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     let mut out = Tensor::zeros(&ctx, &[a.tokens, h], DType::F32)?;
     plan.run_into(&xt, &mut out)?; // warm-up
     let input = |i: usize| {
-        let xv = grid_input(a.tokens * h, a.seed ^ (0x2000 + i as u64));
+        let xv = grid_input(a.tokens * h, a.common.seed ^ (0x2000 + i as u64));
         Tensor::from_f32(&ctx, &[a.tokens, h], &xv, DType::F32)
     };
     let t = timed(
@@ -131,7 +124,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         stream: report.stream,
         check,
     };
-    emit(&r, a.json);
+    emit(&r, a.common.json);
     Ok(())
 }
 

@@ -29,6 +29,8 @@ pub enum PathArg {
 
 #[derive(Args, Clone)]
 pub struct MoeArgs {
+    #[command(flatten)]
+    common: crate::device::CommonArgs,
     /// Tokens.
     #[arg(long, default_value_t = 512)]
     tokens: usize,
@@ -53,9 +55,6 @@ pub struct MoeArgs {
     /// Softmax router weights instead of SmallThinker's renormalized sigmoid.
     #[arg(long)]
     softmax: bool,
-    /// auto, vulkan, metal, dx12, gl or cpu (also WGSPARSE_BACKEND).
-    #[arg(long)]
-    backend: Option<Backend>,
     /// Timed runs after one warm-up; the median is reported.
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -63,12 +62,6 @@ pub struct MoeArgs {
     /// reference, on a CPU run) and print the errors.
     #[arg(long)]
     check: bool,
-    /// Make the last line one JSON object.
-    #[arg(long)]
-    json: bool,
-    /// Seed of the synthetic data.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
     /// Keep the expert weights in host memory and cache this many experts on the GPU
     /// (uploads of missed experts are part of each run).
     #[arg(long)]
@@ -136,14 +129,16 @@ fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usi
     let dims = [a.tokens, a.hidden];
     let input =
         |seed: u64| Tensor::from_f32(ctx, &dims, &grid_input(dims[0] * dims[1], seed), DType::F32);
-    let xt = input(a.seed ^ 0xabc)?;
+    let xt = input(a.common.seed ^ 0xabc)?;
     let mut out = Tensor::zeros(ctx, &dims, DType::F32)?;
     plan.run_into(&xt, &xt, &xt, &mut out)?; // warm-up
     let t = timed(
         iters,
         |r: &MoeReport| r.ms,
         |i| {
-            let fresh = a.vary_inputs.then(|| input(a.seed ^ (0x1000 + i as u64)));
+            let fresh = a
+                .vary_inputs
+                .then(|| input(a.common.seed ^ (0x1000 + i as u64)));
             let xi = fresh.transpose()?;
             let xi = xi.as_ref().unwrap_or(&xt);
             plan.run_into(xi, xi, xi, &mut out)?;
@@ -244,7 +239,7 @@ impl fmt::Display for MoeRun {
 }
 
 pub fn run(a: &MoeArgs) -> Result<()> {
-    let ctx = device::context(a.backend, None)?;
+    let ctx = device::context(a.common.backend, None)?;
     let cfg = MoeConfig {
         scoring: if a.softmax {
             RouterScoring::Softmax
@@ -254,7 +249,8 @@ pub fn run(a: &MoeArgs) -> Result<()> {
         ..MoeConfig::new(a.hidden, a.experts, a.top_k, a.ffn)
     };
     cfg.validate()?;
-    let w = MoeWeights::random(&cfg, a.seed).with_cold_chunks(a.cold_chunks, a.seed ^ 0xc01d)?;
+    let w = MoeWeights::random(&cfg, a.common.seed)
+        .with_cold_chunks(a.cold_chunks, a.common.seed ^ 0xc01d)?;
     let r = run_on(&ctx, a, cfg, &w, a.iters)?;
     let check = if a.check {
         let (other, name) = other_result(&ctx, a, cfg, &w)?;
@@ -288,7 +284,7 @@ pub fn run(a: &MoeArgs) -> Result<()> {
         cold_chunks: a.cold_chunks,
         check,
     };
-    emit(&report, a.json);
+    emit(&report, a.common.json);
     Ok(())
 }
 
@@ -300,7 +296,7 @@ fn other_result(
     cfg: MoeConfig,
     w: &MoeWeights,
 ) -> Result<(Vec<f32>, String)> {
-    let x = grid_input(a.tokens * a.hidden, a.seed ^ 0xabc);
+    let x = grid_input(a.tokens * a.hidden, a.common.seed ^ 0xabc);
     let packed = w.pack(a.weights)?;
     if !ctx.is_cpu() {
         return Ok((moe_cpu(&x, &x, &x, &packed).out, "cpu twin".into()));
