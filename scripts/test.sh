@@ -103,6 +103,12 @@ say "cargo build --benches --examples (debug: they must compile)"
 cargo build --locked --benches --examples
 say "cargo run --example sparse_prefill (the embedding example, on the GPU: sale at 1,024 tokens)"
 cargo run --locked --example sparse_prefill -- sale 1024
+say "cargo run --example moe_layer (a MoE layer vs its CPU twin: 8 tokens, Q4_0)"
+cargo run --locked --example moe_layer -- 8 q4_0
+say "cargo doc (the library's docs build without warnings)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --lib
+say "cargo build --no-default-features --lib (the crate as a dependency, no CLI)"
+cargo build --locked --no-default-features --lib
 if [ "${WGSPARSE_SKIP_MODELS:-0}" != 1 ]; then
     say "scripts/test-models.sh (SmolLM2: numpy reference, eval, GPU-vs-CPU decoder; WGSPARSE_SKIP_MODELS=1 skips it)"
     bash scripts/test-models.sh

@@ -4,10 +4,37 @@
 //! wgpu on Vulkan, Metal, DX12, GL and browser WebGPU, with a multithreaded CPU fallback
 //! that is also every kernel's test oracle.
 //!
-//! Layers (each calls only the one below): [`Context`] (device + capabilities) →
-//! [`Tensor`] → kernels (`shaders/*.wgsl`, one launcher and one CPU twin each) → plans
-//! ([`AttentionPlan`]) built once and run many times → tools (the `wgsparse` CLI, the
-//! benchmarks).
+//! Layers, imports only downward (see `ARCHITECTURE.md`): [`runtime`] (the [`Context`]:
+//! device and capabilities, [`Tensor`], the kernel cache, the typed launcher, the
+//! recorder) → [`quant`] and [`ops`] → [`attention`], [`moe`] and [`model`] → the
+//! `wgsparse` command line (feature `cli`, on by default; `default-features = false`
+//! builds the library alone).
+//!
+//! A plan is built once for a shape and a [`Method`] and run many times; on a context
+//! without a GPU the same plan runs the CPU twin of every kernel:
+//!
+//! ```
+//! use wgsparse::{AttentionShape, Context, DType, Method};
+//! use wgsparse::attention::upload_qkv;
+//!
+//! # fn main() -> wgsparse::Result<()> {
+//! let ctx = Context::cpu(); // or Context::new_blocking(ContextOptions::default())?
+//! // 4 query heads over 2 key/value heads, 256 tokens, head dimension 64.
+//! let shape = AttentionShape::new(4, 2, 256, 64);
+//! let method: Method = "window:window=64,sinks=4".parse()?;
+//! let plan = ctx.attention(shape).method(method).dtype(DType::F32).build()?;
+//!
+//! let n = shape.q_heads * shape.seq_len * shape.head_dim;
+//! let q: Vec<f32> = (0..n).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+//! let kv = &q[..n / 2];
+//! let (q, k, v) = upload_qkv(&ctx, &shape, &q, kv, kv, DType::F32)?;
+//! let out = plan.run(&q, &k, &v)?;
+//! assert_eq!(out.shape(), shape.q_dims());
+//! let report = plan.report().expect("ran");
+//! assert!(report.density < 0.5); // a 64-key window over 256 tokens
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 

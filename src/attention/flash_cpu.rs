@@ -15,7 +15,7 @@
 //!   vectorizes; a libm call per score would cost as much as the two matmuls.
 //!
 //! The kernels are plain Rust over fixed-size arrays, generic over how a multiply-add
-//! is done ([`MulAdd`]). On x86-64 the whole per-task routine is instantiated a second
+//! is done (a `MulAdd` trait). On x86-64 the whole per-task routine is instantiated a second
 //! time inside a `#[target_feature(enable = "avx2,fma")]` function and picked at run
 //! time, so the compiler emits 256-bit FMA code there while the crate itself still
 //! targets baseline x86-64 (SSE2); other CPUs and wasm take the portable instance.

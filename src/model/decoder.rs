@@ -6,7 +6,7 @@
 //! pre- and post-norms, and final logit softcapping when the file sets it.
 //!
 //! Projections run on the CPU in f32 on dequantized weights (`matrixmultiply` SGEMM,
-//! rows split over rayon). Attention runs through the crate's [`AttentionPlan`] on the
+//! rows split over rayon). Attention runs through the crate's [`crate::AttentionPlan`] on the
 //! decoder's [`Context`] with the chosen [`Method`], for prefill and for every decode
 //! step against the KV cache. Gemma's sliding-window layers: while every key is inside
 //! the window (prompt ≤ window) they are plain causal attention; a one-token decode step

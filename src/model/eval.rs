@@ -5,7 +5,7 @@
 //!   recall, output relative L2 error, tolerance recall ([`crate::attention::metrics::Quality`]).
 //!   Every head runs as its own one-head attention (its K/V head under GQA), so the
 //!   figures are per head; the layer figures pool the heads' outputs and row states.
-//!   The oracle is the per-block oracle LUT at coverage γ ([`crate::attention::oracle`]),
+//!   The oracle is the per-block oracle LUT at coverage γ ([`crate::attention::select::oracle`]),
 //!   run by the block-sparse executor; its per-row oracle density comes with it.
 //! - **end to end**: the mean next-token NLL (and perplexity) of a continuation of `M`
 //!   tokens after a prefill of `N` tokens done with the method in every global layer

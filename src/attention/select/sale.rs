@@ -176,7 +176,7 @@ pub struct QuantizedQk {
     pub k_packed: Vec<u32>,
     /// Per Q row: (scale, q_i · k_mean) `[q_heads, n]`.
     pub q_meta: Vec<[f32; 2]>,
-    /// Per key and q head: (scale of k'_j, q_mean[h] · k'_j) `[q_heads, n]`.
+    /// Per key and q head: (scale of k'_j, `q_mean[h] · k'_j`) `[q_heads, n]`.
     pub k_meta: Vec<[f32; 2]>,
 }
 
