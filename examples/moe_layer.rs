@@ -49,7 +49,7 @@ fn main() -> Result<()> {
     }
     println!(
         "  {:.3} ms, skipped neurons {:.3}, rel L2 error vs CPU twin {:.2e}",
-        report.ms, report.skip_frac, err.rel_l2_err
+        report.ms, report.experts.skip_frac, err.rel_l2_err
     );
     if err.rel_l2_err > 1e-3 {
         return Err(Error::Mismatch(format!(

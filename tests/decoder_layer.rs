@@ -250,13 +250,16 @@ fn decoder_layer_plan_matches_the_cpu_layer() {
         let rep = plan.report().unwrap();
         eprintln!(
             "rope={rope} T={tokens} {format:?}: {e:?} skip {:.3}",
-            rep.skip_frac
+            rep.experts.skip_frac
         );
         assert!(
             ok(e, 5e-4, 1e-4),
             "rope={rope} T={tokens} {format:?}: {e:?}"
         );
-        assert_eq!(rep.expert_counts.iter().sum::<u32>() as usize, tokens * 2);
+        assert_eq!(
+            rep.experts.expert_counts.iter().sum::<u32>() as usize,
+            tokens * 2
+        );
         let names: Vec<&str> = rep.timing.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names[0], "router",
@@ -305,10 +308,10 @@ fn streamed_expert_layer_equals_the_resident_layer() {
             let got = run(&streamed);
             assert_eq!(got, want, "T={tokens} {format:?} slots {slots} pass {pass}");
             let rep = streamed.report().unwrap();
-            let st = rep.stream.clone().unwrap();
+            let st = rep.experts.stream.clone().unwrap();
             assert_eq!(
                 st.routed,
-                rep.expert_counts.iter().filter(|&&n| n > 0).count()
+                rep.experts.expert_counts.iter().filter(|&&n| n > 0).count()
             );
             assert_eq!(st.rounds, st.routed.div_ceil(slots).max(1));
             if pass == 0 {
@@ -338,7 +341,7 @@ fn cpu_layer_plan_equals_the_twin_and_the_nope_pattern() {
         decoder_layer_cpu(&x, &w.pack(WeightFormat::F16).unwrap()).unwrap()
     );
     let rep = plan.report().unwrap();
-    assert!(rep.skip_frac > 0.0 && rep.skip_frac < 1.0);
+    assert!(rep.experts.skip_frac > 0.0 && rep.experts.skip_frac < 1.0);
 
     // SmallThinker-21B pattern: every 4th layer NoPE + full, the others RoPE + window.
     let nope = cfg.with_nope_pattern(8, 4, 4096);

@@ -170,12 +170,13 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
         "{label}: out {e_out:?}"
     );
     let rep = plan.report().unwrap();
-    assert_eq!(rep.expert_counts, want.map.counts);
+    assert_eq!(rep.experts.expert_counts, want.map.counts);
     match case.slots {
-        None => assert!(rep.stream.is_none()),
+        None => assert!(rep.experts.stream.is_none()),
         Some(slots) => {
             // A fresh plan: nothing cached, every routed expert uploaded once.
             let st = rep
+                .experts
                 .stream
                 .clone()
                 .expect("streamed run reports its uploads");
@@ -190,16 +191,19 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
         }
     }
     if case.path == FfnPath::Tiled {
-        let frac = rep.down_chunk_skip_frac.expect("tiled runs count chunks");
+        let frac = rep
+            .experts
+            .down_chunk_skip_frac
+            .expect("tiled runs count chunks");
         assert!((0.0..=1.0).contains(&frac), "{label}: chunk skip {frac}");
         assert!(got.stats[3] > 0, "{label}: chunks counted");
     } else {
-        assert_eq!(rep.down_chunk_skip_frac, None);
+        assert_eq!(rep.experts.down_chunk_skip_frac, None);
     }
-    assert!((rep.skip_frac - want.skipped as f64 / evaluated as f64).abs() < 1e-3);
+    assert!((rep.experts.skip_frac - want.skipped as f64 / evaluated as f64).abs() < 1e-3);
     eprintln!(
         "{label}: out {e_out:?}, skip {:.3}, counts {:?}",
-        rep.skip_frac, rep.expert_counts
+        rep.experts.skip_frac, rep.experts.expert_counts
     );
 }
 
@@ -390,7 +394,7 @@ fn streamed_experts_reuse_the_cache_and_equal_resident() {
                 let got = run_plan(&ctx, &plan, &x, &res);
                 // Same kernels on the same weights, read from slots: the same bits.
                 assert_eq!(got, want, "{format:?} slots {slots} run {run}");
-                let st = plan.report().unwrap().stream.unwrap();
+                let st = plan.report().unwrap().experts.stream.unwrap();
                 let routed = st.routed;
                 if slots >= routed {
                     // Everything fits: the second run uploads nothing.
@@ -445,10 +449,10 @@ fn prefill_skips_chunks_inactive_for_a_whole_tile() {
             e.max_abs_err == 0.0,
             "{format:?}: skipping changed the output {e:?}"
         );
-        let frac = on.report().unwrap().down_chunk_skip_frac.unwrap();
+        let frac = on.report().unwrap().experts.down_chunk_skip_frac.unwrap();
         // At least the dead chunk; random gates on 16+ tokens leave the others live.
         assert!((0.25..0.3).contains(&frac), "{format:?}: chunk skip {frac}");
-        assert_eq!(off.report().unwrap().down_chunk_skip_frac, None);
+        assert_eq!(off.report().unwrap().experts.down_chunk_skip_frac, None);
         // And the twin agrees on the output.
         let want = moe_cpu(&x, &x, &res, &w.pack(format).unwrap());
         let e = compare(&a, &want.out);
@@ -490,8 +494,11 @@ fn cpu_plan_equals_the_twin() {
     let want = moe_cpu(&x, &x, &x, &w.pack(WeightFormat::Q4_0).unwrap());
     assert_eq!(out, want.out);
     let rep = plan.report().unwrap();
-    assert_eq!(rep.expert_counts.iter().sum::<u32>() as usize, t * c.top_k);
-    assert!(rep.skip_frac > 0.0 && rep.skip_frac < 1.0);
+    assert_eq!(
+        rep.experts.expert_counts.iter().sum::<u32>() as usize,
+        t * c.top_k
+    );
+    assert!(rep.experts.skip_frac > 0.0 && rep.experts.skip_frac < 1.0);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use wgsparse::attention::MethodStats;
 use wgsparse::attention::flash_cpu::{CpuAttention, HostRowState, attention_cpu, naive_attention};
 use wgsparse::attention::metrics::compare;
 use wgsparse::attention::select::sale::{BLOCK_K, BLOCK_Q, SaleConfig, sale_cpu};
-use wgsparse::attention::synthetic::{Structure, qkv_host, structured_qkv_host};
+use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::upload_qkv;
 use wgsparse::attention::verify::{dense_tolerance_for, method_against_cpu_twin};
 use wgsparse::{AttentionShape, Context, DType, Error, Method, RowState, Tensor};
@@ -71,38 +71,20 @@ fn sale_matches_cpu_twin() {
     .enumerate()
     {
         let seed = seed + i as u64;
-        let planted = Structure {
-            heavy_per_1000: 20.0,
-            ..Default::default()
-        };
-        let (q, k, v) = structured_qkv_host(&shape, &planted, seed);
-        let (q, k, v) = (
-            dtype.round_trip(&q),
-            dtype.round_trip(&k),
-            dtype.round_trip(&v),
-        );
+        let (q, k, v) = common::planted_qkv(&shape, dtype, seed);
         let (got, report, lut) = run_gpu(&ctx, shape, &cfg, dtype, (&q, &k, &v));
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         let run = sale_cpu(&shape, &cfg, scale, &q, &k, &v).unwrap();
         assert_eq!(lut[0], cfg.exact_lut(shape.q_heads, shape.seq_len).unwrap());
         let gpu_blocks = &lut[1];
-        let nqb = shape.seq_len.div_ceil(BLOCK_Q);
-        let mut ties = 0;
-        for h in 0..shape.q_heads {
-            for qb in 0..nqb {
-                let g = gpu_blocks.keys_of(h, qb);
-                let c = run.selection.blocks.keys_of(h, qb);
-                for (idx, kb) in (1..cfg.cand_end(qb)).enumerate() {
-                    let first = (kb * BLOCK_K) as u32;
-                    let (a, b) = (g.contains(&first), c.contains(&first));
-                    if a != b {
-                        let m = run.selection.margins[h * nqb + qb][idx];
-                        assert!(m.abs() < 2e-2, "h {h} qb {qb} kb {kb}: margin {m}");
-                        ties += 1;
-                    }
-                }
-            }
-        }
+        // Candidates of query block qb: the first key of key blocks 1..cand_end(qb).
+        let cands = |qb| {
+            (1..cfg.cand_end(qb))
+                .map(|kb| (kb * BLOCK_K) as u32)
+                .collect()
+        };
+        let sel = &run.selection;
+        let ties = common::selection_ties(gpu_blocks, &sel.blocks, &sel.margins, cands, 2e-2);
         // The host's attention over the GPU's blocks (exact pass, then the selection).
         let mut st = HostRowState::empty(&shape);
         let exec = |lut| CpuAttention {

@@ -354,16 +354,7 @@ fn anchor_matches_cpu_twin() {
         let seed = seed + i as u64;
         // Planted structure (sinks, band, heavy columns): θ = 4 keeps the heavy columns
         // and drops most other keys, so the selection is neither empty nor everything.
-        let planted = Structure {
-            heavy_per_1000: 20.0,
-            ..Default::default()
-        };
-        let (q, k, v) = structured_qkv_host(&shape, &planted, seed);
-        let (q, k, v) = (
-            dtype.round_trip(&q),
-            dtype.round_trip(&k),
-            dtype.round_trip(&v),
-        );
+        let (q, k, v) = common::planted_qkv(&shape, dtype, seed);
         let (got, report, lut) =
             common::run_sparse(&ctx, shape, Method::Anchor(cfg), dtype, (&q, &k, &v));
         let stripes = &lut[1];
@@ -379,22 +370,8 @@ fn anchor_matches_cpu_twin() {
         .unwrap();
         let (want, sel, stats) = (run.out, run.selection, run.stats);
         // Selection: every candidate decided the same way unless its margin is a tie.
-        let groups = cfg.groups(shape.seq_len);
-        let mut ties = 0;
-        for h in 0..shape.q_heads {
-            for g in 0..groups {
-                let gpu: Vec<u32> = stripes.keys_of(h, g);
-                let cpu: Vec<u32> = sel.stripes.keys_of(h, g);
-                for (idx, j) in cfg.candidates(g, shape.seq_len).enumerate() {
-                    let (a, b) = (gpu.contains(&(j as u32)), cpu.contains(&(j as u32)));
-                    if a != b {
-                        let m = sel.margins[h * groups + g][idx];
-                        assert!(m.abs() < 1e-3, "h {h} g {g} key {j}: margin {m}");
-                        ties += 1;
-                    }
-                }
-            }
-        }
+        let cands = |g| cfg.candidates(g, shape.seq_len).map(|j| j as u32).collect();
+        let ties = common::selection_ties(stripes, &sel.stripes, &sel.margins, cands, 1e-3);
         let best = sel
             .margins
             .iter()

@@ -23,7 +23,8 @@ use serde::Serialize;
 use crate::attention::flash_cpu::{CpuAttention, attention_cpu};
 use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
-use crate::moe::stream::{ExpertResidency, StreamStats};
+use crate::moe::plan::ExpertStats;
+use crate::moe::stream::ExpertResidency;
 use crate::moe::{MoeConfig, MoePlan, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
 use crate::ops::linear::{LinearGpu, LinearLayout, from_head_major, linear_cpu, to_head_major};
 use crate::ops::rmsnorm::{RmsNormGpu, rmsnorm_cpu};
@@ -267,15 +268,9 @@ pub struct LayerReport {
     pub ms: f64,
     /// Tokens per second through the layer.
     pub tokens_per_s: f64,
-    /// Skipped-neuron fraction of the MoE.
-    pub skip_frac: f64,
-    /// Skipped 16-neuron chunks of the tiled down GEMM (see
-    /// [`crate::moe::plan::MoeReport::down_chunk_skip_frac`]).
-    pub down_chunk_skip_frac: Option<f64>,
-    /// Expert streaming of this run (`None`: every expert resident).
-    pub stream: Option<StreamStats>,
-    /// Assignments per expert.
-    pub expert_counts: Vec<u32>,
+    /// What the MoE's expert kernels counted (serialized inline).
+    #[serde(flatten)]
+    pub experts: ExpertStats,
     /// Attention method.
     pub attention: String,
 }
@@ -502,11 +497,11 @@ impl DecoderLayerPlan {
                     let subs = [route, attn].into_iter().chain(rounds).collect();
                     (Submitted::report_all(subs, start).await?, Some(stream))
                 };
-                let (expert_counts, skip_frac, chunks) = g.moe.gpu_stats().await?;
-                let mut r = self.make_report(self.ctx.backend(), timing, skip_frac, expert_counts);
-                r.down_chunk_skip_frac = chunks;
-                r.stream = stream;
-                r
+                let experts = ExpertStats {
+                    stream,
+                    ..g.moe.gpu_stats().await?
+                };
+                self.make_report(self.ctx.backend(), timing, experts)
             }
             None => {
                 let w = self.host.as_ref().expect("CPU plans keep the weights");
@@ -515,23 +510,19 @@ impl DecoderLayerPlan {
                 let r = decoder_layer_cpu_moe(&xs, w)?;
                 let ms = start.elapsed().as_secs_f64() * 1e3;
                 *out.host_mut().expect("CPU tensor") = HostData::F32(r.out);
-                let c = &self.cfg.moe;
-                let evaluated = (self.tokens * c.top_k * c.ffn) as f64;
-                self.make_report(
-                    Backend::Cpu,
-                    Report {
-                        stages: vec![StageTime {
-                            name: "layer_cpu".into(),
-                            ms: Some(ms),
-                            dispatches: 1,
-                        }],
-                        wall_ms: ms,
-                        gpu_ms: None,
-                        timing: "wall".into(),
-                    },
-                    r.skipped as f64 / evaluated,
-                    r.map.counts,
-                )
+                let timing = Report {
+                    stages: vec![StageTime {
+                        name: "layer_cpu".into(),
+                        ms: Some(ms),
+                        dispatches: 1,
+                    }],
+                    wall_ms: ms,
+                    gpu_ms: None,
+                    timing: "wall".into(),
+                };
+                let experts =
+                    ExpertStats::cpu(&self.cfg.moe, self.tokens, r.skipped as u64, r.map.counts);
+                self.make_report(Backend::Cpu, timing, experts)
             }
         };
         *self.last.lock().expect("report lock") = Some(report);
@@ -556,22 +547,13 @@ impl DecoderLayerPlan {
         Ok(())
     }
 
-    fn make_report(
-        &self,
-        backend: Backend,
-        timing: Report,
-        skip_frac: f64,
-        expert_counts: Vec<u32>,
-    ) -> LayerReport {
+    fn make_report(&self, backend: Backend, timing: Report, experts: ExpertStats) -> LayerReport {
         let ms = timing.ms();
         LayerReport {
             backend,
             ms,
             tokens_per_s: self.tokens as f64 / (ms / 1e3),
-            skip_frac,
-            down_chunk_skip_frac: None,
-            stream: None,
-            expert_counts,
+            experts,
             attention: self.method.name().into(),
             timing,
         }

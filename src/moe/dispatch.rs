@@ -64,15 +64,6 @@ pub fn meta_words(experts: usize) -> usize {
     3 * experts + 2
 }
 
-/// The dispatch's buffers for one recording.
-pub(crate) struct DispatchIo<'a> {
-    pub ids: &'a wgpu::Buffer,
-    pub block_counts: &'a wgpu::Buffer,
-    pub meta: &'a wgpu::Buffer,
-    pub sorted: &'a wgpu::Buffer,
-    pub inv: &'a wgpu::Buffer,
-}
-
 /// A built dispatch for an assignment count.
 pub(crate) struct DispatchGpu {
     /// Histogram, scan, scatter.
@@ -109,15 +100,15 @@ impl DispatchGpu {
         })
     }
 
-    pub(crate) fn record(&self, rec: &mut Recorder<'_>, io: &DispatchIo<'_>) {
-        let bufs = [io.ids, io.block_counts, io.meta, io.sorted, io.inv];
+    /// Records the three passes over `[ids, block_counts, meta, sorted, inv]`.
+    pub(crate) fn record(&self, rec: &mut Recorder<'_>, bufs: &[&wgpu::Buffer; 5]) {
         let (gx, gy) = self.grid;
         let [histogram, scan, scatter] = &self.launches;
         let g = rec.gpu();
         let list = [
-            histogram.dispatch(g, &bufs, (gx, gy, 1)),
-            scan.dispatch(g, &bufs, (1, 1, 1)),
-            scatter.dispatch(g, &bufs, (gx, gy, 1)),
+            histogram.dispatch(g, bufs, (gx, gy, 1)),
+            scan.dispatch(g, bufs, (1, 1, 1)),
+            scatter.dispatch(g, bufs, (gx, gy, 1)),
         ];
         rec.dispatch_stage("dispatch", &list);
     }

@@ -6,11 +6,11 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::combine::{CombineGpu, CombineIo};
+use super::combine::{CombineParams, combine_step};
 use super::cpu;
-use super::dispatch::{DispatchGpu, DispatchIo, meta_words};
+use super::dispatch::{DispatchGpu, meta_words};
 use super::expert_ffn::{FfnGpu, FfnIo, FfnWeights, TILE_MS, choose_tile_m};
-use super::router::{RouterGpu, RouterIo};
+use super::router::{RouterParams, router_step};
 use super::stream::{
     ExpertCache, ExpertResidency, NOT_RESIDENT, StreamStats, expert_words, slot_buffer_words,
     slot_offsets, write_buffer_parallel,
@@ -18,7 +18,7 @@ use super::stream::{
 use super::{MoeConfig, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
 use crate::error::{Error, Result};
 use crate::runtime::context::{Backend, Context, GpuDevice};
-use crate::runtime::launch::{storage, storage_init};
+use crate::runtime::launch::{Step, storage, storage_init};
 use crate::runtime::tensor::{DType, HostData, Tensor, read_buffer};
 use crate::runtime::{Instant, Recorder, Report, StageTime, Submitted};
 
@@ -44,6 +44,18 @@ pub struct MoeReport {
     pub ms: f64,
     /// Tokens per second.
     pub tokens_per_s: f64,
+    /// What the expert kernels counted (serialized inline).
+    #[serde(flatten)]
+    pub experts: ExpertStats,
+    /// Expert FLOPs without skipping (6 · tokens · k · ffn · hidden) per second, in
+    /// TFLOP/s: the dense-equivalent rate.
+    pub tflops: f64,
+}
+
+/// What the expert kernels of one run counted: the MoE report's and the decoder
+/// layer's.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ExpertStats {
     /// Fraction of (routed token, neuron) pairs whose gate was ≤ 0, counted by the
     /// kernels themselves.
     pub skip_frac: f64,
@@ -56,9 +68,18 @@ pub struct MoeReport {
     pub stream: Option<StreamStats>,
     /// Assignments each expert received (read back from the GPU dispatch).
     pub expert_counts: Vec<u32>,
-    /// Expert FLOPs without skipping (6 · tokens · k · ffn · hidden) per second, in
-    /// TFLOP/s: the dense-equivalent rate.
-    pub tflops: f64,
+}
+
+impl ExpertStats {
+    /// The CPU path's counts: `skipped` of `tokens · top_k · ffn` neurons.
+    pub fn cpu(cfg: &MoeConfig, tokens: usize, skipped: u64, expert_counts: Vec<u32>) -> Self {
+        let evaluated = (tokens * cfg.top_k * cfg.ffn) as f64;
+        ExpertStats {
+            skip_frac: skipped as f64 / evaluated,
+            expert_counts,
+            ..Default::default()
+        }
+    }
 }
 
 /// The GPU intermediates of the last run (for tests and debugging).
@@ -238,10 +259,10 @@ impl MoePlanBuilder {
 }
 
 struct MoeGpu {
-    router: RouterGpu,
+    router: Step<RouterParams>,
     dispatch: DispatchGpu,
     ffn: FfnGpu,
-    combine: CombineGpu,
+    combine: Step<CombineParams>,
     router_w: wgpu::Buffer,
     w: FfnWeights,
     logits: wgpu::Buffer,
@@ -321,9 +342,9 @@ impl MoeGpu {
             }),
         });
         Ok(MoeGpu {
-            router: RouterGpu::build(ctx, cfg, tokens)?,
+            router: router_step(ctx, cfg, tokens)?,
             ffn: FfnGpu::build(ctx, cfg, w.format(), bases, a, path, tile_m, skip_chunks)?,
-            combine: CombineGpu::build(ctx, tokens, cfg.hidden, cfg.top_k)?,
+            combine: combine_step(ctx, tokens, cfg.hidden, cfg.top_k)?,
             router_w: storage_init(g, "moe router weights", bytemuck::cast_slice(&w.router))?,
             w: FfnWeights { gate, up, down_t },
             logits: storage(g, "moe router logits", tokens as u64 * e * 4)?,
@@ -633,26 +654,10 @@ impl MoePlan {
         self.check(router_in, "router input")?;
         let g = self.gpu_ref()?;
         let x = router_in.buffer().expect("checked: GPU tensor");
-        g.router.record(
-            rec,
-            &RouterIo {
-                x,
-                w: &g.router_w,
-                logits: &g.logits,
-                ids: &g.ids,
-                weights: &g.topk_w,
-            },
-        );
-        g.dispatch.record(
-            rec,
-            &DispatchIo {
-                ids: &g.ids,
-                block_counts: &g.block_counts,
-                meta: &g.meta,
-                sorted: &g.sorted,
-                inv: &g.inv,
-            },
-        );
+        let route = [x, &g.router_w, &g.logits, &g.ids, &g.topk_w];
+        rec.step("router", &g.router, &route);
+        let sort = [&g.ids, &g.block_counts, &g.meta, &g.sorted, &g.inv];
+        g.dispatch.record(rec, &sort);
         Ok(())
     }
 
@@ -701,22 +706,16 @@ impl MoePlan {
     }
 
     fn record_combine(&self, rec: &mut Recorder<'_>, g: &MoeGpu, residual: &Tensor, out: &Tensor) {
-        g.combine.record(
-            rec,
-            &CombineIo {
-                y: &g.y,
-                weights: &g.topk_w,
-                inv: &g.inv,
-                residual: residual.buffer().expect("checked: GPU tensor"),
-                out: out.buffer().expect("checked: GPU tensor"),
-            },
-        );
+        let residual = residual.buffer().expect("checked: GPU tensor");
+        let out = out.buffer().expect("checked: GPU tensor");
+        let bufs = [&g.y, &g.topk_w, &g.inv, residual, out];
+        rec.step("combine", &g.combine, &bufs);
     }
 
     /// What the kernels of the last GPU run counted (read back): tokens per expert,
     /// the skipped-neuron fraction, and the tiled down GEMM's skipped-chunk fraction
     /// (when that path with chunk skipping ran).
-    pub async fn gpu_stats(&self) -> Result<(Vec<u32>, f64, Option<f64>)> {
+    pub async fn gpu_stats(&self) -> Result<ExpertStats> {
         let g = self.gpu_ref()?;
         let dev = self.ctx.gpu().expect("GPU plan");
         let e = self.cfg.experts as u64;
@@ -725,47 +724,42 @@ impl MoePlan {
         let stats: Vec<u32> =
             bytemuck::pod_collect_to_vec(&read_buffer(dev, &g.stats, 0, 16).await?);
         let frac = |a: u32, b: u32| if b > 0 { a as f64 / b as f64 } else { 0.0 };
-        let chunks = self.chunk_skipping.then(|| frac(stats[2], stats[3]));
-        Ok((counts, frac(stats[0], stats[1]), chunks))
+        Ok(ExpertStats {
+            skip_frac: frac(stats[0], stats[1]),
+            down_chunk_skip_frac: self.chunk_skipping.then(|| frac(stats[2], stats[3])),
+            stream: None,
+            expert_counts: counts,
+        })
     }
 
     async fn gpu_report(&self, timing: Report, stream: Option<StreamStats>) -> Result<MoeReport> {
-        let (expert_counts, skip_frac, chunks) = self.gpu_stats().await?;
-        let mut r = self.make_report(
-            self.ctx.backend(),
-            &match self.path {
-                FfnPath::Tiled => format!("tiled{}", self.tile_m),
-                FfnPath::Gemv => "gemv".into(),
-            },
-            timing,
-            skip_frac,
-            expert_counts,
-        );
-        r.down_chunk_skip_frac = chunks;
-        r.stream = stream;
-        Ok(r)
+        let experts = ExpertStats {
+            stream,
+            ..self.gpu_stats().await?
+        };
+        let path = match self.path {
+            FfnPath::Tiled => format!("tiled{}", self.tile_m),
+            FfnPath::Gemv => "gemv".into(),
+        };
+        Ok(self.make_report(self.ctx.backend(), path, timing, experts))
     }
 
     fn make_report(
         &self,
         backend: Backend,
-        path: &str,
+        path: String,
         timing: Report,
-        skip_frac: f64,
-        expert_counts: Vec<u32>,
+        experts: ExpertStats,
     ) -> MoeReport {
         let ms = timing.ms();
         MoeReport {
             backend,
-            path: path.into(),
+            path,
             weights: self.format(),
             tokens: self.tokens,
             ms,
             tokens_per_s: self.tokens as f64 / (ms / 1e3),
-            skip_frac,
-            down_chunk_skip_frac: None,
-            stream: None,
-            expert_counts,
+            experts,
             tflops: self.cfg.expert_flops(self.tokens) / ms / 1e9,
             timing,
         }
@@ -866,18 +860,13 @@ impl MoePlan {
         timed("combine", s);
         *out.host_mut().expect("checked: CPU tensor") = HostData::F32(o);
         let wall = total.elapsed().as_secs_f64() * 1e3;
-        let evaluated = (self.tokens * c.top_k * c.ffn) as f64;
-        Ok(self.make_report(
-            Backend::Cpu,
-            "cpu",
-            Report {
-                stages,
-                wall_ms: wall,
-                gpu_ms: None,
-                timing: "wall".into(),
-            },
-            skipped as f64 / evaluated,
-            map.counts,
-        ))
+        let timing = Report {
+            stages,
+            wall_ms: wall,
+            gpu_ms: None,
+            timing: "wall".into(),
+        };
+        let experts = ExpertStats::cpu(c, self.tokens, skipped as u64, map.counts);
+        Ok(self.make_report(Backend::Cpu, "cpu".into(), timing, experts))
     }
 }

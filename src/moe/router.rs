@@ -4,11 +4,11 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::{MAX_EXPERTS, MAX_TOP_K, MoeConfig, RouterScoring};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Launch, grid_2d};
+use crate::runtime::launch::Step;
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, KernelSpec, Recorder};
+use crate::runtime::{BindingKind, KernelSpec};
 
 /// Uniform parameters; mirrors `struct Params` in the WGSL.
 #[repr(C)]
@@ -41,40 +41,18 @@ pub fn all_router_variants() -> Vec<KernelSpec> {
     ]
 }
 
-/// The router's buffers for one recording.
-pub(crate) struct RouterIo<'a> {
-    pub x: &'a wgpu::Buffer,
-    pub w: &'a wgpu::Buffer,
-    pub logits: &'a wgpu::Buffer,
-    pub ids: &'a wgpu::Buffer,
-    pub weights: &'a wgpu::Buffer,
-}
-
-/// A built router for a token count.
-pub(crate) struct RouterGpu {
-    launch: Launch<RouterParams>,
-    grid: (u32, u32),
-}
-
-impl RouterGpu {
-    pub(crate) fn build(ctx: &Context, cfg: &MoeConfig, tokens: usize) -> Result<Self> {
-        let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let p = RouterParams {
-            tokens: tokens as u32,
-            hidden: cfg.hidden as u32,
-            experts: cfg.experts as u32,
-            top_k: cfg.top_k as u32,
-        };
-        Ok(RouterGpu {
-            launch: Launch::new(ctx, &router_spec(cfg.scoring), &p)?,
-            grid: grid_2d(tokens as u64, g.caps.max_workgroups_per_dim, "moe router")?,
-        })
-    }
-
-    pub(crate) fn record(&self, rec: &mut Recorder<'_>, io: &RouterIo<'_>) {
-        let bufs = [io.x, io.w, io.logits, io.ids, io.weights];
-        let (gx, gy) = self.grid;
-        let d = self.launch.dispatch(rec.gpu(), &bufs, (gx, gy, 1));
-        rec.dispatch_stage("router", &[d]);
-    }
+/// The router for `tokens` rows (one workgroup each); its buffers are
+/// `[x, w, logits, ids, weights]`.
+pub(crate) fn router_step(
+    ctx: &Context,
+    cfg: &MoeConfig,
+    tokens: usize,
+) -> Result<Step<RouterParams>> {
+    let p = RouterParams {
+        tokens: tokens as u32,
+        hidden: cfg.hidden as u32,
+        experts: cfg.experts as u32,
+        top_k: cfg.top_k as u32,
+    };
+    Step::flat(ctx, &router_spec(cfg.scoring), &p, tokens as u64)
 }

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::quant::{PackedMatrix, WeightFormat};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Launch, check_axis, storage_init};
+use crate::runtime::launch::{Step, check_axis, storage_init};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
@@ -198,9 +198,8 @@ pub fn from_head_major(x: &[f32], tokens: usize, d: usize) -> Vec<f32> {
 
 /// A built projection with its weights on the GPU.
 pub struct LinearGpu {
-    launch: Launch<LinearParams>,
+    step: Step<LinearParams>,
     weights: wgpu::Buffer,
-    grid: (u32, u32),
     layout: LinearLayout,
 }
 
@@ -241,17 +240,15 @@ impl LinearGpu {
             _pad: [0; 3],
         };
         let max = g.caps.max_workgroups_per_dim;
+        let grid = (
+            check_axis(tokens.div_ceil(64) as u64, max, label)?,
+            check_axis(n.div_ceil(64) as u64, max, label)?,
+            1,
+        );
+        let weights = bytemuck::cast_slice(&w.words);
         Ok(LinearGpu {
-            launch: Launch::new(ctx, &linear_spec(w.format, layout), &p)?,
-            weights: storage_init(
-                g,
-                &format!("{label} weights"),
-                bytemuck::cast_slice(&w.words),
-            )?,
-            grid: (
-                check_axis(tokens.div_ceil(64) as u64, max, label)?,
-                check_axis(n.div_ceil(64) as u64, max, label)?,
-            ),
+            step: Step::new(ctx, &linear_spec(w.format, layout), &p, grid)?,
+            weights: storage_init(g, &format!("{label} weights"), weights)?,
             layout,
         })
     }
@@ -277,9 +274,7 @@ impl LinearGpu {
                 )));
             }
         }
-        let (gx, gy) = self.grid;
-        let d = self.launch.dispatch(rec.gpu(), &bufs, (gx, gy, 1));
-        rec.dispatch_stage(name, &[d]);
+        rec.step(name, &self.step, &bufs);
         Ok(())
     }
 }

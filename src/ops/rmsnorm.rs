@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Launch, grid_2d};
+use crate::runtime::launch::Step;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
@@ -50,14 +50,12 @@ pub fn rmsnorm_in_place(x: &mut [f32], g: &[f32], eps: f32) {
 
 /// A built RMSNorm for a token count and width.
 pub struct RmsNormGpu {
-    launch: Launch<RmsNormParams>,
-    grid: (u32, u32),
+    step: Step<RmsNormParams>,
 }
 
 impl RmsNormGpu {
     /// Compiles and writes the parameters.
     pub fn build(ctx: &Context, tokens: usize, hidden: usize, eps: f32) -> Result<Self> {
-        let g = ctx.gpu().ok_or(Error::WrongContext)?;
         if hidden == 0 || !hidden.is_multiple_of(4) {
             return Err(Error::InvalidShape(format!(
                 "RMSNorm width {hidden} must be a positive multiple of 4"
@@ -70,8 +68,7 @@ impl RmsNormGpu {
             _pad: 0,
         };
         Ok(RmsNormGpu {
-            launch: Launch::new(ctx, &rmsnorm_spec(), &p)?,
-            grid: grid_2d(tokens as u64, g.caps.max_workgroups_per_dim, "rmsnorm")?,
+            step: Step::flat(ctx, &rmsnorm_spec(), &p, tokens as u64)?,
         })
     }
 
@@ -84,8 +81,6 @@ impl RmsNormGpu {
         g: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) {
-        let (gx, gy) = self.grid;
-        let d = self.launch.dispatch(rec.gpu(), &[x, g, out], (gx, gy, 1));
-        rec.dispatch_stage(name, &[d]);
+        rec.step(name, &self.step, &[x, g, out]);
     }
 }

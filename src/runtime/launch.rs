@@ -100,6 +100,43 @@ impl<P: Pod> Launch<P> {
     }
 }
 
+/// A [`Launch`] with its grid fixed at build time: most kernels of a plan (router,
+/// combine, RMSNorm, a projection) always cover the same work, so only the buffers
+/// change from run to run ([`crate::runtime::Recorder::step`] records one).
+pub struct Step<P: Pod> {
+    /// The kernel and its parameters.
+    pub launch: Launch<P>,
+    /// Workgroups per axis.
+    pub grid: (u32, u32, u32),
+}
+
+impl<P: Pod> Step<P> {
+    /// Compiles `spec`, uploads `params` and keeps `grid`.
+    pub fn new(
+        ctx: &Context,
+        spec: &KernelSpec,
+        params: &P,
+        grid: (u32, u32, u32),
+    ) -> Result<Self> {
+        Ok(Step {
+            launch: Launch::new(ctx, spec, params)?,
+            grid,
+        })
+    }
+
+    /// A 1D amount of work (`groups` workgroups) laid out by [`grid_2d`].
+    pub fn flat(ctx: &Context, spec: &KernelSpec, params: &P, groups: u64) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let (x, y) = grid_2d(groups, g.caps.max_workgroups_per_dim, &spec.label())?;
+        Self::new(ctx, spec, params, (x, y, 1))
+    }
+
+    /// The dispatch over `buffers` (bindings 1, 2, …).
+    pub fn dispatch(&self, g: &GpuDevice, buffers: &[&wgpu::Buffer]) -> Dispatch {
+        self.launch.dispatch(g, buffers, self.grid)
+    }
+}
+
 /// A uniform buffer holding `bytes` (written now).
 pub(crate) fn uniform(g: &GpuDevice, label: &str, bytes: &[u8]) -> wgpu::Buffer {
     let buf = g.device.create_buffer(&wgpu::BufferDescriptor {

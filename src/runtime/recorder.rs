@@ -151,6 +151,17 @@ impl<'a> Recorder<'a> {
         });
     }
 
+    /// Records one [`crate::runtime::launch::Step`] over `buffers` as stage `name`.
+    pub fn step<P: bytemuck::Pod>(
+        &mut self,
+        name: &str,
+        step: &crate::runtime::launch::Step<P>,
+        buffers: &[&wgpu::Buffer],
+    ) {
+        let d = step.dispatch(self.gpu(), buffers);
+        self.dispatch_stage(name, &[d]);
+    }
+
     /// Submits everything recorded, waits for it and returns the timing report.
     pub async fn submit(self) -> Result<Report> {
         self.submit_deferred().await?.report().await

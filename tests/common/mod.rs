@@ -107,3 +107,50 @@ pub fn one_json(stdout: &str) -> serde_json::Value {
     assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
     v
 }
+
+/// Structured Q/K/V (sinks, local band, heavy columns: 20 per 1,000 keys, RoPE) rounded
+/// to `dtype`, so that a sparse selection is neither empty nor everything.
+pub fn planted_qkv(
+    shape: &AttentionShape,
+    dtype: DType,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
+    let planted = Structure {
+        heavy_per_1000: 20.0,
+        ..Default::default()
+    };
+    let (q, k, v) = structured_qkv_host(shape, &planted, seed);
+    (
+        dtype.round_trip(&q),
+        dtype.round_trip(&k),
+        dtype.round_trip(&v),
+    )
+}
+
+/// A GPU selection against its CPU twin: for every (head, LUT row) and each of the row's
+/// candidate entries (`candidates(row)`, in the order of the twin's margins), both must
+/// agree unless the twin's margin is a rounding tie (`|margin| < tol`). Returns the ties.
+pub fn selection_ties(
+    gpu: &SparseLut,
+    cpu: &SparseLut,
+    margins: &[Vec<f32>],
+    candidates: impl Fn(usize) -> Vec<u32>,
+    tol: f32,
+) -> usize {
+    let rows = gpu.ranges.len() / gpu.q_heads;
+    let mut ties = 0;
+    for h in 0..gpu.q_heads {
+        for r in 0..rows {
+            let (g, c) = (gpu.keys_of(h, r), cpu.keys_of(h, r));
+            for (idx, key) in candidates(r).into_iter().enumerate() {
+                if g.contains(&key) != c.contains(&key) {
+                    let m = margins[h * rows + r][idx];
+                    assert!(m.abs() < tol, "head {h} row {r} key {key}: margin {m}");
+                    ties += 1;
+                }
+            }
+        }
+    }
+    ties
+}

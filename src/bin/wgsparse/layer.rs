@@ -7,7 +7,7 @@ use clap::Args;
 use serde::Serialize;
 use wgsparse::attention::metrics::compare;
 use wgsparse::model::smallthinker::LayerReport;
-use wgsparse::moe::stream::StreamStats;
+use wgsparse::moe::plan::ExpertStats;
 use wgsparse::moe::{WeightFormat, grid_input};
 use wgsparse::runtime::StageTime;
 use wgsparse::{Backend, DType, Result, Tensor};
@@ -93,8 +93,12 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     let mut report = t.runs.last().expect("one run").clone();
     if a.vary_inputs {
         plan.run_into(&xt, &mut out)?;
-        let streams: Vec<_> = t.runs.iter().filter_map(|r| r.stream.clone()).collect();
-        report.stream = sum_stream(&streams);
+        let streams: Vec<_> = t
+            .runs
+            .iter()
+            .filter_map(|r| r.experts.stream.clone())
+            .collect();
+        report.experts.stream = sum_stream(&streams);
     }
     let check = if a.check {
         let want = decoder_layer_cpu(&x, &w.pack(a.weights)?)?;
@@ -114,14 +118,11 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         attention: report.attention,
         ms: t.ms,
         tokens_per_s: a.tokens as f64 / (t.ms / 1e3),
-        skip_frac: report.skip_frac,
-        expert_counts: report.expert_counts,
+        counted: report.experts,
         timing: report.timing.timing,
         stages: report.timing.stages,
         data: "synthetic",
         wall_ms: t.wall_ms,
-        down_chunk_skip_frac: report.down_chunk_skip_frac,
-        stream: report.stream,
         check,
     };
     emit(&r, a.common.json);
@@ -140,14 +141,12 @@ pub struct LayerRun {
     /// Median milliseconds.
     ms: f64,
     tokens_per_s: f64,
-    skip_frac: f64,
-    expert_counts: Vec<u32>,
+    #[serde(flatten)]
+    counted: ExpertStats,
     timing: String,
     stages: Vec<StageTime>,
     data: &'static str,
     wall_ms: f64,
-    down_chunk_skip_frac: Option<f64>,
-    stream: Option<StreamStats>,
     #[serde(flatten)]
     check: Option<Check>,
 }
@@ -168,9 +167,9 @@ impl fmt::Display for LayerRun {
         writeln!(
             f,
             "  median {:.3} ms ({} timing), wall {:.3} ms, {:.0} tokens/s, skipped neurons {:.3}",
-            self.ms, self.timing, self.wall_ms, self.tokens_per_s, self.skip_frac
+            self.ms, self.timing, self.wall_ms, self.tokens_per_s, self.counted.skip_frac
         )?;
-        if let Some(st) = &self.stream {
+        if let Some(st) = &self.counted.stream {
             writeln!(f, "  streamed experts: {st}")?;
         }
         if let Some(c) = &self.check {

@@ -6,6 +6,7 @@ use clap::Args;
 use serde::Serialize;
 use wgsparse::attention::metrics::compare;
 use wgsparse::moe::cpu::{moe_cpu, moe_reference_f64};
+use wgsparse::moe::plan::ExpertStats;
 use wgsparse::moe::stream::StreamStats;
 use wgsparse::moe::{
     FfnPath, MoeConfig, MoeReport, MoeWeights, RouterScoring, WeightFormat, grid_input,
@@ -149,11 +150,13 @@ fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usi
     if a.vary_inputs {
         plan.run_into(&xt, &xt, &xt, &mut out)?;
         // Keep the timed runs' streaming figures (summed), the last run's counts.
-        let streams: Vec<_> = t.runs.iter().filter_map(|r| r.stream.clone()).collect();
-        report = MoeReport {
-            stream: sum_stream(&streams),
-            ..plan.report().expect("ran")
-        };
+        let streams: Vec<_> = t
+            .runs
+            .iter()
+            .filter_map(|r| r.experts.stream.clone())
+            .collect();
+        report = plan.report().expect("ran");
+        report.experts.stream = sum_stream(&streams);
     }
     Ok(Run {
         out: out.to_f32_blocking()?,
@@ -181,14 +184,12 @@ pub struct MoeRun {
     tokens_per_s: f64,
     /// Dense-equivalent expert TFLOP/s.
     tflops: f64,
-    skip_frac: f64,
-    expert_counts: Vec<u32>,
+    #[serde(flatten)]
+    counted: ExpertStats,
     timing: String,
     stages: Vec<StageTime>,
     data: &'static str,
     wall_ms: f64,
-    down_chunk_skip_frac: Option<f64>,
-    stream: Option<StreamStats>,
     cold_chunks: f64,
     #[serde(flatten)]
     check: Option<Check>,
@@ -210,7 +211,7 @@ impl fmt::Display for MoeRun {
             self.path
         )?;
         stage_lines(f, &self.stages, 12, false)?;
-        let counts = &self.expert_counts;
+        let counts = &self.counted.expert_counts;
         writeln!(
             f,
             "  median {:.3} ms ({} timing), {:.0} tokens/s, {:.3} TFLOP/s dense-equivalent, skipped neurons {:.3}, tokens per expert {}..{}",
@@ -218,17 +219,17 @@ impl fmt::Display for MoeRun {
             self.timing,
             self.tokens_per_s,
             self.tflops,
-            self.skip_frac,
+            self.counted.skip_frac,
             counts.iter().min().unwrap_or(&0),
             counts.iter().max().unwrap_or(&0)
         )?;
-        if let Some(x) = self.down_chunk_skip_frac {
+        if let Some(x) = self.counted.down_chunk_skip_frac {
             writeln!(
                 f,
                 "  down GEMM chunks skipped (inactive for a whole tile): {x:.3}"
             )?;
         }
-        if let Some(st) = &self.stream {
+        if let Some(st) = &self.counted.stream {
             writeln!(f, "  streamed experts: {st}; wall {:.3} ms", self.wall_ms)?;
         }
         if let Some(c) = &self.check {
@@ -273,14 +274,11 @@ pub fn run(a: &MoeArgs) -> Result<()> {
         ms: r.ms,
         tokens_per_s: a.tokens as f64 / (r.ms / 1e3),
         tflops: cfg.expert_flops(a.tokens) / r.ms / 1e9,
-        skip_frac: rep.skip_frac,
-        expert_counts: rep.expert_counts,
+        counted: rep.experts,
         timing: rep.timing.timing,
         stages: rep.timing.stages,
         data: "synthetic",
         wall_ms: r.wall_ms,
-        down_chunk_skip_frac: rep.down_chunk_skip_frac,
-        stream: rep.stream,
         cold_chunks: a.cold_chunks,
         check,
     };
