@@ -866,7 +866,7 @@ impl MoePlan {
             gpu_ms: None,
             timing: "wall".into(),
         };
-        let experts = ExpertStats::cpu(c, self.tokens, skipped as u64, map.counts);
+        let experts = ExpertStats::cpu(c, self.tokens, skipped, map.counts);
         Ok(self.make_report(Backend::Cpu, "cpu".into(), timing, experts))
     }
 }
