@@ -39,32 +39,7 @@
 #include "common/storage.wgsl"
 #include "common/online_softmax.wgsl"
 
-struct Params {
-    q_base: u32,
-    k_base: u32,
-    v_base: u32,
-    o_base: u32,
-    ml_base: u32,
-    acc_base: u32,
-    q_head_stride: u32,
-    kv_head_stride: u32,
-    ml_head_stride: u32,
-    h0: u32,
-    kv0: u32,
-    group: u32,
-    r0: u32,
-    r1: u32,
-    c0: u32,
-    c1: u32,
-    causal: u32,
-    causal_shift: u32,
-    scale: f32,
-    lut_q_block: u32,
-    lut_key_block: u32,
-    lut_rows: u32,
-    window: u32,
-    sinks: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 const WG: u32 = 2u * BQ;
 const BK: u32 = 32u;

@@ -3,12 +3,7 @@
 // order j = 0..K-1 as in the CPU twin). One thread per 4 elements of a row; the
 // threads are on a 2D grid of 256-thread workgroups, flattened.
 
-struct Params {
-    tokens: u32,
-    hidden: u32,
-    top_k: u32,
-    _pad: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> y: array<vec4<f32>>;

@@ -15,12 +15,7 @@
 // seg layout: [0, E) counts, [E, 2E+1) offsets, [2E+1, 3E+2) tile starts.
 // sorted[pos] = a and inv[a] = pos. E <= 256.
 
-struct Params {
-    assignments: u32,
-    experts: u32,
-    blocks: u32,
-    tile_m: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 const WG: u32 = 256u;
 

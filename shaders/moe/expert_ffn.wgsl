@@ -31,16 +31,7 @@
 
 #include "quant/weights.wgsl"
 
-struct Params {
-    assignments: u32,
-    hidden: u32,
-    ffn: u32,
-    experts: u32,
-    top_k: u32,
-    gate_sb: u32,
-    up_sb: u32,
-    down_sb: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> seg: array<u32>;

@@ -11,12 +11,7 @@
 // Layouts: x [tokens, hidden], w [experts, hidden] (f32, read as vec4), logits
 // [tokens, experts], ids / weights [tokens, top_k]. Constants: MAX_E (256), MAX_K (8).
 
-struct Params {
-    tokens: u32,
-    hidden: u32,
-    experts: u32,
-    top_k: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 const WG: u32 = 64u;
 

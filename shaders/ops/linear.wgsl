@@ -10,16 +10,7 @@
 
 #include "quant/weights.wgsl"
 
-struct Params {
-    tokens: u32,
-    k: u32,
-    n: u32,
-    head_dim: u32,
-    sb: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;

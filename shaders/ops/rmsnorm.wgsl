@@ -1,12 +1,7 @@
 // RMSNorm: out[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * g. One workgroup of 64
 // threads per token (2D grid of tokens, flattened); f32 rows read as vec4.
 
-struct Params {
-    tokens: u32,
-    hidden: u32,
-    eps: f32,
-    _pad: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;

@@ -5,12 +5,7 @@
 // The cos/sin table [tokens, D/2, 2] is computed on the host in f64 (GPU sin/cos lose
 // accuracy at large angles). One thread per (head, token, i), on a flattened 2D grid.
 
-struct Params {
-    heads: u32,
-    tokens: u32,
-    half: u32,
-    _pad: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> table: array<vec2<f32>>;

@@ -8,8 +8,6 @@
 
 use std::sync::{Arc, OnceLock};
 
-use bytemuck::{Pod, Zeroable};
-
 use super::split::{DenseDispatch, SplitLimits, SplitProblem, split_dense, split_sparse};
 use super::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
@@ -19,34 +17,34 @@ use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
-/// Uniform parameters of one dispatch; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct FlashParams {
-    q_base: u32,
-    k_base: u32,
-    v_base: u32,
-    o_base: u32,
-    ml_base: u32,
-    acc_base: u32,
-    q_head_stride: u32,
-    kv_head_stride: u32,
-    ml_head_stride: u32,
-    h0: u32,
-    kv0: u32,
-    group: u32,
-    r0: u32,
-    r1: u32,
-    c0: u32,
-    c1: u32,
-    causal: u32,
-    causal_shift: u32,
-    scale: f32,
-    lut_q_block: u32,
-    lut_key_block: u32,
-    lut_rows: u32,
-    window: u32,
-    sinks: u32,
+crate::wgsl_params! {
+    /// Uniform parameters of one dispatch; mirrors `struct Params` in the WGSL.
+    pub struct FlashParams {
+        q_base: u32,
+        k_base: u32,
+        v_base: u32,
+        o_base: u32,
+        ml_base: u32,
+        acc_base: u32,
+        q_head_stride: u32,
+        kv_head_stride: u32,
+        ml_head_stride: u32,
+        h0: u32,
+        kv0: u32,
+        group: u32,
+        r0: u32,
+        r1: u32,
+        c0: u32,
+        c1: u32,
+        causal: u32,
+        causal_shift: u32,
+        scale: f32,
+        lut_q_block: u32,
+        lut_key_block: u32,
+        lut_rows: u32,
+        window: u32,
+        sinks: u32,
+    }
 }
 
 /// Which keys the kernel visits.
@@ -246,6 +244,7 @@ fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant, keys: KeyF
         file: "attention/flash.wgsl",
         entry: "flash_attention",
         defines: Defines::new()
+            .params::<FlashParams>()
             .const_u32("D", d as u32)
             .const_u32("NC", (d / 32) as u32)
             .const_u32("BQ", tiles.bq as u32)

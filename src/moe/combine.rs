@@ -1,22 +1,20 @@
 //! Launcher of `shaders/moe/combine.wgsl`: the weighted gather-add of the experts'
 //! outputs back to token order, plus the residual.
 
-use bytemuck::{Pod, Zeroable};
-
 use crate::error::Result;
 use crate::runtime::context::Context;
 use crate::runtime::launch::Step;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec};
 
-/// Uniform parameters; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct CombineParams {
-    tokens: u32,
-    hidden: u32,
-    top_k: u32,
-    _pad: u32,
+crate::wgsl_params! {
+    /// Uniform parameters; mirrors `struct Params` in the WGSL.
+    pub struct CombineParams {
+        tokens: u32,
+        hidden: u32,
+        top_k: u32,
+        _pad: u32,
+    }
 }
 
 /// The combine kernel.
@@ -24,7 +22,7 @@ pub fn combine_spec() -> KernelSpec {
     KernelSpec {
         file: "moe/combine.wgsl",
         entry: "moe_combine",
-        defines: Defines::new(),
+        defines: Defines::new().params::<CombineParams>(),
         bindings: BindingKind::layout("urrrrw"),
     }
 }

@@ -1,8 +1,6 @@
 //! Launcher of `shaders/moe/dispatch.wgsl`: histogram, scan and stable scatter of the
 //! router's assignments into expert-contiguous order (three dispatches, one stage).
 
-use bytemuck::{Pod, Zeroable};
-
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
 use crate::runtime::launch::{Launch, grid_2d};
@@ -12,14 +10,14 @@ use crate::runtime::{BindingKind, KernelSpec, Recorder};
 /// Assignments per histogram / scatter workgroup.
 pub const DISPATCH_BLOCK: usize = 256;
 
-/// Uniform parameters; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct DispatchParams {
-    assignments: u32,
-    experts: u32,
-    blocks: u32,
-    tile_m: u32,
+crate::wgsl_params! {
+    /// Uniform parameters; mirrors `struct Params` in the WGSL.
+    pub struct DispatchParams {
+        assignments: u32,
+        experts: u32,
+        blocks: u32,
+        tile_m: u32,
+    }
 }
 
 /// The three passes of the dispatch.
@@ -43,7 +41,7 @@ pub fn dispatch_spec(pass: DispatchPass) -> KernelSpec {
     KernelSpec {
         file: "moe/dispatch.wgsl",
         entry,
-        defines: Defines::new().flag(flag),
+        defines: Defines::new().params::<DispatchParams>().flag(flag),
         bindings: BindingKind::layout("urwwww"),
     }
 }

@@ -4,7 +4,6 @@
 //! Q4_0 weights, read through an expert → slot map (streamed experts). Two stages:
 //! `expert_up` (gate, up, ReGLU) and `expert_down`.
 
-use bytemuck::{Pod, Zeroable};
 use serde::Serialize;
 
 use super::{MoeConfig, WeightFormat};
@@ -34,18 +33,18 @@ pub enum FfnKernel {
     Gemv,
 }
 
-/// Uniform parameters; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct FfnParams {
-    assignments: u32,
-    hidden: u32,
-    ffn: u32,
-    experts: u32,
-    top_k: u32,
-    gate_sb: u32,
-    up_sb: u32,
-    down_sb: u32,
+crate::wgsl_params! {
+    /// Uniform parameters; mirrors `struct Params` in the WGSL.
+    pub struct FfnParams {
+        assignments: u32,
+        hidden: u32,
+        ffn: u32,
+        experts: u32,
+        top_k: u32,
+        gate_sb: u32,
+        up_sb: u32,
+        down_sb: u32,
+    }
 }
 
 /// The tile height for `assignments` spread over `experts`: the largest of 16, 32, 64
@@ -79,6 +78,7 @@ pub fn expert_ffn_spec(
         BindingKind::layout("urrrrrwwr")
     };
     let defines = Defines::new()
+        .params::<FfnParams>()
         .flag(if down { "DOWN" } else { "UP" })
         .flag(match kernel {
             FfnKernel::Tiled => "TILED",

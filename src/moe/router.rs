@@ -1,8 +1,6 @@
 //! Launcher of `shaders/moe/router.wgsl`: logits, top-k and weights, one workgroup per
 //! token.
 
-use bytemuck::{Pod, Zeroable};
-
 use super::{MAX_EXPERTS, MAX_TOP_K, MoeConfig, RouterScoring};
 use crate::error::Result;
 use crate::runtime::context::Context;
@@ -10,14 +8,14 @@ use crate::runtime::launch::Step;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec};
 
-/// Uniform parameters; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct RouterParams {
-    tokens: u32,
-    hidden: u32,
-    experts: u32,
-    top_k: u32,
+crate::wgsl_params! {
+    /// Uniform parameters; mirrors `struct Params` in the WGSL.
+    pub struct RouterParams {
+        tokens: u32,
+        hidden: u32,
+        experts: u32,
+        top_k: u32,
+    }
 }
 
 /// The router kernel for a scoring rule.
@@ -26,6 +24,7 @@ pub fn router_spec(scoring: RouterScoring) -> KernelSpec {
         file: "moe/router.wgsl",
         entry: "router",
         defines: Defines::new()
+            .params::<RouterParams>()
             .const_u32("MAX_E", MAX_EXPERTS as u32)
             .const_u32("MAX_K", MAX_TOP_K as u32)
             .flag_if("SOFTMAX", scoring == RouterScoring::Softmax),

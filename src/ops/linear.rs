@@ -1,7 +1,6 @@
 //! Linear projections (`shaders/linear.wgsl`) with f16 or Q4_0 weights: launcher and
 //! CPU twin. Used for the attention's Q/K/V/O projections in the decoder layer.
 
-use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -11,16 +10,16 @@ use crate::runtime::launch::{Step, check_axis, storage_init};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
-/// Uniform parameters; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct LinearParams {
-    tokens: u32,
-    k: u32,
-    n: u32,
-    head_dim: u32,
-    sb: u32,
-    _pad: [u32; 3],
+crate::wgsl_params! {
+    /// Uniform parameters; mirrors `struct Params` in the WGSL.
+    pub struct LinearParams {
+        tokens: u32,
+        k: u32,
+        n: u32,
+        head_dim: u32,
+        sb: u32,
+        _pad: [u32; 3],
+    }
 }
 
 /// Activation layouts of a projection.
@@ -44,6 +43,7 @@ pub fn linear_spec(format: WeightFormat, layout: LinearLayout) -> KernelSpec {
         file: "ops/linear.wgsl",
         entry: "linear",
         defines: Defines::new()
+            .params::<LinearParams>()
             .flag(match format {
                 WeightFormat::F16 => "WEIGHTS_F16",
                 WeightFormat::Q4_0 => "WEIGHTS_Q4_0",

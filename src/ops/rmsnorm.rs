@@ -1,6 +1,5 @@
 //! RMSNorm (`shaders/rmsnorm.wgsl`): launcher and CPU twin.
 
-use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -9,14 +8,14 @@ use crate::runtime::launch::Step;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
-/// Uniform parameters; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct RmsNormParams {
-    tokens: u32,
-    hidden: u32,
-    eps: f32,
-    _pad: u32,
+crate::wgsl_params! {
+    /// Uniform parameters; mirrors `struct Params` in the WGSL.
+    pub struct RmsNormParams {
+        tokens: u32,
+        hidden: u32,
+        eps: f32,
+        _pad: u32,
+    }
 }
 
 /// The RMSNorm kernel.
@@ -24,7 +23,7 @@ pub fn rmsnorm_spec() -> KernelSpec {
     KernelSpec {
         file: "ops/rmsnorm.wgsl",
         entry: "rmsnorm",
-        defines: Defines::new(),
+        defines: Defines::new().params::<RmsNormParams>(),
         bindings: BindingKind::layout("urrw"),
     }
 }

@@ -2,22 +2,20 @@
 //! twin. Rotate-half convention (HF Llama / Qwen / SmallThinker): dimension `i` pairs
 //! with `i + D/2`, frequency `θ^(−2i/D)`.
 
-use bytemuck::{Pod, Zeroable};
-
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
 use crate::runtime::launch::{Dispatch, Launch, grid_2d, storage_init};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
-/// Uniform parameters; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct RopeParams {
-    heads: u32,
-    tokens: u32,
-    half: u32,
-    _pad: u32,
+crate::wgsl_params! {
+    /// Uniform parameters; mirrors `struct Params` in the WGSL.
+    pub struct RopeParams {
+        heads: u32,
+        tokens: u32,
+        half: u32,
+        _pad: u32,
+    }
 }
 
 /// The RoPE kernel.
@@ -25,7 +23,7 @@ pub fn rope_spec() -> KernelSpec {
     KernelSpec {
         file: "ops/rope.wgsl",
         entry: "rope",
-        defines: Defines::new(),
+        defines: Defines::new().params::<RopeParams>(),
         bindings: BindingKind::layout("urw"),
     }
 }

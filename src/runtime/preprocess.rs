@@ -86,6 +86,8 @@ pub fn shader_file(path: &str) -> Option<&'static str> {
 pub struct Defines {
     flags: BTreeSet<String>,
     consts: BTreeMap<String, String>,
+    /// The kernel's `struct Params` (from [`crate::runtime::kernel::WgslParams`]).
+    params: Option<String>,
 }
 
 impl Defines {
@@ -96,6 +98,11 @@ impl Defines {
     /// Sets a flag tested by `#ifdef NAME`.
     pub fn flag(mut self, name: &str) -> Self {
         self.flags.insert(name.to_string());
+        self
+    }
+    /// Declares the kernel's uniform `struct Params` from its Rust twin `P`.
+    pub fn params<P: crate::runtime::kernel::WgslParams>(mut self) -> Self {
+        self.params = Some(P::wgsl());
         self
     }
     /// Sets a flag when `on` is true.
@@ -156,6 +163,9 @@ pub fn preprocess_with(
     for decl in defines.consts.values() {
         out.push_str(decl);
         out.push('\n');
+    }
+    if let Some(p) = &defines.params {
+        out.push_str(p);
     }
     let mut included = BTreeSet::new();
     expand(path, defines, load, &mut included, &mut out, 0)?;

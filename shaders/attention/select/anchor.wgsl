@@ -17,20 +17,7 @@
 
 #include "common/storage.wgsl"
 
-struct Params {
-    seq_len: u32,
-    q_heads: u32,
-    group: u32,          // q heads per kv head
-    n_groups: u32,       // query groups (2048 rows each)
-    n_pool: u32,         // pooled blocks per head
-    init_end: u32,       // first candidate key
-    chunks: u32,         // candidate chunks per (head, group) in the grid
-    scale: f32,
-    theta: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 const D4: u32 = D / 4u;
 const CHUNK: u32 = 256u;

@@ -18,16 +18,7 @@
 //                of the LUT; chunk 0 also writes the row's LUT range.
 // Constants: D (head_dim), BITS (4 or 8), LOCAL_BLOCKS (local window / 32).
 
-struct Params {
-    seq_len: u32,
-    q_heads: u32,
-    group: u32,        // q heads per kv head
-    n_qb: u32,         // 64-row query blocks
-    chunks: u32,       // candidate chunks per (head, query block) in the grid
-    scale: f32,
-    _pad0: u32,
-    _pad1: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 const BQ: u32 = 64u;
 const BK: u32 = 32u;

@@ -17,16 +17,7 @@
 
 #include "common/storage.wgsl"
 
-struct Params {
-    seq_len: u32,
-    q_heads: u32,
-    kv_heads: u32,
-    group: u32,        // q heads per kv head
-    chunks: u32,       // row chunks of the partial sums
-    chunk_rows: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 const D4: u32 = D / 4u;
 

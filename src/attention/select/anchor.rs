@@ -15,7 +15,6 @@
 
 use std::ops::Range;
 
-use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
 
 use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
@@ -294,20 +293,20 @@ pub fn anchor_cpu(
     })
 }
 
-/// Uniform parameters of the selection kernels; mirrors `struct Params` in the WGSL.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct SelectParams {
-    seq_len: u32,
-    q_heads: u32,
-    group: u32,
-    n_groups: u32,
-    n_pool: u32,
-    init_end: u32,
-    chunks: u32,
-    scale: f32,
-    theta: f32,
-    _pad: [u32; 3],
+crate::wgsl_params! {
+    /// Uniform parameters of the selection kernels; mirrors `struct Params` in the WGSL.
+    pub struct SelectParams {
+        seq_len: u32,
+        q_heads: u32,
+        group: u32,
+        n_groups: u32,
+        n_pool: u32,
+        init_end: u32,
+        chunks: u32,
+        scale: f32,
+        theta: f32,
+        _pad: [u32; 3],
+    }
 }
 
 /// Candidate keys per workgroup of the flag/compact kernels.
@@ -327,6 +326,7 @@ fn select_spec(stage: &str, d: usize, cfg: &AnchorConfig, dtype: DType) -> Kerne
         file: "attention/select/anchor.wgsl",
         entry,
         defines: Defines::new()
+            .params::<SelectParams>()
             .flag(flag)
             .flag_if("STORE_F16", dtype == DType::F16)
             .const_u32("D", d as u32)

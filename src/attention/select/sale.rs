@@ -24,7 +24,6 @@
 //! - **Two-pass thresholds** (the released default): (m, l) are frozen after the exact
 //!   pass.
 
-use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
 
 use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
@@ -544,30 +543,30 @@ pub fn sale_cpu(
     })
 }
 
-/// Uniform parameters of the quantization kernels (`struct Params` in quantize.wgsl).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct SaleQuantParams {
-    seq_len: u32,
-    q_heads: u32,
-    kv_heads: u32,
-    group: u32,
-    chunks: u32,
-    chunk_rows: u32,
-    _pad: [u32; 2],
+crate::wgsl_params! {
+    /// Uniform parameters of the quantization kernels (`struct Params` in quantize.wgsl).
+    pub struct SaleQuantParams {
+        seq_len: u32,
+        q_heads: u32,
+        kv_heads: u32,
+        group: u32,
+        chunks: u32,
+        chunk_rows: u32,
+        _pad: [u32; 2],
+    }
 }
 
-/// Uniform parameters of the estimation kernels (`struct Params` in estimate.wgsl).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct SaleEstimateParams {
-    seq_len: u32,
-    q_heads: u32,
-    group: u32,
-    n_qb: u32,
-    chunks: u32,
-    scale: f32,
-    _pad: [u32; 2],
+crate::wgsl_params! {
+    /// Uniform parameters of the estimation kernels (`struct Params` in estimate.wgsl).
+    pub struct SaleEstimateParams {
+        seq_len: u32,
+        q_heads: u32,
+        group: u32,
+        n_qb: u32,
+        chunks: u32,
+        scale: f32,
+        _pad: [u32; 2],
+    }
 }
 
 /// Which SALE kernel.
@@ -601,6 +600,7 @@ fn sale_spec(
 ) -> KernelSpec {
     let quant = |flag: &str| {
         Defines::new()
+            .params::<SaleQuantParams>()
             .flag(flag)
             .flag_if("STORE_F16", dtype == DType::F16)
             .const_u32("D", d as u32)
@@ -608,6 +608,7 @@ fn sale_spec(
     };
     let est = |flag: &str| {
         Defines::new()
+            .params::<SaleEstimateParams>()
             .flag(flag)
             .flag_if("INT4", bits == 4)
             .flag_if("INT_DOT4", ev.dot4)
