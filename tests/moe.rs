@@ -54,6 +54,36 @@ struct Case {
     slots: Option<usize>,
 }
 
+impl Case {
+    /// Random routing, the plan's tile height, every expert resident.
+    fn new(cfg: MoeConfig, tokens: usize, format: WeightFormat, path: FfnPath) -> Self {
+        Case {
+            cfg,
+            tokens,
+            format,
+            path,
+            router: RouterKind::Random,
+            tile_m: None,
+            slots: None,
+        }
+    }
+    fn router(self, router: RouterKind) -> Self {
+        Case { router, ..self }
+    }
+    fn tile_m(self, tile_m: usize) -> Self {
+        Case {
+            tile_m: Some(tile_m),
+            ..self
+        }
+    }
+    fn slots(self, slots: usize) -> Self {
+        Case {
+            slots: Some(slots),
+            ..self
+        }
+    }
+}
+
 fn weights_for(case: &Case, rng: &mut StdRng, seed: u64) -> MoeWeights {
     let c = &case.cfg;
     let mut w = MoeWeights::random(c, seed);
@@ -216,33 +246,13 @@ fn gpu_moe_matches_cpu_twins_tiled() {
     let Some(ctx) = common::gpu(None) else { return };
     let seed = common::seed();
     let cases = [
-        Case {
-            cfg: cfg(64, 8, 2, 48),
-            tokens: 37,
-            format: WeightFormat::F16,
-            path: FfnPath::Tiled,
-            router: RouterKind::Random,
-            tile_m: None,
-            slots: None,
-        },
-        Case {
-            cfg: cfg(128, 16, 4, 80),
-            tokens: 100,
-            format: WeightFormat::Q4_0,
-            path: FfnPath::Tiled,
-            router: RouterKind::SomeTies,
-            tile_m: Some(32),
-            slots: None,
-        },
-        Case {
-            cfg: cfg(96, 8, 1, 32),
-            tokens: 70,
-            format: WeightFormat::F16,
-            path: FfnPath::Tiled,
-            router: RouterKind::AllTied,
-            tile_m: Some(64),
-            slots: None,
-        },
+        Case::new(cfg(64, 8, 2, 48), 37, WeightFormat::F16, FfnPath::Tiled),
+        Case::new(cfg(128, 16, 4, 80), 100, WeightFormat::Q4_0, FfnPath::Tiled)
+            .router(RouterKind::SomeTies)
+            .tile_m(32),
+        Case::new(cfg(96, 8, 1, 32), 70, WeightFormat::F16, FfnPath::Tiled)
+            .router(RouterKind::AllTied)
+            .tile_m(64),
         Case {
             cfg: MoeConfig {
                 scoring: RouterScoring::Softmax,
@@ -255,34 +265,15 @@ fn gpu_moe_matches_cpu_twins_tiled() {
             tile_m: Some(32),
             slots: None,
         },
-        Case {
-            cfg: cfg(64, 4, 3, 16),
-            tokens: 300,
-            format: WeightFormat::F16,
-            path: FfnPath::Tiled,
-            router: RouterKind::AllTied,
-            tile_m: None,
-            slots: None,
-        },
+        Case::new(cfg(64, 4, 3, 16), 300, WeightFormat::F16, FfnPath::Tiled)
+            .router(RouterKind::AllTied),
         // Streamed experts: 16 routed through 5 slots (4 rounds), 3 through 1.
-        Case {
-            cfg: cfg(128, 16, 4, 80),
-            tokens: 100,
-            format: WeightFormat::Q4_0,
-            path: FfnPath::Tiled,
-            router: RouterKind::Random,
-            tile_m: Some(16),
-            slots: Some(5),
-        },
-        Case {
-            cfg: cfg(64, 4, 3, 16),
-            tokens: 300,
-            format: WeightFormat::F16,
-            path: FfnPath::Tiled,
-            router: RouterKind::AllTied,
-            tile_m: None,
-            slots: Some(1),
-        },
+        Case::new(cfg(128, 16, 4, 80), 100, WeightFormat::Q4_0, FfnPath::Tiled)
+            .tile_m(16)
+            .slots(5),
+        Case::new(cfg(64, 4, 3, 16), 300, WeightFormat::F16, FfnPath::Tiled)
+            .router(RouterKind::AllTied)
+            .slots(1),
     ];
     for (i, case) in cases.iter().enumerate() {
         check_case(&ctx, case, seed + i as u64);
@@ -294,33 +285,11 @@ fn gpu_moe_matches_cpu_twins_gemv() {
     let Some(ctx) = common::gpu(None) else { return };
     let seed = common::seed();
     let cases = [
-        Case {
-            cfg: cfg(256, 32, 4, 128),
-            tokens: 1,
-            format: WeightFormat::Q4_0,
-            path: FfnPath::Gemv,
-            router: RouterKind::Random,
-            tile_m: None,
-            slots: None,
-        },
-        Case {
-            cfg: cfg(64, 8, 2, 48),
-            tokens: 5,
-            format: WeightFormat::F16,
-            path: FfnPath::Gemv,
-            router: RouterKind::SomeTies,
-            tile_m: None,
-            slots: None,
-        },
-        Case {
-            cfg: cfg(128, 16, 1, 64),
-            tokens: 8,
-            format: WeightFormat::Q4_0,
-            path: FfnPath::Gemv,
-            router: RouterKind::AllTied,
-            tile_m: None,
-            slots: None,
-        },
+        Case::new(cfg(256, 32, 4, 128), 1, WeightFormat::Q4_0, FfnPath::Gemv),
+        Case::new(cfg(64, 8, 2, 48), 5, WeightFormat::F16, FfnPath::Gemv)
+            .router(RouterKind::SomeTies),
+        Case::new(cfg(128, 16, 1, 64), 8, WeightFormat::Q4_0, FfnPath::Gemv)
+            .router(RouterKind::AllTied),
         Case {
             cfg: MoeConfig {
                 scoring: RouterScoring::Softmax,
@@ -334,24 +303,10 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             slots: None,
         },
         // Streamed decode: 4 routed experts through 3 slots; 8 slots for 8 experts.
-        Case {
-            cfg: cfg(256, 32, 4, 128),
-            tokens: 1,
-            format: WeightFormat::Q4_0,
-            path: FfnPath::Gemv,
-            router: RouterKind::Random,
-            tile_m: None,
-            slots: Some(3),
-        },
-        Case {
-            cfg: cfg(64, 8, 2, 48),
-            tokens: 5,
-            format: WeightFormat::F16,
-            path: FfnPath::Gemv,
-            router: RouterKind::SomeTies,
-            tile_m: None,
-            slots: Some(8),
-        },
+        Case::new(cfg(256, 32, 4, 128), 1, WeightFormat::Q4_0, FfnPath::Gemv).slots(3),
+        Case::new(cfg(64, 8, 2, 48), 5, WeightFormat::F16, FfnPath::Gemv)
+            .router(RouterKind::SomeTies)
+            .slots(8),
     ];
     for (i, case) in cases.iter().enumerate() {
         check_case(&ctx, case, seed + 100 + i as u64);
@@ -598,15 +553,7 @@ fn more_tokens_than_one_grid_axis() {
     // axis and is folded into 2D; dispatch and experts see 70,000 assignments.
     let Some(ctx) = common::gpu(None) else { return };
     let seed = common::seed();
-    let case = Case {
-        cfg: cfg(32, 2, 1, 16),
-        tokens: 70_000,
-        format: WeightFormat::F16,
-        path: FfnPath::Tiled,
-        router: RouterKind::Random,
-        tile_m: None,
-        slots: None,
-    };
+    let case = Case::new(cfg(32, 2, 1, 16), 70_000, WeightFormat::F16, FfnPath::Tiled);
     check_case(&ctx, &case, seed);
 }
 

@@ -7,12 +7,12 @@
 mod common;
 
 use wgsparse::attention::MethodStats;
-use wgsparse::attention::flash_cpu::{CpuAttention, HostRowState, attention_cpu, naive_attention};
+use wgsparse::attention::flash_cpu::{CpuAttention, HostRowState, attention_cpu};
 use wgsparse::attention::metrics::compare;
 use wgsparse::attention::select::sale::{BLOCK_K, BLOCK_Q, SaleConfig, sale_cpu};
 use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::upload_qkv;
-use wgsparse::attention::verify::{dense_tolerance_for, method_against_cpu_twin};
+use wgsparse::attention::verify::dense_tolerance_for;
 use wgsparse::{AttentionShape, Context, DType, Error, Method, RowState, Tensor};
 
 fn run_gpu(
@@ -192,39 +192,8 @@ fn sale_with_tau_zero_is_dense() {
     let Some(ctx) = common::gpu(None) else { return };
     let seed = common::seed();
     let shape = AttentionShape::new(2, 1, 650, 64);
+    common::assert_keeps_everything(&ctx, shape, &"sale:tau=0".parse().unwrap(), seed);
     let (q, k, v) = qkv_host(&shape, seed);
-    let cfg = SaleConfig {
-        tau: 0.0,
-        ..Default::default()
-    };
-    let (got, twin) = method_against_cpu_twin(
-        &ctx,
-        shape,
-        &Method::Sale(cfg),
-        DType::F32,
-        true,
-        (&q, &k, &v),
-    )
-    .unwrap();
-    assert!(
-        (got.report.density - 1.0).abs() < 1e-12,
-        "{}",
-        got.report.density
-    );
-    assert!((twin.density - 1.0).abs() < 1e-12, "{}", twin.density);
-    assert!(got.errors.max_abs_err <= 2e-5, "{:?}", got.errors);
-    let want = naive_attention(&shape, true, 0.125, &q, &k, &v);
-    let (out, _, _) = run_gpu(
-        &ctx,
-        shape,
-        &SaleConfig {
-            tau: 0.0,
-            ..Default::default()
-        },
-        DType::F32,
-        (&q, &k, &v),
-    );
-    assert!(compare(&out, &want).max_abs_err < 2e-5);
 
     let per_head = SaleConfig {
         tau: 0.5,

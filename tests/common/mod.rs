@@ -154,3 +154,30 @@ pub fn selection_ties(
     }
     ties
 }
+
+/// A sparse method configured to keep everything (SALE τ = 0, AnchorAttention with a
+/// huge θ) equals dense attention: density 1 on the GPU and the CPU twin, the GPU output
+/// within 2e-5 of the naive f64 reference, and the twin's output alike.
+pub fn assert_keeps_everything(ctx: &Context, shape: AttentionShape, method: &Method, seed: u64) {
+    use wgsparse::attention::flash_cpu::naive_attention;
+    use wgsparse::attention::metrics::compare;
+    use wgsparse::attention::verify::method_against_cpu_twin;
+    let (q, k, v) = wgsparse::attention::synthetic::qkv_host(&shape, seed);
+    let (got, twin) =
+        method_against_cpu_twin(ctx, shape, method, DType::F32, true, (&q, &k, &v)).unwrap();
+    assert!(
+        (got.report.density - 1.0).abs() < 1e-12,
+        "{method}: {}",
+        got.report.density
+    );
+    assert!(
+        (twin.density - 1.0).abs() < 1e-12,
+        "{method}: {}",
+        twin.density
+    );
+    assert!(got.errors.max_abs_err <= 2e-5, "{method}: {:?}", got.errors);
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let want = naive_attention(&shape, true, scale, &q, &k, &v);
+    let (out, _, _) = run_sparse(ctx, shape, method.clone(), DType::F32, (&q, &k, &v));
+    assert!(compare(&out, &want).max_abs_err < 2e-5, "{method}");
+}
