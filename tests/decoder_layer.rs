@@ -89,18 +89,7 @@ fn linear_matches_cpu_twin_in_every_layout() {
     let seed = common::seed();
     let (t, k, n, d) = (70, 96, 80, 16);
     for format in [WeightFormat::F16, WeightFormat::Q4_0] {
-        for layout in [
-            LinearLayout::default(),
-            LinearLayout {
-                out_head_major: true,
-                ..Default::default()
-            },
-            LinearLayout {
-                in_head_major: true,
-                residual: true,
-                ..Default::default()
-            },
-        ] {
+        for layout in LinearLayout::used() {
             let w = gaussian(n * k, seed ^ 1);
             let m = PackedMatrix::pack(format, n, k, &w).unwrap();
             let x = gaussian(t * k, seed ^ 2);

@@ -746,18 +746,8 @@ mod tests {
     use super::*;
     use crate::attention::flash_cpu::naive_attention;
     use crate::model::gguf::{GgufBuilder, Value};
-    use rand::{Rng, SeedableRng, rngs::StdRng};
-
-    fn rnd(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-s..s)).collect()
-    }
-
-    fn close(a: &[f32], b: &[f32], tol: f32) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{i}: {x} vs {y}");
-        }
-    }
+    use crate::runtime::test_util::{close, rnd};
+    use rand::{SeedableRng, rngs::StdRng};
 
     /// Full softmax over all keys with an explicit window mask: the reference.
     #[allow(clippy::too_many_arguments)]

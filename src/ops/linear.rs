@@ -55,20 +55,28 @@ pub fn linear_spec(format: WeightFormat, layout: LinearLayout) -> KernelSpec {
     }
 }
 
+impl LinearLayout {
+    /// The layouts a decoder layer uses: plain, head-major out (q/k/v projections),
+    /// head-major in with the residual (the output projection).
+    pub fn used() -> [LinearLayout; 3] {
+        [
+            LinearLayout::default(),
+            LinearLayout {
+                out_head_major: true,
+                ..Default::default()
+            },
+            LinearLayout {
+                in_head_major: true,
+                residual: true,
+                ..Default::default()
+            },
+        ]
+    }
+}
+
 /// Every linear variant the decoder layer uses.
 pub fn all_linear_variants() -> Vec<KernelSpec> {
-    let layouts = [
-        LinearLayout::default(),
-        LinearLayout {
-            out_head_major: true,
-            ..Default::default()
-        },
-        LinearLayout {
-            in_head_major: true,
-            residual: true,
-            ..Default::default()
-        },
-    ];
+    let layouts = LinearLayout::used();
     let mut out = vec![];
     for f in [WeightFormat::F16, WeightFormat::Q4_0] {
         for l in layouts {
@@ -282,18 +290,8 @@ impl LinearGpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng, rngs::StdRng};
-
-    fn rnd(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-s..s)).collect()
-    }
-
-    fn close(a: &[f32], b: &[f32], tol: f32) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{i}: {x} vs {y}");
-        }
-    }
+    use crate::runtime::test_util::{close, rnd};
+    use rand::{SeedableRng, rngs::StdRng};
 
     #[test]
     fn matmul_matches_naive() {

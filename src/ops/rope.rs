@@ -158,11 +158,8 @@ impl RopeGpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng, rngs::StdRng};
-
-    fn rnd(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-s..s)).collect()
-    }
+    use crate::runtime::test_util::rnd;
+    use rand::{SeedableRng, rngs::StdRng};
 
     /// Rotates one head vector for position `pos`.
     fn rope(v: &mut [f32], pos: usize, base: f32, neox: bool) {

@@ -23,6 +23,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/online_softmax.wgsl"),
     ),
     (
+        "common/compact.wgsl",
+        include_str!("../../shaders/common/compact.wgsl"),
+    ),
+    (
         "common/storage.wgsl",
         include_str!("../../shaders/common/storage.wgsl"),
     ),

@@ -21,3 +21,17 @@ pub(crate) fn gpu() -> Option<Context> {
         }
     }
 }
+
+/// `n` uniform values in `(-s, s)`.
+pub(crate) fn rnd(rng: &mut rand::rngs::StdRng, n: usize, s: f32) -> Vec<f32> {
+    use rand::Rng;
+    (0..n).map(|_| rng.random_range(-s..s)).collect()
+}
+
+/// Asserts `|a − b| ≤ tol · (1 + |b|)` elementwise.
+pub(crate) fn close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{i}: {x} vs {y}");
+    }
+}

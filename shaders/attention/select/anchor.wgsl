@@ -47,7 +47,12 @@ const NEG_BIG: f32 = -1.0e30;
 @group(0) @binding(5) var<storage, read_write> lut_idx: array<u32>;
 #endif
 
+#ifdef STAGE_COMPACT
+const COMPACT_WG: u32 = 256u;
+#include "common/compact.wgsl"
+#else
 var<workgroup> partial: array<u32, 256>;
+#endif
 
 // Candidate range of group g.
 fn candidates(g: u32) -> vec2<u32> {
@@ -173,19 +178,8 @@ fn anchor_compact(
     for (var c = lid; c < upto; c += 256u) {
         mine += counts[row * p.chunks + c];
     }
-    partial[lid] = mine;
-    workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride /= 2u) {
-        if lid < stride {
-            partial[lid] += partial[lid + stride];
-        }
-        workgroupBarrier();
-    }
-    let before = partial[0];
     let base = group_base[row];
-    if chunk == 0u && lid == 0u {
-        lut_ranges[row] = vec2<u32>(base, base + before);
-    }
+    let offset = compact_offset(lid, mine, chunk, row, base);
     if chunk >= used {
         return;
     }
@@ -197,10 +191,6 @@ fn anchor_compact(
         var rank = countOneBits(word & ((1u << bit) - 1u));
         for (var v = 0u; v < w; v++) {
             rank += countOneBits(flags[(row * p.chunks + chunk) * 8u + v]);
-        }
-        var offset = before;
-        if chunk == 0u {
-            offset = 0u;
         }
         lut_idx[base + offset + rank] = cand.x + chunk * CHUNK + lid;
     }

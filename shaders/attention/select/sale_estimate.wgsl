@@ -252,7 +252,8 @@ fn sale_estimate(
 @group(0) @binding(3) var<storage, read_write> lut_ranges: array<vec2<u32>>; // [h, n_qb]
 @group(0) @binding(4) var<storage, read_write> lut_idx: array<u32>;
 
-var<workgroup> partial: array<u32, 64>;
+const COMPACT_WG: u32 = 64u;
+#include "common/compact.wgsl"
 
 @compute @workgroup_size(64)
 fn sale_compact(
@@ -274,29 +275,14 @@ fn sale_compact(
     for (var c = lid; c < upto; c += 64u) {
         mine += countOneBits(flags[row * p.chunks + c]);
     }
-    partial[lid] = mine;
-    workgroupBarrier();
-    for (var stride = 32u; stride > 0u; stride /= 2u) {
-        if lid < stride {
-            partial[lid] += partial[lid + stride];
-        }
-        workgroupBarrier();
-    }
-    let before = partial[0];
     let base = row_base[row];
-    if chunk == 0u && lid == 0u {
-        lut_ranges[row] = vec2<u32>(base, base + before);
-    }
+    let offset = compact_offset(lid, mine, chunk, row, base);
     if chunk >= used || lid >= 32u {
         return;
     }
     let word = flags[row * p.chunks + chunk];
     if (word & (1u << lid)) != 0u {
         let rank = countOneBits(word & ((1u << lid) - 1u));
-        var offset = before;
-        if chunk == 0u {
-            offset = 0u;
-        }
         lut_idx[base + offset + rank] = 1u + chunk * CHUNK_BLOCKS + lid;
     }
 }
