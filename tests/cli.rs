@@ -21,27 +21,9 @@ fn info_lists_the_cpu_backend_and_the_gpu() {
 fn attention_check_json_has_the_stable_keys() {
     let gpu = common::gpu(None).is_some();
     for backend in ["cpu", "auto"] {
-        let (ok, out, err) = common::wgsparse(&[
-            "attention",
-            "--method",
-            "dense",
-            "--seq-len",
-            "70",
-            "--q-heads",
-            "4",
-            "--kv-heads",
-            "2",
-            "--head-dim",
-            "64",
-            "--dtype",
-            "f32",
-            "--iters",
-            "1",
-            "--backend",
-            backend,
-            "--check",
-            "--json",
-        ]);
+        let (ok, out, err) = common::wgsparse_line(&format!(
+            "attention --method dense --seq-len 70 --q-heads 4 --kv-heads 2 --head-dim 64 --dtype f32 --iters 1 --backend {backend} --check --json"
+        ));
         assert!(ok, "{err}");
         let v = common::one_json(&out);
         for key in [
@@ -147,15 +129,7 @@ fn anchor_check_on_a_data_file_has_the_quality_keys() {
         assert_eq!(v["seq_len"], 600);
     }
     // A bad θ is a typed error, not a panic.
-    let (ok, _, err) = common::wgsparse(&[
-        "attention",
-        "--method",
-        "anchor",
-        "--theta",
-        "NaN",
-        "--seq-len",
-        "64",
-    ]);
+    let (ok, _, err) = common::wgsparse_line("attention --method anchor --theta NaN --seq-len 64");
     assert!(!ok);
     assert!(err.contains("theta"), "{err}");
 }

@@ -12,27 +12,9 @@ fn moe_check_json_on_gpu_and_cpu() {
     }
     for backend in backends {
         for (weights, tokens) in [("f16", "37"), ("q4_0", "3")] {
-            let (ok, out, err) = common::wgsparse(&[
-                "moe",
-                "--backend",
-                backend,
-                "--tokens",
-                tokens,
-                "--hidden",
-                "128",
-                "--experts",
-                "8",
-                "--top-k",
-                "2",
-                "--ffn",
-                "64",
-                "--weights",
-                weights,
-                "--iters",
-                "1",
-                "--check",
-                "--json",
-            ]);
+            let (ok, out, err) = common::wgsparse_line(&format!(
+                "moe --backend {backend} --tokens {tokens} --hidden 128 --experts 8 --top-k 2 --ffn 64 --weights {weights} --iters 1 --check --json"
+            ));
             assert!(ok, "{backend} {weights}: {err}");
             let v: serde_json::Value = common::one_json(&out);
             for key in [
@@ -80,17 +62,9 @@ fn layer_check_json_is_one_object_within_tolerance() {
         backends.push("auto");
     }
     for backend in backends {
-        let (ok, out, err) = common::wgsparse(&[
-            "layer",
-            "--tokens",
-            "5",
-            "--iters",
-            "1",
-            "--check",
-            "--json",
-            "--backend",
-            backend,
-        ]);
+        let (ok, out, err) = common::wgsparse_line(&format!(
+            "layer --tokens 5 --iters 1 --check --json --backend {backend}"
+        ));
         assert!(ok, "{backend}: {err}");
         let v = common::one_json(&out);
         for key in ["ms", "tokens_per_s", "skip_frac", "stages", "attention"] {

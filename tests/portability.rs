@@ -16,9 +16,7 @@ use std::sync::OnceLock;
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities as NagaCaps, ModuleInfo, ValidationFlags, Validator};
 use naga::{AddressSpace, Module, ResourceBinding, ShaderStage, StorageAccess};
-use wgsparse::attention::flash::{DenseTiles, FlashParams, dense_workgroup_bytes};
-use wgsparse::attention::select::anchor::SelectParams;
-use wgsparse::attention::select::sale::{SaleEstimateParams, SaleQuantParams};
+use wgsparse::attention::flash::{DenseTiles, dense_workgroup_bytes};
 use wgsparse::runtime::{BindingKind, KernelSpec};
 use wgsparse::{Capabilities, Context};
 
@@ -510,10 +508,7 @@ fn host_workgroup_estimate_covers_the_shader() {
 fn moe_and_layer_variants_fit_webgpu_default_workgroup_memory() {
     // These families have one tile configuration each: it must fit everywhere.
     for_all("16 KiB workgroup memory", |c| {
-        if wgsparse::moe::params_size(c.spec.file)
-            .or_else(|| wgsparse::ops::params_size(c.spec.file))
-            .is_none()
-        {
+        if !c.spec.file.starts_with("moe/") && !c.spec.file.starts_with("ops/") {
             return Ok(());
         }
         let bytes = workgroup_bytes(c)?;
@@ -613,23 +608,11 @@ fn shader_bindings_match_the_kernel_spec() {
 #[test]
 fn uniform_params_match_the_host_struct() {
     for_all("uniform Params layout", |c| {
-        let (host, name) = match c.spec.file {
-            "attention/flash.wgsl" => (std::mem::size_of::<FlashParams>(), "FlashParams"),
-            "attention/select/anchor.wgsl" => (std::mem::size_of::<SelectParams>(), "SelectParams"),
-            "attention/select/sale_quantize.wgsl" => {
-                (std::mem::size_of::<SaleQuantParams>(), "SaleQuantParams")
-            }
-            "attention/select/sale_estimate.wgsl" => (
-                std::mem::size_of::<SaleEstimateParams>(),
-                "SaleEstimateParams",
-            ),
-            other => match wgsparse::moe::params_size(other)
-                .or_else(|| wgsparse::ops::params_size(other))
-            {
-                Some(size) => (size, "the MoE/layer Params struct"),
-                None => return Err(format!("no host Params struct known for {other}")),
-            },
-        };
+        let host = c
+            .spec
+            .defines
+            .params_size()
+            .ok_or("no Params declared with Defines::params")?;
         let host = host as u32;
         let mut layouter = naga::proc::Layouter::default();
         layouter
@@ -643,7 +626,7 @@ fn uniform_params_match_the_host_struct() {
             .ok_or("no uniform")?;
         let size = layouter[g.ty].size;
         if size != host {
-            return Err(format!("WGSL Params is {size} bytes, {name} {host}"));
+            return Err(format!("WGSL Params is {size} bytes, its Rust twin {host}"));
         }
         Ok(())
     });

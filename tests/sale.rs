@@ -87,13 +87,7 @@ fn sale_matches_cpu_twin() {
         let ties = common::selection_ties(gpu_blocks, &sel.blocks, &sel.margins, cands, 2e-2);
         // The host's attention over the GPU's blocks (exact pass, then the selection).
         let mut st = HostRowState::empty(&shape);
-        let exec = |lut| CpuAttention {
-            causal: true,
-            scale,
-            window: 0,
-            sinks: 0,
-            lut: Some(lut),
-        };
+        let exec = |lut| CpuAttention::sparse(scale, lut);
         attention_cpu(&shape, &exec(&lut[0]), &q, &k, &v, Some(&mut st));
         let want = attention_cpu(&shape, &exec(gpu_blocks), &q, &k, &v, Some(&mut st));
         let err = compare(&got, &want);

@@ -105,13 +105,7 @@ fn cpu_twin_of_the_executors_matches_naive_reference() {
         let want = naive_masked_attention(&shape, 0.125, &q, &k, &v, |h, r, j| {
             j <= r && lut.keys_of(h, r / lut.q_block).contains(&(j as u32))
         });
-        let opts = CpuAttention {
-            causal: true,
-            scale: 0.125,
-            window: 0,
-            sinks: 0,
-            lut: Some(&lut),
-        };
+        let opts = CpuAttention::sparse(0.125, &lut);
         let got = attention_cpu(&shape, &opts, &q, &k, &v, None);
         assert!(compare(&got, &want).max_abs_err < 1e-5, "{:?}", lut.unit);
     }
@@ -268,13 +262,7 @@ fn executors_continue_row_state() {
     // The exported state agrees with the CPU twin's.
     let mut hs = HostRowState::empty(&shape);
     let lut = SparseLut::from_fn(2, 200, 64, LutUnit::Keys, |_, _| (0..200).collect()).unwrap();
-    let opts = CpuAttention {
-        causal: true,
-        scale: 0.125,
-        window: 0,
-        sinks: 0,
-        lut: Some(&lut),
-    };
+    let opts = CpuAttention::sparse(0.125, &lut);
     attention_cpu(&shape, &opts, &q, &k, &v, Some(&mut hs));
     let ml = state.ml.to_f32_blocking().unwrap();
     assert!(compare(&ml, &hs.ml).max_abs_err < 1e-4);
@@ -415,13 +403,7 @@ fn anchor_with_huge_theta_is_dense() {
     // Host selection with the anchor-pass state keeps all candidates too.
     let mut st = HostRowState::empty(&shape);
     let lut = cfg.anchor_lut(2, 520).unwrap();
-    let opts = CpuAttention {
-        causal: true,
-        scale: 0.125,
-        window: 0,
-        sinks: 0,
-        lut: Some(&lut),
-    };
+    let opts = CpuAttention::sparse(0.125, &lut);
     attention_cpu(&shape, &opts, &q, &k, &v, Some(&mut st));
     let sel = select_cpu(&shape, &cfg, 0.125, &q, &k, &st.ml).unwrap();
     assert_eq!(sel.stripes.keys_of(0, 4), (128..512).collect::<Vec<u32>>());

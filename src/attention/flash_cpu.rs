@@ -404,7 +404,16 @@ pub struct CpuAttention<'a> {
     pub lut: Option<&'a SparseLut>,
 }
 
-impl CpuAttention<'_> {
+impl<'a> CpuAttention<'a> {
+    /// Causal attention over the keys of `lut` only (the CPU twin of the sparse
+    /// executors).
+    pub fn sparse(scale: f32, lut: &'a SparseLut) -> Self {
+        CpuAttention {
+            lut: Some(lut),
+            ..CpuAttention::dense(true, scale)
+        }
+    }
+
     /// Every key (no window, no LUT).
     pub fn dense(causal: bool, scale: f32) -> Self {
         CpuAttention {
@@ -1011,13 +1020,7 @@ mod tests {
             let want = naive_masked_attention(&shape, scale, &q, &k, &v, |h, r, j| {
                 j <= r && lut.keys_of(h, r / lut.q_block).contains(&(j as u32))
             });
-            let opts = CpuAttention {
-                causal: true,
-                scale,
-                window: 0,
-                sinks: 0,
-                lut: Some(lut),
-            };
+            let opts = CpuAttention::sparse(scale, lut);
             for simd in [false, true] {
                 let got = attention_with(&shape, &opts, &q, &k, &v, None, simd);
                 assert!(max_err(&got, &want) < 1e-5, "{:?} simd={simd}", lut.unit);
@@ -1050,13 +1053,7 @@ mod tests {
         let tail =
             SparseLut::from_fn(4, n, 64, LutUnit::Keys, |_, _| (64..n as u32).collect()).unwrap();
         let mut st = HostRowState::empty(&shape);
-        let mk = |lut| CpuAttention {
-            causal: true,
-            scale,
-            window: 0,
-            sinks: 0,
-            lut: Some(lut),
-        };
+        let mk = |lut| CpuAttention::sparse(scale, lut);
         attention_with(&shape, &mk(&head), &q, &k, &v, Some(&mut st), true);
         let got = attention_with(&shape, &mk(&tail), &q, &k, &v, Some(&mut st), true);
         assert!(max_err(&got, &want) < 1e-5);

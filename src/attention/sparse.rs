@@ -168,13 +168,7 @@ pub fn two_pass_cpu<S>(
     select: impl FnOnce(&[f32]) -> Result<(SparseLut, S)>,
 ) -> Result<TwoPassRun<S>> {
     let mut st = HostRowState::empty(shape);
-    let exec = |lut| CpuAttention {
-        causal: true,
-        scale,
-        window: 0,
-        sinks: 0,
-        lut: Some(lut),
-    };
+    let exec = |lut| CpuAttention::sparse(scale, lut);
     attention_cpu(shape, &exec(exact), q, k, v, Some(&mut st));
     let (selected, detail) = select(&st.ml)?;
     let out = attention_cpu(shape, &exec(&selected), q, k, v, Some(&mut st));

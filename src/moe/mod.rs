@@ -252,19 +252,6 @@ pub fn all_moe_variants() -> Vec<crate::runtime::KernelSpec> {
     v
 }
 
-/// Size in bytes of the host parameter struct of a variant's shader file (for the
-/// host/shader layout check), or `None` for files outside these families.
-pub fn params_size(file: &str) -> Option<usize> {
-    use std::mem::size_of;
-    Some(match file {
-        "moe/router.wgsl" => size_of::<router::RouterParams>(),
-        "moe/dispatch.wgsl" => size_of::<dispatch::DispatchParams>(),
-        "moe/expert_ffn.wgsl" => size_of::<expert_ffn::FfnParams>(),
-        "moe/combine.wgsl" => size_of::<combine::CombineParams>(),
-        _ => return None,
-    })
-}
-
 /// Expert weights in their storage format.
 #[derive(Clone, Debug)]
 pub struct PackedExperts {

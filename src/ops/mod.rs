@@ -16,15 +16,3 @@ pub fn all_ops_variants() -> Vec<KernelSpec> {
     v.extend(linear::all_linear_variants());
     v
 }
-
-/// Size in bytes of the host parameter struct of an op's shader file (for the
-/// host/shader layout check), or `None` for other files.
-pub fn params_size(file: &str) -> Option<usize> {
-    use std::mem::size_of;
-    Some(match file {
-        "ops/rmsnorm.wgsl" => size_of::<rmsnorm::RmsNormParams>(),
-        "ops/rope.wgsl" => size_of::<rope::RopeParams>(),
-        "ops/linear.wgsl" => size_of::<linear::LinearParams>(),
-        _ => return None,
-    })
-}

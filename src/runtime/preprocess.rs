@@ -90,8 +90,9 @@ pub fn shader_file(path: &str) -> Option<&'static str> {
 pub struct Defines {
     flags: BTreeSet<String>,
     consts: BTreeMap<String, String>,
-    /// The kernel's `struct Params` (from [`crate::runtime::kernel::WgslParams`]).
-    params: Option<String>,
+    /// The kernel's `struct Params` (from [`crate::runtime::kernel::WgslParams`]) and
+    /// the size of its Rust twin.
+    params: Option<(String, usize)>,
 }
 
 impl Defines {
@@ -106,8 +107,13 @@ impl Defines {
     }
     /// Declares the kernel's uniform `struct Params` from its Rust twin `P`.
     pub fn params<P: crate::runtime::kernel::WgslParams>(mut self) -> Self {
-        self.params = Some(P::wgsl());
+        self.params = Some((P::wgsl(), std::mem::size_of::<P>()));
         self
+    }
+    /// Size in bytes of the Rust twin of the kernel's `struct Params`, when declared
+    /// with [`Defines::params`] (the portability tests check the WGSL layout against it).
+    pub fn params_size(&self) -> Option<usize> {
+        self.params.as_ref().map(|(_, size)| *size)
     }
     /// Sets a flag when `on` is true.
     pub fn flag_if(self, name: &str, on: bool) -> Self {
@@ -168,7 +174,7 @@ pub fn preprocess_with(
         out.push_str(decl);
         out.push('\n');
     }
-    if let Some(p) = &defines.params {
+    if let Some((p, _)) = &defines.params {
         out.push_str(p);
     }
     let mut included = BTreeSet::new();

@@ -99,6 +99,11 @@ pub fn wgsparse(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `wgsparse` with a whitespace-separated command line.
+pub fn wgsparse_line(line: &str) -> (bool, String, String) {
+    wgsparse(&line.split_whitespace().collect::<Vec<_>>())
+}
+
 /// The `--json` contract: stdout is exactly one JSON object and nothing else.
 pub fn one_json(stdout: &str) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_str(stdout.trim())
