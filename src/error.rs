@@ -22,7 +22,7 @@ pub enum Error {
     Mismatch(String),
     /// A tensor of this dtype is not supported here.
     #[error("unsupported dtype {0:?} for {1}")]
-    UnsupportedDtype(crate::DType, &'static str),
+    UnsupportedDtype(crate::runtime::dtype::DType, &'static str),
     /// The data does not fit the device even after splitting; says what and by how much.
     #[error("{what} needs {needed} bytes but the device allows {limit} bytes ({over} bytes over)")]
     TooLarge {

@@ -217,7 +217,7 @@ pub struct DenseTiles {
 
 impl DenseTiles {
     /// Chooses from the device limits.
-    pub fn choose(caps: &crate::Capabilities) -> Self {
+    pub fn choose(caps: &crate::runtime::context::Capabilities) -> Self {
         let fits_64 =
             caps.max_invocations >= 128 && dense_workgroup_bytes(64) <= caps.max_workgroup_storage;
         DenseTiles {
@@ -226,7 +226,7 @@ impl DenseTiles {
     }
 
     /// Chooses for a key mode: a workgroup's rows must lie in one LUT row.
-    pub fn choose_for(caps: &crate::Capabilities, keys: KeyMode) -> Self {
+    pub fn choose_for(caps: &crate::runtime::context::Capabilities, keys: KeyMode) -> Self {
         let t = Self::choose(caps);
         match keys.q_block() {
             Some(qb) if !qb.is_multiple_of(t.bq) => DenseTiles { bq: 32 },

@@ -17,6 +17,7 @@ pub mod flash_cpu;
 pub mod lut;
 pub mod method;
 pub mod metrics;
+pub mod params;
 pub mod qkv_file;
 pub mod select;
 pub mod sparse;

@@ -17,130 +17,13 @@ use super::flash::{ExecConfig, FlashGpu, FlashIo, KeyMode};
 use super::flash_cpu::{CpuAttention, HostRowState, attention_cpu};
 use super::lut::{LutUnit, SparseLut};
 use super::select::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
+pub use super::select::{PassPairs, SelectionLayout};
 use super::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::Recorder;
 use crate::runtime::context::{Context, GpuDevice};
 use crate::runtime::launch::{storage, storage_init};
 use crate::runtime::tensor::read_buffer;
-
-/// Where a selector writes its choice: one LUT row per head and `q_block` query rows,
-/// each with room for `capacity[row]` entries (its candidates).
-#[derive(Clone, Debug, PartialEq)]
-pub struct SelectionLayout {
-    /// Query rows per LUT row.
-    pub q_block: usize,
-    /// Key blocks or gathered keys.
-    pub unit: LutUnit,
-    /// Candidates of every LUT row, head-major (`[q_heads · rows]`).
-    pub capacity: Vec<u32>,
-}
-
-impl SelectionLayout {
-    /// The executor's key mode for this layout.
-    pub fn keys(&self) -> KeyMode {
-        match self.unit {
-            LutUnit::Blocks(key_block) => KeyMode::Blocks {
-                q_block: self.q_block,
-                key_block,
-            },
-            LutUnit::Keys => KeyMode::Gather {
-                q_block: self.q_block,
-            },
-        }
-    }
-
-    /// Start of every LUT row's slice and the total capacity.
-    pub fn row_base(&self) -> Result<(Vec<u32>, u64)> {
-        let mut base = Vec::with_capacity(self.capacity.len());
-        let mut total = 0u64;
-        for &c in &self.capacity {
-            base.push(u32::try_from(total).map_err(|_| {
-                Error::InvalidShape("sparse selection list over 2^32 entries".into())
-            })?);
-            total += c as u64;
-        }
-        Ok((base, total))
-    }
-
-    /// Pairs the selected entries cover: `counts[row]` entries × the row's query rows
-    /// × keys per entry (selected keys lie strictly before their rows: no masking).
-    pub fn selected_pairs(&self, seq_len: usize, counts: &[u32]) -> u64 {
-        let rows_per_head = seq_len.div_ceil(self.q_block);
-        let width = match self.unit {
-            LutUnit::Blocks(kb) => kb as u64,
-            LutUnit::Keys => 1,
-        };
-        counts
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| {
-                let r = i % rows_per_head;
-                let rows = ((r + 1) * self.q_block).min(seq_len) - r * self.q_block;
-                c as u64 * rows as u64 * width
-            })
-            .sum()
-    }
-}
-
-/// Pair counts of one two-pass run, all heads: the causal `(q, k)` pairs of the whole
-/// attention, those the exact pass computed and those the selected LUT covered.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PassPairs {
-    /// Causal pairs of dense attention.
-    pub causal: u64,
-    /// Pairs of the exact pass (causal).
-    pub exact: u64,
-    /// Pairs of the selected entries.
-    pub selected: u64,
-}
-
-impl PassPairs {
-    /// The counts of a run with `exact` as its exact LUT and `counts` entries selected
-    /// per row of `layout`.
-    pub fn new(
-        shape: &AttentionShape,
-        exact: &SparseLut,
-        layout: &SelectionLayout,
-        counts: &[u32],
-    ) -> Self {
-        PassPairs {
-            causal: shape.pairs(true) as u64,
-            exact: exact.pairs(true),
-            selected: layout.selected_pairs(shape.seq_len, counts),
-        }
-    }
-
-    /// Fraction of causal pairs computed, exact pass included.
-    pub fn density(&self) -> f64 {
-        (self.exact + self.selected) as f64 / self.causal.max(1) as f64
-    }
-
-    /// The exact and the selected pairs as fractions of the causal pairs.
-    pub fn fractions(&self) -> (f64, f64) {
-        let c = self.causal.max(1) as f64;
-        (self.exact as f64 / c, self.selected as f64 / c)
-    }
-
-    /// Serializes the counts under a method's key names (`causal_pairs`, then
-    /// `keys[0]`, `keys[1]`) followed by the method's own `extra` entries.
-    pub fn serialize_with<S: serde::Serializer>(
-        &self,
-        s: S,
-        keys: [&str; 2],
-        extra: &[(&str, serde_json::Value)],
-    ) -> std::result::Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(3 + extra.len()))?;
-        m.serialize_entry("causal_pairs", &self.causal)?;
-        m.serialize_entry(keys[0], &self.exact)?;
-        m.serialize_entry(keys[1], &self.selected)?;
-        for (k, v) in extra {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
 
 /// What [`two_pass_cpu`] returns: the output, the selected LUT, what the selection
 /// returned beside it, and the final `(m, l)` of every row.

@@ -2,6 +2,7 @@
 //! that knows about attention, MoE or models.
 //!
 //! - [`context`]: device selection and capabilities (a GPU through wgpu, or the CPU).
+//! - [`dtype`]: element types.
 //! - [`tensor`]: typed buffers with a shape, on either device.
 //! - [`preprocess`]: the small WGSL preprocessor (includes, flags, constants, unrolling)
 //!   and the table of shader files.
@@ -15,6 +16,7 @@
 //! `kernel` → `preprocess`.
 
 pub mod context;
+pub mod dtype;
 pub mod kernel;
 pub mod launch;
 pub mod preprocess;

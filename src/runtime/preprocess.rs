@@ -85,12 +85,66 @@ pub fn shader_file(path: &str) -> Option<&'static str> {
         .map(|(_, src)| *src)
 }
 
+/// Uniform parameters shared by a kernel and its launcher, declared once with
+/// [`wgsl_params!`](crate::wgsl_params): the `#[repr(C)]` Rust struct and the WGSL
+/// `struct Params` the preprocessor puts at the top of the shader come from one field
+/// list, so the two layouts cannot drift apart.
+pub trait WgslParams: bytemuck::Pod {
+    /// `(name, Rust type)` of every field in order: `u32`, `f32`, or `[u32; N]` (padding,
+    /// declared in WGSL as `N` fields `name0..`).
+    fn fields() -> &'static [(&'static str, &'static str)];
+
+    /// The WGSL declaration `struct Params { ... }`, the same size as `Self`.
+    fn wgsl() -> String {
+        let mut s = String::from("struct Params {\n");
+        for &(name, ty) in Self::fields() {
+            let array = ty
+                .strip_prefix('[')
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.split_once(';'));
+            match array {
+                Some((elem, n)) => {
+                    let n: usize = n.trim().parse().expect("array length");
+                    for i in 0..n {
+                        s.push_str(&format!("    {name}{i}: {},\n", elem.trim()));
+                    }
+                }
+                None => s.push_str(&format!("    {name}: {ty},\n")),
+            }
+        }
+        s.push_str("}\n");
+        s
+    }
+}
+
+/// Declares a kernel's uniform parameters: a `#[repr(C)]`, `Pod` struct of `u32`/`f32`
+/// fields (and padding fields of `u32` or `[u32; N]` to a multiple of 16 bytes) that
+/// implements [`WgslParams`].
+#[macro_export]
+macro_rules! wgsl_params {
+    ($(#[$m:meta])* $vis:vis struct $name:ident {
+        $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)?
+    }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+        $vis struct $name {
+            $($(#[$fm])* $field: $ty),*
+        }
+        impl $crate::runtime::preprocess::WgslParams for $name {
+            fn fields() -> &'static [(&'static str, &'static str)] {
+                &[$((stringify!($field), stringify!($ty))),*]
+            }
+        }
+    };
+}
+
 /// What one kernel variant is compiled with: flags for `#ifdef` and `const` values.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Defines {
     flags: BTreeSet<String>,
     consts: BTreeMap<String, String>,
-    /// The kernel's `struct Params` (from [`crate::runtime::kernel::WgslParams`]) and
+    /// The kernel's `struct Params` (from [`WgslParams`]) and
     /// the size of its Rust twin.
     params: Option<(String, usize)>,
 }
@@ -106,7 +160,7 @@ impl Defines {
         self
     }
     /// Declares the kernel's uniform `struct Params` from its Rust twin `P`.
-    pub fn params<P: crate::runtime::kernel::WgslParams>(mut self) -> Self {
+    pub fn params<P: WgslParams>(mut self) -> Self {
         self.params = Some((P::wgsl(), std::mem::size_of::<P>()));
         self
     }

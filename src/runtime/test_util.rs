@@ -1,13 +1,13 @@
 //! Helpers of the crate's own unit tests.
 
-use crate::Context;
+use crate::runtime::context::{Backend, Context, ContextOptions};
 
 /// A GPU context; a missing adapter fails under `WGSPARSE_REQUIRE_GPU=1` (CI) and skips
 /// otherwise.
 pub(crate) fn gpu() -> Option<Context> {
-    let mut opts = crate::ContextOptions::from_env().expect("environment");
-    if opts.backend == crate::Backend::Cpu {
-        opts.backend = crate::Backend::Auto;
+    let mut opts = ContextOptions::from_env().expect("environment");
+    if opts.backend == Backend::Cpu {
+        opts.backend = Backend::Auto;
     }
     opts.require_gpu = true;
     match Context::new_blocking(opts) {

@@ -18,9 +18,10 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
+use super::{PassPairs, SelectionLayout};
 use crate::attention::lut::{LutUnit, SparseLut};
-use crate::attention::method::impl_params;
-use crate::attention::sparse::{PassPairs, SelectionLayout, TwoPassRun, two_pass_cpu};
+use crate::attention::params::impl_params;
+use crate::attention::sparse::{TwoPassRun, two_pass_cpu};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;

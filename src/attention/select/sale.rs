@@ -27,10 +27,11 @@
 use serde::{Deserialize, Serialize};
 
 use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
+use super::{PassPairs, SelectionLayout};
 use crate::attention::AttentionShape;
 use crate::attention::lut::{LutUnit, SparseLut};
-use crate::attention::method::impl_params;
-use crate::attention::sparse::{PassPairs, SelectionLayout, TwoPassRun, two_pass_cpu};
+use crate::attention::params::impl_params;
+use crate::attention::sparse::{TwoPassRun, two_pass_cpu};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
 use crate::runtime::launch::{Launch, check_axis, check_binding, storage, storage_init};
@@ -830,7 +831,7 @@ impl SaleSelectGpu {
         let d4 = (d / 4) as u64;
         let ev = EstimateVariant {
             dot4: caps.int_dot4,
-            portable_loops: ctx.backend() == crate::Backend::BrowserWebGpu,
+            portable_loops: ctx.backend() == crate::runtime::context::Backend::BrowserWebGpu,
         };
         let spec = |s| sale_spec(s, d, cfg.bits, cfg.local, opts.dtype, ev);
         let quant = |s| Launch::new(ctx, &spec(s), &qp);

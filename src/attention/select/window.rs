@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::attention::lut::{LutUnit, SparseLut};
-use crate::attention::method::impl_params;
+use crate::attention::params::impl_params;
 use crate::error::Result;
 
 /// Sliding window with sinks: row r attends keys j ≤ r with `r − j < window` or
