@@ -1,12 +1,12 @@
 //! A method's parameters by name (`name:key=value,...`): the [`Params`] trait every
-//! method config implements, usually through [`impl_params!`], and the value parser.
+//! method config implements, usually through the crate-internal `impl_params!` macro, and the value parser.
 //! Nothing here knows a method: [`super::method`] lists them.
 
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
-/// A method's parameters by name: what `name:key=value,...` sets and [`Method`]'s
+/// A method's parameters by name: what `name:key=value,...` sets and [`super::Method`]'s
 /// `Display` prints.
 pub trait Params {
     /// Sets one parameter from its text.

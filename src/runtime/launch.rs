@@ -124,7 +124,7 @@ impl<P: Pod> Step<P> {
         })
     }
 
-    /// A 1D amount of work (`groups` workgroups) laid out by [`grid_2d`].
+    /// A 1D amount of work (`groups` workgroups) laid out on a 2D grid (x first, flattened by the kernel).
     pub fn flat(ctx: &Context, spec: &KernelSpec, params: &P, groups: u64) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let (x, y) = grid_2d(groups, g.caps.max_workgroups_per_dim, &spec.label())?;
