@@ -15,7 +15,8 @@
 #
 # Environment: WGSPARSE_SKIP_APT=1 skips the package check; WGSPARSE_REQUIRE_GPU=0 lets
 # the GPU tests skip on a machine without any adapter (not for CI); WGSPARSE_SKIP_WEB=1
-# skips the browser test; WGSPARSE_SKIP_MODELS=1 the real-model tests.
+# skips the browser test; WGSPARSE_SKIP_MODELS=1 the real-model tests; WGSPARSE_SKIP_COOP=1
+# the matrix-unit run on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh, needs root).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -99,6 +100,32 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 start=$SECONDS
 say "cargo test (WGSPARSE_REQUIRE_GPU=$WGSPARSE_REQUIRE_GPU)"
 cargo test --locked "$@"
+if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
+    # The matrix-unit (cooperative-matrix) kernels: this machine's lavapipe has none, so
+    # the attention tests run again, host-built, on Mesa 26.1's lavapipe in a Debian 13
+    # root (built once by scripts/coop-lavapipe.sh), with the coop path required, and
+    # the coop tests once more with it turned off.
+    say "matrix-unit kernels on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh; WGSPARSE_SKIP_COOP=1 skips)"
+    coop_bins=$(cargo test --locked --no-run --message-format=json \
+        --test coop --test dense_attention --test sparse_attention --test sale 2>/dev/null |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])')
+    [ -n "$coop_bins" ] || { say "no test binaries found for the matrix-unit run"; exit 1; }
+    while read -r name bin; do
+        say "  $name (matrix units required)"
+        bash scripts/coop-lavapipe.sh "$bin" --test-threads 1
+        if [ "$name" = coop ]; then
+            say "  $name (WGSPARSE_NO_COOP=1: the portable kernels on the same lavapipe)"
+            WGSPARSE_NO_COOP=1 bash scripts/coop-lavapipe.sh "$bin" --test-threads 1
+        fi
+    done <<<"$coop_bins"
+fi
 say "cargo build --benches --examples (debug: they must compile)"
 cargo build --locked --benches --examples
 say "cargo run --example sparse_prefill (the embedding example, on the GPU: sale at 1,024 tokens)"

@@ -67,3 +67,9 @@ pub fn all_kernel_variants() -> Vec<runtime::KernelSpec> {
     v.extend(ops::all_ops_variants());
     v
 }
+
+/// Every matrix-unit (cooperative-matrix) variant at tile `tile` (8 or 16): SPIR-V and
+/// MSL only, so kept apart from [`all_kernel_variants`].
+pub fn all_coop_variants(tile: usize) -> Vec<runtime::KernelSpec> {
+    attention::flash::all_coop_flash_variants(tile)
+}

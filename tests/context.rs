@@ -102,7 +102,7 @@ fn capabilities_and_overrides() {
         a,
         LimitOverrides {
             max_binding_bytes: Some(u64::MAX),
-            max_workgroup_bytes: None,
+            ..Default::default()
         },
     ))
     .unwrap();

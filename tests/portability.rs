@@ -631,3 +631,73 @@ fn uniform_params_match_the_host_struct() {
         Ok(())
     });
 }
+
+/// The matrix-unit variants (cooperative matrices): naga parses and validates every one
+/// with the capabilities they need (f16, subgroups, cooperative matrices) and writes
+/// SPIR-V at tile 8 and 16 and MSL at tile 8 (Metal has only 8x8 simdgroup matrices;
+/// HLSL, GLSL and browser WebGPU have none, and the plans never pick them there).
+#[test]
+fn coop_variants_translate_to_spirv_and_msl() {
+    let caps = webgpu_baseline()
+        | NagaCaps::SHADER_FLOAT16
+        | NagaCaps::SUBGROUP
+        | NagaCaps::COOPERATIVE_MATRIX;
+    let mut failures = vec![];
+    let mut count = 0;
+    for tile in [8, 16] {
+        for spec in wgsparse::all_coop_variants(tile) {
+            count += 1;
+            let label = spec.label();
+            let source = spec.source().expect("preprocess");
+            let module = match naga::front::wgsl::parse_str(&source) {
+                Ok(m) => m,
+                Err(e) => {
+                    failures.push(format!("{label}: parse: {}", e.emit_to_string(&source)));
+                    continue;
+                }
+            };
+            let info = match Validator::new(ValidationFlags::all(), caps).validate(&module) {
+                Ok(i) => i,
+                Err(e) => {
+                    failures.push(format!("{label}: validate: {}", e.emit_to_string(&source)));
+                    continue;
+                }
+            };
+            let options = spv::Options {
+                lang_version: (1, 3),
+                bounds_check_policies: policies(),
+                ..Default::default()
+            };
+            let pipeline = spv::PipelineOptions {
+                shader_stage: ShaderStage::Compute,
+                entry_point: spec.entry.to_string(),
+            };
+            if let Err(e) = spv::write_vec(&module, &info, &options, Some(&pipeline)) {
+                failures.push(format!("{label}: SPIR-V: {e}"));
+            }
+            if tile == 8 {
+                let options = msl::Options {
+                    lang_version: (2, 4),
+                    fake_missing_bindings: true,
+                    bounds_check_policies: policies(),
+                    zero_initialize_workgroup_memory: true,
+                    ..Default::default()
+                };
+                let pipeline = msl::PipelineOptions {
+                    entry_point: Some((ShaderStage::Compute, spec.entry.to_string())),
+                    ..Default::default()
+                };
+                if let Err(e) = msl::write_string(&module, &info, &options, &pipeline) {
+                    failures.push(format!("{label}: MSL: {e}"));
+                }
+            }
+        }
+    }
+    assert!(count > 0, "no matrix-unit variants");
+    assert!(
+        failures.is_empty(),
+        "{} of {count} matrix-unit variants failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

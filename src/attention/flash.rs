@@ -209,7 +209,7 @@ pub fn dense_workgroup_bytes(bq: usize) -> u32 {
 ///
 /// (A variant that kept all of Q resident in workgroup memory was measured slower on
 /// the H200, 6.8 TFLOP/s, because its 45 KiB per workgroup cut occupancy; removed.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DenseTiles {
     /// Query rows per workgroup (32 or 64).
     pub bq: usize,
@@ -235,20 +235,124 @@ impl DenseTiles {
     }
 }
 
-fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant, keys: KeyFlag) -> KernelSpec {
+/// The matrix-unit flash kernel's tiling: cooperative-matrix tile `tile` (8 or 16),
+/// `bq` query rows and `bk` keys per step, `wg` threads (several subgroups).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CoopTiles {
+    /// Square cooperative-matrix tile: 8 or 16.
+    pub tile: usize,
+    /// Query rows per workgroup (a multiple of `tile`).
+    pub bq: usize,
+    /// Keys per step (a multiple of `tile`).
+    pub bk: usize,
+    /// Threads per workgroup.
+    pub wg: usize,
+}
+
+/// Workgroup bytes of the matrix-unit kernel: Q, K and V as f16, the f32 scores, the f16
+/// weights, the f32 accumulator, the row stats and the LUT bounds.
+pub fn coop_workgroup_bytes(d: usize, bq: usize, bk: usize) -> u32 {
+    (bq * d * 2 + 2 * bk * d * 2 + bq * bk * 4 + bq * bk * 2 + bq * d * 4 + 3 * bq * 4 + 32) as u32
+}
+
+/// Which flash kernel a plan runs: the portable one (any adapter, the browser) or the
+/// matrix-unit one where the adapter has f16 cooperative matrices. Chosen in one place,
+/// [`FlashKernel::choose`], from the capabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase", tag = "kernel")]
+pub enum FlashKernel {
+    /// Vector FMAs (`shaders/attention/flash.wgsl`).
+    Portable(DenseTiles),
+    /// Cooperative matrices (`shaders/attention/flash_coop.wgsl`).
+    Coop(CoopTiles),
+}
+
+impl FlashKernel {
+    /// The matrix-unit kernel when the device has it ([`Capabilities::coop_tile`]), the
+    /// storage is f16 (its operands are the stored values; f32 inputs would be rounded
+    /// to f16, outside the f32 tolerance) and a tiling fits the workgroup memory and the
+    /// key mode; else the portable kernel.
+    ///
+    /// [`Capabilities::coop_tile`]: crate::runtime::context::Capabilities::coop_tile
+    pub fn choose(
+        caps: &crate::runtime::context::Capabilities,
+        keys: KeyMode,
+        dtype: DType,
+        head_dim: usize,
+    ) -> Self {
+        if let Some(t) = caps.coop_tile.map(|t| t as usize)
+            && dtype == DType::F16
+            && head_dim.is_multiple_of(t)
+        {
+            let wg = 128.min(caps.max_invocations as usize);
+            let fits = |bq: usize, bk: usize| {
+                bq.is_multiple_of(t)
+                    && bk.is_multiple_of(t)
+                    && coop_workgroup_bytes(head_dim, bq, bk) <= caps.max_workgroup_storage
+                    && keys.q_block().is_none_or(|qb| qb.is_multiple_of(bq))
+                    && match keys {
+                        KeyMode::Blocks { key_block, .. } => key_block.is_multiple_of(bk),
+                        _ => true,
+                    }
+            };
+            let choice = [(64, 32), (32, 32), (32, 16), (16, 16), (16, 8), (8, 8)]
+                .into_iter()
+                .find(|&(bq, bk)| fits(bq, bk));
+            if let Some((bq, bk)) = choice
+                && wg.is_multiple_of(caps.subgroup_max_size.max(1) as usize)
+            {
+                return FlashKernel::Coop(CoopTiles {
+                    tile: t,
+                    bq,
+                    bk,
+                    wg,
+                });
+            }
+        }
+        FlashKernel::Portable(DenseTiles::choose_for(caps, keys))
+    }
+
+    /// Query rows per workgroup.
+    pub fn bq(&self) -> usize {
+        match self {
+            FlashKernel::Portable(t) => t.bq,
+            FlashKernel::Coop(t) => t.bq,
+        }
+    }
+}
+
+fn kernel_spec(
+    d: usize,
+    dtype: DType,
+    kernel: FlashKernel,
+    v: Variant,
+    keys: KeyFlag,
+) -> KernelSpec {
     let mut bindings = BindingKind::layout("urrrwww");
     if keys != KeyFlag::Range {
         bindings.extend(BindingKind::layout("rr"));
     }
-    KernelSpec {
-        file: "attention/flash.wgsl",
-        entry: "flash_attention",
-        defines: Defines::new()
-            .params::<FlashParams>()
-            .const_u32("D", d as u32)
+    let defines = match kernel {
+        FlashKernel::Portable(tiles) => Defines::new()
             .const_u32("NC", (d / 32) as u32)
             .const_u32("BQ", tiles.bq as u32)
-            .const_u32("KPT", (32 * 8 / (2 * tiles.bq)) as u32)
+            .const_u32("KPT", (32 * 8 / (2 * tiles.bq)) as u32),
+        FlashKernel::Coop(t) => Defines::new()
+            .flag_if("TILE16", t.tile == 16)
+            .const_u32("BQ", t.bq as u32)
+            .const_u32("BK", t.bk as u32)
+            .const_u32("WG", t.wg as u32),
+    };
+    let (file, entry) = match kernel {
+        FlashKernel::Portable(_) => ("attention/flash.wgsl", "flash_attention"),
+        FlashKernel::Coop(_) => ("attention/flash_coop.wgsl", "flash_attention_coop"),
+    };
+    KernelSpec {
+        file,
+        entry,
+        defines: defines
+            .params::<FlashParams>()
+            .const_u32("D", d as u32)
             .flag_if("STORE_F16", dtype == DType::F16)
             .flag_if("IMPORT_STATE", v.import)
             .flag_if("EXPORT_STATE", v.export)
@@ -265,7 +369,7 @@ fn kernel_spec(d: usize, dtype: DType, tiles: DenseTiles, v: Variant, keys: KeyF
 /// 16 KiB default (the portable fallback).
 pub fn all_flash_variants() -> Vec<KernelSpec> {
     let mut out = vec![];
-    let tiles = [32, 64].map(|bq| DenseTiles { bq });
+    let tiles = [32, 64].map(|bq| FlashKernel::Portable(DenseTiles { bq }));
     for (d, tiles) in [64, 128, 256]
         .into_iter()
         .flat_map(|d| tiles.map(move |t| (d, t)))
@@ -281,6 +385,35 @@ pub fn all_flash_variants() -> Vec<KernelSpec> {
                     for keys in [KeyFlag::Range, KeyFlag::Blocks, KeyFlag::Gather] {
                         out.push(kernel_spec(d, dtype, tiles, v, keys));
                     }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every matrix-unit variant at tile `tile` (8 or 16): d = 64/128/256, each key mode,
+/// the row-state variants the plans use. f16 storage only. Translated to SPIR-V (and, at
+/// tile 8, MSL) by the portability tests: HLSL and GLSL have no cooperative matrices.
+pub fn all_coop_flash_variants(tile: usize) -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for d in [64, 128, 256] {
+        let bq = if d == 256 { 16.max(tile) } else { 32 };
+        let kernel = FlashKernel::Coop(CoopTiles {
+            tile,
+            bq,
+            bk: bq.min(32),
+            wg: 128,
+        });
+        for bits in 0..8u8 {
+            let v = Variant {
+                import: bits & 1 != 0,
+                export: bits & 2 != 0,
+                write: bits & 4 != 0,
+            };
+            if v.export || v.write {
+                for keys in [KeyFlag::Range, KeyFlag::Blocks, KeyFlag::Gather] {
+                    out.push(kernel_spec(d, DType::F16, kernel, v, keys));
                 }
             }
         }
@@ -335,7 +468,8 @@ impl FlashGpu {
         let uniform_align = g.device.limits().min_uniform_buffer_offset_alignment as u64;
         let slot_size =
             (std::mem::size_of::<FlashParams>() as u64).div_ceil(uniform_align) * uniform_align;
-        let tiles = DenseTiles::choose_for(caps, exec.keys);
+        let tiles = FlashKernel::choose(caps, exec.keys, opts.dtype, shape.head_dim);
+        log::debug!("flash kernel: {tiles:?}");
         let (lut_q_block, lut_key_block) = match exec.keys {
             KeyMode::Range => (1, 32),
             KeyMode::Blocks { q_block, key_block } => (q_block, key_block),
@@ -435,7 +569,7 @@ impl FlashGpu {
                 }
                 out.push(Prepared {
                     dispatch: *x,
-                    bq: tiles.bq,
+                    bq: tiles.bq(),
                     spec,
                     kernel,
                     slot,

@@ -780,6 +780,7 @@ impl AttentionPlan {
                     name: self.method.name().into(),
                     ms: Some(ms),
                     dispatches: 1,
+                    variant: Some("cpu".into()),
                 }],
                 wall_ms: ms,
                 gpu_ms: None,

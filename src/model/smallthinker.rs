@@ -515,6 +515,7 @@ impl DecoderLayerPlan {
                         name: "layer_cpu".into(),
                         ms: Some(ms),
                         dispatches: 1,
+                        variant: Some("cpu".into()),
                     }],
                     wall_ms: ms,
                     gpu_ms: None,

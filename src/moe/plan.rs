@@ -842,6 +842,7 @@ impl MoePlan {
                 name: name.into(),
                 ms: Some(start.elapsed().as_secs_f64() * 1e3),
                 dispatches: 1,
+                variant: Some("cpu".into()),
             })
         };
         let total = Instant::now();

@@ -107,6 +107,9 @@ pub struct ContextOptions {
     /// real limit): makes the kernels pick the variants a browser with WebGPU's default
     /// 16 KiB would get, so tests cover them natively.
     pub max_workgroup_bytes: Option<u32>,
+    /// Never pick the matrix-unit (cooperative-matrix) kernels, even where the adapter
+    /// has them: every family runs its portable kernel (`WGSPARSE_NO_COOP=1`).
+    pub no_coop: bool,
 }
 
 /// Artificially lowered limits (testing knobs; see [`ContextOptions`]).
@@ -116,6 +119,8 @@ pub struct LimitOverrides {
     pub max_binding_bytes: Option<u64>,
     /// Bytes of workgroup memory.
     pub max_workgroup_bytes: Option<u32>,
+    /// Matrix-unit kernels off.
+    pub no_coop: bool,
 }
 
 impl ContextOptions {
@@ -124,11 +129,13 @@ impl ContextOptions {
         LimitOverrides {
             max_binding_bytes: self.max_binding_bytes,
             max_workgroup_bytes: self.max_workgroup_bytes,
+            no_coop: self.no_coop,
         }
     }
 
     /// Reads `WGSPARSE_BACKEND`, `WGSPARSE_ADAPTER`, `WGSPARSE_REQUIRE_GPU`,
-    /// `WGSPARSE_MAX_BINDING_BYTES` and `WGSPARSE_MAX_WORKGROUP_BYTES`.
+    /// `WGSPARSE_MAX_BINDING_BYTES`, `WGSPARSE_MAX_WORKGROUP_BYTES` and
+    /// `WGSPARSE_NO_COOP`.
     pub fn from_env() -> Result<Self> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let backend = match var("WGSPARSE_BACKEND") {
@@ -160,6 +167,10 @@ impl ContextOptions {
             ),
             max_binding_bytes,
             max_workgroup_bytes,
+            no_coop: matches!(
+                var("WGSPARSE_NO_COOP").as_deref(),
+                Some("1" | "true" | "yes")
+            ),
         })
     }
     /// Overrides the backend (the CLI's `--backend`), keeping the rest.
@@ -200,6 +211,11 @@ pub struct Capabilities {
     pub subgroup_max_size: u32,
     /// Cooperative-matrix shapes (empty when the feature is absent).
     pub coop_matrix: Vec<CoopMatrixShape>,
+    /// The square tile (16 or 8) of f16 × f16 → f32 cooperative matrices the
+    /// matrix-unit kernels use, or `None`: no such shape, no f16 or subgroup support,
+    /// or turned off ([`ContextOptions::no_coop`]). The one place kernels are chosen
+    /// from; [`Capabilities::coop_status`] says why.
+    pub coop_tile: Option<u32>,
     /// Timestamp queries at pass boundaries.
     pub timestamps: bool,
     /// WGSL's `packed_4x8_integer_dot_product` language feature (`dot4I8Packed`):
@@ -236,6 +252,7 @@ impl Capabilities {
             subgroup_min_size: 0,
             subgroup_max_size: 0,
             coop_matrix: vec![],
+            coop_tile: None,
             timestamps: false,
             max_storage_binding: u64::MAX,
             adapter_max_storage_binding: u64::MAX,
@@ -265,7 +282,7 @@ impl Capabilities {
             .max_binding_bytes
             .map(|m| m.min(adapter_binding))
             .unwrap_or(adapter_binding);
-        Capabilities {
+        let mut caps = Capabilities {
             f16: features.contains(wgpu::Features::SHADER_F16),
             f16_storage: downlevel.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
@@ -294,6 +311,37 @@ impl Capabilities {
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
             storage_offset_alignment: limits.min_storage_buffer_offset_alignment,
+            coop_tile: None,
+        };
+        if !overrides.no_coop {
+            caps.coop_tile = caps.coop_f16_tile();
+        }
+        caps
+    }
+
+    /// The largest square f16 × f16 → f32 tile (16, else 8) the adapter offers, when it
+    /// also has f16 arithmetic and subgroups (the kernels use both).
+    fn coop_f16_tile(&self) -> Option<u32> {
+        if !self.f16 || !self.subgroups {
+            return None;
+        }
+        [16, 8].into_iter().find(|&t| {
+            self.coop_matrix
+                .iter()
+                .any(|s| s.m == t && s.n == t && s.k == t && s.ab == "f16" && s.cr == "f32")
+        })
+    }
+
+    /// Which attention kernels this device runs and why: `matrix units, 16x16 tiles` or
+    /// the reason for the portable kernels.
+    pub fn coop_status(&self) -> String {
+        match self.coop_tile {
+            Some(t) => format!("matrix units ({t}x{t} f16 tiles, f32 accumulation)"),
+            None if self.coop_matrix.is_empty() => {
+                "portable (no cooperative matrices on this adapter)".into()
+            }
+            None if self.coop_f16_tile().is_some() => "portable (turned off: WGSPARSE_NO_COOP)".into(),
+            None => "portable (no square f16 x f16 -> f32 cooperative-matrix shape with f16 and subgroups)".into(),
         }
     }
 }

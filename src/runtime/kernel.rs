@@ -112,6 +112,8 @@ pub struct Kernel {
     pub layout: wgpu::BindGroupLayout,
     /// `file:entry[variant]`.
     pub label: String,
+    /// The entry point (names the kernel family: `flash_attention_coop`, ...).
+    pub entry: &'static str,
 }
 
 fn compile(device: &wgpu::Device, checked: bool, spec: &KernelSpec) -> Result<Kernel> {
@@ -195,5 +197,6 @@ fn compile(device: &wgpu::Device, checked: bool, spec: &KernelSpec) -> Result<Ke
         pipeline,
         layout,
         label,
+        entry: spec.entry,
     })
 }

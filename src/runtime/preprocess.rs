@@ -23,6 +23,14 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/online_softmax.wgsl"),
     ),
     (
+        "attention/flash_common.wgsl",
+        include_str!("../../shaders/attention/flash_common.wgsl"),
+    ),
+    (
+        "attention/flash_coop.wgsl",
+        include_str!("../../shaders/attention/flash_coop.wgsl"),
+    ),
+    (
         "common/compact.wgsl",
         include_str!("../../shaders/common/compact.wgsl"),
     ),
@@ -232,7 +240,22 @@ pub fn preprocess_with(
         out.push_str(p);
     }
     let mut included = BTreeSet::new();
-    expand(path, defines, load, &mut included, &mut out, 0)?;
+    let mut body = String::new();
+    expand(path, defines, load, &mut included, &mut body, 0)?;
+    // WGSL wants its directives (`enable f16;`) before every declaration, so they move
+    // above the constants and the parameter struct written here.
+    let (directives, rest): (Vec<&str>, Vec<&str>) = body
+        .lines()
+        .partition(|l| l.trim_start().starts_with("enable ") && l.trim_end().ends_with(';'));
+    let mut header = directives.join("\n");
+    if !header.is_empty() {
+        header.push('\n');
+    }
+    out.insert_str(out.find('\n').map_or(0, |i| i + 1), &header);
+    for l in rest {
+        out.push_str(l);
+        out.push('\n');
+    }
     let lines: Vec<&str> = out.lines().collect();
     let mut unrolled = String::with_capacity(out.len() * 2);
     unroll(path, &lines, &[], defines, &mut unrolled)?;

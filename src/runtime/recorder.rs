@@ -23,6 +23,10 @@ pub struct StageTime {
     pub ms: Option<f64>,
     /// Dispatches recorded in the stage.
     pub dispatches: u32,
+    /// The kernel(s) the stage ran, by entry point (`flash_attention_coop` is the
+    /// matrix-unit attention kernel); `None` for host stages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
 }
 
 /// Timing report of one submission.
@@ -134,12 +138,16 @@ impl<'a> Recorder<'a> {
             name: name.to_string(),
             ms: None,
             dispatches,
+            variant: None,
         });
     }
 
     /// Records one timed stage of prepared dispatches ([`crate::runtime::launch::Dispatch`]),
     /// in order.
     pub fn dispatch_stage(&mut self, name: &str, list: &[crate::runtime::launch::Dispatch]) {
+        let mut entries: Vec<&str> = list.iter().map(|d| d.kernel.entry).collect();
+        entries.dedup();
+        let variant = (!entries.is_empty()).then(|| entries.join("+"));
         self.stage(name, |pass| {
             for d in list {
                 let (x, y, z) = d.grid;
@@ -149,6 +157,9 @@ impl<'a> Recorder<'a> {
             }
             list.len() as u32
         });
+        if let Some(s) = self.stages.last_mut() {
+            s.variant = variant;
+        }
     }
 
     /// Records one [`crate::runtime::launch::Step`] over `buffers` as stage `name`.
@@ -296,6 +307,7 @@ mod tests {
                     name: n.to_string(),
                     ms: gpu,
                     dispatches: 1,
+                    variant: None,
                 })
                 .collect(),
             wall_ms: 1.0,

@@ -8,10 +8,26 @@ use crate::device;
 pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
     let adapters = pollster::block_on(Context::list_adapters());
     let ctx = device::context(backend, None)?;
+    // Which kernel each family runs on the chosen device, and why.
+    let caps = ctx.capabilities();
+    let attention = if ctx.is_cpu() {
+        "cpu (rayon)".to_string()
+    } else {
+        caps.coop_status()
+    };
+    let portable = if ctx.is_cpu() {
+        "cpu (rayon)"
+    } else {
+        "portable (no matrix-unit kernel for this family yet)"
+    };
+    let kernels = json!({
+        "attention": attention,
+        "sale_estimate": portable, "moe": portable, "linear": portable,
+    });
     if json_out {
         let v = json!({
             "chosen": { "backend": ctx.backend(), "adapter": ctx.adapter_name(),
-                        "capabilities": ctx.capabilities() },
+                        "capabilities": caps, "kernels": kernels },
             "adapters": adapters,
         });
         println!("{}", serde_json::to_string(&v).expect("serializable"));
@@ -49,5 +65,7 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
         }
     }
     println!("chosen: {} on {}", ctx.adapter_name(), ctx.backend());
+    println!("  attention kernels: {attention}");
+    println!("  SALE estimation, MoE, linear kernels: {portable}");
     Ok(())
 }

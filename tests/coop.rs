@@ -1,0 +1,208 @@
+//! The matrix-unit (cooperative-matrix) attention kernel against its CPU twin: dense
+//! (causal or not, ragged lengths, GQA, head_dim 64/128/256), the block-sparse and
+//! stripe executors, and the two-pass selectors (SALE, AnchorAttention), all with f16
+//! storage, fresh random inputs and NaN-poisoned outputs; every run asserts from its
+//! report which kernel ran.
+//!
+//! On an adapter with f16 cooperative matrices (CI: Mesa 26.1's lavapipe through
+//! `scripts/coop-lavapipe.sh`, which sets `WGSPARSE_REQUIRE_COOP=1`) the plans must pick
+//! `flash_attention_coop`; with `WGSPARSE_NO_COOP=1` the same tests must run the portable
+//! `flash_attention` and pass too. Elsewhere (no such adapter) they check the portable
+//! kernel, so they hold on every machine.
+
+mod common;
+
+use std::sync::Arc;
+
+use wgsparse::attention::flash_cpu::{CpuAttention, HostRowState, attention_cpu};
+use wgsparse::attention::lut::{LutUnit, SparseLut};
+use wgsparse::attention::metrics::compare;
+use wgsparse::attention::synthetic::qkv_host;
+use wgsparse::attention::verify::{
+    dense_against_cpu_twin, dense_tolerance, method_against_cpu_twin,
+};
+use wgsparse::{AttentionReport, AttentionShape, Context, DType, Method};
+
+/// The attention kernel the plans must pick on this context.
+fn expected_kernel(ctx: &Context) -> &'static str {
+    let caps = ctx.capabilities();
+    let no_coop = std::env::var("WGSPARSE_NO_COOP").is_ok_and(|v| v == "1");
+    if std::env::var("WGSPARSE_REQUIRE_COOP").is_ok_and(|v| v == "1") && !no_coop {
+        assert!(
+            caps.coop_tile.is_some(),
+            "WGSPARSE_REQUIRE_COOP=1 but the adapter offers no f16 cooperative matrices: {}",
+            caps.coop_status()
+        );
+    }
+    if no_coop {
+        assert_eq!(
+            caps.coop_tile, None,
+            "WGSPARSE_NO_COOP=1 must turn the coop path off"
+        );
+    }
+    if caps.coop_tile.is_some() {
+        "flash_attention_coop"
+    } else {
+        "flash_attention"
+    }
+}
+
+/// Every attention stage of the report ran `kernel`.
+fn assert_kernel(report: &AttentionReport, kernel: &str, what: &str) {
+    let attention: Vec<_> = report
+        .timing
+        .stages
+        .iter()
+        .filter(|s| {
+            s.variant
+                .as_deref()
+                .is_some_and(|v| v.starts_with("flash_attention"))
+        })
+        .collect();
+    assert!(
+        !attention.is_empty(),
+        "{what}: no attention stage in {report:?}"
+    );
+    for s in attention {
+        assert_eq!(
+            s.variant.as_deref(),
+            Some(kernel),
+            "{what}: stage {}",
+            s.name
+        );
+    }
+}
+
+#[test]
+fn dense_on_matrix_units_matches_the_cpu_twin() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let kernel = expected_kernel(&ctx);
+    let seed = common::seed();
+    let cases = [
+        (AttentionShape::new(2, 1, 77, 64), true),
+        (AttentionShape::new(4, 2, 45, 128), true),
+        (AttentionShape::new(3, 1, 19, 64), false),
+        (AttentionShape::new(2, 1, 40, 256), true),
+        (AttentionShape::new(2, 2, 9, 128), false),
+        (
+            AttentionShape {
+                kv_len: 71,
+                ..AttentionShape::new(2, 1, 30, 128)
+            },
+            true,
+        ),
+        (
+            AttentionShape {
+                kv_len: 37,
+                ..AttentionShape::new(2, 1, 60, 64)
+            },
+            false,
+        ),
+    ];
+    for (i, (shape, causal)) in cases.into_iter().enumerate() {
+        let v = dense_against_cpu_twin(&ctx, shape, DType::F16, causal, seed + i as u64).unwrap();
+        let what = format!("{shape:?} causal={causal}");
+        eprintln!("{what}: {:?}", v.errors);
+        assert_kernel(&v.report, kernel, &what);
+        assert!(
+            v.errors.max_abs_err <= dense_tolerance(DType::F16),
+            "{what}: {:?}",
+            v.errors
+        );
+    }
+}
+
+/// A random causal-ish LUT of `unit` entries per `q_block` rows, some rows empty.
+fn random_lut(shape: &AttentionShape, q_block: usize, unit: LutUnit, seed: u64) -> SparseLut {
+    let mut x = seed | 1;
+    let mut flip = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % 100 < 55
+    };
+    let n = shape.seq_len;
+    let width = match unit {
+        LutUnit::Blocks(b) => b,
+        LutUnit::Keys => 1,
+    };
+    SparseLut::from_fn(shape.q_heads, n, q_block, unit, |_, b| {
+        (0..n.div_ceil(width) as u32)
+            .filter(|&i| (i as usize * width) < (b + 2) * q_block && flip())
+            .collect()
+    })
+    .unwrap()
+}
+
+#[test]
+fn fixed_sparse_executors_on_matrix_units_match_the_cpu_twin() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let kernel = expected_kernel(&ctx);
+    let seed = common::seed();
+    let shape = AttentionShape::new(4, 2, 300, 128);
+    let (q, k, v) = qkv_host(&shape, seed);
+    let methods = [
+        Method::BlockSparse(Arc::new(random_lut(&shape, 64, LutUnit::Blocks(32), seed))),
+        Method::Stripes(Arc::new(random_lut(&shape, 64, LutUnit::Keys, seed ^ 9))),
+    ];
+    for method in methods {
+        let (got, _) =
+            method_against_cpu_twin(&ctx, shape, &method, DType::F16, true, (&q, &k, &v)).unwrap();
+        let what = method.name();
+        eprintln!(
+            "{what}: {:?}, density {:.3}",
+            got.errors, got.report.density
+        );
+        assert_kernel(&got.report, kernel, what);
+        assert!(
+            got.errors.max_abs_err <= dense_tolerance(DType::F16),
+            "{what}: {:?}",
+            got.errors
+        );
+    }
+}
+
+/// The two-pass selectors with both passes on matrix units: the output equals the host's
+/// exact pass continued over the LUT the device selected (the selection itself is
+/// checked against the host, up to rounding ties, by the selectors' own tests).
+#[test]
+fn selectors_on_matrix_units_match_the_host_over_their_selection() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let kernel = expected_kernel(&ctx);
+    let seed = common::seed();
+    let shape = AttentionShape::new(4, 2, 300, 128);
+    let (q, k, v) = common::planted_qkv(&shape, DType::F16, seed);
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    for spec in [
+        "sale:tau=0.01",
+        "anchor:theta=4,block=64,step=2,init_keys=128",
+    ] {
+        let method: Method = spec.parse().unwrap();
+        let (got, report, luts) = common::run_sparse(&ctx, shape, method, DType::F16, (&q, &k, &v));
+        let mut st = HostRowState::empty(&shape);
+        attention_cpu(
+            &shape,
+            &CpuAttention::sparse(scale, &luts[0]),
+            &q,
+            &k,
+            &v,
+            Some(&mut st),
+        );
+        let want = attention_cpu(
+            &shape,
+            &CpuAttention::sparse(scale, &luts[1]),
+            &q,
+            &k,
+            &v,
+            Some(&mut st),
+        );
+        let err = compare(&got, &want);
+        eprintln!("{spec}: {err:?}, density {:.3}", report.density);
+        assert_kernel(&report, kernel, spec);
+        assert!(report.density < 1.0, "{spec}: nothing skipped");
+        assert!(
+            err.max_abs_err <= dense_tolerance(DType::F16),
+            "{spec}: {err:?}"
+        );
+    }
+}
