@@ -726,4 +726,72 @@ mod tests {
     fn variants_cover_dims_and_dtypes() {
         assert_eq!(all_flash_variants().len(), 3 * 2 * 2 * 6 * 3);
     }
+
+    fn device(
+        coop: Option<u32>,
+        workgroup: u32,
+        subgroup: u32,
+    ) -> crate::runtime::context::Capabilities {
+        let mut c = crate::runtime::context::Context::cpu()
+            .capabilities()
+            .clone();
+        c.coop_tile = coop;
+        c.max_workgroup_storage = workgroup;
+        c.max_invocations = 1024;
+        c.subgroup_max_size = subgroup;
+        c
+    }
+
+    /// The one place the attention kernel is chosen: matrix units only with a coop tile,
+    /// f16 storage, a head_dim the tile divides and a tiling that fits the workgroup
+    /// memory and the key mode; the portable kernel otherwise (browsers, DX12, GL and
+    /// f32 plans never get the coop kernel).
+    #[test]
+    fn kernel_choice_follows_the_capabilities() {
+        let range = KeyMode::Range;
+        let h200 = device(Some(16), 48 * 1024, 32);
+        let lvp = device(Some(8), 32 * 1024, 8);
+        fn coop(
+            caps: &crate::runtime::context::Capabilities,
+            keys: KeyMode,
+            dtype: DType,
+            d: usize,
+        ) -> Option<(usize, usize, usize)> {
+            match FlashKernel::choose(caps, keys, dtype, d) {
+                FlashKernel::Coop(t) => Some((t.tile, t.bq, t.bk)),
+                FlashKernel::Portable(_) => None,
+            }
+        }
+        assert_eq!(coop(&h200, range, DType::F16, 128), Some((16, 32, 32)));
+        assert_eq!(coop(&h200, range, DType::F16, 64), Some((16, 64, 32)));
+        assert_eq!(coop(&lvp, range, DType::F16, 128), Some((8, 16, 16)));
+        assert_eq!(coop(&lvp, range, DType::F16, 256), Some((8, 8, 8)));
+        assert_eq!(coop(&h200, range, DType::F32, 128), None);
+        assert_eq!(coop(&h200, range, DType::F16, 72), None);
+        assert_eq!(
+            coop(&device(None, 48 * 1024, 32), range, DType::F16, 128),
+            None
+        );
+        // WebGPU's default 16 KiB of workgroup memory: no tiling fits at d = 128.
+        assert_eq!(
+            coop(&device(Some(16), 16 * 1024, 32), range, DType::F16, 128),
+            None
+        );
+        // A workgroup's rows lie in one LUT row; LUT key blocks hold whole key steps.
+        let blocks = KeyMode::Blocks {
+            q_block: 64,
+            key_block: 32,
+        };
+        assert_eq!(coop(&h200, blocks, DType::F16, 128), Some((16, 32, 32)));
+        let narrow = KeyMode::Blocks {
+            q_block: 16,
+            key_block: 16,
+        };
+        assert_eq!(coop(&h200, narrow, DType::F16, 128), Some((16, 16, 16)));
+        // Subgroups wider than the workgroup: portable.
+        assert_eq!(
+            coop(&device(Some(16), 48 * 1024, 256), range, DType::F16, 128),
+            None
+        );
+    }
 }

@@ -746,4 +746,71 @@ mod tests {
         assert_eq!(c.backend(), Backend::Cpu);
         assert!(!c.same_device(&Context::cpu()));
     }
+
+    fn info(subgroup: u32) -> wgpu::AdapterInfo {
+        wgpu::AdapterInfo {
+            name: "fake".into(),
+            vendor: 0,
+            device: 0,
+            device_type: wgpu::DeviceType::DiscreteGpu,
+            device_pci_bus_id: String::new(),
+            driver: String::new(),
+            driver_info: String::new(),
+            backend: wgpu::Backend::Vulkan,
+            subgroup_min_size: subgroup,
+            subgroup_max_size: subgroup,
+            transient_saves_memory: None,
+            limit_bucket: None,
+        }
+    }
+
+    fn shape(t: u32, cr: wgpu::CooperativeScalarType) -> wgpu::CooperativeMatrixProperties {
+        wgpu::CooperativeMatrixProperties {
+            m_size: t,
+            n_size: t,
+            k_size: t,
+            ab_type: wgpu::CooperativeScalarType::F16,
+            cr_type: cr,
+            saturating_accumulation: false,
+        }
+    }
+
+    /// The matrix-unit tile comes from the device's features and shapes, from nothing
+    /// else: no feature (DX12, GL, the browser, a device opened without it) or no f16
+    /// accumulate-in-f32 shape means no coop path; `no_coop` turns it off.
+    #[test]
+    fn coop_tile_follows_features_shapes_and_the_switch() {
+        use wgpu::CooperativeScalarType::{F16, F32};
+        let all = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        let limits = wgpu::Limits::default();
+        let dl = wgpu::DownlevelFlags::all();
+        let caps = |features, shapes: &[wgpu::CooperativeMatrixProperties], no_coop| {
+            let o = LimitOverrides {
+                no_coop,
+                ..Default::default()
+            };
+            Capabilities::from_adapter(features, dl, &limits, &info(32), shapes, o)
+        };
+        let nv = [shape(16, F16), shape(16, F32), shape(8, F32)];
+        let lvp = [shape(8, F16), shape(8, F32)];
+        assert_eq!(caps(all, &nv, false).coop_tile, Some(16));
+        assert_eq!(caps(all, &lvp, false).coop_tile, Some(8));
+        assert_eq!(caps(all, &[shape(8, F16)], false).coop_tile, None);
+        assert_eq!(caps(all, &nv, true).coop_tile, None);
+        assert!(
+            caps(all, &nv, true)
+                .coop_status()
+                .contains("WGSPARSE_NO_COOP")
+        );
+        let no_feature = all - wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        assert_eq!(caps(no_feature, &nv, false).coop_tile, None);
+        assert!(caps(no_feature, &nv, false).coop_matrix.is_empty());
+        let no_f16 = all - wgpu::Features::SHADER_F16;
+        assert_eq!(caps(no_f16, &nv, false).coop_tile, None);
+        let no_subgroups = all - wgpu::Features::SUBGROUP;
+        assert_eq!(caps(no_subgroups, &nv, false).coop_tile, None);
+        assert_eq!(Capabilities::cpu().coop_tile, None);
+    }
 }
