@@ -9,7 +9,8 @@
 # so the crate's matrix-unit kernels run, and are tested, on the CPU.
 #
 # The first call builds a small Debian 13 root with that driver (debootstrap, then the
-# backports' mesa-vulkan-drivers: a few minutes, ~250 MB, once per machine) under
+# backports' mesa-vulkan-drivers, and spirv-tools, whose spirv-val knows
+# SPV_KHR_cooperative_matrix: a few minutes, ~250 MB, once per machine) under
 # $WGSPARSE_COOP_ROOT (default /var/tmp/wgsparse-trixie). Every call then runs CMD inside
 # it, in the current directory (bind-mounted at the same path), with the Vulkan loader
 # pointed at lavapipe. Programs built on this host run there unchanged (trixie's glibc is
@@ -54,7 +55,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
     mount --bind /proc "$tmp/proc"
     local ok=0
-    chroot "$tmp" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t trixie-backports mesa-vulkan-drivers libvulkan1 >/dev/null' || ok=$?
+    chroot "$tmp" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t trixie-backports mesa-vulkan-drivers libvulkan1 spirv-tools >/dev/null' || ok=$?
     umount "$tmp/proc"
     [ "$ok" = 0 ] || { say "installing Mesa in the root failed"; exit 1; }
     mv "$tmp" "$root"
@@ -62,6 +63,17 @@ EOF
 }
 
 [ -e "$root/.wgsparse-ready" ] || build_root
+if [ ! -x "$root/usr/bin/spirv-val" ]; then
+    # A root made before spirv-tools was part of it.
+    say "installing spirv-tools in $root"
+    mount --bind /proc "$root/proc"
+    chroot "$root" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t trixie-backports spirv-tools >/dev/null' || {
+        umount "$root/proc"
+        say "installing spirv-tools in the root failed"
+        exit 1
+    }
+    umount "$root/proc"
+fi
 
 here=$(pwd)
 mkdir -p "$root$here" "$root/tmp"

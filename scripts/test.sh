@@ -126,6 +126,12 @@ for line in sys.stdin:
             WGSPARSE_NO_COOP=1 bash scripts/coop-lavapipe.sh "$bin" --test-threads 1
         fi
     done <<<"$coop_bins"
+    say "  spirv-val (SPV_KHR_cooperative_matrix) on every matrix-unit variant, tile 8 and 16"
+    rm -rf target/coop-spirv
+    WGSPARSE_SPIRV_OUT=target/coop-spirv cargo test --locked --test portability coop_variants -- --quiet
+    bash scripts/coop-lavapipe.sh sh -c 'n=0; for f in target/coop-spirv/*.spv; do
+        spirv-val --target-env vulkan1.3 "$f" || { echo "spirv-val rejected $f"; exit 1; }
+        n=$((n + 1)); done; [ "$n" -gt 0 ] || { echo "no SPIR-V written"; exit 1; }; echo "spirv-val: $n modules valid"'
 fi
 say "cargo build --benches --examples (debug: they must compile)"
 cargo build --locked --benches --examples

@@ -672,8 +672,19 @@ fn coop_variants_translate_to_spirv_and_msl() {
                 shader_stage: ShaderStage::Compute,
                 entry_point: spec.entry.to_string(),
             };
-            if let Err(e) = spv::write_vec(&module, &info, &options, Some(&pipeline)) {
-                failures.push(format!("{label}: SPIR-V: {e}"));
+            match spv::write_vec(&module, &info, &options, Some(&pipeline)) {
+                Err(e) => failures.push(format!("{label}: SPIR-V: {e}")),
+                // The test script validates these with a spirv-val that knows
+                // SPV_KHR_cooperative_matrix (Debian 13's, in the coop root).
+                Ok(words) => {
+                    if let Some(dir) = std::env::var_os("WGSPARSE_SPIRV_OUT") {
+                        let dir = std::path::Path::new(&dir);
+                        std::fs::create_dir_all(dir).unwrap();
+                        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                        let name = format!("t{tile}_{count:03}_{}.spv", spec.entry);
+                        std::fs::write(dir.join(name), bytes).unwrap();
+                    }
+                }
             }
             if tile == 8 {
                 let options = msl::Options {
