@@ -106,7 +106,7 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     # root (built once by scripts/coop-lavapipe.sh), with the coop path required, and
     # the coop tests once more with it turned off.
     say "matrix-unit kernels on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh; WGSPARSE_SKIP_COOP=1 skips)"
-    coop_bins=$(cargo test --locked --no-run --message-format=json \
+    coop_bins=$(cargo test --locked --no-run --message-format=json --lib \
         --test coop --test dense_attention --test sparse_attention --test sale 2>/dev/null |
         python3 -c 'import json, sys
 for line in sys.stdin:
@@ -114,7 +114,7 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in (["test"], ["lib"]):
         print(m["target"]["name"], m["executable"])')
     [ -n "$coop_bins" ] || { say "no test binaries found for the matrix-unit run"; exit 1; }
     while read -r name bin; do

@@ -71,5 +71,7 @@ pub fn all_kernel_variants() -> Vec<runtime::KernelSpec> {
 /// Every matrix-unit (cooperative-matrix) variant at tile `tile` (8 or 16): SPIR-V and
 /// MSL only, so kept apart from [`all_kernel_variants`].
 pub fn all_coop_variants(tile: usize) -> Vec<runtime::KernelSpec> {
-    attention::flash::all_coop_flash_variants(tile)
+    let mut v = attention::flash::all_coop_flash_variants(tile);
+    v.extend(attention::select::sale::all_coop_sale_variants(tile));
+    v
 }

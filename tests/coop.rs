@@ -206,3 +206,47 @@ fn selectors_on_matrix_units_match_the_host_over_their_selection() {
         );
     }
 }
+
+/// SALE's estimation on matrix units computes the same integers as the integer path, so
+/// the selection is bit-identical: with f32 storage (both contexts then run the same
+/// portable attention kernel) the selected LUTs and the outputs of a matrix-unit context
+/// and a `no_coop` context on the same device are equal, int4 and int8, d 64/128/256.
+#[test]
+fn sale_estimation_on_matrix_units_is_bit_identical() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let coop_expected = expected_kernel(&ctx) == "flash_attention_coop";
+    let plain = Context::new_blocking(wgsparse::ContextOptions {
+        no_coop: true,
+        require_gpu: true,
+        ..wgsparse::ContextOptions::from_env().unwrap()
+    })
+    .unwrap();
+    assert_eq!(plain.capabilities().coop_tile, None);
+    let seed = common::seed();
+    for (i, (d, bits)) in [(64, 4), (128, 8), (256, 4)].into_iter().enumerate() {
+        let shape = AttentionShape::new(2, 1, 333, d);
+        let (q, k, v) = common::planted_qkv(&shape, DType::F32, seed + i as u64);
+        let method: Method = format!("sale:tau=0.01,bits={bits}").parse().unwrap();
+        let run =
+            |c: &Context| common::run_sparse(c, shape, method.clone(), DType::F32, (&q, &k, &v));
+        let (out_c, rep_c, luts_c) = run(&ctx);
+        let (out_p, rep_p, luts_p) = run(&plain);
+        let estimate = |r: &AttentionReport| {
+            r.timing
+                .stages
+                .iter()
+                .find(|s| s.name == "estimate")
+                .and_then(|s| s.variant.clone())
+        };
+        let want = if coop_expected {
+            "sale_estimate_coop"
+        } else {
+            "sale_estimate"
+        };
+        assert_eq!(estimate(&rep_c).as_deref(), Some(want), "d {d} int{bits}");
+        assert_eq!(estimate(&rep_p).as_deref(), Some("sale_estimate"));
+        assert_eq!(luts_c[1], luts_p[1], "d {d} int{bits}: selections differ");
+        assert!(rep_c.density < 1.0, "d {d} int{bits}: nothing skipped");
+        assert_eq!(out_c, out_p, "d {d} int{bits}: outputs differ");
+    }
+}

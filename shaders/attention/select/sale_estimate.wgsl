@@ -17,6 +17,18 @@
 //                chunk's offset (set bits of the row's earlier chunks) in the row's slice
 //                of the LUT; chunk 0 also writes the row's LUT range.
 // Constants: D (head_dim), BITS (4 or 8), LOCAL_BLOCKS (local window / 32).
+//
+// COOP (entry sale_estimate_coop): the integer dot products on matrix units. The codes
+// (|c| ≤ 127) widened to f16 are exact, their products (|p| ≤ 16129) too, and the f32
+// sums of at most 256 of them stay below 2^24, so every dot product is the exact
+// integer the plain path computes and the block decisions are bit-identical. Q's codes
+// of a 32-dimension chunk are unpacked from the packed tile, K's from the key block in
+// global memory, and the 64 × 32 dot tile accumulates in workgroup memory over the
+// chunks (T × T tiles spread over the subgroups; TILE16: T = 16, else 8).
+#ifdef COOP
+enable f16;
+enable wgpu_cooperative_matrix;
+#endif
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
@@ -54,8 +66,36 @@ fn cand_end(qb: u32) -> u32 {
 #endif
 
 var<workgroup> q_tile: array<u32, BQ * WORDS>;   // the query block's packed rows
+#ifndef COOP
 var<workgroup> k_tile: array<u32, BK * WORDS>;   // one key block's packed rows
+#endif
 var<workgroup> selected: atomic<u32>;
+
+#ifdef COOP
+#ifdef TILE16
+alias MatA = coop_mat16x16<f16, A>;
+alias MatB = coop_mat16x16<f16, B>;
+alias MatC = coop_mat16x16<f32, C>;
+const T: u32 = 16u;
+#else
+alias MatA = coop_mat8x8<f16, A>;
+alias MatB = coop_mat8x8<f16, B>;
+alias MatC = coop_mat8x8<f32, C>;
+const T: u32 = 8u;
+#endif
+const DCH: u32 = 32u;                              // dimensions per chunk
+var<workgroup> q_h: array<f16, BQ * DCH>;          // Q codes of the chunk [BQ][DCH]
+var<workgroup> k_h: array<f16, BK * DCH>;          // K codes of the chunk [BK][DCH]
+var<workgroup> dot_s: array<f32, BQ * BK>;         // dot products [BQ][BK]
+
+// The signed code of channel c from the packed word holding it, as f16 (exact).
+fn code_of(word: u32, c: u32) -> f16 {
+    let shift = (c % PER_WORD) * BITS;
+    let v = bitcast<i32>(word << (32u - BITS - shift)) >> (32u - BITS);
+    return f16(v);
+}
+
+#endif
 
 #ifdef INT_DOT4
 fn dot4(a: u32, b: u32) -> i32 {
@@ -73,19 +113,33 @@ fn dot4(a: u32, b: u32) -> i32 {
 #endif
 
 @compute @workgroup_size(64)
+#ifdef COOP
+fn sale_estimate_coop(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sid: u32,
+    @builtin(num_subgroups) nsg: u32,
+) {
+#else
 fn sale_estimate(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+#endif
     let chunk = wg.x;
     let qb = wg.y;
     let h = wg.z;
     let n = p.seq_len;
     let kb0 = 1u + chunk * CHUNK_BLOCKS;
     let kb_end = min(kb0 + CHUNK_BLOCKS, cand_end(qb));
+#ifndef COOP
     if kb0 >= kb_end {
         return;  // workgroup-uniform: no candidates in this chunk
     }
+#endif
+    // (COOP: no early return, which naga would take as non-uniform flow around the
+    // cooperative operations; the key-block loop below is then empty, and the chunk's
+    // flag word is written as 0.)
     let kvh = h / p.group;
     for (var i = lid; i < BQ * WORDS; i += 64u) {
         let row = qb * BQ + i / WORDS;
@@ -121,6 +175,53 @@ fn sale_estimate(
     }
     #endunroll
     for (var kb = kb0; kb < kb_end; kb++) {
+#ifdef COOP
+        // dot_s = Q'·K'ᵀ of the query block and key block kb, exactly (inline: the
+        // coop operations need the entry point's subgroup-uniform control flow).
+        workgroupBarrier();
+        for (var i = lid; i < BQ * BK; i += 64u) {
+            dot_s[i] = 0.0;
+        }
+        for (var dc = 0u; dc < D / DCH; dc++) {
+            workgroupBarrier();
+            for (var i = lid; i < BQ * DCH; i += 64u) {
+                let c = dc * DCH + i % DCH;
+                q_h[i] = code_of(q_tile[(i / DCH) * WORDS + c / PER_WORD], c);
+            }
+            for (var i = lid; i < BK * DCH; i += 64u) {
+                let c = dc * DCH + i % DCH;
+                k_h[i] = code_of(kq[(kvh * n + kb * BK + i / DCH) * WORDS + c / PER_WORD], c);
+            }
+            workgroupBarrier();
+            for (var t = sid; t < (BQ / T) * (BK / T); t += nsg) {
+                let rt = t / (BK / T);
+                let kt = t % (BK / T);
+                let o = rt * T * BK + kt * T;
+                var acc = coopLoadT<MatC>(&dot_s[o], BK);
+                for (var ks = 0u; ks < DCH / T; ks++) {
+                    let qa = rt * T * DCH + ks * T;
+                    let kb_ = kt * T * DCH + ks * T;
+                    let a = coopLoadT<MatA>(&q_h[qa], DCH);
+                    let b = coopLoad<MatB>(&k_h[kb_], DCH);
+                    acc = coopMultiplyAdd(a, b, acc);
+                }
+                coopStoreT(acc, &dot_s[o], BK);
+            }
+        }
+        workgroupBarrier();
+        // The exact integer products, in the plain path's units (int4: 256×).
+        var acc: array<i32, 32>;
+        for (var t = 0u; t < 4u; t++) {
+            for (var u = 0u; u < 8u; u++) {
+                let v = i32(dot_s[(rg + 16u * t) * BK + kg + 4u * u]);
+#ifdef INT4
+                acc[t * 8u + u] = v * 256;
+#else
+                acc[t * 8u + u] = v;
+#endif
+            }
+        }
+#else
         workgroupBarrier();  // the previous block's tile is no longer read
         for (var i = lid; i < BK * WORDS; i += 64u) {
             k_tile[i] = kq[(kvh * n + kb * BK) * WORDS + i];
@@ -184,6 +285,7 @@ fn sale_estimate(
             #endunroll
 #endif
         }
+#endif
 #endif
 #ifdef WRITE_DOTS
         #unroll t 4

@@ -584,11 +584,13 @@ enum Stage {
 
 /// How the estimation kernel is built: `dot4I8Packed` or plain integer products, and
 /// the unrolled register tile (native) or plain loops (the browser: Chromium's
-/// SwiftShader loses the device compiling the unrolled body).
+/// SwiftShader loses the device compiling the unrolled body) — or the dot products on
+/// matrix units with this cooperative-matrix tile (exact: the same integers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct EstimateVariant {
-    dot4: bool,
-    portable_loops: bool,
+pub(crate) struct EstimateVariant {
+    pub(crate) dot4: bool,
+    pub(crate) portable_loops: bool,
+    pub(crate) coop: Option<usize>,
 }
 
 fn sale_spec(
@@ -613,6 +615,8 @@ fn sale_spec(
             .flag(flag)
             .flag_if("INT4", bits == 4)
             .flag_if("INT_DOT4", ev.dot4)
+            .flag_if("COOP", ev.coop.is_some() && stage != Stage::Compact)
+            .flag_if("TILE16", ev.coop == Some(16) && stage != Stage::Compact)
             .flag_if(
                 "PORTABLE_LOOPS",
                 ev.portable_loops && stage != Stage::Compact,
@@ -642,7 +646,11 @@ fn sale_spec(
         ),
         Stage::Estimate | Stage::Dots => (
             "attention/select/sale_estimate.wgsl",
-            "sale_estimate",
+            if ev.coop.is_some() {
+                "sale_estimate_coop"
+            } else {
+                "sale_estimate"
+            },
             est("STAGE_ESTIMATE").flag_if("WRITE_DOTS", stage == Stage::Dots),
             BindingKind::layout("urrrrrrw"),
         ),
@@ -669,6 +677,32 @@ pub fn estimate_workgroup_bytes(head_dim: usize, bits: u32) -> u32 {
     ((BLOCK_Q + BLOCK_K) * words * 4 + 4) as u32
 }
 
+/// Workgroup memory of the matrix-unit estimation: the query block's packed rows, one
+/// 32-dimension chunk of Q and K codes as f16, and the f32 dot tile.
+pub fn estimate_coop_workgroup_bytes(head_dim: usize, bits: u32) -> u32 {
+    let words = QuantizedQk::words(bits, head_dim);
+    (BLOCK_Q * words * 4 + 4 + (BLOCK_Q + BLOCK_K) * 32 * 2 + BLOCK_Q * BLOCK_K * 4) as u32
+}
+
+/// The estimation variant for a device: matrix units when it has a coop tile, f16 and
+/// the memory (the decisions are bit-identical either way), else integer products.
+pub(crate) fn estimate_variant(
+    caps: &crate::runtime::context::Capabilities,
+    browser: bool,
+    head_dim: usize,
+    bits: u32,
+) -> EstimateVariant {
+    let coop = caps.coop_tile.map(|t| t as usize).filter(|_| {
+        estimate_coop_workgroup_bytes(head_dim, bits) <= caps.max_workgroup_storage
+            && 64usize.is_multiple_of(caps.subgroup_max_size.max(1) as usize)
+    });
+    EstimateVariant {
+        dot4: caps.int_dot4,
+        portable_loops: browser,
+        coop,
+    }
+}
+
 /// Every SALE kernel variant (shader dump and portability tests): d = 64/128/256,
 /// int4/int8, f32/f16 storage, with and without `dot4I8Packed`, the test-only dot
 /// product output included.
@@ -686,6 +720,7 @@ pub fn all_sale_variants() -> Vec<KernelSpec> {
                     let ev = EstimateVariant {
                         dot4: true,
                         portable_loops: false,
+                        coop: None,
                     };
                     out.push(sale_spec(stage, d, bits, 128, dtype, ev));
                 }
@@ -695,6 +730,7 @@ pub fn all_sale_variants() -> Vec<KernelSpec> {
                     let ev = EstimateVariant {
                         dot4,
                         portable_loops,
+                        coop: None,
                     };
                     for stage in [Stage::Estimate, Stage::Dots] {
                         out.push(sale_spec(stage, d, bits, 128, DType::F32, ev));
@@ -704,8 +740,28 @@ pub fn all_sale_variants() -> Vec<KernelSpec> {
             let ev = EstimateVariant {
                 dot4: false,
                 portable_loops: false,
+                coop: None,
             };
             out.push(sale_spec(Stage::Compact, d, bits, 128, DType::F32, ev));
+        }
+    }
+    out
+}
+
+/// Every matrix-unit estimation variant at tile `tile` (8 or 16): d = 64/128/256,
+/// int4/int8, the selection and the test-only dot product output.
+pub fn all_coop_sale_variants(tile: usize) -> Vec<KernelSpec> {
+    let ev = EstimateVariant {
+        dot4: false,
+        portable_loops: false,
+        coop: Some(tile),
+    };
+    let mut out = vec![];
+    for d in [64, 128, 256] {
+        for bits in [4, 8] {
+            for stage in [Stage::Estimate, Stage::Dots] {
+                out.push(sale_spec(stage, d, bits, 128, DType::F32, ev));
+            }
         }
     }
     out
@@ -787,8 +843,10 @@ impl SaleSelectGpu {
         let mean_chunks = n.div_ceil(MEAN_CHUNK_ROWS);
         let words = QuantizedQk::words(cfg.bits, d);
         debug_assert_eq!(b.layout.capacity.len(), hq * n_qb);
+        let browser = ctx.backend() == crate::runtime::context::Backend::BrowserWebGpu;
+        let ev = estimate_variant(caps, browser, d, cfg.bits);
         let need_wg = estimate_workgroup_bytes(d, cfg.bits);
-        if need_wg > caps.max_workgroup_storage {
+        if need_wg > caps.max_workgroup_storage && ev.coop.is_none() {
             return Err(Error::too_large(
                 format!(
                     "sale estimation workgroup memory (d {d}, int{}; int4 needs less)",
@@ -829,10 +887,6 @@ impl SaleSelectGpu {
             _pad: [0; 2],
         };
         let d4 = (d / 4) as u64;
-        let ev = EstimateVariant {
-            dot4: caps.int_dot4,
-            portable_loops: ctx.backend() == crate::runtime::context::Backend::BrowserWebGpu,
-        };
         let spec = |s| sale_spec(s, d, cfg.bits, cfg.local, opts.dtype, ev);
         let quant = |s| Launch::new(ctx, &spec(s), &qp);
         let est = |s| Launch::new(ctx, &spec(s), &ep);
@@ -958,7 +1012,7 @@ impl SaleSelectGpu {
         ml: &wgpu::Buffer,
         quant: &QuantizedQk,
         fill: i32,
-        (dot4, portable_loops): (bool, bool),
+        (dot4, portable_loops, coop): (bool, bool, Option<usize>),
     ) -> Result<Vec<i32>> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let (hq, n, d) = (self.shape.q_heads, self.shape.seq_len, self.shape.head_dim);
@@ -973,6 +1027,7 @@ impl SaleSelectGpu {
             EstimateVariant {
                 dot4,
                 portable_loops,
+                coop,
             },
         );
         let launch = Launch::new(ctx, &spec, &self.est_params)?;
@@ -1166,13 +1221,20 @@ mod tests {
                 }
             }
             let fill = i32::MIN;
-            for (dot4, portable) in [(true, false), (false, false), (true, true), (false, true)] {
+            // Every integer variant, and the matrix-unit one where the device has it:
+            // the same exact integers.
+            let coop = ctx.capabilities().coop_tile.map(|t| t as usize);
+            let variants = [(true, false), (false, false), (true, true), (false, true)]
+                .map(|(d, p)| (d, p, None))
+                .into_iter()
+                .chain(coop.map(|t| (false, false, Some(t))));
+            for (dot4, portable, coop) in variants {
                 let dots = pollster::block_on(sg.dots(
                     &ctx,
                     exec.ml_buffer(),
                     &gq,
                     fill,
-                    (dot4, portable),
+                    (dot4, portable, coop),
                 ))
                 .unwrap();
                 let n = shape.seq_len;
@@ -1187,7 +1249,7 @@ mod tests {
                                 assert_eq!(
                                     got,
                                     gq.int_dot(&shape, h, i, j),
-                                    "bits {bits} dot4 {dot4} h {h} i {i} j {j}"
+                                    "bits {bits} dot4 {dot4} coop {coop:?} h {h} i {i} j {j}"
                                 );
                                 checked += 1;
                             } else {

@@ -20,9 +20,11 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
     } else {
         "portable (no matrix-unit kernel for this family yet)"
     };
+    // SALE's estimation takes the same switch (its matrix-unit variant computes the same
+    // integers); the GEMMs have no matrix-unit kernel yet.
     let kernels = json!({
-        "attention": attention,
-        "sale_estimate": portable, "moe": portable, "linear": portable,
+        "attention": attention, "sale_estimate": attention,
+        "moe": portable, "linear": portable,
     });
     if json_out {
         let v = json!({
@@ -65,7 +67,7 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
         }
     }
     println!("chosen: {} on {}", ctx.adapter_name(), ctx.backend());
-    println!("  attention kernels: {attention}");
-    println!("  SALE estimation, MoE, linear kernels: {portable}");
+    println!("  attention and SALE estimation kernels: {attention}");
+    println!("  MoE and linear kernels: {portable}");
     Ok(())
 }
