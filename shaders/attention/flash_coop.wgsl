@@ -22,25 +22,12 @@
 // (threads). Storage is f16 (STORE_F16): the f16 operands are the stored values
 // themselves.
 
-enable f16;
-enable wgpu_cooperative_matrix;
-
 #include "common/storage.wgsl"
 #include "common/online_softmax.wgsl"
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
-#ifdef TILE16
-alias MatA = coop_mat16x16<f16, A>;
-alias MatB = coop_mat16x16<f16, B>;
-alias MatC = coop_mat16x16<f32, C>;
-const T: u32 = 16u;
-#else
-alias MatA = coop_mat8x8<f16, A>;
-alias MatB = coop_mat8x8<f16, B>;
-alias MatC = coop_mat8x8<f32, C>;
-const T: u32 = 8u;
-#endif
+#include "common/coop.wgsl"
 
 const RT: u32 = BQ / T;   // row tiles
 const KT: u32 = BK / T;   // key tiles per key block

@@ -364,6 +364,19 @@ fn kernel_spec(
     }
 }
 
+/// Every row-state variant a plan can ask for (import, export, write: at least one
+/// output) with every key source.
+fn run_variants() -> impl Iterator<Item = (Variant, KeyFlag)> {
+    (0..8u8)
+        .map(|bits| Variant {
+            import: bits & 1 != 0,
+            export: bits & 2 != 0,
+            write: bits & 4 != 0,
+        })
+        .filter(|v| v.export || v.write)
+        .flat_map(|v| [KeyFlag::Range, KeyFlag::Blocks, KeyFlag::Gather].map(|k| (v, k)))
+}
+
 /// Every variant the dense family can compile, for the shader dump and portability tests.
 /// Each needs [`dense_workgroup_bytes`] of workgroup memory; `BQ=32` fits WebGPU's
 /// 16 KiB default (the portable fallback).
@@ -375,17 +388,8 @@ pub fn all_flash_variants() -> Vec<KernelSpec> {
         .flat_map(|d| tiles.map(move |t| (d, t)))
     {
         for dtype in [DType::F32, DType::F16] {
-            for bits in 0..8u8 {
-                let v = Variant {
-                    import: bits & 1 != 0,
-                    export: bits & 2 != 0,
-                    write: bits & 4 != 0,
-                };
-                if v.export || v.write {
-                    for keys in [KeyFlag::Range, KeyFlag::Blocks, KeyFlag::Gather] {
-                        out.push(kernel_spec(d, dtype, tiles, v, keys));
-                    }
-                }
+            for (v, keys) in run_variants() {
+                out.push(kernel_spec(d, dtype, tiles, v, keys));
             }
         }
     }
@@ -405,17 +409,8 @@ pub fn all_coop_flash_variants(tile: usize) -> Vec<KernelSpec> {
             bk: bq.min(32),
             wg: 128,
         });
-        for bits in 0..8u8 {
-            let v = Variant {
-                import: bits & 1 != 0,
-                export: bits & 2 != 0,
-                write: bits & 4 != 0,
-            };
-            if v.export || v.write {
-                for keys in [KeyFlag::Range, KeyFlag::Blocks, KeyFlag::Gather] {
-                    out.push(kernel_spec(d, DType::F16, kernel, v, keys));
-                }
-            }
+        for (v, keys) in run_variants() {
+            out.push(kernel_spec(d, DType::F16, kernel, v, keys));
         }
     }
     out

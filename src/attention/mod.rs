@@ -776,12 +776,7 @@ impl AttentionPlan {
             method: self.method.name().into(),
             backend: Backend::Cpu,
             timing: Report {
-                stages: vec![StageTime {
-                    name: self.method.name().into(),
-                    ms: Some(ms),
-                    dispatches: 1,
-                    variant: Some("cpu".into()),
-                }],
+                stages: vec![StageTime::host(self.method.name(), ms)],
                 wall_ms: ms,
                 gpu_ms: None,
                 timing: "wall".into(),

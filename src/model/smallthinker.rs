@@ -511,12 +511,7 @@ impl DecoderLayerPlan {
                 let ms = start.elapsed().as_secs_f64() * 1e3;
                 *out.host_mut().expect("CPU tensor") = HostData::F32(r.out);
                 let timing = Report {
-                    stages: vec![StageTime {
-                        name: "layer_cpu".into(),
-                        ms: Some(ms),
-                        dispatches: 1,
-                        variant: Some("cpu".into()),
-                    }],
+                    stages: vec![StageTime::host("layer_cpu", ms)],
                     wall_ms: ms,
                     gpu_ms: None,
                     timing: "wall".into(),

@@ -838,12 +838,7 @@ impl MoePlan {
         let c = &self.cfg;
         let mut stages = vec![];
         let mut timed = |name: &str, start: Instant| {
-            stages.push(StageTime {
-                name: name.into(),
-                ms: Some(start.elapsed().as_secs_f64() * 1e3),
-                dispatches: 1,
-                variant: Some("cpu".into()),
-            })
+            stages.push(StageTime::host(name, start.elapsed().as_secs_f64() * 1e3))
         };
         let total = Instant::now();
         let s = Instant::now();

@@ -31,6 +31,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention/flash_coop.wgsl"),
     ),
     (
+        "common/coop.wgsl",
+        include_str!("../../shaders/common/coop.wgsl"),
+    ),
+    (
         "common/compact.wgsl",
         include_str!("../../shaders/common/compact.wgsl"),
     ),

@@ -29,6 +29,18 @@ pub struct StageTime {
     pub variant: Option<String>,
 }
 
+impl StageTime {
+    /// A stage the host ran (the CPU path), timed by the host clock.
+    pub fn host(name: &str, ms: f64) -> Self {
+        StageTime {
+            name: name.to_string(),
+            ms: Some(ms),
+            dispatches: 1,
+            variant: Some("cpu".into()),
+        }
+    }
+}
+
 /// Timing report of one submission.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {

@@ -25,10 +25,6 @@
 // of a 32-dimension chunk are unpacked from the packed tile, K's from the key block in
 // global memory, and the 64 × 32 dot tile accumulates in workgroup memory over the
 // chunks (T × T tiles spread over the subgroups; TILE16: T = 16, else 8).
-#ifdef COOP
-enable f16;
-enable wgpu_cooperative_matrix;
-#endif
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
@@ -72,17 +68,7 @@ var<workgroup> k_tile: array<u32, BK * WORDS>;   // one key block's packed rows
 var<workgroup> selected: atomic<u32>;
 
 #ifdef COOP
-#ifdef TILE16
-alias MatA = coop_mat16x16<f16, A>;
-alias MatB = coop_mat16x16<f16, B>;
-alias MatC = coop_mat16x16<f32, C>;
-const T: u32 = 16u;
-#else
-alias MatA = coop_mat8x8<f16, A>;
-alias MatB = coop_mat8x8<f16, B>;
-alias MatC = coop_mat8x8<f32, C>;
-const T: u32 = 8u;
-#endif
+#include "common/coop.wgsl"
 const DCH: u32 = 32u;                              // dimensions per chunk
 var<workgroup> q_h: array<f16, BQ * DCH>;          // Q codes of the chunk [BQ][DCH]
 var<workgroup> k_h: array<f16, BK * DCH>;          // K codes of the chunk [BK][DCH]
