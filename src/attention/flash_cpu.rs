@@ -707,23 +707,6 @@ pub fn attention_cpu(
     attention_with(shape, opts, q, k, v, state, true)
 }
 
-/// Dense attention with the SIMD dispatch switchable (tests).
-#[cfg(test)]
-#[allow(clippy::too_many_arguments)]
-fn dense_attention_with(
-    shape: &AttentionShape,
-    causal: bool,
-    scale: f32,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    state: Option<&mut HostRowState>,
-    allow_simd: bool,
-) -> Vec<f32> {
-    let opts = CpuAttention::dense(causal, scale);
-    attention_with(shape, &opts, q, k, v, state, allow_simd)
-}
-
 /// [`attention_cpu`] with the run-time SIMD dispatch switchable, so that tests on an
 /// AVX2 machine also cover the portable path.
 fn attention_with(
@@ -943,7 +926,8 @@ mod tests {
             let scale = 1.0 / (shape.head_dim as f32).sqrt();
             let want = naive_attention(&shape, causal, scale, &q, &k, &v);
             for simd in [false, true] {
-                let got = dense_attention_with(&shape, causal, scale, &q, &k, &v, None, simd);
+                let dense = CpuAttention::dense(causal, scale);
+                let got = attention_with(&shape, &dense, &q, &k, &v, None, simd);
                 let err = got
                     .iter()
                     .zip(&want)
@@ -969,8 +953,9 @@ mod tests {
             let (k0, k1) = (&k[..25 * d], &k[25 * d..]);
             let (v0, v1) = (&v[..25 * d], &v[25 * d..]);
             let part = AttentionShape { kv_len: 25, ..full };
-            dense_attention_with(&part, false, 0.125, &q, k0, v0, Some(&mut st), simd);
-            let got = dense_attention_with(&part, false, 0.125, &q, k1, v1, Some(&mut st), simd);
+            let dense = CpuAttention::dense(false, 0.125);
+            attention_with(&part, &dense, &q, k0, v0, Some(&mut st), simd);
+            let got = attention_with(&part, &dense, &q, k1, v1, Some(&mut st), simd);
             let err = got
                 .iter()
                 .zip(&want)
