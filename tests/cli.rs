@@ -133,3 +133,29 @@ fn anchor_check_on_a_data_file_has_the_quality_keys() {
     assert!(!ok);
     assert!(err.contains("theta"), "{err}");
 }
+
+#[test]
+fn tune_times_the_candidates_and_writes_the_table() {
+    if common::gpu(None).is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("wgsparse-cli-tune-{}", std::process::id()));
+    let file = dir.join("tune.json");
+    let (ok, out, err) = common::wgsparse_line(&format!(
+        "tune --seq-len 96 --head-dims 64,128 --iters 1 --json --out {}",
+        file.display()
+    ));
+    assert!(ok, "{err}");
+    let v = common::one_json(&out);
+    let timings = v["timings"].as_array().unwrap();
+    assert!(timings.len() >= 2, "{v}");
+    assert!(timings.iter().all(|t| t["ms"].as_f64().unwrap() > 0.0));
+    let table: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let adapter = v["adapter"].as_str().unwrap();
+    for d in ["64", "128"] {
+        let k = &table["adapters"][adapter][d]["kernel"];
+        assert!(k == "portable" || k == "coop", "{table}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -209,7 +209,7 @@ pub fn dense_workgroup_bytes(bq: usize) -> u32 {
 ///
 /// (A variant that kept all of Q resident in workgroup memory was measured slower on
 /// the H200, 6.8 TFLOP/s, because its 45 KiB per workgroup cut occupancy; removed.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DenseTiles {
     /// Query rows per workgroup (32 or 64).
     pub bq: usize,
@@ -237,7 +237,7 @@ impl DenseTiles {
 
 /// The matrix-unit flash kernel's tiling: cooperative-matrix tile `tile` (8 or 16),
 /// `bq` query rows and `bk` keys per step, `wg` threads (several subgroups).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CoopTiles {
     /// Square cooperative-matrix tile: 8 or 16.
     pub tile: usize,
@@ -258,7 +258,7 @@ pub fn coop_workgroup_bytes(d: usize, bq: usize, bk: usize) -> u32 {
 /// Which flash kernel a plan runs: the portable one (any adapter, the browser) or the
 /// matrix-unit one where the adapter has f16 cooperative matrices. Chosen in one place,
 /// [`FlashKernel::choose`], from the capabilities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kernel")]
 pub enum FlashKernel {
     /// Vector FMAs (`shaders/attention/flash.wgsl`).
@@ -280,12 +280,41 @@ impl FlashKernel {
         dtype: DType,
         head_dim: usize,
     ) -> Self {
+        Self::choose_tuned(caps, keys, dtype, head_dim, None)
+    }
+
+    /// [`FlashKernel::choose`] preferring `tuned` (from [`super::tune`]) when the device
+    /// can run it for this key mode (a tuned portable kernel takes the portable tiling
+    /// of this key mode).
+    pub fn choose_tuned(
+        caps: &crate::runtime::context::Capabilities,
+        keys: KeyMode,
+        dtype: DType,
+        head_dim: usize,
+        tuned: Option<FlashKernel>,
+    ) -> Self {
+        let all = Self::candidates(caps, keys, dtype, head_dim);
+        match tuned {
+            Some(FlashKernel::Portable(_)) => *all.last().expect("the portable kernel"),
+            Some(k) if all.contains(&k) => k,
+            _ => all[0],
+        }
+    }
+
+    /// Every kernel the device can run for this problem, the default choice first: the
+    /// matrix-unit tilings that fit (largest first), then the portable kernel.
+    pub fn candidates(
+        caps: &crate::runtime::context::Capabilities,
+        keys: KeyMode,
+        dtype: DType,
+        head_dim: usize,
+    ) -> Vec<Self> {
+        let mut out = vec![];
         if let Some(t) = caps.coop_tile.map(|t| t as usize)
             && dtype == DType::F16
             && head_dim.is_multiple_of(t)
         {
-            let wg = 128.min(caps.max_invocations as usize);
-            let fits = |bq: usize, bk: usize| {
+            let fits = |bq: usize, bk: usize, wg: usize| {
                 bq.is_multiple_of(t)
                     && bk.is_multiple_of(t)
                     && coop_workgroup_bytes(head_dim, bq, bk) <= caps.max_workgroup_storage
@@ -294,22 +323,24 @@ impl FlashKernel {
                         KeyMode::Blocks { key_block, .. } => key_block.is_multiple_of(bk),
                         _ => true,
                     }
+                    && wg <= caps.max_invocations as usize
+                    && wg.is_multiple_of(caps.subgroup_max_size.max(1) as usize)
             };
-            let choice = [(64, 32), (32, 32), (32, 16), (16, 16), (16, 8), (8, 8)]
-                .into_iter()
-                .find(|&(bq, bk)| fits(bq, bk));
-            if let Some((bq, bk)) = choice
-                && wg.is_multiple_of(caps.subgroup_max_size.max(1) as usize)
-            {
-                return FlashKernel::Coop(CoopTiles {
-                    tile: t,
-                    bq,
-                    bk,
-                    wg,
-                });
+            for wg in [128, 256, 64] {
+                for (bq, bk) in [(64, 32), (32, 32), (32, 16), (16, 16), (16, 8), (8, 8)] {
+                    if fits(bq, bk, wg) {
+                        out.push(FlashKernel::Coop(CoopTiles {
+                            tile: t,
+                            bq,
+                            bk,
+                            wg,
+                        }));
+                    }
+                }
             }
         }
-        FlashKernel::Portable(DenseTiles::choose_for(caps, keys))
+        out.push(FlashKernel::Portable(DenseTiles::choose_for(caps, keys)));
+        out
     }
 
     /// Query rows per workgroup.
@@ -463,7 +494,21 @@ impl FlashGpu {
         let uniform_align = g.device.limits().min_uniform_buffer_offset_alignment as u64;
         let slot_size =
             (std::mem::size_of::<FlashParams>() as u64).div_ceil(uniform_align) * uniform_align;
-        let tiles = FlashKernel::choose(caps, exec.keys, opts.dtype, shape.head_dim);
+        let tiles = match opts.kernel {
+            Some(k) => {
+                let ok = FlashKernel::candidates(caps, exec.keys, opts.dtype, shape.head_dim);
+                if !ok.contains(&k) {
+                    return Err(Error::InvalidArgument(format!(
+                        "flash kernel {k:?} cannot run this plan on this device (possible: {ok:?})"
+                    )));
+                }
+                k
+            }
+            None => {
+                let tuned = super::tune::lookup(&g.info, shape.head_dim);
+                FlashKernel::choose_tuned(caps, exec.keys, opts.dtype, shape.head_dim, tuned)
+            }
+        };
         log::debug!("flash kernel: {tiles:?}");
         let (lut_q_block, lut_key_block) = match exec.keys {
             KeyMode::Range => (1, 32),
@@ -788,5 +833,47 @@ mod tests {
             coop(&device(Some(16), 48 * 1024, 256), range, DType::F16, 128),
             None
         );
+    }
+
+    /// A tuned choice wins when the device can run it for the plan; otherwise (or
+    /// without one) the default.
+    #[test]
+    fn tuned_kernels_are_preferred_when_they_fit() {
+        let caps = device(Some(16), 48 * 1024, 32);
+        let range = KeyMode::Range;
+        let small = FlashKernel::Coop(CoopTiles {
+            tile: 16,
+            bq: 16,
+            bk: 16,
+            wg: 64,
+        });
+        let pick = |t| FlashKernel::choose_tuned(&caps, range, DType::F16, 128, t);
+        assert_eq!(pick(Some(small)), small);
+        assert_eq!(
+            pick(None),
+            FlashKernel::choose(&caps, range, DType::F16, 128)
+        );
+        let portable = FlashKernel::Portable(DenseTiles { bq: 32 });
+        assert!(matches!(pick(Some(portable)), FlashKernel::Portable(_)));
+        let too_big = FlashKernel::Coop(CoopTiles {
+            tile: 16,
+            bq: 128,
+            bk: 64,
+            wg: 128,
+        });
+        assert_eq!(pick(Some(too_big)), pick(None));
+        // A tiling whose rows straddle the LUT rows of a block-sparse plan is not used.
+        let blocks = KeyMode::Blocks {
+            q_block: 16,
+            key_block: 16,
+        };
+        let wide = FlashKernel::Coop(CoopTiles {
+            tile: 16,
+            bq: 32,
+            bk: 32,
+            wg: 128,
+        });
+        let got = FlashKernel::choose_tuned(&caps, blocks, DType::F16, 128, Some(wide));
+        assert_ne!(got, wide);
     }
 }

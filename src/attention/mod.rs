@@ -23,6 +23,7 @@ pub mod select;
 pub mod sparse;
 pub mod split;
 pub mod synthetic;
+pub mod tune;
 pub mod verify;
 
 use std::sync::{Arc, Mutex};
@@ -155,6 +156,9 @@ pub struct AttentionOptions {
     pub scale: Option<f32>,
     /// `run_with_state` starts the rows from the given state instead of an empty one.
     pub import_state: bool,
+    /// Forces this flash kernel (tuning, tests) instead of the choice from the
+    /// capabilities and the tuning table; it must be one the device can run.
+    pub kernel: Option<flash::FlashKernel>,
 }
 
 impl Default for AttentionOptions {
@@ -164,6 +168,7 @@ impl Default for AttentionOptions {
             dtype: DType::F32,
             scale: None,
             import_state: false,
+            kernel: None,
         }
     }
 }
@@ -278,6 +283,11 @@ impl AttentionPlanBuilder {
     /// Softmax scale.
     pub fn scale(mut self, s: f32) -> Self {
         self.opts.scale = Some(s);
+        self
+    }
+    /// Forces the flash kernel (see [`AttentionOptions::kernel`]).
+    pub fn kernel(mut self, k: flash::FlashKernel) -> Self {
+        self.opts.kernel = Some(k);
         self
     }
     /// Start rows from the state passed to `run_with_state`.

@@ -26,6 +26,7 @@ mod moe;
 mod nll;
 mod report;
 mod shader;
+mod tune;
 
 use std::process::ExitCode;
 
@@ -70,6 +71,9 @@ enum Command {
     Moe(moe::MoeArgs),
     /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
     Layer(layer::LayerArgs),
+    /// Time the attention kernel tilings this device can run and store the fastest in
+    /// the tuning table.
+    Tune(tune::TuneArgs),
     /// Print the final WGSL of kernel variants (after includes and defines).
     Shader {
         /// List the variants instead of printing one.
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         Some(Command::DumpQkv(a)) => dump_qkv::run(&a),
         Some(Command::Eval(a)) => eval::run(&a),
         Some(Command::Calibrate(a)) => calibrate::run(&a),
+        Some(Command::Tune(a)) => tune::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
