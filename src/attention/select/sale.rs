@@ -1229,6 +1229,9 @@ mod tests {
                 .into_iter()
                 .chain(coop.map(|t| (false, false, Some(t))));
             for (dot4, portable, coop) in variants {
+                eprintln!(
+                    "bits {bits}: dots with dot4 {dot4}, portable loops {portable}, coop {coop:?}"
+                );
                 let dots = pollster::block_on(sg.dots(
                     &ctx,
                     exec.ml_buffer(),
