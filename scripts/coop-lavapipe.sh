@@ -11,7 +11,8 @@
 # The first call builds a small Debian 13 root with that driver (debootstrap, then the
 # backports' mesa-vulkan-drivers, and spirv-tools, whose spirv-val knows
 # SPV_KHR_cooperative_matrix: a few minutes, ~250 MB, once per machine) under
-# $WGSPARSE_COOP_ROOT (default /var/tmp/wgsparse-trixie). Every call then runs CMD inside
+# $WGSPARSE_COOP_ROOT (default: wgsparse/trixie-root in the user's cache folder,
+# $XDG_CACHE_HOME or ~/.cache). Every call then runs CMD inside
 # it, in the current directory (bind-mounted at the same path), with the Vulkan loader
 # pointed at lavapipe. Programs built on this host run there unchanged (trixie's glibc is
 # newer than bookworm's), so build outside and run only the binaries inside.
@@ -19,7 +20,7 @@
 # Needs root (debootstrap, mount, chroot) and a Debian mirror (the one apt uses here).
 set -euo pipefail
 
-root="${WGSPARSE_COOP_ROOT:-/var/tmp/wgsparse-trixie}"
+root="${WGSPARSE_COOP_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/wgsparse/trixie-root}"
 say() { printf '[coop-lavapipe] %s\n' "$*" >&2; }
 [ $# -gt 0 ] || { say "usage: $0 CMD [ARGS...]"; exit 2; }
 [ "$(id -u)" = 0 ] || { say "needs root (debootstrap, mount, chroot)"; exit 1; }
@@ -44,6 +45,7 @@ build_root() {
     fi
     say "building a Debian 13 root at $root from $uri (once per machine)"
     rm -rf "$tmp"
+    mkdir -p "$(dirname "$root")"
     debootstrap --variant=minbase trixie "$tmp" "$uri" >/dev/null
     rm -f "$tmp/etc/apt/sources.list"
     cat > "$tmp/etc/apt/sources.list.d/trixie.sources" <<EOF
