@@ -20,7 +20,7 @@
 # Needs root (debootstrap, mount, chroot) and a Debian mirror (the one apt uses here).
 set -euo pipefail
 
-root="${WGSPARSE_COOP_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/wgsparse/trixie-root}"
+root="${WGSPARSE_COOP_ROOT:-${XDG_CACHE_HOME:-${HOME:?set HOME, XDG_CACHE_HOME or WGSPARSE_COOP_ROOT}/.cache}/wgsparse/trixie-root}"
 say() { printf '[coop-lavapipe] %s\n' "$*" >&2; }
 [ $# -gt 0 ] || { say "usage: $0 CMD [ARGS...]"; exit 2; }
 [ "$(id -u)" = 0 ] || { say "needs root (debootstrap, mount, chroot)"; exit 1; }
