@@ -7,8 +7,11 @@
 # loader and lavapipe, Mesa's software Vulkan driver (apt, as root or through
 # passwordless sudo; otherwise it prints the command and stops). It then runs every test
 # with WGSPARSE_REQUIRE_GPU=1 (and WGSPARSE_REQUIRE_GL=1 for the GL-compute test), so a
-# missing adapter FAILS the GPU tests instead of skipping them, and builds the benches
-# and examples so they cannot rot, then the real-model tests (scripts/test-models.sh:
+# missing adapter FAILS the GPU tests instead of skipping them; runs the attention and
+# matrix-unit tests again on Mesa 26.1's lavapipe, which has cooperative matrices, in a
+# Debian 13 root (scripts/coop-lavapipe.sh builds it once per machine), and validates
+# the matrix-unit SPIR-V with its spirv-val; builds the benches and examples so they
+# cannot rot and runs three examples; then the real-model tests (scripts/test-models.sh:
 # fetches SmolLM2, 93 MB, and checks the decoder against a numpy reference and the GPU
 # decoder against the CPU one), and finally the browser test (scripts/test-web.sh: the
 # WASM build and the demo page in headless Chromium, WebGPU and the CPU fallback).
