@@ -110,7 +110,8 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     # the coop tests once more with it turned off.
     say "matrix-unit kernels on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh; WGSPARSE_SKIP_COOP=1 skips)"
     coop_bins=$(cargo test --locked --no-run --message-format=json --lib \
-        --test coop --test dense_attention --test sparse_attention --test sale --test cli 2>/dev/null |
+        --test coop --test dense_attention --test sparse_attention --test sale --test cli \
+        --test decoder_layer 2>/dev/null |
         python3 -c 'import json, sys
 for line in sys.stdin:
     try:

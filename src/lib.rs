@@ -73,5 +73,6 @@ pub fn all_kernel_variants() -> Vec<runtime::KernelSpec> {
 pub fn all_coop_variants(tile: usize) -> Vec<runtime::KernelSpec> {
     let mut v = attention::flash::all_coop_flash_variants(tile);
     v.extend(attention::select::sale::all_coop_sale_variants(tile));
+    v.extend(ops::linear::all_coop_linear_variants(tile));
     v
 }

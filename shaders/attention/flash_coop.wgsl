@@ -14,8 +14,8 @@
 //   3. the accumulator O (f32, BQ x D, in workgroup memory) is rescaled per row;
 //   4. O += P·V: (BQ/T) x (D/T) output tiles over the subgroups, each loading its O tile
 //      as C, adding BK/T products (P as A, V row-major as B) and storing it back.
-// The f32 row sums l add the f16-rounded weights that P·V uses, so O / l stays a convex
-// combination of V rows.
+// The f32 row sums l add the weights as P·V uses them (rounded to f16, unless the
+// compiler folds the f32 → f16 → f32 round trip; either way within the f16 tolerance).
 //
 // Constants: D (head_dim, a multiple of T), T (tile: 8 or 16, TILE16 selects 16), BQ
 // (rows per workgroup, a multiple of T), BK (keys per tile, a multiple of T), WG

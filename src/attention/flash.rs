@@ -830,7 +830,7 @@ mod tests {
         assert_eq!(coop(&h200, narrow, DType::F16, 128), Some((16, 16, 16)));
         // Subgroups wider than the workgroup: portable.
         assert_eq!(
-            coop(&device(Some(16), 48 * 1024, 256), range, DType::F16, 128),
+            coop(&device(Some(16), 48 * 1024, 512), range, DType::F16, 128),
             None
         );
     }

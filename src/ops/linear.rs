@@ -33,16 +33,49 @@ pub struct LinearLayout {
     pub residual: bool,
 }
 
-/// The linear kernel for a weight format and layout.
+/// Workgroup memory of the matrix-unit linear kernel: the x and W chunks as f16 halves
+/// (W's low half only for Q4_0) and the two 32 × 64 f32 accumulators.
+pub fn linear_coop_workgroup_bytes(format: WeightFormat) -> u32 {
+    let w_halves = if format == WeightFormat::F16 { 1 } else { 2 };
+    (2 * 32 * 16 * 2 + w_halves * 64 * 16 * 2 + 2 * 32 * 64 * 4) as u32
+}
+
+/// The matrix-unit tile for a projection on this device (`None`: the portable kernel):
+/// a coop tile, the workgroup memory, and subgroups that divide its 256 threads.
+pub fn linear_coop_tile(
+    caps: &crate::runtime::context::Capabilities,
+    format: WeightFormat,
+) -> Option<usize> {
+    caps.coop_tile.map(|t| t as usize).filter(|_| {
+        linear_coop_workgroup_bytes(format) <= caps.max_workgroup_storage
+            && 256usize.is_multiple_of(caps.subgroup_max_size.max(1) as usize)
+    })
+}
+
+/// The linear kernel for a weight format and layout (portable).
 pub fn linear_spec(format: WeightFormat, layout: LinearLayout) -> KernelSpec {
+    linear_spec_on(format, layout, None)
+}
+
+/// The linear kernel on matrix units of tile `coop` (8 or 16), or the portable one.
+pub fn linear_spec_on(
+    format: WeightFormat,
+    layout: LinearLayout,
+    coop: Option<usize>,
+) -> KernelSpec {
     let mut bindings = BindingKind::layout("urrw");
     if layout.residual {
         bindings.push(BindingKind::StorageRead);
     }
+    let (file, entry) = match coop {
+        Some(_) => ("ops/linear_coop.wgsl", "linear_coop"),
+        None => ("ops/linear.wgsl", "linear"),
+    };
     KernelSpec {
-        file: "ops/linear.wgsl",
-        entry: "linear",
+        file,
+        entry,
         defines: Defines::new()
+            .flag_if("TILE16", coop == Some(16))
             .params::<LinearParams>()
             .flag(match format {
                 WeightFormat::F16 => "WEIGHTS_F16",
@@ -81,6 +114,17 @@ pub fn all_linear_variants() -> Vec<KernelSpec> {
     for f in [WeightFormat::F16, WeightFormat::Q4_0] {
         for l in layouts {
             out.push(linear_spec(f, l));
+        }
+    }
+    out
+}
+
+/// Every matrix-unit linear variant at tile `tile` (SPIR-V and MSL only).
+pub fn all_coop_linear_variants(tile: usize) -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for f in [WeightFormat::F16, WeightFormat::Q4_0] {
+        for l in LinearLayout::used() {
+            out.push(linear_spec_on(f, l, Some(tile)));
         }
     }
     out
@@ -248,14 +292,16 @@ impl LinearGpu {
             _pad: [0; 3],
         };
         let max = g.caps.max_workgroups_per_dim;
+        let coop = linear_coop_tile(&g.caps, w.format);
+        let rows = if coop.is_some() { 32 } else { 64 };
         let grid = (
-            check_axis(tokens.div_ceil(64) as u64, max, label)?,
+            check_axis(tokens.div_ceil(rows) as u64, max, label)?,
             check_axis(n.div_ceil(64) as u64, max, label)?,
             1,
         );
         let weights = bytemuck::cast_slice(&w.words);
         Ok(LinearGpu {
-            step: Step::new(ctx, &linear_spec(w.format, layout), &p, grid)?,
+            step: Step::new(ctx, &linear_spec_on(w.format, layout, coop), &p, grid)?,
             weights: storage_init(g, &format!("{label} weights"), weights)?,
             layout,
         })

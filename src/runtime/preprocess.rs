@@ -35,6 +35,14 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/coop.wgsl"),
     ),
     (
+        "ops/linear_common.wgsl",
+        include_str!("../../shaders/ops/linear_common.wgsl"),
+    ),
+    (
+        "ops/linear_coop.wgsl",
+        include_str!("../../shaders/ops/linear_coop.wgsl"),
+    ),
+    (
         "common/compact.wgsl",
         include_str!("../../shaders/common/compact.wgsl"),
     ),

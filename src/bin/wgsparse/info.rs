@@ -20,11 +20,19 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
     } else {
         "portable (no matrix-unit kernel for this family yet)"
     };
-    // SALE's estimation takes the same switch (its matrix-unit variant computes the same
-    // integers); the GEMMs have no matrix-unit kernel yet.
+    // SALE's estimation and the projections take the same switch (their matrix-unit
+    // variants keep the integer and f32 results); the MoE GEMMs have none yet.
+    let linear = if ctx.is_cpu() {
+        attention.clone()
+    } else {
+        match wgsparse::ops::linear::linear_coop_tile(caps, wgsparse::quant::WeightFormat::Q4_0) {
+            Some(t) => format!("matrix units ({t}x{t} f16 tiles, split f32 operands)"),
+            None => caps.coop_status(),
+        }
+    };
     let kernels = json!({
         "attention": attention, "sale_estimate": attention,
-        "moe": portable, "linear": portable,
+        "linear": linear, "moe": portable,
     });
     if json_out {
         let v = json!({
@@ -68,6 +76,7 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
     }
     println!("chosen: {} on {}", ctx.adapter_name(), ctx.backend());
     println!("  attention and SALE estimation kernels: {attention}");
-    println!("  MoE and linear kernels: {portable}");
+    println!("  linear (projection) kernels: {linear}");
+    println!("  MoE kernels: {portable}");
     Ok(())
 }
