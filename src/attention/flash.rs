@@ -505,7 +505,7 @@ impl FlashGpu {
                 k
             }
             None => {
-                let tuned = super::tune::lookup(&g.info, shape.head_dim);
+                let tuned = super::tune::lookup::<FlashKernel>(&g.info, shape.head_dim);
                 FlashKernel::choose_tuned(caps, exec.keys, opts.dtype, shape.head_dim, tuned)
             }
         };

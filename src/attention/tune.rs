@@ -10,16 +10,26 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::flash::FlashKernel;
 use crate::error::{Error, Result};
 
-/// Tuned tilings: adapter key → head_dim → tiling.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct TuneTable {
+/// Tuned choices: adapter key → head_dim → choice (the attention kernel stores its
+/// `FlashKernel`; the table knows no kernel).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(bound = "K: Serialize + DeserializeOwned")]
+pub struct TuneTable<K> {
     /// Per adapter (see [`adapter_key`]), per head_dim.
-    pub adapters: BTreeMap<String, BTreeMap<usize, FlashKernel>>,
+    pub adapters: BTreeMap<String, BTreeMap<usize, K>>,
+}
+
+impl<K> Default for TuneTable<K> {
+    fn default() -> Self {
+        TuneTable {
+            adapters: BTreeMap::new(),
+        }
+    }
 }
 
 /// The key of an adapter in the table.
@@ -38,7 +48,7 @@ pub fn default_path() -> Option<PathBuf> {
     Some(base.join("wgsparse").join("tune.json"))
 }
 
-impl TuneTable {
+impl<K: Serialize + DeserializeOwned> TuneTable<K> {
     /// Reads a table; a missing file is an empty table.
     pub fn load(path: &std::path::Path) -> Result<Self> {
         match std::fs::read_to_string(path) {
@@ -63,7 +73,10 @@ impl TuneTable {
 
 /// The tuned tiling for `head_dim` on this adapter, if the table has one. A table that
 /// cannot be read is ignored with a warning: tuning is an optimisation, never an error.
-pub fn lookup(info: &wgpu::AdapterInfo, head_dim: usize) -> Option<FlashKernel> {
+pub fn lookup<K: Copy + Serialize + DeserializeOwned>(
+    info: &wgpu::AdapterInfo,
+    head_dim: usize,
+) -> Option<K> {
     #[cfg(target_arch = "wasm32")]
     {
         let _ = (info, head_dim);
@@ -72,7 +85,7 @@ pub fn lookup(info: &wgpu::AdapterInfo, head_dim: usize) -> Option<FlashKernel> 
     #[cfg(not(target_arch = "wasm32"))]
     {
         let path = default_path()?;
-        match TuneTable::load(&path) {
+        match TuneTable::<K>::load(&path) {
             Ok(t) => t.adapters.get(&adapter_key(info))?.get(&head_dim).copied(),
             Err(e) => {
                 log::warn!("ignoring the tuning table: {e}");
@@ -90,14 +103,9 @@ mod tests {
     fn tables_round_trip_and_a_missing_file_is_empty() {
         let dir = std::env::temp_dir().join(format!("wgsparse-tune-{}", std::process::id()));
         let path = dir.join("t.json");
-        assert_eq!(TuneTable::load(&path).unwrap(), TuneTable::default());
+        assert_eq!(TuneTable::<u32>::load(&path).unwrap(), TuneTable::default());
         let mut t = TuneTable::default();
-        let tiles = FlashKernel::Coop(crate::attention::flash::CoopTiles {
-            tile: 16,
-            bq: 32,
-            bk: 32,
-            wg: 128,
-        });
+        let tiles = 7u32;
         t.adapters
             .entry("Vulkan / X / y".into())
             .or_default()
@@ -106,7 +114,7 @@ mod tests {
         assert_eq!(TuneTable::load(&path).unwrap(), t);
         std::fs::write(&path, "not json").unwrap();
         assert!(matches!(
-            TuneTable::load(&path),
+            TuneTable::<u32>::load(&path),
             Err(Error::InvalidArgument(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -75,7 +75,7 @@ pub fn run(a: &TuneArgs) -> Result<()> {
             Error::InvalidArgument("no place for the tuning table: use --out".into())
         })?;
     let key = adapter_key(&g.info);
-    let mut table = TuneTable::load(&path)?;
+    let mut table = TuneTable::<FlashKernel>::load(&path)?;
     let mut timings = vec![];
     let mut chosen = vec![];
     for &d in &a.head_dims {
