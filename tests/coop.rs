@@ -15,7 +15,6 @@ mod common;
 use std::sync::Arc;
 
 use wgsparse::attention::flash_cpu::{CpuAttention, HostRowState, attention_cpu};
-use wgsparse::attention::lut::{LutUnit, SparseLut};
 use wgsparse::attention::metrics::compare;
 use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::verify::{
@@ -112,28 +111,6 @@ fn dense_on_matrix_units_matches_the_cpu_twin() {
     }
 }
 
-/// A random causal-ish LUT of `unit` entries per `q_block` rows, some rows empty.
-fn random_lut(shape: &AttentionShape, q_block: usize, unit: LutUnit, seed: u64) -> SparseLut {
-    let mut x = seed | 1;
-    let mut flip = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % 100 < 55
-    };
-    let n = shape.seq_len;
-    let width = match unit {
-        LutUnit::Blocks(b) => b,
-        LutUnit::Keys => 1,
-    };
-    SparseLut::from_fn(shape.q_heads, n, q_block, unit, |_, b| {
-        (0..n.div_ceil(width) as u32)
-            .filter(|&i| (i as usize * width) < (b + 2) * q_block && flip())
-            .collect()
-    })
-    .unwrap()
-}
-
 #[test]
 fn fixed_sparse_executors_on_matrix_units_match_the_cpu_twin() {
     let Some(ctx) = common::gpu(None) else { return };
@@ -142,8 +119,8 @@ fn fixed_sparse_executors_on_matrix_units_match_the_cpu_twin() {
     let shape = AttentionShape::new(4, 2, 300, 128);
     let (q, k, v) = qkv_host(&shape, seed);
     let methods = [
-        Method::BlockSparse(Arc::new(random_lut(&shape, 64, LutUnit::Blocks(32), seed))),
-        Method::Stripes(Arc::new(random_lut(&shape, 64, LutUnit::Keys, seed ^ 9))),
+        Method::BlockSparse(Arc::new(common::random_block_lut(&shape, 64, 32, seed))),
+        Method::Stripes(Arc::new(common::random_stripe_lut(&shape, 64, seed ^ 9))),
     ];
     for method in methods {
         let (got, _) =

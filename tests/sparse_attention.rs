@@ -18,53 +18,6 @@ use wgsparse::attention::verify::{dense_tolerance, dense_tolerance_for, method_a
 use wgsparse::attention::{WindowConfig, upload_qkv};
 use wgsparse::{AttentionShape, Context, DType, Error, Method, RowState, Tensor};
 
-/// A small deterministic generator for LUT contents (the inputs are seeded per run).
-struct Coin(u64);
-impl Coin {
-    fn flip(&mut self, percent: u64) -> bool {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % 100 < percent
-    }
-}
-
-fn random_block_lut(
-    shape: &AttentionShape,
-    q_block: usize,
-    key_block: usize,
-    seed: u64,
-) -> SparseLut {
-    let mut c = Coin(seed);
-    let n = shape.seq_len;
-    SparseLut::from_fn(
-        shape.q_heads,
-        n,
-        q_block,
-        LutUnit::Blocks(key_block),
-        |_, b| {
-            // Causal-ish lists with holes; some rows empty, some past the diagonal.
-            (0..n.div_ceil(key_block) as u32)
-                .filter(|&i| (i as usize * key_block) < (b + 2) * q_block && c.flip(55))
-                .collect()
-        },
-    )
-    .unwrap()
-}
-
-fn random_stripe_lut(shape: &AttentionShape, q_block: usize, seed: u64) -> SparseLut {
-    let mut c = Coin(seed);
-    SparseLut::from_fn(
-        shape.q_heads,
-        shape.seq_len,
-        q_block,
-        LutUnit::Keys,
-        |_, _| (0..shape.seq_len as u32).filter(|_| c.flip(25)).collect(),
-    )
-    .unwrap()
-}
-
 fn check(
     ctx: &Context,
     shape: AttentionShape,
@@ -98,9 +51,9 @@ fn cpu_twin_of_the_executors_matches_naive_reference() {
     let shape = AttentionShape::new(4, 2, 203, 64);
     let (q, k, v) = qkv_host(&shape, seed);
     for lut in [
-        random_block_lut(&shape, 64, 32, seed),
-        random_block_lut(&shape, 128, 128, seed + 1),
-        random_stripe_lut(&shape, 64, seed + 2),
+        common::random_block_lut(&shape, 64, 32, seed),
+        common::random_block_lut(&shape, 128, 128, seed + 1),
+        common::random_stripe_lut(&shape, 64, seed + 2),
     ] {
         let want = naive_masked_attention(&shape, 0.125, &q, &k, &v, |h, r, j| {
             j <= r && lut.keys_of(h, r / lut.q_block).contains(&(j as u32))
@@ -134,7 +87,7 @@ fn block_sparse_executor_matches_cpu_twin() {
         (AttentionShape::new(3, 1, 97, 64), 32, 32, DType::F16, true),
     ];
     for (i, (shape, qb, kb, dtype, causal)) in cases.into_iter().enumerate() {
-        let lut = random_block_lut(&shape, qb, kb, seed + i as u64);
+        let lut = common::random_block_lut(&shape, qb, kb, seed + i as u64);
         check(
             &ctx,
             shape,
@@ -157,7 +110,7 @@ fn stripe_executor_matches_cpu_twin() {
         (AttentionShape::new(2, 1, 129, 256), 2048, DType::F32, true),
     ];
     for (i, (shape, qb, dtype, causal)) in cases.into_iter().enumerate() {
-        let lut = random_stripe_lut(&shape, qb, seed + 10 + i as u64);
+        let lut = common::random_stripe_lut(&shape, qb, seed + 10 + i as u64);
         check(
             &ctx,
             shape,
@@ -277,7 +230,7 @@ fn sparse_executors_split_rows_under_low_binding_limits() {
     };
     let seed = common::seed();
     let shape = AttentionShape::new(2, 1, 600, 64);
-    let lut = random_block_lut(&shape, 64, 32, seed);
+    let lut = common::random_block_lut(&shape, 64, 32, seed);
     let (q, k, v) = qkv_host(&shape, seed);
     let (got, _) = method_against_cpu_twin(
         &ctx,
@@ -413,7 +366,7 @@ fn anchor_with_huge_theta_is_dense() {
 fn bad_sparse_requests_are_typed_errors() {
     let ctx = Context::cpu();
     let shape = AttentionShape::new(2, 1, 100, 64);
-    let blocks = Arc::new(random_block_lut(&shape, 64, 32, 1));
+    let blocks = Arc::new(common::random_block_lut(&shape, 64, 32, 1));
     // A block LUT handed to the stripe executor, and vice versa.
     assert!(matches!(
         ctx.attention(shape)

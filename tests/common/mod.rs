@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use wgsparse::attention::lut::SparseLut;
+use wgsparse::attention::lut::{LutUnit, SparseLut};
 use wgsparse::attention::upload_qkv;
 use wgsparse::{AttentionReport, AttentionShape, Context, ContextOptions, DType, Method, Tensor};
 
@@ -185,4 +185,54 @@ pub fn assert_keeps_everything(ctx: &Context, shape: AttentionShape, method: &Me
     let want = naive_attention(&shape, true, scale, &q, &k, &v);
     let (out, _, _) = run_sparse(ctx, shape, method.clone(), DType::F32, (&q, &k, &v));
     assert!(compare(&out, &want).max_abs_err < 2e-5, "{method}");
+}
+
+/// A small deterministic generator for LUT contents (the inputs are seeded per run).
+struct Coin(u64);
+impl Coin {
+    fn flip(&mut self, percent: u64) -> bool {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % 100 < percent
+    }
+}
+
+/// A random causal-ish block LUT: lists with holes, some rows empty, some past the
+/// diagonal.
+pub fn random_block_lut(
+    shape: &AttentionShape,
+    q_block: usize,
+    key_block: usize,
+    seed: u64,
+) -> SparseLut {
+    let mut c = Coin(seed);
+    let n = shape.seq_len;
+    SparseLut::from_fn(
+        shape.q_heads,
+        n,
+        q_block,
+        LutUnit::Blocks(key_block),
+        |_, b| {
+            // Causal-ish lists with holes; some rows empty, some past the diagonal.
+            (0..n.div_ceil(key_block) as u32)
+                .filter(|&i| (i as usize * key_block) < (b + 2) * q_block && c.flip(55))
+                .collect()
+        },
+    )
+    .unwrap()
+}
+
+/// A random key list (a quarter of all keys) for every LUT row.
+pub fn random_stripe_lut(shape: &AttentionShape, q_block: usize, seed: u64) -> SparseLut {
+    let mut c = Coin(seed);
+    SparseLut::from_fn(
+        shape.q_heads,
+        shape.seq_len,
+        q_block,
+        LutUnit::Keys,
+        |_, _| (0..shape.seq_len as u32).filter(|_| c.flip(25)).collect(),
+    )
+    .unwrap()
 }
