@@ -105,13 +105,13 @@ say "cargo test (WGSPARSE_REQUIRE_GPU=$WGSPARSE_REQUIRE_GPU)"
 cargo test --locked "$@"
 if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     # The matrix-unit (cooperative-matrix) kernels: this machine's lavapipe has none, so
-    # the attention tests run again, host-built, on Mesa 26.1's lavapipe in a Debian 13
-    # root (built once by scripts/coop-lavapipe.sh), with the coop path required, and
-    # the coop tests once more with it turned off.
+    # the attention, projection and MoE tests run again, host-built, on Mesa 26.1's
+    # lavapipe in a Debian 13 root (built once by scripts/coop-lavapipe.sh), with the
+    # coop path required, and the coop and MoE tests once more with it turned off.
     say "matrix-unit kernels on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh; WGSPARSE_SKIP_COOP=1 skips)"
     coop_bins=$(cargo test --locked --no-run --message-format=json --lib \
         --test coop --test dense_attention --test sparse_attention --test sale --test cli \
-        --test decoder_layer 2>/dev/null |
+        --test decoder_layer --test moe 2>/dev/null |
         python3 -c 'import json, sys
 for line in sys.stdin:
     try:
@@ -125,7 +125,7 @@ for line in sys.stdin:
         say "  $name (matrix units required)"
         # (the root has Vulkan only: the GL-compute test runs on the host above)
         bash scripts/coop-lavapipe.sh "$bin" --test-threads 1 --skip gl_backend_matches_cpu
-        if [ "$name" = coop ]; then
+        if [ "$name" = coop ] || [ "$name" = moe ]; then
             say "  $name (WGSPARSE_NO_COOP=1: the portable kernels on the same lavapipe)"
             WGSPARSE_NO_COOP=1 bash scripts/coop-lavapipe.sh "$bin" --test-threads 1
         fi

@@ -74,5 +74,6 @@ pub fn all_coop_variants(tile: usize) -> Vec<runtime::KernelSpec> {
     let mut v = attention::flash::all_coop_flash_variants(tile);
     v.extend(attention::select::sale::all_coop_sale_variants(tile));
     v.extend(ops::linear::all_coop_linear_variants(tile));
+    v.extend(moe::expert_ffn::all_coop_expert_ffn_variants(tile));
     v
 }

@@ -25,25 +25,8 @@ use wgsparse::{AttentionReport, AttentionShape, Context, DType, Method};
 /// The attention kernel the plans must pick on this context.
 fn expected_kernel(ctx: &Context) -> &'static str {
     let caps = ctx.capabilities();
-    let no_coop = std::env::var("WGSPARSE_NO_COOP").is_ok_and(|v| v == "1");
-    if std::env::var("WGSPARSE_REQUIRE_COOP").is_ok_and(|v| v == "1") && !no_coop {
-        assert!(
-            caps.coop_tile.is_some(),
-            "WGSPARSE_REQUIRE_COOP=1 but the adapter offers no f16 cooperative matrices: {}",
-            caps.coop_status()
-        );
-    }
-    if no_coop {
-        assert_eq!(
-            caps.coop_tile, None,
-            "WGSPARSE_NO_COOP=1 must turn the coop path off"
-        );
-    }
-    if caps.coop_tile.is_some() {
-        "flash_attention_coop"
-    } else {
-        "flash_attention"
-    }
+    let tile = caps.coop_tile.map(|t| t as usize);
+    common::expected_kernel(tile, "flash_attention_coop", "flash_attention")
 }
 
 /// Every attention stage of the report ran `kernel`.

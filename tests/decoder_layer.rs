@@ -116,16 +116,7 @@ fn linear_matches_cpu_twin_in_every_layout() {
             // The matrix-unit kernel wherever the device has one (required in the coop
             // run of the test script), the portable one elsewhere.
             let coop = wgsparse::ops::linear::linear_coop_tile(ctx.capabilities(), format);
-            if std::env::var("WGSPARSE_REQUIRE_COOP").is_ok_and(|v| v == "1")
-                && !std::env::var("WGSPARSE_NO_COOP").is_ok_and(|v| v == "1")
-            {
-                assert!(coop.is_some(), "{format:?}: no matrix-unit linear kernel");
-            }
-            let kernel = if coop.is_some() {
-                "linear_coop"
-            } else {
-                "linear"
-            };
+            let kernel = common::expected_kernel(coop, "linear_coop", "linear");
             assert_eq!(report.stages[0].variant.as_deref(), Some(kernel));
             let mut want = linear_cpu(&x, &m);
             if layout.residual {

@@ -18,6 +18,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use wgsparse::attention::metrics::compare;
 use wgsparse::moe::cpu::{self, moe_cpu};
+use wgsparse::moe::expert_ffn::ffn_coop_tile;
 use wgsparse::moe::{FfnPath, MoeConfig, MoeWeights, RouterScoring, WeightFormat};
 use wgsparse::{Context, DType, Error, Tensor};
 
@@ -201,6 +202,27 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     );
     let rep = plan.report().unwrap();
     assert_eq!(rep.experts.expert_counts, want.map.counts);
+    // The tiled kernels on matrix units wherever the device runs them at this tile
+    // height (the coop run of the test script requires them up to 32 rows: 32 KiB of
+    // workgroup memory on lavapipe).
+    if case.path == FfnPath::Tiled {
+        let caps = ctx.capabilities();
+        let tile = ffn_coop_tile(caps, case.format, plan.tile_m());
+        let at_32 = ffn_coop_tile(caps, case.format, plan.tile_m().min(32));
+        let (up, down) = match common::expected_kernel(at_32, "coop", "portable") {
+            "coop" if tile.is_some() => ("expert_up_coop", "expert_down_coop"),
+            _ => ("expert_up", "expert_down"),
+        };
+        let stage = |name: &str| {
+            rep.timing
+                .stages
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.variant.clone())
+        };
+        assert_eq!(stage("expert_up").as_deref(), Some(up), "{label}");
+        assert_eq!(stage("expert_down").as_deref(), Some(down), "{label}");
+    }
     match case.slots {
         None => assert!(rep.experts.stream.is_none()),
         Some(slots) => {

@@ -17,3 +17,25 @@ alias MatB = coop_mat8x8<f16, B>;
 alias MatC = coop_mat8x8<f32, C>;
 const T: u32 = 8u;
 #endif
+
+// Split f32 operands (the projections and the MoE GEMMs): v = hi + lo / LO with hi and
+// lo both f16. The low half is stored times 2^11 so that it stays a normal f16 number
+// (devices may flush f16 subnormals); products with it accumulate in a second f32 tile
+// that is added back divided by LO. Only lo·lo is left out (≈ 2^-22 relative).
+const LO: f32 = 2048.0;
+
+// The high half of v as an f32 that f16 holds exactly: v with its low 13 significand
+// bits cleared. (Not `f32(f16(v))`: a compiler may fold that round trip to v.)
+fn high_half(v: vec4<f32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(bitcast<vec4<u32>>(v) & vec4<u32>(0xFFFFE000u));
+}
+
+struct Split4 {
+    hi: vec4<f16>,
+    lo: vec4<f16>,
+}
+
+fn split4(v: vec4<f32>) -> Split4 {
+    let h = high_half(v);
+    return Split4(vec4<f16>(h), vec4<f16>((v - h) * LO));
+}

@@ -26,56 +26,11 @@
 // the last one exit) or GEMV (a workgroup per position and neuron/column
 // block). Weights: WEIGHTS_F16 or WEIGHTS_Q4_0 (common/weights.wgsl). Activations and
 // accumulation are f32. Requires hidden % 32 == 0 and ffn % 16 == 0.
-//
-// seg (from the dispatch): [0, E) counts, [E, 2E+1) offsets, [2E+1, 3E+2) tile starts.
 
 #include "quant/weights.wgsl"
-
-// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> seg: array<u32>;
-
-const NOT_RESIDENT: u32 = 0xffffffffu;
-
-// Largest expert e < E whose entry seg[base + e] is <= x (empty experts, whose entry
-// equals the next one's, are passed over).
-fn find_expert(base: u32, x: u32) -> u32 {
-    var lo = 0u;
-    var hi = p.experts - 1u;
-    while (lo < hi) {
-        let mid = (lo + hi + 1u) / 2u;
-        if (seg[base + mid] <= x) {
-            lo = mid;
-        } else {
-            hi = mid - 1u;
-        }
-    }
-    return lo;
-}
-
-#ifdef UP
-@group(0) @binding(2) var<storage, read> z: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> sorted: array<u32>;
-@group(0) @binding(4) var<storage, read> gate: array<u32>;
-@group(0) @binding(5) var<storage, read> up: array<u32>;
-@group(0) @binding(6) var<storage, read_write> act: array<f32>;
-@group(0) @binding(7) var<storage, read_write> stats: array<atomic<u32>>;
-@group(0) @binding(8) var<storage, read> slot_of: array<u32>;
-#endif
-
-#ifdef DOWN
-@group(0) @binding(2) var<storage, read> act4: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> down: array<u32>;
-@group(0) @binding(4) var<storage, read_write> y: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> slot_of: array<u32>;
-@group(0) @binding(6) var<storage, read_write> stats: array<atomic<u32>>;
-#endif
+#include "moe/expert_common.wgsl"
 
 #ifdef TILED
-const TM: u32 = 16u * MI;
-const TN: u32 = 64u;
-const TK: u32 = 16u;
 const S: u32 = 5u;  // padded row stride (vec4) of the [64][16] tiles: no bank conflicts
 #endif
 
@@ -85,7 +40,6 @@ const S: u32 = 5u;  // padded row stride (vec4) of the [64][16] tiles: no bank c
 var<workgroup> zs: array<vec4<f32>, ZS_LEN>;
 var<workgroup> gs: array<vec4<f32>, 320>;
 var<workgroup> us: array<vec4<f32>, 320>;
-var<workgroup> skipped_wg: atomic<u32>;
 
 // Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and
 // neurons tx + 16 j (j < 4) of the tile.
@@ -94,18 +48,13 @@ fn expert_up(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let ne = p.experts;
-    let tile = wid.x;
-    if (tile >= seg[3u * ne + 1u]) {
+    let t = expert_tile(wid.x);
+    if (!t.valid) {
         return;
     }
-    let e = find_expert(2u * ne + 1u, tile);
-    let slot = slot_of[e];
-    if (slot == NOT_RESIDENT) {
-        return;
-    }
-    let row0 = seg[ne + e] + (tile - seg[2u * ne + 1u + e]) * TM;
-    let row_end = seg[ne + e + 1u];
+    let slot = t.slot;
+    let row0 = t.row0;
+    let row_end = t.row_end;
     let n0 = wid.y * TN;
     let tx = lid % 16u;
     let ty = lid / 16u;
@@ -167,7 +116,6 @@ fn expert_up(
         workgroupBarrier();
     }
     var skipped = 0u;
-    var evaluated = 0u;
 #unroll i MI
     {
         let pos = row0 + ty + ${i}u * 16u;
@@ -182,22 +130,13 @@ fn expert_up(
                 } else {
                     skipped += 1u;
                 }
-                evaluated += 1u;
                 act[pos * p.ffn + n] = v;
             }
         }
 #endunroll
     }
 #endunroll
-    if (skipped > 0u) {
-        atomicAdd(&skipped_wg, skipped);
-    }
-    workgroupBarrier();
-    if (lid == 0u) {
-        let total = (min(row_end, row0 + TM) - row0) * (min(p.ffn, n0 + TN) - min(p.ffn, n0));
-        atomicAdd(&stats[0], atomicLoad(&skipped_wg));
-        atomicAdd(&stats[1], total);
-    }
+    count_up_tile(lid, t, n0, skipped, 0u);
 }
 #endif
 
@@ -229,8 +168,7 @@ fn expert_up(
     if (pos >= p.assignments) {
         return;
     }
-    let e = find_expert(p.experts, pos);
-    let slot = slot_of[e];
+    let slot = position_slot(pos);
     if (slot == NOT_RESIDENT) {
         return;
     }
@@ -288,18 +226,13 @@ fn expert_down(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let ne = p.experts;
-    let tile = wid.x;
-    if (tile >= seg[3u * ne + 1u]) {
+    let t = expert_tile(wid.x);
+    if (!t.valid) {
         return;
     }
-    let e = find_expert(2u * ne + 1u, tile);
-    let slot = slot_of[e];
-    if (slot == NOT_RESIDENT) {
-        return;
-    }
-    let row0 = seg[ne + e] + (tile - seg[2u * ne + 1u + e]) * TM;
-    let row_end = seg[ne + e + 1u];
+    let slot = t.slot;
+    let row0 = t.row0;
+    let row_end = t.row_end;
     let h4 = p.hidden / 4u;
     let c40 = wid.y * (TN / 4u);
     let tx = lid % 16u;
@@ -409,8 +342,7 @@ fn expert_down(
     if (pos >= p.assignments) {
         return;
     }
-    let e = find_expert(p.experts, pos);
-    let slot = slot_of[e];
+    let slot = position_slot(pos);
     if (slot == NOT_RESIDENT) {
         return;
     }

@@ -2,12 +2,10 @@
 // bindings, weight formats and layouts as linear.wgsl, 32 tokens x 64 outputs per
 // workgroup of 256 threads, K in chunks of 16.
 //
-// Precision: x (f32) is split into f16 halves, x = x_hi + x_lo, and so is W where its
-// format is not exactly f16 (Q4_0's (q - 8)·d has up to 15 significant bits, which
-// W_hi + W_lo holds exactly). The low halves are stored times 2^11, so that they are
-// normal f16 numbers (devices may flush f16 subnormals), and their products accumulate
-// in a second f32 tile that is added back divided by 2^11. Only x_lo·W_lo is left out
-// (≈ 2^-22 relative): f32-level accuracy, within the portable kernel's tolerance.
+// Precision: x (f32) is split into f16 halves (`split4`, common/coop.wgsl), and so is W
+// where its format is not exactly f16 (Q4_0's (q - 8)·d has up to 15 significant bits,
+// which the two halves hold exactly): f32-level accuracy, within the portable kernel's
+// tolerance.
 //
 // Both 32 x 64 accumulators live in workgroup memory; their T x T tiles are spread over
 // the subgroups, each loading its tiles as C, adding the chunk's products and storing.
@@ -20,14 +18,6 @@
 const TM: u32 = 32u;
 const TN: u32 = 64u;
 const TK: u32 = 16u;
-const LO: f32 = 2048.0;  // scale of the low halves
-
-// The high half of x as an f32 that f16 holds exactly: x with its low 13 significand
-// bits cleared. (Not `f32(f16(x))`: a compiler may fold that round trip to x.)
-fn high_half(x: vec4<f32>) -> vec4<f32> {
-    return bitcast<vec4<f32>>(bitcast<vec4<u32>>(x) & vec4<u32>(0xFFFFE000u));
-}
-
 #include "ops/linear_common.wgsl"
 
 var<workgroup> x_hi: array<f16, TM * TK>;  // [TM][TK]
@@ -62,12 +52,10 @@ fn linear_coop(
             if t0 + r < p.tokens {
                 xv = x[x_index4(t0 + r, k0 + c4)];
             }
-            let xh32 = high_half(xv);
-            let xh = vec4<f16>(xh32);
-            let xl = vec4<f16>((xv - xh32) * LO);
+            let xs = split4(xv);
             for (var e = 0u; e < 4u; e++) {
-                x_hi[r * TK + c4 + e] = xh[e];
-                x_lo[r * TK + c4 + e] = xl[e];
+                x_hi[r * TK + c4 + e] = xs.hi[e];
+                x_lo[r * TK + c4 + e] = xs.lo[e];
             }
         }
         var wv = vec4<f32>(0.0);
@@ -75,17 +63,13 @@ fn linear_coop(
             let l = wloc(n0 + r, k0 + c4, p.k, p.sb);
             wv = wdecode(w[l.w0], w[l.w1], l);
         }
-        let wh32 = high_half(wv);
-        let wh = vec4<f16>(wh32);
+        let ws = split4(wv);
         for (var e = 0u; e < 4u; e++) {
-            w_hi[r * TK + c4 + e] = wh[e];
-        }
+            w_hi[r * TK + c4 + e] = ws.hi[e];
 #ifndef WEIGHTS_F16
-        let wl = vec4<f16>((wv - wh32) * LO);
-        for (var e = 0u; e < 4u; e++) {
-            w_lo[r * TK + c4 + e] = wl[e];
-        }
+            w_lo[r * TK + c4 + e] = ws.lo[e];
 #endif
+        }
         workgroupBarrier();
         for (var t = sid; t < (TM / T) * (TN / T); t += nsg) {
             let rt = t / (TN / T);

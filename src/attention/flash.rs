@@ -739,6 +739,7 @@ fn bind_range(buf: &wgpu::Buffer, r: SubRange) -> wgpu::BufferBinding<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::context::Capabilities;
 
     #[test]
     fn sub_range_aligns_down_and_keeps_the_residual_as_base() {
@@ -767,21 +768,6 @@ mod tests {
         assert_eq!(all_flash_variants().len(), 3 * 2 * 2 * 6 * 3);
     }
 
-    fn device(
-        coop: Option<u32>,
-        workgroup: u32,
-        subgroup: u32,
-    ) -> crate::runtime::context::Capabilities {
-        let mut c = crate::runtime::context::Context::cpu()
-            .capabilities()
-            .clone();
-        c.coop_tile = coop;
-        c.max_workgroup_storage = workgroup;
-        c.max_invocations = 1024;
-        c.subgroup_max_size = subgroup;
-        c
-    }
-
     /// The one place the attention kernel is chosen: matrix units only with a coop tile,
     /// f16 storage, a head_dim the tile divides and a tiling that fits the workgroup
     /// memory and the key mode; the portable kernel otherwise (browsers, DX12, GL and
@@ -789,8 +775,8 @@ mod tests {
     #[test]
     fn kernel_choice_follows_the_capabilities() {
         let range = KeyMode::Range;
-        let h200 = device(Some(16), 48 * 1024, 32);
-        let lvp = device(Some(8), 32 * 1024, 8);
+        let h200 = Capabilities::fake(Some(16), 48 * 1024, 32);
+        let lvp = Capabilities::fake(Some(8), 32 * 1024, 8);
         fn coop(
             caps: &crate::runtime::context::Capabilities,
             keys: KeyMode,
@@ -809,12 +795,22 @@ mod tests {
         assert_eq!(coop(&h200, range, DType::F32, 128), None);
         assert_eq!(coop(&h200, range, DType::F16, 72), None);
         assert_eq!(
-            coop(&device(None, 48 * 1024, 32), range, DType::F16, 128),
+            coop(
+                &Capabilities::fake(None, 48 * 1024, 32),
+                range,
+                DType::F16,
+                128
+            ),
             None
         );
         // WebGPU's default 16 KiB of workgroup memory: no tiling fits at d = 128.
         assert_eq!(
-            coop(&device(Some(16), 16 * 1024, 32), range, DType::F16, 128),
+            coop(
+                &Capabilities::fake(Some(16), 16 * 1024, 32),
+                range,
+                DType::F16,
+                128
+            ),
             None
         );
         // A workgroup's rows lie in one LUT row; LUT key blocks hold whole key steps.
@@ -830,7 +826,12 @@ mod tests {
         assert_eq!(coop(&h200, narrow, DType::F16, 128), Some((16, 16, 16)));
         // Subgroups wider than the workgroup: portable.
         assert_eq!(
-            coop(&device(Some(16), 48 * 1024, 512), range, DType::F16, 128),
+            coop(
+                &Capabilities::fake(Some(16), 48 * 1024, 512),
+                range,
+                DType::F16,
+                128
+            ),
             None
         );
     }
@@ -839,7 +840,7 @@ mod tests {
     /// without one) the default.
     #[test]
     fn tuned_kernels_are_preferred_when_they_fit() {
-        let caps = device(Some(16), 48 * 1024, 32);
+        let caps = Capabilities::fake(Some(16), 48 * 1024, 32);
         let range = KeyMode::Range;
         let small = FlashKernel::Coop(CoopTiles {
             tile: 16,

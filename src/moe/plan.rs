@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::combine::{CombineParams, combine_step};
 use super::cpu;
 use super::dispatch::{DispatchGpu, meta_words};
-use super::expert_ffn::{FfnGpu, FfnIo, FfnWeights, TILE_MS, choose_tile_m};
+use super::expert_ffn::{FfnGpu, FfnIo, FfnWeights, TILE_MS, choose_tile_m, choose_tile_m_on};
 use super::router::{RouterParams, router_step};
 use super::stream::{
     ExpertCache, ExpertResidency, NOT_RESIDENT, StreamStats, expert_words, slot_buffer_words,
@@ -215,15 +215,19 @@ impl MoePlanBuilder {
         } else {
             FfnPath::Tiled
         });
-        let tile_m = self
-            .tile_m
-            .unwrap_or_else(|| choose_tile_m(assignments as usize, self.cfg.experts));
+        let format = weights.format();
+        let tile_m = self.tile_m.unwrap_or_else(|| {
+            let (a, e) = (assignments as usize, self.cfg.experts);
+            match self.ctx.gpu() {
+                Some(g) => choose_tile_m_on(&g.caps, format, a, e),
+                None => choose_tile_m(a, e),
+            }
+        });
         if !TILE_MS.contains(&tile_m) {
             return Err(Error::InvalidArgument(format!(
                 "tile height {tile_m} is not one of {TILE_MS:?}"
             )));
         }
-        let format = weights.format();
         let streamed = match self.residency {
             ExpertResidency::Resident => None,
             ExpertResidency::Streamed { slots } => Some(ExpertCache::new(self.cfg.experts, slots)?),
@@ -341,9 +345,9 @@ impl MoeGpu {
                 mapped_at_creation: false,
             }),
         });
+        let ffn = FfnGpu::build(ctx, cfg, w.format(), bases, a, path, tile_m, skip_chunks)?;
         Ok(MoeGpu {
             router: router_step(ctx, cfg, tokens)?,
-            ffn: FfnGpu::build(ctx, cfg, w.format(), bases, a, path, tile_m, skip_chunks)?,
             combine: combine_step(ctx, tokens, cfg.hidden, cfg.top_k)?,
             router_w: storage_init(g, "moe router weights", bytemuck::cast_slice(&w.router))?,
             w: FfnWeights { gate, up, down_t },
@@ -356,13 +360,21 @@ impl MoeGpu {
             inv: storage(g, "moe inverse map", a64 * 4)?,
             act: storage(g, "moe activations", a64 * f * 4)?,
             y: storage(g, "moe expert outputs", a64 * h * 4)?,
-            stats: storage(g, "moe skip counters", 16)?,
+            stats: storage(g, "moe skip counters", ffn.stats_bytes())?,
+            ffn,
             slot_of: storage_init(g, "moe expert slots", bytemuck::cast_slice(&identity))?,
             dispatch,
             format: w.format(),
             stream,
         })
     }
+}
+
+/// A whole GPU buffer read back as `T`s.
+async fn words<T: bytemuck::Pod>(dev: &GpuDevice, b: &wgpu::Buffer) -> Result<Vec<T>> {
+    Ok(bytemuck::pod_collect_to_vec(
+        &read_buffer(dev, b, 0, b.size()).await?,
+    ))
 }
 
 /// A built MoE layer.
@@ -721,8 +733,7 @@ impl MoePlan {
         let e = self.cfg.experts as u64;
         let counts: Vec<u32> =
             bytemuck::pod_collect_to_vec(&read_buffer(dev, &g.meta, 0, e * 4).await?);
-        let stats: Vec<u32> =
-            bytemuck::pod_collect_to_vec(&read_buffer(dev, &g.stats, 0, 16).await?);
+        let stats = g.ffn.counters(&words::<u32>(dev, &g.stats).await?);
         let frac = |a: u32, b: u32| if b > 0 { a as f64 / b as f64 } else { 0.0 };
         Ok(ExpertStats {
             skip_frac: frac(stats[0], stats[1]),
@@ -769,11 +780,6 @@ impl MoePlan {
     pub async fn intermediates(&self) -> Result<MoeIntermediates> {
         let g = self.gpu_ref()?;
         let dev = self.ctx.gpu().expect("GPU plan");
-        async fn words<T: bytemuck::Pod>(dev: &GpuDevice, b: &wgpu::Buffer) -> Result<Vec<T>> {
-            Ok(bytemuck::pod_collect_to_vec(
-                &read_buffer(dev, b, 0, b.size()).await?,
-            ))
-        }
         let (t, e, k) = (self.tokens, self.cfg.experts, self.cfg.top_k);
         let a = t * k;
         let trim = |mut v: Vec<u32>, n: usize| {
@@ -784,7 +790,7 @@ impl MoePlan {
             v.truncate(n);
             v
         };
-        let stats = words::<u32>(dev, &g.stats).await?;
+        let stats = g.ffn.counters(&words::<u32>(dev, &g.stats).await?);
         Ok(MoeIntermediates {
             logits: trimf(words(dev, &g.logits).await?, t * e),
             ids: trim(words(dev, &g.ids).await?, a),
@@ -794,7 +800,7 @@ impl MoePlan {
             inv: trim(words(dev, &g.inv).await?, a),
             act: trimf(words(dev, &g.act).await?, a * self.cfg.ffn),
             y: trimf(words(dev, &g.y).await?, a * self.cfg.hidden),
-            stats: [stats[0], stats[1], stats[2], stats[3]],
+            stats,
         })
     }
 

@@ -46,10 +46,7 @@ pub fn linear_coop_tile(
     caps: &crate::runtime::context::Capabilities,
     format: WeightFormat,
 ) -> Option<usize> {
-    caps.coop_tile.map(|t| t as usize).filter(|_| {
-        linear_coop_workgroup_bytes(format) <= caps.max_workgroup_storage
-            && 256usize.is_multiple_of(caps.subgroup_max_size.max(1) as usize)
-    })
+    caps.coop_tile_for(linear_coop_workgroup_bytes(format), 256)
 }
 
 /// The linear kernel for a weight format and layout (portable).

@@ -332,6 +332,29 @@ impl Capabilities {
         })
     }
 
+    /// The coop tile for a matrix-unit kernel of `threads` invocations that needs
+    /// `workgroup_bytes` of workgroup memory: [`Capabilities::coop_tile`] where that memory
+    /// fits and the subgroups divide the threads, else `None` (the portable kernel).
+    /// Every kernel family that has no tiling choice of its own decides here.
+    pub fn coop_tile_for(&self, workgroup_bytes: u32, threads: u32) -> Option<usize> {
+        self.coop_tile.map(|t| t as usize).filter(|_| {
+            workgroup_bytes <= self.max_workgroup_storage
+                && threads.is_multiple_of(self.subgroup_max_size.max(1))
+        })
+    }
+
+    /// A device for the kernel-choice unit tests: the CPU context's capabilities with a
+    /// coop tile, workgroup memory and subgroup size of the caller's choice.
+    #[cfg(test)]
+    pub(crate) fn fake(coop: Option<u32>, workgroup: u32, subgroup: u32) -> Self {
+        let mut c = Context::cpu().capabilities().clone();
+        c.coop_tile = coop;
+        c.max_workgroup_storage = workgroup;
+        c.max_invocations = 1024;
+        c.subgroup_max_size = subgroup;
+        c
+    }
+
     /// Which attention kernels this device runs and why: `matrix units, 16x16 tiles` or
     /// the reason for the portable kernels.
     pub fn coop_status(&self) -> String {

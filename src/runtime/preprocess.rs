@@ -92,6 +92,14 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/moe/expert_ffn.wgsl"),
     ),
     (
+        "moe/expert_ffn_coop.wgsl",
+        include_str!("../../shaders/moe/expert_ffn_coop.wgsl"),
+    ),
+    (
+        "moe/expert_common.wgsl",
+        include_str!("../../shaders/moe/expert_common.wgsl"),
+    ),
+    (
         "moe/combine.wgsl",
         include_str!("../../shaders/moe/combine.wgsl"),
     ),

@@ -692,10 +692,7 @@ pub(crate) fn estimate_variant(
     head_dim: usize,
     bits: u32,
 ) -> EstimateVariant {
-    let coop = caps.coop_tile.map(|t| t as usize).filter(|_| {
-        estimate_coop_workgroup_bytes(head_dim, bits) <= caps.max_workgroup_storage
-            && 64usize.is_multiple_of(caps.subgroup_max_size.max(1) as usize)
-    });
+    let coop = caps.coop_tile_for(estimate_coop_workgroup_bytes(head_dim, bits), 64);
     EstimateVariant {
         dot4: caps.int_dot4,
         portable_loops: browser,

@@ -15,24 +15,22 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
     } else {
         caps.coop_status()
     };
-    let portable = if ctx.is_cpu() {
-        "cpu (rayon)"
-    } else {
-        "portable (no matrix-unit kernel for this family yet)"
+    // SALE's estimation, the projections and the MoE GEMMs take the same switch (their
+    // matrix-unit variants keep the integer and f32 results).
+    let split = |tile: Option<usize>, what: &str| match tile {
+        _ if ctx.is_cpu() => attention.clone(),
+        Some(t) => format!("matrix units ({t}x{t} f16 tiles, split f32 operands{what})"),
+        None => caps.coop_status(),
     };
-    // SALE's estimation and the projections take the same switch (their matrix-unit
-    // variants keep the integer and f32 results); the MoE GEMMs have none yet.
-    let linear = if ctx.is_cpu() {
-        attention.clone()
-    } else {
-        match wgsparse::ops::linear::linear_coop_tile(caps, wgsparse::quant::WeightFormat::Q4_0) {
-            Some(t) => format!("matrix units ({t}x{t} f16 tiles, split f32 operands)"),
-            None => caps.coop_status(),
-        }
-    };
+    let q4 = wgsparse::quant::WeightFormat::Q4_0;
+    let linear = split(wgsparse::ops::linear::linear_coop_tile(caps, q4), "");
+    let moe = split(
+        wgsparse::moe::expert_ffn::ffn_coop_tile(caps, q4, 16),
+        "; prefill tiles, GEMV decode portable",
+    );
     let kernels = json!({
         "attention": attention, "sale_estimate": attention,
-        "linear": linear, "moe": portable,
+        "linear": linear, "moe": moe,
     });
     if json_out {
         let v = json!({
@@ -77,6 +75,6 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
     println!("chosen: {} on {}", ctx.adapter_name(), ctx.backend());
     println!("  attention and SALE estimation kernels: {attention}");
     println!("  linear (projection) kernels: {linear}");
-    println!("  MoE kernels: {portable}");
+    println!("  MoE kernels: {moe}");
     Ok(())
 }

@@ -104,6 +104,9 @@ pub fn stage_lines(
             let plural = if s.dispatches == 1 { "" } else { "es" };
             write!(f, "  ({} dispatch{plural})", s.dispatches)?;
         }
+        if let Some(v) = &s.variant {
+            write!(f, "  [{v}]")?;
+        }
         writeln!(f)?;
     }
     Ok(())
