@@ -73,6 +73,7 @@ pub fn all_kernel_variants() -> Vec<runtime::KernelSpec> {
 pub fn all_coop_variants(tile: usize) -> Vec<runtime::KernelSpec> {
     let mut v = attention::flash::all_coop_flash_variants(tile);
     v.extend(attention::select::sale::all_coop_sale_variants(tile));
+    v.extend(attention::select::anchor::all_coop_anchor_variants(tile));
     v.extend(ops::linear::all_coop_linear_variants(tile));
     v.extend(moe::expert_ffn::all_coop_expert_ffn_variants(tile));
     v

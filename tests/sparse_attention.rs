@@ -12,7 +12,7 @@ use wgsparse::attention::flash_cpu::{
 };
 use wgsparse::attention::lut::{LutUnit, SparseLut};
 use wgsparse::attention::metrics::compare;
-use wgsparse::attention::select::anchor::{AnchorConfig, anchor_cpu, select_cpu};
+use wgsparse::attention::select::anchor::{AnchorConfig, anchor_cpu, flags_coop_tile, select_cpu};
 use wgsparse::attention::synthetic::{Structure, qkv_host, structured_qkv_host};
 use wgsparse::attention::verify::{dense_tolerance, dense_tolerance_for, method_against_cpu_twin};
 use wgsparse::attention::{WindowConfig, upload_qkv};
@@ -288,6 +288,16 @@ fn anchor_matches_cpu_twin() {
             },
             DType::F32,
         ),
+        // The default groups at f16 (matrix-unit stripe scoring where available), with
+        // stripes over whole 256-key chunks.
+        (
+            AttentionShape::new(2, 1, 4300, 128),
+            AnchorConfig {
+                theta: 7.0,
+                ..Default::default()
+            },
+            DType::F16,
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -329,6 +339,24 @@ fn anchor_matches_cpu_twin() {
         );
         selected += anchor_stats(&report).pairs.selected;
         assert!(report.density < 1.0);
+        // Stripe scoring on matrix units for f16 plans wherever the device has them
+        // (required in the test script's coop run), else the portable kernel.
+        let coop = flags_coop_tile(ctx.capabilities(), dtype, cfg.step);
+        let kernel = match dtype {
+            DType::F16 => common::expected_kernel(coop, "anchor_flags_coop", "anchor_flags"),
+            _ => "anchor_flags",
+        };
+        let select = report
+            .timing
+            .stages
+            .iter()
+            .find(|s| s.name.ends_with("select"));
+        assert_eq!(
+            select.and_then(|s| s.variant.as_deref()),
+            Some(kernel),
+            "{:?}",
+            report.timing.stages
+        );
         if ties == 0 {
             assert_eq!(anchor_stats(&report), &stats);
             let tol = dense_tolerance_for(dtype, shape.seq_len);

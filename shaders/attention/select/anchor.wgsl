@@ -6,7 +6,10 @@
 // anchor_flags   one workgroup per (256-key chunk, 2048-query group, q-head): for each
 //                candidate key j of the group, keep[j] = OR over the group's pooled rows
 //                s of  q̄_s·k_j·scale + θ >= ā_s. Writes one bit per candidate and the
-//                chunk's count of kept keys.
+//                chunk's count of kept keys. With COOP (f16 K) the scores q̄·kᵀ of the
+//                chunk are cooperative-matrix products, 128 keys at a time: q̄ split
+//                into two f16 halves (high, and the unscaled rest: q̄ is f32), K exact
+//                in f16, f32 accumulation; the decisions as above.
 // anchor_compact same grid: the kept positions of the chunk, ascending, at the chunk's
 //                offset (the counts of the group's earlier chunks) in the group's slice
 //                of the stripe list; chunk 0 also writes the group's LUT range.
@@ -16,6 +19,9 @@
 // Constants: D (head_dim), POOL (128 rows per pooled block), BLOCKS_PER_GROUP (16).
 
 #include "common/storage.wgsl"
+#ifdef COOP
+#include "common/coop.wgsl"
+#endif
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
@@ -93,6 +99,27 @@ fn anchor_pool(
 #ifdef STAGE_FLAGS
 var<workgroup> words: array<atomic<u32>, 8>;
 
+// The chunk's flag words and count of kept keys (after the threads' atomicOr into
+// `words`; every thread calls it; `live`: the chunk has candidates).
+fn write_chunk(lid: u32, row: u32, chunk: u32, live: bool) {
+    workgroupBarrier();
+    if live && lid < 8u {
+        let w = atomicLoad(&words[lid]);
+        flags[(row * p.chunks + chunk) * 8u + lid] = w;
+        partial[lid] = countOneBits(w);
+    }
+    workgroupBarrier();
+    if live && lid == 0u {
+        var n = 0u;
+        for (var w = 0u; w < 8u; w++) {
+            n += partial[w];
+        }
+        counts[row * p.chunks + chunk] = n;
+    }
+}
+
+#ifndef COOP
+
 @compute @workgroup_size(256)
 fn anchor_flags(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -137,23 +164,103 @@ fn anchor_flags(
     if keep {
         atomicOr(&words[lid / 32u], 1u << (lid % 32u));
     }
-    workgroupBarrier();
-    let row = h * p.n_groups + g;
-    if lid < 8u {
-        let w = atomicLoad(&words[lid]);
-        flags[(row * p.chunks + chunk) * 8u + lid] = w;
-        partial[lid] = countOneBits(w);
-    }
-    workgroupBarrier();
-    if lid == 0u {
-        var n = 0u;
-        for (var w = 0u; w < 8u; w++) {
-            n += partial[w];
-        }
-        counts[row * p.chunks + chunk] = n;
-    }
+    write_chunk(lid, h * p.n_groups + g, chunk, true);
 }
+#else
+const KC: u32 = 128u;  // keys per half chunk
+const DK: u32 = 16u;   // dimensions per step
+// Pooled rows padded to a multiple of 16 (rows past the group repeat its last one).
+const SP: u32 = (BLOCKS_PER_GROUP + 15u) / 16u * 16u;
+var<workgroup> q_hi: array<f16, SP * DK>;  // [SP][DK] pooled rows, high halves
+var<workgroup> q_lo: array<f16, SP * DK>;  //   and the rest
+var<workgroup> k_t: array<f16, KC * DK>;   // [KC][DK] keys
+var<workgroup> sc: array<f32, SP * KC>;    // [SP][KC] scores q̄·kᵀ
 
+@compute @workgroup_size(256)
+fn anchor_flags_coop(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sid: u32,
+    @builtin(num_subgroups) nsg: u32,
+) {
+    let chunk = wg.x;
+    let g = wg.y;
+    let h = wg.z;
+    let cand = candidates(g);
+    let c0 = cand.x + chunk * CHUNK;
+    // No early return (naga takes it as non-uniform flow around the matrix operations):
+    // a chunk past the group's candidates runs no step and writes nothing.
+    let live = c0 < cand.y;
+    if lid < 8u {
+        atomicStore(&words[lid], 0u);
+    }
+    let s0 = g * BLOCKS_PER_GROUP;
+    let s1 = min(s0 + BLOCKS_PER_GROUP, p.n_pool);
+    let kvh = h / p.group;
+    for (var half = 0u; half < CHUNK / KC; half++) {
+        let k0 = c0 + half * KC;
+        for (var i = lid; i < SP * KC; i += 256u) {
+            sc[i] = 0.0;
+        }
+        for (var d0 = 0u; d0 < select(0u, D, live); d0 += DK) {
+            workgroupBarrier();
+            for (var i = lid; i < SP * DK / 4u; i += 256u) {
+                let s = i / (DK / 4u);
+                let c = i % (DK / 4u);
+                let row = min(s0 + s, s1 - 1u);
+                let v = qbar[(h * p.n_pool + row) * D4 + d0 / 4u + c];
+                let hi = high_half(v);
+                let vh = vec4<f16>(hi);
+                let vl = vec4<f16>(v - hi);
+                for (var e = 0u; e < 4u; e++) {
+                    q_hi[s * DK + c * 4u + e] = vh[e];
+                    q_lo[s * DK + c * 4u + e] = vl[e];
+                }
+            }
+            for (var i = lid; i < KC * DK / 4u; i += 256u) {
+                let kk = i / (DK / 4u);
+                let c = i % (DK / 4u);
+                var kv = vec4<f32>(0.0);
+                if k0 + kk < cand.y {
+                    kv = decode4(k_buf[(kvh * p.seq_len + k0 + kk) * D4 + d0 / 4u + c]);
+                }
+                let kh = vec4<f16>(kv);
+                for (var e = 0u; e < 4u; e++) {
+                    k_t[kk * DK + c * 4u + e] = kh[e];
+                }
+            }
+            workgroupBarrier();
+            for (var t = sid; t < (SP / T) * (KC / T); t += nsg) {
+                let co = (t / (KC / T)) * T * KC + (t % (KC / T)) * T;
+                var acc = coopLoadT<MatC>(&sc[co], KC);
+                for (var ks = 0u; ks < DK / T; ks++) {
+                    let qa = (t / (KC / T)) * T * DK + ks * T;
+                    // Key rows loaded column-major: the B operand is Kᵀ (d x keys).
+                    let b = coopLoad<MatB>(&k_t[(t % (KC / T)) * T * DK + ks * T], DK);
+                    acc = coopMultiplyAdd(coopLoadT<MatA>(&q_hi[qa], DK), b, acc);
+                    acc = coopMultiplyAdd(coopLoadT<MatA>(&q_lo[qa], DK), b, acc);
+                }
+                coopStoreT(acc, &sc[co], KC);
+            }
+        }
+        workgroupBarrier();
+        let j = k0 + lid;
+        if live && lid < KC && j < cand.y {
+            var keep = false;
+            for (var s = 0u; s < BLOCKS_PER_GROUP; s++) {
+                let a = abar[h * p.n_pool + min(s0 + s, s1 - 1u)];
+                keep = keep || sc[s * KC + lid] * p.scale + p.theta >= a;
+            }
+            if keep {
+                let bit = half * KC + lid;
+                atomicOr(&words[bit / 32u], 1u << (bit % 32u));
+            }
+        }
+        workgroupBarrier();
+    }
+    write_chunk(lid, h * p.n_groups + g, chunk, live);
+}
+#endif
 #endif
 
 #ifdef STAGE_COMPACT

@@ -24,7 +24,7 @@ use crate::attention::params::impl_params;
 use crate::attention::sparse::{TwoPassRun, two_pass_cpu};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
-use crate::runtime::context::Context;
+use crate::runtime::context::{Capabilities, Context};
 use crate::runtime::launch::{Launch, check_axis, storage};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
@@ -313,9 +313,39 @@ crate::wgsl_params! {
 /// Candidate keys per workgroup of the flag/compact kernels.
 const CHUNK: usize = 256;
 
-fn select_spec(stage: &str, d: usize, cfg: &AnchorConfig, dtype: DType) -> KernelSpec {
+/// Workgroup memory of the matrix-unit flag kernel: the chunk's scores (pooled rows
+/// padded to 16 x 128 keys, f32), one step of keys (128 x 16, f16) and of pooled rows
+/// (two f16 halves), and the flag words.
+pub fn flags_coop_workgroup_bytes(step: usize) -> u32 {
+    let rows = step.div_ceil(16) * 16;
+    (rows * 128 * 4 + 128 * 16 * 2 + 2 * rows * 16 * 2 + 8 * 4 + 8 * 4) as u32
+}
+
+/// The matrix-unit tile of the stripe-scoring kernel (`None`: the portable kernel):
+/// f16 storage (K exact in f16; f32 plans keep the portable kernel and its f32
+/// scores), a coop tile and the workgroup memory.
+pub fn flags_coop_tile(caps: &Capabilities, dtype: DType, step: usize) -> Option<usize> {
+    if dtype != DType::F16 {
+        return None;
+    }
+    caps.coop_tile_for(flags_coop_workgroup_bytes(step), 256)
+}
+
+fn select_spec(
+    stage: &str,
+    d: usize,
+    cfg: &AnchorConfig,
+    dtype: DType,
+    coop: Option<usize>,
+) -> KernelSpec {
+    let coop = coop.filter(|_| stage == "flags");
     let (entry, flag, bindings) = match stage {
         "pool" => ("anchor_pool", "STAGE_POOL", BindingKind::layout("urrww")),
+        "flags" if coop.is_some() => (
+            "anchor_flags_coop",
+            "STAGE_FLAGS",
+            BindingKind::layout("urrrww"),
+        ),
         "flags" => ("anchor_flags", "STAGE_FLAGS", BindingKind::layout("urrrww")),
         _ => (
             "anchor_compact",
@@ -329,6 +359,8 @@ fn select_spec(stage: &str, d: usize, cfg: &AnchorConfig, dtype: DType) -> Kerne
         defines: Defines::new()
             .params::<SelectParams>()
             .flag(flag)
+            .flag_if("COOP", coop.is_some())
+            .flag_if("TILE16", coop == Some(16))
             .flag_if("STORE_F16", dtype == DType::F16)
             .const_u32("D", d as u32)
             .const_u32("POOL", cfg.block as u32)
@@ -349,9 +381,25 @@ pub fn all_anchor_variants() -> Vec<KernelSpec> {
                     ..Default::default()
                 };
                 for stage in ["pool", "flags", "compact"] {
-                    out.push(select_spec(stage, d, &cfg, dtype));
+                    out.push(select_spec(stage, d, &cfg, dtype, None));
                 }
             }
+        }
+    }
+    out
+}
+
+/// Every matrix-unit stripe-scoring variant at tile `tile` (SPIR-V and MSL only):
+/// d = 64/128/256, step 16 and 32 (f16 storage).
+pub fn all_coop_anchor_variants(tile: usize) -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for d in [64, 128, 256] {
+        for step in [16, 32] {
+            let cfg = AnchorConfig {
+                step,
+                ..Default::default()
+            };
+            out.push(select_spec("flags", d, &cfg, DType::F16, Some(tile)));
         }
     }
     out
@@ -459,7 +507,8 @@ impl AnchorSelectGpu {
             theta: cfg.theta,
             _pad: [0; 3],
         };
-        let launch = |stage| Launch::new(ctx, &select_spec(stage, d, cfg, opts.dtype), &p);
+        let coop = flags_coop_tile(&g.caps, opts.dtype, cfg.step);
+        let launch = |stage| Launch::new(ctx, &select_spec(stage, d, cfg, opts.dtype, coop), &p);
         Ok(AnchorSelectGpu {
             launches: [launch("pool")?, launch("flags")?, launch("compact")?],
             grid_pool,
@@ -505,6 +554,27 @@ impl GpuSelection for AnchorSelectGpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stripe scoring on matrix units only for f16 plans, with a coop tile and the
+    /// workgroup memory of the group's pooled rows (padded to 16).
+    #[test]
+    fn stripe_scoring_kernel_follows_dtype_and_memory() {
+        let lvp = Capabilities::fake(Some(8), 32 * 1024, 8);
+        assert_eq!(flags_coop_tile(&lvp, DType::F16, 16), Some(8));
+        assert_eq!(flags_coop_tile(&lvp, DType::F16, 3), Some(8));
+        assert_eq!(flags_coop_tile(&lvp, DType::F16, 32), Some(8));
+        assert_eq!(flags_coop_tile(&lvp, DType::F16, 64), None);
+        assert_eq!(flags_coop_tile(&lvp, DType::F32, 16), None);
+        let none = Capabilities::fake(None, 48 * 1024, 32);
+        assert_eq!(flags_coop_tile(&none, DType::F16, 16), None);
+        let cfg = AnchorConfig::default();
+        let spec = select_spec("flags", 128, &cfg, DType::F16, Some(16));
+        assert_eq!(spec.entry, "anchor_flags_coop");
+        assert_eq!(
+            select_spec("pool", 128, &cfg, DType::F16, Some(16)).entry,
+            "anchor_pool"
+        );
+    }
 
     #[test]
     fn anchor_lut_covers_init_and_own_group_causally() {
