@@ -19,7 +19,7 @@
 //
 // Constants: D (head_dim, a multiple of T), T (tile: 8 or 16, TILE16 selects 16), BQ
 // (rows per workgroup, a multiple of T), BK (keys per tile, a multiple of T), WG
-// (threads). Storage is f16 (STORE_F16): the f16 operands are the stored values
+// (threads), PF (vec4 of a K/V tile per thread: ceil(BK D / 4 / WG)). Storage is f16 (STORE_F16): the f16 operands are the stored values
 // themselves.
 
 #include "common/storage.wgsl"
@@ -61,6 +61,35 @@ fn store_f16x4(dst: u32, v: vec4<f32>, which: u32) {
         v_s[dst + 2u] = h.z;
         v_s[dst + 3u] = h.w;
     }
+}
+
+// This thread's share of a key tile's K and V rows (vec4 lid + u WG of the tile,
+// u < PF), fetched one tile ahead: the second buffer of the K/V staging.
+#unroll u PF
+var<private> pk${u}: vec4<f32>;
+var<private> pv${u}: vec4<f32>;
+#endunroll
+
+// Fetches key tile `it` into pk/pv (zero past the visible keys; nothing past the last
+// tile).
+fn fetch_tile(it: u32, lid: u32, kvh: u32, key_end: u32, n_tiles: u32) {
+    if it >= n_tiles {
+        return;
+    }
+#unroll u PF
+    {
+        let i = lid + ${u}u * WG;
+        pk${u} = vec4<f32>(0.0);
+        pv${u} = vec4<f32>(0.0);
+        if i < BK * D4 {
+            let key = tile_key(it, i / D4);
+            if key < key_end {
+                pk${u} = decode4(k_buf[kv_row_vec4(p.k_base, kvh, key) + i % D4]);
+                pv${u} = decode4(v_buf[kv_row_vec4(p.v_base, kvh, key) + i % D4]);
+            }
+        }
+    }
+#endunroll
 }
 
 @compute @workgroup_size(WG)
@@ -112,21 +141,22 @@ fn flash_attention_coop(
     let key_end = plan.x;
     let n_tiles = plan.y;
 
+    // K/V double buffering: the next tile's rows are fetched into registers
+    // (fetch_tile) while the current tile is computed from workgroup memory, and moved
+    // there at the start of the next iteration.
+    fetch_tile(0u, lid, kvh, key_end, n_tiles);
     for (var it = 0u; it < n_tiles; it++) {
         workgroupBarrier();
-        // Stage the tile's K and V rows as f16 (zero past the visible keys).
-        for (var i = lid; i < BK * D4; i += WG) {
-            let key = tile_key(it, i / D4);
-            var kv = vec4<f32>(0.0);
-            var vv = vec4<f32>(0.0);
-            if key < key_end {
-                kv = decode4(k_buf[kv_row_vec4(p.k_base, kvh, key) + i % D4]);
-                vv = decode4(v_buf[kv_row_vec4(p.v_base, kvh, key) + i % D4]);
-            }
-            store_f16x4(i * 4u, kv, 1u);
-            store_f16x4(i * 4u, vv, 2u);
+        // Stage the fetched K and V rows as f16 (zero past the visible keys), then
+        // start fetching the next tile.
+#unroll u PF
+        if lid + ${u}u * WG < BK * D4 {
+            store_f16x4((lid + ${u}u * WG) * 4u, pk${u}, 1u);
+            store_f16x4((lid + ${u}u * WG) * 4u, pv${u}, 2u);
         }
+#endunroll
         workgroupBarrier();
+        fetch_tile(it + 1u, lid, kvh, key_end, n_tiles);
         // 1. S = Q·Kᵀ.
         for (var t = sid; t < RT * KT; t += nsg) {
             let rt = t / KT;

@@ -372,7 +372,8 @@ fn kernel_spec(
             .flag_if("TILE16", t.tile == 16)
             .const_u32("BQ", t.bq as u32)
             .const_u32("BK", t.bk as u32)
-            .const_u32("WG", t.wg as u32),
+            .const_u32("WG", t.wg as u32)
+            .const_u32("PF", (t.bk * d / 4).div_ceil(t.wg) as u32),
     };
     let (file, entry) = match kernel {
         FlashKernel::Portable(_) => ("attention/flash.wgsl", "flash_attention"),
