@@ -22,6 +22,7 @@
 // (threads), PF (vec4 of a K/V tile per thread: ceil(BK D / 4 / WG)). Storage is f16 (STORE_F16): the f16 operands are the stored values
 // themselves.
 
+#include "common/invocation.wgsl"
 #include "common/storage.wgsl"
 #include "common/online_softmax.wgsl"
 
@@ -73,9 +74,7 @@ var<private> pv${u}: vec4<f32>;
 // Fetches key tile `it` into pk/pv (zero past the visible keys; nothing past the last
 // tile).
 fn fetch_tile(it: u32, lid: u32, kvh: u32, key_end: u32, n_tiles: u32) {
-    if it >= n_tiles {
-        return;
-    }
+    if it >= n_tiles { return; }
 #unroll u PF
     {
         let i = lid + ${u}u * WG;
@@ -93,20 +92,15 @@ fn fetch_tile(it: u32, lid: u32, kvh: u32, key_end: u32, n_tiles: u32) {
 }
 
 @compute @workgroup_size(WG)
-fn flash_attention_coop(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_id) sid: u32,
-    @builtin(num_subgroups) nsg: u32,
-) {
-    let h = p.h0 + wg.y;
+fn flash_attention_coop(me: InvocationSub) {
+    let h = p.h0 + me.id.y;
     let kvh = h / p.group;
-    let row0 = p.r0 + wg.x * BQ;
+    let row0 = p.r0 + me.id.x * BQ;
     let row_end = min(row0 + BQ, p.r1);
     let scale2 = p.scale * LOG2E;
 
     // Row state: m and l per row, the accumulator in o_s; Q as f16.
-    for (var r = lid; r < BQ; r += WG) {
+    for (var r = me.lid; r < BQ; r += WG) {
         var m = NEG_BIG;
         var l = 0.0;
 #ifdef IMPORT_STATE
@@ -119,7 +113,7 @@ fn flash_attention_coop(
         row_m[r] = m;
         row_l[r] = l;
     }
-    for (var i = lid; i < BQ * D4; i += WG) {
+    for (var i = me.lid; i < BQ * D4; i += WG) {
         let r = i / D4;
         let c4 = i % D4;
         var q = vec4<f32>(0.0);
@@ -137,28 +131,28 @@ fn flash_attention_coop(
         o_s[i * 4u + 3u] = a.w;
     }
 
-    let plan = key_plan(h, row0, row_end, lid);
+    let plan = key_plan(h, row0, row_end, me.lid);
     let key_end = plan.x;
     let n_tiles = plan.y;
 
     // K/V double buffering: the next tile's rows are fetched into registers
     // (fetch_tile) while the current tile is computed from workgroup memory, and moved
     // there at the start of the next iteration.
-    fetch_tile(0u, lid, kvh, key_end, n_tiles);
+    fetch_tile(0u, me.lid, kvh, key_end, n_tiles);
     for (var it = 0u; it < n_tiles; it++) {
         workgroupBarrier();
         // Stage the fetched K and V rows as f16 (zero past the visible keys), then
         // start fetching the next tile.
 #unroll u PF
-        if lid + ${u}u * WG < BK * D4 {
-            store_f16x4((lid + ${u}u * WG) * 4u, pk${u}, 1u);
-            store_f16x4((lid + ${u}u * WG) * 4u, pv${u}, 2u);
+        if me.lid + ${u}u * WG < BK * D4 {
+            store_f16x4((me.lid + ${u}u * WG) * 4u, pk${u}, 1u);
+            store_f16x4((me.lid + ${u}u * WG) * 4u, pv${u}, 2u);
         }
 #endunroll
         workgroupBarrier();
-        fetch_tile(it + 1u, lid, kvh, key_end, n_tiles);
+        fetch_tile(it + 1u, me.lid, kvh, key_end, n_tiles);
         // 1. S = Q·Kᵀ.
-        for (var t = sid; t < RT * KT; t += nsg) {
+        for (var t = me.sid; t < RT * KT; t += me.nsg) {
             let rt = t / KT;
             let kt = t % KT;
             var c = MatC();
@@ -174,7 +168,7 @@ fn flash_attention_coop(
         }
         workgroupBarrier();
         // 2. Online softmax per row.
-        for (var r = lid; r < BQ; r += WG) {
+        for (var r = me.lid; r < BQ; r += WG) {
             let row = row0 + r;
             let m_old = row_m[r];
             var m_new = m_old;
@@ -197,12 +191,12 @@ fn flash_attention_coop(
         }
         workgroupBarrier();
         // 3. Rescale the accumulator rows.
-        for (var i = lid; i < BQ * D; i += WG) {
+        for (var i = me.lid; i < BQ * D; i += WG) {
             o_s[i] *= row_alpha[i / D];
         }
         workgroupBarrier();
         // 4. O += P·V.
-        for (var t = sid; t < RT * DT; t += nsg) {
+        for (var t = me.sid; t < RT * DT; t += me.nsg) {
             let rt = t / DT;
             let dt = t % DT;
             let oo = rt * T * D + dt * T;
@@ -220,13 +214,13 @@ fn flash_attention_coop(
 
     workgroupBarrier();
 #ifdef EXPORT_STATE
-    for (var r = lid; r < BQ; r += WG) {
+    for (var r = me.lid; r < BQ; r += WG) {
         if row0 + r < p.r1 {
             ml_buf[ml_index(h, row0 + r)] = vec2<f32>(m_to_natural(row_m[r]), row_l[r]);
         }
     }
 #endif
-    for (var i = lid; i < BQ * D4; i += WG) {
+    for (var i = me.lid; i < BQ * D4; i += WG) {
         let r = i / D4;
         let c4 = i % D4;
         if row0 + r < p.r1 {

@@ -5,6 +5,7 @@
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
+#include "common/invocation.wgsl"
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> y: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> weights: array<f32>;
@@ -13,16 +14,10 @@
 @group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
-fn moe_combine(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+fn moe_combine(me: InvocationN) {
     let h4 = p.hidden / 4u;
-    let idx = (wid.x + wid.y * nwg.x) * 256u + lid;
-    if (idx >= p.tokens * h4) {
-        return;
-    }
+    let idx = flat_id(me) * 256u + me.lid;
+    if (idx >= p.tokens * h4) { return; }
     let t = idx / h4;
     let c4 = idx % h4;
     var acc = residual[idx];

@@ -17,6 +17,8 @@
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
+#include "common/invocation.wgsl"
+
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,18 +32,12 @@ const WG: u32 = 256u;
 var<workgroup> cnt: array<atomic<u32>, WG>;
 
 @compute @workgroup_size(256)
-fn moe_histogram(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = wid.x + wid.y * nwg.x;
-    if (b >= p.blocks) {
-        return;
-    }
-    atomicStore(&cnt[lid], 0u);
+fn moe_histogram(me: InvocationN) {
+    let b = flat_id(me);
+    if (b >= p.blocks) { return; }
+    atomicStore(&cnt[me.lid], 0u);
     workgroupBarrier();
-    let a = b * WG + lid;
+    let a = b * WG + me.lid;
     if (a < p.assignments) {
         let e = ids[a];
         if (e < p.experts) {
@@ -49,8 +45,8 @@ fn moe_histogram(
         }
     }
     workgroupBarrier();
-    if (lid < p.experts) {
-        block_counts[b * p.experts + lid] = atomicLoad(&cnt[lid]);
+    if (me.lid < p.experts) {
+        block_counts[b * p.experts + me.lid] = atomicLoad(&cnt[me.lid]);
     }
 }
 #endif
@@ -100,25 +96,19 @@ fn moe_scan(@builtin(local_invocation_index) lid: u32) {
 var<workgroup> blk: array<u32, WG>;
 
 @compute @workgroup_size(256)
-fn moe_scatter(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = wid.x + wid.y * nwg.x;
-    if (b >= p.blocks) {
-        return;
-    }
-    let a = b * WG + lid;
+fn moe_scatter(me: InvocationN) {
+    let b = flat_id(me);
+    if (b >= p.blocks) { return; }
+    let a = b * WG + me.lid;
     var e = 0xffffffffu;
     if (a < p.assignments) {
         e = ids[a];
     }
-    blk[lid] = e;
+    blk[me.lid] = e;
     workgroupBarrier();
     if (a < p.assignments && e < p.experts) {
         var rank = 0u;
-        for (var j = 0u; j < lid; j++) {
+        for (var j = 0u; j < me.lid; j++) {
             rank += select(0u, 1u, blk[j] == e);
         }
         let pos = block_counts[b * p.experts + e] + rank;

@@ -57,8 +57,10 @@ fn find_expert(base: u32, x: u32) -> u32 {
 }
 
 // The weight slot of the expert owning assignment position `pos` (GEMV kernels), or
-// NOT_RESIDENT: that expert is not computed by this dispatch.
+// NOT_RESIDENT: that expert is not computed by this dispatch, or `pos` is past the
+// last assignment.
 fn position_slot(pos: u32) -> u32 {
+    if (pos >= p.assignments) { return NOT_RESIDENT; }
     return slot_of[find_expert(p.experts, pos)];
 }
 

@@ -27,6 +27,7 @@
 // block). Weights: WEIGHTS_F16 or WEIGHTS_Q4_0 (common/weights.wgsl). Activations and
 // accumulation are f32. Requires hidden % 32 == 0 and ffn % 16 == 0.
 
+#include "common/invocation.wgsl"
 #include "quant/weights.wgsl"
 #include "moe/expert_common.wgsl"
 
@@ -44,34 +45,26 @@ var<workgroup> us: array<vec4<f32>, 320>;
 // Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and
 // neurons tx + 16 j (j < 4) of the tile.
 @compute @workgroup_size(256)
-fn expert_up(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t = expert_tile(wid.x);
-    if (!t.valid) {
-        return;
-    }
-    let slot = t.slot;
-    let row0 = t.row0;
-    let row_end = t.row_end;
-    let n0 = wid.y * TN;
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    let lr = lid / 4u;
-    let lc = lid % 4u;
+fn expert_up(me: Invocation) {
+    let t = expert_tile(me.id.x);
+    if (!t.valid) { return; }
+    let n0 = me.id.y * TN;
+    let tx = me.lid % 16u;
+    let ty = me.lid / 16u;
+    let lr = me.lid / 4u;
+    let lc = me.lid % 4u;
     let h4 = p.hidden / 4u;
-    let zrow = row0 + lr;
-    let zload = lid < TM * 4u;
-    let zvalid = zload && zrow < row_end;
+    let zrow = t.row0 + lr;
+    let zload = me.lid < TM * 4u;
+    let zvalid = zload && zrow < t.row_end;
     var ztok = 0u;
     if (zvalid) {
         ztok = sorted[zrow] / p.top_k;
     }
     let wn = n0 + lr;
     let wvalid = wn < p.ffn;
-    let wrow = slot * p.ffn + wn;
-    if (lid == 0u) {
+    let wrow = t.slot * p.ffn + wn;
+    if (me.lid == 0u) {
         atomicStore(&skipped_wg, 0u);
     }
 #unroll i MI
@@ -118,11 +111,11 @@ fn expert_up(
     var skipped = 0u;
 #unroll i MI
     {
-        let pos = row0 + ty + ${i}u * 16u;
+        let pos = t.row0 + ty + ${i}u * 16u;
 #unroll j 4
         {
             let n = n0 + tx + ${j}u * 16u;
-            if (pos < row_end && n < p.ffn) {
+            if (pos < t.row_end && n < p.ffn) {
                 let g = ag${i}[${j}];
                 var v = 0.0;
                 if (g > 0.0) {
@@ -136,7 +129,7 @@ fn expert_up(
 #endunroll
     }
 #endunroll
-    count_up_tile(lid, t, n0, skipped, 0u);
+    count_up_tile(me.lid, t, n0, skipped, 0u);
 }
 #endif
 
@@ -160,21 +153,13 @@ fn reduce32(lid: u32, v: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn expert_up(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let pos = wid.y;
-    if (pos >= p.assignments) {
-        return;
-    }
+fn expert_up(me: Invocation) {
+    let pos = me.id.y;
     let slot = position_slot(pos);
-    if (slot == NOT_RESIDENT) {
-        return;
-    }
+    if (slot == NOT_RESIDENT) { return; }
     let tok = sorted[pos] / p.top_k;
-    let n = wid.x * 8u + lid / 32u;
-    let lane = lid % 32u;
+    let n = me.id.x * 8u + me.lid / 32u;
+    let lane = me.lid % 32u;
     let nvalid = n < p.ffn;
     let h4 = p.hidden / 4u;
     let row = slot * p.ffn + n;
@@ -185,7 +170,7 @@ fn expert_up(
             acc += dot(z[tok * h4 + c4], wdecode(gate[l.w0], gate[l.w1], l));
         }
     }
-    let g = reduce32(lid, acc);
+    let g = reduce32(me.lid, acc);
     var uacc = 0.0;
     if (nvalid && g > 0.0) {
         for (var c4 = lane; c4 < h4; c4 += 32u) {
@@ -193,7 +178,7 @@ fn expert_up(
             uacc += dot(z[tok * h4 + c4], wdecode(up[l.w0], up[l.w1], l));
         }
     }
-    let u = reduce32(lid, uacc);
+    let u = reduce32(me.lid, uacc);
     if (lane == 0u && nvalid) {
         var v = 0.0;
         if (g > 0.0) {
@@ -222,36 +207,28 @@ var<workgroup> live_wg: array<atomic<u32>, 2>;
 // Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and the
 // columns 4 tx..4 tx + 3 of the 64-column block.
 @compute @workgroup_size(256)
-fn expert_down(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t = expert_tile(wid.x);
-    if (!t.valid) {
-        return;
-    }
-    let slot = t.slot;
-    let row0 = t.row0;
-    let row_end = t.row_end;
+fn expert_down(me: Invocation) {
+    let t = expert_tile(me.id.x);
+    if (!t.valid) { return; }
     let h4 = p.hidden / 4u;
-    let c40 = wid.y * (TN / 4u);
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    let lr = lid / 4u;
-    let lc = lid % 4u;
-    let arow = row0 + lr;
-    let aload = lid < TM * 4u;
-    let avalid = aload && arow < row_end;
+    let c40 = me.id.y * (TN / 4u);
+    let tx = me.lid % 16u;
+    let ty = me.lid / 16u;
+    let lr = me.lid / 4u;
+    let lc = me.lid % 4u;
+    let arow = t.row0 + lr;
+    let aload = me.lid < TM * 4u;
+    let avalid = aload && arow < t.row_end;
     let f4 = p.ffn / 4u;
-    let kn = lid / 16u;
-    let wc4 = c40 + lid % 16u;
+    let kn = me.lid / 16u;
+    let wc4 = c40 + me.lid % 16u;
     let wvalid = wc4 < h4;
 #unroll i MI
     var acc${i} = vec4<f32>(0.0);
     var a${i} = vec4<f32>(0.0);
 #endunroll
 #ifdef SKIP_CHUNKS
-    if (lid == 0u) {
+    if (me.lid == 0u) {
         atomicStore(&live_wg[0], 0u);
         atomicStore(&live_wg[1], 0u);
     }
@@ -275,7 +252,7 @@ fn expert_down(
         // Every thread reads the same flag after the barrier; it guards only loads and
         // arithmetic, never a barrier.
         let live = atomicLoad(&live_wg[par]) != 0u;
-        if (lid == 0u) {
+        if (me.lid == 0u) {
             atomicStore(&live_wg[1u - par], 0u);
             if (!live) {
                 skipped += 1u;
@@ -287,10 +264,10 @@ fn expert_down(
 #endif
         var wv = vec4<f32>(0.0);
         if (wvalid && live) {
-            let l = wloc(slot * p.ffn + k0 + kn, wc4 * 4u, p.hidden, p.down_sb);
+            let l = wloc(t.slot * p.ffn + k0 + kn, wc4 * 4u, p.hidden, p.down_sb);
             wv = wdecode(down[l.w0], down[l.w1], l);
         }
-        ws[kn * 16u + lid % 16u] = wv;
+        ws[kn * 16u + me.lid % 16u] = wv;
         workgroupBarrier();
         if (live) {
 #unroll k 4
@@ -310,7 +287,7 @@ fn expert_down(
         workgroupBarrier();
     }
 #ifdef SKIP_CHUNKS
-    if (lid == 0u) {
+    if (me.lid == 0u) {
         atomicAdd(&stats[2], skipped);
         atomicAdd(&stats[3], p.ffn / TK);
     }
@@ -318,8 +295,8 @@ fn expert_down(
     let c4 = c40 + tx;
 #unroll i MI
     {
-        let pos = row0 + ty + ${i}u * 16u;
-        if (pos < row_end && c4 < h4) {
+        let pos = t.row0 + ty + ${i}u * 16u;
+        if (pos < t.row_end && c4 < h4) {
             y[pos * h4 + c4] = acc${i};
         }
     }
@@ -334,22 +311,14 @@ var<workgroup> part: array<vec4<f32>, 256>;
 // (lid % 16, lid / 16) owns columns 4 tx..4 tx + 3 and neurons ty, ty + 16, ...; the 16
 // partial sums are added in workgroup memory. Rows of skipped neurons are not read.
 @compute @workgroup_size(256)
-fn expert_down(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let pos = wid.y;
-    if (pos >= p.assignments) {
-        return;
-    }
+fn expert_down(me: Invocation) {
+    let pos = me.id.y;
     let slot = position_slot(pos);
-    if (slot == NOT_RESIDENT) {
-        return;
-    }
+    if (slot == NOT_RESIDENT) { return; }
     let h4 = p.hidden / 4u;
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    let c4 = wid.x * 16u + tx;
+    let tx = me.lid % 16u;
+    let ty = me.lid / 16u;
+    let c4 = me.id.x * 16u + tx;
     var acc = vec4<f32>(0.0);
     if (c4 < h4) {
         for (var n = ty; n < p.ffn; n += 16u) {
@@ -360,16 +329,16 @@ fn expert_down(
             }
         }
     }
-    part[lid] = acc;
+    part[me.lid] = acc;
     workgroupBarrier();
 #unroll s 4
     if (ty < (8u >> ${s}u)) {
-        part[lid] += part[lid + (8u >> ${s}u) * 16u];
+        part[me.lid] += part[me.lid + (8u >> ${s}u) * 16u];
     }
     workgroupBarrier();
 #endunroll
     if (ty == 0u && c4 < h4) {
-        y[pos * h4 + c4] = part[lid];
+        y[pos * h4 + c4] = part[me.lid];
     }
 }
 #endif

@@ -17,6 +17,7 @@
 // activations are all 0 (inactive neurons for every position of the tile) is not
 // loaded and not multiplied, decided once for the workgroup.
 
+#include "common/invocation.wgsl"
 #include "quant/weights.wgsl"
 #include "common/coop.wgsl"
 #include "moe/expert_common.wgsl"
@@ -37,31 +38,25 @@ var<workgroup> cu_hi: array<f32, TM * TN>;  // up · z
 var<workgroup> cu_lo: array<f32, TM * TN>;
 
 @compute @workgroup_size(256)
-fn expert_up_coop(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_id) sid: u32,
-    @builtin(num_subgroups) nsg: u32,
-) {
+fn expert_up_coop(me: InvocationSub) {
     // No early return (naga takes it as non-uniform flow around the matrix operations):
     // an invalid tile runs no chunk and writes nothing.
-    let t = expert_tile(wid.x);
-    let n0 = wid.y * TN;
+    let t = expert_tile(me.id.x);
+    let n0 = me.id.y * TN;
     let h4 = p.hidden / 4u;
-    for (var i = lid; i < TM * TN; i += 256u) {
+    for (var i = me.lid; i < TM * TN; i += 256u) {
         cg_hi[i] = 0.0;
         cg_lo[i] = 0.0;
         cu_hi[i] = 0.0;
         cu_lo[i] = 0.0;
     }
-    if (lid == 0u) {
+    if (me.lid == 0u) {
         atomicStore(&skipped_wg, 0u);
     }
     // Thread lid stages, for lid < 4 TN, one vec4 of a gate and an up row (neuron
     // n0 + lid / 4) and, for lid < 4 TM, one of z.
-    let r = lid / 4u;
-    let c4 = (lid % 4u) * 4u;
+    let r = me.lid / 4u;
+    let c4 = (me.lid % 4u) * 4u;
     let zload = r < TM;
     let zvalid = zload && t.row0 + r < t.row_end;
     var ztok = 0u;
@@ -105,7 +100,7 @@ fn expert_up_coop(
             }
         }
         workgroupBarrier();
-        for (var s = sid; s < (TM / T) * (TN / T); s += nsg) {
+        for (var s = me.sid; s < (TM / T) * (TN / T); s += me.nsg) {
             let co = (s / (TN / T)) * T * TN + (s % (TN / T)) * T;
             var gh = coopLoadT<MatC>(&cg_hi[co], TN);
             var gl = coopLoadT<MatC>(&cg_lo[co], TN);
@@ -136,7 +131,7 @@ fn expert_up_coop(
     }
     workgroupBarrier();
     var skipped = 0u;
-    for (var i = lid; i < TM * TN; i += 256u) {
+    for (var i = me.lid; i < TM * TN; i += 256u) {
         let pos = t.row0 + i / TN;
         let n = n0 + i % TN;
         if (pos < t.row_end && n < p.ffn) {
@@ -150,7 +145,7 @@ fn expert_up_coop(
             act[pos * p.ffn + n] = v;
         }
     }
-    count_up_tile(lid, t, n0, skipped, p.part_base + 2u * (wid.x * nwg.y + wid.y));
+    count_up_tile(me.lid, t, n0, skipped, p.part_base + 2u * (me.id.x * me.count.y + me.id.y));
 }
 #endif
 
@@ -170,34 +165,28 @@ var<workgroup> live_chunk: u32;
 #endif
 
 @compute @workgroup_size(256)
-fn expert_down_coop(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_id) sid: u32,
-    @builtin(num_subgroups) nsg: u32,
-) {
+fn expert_down_coop(me: InvocationSub) {
     // No early return (naga takes it as non-uniform flow around the matrix operations):
     // an invalid tile runs no chunk and writes nothing.
-    let t = expert_tile(wid.x);
+    let t = expert_tile(me.id.x);
     let h4 = p.hidden / 4u;
     let f4 = p.ffn / 4u;
-    let col0 = wid.y * TN;
-    for (var i = lid; i < TM * TN; i += 256u) {
+    let col0 = me.id.y * TN;
+    for (var i = me.lid; i < TM * TN; i += 256u) {
         c_hi[i] = 0.0;
         c_lo[i] = 0.0;
     }
     // Thread lid stages, for lid < 4 TM, one vec4 of activations (position lid / 4) and
     // one vec4 of a down row (neuron lid / 16, columns col0 + 4 (lid % 16) ..).
-    let r = lid / 4u;
-    let c4 = (lid % 4u) * 4u;
+    let r = me.lid / 4u;
+    let c4 = (me.lid % 4u) * 4u;
     let aload = r < TM;
     let avalid = aload && t.row0 + r < t.row_end;
-    let kn = lid / 16u;
-    let dc = (lid % 16u) * 4u;
+    let kn = me.lid / 16u;
+    let dc = (me.lid % 16u) * 4u;
     let dvalid = col0 + dc < p.hidden;
 #ifdef SKIP_CHUNKS
-    if (lid == 0u) {
+    if (me.lid == 0u) {
         atomicStore(&live_any, 0u);
     }
     var skipped = 0u;  // counted by thread 0
@@ -220,13 +209,13 @@ fn expert_down_coop(
             atomicOr(&live_any, 1u);
         }
         workgroupBarrier();
-        if (lid == 0u) {
+        if (me.lid == 0u) {
             live_chunk = atomicExchange(&live_any, 0u);
         }
         // The same value for every thread: what follows (barriers, matrix ops) stays in
         // uniform control flow.
         if (workgroupUniformLoad(&live_chunk) == 0u) {
-            if (lid == 0u) {
+            if (me.lid == 0u) {
                 skipped += 1u;
             }
             continue;
@@ -245,7 +234,7 @@ fn expert_down_coop(
 #endif
         }
         workgroupBarrier();
-        for (var s = sid; s < (TM / T) * (TN / T); s += nsg) {
+        for (var s = me.sid; s < (TM / T) * (TN / T); s += me.nsg) {
             let co = (s / (TN / T)) * T * TN + (s % (TN / T)) * T;
             var ch = coopLoadT<MatC>(&c_hi[co], TN);
             var cl = coopLoadT<MatC>(&c_lo[co], TN);
@@ -267,13 +256,13 @@ fn expert_down_coop(
     }
     workgroupBarrier();
 #ifdef SKIP_CHUNKS
-    if (lid == 0u && t.valid) {
-        let part = p.part_base + 2u * (wid.x * nwg.y + wid.y);
+    if (me.lid == 0u && t.valid) {
+        let part = p.part_base + 2u * (me.id.x * me.count.y + me.id.y);
         stats[part] = skipped;
         stats[part + 1u] = p.ffn / TK;
     }
 #endif
-    for (var i = lid; i < TM * (TN / 4u); i += 256u) {
+    for (var i = me.lid; i < TM * (TN / 4u); i += 256u) {
         let pos = t.row0 + i / (TN / 4u);
         let cc = (i % (TN / 4u)) * 4u;
         if (pos < t.row_end && col0 + cc < p.hidden) {

@@ -13,6 +13,8 @@
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
+#include "common/invocation.wgsl"
+
 const WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,17 +27,11 @@ const WG: u32 = 64u;
 var<workgroup> lg: array<f32, MAX_E>;
 
 @compute @workgroup_size(64)
-fn router(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.tokens) {
-        return;
-    }
+fn router(me: InvocationN) {
+    let t = flat_id(me);
+    if (t >= p.tokens) { return; }
     let h4 = p.hidden / 4u;
-    for (var e = lid; e < p.experts; e += WG) {
+    for (var e = me.lid; e < p.experts; e += WG) {
         var acc = vec4<f32>(0.0);
         for (var i = 0u; i < h4; i++) {
             acc += x[t * h4 + i] * w[e * h4 + i];
@@ -45,9 +41,7 @@ fn router(
         logits[t * p.experts + e] = s;
     }
     workgroupBarrier();
-    if (lid != 0u) {
-        return;
-    }
+    if (me.lid != 0u) { return; }
     var vals: array<f32, MAX_K>;
     var sel: array<u32, MAX_K>;
     var prev_v = 0.0;

@@ -8,6 +8,7 @@
 //   RESIDUAL:       y = res + x·Wᵀ (res [tokens, N]).
 // Thread (tx, ty) = (lid % 16, lid / 16) owns tokens ty + 16 i and outputs tx + 16 j.
 
+#include "common/invocation.wgsl"
 #include "quant/weights.wgsl"
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
@@ -23,16 +24,13 @@ var<workgroup> xs: array<vec4<f32>, 320>;
 var<workgroup> ws: array<vec4<f32>, 320>;
 
 @compute @workgroup_size(256)
-fn linear(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t0 = wid.x * TM;
-    let n0 = wid.y * TN;
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    let lr = lid / 4u;
-    let lc = lid % 4u;
+fn linear(me: Invocation) {
+    let t0 = me.id.x * TM;
+    let n0 = me.id.y * TN;
+    let tx = me.lid % 16u;
+    let ty = me.lid / 16u;
+    let lr = me.lid / 4u;
+    let lc = me.lid % 4u;
     let xt = t0 + lr;
     let xvalid = xt < p.tokens;
     let wn = n0 + lr;

@@ -10,6 +10,7 @@
 // Both 32 x 64 accumulators live in workgroup memory; their T x T tiles are spread over
 // the subgroups, each loading its tiles as C, adding the chunk's products and storing.
 
+#include "common/invocation.wgsl"
 #include "quant/weights.wgsl"
 #include "common/coop.wgsl"
 
@@ -30,21 +31,16 @@ var<workgroup> c_hi: array<f32, TM * TN>;  // Σ x_hi·W_hi [TM][TN]
 var<workgroup> c_lo: array<f32, TM * TN>;  // Σ (x_lo·W_hi + x_hi·W_lo) · 2^11
 
 @compute @workgroup_size(256)
-fn linear_coop(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_id) sid: u32,
-    @builtin(num_subgroups) nsg: u32,
-) {
-    let t0 = wid.x * TM;
-    let n0 = wid.y * TN;
-    for (var i = lid; i < TM * TN; i += 256u) {
+fn linear_coop(me: InvocationSub) {
+    let t0 = me.id.x * TM;
+    let n0 = me.id.y * TN;
+    for (var i = me.lid; i < TM * TN; i += 256u) {
         c_hi[i] = 0.0;
         c_lo[i] = 0.0;
     }
     // Thread lid stages one vec4 of W (row lid / 4) and, for lid < 128, one of x.
-    let r = lid / (TK / 4u);
-    let c4 = (lid % (TK / 4u)) * 4u;
+    let r = me.lid / (TK / 4u);
+    let c4 = (me.lid % (TK / 4u)) * 4u;
     for (var k0 = 0u; k0 < p.k; k0 += TK) {
         workgroupBarrier();
         if r < TM {
@@ -71,7 +67,7 @@ fn linear_coop(
 #endif
         }
         workgroupBarrier();
-        for (var t = sid; t < (TM / T) * (TN / T); t += nsg) {
+        for (var t = me.sid; t < (TM / T) * (TN / T); t += me.nsg) {
             let rt = t / (TN / T);
             let ct = t % (TN / T);
             let co = rt * T * TN + ct * T;
@@ -96,7 +92,7 @@ fn linear_coop(
         }
     }
     workgroupBarrier();
-    for (var i = lid; i < TM * TN; i += 256u) {
+    for (var i = me.lid; i < TM * TN; i += 256u) {
         let t = t0 + i / TN;
         let n = n0 + i % TN;
         if t < p.tokens && n < p.n {

@@ -7,20 +7,15 @@
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
+#include "common/invocation.wgsl"
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> table: array<vec2<f32>>;
 @group(0) @binding(2) var<storage, read_write> x: array<f32>;
 
 @compute @workgroup_size(256)
-fn rope(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let idx = (wid.x + wid.y * nwg.x) * 256u + lid;
-    if (idx >= p.heads * p.tokens * p.half) {
-        return;
-    }
+fn rope(me: InvocationN) {
+    let idx = flat_id(me) * 256u + me.lid;
+    if (idx >= p.heads * p.tokens * p.half) { return; }
     let i = idx % p.half;
     let row = idx / p.half;  // head * tokens + t
     let t = row % p.tokens;

@@ -96,6 +96,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/moe/expert_ffn_coop.wgsl"),
     ),
     (
+        "common/invocation.wgsl",
+        include_str!("../../shaders/common/invocation.wgsl"),
+    ),
+    (
         "moe/expert_common.wgsl",
         include_str!("../../shaders/moe/expert_common.wgsl"),
     ),

@@ -18,6 +18,7 @@
 // visit (not the released code's overlapping range, see docs/algorithms.md §2).
 // Constants: D (head_dim), POOL (128 rows per pooled block), BLOCKS_PER_GROUP (16).
 
+#include "common/invocation.wgsl"
 #include "common/storage.wgsl"
 #ifdef COOP
 #include "common/coop.wgsl"
@@ -66,26 +67,37 @@ fn candidates(g: u32) -> vec2<u32> {
     return vec2<u32>(p.init_end, max(p.init_end, end));
 }
 
+// The (key chunk, query group, q-head) of a flags or compact workgroup, the group's
+// candidate range and its row of the per-group arrays.
+struct ChunkAt {
+    chunk: u32,
+    g: u32,
+    h: u32,
+    cand: vec2<u32>,
+    row: u32,
+}
+
+fn chunk_at(id: vec3<u32>) -> ChunkAt {
+    return ChunkAt(id.x, id.y, id.z, candidates(id.y), id.z * p.n_groups + id.y);
+}
+
 #ifdef STAGE_POOL
 @compute @workgroup_size(64)
-fn anchor_pool(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = wg.x;
-    let h = wg.y;
+fn anchor_pool(me: Invocation) {
+    let b = me.id.x;
+    let h = me.id.y;
     let r0 = b * POOL;
     let r1 = min(r0 + POOL, p.seq_len);
     let inv = 1.0 / f32(r1 - r0);
     // Thread c4 owns dimensions 4*c4..+4 (D4 <= 64 threads).
-    if lid < D4 {
+    if me.lid < D4 {
         var sum = vec4<f32>(0.0);
         for (var r = r0; r < r1; r++) {
-            sum += decode4(q_buf[(h * p.seq_len + r) * D4 + lid]);
+            sum += decode4(q_buf[(h * p.seq_len + r) * D4 + me.lid]);
         }
-        qbar[(h * p.n_pool + b) * D4 + lid] = sum * inv;
+        qbar[(h * p.n_pool + b) * D4 + me.lid] = sum * inv;
     }
-    if lid == 0u {
+    if me.lid == 0u {
         var m = 0.0;
         for (var r = r0; r < r1; r++) {
             m += ml_buf[h * p.seq_len + r].x;
@@ -121,28 +133,22 @@ fn write_chunk(lid: u32, row: u32, chunk: u32, live: bool) {
 #ifndef COOP
 
 @compute @workgroup_size(256)
-fn anchor_flags(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let chunk = wg.x;
-    let g = wg.y;
-    let h = wg.z;
-    let cand = candidates(g);
-    let c0 = cand.x + chunk * CHUNK;
-    if c0 >= cand.y {
+fn anchor_flags(me: Invocation) {
+    let at = chunk_at(me.id);
+    let c0 = at.cand.x + at.chunk * CHUNK;
+    if c0 >= at.cand.y {
         return;  // workgroup-uniform: the whole chunk is past this group's candidates
     }
-    if lid < 8u {
-        atomicStore(&words[lid], 0u);
+    if me.lid < 8u {
+        atomicStore(&words[me.lid], 0u);
     }
     workgroupBarrier();
-    let j = c0 + lid;
-    let s0 = g * BLOCKS_PER_GROUP;
+    let j = c0 + me.lid;
+    let s0 = at.g * BLOCKS_PER_GROUP;
     let s1 = min(s0 + BLOCKS_PER_GROUP, p.n_pool);
     var keep = false;
-    if j < cand.y {
-        let kvh = h / p.group;
+    if j < at.cand.y {
+        let kvh = at.h / p.group;
         // Scores of this key against the group's pooled rows, K read once; the
         // unrolled loops keep the dot products in registers. Pooled rows past the
         // sequence (a ragged last group) read row s1 - 1 again, which changes nothing.
@@ -153,18 +159,18 @@ fn anchor_flags(
         for (var c = 0u; c < D4; c++) {
             let kv = decode4(k_buf[(kvh * p.seq_len + j) * D4 + c]);
             #unroll s BLOCKS_PER_GROUP
-            dots[${s}] += dot(qbar[(h * p.n_pool + min(s0 + ${s}u, s1 - 1u)) * D4 + c], kv);
+            dots[${s}] += dot(qbar[(at.h * p.n_pool + min(s0 + ${s}u, s1 - 1u)) * D4 + c], kv);
             #endunroll
         }
         #unroll s BLOCKS_PER_GROUP
         keep = keep || dots[${s}] * p.scale + p.theta
-            >= abar[h * p.n_pool + min(s0 + ${s}u, s1 - 1u)];
+            >= abar[at.h * p.n_pool + min(s0 + ${s}u, s1 - 1u)];
         #endunroll
     }
     if keep {
-        atomicOr(&words[lid / 32u], 1u << (lid % 32u));
+        atomicOr(&words[me.lid / 32u], 1u << (me.lid % 32u));
     }
-    write_chunk(lid, h * p.n_groups + g, chunk, true);
+    write_chunk(me.lid, at.row, at.chunk, true);
 }
 #else
 const KC: u32 = 128u;  // keys per half chunk
@@ -177,38 +183,30 @@ var<workgroup> k_t: array<f16, KC * DK>;   // [KC][DK] keys
 var<workgroup> sc: array<f32, SP * KC>;    // [SP][KC] scores q̄·kᵀ
 
 @compute @workgroup_size(256)
-fn anchor_flags_coop(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_id) sid: u32,
-    @builtin(num_subgroups) nsg: u32,
-) {
-    let chunk = wg.x;
-    let g = wg.y;
-    let h = wg.z;
-    let cand = candidates(g);
-    let c0 = cand.x + chunk * CHUNK;
+fn anchor_flags_coop(me: InvocationSub) {
+    let at = chunk_at(me.id);
+    let c0 = at.cand.x + at.chunk * CHUNK;
     // No early return (naga takes it as non-uniform flow around the matrix operations):
     // a chunk past the group's candidates runs no step and writes nothing.
-    let live = c0 < cand.y;
-    if lid < 8u {
-        atomicStore(&words[lid], 0u);
+    let live = c0 < at.cand.y;
+    if me.lid < 8u {
+        atomicStore(&words[me.lid], 0u);
     }
-    let s0 = g * BLOCKS_PER_GROUP;
+    let s0 = at.g * BLOCKS_PER_GROUP;
     let s1 = min(s0 + BLOCKS_PER_GROUP, p.n_pool);
-    let kvh = h / p.group;
+    let kvh = at.h / p.group;
     for (var half = 0u; half < CHUNK / KC; half++) {
         let k0 = c0 + half * KC;
-        for (var i = lid; i < SP * KC; i += 256u) {
+        for (var i = me.lid; i < SP * KC; i += 256u) {
             sc[i] = 0.0;
         }
         for (var d0 = 0u; d0 < select(0u, D, live); d0 += DK) {
             workgroupBarrier();
-            for (var i = lid; i < SP * DK / 4u; i += 256u) {
+            for (var i = me.lid; i < SP * DK / 4u; i += 256u) {
                 let s = i / (DK / 4u);
                 let c = i % (DK / 4u);
-                let row = min(s0 + s, s1 - 1u);
-                let v = qbar[(h * p.n_pool + row) * D4 + d0 / 4u + c];
+                let pooled = min(s0 + s, s1 - 1u);
+                let v = qbar[(at.h * p.n_pool + pooled) * D4 + d0 / 4u + c];
                 let hi = high_half(v);
                 let vh = vec4<f16>(hi);
                 let vl = vec4<f16>(v - hi);
@@ -217,11 +215,11 @@ fn anchor_flags_coop(
                     q_lo[s * DK + c * 4u + e] = vl[e];
                 }
             }
-            for (var i = lid; i < KC * DK / 4u; i += 256u) {
+            for (var i = me.lid; i < KC * DK / 4u; i += 256u) {
                 let kk = i / (DK / 4u);
                 let c = i % (DK / 4u);
                 var kv = vec4<f32>(0.0);
-                if k0 + kk < cand.y {
+                if k0 + kk < at.cand.y {
                     kv = decode4(k_buf[(kvh * p.seq_len + k0 + kk) * D4 + d0 / 4u + c]);
                 }
                 let kh = vec4<f16>(kv);
@@ -230,7 +228,7 @@ fn anchor_flags_coop(
                 }
             }
             workgroupBarrier();
-            for (var t = sid; t < (SP / T) * (KC / T); t += nsg) {
+            for (var t = me.sid; t < (SP / T) * (KC / T); t += me.nsg) {
                 let co = (t / (KC / T)) * T * KC + (t % (KC / T)) * T;
                 var acc = coopLoadT<MatC>(&sc[co], KC);
                 for (var ks = 0u; ks < DK / T; ks++) {
@@ -244,62 +242,53 @@ fn anchor_flags_coop(
             }
         }
         workgroupBarrier();
-        let j = k0 + lid;
-        if live && lid < KC && j < cand.y {
+        let j = k0 + me.lid;
+        if live && me.lid < KC && j < at.cand.y {
             var keep = false;
             for (var s = 0u; s < BLOCKS_PER_GROUP; s++) {
-                let a = abar[h * p.n_pool + min(s0 + s, s1 - 1u)];
-                keep = keep || sc[s * KC + lid] * p.scale + p.theta >= a;
+                let a = abar[at.h * p.n_pool + min(s0 + s, s1 - 1u)];
+                keep = keep || sc[s * KC + me.lid] * p.scale + p.theta >= a;
             }
             if keep {
-                let bit = half * KC + lid;
+                let bit = half * KC + me.lid;
                 atomicOr(&words[bit / 32u], 1u << (bit % 32u));
             }
         }
         workgroupBarrier();
     }
-    write_chunk(lid, h * p.n_groups + g, chunk, live);
+    write_chunk(me.lid, at.row, at.chunk, live);
 }
 #endif
 #endif
 
 #ifdef STAGE_COMPACT
 @compute @workgroup_size(256)
-fn anchor_compact(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let chunk = wg.x;
-    let g = wg.y;
-    let h = wg.z;
-    let cand = candidates(g);
-    let row = h * p.n_groups + g;
-    let used = (cand.y - cand.x + CHUNK - 1u) / CHUNK;  // chunks with candidates
+fn anchor_compact(me: Invocation) {
+    let at = chunk_at(me.id);
+    let used = (at.cand.y - at.cand.x + CHUNK - 1u) / CHUNK;  // chunks with candidates
     // Kept keys of this group's earlier chunks (chunk 0: of all its chunks, for the
     // range), summed by the whole workgroup.
-    var upto = chunk;
-    if chunk == 0u {
+    var upto = at.chunk;
+    if at.chunk == 0u {
         upto = used;
     }
     var mine = 0u;
-    for (var c = lid; c < upto; c += 256u) {
-        mine += counts[row * p.chunks + c];
+    for (var c = me.lid; c < upto; c += 256u) {
+        mine += counts[at.row * p.chunks + c];
     }
-    let base = group_base[row];
-    let offset = compact_offset(lid, mine, chunk, row, base);
-    if chunk >= used {
-        return;
-    }
+    let base = group_base[at.row];
+    let offset = compact_offset(me.lid, mine, at.chunk, at.row, base);
+    if at.chunk >= used { return; }
     // This key's rank among the chunk's kept keys: set bits before it.
-    let w = lid / 32u;
-    let bit = lid % 32u;
-    let word = flags[(row * p.chunks + chunk) * 8u + w];
+    let w = me.lid / 32u;
+    let bit = me.lid % 32u;
+    let word = flags[(at.row * p.chunks + at.chunk) * 8u + w];
     if (word & (1u << bit)) != 0u {
         var rank = countOneBits(word & ((1u << bit) - 1u));
         for (var v = 0u; v < w; v++) {
-            rank += countOneBits(flags[(row * p.chunks + chunk) * 8u + v]);
+            rank += countOneBits(flags[(at.row * p.chunks + at.chunk) * 8u + v]);
         }
-        lut_idx[base + offset + rank] = cand.x + chunk * CHUNK + lid;
+        lut_idx[base + offset + rank] = at.cand.x + at.chunk * CHUNK + me.lid;
     }
 }
 #endif

@@ -15,6 +15,7 @@
 //                    the estimate approximates q·k, the units of the exact pass's row max.
 // Constants: D (head_dim), BITS (4 or 8).
 
+#include "common/invocation.wgsl"
 #include "common/storage.wgsl"
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
@@ -28,28 +29,25 @@ const D4: u32 = D / 4u;
 @group(0) @binding(3) var<storage, read_write> partial: array<vec4<f32>>;  // [heads, chunks, D4]
 
 @compute @workgroup_size(64)
-fn sale_mean_partial(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let chunk = wg.x;
-    let head = wg.y;
+fn sale_mean_partial(me: Invocation) {
+    let chunk = me.id.x;
+    let head = me.id.y;
     let r0 = chunk * p.chunk_rows;
     let r1 = min(r0 + p.chunk_rows, p.seq_len);
     // Thread c4 owns dimensions 4*c4..+4 (D4 <= 64 threads).
-    if lid < D4 {
+    if me.lid < D4 {
         var sum = vec4<f32>(0.0);
         if head < p.q_heads {
             for (var r = r0; r < r1; r++) {
-                sum += decode4(q_buf[(head * p.seq_len + r) * D4 + lid]);
+                sum += decode4(q_buf[(head * p.seq_len + r) * D4 + me.lid]);
             }
         } else {
             let kvh = head - p.q_heads;
             for (var r = r0; r < r1; r++) {
-                sum += decode4(k_buf[(kvh * p.seq_len + r) * D4 + lid]);
+                sum += decode4(k_buf[(kvh * p.seq_len + r) * D4 + me.lid]);
             }
         }
-        partial[(head * p.chunks + chunk) * D4 + lid] = sum;
+        partial[(head * p.chunks + chunk) * D4 + me.lid] = sum;
     }
 }
 #endif
@@ -59,17 +57,14 @@ fn sale_mean_partial(
 @group(0) @binding(2) var<storage, read_write> means: array<vec4<f32>>;    // [heads, D4]
 
 @compute @workgroup_size(64)
-fn sale_mean_final(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let head = wg.x;
-    if lid < D4 {
+fn sale_mean_final(me: Invocation) {
+    let head = me.id.x;
+    if me.lid < D4 {
         var sum = vec4<f32>(0.0);
         for (var c = 0u; c < p.chunks; c++) {
-            sum += partial[(head * p.chunks + c) * D4 + lid];
+            sum += partial[(head * p.chunks + c) * D4 + me.lid];
         }
-        means[head * D4 + lid] = sum / f32(p.seq_len);
+        means[head * D4 + me.lid] = sum / f32(p.seq_len);
     }
 }
 #endif
@@ -90,15 +85,10 @@ fn code(x: f32, inv: f32) -> u32 {
 }
 
 @compute @workgroup_size(64)
-fn sale_quant(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let head = wg.y;
-    let row = wg.x * 64u + lid;
-    if row >= p.seq_len {
-        return;
-    }
+fn sale_quant(me: Invocation) {
+    let head = me.id.y;
+    let row = me.id.x * 64u + me.lid;
+    if row >= p.seq_len { return; }
 #ifdef QUANT_K
     let own_mean = (p.q_heads + head) * D4;   // k_mean of this kv head
 #else
