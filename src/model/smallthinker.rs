@@ -318,24 +318,7 @@ impl Context {
 }
 
 impl DecoderLayerPlanBuilder {
-    /// Tokens per run.
-    pub fn tokens(mut self, n: usize) -> Self {
-        self.tokens = n;
-        self
-    }
-    /// Weight format of every matrix.
-    pub fn format(mut self, f: WeightFormat) -> Self {
-        self.format = f;
-        self
-    }
-    /// Streams the expert weights from host memory with `slots` GPU slots: the router
-    /// runs in its own submission, attention is submitted behind it, and the routed
-    /// experts missing from the slots are uploaded while attention runs (see
-    /// [`crate::moe::stream`]).
-    pub fn stream_experts(mut self, slots: usize) -> Self {
-        self.residency = ExpertResidency::Streamed { slots };
-        self
-    }
+    crate::moe::plan::expert_plan_setters!();
     /// Packs the weights and builds.
     pub fn build(self, weights: &DecoderLayerWeights) -> Result<DecoderLayerPlan> {
         if weights.config != self.cfg {

@@ -134,17 +134,41 @@ impl Context {
     }
 }
 
+/// The setters of the plan builders that run experts (the MoE layer and the
+/// SmallThinker decoder layer): tokens, weight format, where the expert weights live.
+/// The builder has fields `tokens`, `format` and `residency`.
+macro_rules! expert_plan_setters {
+    () => {
+        /// Tokens per run.
+        pub fn tokens(mut self, n: usize) -> Self {
+            self.tokens = n;
+            self
+        }
+        /// Weight storage format (of the experts and, in a decoder layer, of every
+        /// matrix).
+        pub fn format(mut self, f: $crate::quant::WeightFormat) -> Self {
+            self.format = f;
+            self
+        }
+        /// Keeps the expert weights in host memory and caches `slots` experts on the
+        /// GPU; each run uploads the routed experts it misses (see
+        /// [`crate::moe::stream`]): the router runs in its own submission, and whatever
+        /// is queued behind it (a decoder layer's attention) hides the uploads. On the
+        /// CPU the weights are host memory already and this changes nothing.
+        pub fn stream_experts(self, slots: usize) -> Self {
+            self.residency($crate::moe::stream::ExpertResidency::Streamed { slots })
+        }
+        /// Where the expert weights live (default: all resident on the GPU).
+        pub fn residency(mut self, r: $crate::moe::stream::ExpertResidency) -> Self {
+            self.residency = r;
+            self
+        }
+    };
+}
+pub(crate) use expert_plan_setters;
+
 impl MoePlanBuilder {
-    /// Tokens per run.
-    pub fn tokens(mut self, n: usize) -> Self {
-        self.tokens = n;
-        self
-    }
-    /// Weight storage format.
-    pub fn format(mut self, f: WeightFormat) -> Self {
-        self.format = f;
-        self
-    }
+    expert_plan_setters!();
     /// Forces the expert kernels (default: GEMV up to [`DECODE_MAX_TOKENS`] tokens,
     /// tiled above).
     pub fn path(mut self, p: FfnPath) -> Self {
@@ -155,18 +179,6 @@ impl MoePlanBuilder {
     /// [`super::expert_ffn::choose_tile_m`] from the tokens per expert).
     pub fn tile_m(mut self, m: usize) -> Self {
         self.tile_m = Some(m);
-        self
-    }
-    /// Keeps the expert weights in host memory and caches `slots` experts on the GPU;
-    /// each run uploads the routed experts it misses (see [`super::stream`]). On the
-    /// CPU the weights are host memory already and this changes nothing.
-    pub fn stream_experts(mut self, slots: usize) -> Self {
-        self.residency = ExpertResidency::Streamed { slots };
-        self
-    }
-    /// Where the expert weights live (default: all resident on the GPU).
-    pub fn residency(mut self, r: ExpertResidency) -> Self {
-        self.residency = r;
         self
     }
     /// Whether the tiled (prefill) down GEMM skips 16-neuron chunks that are
