@@ -3,8 +3,9 @@
 //! without the GGUF of `scripts/fetch-models.sh`, fails with
 //! `WGSPARSE_REQUIRE_MODELS=1`), and the CLI's argument errors.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use wgsparse::attention::select::anchor::AnchorConfig;
@@ -203,36 +204,13 @@ fn end_to_end_continuation_matches_full_nll_on_smollm2() {
 
 #[test]
 fn eval_cli_rejects_bad_arguments() {
-    let bin = env!("CARGO_BIN_EXE_wgsparse");
-    let run = |args: &[&str]| {
-        let o = Command::new(bin).args(args).output().unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
-    let (ok, err) = run(&[
-        "eval",
-        "--model",
-        "missing.gguf",
-        "--text",
-        "missing.txt",
-        "--methods",
-        "dense,bogus",
-    ]);
-    assert!(!ok && err.contains("unknown eval method `bogus`"), "{err}");
-    let (ok, err) = run(&[
-        "eval",
-        "--model",
-        "missing.gguf",
-        "--text",
-        "missing.txt",
-        "--methods",
-        "oracle",
-        "--coverage",
-        "1.5",
-    ]);
-    assert!(!ok && err.contains("--coverage"), "{err}");
-    let (ok, err) = run(&["eval", "--model", "missing.gguf", "--text", "missing.txt"]);
-    assert!(!ok && err.contains("missing.gguf"), "{err}");
+    let base = "eval --model missing.gguf --text missing.txt";
+    for (extra, says) in [
+        ("--methods dense,bogus", "unknown eval method `bogus`"),
+        ("--methods oracle --coverage 1.5", "--coverage"),
+        ("", "missing.gguf"),
+    ] {
+        let (ok, _, err) = common::wgsparse_line(&format!("{base} {extra}"));
+        assert!(!ok && err.contains(says), "{extra}: {err}");
+    }
 }

@@ -624,7 +624,7 @@ impl AttentionPlan {
                     stats,
                 }
             }
-            None => self.run_cpu(q, k, v, out, state)?,
+            None => self.run_cpu([q, k, v], out, state)?,
         };
         *self.last.lock().expect("report lock") = Some(report);
         Ok(())
@@ -728,11 +728,10 @@ impl AttentionPlan {
         }
     }
 
+    /// The run on the host (`qkv`: Q, K, V, checked by the caller).
     fn run_cpu(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        [q, k, v]: [&Tensor; 3],
         out: &mut Tensor,
         state: Option<&mut RowState>,
     ) -> Result<AttentionReport> {

@@ -136,37 +136,42 @@ pub fn split_dense(p: &SplitProblem, lim: &SplitLimits) -> Result<Vec<DenseDispa
         ));
     }
     let mut out = vec![];
-    for h in 0..p.q_heads {
-        let mut r0 = 0;
-        while r0 < p.q_len {
-            let r1 = (r0 + rows).min(p.q_len);
-            let key_end = if p.causal {
-                (r1 - 1 + shift + 1).min(p.kv_len)
-            } else {
-                p.kv_len
-            };
-            let start = out.len();
-            let mut c0 = 0;
-            while c0 < key_end.max(1) {
-                let c1 = (c0 + keys).min(p.kv_len);
-                out.push(DenseDispatch {
-                    h0: h,
-                    h1: h + 1,
-                    r0,
-                    r1,
-                    c0,
-                    c1,
-                    first: c0 == 0,
-                    last: false,
-                });
-                c0 = c1;
-            }
-            out.last_mut().expect("at least one key chunk").last = true;
-            debug_assert!(out[start].first);
-            r0 = r1;
+    for (h, r0, r1) in row_blocks(p, rows) {
+        let key_end = if p.causal {
+            (r1 - 1 + shift + 1).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let start = out.len();
+        let mut c0 = 0;
+        while c0 < key_end.max(1) {
+            let c1 = (c0 + keys).min(p.kv_len);
+            out.push(DenseDispatch {
+                h0: h,
+                h1: h + 1,
+                r0,
+                r1,
+                c0,
+                c1,
+                first: c0 == 0,
+                last: false,
+            });
+            c0 = c1;
         }
+        out.last_mut().expect("at least one key chunk").last = true;
+        debug_assert!(out[start].first);
     }
     Ok(out)
+}
+
+/// One head at a time, its query rows in blocks of `rows`: (head, r0, r1).
+fn row_blocks(p: &SplitProblem, rows: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    let q_len = p.q_len;
+    (0..p.q_heads).flat_map(move |h| {
+        (0..q_len)
+            .step_by(rows)
+            .map(move |r0| (h, r0, (r0 + rows).min(q_len)))
+    })
 }
 
 /// The dispatches of a sparse attention (block-sparse or stripe executor): like
@@ -196,25 +201,18 @@ pub fn split_sparse(p: &SplitProblem, lim: &SplitLimits) -> Result<Vec<DenseDisp
             lim.max_binding,
         ));
     }
-    let mut out = vec![];
-    for h in 0..p.q_heads {
-        let mut r0 = 0;
-        while r0 < p.q_len {
-            let r1 = (r0 + rows).min(p.q_len);
-            out.push(DenseDispatch {
-                h0: h,
-                h1: h + 1,
-                r0,
-                r1,
-                c0: 0,
-                c1: p.kv_len,
-                first: true,
-                last: true,
-            });
-            r0 = r1;
-        }
-    }
-    Ok(out)
+    Ok(row_blocks(p, rows)
+        .map(|(h, r0, r1)| DenseDispatch {
+            h0: h,
+            h1: h + 1,
+            r0,
+            r1,
+            c0: 0,
+            c1: p.kv_len,
+            first: true,
+            last: true,
+        })
+        .collect())
 }
 
 #[cfg(test)]

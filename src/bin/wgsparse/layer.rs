@@ -39,18 +39,8 @@ pub struct LayerArgs {
     /// Timed runs after one warm-up; the median is reported.
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    /// Also run the CPU layer and print the errors.
-    #[arg(long)]
-    check: bool,
-    /// Stream the expert weights from host memory through this many GPU slots: the
-    /// router runs alone, attention is queued behind it, and the routed experts that
-    /// miss are uploaded while attention runs.
-    #[arg(long)]
-    stream_slots: Option<usize>,
-    /// A fresh random input for every timed run (changing routing, as in decoding);
-    /// --check uses one more run on the usual input.
-    #[arg(long)]
-    vary_inputs: bool,
+    #[command(flatten)]
+    run: crate::moe::ExpertRunArgs,
 }
 
 /// `wgsparse layer`: one SmallThinker-4B decoder layer (router, RMSNorm, attention with
@@ -70,7 +60,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     let h = cfg.moe.hidden;
     let x = grid_input(a.tokens * h, a.common.seed ^ 0xdef);
     let mut b = ctx.decoder_layer(cfg).tokens(a.tokens).format(a.weights);
-    if let Some(s) = a.stream_slots {
+    if let Some(s) = a.run.stream_slots {
         b = b.stream_experts(s);
     }
     let plan = b.build(&w)?;
@@ -85,13 +75,13 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         a.iters,
         |r: &LayerReport| r.ms,
         |i| {
-            let fresh = a.vary_inputs.then(|| input(i)).transpose()?;
+            let fresh = a.run.vary_inputs.then(|| input(i)).transpose()?;
             plan.run_into(fresh.as_ref().unwrap_or(&xt), &mut out)?;
             Ok(plan.report().expect("ran"))
         },
     )?;
     let mut report = t.runs.last().expect("one run").clone();
-    if a.vary_inputs {
+    if a.run.vary_inputs {
         plan.run_into(&xt, &mut out)?;
         let streams: Vec<_> = t
             .runs
@@ -100,7 +90,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             .collect();
         report.experts.stream = sum_stream(&streams);
     }
-    let check = if a.check {
+    let check = if a.run.check {
         let want = decoder_layer_cpu(&x, &w.pack(a.weights)?)?;
         Some(Check::new(
             compare(&out.to_f32_blocking()?, &want),

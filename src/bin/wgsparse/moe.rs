@@ -59,14 +59,8 @@ pub struct MoeArgs {
     /// Timed runs after one warm-up; the median is reported.
     #[arg(long, default_value_t = 5)]
     iters: usize,
-    /// Also compute on the other device (CPU twin on a GPU run; the GPU, else an f64
-    /// reference, on a CPU run) and print the errors.
-    #[arg(long)]
-    check: bool,
-    /// Keep the expert weights in host memory and cache this many experts on the GPU
-    /// (uploads of missed experts are part of each run).
-    #[arg(long)]
-    stream_slots: Option<usize>,
+    #[command(flatten)]
+    run: ExpertRunArgs,
     /// Tiled path: do not skip 16-neuron chunks that are inactive for a whole tile.
     #[arg(long)]
     no_skip_chunks: bool,
@@ -74,11 +68,26 @@ pub struct MoeArgs {
     /// 16-neuron chunks (they never fire), a stand-in for trained ReGLU sparsity.
     #[arg(long, default_value_t = 0.0)]
     cold_chunks: f64,
+}
+
+/// The flags of the expert runs `moe` and `layer` share.
+#[derive(Args, Clone)]
+pub struct ExpertRunArgs {
+    /// Also compute on the other device (CPU twin on a GPU run; the GPU, else an f64
+    /// reference, on a CPU run) and print the errors.
+    #[arg(long)]
+    pub check: bool,
+    /// Keep the expert weights in host memory and cache this many experts on the GPU:
+    /// the router runs in its own submission, what is queued behind it (a layer's
+    /// attention) runs while the routed experts that miss are uploaded (part of each
+    /// run).
+    #[arg(long)]
+    pub stream_slots: Option<usize>,
     /// A fresh random input for every timed run (the routing changes from run to run,
     /// as from token to token in decoding: what a streamed expert cache sees); the
     /// output and --check use one more run on the usual input.
     #[arg(long)]
-    vary_inputs: bool,
+    pub vary_inputs: bool,
 }
 
 /// Streaming figures of several runs added up (hits, uploads, bytes, times), `None` for
@@ -118,7 +127,7 @@ fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usi
         .tokens(a.tokens)
         .format(a.weights)
         .skip_chunks(!a.no_skip_chunks);
-    if let Some(s) = a.stream_slots {
+    if let Some(s) = a.run.stream_slots {
         b = b.stream_experts(s);
     }
     match a.path {
@@ -138,6 +147,7 @@ fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usi
         |r: &MoeReport| r.ms,
         |i| {
             let fresh = a
+                .run
                 .vary_inputs
                 .then(|| input(a.common.seed ^ (0x1000 + i as u64)));
             let xi = fresh.transpose()?;
@@ -147,7 +157,7 @@ fn run_on(ctx: &Context, a: &MoeArgs, cfg: MoeConfig, w: &MoeWeights, iters: usi
         },
     )?;
     let mut report = t.runs.last().expect("one run").clone();
-    if a.vary_inputs {
+    if a.run.vary_inputs {
         plan.run_into(&xt, &xt, &xt, &mut out)?;
         // Keep the timed runs' streaming figures (summed), the last run's counts.
         let streams: Vec<_> = t
@@ -253,7 +263,7 @@ pub fn run(a: &MoeArgs) -> Result<()> {
     let w = MoeWeights::random(&cfg, a.common.seed)
         .with_cold_chunks(a.cold_chunks, a.common.seed ^ 0xc01d)?;
     let r = run_on(&ctx, a, cfg, &w, a.iters)?;
-    let check = if a.check {
+    let check = if a.run.check {
         let (other, name) = other_result(&ctx, a, cfg, &w)?;
         Some(Check::new(compare(&r.out, &other), name))
     } else {
