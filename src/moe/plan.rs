@@ -466,15 +466,10 @@ impl MoePlan {
         Ok(out)
     }
 
-    /// Blocking [`MoePlan::run_async`] (not on the web).
-    pub fn run_into(
-        &self,
-        router_in: &Tensor,
-        expert_in: &Tensor,
-        residual: &Tensor,
-        out: &mut Tensor,
-    ) -> Result<()> {
-        pollster::block_on(self.run_async(router_in, expert_in, residual, out))
+    /// Blocking [`MoePlan::run_async`] (not on the web): `x` routes, `z` enters the
+    /// experts, `res` is the residual.
+    pub fn run_into(&self, x: &Tensor, z: &Tensor, res: &Tensor, out: &mut Tensor) -> Result<()> {
+        pollster::block_on(self.run_async(x, z, res, out))
     }
 
     /// `out = residual + Σ_k w_k · Expert_k(expert_in)` with experts routed on

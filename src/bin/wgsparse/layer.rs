@@ -7,13 +7,11 @@ use clap::Args;
 use serde::Serialize;
 use wgsparse::attention::metrics::compare;
 use wgsparse::model::smallthinker::LayerReport;
-use wgsparse::moe::plan::ExpertStats;
 use wgsparse::moe::{WeightFormat, grid_input};
-use wgsparse::runtime::StageTime;
 use wgsparse::{Backend, DType, Result, Tensor};
 
 use crate::device;
-use crate::moe::sum_stream;
+use crate::moe::{ExpertRunFigures, sum_stream};
 use crate::report::{Check, emit, stage_lines, timed};
 
 #[derive(Args, Clone)]
@@ -106,13 +104,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         weights: a.weights,
         rope: !a.nope,
         attention: report.attention,
-        ms: t.ms,
-        tokens_per_s: a.tokens as f64 / (t.ms / 1e3),
-        counted: report.experts,
-        timing: report.timing.timing,
-        stages: report.timing.stages,
-        data: "synthetic",
-        wall_ms: t.wall_ms,
+        run: ExpertRunFigures::new(a.tokens, t.ms, t.wall_ms, report.experts, report.timing),
         check,
     };
     emit(&r, a.common.json);
@@ -128,15 +120,8 @@ pub struct LayerRun {
     weights: WeightFormat,
     rope: bool,
     attention: String,
-    /// Median milliseconds.
-    ms: f64,
-    tokens_per_s: f64,
     #[serde(flatten)]
-    counted: ExpertStats,
-    timing: String,
-    stages: Vec<StageTime>,
-    data: &'static str,
-    wall_ms: f64,
+    run: ExpertRunFigures,
     #[serde(flatten)]
     check: Option<Check>,
 }
@@ -153,13 +138,17 @@ impl fmt::Display for LayerRun {
             if self.rope { "RoPE" } else { "NoPE" },
             self.attention
         )?;
-        stage_lines(f, &self.stages, 12, false)?;
+        stage_lines(f, &self.run.stages, 12, false)?;
         writeln!(
             f,
             "  median {:.3} ms ({} timing), wall {:.3} ms, {:.0} tokens/s, skipped neurons {:.3}",
-            self.ms, self.timing, self.wall_ms, self.tokens_per_s, self.counted.skip_frac
+            self.run.ms,
+            self.run.timing,
+            self.run.wall_ms,
+            self.run.tokens_per_s,
+            self.run.counted.skip_frac
         )?;
-        if let Some(st) = &self.counted.stream {
+        if let Some(st) = &self.run.counted.stream {
             writeln!(f, "  streamed experts: {st}")?;
         }
         if let Some(c) = &self.check {

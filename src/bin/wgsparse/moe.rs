@@ -90,6 +90,41 @@ pub struct ExpertRunArgs {
     pub vary_inputs: bool,
 }
 
+/// The measured part of the reports of `moe` and `layer` (flattened into their JSON).
+#[derive(Serialize)]
+pub struct ExpertRunFigures {
+    /// Median milliseconds.
+    pub ms: f64,
+    pub tokens_per_s: f64,
+    #[serde(flatten)]
+    pub counted: ExpertStats,
+    pub timing: String,
+    pub stages: Vec<StageTime>,
+    pub data: &'static str,
+    pub wall_ms: f64,
+}
+
+impl ExpertRunFigures {
+    /// Figures of `tokens` per run at a median of `ms` (synthetic data).
+    pub fn new(
+        tokens: usize,
+        ms: f64,
+        wall_ms: f64,
+        counted: ExpertStats,
+        t: wgsparse::Report,
+    ) -> Self {
+        ExpertRunFigures {
+            ms,
+            tokens_per_s: tokens as f64 / (ms / 1e3),
+            counted,
+            timing: t.timing,
+            stages: t.stages,
+            data: "synthetic",
+            wall_ms,
+        }
+    }
+}
+
 /// Streaming figures of several runs added up (hits, uploads, bytes, times), `None` for
 /// unstreamed runs.
 pub fn sum_stream(runs: &[StreamStats]) -> Option<StreamStats> {
@@ -189,17 +224,10 @@ pub struct MoeRun {
     weights: WeightFormat,
     path: String,
     router: RouterScoring,
-    /// Median milliseconds.
-    ms: f64,
-    tokens_per_s: f64,
+    #[serde(flatten)]
+    run: ExpertRunFigures,
     /// Dense-equivalent expert TFLOP/s.
     tflops: f64,
-    #[serde(flatten)]
-    counted: ExpertStats,
-    timing: String,
-    stages: Vec<StageTime>,
-    data: &'static str,
-    wall_ms: f64,
     cold_chunks: f64,
     #[serde(flatten)]
     check: Option<Check>,
@@ -220,27 +248,31 @@ impl fmt::Display for MoeRun {
             self.weights.name(),
             self.path
         )?;
-        stage_lines(f, &self.stages, 12, false)?;
-        let counts = &self.counted.expert_counts;
+        stage_lines(f, &self.run.stages, 12, false)?;
+        let counts = &self.run.counted.expert_counts;
         writeln!(
             f,
             "  median {:.3} ms ({} timing), {:.0} tokens/s, {:.3} TFLOP/s dense-equivalent, skipped neurons {:.3}, tokens per expert {}..{}",
-            self.ms,
-            self.timing,
-            self.tokens_per_s,
+            self.run.ms,
+            self.run.timing,
+            self.run.tokens_per_s,
             self.tflops,
-            self.counted.skip_frac,
+            self.run.counted.skip_frac,
             counts.iter().min().unwrap_or(&0),
             counts.iter().max().unwrap_or(&0)
         )?;
-        if let Some(x) = self.counted.down_chunk_skip_frac {
+        if let Some(x) = self.run.counted.down_chunk_skip_frac {
             writeln!(
                 f,
                 "  down GEMM chunks skipped (inactive for a whole tile): {x:.3}"
             )?;
         }
-        if let Some(st) = &self.counted.stream {
-            writeln!(f, "  streamed experts: {st}; wall {:.3} ms", self.wall_ms)?;
+        if let Some(st) = &self.run.counted.stream {
+            writeln!(
+                f,
+                "  streamed experts: {st}; wall {:.3} ms",
+                self.run.wall_ms
+            )?;
         }
         if let Some(c) = &self.check {
             write!(f, "{c}")?;
@@ -281,14 +313,8 @@ pub fn run(a: &MoeArgs) -> Result<()> {
         weights: a.weights,
         path: rep.path,
         router: cfg.scoring,
-        ms: r.ms,
-        tokens_per_s: a.tokens as f64 / (r.ms / 1e3),
+        run: ExpertRunFigures::new(a.tokens, r.ms, r.wall_ms, rep.experts, rep.timing),
         tflops: cfg.expert_flops(a.tokens) / r.ms / 1e9,
-        counted: rep.experts,
-        timing: rep.timing.timing,
-        stages: rep.timing.stages,
-        data: "synthetic",
-        wall_ms: r.wall_ms,
         cold_chunks: a.cold_chunks,
         check,
     };
