@@ -66,20 +66,8 @@ fn dense_on_matrix_units_matches_the_cpu_twin() {
         (AttentionShape::new(3, 1, 19, 64), false),
         (AttentionShape::new(2, 1, 40, 256), true),
         (AttentionShape::new(2, 2, 9, 128), false),
-        (
-            AttentionShape {
-                kv_len: 71,
-                ..AttentionShape::new(2, 1, 30, 128)
-            },
-            true,
-        ),
-        (
-            AttentionShape {
-                kv_len: 37,
-                ..AttentionShape::new(2, 1, 60, 64)
-            },
-            false,
-        ),
+        (AttentionShape::new(2, 1, 30, 128).with_kv_len(71), true),
+        (AttentionShape::new(2, 1, 60, 64).with_kv_len(37), false),
     ];
     for (i, (shape, causal)) in cases.into_iter().enumerate() {
         let v = dense_against_cpu_twin(&ctx, shape, DType::F16, causal, seed + i as u64).unwrap();

@@ -30,13 +30,7 @@ fn cpu_twin_matches_naive_reference() {
     for (shape, causal) in [
         (AttentionShape::new(2, 1, 37, 64), true),
         (AttentionShape::new(3, 3, 70, 128), false),
-        (
-            AttentionShape {
-                kv_len: 90,
-                ..AttentionShape::new(2, 2, 20, 64)
-            },
-            true,
-        ),
+        (AttentionShape::new(2, 2, 20, 64).with_kv_len(90), true),
     ] {
         let (q, k, v) = qkv_host(&shape, seed);
         let scale = 0.125;
@@ -58,18 +52,12 @@ fn gpu_matches_cpu_twin_on_ragged_gqa_shapes() {
         (AttentionShape::new(3, 1, 19, 64), DType::F16, false),
         (AttentionShape::new(2, 1, 40, 256), DType::F16, true),
         (
-            AttentionShape {
-                kv_len: 71,
-                ..AttentionShape::new(2, 1, 30, 128)
-            },
+            AttentionShape::new(2, 1, 30, 128).with_kv_len(71),
             DType::F32,
             true,
         ),
         (
-            AttentionShape {
-                kv_len: 37,
-                ..AttentionShape::new(2, 1, 60, 64)
-            },
+            AttentionShape::new(2, 1, 60, 64).with_kv_len(37),
             DType::F32,
             false,
         ),

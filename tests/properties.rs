@@ -480,13 +480,7 @@ proptest! {
 /// launcher.
 #[test]
 fn non_causal_with_fewer_keys_than_queries() {
-    let shape = AttentionShape {
-        q_heads: 2,
-        kv_heads: 1,
-        seq_len: 100,
-        kv_len: 37,
-        head_dim: 64,
-    };
+    let shape = AttentionShape::new(2, 1, 100, 64).with_kv_len(37);
     shape.validate(false).unwrap();
     let (q, k, v) = qkv_host(&shape, 3);
     let want = naive_attention(&shape, false, 0.125, &q, &k, &v);

@@ -38,38 +38,29 @@ fn sale_matches_cpu_twin() {
     let seed = common::seed();
     let mut selected = 0;
     let mut skipped = 0;
-    for (i, (shape, cfg, dtype)) in [
+    for (i, (shape, spec, dtype)) in [
         (
             AttentionShape::new(2, 1, 700, 64),
-            SaleConfig {
-                tau: 0.01,
-                ..Default::default()
-            },
+            "sale:tau=0.01",
             DType::F32,
         ),
         (
             AttentionShape::new(4, 2, 555, 128),
-            SaleConfig {
-                tau: 0.005,
-                bits: 8,
-                local: 64,
-                ..Default::default()
-            },
+            "sale:tau=0.005,bits=8,local=64",
             DType::F16,
         ),
         (
             AttentionShape::new(2, 2, 1111, 64),
-            SaleConfig {
-                tau: 0.02,
-                local: 0,
-                ..Default::default()
-            },
+            "sale:tau=0.02,local=0",
             DType::F32,
         ),
     ]
     .into_iter()
     .enumerate()
     {
+        let Ok(Method::Sale(cfg)) = spec.parse() else {
+            unreachable!("{spec}")
+        };
         let seed = seed + i as u64;
         let (q, k, v) = common::planted_qkv(&shape, dtype, seed);
         let (got, report, lut) = run_gpu(&ctx, shape, &cfg, dtype, (&q, &k, &v));

@@ -264,44 +264,39 @@ fn anchor_matches_cpu_twin() {
     let Some(ctx) = common::gpu(None) else { return };
     let seed = common::seed();
     let mut selected = 0;
-    for (i, (shape, cfg, dtype)) in [
+    let small = "anchor:theta=4,block=64,init_keys=128";
+    for (i, (shape, spec, dtype)) in [
         (
             AttentionShape::new(2, 1, 700, 64),
-            small_anchor(),
+            format!("{small},step=2"),
             DType::F32,
         ),
         (
             AttentionShape::new(4, 2, 555, 128),
-            AnchorConfig {
-                step: 3,
-                ..small_anchor()
-            },
+            format!("{small},step=3"),
             DType::F16,
         ),
+        // Groups of 2048 rows: a higher anchor (max over more keys) than the small
+        // configs, so a wider margin.
         (
             AttentionShape::new(2, 2, 4300, 64),
-            AnchorConfig {
-                // Groups of 2048 rows: a higher anchor (max over more keys) than the
-                // small configs, so a wider margin.
-                theta: 7.0,
-                ..Default::default()
-            },
+            "anchor:theta=7".into(),
             DType::F32,
         ),
         // The default groups at f16 (matrix-unit stripe scoring where available), with
         // stripes over whole 256-key chunks.
         (
             AttentionShape::new(2, 1, 4300, 128),
-            AnchorConfig {
-                theta: 7.0,
-                ..Default::default()
-            },
+            "anchor:theta=7".into(),
             DType::F16,
         ),
     ]
     .into_iter()
     .enumerate()
     {
+        let Ok(Method::Anchor(cfg)) = spec.parse() else {
+            unreachable!("{spec}")
+        };
         let seed = seed + i as u64;
         // Planted structure (sinks, band, heavy columns): θ = 4 keeps the heavy columns
         // and drops most other keys, so the selection is neither empty nor everything.
@@ -458,10 +453,7 @@ fn bad_sparse_requests_are_typed_errors() {
             .build()
             .is_err()
     );
-    let ragged = AttentionShape {
-        kv_len: 120,
-        ..shape
-    };
+    let ragged = shape.with_kv_len(120);
     assert!(matches!(
         ctx.attention(ragged)
             .method(Method::Window(WindowConfig::default()))

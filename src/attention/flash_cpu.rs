@@ -897,20 +897,8 @@ mod tests {
         let shapes = [
             (AttentionShape::new(2, 1, 37, 64), true),
             (AttentionShape::new(3, 3, 70, 128), false),
-            (
-                AttentionShape {
-                    kv_len: 133,
-                    ..AttentionShape::new(4, 2, 101, 64)
-                },
-                true,
-            ),
-            (
-                AttentionShape {
-                    kv_len: 90,
-                    ..AttentionShape::new(2, 2, 20, 40)
-                },
-                false,
-            ),
+            (AttentionShape::new(4, 2, 101, 64).with_kv_len(133), true),
+            (AttentionShape::new(2, 2, 20, 40).with_kv_len(90), false),
             (AttentionShape::new(1, 1, 1, 8), true),
         ];
         for (i, (shape, causal)) in shapes.into_iter().enumerate() {

@@ -68,6 +68,12 @@ impl AttentionShape {
         }
     }
 
+    /// The same shape with `kv_len` keys (a prefix cache before the queries, or fewer
+    /// keys than queries).
+    pub fn with_kv_len(self, kv_len: usize) -> Self {
+        AttentionShape { kv_len, ..self }
+    }
+
     /// Checks the shape; a typed error says what is wrong.
     pub fn validate(&self, causal: bool) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidShape(m));

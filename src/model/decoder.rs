@@ -410,13 +410,7 @@ impl Decoder {
         let scale = self.attention_scale();
         let window = if c.global[layer] { None } else { c.window };
         let run = |k: &[f32], v: &[f32], n: usize, method: Method| -> Result<Vec<f32>> {
-            let shape = AttentionShape {
-                q_heads: c.n_head,
-                kv_heads: c.n_kv_head,
-                seq_len: t,
-                kv_len: n,
-                head_dim: d,
-            };
+            let shape = AttentionShape::new(c.n_head, c.n_kv_head, t, d).with_kv_len(n);
             let plan = self
                 .ctx
                 .attention(shape)
