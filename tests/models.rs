@@ -132,19 +132,22 @@ fn smollm2_greedy_and_nll_match_the_research_notes() {
             .starts_with(" Emma who loved to play in the sun"),
     );
     // research/data.md: NLL 2.8179 on the first 700 tokens of Pride and Prejudice.
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tokens_smollm2_prideprejudice.json"),
-    )
-    .unwrap();
-    let f: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids: Vec<u32> = f["ids"].as_array().unwrap()[..700]
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let ids = pride_ids(700);
     let (nll, n) = dec.nll(&ids).unwrap();
     eprintln!("SmolLM2 NLL over {n} predictions: {nll:.4}");
     assert!((nll - 2.8179).abs() < 0.01, "NLL {nll}");
+}
+
+/// The first `n` SmolLM2 token ids of Pride and Prejudice (tests/fixtures).
+fn pride_ids(n: usize) -> Vec<u32> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tokens_smollm2_prideprejudice.json");
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f["ids"].as_array().unwrap()[..n]
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// The decoder with its attention on a GPU (lavapipe in CI) against the CPU path:
@@ -153,16 +156,7 @@ fn smollm2_greedy_and_nll_match_the_research_notes() {
 fn smollm2_decoder_on_the_gpu_matches_the_cpu() {
     let Some(g) = model(SMOLLM2) else { return };
     let Some(gpu) = common::gpu(None) else { return };
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tokens_smollm2_prideprejudice.json"),
-    )
-    .unwrap();
-    let f: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids: Vec<u32> = f["ids"].as_array().unwrap()[..256]
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let ids = pride_ids(256);
     let sale = Method::Sale(wgsparse::attention::select::sale::SaleConfig {
         tau: 0.01,
         ..Default::default()

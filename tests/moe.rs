@@ -83,6 +83,10 @@ impl Case {
             ..self
         }
     }
+    fn softmax(mut self) -> Self {
+        self.cfg.scoring = RouterScoring::Softmax;
+        self
+    }
 }
 
 fn weights_for(case: &Case, rng: &mut StdRng, seed: u64) -> MoeWeights {
@@ -275,18 +279,14 @@ fn gpu_moe_matches_cpu_twins_tiled() {
         Case::new(cfg(96, 8, 1, 32), 70, WeightFormat::F16, FfnPath::Tiled)
             .router(RouterKind::AllTied)
             .tile_m(64),
-        Case {
-            cfg: MoeConfig {
-                scoring: RouterScoring::Softmax,
-                ..cfg(256, 32, 4, 128)
-            },
-            tokens: 130,
-            format: WeightFormat::Q4_0,
-            path: FfnPath::Tiled,
-            router: RouterKind::Random,
-            tile_m: Some(32),
-            slots: None,
-        },
+        Case::new(
+            cfg(256, 32, 4, 128),
+            130,
+            WeightFormat::Q4_0,
+            FfnPath::Tiled,
+        )
+        .tile_m(32)
+        .softmax(),
         Case::new(cfg(64, 4, 3, 16), 300, WeightFormat::F16, FfnPath::Tiled)
             .router(RouterKind::AllTied),
         // Streamed experts: 16 routed through 5 slots (4 rounds), 3 through 1.
@@ -312,18 +312,7 @@ fn gpu_moe_matches_cpu_twins_gemv() {
             .router(RouterKind::SomeTies),
         Case::new(cfg(128, 16, 1, 64), 8, WeightFormat::Q4_0, FfnPath::Gemv)
             .router(RouterKind::AllTied),
-        Case {
-            cfg: MoeConfig {
-                scoring: RouterScoring::Softmax,
-                ..cfg(96, 8, 2, 32)
-            },
-            tokens: 37,
-            format: WeightFormat::F16,
-            path: FfnPath::Gemv,
-            router: RouterKind::Random,
-            tile_m: None,
-            slots: None,
-        },
+        Case::new(cfg(96, 8, 2, 32), 37, WeightFormat::F16, FfnPath::Gemv).softmax(),
         // Streamed decode: 4 routed experts through 3 slots; 8 slots for 8 experts.
         Case::new(cfg(256, 32, 4, 128), 1, WeightFormat::Q4_0, FfnPath::Gemv).slots(3),
         Case::new(cfg(64, 8, 2, 48), 5, WeightFormat::F16, FfnPath::Gemv)
