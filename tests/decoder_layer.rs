@@ -160,11 +160,7 @@ fn sliding_window_layer_matches_the_cpu_layer() {
         ..small_layer(true)
     };
     let tokens = 100;
-    let mut w = DecoderLayerWeights::random(&cfg, seed);
-    w.moe.router = grid_input(w.moe.router.len(), seed ^ 1)
-        .into_iter()
-        .map(|v| v / 2.0)
-        .collect();
+    let w = grid_router_weights(&cfg, seed);
     let h = cfg.moe.hidden;
     let x = grid_input(tokens * h, seed ^ 2);
     let plan = ctx.decoder_layer(cfg).tokens(tokens).build(&w).unwrap();
@@ -185,6 +181,17 @@ fn sliding_window_layer_matches_the_cpu_layer() {
     let wf = DecoderLayerWeights { config: full, ..w };
     let dense = decoder_layer_cpu(&x, &wf.pack(WeightFormat::F16).unwrap()).unwrap();
     assert!(compare(&dense, &want).max_abs_err > 1e-3);
+}
+
+/// Random layer weights whose router weights lie on a grid (multiples of 1/32), so that
+/// with grid inputs every router logit is exact and the GPU and the CPU route alike.
+fn grid_router_weights(cfg: &DecoderLayerConfig, seed: u64) -> DecoderLayerWeights {
+    let mut w = DecoderLayerWeights::random(cfg, seed);
+    w.moe.router = grid_input(w.moe.router.len(), seed ^ 1)
+        .into_iter()
+        .map(|v| v / 2.0)
+        .collect();
+    w
 }
 
 fn small_layer(rope: bool) -> DecoderLayerConfig {
@@ -223,11 +230,7 @@ fn decoder_layer_plan_matches_the_cpu_layer() {
     {
         let cfg = small_layer(rope);
         let s = seed + i as u64;
-        let mut w = DecoderLayerWeights::random(&cfg, s);
-        w.moe.router = grid_input(w.moe.router.len(), s ^ 1)
-            .into_iter()
-            .map(|v| v / 2.0)
-            .collect();
+        let w = grid_router_weights(&cfg, s);
         let h = cfg.moe.hidden;
         let x = grid_input(tokens * h, s ^ 2);
         let plan = ctx

@@ -702,26 +702,40 @@ impl Decoder {
     pub fn nll(&self, ids: &[u32]) -> Result<(f64, usize)> {
         let mut cache = self.new_cache();
         let h = self.forward(ids, &mut cache, &mut |_| Ok(()))?;
-        let dm = self.cfg.d_model;
-        let mut total = 0f64;
         let n = ids.len() - 1;
-        for r0 in (0..n).step_by(64) {
-            let r1 = (r0 + 64).min(n);
-            let logits = self.logits(&h[r0 * dm..r1 * dm]);
-            let v = logits.len() / (r1 - r0);
-            for (i, row) in logits.chunks_exact(v).enumerate() {
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let lse = m as f64
-                    + row
-                        .iter()
-                        .map(|&x| ((x - m) as f64).exp())
-                        .sum::<f64>()
-                        .ln();
-                total += lse - row[ids[r0 + i + 1] as usize] as f64;
-            }
-        }
+        let mut total = 0f64;
+        self.logit_rows(&h[..n * self.cfg.d_model], |i, row| {
+            total += token_nll(row, ids[i + 1]);
+        });
         Ok((total / n.max(1) as f64, n))
     }
+
+    /// The logits of each row of `hidden` (`[rows, d_model]`), 64 rows at a time:
+    /// `f(row index, logits)`.
+    pub fn logit_rows(&self, hidden: &[f32], mut f: impl FnMut(usize, &[f32])) {
+        let dm = self.cfg.d_model;
+        let rows = hidden.len() / dm;
+        for r0 in (0..rows).step_by(64) {
+            let r1 = (r0 + 64).min(rows);
+            let logits = self.logits(&hidden[r0 * dm..r1 * dm]);
+            let vocab = logits.len() / (r1 - r0);
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                f(r0 + i, row);
+            }
+        }
+    }
+}
+
+/// Negative log-likelihood (nats) of token `target` under the logits `row`.
+pub fn token_nll(row: &[f32], target: u32) -> f64 {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m as f64
+        + row
+            .iter()
+            .map(|&x| ((x - m) as f64).exp())
+            .sum::<f64>()
+            .ln();
+    lse - row[target as usize] as f64
 }
 
 /// Index of the largest value (first on ties).

@@ -23,7 +23,7 @@ use crate::attention::select::sale::SaleConfig;
 use crate::attention::select::sale_calibrate::SaleThresholds;
 use crate::attention::{AttentionShape, Method, RowState, WindowConfig, upload_qkv};
 use crate::error::{Error, Result};
-use crate::model::decoder::{Decoder, LayerQkv, argmax};
+use crate::model::decoder::{Decoder, LayerQkv, argmax, token_nll};
 use crate::runtime::context::Context;
 use crate::runtime::tensor::{DType, Tensor};
 
@@ -304,22 +304,10 @@ fn continuation(
     }
     let mut total = 0f64;
     let mut top1 = Vec::with_capacity(m);
-    for r0 in (0..m).step_by(64) {
-        let r1 = (r0 + 64).min(m);
-        let logits = dec.logits(&hidden[r0 * dm..r1 * dm]);
-        let vocab = logits.len() / (r1 - r0);
-        for (i, row) in logits.chunks_exact(vocab).enumerate() {
-            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let lse = mx as f64
-                + row
-                    .iter()
-                    .map(|&x| ((x - mx) as f64).exp())
-                    .sum::<f64>()
-                    .ln();
-            total += lse - row[ids[n + r0 + i] as usize] as f64;
-            top1.push(argmax(row));
-        }
-    }
+    dec.logit_rows(&hidden[..m * dm], |i, row| {
+        total += token_nll(row, ids[n + i]);
+        top1.push(argmax(row));
+    });
     Ok(Continuation {
         nll: total / m as f64,
         top1,
