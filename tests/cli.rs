@@ -21,27 +21,13 @@ fn info_lists_the_cpu_backend_and_the_gpu() {
 fn attention_check_json_has_the_stable_keys() {
     let gpu = common::gpu(None).is_some();
     for backend in ["cpu", "auto"] {
-        let (ok, out, err) = common::wgsparse_line(&format!(
-            "attention --method dense --seq-len 70 --q-heads 4 --kv-heads 2 --head-dim 64 --dtype f32 --iters 1 --backend {backend} --check --json"
-        ));
-        assert!(ok, "{err}");
-        let v = common::one_json(&out);
-        for key in [
-            "backend",
-            "adapter",
-            "method",
-            "seq_len",
-            "q_heads",
-            "kv_heads",
-            "head_dim",
-            "dtype",
-            "ms",
-            "density",
-            "max_abs_err",
-            "rel_l2_err",
-        ] {
-            assert!(!v[key].is_null(), "missing {key} in {v}");
-        }
+        let v = common::json_with(
+            common::wgsparse_line(&format!(
+                "attention --method dense --seq-len 70 --q-heads 4 --kv-heads 2 --head-dim 64 --dtype f32 --iters 1 --backend {backend} --check --json"
+            )),
+            "backend adapter method seq_len q_heads kv_heads head_dim dtype ms density \
+             max_abs_err rel_l2_err",
+        );
         assert_eq!(v["seq_len"], 70);
         assert_eq!(v["density"], 1.0);
         assert!(v["max_abs_err"].as_f64().unwrap() <= 2e-5, "{v}");

@@ -15,7 +15,7 @@ mod common;
 use std::sync::Arc;
 
 use wgsparse::attention::flash_cpu::{CpuAttention, HostRowState, attention_cpu};
-use wgsparse::attention::metrics::compare;
+use wgsparse::attention::metrics::{ErrorStats, compare};
 use wgsparse::attention::synthetic::qkv_host;
 use wgsparse::attention::verify::{
     dense_against_cpu_twin, dense_tolerance, method_against_cpu_twin,
@@ -55,6 +55,16 @@ fn assert_kernel(report: &AttentionReport, kernel: &str, what: &str) {
     }
 }
 
+/// An f16 run on `kernel` within the f16 tolerance of its reference.
+fn assert_f16_run(report: &AttentionReport, errors: &ErrorStats, kernel: &str, what: &str) {
+    eprintln!("{what}: {errors:?}, density {:.3}", report.density);
+    assert_kernel(report, kernel, what);
+    assert!(
+        errors.max_abs_err <= dense_tolerance(DType::F16),
+        "{what}: {errors:?}"
+    );
+}
+
 #[test]
 fn dense_on_matrix_units_matches_the_cpu_twin() {
     let Some(ctx) = common::gpu(None) else { return };
@@ -72,13 +82,7 @@ fn dense_on_matrix_units_matches_the_cpu_twin() {
     for (i, (shape, causal)) in cases.into_iter().enumerate() {
         let v = dense_against_cpu_twin(&ctx, shape, DType::F16, causal, seed + i as u64).unwrap();
         let what = format!("{shape:?} causal={causal}");
-        eprintln!("{what}: {:?}", v.errors);
-        assert_kernel(&v.report, kernel, &what);
-        assert!(
-            v.errors.max_abs_err <= dense_tolerance(DType::F16),
-            "{what}: {:?}",
-            v.errors
-        );
+        assert_f16_run(&v.report, &v.errors, kernel, &what);
     }
 }
 
@@ -97,16 +101,7 @@ fn fixed_sparse_executors_on_matrix_units_match_the_cpu_twin() {
         let (got, _) =
             method_against_cpu_twin(&ctx, shape, &method, DType::F16, true, (&q, &k, &v)).unwrap();
         let what = method.name();
-        eprintln!(
-            "{what}: {:?}, density {:.3}",
-            got.errors, got.report.density
-        );
-        assert_kernel(&got.report, kernel, what);
-        assert!(
-            got.errors.max_abs_err <= dense_tolerance(DType::F16),
-            "{what}: {:?}",
-            got.errors
-        );
+        assert_f16_run(&got.report, &got.errors, kernel, what);
     }
 }
 
@@ -145,13 +140,7 @@ fn selectors_on_matrix_units_match_the_host_over_their_selection() {
             &v,
             Some(&mut st),
         );
-        let err = compare(&got, &want);
-        eprintln!("{spec}: {err:?}, density {:.3}", report.density);
-        assert_kernel(&report, kernel, spec);
-        assert!(
-            err.max_abs_err <= dense_tolerance(DType::F16),
-            "{spec}: {err:?}"
-        );
+        assert_f16_run(&report, &compare(&got, &want), kernel, spec);
         if report.density < 1.0 {
             skipped += 1;
         }

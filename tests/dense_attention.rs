@@ -62,8 +62,13 @@ fn gpu_matches_cpu_twin_on_ragged_gqa_shapes() {
             false,
         ),
     ];
-    for (i, (shape, dtype, causal)) in cases.into_iter().enumerate() {
-        check_gpu_vs_cpu(&ctx, shape, dtype, causal, seed + i as u64);
+    check_all(&ctx, &cases, seed);
+}
+
+/// [`check_gpu_vs_cpu`] over (shape, dtype, causal) cases, seeds from `seed` on.
+fn check_all(ctx: &Context, cases: &[(AttentionShape, DType, bool)], seed: u64) {
+    for (i, &(shape, dtype, causal)) in cases.iter().enumerate() {
+        check_gpu_vs_cpu(ctx, shape, dtype, causal, seed + i as u64);
     }
 }
 
@@ -72,38 +77,37 @@ fn split_paths_with_lowered_binding_limit_match_cpu() {
     let seed = common::seed();
     // 24 KiB bindings: 64-dim f32 rows are 256 B, so one head of 100 rows (25.6 KB)
     // exceeds a binding and the chunked path (rows and keys, state carried) runs.
-    if let Some(ctx) = common::gpu(Some(24 << 10)) {
-        check_gpu_vs_cpu(
-            &ctx,
+    // 40 KiB: whole heads fit, but only a few per binding -> several head groups.
+    let cases = [
+        (
+            24 << 10,
             AttentionShape::new(2, 1, 100, 64),
             DType::F32,
             true,
-            seed,
-        );
-        check_gpu_vs_cpu(
-            &ctx,
+        ),
+        (
+            24 << 10,
             AttentionShape::new(2, 2, 90, 64),
             DType::F16,
             false,
-            seed + 1,
-        );
-    }
-    // 40 KiB: whole heads fit, but only a few per binding -> several head groups.
-    if let Some(ctx) = common::gpu(Some(40 << 10)) {
-        check_gpu_vs_cpu(
-            &ctx,
+        ),
+        (
+            40 << 10,
             AttentionShape::new(8, 2, 50, 64),
             DType::F32,
             true,
-            seed + 2,
-        );
-        check_gpu_vs_cpu(
-            &ctx,
+        ),
+        (
+            40 << 10,
             AttentionShape::new(6, 3, 35, 128),
             DType::F16,
             true,
-            seed + 3,
-        );
+        ),
+    ];
+    for (i, (limit, shape, dtype, causal)) in cases.into_iter().enumerate() {
+        if let Some(ctx) = common::gpu(Some(limit)) {
+            check_gpu_vs_cpu(&ctx, shape, dtype, causal, seed + i as u64);
+        }
     }
 }
 
@@ -114,26 +118,14 @@ fn webgpu_default_limit_variant_matches_cpu() {
         return;
     };
     let seed = common::seed();
-    check_gpu_vs_cpu(
+    check_all(
         &ctx,
-        AttentionShape::new(2, 1, 77, 64),
-        DType::F32,
-        true,
+        &[
+            (AttentionShape::new(2, 1, 77, 64), DType::F32, true),
+            (AttentionShape::new(2, 2, 50, 256), DType::F16, true),
+            (AttentionShape::new(4, 1, 37, 128), DType::F32, false),
+        ],
         seed,
-    );
-    check_gpu_vs_cpu(
-        &ctx,
-        AttentionShape::new(2, 2, 50, 256),
-        DType::F16,
-        true,
-        seed + 1,
-    );
-    check_gpu_vs_cpu(
-        &ctx,
-        AttentionShape::new(4, 1, 37, 128),
-        DType::F32,
-        false,
-        seed + 2,
     );
 }
 
@@ -154,22 +146,11 @@ fn gl_backend_matches_cpu() {
     };
     assert_eq!(ctx.backend(), wgsparse::Backend::Gl);
     let seed = common::seed();
-    check_gpu_vs_cpu(
-        &ctx,
-        AttentionShape::new(2, 1, 45, 64),
-        DType::F32,
-        true,
-        seed,
-    );
+    let mut cases = vec![(AttentionShape::new(2, 1, 45, 64), DType::F32, true)];
     if ctx.capabilities().f16_storage {
-        check_gpu_vs_cpu(
-            &ctx,
-            AttentionShape::new(2, 2, 30, 128),
-            DType::F16,
-            false,
-            seed + 1,
-        );
+        cases.push((AttentionShape::new(2, 2, 30, 128), DType::F16, false));
     }
+    check_all(&ctx, &cases, seed);
 }
 
 #[test]

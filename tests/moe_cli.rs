@@ -62,14 +62,12 @@ fn layer_check_json_is_one_object_within_tolerance() {
         backends.push("auto");
     }
     for backend in backends {
-        let (ok, out, err) = common::wgsparse_line(&format!(
-            "layer --tokens 5 --iters 1 --check --json --backend {backend}"
-        ));
-        assert!(ok, "{backend}: {err}");
-        let v = common::one_json(&out);
-        for key in ["ms", "tokens_per_s", "skip_frac", "stages", "attention"] {
-            assert!(!v[key].is_null(), "{backend}: missing {key} in {v}");
-        }
+        let v = common::json_with(
+            common::wgsparse_line(&format!(
+                "layer --tokens 5 --iters 1 --check --json --backend {backend}"
+            )),
+            "ms tokens_per_s skip_frac stages attention",
+        );
         let rel = v["rel_l2_err"].as_f64().expect("rel_l2_err");
         assert!(rel < 1e-3, "{backend}: rel_l2_err {rel}");
         assert_eq!(v["check_against"], "cpu layer");

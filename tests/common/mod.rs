@@ -104,6 +104,16 @@ pub fn wgsparse_line(line: &str) -> (bool, String, String) {
     wgsparse(&line.split_whitespace().collect::<Vec<_>>())
 }
 
+/// A successful `--json` run whose object has every key of `keys` (none null).
+pub fn json_with((ok, out, err): (bool, String, String), keys: &str) -> serde_json::Value {
+    assert!(ok, "{err}");
+    let v = one_json(&out);
+    for key in keys.split_whitespace() {
+        assert!(!v[key].is_null(), "missing {key} in {v}");
+    }
+    v
+}
+
 /// The `--json` contract: stdout is exactly one JSON object and nothing else.
 pub fn one_json(stdout: &str) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_str(stdout.trim())
