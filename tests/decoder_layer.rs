@@ -36,15 +36,7 @@ fn rmsnorm_matches_cpu_twin() {
         let gt = Tensor::from_f32(&ctx, &[h], &g, DType::F32).unwrap();
         let out = Tensor::filled(&ctx, &[t, h], DType::F32, f32::NAN).unwrap();
         let k = RmsNormGpu::build(&ctx, t, h, 1e-6).unwrap();
-        let mut rec = Recorder::new(&ctx, "rmsnorm test", 1).unwrap();
-        k.record(
-            &mut rec,
-            "rmsnorm",
-            xt.buffer().unwrap(),
-            gt.buffer().unwrap(),
-            out.buffer().unwrap(),
-        );
-        rec.submit_blocking().unwrap();
+        k.run_blocking(&ctx, &xt, &gt, &out).unwrap();
         let e = compare(&out.to_f32_blocking().unwrap(), &rmsnorm_cpu(&x, &g, 1e-6));
         assert!(ok(e, 1e-5, 1e-6), "t={t} h={h}: {e:?}");
     }
@@ -103,16 +95,8 @@ fn linear_matches_cpu_twin_in_every_layout() {
             let rt = Tensor::from_f32(&ctx, &[t, n], &res, DType::F32).unwrap();
             let yt = Tensor::filled(&ctx, &[t, n], DType::F32, f32::NAN).unwrap();
             let lin = LinearGpu::build(&ctx, "test proj", &m, t, d, layout).unwrap();
-            let mut rec = Recorder::new(&ctx, "linear test", 1).unwrap();
-            lin.record(
-                &mut rec,
-                "linear",
-                xt.buffer().unwrap(),
-                yt.buffer().unwrap(),
-                layout.residual.then(|| rt.buffer().unwrap()),
-            )
-            .unwrap();
-            let report = rec.submit_blocking().unwrap();
+            let with_res = layout.residual.then_some(&rt);
+            let report = lin.run_blocking(&ctx, &xt, &yt, with_res).unwrap();
             // The matrix-unit kernel wherever the device has one (required in the coop
             // run of the test script), the portable one elsewhere.
             let coop = wgsparse::ops::linear::linear_coop_tile(ctx.capabilities(), format);
@@ -132,15 +116,8 @@ fn linear_matches_cpu_twin_in_every_layout() {
             assert!(ok(e, 1e-4, 1e-5), "{format:?} {layout:?}: {e:?}");
             // A residual given to a kernel built without one is a typed error.
             if !layout.residual {
-                let mut rec = Recorder::new(&ctx, "linear misuse", 1).unwrap();
                 assert!(matches!(
-                    lin.record(
-                        &mut rec,
-                        "x",
-                        xt.buffer().unwrap(),
-                        yt.buffer().unwrap(),
-                        Some(rt.buffer().unwrap())
-                    ),
+                    lin.run_blocking(&ctx, &xt, &yt, Some(&rt)),
                     Err(Error::InvalidArgument(_))
                 ));
             }

@@ -12,7 +12,7 @@ use wgsparse::quant::q4_0::{
     BLOCK_BYTES, dequantize, from_ggml_bytes, quantize_block, quantize_row, repack, to_ggml_bytes,
     unpack,
 };
-use wgsparse::{DType, Error, Recorder, Tensor};
+use wgsparse::{DType, Error, Tensor};
 
 #[test]
 fn hand_computed_block_ramp() {
@@ -142,16 +142,7 @@ fn gpu_decodes_the_repacked_layout_exactly() {
         let x = Tensor::from_f32(&ctx, &[k, k], &eye, DType::F32).unwrap();
         let y = Tensor::filled(&ctx, &[k, n], DType::F32, f32::NAN).unwrap();
         let lin = LinearGpu::build(&ctx, "q4_0 probe", &m, k, 0, LinearLayout::default()).unwrap();
-        let mut rec = Recorder::new(&ctx, "q4_0 probe", 1).unwrap();
-        lin.record(
-            &mut rec,
-            "linear",
-            x.buffer().unwrap(),
-            y.buffer().unwrap(),
-            None,
-        )
-        .unwrap();
-        rec.submit_blocking().unwrap();
+        lin.run_blocking(&ctx, &x, &y, None).unwrap();
         let got = y.to_f32_blocking().unwrap();
         let want = m.dequantize();
         for t in 0..k {

@@ -8,7 +8,8 @@ use crate::quant::{PackedMatrix, WeightFormat};
 use crate::runtime::context::Context;
 use crate::runtime::launch::{Step, check_axis, storage_init};
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, KernelSpec, Recorder};
+use crate::runtime::tensor::Tensor;
+use crate::runtime::{BindingKind, KernelSpec, Recorder, Report};
 
 crate::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
@@ -327,6 +328,21 @@ impl LinearGpu {
         }
         rec.step(name, &self.step, &bufs);
         Ok(())
+    }
+
+    /// The projection alone on GPU tensors, in its own submission (tools and tests;
+    /// a model records it with its other stages instead).
+    pub fn run_blocking(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        y: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<Report> {
+        let mut rec = Recorder::new(ctx, "linear", 1)?;
+        let res = residual.map(Tensor::gpu_buffer).transpose()?;
+        self.record(&mut rec, "linear", x.gpu_buffer()?, y.gpu_buffer()?, res)?;
+        rec.submit_blocking()
     }
 }
 

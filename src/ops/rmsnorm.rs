@@ -6,7 +6,8 @@ use crate::error::{Error, Result};
 use crate::runtime::context::Context;
 use crate::runtime::launch::Step;
 use crate::runtime::preprocess::Defines;
-use crate::runtime::{BindingKind, KernelSpec, Recorder};
+use crate::runtime::tensor::Tensor;
+use crate::runtime::{BindingKind, KernelSpec, Recorder, Report};
 
 crate::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
@@ -81,5 +82,24 @@ impl RmsNormGpu {
         out: &wgpu::Buffer,
     ) {
         rec.step(name, &self.step, &[x, g, out]);
+    }
+
+    /// The norm alone on GPU tensors, in its own submission (tools and tests).
+    pub fn run_blocking(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        g: &Tensor,
+        out: &Tensor,
+    ) -> Result<Report> {
+        let mut rec = Recorder::new(ctx, "rmsnorm", 1)?;
+        self.record(
+            &mut rec,
+            "rmsnorm",
+            x.gpu_buffer()?,
+            g.gpu_buffer()?,
+            out.gpu_buffer()?,
+        );
+        rec.submit_blocking()
     }
 }

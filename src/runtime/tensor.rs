@@ -219,6 +219,10 @@ impl Tensor {
             Storage::Cpu(_) => None,
         }
     }
+    /// The GPU buffer, or [`Error::WrongContext`] for a host tensor.
+    pub fn gpu_buffer(&self) -> Result<&wgpu::Buffer> {
+        self.buffer().ok_or(Error::WrongContext)
+    }
     /// The host data (None on a GPU context).
     pub fn host(&self) -> Option<&HostData> {
         match &self.storage {
