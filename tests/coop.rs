@@ -29,6 +29,13 @@ fn expected_kernel(ctx: &Context) -> &'static str {
     common::expected_kernel(tile, "flash_attention_coop", "flash_attention")
 }
 
+/// The GPU context, the attention kernel it must run, and this run's seed.
+fn setup() -> Option<(Context, &'static str, u64)> {
+    let ctx = common::gpu(None)?;
+    let kernel = expected_kernel(&ctx);
+    Some((ctx, kernel, common::seed()))
+}
+
 /// Every attention stage of the report ran `kernel`.
 fn assert_kernel(report: &AttentionReport, kernel: &str, what: &str) {
     let attention: Vec<_> = report
@@ -67,9 +74,9 @@ fn assert_f16_run(report: &AttentionReport, errors: &ErrorStats, kernel: &str, w
 
 #[test]
 fn dense_on_matrix_units_matches_the_cpu_twin() {
-    let Some(ctx) = common::gpu(None) else { return };
-    let kernel = expected_kernel(&ctx);
-    let seed = common::seed();
+    let Some((ctx, kernel, seed)) = setup() else {
+        return;
+    };
     let cases = [
         (AttentionShape::new(2, 1, 77, 64), true),
         (AttentionShape::new(4, 2, 45, 128), true),
@@ -88,9 +95,9 @@ fn dense_on_matrix_units_matches_the_cpu_twin() {
 
 #[test]
 fn fixed_sparse_executors_on_matrix_units_match_the_cpu_twin() {
-    let Some(ctx) = common::gpu(None) else { return };
-    let kernel = expected_kernel(&ctx);
-    let seed = common::seed();
+    let Some((ctx, kernel, seed)) = setup() else {
+        return;
+    };
     let shape = AttentionShape::new(4, 2, 300, 128);
     let (q, k, v) = qkv_host(&shape, seed);
     let methods = [
@@ -110,9 +117,9 @@ fn fixed_sparse_executors_on_matrix_units_match_the_cpu_twin() {
 /// checked against the host, up to rounding ties, by the selectors' own tests).
 #[test]
 fn selectors_on_matrix_units_match_the_host_over_their_selection() {
-    let Some(ctx) = common::gpu(None) else { return };
-    let kernel = expected_kernel(&ctx);
-    let seed = common::seed();
+    let Some((ctx, kernel, seed)) = setup() else {
+        return;
+    };
     let shape = AttentionShape::new(4, 2, 300, 128);
     let (q, k, v) = common::planted_qkv(&shape, DType::F16, seed);
     let scale = 1.0 / (shape.head_dim as f32).sqrt();

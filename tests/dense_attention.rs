@@ -79,33 +79,13 @@ fn split_paths_with_lowered_binding_limit_match_cpu() {
     // exceeds a binding and the chunked path (rows and keys, state carried) runs.
     // 40 KiB: whole heads fit, but only a few per binding -> several head groups.
     let cases = [
-        (
-            24 << 10,
-            AttentionShape::new(2, 1, 100, 64),
-            DType::F32,
-            true,
-        ),
-        (
-            24 << 10,
-            AttentionShape::new(2, 2, 90, 64),
-            DType::F16,
-            false,
-        ),
-        (
-            40 << 10,
-            AttentionShape::new(8, 2, 50, 64),
-            DType::F32,
-            true,
-        ),
-        (
-            40 << 10,
-            AttentionShape::new(6, 3, 35, 128),
-            DType::F16,
-            true,
-        ),
+        (24, AttentionShape::new(2, 1, 100, 64), DType::F32, true),
+        (24, AttentionShape::new(2, 2, 90, 64), DType::F16, false),
+        (40, AttentionShape::new(8, 2, 50, 64), DType::F32, true),
+        (40, AttentionShape::new(6, 3, 35, 128), DType::F16, true),
     ];
-    for (i, (limit, shape, dtype, causal)) in cases.into_iter().enumerate() {
-        if let Some(ctx) = common::gpu(Some(limit)) {
+    for (i, (kib, shape, dtype, causal)) in cases.into_iter().enumerate() {
+        if let Some(ctx) = common::gpu(Some(kib << 10)) {
             check_gpu_vs_cpu(&ctx, shape, dtype, causal, seed + i as u64);
         }
     }

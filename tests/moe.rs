@@ -269,9 +269,7 @@ fn cfg(hidden: usize, experts: usize, top_k: usize, ffn: usize) -> MoeConfig {
 
 #[test]
 fn gpu_moe_matches_cpu_twins_tiled() {
-    let Some(ctx) = common::gpu(None) else { return };
-    let seed = common::seed();
-    let cases = [
+    check_cases(&[
         Case::new(cfg(64, 8, 2, 48), 37, WeightFormat::F16, FfnPath::Tiled),
         Case::new(cfg(128, 16, 4, 80), 100, WeightFormat::Q4_0, FfnPath::Tiled)
             .router(RouterKind::SomeTies)
@@ -296,17 +294,12 @@ fn gpu_moe_matches_cpu_twins_tiled() {
         Case::new(cfg(64, 4, 3, 16), 300, WeightFormat::F16, FfnPath::Tiled)
             .router(RouterKind::AllTied)
             .slots(1),
-    ];
-    for (i, case) in cases.iter().enumerate() {
-        check_case(&ctx, case, seed + i as u64);
-    }
+    ]);
 }
 
 #[test]
 fn gpu_moe_matches_cpu_twins_gemv() {
-    let Some(ctx) = common::gpu(None) else { return };
-    let seed = common::seed();
-    let cases = [
+    check_cases(&[
         Case::new(cfg(256, 32, 4, 128), 1, WeightFormat::Q4_0, FfnPath::Gemv),
         Case::new(cfg(64, 8, 2, 48), 5, WeightFormat::F16, FfnPath::Gemv)
             .router(RouterKind::SomeTies),
@@ -318,9 +311,15 @@ fn gpu_moe_matches_cpu_twins_gemv() {
         Case::new(cfg(64, 8, 2, 48), 5, WeightFormat::F16, FfnPath::Gemv)
             .router(RouterKind::SomeTies)
             .slots(8),
-    ];
+    ]);
+}
+
+/// [`check_case`] on each case (GPU contexts only), seeds from this run's on.
+fn check_cases(cases: &[Case]) {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
     for (i, case) in cases.iter().enumerate() {
-        check_case(&ctx, case, seed + 100 + i as u64);
+        check_case(&ctx, case, seed + i as u64);
     }
 }
 

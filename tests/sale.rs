@@ -38,7 +38,7 @@ fn sale_matches_cpu_twin() {
     let seed = common::seed();
     let mut selected = 0;
     let mut skipped = 0;
-    for (i, (shape, spec, dtype)) in [
+    let cases = [
         (
             AttentionShape::new(2, 1, 700, 64),
             "sale:tau=0.01",
@@ -54,10 +54,8 @@ fn sale_matches_cpu_twin() {
             "sale:tau=0.02,local=0",
             DType::F32,
         ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    for (i, (shape, spec, dtype)) in cases.into_iter().enumerate() {
         let Ok(Method::Sale(cfg)) = spec.parse() else {
             unreachable!("{spec}")
         };

@@ -88,14 +88,8 @@ fn block_sparse_executor_matches_cpu_twin() {
     ];
     for (i, (shape, qb, kb, dtype, causal)) in cases.into_iter().enumerate() {
         let lut = common::random_block_lut(&shape, qb, kb, seed + i as u64);
-        check(
-            &ctx,
-            shape,
-            &Method::BlockSparse(Arc::new(lut)),
-            dtype,
-            causal,
-            seed + i as u64,
-        );
+        let method = Method::BlockSparse(Arc::new(lut));
+        check(&ctx, shape, &method, dtype, causal, seed + i as u64);
     }
 }
 
@@ -111,14 +105,8 @@ fn stripe_executor_matches_cpu_twin() {
     ];
     for (i, (shape, qb, dtype, causal)) in cases.into_iter().enumerate() {
         let lut = common::random_stripe_lut(&shape, qb, seed + 10 + i as u64);
-        check(
-            &ctx,
-            shape,
-            &Method::Stripes(Arc::new(lut)),
-            dtype,
-            causal,
-            seed + i as u64,
-        );
+        let method = Method::Stripes(Arc::new(lut));
+        check(&ctx, shape, &method, dtype, causal, seed + i as u64);
     }
 }
 
@@ -265,7 +253,7 @@ fn anchor_matches_cpu_twin() {
     let seed = common::seed();
     let mut selected = 0;
     let small = "anchor:theta=4,block=64,init_keys=128";
-    for (i, (shape, spec, dtype)) in [
+    let cases = [
         (
             AttentionShape::new(2, 1, 700, 64),
             format!("{small},step=2"),
@@ -290,14 +278,12 @@ fn anchor_matches_cpu_twin() {
             "anchor:theta=7".into(),
             DType::F16,
         ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    for (i, (shape, spec, dtype)) in cases.into_iter().enumerate() {
+        let seed = seed + i as u64;
         let Ok(Method::Anchor(cfg)) = spec.parse() else {
             unreachable!("{spec}")
         };
-        let seed = seed + i as u64;
         // Planted structure (sinks, band, heavy columns): θ = 4 keeps the heavy columns
         // and drops most other keys, so the selection is neither empty nor everything.
         let (q, k, v) = common::planted_qkv(&shape, dtype, seed);
