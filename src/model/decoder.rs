@@ -834,32 +834,20 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(seed);
         let (dm, nh, nkv, hd, ff, vocab, nl) =
             (96usize, 2usize, 1usize, 64usize, 80usize, 40usize, 2usize);
-        let mut b = GgufBuilder::new()
-            .meta("general.architecture", Value::Str(arch.into()))
-            .meta(&format!("{arch}.block_count"), Value::U64(nl as u64))
-            .meta(&format!("{arch}.embedding_length"), Value::U64(dm as u64))
-            .meta(
-                &format!("{arch}.feed_forward_length"),
-                Value::U64(ff as u64),
-            )
-            .meta(&format!("{arch}.context_length"), Value::U64(512))
-            .meta(
-                &format!("{arch}.attention.head_count"),
-                Value::U64(nh as u64),
-            )
-            .meta(
-                &format!("{arch}.attention.head_count_kv"),
-                Value::U64(nkv as u64),
-            )
-            .meta(
-                &format!("{arch}.attention.key_length"),
-                Value::U64(hd as u64),
-            )
-            .meta(&format!("{arch}.rope.freq_base"), Value::F64(10000.0))
-            .meta(
-                &format!("{arch}.attention.layer_norm_rms_epsilon"),
-                Value::F64(1e-6),
-            );
+        let mut b = GgufBuilder::new().meta("general.architecture", Value::Str(arch.into()));
+        for (key, value) in [
+            ("block_count", Value::U64(nl as u64)),
+            ("embedding_length", Value::U64(dm as u64)),
+            ("feed_forward_length", Value::U64(ff as u64)),
+            ("context_length", Value::U64(512)),
+            ("attention.head_count", Value::U64(nh as u64)),
+            ("attention.head_count_kv", Value::U64(nkv as u64)),
+            ("attention.key_length", Value::U64(hd as u64)),
+            ("rope.freq_base", Value::F64(10000.0)),
+            ("attention.layer_norm_rms_epsilon", Value::F64(1e-6)),
+        ] {
+            b = b.meta(&format!("{arch}.{key}"), value);
+        }
         if arch == "gemma3" {
             b = b.meta("gemma3.attention.sliding_window", Value::U64(6));
         }

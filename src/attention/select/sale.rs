@@ -625,47 +625,46 @@ fn sale_spec(
             .const_u32("BITS", bits)
             .const_u32("LOCAL_BLOCKS", (local / BLOCK_K) as u32)
     };
+    let (quantize, estimate) = (
+        "attention/select/sale_quantize.wgsl",
+        "attention/select/sale_estimate.wgsl",
+    );
+    let estimate_entry = match ev.coop {
+        Some(_) => "sale_estimate_coop",
+        None => "sale_estimate",
+    };
     let (file, entry, defines, bindings) = match stage {
         Stage::MeanPartial => (
-            "attention/select/sale_quantize.wgsl",
+            quantize,
             "sale_mean_partial",
             quant("STAGE_MEAN_PARTIAL"),
-            BindingKind::layout("urrw"),
+            "urrw",
         ),
         Stage::MeanFinal => (
-            "attention/select/sale_quantize.wgsl",
+            quantize,
             "sale_mean_final",
             quant("STAGE_MEAN_FINAL"),
-            BindingKind::layout("urw"),
+            "urw",
         ),
         Stage::QuantQ | Stage::QuantK => (
-            "attention/select/sale_quantize.wgsl",
+            quantize,
             "sale_quant",
             quant("STAGE_QUANT").flag_if("QUANT_K", stage == Stage::QuantK),
-            BindingKind::layout("urrww"),
+            "urrww",
         ),
         Stage::Estimate | Stage::Dots => (
-            "attention/select/sale_estimate.wgsl",
-            if ev.coop.is_some() {
-                "sale_estimate_coop"
-            } else {
-                "sale_estimate"
-            },
+            estimate,
+            estimate_entry,
             est("STAGE_ESTIMATE").flag_if("WRITE_DOTS", stage == Stage::Dots),
-            BindingKind::layout("urrrrrrw"),
+            "urrrrrrw",
         ),
-        Stage::Compact => (
-            "attention/select/sale_estimate.wgsl",
-            "sale_compact",
-            est("STAGE_COMPACT"),
-            BindingKind::layout("urrww"),
-        ),
+        Stage::Compact => (estimate, "sale_compact", est("STAGE_COMPACT"), "urrww"),
     };
     KernelSpec {
         file,
         entry,
         defines,
-        bindings,
+        bindings: BindingKind::layout(bindings),
     }
 }
 
