@@ -265,6 +265,24 @@ impl Capabilities {
         }
     }
 
+    /// What `adapter` can do with `features` and `limits` (an opened device's, or the
+    /// adapter's own).
+    fn of(
+        adapter: &wgpu::Adapter,
+        features: wgpu::Features,
+        limits: &wgpu::Limits,
+        overrides: LimitOverrides,
+    ) -> Self {
+        Capabilities::from_adapter(
+            features,
+            adapter.get_downlevel_capabilities().flags,
+            limits,
+            &adapter.get_info(),
+            &adapter.cooperative_matrix_properties(),
+            overrides,
+        )
+    }
+
     fn from_adapter(
         features: wgpu::Features,
         downlevel: wgpu::DownlevelFlags,
@@ -601,15 +619,7 @@ impl Context {
         overrides: LimitOverrides,
     ) -> Self {
         let info = adapter.get_info();
-        let coop = adapter.cooperative_matrix_properties();
-        let caps = Capabilities::from_adapter(
-            device.features(),
-            adapter.get_downlevel_capabilities().flags,
-            &device.limits(),
-            &info,
-            &coop,
-            overrides,
-        );
+        let caps = Capabilities::of(&adapter, device.features(), &device.limits(), overrides);
         log::info!(
             "wgsparse: {} ({:?}) caps {:?}",
             info.name,
@@ -643,14 +653,7 @@ impl Context {
             .into_iter()
             .map(|a| {
                 let info = a.get_info();
-                let caps = Capabilities::from_adapter(
-                    a.features(),
-                    a.get_downlevel_capabilities().flags,
-                    &a.limits(),
-                    &info,
-                    &a.cooperative_matrix_properties(),
-                    LimitOverrides::default(),
-                );
+                let caps = Capabilities::of(&a, a.features(), &a.limits(), Default::default());
                 AdapterSummary {
                     name: info.name.clone(),
                     backend: Backend::from_wgpu(info.backend),
