@@ -11,7 +11,7 @@ use std::io::Write;
 
 use wgsparse::model::decoder::Decoder;
 use wgsparse::model::gguf::Gguf;
-use wgsparse::model::tokenizer::ModelTokenizer;
+use wgsparse::model::tokenizer::{ModelTokenizer, TextStream};
 use wgsparse::{Context, ContextOptions, Error, Method, Result};
 
 fn main() -> Result<()> {
@@ -28,28 +28,21 @@ fn main() -> Result<()> {
     let dec = Decoder::load(&gguf, &ctx, method)?;
 
     let ids = tok.encode_prompt(&prompt)?;
-    let mut new_ids = Vec::new();
-    let mut shown = String::new();
+    // Print the text as it grows.
+    let mut text = TextStream::new(&tok);
     print!("{prompt}");
     dec.generate(&ids, 24, &tok.stop_ids, &mut |id| {
-        // Print the text as it grows (a token may end inside a UTF-8 character).
-        new_ids.push(id);
-        if let Ok(text) = tok.decode(&new_ids)
-            && let Some(tail) = text.strip_prefix(shown.as_str())
-        {
-            print!("{tail}");
-            let _ = std::io::stdout().flush();
-            shown = text;
-        }
+        print!("{}", text.push(id));
+        let _ = std::io::stdout().flush();
     })?;
     println!();
+    let new = text.ids().len();
     eprintln!(
-        "{} prompt tokens, {} generated, attention on {}",
+        "{} prompt tokens, {new} generated, attention on {}",
         ids.len(),
-        new_ids.len(),
         ctx.backend()
     );
-    if new_ids.is_empty() {
+    if new == 0 {
         return Err(Error::Mismatch("no token generated".into()));
     }
     Ok(())

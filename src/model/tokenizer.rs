@@ -369,6 +369,46 @@ impl ModelTokenizer {
     }
 }
 
+/// Text of generated tokens as it grows: [`TextStream::push`] gives the new text of
+/// each token (a token may end inside a UTF-8 character: its text then comes with the
+/// next one).
+pub struct TextStream<'a> {
+    tok: &'a ModelTokenizer,
+    ids: Vec<u32>,
+    shown: String,
+}
+
+impl<'a> TextStream<'a> {
+    /// A stream of no tokens yet.
+    pub fn new(tok: &'a ModelTokenizer) -> Self {
+        TextStream {
+            tok,
+            ids: Vec::new(),
+            shown: String::new(),
+        }
+    }
+
+    /// Adds a token; returns the text it completes (empty while a character is split).
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        let Ok(text) = self.tok.decode(&self.ids) else {
+            return String::new();
+        };
+        // (A longer decode may also rewrite earlier text; what was shown stays.)
+        let tail = text
+            .strip_prefix(self.shown.as_str())
+            .map(str::to_string)
+            .unwrap_or_default();
+        self.shown = text;
+        tail
+    }
+
+    /// The tokens so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

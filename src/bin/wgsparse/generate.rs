@@ -34,17 +34,10 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     };
     let ids = tok.encode_prompt(&prompt)?;
     let t0 = Instant::now();
-    let mut shown = String::new();
-    let mut all = Vec::new();
+    let mut text = wgsparse::model::tokenizer::TextStream::new(&tok);
     let out = dec.generate(&ids, a.tokens, &tok.stop_ids, &mut |id| {
-        all.push(id);
-        if let Ok(s) = tok.decode(&all) {
-            if let Some(new) = s.strip_prefix(shown.as_str()) {
-                print!("{new}");
-                let _ = std::io::stdout().flush();
-            }
-            shown = s;
-        }
+        print!("{}", text.push(id));
+        let _ = std::io::stdout().flush();
     })?;
     println!();
     eprintln!(
