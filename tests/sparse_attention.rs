@@ -64,49 +64,34 @@ fn cpu_twin_of_the_executors_matches_naive_reference() {
     }
 }
 
+/// The fixed-LUT executors against their CPU twin on random LUTs: block-sparse (query
+/// block, key block `Some(kb)`) and stripes (query block, `None`).
 #[test]
-fn block_sparse_executor_matches_cpu_twin() {
+fn fixed_lut_executors_match_cpu_twin() {
     let Some(ctx) = common::gpu(None) else { return };
     let seed = common::seed();
+    let sh = AttentionShape::new;
     let cases = [
-        (AttentionShape::new(2, 1, 300, 64), 64, 32, DType::F32, true),
-        (
-            AttentionShape::new(4, 2, 257, 128),
-            128,
-            128,
-            DType::F16,
-            true,
-        ),
-        (
-            AttentionShape::new(2, 2, 190, 256),
-            64,
-            64,
-            DType::F32,
-            false,
-        ),
-        (AttentionShape::new(3, 1, 97, 64), 32, 32, DType::F16, true),
+        (sh(2, 1, 300, 64), 64, Some(32), DType::F32, true),
+        (sh(4, 2, 257, 128), 128, Some(128), DType::F16, true),
+        (sh(2, 2, 190, 256), 64, Some(64), DType::F32, false),
+        (sh(3, 1, 97, 64), 32, Some(32), DType::F16, true),
+        (sh(2, 1, 333, 64), 64, None, DType::F32, true),
+        (sh(4, 2, 200, 128), 128, None, DType::F16, true),
+        (sh(2, 2, 150, 64), 32, None, DType::F32, false),
+        (sh(2, 1, 129, 256), 2048, None, DType::F32, true),
     ];
     for (i, (shape, qb, kb, dtype, causal)) in cases.into_iter().enumerate() {
-        let lut = common::random_block_lut(&shape, qb, kb, seed + i as u64);
-        let method = Method::BlockSparse(Arc::new(lut));
-        check(&ctx, shape, &method, dtype, causal, seed + i as u64);
-    }
-}
-
-#[test]
-fn stripe_executor_matches_cpu_twin() {
-    let Some(ctx) = common::gpu(None) else { return };
-    let seed = common::seed();
-    let cases = [
-        (AttentionShape::new(2, 1, 333, 64), 64, DType::F32, true),
-        (AttentionShape::new(4, 2, 200, 128), 128, DType::F16, true),
-        (AttentionShape::new(2, 2, 150, 64), 32, DType::F32, false),
-        (AttentionShape::new(2, 1, 129, 256), 2048, DType::F32, true),
-    ];
-    for (i, (shape, qb, dtype, causal)) in cases.into_iter().enumerate() {
-        let lut = common::random_stripe_lut(&shape, qb, seed + 10 + i as u64);
-        let method = Method::Stripes(Arc::new(lut));
-        check(&ctx, shape, &method, dtype, causal, seed + i as u64);
+        let s = seed + i as u64;
+        let lut = match kb {
+            Some(kb) => common::random_block_lut(&shape, qb, kb, s),
+            None => common::random_stripe_lut(&shape, qb, s + 10),
+        };
+        let method = match kb {
+            Some(_) => Method::BlockSparse(Arc::new(lut)),
+            None => Method::Stripes(Arc::new(lut)),
+        };
+        check(&ctx, shape, &method, dtype, causal, s);
     }
 }
 
