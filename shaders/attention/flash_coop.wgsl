@@ -153,17 +153,16 @@ fn flash_attention_coop(me: InvocationSub) {
         fetch_tile(it + 1u, me.lid, kvh, key_end, n_tiles);
         // 1. S = Q·Kᵀ.
         for (var t = me.sid; t < RT * KT; t += me.nsg) {
-            let rt = t / KT;
-            let kt = t % KT;
+            let ot = tile_at(t, KT);
             var c = MatC();
             for (var dt = 0u; dt < DT; dt++) {
-                let qa = rt * T * D + dt * T;
-                let kb = kt * T * D + dt * T;
+                let qa = ot.x * D + dt * T;
+                let kb = ot.y * D + dt * T;
                 let a = coopLoadT<MatA>(&q_s[qa], D);
                 let b = coopLoad<MatB>(&k_s[kb], D);
                 c = coopMultiplyAdd(a, b, c);
             }
-            let so = rt * T * BK + kt * T;
+            let so = ot.x * BK + ot.y;
             coopStoreT(c, &s_s[so], BK);
         }
         workgroupBarrier();
@@ -197,13 +196,12 @@ fn flash_attention_coop(me: InvocationSub) {
         workgroupBarrier();
         // 4. O += P·V.
         for (var t = me.sid; t < RT * DT; t += me.nsg) {
-            let rt = t / DT;
-            let dt = t % DT;
-            let oo = rt * T * D + dt * T;
+            let ot = tile_at(t, DT);
+            let oo = ot.x * D + ot.y;
             var c = coopLoadT<MatC>(&o_s[oo], D);
             for (var kt = 0u; kt < KT; kt++) {
-                let pa = rt * T * BK + kt * T;
-                let vb = kt * T * D + dt * T;
+                let pa = ot.x * BK + kt * T;
+                let vb = kt * T * D + ot.y;
                 let a = coopLoadT<MatA>(&p_s[pa], BK);
                 let b = coopLoadT<MatB>(&v_s[vb], D);
                 c = coopMultiplyAdd(a, b, c);

@@ -18,6 +18,12 @@ alias MatC = coop_mat8x8<f32, C>;
 const T: u32 = 8u;
 #endif
 
+// The element offsets (row, column) of output tile t of a grid with `cols` T x T tiles
+// per row; the kernels spread the tiles over the subgroups (t = sid, sid + nsg, ...).
+fn tile_at(t: u32, cols: u32) -> vec2<u32> {
+    return vec2<u32>(t / cols, t % cols) * T;
+}
+
 // Split f32 operands (the projections and the MoE GEMMs): v = hi + lo / LO with hi and
 // lo both f16. The low half is stored times 2^11 so that it stays a normal f16 number
 // (devices may flush f16 subnormals); products with it accumulate in a second f32 tile

@@ -101,14 +101,15 @@ fn expert_up_coop(me: InvocationSub) {
         }
         workgroupBarrier();
         for (var s = me.sid; s < (TM / T) * (TN / T); s += me.nsg) {
-            let co = (s / (TN / T)) * T * TN + (s % (TN / T)) * T;
+            let ot = tile_at(s, TN / T);
+            let co = ot.x * TN + ot.y;
             var gh = coopLoadT<MatC>(&cg_hi[co], TN);
             var gl = coopLoadT<MatC>(&cg_lo[co], TN);
             var uh = coopLoadT<MatC>(&cu_hi[co], TN);
             var ul = coopLoadT<MatC>(&cu_lo[co], TN);
             for (var ks = 0u; ks < TK / T; ks++) {
-                let za = (s / (TN / T)) * T * TK + ks * T;
-                let wb = (s % (TN / T)) * T * TK + ks * T;
+                let za = ot.x * TK + ks * T;
+                let wb = ot.y * TK + ks * T;
                 let ah = coopLoadT<MatA>(&z_hi[za], TK);
                 let al = coopLoadT<MatA>(&z_lo[za], TK);
                 // Weight rows loaded column-major: the B operand is Wᵀ (k x n).
@@ -235,12 +236,13 @@ fn expert_down_coop(me: InvocationSub) {
         }
         workgroupBarrier();
         for (var s = me.sid; s < (TM / T) * (TN / T); s += me.nsg) {
-            let co = (s / (TN / T)) * T * TN + (s % (TN / T)) * T;
+            let ot = tile_at(s, TN / T);
+            let co = ot.x * TN + ot.y;
             var ch = coopLoadT<MatC>(&c_hi[co], TN);
             var cl = coopLoadT<MatC>(&c_lo[co], TN);
             for (var ks = 0u; ks < TK / T; ks++) {
-                let aa = (s / (TN / T)) * T * TK + ks * T;
-                let db = ks * T * TN + (s % (TN / T)) * T;
+                let aa = ot.x * TK + ks * T;
+                let db = ks * T * TN + ot.y;
                 let ah = coopLoadT<MatA>(&a_hi[aa], TK);
                 let al = coopLoadT<MatA>(&a_lo[aa], TK);
                 let bh = coopLoadT<MatB>(&d_hi[db], TN);

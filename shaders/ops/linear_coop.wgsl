@@ -68,14 +68,13 @@ fn linear_coop(me: InvocationSub) {
         }
         workgroupBarrier();
         for (var t = me.sid; t < (TM / T) * (TN / T); t += me.nsg) {
-            let rt = t / (TN / T);
-            let ct = t % (TN / T);
-            let co = rt * T * TN + ct * T;
+            let ot = tile_at(t, TN / T);
+            let co = ot.x * TN + ot.y;
             var ch = coopLoadT<MatC>(&c_hi[co], TN);
             var cl = coopLoadT<MatC>(&c_lo[co], TN);
             for (var ks = 0u; ks < TK / T; ks++) {
-                let xa = rt * T * TK + ks * T;
-                let wb = ct * T * TK + ks * T;
+                let xa = ot.x * TK + ks * T;
+                let wb = ot.y * TK + ks * T;
                 let ah = coopLoadT<MatA>(&x_hi[xa], TK);
                 let al = coopLoadT<MatA>(&x_lo[xa], TK);
                 // W's rows loaded column-major: the B operand is Wᵀ (k × n).

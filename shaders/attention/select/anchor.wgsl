@@ -229,12 +229,13 @@ fn anchor_flags_coop(me: InvocationSub) {
             }
             workgroupBarrier();
             for (var t = me.sid; t < (SP / T) * (KC / T); t += me.nsg) {
-                let co = (t / (KC / T)) * T * KC + (t % (KC / T)) * T;
+                let ot = tile_at(t, KC / T);
+                let co = ot.x * KC + ot.y;
                 var acc = coopLoadT<MatC>(&sc[co], KC);
                 for (var ks = 0u; ks < DK / T; ks++) {
-                    let qa = (t / (KC / T)) * T * DK + ks * T;
+                    let qa = ot.x * DK + ks * T;
                     // Key rows loaded column-major: the B operand is Kᵀ (d x keys).
-                    let b = coopLoad<MatB>(&k_t[(t % (KC / T)) * T * DK + ks * T], DK);
+                    let b = coopLoad<MatB>(&k_t[ot.y * DK + ks * T], DK);
                     acc = coopMultiplyAdd(coopLoadT<MatA>(&q_hi[qa], DK), b, acc);
                     acc = coopMultiplyAdd(coopLoadT<MatA>(&q_lo[qa], DK), b, acc);
                 }

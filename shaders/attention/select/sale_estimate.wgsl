@@ -174,13 +174,12 @@ fn sale_estimate(me: Invocation) {
             }
             workgroupBarrier();
             for (var t = me.sid; t < (BQ / T) * (BK / T); t += me.nsg) {
-                let rt = t / (BK / T);
-                let kt = t % (BK / T);
-                let o = rt * T * BK + kt * T;
+                let ot = tile_at(t, BK / T);
+                let o = ot.x * BK + ot.y;
                 var acc = coopLoadT<MatC>(&dot_s[o], BK);
                 for (var ks = 0u; ks < DCH / T; ks++) {
-                    let qa = rt * T * DCH + ks * T;
-                    let kb_ = kt * T * DCH + ks * T;
+                    let qa = ot.x * DCH + ks * T;
+                    let kb_ = ot.y * DCH + ks * T;
                     let a = coopLoadT<MatA>(&q_h[qa], DCH);
                     let b = coopLoad<MatB>(&k_h[kb_], DCH);
                     acc = coopMultiplyAdd(a, b, acc);
