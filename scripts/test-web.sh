@@ -14,6 +14,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '[test-web] %s\n' "$*" >&2; }
+. scripts/apt.sh
 start=$SECONDS
 
 # --- system packages ------------------------------------------------------------------
@@ -31,25 +32,11 @@ node_ok() {
 }
 node_ok || packages+=(nodejs npm)
 if [ "${#packages[@]}" -gt 0 ]; then
-    sudo=()
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-            sudo=(sudo -n)
-        else
-            say "missing ${packages[*]} and not root. Run: sudo apt-get install -y ${packages[*]}"
-            exit 1
-        fi
-    fi
-    if [ "${WGSPARSE_SKIP_APT:-0}" = 1 ] || ! command -v apt-get >/dev/null 2>&1; then
-        say "missing ${packages[*]} (WGSPARSE_SKIP_APT=1 or no apt-get)"
+    if [ "${WGSPARSE_SKIP_APT:-0}" = 1 ]; then
+        say "missing ${packages[*]} (WGSPARSE_SKIP_APT=1)"
         exit 1
     fi
-    say "apt-get install ${packages[*]}"
-    t=$SECONDS
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
-        "${packages[@]}" >/dev/null
-    say "installed in $((SECONDS - t)) s"
+    apt_install "${packages[@]}" || exit 1
     [ -n "$chromium" ] || chromium=/usr/bin/chromium
 fi
 node_ok || { say "node >= 18 with npm is needed"; exit 1; }

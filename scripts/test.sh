@@ -25,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf '[test.sh] %s\n' "$*" >&2; }
+. scripts/apt.sh
 
 # --- Rust toolchain -------------------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
@@ -66,25 +67,8 @@ if ! command -v cc >/dev/null 2>&1; then
 fi
 
 if [ "${#packages[@]}" -gt 0 ] && [ "${WGSPARSE_SKIP_APT:-0}" != 1 ]; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        say "missing: ${packages[*]} (no apt-get here: install the equivalent packages"
-        say "of your distribution, i.e. a Vulkan loader and Mesa's lavapipe driver)"
-        exit 1
-    fi
-    sudo=()
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-            sudo=(sudo -n)
-        else
-            say "missing packages and not root. Run:"
-            say "  sudo apt-get update && sudo apt-get install -y ${packages[*]}"
-            exit 1
-        fi
-    fi
-    say "installing ${packages[*]}"
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
-        "${packages[@]}" >/dev/null
+    # (a Vulkan loader and Mesa's lavapipe driver, Mesa's EGL/GL, a C toolchain)
+    apt_install "${packages[@]}" || exit 1
 fi
 
 # --- Environment ----------------------------------------------------------------------

@@ -135,17 +135,23 @@ function maxAbs(a, b) {
 
 const ui = { seq_len: 512, q_heads: 4, kv_heads: 2, head_dim: 64, dtype: "f32" };
 let gpuOut = null;
+// The device line of the page (and its log line).
+async function readDevice(page) {
+  const device = await page.evaluate(() => ({
+    backend: document.getElementById("device").dataset.backend,
+    text: document.getElementById("device").textContent,
+    detail: document.getElementById("device-detail").textContent,
+  }));
+  log("device:", device.text, device.detail);
+  return device;
+}
+
 const t0 = Date.now();
 try {
   // --- 1. WebGPU --------------------------------------------------------------------
   {
     const { ctx, page, problems, dir } = await openPage(true);
-    const device = await page.evaluate(() => ({
-      backend: document.getElementById("device").dataset.backend,
-      text: document.getElementById("device").textContent,
-      detail: document.getElementById("device-detail").textContent,
-    }));
-    log("device:", device.text, device.detail);
+    const device = await readDevice(page);
     check(device.backend === "webgpu", `WebGPU path chosen (backend ${device.backend})`);
     const methods = await page.evaluate(() => Array.from(document.querySelectorAll("#method option")).map((o) => o.value));
     log("methods in the picker:", methods.join(", "));
@@ -221,12 +227,7 @@ try {
   // --- 2. no WebGPU: CPU (WASM) fallback ---------------------------------------------
   {
     const { ctx, page, problems, dir } = await openPage(false);
-    const device = await page.evaluate(() => ({
-      backend: document.getElementById("device").dataset.backend,
-      text: document.getElementById("device").textContent,
-      detail: document.getElementById("device-detail").textContent,
-    }));
-    log("device:", device.text, device.detail);
+    const device = await readDevice(page);
     check(device.backend === "cpu" && device.text === "CPU (WASM)", "falls back to CPU (WASM)");
     const last = await runUi(page, { method: "dense", device_pick: "auto", ...ui });
     const s = last.summary;
