@@ -253,10 +253,10 @@ mod tests {
         // 512 heads x 300 rows x 256 x f32 = 157 MB of Q: more than one lavapipe binding.
         let d = split_dense(&prob(512, 512, 300, 256, 4), &LAVAPIPE).unwrap();
         assert!(d.len() > 1);
-        assert!(
-            d.iter()
-                .all(|x| x.r0 == 0 && x.r1 == 300 && x.first && x.last)
-        );
+        let whole_rows = d
+            .iter()
+            .all(|x| x.r0 == 0 && x.r1 == 300 && x.first && x.last);
+        assert!(whole_rows);
         assert_eq!(d.last().unwrap().h1, 512);
     }
 
@@ -292,10 +292,10 @@ mod tests {
         // f16 K (64 MiB per head) fits; f32 Q/ACC rows (128 MiB per head) do not.
         let d = split_sparse(&prob(2, 1, 131072, 256, 2), &LAVAPIPE).unwrap();
         assert!(d.len() > 2);
-        assert!(
-            d.iter()
-                .all(|x| x.c0 == 0 && x.c1 == 131072 && x.first && x.last)
-        );
+        let whole_keys = d
+            .iter()
+            .all(|x| x.c0 == 0 && x.c1 == 131072 && x.first && x.last);
+        assert!(whole_keys);
         assert!(d.iter().all(|x| x.r0 % BLOCK_Q == 0));
         // A kv head over the binding is a typed error.
         assert!(matches!(

@@ -469,17 +469,8 @@ mod tests {
             .const_u32("D", 64)
             .const_f32("S", 0.5);
         let out = preprocess_with("main.wgsl", &d, &files).unwrap();
-        let body: Vec<&str> = out.lines().skip(1).collect();
-        assert_eq!(
-            body,
-            vec![
-                "const D: u32 = 64u;",
-                "const S: f32 = 0.5;",
-                "a",
-                "x",
-                "no_y"
-            ]
-        );
+        let want = "const D: u32 = 64u;\nconst S: f32 = 0.5;\na\nx\nno_y";
+        assert_eq!(out.lines().skip(1).collect::<Vec<_>>().join("\n"), want);
         let out = preprocess_with("main.wgsl", &Defines::new().flag("Y"), &files).unwrap();
         assert_eq!(out.lines().skip(1).collect::<Vec<_>>(), vec!["a", "not_x"]);
     }
@@ -495,19 +486,11 @@ mod tests {
         let d = Defines::new().const_u32("NC", 3);
         assert_eq!(d.const_u32_value("NC"), Some(3));
         let out = preprocess_with("u.wgsl", &d, &files).unwrap();
-        let body: Vec<&str> = out.lines().skip(2).collect();
-        assert_eq!(
-            body,
-            vec![
-                "a[0 * 3 + 0]",
-                "a[0 * 3 + 1]",
-                "a[0 * 3 + 2]",
-                "a[1 * 3 + 0]",
-                "a[1 * 3 + 1]",
-                "a[1 * 3 + 2]",
-                "end"
-            ]
-        );
+        let want: Vec<String> = (0..6)
+            .map(|i| format!("a[{} * 3 + {}]", i / 3, i % 3))
+            .chain(["end".to_string()])
+            .collect();
+        assert_eq!(out.lines().skip(2).collect::<Vec<_>>(), want);
         let bad = |p: &str| -> Option<String> {
             match p {
                 "a.wgsl" => Some("#unroll i 2\nx\n".into()),
