@@ -135,6 +135,12 @@ impl SparseLut {
         self.validate_self()
     }
 
+    /// The entries (key blocks or keys) of query block `b` of head `h`, as listed.
+    pub fn entries(&self, h: usize, b: usize) -> &[u32] {
+        let [a, e] = self.ranges[h * self.q_blocks() + b];
+        &self.indices[a as usize..e as usize]
+    }
+
     /// The key positions query block `b` of head `h` visits, ascending, all `< seq_len`.
     pub fn keys_of(&self, h: usize, b: usize) -> Vec<u32> {
         let [a, e] = self.ranges[h * self.q_blocks() + b];

@@ -7,6 +7,8 @@
 //! - [`sale`]: SALE (64 × 32 blocks from low-bit score estimates), calibrated by
 //!   [`sale_calibrate`];
 //! - [`window`]: sliding window with sinks (a fixed block LUT, single pass);
+//! - [`proxy`]: ProxyAttn's block choice from head-pooled proxy scores and per-head
+//!   budgets (its CPU twin; not yet a method: the GPU stages are missing);
 //! - [`oracle`]: the exact per-row and per-block oracle patterns for evaluation (a fixed
 //!   LUT run through [`super::Method::BlockSparse`]).
 //!
@@ -16,6 +18,7 @@
 
 pub mod anchor;
 pub mod oracle;
+pub mod proxy;
 pub mod sale;
 pub mod sale_calibrate;
 pub mod window;
