@@ -416,6 +416,19 @@ fn no_optional_wgsl_extensions() {
                 ));
             }
         }
+        // A subgroup builtin needs the extension in a browser even where nothing uses it.
+        for builtin in [
+            "subgroup_id",
+            "num_subgroups",
+            "subgroup_size",
+            "subgroup_invocation_id",
+        ] {
+            if c.source.contains(&format!("@builtin({builtin})")) {
+                return Err(format!(
+                    "declares @builtin({builtin}) (needs `enable subgroups`)"
+                ));
+            }
+        }
         Ok(())
     });
 }

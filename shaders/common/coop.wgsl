@@ -18,6 +18,18 @@ alias MatC = coop_mat8x8<f32, C>;
 const T: u32 = 8u;
 #endif
 
+#include "common/invocation.wgsl"
+
+// The builtins of a matrix-unit kernel: those of `InvocationN`, and the subgroup index
+// and count (`me.sid`, `me.nsg`).
+struct InvocationSub {
+    @builtin(workgroup_id) id: vec3<u32>,
+    @builtin(num_workgroups) count: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sid: u32,
+    @builtin(num_subgroups) nsg: u32,
+}
+
 // The element offsets (row, column) of output tile t of a grid with `cols` T x T tiles
 // per row; the kernels spread the tiles over the subgroups (t = sid, sid + nsg, ...).
 fn tile_at(t: u32, cols: u32) -> vec2<u32> {

@@ -13,9 +13,11 @@
 // in workgroup memory as f16 halves; the accumulators live in workgroup memory too,
 // their T x T tiles spread over the subgroups, each loading its tiles as C, adding the
 // chunk's products and storing. Up: gate and up accumulate side by side and the
-// ReGLU is applied when the tile is written. Down with SKIP_CHUNKS: a chunk whose TM x 16
-// activations are all 0 (inactive neurons for every position of the tile) is not
-// loaded and not multiplied, decided once for the workgroup.
+// ReGLU is applied when the tile is written. Down with SKIP_CHUNKS: the down weights of
+// a chunk whose TM x 16 activations are all 0 (inactive neurons for every position of
+// the tile) are not read; its multiply-adds still run, on zeros. (Skipping them needs a
+// workgroup-uniform branch around the matrix operations; one built on
+// workgroupUniformLoad gave wrong results on an H200's driver.)
 
 #include "common/invocation.wgsl"
 #include "quant/weights.wgsl"
@@ -161,8 +163,7 @@ var<workgroup> d_lo: array<f16, TK * TN>;
 var<workgroup> c_hi: array<f32, TM * TN>;  // y [TM][TN]
 var<workgroup> c_lo: array<f32, TM * TN>;
 #ifdef SKIP_CHUNKS
-var<workgroup> live_any: atomic<u32>;
-var<workgroup> live_chunk: u32;
+var<workgroup> live_wg: array<atomic<u32>, 2>;
 #endif
 
 @compute @workgroup_size(256)
@@ -188,8 +189,10 @@ fn expert_down_coop(me: InvocationSub) {
     let dvalid = col0 + dc < p.hidden;
 #ifdef SKIP_CHUNKS
     if (me.lid == 0u) {
-        atomicStore(&live_any, 0u);
+        atomicStore(&live_wg[0], 0u);
+        atomicStore(&live_wg[1], 0u);
     }
+    var par = 0u;
     var skipped = 0u;  // counted by thread 0
 #endif
     for (var k0 = 0u; k0 < select(0u, p.ffn, t.valid); k0 += TK) {
@@ -206,24 +209,25 @@ fn expert_down_coop(me: InvocationSub) {
             }
         }
 #ifdef SKIP_CHUNKS
+        // Whether the chunk has an active neuron, by parity flags as in the portable
+        // kernel (one is reset while the other is read).
         if (any(av != vec4<f32>(0.0))) {
-            atomicOr(&live_any, 1u);
+            atomicOr(&live_wg[par], 1u);
         }
         workgroupBarrier();
+        let live = atomicLoad(&live_wg[par]) != 0u;
         if (me.lid == 0u) {
-            live_chunk = atomicExchange(&live_any, 0u);
-        }
-        // The same value for every thread: what follows (barriers, matrix ops) stays in
-        // uniform control flow.
-        if (workgroupUniformLoad(&live_chunk) == 0u) {
-            if (me.lid == 0u) {
+            atomicStore(&live_wg[1u - par], 0u);
+            if (!live) {
                 skipped += 1u;
             }
-            continue;
         }
+        par = 1u - par;
+#else
+        let live = true;
 #endif
         var dv = vec4<f32>(0.0);
-        if (dvalid) {
+        if (dvalid && live) {
             let l = wloc(t.slot * p.ffn + k0 + kn, col0 + dc, p.hidden, p.down_sb);
             dv = wdecode(down[l.w0], down[l.w1], l);
         }
