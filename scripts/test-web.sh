@@ -2,7 +2,8 @@
 # Browser test: builds the web crate (scripts/build-web.sh), serves web/ on 127.0.0.1 and
 # drives the system Chromium headless through playwright-core (never a downloaded
 # browser) to check the demo page on WebGPU and on the CPU (WASM) fallback; see
-# scripts/web-test/browser-test.mjs for the assertions.
+# scripts/web-test/browser-test.mjs for the assertions; then every portable kernel variant
+# through the browser's own WGSL compiler (scripts/web-test/compile-wgsl.mjs).
 #
 #   bash scripts/test-web.sh
 #
@@ -56,4 +57,8 @@ t=$SECONDS
 bash scripts/build-web.sh
 say "web build took $((SECONDS - t)) s"
 CHROMIUM="$chromium" node "$pw/browser-test.mjs" web target/web-test
+# Every portable kernel variant through the browser's own shader compiler.
+rm -rf target/web-test/wgsl
+cargo run --locked --quiet -- shader --dump target/web-test/wgsl >/dev/null
+CHROMIUM="$chromium" node "$pw/compile-wgsl.mjs" target/web-test/wgsl
 say "browser test passed; screenshots in target/web-test/; $((SECONDS - start)) s in all"

@@ -88,30 +88,30 @@ fn store_kv_tile(lid: u32, vals: array<vec4<f32>, KPT>) {
 }
 
 @compute @workgroup_size(WG)
-fn flash_attention(me: Invocation) {
-    let tx = me.lid % 8u;
-    let ty = me.lid / 8u;
-    let h = p.h0 + me.id.y;
+fn flash_attention(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let tx = lid % 8u;
+    let ty = lid / 8u;
+    let h = p.h0 + wg.id.y;
     let kvh = h / p.group;
-    let row0 = p.r0 + me.id.x * BQ;
+    let row0 = p.r0 + wg.id.x * BQ;
     let row_end = min(row0 + BQ, p.r1);
     // Scores are kept in log2 units: s2 = q.k * scale * log2(e).
     let scale2 = p.scale * LOG2E;
 
     // Row state: m and l in workgroup memory (thread r < BQ owns row r), acc in registers.
     var acc: array<vec4<f32>, 4u * NC>;
-    if me.lid < BQ {
+    if lid < BQ {
         var m = NEG_BIG;
         var l = 0.0;
 #ifdef IMPORT_STATE
-        if row0 + me.lid < p.r1 {
-            let s = ml_buf[ml_index(h, row0 + me.lid)];
+        if row0 + lid < p.r1 {
+            let s = ml_buf[ml_index(h, row0 + lid)];
             m = m_from_natural(s.x);
             l = s.y;
         }
 #endif
-        row_m[me.lid] = m;
-        row_l[me.lid] = l;
+        row_m[lid] = m;
+        row_l[lid] = l;
     }
 #ifdef IMPORT_STATE
     #unroll i 4
@@ -126,7 +126,7 @@ fn flash_attention(me: Invocation) {
 
     // Keys this block can see and the key tiles to visit (workgroup-uniform: the loop
     // below has barriers).
-    let plan = key_plan(h, row0, row_end, me.lid);
+    let plan = key_plan(h, row0, row_end, lid);
     let key_end = plan.x;
     let n_tiles = plan.y;
 
@@ -138,11 +138,11 @@ fn flash_attention(me: Invocation) {
     var fkeys: array<u32, KPT>;  // keys of this thread's fetch slots, tile being fetched
     if n_tiles > 0u {
         #unroll u 4
-        q_next[${u}] = fetch_q(h, row0, 0u, me.lid + ${u}u * WG);
+        q_next[${u}] = fetch_q(h, row0, 0u, lid + ${u}u * WG);
         #endunroll
         #unroll u KPT
-        fkeys[${u}] = tile_key(0u, (me.lid + ${u}u * WG) / DC4);
-        kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, 0u, me.lid + ${u}u * WG);
+        fkeys[${u}] = tile_key(0u, (lid + ${u}u * WG) / DC4);
+        kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, 0u, lid + ${u}u * WG);
         #endunroll
     }
     for (var it = 0u; it < n_tiles; it++) {
@@ -153,20 +153,20 @@ fn flash_attention(me: Invocation) {
         #unroll c NC
         workgroupBarrier();
         #unroll u 4
-        q_tile[me.lid + ${u}u * WG] = q_next[${u}];
+        q_tile[lid + ${u}u * WG] = q_next[${u}];
         #endunroll
-        store_kv_tile(me.lid, kv_next);
+        store_kv_tile(lid, kv_next);
         workgroupBarrier();
         if ${c}u + 1u < NC {
             #unroll u 4
-            q_next[${u}] = fetch_q(h, row0, ${c}u + 1u, me.lid + ${u}u * WG);
+            q_next[${u}] = fetch_q(h, row0, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
             #unroll u KPT
-            kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, ${c}u + 1u, me.lid + ${u}u * WG);
+            kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
         } else {
             #unroll u KPT
-            kv_next[${u}] = fetch_v(kvh, fkeys[${u}], key_end, 0u, me.lid + ${u}u * WG);
+            kv_next[${u}] = fetch_v(kvh, fkeys[${u}], key_end, 0u, lid + ${u}u * WG);
             #endunroll
         }
         for (var d4 = 0u; d4 < DC4; d4++) {
@@ -199,10 +199,10 @@ fn flash_attention(me: Invocation) {
         #endunroll
         workgroupBarrier();
         // Online softmax per row: new max, weights, rescale factor.
-        if me.lid < BQ {
-            let quad_index = me.lid / 4u;
-            let lane = me.lid % 4u;
-            let m_old = row_m[me.lid];
+        if lid < BQ {
+            let quad_index = lid / 4u;
+            let lane = lid % 4u;
+            let m_old = row_m[lid];
             var m_new = m_old;
             for (var j = 0u; j < BK; j++) {
                 m_new = max(m_new, p_tile[j * (BQ / 4u) + quad_index][lane]);
@@ -215,9 +215,9 @@ fn flash_attention(me: Invocation) {
                 sum += w;
             }
             let alpha = rescale_factor(m_old, m_new);
-            row_alpha[me.lid] = alpha;
-            row_l[me.lid] = row_l[me.lid] * alpha + sum;
-            row_m[me.lid] = m_new;
+            row_alpha[lid] = alpha;
+            row_l[lid] = row_l[lid] * alpha + sum;
+            row_m[lid] = m_new;
         }
         workgroupBarrier();
         #unroll i 4
@@ -231,19 +231,19 @@ fn flash_attention(me: Invocation) {
         // acc += P V, V staged in head_dim chunks.
         #unroll c NC
         workgroupBarrier();
-        store_kv_tile(me.lid, kv_next);
+        store_kv_tile(lid, kv_next);
         workgroupBarrier();
         if ${c}u + 1u < NC {
             #unroll u KPT
-            kv_next[${u}] = fetch_v(kvh, fkeys[${u}], key_end, ${c}u + 1u, me.lid + ${u}u * WG);
+            kv_next[${u}] = fetch_v(kvh, fkeys[${u}], key_end, ${c}u + 1u, lid + ${u}u * WG);
             #endunroll
         } else if it + 1u < n_tiles {
             #unroll u 4
-            q_next[${u}] = fetch_q(h, row0, 0u, me.lid + ${u}u * WG);
+            q_next[${u}] = fetch_q(h, row0, 0u, lid + ${u}u * WG);
             #endunroll
             #unroll u KPT
-            fkeys[${u}] = tile_key(it + 1u, (me.lid + ${u}u * WG) / DC4);
-            kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, 0u, me.lid + ${u}u * WG);
+            fkeys[${u}] = tile_key(it + 1u, (lid + ${u}u * WG) / DC4);
+            kv_next[${u}] = fetch_k(kvh, fkeys[${u}], key_end, 0u, lid + ${u}u * WG);
             #endunroll
         }
         for (var k = 0u; k < BK; k++) {
@@ -259,9 +259,9 @@ fn flash_attention(me: Invocation) {
 
     workgroupBarrier();
 #ifdef EXPORT_STATE
-    if me.lid < BQ && row0 + me.lid < p.r1 {
-        let m = row_m[me.lid];
-        ml_buf[ml_index(h, row0 + me.lid)] = vec2<f32>(m_to_natural(m), row_l[me.lid]);
+    if lid < BQ && row0 + lid < p.r1 {
+        let m = row_m[lid];
+        ml_buf[ml_index(h, row0 + lid)] = vec2<f32>(m_to_natural(m), row_l[lid]);
     }
 #endif
     #unroll i 4

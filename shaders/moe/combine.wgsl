@@ -14,9 +14,9 @@
 @group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
-fn moe_combine(me: InvocationN) {
+fn moe_combine(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
     let h4 = p.hidden / 4u;
-    let idx = flat_id(me) * 256u + me.lid;
+    let idx = flat_id(wg) * 256u + lid;
     if (idx >= p.tokens * h4) { return; }
     let t = idx / h4;
     let c4 = idx % h4;

@@ -32,12 +32,12 @@ const WG: u32 = 256u;
 var<workgroup> cnt: array<atomic<u32>, WG>;
 
 @compute @workgroup_size(256)
-fn moe_histogram(me: InvocationN) {
-    let b = flat_id(me);
+fn moe_histogram(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    let b = flat_id(wg);
     if (b >= p.blocks) { return; }
-    atomicStore(&cnt[me.lid], 0u);
+    atomicStore(&cnt[lid], 0u);
     workgroupBarrier();
-    let a = b * WG + me.lid;
+    let a = b * WG + lid;
     if (a < p.assignments) {
         let e = ids[a];
         if (e < p.experts) {
@@ -45,8 +45,8 @@ fn moe_histogram(me: InvocationN) {
         }
     }
     workgroupBarrier();
-    if (me.lid < p.experts) {
-        block_counts[b * p.experts + me.lid] = atomicLoad(&cnt[me.lid]);
+    if (lid < p.experts) {
+        block_counts[b * p.experts + lid] = atomicLoad(&cnt[lid]);
     }
 }
 #endif
@@ -96,19 +96,19 @@ fn moe_scan(@builtin(local_invocation_index) lid: u32) {
 var<workgroup> blk: array<u32, WG>;
 
 @compute @workgroup_size(256)
-fn moe_scatter(me: InvocationN) {
-    let b = flat_id(me);
+fn moe_scatter(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    let b = flat_id(wg);
     if (b >= p.blocks) { return; }
-    let a = b * WG + me.lid;
+    let a = b * WG + lid;
     var e = 0xffffffffu;
     if (a < p.assignments) {
         e = ids[a];
     }
-    blk[me.lid] = e;
+    blk[lid] = e;
     workgroupBarrier();
     if (a < p.assignments && e < p.experts) {
         var rank = 0u;
-        for (var j = 0u; j < me.lid; j++) {
+        for (var j = 0u; j < lid; j++) {
             rank += select(0u, 1u, blk[j] == e);
         }
         let pos = block_counts[b * p.experts + e] + rank;

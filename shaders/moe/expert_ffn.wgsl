@@ -45,17 +45,17 @@ var<workgroup> us: array<vec4<f32>, 320>;
 // Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and
 // neurons tx + 16 j (j < 4) of the tile.
 @compute @workgroup_size(256)
-fn expert_up(me: Invocation) {
-    let t = expert_tile(me.id.x);
+fn expert_up(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let t = expert_tile(wg.id.x);
     if (!t.valid) { return; }
-    let n0 = me.id.y * TN;
-    let tx = me.lid % 16u;
-    let ty = me.lid / 16u;
-    let lr = me.lid / 4u;
-    let lc = me.lid % 4u;
+    let n0 = wg.id.y * TN;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let lr = lid / 4u;
+    let lc = lid % 4u;
     let h4 = p.hidden / 4u;
     let zrow = t.row0 + lr;
-    let zload = me.lid < TM * 4u;
+    let zload = lid < TM * 4u;
     let zvalid = zload && zrow < t.row_end;
     var ztok = 0u;
     if (zvalid) {
@@ -64,7 +64,7 @@ fn expert_up(me: Invocation) {
     let wn = n0 + lr;
     let wvalid = wn < p.ffn;
     let wrow = t.slot * p.ffn + wn;
-    if (me.lid == 0u) {
+    if (lid == 0u) {
         atomicStore(&skipped_wg, 0u);
     }
 #unroll i MI
@@ -129,7 +129,7 @@ fn expert_up(me: Invocation) {
 #endunroll
     }
 #endunroll
-    count_up_tile(me.lid, t, n0, skipped, 0u);
+    count_up_tile(lid, t, n0, skipped, 0u);
 }
 #endif
 
@@ -153,13 +153,13 @@ fn reduce32(lid: u32, v: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn expert_up(me: Invocation) {
-    let pos = me.id.y;
+fn expert_up(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let pos = wg.id.y;
     let slot = position_slot(pos);
     if (slot == NOT_RESIDENT) { return; }
     let tok = sorted[pos] / p.top_k;
-    let n = me.id.x * 8u + me.lid / 32u;
-    let lane = me.lid % 32u;
+    let n = wg.id.x * 8u + lid / 32u;
+    let lane = lid % 32u;
     let nvalid = n < p.ffn;
     let h4 = p.hidden / 4u;
     let row = slot * p.ffn + n;
@@ -170,7 +170,7 @@ fn expert_up(me: Invocation) {
             acc += dot(z[tok * h4 + c4], wdecode(gate[l.w0], gate[l.w1], l));
         }
     }
-    let g = reduce32(me.lid, acc);
+    let g = reduce32(lid, acc);
     var uacc = 0.0;
     if (nvalid && g > 0.0) {
         for (var c4 = lane; c4 < h4; c4 += 32u) {
@@ -178,7 +178,7 @@ fn expert_up(me: Invocation) {
             uacc += dot(z[tok * h4 + c4], wdecode(up[l.w0], up[l.w1], l));
         }
     }
-    let u = reduce32(me.lid, uacc);
+    let u = reduce32(lid, uacc);
     if (lane == 0u && nvalid) {
         var v = 0.0;
         if (g > 0.0) {
@@ -207,28 +207,28 @@ var<workgroup> live_wg: array<atomic<u32>, 2>;
 // Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and the
 // columns 4 tx..4 tx + 3 of the 64-column block.
 @compute @workgroup_size(256)
-fn expert_down(me: Invocation) {
-    let t = expert_tile(me.id.x);
+fn expert_down(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let t = expert_tile(wg.id.x);
     if (!t.valid) { return; }
     let h4 = p.hidden / 4u;
-    let c40 = me.id.y * (TN / 4u);
-    let tx = me.lid % 16u;
-    let ty = me.lid / 16u;
-    let lr = me.lid / 4u;
-    let lc = me.lid % 4u;
+    let c40 = wg.id.y * (TN / 4u);
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let lr = lid / 4u;
+    let lc = lid % 4u;
     let arow = t.row0 + lr;
-    let aload = me.lid < TM * 4u;
+    let aload = lid < TM * 4u;
     let avalid = aload && arow < t.row_end;
     let f4 = p.ffn / 4u;
-    let kn = me.lid / 16u;
-    let wc4 = c40 + me.lid % 16u;
+    let kn = lid / 16u;
+    let wc4 = c40 + lid % 16u;
     let wvalid = wc4 < h4;
 #unroll i MI
     var acc${i} = vec4<f32>(0.0);
     var a${i} = vec4<f32>(0.0);
 #endunroll
 #ifdef SKIP_CHUNKS
-    if (me.lid == 0u) {
+    if (lid == 0u) {
         atomicStore(&live_wg[0], 0u);
         atomicStore(&live_wg[1], 0u);
     }
@@ -252,7 +252,7 @@ fn expert_down(me: Invocation) {
         // Every thread reads the same flag after the barrier; it guards only loads and
         // arithmetic, never a barrier.
         let live = atomicLoad(&live_wg[par]) != 0u;
-        if (me.lid == 0u) {
+        if (lid == 0u) {
             atomicStore(&live_wg[1u - par], 0u);
             if (!live) {
                 skipped += 1u;
@@ -267,7 +267,7 @@ fn expert_down(me: Invocation) {
             let l = wloc(t.slot * p.ffn + k0 + kn, wc4 * 4u, p.hidden, p.down_sb);
             wv = wdecode(down[l.w0], down[l.w1], l);
         }
-        ws[kn * 16u + me.lid % 16u] = wv;
+        ws[kn * 16u + lid % 16u] = wv;
         workgroupBarrier();
         if (live) {
 #unroll k 4
@@ -287,7 +287,7 @@ fn expert_down(me: Invocation) {
         workgroupBarrier();
     }
 #ifdef SKIP_CHUNKS
-    if (me.lid == 0u) {
+    if (lid == 0u) {
         atomicAdd(&stats[2], skipped);
         atomicAdd(&stats[3], p.ffn / TK);
     }
@@ -311,14 +311,14 @@ var<workgroup> part: array<vec4<f32>, 256>;
 // (lid % 16, lid / 16) owns columns 4 tx..4 tx + 3 and neurons ty, ty + 16, ...; the 16
 // partial sums are added in workgroup memory. Rows of skipped neurons are not read.
 @compute @workgroup_size(256)
-fn expert_down(me: Invocation) {
-    let pos = me.id.y;
+fn expert_down(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let pos = wg.id.y;
     let slot = position_slot(pos);
     if (slot == NOT_RESIDENT) { return; }
     let h4 = p.hidden / 4u;
-    let tx = me.lid % 16u;
-    let ty = me.lid / 16u;
-    let c4 = me.id.x * 16u + tx;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let c4 = wg.id.x * 16u + tx;
     var acc = vec4<f32>(0.0);
     if (c4 < h4) {
         for (var n = ty; n < p.ffn; n += 16u) {
@@ -329,16 +329,16 @@ fn expert_down(me: Invocation) {
             }
         }
     }
-    part[me.lid] = acc;
+    part[lid] = acc;
     workgroupBarrier();
 #unroll s 4
     if (ty < (8u >> ${s}u)) {
-        part[me.lid] += part[me.lid + (8u >> ${s}u) * 16u];
+        part[lid] += part[lid + (8u >> ${s}u) * 16u];
     }
     workgroupBarrier();
 #endunroll
     if (ty == 0u && c4 < h4) {
-        y[pos * h4 + c4] = part[me.lid];
+        y[pos * h4 + c4] = part[lid];
     }
 }
 #endif

@@ -27,11 +27,11 @@ const WG: u32 = 64u;
 var<workgroup> lg: array<f32, MAX_E>;
 
 @compute @workgroup_size(64)
-fn router(me: InvocationN) {
-    let t = flat_id(me);
+fn router(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    let t = flat_id(wg);
     if (t >= p.tokens) { return; }
     let h4 = p.hidden / 4u;
-    for (var e = me.lid; e < p.experts; e += WG) {
+    for (var e = lid; e < p.experts; e += WG) {
         var acc = vec4<f32>(0.0);
         for (var i = 0u; i < h4; i++) {
             acc += x[t * h4 + i] * w[e * h4 + i];
@@ -41,7 +41,7 @@ fn router(me: InvocationN) {
         logits[t * p.experts + e] = s;
     }
     workgroupBarrier();
-    if (me.lid != 0u) { return; }
+    if (lid != 0u) { return; }
     var vals: array<f32, MAX_K>;
     var sel: array<u32, MAX_K>;
     var prev_v = 0.0;

@@ -24,13 +24,13 @@ var<workgroup> xs: array<vec4<f32>, 320>;
 var<workgroup> ws: array<vec4<f32>, 320>;
 
 @compute @workgroup_size(256)
-fn linear(me: Invocation) {
-    let t0 = me.id.x * TM;
-    let n0 = me.id.y * TN;
-    let tx = me.lid % 16u;
-    let ty = me.lid / 16u;
-    let lr = me.lid / 4u;
-    let lc = me.lid % 4u;
+fn linear(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let t0 = wg.id.x * TM;
+    let n0 = wg.id.y * TN;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let lr = lid / 4u;
+    let lc = lid % 4u;
     let xt = t0 + lr;
     let xvalid = xt < p.tokens;
     let wn = n0 + lr;

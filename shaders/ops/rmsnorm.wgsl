@@ -12,25 +12,25 @@
 var<workgroup> red: array<f32, 64>;
 
 @compute @workgroup_size(64)
-fn rmsnorm(me: InvocationN) {
-    let t = flat_id(me);
+fn rmsnorm(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    let t = flat_id(wg);
     if (t >= p.tokens) { return; }
     let h4 = p.hidden / 4u;
     var s = 0.0;
-    for (var i = me.lid; i < h4; i += 64u) {
+    for (var i = lid; i < h4; i += 64u) {
         let v = x[t * h4 + i];
         s += dot(v, v);
     }
-    red[me.lid] = s;
+    red[lid] = s;
     workgroupBarrier();
 #unroll k 6
-    if (me.lid < (32u >> ${k}u)) {
-        red[me.lid] += red[me.lid + (32u >> ${k}u)];
+    if (lid < (32u >> ${k}u)) {
+        red[lid] += red[lid + (32u >> ${k}u)];
     }
     workgroupBarrier();
 #endunroll
     let r = inverseSqrt(red[0] / f32(p.hidden) + p.eps);
-    for (var i = me.lid; i < h4; i += 64u) {
+    for (var i = lid; i < h4; i += 64u) {
         out[t * h4 + i] = x[t * h4 + i] * r * g[i];
     }
 }

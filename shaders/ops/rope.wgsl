@@ -13,8 +13,8 @@
 @group(0) @binding(2) var<storage, read_write> x: array<f32>;
 
 @compute @workgroup_size(256)
-fn rope(me: InvocationN) {
-    let idx = flat_id(me) * 256u + me.lid;
+fn rope(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    let idx = flat_id(wg) * 256u + lid;
     if (idx >= p.heads * p.tokens * p.half) { return; }
     let i = idx % p.half;
     let row = idx / p.half;  // head * tokens + t

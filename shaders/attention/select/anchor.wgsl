@@ -83,21 +83,21 @@ fn chunk_at(id: vec3<u32>) -> ChunkAt {
 
 #ifdef STAGE_POOL
 @compute @workgroup_size(64)
-fn anchor_pool(me: Invocation) {
-    let b = me.id.x;
-    let h = me.id.y;
+fn anchor_pool(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let b = wg.id.x;
+    let h = wg.id.y;
     let r0 = b * POOL;
     let r1 = min(r0 + POOL, p.seq_len);
     let inv = 1.0 / f32(r1 - r0);
     // Thread c4 owns dimensions 4*c4..+4 (D4 <= 64 threads).
-    if me.lid < D4 {
+    if lid < D4 {
         var sum = vec4<f32>(0.0);
         for (var r = r0; r < r1; r++) {
-            sum += decode4(q_buf[(h * p.seq_len + r) * D4 + me.lid]);
+            sum += decode4(q_buf[(h * p.seq_len + r) * D4 + lid]);
         }
-        qbar[(h * p.n_pool + b) * D4 + me.lid] = sum * inv;
+        qbar[(h * p.n_pool + b) * D4 + lid] = sum * inv;
     }
-    if me.lid == 0u {
+    if lid == 0u {
         var m = 0.0;
         for (var r = r0; r < r1; r++) {
             m += ml_buf[h * p.seq_len + r].x;
@@ -133,17 +133,17 @@ fn write_chunk(lid: u32, row: u32, chunk: u32, live: bool) {
 #ifndef COOP
 
 @compute @workgroup_size(256)
-fn anchor_flags(me: Invocation) {
-    let at = chunk_at(me.id);
+fn anchor_flags(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let at = chunk_at(wg.id);
     let c0 = at.cand.x + at.chunk * CHUNK;
     if c0 >= at.cand.y {
         return;  // workgroup-uniform: the whole chunk is past this group's candidates
     }
-    if me.lid < 8u {
-        atomicStore(&words[me.lid], 0u);
+    if lid < 8u {
+        atomicStore(&words[lid], 0u);
     }
     workgroupBarrier();
-    let j = c0 + me.lid;
+    let j = c0 + lid;
     let s0 = at.g * BLOCKS_PER_GROUP;
     let s1 = min(s0 + BLOCKS_PER_GROUP, p.n_pool);
     var keep = false;
@@ -168,9 +168,9 @@ fn anchor_flags(me: Invocation) {
         #endunroll
     }
     if keep {
-        atomicOr(&words[me.lid / 32u], 1u << (me.lid % 32u));
+        atomicOr(&words[lid / 32u], 1u << (lid % 32u));
     }
-    write_chunk(me.lid, at.row, at.chunk, true);
+    write_chunk(lid, at.row, at.chunk, true);
 }
 #else
 const KC: u32 = 128u;  // keys per half chunk
@@ -264,8 +264,8 @@ fn anchor_flags_coop(me: InvocationSub) {
 
 #ifdef STAGE_COMPACT
 @compute @workgroup_size(256)
-fn anchor_compact(me: Invocation) {
-    let at = chunk_at(me.id);
+fn anchor_compact(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let at = chunk_at(wg.id);
     let used = (at.cand.y - at.cand.x + CHUNK - 1u) / CHUNK;  // chunks with candidates
     // Kept keys of this group's earlier chunks (chunk 0: of all its chunks, for the
     // range), summed by the whole workgroup.
@@ -274,22 +274,22 @@ fn anchor_compact(me: Invocation) {
         upto = used;
     }
     var mine = 0u;
-    for (var c = me.lid; c < upto; c += 256u) {
+    for (var c = lid; c < upto; c += 256u) {
         mine += counts[at.row * p.chunks + c];
     }
     let base = group_base[at.row];
-    let offset = compact_offset(me.lid, mine, at.chunk, at.row, base);
+    let offset = compact_offset(lid, mine, at.chunk, at.row, base);
     if at.chunk >= used { return; }
     // This key's rank among the chunk's kept keys: set bits before it.
-    let w = me.lid / 32u;
-    let bit = me.lid % 32u;
+    let w = lid / 32u;
+    let bit = lid % 32u;
     let word = flags[(at.row * p.chunks + at.chunk) * 8u + w];
     if (word & (1u << bit)) != 0u {
         var rank = countOneBits(word & ((1u << bit) - 1u));
         for (var v = 0u; v < w; v++) {
             rank += countOneBits(flags[(at.row * p.chunks + at.chunk) * 8u + v]);
         }
-        lut_idx[base + offset + rank] = at.cand.x + at.chunk * CHUNK + me.lid;
+        lut_idx[base + offset + rank] = at.cand.x + at.chunk * CHUNK + lid;
     }
 }
 #endif

@@ -102,13 +102,18 @@ fn dot4(a: u32, b: u32) -> i32 {
 
 @compute @workgroup_size(64)
 #ifdef COOP
-fn sale_estimate_coop(me: InvocationSub) {
+fn sale_estimate_coop(
+    wg: Workgroup,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sid: u32,
+    @builtin(num_subgroups) nsg: u32,
+) {
 #else
-fn sale_estimate(me: Invocation) {
+fn sale_estimate(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 #endif
-    let chunk = me.id.x;
-    let qb = me.id.y;
-    let h = me.id.z;
+    let chunk = wg.id.x;
+    let qb = wg.id.y;
+    let h = wg.id.z;
     let n = p.seq_len;
     let kb0 = 1u + chunk * CHUNK_BLOCKS;
     let kb_end = min(kb0 + CHUNK_BLOCKS, cand_end(qb));
@@ -121,7 +126,7 @@ fn sale_estimate(me: Invocation) {
     // cooperative operations; the key-block loop below is then empty, and the chunk's
     // flag word is written as 0.)
     let kvh = h / p.group;
-    for (var i = me.lid; i < BQ * WORDS; i += 64u) {
+    for (var i = lid; i < BQ * WORDS; i += 64u) {
         let row = qb * BQ + i / WORDS;
         var w = 0u;
         if row < n {
@@ -129,12 +134,12 @@ fn sale_estimate(me: Invocation) {
         }
         q_tile[i] = w;
     }
-    if me.lid == 0u {
+    if lid == 0u {
         atomicStore(&selected, 0u);
     }
     // Thread (rg, kg) owns rows rg + 16·t (t < 4) and keys kg + 4·u (u < 8) of a block.
-    let rg = me.lid / 4u;
-    let kg = me.lid % 4u;
+    let rg = lid / 4u;
+    let kg = lid % 4u;
     var thr: array<f32, 4>;
     var sq: array<f32, 4>;
     let tau_h = tau[h];
@@ -159,21 +164,21 @@ fn sale_estimate(me: Invocation) {
         // dot_s = Q'·K'ᵀ of the query block and key block kb, exactly (inline: the
         // coop operations need the entry point's subgroup-uniform control flow).
         workgroupBarrier();
-        for (var i = me.lid; i < BQ * BK; i += 64u) {
+        for (var i = lid; i < BQ * BK; i += 64u) {
             dot_s[i] = 0.0;
         }
         for (var dc = 0u; dc < D / DCH; dc++) {
             workgroupBarrier();
-            for (var i = me.lid; i < BQ * DCH; i += 64u) {
+            for (var i = lid; i < BQ * DCH; i += 64u) {
                 let c = dc * DCH + i % DCH;
                 q_h[i] = code_of(q_tile[(i / DCH) * WORDS + c / PER_WORD], c);
             }
-            for (var i = me.lid; i < BK * DCH; i += 64u) {
+            for (var i = lid; i < BK * DCH; i += 64u) {
                 let c = dc * DCH + i % DCH;
                 k_h[i] = code_of(kq[(kvh * n + kb * BK + i / DCH) * WORDS + c / PER_WORD], c);
             }
             workgroupBarrier();
-            for (var t = me.sid; t < (BQ / T) * (BK / T); t += me.nsg) {
+            for (var t = sid; t < (BQ / T) * (BK / T); t += nsg) {
                 let ot = tile_at(t, BK / T);
                 let o = ot.x * BK + ot.y;
                 var acc = coopLoadT<MatC>(&dot_s[o], BK);
@@ -202,7 +207,7 @@ fn sale_estimate(me: Invocation) {
         }
 #else
         workgroupBarrier();  // the previous block's tile is no longer read
-        for (var i = me.lid; i < BK * WORDS; i += 64u) {
+        for (var i = lid; i < BK * WORDS; i += 64u) {
             k_tile[i] = kq[(kvh * n + kb * BK) * WORDS + i];
         }
         workgroupBarrier();
@@ -320,7 +325,7 @@ fn sale_estimate(me: Invocation) {
     }
 #ifndef WRITE_DOTS
     workgroupBarrier();
-    if me.lid == 0u {
+    if lid == 0u {
         flags[(h * p.n_qb + qb) * p.chunks + chunk] = atomicLoad(&selected);
     }
 #endif
@@ -337,10 +342,10 @@ const COMPACT_WG: u32 = 64u;
 #include "common/compact.wgsl"
 
 @compute @workgroup_size(64)
-fn sale_compact(me: Invocation) {
-    let chunk = me.id.x;
-    let qb = me.id.y;
-    let h = me.id.z;
+fn sale_compact(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let chunk = wg.id.x;
+    let qb = wg.id.y;
+    let h = wg.id.z;
     let row = h * p.n_qb + qb;
     let used = (cand_end(qb) - 1u + CHUNK_BLOCKS - 1u) / CHUNK_BLOCKS;
     // Kept blocks of the row's earlier chunks (chunk 0: of all its chunks, for the
@@ -350,16 +355,16 @@ fn sale_compact(me: Invocation) {
         upto = used;
     }
     var mine = 0u;
-    for (var c = me.lid; c < upto; c += 64u) {
+    for (var c = lid; c < upto; c += 64u) {
         mine += countOneBits(flags[row * p.chunks + c]);
     }
     let base = row_base[row];
-    let offset = compact_offset(me.lid, mine, chunk, row, base);
-    if chunk >= used || me.lid >= 32u { return; }
+    let offset = compact_offset(lid, mine, chunk, row, base);
+    if chunk >= used || lid >= 32u { return; }
     let word = flags[row * p.chunks + chunk];
-    if (word & (1u << me.lid)) != 0u {
-        let rank = countOneBits(word & ((1u << me.lid) - 1u));
-        lut_idx[base + offset + rank] = 1u + chunk * CHUNK_BLOCKS + me.lid;
+    if (word & (1u << lid)) != 0u {
+        let rank = countOneBits(word & ((1u << lid) - 1u));
+        lut_idx[base + offset + rank] = 1u + chunk * CHUNK_BLOCKS + lid;
     }
 }
 #endif

@@ -29,25 +29,25 @@ const D4: u32 = D / 4u;
 @group(0) @binding(3) var<storage, read_write> partial: array<vec4<f32>>;  // [heads, chunks, D4]
 
 @compute @workgroup_size(64)
-fn sale_mean_partial(me: Invocation) {
-    let chunk = me.id.x;
-    let head = me.id.y;
+fn sale_mean_partial(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let chunk = wg.id.x;
+    let head = wg.id.y;
     let r0 = chunk * p.chunk_rows;
     let r1 = min(r0 + p.chunk_rows, p.seq_len);
     // Thread c4 owns dimensions 4*c4..+4 (D4 <= 64 threads).
-    if me.lid < D4 {
+    if lid < D4 {
         var sum = vec4<f32>(0.0);
         if head < p.q_heads {
             for (var r = r0; r < r1; r++) {
-                sum += decode4(q_buf[(head * p.seq_len + r) * D4 + me.lid]);
+                sum += decode4(q_buf[(head * p.seq_len + r) * D4 + lid]);
             }
         } else {
             let kvh = head - p.q_heads;
             for (var r = r0; r < r1; r++) {
-                sum += decode4(k_buf[(kvh * p.seq_len + r) * D4 + me.lid]);
+                sum += decode4(k_buf[(kvh * p.seq_len + r) * D4 + lid]);
             }
         }
-        partial[(head * p.chunks + chunk) * D4 + me.lid] = sum;
+        partial[(head * p.chunks + chunk) * D4 + lid] = sum;
     }
 }
 #endif
@@ -57,14 +57,14 @@ fn sale_mean_partial(me: Invocation) {
 @group(0) @binding(2) var<storage, read_write> means: array<vec4<f32>>;    // [heads, D4]
 
 @compute @workgroup_size(64)
-fn sale_mean_final(me: Invocation) {
-    let head = me.id.x;
-    if me.lid < D4 {
+fn sale_mean_final(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let head = wg.id.x;
+    if lid < D4 {
         var sum = vec4<f32>(0.0);
         for (var c = 0u; c < p.chunks; c++) {
-            sum += partial[(head * p.chunks + c) * D4 + me.lid];
+            sum += partial[(head * p.chunks + c) * D4 + lid];
         }
-        means[head * D4 + me.lid] = sum / f32(p.seq_len);
+        means[head * D4 + lid] = sum / f32(p.seq_len);
     }
 }
 #endif
@@ -85,9 +85,9 @@ fn code(x: f32, inv: f32) -> u32 {
 }
 
 @compute @workgroup_size(64)
-fn sale_quant(me: Invocation) {
-    let head = me.id.y;
-    let row = me.id.x * 64u + me.lid;
+fn sale_quant(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let head = wg.id.y;
+    let row = wg.id.x * 64u + lid;
     if row >= p.seq_len { return; }
 #ifdef QUANT_K
     let own_mean = (p.q_heads + head) * D4;   // k_mean of this kv head

@@ -81,6 +81,9 @@ enum Command {
         list: bool,
         /// Variant label (as `--list` prints it) or index.
         name: Option<String>,
+        /// Write every variant to this folder instead (`NNN.wgsl`, the `--list` index).
+        #[arg(long)]
+        dump: Option<std::path::PathBuf>,
     },
 }
 
@@ -96,7 +99,7 @@ fn main() -> ExitCode {
         Some(Command::Attention(a)) => attention::run(&a),
         Some(Command::Moe(a)) => moe::run(&a),
         Some(Command::Layer(a)) => layer::run(&a),
-        Some(Command::Shader { list, name }) => shader::run(list, name),
+        Some(Command::Shader { list, name, dump }) => shader::run(list, name, dump),
         Some(Command::Generate(a)) => generate::run(&a),
         Some(Command::Nll(a)) => nll::run(&a),
         Some(Command::DumpQkv(a)) => dump_qkv::run(&a),

@@ -2,8 +2,16 @@
 
 use wgsparse::{Error, Result};
 
-pub fn run(list: bool, name: Option<String>) -> Result<()> {
+pub fn run(list: bool, name: Option<String>, dump: Option<std::path::PathBuf>) -> Result<()> {
     let variants = wgsparse::all_kernel_variants();
+    if let Some(dir) = dump {
+        std::fs::create_dir_all(&dir)?;
+        for (i, v) in variants.iter().enumerate() {
+            std::fs::write(dir.join(format!("{i:03}.wgsl")), v.source()?)?;
+        }
+        println!("{} variants written to {}", variants.len(), dir.display());
+        return Ok(());
+    }
     if list || name.is_none() {
         for (i, v) in variants.iter().enumerate() {
             println!("{i:3} {}", v.label());
