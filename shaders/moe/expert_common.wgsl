@@ -122,3 +122,33 @@ fn count_up_tile(lid: u32, t: ExpertTile, n0: u32, skipped: u32, part: u32) {
 }
 #endif
 #endif
+
+#ifdef DOWN
+#ifdef SKIP_CHUNKS
+// Down-kernel chunk skipping: whether any thread staged a non-zero activation of the
+// current 16-neuron chunk. Two flags by chunk parity: one is reset while the other is
+// read. Every thread reads the same answer after the barrier; it may guard loads and
+// arithmetic, never a barrier or a matrix operation.
+var<workgroup> live_wg: array<atomic<u32>, 2>;
+
+fn chunk_flags_reset(lid: u32) {
+    if (lid == 0u) {
+        atomicStore(&live_wg[0], 0u);
+        atomicStore(&live_wg[1], 0u);
+    }
+}
+
+// Every thread calls it once per chunk (`par`: the chunk's parity); contains a barrier.
+fn chunk_live(lid: u32, nonzero: bool, par: u32) -> bool {
+    if (nonzero) {
+        atomicOr(&live_wg[par], 1u);
+    }
+    workgroupBarrier();
+    let live = atomicLoad(&live_wg[par]) != 0u;
+    if (lid == 0u) {
+        atomicStore(&live_wg[1u - par], 0u);
+    }
+    return live;
+}
+#endif
+#endif

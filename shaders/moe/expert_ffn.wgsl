@@ -198,12 +198,6 @@ fn expert_up(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 #ifdef TILED
 var<workgroup> as_: array<vec4<f32>, ZS_LEN>;
 var<workgroup> ws: array<vec4<f32>, 256>;
-#ifdef SKIP_CHUNKS
-// Whether any activation of the current chunk is non-zero; two flags, by chunk parity,
-// so one can be reset while the other is read.
-var<workgroup> live_wg: array<atomic<u32>, 2>;
-#endif
-
 // Thread (tx, ty) = (lid % 16, lid / 16) owns positions ty + 16 i (i < MI) and the
 // columns 4 tx..4 tx + 3 of the 64-column block.
 @compute @workgroup_size(256)
@@ -228,10 +222,7 @@ fn expert_down(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     var a${i} = vec4<f32>(0.0);
 #endunroll
 #ifdef SKIP_CHUNKS
-    if (lid == 0u) {
-        atomicStore(&live_wg[0], 0u);
-        atomicStore(&live_wg[1], 0u);
-    }
+    chunk_flags_reset(lid);
     workgroupBarrier();
     var par = 0u;
     var skipped = 0u;  // counted by thread 0
@@ -245,20 +236,11 @@ fn expert_down(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
             as_[lr * S + lc] = av;
         }
 #ifdef SKIP_CHUNKS
-        if (any(av != vec4<f32>(0.0))) {
-            atomicOr(&live_wg[par], 1u);
-        }
-        workgroupBarrier();
-        // Every thread reads the same flag after the barrier; it guards only loads and
-        // arithmetic, never a barrier.
-        let live = atomicLoad(&live_wg[par]) != 0u;
-        if (lid == 0u) {
-            atomicStore(&live_wg[1u - par], 0u);
-            if (!live) {
-                skipped += 1u;
-            }
-        }
+        let live = chunk_live(lid, any(av != vec4<f32>(0.0)), par);
         par = 1u - par;
+        if (lid == 0u && !live) {
+            skipped += 1u;
+        }
 #else
         let live = true;
 #endif

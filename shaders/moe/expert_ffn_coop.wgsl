@@ -162,10 +162,6 @@ var<workgroup> d_lo: array<f16, TK * TN>;
 #endif
 var<workgroup> c_hi: array<f32, TM * TN>;  // y [TM][TN]
 var<workgroup> c_lo: array<f32, TM * TN>;
-#ifdef SKIP_CHUNKS
-var<workgroup> live_wg: array<atomic<u32>, 2>;
-#endif
-
 @compute @workgroup_size(256)
 fn expert_down_coop(me: InvocationSub) {
     // No early return (naga takes it as non-uniform flow around the matrix operations):
@@ -188,10 +184,7 @@ fn expert_down_coop(me: InvocationSub) {
     let dc = (me.lid % 16u) * 4u;
     let dvalid = col0 + dc < p.hidden;
 #ifdef SKIP_CHUNKS
-    if (me.lid == 0u) {
-        atomicStore(&live_wg[0], 0u);
-        atomicStore(&live_wg[1], 0u);
-    }
+    chunk_flags_reset(me.lid);
     var par = 0u;
     var skipped = 0u;  // counted by thread 0
 #endif
@@ -211,18 +204,11 @@ fn expert_down_coop(me: InvocationSub) {
 #ifdef SKIP_CHUNKS
         // Whether the chunk has an active neuron, by parity flags as in the portable
         // kernel (one is reset while the other is read).
-        if (any(av != vec4<f32>(0.0))) {
-            atomicOr(&live_wg[par], 1u);
-        }
-        workgroupBarrier();
-        let live = atomicLoad(&live_wg[par]) != 0u;
-        if (me.lid == 0u) {
-            atomicStore(&live_wg[1u - par], 0u);
-            if (!live) {
-                skipped += 1u;
-            }
-        }
+        let live = chunk_live(me.lid, any(av != vec4<f32>(0.0)), par);
         par = 1u - par;
+        if (me.lid == 0u && !live) {
+            skipped += 1u;
+        }
 #else
         let live = true;
 #endif

@@ -143,14 +143,23 @@ fn mean_heads(x: &[f32], heads: std::ops::Range<usize>, rows: usize, d: usize) -
     out
 }
 
+/// What the selection reads: the run's shape, score scale, Q `[q_heads, n, d]` and K
+/// `[kv_heads, n, d]` (f32, after RoPE).
+#[derive(Clone, Copy)]
+pub struct ProxyInput<'a> {
+    /// The run's shape.
+    pub shape: &'a AttentionShape,
+    /// Score scale (1/√d).
+    pub scale: f32,
+    /// Queries.
+    pub q: &'a [f32],
+    /// Keys.
+    pub k: &'a [f32],
+}
+
 /// Steps 1–3: the block scores `A` of every proxy group, `[groups, blocks, blocks]`.
-pub fn proxy_block_scores(
-    shape: &AttentionShape,
-    cfg: &ProxyConfig,
-    scale: f32,
-    q: &[f32],
-    k: &[f32],
-) -> Vec<f32> {
+pub fn proxy_block_scores(x: &ProxyInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
+    let ProxyInput { shape, scale, q, k } = *x;
     let (n, d, b) = (shape.seq_len, shape.head_dim, cfg.block);
     let nb = n.div_ceil(b);
     let kv_per_group = shape.kv_heads / cfg.groups;
@@ -186,13 +195,8 @@ pub fn proxy_block_scores(
 
 /// Step 4: the budget fraction β of every query head, from its exact attention over
 /// the rows of the last query block.
-pub fn head_budgets(
-    shape: &AttentionShape,
-    cfg: &ProxyConfig,
-    scale: f32,
-    q: &[f32],
-    k: &[f32],
-) -> Vec<f32> {
+pub fn head_budgets(x: &ProxyInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
+    let ProxyInput { shape, scale, q, k } = *x;
     let (n, d, b) = (shape.seq_len, shape.head_dim, cfg.block);
     let nb = n.div_ceil(b);
     let q_per_kv = shape.q_heads / shape.kv_heads;
@@ -265,8 +269,9 @@ pub fn proxy_select_cpu(
 ) -> Result<(SparseLut, ProxyEstimate)> {
     cfg.validate(shape)?;
     let nb = shape.seq_len.div_ceil(cfg.block);
-    let scores = proxy_block_scores(shape, cfg, scale, q, k);
-    let budgets = head_budgets(shape, cfg, scale, q, k);
+    let x = ProxyInput { shape, scale, q, k };
+    let scores = proxy_block_scores(&x, cfg);
+    let budgets = head_budgets(&x, cfg);
     let lut = SparseLut::from_fn(
         shape.q_heads,
         shape.seq_len,
