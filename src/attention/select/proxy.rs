@@ -31,6 +31,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::SelectInput;
 use crate::attention::AttentionShape;
 use crate::attention::lut::{LutUnit, SparseLut};
 use crate::attention::params::impl_params;
@@ -143,23 +144,11 @@ fn mean_heads(x: &[f32], heads: std::ops::Range<usize>, rows: usize, d: usize) -
     out
 }
 
-/// What the selection reads: the run's shape, score scale, Q `[q_heads, n, d]` and K
-/// `[kv_heads, n, d]` (f32, after RoPE).
-#[derive(Clone, Copy)]
-pub struct ProxyInput<'a> {
-    /// The run's shape.
-    pub shape: &'a AttentionShape,
-    /// Score scale (1/√d).
-    pub scale: f32,
-    /// Queries.
-    pub q: &'a [f32],
-    /// Keys.
-    pub k: &'a [f32],
-}
-
 /// Steps 1–3: the block scores `A` of every proxy group, `[groups, blocks, blocks]`.
-pub fn proxy_block_scores(x: &ProxyInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
-    let ProxyInput { shape, scale, q, k } = *x;
+pub fn proxy_block_scores(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
+    let SelectInput {
+        shape, scale, q, k, ..
+    } = *x;
     let (n, d, b) = (shape.seq_len, shape.head_dim, cfg.block);
     let nb = n.div_ceil(b);
     let kv_per_group = shape.kv_heads / cfg.groups;
@@ -195,8 +184,10 @@ pub fn proxy_block_scores(x: &ProxyInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
 
 /// Step 4: the budget fraction β of every query head, from its exact attention over
 /// the rows of the last query block.
-pub fn head_budgets(x: &ProxyInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
-    let ProxyInput { shape, scale, q, k } = *x;
+pub fn head_budgets(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
+    let SelectInput {
+        shape, scale, q, k, ..
+    } = *x;
     let (n, d, b) = (shape.seq_len, shape.head_dim, cfg.block);
     let nb = n.div_ceil(b);
     let q_per_kv = shape.q_heads / shape.kv_heads;
@@ -269,7 +260,13 @@ pub fn proxy_select_cpu(
 ) -> Result<(SparseLut, ProxyEstimate)> {
     cfg.validate(shape)?;
     let nb = shape.seq_len.div_ceil(cfg.block);
-    let x = ProxyInput { shape, scale, q, k };
+    let x = SelectInput {
+        shape,
+        scale,
+        q,
+        k,
+        ml: &[],
+    };
     let scores = proxy_block_scores(&x, cfg);
     let budgets = head_budgets(&x, cfg);
     let lut = SparseLut::from_fn(
