@@ -101,17 +101,7 @@ fn flash_attention(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     // Row state: m and l in workgroup memory (thread r < BQ owns row r), acc in registers.
     var acc: array<vec4<f32>, 4u * NC>;
     if lid < BQ {
-        var m = NEG_BIG;
-        var l = 0.0;
-#ifdef IMPORT_STATE
-        if row0 + lid < p.r1 {
-            let s = ml_buf[ml_index(h, row0 + lid)];
-            m = m_from_natural(s.x);
-            l = s.y;
-        }
-#endif
-        row_m[lid] = m;
-        row_l[lid] = l;
+        init_row_state(h, row0, lid);
     }
 #ifdef IMPORT_STATE
     #unroll i 4

@@ -127,3 +127,19 @@ fn key_plan(h: u32, row0: u32, row_end: u32, lid: u32) -> vec2<u32> {
 #endif
     return vec2<u32>(key_end, n_tiles);
 }
+
+// Starts the row state of row r of the workgroup (query row row0 + r of head h): from
+// the imported (m, l) with IMPORT_STATE, else empty.
+fn init_row_state(h: u32, row0: u32, r: u32) {
+    var m = NEG_BIG;
+    var l = 0.0;
+#ifdef IMPORT_STATE
+    if row0 + r < p.r1 {
+        let s = ml_buf[ml_index(h, row0 + r)];
+        m = m_from_natural(s.x);
+        l = s.y;
+    }
+#endif
+    row_m[r] = m;
+    row_l[r] = l;
+}

@@ -101,17 +101,7 @@ fn flash_attention_coop(me: InvocationSub) {
 
     // Row state: m and l per row, the accumulator in o_s; Q as f16.
     for (var r = me.lid; r < BQ; r += WG) {
-        var m = NEG_BIG;
-        var l = 0.0;
-#ifdef IMPORT_STATE
-        if row0 + r < p.r1 {
-            let s = ml_buf[ml_index(h, row0 + r)];
-            m = m_from_natural(s.x);
-            l = s.y;
-        }
-#endif
-        row_m[r] = m;
-        row_l[r] = l;
+        init_row_state(h, row0, r);
     }
     for (var i = me.lid; i < BQ * D4; i += WG) {
         let r = i / D4;
