@@ -144,6 +144,17 @@ fn mean_heads(x: &[f32], heads: std::ops::Range<usize>, rows: usize, d: usize) -
     out
 }
 
+/// The scores of query row `qr` against the first `s.len()` rows of `keys` (`d` wide)
+/// into `s`; returns their maximum and the softmax denominator `Σ exp(s - max)`.
+fn causal_scores(qr: &[f32], keys: &[f32], d: usize, scale: f32, s: &mut [f32]) -> (f32, f32) {
+    let mut mx = f32::NEG_INFINITY;
+    for (sj, kj) in s.iter_mut().zip(keys.chunks_exact(d)) {
+        *sj = dot(qr, kj) * scale;
+        mx = mx.max(*sj);
+    }
+    (mx, s.iter().map(|&x| (x - mx).exp()).sum())
+}
+
 /// Steps 1–3: the block scores `A` of every proxy group, `[groups, blocks, blocks]`.
 pub fn proxy_block_scores(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
     let SelectInput {
@@ -166,12 +177,7 @@ pub fn proxy_block_scores(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
                 let mut s = vec![0.0f32; n];
                 for r in (m * b..((m + 1) * b).min(n)).step_by(cfg.stride) {
                     let qr = &qbar[r * d..(r + 1) * d];
-                    let mut mx = f32::NEG_INFINITY;
-                    for (j, sj) in s[..=r].iter_mut().enumerate() {
-                        *sj = dot(qr, &kbar[j * d..(j + 1) * d]) * scale;
-                        mx = mx.max(*sj);
-                    }
-                    let l: f32 = s[..=r].iter().map(|&x| (x - mx).exp()).sum();
+                    let (mx, l) = causal_scores(qr, &kbar, d, scale, &mut s[..=r]);
                     for (nblk, keys) in s[..=r].chunks(b).enumerate() {
                         let best = keys.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                         a_row[nblk] = a_row[nblk].max((best - mx).exp() / l);
@@ -199,13 +205,8 @@ pub fn head_budgets(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
             let mut weight = vec![0.0f64; nb];
             let mut s = vec![0.0f32; n];
             for r in last.clone() {
-                let qr = row(q, h, n, r, d);
-                let mut mx = f32::NEG_INFINITY;
-                for (j, sj) in s[..=r].iter_mut().enumerate() {
-                    *sj = dot(qr, row(k, kvh, n, j, d)) * scale;
-                    mx = mx.max(*sj);
-                }
-                let l: f32 = s[..=r].iter().map(|&x| (x - mx).exp()).sum();
+                let keys = &k[kvh * n * d..(kvh + 1) * n * d];
+                let (mx, l) = causal_scores(row(q, h, n, r, d), keys, d, scale, &mut s[..=r]);
                 for (nblk, keys) in s[..=r].chunks(b).enumerate() {
                     let sum: f32 = keys.iter().map(|&x| (x - mx).exp()).sum();
                     // Mean over the block's keys (the ragged last block: its own count).
