@@ -211,11 +211,11 @@ fn check_case(ctx: &Context, case: &Case, seed: u64) {
     // workgroup memory on lavapipe).
     if case.path == FfnPath::Tiled {
         let caps = ctx.capabilities();
-        let tile = ffn_coop_tile(caps, case.format, plan.tile_m());
         let at_32 = ffn_coop_tile(caps, case.format, plan.tile_m().min(32));
-        let (up, down) = match common::expected_kernel(at_32, "coop", "portable") {
-            "coop" if tile.is_some() => ("expert_up_coop", "expert_down_coop"),
-            _ => ("expert_up", "expert_down"),
+        common::check_coop_switches(at_32, "matrix-unit MoE GEMMs");
+        let (up, down) = match ffn_coop_tile(caps, case.format, plan.tile_m()) {
+            Some(_) => ("expert_up_coop", "expert_down_coop"),
+            None => ("expert_up", "expert_down"),
         };
         let stage = |name: &str| {
             rep.timing

@@ -131,15 +131,24 @@ fn count_up_tile(lid: u32, t: ExpertTile, n0: u32, skipped: u32, part: u32) {
 // arithmetic, never a barrier or a matrix operation.
 var<workgroup> live_wg: array<atomic<u32>, 2>;
 
-fn chunk_flags_reset(lid: u32) {
+// A down kernel's skipping state: the current chunk's parity and (thread 0's count)
+// the chunks found inactive.
+struct ChunkSkip {
+    par: u32,
+    skipped: u32,
+}
+
+fn chunk_skip_start(lid: u32) -> ChunkSkip {
     if (lid == 0u) {
         atomicStore(&live_wg[0], 0u);
         atomicStore(&live_wg[1], 0u);
     }
+    return ChunkSkip(0u, 0u);
 }
 
-// Every thread calls it once per chunk (`par`: the chunk's parity); contains a barrier.
-fn chunk_live(lid: u32, nonzero: bool, par: u32) -> bool {
+// Every thread calls it once per chunk; contains a barrier.
+fn chunk_live(lid: u32, nonzero: bool, s: ptr<function, ChunkSkip>) -> bool {
+    let par = (*s).par;
     if (nonzero) {
         atomicOr(&live_wg[par], 1u);
     }
@@ -147,7 +156,11 @@ fn chunk_live(lid: u32, nonzero: bool, par: u32) -> bool {
     let live = atomicLoad(&live_wg[par]) != 0u;
     if (lid == 0u) {
         atomicStore(&live_wg[1u - par], 0u);
+        if (!live) {
+            (*s).skipped += 1u;
+        }
     }
+    (*s).par = 1u - par;
     return live;
 }
 #endif

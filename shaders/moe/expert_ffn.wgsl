@@ -222,10 +222,8 @@ fn expert_down(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     var a${i} = vec4<f32>(0.0);
 #endunroll
 #ifdef SKIP_CHUNKS
-    chunk_flags_reset(lid);
+    var skip = chunk_skip_start(lid);
     workgroupBarrier();
-    var par = 0u;
-    var skipped = 0u;  // counted by thread 0
 #endif
     for (var k0 = 0u; k0 < p.ffn; k0 += TK) {
         var av = vec4<f32>(0.0);
@@ -236,11 +234,7 @@ fn expert_down(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
             as_[lr * S + lc] = av;
         }
 #ifdef SKIP_CHUNKS
-        let live = chunk_live(lid, any(av != vec4<f32>(0.0)), par);
-        par = 1u - par;
-        if (lid == 0u && !live) {
-            skipped += 1u;
-        }
+        let live = chunk_live(lid, any(av != vec4<f32>(0.0)), &skip);
 #else
         let live = true;
 #endif
@@ -270,7 +264,7 @@ fn expert_down(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     }
 #ifdef SKIP_CHUNKS
     if (lid == 0u) {
-        atomicAdd(&stats[2], skipped);
+        atomicAdd(&stats[2], skip.skipped);
         atomicAdd(&stats[3], p.ffn / TK);
     }
 #endif

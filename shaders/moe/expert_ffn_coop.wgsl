@@ -184,9 +184,7 @@ fn expert_down_coop(me: InvocationSub) {
     let dc = (me.lid % 16u) * 4u;
     let dvalid = col0 + dc < p.hidden;
 #ifdef SKIP_CHUNKS
-    chunk_flags_reset(me.lid);
-    var par = 0u;
-    var skipped = 0u;  // counted by thread 0
+    var skip = chunk_skip_start(me.lid);
 #endif
     for (var k0 = 0u; k0 < select(0u, p.ffn, t.valid); k0 += TK) {
         workgroupBarrier();
@@ -202,13 +200,7 @@ fn expert_down_coop(me: InvocationSub) {
             }
         }
 #ifdef SKIP_CHUNKS
-        // Whether the chunk has an active neuron, by parity flags as in the portable
-        // kernel (one is reset while the other is read).
-        let live = chunk_live(me.lid, any(av != vec4<f32>(0.0)), par);
-        par = 1u - par;
-        if (me.lid == 0u && !live) {
-            skipped += 1u;
-        }
+        let live = chunk_live(me.lid, any(av != vec4<f32>(0.0)), &skip);
 #else
         let live = true;
 #endif
@@ -250,7 +242,7 @@ fn expert_down_coop(me: InvocationSub) {
 #ifdef SKIP_CHUNKS
     if (me.lid == 0u && t.valid) {
         let part = p.part_base + 2u * (me.id.x * me.count.y + me.id.y);
-        stats[part] = skipped;
+        stats[part] = skip.skipped;
         stats[part + 1u] = p.ffn / TK;
     }
 #endif

@@ -3,8 +3,9 @@
 //! tile) or GEMV-like kernels that skip inactive neurons' weights (decode), with f16 or
 //! Q4_0 weights, read through an expert → slot map (streamed experts). Two stages:
 //! `expert_up` (gate, up, ReGLU) and `expert_down`. The tiled kernels have a
-//! matrix-unit twin (`shaders/moe/expert_ffn_coop.wgsl`: the same tiles, counters and
-//! chunk skipping, split f32 operands), chosen by [`ffn_coop_tile`] where the device
+//! matrix-unit twin (`shaders/moe/expert_ffn_coop.wgsl`: the same tile heights and
+//! counters, split f32 operands, 32-neuron up tiles, inactive chunks' down weights not
+//! read but their multiply-adds run), chosen by [`ffn_coop_tile`] where the device
 //! has cooperative matrices and the workgroup memory; the GEMV kernels (1–8 tokens)
 //! stay on vector arithmetic, where a T x T tile would be mostly empty.
 

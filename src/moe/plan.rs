@@ -176,7 +176,8 @@ impl MoePlanBuilder {
         self
     }
     /// Forces the tile height of the tiled kernels (16, 32 or 64; default
-    /// [`super::expert_ffn::choose_tile_m`] from the tokens per expert).
+    /// [`super::expert_ffn::choose_tile_m_on`]: from the tokens per expert and, on a
+    /// GPU, the heights its matrix-unit kernels run at).
     pub fn tile_m(mut self, m: usize) -> Self {
         self.tile_m = Some(m);
         self

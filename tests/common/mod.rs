@@ -247,21 +247,27 @@ pub fn random_stripe_lut(shape: &AttentionShape, q_block: usize, seed: u64) -> S
     .unwrap()
 }
 
+/// Holds the test script's switches against a family's matrix-unit tile (`tile`, from
+/// the family's own choice function): with `WGSPARSE_REQUIRE_COOP=1` (the coop run) a
+/// missing tile fails, with `WGSPARSE_NO_COOP=1` a present one does.
+#[allow(dead_code)]
+pub fn check_coop_switches(tile: Option<usize>, what: &str) {
+    let flag = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+    if flag("WGSPARSE_NO_COOP") {
+        assert_eq!(tile, None, "WGSPARSE_NO_COOP=1 must turn {what} off");
+    } else if flag("WGSPARSE_REQUIRE_COOP") {
+        assert!(tile.is_some(), "WGSPARSE_REQUIRE_COOP=1 but no {what} here");
+    }
+}
+
 /// The kernel a family must run: `coop` when the device offers that family a
-/// matrix-unit tile (`tile`, from the family's own choice function), else `portable`.
-/// With `WGSPARSE_REQUIRE_COOP=1` (the test script's coop run) a missing tile fails;
-/// with `WGSPARSE_NO_COOP=1` a present one does.
+/// matrix-unit tile, else `portable` ([`check_coop_switches`] first).
 #[allow(dead_code)]
 pub fn expected_kernel(
     tile: Option<usize>,
     coop: &'static str,
     portable: &'static str,
 ) -> &'static str {
-    let flag = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
-    if flag("WGSPARSE_NO_COOP") {
-        assert_eq!(tile, None, "WGSPARSE_NO_COOP=1 must turn {coop} off");
-    } else if flag("WGSPARSE_REQUIRE_COOP") {
-        assert!(tile.is_some(), "WGSPARSE_REQUIRE_COOP=1 but no {coop} here");
-    }
+    check_coop_switches(tile, coop);
     if tile.is_some() { coop } else { portable }
 }
