@@ -732,7 +732,7 @@ impl AttentionPlan {
         }
     }
 
-    /// The run on the host (`qkv`: Q, K, V, checked by the caller).
+    /// The run on the host (Q, K, V and `out` checked by the caller).
     fn run_cpu(
         &self,
         [q, k, v]: [&Tensor; 3],

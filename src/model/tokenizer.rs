@@ -459,6 +459,12 @@ mod tests {
         let ids = t.encode("hello hell<|endoftext|>12").unwrap();
         assert_eq!(ids, vec![9, 5, 8, 0, 11, 12]);
         assert_eq!(t.decode(&[9, 5, 8]).unwrap(), "hello hell");
+        // Streamed token by token: each push gives the text it adds (the special token
+        // none), and the pieces join to the whole decode.
+        let mut stream = TextStream::new(&t);
+        let pieces: Vec<String> = [9, 5, 8, 0].iter().map(|&id| stream.push(id)).collect();
+        assert_eq!(pieces, ["hello", " ", "hell", ""]);
+        assert_eq!(stream.ids(), [9, 5, 8, 0]);
     }
 
     #[test]
