@@ -73,8 +73,9 @@ pub struct MoeArgs {
 /// The flags of the expert runs `moe` and `layer` share.
 #[derive(Args, Clone)]
 pub struct ExpertRunArgs {
-    /// Also compute on the other device (CPU twin on a GPU run; the GPU, else an f64
-    /// reference, on a CPU run) and print the errors.
+    /// Also compute the run elsewhere and print the errors (`check_against` names
+    /// what): the CPU twin after a GPU run; after a CPU run, `moe` uses the GPU, else an
+    /// f64 reference, and `layer` the CPU twin.
     #[arg(long)]
     pub check: bool,
     /// Keep the expert weights in host memory and cache this many experts on the GPU:
