@@ -17,32 +17,32 @@
 # pointed at lavapipe. Programs built on this host run there unchanged (trixie's glibc is
 # newer than bookworm's), so build outside and run only the binaries inside.
 #
-# Needs root (debootstrap, mount, chroot) and a Debian mirror (the one apt uses here).
+# Needs root (debootstrap, mount, chroot) and a Debian mirror: the one apt uses here, or
+# $WGSPARSE_DEBIAN_MIRROR.
 set -euo pipefail
 
 root="${WGSPARSE_COOP_ROOT:-${XDG_CACHE_HOME:-${HOME:?set HOME, XDG_CACHE_HOME or WGSPARSE_COOP_ROOT}/.cache}/wgsparse/trixie-root}"
 say() { printf '[coop-lavapipe] %s\n' "$*" >&2; }
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 [ $# -gt 0 ] || { say "usage: $0 CMD [ARGS...]"; exit 2; }
 [ "$(id -u)" = 0 ] || { say "needs root (debootstrap, mount, chroot)"; exit 1; }
 
 debian_mirror() {
-    local uri=""
-    if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
+    local uri="${WGSPARSE_DEBIAN_MIRROR:-}"
+    if [ -z "$uri" ] && compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
         uri=$(awk '$1 == "URIs:" { print $2; exit }' /etc/apt/sources.list.d/*.sources)
     fi
     if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
         uri=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list)
     fi
-    printf '%s' "${uri:-http://deb.debian.org/debian}"
+    [ -n "$uri" ] || { say "no Debian mirror in apt's sources: set WGSPARSE_DEBIAN_MIRROR"; exit 1; }
+    printf '%s' "$uri"
 }
 
 build_root() {
     local tmp="$root.partial" uri
     uri=$(debian_mirror)
-    if ! command -v debootstrap >/dev/null 2>&1; then
-        say "installing debootstrap"
-        apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null
-    fi
+    command -v debootstrap >/dev/null 2>&1 || apt_install debootstrap
     say "building a Debian 13 root at $root from $uri (once per machine)"
     rm -rf "$tmp"
     mkdir -p "$(dirname "$root")"
