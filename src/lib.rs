@@ -63,6 +63,7 @@ pub fn all_kernel_variants() -> Vec<runtime::KernelSpec> {
     let mut v = attention::flash::all_flash_variants();
     v.extend(attention::select::anchor::all_anchor_variants());
     v.extend(attention::select::sale::all_sale_variants());
+    v.extend(attention::select::proxy::all_proxy_variants());
     v.extend(moe::all_moe_variants());
     v.extend(ops::all_ops_variants());
     v

@@ -16,6 +16,7 @@ use super::lut::SparseLut;
 use super::params::Params;
 use super::select::Selector;
 use super::select::anchor::{AnchorConfig, AnchorStats};
+use super::select::proxy::{ProxyConfig, ProxyStats};
 use super::select::sale::{SaleConfig, SaleStats};
 use super::select::window::WindowConfig;
 use crate::error::{Error, Result};
@@ -123,6 +124,9 @@ registry! {
     /// SALE: low-bit score estimation, Relative Attention Score block selection,
     /// block-sparse attention on 64 × 32 blocks.
     Sale(SaleConfig, SaleStats) = "sale";
+    /// ProxyAttn: head-pooled proxy scores at strided rows, per-head budgets,
+    /// block-sparse attention on 128 × 128 blocks.
+    Proxy(ProxyConfig, ProxyStats) = "proxy";
 }
 
 impl Method {
@@ -206,6 +210,7 @@ mod tests {
             "anchor:theta=8,step=8",
             "sale:tau=0.002,bits=8",
             "sale",
+            "proxy:gamma=0.9,groups=2,min_budget=512",
         ] {
             let m: Method = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
@@ -239,6 +244,11 @@ mod tests {
             "sale:tau=NaN",
             "sale:bits=2",
             "sale:local=100",
+            "proxy:gamma=0",
+            "proxy:gamma=1.5",
+            "proxy:groups=3",
+            "proxy:stride=0",
+            "proxy:block=100",
         ] {
             let m: Method = bad.parse().unwrap();
             let sel = m.selector().unwrap();

@@ -755,12 +755,14 @@ impl AttentionPlan {
             lut: self.lut.as_deref(),
         };
         let mut stats = None;
+        let mut stages = None;
         let result = match (self.method.selector(), state) {
             (Some(sel), _) => {
                 let run = sparse::run_cpu(&*sel, &self.shape, scale, (&qf, &kf, &vf))?;
                 *self.cpu_selection.lock().expect("selection lock") = Some(run.luts);
                 *self.cpu_row_stats.lock().expect("row stats lock") = Some(run.ml);
                 stats = Some(run.stats);
+                stages = Some(run.stages);
                 run.out
             }
             (None, Some(st)) => {
@@ -789,7 +791,7 @@ impl AttentionPlan {
             method: self.method.name().into(),
             backend: Backend::Cpu,
             timing: Report {
-                stages: vec![StageTime::host(self.method.name(), ms)],
+                stages: stages.unwrap_or_else(|| vec![StageTime::host(self.method.name(), ms)]),
                 wall_ms: ms,
                 gpu_ms: None,
                 timing: "wall".into(),

@@ -39,6 +39,8 @@ pub struct TwoPassRun<S> {
     pub ml: Vec<f32>,
     /// Pair counts of both passes.
     pub pairs: PassPairs,
+    /// Milliseconds of the exact pass, the selection and the sparse pass (wall clock).
+    pub ms: [f64; 3],
 }
 
 /// The two-pass executor on the host: exact pass over `exact`, `select(ml)` on its row
@@ -52,9 +54,14 @@ pub fn two_pass_cpu<S>(
 ) -> Result<TwoPassRun<S>> {
     let mut st = HostRowState::empty(shape);
     let exec = |lut| CpuAttention::sparse(scale, lut);
+    let clock = crate::runtime::Instant::now();
+    let since = |t: &crate::runtime::Instant| t.elapsed().as_secs_f64() * 1e3;
     attention_cpu(shape, &exec(exact), q, k, v, Some(&mut st));
+    let exact_ms = since(&clock);
     let (selected, detail) = select(&st.ml)?;
+    let select_ms = since(&clock) - exact_ms;
     let out = attention_cpu(shape, &exec(&selected), q, k, v, Some(&mut st));
+    let sparse_ms = since(&clock) - exact_ms - select_ms;
     let pairs = PassPairs::new(shape, exact, layout, &selected.counts());
     Ok(TwoPassRun {
         out,
@@ -62,16 +69,19 @@ pub fn two_pass_cpu<S>(
         detail,
         ml: st.ml,
         pairs,
+        ms: [exact_ms, select_ms, sparse_ms],
     })
 }
 
 /// A selector's run on the host through the plan: output, the exact and the selected
-/// LUTs, statistics and final `(m, l)`.
+/// LUTs, statistics, final `(m, l)` and the stage times (the exact pass, the selection
+/// as `estimate`, the sparse pass).
 pub(crate) struct CpuSparseRun {
     pub out: Vec<f32>,
     pub luts: Vec<SparseLut>,
     pub stats: MethodStats,
     pub ml: Vec<f32>,
+    pub stages: Vec<crate::runtime::StageTime>,
 }
 
 /// Runs `selector` on the host (the plan's CPU path).
@@ -91,14 +101,22 @@ pub(crate) fn run_cpu(
             k: qkv.1,
             ml,
         };
-        Ok((selector.select_cpu(&input)?, ()))
+        let sel = selector.select_cpu(&input)?;
+        Ok((sel.lut, sel.detail))
     })?;
-    let stats = selector.stats(shape, run.pairs, &run.selected.counts());
+    let stats = selector.stats(shape, run.pairs, &run.selected.counts(), &run.detail);
+    let [exact_name, sparse_name] = selector.pass_names();
+    let stages = [exact_name, "estimate", sparse_name]
+        .into_iter()
+        .zip(run.ms)
+        .map(|(name, ms)| crate::runtime::StageTime::host(name, ms))
+        .collect();
     Ok(CpuSparseRun {
         out: run.out,
         luts: vec![exact, run.selected],
         stats,
         ml: run.ml,
+        stages,
     })
 }
 
@@ -294,7 +312,14 @@ impl SparseGpu {
             .map(|[a, b]| b - a)
             .collect();
         let pairs = PassPairs::new(&self.shape, &self.exact_lut, &self.layout, &counts);
-        Ok(self.selector.stats(&self.shape, pairs, &counts))
+        let detail = match self.select.detail() {
+            Some(buf) => {
+                let bytes = read_buffer(g, buf, 0, buf.size()).await?;
+                bytemuck::cast_slice(&bytes).to_vec()
+            }
+            None => vec![],
+        };
+        Ok(self.selector.stats(&self.shape, pairs, &counts, &detail))
     }
 
     /// Final `(m, l)` of every row of the last run, `[q_heads, seq_len, 2]`.

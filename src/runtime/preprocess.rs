@@ -80,6 +80,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention/select/sale_estimate.wgsl"),
     ),
     (
+        "attention/select/proxy.wgsl",
+        include_str!("../../shaders/attention/select/proxy.wgsl"),
+    ),
+    (
         "moe/router.wgsl",
         include_str!("../../shaders/moe/router.wgsl"),
     ),

@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
+use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selection, Selector};
 use super::{PassPairs, SelectionLayout};
 use crate::attention::lut::{LutUnit, SparseLut};
 use crate::attention::params::impl_params;
@@ -437,15 +437,23 @@ impl Selector for AnchorConfig {
     fn layout(&self, shape: &AttentionShape) -> Result<SelectionLayout> {
         Ok(self.stripe_layout(shape))
     }
-    fn select_cpu(&self, x: &SelectInput<'_>) -> Result<SparseLut> {
-        Ok(select_cpu(x.shape, self, x.scale, x.q, x.k, x.ml)?.stripes)
+    fn select_cpu(&self, x: &SelectInput<'_>) -> Result<Selection> {
+        Ok(select_cpu(x.shape, self, x.scale, x.q, x.k, x.ml)?
+            .stripes
+            .into())
     }
     fn build_gpu(&self, b: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>> {
         Ok(Box::new(AnchorSelectGpu::build(
             b.ctx, b.shape, b.opts, self,
         )?))
     }
-    fn stats(&self, shape: &AttentionShape, pairs: PassPairs, counts: &[u32]) -> MethodStats {
+    fn stats(
+        &self,
+        shape: &AttentionShape,
+        pairs: PassPairs,
+        counts: &[u32],
+        _detail: &[u32],
+    ) -> MethodStats {
         MethodStats::Anchor(AnchorStats::new(shape, self, pairs, counts))
     }
 }

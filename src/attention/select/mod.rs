@@ -7,8 +7,8 @@
 //! - [`sale`]: SALE (64 × 32 blocks from low-bit score estimates), calibrated by
 //!   [`sale_calibrate`];
 //! - [`window`]: sliding window with sinks (a fixed block LUT, single pass);
-//! - [`proxy`]: ProxyAttn's block choice from head-pooled proxy scores and per-head
-//!   budgets (its CPU twin; not yet a method: the GPU stages are missing);
+//! - [`proxy`]: ProxyAttn (128 × 128 blocks chosen from head-pooled proxy scores under
+//!   per-head budgets);
 //! - [`oracle`]: the exact per-row and per-block oracle patterns for evaluation (a fixed
 //!   LUT run through [`super::Method::BlockSparse`]).
 //!
@@ -211,6 +211,31 @@ pub trait GpuSelection: Any + Send + Sync {
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()>;
     /// Timed stages and dispatches the two methods above record, together.
     fn counts(&self) -> (u32, usize);
+    /// The buffer of the words the selection reports beside its LUT (see
+    /// [`Selection::detail`]), read back after a run; none by default.
+    fn detail(&self) -> Option<&wgpu::Buffer> {
+        None
+    }
+}
+
+/// A selection's choice: the selected LUT and the words a selector reports beside it
+/// (ProxyAttn: each head's budget in key blocks; empty for the others), the same on the
+/// GPU and on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Selection {
+    /// The LUT of the sparse pass.
+    pub lut: SparseLut,
+    /// The selector's own words.
+    pub detail: Vec<u32>,
+}
+
+impl From<SparseLut> for Selection {
+    fn from(lut: SparseLut) -> Self {
+        Selection {
+            lut,
+            detail: vec![],
+        }
+    }
 }
 
 /// A sparse method's choice of keys, run on the two-pass executor.
@@ -227,11 +252,17 @@ pub trait Selector: std::fmt::Debug + Send + Sync {
     fn exact_lut(&self, shape: &AttentionShape) -> Result<SparseLut>;
     /// Geometry and capacity of the selected LUT.
     fn layout(&self, shape: &AttentionShape) -> Result<SelectionLayout>;
-    /// The CPU twin of the selection: the selected LUT.
-    fn select_cpu(&self, input: &SelectInput<'_>) -> Result<SparseLut>;
+    /// The CPU twin of the selection: the selected LUT and the selector's words.
+    fn select_cpu(&self, input: &SelectInput<'_>) -> Result<Selection>;
     /// Compiles the selection kernels and allocates their buffers.
     fn build_gpu(&self, build: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>>;
-    /// Statistics of a run: the executor's pair counts and the selected entries per LUT
-    /// row.
-    fn stats(&self, shape: &AttentionShape, pairs: PassPairs, counts: &[u32]) -> MethodStats;
+    /// Statistics of a run: the executor's pair counts, the selected entries per LUT
+    /// row and the selection's words ([`Selection::detail`]).
+    fn stats(
+        &self,
+        shape: &AttentionShape,
+        pairs: PassPairs,
+        counts: &[u32],
+        detail: &[u32],
+    ) -> MethodStats;
 }

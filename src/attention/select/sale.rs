@@ -26,7 +26,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selector};
+use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selection, Selector};
 use super::{PassPairs, SelectionLayout};
 use crate::attention::AttentionShape;
 use crate::attention::lut::{LutUnit, SparseLut};
@@ -524,6 +524,7 @@ pub fn sale_cpu(
         ml,
         pairs,
         selected,
+        ..
     } = two_pass_cpu(
         shape,
         (&exact, &cfg.block_layout(shape)),
@@ -794,14 +795,22 @@ impl Selector for SaleConfig {
     fn layout(&self, shape: &AttentionShape) -> Result<SelectionLayout> {
         Ok(self.block_layout(shape))
     }
-    fn select_cpu(&self, x: &SelectInput<'_>) -> Result<SparseLut> {
+    fn select_cpu(&self, x: &SelectInput<'_>) -> Result<Selection> {
         let quant = quantize_cpu(x.shape, self.bits, x.q, x.k);
-        Ok(select_cpu(x.shape, self, x.scale, &quant, x.ml)?.blocks)
+        Ok(select_cpu(x.shape, self, x.scale, &quant, x.ml)?
+            .blocks
+            .into())
     }
     fn build_gpu(&self, b: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>> {
         Ok(Box::new(SaleSelectGpu::build(b, self)?))
     }
-    fn stats(&self, shape: &AttentionShape, pairs: PassPairs, counts: &[u32]) -> MethodStats {
+    fn stats(
+        &self,
+        shape: &AttentionShape,
+        pairs: PassPairs,
+        counts: &[u32],
+        _detail: &[u32],
+    ) -> MethodStats {
         MethodStats::Sale(SaleStats::new(shape, self, pairs, counts))
     }
 }
