@@ -1160,8 +1160,8 @@ mod tests {
             // Step 4: weights, then budgets equal but where a prefix is a near-tie
             // with gamma.
             let weights = head_weights(&x, &cfg);
-            for h in 0..shape.q_heads {
-                let want: Vec<f32> = weights[h].iter().map(|&w| w as f32).collect();
+            for (h, head) in weights.iter().enumerate() {
+                let want: Vec<f32> = head.iter().map(|&w| w as f32).collect();
                 close_rel(
                     "weights",
                     &st.weights[h * nb..(h + 1) * nb],
@@ -1169,7 +1169,7 @@ mod tests {
                     1e-4,
                     1e-9,
                 );
-                let mut w = weights[h].clone();
+                let mut w = head.clone();
                 let cpu = budget_blocks(&mut w, cfg.gamma);
                 let gpu = st.estimate.budgets[h];
                 if gpu != cpu {
