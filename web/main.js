@@ -159,6 +159,8 @@ function formOptions() {
     window: Number(v("window")),
     tau: Number(v("tau")),
     bits: Number(v("bits")),
+    gamma: Number(v("gamma")),
+    min_budget: Number(v("min_budget")),
     compare: $("compare").checked,
   };
 }

@@ -217,6 +217,11 @@ try {
     check(saleRun.summary.pattern && sparsePicture(saleRun.summary.pattern), "UI sale run shows its blocks");
     await page.screenshot({ path: path.join(outDir, "demo-webgpu-sale.png"), fullPage: true });
     log("screenshot:", path.join(outDir, "demo-webgpu-sale.png"));
+    // The ProxyAttn picture: 64 × 64 blocks at the demo's defaults.
+    const proxyRun = await runUi(page, { method: "proxy", device_pick: "auto", ...ui });
+    check(proxyRun.summary.pattern && sparsePicture(proxyRun.summary.pattern), "UI proxy run shows its blocks");
+    await page.screenshot({ path: path.join(outDir, "demo-webgpu-proxy.png"), fullPage: true });
+    log("screenshot:", path.join(outDir, "demo-webgpu-proxy.png"));
     const errBox = await page.evaluate(() => getComputedStyle(document.getElementById("error")).display);
     check(errBox === "none", "no error shown on the page");
     check(problems.length === 0, `no page/console errors (${problems.join(" | ") || "none"})`);

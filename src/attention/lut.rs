@@ -165,8 +165,13 @@ impl SparseLut {
     /// (row, key) pairs the executors compute with this LUT: per row, the listed keys
     /// at or before it (causal) or all listed keys.
     pub fn pairs(&self, causal: bool) -> u64 {
+        (0..self.q_heads).map(|h| self.head_pairs(h, causal)).sum()
+    }
+
+    /// The pairs of [`SparseLut::pairs`] of query head `h` alone.
+    pub fn head_pairs(&self, h: usize, causal: bool) -> u64 {
         let mut total = 0u64;
-        for h in 0..self.q_heads {
+        {
             for b in 0..self.q_blocks() {
                 let keys = self.keys_of(h, b);
                 let (r0, r1) = (b * self.q_block, ((b + 1) * self.q_block).min(self.seq_len));

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::attention::metrics::Quality;
 use crate::attention::select::anchor::AnchorConfig;
 use crate::attention::select::oracle::oracle;
+use crate::attention::select::proxy::ProxyConfig;
 use crate::attention::select::sale::SaleConfig;
 use crate::attention::select::sale_calibrate::SaleThresholds;
 use crate::attention::{AttentionShape, Method, RowState, WindowConfig, upload_qkv};
@@ -44,6 +45,9 @@ pub enum EvalMethod {
         /// Attention-mass coverage γ in (0, 1].
         coverage: f64,
     },
+    /// ProxyAttn with this configuration (run on the whole layer: its proxy pools the
+    /// heads; the per-head rows are slices of that run).
+    Proxy(ProxyConfig),
     /// SALE with one τ for every head, or with calibrated per-layer, per-head τ.
     Sale {
         /// Bits, blocks, local window, and τ when no thresholds are given.
@@ -62,6 +66,17 @@ impl EvalMethod {
             EvalMethod::Anchor(c) => format!("anchor θ={}", c.theta),
             EvalMethod::Window(w) => format!("window {}+{} sinks", w.window, w.sinks),
             EvalMethod::Oracle { coverage } => format!("oracle γ={coverage}"),
+            EvalMethod::Proxy(c) => {
+                let mut s = format!("proxy γ={}", c.gamma);
+                let d = ProxyConfig::default();
+                if c.min_budget != d.min_budget {
+                    s += &format!(" min {}", c.min_budget);
+                }
+                if c.groups != d.groups {
+                    s += &format!(" g={}", c.groups);
+                }
+                s
+            }
             EvalMethod::Sale {
                 cfg,
                 thresholds: None,
@@ -90,6 +105,7 @@ impl EvalMethod {
             EvalMethod::Dense => (Method::Dense, None),
             EvalMethod::Anchor(c) => (Method::Anchor(*c), None),
             EvalMethod::Window(w) => (Method::Window(*w), None),
+            EvalMethod::Proxy(c) => (Method::Proxy(*c), None),
             EvalMethod::Sale { cfg, thresholds } => {
                 let cfg = match thresholds {
                     None => cfg.clone(),
@@ -170,6 +186,35 @@ fn run_rows(
     Ok((out.to_f32_blocking()?, ml, density))
 }
 
+/// Runs a method that needs every head at once ([`EvalMethod::Proxy`]) on the whole
+/// layer: its output, final (m, l) and each head's density.
+fn run_layer(
+    ctx: &Context,
+    shape: AttentionShape,
+    method: &Method,
+    scale: f32,
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f64>)> {
+    let (qt, kt, vt) = upload_qkv(ctx, &shape, qkv.0, qkv.1, qkv.2, DType::F32)?;
+    let plan = ctx
+        .attention(shape)
+        .method(method.clone())
+        .dtype(DType::F32)
+        .scale(scale)
+        .build()?;
+    let mut out = Tensor::filled(ctx, &shape.q_dims(), DType::F32, f32::NAN)?;
+    plan.run_into(&qt, &kt, &vt, &mut out)?;
+    let ml = pollster::block_on(plan.row_stats())?
+        .ok_or_else(|| Error::InvalidArgument("the plan kept no row state".into()))?;
+    let luts = pollster::block_on(plan.selected_pattern())?
+        .ok_or_else(|| Error::InvalidArgument("the plan kept no pattern".into()))?;
+    let causal = AttentionShape::new(1, 1, shape.seq_len, shape.head_dim).pairs(true);
+    let density = (0..shape.q_heads)
+        .map(|h| luts.iter().map(|l| l.head_pairs(h, true)).sum::<u64>() as f64 / causal)
+        .collect();
+    Ok((out.to_f32_blocking()?, ml, density))
+}
+
 /// Per-head and per-layer quality of `methods` against dense on one layer's causal
 /// self-attention: `q` `[q_heads, n, d]`, `k`/`v` `[kv_heads, n, d]` (post-RoPE).
 /// Returns, per method, the layer's pooled row (`head: None`) followed by one row per
@@ -219,6 +264,17 @@ pub fn layer_quality(
         .collect();
     let mut rows = Vec::new();
     let mut per_head: Vec<Vec<HeadQuality>> = vec![Vec::new(); methods.len()];
+    // Methods that pool the heads run once on the whole layer.
+    let whole: Vec<Option<(Vec<f32>, Vec<f32>, Vec<f64>)>> = methods
+        .iter()
+        .map(|m| match m {
+            EvalMethod::Proxy(_) => {
+                let (method, _) = m.method_for(layer, 0..shape.q_heads, shape, scale, q, k)?;
+                run_layer(ctx, *shape, &method, scale, qkv).map(Some)
+            }
+            _ => Ok(None),
+        })
+        .collect::<Result<_>>()?;
     for h in 0..shape.q_heads {
         let kvh = h / group;
         let qh = &q[h * n * d..(h + 1) * n * d];
@@ -226,8 +282,20 @@ pub fn layer_quality(
         let vh = &v[kvh * n * d..(kvh + 1) * n * d];
         let (dout, dml, _) = run_rows(ctx, one, &Method::Dense, scale, (qh, kh, vh))?;
         for (mi, m) in methods.iter().enumerate() {
-            let (method, row_density) = m.method_for(layer, h..h + 1, &one, scale, qh, kh)?;
-            let (out, ml, density) = run_rows(ctx, one, &method, scale, (qh, kh, vh))?;
+            let (out, ml, density, row_density) = match &whole[mi] {
+                Some((out, ml, density)) => (
+                    out[h * n * d..(h + 1) * n * d].to_vec(),
+                    ml[h * n * 2..(h + 1) * n * 2].to_vec(),
+                    density[h],
+                    None,
+                ),
+                None => {
+                    let (method, row_density) =
+                        m.method_for(layer, h..h + 1, &one, scale, qh, kh)?;
+                    let (out, ml, density) = run_rows(ctx, one, &method, scale, (qh, kh, vh))?;
+                    (out, ml, density, row_density)
+                }
+            };
             per_head[mi].push(HeadQuality {
                 layer,
                 head: Some(h),

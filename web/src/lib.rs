@@ -18,6 +18,7 @@ use wasm_bindgen::prelude::*;
 use wgsparse::attention::flash_cpu::{naive_attention, naive_masked_attention};
 use wgsparse::attention::metrics::{ErrorStats, Quality, compare};
 use wgsparse::attention::select::anchor::AnchorConfig;
+use wgsparse::attention::select::proxy::ProxyConfig;
 use wgsparse::attention::select::sale::SaleConfig;
 use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
@@ -217,6 +218,15 @@ pub struct RunOptions {
     pub tau: f32,
     /// SALE: estimation bits, 4 or 8.
     pub bits: u32,
+    /// ProxyAttn: share γ of a head's attention its budget holds.
+    pub gamma: f32,
+    /// ProxyAttn: fewest keys a query block keeps (demo-sized default: the paper's 2048
+    /// would keep everything of a 512-token prompt).
+    pub min_budget: usize,
+    /// ProxyAttn: query/key block (demo-sized default 64; the method's is 128).
+    pub proxy_block: usize,
+    /// ProxyAttn: proxy groups (must divide the KV heads).
+    pub proxy_groups: usize,
 }
 
 impl Default for RunOptions {
@@ -241,6 +251,10 @@ impl Default for RunOptions {
             sinks: 4,
             tau: 0.004,
             bits: 4,
+            gamma: 0.9,
+            min_budget: 64,
+            proxy_block: 64,
+            proxy_groups: 1,
         }
     }
 }
@@ -262,6 +276,13 @@ impl RunOptions {
             Method::Sale(c) => Method::Sale(SaleConfig {
                 tau: self.tau,
                 bits: self.bits,
+                ..c
+            }),
+            Method::Proxy(c) => Method::Proxy(ProxyConfig {
+                gamma: self.gamma,
+                min_budget: self.min_budget,
+                block: self.proxy_block,
+                groups: self.proxy_groups,
                 ..c
             }),
             m => m,

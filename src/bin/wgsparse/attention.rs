@@ -27,8 +27,9 @@ use wgsparse::runtime::StageTime;
 pub struct AttentionArgs {
     #[command(flatten)]
     pub(crate) common: crate::device::CommonArgs,
-    /// Algorithm: dense, anchor (AnchorAttention), window (sliding window + sinks) or
-    /// sale (SALE: low-bit estimation, 64 x 32 blocks).
+    /// Algorithm: dense, anchor (AnchorAttention), window (sliding window + sinks),
+    /// sale (SALE: low-bit estimation, 64 x 32 blocks) or proxy (ProxyAttn: pooled proxy
+    /// scores, per-head budgets, 128 x 128 blocks).
     #[arg(long, default_value = "dense")]
     pub(crate) method: Method,
     /// SALE: Relative Attention Score threshold τ of every head (0 = dense).
@@ -53,6 +54,18 @@ pub struct AttentionArgs {
     /// AnchorAttention: initial keys every query attends.
     #[arg(long)]
     pub(crate) init_keys: Option<usize>,
+    /// ProxyAttn: share γ of a head's attention its budget must hold (0, 1].
+    #[arg(long)]
+    pub(crate) gamma: Option<f32>,
+    /// ProxyAttn: proxy groups (must divide --kv-heads; 1 = one proxy for all heads).
+    #[arg(long)]
+    pub(crate) proxy_groups: Option<usize>,
+    /// ProxyAttn: every stride-th query row of a block is scored by the proxy.
+    #[arg(long)]
+    pub(crate) stride: Option<usize>,
+    /// ProxyAttn: fewest keys every query block keeps (whole 128-key blocks).
+    #[arg(long)]
+    pub(crate) min_budget: Option<usize>,
     /// Window method: keys per window.
     #[arg(long)]
     pub(crate) window: Option<usize>,
@@ -115,6 +128,15 @@ impl AttentionArgs {
                 "--tau / --thresholds / --bits / --layer apply to --method sale".into(),
             ));
         }
+        let proxy_only = self.gamma.is_some()
+            || self.proxy_groups.is_some()
+            || self.stride.is_some()
+            || self.min_budget.is_some();
+        if proxy_only && !matches!(self.method, Method::Proxy(_)) {
+            return Err(Error::InvalidArgument(
+                "--gamma / --proxy-groups / --stride / --min-budget apply to --method proxy".into(),
+            ));
+        }
         Ok(match &self.method {
             Method::Sale(base) => {
                 let mut c = base.clone();
@@ -152,6 +174,14 @@ impl AttentionArgs {
                     c.init_keys = i;
                 }
                 Method::Anchor(c)
+            }
+            Method::Proxy(base) => {
+                let mut c = *base;
+                c.gamma = self.gamma.unwrap_or(c.gamma);
+                c.groups = self.proxy_groups.unwrap_or(c.groups);
+                c.stride = self.stride.unwrap_or(c.stride);
+                c.min_budget = self.min_budget.unwrap_or(c.min_budget);
+                Method::Proxy(c)
             }
             Method::Window(base) => {
                 let mut w = *base;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Args;
 use wgsparse::attention::metrics::Quality;
 use wgsparse::attention::select::anchor::AnchorConfig;
+use wgsparse::attention::select::proxy::ProxyConfig;
 use wgsparse::attention::select::sale::SaleConfig;
 use wgsparse::attention::select::sale_calibrate::SaleThresholds;
 use wgsparse::model::decoder::LayerQkv;
@@ -34,9 +35,9 @@ pub struct EvalArgs {
     /// layer) or `none` (end to end only). Sliding-window layers are not measured.
     #[arg(long, default_value = "all")]
     layers: String,
-    /// Methods, comma-separated: dense, anchor, window, oracle, sale; or a method with
-    /// its parameters (`anchor:theta=8`, `sale:tau=0.002,bits=8`), which the flags
-    /// below then do not change.
+    /// Methods, comma-separated: dense, anchor, window, oracle, sale, proxy; or a method
+    /// with its parameters (`anchor:theta=8`, `sale:tau=0.002,bits=8`,
+    /// `proxy:gamma=0.9`), which the flags below then do not change.
     #[arg(
         long,
         value_delimiter = ',',
@@ -56,6 +57,16 @@ pub struct EvalArgs {
     /// AnchorAttention's θ; several comma-separated values give one anchor row each.
     #[arg(long, value_delimiter = ',', default_value = "12")]
     theta: Vec<f32>,
+    /// ProxyAttn's γ; several comma-separated values give one proxy row each.
+    #[arg(long, value_delimiter = ',', default_value = "0.95")]
+    gamma: Vec<f32>,
+    /// ProxyAttn: fewest keys every query block keeps; several comma-separated values
+    /// give one proxy row each (per γ).
+    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    min_budget: Vec<usize>,
+    /// ProxyAttn: proxy groups (must divide the model's key heads).
+    #[arg(long, default_value_t = 1)]
+    proxy_groups: usize,
     /// Window method: keys per window.
     #[arg(long, default_value_t = 1024)]
     window: usize,
@@ -116,6 +127,19 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
                 sinks: a.sinks,
             })),
             Method::Window(w) => out.push(EvalMethod::Window(w)),
+            Method::Proxy(c) if from_flags => {
+                for &gamma in &a.gamma {
+                    for &min_budget in &a.min_budget {
+                        out.push(EvalMethod::Proxy(ProxyConfig {
+                            gamma,
+                            min_budget,
+                            groups: a.proxy_groups,
+                            ..c
+                        }));
+                    }
+                }
+            }
+            Method::Proxy(c) => out.push(EvalMethod::Proxy(c)),
             Method::Sale(c) => {
                 let base = if from_flags {
                     SaleConfig { bits: a.bits, ..c }
@@ -147,7 +171,7 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
             }
             m => {
                 return Err(Error::InvalidArgument(format!(
-                    "eval does not run `{}` (known: dense, anchor, window, oracle, sale)",
+                    "eval does not run `{}` (known: dense, anchor, window, oracle, sale, proxy)",
                     m.name()
                 )));
             }
@@ -160,6 +184,14 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
         match m {
             EvalMethod::Anchor(c) => c.validate()?,
             EvalMethod::Sale { cfg, .. } => cfg.validate()?,
+            // The parts that do not depend on the model (groups vs its key heads are
+            // checked per layer).
+            EvalMethod::Proxy(c) => c.validate(&AttentionShape::new(
+                c.groups.max(1),
+                c.groups.max(1),
+                c.block,
+                64,
+            ))?,
             EvalMethod::Window(w) if w.window == 0 => {
                 return Err(Error::InvalidArgument("--window must be ≥ 1".into()));
             }
