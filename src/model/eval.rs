@@ -186,6 +186,9 @@ fn run_rows(
     Ok((out.to_f32_blocking()?, ml, density))
 }
 
+/// A whole-layer run: output, final (m, l) and each head's density.
+type LayerRun = (Vec<f32>, Vec<f32>, Vec<f64>);
+
 /// Runs a method that needs every head at once ([`EvalMethod::Proxy`]) on the whole
 /// layer: its output, final (m, l) and each head's density.
 fn run_layer(
@@ -194,7 +197,7 @@ fn run_layer(
     method: &Method,
     scale: f32,
     qkv: (&[f32], &[f32], &[f32]),
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f64>)> {
+) -> Result<LayerRun> {
     let (qt, kt, vt) = upload_qkv(ctx, &shape, qkv.0, qkv.1, qkv.2, DType::F32)?;
     let plan = ctx
         .attention(shape)
@@ -265,7 +268,7 @@ pub fn layer_quality(
     let mut rows = Vec::new();
     let mut per_head: Vec<Vec<HeadQuality>> = vec![Vec::new(); methods.len()];
     // Methods that pool the heads run once on the whole layer.
-    let whole: Vec<Option<(Vec<f32>, Vec<f32>, Vec<f64>)>> = methods
+    let whole: Vec<Option<LayerRun>> = methods
         .iter()
         .map(|m| match m {
             EvalMethod::Proxy(_) => {
