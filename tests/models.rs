@@ -200,3 +200,126 @@ fn gemma3_greedy_matches_the_research_notes() {
         " the capital of the country of France. It is the largest city in France and"
     );
 }
+
+/// ProxyAttn's CPU twin against the plain f64 reference of its steps on real SmolLM2
+/// Q/K (two layers, 1,080 tokens of Pride and Prejudice, 64-row blocks, g = 1 and g = 3):
+/// block scores within 1e-5 relative, budgets equal, the same masks except at near-ties
+/// of the block scores (within 1e-5 relative; counted and printed), and density and
+/// attention-mass recall (exact softmax mass of the kept keys, mean over rows) within
+/// 0.005 of the reference mask's.
+#[test]
+fn proxy_twin_matches_the_f64_reference_on_real_qk() {
+    use wgsparse::AttentionShape;
+    use wgsparse::attention::select::proxy::{
+        ProxyConfig, proxy_reference, proxy_select_cpu, select_blocks,
+    };
+    let Some(g) = model(SMOLLM2) else { return };
+    let dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+    let ids = pride_ids(1080);
+    let c = dec.cfg.clone();
+    let mut layers: Vec<(usize, Vec<f32>, Vec<f32>)> = vec![];
+    let mut cache = dec.new_cache();
+    dec.forward_with(&ids, &mut cache, &mut |l| {
+        if l.layer == 5 || l.layer == 20 {
+            layers.push((l.layer, l.q.to_vec(), l.k.to_vec()));
+        }
+        Ok(Method::Dense)
+    })
+    .unwrap();
+    let shape = AttentionShape::new(c.n_head, c.n_kv_head, ids.len(), c.head_dim);
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let scale = dec.attention_scale();
+    let recall = |q: &[f32], k: &[f32], keep: &dyn Fn(usize, usize, usize) -> bool| -> f64 {
+        let group = shape.q_heads / shape.kv_heads;
+        let mut total = 0.0;
+        for h in 0..shape.q_heads {
+            for r in 0..n {
+                let s: Vec<f64> = (0..=r)
+                    .map(|j| {
+                        (0..d)
+                            .map(|x| {
+                                q[(h * n + r) * d + x] as f64
+                                    * k[((h / group) * n + j) * d + x] as f64
+                            })
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let l: f64 = e.iter().sum();
+                total += (0..=r)
+                    .filter(|&j| keep(h, r, j))
+                    .map(|j| e[j])
+                    .sum::<f64>()
+                    / l;
+            }
+        }
+        total / (shape.q_heads * n) as f64
+    };
+    for (layer, q, k) in &layers {
+        for groups in [1, 3] {
+            let cfg = ProxyConfig {
+                block: 64,
+                min_budget: 128,
+                groups,
+                gamma: 0.9,
+                ..Default::default()
+            };
+            let (lut, est) = proxy_select_cpu(&shape, &cfg, scale, q, k).unwrap();
+            let (a, budgets) = proxy_reference(&shape, &cfg, scale as f64, q, k);
+            for (got, want) in est.scores.iter().zip(&a) {
+                assert!(
+                    (*got as f64 - want).abs() <= 1e-5 * want.abs() + 1e-9,
+                    "layer {layer} g {groups}: score {got} vs {want}"
+                );
+            }
+            assert_eq!(est.budgets, budgets, "layer {layer} g {groups}: budgets");
+            let nb = est.blocks;
+            let mut ties = 0;
+            let mut want_masks = vec![];
+            for h in 0..shape.q_heads {
+                let gi = cfg.group_of(&shape, h);
+                for m in 0..nb {
+                    let row = &a[(gi * nb + m) * nb..(gi * nb + m) * nb + m + 1];
+                    let row32: Vec<f32> = row.iter().map(|&x| x as f32).collect();
+                    let want = select_blocks(&cfg, m, &row32, budgets[h], nb);
+                    if lut.entries(h, m) != want.as_slice() {
+                        let mut sorted = row.to_vec();
+                        sorted.sort_by(|x, y| y.total_cmp(x));
+                        let cut = cfg.keep_count(m, budgets[h] as usize, nb);
+                        let w = &sorted[cut - 1..=cut.min(sorted.len() - 1)];
+                        assert!(
+                            (w[0] - w[w.len() - 1]).abs() <= 1e-5 * w[0].abs(),
+                            "layer {layer} g {groups} head {h} block {m}: not a near-tie"
+                        );
+                        ties += 1;
+                    }
+                    want_masks.push(want);
+                }
+            }
+            let twin =
+                |h: usize, r: usize, j: usize| lut.entries(h, r / 64).contains(&((j / 64) as u32));
+            let refm = |h: usize, r: usize, j: usize| {
+                want_masks[h * nb + r / 64].contains(&((j / 64) as u32))
+            };
+            let pairs = |f: &dyn Fn(usize, usize, usize) -> bool| -> f64 {
+                let mut kept = 0u64;
+                for h in 0..shape.q_heads {
+                    for r in 0..n {
+                        kept += (0..=r).filter(|&j| f(h, r, j)).count() as u64;
+                    }
+                }
+                kept as f64 / (shape.q_heads * n * (n + 1) / 2) as f64
+            };
+            let (dt, dr) = (pairs(&twin), pairs(&refm));
+            let (rt, rr) = (recall(q, k, &twin), recall(q, k, &refm));
+            eprintln!(
+                "layer {layer} g {groups}: {ties} near-tie rows; density {dt:.4} (reference {dr:.4}), recall {rt:.4} (reference {rr:.4}), budgets {:?}",
+                est.budgets
+            );
+            assert!((dt - dr).abs() <= 0.005 && (rt - rr).abs() <= 0.005);
+            assert!(dt < 1.0, "layer {layer}: sparse at this budget");
+        }
+    }
+}

@@ -267,6 +267,34 @@ fn exp_approx<F: MulAdd>(x: f32) -> f32 {
     y * f32::from_bits(((e + 127) as u32) << 23)
 }
 
+/// Query rows of [`qk_tile_fast`]'s tile.
+pub(crate) const TILE_ROWS: usize = MR;
+/// Keys of [`qk_tile_fast`]'s tile.
+pub(crate) const TILE_KEYS: usize = NR;
+
+/// The flash kernel's `Q·Kᵀ` register tile for the other CPU kernels of the crate:
+/// [`TILE_ROWS`] query rows packed `[d][TILE_ROWS]` against [`TILE_KEYS`] keys packed
+/// `[d][TILE_KEYS]`, with explicit AVX2 + FMA intrinsics when `simd` (the caller checked
+/// the CPU has both).
+#[inline(always)]
+pub(crate) fn qk_tile_fast(qg: &[f32], panel: &[f32], simd: bool) -> [[f32; NR]; MR] {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the caller passes `simd` only when the CPU has AVX2 and FMA.
+        return unsafe { avx2::qk_tile(qg, panel) };
+    }
+    let _ = simd;
+    qk_tile::<Portable>(qg, panel)
+}
+
+/// `e^x` for the other CPU kernels of the crate ([`exp_approx`] with the portable
+/// multiply-add: inside a `target_feature` function it vectorizes like the flash
+/// kernel's). About 1 ulp for `x <= 0`.
+#[inline(always)]
+pub(crate) fn exp_fast(x: f32) -> f32 {
+    exp_approx::<Portable>(x)
+}
+
 /// `S[i][j] = q_i · k_j` for the `MR` rows of a packed Q group (`[d][MR]`) and the `NR`
 /// keys of a packed K panel (`[d][NR]`): a rank-1 update of an `MR × NR` register tile per
 /// dimension, so each K vector loaded serves `MR` rows.

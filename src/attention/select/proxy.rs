@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selection, Selector};
 use super::{PassPairs, SelectionLayout};
 use crate::attention::AttentionShape;
+use crate::attention::flash_cpu::{self, exp_fast};
 use crate::attention::lut::{LutUnit, SparseLut};
 use crate::attention::params::impl_params;
 use crate::error::{Error, Result};
@@ -193,25 +194,6 @@ fn row(x: &[f32], head: usize, rows: usize, r: usize, d: usize) -> &[f32] {
     &x[at..at + d]
 }
 
-/// A dot product in eight independent lanes (so it vectorizes).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// The mean over `heads` of a head-major tensor at `rows` (row indices), `[rows, d]`
 /// (heads summed in order, then divided by their count: the GPU's order).
 fn mean_heads(
@@ -262,58 +244,166 @@ pub fn proxy_heads(x: &SelectInput<'_>, cfg: &ProxyConfig) -> (Vec<f32>, Vec<f32
     (qbar, kbar)
 }
 
-/// The scores of query row `qr` against the first `s.len()` rows of `keys` (`d` wide)
-/// into `s`; returns their maximum and the softmax denominator `Σ exp(s - max)`.
-#[inline(always)]
-fn causal_scores(qr: &[f32], keys: &[f32], d: usize, scale: f32, s: &mut [f32]) -> (f32, f32) {
-    let mut mx = f32::NEG_INFINITY;
-    for (sj, kj) in s.iter_mut().zip(keys.chunks_exact(d)) {
-        *sj = dot(qr, kj) * scale;
-        mx = mx.max(*sj);
+/// Query rows one call of [`score_rows`] scores together (the flash kernel's tile).
+const TILE_ROWS: usize = flash_cpu::TILE_ROWS;
+/// Keys per packed panel.
+const PANEL: usize = flash_cpu::TILE_KEYS;
+
+/// Rows of a `[n, d]` matrix packed in panels of [`PANEL`] keys, each `[d][PANEL]`
+/// (keys past `n` zero): each loaded vector of keys then serves several query rows.
+fn pack_panels(k: &[f32], n: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n.div_ceil(PANEL) * PANEL * d];
+    for (j, krow) in k.chunks_exact(d).take(n).enumerate() {
+        let panel = &mut out[(j / PANEL) * PANEL * d..];
+        for (c, &x) in krow.iter().enumerate() {
+            panel[c * PANEL + j % PANEL] = x;
+        }
     }
-    (mx, s.iter().map(|&x| (x - mx).exp()).sum())
+    out
+}
+
+/// The scaled scores of up to [`TILE_ROWS`] query rows against the first `keys` keys of
+/// `panels` (into `s[i][..keys]`), through the flash kernel's register tile.
+#[inline(always)]
+fn score_rows(
+    rows: &[&[f32]],
+    panels: &[f32],
+    keys: usize,
+    (d, scale, simd): (usize, f32, bool),
+    s: &mut [Vec<f32>; TILE_ROWS],
+) {
+    let mut qg = vec![0.0f32; d * TILE_ROWS];
+    for (i, q) in rows.iter().enumerate() {
+        for (c, &x) in q[..d].iter().enumerate() {
+            qg[c * TILE_ROWS + i] = x;
+        }
+    }
+    for p in 0..keys.div_ceil(PANEL) {
+        let panel = &panels[p * PANEL * d..(p + 1) * PANEL * d];
+        let acc = flash_cpu::qk_tile_fast(&qg, panel, simd);
+        let j0 = p * PANEL;
+        let width = PANEL.min(keys - j0);
+        for (si, a) in s.iter_mut().zip(&acc).take(rows.len()) {
+            for (o, &x) in si[j0..j0 + width].iter_mut().zip(a) {
+                *o = x * scale;
+            }
+        }
+    }
+}
+
+/// Turns the scores `s` of one row into `e^(s - max)` in place; returns the sum
+/// (eight partial sums).
+#[inline(always)]
+fn exp_row(s: &mut [f32]) -> f32 {
+    let mut mx8 = [f32::NEG_INFINITY; 8];
+    let (chunks, tail) = s.as_chunks::<8>();
+    for c in chunks {
+        for (m, &x) in mx8.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let mx = tail
+        .iter()
+        .chain(&mx8)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum8 = [0.0f32; 8];
+    let (chunks, tail) = s.as_chunks_mut::<8>();
+    for c in chunks {
+        for (acc, x) in sum8.iter_mut().zip(c.iter_mut()) {
+            *x = exp_fast(*x - mx);
+            *acc += *x;
+        }
+    }
+    let mut sum: f32 = sum8.iter().sum();
+    for x in tail {
+        *x = exp_fast(*x - mx);
+        sum += *x;
+    }
+    sum
+}
+
+/// Where a run of [`score_block_row`] or [`weigh_head`] reads: query rows (each `d`
+/// wide), packed keys, the key count, head width, scale and block size.
+struct RowJob<'a> {
+    simd: bool,
+    panels: &'a [f32],
+    n: usize,
+    d: usize,
+    scale: f32,
+    block: usize,
+}
+
+impl RowJob<'_> {
+    /// For each query row `(r, q_r)`: `e^(s - max)` of keys `0..=r` and `1 / Σ` (the
+    /// softmax's factor) handed to `per_row`. Rows go [`TILE_ROWS`] at a time through
+    /// [`score_rows`].
+    #[inline(always)]
+    fn each_row(&self, rows: &[(usize, &[f32])], mut per_row: impl FnMut(&[f32], f32)) {
+        let mut s: [Vec<f32>; TILE_ROWS] = std::array::from_fn(|_| vec![0.0f32; self.n]);
+        for tile in rows.chunks(TILE_ROWS) {
+            let q: Vec<&[f32]> = tile.iter().map(|x| x.1).collect();
+            let keys = tile.iter().map(|x| x.0 + 1).max().unwrap_or(0);
+            score_rows(
+                &q,
+                self.panels,
+                keys,
+                (self.d, self.scale, self.simd),
+                &mut s,
+            );
+            for (i, &(r, _)) in tile.iter().enumerate() {
+                let e = &mut s[i][..=r];
+                let l = exp_row(e);
+                per_row(e, 1.0 / l);
+            }
+        }
+    }
 }
 
 /// Steps 2–3 for query block `m` of one group: the block maxima of the kept rows'
 /// proxy probabilities into `a_row` (`[blocks]`).
 #[inline(always)]
-fn score_block_row(
-    (qbar, kbar): (&[f32], &[f32]),
-    cfg: &ProxyConfig,
-    (n, d, scale): (usize, usize, f32),
-    m: usize,
-    a_row: &mut [f32],
-) {
-    let b = cfg.block;
-    let kept = cfg.kept_rows();
-    let mut s = vec![0.0f32; n];
-    for i in 0..kept {
-        let r = m * b + i * cfg.stride;
-        if r >= n {
-            break;
+fn score_block_row(job: &RowJob<'_>, qbar: &[f32], cfg: &ProxyConfig, m: usize, a_row: &mut [f32]) {
+    let (b, d) = (job.block, job.d);
+    let rows: Vec<(usize, &[f32])> = (0..cfg.kept_rows())
+        .map(|i| (m * b + i * cfg.stride, i))
+        .filter(|&(r, _)| r < job.n && r < (m + 1) * b)
+        .map(|(r, i)| (r, &qbar[i * d..(i + 1) * d]))
+        .collect();
+    job.each_row(&rows, |e, inv| {
+        for (a, keys) in a_row.iter_mut().zip(e.chunks(b)) {
+            let best = keys.iter().fold(0.0f32, |x, &y| if y > x { y } else { x });
+            *a = a.max(best * inv);
         }
-        let qr = &qbar[(m * kept + i) * d..][..d];
-        let (mx, l) = causal_scores(qr, kbar, d, scale, &mut s[..=r]);
-        for (nblk, keys) in s[..=r].chunks(b).enumerate() {
-            let best = keys.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            a_row[nblk] = a_row[nblk].max((best - mx).exp() / l);
-        }
-    }
+    });
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn score_block_row_avx2(
-    pooled: (&[f32], &[f32]),
-    cfg: &ProxyConfig,
-    dims: (usize, usize, f32),
-    m: usize,
-    a_row: &mut [f32],
-) {
-    score_block_row(pooled, cfg, dims, m, a_row)
+/// Step 4's weights of one head: its probabilities over the rows of the last query
+/// block, summed per key block and divided by the block's key count.
+#[inline(always)]
+fn weigh_head(job: &RowJob<'_>, q_head: &[f32], weight: &mut [f64]) {
+    let (n, d, b) = (job.n, job.d, job.block);
+    let last = (n - 1) / b * b;
+    let rows: Vec<(usize, &[f32])> = (last..n)
+        .map(|r| (r, &q_head[r * d..(r + 1) * d]))
+        .collect();
+    job.each_row(&rows, |e, inv| {
+        for (nblk, (w, keys)) in weight.iter_mut().zip(e.chunks(b)).enumerate() {
+            let width = ((nblk + 1) * b).min(n) - nblk * b;
+            let mut sum8 = [0.0f32; 8];
+            let (chunks, tail) = keys.as_chunks::<8>();
+            for c in chunks {
+                for (acc, &x) in sum8.iter_mut().zip(c) {
+                    *acc += x;
+                }
+            }
+            let sum = sum8.iter().chain(tail).sum::<f32>();
+            *w += (sum * inv) as f64 / width as f64;
+        }
+    });
 }
 
-fn avx2() -> bool {
+/// Whether the CPU runs the AVX2 + FMA builds of the loops above.
+fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -321,6 +411,28 @@ fn avx2() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// [`score_block_row`] and [`weigh_head`] compiled for AVX2 + FMA (8-lane loops).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn score_block_row(
+        job: &RowJob<'_>,
+        qbar: &[f32],
+        cfg: &ProxyConfig,
+        m: usize,
+        a_row: &mut [f32],
+    ) {
+        super::score_block_row(job, qbar, cfg, m, a_row)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn weigh_head(job: &RowJob<'_>, q_head: &[f32], weight: &mut [f64]) {
+        super::weigh_head(job, q_head, weight)
     }
 }
 
@@ -332,25 +444,32 @@ pub fn proxy_block_scores(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
     let nb = n.div_ceil(b);
     let (qbar, kbar) = proxy_heads(x, cfg);
     let kept = cfg.kept_rows();
-    let simd = avx2();
+    let panels: Vec<Vec<f32>> = kbar
+        .par_chunks(n * d)
+        .map(|k| pack_panels(k, n, d))
+        .collect();
+    let simd = simd();
     let mut scores = vec![0.0f32; cfg.groups * nb * nb];
     scores
         .par_chunks_mut(nb)
         .enumerate()
         .for_each(|(gm, a_row)| {
             let (g, m) = (gm / nb, gm % nb);
-            let pooled = (
-                &qbar[g * nb * kept * d..(g + 1) * nb * kept * d],
-                &kbar[g * n * d..(g + 1) * n * d],
-            );
-            let dims = (n, d, x.scale);
+            let job = RowJob {
+                simd,
+                panels: &panels[g],
+                n,
+                d,
+                scale: x.scale,
+                block: b,
+            };
+            let q = &qbar[(g * nb + m) * kept * d..(g * nb + m + 1) * kept * d];
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-                return unsafe { score_block_row_avx2(pooled, cfg, dims, m, a_row) };
+                // SAFETY: the CPU has AVX2 and FMA (`simd`).
+                return unsafe { avx2::score_block_row(&job, q, cfg, m, a_row) };
             }
-            let _ = simd;
-            score_block_row(pooled, cfg, dims, m, a_row)
+            score_block_row(&job, q, cfg, m, a_row)
         });
     scores
 }
@@ -366,23 +485,28 @@ pub fn head_weights(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<Vec<f64>> {
     let (n, d, b) = (shape.seq_len, shape.head_dim, cfg.block);
     let nb = n.div_ceil(b);
     let q_per_kv = shape.q_heads / shape.kv_heads;
-    let last = (nb - 1) * b..n;
+    let panels: Vec<Vec<f32>> = k.par_chunks(n * d).map(|k| pack_panels(k, n, d)).collect();
+    let simd = simd();
     (0..shape.q_heads)
         .into_par_iter()
         .map(|h| {
-            let kvh = h / q_per_kv;
+            let job = RowJob {
+                simd,
+                panels: &panels[h / q_per_kv],
+                n,
+                d,
+                scale,
+                block: b,
+            };
             let mut weight = vec![0.0f64; nb];
-            let mut s = vec![0.0f32; n];
-            for r in last.clone() {
-                let keys = &k[kvh * n * d..(kvh + 1) * n * d];
-                let (mx, l) = causal_scores(row(q, h, n, r, d), keys, d, scale, &mut s[..=r]);
-                for (nblk, keys) in s[..=r].chunks(b).enumerate() {
-                    let sum: f32 = keys.iter().map(|&x| (x - mx).exp()).sum();
-                    // Mean over the block's keys (the ragged last block: its own count).
-                    let width = ((nblk + 1) * b).min(n) - nblk * b;
-                    weight[nblk] += (sum / l) as f64 / width as f64;
-                }
+            let qh = &q[h * n * d..(h + 1) * n * d];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the CPU has AVX2 and FMA (`simd`).
+                unsafe { avx2::weigh_head(&job, qh, &mut weight) };
+                return weight;
             }
+            weigh_head(&job, qh, &mut weight);
             weight
         })
         .collect()
@@ -480,6 +604,83 @@ pub fn mask_from(
             select_blocks(cfg, m, a, est.budgets[h], nb)
         },
     )
+}
+
+/// Steps 1–4 written plainly in f64, every score materialised (`O(n²)` memory per
+/// row, slow): the reference the twin is tested against, on synthetic data here and on
+/// real Q/K/V in the model tests. Returns the block scores `[groups, blocks, blocks]`
+/// and each query head's budget in blocks; [`select_blocks`] gives the mask.
+pub fn proxy_reference(
+    shape: &AttentionShape,
+    cfg: &ProxyConfig,
+    scale: f64,
+    q: &[f32],
+    k: &[f32],
+) -> (Vec<f64>, Vec<u32>) {
+    let (n, d, b) = (shape.seq_len, shape.head_dim, cfg.block);
+    let nb = n.div_ceil(b);
+    let q_per_kv = shape.q_heads / shape.kv_heads;
+    let kv_per_group = shape.kv_heads / cfg.groups;
+    let softmax = |s: &[f64]| -> Vec<f64> {
+        let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+        let l: f64 = e.iter().sum();
+        e.iter().map(|x| x / l).collect()
+    };
+    let mut a = vec![0.0f64; cfg.groups * nb * nb];
+    for g in 0..cfg.groups {
+        let kvs: Vec<usize> = (g * kv_per_group..(g + 1) * kv_per_group).collect();
+        let qs: Vec<usize> = (kvs[0] * q_per_kv..(kvs[kvs.len() - 1] + 1) * q_per_kv).collect();
+        let mean = |x: &[f32], heads: &[usize], r: usize| -> Vec<f64> {
+            (0..d)
+                .map(|c| {
+                    heads
+                        .iter()
+                        .map(|&h| x[(h * n + r) * d + c] as f64)
+                        .sum::<f64>()
+                        / heads.len() as f64
+                })
+                .collect()
+        };
+        for r in 0..n {
+            if (r % b) % cfg.stride != 0 {
+                continue;
+            }
+            let qr = mean(q, &qs, r);
+            let s: Vec<f64> = (0..=r)
+                .map(|j| {
+                    let kj = mean(k, &kvs, j);
+                    qr.iter().zip(&kj).map(|(x, y)| x * y).sum::<f64>() * scale
+                })
+                .collect();
+            let p = softmax(&s);
+            for (j, pj) in p.iter().enumerate() {
+                let at = (g * nb + r / b) * nb + j / b;
+                a[at] = a[at].max(*pj);
+            }
+        }
+    }
+    let mut betas = vec![];
+    for h in 0..shape.q_heads {
+        let kvh = h / q_per_kv;
+        let mut w = vec![0.0f64; nb];
+        for r in (nb - 1) * b..n {
+            let s: Vec<f64> = (0..=r)
+                .map(|j| {
+                    (0..d)
+                        .map(|c| q[(h * n + r) * d + c] as f64 * k[(kvh * n + j) * d + c] as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            for (j, pj) in softmax(&s).iter().enumerate() {
+                let width = ((j / b + 1) * b).min(n) - j / b * b;
+                w[j / b] += pj / width as f64;
+            }
+        }
+        betas.push(budget_blocks(&mut w, cfg.gamma));
+    }
+    (a, betas)
 }
 
 /// What ProxyAttn computed in one run (serialized with the keys `causal_pairs`,
@@ -820,83 +1021,6 @@ mod tests {
     use super::*;
     use crate::attention::synthetic::qkv_host;
 
-    /// Steps 1–5 written plainly in f64, every score materialised: the reference of the
-    /// twin.
-    fn reference(
-        shape: &AttentionShape,
-        cfg: &ProxyConfig,
-        scale: f64,
-        q: &[f32],
-        k: &[f32],
-    ) -> (Vec<f64>, Vec<u32>) {
-        let (n, d, b) = (shape.seq_len, shape.head_dim, cfg.block);
-        let nb = n.div_ceil(b);
-        let q_per_kv = shape.q_heads / shape.kv_heads;
-        let kv_per_group = shape.kv_heads / cfg.groups;
-        let softmax = |s: &[f64]| -> Vec<f64> {
-            let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-            let l: f64 = e.iter().sum();
-            e.iter().map(|x| x / l).collect()
-        };
-        let mut a = vec![0.0f64; cfg.groups * nb * nb];
-        for g in 0..cfg.groups {
-            let kvs: Vec<usize> = (g * kv_per_group..(g + 1) * kv_per_group).collect();
-            let qs: Vec<usize> = (kvs[0] * q_per_kv..(kvs[kvs.len() - 1] + 1) * q_per_kv).collect();
-            let mean = |x: &[f32], heads: &[usize], r: usize| -> Vec<f64> {
-                (0..d)
-                    .map(|c| {
-                        heads
-                            .iter()
-                            .map(|&h| x[(h * n + r) * d + c] as f64)
-                            .sum::<f64>()
-                            / heads.len() as f64
-                    })
-                    .collect()
-            };
-            for r in 0..n {
-                if (r % b) % cfg.stride != 0 {
-                    continue;
-                }
-                let qr = mean(q, &qs, r);
-                let s: Vec<f64> = (0..=r)
-                    .map(|j| {
-                        let kj = mean(k, &kvs, j);
-                        qr.iter().zip(&kj).map(|(x, y)| x * y).sum::<f64>() * scale
-                    })
-                    .collect();
-                let p = softmax(&s);
-                for (j, pj) in p.iter().enumerate() {
-                    let at = (g * nb + r / b) * nb + j / b;
-                    a[at] = a[at].max(*pj);
-                }
-            }
-        }
-        let mut betas = vec![];
-        for h in 0..shape.q_heads {
-            let kvh = h / q_per_kv;
-            let mut w = vec![0.0f64; nb];
-            for r in (nb - 1) * b..n {
-                let s: Vec<f64> = (0..=r)
-                    .map(|j| {
-                        (0..d)
-                            .map(|c| {
-                                q[(h * n + r) * d + c] as f64 * k[(kvh * n + j) * d + c] as f64
-                            })
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                for (j, pj) in softmax(&s).iter().enumerate() {
-                    let width = ((j / b + 1) * b).min(n) - j / b * b;
-                    w[j / b] += pj / width as f64;
-                }
-            }
-            betas.push(budget_blocks(&mut w, cfg.gamma));
-        }
-        (a, betas)
-    }
-
     fn small() -> ProxyConfig {
         ProxyConfig {
             block: 64,
@@ -919,7 +1043,7 @@ mod tests {
             let (q, k, _) = qkv_host(&shape, seed);
             let scale = 1.0 / (shape.head_dim as f32).sqrt();
             let (lut, est) = proxy_select_cpu(&shape, &cfg, scale, &q, &k).unwrap();
-            let (a, betas) = reference(&shape, &cfg, scale as f64, &q, &k);
+            let (a, betas) = proxy_reference(&shape, &cfg, scale as f64, &q, &k);
             for (got, want) in est.scores.iter().zip(&a) {
                 let tol = 1e-5 * want.abs() + 1e-7;
                 assert!((*got as f64 - want).abs() <= tol, "{got} vs {want}");
