@@ -10,7 +10,8 @@
 //!
 //! `--methods` lists what runs at each length, on the same Q/K/V: `dense`, `anchor`
 //! (optionally `:theta=T,step=S,init=I`), `window` (optionally `:window=W,sinks=S`),
-//! `sale` (optionally `:tau=T,bits=B,local=L`), `blocks:p=P,block=B` (hashed random
+//! `sale` (optionally `:tau=T,bits=B,local=L`), `proxy` (ProxyAttn, optionally
+//! `:gamma=G,groups=N,stride=S,min_budget=M`), `blocks:p=P,block=B` (hashed random
 //! block masks, the same ones `benches/peers/torch_flex.py` builds).
 //! `--data gaussian` (the default for a dense-only run) has no attention structure;
 //! `--data structured` plants sinks, a local band and heavy columns (synthetic: the
