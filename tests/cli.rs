@@ -38,6 +38,52 @@ fn attention_check_json_has_the_stable_keys() {
     }
 }
 
+/// `--method proxy --check --json`: the quality keys, `est_ms` and the per-head budgets,
+/// on the CPU path and the GPU; the proxy flags, and their refusal with another method.
+#[test]
+fn proxy_check_json_has_the_quality_keys_and_budgets() {
+    for backend in ["cpu", "auto"] {
+        let v = common::json_with(
+            common::wgsparse_line(&format!(
+                "attention --method proxy --gamma 0.9 --min-budget 128 --proxy-groups 2 --stride 2 \
+                 --seq-len 700 --q-heads 4 --kv-heads 2 --head-dim 64 --dtype f32 --iters 1 \
+                 --backend {backend} --check --json"
+            )),
+            "density attn_recall rel_l2_err tol_recall_01 est_ms dense_ms proxy",
+        );
+        let p = &v["proxy"];
+        let budgets = p["head_budgets"].as_array().expect("head_budgets");
+        assert_eq!(budgets.len(), 4, "{v}");
+        assert!(
+            budgets
+                .iter()
+                .all(|b| b.as_f64().is_some_and(|x| x > 0.0 && x <= 1.0))
+        );
+        let d = v["density"].as_f64().unwrap();
+        assert!(d > 0.0 && d < 1.0, "{v}");
+        assert!(v["est_ms"].as_f64().is_some_and(|x| x >= 0.0), "{v}");
+        let c = &v["config"]["Proxy"];
+        assert_eq!(
+            (c["groups"].as_u64(), c["stride"].as_u64()),
+            (Some(2), Some(2)),
+            "{v}"
+        );
+        assert_eq!(c["min_budget"], 128, "{v}");
+    }
+    let (ok, _, err) = common::wgsparse(&["attention", "--method", "sale", "--gamma", "0.9"]);
+    assert!(!ok && err.contains("--method proxy"), "{err}");
+    let (ok, _, err) = common::wgsparse(&[
+        "attention",
+        "--method",
+        "proxy",
+        "--proxy-groups",
+        "3",
+        "--seq-len",
+        "256",
+    ]);
+    assert!(!ok && err.contains("groups"), "{err}");
+}
+
 #[test]
 fn bad_arguments_fail_with_a_message() {
     let (ok, _, err) = common::wgsparse(&["attention", "--head-dim", "100", "--seq-len", "8"]);

@@ -1,5 +1,5 @@
-//! ProxyAttn: 128 × 128 blocks chosen per head from head-pooled proxy scores under a
-//! per-head budget, run on the two-pass executor (the exact pass computes block 0 and
+//! ProxyAttn (`docs/algorithms.md` §3b): 128 × 128 blocks chosen per head from
+//! head-pooled proxy scores under a per-head budget, run on the two-pass executor (the exact pass computes block 0 and
 //! the diagonal block of every query block, the sparse pass the chosen rest).
 //!
 //! The idea: heads that share keys attend alike, so one *proxy* head per group of heads
@@ -1367,5 +1367,33 @@ mod tests {
             assert!(cpu_out.iter().all(|x| x.is_finite()));
         }
         eprintln!("{near_budget} budgets differed at a near-tie with gamma");
+    }
+
+    /// γ = 1 with a minimum budget of every key: the plan computes every causal pair,
+    /// on the GPU and on the CPU, and its output is dense attention's.
+    #[test]
+    fn full_budget_runs_dense_attention() {
+        let shape = AttentionShape::new(4, 2, 320, 64);
+        let cfg = ProxyConfig {
+            gamma: 1.0,
+            min_budget: 512,
+            block: 64,
+            ..Default::default()
+        };
+        let (q, k, v) = qkv_host(&shape, seed());
+        let mut contexts = vec![crate::Context::cpu()];
+        contexts.extend(gpu());
+        for ctx in contexts {
+            let (tq, tk, tv) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+            let run = |m: Method| {
+                let plan = ctx.attention(shape).method(m).build().unwrap();
+                let out = plan.run(&tq, &tk, &tv).unwrap().to_f32_blocking().unwrap();
+                (out, plan.report().unwrap().density)
+            };
+            let (sparse, density) = run(Method::Proxy(cfg));
+            let (dense, _) = run(Method::Dense);
+            assert_eq!(density, 1.0, "{:?}", ctx.backend());
+            crate::runtime::test_util::close(&sparse, &dense, 2e-5);
+        }
     }
 }
