@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::runtime::preprocess::{Defines, preprocess, validate_wgsl};
 
 /// How a kernel binds one resource.
@@ -187,7 +187,7 @@ fn compile(device: &wgpu::Device, checked: bool, spec: &KernelSpec) -> Result<Ke
     });
     #[cfg(not(target_arch = "wasm32"))]
     if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(Error::Shader {
+        return Err(crate::error::Error::Shader {
             name: label,
             message: e.to_string(),
         });
