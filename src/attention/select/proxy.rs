@@ -1396,4 +1396,51 @@ mod tests {
             crate::runtime::test_util::close(&sparse, &dense, 2e-5);
         }
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+            /// Any configuration either is refused with a typed error or gives masks
+            /// that hold block 0 and the diagonal, ascend, stay causal and keep between
+            /// `K` and `K + 2` blocks (`K` from the head's budget), with budgets in
+            /// `1..=blocks`.
+            #[test]
+            fn masks_hold_their_invariants(
+                kv in 1usize..4,
+                per_kv in 1usize..3,
+                groups in 1usize..4,
+                n in 1usize..400,
+                block in prop::sample::select(vec![64usize, 128, 96]),
+                stride in 0usize..9,
+                gamma in prop::sample::select(vec![0.0f32, 0.5, 0.9, 0.95, 1.0, 1.5]),
+                min_budget in 0usize..600,
+                seed in 0u64..1000,
+            ) {
+                let shape = AttentionShape::new(kv * per_kv, kv, n, 64);
+                let cfg = ProxyConfig { gamma, groups, stride, block, min_budget };
+                let (q, k, _) = qkv_host(&shape, seed);
+                match proxy_select_cpu(&shape, &cfg, 0.125, &q, &k) {
+                    Err(e) => prop_assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}"),
+                    Ok((lut, est)) => {
+                        let nb = n.div_ceil(block);
+                        prop_assert_eq!(est.blocks, nb);
+                        for h in 0..shape.q_heads {
+                            let budget = est.budgets[h];
+                            prop_assert!(budget >= 1 && budget as usize <= nb);
+                            for m in 0..nb {
+                                let e = lut.entries(h, m);
+                                prop_assert!(e.windows(2).all(|w| w[0] < w[1]));
+                                prop_assert!(e.first() == Some(&0) && e.last() == Some(&(m as u32)));
+                                let kk = cfg.keep_count(m, budget as usize, nb);
+                                prop_assert!(e.len() >= kk.max(1) && e.len() <= (kk + 2).min(m + 1));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
