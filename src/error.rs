@@ -75,10 +75,39 @@ pub enum Error {
     /// A bad argument or configuration value.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Input data holding a NaN or an infinity, or a value the storage dtype cannot
+    /// hold (beyond ±65504 in f16): refused before any kernel runs on it.
+    #[error("{what} element {index} is {value}, not a finite {dtype} value")]
+    NonFinite {
+        /// Which tensor.
+        what: String,
+        /// Flat index of the first bad element.
+        index: usize,
+        /// The value.
+        value: f32,
+        /// The storage dtype it was meant for (`f32`, `f16`).
+        dtype: &'static str,
+    },
 }
 
 /// Shorthand for results in this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Errors with [`Error::NonFinite`] at the first element of `x` that is not finite, or
+/// that `f16` storage would turn into an infinity.
+pub fn check_finite(what: &str, x: &[f32], f16: bool) -> Result<()> {
+    const F16_MAX: f32 = 65504.0;
+    let bad = |v: f32| !v.is_finite() || (f16 && v.abs() > F16_MAX);
+    match x.iter().position(|&v| bad(v)) {
+        None => Ok(()),
+        Some(index) => Err(Error::NonFinite {
+            what: what.into(),
+            index,
+            value: x[index],
+            dtype: if f16 { "f16" } else { "f32" },
+        }),
+    }
+}
 
 impl Error {
     /// Builds a [`Error::TooLarge`] from the needed and allowed sizes.

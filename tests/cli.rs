@@ -191,3 +191,56 @@ fn tune_times_the_candidates_and_writes_the_table() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A Q/K/V file holding a NaN (or, stored as f16, a value beyond f16's range) is refused
+/// with a message naming the tensor and the element, on the CPU path and the GPU, never
+/// run into a NaN output; the library refuses it the same way.
+#[test]
+fn non_finite_data_is_refused() {
+    use wgsparse::attention::qkv_file::QkvFile;
+    let shape = wgsparse::AttentionShape::new(2, 1, 64, 64);
+    let (q, mut k, v) = wgsparse::attention::synthetic::qkv_host(&shape, common::seed());
+    k[77] = f32::NAN;
+    let file = QkvFile {
+        shape,
+        q: q.clone(),
+        k: k.clone(),
+        v: v.clone(),
+        meta: [("source".to_string(), "synthetic".to_string())].into(),
+    };
+    let dir = std::env::temp_dir().join(format!("wgsparse-cli-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("qkv.safetensors");
+    file.save(&path, wgsparse::DType::F32).unwrap();
+    for backend in ["cpu", "auto"] {
+        let (ok, _, err) = common::wgsparse(&[
+            "attention",
+            "--data",
+            path.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--backend",
+            backend,
+        ]);
+        assert!(!ok, "{backend}: a NaN input must fail");
+        assert!(err.contains("K element 77 is NaN"), "{backend}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    let ctx = wgsparse::Context::cpu();
+    let up = |k: &[f32], dtype| wgsparse::attention::upload_qkv(&ctx, &shape, &q, k, &v, dtype);
+    assert!(matches!(
+        up(&k, wgsparse::DType::F32),
+        Err(wgsparse::Error::NonFinite { index: 77, .. })
+    ));
+    let mut big = v.clone();
+    big[5] = 1e5;
+    assert!(up(&big, wgsparse::DType::F32).is_ok());
+    assert!(matches!(
+        up(&big, wgsparse::DType::F16),
+        Err(wgsparse::Error::NonFinite {
+            index: 5,
+            dtype: "f16",
+            ..
+        })
+    ));
+}

@@ -135,7 +135,8 @@ impl AttentionShape {
 }
 
 /// Uploads host Q (`[q_heads, seq_len, d]`) and K, V (`[kv_heads, kv_len, d]`) of a
-/// shape to `ctx`, stored as `dtype`.
+/// shape to `ctx`, stored as `dtype`. A NaN, an infinity or (f16) a value beyond f16's
+/// range is refused with [`Error::NonFinite`]: attention over it would be NaN.
 pub fn upload_qkv(
     ctx: &Context,
     shape: &AttentionShape,
@@ -144,6 +145,10 @@ pub fn upload_qkv(
     v: &[f32],
     dtype: DType,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let f16 = dtype == DType::F16;
+    for (what, x) in [("Q", q), ("K", k), ("V", v)] {
+        crate::error::check_finite(what, x, f16)?;
+    }
     Ok((
         Tensor::from_f32(ctx, &shape.q_dims(), q, dtype)?,
         Tensor::from_f32(ctx, &shape.kv_dims(), k, dtype)?,
