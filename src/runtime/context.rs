@@ -429,6 +429,8 @@ pub(crate) struct ContextInner {
     pub(crate) id: u64,
     pub(crate) kind: DeviceKind,
     pub(crate) cpu_caps: Capabilities,
+    /// Why this device was chosen ([`Context::choice`]).
+    pub(crate) reason: std::sync::Mutex<String>,
 }
 
 /// A compute device: a GPU through wgpu, or the CPU. Cheap to clone; several contexts can
@@ -523,8 +525,12 @@ fn browser_has_int_dot4() -> bool {
 }
 
 fn instance(backend: Backend) -> wgpu::Instance {
+    instance_for(backend.wgpu_backends())
+}
+
+fn instance_for(backends: wgpu::Backends) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
-    desc.backends = backend.wgpu_backends();
+    desc.backends = backends;
     wgpu::Instance::new(desc)
 }
 
@@ -532,14 +538,73 @@ async fn matching_adapters(opts: &ContextOptions) -> Vec<wgpu::Adapter> {
     if opts.backend == Backend::Cpu {
         return vec![];
     }
-    let inst = instance(opts.backend);
-    let mut adapters = inst.enumerate_adapters(opts.backend.wgpu_backends()).await;
+    let wanted = opts.backend.wgpu_backends();
+    // `auto` asks the native APIs first and starts GL only when they have nothing (GL's
+    // instance prints EGL/Wayland errors on machines without a display).
+    let mut adapters = if opts.backend == Backend::Auto && !cfg!(target_arch = "wasm32") {
+        let primary = wanted & wgpu::Backends::PRIMARY;
+        let found = instance_for(primary).enumerate_adapters(primary).await;
+        if found.is_empty() {
+            let secondary = wanted & wgpu::Backends::SECONDARY;
+            instance_for(secondary).enumerate_adapters(secondary).await
+        } else {
+            found
+        }
+    } else {
+        instance(opts.backend).enumerate_adapters(wanted).await
+    };
     if let Some(name) = &opts.adapter_name {
         let needle = name.to_lowercase();
         adapters.retain(|a| a.get_info().name.to_lowercase().contains(&needle));
     }
     adapters.sort_by_key(|a| adapter_rank(&a.get_info()));
     adapters
+}
+
+/// What [`Context::new`] opens, from the ranked adapters' infos.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Choice {
+    /// The adapter at this index of the ranked list.
+    Adapter(usize, String),
+    /// The CPU path.
+    Cpu(String),
+    /// Nothing fits the options.
+    None,
+}
+
+/// The device rule: the best-ranked adapter, except that with `auto` (no adapter named,
+/// no GPU required) a software rasterizer (llvmpipe, SwiftShader, WARP: device type CPU)
+/// loses to the crate's own multithreaded CPU path, which is faster on the same cores;
+/// a backend asked for by name, an adapter name or `require_gpu` still gets it. In the
+/// browser the adapter always wins (the WASM CPU path is slower than SwiftShader).
+pub(crate) fn choose(opts: &ContextOptions, ranked: &[wgpu::AdapterInfo]) -> Choice {
+    let free = opts.backend == Backend::Auto && opts.adapter_name.is_none() && !opts.require_gpu;
+    match ranked.first() {
+        None if free => Choice::Cpu("no GPU adapter found: the CPU path".into()),
+        None => Choice::None,
+        Some(a)
+            if free && a.device_type == wgpu::DeviceType::Cpu && !cfg!(target_arch = "wasm32") =>
+        {
+            Choice::Cpu(format!(
+                "the CPU path: the only adapter, {} ({}), is a software rasterizer on the same cores \
+                 (ask for it with --backend {} or WGSPARSE_REQUIRE_GPU=1)",
+                a.name,
+                Backend::from_wgpu(a.backend),
+                Backend::from_wgpu(a.backend)
+            ))
+        }
+        Some(a) => {
+            let why = if a.device_type == wgpu::DeviceType::Cpu {
+                "a software adapter, as asked"
+            } else {
+                "the best-ranked GPU (discrete, integrated, virtual, then other; native APIs before GL)"
+            };
+            Choice::Adapter(
+                0,
+                format!("{} on {}: {why}", a.name, Backend::from_wgpu(a.backend)),
+            )
+        }
+    }
 }
 
 impl Context {
@@ -549,19 +614,23 @@ impl Context {
             return Ok(Self::cpu());
         }
         let adapters = matching_adapters(&opts).await;
-        let Some(adapter) = adapters.into_iter().next() else {
-            let what = match (&opts.backend, &opts.adapter_name) {
-                (Backend::Auto, None) => String::new(),
-                (b, None) => format!(" for backend {b}"),
-                (b, Some(n)) => format!(" for backend {b} named like `{n}`"),
-            };
-            if opts.backend == Backend::Auto && opts.adapter_name.is_none() && !opts.require_gpu {
-                log::info!("no GPU adapter found; using the CPU path");
-                return Ok(Self::cpu());
+        let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+        match choose(&opts, &infos) {
+            Choice::Cpu(reason) => Ok(Self::cpu().with_reason(reason)),
+            Choice::Adapter(i, reason) => {
+                let adapter = adapters.into_iter().nth(i).expect("a ranked adapter");
+                Ok(Self::from_adapter(adapter, opts.overrides())
+                    .await?
+                    .with_reason(reason))
             }
-            return Err(Error::NoAdapter(what));
-        };
-        Self::from_adapter(adapter, opts.overrides()).await
+            Choice::None => Err(Error::NoAdapter(
+                match (&opts.backend, &opts.adapter_name) {
+                    (Backend::Auto, None) => String::new(),
+                    (b, None) => format!(" for backend {b}"),
+                    (b, Some(n)) => format!(" for backend {b} named like `{n}`"),
+                },
+            )),
+        }
     }
 
     /// Blocking version of [`Context::new`] (not on the web).
@@ -576,6 +645,7 @@ impl Context {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 kind: DeviceKind::Cpu,
                 cpu_caps: Capabilities::cpu(),
+                reason: std::sync::Mutex::new("the CPU path, asked for".into()),
             }),
         }
     }
@@ -641,8 +711,20 @@ impl Context {
                         .is_ok_and(|v| v == "1" || v == "true"),
                 })),
                 cpu_caps: Capabilities::cpu(),
+                reason: std::sync::Mutex::new("the adapter given".into()),
             }),
         }
+    }
+
+    /// Why this device was chosen (`wgsparse info` prints it).
+    pub fn choice(&self) -> String {
+        self.inner.reason.lock().expect("reason lock").clone()
+    }
+
+    fn with_reason(self, reason: String) -> Self {
+        log::info!("device: {reason}");
+        *self.inner.reason.lock().expect("reason lock") = reason;
+        self
     }
 
     /// Lists every adapter wgpu sees (all APIs), plus the CPU path, without opening devices.
@@ -771,6 +853,61 @@ mod tests {
         assert!(c.is_cpu());
         assert_eq!(c.backend(), Backend::Cpu);
         assert!(!c.same_device(&Context::cpu()));
+    }
+
+    /// The device rule on fake adapter lists: a real GPU wins; with `auto` a software
+    /// rasterizer loses to the CPU path, unless a backend or adapter is named or a GPU
+    /// is required; an empty list falls back to the CPU only with `auto`.
+    #[test]
+    fn device_choice_from_fake_adapter_lists() {
+        let adapter = |name: &str, ty, backend| wgpu::AdapterInfo {
+            name: name.into(),
+            device_type: ty,
+            backend,
+            ..info(32)
+        };
+        let llvmpipe = adapter("llvmpipe", wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan);
+        let gpu = adapter(
+            "NVIDIA H200",
+            wgpu::DeviceType::DiscreteGpu,
+            wgpu::Backend::Vulkan,
+        );
+        let igpu = adapter("Intel", wgpu::DeviceType::IntegratedGpu, wgpu::Backend::Gl);
+        let auto = ContextOptions::default();
+        let rank = |mut v: Vec<wgpu::AdapterInfo>| {
+            v.sort_by_key(adapter_rank);
+            v
+        };
+        let all = rank(vec![llvmpipe.clone(), igpu.clone(), gpu.clone()]);
+        assert_eq!(all[0].name, "NVIDIA H200");
+        assert!(matches!(choose(&auto, &all), Choice::Adapter(0, r) if r.contains("H200")));
+        assert!(matches!(
+            choose(&auto, &rank(vec![llvmpipe.clone(), igpu])),
+            Choice::Adapter(0, r) if r.contains("Intel")
+        ));
+        let soft = [llvmpipe];
+        assert!(matches!(choose(&auto, &soft), Choice::Cpu(r) if r.contains("llvmpipe")));
+        for asked in [
+            ContextOptions {
+                backend: Backend::Vulkan,
+                ..Default::default()
+            },
+            ContextOptions {
+                require_gpu: true,
+                ..Default::default()
+            },
+            ContextOptions {
+                adapter_name: Some("llvm".into()),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(choose(&asked, &soft), Choice::Adapter(0, _)),
+                "{asked:?}"
+            );
+            assert_eq!(choose(&asked, &[]), Choice::None, "{asked:?}");
+        }
+        assert!(matches!(choose(&auto, &[]), Choice::Cpu(_)));
     }
 
     fn info(subgroup: u32) -> wgpu::AdapterInfo {

@@ -34,7 +34,7 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
     });
     if json_out {
         let v = json!({
-            "chosen": { "backend": ctx.backend(), "adapter": ctx.adapter_name(),
+            "chosen": { "backend": ctx.backend(), "adapter": ctx.adapter_name(), "why": ctx.choice(),
                         "capabilities": caps, "kernels": kernels },
             "adapters": adapters,
         });
@@ -73,6 +73,7 @@ pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
         }
     }
     println!("chosen: {} on {}", ctx.adapter_name(), ctx.backend());
+    println!("  why: {}", ctx.choice());
     println!("  attention and SALE estimation kernels: {attention}");
     println!("  linear (projection) kernels: {linear}");
     println!("  MoE kernels: {moe}");
