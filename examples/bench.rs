@@ -30,6 +30,10 @@
 //! longer than `--budget-s` is skipped; timed iterations at one length stop after
 //! `--length-budget-s`.
 //!
+//! A method that fails at one length (an error, e.g. a buffer over the device's binding
+//! limit) is recorded with its message (`status: "error"`) and not tried at longer
+//! lengths; the other methods go on.
+//!
 //! `--check-len N` first compares the GPU output at N tokens (same heads) with the CPU twin
 //! (`dense_attention_cpu` on the same dtype-rounded inputs) and exits non-zero on a
 //! mismatch; `--check-only` stops after the check.
@@ -315,6 +319,8 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|m| parse_method(m))
         .collect::<Result<Vec<_>, _>>()?;
+    // Per method: why it is no longer tried (it failed at a shorter length).
+    let mut failed: Vec<Option<String>> = vec![None; methods.len()];
     for &n in &args.seq_lens {
         let shape = AttentionShape::new(args.q_heads, args.kv_heads, n, args.head_dim);
         let data = if stop.is_none() {
@@ -329,7 +335,7 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             None
         };
-        for (spec, label) in methods.iter().zip(&args.methods) {
+        for (mi, (spec, label)) in methods.iter().zip(&args.methods).enumerate() {
             let method = &spec.resolve(&shape)?;
             let config = match spec {
                 MethodSpec::Fixed(m) => serde_json::to_string(m)?,
@@ -380,8 +386,8 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     ));
                 }
             }
-            if let Some(why) = &stop {
-                println!("{n:>7} tokens: skipped ({why})");
+            if let Some(why) = stop.as_ref().or(failed[mi].as_ref()) {
+                println!("{n:>7} tokens {:<7} skipped ({why})", spec.name());
                 row.note = Some(why.clone());
             } else {
                 let (q, k, v) = data.as_ref().expect("inputs exist unless stopped");
@@ -415,10 +421,11 @@ fn real_main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                         }
                     }
                     Err(e) => {
-                        println!("{n:>7} tokens: error: {e}");
+                        // This method is not tried at longer lengths; the others go on.
+                        println!("{n:>7} tokens {:<7} error: {e}", spec.name());
                         row.status = "error".into();
                         row.note = Some(e.to_string());
-                        stop = Some(format!("error at {n} tokens"));
+                        failed[mi] = Some(format!("failed at {n} tokens"));
                     }
                 }
             }
