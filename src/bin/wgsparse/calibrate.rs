@@ -74,19 +74,20 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
             .unwrap_or_default()
     };
     let t0 = Instant::now();
+    let progress = crate::progress::Progress::new(layers.len() as u64, "calibrate", false);
     let mut out = Vec::new();
     let mut cache = dec.new_cache();
     dec.forward(&ids, &mut cache, &mut |l: &LayerQkv<'_>| -> Result<()> {
         if layers.contains(&l.layer) {
             let shape = AttentionShape::new(c.n_head, c.n_kv_head, l.tokens, c.head_dim);
             let cal = calibrate_layer(&ctx, shape, &base, a.budget, scale, (l.q, l.k, l.v))?;
-            eprintln!(
+            progress.step(&format!(
                 "layer {:>2}: tau {:?} ({} runs, {:.1} s)",
                 l.layer,
                 cal.tau,
                 cal.runs,
                 t0.elapsed().as_secs_f64()
-            );
+            ));
             out.push(LayerThresholds {
                 layer: l.layer,
                 tau: cal.tau,
@@ -95,6 +96,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         }
         Ok(())
     })?;
+    progress.finish();
     let file = SaleThresholds {
         method: "sale".into(),
         model: name(&a.m.model),

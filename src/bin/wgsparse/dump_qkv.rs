@@ -55,6 +55,7 @@ pub fn run(a: &DumpArgs) -> Result<()> {
         .unwrap_or_default();
     let last = *a.layers.iter().max().expect("required");
     let t0 = Instant::now();
+    let progress = crate::progress::Progress::new(a.layers.len() as u64, "dump-qkv", false);
     let mut cache = dec.new_cache();
     // Stop the forward pass after the last dumped layer: the rest is not needed.
     let stop = "done: every asked layer is written";
@@ -84,7 +85,7 @@ pub fn run(a: &DumpArgs) -> Result<()> {
                 .out
                 .join(format!("{stem}_L{}_T{}.safetensors", l.layer, ids.len()));
             f.save(&path, a.dtype)?;
-            eprintln!(
+            progress.step(&format!(
                 "wrote {} (q [{}, {}, {}], k/v [{}, {}, {}], {}, {:.1} s)",
                 path.display(),
                 c.n_head,
@@ -95,13 +96,14 @@ pub fn run(a: &DumpArgs) -> Result<()> {
                 c.head_dim,
                 if l.global { "global" } else { "sliding window" },
                 t0.elapsed().as_secs_f64()
-            );
+            ));
         }
         if l.layer == last {
             return Err(Error::InvalidArgument(stop.into()));
         }
         Ok(())
     });
+    progress.finish();
     match r {
         Err(Error::InvalidArgument(m)) if m == stop => Ok(()),
         Err(e) => Err(e),

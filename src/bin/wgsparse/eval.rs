@@ -283,16 +283,23 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         ctx.backend()
     );
     let t0 = Instant::now();
+    let steps = layers.len()
+        + if a.no_end_to_end {
+            0
+        } else {
+            methods.len() + 1
+        };
+    let progress = crate::progress::Progress::new(steps as u64, "eval", a.json);
     let mut quality = Vec::new();
     let mut observe = |l: &LayerQkv<'_>| -> Result<()> {
         if layers.contains(&l.layer) {
             let shape = AttentionShape::new(c.n_head, c.n_kv_head, l.tokens, c.head_dim);
             let rows = layer_quality(&ctx, l.layer, &shape, scale, (l.q, l.k, l.v), &methods)?;
-            eprintln!(
+            progress.step(&format!(
                 "layer {} measured ({:.1} s)",
                 l.layer,
                 t0.elapsed().as_secs_f64()
-            );
+            ));
             quality.extend(rows);
         }
         Ok(())
@@ -311,14 +318,15 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             &methods,
             &mut observe,
             &mut |r| {
-                eprintln!(
+                progress.step(&format!(
                     "end to end: {} done ({:.1} s)",
                     r.method,
                     t0.elapsed().as_secs_f64()
-                );
+                ));
             },
         )?
     };
+    progress.finish();
     if a.json {
         let report = serde_json::json!({
             "model": model_name, "text": text_name, "tokens": a.tokens,

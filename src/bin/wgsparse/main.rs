@@ -24,6 +24,7 @@ mod layer;
 mod model;
 mod moe;
 mod nll;
+mod progress;
 mod report;
 mod shader;
 mod tune;
