@@ -208,7 +208,7 @@ fn gemma3_greedy_matches_the_research_notes() {
 /// attention-mass recall (exact softmax mass of the kept keys, mean over rows) within
 /// 0.005 of the reference mask's.
 #[test]
-fn proxy_twin_matches_the_f64_reference_on_real_qk() {
+fn smollm2_proxy_twin_matches_the_f64_reference_on_real_qk() {
     use wgsparse::AttentionShape;
     use wgsparse::attention::select::proxy::{
         ProxyConfig, proxy_reference, proxy_select_cpu, select_blocks,
