@@ -287,6 +287,31 @@ pub(crate) fn qk_tile_fast(qg: &[f32], panel: &[f32], simd: bool) -> [[f32; NR];
     qk_tile::<Portable>(qg, panel)
 }
 
+/// Whether [`qk_tile_fast`] may take its AVX2 + FMA path on this CPU.
+pub(crate) fn simd_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Rows of a `[n, d]` matrix packed in panels of [`TILE_KEYS`] keys, each
+/// `[d][TILE_KEYS]` (keys past `n` zero): the operand layout of [`qk_tile_fast`].
+pub(crate) fn pack_key_panels(k: &[f32], n: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n.div_ceil(NR) * NR * d];
+    for (j, krow) in k.chunks_exact(d).take(n).enumerate() {
+        let panel = &mut out[(j / NR) * NR * d..];
+        for (c, &x) in krow.iter().enumerate() {
+            panel[c * NR + j % NR] = x;
+        }
+    }
+    out
+}
+
 /// `e^x` for the other CPU kernels of the crate ([`exp_approx`] with the portable
 /// multiply-add: inside a `target_feature` function it vectorizes like the flash
 /// kernel's). About 1 ulp for `x <= 0`.

@@ -249,19 +249,6 @@ const TILE_ROWS: usize = flash_cpu::TILE_ROWS;
 /// Keys per packed panel.
 const PANEL: usize = flash_cpu::TILE_KEYS;
 
-/// Rows of a `[n, d]` matrix packed in panels of [`PANEL`] keys, each `[d][PANEL]`
-/// (keys past `n` zero): each loaded vector of keys then serves several query rows.
-fn pack_panels(k: &[f32], n: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; n.div_ceil(PANEL) * PANEL * d];
-    for (j, krow) in k.chunks_exact(d).take(n).enumerate() {
-        let panel = &mut out[(j / PANEL) * PANEL * d..];
-        for (c, &x) in krow.iter().enumerate() {
-            panel[c * PANEL + j % PANEL] = x;
-        }
-    }
-    out
-}
-
 /// The scaled scores of up to [`TILE_ROWS`] query rows against the first `keys` keys of
 /// `panels` (into `s[i][..keys]`), through the flash kernel's register tile.
 #[inline(always)]
@@ -402,18 +389,6 @@ fn weigh_head(job: &RowJob<'_>, q_head: &[f32], weight: &mut [f64]) {
     });
 }
 
-/// Whether the CPU runs the AVX2 + FMA builds of the loops above.
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// [`score_block_row`] and [`weigh_head`] compiled for AVX2 + FMA (8-lane loops).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -446,9 +421,9 @@ pub fn proxy_block_scores(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<f32> {
     let kept = cfg.kept_rows();
     let panels: Vec<Vec<f32>> = kbar
         .par_chunks(n * d)
-        .map(|k| pack_panels(k, n, d))
+        .map(|k| flash_cpu::pack_key_panels(k, n, d))
         .collect();
-    let simd = simd();
+    let simd = flash_cpu::simd_tiles();
     let mut scores = vec![0.0f32; cfg.groups * nb * nb];
     scores
         .par_chunks_mut(nb)
@@ -485,8 +460,11 @@ pub fn head_weights(x: &SelectInput<'_>, cfg: &ProxyConfig) -> Vec<Vec<f64>> {
     let (n, d, b) = (shape.seq_len, shape.head_dim, cfg.block);
     let nb = n.div_ceil(b);
     let q_per_kv = shape.q_heads / shape.kv_heads;
-    let panels: Vec<Vec<f32>> = k.par_chunks(n * d).map(|k| pack_panels(k, n, d)).collect();
-    let simd = simd();
+    let panels: Vec<Vec<f32>> = k
+        .par_chunks(n * d)
+        .map(|k| flash_cpu::pack_key_panels(k, n, d))
+        .collect();
+    let simd = flash_cpu::simd_tiles();
     (0..shape.q_heads)
         .into_par_iter()
         .map(|h| {

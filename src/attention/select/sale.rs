@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selection, Selector};
 use super::{PassPairs, SelectionLayout};
 use crate::attention::AttentionShape;
+use crate::attention::flash_cpu;
 use crate::attention::lut::{LutUnit, SparseLut};
 use crate::attention::params::impl_params;
 use crate::attention::sparse::{TwoPassRun, two_pass_cpu};
@@ -310,8 +311,10 @@ pub struct SaleSelection {
 }
 
 /// Block selection on the host from the quantized Q/K and the exact pass's row state
-/// `ml` `[q_heads, n, 2]`. The codes are unpacked once; (head, query block) rows run in
-/// parallel.
+/// `ml` `[q_heads, n, 2]`. The codes are unpacked once, as f32 (their products and sums
+/// are integers below 2^24, so f32 holds them exactly: the same sums as the kernel's
+/// integer arithmetic), K in the flash kernel's key panels; (head, query block) rows run
+/// in parallel through its register tile.
 pub fn select_cpu(
     shape: &AttentionShape,
     cfg: &SaleConfig,
@@ -323,13 +326,19 @@ pub fn select_cpu(
     let (n, d) = (shape.seq_len, shape.head_dim);
     let group = shape.q_heads / shape.kv_heads;
     let w = QuantizedQk::words(quant.bits, d);
-    let unpack = |packed: &[u32]| -> Vec<i8> {
+    let unpack = |packed: &[u32]| -> Vec<f32> {
         packed
             .chunks(w)
-            .flat_map(|row| (0..d).map(move |c| QuantizedQk::code(quant.bits, row, c) as i8))
+            .flat_map(|row| (0..d).map(move |c| QuantizedQk::code(quant.bits, row, c) as f32))
             .collect()
     };
-    let (qc, kc) = (unpack(&quant.q_packed), unpack(&quant.k_packed));
+    let qc = unpack(&quant.q_packed);
+    let kc = unpack(&quant.k_packed);
+    let panels: Vec<Vec<f32>> = kc
+        .par_chunks(n * d)
+        .map(|k| flash_cpu::pack_key_panels(k, n, d))
+        .collect();
+    let simd = flash_cpu::simd_tiles();
     let nqb = n.div_ceil(BLOCK_Q);
     let per_row: Vec<(Vec<u32>, Vec<f32>)> = (0..shape.q_heads * nqb)
         .into_par_iter()
@@ -347,17 +356,17 @@ pub fn select_cpu(
                 n,
                 d,
                 h,
-                kvh: h / group,
                 rows,
                 cand_end: cfg.cand_end(qb),
                 thr: &thr,
                 qc: &qc,
-                kc: &kc,
+                panels: &panels[h / group],
                 quant,
+                simd,
             };
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above).
+            if simd {
+                // SAFETY: the CPU has AVX2 and FMA (`simd_tiles`).
                 return unsafe { job.select_avx2() };
             }
             job.select()
@@ -380,35 +389,65 @@ struct BlockRow<'a> {
     n: usize,
     d: usize,
     h: usize,
-    kvh: usize,
     rows: std::ops::Range<usize>,
     cand_end: usize,
     thr: &'a [f32],
-    qc: &'a [i8],
-    kc: &'a [i8],
+    /// Q codes `[q_heads, n, d]` as f32.
+    qc: &'a [f32],
+    /// The head's K codes as f32 key panels (`flash_cpu::pack_key_panels`).
+    panels: &'a [f32],
     quant: &'a QuantizedQk,
+    simd: bool,
 }
 
 impl BlockRow<'_> {
     /// (kept blocks, margin of every candidate block).
     #[inline(always)]
     fn select(&self) -> (Vec<u32>, Vec<f32>) {
-        let (n, d, h, kvh) = (self.n, self.d, self.h, self.kvh);
+        const MR: usize = flash_cpu::TILE_ROWS;
+        const NR: usize = flash_cpu::TILE_KEYS;
+        let (n, d, h) = (self.n, self.d, self.h);
+        // The block's Q rows in groups of MR, each transposed to [d][MR].
+        let rows: Vec<usize> = self.rows.clone().collect();
+        let groups: Vec<Vec<f32>> = rows
+            .chunks(MR)
+            .map(|g| {
+                let mut qg = vec![0.0f32; d * MR];
+                for (i, &r) in g.iter().enumerate() {
+                    for (c, &x) in self.qc[(h * n + r) * d..][..d].iter().enumerate() {
+                        qg[c * MR + i] = x;
+                    }
+                }
+                qg
+            })
+            .collect();
+        let sq: Vec<f32> = rows
+            .iter()
+            .map(|&r| self.quant.q_meta[h * n + r][0])
+            .collect();
         let mut kept = vec![];
         let mut mg = vec![];
         for kb in 1..self.cand_end {
-            let mut best = f32::NEG_INFINITY;
-            for (ri, i) in self.rows.clone().enumerate() {
-                let qi = &self.qc[(h * n + i) * d..][..d];
-                let sq = self.quant.q_meta[h * n + i][0];
-                for j in kb * BLOCK_K..(kb + 1) * BLOCK_K {
-                    let kj = &self.kc[(kvh * n + j) * d..][..d];
-                    let dot: i32 = qi.iter().zip(kj).map(|(a, b)| *a as i32 * *b as i32).sum();
-                    let [sk, qmk] = self.quant.k_meta[h * n + j];
-                    // Same operation order as the kernel: (Σ · sq) · sk + q_mean·k'.
-                    best = best.max(dot as f32 * sq * sk + qmk - self.thr[ri]);
+            // Lane-wise maxima (one per key of a panel), so the epilogue vectorizes.
+            let mut best = [f32::NEG_INFINITY; NR];
+            for p in (kb * BLOCK_K / NR)..((kb + 1) * BLOCK_K / NR) {
+                let panel = &self.panels[p * NR * d..(p + 1) * NR * d];
+                let meta = &self.quant.k_meta[h * n + p * NR..][..NR];
+                let sk: [f32; NR] = std::array::from_fn(|j| meta[j][0]);
+                let qmk: [f32; NR] = std::array::from_fn(|j| meta[j][1]);
+                for (g, qg) in groups.iter().enumerate() {
+                    let dots = flash_cpu::qk_tile_fast(qg, panel, self.simd);
+                    for (i, row_dots) in dots.iter().enumerate().take(rows.len() - g * MR) {
+                        let (a, t) = (sq[g * MR + i], self.thr[g * MR + i]);
+                        for j in 0..NR {
+                            // Same operation order as the kernel: (Σ · sq) · sk + q_mean·k'.
+                            let v = row_dots[j] * a * sk[j] + qmk[j] - t;
+                            best[j] = if v > best[j] { v } else { best[j] };
+                        }
+                    }
                 }
             }
+            let best = best.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
             if best > 0.0 {
                 kept.push(kb as u32);
             }
@@ -417,13 +456,12 @@ impl BlockRow<'_> {
         (kept, mg)
     }
 
-    /// [`BlockRow::select`] compiled for AVX2: the integer dot products vectorize to
-    /// 16-lane multiply-adds (4× the baseline SSE2 code's width).
+    /// [`BlockRow::select`] compiled for AVX2 + FMA (the epilogue vectorizes to 8 lanes).
     ///
     /// # Safety
-    /// The CPU must support AVX2.
+    /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn select_avx2(&self) -> (Vec<u32>, Vec<f32>) {
         self.select()
     }
