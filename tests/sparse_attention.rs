@@ -222,6 +222,44 @@ fn sparse_executors_split_rows_under_low_binding_limits() {
     );
 }
 
+/// The two-pass methods when their f32 row state `acc` is larger than one binding but
+/// their f16 Q/K fit (how SALE failed at 128k on an H200: acc 2 GiB vs 2 GiB − 4): the
+/// flash passes bind the state by row ranges, so the plans build and match the CPU twin.
+#[test]
+fn two_pass_methods_split_a_row_state_over_the_binding_limit() {
+    // 300,000-byte bindings: f16 Q of 4 heads × 512 × 64 is 262,144 bytes (fits), the
+    // f32 row state 524,288 (does not).
+    let Some(ctx) = common::gpu(Some(300_000)) else {
+        return;
+    };
+    let seed = common::seed();
+    let shape = AttentionShape::new(4, 2, 512, 64);
+    let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), seed);
+    let proxy = Method::Proxy(wgsparse::attention::select::proxy::ProxyConfig {
+        block: 64,
+        min_budget: 128,
+        gamma: 0.9,
+        ..Default::default()
+    });
+    for method in [proxy, Method::Anchor(small_anchor())] {
+        let (got, report) =
+            method_against_cpu_twin(&ctx, shape, &method, DType::F16, true, (&q, &k, &v))
+                .unwrap_or_else(|e| panic!("{}: {e}", method.name()));
+        assert!(
+            report.density < 1.0,
+            "{}: {}",
+            method.name(),
+            report.density
+        );
+        assert!(
+            got.errors.max_abs_err <= dense_tolerance(DType::F16),
+            "{}: {:?}",
+            method.name(),
+            got.errors
+        );
+    }
+}
+
 fn small_anchor() -> AnchorConfig {
     AnchorConfig {
         theta: 4.0,

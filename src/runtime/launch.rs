@@ -163,6 +163,28 @@ pub(crate) fn storage(g: &GpuDevice, label: &str, size: u64) -> Result<wgpu::Buf
     }))
 }
 
+/// A storage buffer of `size` bytes that kernels only ever bind by ranges no larger than
+/// the binding limit (the flash executor's row state, split with its rows): checked
+/// against the device's buffer limit, not the binding limit.
+pub(crate) fn storage_ranged(g: &GpuDevice, label: &str, size: u64) -> Result<wgpu::Buffer> {
+    let limit = g.caps.max_buffer;
+    if size > limit {
+        return Err(Error::too_large(
+            format!("{label} (one buffer)"),
+            size,
+            limit,
+        ));
+    }
+    Ok(g.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.div_ceil(4).max(4) * 4,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    }))
+}
+
 /// A storage buffer initialized with `words`.
 pub(crate) fn storage_init(g: &GpuDevice, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
     let buf = storage(g, label, bytes.len() as u64)?;

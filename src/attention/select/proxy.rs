@@ -47,7 +47,7 @@ use crate::attention::lut::{LutUnit, SparseLut};
 use crate::attention::params::impl_params;
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Launch, check_axis, grid_2d, storage};
+use crate::runtime::launch::{Launch, check_axis, check_binding, grid_2d, storage};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
@@ -875,6 +875,10 @@ impl ProxySelectGpu {
         let max = g.caps.max_workgroups_per_dim;
         check_axis(nb as u64, max, "proxy query blocks")?;
         check_axis(hq as u64, max, "proxy heads")?;
+        // The pool and head-weight kernels bind Q and K whole.
+        let es = opts.dtype.size() as u64;
+        check_binding(g, "Q (proxy pool)", (hq * n * d) as u64 * es)?;
+        check_binding(g, "K (proxy pool)", (shape.kv_heads * n * d) as u64 * es)?;
         let pool_threads = ((cfg.groups * (nb * kept + n)) * (d / 4)) as u64;
         let grid_pool = grid_2d(pool_threads.div_ceil(64), max, "proxy pool")?;
         let params = ProxyParams {
