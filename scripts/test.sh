@@ -131,6 +131,10 @@ say "cargo doc (the library's docs build without warnings)"
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --lib
 say "cargo build --no-default-features --lib (the crate as a dependency, no CLI)"
 cargo build --locked --no-default-features --lib
+# The .crate an app would download: its file list must hold every shader the library
+# include_str!s, and cargo's verification builds the crate from the unpacked package.
+say "cargo package (the crate packs with its shaders and builds from the package)"
+cargo package --locked -p wgsparse --allow-dirty
 if [ "${WGSPARSE_SKIP_MODELS:-0}" != 1 ]; then
     say "scripts/test-models.sh (SmolLM2: numpy reference, eval, GPU-vs-CPU decoder; WGSPARSE_SKIP_MODELS=1 skips it)"
     bash scripts/test-models.sh
