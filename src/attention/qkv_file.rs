@@ -233,4 +233,41 @@ mod tests {
             Err(Error::Io(_))
         ));
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(96))]
+            /// Random byte changes (mostly in the JSON header) and truncations of a valid
+            /// file: `load` returns a typed error or a file, never panics.
+            #[test]
+            fn mutated_files_never_panic(
+                edits in proptest::collection::vec((0usize..400, any::<u8>()), 1..6),
+                cut in proptest::option::of(any::<prop::sample::Index>()),
+                case in 0u64..u64::MAX,
+            ) {
+                let dir = std::env::temp_dir()
+                    .join(format!("wgsparse-qkv-fuzz-{}-{case}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let path = dir.join("f.safetensors");
+                sample().save(&path, DType::F16).unwrap();
+                let mut b = std::fs::read(&path).unwrap();
+                for (at, v) in &edits {
+                    let i = at % b.len();
+                    b[i] = *v;
+                }
+                if let Some(c) = cut {
+                    b.truncate(c.index(b.len()));
+                }
+                std::fs::write(&path, &b).unwrap();
+                let r = QkvFile::load(&path);
+                std::fs::remove_dir_all(&dir).ok();
+                if let Err(e) = r {
+                    prop_assert!(matches!(e, Error::BadFile { .. } | Error::Io(_)), "{e}");
+                }
+            }
+        }
+    }
 }

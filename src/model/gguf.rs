@@ -542,4 +542,52 @@ mod tests {
             "{e}"
         );
     }
+
+    /// A header that claims a tensor of 2^40 elements (and no data) is refused from the
+    /// header alone, before anything of that size is allocated.
+    #[test]
+    fn a_huge_claimed_tensor_is_refused_before_allocating() {
+        let b = GgufBuilder::new().tensor_f32("w", &[4], &[0.0; 4]).build();
+        let mut bad = b.clone();
+        // The single dim sits after the header (24 bytes), the name (8 + 1) and the rank.
+        let dim_at = 24 + 8 + 1 + 4;
+        bad[dim_at..dim_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let e = Gguf::from_bytes(bad).err().expect("must fail");
+        assert!(e.to_string().contains("truncated file: tensor `w`"), "{e}");
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+            /// Random byte changes and truncations of a valid file: the reader returns
+            /// a typed error or a file, never panics (and so never allocates what a
+            /// corrupt length claims: that would abort).
+            #[test]
+            fn mutated_files_never_panic(
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+                cut in proptest::option::of(any::<prop::sample::Index>()),
+            ) {
+                let mut b = sample();
+                for (at, v) in &edits {
+                    let i = at.index(b.len());
+                    b[i] = *v;
+                }
+                if let Some(c) = cut {
+                    b.truncate(c.index(b.len()));
+                }
+                match Gguf::from_bytes(b) {
+                    Ok(g) => {
+                        // Whatever opened reads its tensors without panicking too.
+                        for t in g.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>() {
+                            let _ = g.tensor_f32(&t);
+                        }
+                    }
+                    Err(e) => prop_assert!(matches!(e, Error::Gguf(_)), "{e}"),
+                }
+            }
+        }
+    }
 }
