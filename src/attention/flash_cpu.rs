@@ -848,8 +848,7 @@ fn attention_with(
     }
 
     #[cfg(target_arch = "x86_64")]
-    let avx2_fma =
-        allow_simd && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let avx2_fma = allow_simd && simd_tiles();
     #[cfg(not(target_arch = "x86_64"))]
     let _ = allow_simd;
     tasks.into_par_iter().for_each(|task| {

@@ -153,6 +153,36 @@ pub struct HeadQuality {
     pub oracle_row_density: Option<f64>,
 }
 
+/// A plan of `method` for one attention with its inputs uploaded (f32) and a
+/// NaN-poisoned output.
+struct Prepared {
+    plan: crate::attention::AttentionPlan,
+    qkv: [Tensor; 3],
+    out: Tensor,
+}
+
+fn prepare(
+    ctx: &Context,
+    shape: AttentionShape,
+    method: &Method,
+    scale: f32,
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<Prepared> {
+    let (q, k, v) = upload_qkv(ctx, &shape, qkv.0, qkv.1, qkv.2, DType::F32)?;
+    let plan = ctx
+        .attention(shape)
+        .method(method.clone())
+        .dtype(DType::F32)
+        .scale(scale)
+        .build()?;
+    let out = Tensor::filled(ctx, &shape.q_dims(), DType::F32, f32::NAN)?;
+    Ok(Prepared {
+        plan,
+        qkv: [q, k, v],
+        out,
+    })
+}
+
 /// Runs `method` on one attention and returns its output, its final row state (m, l)
 /// per row, and its density.
 fn run_rows(
@@ -162,14 +192,11 @@ fn run_rows(
     scale: f32,
     qkv: (&[f32], &[f32], &[f32]),
 ) -> Result<(Vec<f32>, Vec<f32>, f64)> {
-    let (qt, kt, vt) = upload_qkv(ctx, &shape, qkv.0, qkv.1, qkv.2, DType::F32)?;
-    let plan = ctx
-        .attention(shape)
-        .method(method.clone())
-        .dtype(DType::F32)
-        .scale(scale)
-        .build()?;
-    let mut out = Tensor::filled(ctx, &shape.q_dims(), DType::F32, f32::NAN)?;
+    let Prepared {
+        plan,
+        qkv: [qt, kt, vt],
+        mut out,
+    } = prepare(ctx, shape, method, scale, qkv)?;
     let ml = if method.manages_state() {
         plan.run_into(&qt, &kt, &vt, &mut out)?;
         pollster::block_on(plan.row_stats())?
@@ -198,14 +225,11 @@ fn run_layer(
     scale: f32,
     qkv: (&[f32], &[f32], &[f32]),
 ) -> Result<LayerRun> {
-    let (qt, kt, vt) = upload_qkv(ctx, &shape, qkv.0, qkv.1, qkv.2, DType::F32)?;
-    let plan = ctx
-        .attention(shape)
-        .method(method.clone())
-        .dtype(DType::F32)
-        .scale(scale)
-        .build()?;
-    let mut out = Tensor::filled(ctx, &shape.q_dims(), DType::F32, f32::NAN)?;
+    let Prepared {
+        plan,
+        qkv: [qt, kt, vt],
+        mut out,
+    } = prepare(ctx, shape, method, scale, qkv)?;
     plan.run_into(&qt, &kt, &vt, &mut out)?;
     let ml = pollster::block_on(plan.row_stats())?
         .ok_or_else(|| Error::InvalidArgument("the plan kept no row state".into()))?;

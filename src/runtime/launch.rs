@@ -153,14 +153,19 @@ pub(crate) fn uniform(g: &GpuDevice, label: &str, bytes: &[u8]) -> wgpu::Buffer 
 /// limit: a typed [`Error::TooLarge`] names it when it does not fit.
 pub(crate) fn storage(g: &GpuDevice, label: &str, size: u64) -> Result<wgpu::Buffer> {
     check_binding(g, label, size)?;
-    Ok(g.device.create_buffer(&wgpu::BufferDescriptor {
+    Ok(new_storage(g, label, size))
+}
+
+/// A storage buffer of `size` bytes (rounded up to whole words, at least one), unchecked.
+fn new_storage(g: &GpuDevice, label: &str, size: u64) -> wgpu::Buffer {
+    g.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: size.div_ceil(4).max(4) * 4,
         usage: wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
-    }))
+    })
 }
 
 /// A storage buffer of `size` bytes that kernels only ever bind by ranges no larger than
@@ -175,14 +180,7 @@ pub(crate) fn storage_ranged(g: &GpuDevice, label: &str, size: u64) -> Result<wg
             limit,
         ));
     }
-    Ok(g.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: size.div_ceil(4).max(4) * 4,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    }))
+    Ok(new_storage(g, label, size))
 }
 
 /// A storage buffer initialized with `words`.

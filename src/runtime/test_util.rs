@@ -22,6 +22,16 @@ pub(crate) fn gpu() -> Option<Context> {
     }
 }
 
+/// A fresh seed for random test inputs (printed, so a failure can be replayed).
+pub(crate) fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64;
+    eprintln!("seed = {s}");
+    s
+}
+
 /// `n` uniform values in `(-s, s)`.
 pub(crate) fn rnd(rng: &mut rand::rngs::StdRng, n: usize, s: f32) -> Vec<f32> {
     use rand::Rng;

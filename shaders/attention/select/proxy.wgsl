@@ -128,8 +128,9 @@ fn scores_of(base: u32, key: u32) -> array<f32, ROWS> {
 
 // First sweep: the softmax max and sum of each row over keys j < limit[i] (rows with
 // limit 0 are absent), through the key blocks this thread owns, combined over the
-// workgroup into row_ml. Call from uniform control flow.
-fn row_stats(lid: u32, base: u32, limit: array<u32, ROWS>, last_block: u32) {
+// workgroup (through row_ml) and returned to every thread. Call from uniform control
+// flow.
+fn row_stats(lid: u32, base: u32, limit: array<u32, ROWS>, last_block: u32) -> array<vec2<f32>, ROWS> {
     var mx: array<f32, ROWS>;
     var l: array<f32, ROWS>;
     var top = 0u;
@@ -173,6 +174,11 @@ fn row_stats(lid: u32, base: u32, limit: array<u32, ROWS>, last_block: u32) {
         row_ml[lid] = vec2<f32>(m, sum);
     }
     workgroupBarrier();
+    var ml: array<vec2<f32>, ROWS>;
+    for (var i = 0u; i < ROWS; i++) {
+        ml[i] = row_ml[i];
+    }
+    return ml;
 }
 
 #ifdef HEAD_WEIGHTS
@@ -198,11 +204,7 @@ fn proxy_head_weights(wg: Workgroup, @builtin(local_invocation_index) lid: u32) 
     }
     workgroupBarrier();
     let base = kvh * p.seq_len * D4;
-    row_stats(lid, base, limit, last);
-    var ml: array<vec2<f32>, ROWS>;
-    for (var i = 0u; i < ROWS; i++) {
-        ml[i] = row_ml[i];
-    }
+    let ml = row_stats(lid, base, limit, last);
     for (var n = lid; n <= last; n += WG) {
         let k0 = n * p.block;
         let k1 = min(k0 + p.block, p.seq_len);
@@ -247,11 +249,7 @@ fn proxy_block_scores(wg: Workgroup, @builtin(local_invocation_index) lid: u32) 
             qs[x] = v;
         }
         workgroupBarrier();
-        row_stats(lid, base, limit, m);
-        var ml: array<vec2<f32>, ROWS>;
-        for (var i = 0u; i < ROWS; i++) {
-            ml[i] = row_ml[i];
-        }
+        let ml = row_stats(lid, base, limit, m);
         for (var n = lid; n <= m; n += WG) {
             let k0 = n * p.block;
             let k1 = min(k0 + p.block, p.seq_len);
@@ -387,6 +385,17 @@ fn proxy_budget(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 @group(0) @binding(4) var<storage, read_write> lut_ranges: array<vec2<u32>>;
 @group(0) @binding(5) var<storage, read_write> lut_idx: array<u32>;
 
+// Whether a score (its bits) is among the kept: above the cut `t`, or equal to it and
+// among the first `need_eq` equal ones (`eq_rank`: this one's rank, advanced).
+fn is_kept(a: u32, t: u32, need_eq: u32, eq_rank: ptr<function, u32>) -> bool {
+    if a == t {
+        let kept = *eq_rank < need_eq;
+        *eq_rank += 1u;
+        return kept;
+    }
+    return a > t;
+}
+
 @compute @workgroup_size(64)
 fn proxy_select(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let m = wg.id.x;
@@ -422,30 +431,22 @@ fn proxy_select(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         eq += select(0u, 1u, a == t);
     }
     let need_eq = keep - scan_u32(lid, gt).y;
-    // Equal scores: the lowest blocks first.
-    var eq_rank = scan_u32(lid, eq).x;
+    // Equal scores: the lowest blocks first (this thread's first equal one has rank
+    // eq_first among them).
+    let eq_first = scan_u32(lid, eq).x;
+    var eq_rank = eq_first;
     var written = 0u;
     for (var n = lo; n < hi; n++) {
-        let a = bitcast<u32>(scores[row_at + n]);
-        var kept = a > t;
-        if a == t {
-            kept = eq_rank < need_eq;
-            eq_rank += 1u;
-        }
+        let kept = is_kept(bitcast<u32>(scores[row_at + n]), t, need_eq, &eq_rank);
         written += select(0u, 1u, kept && n != 0u && n != m);
     }
     let row = h * nb + m;
     let at = scan_u32(lid, written);
     let base = row_base[row];
     var pos = base + at.x;
-    eq_rank = scan_u32(lid, eq).x;
+    eq_rank = eq_first;
     for (var n = lo; n < hi; n++) {
-        let a = bitcast<u32>(scores[row_at + n]);
-        var kept = a > t;
-        if a == t {
-            kept = eq_rank < need_eq;
-            eq_rank += 1u;
-        }
+        let kept = is_kept(bitcast<u32>(scores[row_at + n]), t, need_eq, &eq_rank);
         if kept && n != 0u && n != m {
             lut_idx[pos] = n;
             pos += 1u;

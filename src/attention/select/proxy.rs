@@ -1167,24 +1167,7 @@ mod tests {
     }
 
     use crate::attention::{GpuPlan, Method, upload_qkv};
-    use crate::runtime::test_util::gpu;
-
-    fn seed() -> u64 {
-        let s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        eprintln!("seed = {s}");
-        s
-    }
-
-    /// The values a tensor of `dtype` holds (f16 storage rounds).
-    fn stored(x: &[f32], dtype: DType) -> Vec<f32> {
-        match dtype {
-            DType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-            _ => x.to_vec(),
-        }
-    }
+    use crate::runtime::test_util::{gpu, seed};
 
     fn close_rel(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
         assert_eq!(got.len(), want.len(), "{what}: lengths");
@@ -1220,7 +1203,11 @@ mod tests {
                 ..Default::default()
             };
             let (q, k, v) = qkv_host(&shape, seed());
-            let (q, k, v) = (stored(&q, dtype), stored(&k, dtype), stored(&v, dtype));
+            let (q, k, v) = (
+                dtype.round_trip(&q),
+                dtype.round_trip(&k),
+                dtype.round_trip(&v),
+            );
             let plan = ctx
                 .attention(shape)
                 .method(Method::Proxy(cfg))

@@ -1173,7 +1173,7 @@ mod tests {
         assert!(cfg.validate_heads(3).is_ok());
     }
 
-    use crate::runtime::test_util::gpu;
+    use crate::runtime::test_util::{gpu, seed};
 
     /// Random Q, K, V with a non-zero mean per channel (so the smoothing matters).
     fn random_qkv(shape: &AttentionShape, seed: u64) -> [Vec<f32>; 3] {
@@ -1191,15 +1191,6 @@ mod tests {
             make(shape.kv_heads),
             make(shape.kv_heads),
         ]
-    }
-
-    fn seed() -> u64 {
-        let s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        eprintln!("seed = {s}");
-        s
     }
 
     /// GPU quantization vs the CPU twin, then the estimation kernel's integer dot
