@@ -93,6 +93,57 @@ fn dense_on_matrix_units_matches_the_cpu_twin() {
     }
 }
 
+/// Keys whose scores grow along the sequence: each row's running maximum climbs far past
+/// the reference the matrix-unit kernel keeps (it rescales its register accumulators
+/// only when a key tile's maximum exceeds that reference by 2^8), so the rare rescale
+/// path runs, in rows of every subgroup, and the result still matches the CPU twin.
+#[test]
+fn dense_on_matrix_units_rescales_when_the_maximum_grows() {
+    let Some((ctx, kernel, seed)) = setup() else {
+        return;
+    };
+    let shape = AttentionShape::new(2, 1, 150, 64);
+    let (q, mut k, v) = qkv_host(&shape, seed);
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    // Key j scaled by 1 + 7 j / n: score spreads from ~1 to ~8 (natural units).
+    for (i, row) in k.chunks_mut(d).enumerate() {
+        let j = i % n;
+        let s = 1.0 + 7.0 * j as f32 / n as f32;
+        row.iter_mut().for_each(|x| *x *= s);
+    }
+    // The data does what it is for: most late rows' maxima exceed their first 16 keys'
+    // maximum by more than 8 log2 units.
+    let scale = 1.0 / (d as f32).sqrt() * std::f32::consts::LOG2_E;
+    let grows = (n / 2..n)
+        .filter(|&r| {
+            let score = |j: usize| -> f32 {
+                (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum::<f32>() * scale
+            };
+            let first = (0..16).map(score).fold(f32::MIN, f32::max);
+            let all = (0..=r).map(score).fold(f32::MIN, f32::max);
+            all > first + 8.0
+        })
+        .count();
+    assert!(grows > n / 4, "only {grows} rows need a rescale");
+    for causal in [true, false] {
+        let (got, _) = method_against_cpu_twin(
+            &ctx,
+            shape,
+            &Method::Dense,
+            DType::F16,
+            causal,
+            (&q, &k, &v),
+        )
+        .unwrap();
+        assert_f16_run(
+            &got.report,
+            &got.errors,
+            kernel,
+            &format!("rescale causal={causal}"),
+        );
+    }
+}
+
 #[test]
 fn fixed_sparse_executors_on_matrix_units_match_the_cpu_twin() {
     let Some((ctx, kernel, seed)) = setup() else {

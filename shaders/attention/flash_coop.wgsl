@@ -3,26 +3,33 @@
 // import/export as the portable kernel (flash.wgsl), with Q·Kᵀ and P·V as
 // coopMultiplyAdd on f16 tiles accumulated in f32.
 //
-// A workgroup of WG threads (several subgroups) computes BQ query rows of one q-head
-// against key tiles of BK keys. Q (f16) stays in workgroup memory for the whole run;
-// each key tile's K and V rows are staged there as f16. Cooperative matrices have no
-// per-element access, so everything per element goes through workgroup memory:
-//   1. S = Q·Kᵀ: the BQ x BK score tile as (BQ/T) x (BK/T) output tiles spread over
-//      the subgroups, each summing D/T products (Q row-major as A; K row-major loaded
-//      column-major, i.e. Kᵀ, as B), stored to S (f32);
-//   2. per row (one thread each): scale, mask, online softmax; P = weights as f16;
-//   3. the accumulator O (f32, BQ x D, in workgroup memory) is rescaled per row;
-//   4. O += P·V: (BQ/T) x (D/T) output tiles over the subgroups, each loading its O tile
-//      as C, adding BK/T products (P as A, V row-major as B) and storing it back.
-// The f32 row sums l add the weights as P·V uses them (rounded to f16, unless the
-// compiler folds the f32 → f16 → f32 round trip; either way within the f16 tolerance).
+// A workgroup computes BQ query rows of one q-head; each of its subgroups owns RS =
+// RTS·T of those rows for the whole run and keeps their Q tiles (role A) and their output
+// accumulator O (RTS × DT f32 tiles) in registers. The workgroup walks the key tiles
+// (BK keys) together: K and V are staged in workgroup memory as f16 (the next tile is
+// fetched into registers while the current one is computed), then each subgroup, on its
+// own rows only:
+//   1. S = Q·Kᵀ: RTS × KT score tiles, each summing DT products (K row-major loaded
+//      column-major, i.e. Kᵀ, as B), stored to the subgroup's rows of S (f32);
+//   2. the online softmax of its rows (lanes split a row's keys and combine with
+//      subgroup shuffles); the weights P go to workgroup memory as f16;
+//   3. O += P·V on the registers.
+// Matrix tiles have no per-element access, so the usual per-row rescale of O when the
+// running maximum grows is done lazily: a row keeps its reference maximum m until a
+// key tile's maximum exceeds it by more than RESCALE_SLACK (log2 units; the weights are
+// then at most 2^RESCALE_SLACK, well inside f16), and only then (rare: at most a few
+// times per row) does the workgroup pass its accumulators through workgroup memory to
+// scale them. Softmax is invariant to the reference, so (m, l, O) stay an exact row
+// state for the split and two-pass plans.
 //
-// Constants: D (head_dim, a multiple of T), T (tile: 8 or 16, TILE16 selects 16), BQ
-// (rows per workgroup, a multiple of T), BK (keys per tile, a multiple of T), WG
-// (threads), PF (vec4 of a K/V tile per thread: ceil(BK D / 4 / WG)). Storage is f16 (STORE_F16): the f16 operands are the stored values
-// themselves.
+// Constants: D (head_dim, a multiple of BK), T (tile: 8 or 16, TILE16 selects 16), BQ
+// (rows per workgroup), BK (keys per tile, a multiple of T), RTS (row tiles per
+// subgroup; the launcher sizes WG = BQ / (RTS T) subgroups), KT = BK / T, DT = D / T,
+// NCH = D / BK, WG (threads), PF (key/value vec4 per thread and tile: ceil(BK D / 4 / WG)).
+// Storage is f16 (STORE_F16): the operands are the stored values themselves. Row
+// strides in workgroup memory are padded by 16 bytes so that the rows of a matrix tile
+// fall in different banks.
 
-#include "common/invocation.wgsl"
 #include "common/storage.wgsl"
 #include "common/online_softmax.wgsl"
 
@@ -30,45 +37,31 @@
 
 #include "common/coop.wgsl"
 
-const RT: u32 = BQ / T;   // row tiles
-const KT: u32 = BK / T;   // key tiles per key block
-const DT: u32 = D / T;    // head_dim tiles
+const RS: u32 = RTS * T;      // rows per subgroup
 const D4: u32 = D / 4u;
+const DP: u32 = D + 8u;       // row stride of K and V (halves)
+const SP: u32 = BK + 4u;      // row stride of S (floats)
+const PP: u32 = BK + 8u;      // row stride of P (halves)
+const RESCALE_SLACK: f32 = 8.0;
 
 #include "attention/flash_common.wgsl"
 
-var<workgroup> q_s: array<f16, BQ * D>;   // Q rows [BQ][D]
-var<workgroup> k_s: array<f16, BK * D>;   // K rows of the key tile [BK][D]
-var<workgroup> v_s: array<f16, BK * D>;   // V rows [BK][D]
-var<workgroup> s_s: array<f32, BQ * BK>;  // scores [BQ][BK]
-var<workgroup> p_s: array<f16, BQ * BK>;  // weights [BQ][BK]
-var<workgroup> o_s: array<f32, BQ * D>;   // accumulator [BQ][D]
+var<workgroup> k_s: array<f16, BK * DP>;  // K rows of the key tile
+var<workgroup> v_s: array<f16, BK * DP>;  // V rows
+var<workgroup> s_s: array<f32, BQ * SP>;  // scores; a subgroup's scratch tile
+var<workgroup> p_s: array<f16, BQ * PP>;  // weights; Q while it is loaded
+var<workgroup> wg_rescale: u32;           // some row of this key tile needs a rescale
 
-fn store_f16x4(dst: u32, v: vec4<f32>, which: u32) {
-    let h = vec4<f16>(v);
-    if which == 0u {
-        q_s[dst] = h.x;
-        q_s[dst + 1u] = h.y;
-        q_s[dst + 2u] = h.z;
-        q_s[dst + 3u] = h.w;
-    } else if which == 1u {
-        k_s[dst] = h.x;
-        k_s[dst + 1u] = h.y;
-        k_s[dst + 2u] = h.z;
-        k_s[dst + 3u] = h.w;
-    } else {
-        v_s[dst] = h.x;
-        v_s[dst + 1u] = h.y;
-        v_s[dst + 2u] = h.z;
-        v_s[dst + 3u] = h.w;
-    }
+// The four halves of a stored vec4 (f16 storage: two u32 words).
+fn halves(w: Store4) -> vec4<f16> {
+    return vec4<f16>(decode4(w));
 }
 
 // This thread's share of a key tile's K and V rows (vec4 lid + u WG of the tile,
 // u < PF), fetched one tile ahead: the second buffer of the K/V staging.
 #unroll u PF
-var<private> pk${u}: vec4<f32>;
-var<private> pv${u}: vec4<f32>;
+var<private> pk${u}: Store4;
+var<private> pv${u}: Store4;
 #endunroll
 
 // Fetches key tile `it` into pk/pv (zero past the visible keys; nothing past the last
@@ -78,14 +71,36 @@ fn fetch_tile(it: u32, lid: u32, kvh: u32, key_end: u32, n_tiles: u32) {
 #unroll u PF
     {
         let i = lid + ${u}u * WG;
-        pk${u} = vec4<f32>(0.0);
-        pv${u} = vec4<f32>(0.0);
+        pk${u} = Store4();
+        pv${u} = Store4();
         if i < BK * D4 {
             let key = tile_key(it, i / D4);
             if key < key_end {
-                pk${u} = decode4(k_buf[kv_row_vec4(p.k_base, kvh, key) + i % D4]);
-                pv${u} = decode4(v_buf[kv_row_vec4(p.v_base, kvh, key) + i % D4]);
+                pk${u} = k_buf[kv_row_vec4(p.k_base, kvh, key) + i % D4];
+                pv${u} = v_buf[kv_row_vec4(p.v_base, kvh, key) + i % D4];
             }
+        }
+    }
+#endunroll
+}
+
+// Moves the fetched K/V vec4s into workgroup memory.
+fn stage_tile(lid: u32) {
+#unroll u PF
+    {
+        let i = lid + ${u}u * WG;
+        if i < BK * D4 {
+            let o = (i / D4) * DP + (i % D4) * 4u;
+            let k = halves(pk${u});
+            let v = halves(pv${u});
+            k_s[o] = k.x;
+            k_s[o + 1u] = k.y;
+            k_s[o + 2u] = k.z;
+            k_s[o + 3u] = k.w;
+            v_s[o] = v.x;
+            v_s[o + 1u] = v.y;
+            v_s[o + 2u] = v.z;
+            v_s[o + 3u] = v.w;
         }
     }
 #endunroll
@@ -95,112 +110,213 @@ fn fetch_tile(it: u32, lid: u32, kvh: u32, key_end: u32, n_tiles: u32) {
 fn flash_attention_coop(me: InvocationSub) {
     let h = p.h0 + me.id.y;
     let kvh = h / p.group;
-    let row0 = p.r0 + me.id.x * BQ;
+    // Causal rows further down see more keys: the heaviest workgroups start first.
+    let row0 = p.r0 + (me.count.x - 1u - me.id.x) * BQ;
     let row_end = min(row0 + BQ, p.r1);
     let scale2 = p.scale * LOG2E;
+    let sr0 = me.sid * RS;         // this subgroup's first row in the workgroup
+    let scr = sr0 * SP;            // its T x T scratch tile in s_s
+    // Rows a lane works on in the softmax: RPL rows, lanes sharing a row split its keys.
+    let parts = max(1u, me.sgs / RS);
+    let part = me.lane / RS;
+    let rpl = max(1u, RS / me.sgs);
 
-    // Row state: m and l per row, the accumulator in o_s; Q as f16.
     for (var r = me.lid; r < BQ; r += WG) {
         init_row_state(h, row0, r);
     }
-    for (var i = me.lid; i < BQ * D4; i += WG) {
-        let r = i / D4;
-        let c4 = i % D4;
-        var q = vec4<f32>(0.0);
-        var a = vec4<f32>(0.0);
-        if row0 + r < p.r1 {
-            q = decode4(q_buf[q_row_vec4(h, row0 + r) + c4]);
-#ifdef IMPORT_STATE
-            a = acc_buf[acc_row_vec4(h, row0 + r) + c4];
-#endif
-        }
-        store_f16x4(i * 4u, q, 0u);
-        o_s[i * 4u] = a.x;
-        o_s[i * 4u + 1u] = a.y;
-        o_s[i * 4u + 2u] = a.z;
-        o_s[i * 4u + 3u] = a.w;
+    if me.lid == 0u {
+        wg_rescale = 0u;
     }
+
+    // Q into registers, BK columns at a time through p_s.
+#unroll c NCH
+    workgroupBarrier();
+    for (var i = me.lid; i < BQ * BK / 4u; i += WG) {
+        let r = i / (BK / 4u);
+        let c4 = i % (BK / 4u);
+        var q = vec4<f16>();
+        if row0 + r < p.r1 {
+            q = halves(q_buf[q_row_vec4(h, row0 + r) + ${c}u * (BK / 4u) + c4]);
+        }
+        let o = r * PP + c4 * 4u;
+        p_s[o] = q.x;
+        p_s[o + 1u] = q.y;
+        p_s[o + 2u] = q.z;
+        p_s[o + 3u] = q.w;
+    }
+    workgroupBarrier();
+#unroll i RTS
+#unroll j KT
+    let qo${i}_${c}_${j} = (sr0 + ${i}u * T) * PP + ${j}u * T;
+    let q${i}_${c}_${j} = coopLoadT<MatA>(&p_s[qo${i}_${c}_${j}], PP);
+#endunroll
+#endunroll
+#endunroll
+
+    // The accumulators: zero, or the imported state through the scratch tile.
+#unroll i RTS
+#unroll dt DT
+    var o${i}_${dt} = MatC();
+#ifdef IMPORT_STATE
+    workgroupBarrier();
+    for (var e = me.lane; e < T * T / 4u; e += me.sgs) {
+        let r = e / (T / 4u);
+        let c4 = e % (T / 4u);
+        let row = row0 + sr0 + ${i}u * T + r;
+        var a = vec4<f32>(0.0);
+        if row < p.r1 {
+            a = acc_buf[acc_row_vec4(h, row) + ${dt}u * (T / 4u) + c4];
+        }
+        let so = scr + r * SP + c4 * 4u;
+        s_s[so] = a.x;
+        s_s[so + 1u] = a.y;
+        s_s[so + 2u] = a.z;
+        s_s[so + 3u] = a.w;
+    }
+    workgroupBarrier();
+    o${i}_${dt} = coopLoadT<MatC>(&s_s[scr], SP);
+#endif
+#endunroll
+#endunroll
 
     let plan = key_plan(h, row0, row_end, me.lid);
     let key_end = plan.x;
     let n_tiles = plan.y;
 
-    // K/V double buffering: the next tile's rows are fetched into registers
-    // (fetch_tile) while the current tile is computed from workgroup memory, and moved
-    // there at the start of the next iteration.
     fetch_tile(0u, me.lid, kvh, key_end, n_tiles);
     for (var it = 0u; it < n_tiles; it++) {
+        // Every subgroup is done with the previous tile's K/V and the rescale flag.
         workgroupBarrier();
-        // Stage the fetched K and V rows as f16 (zero past the visible keys), then
-        // start fetching the next tile.
-#unroll u PF
-        if me.lid + ${u}u * WG < BK * D4 {
-            store_f16x4((me.lid + ${u}u * WG) * 4u, pk${u}, 1u);
-            store_f16x4((me.lid + ${u}u * WG) * 4u, pv${u}, 2u);
+        if me.lid == 0u {
+            wg_rescale = 0u;
+        }
+        stage_tile(me.lid);
+        workgroupBarrier();
+        fetch_tile(it + 1u, me.lid, kvh, key_end, n_tiles);
+
+        // 1. S = Q·Kᵀ on this subgroup's rows.
+#unroll kt KT
+        {
+#unroll i RTS
+            var c${i} = MatC();
+#endunroll
+#unroll c NCH
+#unroll j KT
+            let ko${c}_${j} = ${kt}u * T * DP + (${c}u * KT + ${j}u) * T;
+            let kb${c}_${j} = coopLoad<MatB>(&k_s[ko${c}_${j}], DP);
+#unroll i RTS
+            c${i} = coopMultiplyAdd(q${i}_${c}_${j}, kb${c}_${j}, c${i});
+#endunroll
+#endunroll
+#endunroll
+#unroll i RTS
+            let so${i} = (sr0 + ${i}u * T) * SP + ${kt}u * T;
+            coopStoreT(c${i}, &s_s[so${i}], SP);
+#endunroll
         }
 #endunroll
         workgroupBarrier();
-        fetch_tile(it + 1u, me.lid, kvh, key_end, n_tiles);
-        // 1. S = Q·Kᵀ.
-        for (var t = me.sid; t < RT * KT; t += me.nsg) {
-            let ot = tile_at(t, KT);
-            var c = MatC();
-            for (var dt = 0u; dt < DT; dt++) {
-                let qa = ot.x * D + dt * T;
-                let kb = ot.y * D + dt * T;
-                let a = coopLoadT<MatA>(&q_s[qa], D);
-                let b = coopLoad<MatB>(&k_s[kb], D);
-                c = coopMultiplyAdd(a, b, c);
-            }
-            let so = ot.x * BK + ot.y;
-            coopStoreT(c, &s_s[so], BK);
-        }
-        workgroupBarrier();
-        // 2. Online softmax per row.
-        for (var r = me.lid; r < BQ; r += WG) {
+
+        // 2. Online softmax of the subgroup's rows against its reference maxima.
+        for (var k = 0u; k < rpl; k++) {
+            let r = sr0 + me.lane % RS + k * me.sgs;
             let row = row0 + r;
-            let m_old = row_m[r];
-            var m_new = m_old;
-            for (var j = 0u; j < BK; j++) {
+            var mt = NEG_BIG;
+            for (var j = part; j < BK; j += parts) {
                 let key = tile_key(it, j);
-                let s = select(NEG_BIG, s_s[r * BK + j] * scale2, key_visible(row, key, key_end));
-                s_s[r * BK + j] = s;
-                m_new = max(m_new, s);
+                let live = key_visible(row, key, key_end);
+                let s = select(NEG_BIG, s_s[r * SP + j] * scale2, live);
+                s_s[r * SP + j] = s;
+                mt = max(mt, s);
             }
+            for (var x = RS; x < me.sgs; x *= 2u) {
+                mt = max(mt, subgroupShuffleXor(mt, x));
+            }
+            let m_old = row_m[r];
+            let grow = is_live(m_old) && mt > m_old + RESCALE_SLACK;
+            let m_new = select(m_old, mt, grow || !is_live(m_old));
             var sum = 0.0;
-            for (var j = 0u; j < BK; j++) {
-                let w = f16(softmax_weight(s_s[r * BK + j], m_new));
-                p_s[r * BK + j] = w;
+            for (var j = part; j < BK; j += parts) {
+                let w = f16(softmax_weight(s_s[r * SP + j], m_new));
+                p_s[r * PP + j] = w;
                 sum += f32(w);
             }
-            let alpha = rescale_factor(m_old, m_new);
-            row_alpha[r] = alpha;
-            row_l[r] = row_l[r] * alpha + sum;
-            row_m[r] = m_new;
-        }
-        workgroupBarrier();
-        // 3. Rescale the accumulator rows.
-        for (var i = me.lid; i < BQ * D; i += WG) {
-            o_s[i] *= row_alpha[i / D];
-        }
-        workgroupBarrier();
-        // 4. O += P·V.
-        for (var t = me.sid; t < RT * DT; t += me.nsg) {
-            let ot = tile_at(t, DT);
-            let oo = ot.x * D + ot.y;
-            var c = coopLoadT<MatC>(&o_s[oo], D);
-            for (var kt = 0u; kt < KT; kt++) {
-                let pa = ot.x * BK + kt * T;
-                let vb = kt * T * D + ot.y;
-                let a = coopLoadT<MatA>(&p_s[pa], BK);
-                let b = coopLoadT<MatB>(&v_s[vb], D);
-                c = coopMultiplyAdd(a, b, c);
+            for (var x = RS; x < me.sgs; x *= 2u) {
+                sum += subgroupShuffleXor(sum, x);
             }
-            coopStoreT(c, &o_s[oo], D);
+            if part == 0u {
+                let alpha = rescale_factor(m_old, m_new);
+                row_alpha[r] = alpha;
+                row_l[r] = row_l[r] * alpha + sum;
+                row_m[r] = m_new;
+                if grow {
+                    wg_rescale = 1u;
+                }
+            }
         }
+
+        // 3. Rare: scale the accumulators of the rows whose reference moved (every
+        // subgroup takes part; rows that kept theirs have alpha = 1).
+        if workgroupUniformLoad(&wg_rescale) != 0u {
+#unroll i RTS
+#unroll dt DT
+            coopStoreT(o${i}_${dt}, &s_s[scr], SP);
+            workgroupBarrier();
+            for (var e = me.lane; e < T * T; e += me.sgs) {
+                let r = e / T;
+                s_s[scr + r * SP + e % T] *= row_alpha[sr0 + ${i}u * T + r];
+            }
+            workgroupBarrier();
+            o${i}_${dt} = coopLoadT<MatC>(&s_s[scr], SP);
+            workgroupBarrier();
+#endunroll
+#endunroll
+        }
+
+        // 4. O += P·V.
+#unroll kt KT
+        {
+#unroll i RTS
+            let po${i} = (sr0 + ${i}u * T) * PP + ${kt}u * T;
+            let pa${i} = coopLoadT<MatA>(&p_s[po${i}], PP);
+#endunroll
+#unroll dt DT
+            let vo${dt} = ${kt}u * T * DP + ${dt}u * T;
+            let vb${dt} = coopLoadT<MatB>(&v_s[vo${dt}], DP);
+#unroll i RTS
+            o${i}_${dt} = coopMultiplyAdd(pa${i}, vb${dt}, o${i}_${dt});
+#endunroll
+#endunroll
+        }
+#endunroll
     }
 
+    // The row state out: each accumulator tile through the scratch tile.
+#unroll i RTS
+#unroll dt DT
     workgroupBarrier();
+    coopStoreT(o${i}_${dt}, &s_s[scr], SP);
+    workgroupBarrier();
+    for (var e = me.lane; e < T * T / 4u; e += me.sgs) {
+        let r = e / (T / 4u);
+        let c4 = e % (T / 4u);
+        let lr = sr0 + ${i}u * T + r;
+        if row0 + lr < p.r1 {
+            let so = scr + r * SP + c4 * 4u;
+            let a = vec4<f32>(s_s[so], s_s[so + 1u], s_s[so + 2u], s_s[so + 3u]);
+            let col4 = ${dt}u * (T / 4u) + c4;
+#ifdef EXPORT_STATE
+            acc_buf[acc_row_vec4(h, row0 + lr) + col4] = a;
+#endif
+#ifdef WRITE_OUTPUT
+            let l = row_l[lr];
+            let inv = select(0.0, 1.0 / l, l > 0.0);
+            o_buf[o_row_vec4(h, row0 + lr) + col4] = encode4(a * inv);
+#endif
+        }
+    }
+#endunroll
+#endunroll
 #ifdef EXPORT_STATE
     for (var r = me.lid; r < BQ; r += WG) {
         if row0 + r < p.r1 {
@@ -208,19 +324,4 @@ fn flash_attention_coop(me: InvocationSub) {
         }
     }
 #endif
-    for (var i = me.lid; i < BQ * D4; i += WG) {
-        let r = i / D4;
-        let c4 = i % D4;
-        if row0 + r < p.r1 {
-            let a = vec4<f32>(o_s[i * 4u], o_s[i * 4u + 1u], o_s[i * 4u + 2u], o_s[i * 4u + 3u]);
-#ifdef EXPORT_STATE
-            acc_buf[acc_row_vec4(h, row0 + r) + c4] = a;
-#endif
-#ifdef WRITE_OUTPUT
-            let l = row_l[r];
-            let inv = select(0.0, 1.0 / l, l > 0.0);
-            o_buf[o_row_vec4(h, row0 + r) + c4] = encode4(a * inv);
-#endif
-        }
-    }
 }

@@ -20,14 +20,17 @@ const T: u32 = 8u;
 
 #include "common/invocation.wgsl"
 
-// The builtins of a matrix-unit kernel: those of `InvocationN`, and the subgroup index
-// and count (`me.sid`, `me.nsg`).
+// The builtins of a matrix-unit kernel: those of `InvocationN`, the subgroup index
+// and count (`me.sid`, `me.nsg`), the lane in the subgroup and its width (`me.lane`,
+// `me.sgs`).
 struct InvocationSub {
     @builtin(workgroup_id) id: vec3<u32>,
     @builtin(num_workgroups) count: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
     @builtin(subgroup_id) sid: u32,
     @builtin(num_subgroups) nsg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_size) sgs: u32,
 }
 
 // The element offsets (row, column) of output tile t of a grid with `cols` T x T tiles

@@ -236,23 +236,45 @@ impl DenseTiles {
 }
 
 /// The matrix-unit flash kernel's tiling: cooperative-matrix tile `tile` (8 or 16),
-/// `bq` query rows and `bk` keys per step, `wg` threads (several subgroups).
+/// `bq` query rows and `bk` keys per step, `wg` threads: `bq / (rt · tile)` subgroups,
+/// each owning `rt` row tiles (its Q and output accumulator stay in registers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CoopTiles {
     /// Square cooperative-matrix tile: 8 or 16.
     pub tile: usize,
-    /// Query rows per workgroup (a multiple of `tile`).
+    /// Query rows per workgroup (a multiple of `rt · tile`).
     pub bq: usize,
-    /// Keys per step (a multiple of `tile`).
+    /// Keys per step (a multiple of `tile` that divides head_dim).
     pub bk: usize,
-    /// Threads per workgroup.
+    /// Threads per workgroup: one subgroup per `rt` row tiles.
     pub wg: usize,
+    /// Row tiles per subgroup.
+    #[serde(default = "one")]
+    pub rt: usize,
 }
 
-/// Workgroup bytes of the matrix-unit kernel: Q, K and V as f16, the f32 scores, the f16
-/// weights, the f32 accumulator, the row stats and the LUT bounds.
+fn one() -> usize {
+    1
+}
+
+impl CoopTiles {
+    /// The tiling with `bq / (rt · tile)` subgroups of `subgroup` lanes.
+    pub fn new(tile: usize, bq: usize, bk: usize, rt: usize, subgroup: usize) -> Self {
+        CoopTiles {
+            tile,
+            bq,
+            bk,
+            wg: bq / (rt * tile) * subgroup,
+            rt,
+        }
+    }
+}
+
+/// Workgroup bytes of the matrix-unit kernel: the K and V tile as f16 (rows padded by 8
+/// halves), the f32 scores (rows padded by 4), the f16 weights (padded by 8), the row
+/// stats and the LUT bounds and rescale flag.
 pub fn coop_workgroup_bytes(d: usize, bq: usize, bk: usize) -> u32 {
-    (bq * d * 2 + 2 * bk * d * 2 + bq * bk * 4 + bq * bk * 2 + bq * d * 4 + 3 * bq * 4 + 32) as u32
+    (2 * bk * (d + 8) * 2 + bq * (bk + 4) * 4 + bq * (bk + 8) * 2 + 3 * bq * 4 + 16) as u32
 }
 
 /// Which flash kernel a plan runs: the portable one (any adapter, the browser) or the
@@ -310,31 +332,43 @@ impl FlashKernel {
         head_dim: usize,
     ) -> Vec<Self> {
         let mut out = vec![];
+        // The kernel sizes its workgroup in subgroups: only a fixed subgroup width.
+        let sg = caps.subgroup_max_size as usize;
         if let Some(t) = caps.coop_tile.map(|t| t as usize)
             && dtype == DType::F16
             && head_dim.is_multiple_of(t)
+            && sg > 0
+            && caps.subgroup_min_size as usize == sg
         {
-            let fits = |bq: usize, bk: usize, wg: usize| {
-                bq.is_multiple_of(t)
-                    && bk.is_multiple_of(t)
-                    && coop_workgroup_bytes(head_dim, bq, bk) <= caps.max_workgroup_storage
-                    && keys.q_block().is_none_or(|qb| qb.is_multiple_of(bq))
+            let fits = |c: &CoopTiles| {
+                c.bq.is_multiple_of(c.rt * t)
+                    && c.bk.is_multiple_of(t)
+                    && head_dim.is_multiple_of(c.bk)
+                    && coop_workgroup_bytes(head_dim, c.bq, c.bk) <= caps.max_workgroup_storage
+                    && keys.q_block().is_none_or(|qb| qb.is_multiple_of(c.bq))
                     && match keys {
-                        KeyMode::Blocks { key_block, .. } => key_block.is_multiple_of(bk),
+                        KeyMode::Blocks { key_block, .. } => key_block.is_multiple_of(c.bk),
                         _ => true,
                     }
-                    && wg <= caps.max_invocations as usize
-                    && wg.is_multiple_of(caps.subgroup_max_size.max(1) as usize)
+                    && c.wg > 0
+                    && c.wg <= caps.max_invocations as usize
             };
-            for wg in [128, 256, 64] {
-                for (bq, bk) in [(64, 32), (32, 32), (32, 16), (16, 16), (16, 8), (8, 8)] {
-                    if fits(bq, bk, wg) {
-                        out.push(FlashKernel::Coop(CoopTiles {
-                            tile: t,
-                            bq,
-                            bk,
-                            wg,
-                        }));
+            for rt in [1, 2] {
+                for (bq, bk) in [
+                    (128, 32),
+                    (64, 32),
+                    (128, 16),
+                    (64, 16),
+                    (64, 64),
+                    (32, 32),
+                    (32, 16),
+                    (16, 16),
+                    (16, 8),
+                    (8, 8),
+                ] {
+                    let c = CoopTiles::new(t, bq, bk, rt, sg);
+                    if bq >= rt * t && fits(&c) {
+                        out.push(FlashKernel::Coop(c));
                     }
                 }
             }
@@ -372,6 +406,10 @@ fn kernel_spec(
             .flag_if("TILE16", t.tile == 16)
             .const_u32("BQ", t.bq as u32)
             .const_u32("BK", t.bk as u32)
+            .const_u32("RTS", t.rt as u32)
+            .const_u32("KT", (t.bk / t.tile) as u32)
+            .const_u32("DT", (d / t.tile) as u32)
+            .const_u32("NCH", (d / t.bk) as u32)
             .const_u32("WG", t.wg as u32)
             .const_u32("PF", (t.bk * d / 4).div_ceil(t.wg) as u32),
     };
@@ -433,14 +471,15 @@ pub fn all_flash_variants() -> Vec<KernelSpec> {
 /// tile 8, MSL) by the portability tests: HLSL and GLSL have no cooperative matrices.
 pub fn all_coop_flash_variants(tile: usize) -> Vec<KernelSpec> {
     let mut out = vec![];
+    // Subgroups as wide as the tile's device class: 32 lanes for 16x16 tiles, 8 for 8x8.
+    let sg = if tile == 16 { 32 } else { 8 };
     for d in [64, 128, 256] {
-        let bq = if d == 256 { 16.max(tile) } else { 32 };
-        let kernel = FlashKernel::Coop(CoopTiles {
-            tile,
-            bq,
-            bk: bq.min(32),
-            wg: 128,
-        });
+        let (bq, bk, rt) = match d {
+            256 => (64, 16, 1),
+            64 => (64, 32, 2),
+            _ => (128, 32, 1),
+        };
+        let kernel = FlashKernel::Coop(CoopTiles::new(tile, bq, bk, rt, sg));
         for (v, keys) in run_variants() {
             out.push(kernel_spec(d, DType::F16, kernel, v, keys));
         }
@@ -789,10 +828,10 @@ mod tests {
                 FlashKernel::Portable(_) => None,
             }
         }
-        assert_eq!(coop(&h200, range, DType::F16, 128), Some((16, 32, 32)));
-        assert_eq!(coop(&h200, range, DType::F16, 64), Some((16, 64, 32)));
-        assert_eq!(coop(&lvp, range, DType::F16, 128), Some((8, 16, 16)));
-        assert_eq!(coop(&lvp, range, DType::F16, 256), Some((8, 8, 8)));
+        assert_eq!(coop(&h200, range, DType::F16, 128), Some((16, 128, 32)));
+        assert_eq!(coop(&h200, range, DType::F16, 64), Some((16, 128, 32)));
+        assert_eq!(coop(&lvp, range, DType::F16, 128), Some((8, 64, 32)));
+        assert_eq!(coop(&lvp, range, DType::F16, 256), Some((8, 64, 16)));
         assert_eq!(coop(&h200, range, DType::F32, 128), None);
         assert_eq!(coop(&h200, range, DType::F16, 72), None);
         assert_eq!(
@@ -804,7 +843,7 @@ mod tests {
             ),
             None
         );
-        // WebGPU's default 16 KiB of workgroup memory: no tiling fits at d = 128.
+        // 16 KiB of workgroup memory (WebGPU's default): a smaller tiling that fits.
         assert_eq!(
             coop(
                 &Capabilities::fake(Some(16), 16 * 1024, 32),
@@ -812,29 +851,32 @@ mod tests {
                 DType::F16,
                 128
             ),
-            None
+            Some((16, 32, 16))
         );
+        assert!(coop_workgroup_bytes(128, 32, 16) <= 16 * 1024);
         // A workgroup's rows lie in one LUT row; LUT key blocks hold whole key steps.
         let blocks = KeyMode::Blocks {
             q_block: 64,
             key_block: 32,
         };
-        assert_eq!(coop(&h200, blocks, DType::F16, 128), Some((16, 32, 32)));
+        assert_eq!(coop(&h200, blocks, DType::F16, 128), Some((16, 64, 32)));
         let narrow = KeyMode::Blocks {
             q_block: 16,
             key_block: 16,
         };
         assert_eq!(coop(&h200, narrow, DType::F16, 128), Some((16, 16, 16)));
-        // Subgroups wider than the workgroup: portable.
-        assert_eq!(
-            coop(
-                &Capabilities::fake(Some(16), 48 * 1024, 512),
-                range,
-                DType::F16,
-                128
-            ),
-            None
-        );
+        // The workgroup is sized in subgroups: a device whose subgroup width varies
+        // (16 to 64 lanes) gets the portable kernel.
+        let mut varying = h200.clone();
+        varying.subgroup_min_size = 16;
+        varying.subgroup_max_size = 64;
+        assert_eq!(coop(&varying, range, DType::F16, 128), None);
+        // Every tiling offered sizes its workgroup as its subgroups need.
+        for k in FlashKernel::candidates(&h200, range, DType::F16, 128) {
+            if let FlashKernel::Coop(t) = k {
+                assert_eq!(t.wg, t.bq / (t.rt * t.tile) * 32, "{t:?}");
+            }
+        }
     }
 
     /// A tuned choice wins when the device can run it for the plan; otherwise (or
@@ -843,12 +885,7 @@ mod tests {
     fn tuned_kernels_are_preferred_when_they_fit() {
         let caps = Capabilities::fake(Some(16), 48 * 1024, 32);
         let range = KeyMode::Range;
-        let small = FlashKernel::Coop(CoopTiles {
-            tile: 16,
-            bq: 16,
-            bk: 16,
-            wg: 64,
-        });
+        let small = FlashKernel::Coop(CoopTiles::new(16, 16, 16, 1, 32));
         let pick = |t| FlashKernel::choose_tuned(&caps, range, DType::F16, 128, t);
         assert_eq!(pick(Some(small)), small);
         assert_eq!(
@@ -857,24 +894,14 @@ mod tests {
         );
         let portable = FlashKernel::Portable(DenseTiles { bq: 32 });
         assert!(matches!(pick(Some(portable)), FlashKernel::Portable(_)));
-        let too_big = FlashKernel::Coop(CoopTiles {
-            tile: 16,
-            bq: 128,
-            bk: 64,
-            wg: 128,
-        });
+        let too_big = FlashKernel::Coop(CoopTiles::new(16, 128, 64, 1, 32));
         assert_eq!(pick(Some(too_big)), pick(None));
         // A tiling whose rows straddle the LUT rows of a block-sparse plan is not used.
         let blocks = KeyMode::Blocks {
             q_block: 16,
             key_block: 16,
         };
-        let wide = FlashKernel::Coop(CoopTiles {
-            tile: 16,
-            bq: 32,
-            bk: 32,
-            wg: 128,
-        });
+        let wide = FlashKernel::Coop(CoopTiles::new(16, 32, 32, 1, 32));
         let got = FlashKernel::choose_tuned(&caps, blocks, DType::F16, 128, Some(wide));
         assert_ne!(got, wide);
     }

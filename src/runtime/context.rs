@@ -369,6 +369,7 @@ impl Capabilities {
         c.coop_tile = coop;
         c.max_workgroup_storage = workgroup;
         c.max_invocations = 1024;
+        c.subgroup_min_size = subgroup;
         c.subgroup_max_size = subgroup;
         c
     }
