@@ -19,8 +19,10 @@
 // key tile's maximum exceeds it by more than RESCALE_SLACK (log2 units; the weights are
 // then at most 2^RESCALE_SLACK, well inside f16), and only then (rare: at most a few
 // times per row) does the workgroup pass its accumulators through workgroup memory to
-// scale them. Softmax is invariant to the reference, so (m, l, O) stay an exact row
-// state for the split and two-pass plans.
+// scale them. Softmax is invariant to the reference; the row's true maximum is kept
+// beside it, and the exported state (m, l, acc) is brought to that maximum on the way
+// out, so the split and two-pass plans (and AnchorAttention, which reads m) see the
+// same state as from the portable kernel.
 //
 // Constants: D (head_dim, a multiple of BK), T (tile: 8 or 16, TILE16 selects 16), BQ
 // (rows per workgroup), BK (keys per tile, a multiple of T), RTS (row tiles per
@@ -50,6 +52,7 @@ var<workgroup> k_s: array<f16, BK * DP>;  // K rows of the key tile
 var<workgroup> v_s: array<f16, BK * DP>;  // V rows
 var<workgroup> s_s: array<f32, BQ * SP>;  // scores; a subgroup's scratch tile
 var<workgroup> p_s: array<f16, BQ * PP>;  // weights; Q while it is loaded
+var<workgroup> row_mx: array<f32, BQ>;   // each row's true running maximum (log2)
 var<workgroup> wg_rescale: u32;           // some row of this key tile needs a rescale
 
 // The four halves of a stored vec4 (f16 storage: two u32 words).
@@ -106,6 +109,12 @@ fn stage_tile(lid: u32) {
 #endunroll
 }
 
+// The factor that moves row r's state from its reference maximum to its true maximum
+// (1 for a row that has seen no key).
+fn to_true_max(r: u32) -> f32 {
+    return select(1.0, exp2(row_m[r] - row_mx[r]), is_live(row_mx[r]));
+}
+
 @compute @workgroup_size(WG)
 fn flash_attention_coop(me: InvocationSub) {
     let h = p.h0 + me.id.y;
@@ -123,6 +132,7 @@ fn flash_attention_coop(me: InvocationSub) {
 
     for (var r = me.lid; r < BQ; r += WG) {
         init_row_state(h, row0, r);
+        row_mx[r] = row_m[r];
     }
     if me.lid == 0u {
         wg_rescale = 0u;
@@ -249,6 +259,7 @@ fn flash_attention_coop(me: InvocationSub) {
                 row_alpha[r] = alpha;
                 row_l[r] = row_l[r] * alpha + sum;
                 row_m[r] = m_new;
+                row_mx[r] = max(row_mx[r], mt);
                 if grow {
                     wg_rescale = 1u;
                 }
@@ -306,7 +317,7 @@ fn flash_attention_coop(me: InvocationSub) {
             let a = vec4<f32>(s_s[so], s_s[so + 1u], s_s[so + 2u], s_s[so + 3u]);
             let col4 = ${dt}u * (T / 4u) + c4;
 #ifdef EXPORT_STATE
-            acc_buf[acc_row_vec4(h, row0 + lr) + col4] = a;
+            acc_buf[acc_row_vec4(h, row0 + lr) + col4] = a * to_true_max(lr);
 #endif
 #ifdef WRITE_OUTPUT
             let l = row_l[lr];
@@ -320,7 +331,8 @@ fn flash_attention_coop(me: InvocationSub) {
 #ifdef EXPORT_STATE
     for (var r = me.lid; r < BQ; r += WG) {
         if row0 + r < p.r1 {
-            ml_buf[ml_index(h, row0 + r)] = vec2<f32>(m_to_natural(row_m[r]), row_l[r]);
+            let mx = row_mx[r];
+            ml_buf[ml_index(h, row0 + r)] = vec2<f32>(m_to_natural(mx), row_l[r] * to_true_max(r));
         }
     }
 #endif

@@ -271,10 +271,10 @@ impl CoopTiles {
 }
 
 /// Workgroup bytes of the matrix-unit kernel: the K and V tile as f16 (rows padded by 8
-/// halves), the f32 scores (rows padded by 4), the f16 weights (padded by 8), the row
-/// stats and the LUT bounds and rescale flag.
+/// halves), the f32 scores (rows padded by 4), the f16 weights (padded by 8), the four
+/// row stats and the LUT bounds and rescale flag.
 pub fn coop_workgroup_bytes(d: usize, bq: usize, bk: usize) -> u32 {
-    (2 * bk * (d + 8) * 2 + bq * (bk + 4) * 4 + bq * (bk + 8) * 2 + 3 * bq * 4 + 16) as u32
+    (2 * bk * (d + 8) * 2 + bq * (bk + 4) * 4 + bq * (bk + 8) * 2 + 4 * bq * 4 + 16) as u32
 }
 
 /// Which flash kernel a plan runs: the portable one (any adapter, the browser) or the
@@ -830,7 +830,7 @@ mod tests {
         }
         assert_eq!(coop(&h200, range, DType::F16, 128), Some((16, 128, 32)));
         assert_eq!(coop(&h200, range, DType::F16, 64), Some((16, 128, 32)));
-        assert_eq!(coop(&lvp, range, DType::F16, 128), Some((8, 64, 32)));
+        assert_eq!(coop(&lvp, range, DType::F16, 128), Some((8, 128, 16)));
         assert_eq!(coop(&lvp, range, DType::F16, 256), Some((8, 64, 16)));
         assert_eq!(coop(&h200, range, DType::F32, 128), None);
         assert_eq!(coop(&h200, range, DType::F16, 72), None);
