@@ -65,7 +65,7 @@ struct Args {
     /// Key/value heads (GQA when fewer than the query heads).
     #[arg(long, default_value_t = 8)]
     kv_heads: usize,
-    /// Head dimension (64, 128 or 256).
+    /// Head dimension (a multiple of 16 up to 256).
     #[arg(long, default_value_t = 128)]
     head_dim: usize,
     /// Storage dtype of Q, K, V and the output (f16 or f32; accumulation is f32).

@@ -85,6 +85,9 @@ fn dense_on_matrix_units_matches_the_cpu_twin() {
         (AttentionShape::new(2, 2, 9, 128), false),
         (AttentionShape::new(2, 1, 30, 128).with_kv_len(71), true),
         (AttentionShape::new(2, 1, 60, 64).with_kv_len(37), false),
+        (AttentionShape::new(2, 1, 45, 80), true),
+        (AttentionShape::new(4, 2, 33, 96), false),
+        (AttentionShape::new(2, 1, 50, 112), true),
     ];
     for (i, (shape, causal)) in cases.into_iter().enumerate() {
         let v = dense_against_cpu_twin(&ctx, shape, DType::F16, causal, seed + i as u64).unwrap();

@@ -65,6 +65,39 @@ fn gpu_matches_cpu_twin_on_ragged_gqa_shapes() {
     check_all(&ctx, &cases, seed);
 }
 
+/// Head dims of real models that are not powers of two (80: Phi-2, StableLM; 96:
+/// Phi-3-mini; 112: some Qwen/Falcon sizes): the portable kernel's last 32-dimension
+/// chunk is half empty at 80 and 112; every multiple of 16 up to 256 runs; others are a
+/// typed error.
+#[test]
+fn gpu_matches_cpu_twin_at_head_dims_80_96_112() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let cases = [
+        (AttentionShape::new(2, 1, 53, 80), DType::F32, true),
+        (AttentionShape::new(4, 2, 41, 80), DType::F16, true),
+        (AttentionShape::new(2, 2, 37, 96), DType::F32, false),
+        (AttentionShape::new(2, 1, 66, 96), DType::F16, true),
+        (AttentionShape::new(3, 1, 29, 112), DType::F32, true),
+        (
+            AttentionShape::new(2, 1, 30, 112).with_kv_len(57),
+            DType::F16,
+            false,
+        ),
+    ];
+    check_all(&ctx, &cases, seed);
+    for d in [0, 8, 72, 264, 272] {
+        let shape = AttentionShape::new(2, 1, 16, d);
+        assert!(
+            matches!(
+                ctx.attention(shape).build(),
+                Err(wgsparse::Error::InvalidShape(_))
+            ),
+            "head_dim {d}"
+        );
+    }
+}
+
 /// [`check_gpu_vs_cpu`] over (shape, dtype, causal) cases, seeds from `seed` on.
 fn check_all(ctx: &Context, cases: &[(AttentionShape, DType, bool)], seed: u64) {
     for (i, &(shape, dtype, causal)) in cases.iter().enumerate() {
@@ -83,6 +116,7 @@ fn split_paths_with_lowered_binding_limit_match_cpu() {
         (24, AttentionShape::new(2, 2, 90, 64), DType::F16, false),
         (40, AttentionShape::new(8, 2, 50, 64), DType::F32, true),
         (40, AttentionShape::new(6, 3, 35, 128), DType::F16, true),
+        (40, AttentionShape::new(2, 1, 120, 112), DType::F32, true),
     ];
     for (i, (kib, shape, dtype, causal)) in cases.into_iter().enumerate() {
         if let Some(ctx) = common::gpu(Some(kib << 10)) {

@@ -80,6 +80,8 @@ fn fixed_lut_executors_match_cpu_twin() {
         (sh(4, 2, 200, 128), 128, None, DType::F16, true),
         (sh(2, 2, 150, 64), 32, None, DType::F32, false),
         (sh(2, 1, 129, 256), 2048, None, DType::F32, true),
+        (sh(2, 1, 200, 80), 64, Some(32), DType::F16, true),
+        (sh(2, 2, 170, 112), 64, None, DType::F32, true),
     ];
     for (i, (shape, qb, kb, dtype, causal)) in cases.into_iter().enumerate() {
         let s = seed + i as u64;
@@ -285,6 +287,11 @@ fn anchor_matches_cpu_twin() {
         (
             AttentionShape::new(4, 2, 555, 128),
             format!("{small},step=3"),
+            DType::F16,
+        ),
+        (
+            AttentionShape::new(2, 1, 600, 112),
+            format!("{small},step=2"),
             DType::F16,
         ),
         // Groups of 2048 rows: a higher anchor (max over more keys) than the small

@@ -30,8 +30,9 @@
 // key j is visible to row r iff j <= r + shift and (j + window > r + shift or j < sinks).
 //
 // Flags: STORE_F16 (f16 storage), IMPORT_STATE (start from ML/ACC), EXPORT_STATE (write
-// ML/ACC), WRITE_OUTPUT (write O = acc / l), KEYS_BLOCKS / KEYS_GATHER (with SPARSE_KEYS). Constants: D (head_dim, a multiple of 32),
-// NC = D / 32, BQ (query rows per workgroup, 32 or 64), KPT = BK * DC4 / WG (K/V vec4s
+// ML/ACC), WRITE_OUTPUT (write O = acc / l), KEYS_BLOCKS / KEYS_GATHER (with SPARSE_KEYS). Constants: D (head_dim, a multiple of 16;
+// the last 32-dimension chunk of D = 80 or 112 is half empty: zero in, not written out),
+// NC = ceil(D / 32), BQ (query rows per workgroup, 32 or 64), KPT = BK * DC4 / WG (K/V vec4s
 // each thread moves per chunk). Loops that index the
 // per-thread arrays are #unroll'ed so every index is a constant (registers, not local
 // memory).
@@ -47,6 +48,7 @@ const BK: u32 = 32u;
 const DC: u32 = 32u;          // head_dim chunk staged in workgroup memory
 const DC4: u32 = DC / 4u;     // vec4s per chunk row
 const KV_STRIDE: u32 = DC4 + 1u;  // padded row stride of the K/V tile (bank spread)
+const D4: u32 = D / 4u;
 #include "attention/flash_common.wgsl"
 
 var<workgroup> q_tile: array<vec4<f32>, BQ * DC4>;       // [BQ rows][DC4]
@@ -56,8 +58,9 @@ var<workgroup> p_tile: array<vec4<f32>, BK * BQ / 4u>;     // [BK keys][BQ/4 row
 // One vec4 of the Q chunk `chunk` (thread slot t of BQ x DC4), zero past the rows.
 fn fetch_q(h: u32, row0: u32, chunk: u32, t: u32) -> vec4<f32> {
     let r = row0 + t / DC4;
-    if r < p.r1 {
-        return decode4(q_buf[q_row_vec4(h, r) + chunk * DC4 + t % DC4]);
+    let col = chunk * DC4 + t % DC4;
+    if r < p.r1 && col < D4 {
+        return decode4(q_buf[q_row_vec4(h, r) + col]);
     }
     return vec4<f32>(0.0);
 }
@@ -65,14 +68,16 @@ fn fetch_q(h: u32, row0: u32, chunk: u32, t: u32) -> vec4<f32> {
 // visible keys. Each thread looks its slots' keys up once per tile (`fkeys`): a LUT
 // read per fetch would put a dependent load in front of every K/V load.
 fn fetch_k(kvh: u32, j: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
-    if j < key_end {
-        return decode4(k_buf[kv_row_vec4(p.k_base, kvh, j) + chunk * DC4 + t % DC4]);
+    let col = chunk * DC4 + t % DC4;
+    if j < key_end && col < D4 {
+        return decode4(k_buf[kv_row_vec4(p.k_base, kvh, j) + col]);
     }
     return vec4<f32>(0.0);
 }
 fn fetch_v(kvh: u32, j: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
-    if j < key_end {
-        return decode4(v_buf[kv_row_vec4(p.v_base, kvh, j) + chunk * DC4 + t % DC4]);
+    let col = chunk * DC4 + t % DC4;
+    if j < key_end && col < D4 {
+        return decode4(v_buf[kv_row_vec4(p.v_base, kvh, j) + col]);
     }
     return vec4<f32>(0.0);
 }
@@ -108,7 +113,9 @@ fn flash_attention(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     if row0 + ty * 4u + ${i}u < p.r1 {
         let base = acc_row_vec4(h, row0 + ty * 4u + ${i}u) + tx;
         #unroll c NC
-        acc[${i}u * NC + ${c}u] = acc_buf[base + ${c}u * DC4];
+        if ${c}u * DC4 + tx < D4 {
+            acc[${i}u * NC + ${c}u] = acc_buf[base + ${c}u * DC4];
+        }
         #endunroll
     }
     #endunroll
@@ -260,7 +267,9 @@ fn flash_attention(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 #ifdef EXPORT_STATE
         let abase = acc_row_vec4(h, r) + tx;
         #unroll c NC
-        acc_buf[abase + ${c}u * DC4] = acc[${i}u * NC + ${c}u];
+        if ${c}u * DC4 + tx < D4 {
+            acc_buf[abase + ${c}u * DC4] = acc[${i}u * NC + ${c}u];
+        }
         #endunroll
 #endif
 #ifdef WRITE_OUTPUT
@@ -268,7 +277,9 @@ fn flash_attention(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         let inv = select(0.0, 1.0 / l, l > 0.0);
         let obase = o_row_vec4(h, r) + tx;
         #unroll c NC
-        o_buf[obase + ${c}u * DC4] = encode4(acc[${i}u * NC + ${c}u] * inv);
+        if ${c}u * DC4 + tx < D4 {
+            o_buf[obase + ${c}u * DC4] = encode4(acc[${i}u * NC + ${c}u] * inv);
+        }
         #endunroll
 #endif
     }

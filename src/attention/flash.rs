@@ -399,7 +399,7 @@ fn kernel_spec(
     }
     let defines = match kernel {
         FlashKernel::Portable(tiles) => Defines::new()
-            .const_u32("NC", (d / 32) as u32)
+            .const_u32("NC", d.div_ceil(32) as u32)
             .const_u32("BQ", tiles.bq as u32)
             .const_u32("KPT", (32 * 8 / (2 * tiles.bq)) as u32),
         FlashKernel::Coop(t) => Defines::new()
@@ -463,20 +463,29 @@ pub fn all_flash_variants() -> Vec<KernelSpec> {
             }
         }
     }
+    // A head_dim that is not a multiple of 32 (a half-empty last chunk): every key mode
+    // and row-state variant at the browser's tiling.
+    let tiles = FlashKernel::Portable(DenseTiles { bq: 32 });
+    for dtype in [DType::F32, DType::F16] {
+        for (v, keys) in run_variants() {
+            out.push(kernel_spec(80, dtype, tiles, v, keys));
+        }
+    }
     out
 }
 
-/// Every matrix-unit variant at tile `tile` (8 or 16): d = 64/128/256, each key mode,
+/// Every matrix-unit variant at tile `tile` (8 or 16): d = 64/80/128/256, each key mode,
 /// the row-state variants the plans use. f16 storage only. Translated to SPIR-V (and, at
 /// tile 8, MSL) by the portability tests: HLSL and GLSL have no cooperative matrices.
 pub fn all_coop_flash_variants(tile: usize) -> Vec<KernelSpec> {
     let mut out = vec![];
     // Subgroups as wide as the tile's device class: 32 lanes for 16x16 tiles, 8 for 8x8.
     let sg = if tile == 16 { 32 } else { 8 };
-    for d in [64, 128, 256] {
+    for d in [64, 80, 128, 256] {
         let (bq, bk, rt) = match d {
             256 => (64, 16, 1),
             64 => (64, 32, 2),
+            80 => (128, 16, 1),
             _ => (128, 32, 1),
         };
         let kernel = FlashKernel::Coop(CoopTiles::new(tile, bq, bk, rt, sg));

@@ -41,6 +41,9 @@ pub use method::{Method, MethodStats};
 pub use select::window::WindowConfig;
 use sparse::SparseGpu;
 
+/// The largest head dimension the kernels take (any multiple of 16 up to it).
+pub const MAX_HEAD_DIM: usize = 256;
+
 /// Sizes of one attention problem (batch 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct AttentionShape {
@@ -52,7 +55,7 @@ pub struct AttentionShape {
     pub seq_len: usize,
     /// Keys (≥ `seq_len` when causal; the queries are the last `seq_len` positions).
     pub kv_len: usize,
-    /// Head dimension (64, 128 or 256).
+    /// Head dimension: a multiple of 16 up to [`MAX_HEAD_DIM`] (64, 80, 96, 112, 128, 256 in real models).
     pub head_dim: usize,
 }
 
@@ -86,9 +89,9 @@ impl AttentionShape {
                 self.q_heads, self.kv_heads
             ));
         }
-        if ![64, 128, 256].contains(&self.head_dim) {
+        if !(16..=MAX_HEAD_DIM).contains(&self.head_dim) || !self.head_dim.is_multiple_of(16) {
             return bad(format!(
-                "head_dim {} is not one of 64, 128, 256",
+                "head_dim {} is not a multiple of 16 from 16 to {MAX_HEAD_DIM}",
                 self.head_dim
             ));
         }

@@ -43,7 +43,7 @@ pub struct DecoderLayerConfig {
     pub q_heads: usize,
     /// Key/value heads.
     pub kv_heads: usize,
-    /// Head dimension (64, 128 or 256).
+    /// Head dimension (a multiple of 16 up to 256).
     pub head_dim: usize,
     /// RoPE base θ; `None` = NoPE layer.
     pub rope_theta: Option<f64>,

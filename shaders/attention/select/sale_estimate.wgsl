@@ -167,15 +167,24 @@ fn sale_estimate(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         for (var i = lid; i < BQ * BK; i += 64u) {
             dot_s[i] = 0.0;
         }
-        for (var dc = 0u; dc < D / DCH; dc++) {
+        // (D = 80 or 112: the last chunk's missing channels are zero codes.)
+        for (var dc = 0u; dc < (D + DCH - 1u) / DCH; dc++) {
             workgroupBarrier();
             for (var i = lid; i < BQ * DCH; i += 64u) {
                 let c = dc * DCH + i % DCH;
-                q_h[i] = code_of(q_tile[(i / DCH) * WORDS + c / PER_WORD], c);
+                var code = f16(0.0);
+                if c < D {
+                    code = code_of(q_tile[(i / DCH) * WORDS + c / PER_WORD], c);
+                }
+                q_h[i] = code;
             }
             for (var i = lid; i < BK * DCH; i += 64u) {
                 let c = dc * DCH + i % DCH;
-                k_h[i] = code_of(kq[(kvh * n + kb * BK + i / DCH) * WORDS + c / PER_WORD], c);
+                var code = f16(0.0);
+                if c < D {
+                    code = code_of(kq[(kvh * n + kb * BK + i / DCH) * WORDS + c / PER_WORD], c);
+                }
+                k_h[i] = code;
             }
             workgroupBarrier();
             for (var t = sid; t < (BQ / T) * (BK / T); t += nsg) {

@@ -1192,6 +1192,7 @@ mod tests {
             (AttentionShape::new(4, 2, 333, 64), 2, 64, DType::F16),
             (AttentionShape::new(6, 3, 200, 64), 3, 64, DType::F32),
             (AttentionShape::new(2, 1, 300, 128), 1, 128, DType::F32),
+            (AttentionShape::new(2, 1, 260, 96), 1, 64, DType::F16),
         ];
         let mut near_budget = 0;
         for (shape, groups, block, dtype) in cases {

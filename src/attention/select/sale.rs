@@ -783,7 +783,7 @@ pub fn all_sale_variants() -> Vec<KernelSpec> {
     out
 }
 
-/// Every matrix-unit estimation variant at tile `tile` (8 or 16): d = 64/128/256,
+/// Every matrix-unit estimation variant at tile `tile` (8 or 16): d = 64/80/128/256,
 /// int4/int8, the selection and the test-only dot product output.
 pub fn all_coop_sale_variants(tile: usize) -> Vec<KernelSpec> {
     let ev = EstimateVariant {
@@ -792,7 +792,7 @@ pub fn all_coop_sale_variants(tile: usize) -> Vec<KernelSpec> {
         coop: Some(tile),
     };
     let mut out = vec![];
-    for d in [64, 128, 256] {
+    for d in [64, 80, 128, 256] {
         for bits in [4, 8] {
             for stage in [Stage::Estimate, Stage::Dots] {
                 out.push(sale_spec(stage, d, bits, 128, DType::F32, ev));

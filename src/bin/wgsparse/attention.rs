@@ -89,7 +89,7 @@ pub struct AttentionArgs {
     /// Key/value heads (GQA when fewer than q-heads).
     #[arg(long, default_value_t = 8)]
     pub(crate) kv_heads: usize,
-    /// Head dimension: 64, 128 or 256.
+    /// Head dimension: a multiple of 16 up to 256 (64, 80, 96, 112, 128, 256 in real models).
     #[arg(long, default_value_t = 128)]
     pub(crate) head_dim: usize,
     /// Storage dtype: f16 or f32 (accumulation is always f32).
