@@ -2,6 +2,38 @@
 
 mod common;
 
+/// Without a runtime folder in the environment (containers, CI, ssh sessions) a plain
+/// run prints nothing from the window-system probe of the Vulkan and GL backends.
+#[test]
+fn runs_without_xdg_runtime_dir_are_quiet() {
+    let bin = env!("CARGO_BIN_EXE_wgsparse");
+    for args in [
+        &["info"][..],
+        &[
+            "attention",
+            "--seq-len",
+            "64",
+            "--q-heads",
+            "2",
+            "--kv-heads",
+            "1",
+        ],
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .env_remove("XDG_RUNTIME_DIR")
+            .output()
+            .expect("run wgsparse");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(
+            !err.contains("XDG_RUNTIME_DIR") && !stdout.contains("XDG_RUNTIME_DIR"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn info_lists_the_cpu_backend_and_the_gpu() {
     let (ok, out, err) = common::wgsparse(&["info", "--json"]);

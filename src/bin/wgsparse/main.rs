@@ -88,7 +88,35 @@ enum Command {
     },
 }
 
+/// Gives the process a private runtime folder when it has none: Mesa's window-system
+/// code, probed when the Vulkan and GL backends start (even headless), otherwise prints
+/// "error: XDG_RUNTIME_DIR is invalid or not set" on every run. A folder of this user's
+/// under the temporary directory, mode 0700, as the XDG spec asks.
+fn quiet_window_system_probe() {
+    let usable = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .is_some_and(|p| p.is_dir());
+    if usable {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let dir = std::env::temp_dir().join(format!("wgsparse-runtime-{uid}"));
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        let ours = std::fs::metadata(&dir)
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o777 == 0o700);
+        if ours {
+            // SAFETY: called first thing in main, before any other thread exists.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_window_system_probe();
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,wgpu_hal::gles=off"),
     )
