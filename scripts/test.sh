@@ -82,6 +82,8 @@ fi
 export WGSPARSE_REQUIRE_GPU="${WGSPARSE_REQUIRE_GPU:-1}"
 export WGSPARSE_REQUIRE_GL="${WGSPARSE_REQUIRE_GL:-$WGSPARSE_REQUIRE_GPU}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+# The soak test (tests/faults.rs): plans of changing shapes for two minutes on lavapipe.
+export WGSPARSE_SOAK_S="${WGSPARSE_SOAK_S:-120}"
 
 # --- Tests ----------------------------------------------------------------------------
 start=$SECONDS

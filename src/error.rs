@@ -49,9 +49,17 @@ pub enum Error {
     /// Mapping a buffer for readback failed.
     #[error("buffer readback failed: {0}")]
     Readback(String),
-    /// The GPU reported an error (validation, out of memory) while running a plan.
+    /// The GPU reported an error (validation) while running a plan.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The device was lost (driver reset, removal, `destroy`): every plan of this
+    /// context fails from now on; build a new [`crate::Context`] (and its plans) to go on.
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+    /// The device ran out of memory creating a buffer or running a submission; the
+    /// context stays usable for smaller plans.
+    #[error("GPU out of memory: {0}")]
+    OutOfMemory(String),
     /// An I/O error (reading a data file, writing output).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

@@ -419,6 +419,40 @@ pub struct GpuDevice {
     /// Compile with wgpu's runtime bounds checks and loop bounding (debugging aid,
     /// `WGSPARSE_CHECKED_SHADERS=1`; the browser always checks).
     pub checked_shaders: bool,
+    /// A fault the device reported outside any error scope: its loss (sticky) or an
+    /// out-of-memory (taken by the next check).
+    pub(crate) fault: Arc<std::sync::Mutex<Option<Fault>>>,
+}
+
+/// What went wrong with a device outside the plans' own error scopes.
+#[derive(Clone, Debug)]
+pub(crate) enum Fault {
+    Lost(String),
+    OutOfMemory(String),
+}
+
+impl GpuDevice {
+    /// `Err` when the device was lost ([`Error::DeviceLost`], every later call too) or
+    /// ran out of memory since the last check ([`Error::OutOfMemory`], once).
+    pub fn check(&self) -> Result<()> {
+        let mut f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        match f.clone() {
+            None => Ok(()),
+            Some(Fault::Lost(m)) => Err(Error::DeviceLost(m)),
+            Some(Fault::OutOfMemory(m)) => {
+                *f = None;
+                Err(Error::OutOfMemory(m))
+            }
+        }
+    }
+
+    /// Records an out-of-memory unless the device is already lost.
+    pub(crate) fn note_out_of_memory(fault: &std::sync::Mutex<Option<Fault>>, message: String) {
+        let mut f = fault.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*f, Some(Fault::Lost(_))) {
+            *f = Some(Fault::OutOfMemory(message));
+        }
+    }
 }
 
 pub(crate) enum DeviceKind {
@@ -697,7 +731,20 @@ impl Context {
             info.backend,
             caps
         );
-        device.on_uncaptured_error(Arc::new(|e| log::error!("wgpu: {e}")));
+        let fault = Arc::new(std::sync::Mutex::new(None));
+        let lost = fault.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            log::error!("wgpu: device lost ({reason:?}): {message}");
+            *lost.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Fault::Lost(format!("{reason:?}: {message}")));
+        });
+        let oom = fault.clone();
+        device.on_uncaptured_error(Arc::new(move |e| {
+            log::error!("wgpu: {e}");
+            if let wgpu::Error::OutOfMemory { .. } = e {
+                GpuDevice::note_out_of_memory(&oom, e.to_string());
+            }
+        }));
         Context {
             inner: Arc::new(ContextInner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -710,6 +757,7 @@ impl Context {
                     kernels: KernelCache::default(),
                     checked_shaders: std::env::var("WGSPARSE_CHECKED_SHADERS")
                         .is_ok_and(|v| v == "1" || v == "true"),
+                    fault,
                 })),
                 cpu_caps: Capabilities::cpu(),
                 reason: std::sync::Mutex::new("the adapter given".into()),

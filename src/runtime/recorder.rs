@@ -86,7 +86,8 @@ pub struct Recorder<'a> {
     stages: Vec<StageTime>,
     queries: Option<wgpu::QuerySet>,
     max_stages: u32,
-    scope: Option<wgpu::ErrorScopeGuard>,
+    /// The validation and out-of-memory error scopes around the recording.
+    scope: Option<(wgpu::ErrorScopeGuard, wgpu::ErrorScopeGuard)>,
 }
 
 impl<'a> Recorder<'a> {
@@ -95,7 +96,9 @@ impl<'a> Recorder<'a> {
         let g = ctx
             .gpu()
             .ok_or_else(|| Error::InvalidArgument("recording needs a GPU context".into()))?;
+        g.check()?;
         let scope = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom_scope = g.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let queries = (g.caps.timestamps && max_stages > 0).then(|| {
             g.device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some(&format!("{label} timestamps")),
@@ -112,7 +115,7 @@ impl<'a> Recorder<'a> {
             stages: vec![],
             queries,
             max_stages,
-            scope: Some(scope),
+            scope: Some((scope, oom_scope)),
         })
     }
 
@@ -212,7 +215,15 @@ impl<'a> Recorder<'a> {
         };
         let start = Instant::now();
         let index = self.g.queue.submit([self.encoder.finish()]);
-        if let Some(e) = self.scope.take().expect("scope pushed in new").pop().await {
+        let (validation, oom) = self.scope.take().expect("scopes pushed in new");
+        let oom = oom.pop().await;
+        let validation = validation.pop().await;
+        // A lost device turns every call into an error: report the loss itself.
+        self.g.check()?;
+        if let Some(e) = oom {
+            return Err(Error::OutOfMemory(e.to_string()));
+        }
+        if let Some(e) = validation {
             return Err(Error::Gpu(e.to_string()));
         }
         Ok(Submitted {

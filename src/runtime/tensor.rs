@@ -296,6 +296,7 @@ pub(crate) async fn read_buffer(
     offset: u64,
     size: u64,
 ) -> Result<Vec<u8>> {
+    g.check()?;
     let staging = g.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback staging"),
         size,
@@ -317,9 +318,12 @@ pub(crate) async fn read_buffer(
     g.device
         .poll(wgpu::PollType::wait_indefinitely())
         .map_err(|e| Error::Readback(e.to_string()))?;
-    rx.await
-        .map_err(|_| Error::Readback("map callback dropped".into()))?
-        .map_err(|e| Error::Readback(e.to_string()))?;
+    let mapped = rx
+        .await
+        .map_err(|_| Error::Readback("map callback dropped".into()))?;
+    // A device lost meanwhile fails the mapping: say so rather than "readback failed".
+    g.check()?;
+    mapped.map_err(|e| Error::Readback(e.to_string()))?;
     let data = staging
         .slice(..)
         .get_mapped_range()
