@@ -104,9 +104,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Errors with [`Error::NonFinite`] at the first element of `x` that is not finite, or
 /// that `f16` storage would turn into an infinity.
 pub fn check_finite(what: &str, x: &[f32], f16: bool) -> Result<()> {
-    const F16_MAX: f32 = 65504.0;
-    let bad = |v: f32| !v.is_finite() || (f16 && v.abs() > F16_MAX);
-    match x.iter().position(|&v| bad(v)) {
+    match x.iter().position(|&v| not_storable(v, f16)) {
         None => Ok(()),
         Some(index) => Err(Error::NonFinite {
             what: what.into(),
@@ -115,6 +113,24 @@ pub fn check_finite(what: &str, x: &[f32], f16: bool) -> Result<()> {
             dtype: if f16 { "f16" } else { "f32" },
         }),
     }
+}
+
+/// A NaN, an infinity, or (for f16 storage) a value beyond f16's range.
+fn not_storable(v: f32, f16: bool) -> bool {
+    const F16_MAX: f32 = 65504.0;
+    !v.is_finite() || (f16 && v.abs() > F16_MAX)
+}
+
+/// Replaces every value [`check_finite`] would refuse by 0 and returns how many there
+/// were: the opt-in alternative to the error (`--nonfinite zero`), for data with a few
+/// damaged values; the caller warns with the count.
+pub fn zero_non_finite(x: &mut [f32], f16: bool) -> usize {
+    let mut n = 0;
+    for v in x.iter_mut().filter(|v| not_storable(**v, f16)) {
+        *v = 0.0;
+        n += 1;
+    }
+    n
 }
 
 impl Error {

@@ -256,6 +256,30 @@ fn non_finite_data_is_refused() {
         ]);
         assert!(!ok, "{backend}: a NaN input must fail");
         assert!(err.contains("K element 77 is NaN"), "{backend}: {err}");
+        // Opting in: the value is replaced by 0 with a warning, and the run is finite.
+        let (ok, out, err) = common::wgsparse(&[
+            "attention",
+            "--data",
+            path.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--backend",
+            backend,
+            "--nonfinite",
+            "zero",
+            "--check",
+            "--json",
+        ]);
+        assert!(ok, "{backend}: {err}");
+        assert!(
+            err.contains("K holds 1 non-finite value"),
+            "{backend}: {err}"
+        );
+        let v = common::one_json(&out);
+        assert!(
+            v["max_abs_err"].as_f64().unwrap() < 1e-4,
+            "{backend}: {out}"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
     let ctx = wgsparse::Context::cpu();

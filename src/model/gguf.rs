@@ -360,12 +360,15 @@ impl Gguf {
     }
 
     /// A tensor dequantized to f32 (ggml order: fastest dim first, i.e. row-major rows of
-    /// `dims[0]` elements).
+    /// `dims[0]` elements). A NaN or infinite weight (or block scale) is
+    /// [`Error::NonFinite`]: a damaged file never reaches a kernel.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let t = self.tensor(name)?;
         let b = self.tensor_bytes(name)?;
-        dequantize(t.ty, &b, t.numel() as usize)
-            .map_err(|e| Error::Gguf(format!("tensor `{name}`: {e}")))
+        let v = dequantize(t.ty, &b, t.numel() as usize)
+            .map_err(|e| Error::Gguf(format!("tensor `{name}`: {e}")))?;
+        crate::error::check_finite(&format!("weight `{name}`"), &v, false)?;
+        Ok(v)
     }
 }
 
@@ -554,6 +557,33 @@ mod tests {
         bad[dim_at..dim_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let e = Gguf::from_bytes(bad).err().expect("must fail");
         assert!(e.to_string().contains("truncated file: tensor `w`"), "{e}");
+    }
+
+    /// A NaN or an infinity in a weight (f32 data or a Q4_0 block's f16 scale) is a
+    /// typed error naming the tensor, never a silent NaN model.
+    #[test]
+    fn non_finite_weights_are_typed_errors() {
+        let mut w = vec![0.5f32; 64];
+        w[17] = f32::NAN;
+        let g = Gguf::from_bytes(GgufBuilder::new().tensor_f32("w", &[64], &w).build()).unwrap();
+        match g.tensor_f32("w") {
+            Err(Error::NonFinite { what, index, .. }) => {
+                assert!(what.contains("`w`"), "{what}");
+                assert_eq!(index, 17);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Q4_0: one block of 32 weights whose f16 scale is +inf.
+        let mut block = vec![0u8; 18];
+        block[..2].copy_from_slice(&half::f16::INFINITY.to_bits().to_le_bytes());
+        block[2..].fill(0x99);
+        let g = Gguf::from_bytes(
+            GgufBuilder::new()
+                .tensor("q", &[32], GgmlType::Q4_0, block)
+                .build(),
+        )
+        .unwrap();
+        assert!(matches!(g.tensor_f32("q"), Err(Error::NonFinite { .. })));
     }
 
     mod fuzz {

@@ -511,4 +511,63 @@ mod tests {
         let e = ModelTokenizer::from_gguf(&Gguf::from_bytes(g).unwrap());
         assert!(matches!(e, Err(Error::Tokenizer(_))));
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A byte-level BPE tokenizer whose vocabulary holds all 256 byte symbols, a few
+        /// merges and a special token: every input string is encodable.
+        fn byte_level() -> ModelTokenizer {
+            let mut toks: Vec<String> = vec!["<|endoftext|>".into()];
+            toks.extend(bytes_to_unicode().iter().map(|c| c.to_string()));
+            for t in ["he", "ll", "hell", "hello", "Ġh", "Ġt", "th", "the"] {
+                toks.push(t.into());
+            }
+            let n = toks.len();
+            let types = Value::Array(
+                (0..n)
+                    .map(|i| Value::I64(if i == 0 { 3 } else { 1 }))
+                    .collect(),
+            );
+            let g = GgufBuilder::new()
+                .meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
+                .meta("tokenizer.ggml.pre", Value::Str("smollm".into()))
+                .meta(
+                    "tokenizer.ggml.tokens",
+                    Value::Array(toks.iter().map(|s| Value::Str(s.clone())).collect()),
+                )
+                .meta("tokenizer.ggml.token_type", types)
+                .meta(
+                    "tokenizer.ggml.merges",
+                    strs(&["h e", "l l", "he ll", "hell o", "Ġ h", "Ġ t", "t h", "th e"]),
+                )
+                .meta("tokenizer.ggml.eos_token_id", Value::U64(0))
+                .build();
+            ModelTokenizer::from_gguf(&Gguf::from_bytes(g).unwrap()).unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            /// Any text (any Unicode, control characters, the special token's text in
+            /// pieces) encodes without a panic to ids inside the vocabulary, and decodes
+            /// back to itself (special tokens are left out of decoded text).
+            #[test]
+            fn any_text_round_trips(text in "(\\PC|\\s|<\\|endoftext\\|>|[\\x00-\\x1f]){0,64}") {
+                let t = byte_level();
+                let ids = t.encode(&text).unwrap();
+                prop_assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));
+                prop_assert_eq!(t.decode(&ids).unwrap(), text.replace("<|endoftext|>", ""));
+            }
+
+            /// Arbitrary ids decode to text or a typed error, never a panic.
+            #[test]
+            fn any_ids_decode_or_fail_typed(ids in proptest::collection::vec(any::<u32>(), 0..32)) {
+                let t = byte_level();
+                if let Err(e) = t.decode(&ids) {
+                    prop_assert!(matches!(e, Error::Tokenizer(_)), "{e}");
+                }
+            }
+        }
+    }
 }

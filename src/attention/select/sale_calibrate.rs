@@ -186,3 +186,60 @@ pub fn calibrate(
         runs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> SaleThresholds {
+        SaleThresholds {
+            method: "sale".into(),
+            model: "m.gguf".into(),
+            text: "t.txt".into(),
+            tokens: 4096,
+            budget: 0.01,
+            bits: 4,
+            local: 128,
+            layers: (0..3)
+                .map(|l| LayerThresholds {
+                    layer: l,
+                    tau: vec![0.004, 0.0, 0.02],
+                    error_per_row: vec![0.01, 0.0, 0.005],
+                })
+                .collect(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Random byte changes and truncations of a valid thresholds file: `load` returns
+        /// the file or a typed error naming it, never panics; whatever loads has only
+        /// finite, non-negative τ.
+        #[test]
+        fn mutated_thresholds_files_never_panic(
+            edits in proptest::collection::vec((0usize..2000, any::<u8>()), 1..6),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            case in 0u64..u64::MAX,
+        ) {
+            let path = std::env::temp_dir()
+                .join(format!("wgsparse-thresholds-fuzz-{}-{case}.json", std::process::id()));
+            sample().save(&path).unwrap();
+            let mut b = std::fs::read(&path).unwrap();
+            for (at, v) in &edits {
+                let i = at % b.len();
+                b[i] = *v;
+            }
+            if let Some(c) = cut {
+                b.truncate(c.index(b.len()));
+            }
+            std::fs::write(&path, &b).unwrap();
+            let r = SaleThresholds::load(&path);
+            std::fs::remove_file(&path).ok();
+            match r {
+                Ok(t) => prop_assert!(t.layers.iter().flat_map(|l| &l.tau).all(|x| x.is_finite() && *x >= 0.0)),
+                Err(e) => prop_assert!(matches!(e, Error::BadFile { .. }), "{e}"),
+            }
+        }
+    }
+}

@@ -76,6 +76,10 @@ pub struct AttentionArgs {
     /// `wgsparse::qkv_file`); sets the shape. Without it, synthetic data.
     #[arg(long)]
     pub(crate) data: Option<std::path::PathBuf>,
+    /// Non-finite values in `--data` (NaN, infinities, beyond f16's range for f16
+    /// storage): `error` refuses the file, `zero` replaces them by 0 with a warning.
+    #[arg(long, default_value = "error", value_parser = ["error", "zero"])]
+    pub(crate) nonfinite: String,
     /// Synthetic data: `structured` (sinks, local band, heavy columns, RoPE) or
     /// `gaussian` (no structure).
     #[arg(long, default_value = "structured")]
@@ -209,9 +213,22 @@ impl AttentionArgs {
     /// layer they belong to (files that say so).
     pub fn data(&self) -> Result<(AttentionShape, HostQkv, String, Option<usize>)> {
         if let Some(path) = &self.data {
-            let f = QkvFile::load(path)?;
+            let mut f = QkvFile::load(path)?;
             let label = f.describe();
             let layer = f.meta.get("layer").and_then(|l| l.parse().ok());
+            if self.nonfinite == "zero" {
+                let f16 = self.dtype == DType::F16;
+                for (what, x) in [("Q", &mut f.q), ("K", &mut f.k), ("V", &mut f.v)] {
+                    let n = wgsparse::error::zero_non_finite(x, f16);
+                    if n > 0 {
+                        log::warn!("{what}: {n} non-finite value(s) replaced by 0");
+                        eprintln!(
+                            "warning: {what} holds {n} non-finite value(s) ({}): replaced by 0 (--nonfinite zero)",
+                            self.dtype.name()
+                        );
+                    }
+                }
+            }
             return Ok((f.shape, (f.q, f.k, f.v), label, layer));
         }
         let shape = AttentionShape::new(self.q_heads, self.kv_heads, self.seq_len, self.head_dim);
