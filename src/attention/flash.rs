@@ -120,6 +120,49 @@ pub(crate) fn sub_range(start: u64, end: u64, align: u64, unit: u64) -> SubRange
     }
 }
 
+/// What one dispatch binds: Q (and the output, same layout), K (and V), and the f32
+/// row state acc of its rows (the caller's or the sparse executor's).
+pub(crate) struct DispatchRanges {
+    pub q: SubRange,
+    pub k: SubRange,
+    pub acc: SubRange,
+    pub ml: SubRange,
+}
+
+/// The byte ranges dispatch `x` binds for a problem of `shape` stored in `elem` bytes
+/// per value, with binding offsets aligned to `align`: one function for the build and
+/// the memory plan ([`super::plan`]).
+pub(crate) fn dispatch_ranges(
+    x: &DenseDispatch,
+    shape: &AttentionShape,
+    elem: u64,
+    align: u64,
+) -> DispatchRanges {
+    let (d, n, nk) = (
+        shape.head_dim as u64,
+        shape.seq_len as u64,
+        shape.kv_len as u64,
+    );
+    let group = (shape.q_heads / shape.kv_heads) as u64;
+    let (h0, h1, r0, r1) = (x.h0 as u64, x.h1 as u64, x.r0 as u64, x.r1 as u64);
+    let (c0, c1) = (x.c0 as u64, x.c1 as u64);
+    let kv0 = h0 / group;
+    let kv1 = (h1 - 1) / group + 1;
+    let q_start = (h0 * n + r0) * d;
+    let q_end = ((h1 - 1) * n + r1) * d;
+    DispatchRanges {
+        q: sub_range(q_start * elem, q_end * elem, align, elem),
+        k: sub_range(
+            (kv0 * nk + c0) * d * elem,
+            ((kv1 - 1) * nk + c1) * d * elem,
+            align,
+            elem,
+        ),
+        acc: sub_range(q_start * 4, q_end * 4, align, 4),
+        ml: sub_range((h0 * n + r0) * 8, ((h1 - 1) * n + r1) * 8, align, 8),
+    }
+}
+
 /// The flags of one dispatch's kernel variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Variant {
@@ -576,20 +619,12 @@ impl FlashGpu {
         let mut prepare = |mode: StateMode| -> Result<Vec<Prepared>> {
             let mut out = vec![];
             for x in &dispatches {
-                let (h0, h1, r0, r1) = (x.h0 as u64, x.h1 as u64, x.r0 as u64, x.r1 as u64);
+                let (h0, r0, r1) = (x.h0 as u64, x.r0 as u64, x.r1 as u64);
                 let (c0, c1) = (x.c0 as u64, x.c1 as u64);
                 let kv0 = h0 / group;
-                let kv1 = (h1 - 1) / group + 1;
-                let q_start = (h0 * n + r0) * d;
-                let q_end = ((h1 - 1) * n + r1) * d;
-                let q = sub_range(q_start * s, q_end * s, align, s);
+                let ranges = dispatch_ranges(x, shape, s, align);
+                let (q, k) = (ranges.q, ranges.k);
                 let o = q;
-                let k = sub_range(
-                    (kv0 * nk + c0) * d * s,
-                    ((kv1 - 1) * nk + c1) * d * s,
-                    align,
-                    s,
-                );
                 let v = k;
                 let variant = Variant {
                     import: !x.first || (mode == StateMode::Caller && opts.import_state),
@@ -599,15 +634,7 @@ impl FlashGpu {
                 let uses_state = variant.import || variant.export;
                 let (ml, acc) = match (uses_state, mode) {
                     (false, _) => (None, None),
-                    (true, StateMode::Caller) => (
-                        Some(sub_range(
-                            (h0 * n + r0) * 8,
-                            ((h1 - 1) * n + r1) * 8,
-                            align,
-                            8,
-                        )),
-                        Some(sub_range(q_start * 4, q_end * 4, align, 4)),
-                    ),
+                    (true, StateMode::Caller) => (Some(ranges.ml), Some(ranges.acc)),
                     (true, StateMode::Scratch) => (
                         Some(SubRange {
                             offset: 0,

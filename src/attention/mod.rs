@@ -18,6 +18,7 @@ pub mod lut;
 pub mod method;
 pub mod metrics;
 pub mod params;
+pub mod plan;
 pub mod qkv_file;
 pub mod select;
 pub mod sparse;

@@ -10,6 +10,7 @@
 //!   per-device cache.
 //! - [`launch`]: the typed launcher every kernel goes through (params upload, bind group,
 //!   grid checks) and buffer helpers.
+//! - [`memory`]: buffers as plans describe them before allocating (size, binding).
 //! - [`recorder`]: one command submission per plan run, per-stage GPU time.
 //!
 //! Imports inside run down this list: `recorder` → `launch` → `tensor` → `context` →
@@ -19,6 +20,7 @@ pub mod context;
 pub mod dtype;
 pub mod kernel;
 pub mod launch;
+pub mod memory;
 pub mod preprocess;
 pub mod recorder;
 pub mod tensor;

@@ -26,6 +26,7 @@ use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::{Capabilities, Context};
 use crate::runtime::launch::{Launch, check_axis, storage};
+use crate::runtime::memory::PlannedBuffer;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
@@ -447,6 +448,17 @@ impl Selector for AnchorConfig {
             b.ctx, b.shape, b.opts, self,
         )?))
     }
+    fn plan_buffers(
+        &self,
+        shape: &AttentionShape,
+        dtype: DType,
+    ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>) {
+        let passes = [("pool", 1), ("flags", 1), ("compact", 1)];
+        (
+            AnchorBuffers::of(self, shape, dtype).planned(),
+            passes.map(|(p, c)| (p.to_string(), c)).to_vec(),
+        )
+    }
     fn stats(
         &self,
         shape: &AttentionShape,
@@ -482,11 +494,8 @@ impl AnchorSelectGpu {
         let (h, n, d) = (shape.q_heads, shape.seq_len, shape.head_dim);
         let groups = cfg.groups(n);
         let n_pool = n.div_ceil(cfg.block);
-        let chunks = (0..groups)
-            .map(|gi| cfg.capacity(gi, n).div_ceil(CHUNK))
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let sizes = AnchorBuffers::of(cfg, shape, opts.dtype);
+        let chunks = sizes.chunks;
         let grid_select = (
             check_axis(chunks as u64, max, "anchor selection chunks")?,
             check_axis(groups as u64, max, "anchor selection groups")?,
@@ -496,13 +505,8 @@ impl AnchorSelectGpu {
             check_axis(n_pool as u64, max, "anchor pooled blocks")?,
             grid_select.2,
         );
-        let es = opts.dtype.size() as u64;
-        crate::runtime::launch::check_binding(g, "Q (anchor pooling)", (h * n * d) as u64 * es)?;
-        crate::runtime::launch::check_binding(
-            g,
-            "K (anchor selection)",
-            (shape.kv_heads * n * d) as u64 * es,
-        )?;
+        crate::runtime::launch::check_binding(g, "Q (anchor pooling)", sizes.q_whole)?;
+        crate::runtime::launch::check_binding(g, "K (anchor selection)", sizes.k_whole)?;
         let p = SelectParams {
             seq_len: n as u32,
             q_heads: h as u32,
@@ -521,15 +525,57 @@ impl AnchorSelectGpu {
             launches: [launch("pool")?, launch("flags")?, launch("compact")?],
             grid_pool,
             grid_select,
-            qbar: storage(g, "anchor pooled q", (h * n_pool * d * 4) as u64)?,
-            abar: storage(g, "anchor pooled anchors", (h * n_pool * 4) as u64)?,
-            flags: storage(
-                g,
-                "anchor selection flags",
-                (h * groups * chunks * 32) as u64,
-            )?,
-            counts: storage(g, "anchor chunk counts", (h * groups * chunks * 4) as u64)?,
+            qbar: storage(g, "anchor pooled q", sizes.qbar)?,
+            abar: storage(g, "anchor pooled anchors", sizes.abar)?,
+            flags: storage(g, "anchor selection flags", sizes.flags)?,
+            counts: storage(g, "anchor chunk counts", sizes.counts)?,
         })
+    }
+}
+
+/// AnchorAttention's selection buffers and its bindings of Q and K, in bytes: one list
+/// for the build and the memory plan.
+struct AnchorBuffers {
+    chunks: usize,
+    q_whole: u64,
+    k_whole: u64,
+    qbar: u64,
+    abar: u64,
+    flags: u64,
+    counts: u64,
+}
+
+impl AnchorBuffers {
+    fn of(cfg: &AnchorConfig, shape: &AttentionShape, dtype: DType) -> Self {
+        let (h, n, d) = (shape.q_heads, shape.seq_len, shape.head_dim);
+        let groups = cfg.groups(n);
+        let n_pool = n.div_ceil(cfg.block);
+        let chunks = (0..groups)
+            .map(|gi| cfg.capacity(gi, n).div_ceil(CHUNK))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let es = dtype.size() as u64;
+        AnchorBuffers {
+            chunks,
+            q_whole: (h * n * d) as u64 * es,
+            k_whole: (shape.kv_heads * n * d) as u64 * es,
+            qbar: (h * n_pool * d * 4) as u64,
+            abar: (h * n_pool * 4) as u64,
+            flags: (h * groups * chunks * 32) as u64,
+            counts: (h * groups * chunks * 4) as u64,
+        }
+    }
+
+    fn planned(&self) -> Vec<PlannedBuffer> {
+        vec![
+            PlannedBuffer::whole("Q, bound whole (anchor pooling)", self.q_whole),
+            PlannedBuffer::whole("K, bound whole (anchor selection)", self.k_whole),
+            PlannedBuffer::whole("anchor pooled q", self.qbar),
+            PlannedBuffer::whole("anchor pooled anchors", self.abar),
+            PlannedBuffer::whole("anchor selection flags", self.flags),
+            PlannedBuffer::whole("anchor chunk counts", self.counts),
+        ]
     }
 }
 

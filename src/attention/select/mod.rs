@@ -33,6 +33,7 @@ use super::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::Recorder;
 use crate::runtime::context::Context;
+use crate::runtime::memory::PlannedBuffer;
 
 /// Where a selector writes its choice: one LUT row per head and `q_block` query rows,
 /// each with room for `capacity[row]` entries (its candidates).
@@ -256,6 +257,14 @@ pub trait Selector: std::fmt::Debug + Send + Sync {
     fn select_cpu(&self, input: &SelectInput<'_>) -> Result<Selection>;
     /// Compiles the selection kernels and allocates their buffers.
     fn build_gpu(&self, build: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>>;
+    /// The selection's own buffers and the bindings it makes of the caller's tensors
+    /// (the memory plan, [`crate::attention::plan`]; the build allocates the same
+    /// sizes), and its dispatches per stage.
+    fn plan_buffers(
+        &self,
+        shape: &AttentionShape,
+        dtype: crate::runtime::dtype::DType,
+    ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>);
     /// Statistics of a run: the executor's pair counts, the selected entries per LUT
     /// row and the selection's words ([`Selection::detail`]).
     fn stats(

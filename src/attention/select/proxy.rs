@@ -48,6 +48,7 @@ use crate::attention::params::impl_params;
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
 use crate::runtime::launch::{Launch, check_axis, check_binding, grid_2d, storage};
+use crate::runtime::memory::PlannedBuffer;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
@@ -762,6 +763,17 @@ impl Selector for ProxyConfig {
     fn build_gpu(&self, b: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>> {
         Ok(Box::new(ProxySelectGpu::build(b, self)?))
     }
+    fn plan_buffers(
+        &self,
+        shape: &AttentionShape,
+        dtype: DType,
+    ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>) {
+        let passes = [("pool", 1), ("estimate", 1), ("select", 3)];
+        (
+            ProxyBuffers::of(self, shape, dtype).planned(),
+            passes.map(|(p, c)| (p.to_string(), c)).to_vec(),
+        )
+    }
     fn stats(
         &self,
         shape: &AttentionShape,
@@ -871,14 +883,14 @@ impl ProxySelectGpu {
         let (hq, n, d) = (shape.q_heads, shape.seq_len, shape.head_dim);
         let nb = n.div_ceil(cfg.block);
         let kept = cfg.kept_rows();
-        let chunks = (n - (nb - 1) * cfg.block).div_ceil(SWEEP_ROWS);
+        let sizes = ProxyBuffers::of(cfg, shape, opts.dtype);
+        let chunks = sizes.chunks;
         let max = g.caps.max_workgroups_per_dim;
         check_axis(nb as u64, max, "proxy query blocks")?;
         check_axis(hq as u64, max, "proxy heads")?;
         // The pool and head-weight kernels bind Q and K whole.
-        let es = opts.dtype.size() as u64;
-        check_binding(g, "Q (proxy pool)", (hq * n * d) as u64 * es)?;
-        check_binding(g, "K (proxy pool)", (shape.kv_heads * n * d) as u64 * es)?;
+        check_binding(g, "Q (proxy pool)", sizes.q_whole)?;
+        check_binding(g, "K (proxy pool)", sizes.k_whole)?;
         let pool_threads = ((cfg.groups * (nb * kept + n)) * (d / 4)) as u64;
         let grid_pool = grid_2d(pool_threads.div_ceil(64), max, "proxy pool")?;
         let params = ProxyParams {
@@ -896,8 +908,6 @@ impl ProxySelectGpu {
             gamma: cfg.gamma,
         };
         let launch = |s| Launch::new(ctx, &proxy_spec(s, d, opts.dtype), &params);
-        let f = 4u64;
-        let groups = cfg.groups as u64;
         Ok(ProxySelectGpu {
             shape: *shape,
             cfg: *cfg,
@@ -910,13 +920,66 @@ impl ProxySelectGpu {
             ],
             grid_pool,
             chunks: chunks as u32,
-            qbar: storage(g, "proxy pooled q", groups * (nb * kept * d) as u64 * f)?,
-            kbar: storage(g, "proxy pooled k", groups * (n * d) as u64 * f)?,
-            scores: storage(g, "proxy block scores", groups * (nb * nb) as u64 * f)?,
-            part: storage(g, "proxy head weight parts", (hq * chunks * nb) as u64 * f)?,
-            weights: storage(g, "proxy head weights", (hq * nb) as u64 * f)?,
-            budget: storage(g, "proxy head budgets", hq as u64 * f)?,
+            qbar: storage(g, "proxy pooled q", sizes.qbar)?,
+            kbar: storage(g, "proxy pooled k", sizes.kbar)?,
+            scores: storage(g, "proxy block scores", sizes.scores)?,
+            part: storage(g, "proxy head weight parts", sizes.part)?,
+            weights: storage(g, "proxy head weights", sizes.weights)?,
+            budget: storage(g, "proxy head budgets", sizes.budget)?,
         })
+    }
+}
+
+/// ProxyAttn's selection buffers and its bindings of Q and K, in bytes: one list for the
+/// build and the memory plan.
+struct ProxyBuffers {
+    chunks: usize,
+    q_whole: u64,
+    k_whole: u64,
+    qbar: u64,
+    kbar: u64,
+    scores: u64,
+    part: u64,
+    weights: u64,
+    budget: u64,
+}
+
+impl ProxyBuffers {
+    fn of(cfg: &ProxyConfig, shape: &AttentionShape, dtype: DType) -> Self {
+        let (hq, hk, n, d) = (
+            shape.q_heads as u64,
+            shape.kv_heads as u64,
+            shape.seq_len as u64,
+            shape.head_dim as u64,
+        );
+        let nb = shape.seq_len.div_ceil(cfg.block);
+        let kept = cfg.kept_rows() as u64;
+        let chunks = (shape.seq_len - (nb - 1) * cfg.block).div_ceil(SWEEP_ROWS);
+        let (nb, g, es, f) = (nb as u64, cfg.groups as u64, dtype.size() as u64, 4u64);
+        ProxyBuffers {
+            chunks,
+            q_whole: hq * n * d * es,
+            k_whole: hk * n * d * es,
+            qbar: g * nb * kept * d * f,
+            kbar: g * n * d * f,
+            scores: g * nb * nb * f,
+            part: hq * chunks as u64 * nb * f,
+            weights: hq * nb * f,
+            budget: hq * f,
+        }
+    }
+
+    fn planned(&self) -> Vec<PlannedBuffer> {
+        vec![
+            PlannedBuffer::whole("Q, bound whole (proxy pool)", self.q_whole),
+            PlannedBuffer::whole("K, bound whole (proxy pool)", self.k_whole),
+            PlannedBuffer::whole("proxy pooled q", self.qbar),
+            PlannedBuffer::whole("proxy pooled k", self.kbar),
+            PlannedBuffer::whole("proxy block scores", self.scores),
+            PlannedBuffer::whole("proxy head weight parts", self.part),
+            PlannedBuffer::whole("proxy head weights", self.weights),
+            PlannedBuffer::whole("proxy head budgets", self.budget),
+        ]
     }
 }
 

@@ -36,6 +36,7 @@ use crate::attention::sparse::{TwoPassRun, two_pass_cpu};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
 use crate::runtime::launch::{Launch, check_axis, check_binding, storage, storage_init};
+use crate::runtime::memory::PlannedBuffer;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
@@ -842,6 +843,17 @@ impl Selector for SaleConfig {
     fn build_gpu(&self, b: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>> {
         Ok(Box::new(SaleSelectGpu::build(b, self)?))
     }
+    fn plan_buffers(
+        &self,
+        shape: &AttentionShape,
+        dtype: DType,
+    ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>) {
+        let passes = [("quantize", 4), ("estimate", 1), ("compact", 1)];
+        (
+            SaleBuffers::of(self, shape, dtype).planned(),
+            passes.map(|(p, c)| (p.to_string(), c)).to_vec(),
+        )
+    }
     fn stats(
         &self,
         shape: &AttentionShape,
@@ -875,6 +887,67 @@ pub(crate) struct SaleSelectGpu {
     flags: wgpu::Buffer,
 }
 
+/// The buffers of SALE's selection and the bindings it makes of Q and K, in bytes:
+/// one list for the build and the memory plan.
+struct SaleBuffers {
+    q_whole: u64,
+    k_whole: u64,
+    partial: u64,
+    means: u64,
+    qq: u64,
+    kq: u64,
+    q_meta: u64,
+    k_meta: u64,
+    tau: u64,
+    flags: u64,
+}
+
+impl SaleBuffers {
+    fn of(cfg: &SaleConfig, shape: &AttentionShape, dtype: DType) -> Self {
+        let (hq, hk, n, d) = (
+            shape.q_heads as u64,
+            shape.kv_heads as u64,
+            shape.seq_len as u64,
+            shape.head_dim as u64,
+        );
+        let n_qb = (shape.seq_len.div_ceil(BLOCK_Q)) as u64;
+        let chunks = cfg
+            .candidates(n_qb as usize - 1)
+            .div_ceil(CHUNK_BLOCKS)
+            .max(1) as u64;
+        let mean_chunks = shape.seq_len.div_ceil(MEAN_CHUNK_ROWS) as u64;
+        let words = QuantizedQk::words(cfg.bits, shape.head_dim) as u64;
+        let es = dtype.size() as u64;
+        SaleBuffers {
+            q_whole: hq * n * d * es,
+            k_whole: hk * n * d * es,
+            partial: (hq + hk) * mean_chunks * d * 4,
+            means: (hq + hk) * d * 4,
+            qq: hq * n * words * 4,
+            kq: hk * n * words * 4,
+            q_meta: hq * n * 8,
+            k_meta: hq * n * 8,
+            tau: hq * 4,
+            flags: hq * n_qb * chunks * 4,
+        }
+    }
+
+    fn planned(&self) -> Vec<PlannedBuffer> {
+        vec![
+            PlannedBuffer::whole("Q, bound whole (sale quantization)", self.q_whole),
+            PlannedBuffer::whole("K, bound whole (sale quantization)", self.k_whole),
+            PlannedBuffer::whole("sale mean partial sums", self.partial),
+            PlannedBuffer::whole("sale sequence means", self.means),
+            PlannedBuffer::whole("sale quantized q", self.qq),
+            PlannedBuffer::whole("sale quantized k", self.kq),
+            PlannedBuffer::whole("sale q scales and corrections", self.q_meta),
+            PlannedBuffer::whole("sale k scales and corrections", self.k_meta),
+            PlannedBuffer::whole("sale per-head tau", self.tau),
+            PlannedBuffer::whole("sale block bits", self.flags),
+        ]
+    }
+}
+
 impl SaleSelectGpu {
     fn build(b: &SelectBuild<'_>, cfg: &SaleConfig) -> Result<Self> {
         let (ctx, shape, opts) = (b.ctx, b.shape, b.opts);
@@ -884,7 +957,6 @@ impl SaleSelectGpu {
         let n_qb = n.div_ceil(BLOCK_Q);
         let chunks = cfg.candidates(n_qb - 1).div_ceil(CHUNK_BLOCKS).max(1);
         let mean_chunks = n.div_ceil(MEAN_CHUNK_ROWS);
-        let words = QuantizedQk::words(cfg.bits, d);
         debug_assert_eq!(b.layout.capacity.len(), hq * n_qb);
         let browser = ctx.backend() == crate::runtime::context::Backend::BrowserWebGpu;
         let ev = estimate_variant(caps, browser, d, cfg.bits);
@@ -907,9 +979,9 @@ impl SaleSelectGpu {
         );
         check_axis((hq + hk) as u64, max, "sale heads")?;
         let grid_means = check_axis(mean_chunks as u64, max, "sale mean chunks")?;
-        let es = opts.dtype.size() as u64;
-        check_binding(g, "Q (sale quantization)", (hq * n * d) as u64 * es)?;
-        check_binding(g, "K (sale quantization)", (hk * n * d) as u64 * es)?;
+        let sizes = SaleBuffers::of(cfg, shape, opts.dtype);
+        check_binding(g, "Q (sale quantization)", sizes.q_whole)?;
+        check_binding(g, "K (sale quantization)", sizes.k_whole)?;
         let taus: Vec<f32> = (0..hq).map(|h| cfg.tau_of(h)).collect();
         let qp = SaleQuantParams {
             seq_len: n as u32,
@@ -929,7 +1001,6 @@ impl SaleSelectGpu {
             scale: opts.scale_for(shape),
             _pad: [0; 2],
         };
-        let d4 = (d / 4) as u64;
         let spec = |s| sale_spec(s, d, cfg.bits, cfg.local, opts.dtype, ev);
         let quant = |s| Launch::new(ctx, &spec(s), &qp);
         let est = |s| Launch::new(ctx, &spec(s), &ep);
@@ -946,18 +1017,14 @@ impl SaleSelectGpu {
             est_params: ep,
             grid_means,
             grid_estimate,
-            partial: storage(
-                g,
-                "sale mean partial sums",
-                ((hq + hk) * mean_chunks) as u64 * d4 * 16,
-            )?,
-            means: storage(g, "sale sequence means", (hq + hk) as u64 * d4 * 16)?,
-            qq: storage(g, "sale quantized q", (hq * n * words * 4) as u64)?,
-            kq: storage(g, "sale quantized k", (hk * n * words * 4) as u64)?,
-            q_meta: storage(g, "sale q scales and corrections", (hq * n * 8) as u64)?,
-            k_meta: storage(g, "sale k scales and corrections", (hq * n * 8) as u64)?,
+            partial: storage(g, "sale mean partial sums", sizes.partial)?,
+            means: storage(g, "sale sequence means", sizes.means)?,
+            qq: storage(g, "sale quantized q", sizes.qq)?,
+            kq: storage(g, "sale quantized k", sizes.kq)?,
+            q_meta: storage(g, "sale q scales and corrections", sizes.q_meta)?,
+            k_meta: storage(g, "sale k scales and corrections", sizes.k_meta)?,
             tau: storage_init(g, "sale per-head tau", bytemuck::cast_slice(&taus))?,
-            flags: storage(g, "sale block bits", (hq * n_qb * chunks * 4) as u64)?,
+            flags: storage(g, "sale block bits", sizes.flags)?,
         })
     }
 }

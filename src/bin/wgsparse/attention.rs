@@ -117,6 +117,18 @@ pub struct AttentionArgs {
     /// Plan with at most this many bytes per storage binding (tests the split path).
     #[arg(long)]
     pub(crate) max_binding_bytes: Option<u64>,
+    /// Print the memory plan (every buffer, its size and how it is bound, the
+    /// dispatches) for the limits of `--limits` instead of running: nothing is allocated.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// With --dry-run: whose limits to plan for: `device` (the chosen one), `h200`,
+    /// `webgpu` (a browser's defaults) or `lavapipe`; --max-binding-bytes and
+    /// --max-buffer-bytes override parts of them.
+    #[arg(long, default_value = "device", value_parser = ["device", "h200", "webgpu", "lavapipe"])]
+    pub(crate) limits: String,
+    /// With --dry-run: plan with at most this many bytes per buffer.
+    #[arg(long)]
+    pub(crate) max_buffer_bytes: Option<u64>,
 }
 
 impl AttentionArgs {
@@ -440,7 +452,42 @@ impl fmt::Display for AttentionRun {
     }
 }
 
+/// `--dry-run`: the memory plan for the asked limits, printed; nothing allocated.
+fn dry_run(a: &AttentionArgs) -> Result<()> {
+    use wgsparse::attention::plan::{DeviceLimits, plan};
+    let shape = match &a.data {
+        Some(path) => QkvFile::load(path)?.shape,
+        None => AttentionShape::new(a.q_heads, a.kv_heads, a.seq_len, a.head_dim),
+    };
+    let method = a.method(None)?;
+    let mut limits = match a.limits.as_str() {
+        "h200" => DeviceLimits::H200,
+        "webgpu" => DeviceLimits::WEBGPU_DEFAULT,
+        "lavapipe" => DeviceLimits::LAVAPIPE,
+        _ => {
+            let ctx = device::context(a.common.backend, None)?;
+            DeviceLimits::of(ctx.capabilities())
+        }
+    };
+    if let Some(b) = a.max_binding_bytes {
+        limits.max_binding = b;
+    }
+    if let Some(b) = a.max_buffer_bytes {
+        limits.max_buffer = b;
+    }
+    let p = plan(&shape, &method, a.dtype, !a.non_causal, &limits)?;
+    if a.common.json {
+        println!("{}", serde_json::to_string(&p).expect("serializable"));
+    } else {
+        println!("{p}");
+    }
+    Ok(())
+}
+
 pub fn run(a: &AttentionArgs) -> Result<()> {
+    if a.dry_run {
+        return dry_run(a);
+    }
     let ctx = device::context(a.common.backend, a.max_binding_bytes)?;
     let (shape, qkv, data_label, data_layer) = a.data()?;
     let method = a.method(data_layer)?;
