@@ -262,6 +262,52 @@ fn two_pass_methods_split_a_row_state_over_the_binding_limit() {
     }
 }
 
+/// The selectors' first kernels (SALE's quantization, AnchorAttention's pooling,
+/// ProxyAttn's pooling and head weights) when Q is over one binding but a
+/// head is not (how Q of 32 heads × 256k × d 128 in f16, 2 GiB, meets an H200's 2 GiB − 4):
+/// they read Q one run of whole heads at a time, and the plan matches the CPU twin.
+#[test]
+fn selectors_read_q_by_runs_of_heads_over_the_binding_limit() {
+    // 150,000-byte bindings: f16 Q of 4 heads × 512 × 64 is 262,144 bytes (over), one
+    // head 65,536 (two per binding).
+    let Some(ctx) = common::gpu(Some(150_000)) else {
+        return;
+    };
+    let seed = common::seed();
+    let shape = AttentionShape::new(4, 2, 512, 64);
+    let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), seed);
+    for spec in [
+        "sale:tau=0.01",
+        "anchor:theta=4,block=64,step=2,init_keys=128",
+        "proxy:block=64,min_budget=128,gamma=0.9",
+    ] {
+        let method: Method = spec.parse().unwrap();
+        let (got, report) =
+            method_against_cpu_twin(&ctx, shape, &method, DType::F16, true, (&q, &k, &v))
+                .unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert!(report.density < 1.0, "{spec}: {}", report.density);
+        assert!(
+            got.errors.max_abs_err <= dense_tolerance(DType::F16),
+            "{spec}: {:?}",
+            got.errors
+        );
+        // The stage that reads Q ran once per run of heads (SALE: mean partials and
+        // codes of Q and of K, the means; AnchorAttention: the pooling).
+        let (stage, at_least) = match method {
+            Method::Sale(_) => ("quantize", 6),
+            _ => ("pool", 2),
+        };
+        let st = got
+            .report
+            .timing
+            .stages
+            .iter()
+            .find(|s| s.name == stage)
+            .unwrap_or_else(|| panic!("{spec}: no {stage} stage"));
+        assert!(st.dispatches >= at_least, "{spec}: {st:?}");
+    }
+}
+
 fn small_anchor() -> AnchorConfig {
     AnchorConfig {
         theta: 4.0,

@@ -19,63 +19,7 @@ use super::method::Method;
 use super::split::{SplitLimits, SplitProblem, split_dense, split_sparse};
 use crate::error::{Error, Result};
 use crate::runtime::dtype::DType;
-pub use crate::runtime::memory::{Binding, PlannedBuffer};
-
-/// The limits a plan must fit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct DeviceLimits {
-    /// Bytes one storage binding may cover.
-    pub max_binding: u64,
-    /// Bytes one buffer may hold.
-    pub max_buffer: u64,
-    /// Alignment of binding offsets.
-    pub offset_align: u64,
-    /// Workgroups per grid axis.
-    pub max_groups: u32,
-}
-
-impl DeviceLimits {
-    /// An NVIDIA H200 through Vulkan (wgpu 30): 2 GiB − 4 per binding, 4 GiB buffers.
-    pub const H200: DeviceLimits = DeviceLimits {
-        max_binding: (2 << 30) - 4,
-        max_buffer: 4 << 30,
-        offset_align: 64,
-        max_groups: 65535,
-    };
-    /// WebGPU's default limits (what a browser gives without asking for more): 128 MiB
-    /// per binding, 256 MiB buffers.
-    pub const WEBGPU_DEFAULT: DeviceLimits = DeviceLimits {
-        max_binding: 128 << 20,
-        max_buffer: 256 << 20,
-        offset_align: 256,
-        max_groups: 65535,
-    };
-    /// Mesa's lavapipe (CI): 128 MiB per binding, 2 GiB − 1 buffers.
-    pub const LAVAPIPE: DeviceLimits = DeviceLimits {
-        max_binding: 128 << 20,
-        max_buffer: (2 << 30) - 1,
-        offset_align: 32,
-        max_groups: 65535,
-    };
-
-    /// The limits of a context's device (the CPU path has none).
-    pub fn of(caps: &crate::runtime::context::Capabilities) -> Self {
-        DeviceLimits {
-            max_binding: caps.max_storage_binding,
-            max_buffer: caps.max_buffer,
-            offset_align: caps.storage_offset_alignment.max(1) as u64,
-            max_groups: caps.max_workgroups_per_dim,
-        }
-    }
-
-    pub(crate) fn split(&self) -> SplitLimits {
-        SplitLimits {
-            max_binding: self.max_binding,
-            offset_align: self.offset_align,
-            max_groups: self.max_groups,
-        }
-    }
-}
+pub use crate::runtime::memory::{Binding, DeviceLimits, PlannedBuffer};
 
 /// The memory plan of one attention problem on one set of limits.
 #[derive(Clone, Debug, Serialize)]
@@ -190,6 +134,14 @@ fn mib(b: u64) -> String {
     }
 }
 
+fn split_limits(lim: &DeviceLimits) -> SplitLimits {
+    SplitLimits {
+        max_binding: lim.max_binding,
+        offset_align: lim.offset_align,
+        max_groups: lim.max_groups,
+    }
+}
+
 /// The bindings of a flash executor pass: Q/O and K/V by ranges, the row state by
 /// ranges (the caller's, for a pass that imports or exports it), and the scratch state
 /// of chained key chunks.
@@ -219,9 +171,9 @@ pub(crate) fn plan_flash(
         causal,
     };
     let dispatches = if exec.keys != KeyMode::Range {
-        split_sparse(&problem, &lim.split())?
+        split_sparse(&problem, &split_limits(lim))?
     } else {
-        split_dense(&problem, &lim.split())?
+        split_dense(&problem, &split_limits(lim))?
     };
     let mut out = FlashBindings {
         dispatches: dispatches.len(),
@@ -401,7 +353,7 @@ pub fn plan(
                 row_base.len() as u64,
                 total,
             ));
-            let (own, passes) = sel.plan_buffers(shape, dtype);
+            let (own, passes) = sel.plan_buffers(shape, dtype, limits);
             buffers.extend(own);
             dispatches.extend(passes);
         }

@@ -54,6 +54,15 @@ impl Dispatch {
     }
 }
 
+/// A storage binding of a dispatch: a whole buffer, or `size` bytes from `offset`.
+#[derive(Clone, Copy)]
+pub enum Bound<'a> {
+    /// The whole buffer.
+    Whole(&'a wgpu::Buffer),
+    /// A byte range (offset aligned to the device's storage offset alignment).
+    Range(&'a wgpu::Buffer, u64, u64),
+}
+
 /// A kernel and its uniform parameters `P` (binding 0, written once at plan build
 /// time): binds the storage buffers of a run after them and yields a [`Dispatch`].
 pub struct Launch<P: Pod> {
@@ -87,6 +96,28 @@ impl<P: Pod> Launch<P> {
             kernel: self.kernel.clone(),
             grid,
         }
+    }
+
+    /// A dispatch binding the parameters at 0 and `bindings` at 1, 2, … — whole buffers
+    /// or byte ranges ([`Bound`]): for kernels that read one part of a tensor per
+    /// dispatch (a tensor over one binding, split by heads).
+    pub fn dispatch_bound(
+        &self,
+        g: &GpuDevice,
+        bindings: &[Bound<'_>],
+        grid: (u32, u32, u32),
+    ) -> Dispatch {
+        let all = std::iter::once(self.params.as_entire_buffer_binding()).chain(
+            bindings.iter().map(|b| match *b {
+                Bound::Whole(buf) => buf.as_entire_buffer_binding(),
+                Bound::Range(buf, offset, size) => wgpu::BufferBinding {
+                    buffer: buf,
+                    offset,
+                    size: std::num::NonZeroU64::new(size),
+                },
+            }),
+        );
+        Dispatch::ranges(g, self.kernel.clone(), all, grid)
     }
 
     /// The compiled kernel.

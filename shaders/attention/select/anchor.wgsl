@@ -85,7 +85,9 @@ fn chunk_at(id: vec3<u32>) -> ChunkAt {
 @compute @workgroup_size(64)
 fn anchor_pool(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let b = wg.id.x;
-    let h = wg.id.y;
+    // Q may be over one binding: the pool runs once per run of whole heads, Q bound to
+    // that part (head head_first at vec4 x_base).
+    let h = p.head_first + wg.id.y;
     let r0 = b * POOL;
     let r1 = min(r0 + POOL, p.seq_len);
     let inv = 1.0 / f32(r1 - r0);
@@ -93,7 +95,7 @@ fn anchor_pool(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     if lid < D4 {
         var sum = vec4<f32>(0.0);
         for (var r = r0; r < r1; r++) {
-            sum += decode4(q_buf[(h * p.seq_len + r) * D4 + lid]);
+            sum += decode4(q_buf[p.x_base + (wg.id.y * p.seq_len + r) * D4 + lid]);
         }
         qbar[(h * p.n_pool + b) * D4 + lid] = sum * inv;
     }

@@ -48,6 +48,10 @@ const NEG_BIG: f32 = -1.0e30;
 
 @compute @workgroup_size(64)
 fn proxy_pool(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    // Q may be over one binding: the pool runs once per run of whole heads
+    // [x_head0, x_head1), Q bound to that part (head x_head0 at vec4 x_base); each run
+    // adds its heads' share of the group means (the first one writes them, and the
+    // pooled keys).
     let i = flat_id(wg) * WG + lid;
     let kv_per_group = p.kv_heads / p.groups;
     let q_per_kv = p.q_heads / p.kv_heads;
@@ -62,17 +66,22 @@ fn proxy_pool(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
         var sum = vec4<f32>(0.0);
         let count = kv_per_group * q_per_kv;
         if r < p.seq_len && kr * p.stride < p.block {
-            let h0 = g * count;
-            for (var h = h0; h < h0 + count; h++) {
-                sum += decode4(q_buf[(h * p.seq_len + r) * D4 + c]);
+            let h0 = max(g * count, p.x_head0);
+            let h1 = min(g * count + count, p.x_head1);
+            for (var h = h0; h < h1; h++) {
+                sum += decode4(q_buf[p.x_base + ((h - p.x_head0) * p.seq_len + r) * D4 + c]);
             }
             sum /= f32(count);
         }
-        qbar[i] = sum;
+        if p.first_run != 0u {
+            qbar[i] = sum;
+        } else {
+            qbar[i] += sum;
+        }
         return;
     }
     let j = i - q_elems;
-    if j < p.groups * p.seq_len * D4 {
+    if p.first_run != 0u && j < p.groups * p.seq_len * D4 {
         let c = j % D4;
         let r = (j / D4) % p.seq_len;
         let g = j / (D4 * p.seq_len);
@@ -185,7 +194,8 @@ fn row_stats(lid: u32, base: u32, limit: array<u32, ROWS>, last_block: u32) -> a
 @compute @workgroup_size(64)
 fn proxy_head_weights(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let chunk = wg.id.x;
-    let h = wg.id.y;
+    // (Once per run of whole heads of Q, as the pool.)
+    let h = p.x_head0 + wg.id.y;
     let kvh = h / (p.q_heads / p.kv_heads);
     let last = p.blocks - 1u;
     let r0 = last * p.block + chunk * ROWS;
@@ -198,7 +208,7 @@ fn proxy_head_weights(wg: Workgroup, @builtin(local_invocation_index) lid: u32) 
         let r = r0 + x / D4;
         var v = vec4<f32>(0.0);
         if r < p.seq_len {
-            v = decode4(q_buf[(h * p.seq_len + r) * D4 + x % D4]);
+            v = decode4(q_buf[p.x_base + (wg.id.y * p.seq_len + r) * D4 + x % D4]);
         }
         qs[x] = v;
     }

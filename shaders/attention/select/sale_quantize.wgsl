@@ -2,6 +2,11 @@
 //
 // sale_mean_partial  one workgroup per (row chunk, head), heads = q_heads then kv_heads:
 //                    the chunk's column sums of Q or K.
+//
+// Q and K may each be over one storage binding (256k tokens x 32 heads x d 128 in f16 is
+// 2 GiB): the mean and quantization kernels run once per run of whole heads, X bound to
+// that part only. A dispatch covers heads head_first + wg.id.y (in the numbering q heads
+// then kv heads); X starts at head x_head0, x_base vec4s into its binding.
 // sale_mean_final    one workgroup per head: the sequence mean (sum of the partials / n).
 // sale_quant         one workgroup per (64-row block, head) of Q (or of K with QUANT_K):
 //                    subtracts the head's sequence mean, quantizes each row symmetrically
@@ -23,29 +28,26 @@
 const D4: u32 = D / 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
+// Vec4 `c` of row `r` of head `head` of the bound part of X.
+fn x_index(head: u32, r: u32, c: u32) -> u32 {
+    return p.x_base + ((head - p.x_head0) * p.seq_len + r) * D4 + c;
+}
+
 #ifdef STAGE_MEAN_PARTIAL
-@group(0) @binding(1) var<storage, read> q_buf: array<Store4>;
-@group(0) @binding(2) var<storage, read> k_buf: array<Store4>;
-@group(0) @binding(3) var<storage, read_write> partial: array<vec4<f32>>;  // [heads, chunks, D4]
+@group(0) @binding(1) var<storage, read> x_buf: array<Store4>;
+@group(0) @binding(2) var<storage, read_write> partial: array<vec4<f32>>;  // [heads, chunks, D4]
 
 @compute @workgroup_size(64)
 fn sale_mean_partial(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let chunk = wg.id.x;
-    let head = wg.id.y;
+    let head = p.head_first + wg.id.y;
     let r0 = chunk * p.chunk_rows;
     let r1 = min(r0 + p.chunk_rows, p.seq_len);
     // Thread c4 owns dimensions 4*c4..+4 (D4 <= 64 threads).
     if lid < D4 {
         var sum = vec4<f32>(0.0);
-        if head < p.q_heads {
-            for (var r = r0; r < r1; r++) {
-                sum += decode4(q_buf[(head * p.seq_len + r) * D4 + lid]);
-            }
-        } else {
-            let kvh = head - p.q_heads;
-            for (var r = r0; r < r1; r++) {
-                sum += decode4(k_buf[(kvh * p.seq_len + r) * D4 + lid]);
-            }
+        for (var r = r0; r < r1; r++) {
+            sum += decode4(x_buf[x_index(head, r, lid)]);
         }
         partial[(head * p.chunks + chunk) * D4 + lid] = sum;
     }
@@ -86,7 +88,8 @@ fn code(x: f32, inv: f32) -> u32 {
 
 @compute @workgroup_size(64)
 fn sale_quant(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
-    let head = wg.id.y;
+    // (QUANT_K: kv heads, numbered from 0 here; x_head0 likewise.)
+    let head = p.head_first + wg.id.y;
     let row = wg.id.x * 64u + lid;
     if row >= p.seq_len { return; }
 #ifdef QUANT_K
@@ -96,7 +99,7 @@ fn sale_quant(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let own_mean = head * D4;                 // q_mean of this q head
     let other_mean = (p.q_heads + kvh) * D4;  // k_mean of its kv head
 #endif
-    let base = (head * p.seq_len + row) * D4;
+    let base = x_index(head, row, 0u);
     // Pass 1: amax of the smoothed row (and q·k_mean, on the original row).
     var amax = 0.0;
 #ifndef QUANT_K

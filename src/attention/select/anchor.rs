@@ -25,8 +25,9 @@ use crate::attention::sparse::{TwoPassRun, two_pass_cpu};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::context::{Capabilities, Context};
+use crate::runtime::launch::Bound;
 use crate::runtime::launch::{Launch, check_axis, storage};
-use crate::runtime::memory::PlannedBuffer;
+use crate::runtime::memory::{DeviceLimits, HeadChunk, PlannedBuffer, head_chunks};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
@@ -307,7 +308,9 @@ crate::wgsl_params! {
         chunks: u32,
         scale: f32,
         theta: f32,
-        _pad: [u32; 3],
+        head_first: u32,
+        x_base: u32,
+        _pad: u32,
     }
 }
 
@@ -452,12 +455,25 @@ impl Selector for AnchorConfig {
         &self,
         shape: &AttentionShape,
         dtype: DType,
+        limits: &DeviceLimits,
     ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>) {
-        let passes = [("pool", 1), ("flags", 1), ("compact", 1)];
-        (
-            AnchorBuffers::of(self, shape, dtype).planned(),
-            passes.map(|(p, c)| (p.to_string(), c)).to_vec(),
-        )
+        let es = dtype.size() as u64;
+        let head = (shape.seq_len * shape.head_dim) as u64 * es;
+        let q = PlannedBuffer::by_heads(
+            "Q, bound by runs of heads (anchor pooling)",
+            shape.q_heads,
+            head,
+            4 * es,
+            limits,
+        );
+        let runs = match q.binding {
+            crate::runtime::memory::Binding::Ranges { pieces, .. } => pieces,
+            _ => 1,
+        };
+        let passes = [("pool", runs), ("flags", 1), ("compact", 1)];
+        let mut buffers = vec![q];
+        buffers.extend(AnchorBuffers::of(self, shape, dtype).planned());
+        (buffers, passes.map(|(p, c)| (p.to_string(), c)).to_vec())
     }
     fn stats(
         &self,
@@ -472,9 +488,11 @@ impl Selector for AnchorConfig {
 
 /// AnchorAttention's selection on a GPU context: pooling, flags, compaction.
 struct AnchorSelectGpu {
-    /// Pooling, flags and compaction.
-    launches: [Launch<SelectParams>; 3],
-    grid_pool: (u32, u32),
+    /// Pooling (once per run of whole heads of Q that fits a binding), flags and
+    /// compaction.
+    pool: Vec<(Launch<SelectParams>, HeadChunk)>,
+    launches: [Launch<SelectParams>; 2],
+    grid_pool: u32,
     grid_select: (u32, u32, u32),
     qbar: wgpu::Buffer,
     abar: wgpu::Buffer,
@@ -501,12 +519,16 @@ impl AnchorSelectGpu {
             check_axis(groups as u64, max, "anchor selection groups")?,
             check_axis(h as u64, max, "anchor selection heads")?,
         );
-        let grid_pool = (
-            check_axis(n_pool as u64, max, "anchor pooled blocks")?,
-            grid_select.2,
-        );
-        crate::runtime::launch::check_binding(g, "Q (anchor pooling)", sizes.q_whole)?;
+        let grid_pool = check_axis(n_pool as u64, max, "anchor pooled blocks")?;
         crate::runtime::launch::check_binding(g, "K (anchor selection)", sizes.k_whole)?;
+        let es = opts.dtype.size() as u64;
+        let q_chunks = head_chunks(
+            h,
+            (n * d) as u64 * es,
+            4 * es,
+            g.caps.max_storage_binding,
+            g.caps.storage_offset_alignment as u64,
+        )?;
         let p = SelectParams {
             seq_len: n as u32,
             q_heads: h as u32,
@@ -517,12 +539,27 @@ impl AnchorSelectGpu {
             chunks: chunks as u32,
             scale: opts.scale_for(shape),
             theta: cfg.theta,
-            _pad: [0; 3],
+            head_first: 0,
+            x_base: 0,
+            _pad: 0,
         };
         let coop = flags_coop_tile(&g.caps, opts.dtype, cfg.step);
-        let launch = |stage| Launch::new(ctx, &select_spec(stage, d, cfg, opts.dtype, coop), &p);
+        let spec = |stage| select_spec(stage, d, cfg, opts.dtype, coop);
+        let launch = |stage| Launch::new(ctx, &spec(stage), &p);
+        let pool = q_chunks
+            .iter()
+            .map(|c| {
+                let pc = SelectParams {
+                    head_first: c.h0 as u32,
+                    x_base: c.base,
+                    ..p
+                };
+                Ok((Launch::new(ctx, &spec("pool"), &pc)?, *c))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(AnchorSelectGpu {
-            launches: [launch("pool")?, launch("flags")?, launch("compact")?],
+            pool,
+            launches: [launch("flags")?, launch("compact")?],
             grid_pool,
             grid_select,
             qbar: storage(g, "anchor pooled q", sizes.qbar)?,
@@ -537,7 +574,6 @@ impl AnchorSelectGpu {
 /// for the build and the memory plan.
 struct AnchorBuffers {
     chunks: usize,
-    q_whole: u64,
     k_whole: u64,
     qbar: u64,
     abar: u64,
@@ -558,7 +594,6 @@ impl AnchorBuffers {
         let es = dtype.size() as u64;
         AnchorBuffers {
             chunks,
-            q_whole: (h * n * d) as u64 * es,
             k_whole: (shape.kv_heads * n * d) as u64 * es,
             qbar: (h * n_pool * d * 4) as u64,
             abar: (h * n_pool * 4) as u64,
@@ -569,7 +604,6 @@ impl AnchorBuffers {
 
     fn planned(&self) -> Vec<PlannedBuffer> {
         vec![
-            PlannedBuffer::whole("Q, bound whole (anchor pooling)", self.q_whole),
             PlannedBuffer::whole("K, bound whole (anchor selection)", self.k_whole),
             PlannedBuffer::whole("anchor pooled q", self.qbar),
             PlannedBuffer::whole("anchor pooled anchors", self.abar),
@@ -582,9 +616,20 @@ impl AnchorBuffers {
 impl GpuSelection for AnchorSelectGpu {
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
         let g = rec.gpu();
-        let [pool, flags, compact] = &self.launches;
-        let (px, py) = self.grid_pool;
-        let pool = pool.dispatch(g, &[io.q, io.ml, &self.qbar, &self.abar], (px, py, 1));
+        let [flags, compact] = &self.launches;
+        let pool: Vec<_> = self
+            .pool
+            .iter()
+            .map(|(l, c)| {
+                let bufs = [
+                    Bound::Range(io.q, c.offset, c.size),
+                    Bound::Whole(io.ml),
+                    Bound::Whole(&self.qbar),
+                    Bound::Whole(&self.abar),
+                ];
+                l.dispatch_bound(g, &bufs, (self.grid_pool, (c.h1 - c.h0) as u32, 1))
+            })
+            .collect();
         let bufs = [io.k, &self.qbar, &self.abar, &self.flags, &self.counts];
         let flags = flags.dispatch(g, &bufs, self.grid_select);
         let bufs = [
@@ -595,13 +640,13 @@ impl GpuSelection for AnchorSelectGpu {
             io.indices,
         ];
         let compact = compact.dispatch(g, &bufs, self.grid_select);
-        rec.dispatch_stage("pool", &[pool]);
+        rec.dispatch_stage("pool", &pool);
         rec.dispatch_stage("select", &[flags]);
         rec.dispatch_stage("compact", &[compact]);
         Ok(())
     }
     fn counts(&self) -> (u32, usize) {
-        (3, 3)
+        (3, self.pool.len() + 2)
     }
 }
 

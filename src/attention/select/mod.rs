@@ -33,7 +33,7 @@ use super::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::runtime::Recorder;
 use crate::runtime::context::Context;
-use crate::runtime::memory::PlannedBuffer;
+use crate::runtime::memory::{DeviceLimits, PlannedBuffer};
 
 /// Where a selector writes its choice: one LUT row per head and `q_block` query rows,
 /// each with room for `capacity[row]` entries (its candidates).
@@ -264,6 +264,7 @@ pub trait Selector: std::fmt::Debug + Send + Sync {
         &self,
         shape: &AttentionShape,
         dtype: crate::runtime::dtype::DType,
+        limits: &DeviceLimits,
     ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>);
     /// Statistics of a run: the executor's pair counts, the selected entries per LUT
     /// row and the selection's words ([`Selection::detail`]).

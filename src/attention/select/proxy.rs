@@ -47,8 +47,8 @@ use crate::attention::lut::{LutUnit, SparseLut};
 use crate::attention::params::impl_params;
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Launch, check_axis, check_binding, grid_2d, storage};
-use crate::runtime::memory::PlannedBuffer;
+use crate::runtime::launch::{Bound, Launch, check_axis, check_binding, grid_2d, storage};
+use crate::runtime::memory::{DeviceLimits, HeadChunk, PlannedBuffer, head_chunks};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
@@ -767,12 +767,25 @@ impl Selector for ProxyConfig {
         &self,
         shape: &AttentionShape,
         dtype: DType,
+        limits: &DeviceLimits,
     ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>) {
-        let passes = [("pool", 1), ("estimate", 1), ("select", 3)];
-        (
-            ProxyBuffers::of(self, shape, dtype).planned(),
-            passes.map(|(p, c)| (p.to_string(), c)).to_vec(),
-        )
+        let es = dtype.size() as u64;
+        let head = (shape.seq_len * shape.head_dim) as u64 * es;
+        let q = PlannedBuffer::by_heads(
+            "Q, bound by runs of heads (proxy pool, head weights)",
+            shape.q_heads,
+            head,
+            4 * es,
+            limits,
+        );
+        let runs = match q.binding {
+            crate::runtime::memory::Binding::Ranges { pieces, .. } => pieces,
+            _ => 1,
+        };
+        let passes = [("pool", runs), ("estimate", runs + 2), ("select", 1)];
+        let mut buffers = vec![q];
+        buffers.extend(ProxyBuffers::of(self, shape, dtype).planned());
+        (buffers, passes.map(|(p, c)| (p.to_string(), c)).to_vec())
     }
     fn stats(
         &self,
@@ -801,6 +814,10 @@ crate::wgsl_params! {
         min_blocks: u32,
         scale: f32,
         gamma: f32,
+        x_head0: u32,
+        x_head1: u32,
+        x_base: u32,
+        first_run: u32,
     }
 }
 
@@ -864,8 +881,10 @@ pub fn all_proxy_variants() -> Vec<KernelSpec> {
 pub(crate) struct ProxySelectGpu {
     shape: AttentionShape,
     cfg: ProxyConfig,
-    /// Pool, block scores, head weights, budget, select.
-    launches: [Launch<ProxyParams>; 5],
+    /// Pool and head weights once per run of whole heads of Q that fits a binding.
+    runs: Vec<(Launch<ProxyParams>, Launch<ProxyParams>, HeadChunk)>,
+    /// Block scores, budget, select.
+    launches: [Launch<ProxyParams>; 3],
     grid_pool: (u32, u32),
     chunks: u32,
     qbar: wgpu::Buffer,
@@ -888,9 +907,17 @@ impl ProxySelectGpu {
         let max = g.caps.max_workgroups_per_dim;
         check_axis(nb as u64, max, "proxy query blocks")?;
         check_axis(hq as u64, max, "proxy heads")?;
-        // The pool and head-weight kernels bind Q and K whole.
-        check_binding(g, "Q (proxy pool)", sizes.q_whole)?;
+        // The pool and head-weight kernels bind K whole and Q one run of whole heads
+        // at a time.
         check_binding(g, "K (proxy pool)", sizes.k_whole)?;
+        let es = opts.dtype.size() as u64;
+        let q_chunks = head_chunks(
+            hq,
+            (n * d) as u64 * es,
+            4 * es,
+            g.caps.max_storage_binding,
+            g.caps.storage_offset_alignment as u64,
+        )?;
         let pool_threads = ((cfg.groups * (nb * kept + n)) * (d / 4)) as u64;
         let grid_pool = grid_2d(pool_threads.div_ceil(64), max, "proxy pool")?;
         let params = ProxyParams {
@@ -906,15 +933,37 @@ impl ProxySelectGpu {
             min_blocks: cfg.min_blocks() as u32,
             scale: opts.scale_for(shape),
             gamma: cfg.gamma,
+            x_head0: 0,
+            x_head1: hq as u32,
+            x_base: 0,
+            first_run: 1,
         };
-        let launch = |s| Launch::new(ctx, &proxy_spec(s, d, opts.dtype), &params);
+        let spec = |s| proxy_spec(s, d, opts.dtype);
+        let launch = |s| Launch::new(ctx, &spec(s), &params);
+        let runs = q_chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let pc = ProxyParams {
+                    x_head0: c.h0 as u32,
+                    x_head1: c.h1 as u32,
+                    x_base: c.base,
+                    first_run: (i == 0) as u32,
+                    ..params
+                };
+                Ok((
+                    Launch::new(ctx, &spec(Stage::Pool), &pc)?,
+                    Launch::new(ctx, &spec(Stage::HeadWeights), &pc)?,
+                    *c,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(ProxySelectGpu {
             shape: *shape,
             cfg: *cfg,
+            runs,
             launches: [
-                launch(Stage::Pool)?,
                 launch(Stage::Scores)?,
-                launch(Stage::HeadWeights)?,
                 launch(Stage::Budget)?,
                 launch(Stage::Select)?,
             ],
@@ -934,7 +983,6 @@ impl ProxySelectGpu {
 /// build and the memory plan.
 struct ProxyBuffers {
     chunks: usize,
-    q_whole: u64,
     k_whole: u64,
     qbar: u64,
     kbar: u64,
@@ -958,7 +1006,6 @@ impl ProxyBuffers {
         let (nb, g, es, f) = (nb as u64, cfg.groups as u64, dtype.size() as u64, 4u64);
         ProxyBuffers {
             chunks,
-            q_whole: hq * n * d * es,
             k_whole: hk * n * d * es,
             qbar: g * nb * kept * d * f,
             kbar: g * n * d * f,
@@ -971,7 +1018,6 @@ impl ProxyBuffers {
 
     fn planned(&self) -> Vec<PlannedBuffer> {
         vec![
-            PlannedBuffer::whole("Q, bound whole (proxy pool)", self.q_whole),
             PlannedBuffer::whole("K, bound whole (proxy pool)", self.k_whole),
             PlannedBuffer::whole("proxy pooled q", self.qbar),
             PlannedBuffer::whole("proxy pooled k", self.kbar),
@@ -986,20 +1032,31 @@ impl ProxyBuffers {
 impl GpuSelection for ProxySelectGpu {
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
         let g = rec.gpu();
-        let [pool, scores, weights, budget, select] = &self.launches;
+        let [scores, budget, select] = &self.launches;
         let nb = self.shape.seq_len.div_ceil(self.cfg.block) as u32;
         let hq = self.shape.q_heads as u32;
         let (gx, gy) = self.grid_pool;
-        let pool = pool.dispatch(g, &[io.q, io.k, &self.qbar, &self.kbar], (gx, gy, 1));
-        let estimate = [
-            scores.dispatch(
-                g,
-                &[&self.qbar, &self.kbar, &self.scores],
-                (nb, self.cfg.groups as u32, 1),
-            ),
-            weights.dispatch(g, &[io.q, io.k, &self.part], (self.chunks, hq, 1)),
-            budget.dispatch(g, &[&self.part, &self.weights, &self.budget], (hq, 1, 1)),
-        ];
+        let w = Bound::Whole;
+        let q_part = |c: &HeadChunk| Bound::Range(io.q, c.offset, c.size);
+        let pool: Vec<_> = self
+            .runs
+            .iter()
+            .map(|(pool, _, c)| {
+                let bufs = [q_part(c), w(io.k), w(&self.qbar), w(&self.kbar)];
+                pool.dispatch_bound(g, &bufs, (gx, gy, 1))
+            })
+            .collect();
+        let mut estimate = vec![scores.dispatch(
+            g,
+            &[&self.qbar, &self.kbar, &self.scores],
+            (nb, self.cfg.groups as u32, 1),
+        )];
+        for (_, weights, c) in &self.runs {
+            let bufs = [q_part(c), w(io.k), w(&self.part)];
+            let grid = (self.chunks, (c.h1 - c.h0) as u32, 1);
+            estimate.push(weights.dispatch_bound(g, &bufs, grid));
+        }
+        estimate.push(budget.dispatch(g, &[&self.part, &self.weights, &self.budget], (hq, 1, 1)));
         let bufs = [
             &self.scores,
             &self.budget,
@@ -1008,14 +1065,14 @@ impl GpuSelection for ProxySelectGpu {
             io.indices,
         ];
         let select = select.dispatch(g, &bufs, (nb, hq, 1));
-        rec.dispatch_stage("pool", &[pool]);
+        rec.dispatch_stage("pool", &pool);
         rec.dispatch_stage("estimate", &estimate);
         rec.dispatch_stage("select", &[select]);
         Ok(())
     }
 
     fn counts(&self) -> (u32, usize) {
-        (3, 5)
+        (3, 2 * self.runs.len() + 3)
     }
 
     fn detail(&self) -> Option<&wgpu::Buffer> {

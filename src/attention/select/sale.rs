@@ -35,8 +35,8 @@ use crate::attention::params::impl_params;
 use crate::attention::sparse::{TwoPassRun, two_pass_cpu};
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Launch, check_axis, check_binding, storage, storage_init};
-use crate::runtime::memory::PlannedBuffer;
+use crate::runtime::launch::{Bound, Launch, check_axis, check_binding, storage, storage_init};
+use crate::runtime::memory::{DeviceLimits, HeadChunk, PlannedBuffer, head_chunks};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
@@ -593,7 +593,10 @@ crate::wgsl_params! {
         group: u32,
         chunks: u32,
         chunk_rows: u32,
-        _pad: [u32; 2],
+        head_first: u32,
+        x_head0: u32,
+        x_base: u32,
+        _pad: [u32; 3],
     }
 }
 
@@ -678,7 +681,7 @@ fn sale_spec(
             quantize,
             "sale_mean_partial",
             quant("STAGE_MEAN_PARTIAL"),
-            "urrw",
+            "urw",
         ),
         Stage::MeanFinal => (
             quantize,
@@ -847,10 +850,19 @@ impl Selector for SaleConfig {
         &self,
         shape: &AttentionShape,
         dtype: DType,
+        limits: &DeviceLimits,
     ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>) {
-        let passes = [("quantize", 4), ("estimate", 1), ("compact", 1)];
+        let es = dtype.size() as u64;
+        let head = (shape.seq_len * shape.head_dim) as u64 * es;
+        let runs = |heads| {
+            head_chunks(heads, head, 4 * es, limits.max_binding, limits.offset_align)
+                .map_or(1, |c| c.len())
+        };
+        // Mean partials and codes once per run of heads of Q and of K, the means once.
+        let quantize = 2 * (runs(shape.q_heads) + runs(shape.kv_heads)) + 1;
+        let passes = [("quantize", quantize), ("estimate", 1), ("compact", 1)];
         (
-            SaleBuffers::of(self, shape, dtype).planned(),
+            SaleBuffers::of(self, shape).planned(shape, dtype, limits),
             passes.map(|(p, c)| (p.to_string(), c)).to_vec(),
         )
     }
@@ -870,12 +882,12 @@ impl Selector for SaleConfig {
 pub(crate) struct SaleSelectGpu {
     cfg: SaleConfig,
     shape: AttentionShape,
-    /// Mean partial sums, final means, Q codes, K codes.
-    quantize: [Launch<SaleQuantParams>; 4],
+    /// Mean partial sums, final means, Q codes, K codes: one step per run of whole
+    /// heads of Q or K that fits a binding.
+    quantize: Vec<QuantStep>,
     /// Estimation and compaction.
     select: [Launch<SaleEstimateParams>; 2],
     est_params: SaleEstimateParams,
-    grid_means: u32,
     grid_estimate: (u32, u32, u32),
     partial: wgpu::Buffer,
     means: wgpu::Buffer,
@@ -887,11 +899,25 @@ pub(crate) struct SaleSelectGpu {
     flags: wgpu::Buffer,
 }
 
+/// One quantization dispatch: its stage, kernel and parameters, grid, and the part of Q
+/// or K it binds (`None`: neither).
+struct QuantStep {
+    stage: Stage,
+    launch: Launch<SaleQuantParams>,
+    grid: (u32, u32, u32),
+    x: Option<(Tensor, HeadChunk)>,
+}
+
+/// Which of the caller's tensors a quantization step reads.
+#[derive(Clone, Copy)]
+enum Tensor {
+    Q,
+    K,
+}
+
 /// The buffers of SALE's selection and the bindings it makes of Q and K, in bytes:
 /// one list for the build and the memory plan.
 struct SaleBuffers {
-    q_whole: u64,
-    k_whole: u64,
     partial: u64,
     means: u64,
     qq: u64,
@@ -903,7 +929,7 @@ struct SaleBuffers {
 }
 
 impl SaleBuffers {
-    fn of(cfg: &SaleConfig, shape: &AttentionShape, dtype: DType) -> Self {
+    fn of(cfg: &SaleConfig, shape: &AttentionShape) -> Self {
         let (hq, hk, n, d) = (
             shape.q_heads as u64,
             shape.kv_heads as u64,
@@ -917,10 +943,7 @@ impl SaleBuffers {
             .max(1) as u64;
         let mean_chunks = shape.seq_len.div_ceil(MEAN_CHUNK_ROWS) as u64;
         let words = QuantizedQk::words(cfg.bits, shape.head_dim) as u64;
-        let es = dtype.size() as u64;
         SaleBuffers {
-            q_whole: hq * n * d * es,
-            k_whole: hk * n * d * es,
             partial: (hq + hk) * mean_chunks * d * 4,
             means: (hq + hk) * d * 4,
             qq: hq * n * words * 4,
@@ -932,10 +955,25 @@ impl SaleBuffers {
         }
     }
 
-    fn planned(&self) -> Vec<PlannedBuffer> {
+    fn planned(
+        &self,
+        shape: &AttentionShape,
+        dtype: DType,
+        limits: &DeviceLimits,
+    ) -> Vec<PlannedBuffer> {
+        let es = dtype.size() as u64;
+        let head = (shape.seq_len * shape.head_dim) as u64 * es;
+        let by_heads =
+            |name: &str, heads| PlannedBuffer::by_heads(name, heads, head, 4 * es, limits);
         vec![
-            PlannedBuffer::whole("Q, bound whole (sale quantization)", self.q_whole),
-            PlannedBuffer::whole("K, bound whole (sale quantization)", self.k_whole),
+            by_heads(
+                "Q, bound by runs of heads (sale quantization)",
+                shape.q_heads,
+            ),
+            by_heads(
+                "K, bound by runs of heads (sale quantization)",
+                shape.kv_heads,
+            ),
             PlannedBuffer::whole("sale mean partial sums", self.partial),
             PlannedBuffer::whole("sale sequence means", self.means),
             PlannedBuffer::whole("sale quantized q", self.qq),
@@ -979,18 +1017,31 @@ impl SaleSelectGpu {
         );
         check_axis((hq + hk) as u64, max, "sale heads")?;
         let grid_means = check_axis(mean_chunks as u64, max, "sale mean chunks")?;
-        let sizes = SaleBuffers::of(cfg, shape, opts.dtype);
-        check_binding(g, "Q (sale quantization)", sizes.q_whole)?;
-        check_binding(g, "K (sale quantization)", sizes.k_whole)?;
+        let sizes = SaleBuffers::of(cfg, shape);
+        // Q and K are read one run of whole heads at a time, each bound by itself.
+        let es = opts.dtype.size() as u64;
+        let chunks_of = |heads: usize| {
+            head_chunks(
+                heads,
+                (n * d) as u64 * es,
+                4 * es,
+                caps.max_storage_binding,
+                caps.storage_offset_alignment as u64,
+            )
+        };
+        let (q_chunks, k_chunks) = (chunks_of(hq)?, chunks_of(hk)?);
         let taus: Vec<f32> = (0..hq).map(|h| cfg.tau_of(h)).collect();
-        let qp = SaleQuantParams {
+        let qp = |head_first: usize, base: u32| SaleQuantParams {
             seq_len: n as u32,
             q_heads: hq as u32,
             kv_heads: hk as u32,
             group: (hq / hk) as u32,
             chunks: mean_chunks as u32,
             chunk_rows: MEAN_CHUNK_ROWS as u32,
-            _pad: [0; 2],
+            head_first: head_first as u32,
+            x_head0: head_first as u32,
+            x_base: base,
+            _pad: [0; 3],
         };
         let ep = SaleEstimateParams {
             seq_len: n as u32,
@@ -1002,20 +1053,42 @@ impl SaleSelectGpu {
             _pad: [0; 2],
         };
         let spec = |s| sale_spec(s, d, cfg.bits, cfg.local, opts.dtype, ev);
-        let quant = |s| Launch::new(ctx, &spec(s), &qp);
         let est = |s| Launch::new(ctx, &spec(s), &ep);
+        let row_blocks = n.div_ceil(64) as u32;
+        let mut quantize = vec![];
+        let mut step = |stage, first: usize, grid, x: Option<(Tensor, HeadChunk)>| -> Result<()> {
+            let base = x.map_or(0, |(_, c)| c.base);
+            quantize.push(QuantStep {
+                stage,
+                launch: Launch::new(ctx, &spec(stage), &qp(first, base))?,
+                grid,
+                x,
+            });
+            Ok(())
+        };
+        for c in &q_chunks {
+            let grid = (grid_means, (c.h1 - c.h0) as u32, 1);
+            step(Stage::MeanPartial, c.h0, grid, Some((Tensor::Q, *c)))?;
+        }
+        for c in &k_chunks {
+            let grid = (grid_means, (c.h1 - c.h0) as u32, 1);
+            step(Stage::MeanPartial, hq + c.h0, grid, Some((Tensor::K, *c)))?;
+        }
+        step(Stage::MeanFinal, 0, ((hq + hk) as u32, 1, 1), None)?;
+        for c in &q_chunks {
+            let grid = (row_blocks, (c.h1 - c.h0) as u32, 1);
+            step(Stage::QuantQ, c.h0, grid, Some((Tensor::Q, *c)))?;
+        }
+        for c in &k_chunks {
+            let grid = (row_blocks, (c.h1 - c.h0) as u32, 1);
+            step(Stage::QuantK, c.h0, grid, Some((Tensor::K, *c)))?;
+        }
         Ok(SaleSelectGpu {
             cfg: cfg.clone(),
             shape: *shape,
-            quantize: [
-                quant(Stage::MeanPartial)?,
-                quant(Stage::MeanFinal)?,
-                quant(Stage::QuantQ)?,
-                quant(Stage::QuantK)?,
-            ],
+            quantize,
             select: [est(Stage::Estimate)?, est(Stage::Compact)?],
             est_params: ep,
-            grid_means,
             grid_estimate,
             partial: storage(g, "sale mean partial sums", sizes.partial)?,
             means: storage(g, "sale sequence means", sizes.means)?,
@@ -1032,27 +1105,31 @@ impl SaleSelectGpu {
 impl GpuSelection for SaleSelectGpu {
     fn record_before(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
         let g = rec.gpu();
-        let [partial, means, codes_q, codes_k] = &self.quantize;
-        let (hq, hk) = (self.shape.q_heads as u32, self.shape.kv_heads as u32);
-        let row_blocks = self.shape.seq_len.div_ceil(64) as u32;
-        let list = [
-            partial.dispatch(
-                g,
-                &[io.q, io.k, &self.partial],
-                (self.grid_means, hq + hk, 1),
-            ),
-            means.dispatch(g, &[&self.partial, &self.means], (hq + hk, 1, 1)),
-            codes_q.dispatch(
-                g,
-                &[io.q, &self.means, &self.qq, &self.q_meta],
-                (row_blocks, hq, 1),
-            ),
-            codes_k.dispatch(
-                g,
-                &[io.k, &self.means, &self.kq, &self.k_meta],
-                (row_blocks, hk, 1),
-            ),
-        ];
+        let list: Vec<_> = self
+            .quantize
+            .iter()
+            .map(|s| {
+                let x = s.x.map(|(t, c)| {
+                    let buf = match t {
+                        Tensor::Q => io.q,
+                        Tensor::K => io.k,
+                    };
+                    Bound::Range(buf, c.offset, c.size)
+                });
+                let w = Bound::Whole;
+                let bindings = match (s.stage, x) {
+                    (Stage::MeanPartial, Some(x)) => vec![x, w(&self.partial)],
+                    (Stage::QuantQ, Some(x)) => {
+                        vec![x, w(&self.means), w(&self.qq), w(&self.q_meta)]
+                    }
+                    (Stage::QuantK, Some(x)) => {
+                        vec![x, w(&self.means), w(&self.kq), w(&self.k_meta)]
+                    }
+                    _ => vec![w(&self.partial), w(&self.means)],
+                };
+                s.launch.dispatch_bound(g, &bindings, s.grid)
+            })
+            .collect();
         rec.dispatch_stage("quantize", &list);
         Ok(())
     }
@@ -1078,7 +1155,7 @@ impl GpuSelection for SaleSelectGpu {
     }
 
     fn counts(&self) -> (u32, usize) {
-        (3, 6)
+        (3, self.quantize.len() + 2)
     }
 }
 
