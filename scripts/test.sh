@@ -33,7 +33,7 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
     . "$HOME/.cargo/env"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-    say "cargo not found: install a Rust toolchain >= 1.88 with rustup, then re-run."
+    say "cargo not found: install a Rust toolchain >= 1.89 with rustup, then re-run."
     exit 1
 fi
 

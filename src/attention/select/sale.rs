@@ -249,6 +249,7 @@ fn head_means(x: &[f32], heads: usize, n: usize, d: usize) -> Vec<f32> {
 
 /// Quantization on the host (the CPU twin of `shaders/sale/quantize.wgsl`).
 pub fn quantize_cpu(shape: &AttentionShape, bits: u32, q: &[f32], k: &[f32]) -> QuantizedQk {
+    use rayon::prelude::*;
     let (hq, hk, n, d) = (shape.q_heads, shape.kv_heads, shape.seq_len, shape.head_dim);
     let group = hq / hk;
     let w = QuantizedQk::words(bits, d);
@@ -261,32 +262,52 @@ pub fn quantize_cpu(shape: &AttentionShape, bits: u32, q: &[f32], k: &[f32]) -> 
         q_meta: vec![[0.0; 2]; hq * n],
         k_meta: vec![[0.0; 2]; hq * n],
     };
-    let mut xs = vec![0.0f32; d];
-    for h in 0..hq {
-        let kvh = h / group;
-        for r in 0..n {
-            let x = &q[(h * n + r) * d..(h * n + r + 1) * d];
-            for c in 0..d {
-                xs[c] = x[c] - qm[h * d + c];
-            }
-            let s = quantize_row(&xs, bits, &mut out.q_packed[(h * n + r) * w..][..w]);
+    // Rows in parallel: each writes only its own packed words and meta.
+    out.q_packed
+        .par_chunks_mut(w)
+        .zip(out.q_meta.par_iter_mut())
+        .enumerate()
+        .for_each(|(row, (packed, meta))| {
+            let (h, kvh) = (row / n, row / n / group);
+            let x = &q[row * d..(row + 1) * d];
+            let xs: Vec<f32> = x
+                .iter()
+                .zip(&qm[h * d..][..d])
+                .map(|(a, m)| a - m)
+                .collect();
+            let s = quantize_row(&xs, bits, packed);
             let qkm: f32 = x.iter().zip(&km[kvh * d..][..d]).map(|(a, b)| a * b).sum();
-            out.q_meta[h * n + r] = [s, qkm];
-        }
-    }
-    for kvh in 0..hk {
-        for r in 0..n {
-            let x = &k[(kvh * n + r) * d..(kvh * n + r + 1) * d];
-            for c in 0..d {
-                xs[c] = x[c] - km[kvh * d + c];
-            }
-            let s = quantize_row(&xs, bits, &mut out.k_packed[(kvh * n + r) * w..][..w]);
-            for h in kvh * group..(kvh + 1) * group {
-                let qmk: f32 = qm[h * d..][..d].iter().zip(&xs).map(|(a, b)| a * b).sum();
-                out.k_meta[h * n + r] = [s, qmk];
-            }
-        }
-    }
+            *meta = [s, qkm];
+        });
+    let k_scales: Vec<f32> = out
+        .k_packed
+        .par_chunks_mut(w)
+        .enumerate()
+        .map(|(row, packed)| {
+            let kvh = row / n;
+            let x = &k[row * d..(row + 1) * d];
+            let xs: Vec<f32> = x
+                .iter()
+                .zip(&km[kvh * d..][..d])
+                .map(|(a, m)| a - m)
+                .collect();
+            quantize_row(&xs, bits, packed)
+        })
+        .collect();
+    out.k_meta
+        .par_iter_mut()
+        .enumerate()
+        .for_each(|(hr, meta)| {
+            let (h, r) = (hr / n, hr % n);
+            let kvh = h / group;
+            let x = &k[(kvh * n + r) * d..][..d];
+            let qmk: f32 = qm[h * d..][..d]
+                .iter()
+                .zip(x.iter().zip(&km[kvh * d..][..d]))
+                .map(|(a, (b, m))| a * (b - m))
+                .sum();
+            *meta = [k_scales[kvh * n + r], qmk];
+        });
     out
 }
 
@@ -323,6 +344,24 @@ pub fn select_cpu(
     quant: &QuantizedQk,
     ml: &[f32],
 ) -> Result<SaleSelection> {
+    // With AVX-512 VNNI the dot products run on the codes as 8-bit integers (64
+    // multiply-adds an instruction, exact like the kernel); else as f32 on the flash
+    // kernel's register tile. Both give the same sums, so the same selection.
+    #[cfg(target_arch = "x86_64")]
+    if vnni::available() {
+        return select_cpu_vnni(shape, cfg, scale, quant, ml);
+    }
+    select_cpu_f32(shape, cfg, scale, quant, ml)
+}
+
+/// [`select_cpu`] with the codes as f32 on the flash kernel's register tile.
+fn select_cpu_f32(
+    shape: &AttentionShape,
+    cfg: &SaleConfig,
+    scale: f32,
+    quant: &QuantizedQk,
+    ml: &[f32],
+) -> Result<SaleSelection> {
     use rayon::prelude::*;
     let (n, d) = (shape.seq_len, shape.head_dim);
     let group = shape.q_heads / shape.kv_heads;
@@ -346,13 +385,7 @@ pub fn select_cpu(
         .map(|row| {
             let (h, qb) = (row / nqb, row % nqb);
             let rows = qb * BLOCK_Q..((qb + 1) * BLOCK_Q).min(n);
-            let thr: Vec<f32> = rows
-                .clone()
-                .map(|i| {
-                    let (m, l) = (ml[2 * (h * n + i)], ml[2 * (h * n + i) + 1]);
-                    row_threshold(cfg.tau_of(h), m, l, scale, quant.q_meta[h * n + i][1])
-                })
-                .collect();
+            let thr = block_thresholds(shape, cfg, scale, quant, ml, h, rows.clone());
             let job = BlockRow {
                 n,
                 d,
@@ -382,6 +415,222 @@ pub fn select_cpu(
         |h, qb| per_row[h * nqb + qb].0.clone(),
     )?;
     Ok(SaleSelection { blocks, margins })
+}
+
+/// The per-row thresholds of query block `qb` of head `h` (the exact pass's (m, l) and
+/// the Q row's mean correction).
+fn block_thresholds(
+    shape: &AttentionShape,
+    cfg: &SaleConfig,
+    scale: f32,
+    quant: &QuantizedQk,
+    ml: &[f32],
+    h: usize,
+    rows: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let n = shape.seq_len;
+    rows.map(|i| {
+        let (m, l) = (ml[2 * (h * n + i)], ml[2 * (h * n + i) + 1]);
+        row_threshold(cfg.tau_of(h), m, l, scale, quant.q_meta[h * n + i][1])
+    })
+    .collect()
+}
+
+/// [`select_cpu`] with the dot products on AVX-512 VNNI (`vpdpbusd`): Q codes + 128 as
+/// unsigned bytes against K codes as signed bytes, minus 128 · Σ K codes: the exact
+/// integers of the kernel, 64 multiply-adds an instruction.
+#[cfg(target_arch = "x86_64")]
+fn select_cpu_vnni(
+    shape: &AttentionShape,
+    cfg: &SaleConfig,
+    scale: f32,
+    quant: &QuantizedQk,
+    ml: &[f32],
+) -> Result<SaleSelection> {
+    use rayon::prelude::*;
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let group = shape.q_heads / shape.kv_heads;
+    let w = QuantizedQk::words(quant.bits, d);
+    let codes = |packed: &[u32], row: usize| -> Vec<i8> {
+        let r = &packed[row * w..(row + 1) * w];
+        (0..d)
+            .map(|c| QuantizedQk::code(quant.bits, r, c) as i8)
+            .collect()
+    };
+    let keys: Vec<vnni::KeyPanels> = (0..shape.kv_heads)
+        .into_par_iter()
+        .map(|kvh| {
+            let rows: Vec<Vec<i8>> = (0..n)
+                .map(|j| codes(&quant.k_packed, kvh * n + j))
+                .collect();
+            vnni::KeyPanels::new(&rows, d)
+        })
+        .collect();
+    let nqb = n.div_ceil(BLOCK_Q);
+    let per_row: Vec<(Vec<u32>, Vec<f32>)> = (0..shape.q_heads * nqb)
+        .into_par_iter()
+        .map(|row| {
+            let (h, qb) = (row / nqb, row % nqb);
+            let rows = qb * BLOCK_Q..((qb + 1) * BLOCK_Q).min(n);
+            let thr = block_thresholds(shape, cfg, scale, quant, ml, h, rows.clone());
+            let q: Vec<Vec<i8>> = rows
+                .clone()
+                .map(|i| codes(&quant.q_packed, h * n + i))
+                .collect();
+            let qu = vnni::QueryRows::new(&q, d);
+            let sq: Vec<f32> = rows.clone().map(|i| quant.q_meta[h * n + i][0]).collect();
+            let kp = &keys[h / group];
+            let mut kept = vec![];
+            let mut mg = vec![];
+            for kb in 1..cfg.cand_end(qb) {
+                let mut best = f32::NEG_INFINITY;
+                for p in (kb * BLOCK_K / vnni::KEYS)..((kb + 1) * BLOCK_K / vnni::KEYS) {
+                    let meta = &quant.k_meta[h * n + p * vnni::KEYS..][..vnni::KEYS];
+                    let sk: [f32; vnni::KEYS] = std::array::from_fn(|j| meta[j][0]);
+                    let qmk: [f32; vnni::KEYS] = std::array::from_fn(|j| meta[j][1]);
+                    for g in 0..qu.groups() {
+                        let r0 = g * vnni::ROWS;
+                        let live = (rows.len() - r0).min(vnni::ROWS);
+                        let (a, t) = (&sq[r0..r0 + live], &thr[r0..r0 + live]);
+                        // SAFETY: `available()` checked AVX-512F and VNNI.
+                        best = best.max(unsafe { kp.block_max(&qu, g, p, a, t, &sk, &qmk) });
+                    }
+                }
+                if best > 0.0 {
+                    kept.push(kb as u32);
+                }
+                mg.push(best);
+            }
+            (kept, mg)
+        })
+        .collect();
+    let margins = per_row.iter().map(|(_, m)| m.clone()).collect();
+    let blocks = SparseLut::from_fn(
+        shape.q_heads,
+        n,
+        BLOCK_Q,
+        LutUnit::Blocks(BLOCK_K),
+        |h, qb| per_row[h * nqb + qb].0.clone(),
+    )?;
+    Ok(SaleSelection { blocks, margins })
+}
+
+/// Integer dot products of 8-bit codes on AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    /// Query rows per register tile.
+    pub const ROWS: usize = 8;
+    /// Keys per panel (one 512-bit register of i32 sums).
+    pub const KEYS: usize = 16;
+
+    /// Whether this CPU has AVX-512F and AVX-512 VNNI.
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// One head's K codes as panels of 16 keys, `[d/4][16 keys][4 codes]` signed bytes
+    /// (one 64-byte load per 4 dimensions), and 128 · Σ codes per key.
+    pub struct KeyPanels {
+        d4: usize,
+        bytes: Vec<i8>,
+        sums: Vec<i32>,
+    }
+
+    impl KeyPanels {
+        pub fn new(rows: &[Vec<i8>], d: usize) -> Self {
+            let d4 = d / 4;
+            let panels = rows.len().div_ceil(KEYS);
+            let mut bytes = vec![0i8; panels * d4 * KEYS * 4];
+            let mut sums = vec![0i32; panels * KEYS];
+            for (j, row) in rows.iter().enumerate() {
+                let (p, k) = (j / KEYS, j % KEYS);
+                for c in 0..d {
+                    bytes[((p * d4 + c / 4) * KEYS + k) * 4 + c % 4] = row[c];
+                }
+                sums[j] = 128 * row.iter().map(|&x| x as i32).sum::<i32>();
+            }
+            KeyPanels { d4, bytes, sums }
+        }
+
+        /// The largest `(Σ · sq) · sk + qmk − t` over the live rows of group `g` (their
+        /// `sq`, `t`) and the 16 keys of panel `p` (their `sk`, `qmk`): the kernel's
+        /// estimate minus the row's threshold, in the kernel's operation order.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F and AVX-512 VNNI.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        pub unsafe fn block_max(
+            &self,
+            q: &QueryRows,
+            g: usize,
+            p: usize,
+            sq: &[f32],
+            t: &[f32],
+            sk: &[f32; KEYS],
+            qmk: &[f32; KEYS],
+        ) -> f32 {
+            let dots = unsafe { self.dots(q, g, p) };
+            let (skv, qmkv) =
+                unsafe { (_mm512_loadu_ps(sk.as_ptr()), _mm512_loadu_ps(qmk.as_ptr())) };
+            let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+            for ((d, &a), &t) in dots.iter().zip(sq).zip(t) {
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(*d), _mm512_set1_ps(a));
+                let v = _mm512_add_ps(_mm512_mul_ps(v, skv), qmkv);
+                best = _mm512_max_ps(best, _mm512_sub_ps(v, _mm512_set1_ps(t)));
+            }
+            _mm512_reduce_max_ps(best)
+        }
+
+        /// Σ_c q[r][c] · k[j][c] for the 8 rows of group `g` and the 16 keys of panel `p`.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F and AVX-512 VNNI.
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        unsafe fn dots(&self, q: &QueryRows, g: usize, p: usize) -> [__m512i; ROWS] {
+            let mut acc = [_mm512_setzero_si512(); ROWS];
+            let panel = &self.bytes[p * self.d4 * KEYS * 4..][..self.d4 * KEYS * 4];
+            let qg = &q.words[g * ROWS * self.d4..][..ROWS * self.d4];
+            for c4 in 0..self.d4 {
+                // SAFETY: 64 bytes inside the panel.
+                let k = unsafe { _mm512_loadu_si512(panel.as_ptr().add(c4 * 64).cast()) };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let qv = _mm512_set1_epi32(qg[i * self.d4 + c4]);
+                    *a = _mm512_dpbusd_epi32(*a, qv, k);
+                }
+            }
+            let corr = unsafe { _mm512_loadu_si512(self.sums[p * KEYS..].as_ptr().cast()) };
+            acc.map(|a| _mm512_sub_epi32(a, corr))
+        }
+    }
+
+    /// A query block's codes + 128 as unsigned bytes, four per i32 word, rows padded to
+    /// groups of 8.
+    pub struct QueryRows {
+        words: Vec<i32>,
+        groups: usize,
+    }
+
+    impl QueryRows {
+        pub fn new(rows: &[Vec<i8>], d: usize) -> Self {
+            let d4 = d / 4;
+            let groups = rows.len().div_ceil(ROWS);
+            let mut words = vec![0x8080_8080u32 as i32; groups * ROWS * d4];
+            for (r, row) in rows.iter().enumerate() {
+                for c4 in 0..d4 {
+                    let b: [u8; 4] = std::array::from_fn(|e| (row[4 * c4 + e] as i32 + 128) as u8);
+                    words[r * d4 + c4] = i32::from_le_bytes(b);
+                }
+            }
+            QueryRows { words, groups }
+        }
+
+        pub fn groups(&self) -> usize {
+            self.groups
+        }
+    }
 }
 
 /// One query block row of [`select_cpu`]: its candidate key blocks, decided from the
@@ -1335,6 +1584,63 @@ mod tests {
             make(shape.kv_heads),
             make(shape.kv_heads),
         ]
+    }
+
+    /// The host selection's two ways of computing the integer dot products (8-bit codes
+    /// on AVX-512 VNNI where the CPU has it, f32 on the register tile otherwise) give the
+    /// same blocks and the same margins, bit for bit, int4 and int8, ragged lengths, d 64
+    /// to 128, with a plausible (m, l).
+    #[test]
+    fn vnni_and_f32_selection_agree_exactly() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !vnni::available() {
+                eprintln!("no AVX-512 VNNI here: only the f32 path runs");
+                return;
+            }
+            let mut partial = 0;
+            for (i, (shape, bits)) in [
+                (AttentionShape::new(4, 2, 333, 64), 4u32),
+                (AttentionShape::new(2, 1, 200, 128), 8),
+                (AttentionShape::new(2, 2, 130, 80), 4),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                use crate::attention::flash_cpu::{CpuAttention, HostRowState, attention_cpu};
+                let [q, k, v] = random_qkv(&shape, seed() + i as u64);
+                let quant = quantize_cpu(&shape, bits, &q, &k);
+                let scale = 1.0 / (shape.head_dim as f32).sqrt();
+                // The rows' full causal (m, l): a threshold as tight as any exact pass's.
+                let mut st = HostRowState::empty(&shape);
+                attention_cpu(
+                    &shape,
+                    &CpuAttention::dense(true, scale),
+                    &q,
+                    &k,
+                    &v,
+                    Some(&mut st),
+                );
+                let ml = st.ml;
+                for tau in [0.001f32, 0.01, 0.05, 0.2] {
+                    let cfg = SaleConfig {
+                        bits,
+                        tau,
+                        local: 64,
+                        ..Default::default()
+                    };
+                    let a = select_cpu_vnni(&shape, &cfg, scale, &quant, &ml).unwrap();
+                    let b = select_cpu_f32(&shape, &cfg, scale, &quant, &ml).unwrap();
+                    assert_eq!(a.blocks, b.blocks, "{shape:?} int{bits} tau {tau}");
+                    assert_eq!(a.margins, b.margins, "{shape:?} int{bits} tau {tau}");
+                    let kept: usize = a.blocks.indices.len();
+                    let cand: usize = a.margins.iter().map(|m| m.len()).sum();
+                    partial += (kept > 0 && kept < cand) as usize;
+                }
+            }
+            // The comparison covered kept and dropped blocks.
+            assert!(partial > 0, "every case kept all or nothing");
+        }
     }
 
     /// GPU quantization vs the CPU twin, then the estimation kernel's integer dot
