@@ -334,7 +334,7 @@ fn cpu_layer_plan_equals_the_twin_and_the_nope_pattern() {
         Err(Error::InvalidArgument(_))
     ));
     let bad = DecoderLayerConfig {
-        head_dim: 48,
+        head_dim: 40,
         ..cfg
     };
     assert!(bad.validate().is_err());

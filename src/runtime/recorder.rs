@@ -86,7 +86,9 @@ pub struct Recorder<'a> {
     stages: Vec<StageTime>,
     queries: Option<wgpu::QuerySet>,
     max_stages: u32,
-    /// The validation and out-of-memory error scopes around the recording.
+    /// The out-of-memory and validation error scopes around the recording, in the order
+    /// they must be popped (a recording dropped unsubmitted pops them by dropping the
+    /// tuple, first field first).
     scope: Option<(wgpu::ErrorScopeGuard, wgpu::ErrorScopeGuard)>,
 }
 
@@ -115,7 +117,7 @@ impl<'a> Recorder<'a> {
             stages: vec![],
             queries,
             max_stages,
-            scope: Some((scope, oom_scope)),
+            scope: Some((oom_scope, scope)),
         })
     }
 
@@ -215,7 +217,7 @@ impl<'a> Recorder<'a> {
         };
         let start = Instant::now();
         let index = self.g.queue.submit([self.encoder.finish()]);
-        let (validation, oom) = self.scope.take().expect("scopes pushed in new");
+        let (oom, validation) = self.scope.take().expect("scopes pushed in new");
         let oom = oom.pop().await;
         let validation = validation.pop().await;
         // A lost device turns every call into an error: report the loss itself.
