@@ -309,8 +309,7 @@ fn bad_shape() -> impl Strategy<Value = (AttentionShape, bool, Breakage)> {
         Just(Breakage::ZeroSeq),
         Just(Breakage::ZeroKv),
         Just(Breakage::NotAMultiple),
-        prop::sample::select(vec![0usize, 1, 8, 63, 72, 100, 264, 512])
-            .prop_map(Breakage::HeadDim),
+        prop::sample::select(vec![0usize, 1, 8, 63, 72, 100, 264, 512]).prop_map(Breakage::HeadDim),
         Just(Breakage::CausalShortKeys),
         Just(Breakage::TooManyElements),
     ];

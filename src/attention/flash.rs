@@ -548,11 +548,7 @@ impl FlashGpu {
     ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let caps = &g.caps;
-        let lim = SplitLimits {
-            max_binding: caps.max_storage_binding,
-            offset_align: caps.storage_offset_alignment as u64,
-            max_groups: caps.max_workgroups_per_dim,
-        };
+        let lim = SplitLimits::from(&crate::runtime::memory::DeviceLimits::of(caps));
         let problem = SplitProblem {
             q_heads: shape.q_heads,
             kv_heads: shape.kv_heads,

@@ -16,7 +16,7 @@ use super::AttentionShape;
 use super::flash::{ExecConfig, KeyMode, dispatch_ranges};
 use super::lut::LutUnit;
 use super::method::Method;
-use super::split::{SplitLimits, SplitProblem, split_dense, split_sparse};
+use super::split::{SplitProblem, split_dense, split_sparse};
 use crate::error::{Error, Result};
 use crate::runtime::dtype::DType;
 pub use crate::runtime::memory::{Binding, DeviceLimits, PlannedBuffer};
@@ -134,14 +134,6 @@ fn mib(b: u64) -> String {
     }
 }
 
-fn split_limits(lim: &DeviceLimits) -> SplitLimits {
-    SplitLimits {
-        max_binding: lim.max_binding,
-        offset_align: lim.offset_align,
-        max_groups: lim.max_groups,
-    }
-}
-
 /// The bindings of a flash executor pass: Q/O and K/V by ranges, the row state by
 /// ranges (the caller's, for a pass that imports or exports it), and the scratch state
 /// of chained key chunks.
@@ -171,9 +163,9 @@ pub(crate) fn plan_flash(
         causal,
     };
     let dispatches = if exec.keys != KeyMode::Range {
-        split_sparse(&problem, &split_limits(lim))?
+        split_sparse(&problem, &lim.into())?
     } else {
-        split_dense(&problem, &split_limits(lim))?
+        split_dense(&problem, &lim.into())?
     };
     let mut out = FlashBindings {
         dispatches: dispatches.len(),

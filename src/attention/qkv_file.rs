@@ -253,14 +253,7 @@ mod tests {
                 std::fs::create_dir_all(&dir).unwrap();
                 let path = dir.join("f.safetensors");
                 sample().save(&path, DType::F16).unwrap();
-                let mut b = std::fs::read(&path).unwrap();
-                for (at, v) in &edits {
-                    let i = at % b.len();
-                    b[i] = *v;
-                }
-                if let Some(c) = cut {
-                    b.truncate(c.index(b.len()));
-                }
+                let b = crate::runtime::test_util::mutated(std::fs::read(&path).unwrap(), &edits, cut);
                 std::fs::write(&path, &b).unwrap();
                 let r = QkvFile::load(&path);
                 std::fs::remove_dir_all(&dir).ok();

@@ -29,6 +29,16 @@ pub struct SplitLimits {
     pub max_groups: u32,
 }
 
+impl From<&crate::runtime::memory::DeviceLimits> for SplitLimits {
+    fn from(l: &crate::runtime::memory::DeviceLimits) -> Self {
+        SplitLimits {
+            max_binding: l.max_binding,
+            offset_align: l.offset_align,
+            max_groups: l.max_groups,
+        }
+    }
+}
+
 /// Sizes the split needs to know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SplitProblem {

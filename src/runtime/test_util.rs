@@ -45,3 +45,20 @@ pub(crate) fn close(a: &[f32], b: &[f32], tol: f32) {
         assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{i}: {x} vs {y}");
     }
 }
+
+/// `bytes` with byte `at % len` set to `v` for each edit, then cut at `cut` (the parser
+/// fuzz tests' mutation: a valid file damaged in a few places or truncated).
+pub(crate) fn mutated(
+    mut bytes: Vec<u8>,
+    edits: &[(usize, u8)],
+    cut: Option<proptest::sample::Index>,
+) -> Vec<u8> {
+    for (at, v) in edits {
+        let i = at % bytes.len();
+        bytes[i] = *v;
+    }
+    if let Some(c) = cut {
+        bytes.truncate(c.index(bytes.len()));
+    }
+    bytes
+}

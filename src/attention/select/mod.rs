@@ -239,6 +239,31 @@ impl From<SparseLut> for Selection {
     }
 }
 
+/// A `[heads, seq_len, head_dim]` tensor of `shape` that a selection kernel reads one
+/// run of whole heads at a time ([`crate::runtime::memory::head_chunks`]), as a planned
+/// binding, and how many runs (dispatches) that takes under `limits`.
+pub(crate) fn planned_by_heads(
+    name: &str,
+    heads: usize,
+    shape: &AttentionShape,
+    dtype: crate::runtime::dtype::DType,
+    limits: &DeviceLimits,
+) -> (PlannedBuffer, usize) {
+    let es = dtype.size() as u64;
+    let head = (shape.seq_len * shape.head_dim) as u64 * es;
+    let b = PlannedBuffer::by_heads(name, heads, head, 4 * es, limits);
+    let runs = match b.binding {
+        crate::runtime::memory::Binding::Ranges { pieces, .. } => pieces,
+        crate::runtime::memory::Binding::Whole => 1,
+    };
+    (b, runs)
+}
+
+/// The passes of a selection's memory plan as (name, dispatches).
+pub(crate) fn planned_passes(passes: &[(&str, usize)]) -> Vec<(String, usize)> {
+    passes.iter().map(|(p, c)| (p.to_string(), *c)).collect()
+}
+
 /// A sparse method's choice of keys, run on the two-pass executor.
 pub trait Selector: std::fmt::Debug + Send + Sync {
     /// Short name (`anchor`, `sale`): stage labels and buffer names.

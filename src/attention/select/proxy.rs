@@ -39,7 +39,10 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selection, Selector};
+use super::{
+    GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selection, Selector,
+    planned_by_heads, planned_passes,
+};
 use super::{PassPairs, SelectionLayout};
 use crate::attention::AttentionShape;
 use crate::attention::flash_cpu::{self, exp_fast};
@@ -769,23 +772,17 @@ impl Selector for ProxyConfig {
         dtype: DType,
         limits: &DeviceLimits,
     ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>) {
-        let es = dtype.size() as u64;
-        let head = (shape.seq_len * shape.head_dim) as u64 * es;
-        let q = PlannedBuffer::by_heads(
+        let (q, runs) = planned_by_heads(
             "Q, bound by runs of heads (proxy pool, head weights)",
             shape.q_heads,
-            head,
-            4 * es,
+            shape,
+            dtype,
             limits,
         );
-        let runs = match q.binding {
-            crate::runtime::memory::Binding::Ranges { pieces, .. } => pieces,
-            _ => 1,
-        };
-        let passes = [("pool", runs), ("estimate", runs + 2), ("select", 1)];
         let mut buffers = vec![q];
         buffers.extend(ProxyBuffers::of(self, shape, dtype).planned());
-        (buffers, passes.map(|(p, c)| (p.to_string(), c)).to_vec())
+        let passes = [("pool", runs), ("estimate", runs + 2), ("select", 1)];
+        (buffers, planned_passes(&passes))
     }
     fn stats(
         &self,

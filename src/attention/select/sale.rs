@@ -26,7 +26,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selection, Selector};
+use super::{
+    GpuSelection, MethodStats, SelectBuild, SelectInput, SelectIo, Selection, Selector,
+    planned_by_heads, planned_passes,
+};
 use super::{PassPairs, SelectionLayout};
 use crate::attention::AttentionShape;
 use crate::attention::flash_cpu;
@@ -332,6 +335,22 @@ pub struct SaleSelection {
     pub margins: Vec<Vec<f32>>,
 }
 
+impl SaleSelection {
+    /// The selection from each (head, query block)'s kept blocks and margins, in order.
+    fn from_rows(shape: &AttentionShape, per_row: Vec<(Vec<u32>, Vec<f32>)>) -> Result<Self> {
+        let nqb = shape.seq_len.div_ceil(BLOCK_Q);
+        let blocks = SparseLut::from_fn(
+            shape.q_heads,
+            shape.seq_len,
+            BLOCK_Q,
+            LutUnit::Blocks(BLOCK_K),
+            |h, qb| per_row[h * nqb + qb].0.clone(),
+        )?;
+        let margins = per_row.into_iter().map(|(_, m)| m).collect();
+        Ok(SaleSelection { blocks, margins })
+    }
+}
+
 /// Block selection on the host from the quantized Q/K and the exact pass's row state
 /// `ml` `[q_heads, n, 2]`. The codes are unpacked once, as f32 (their products and sums
 /// are integers below 2^24, so f32 holds them exactly: the same sums as the kernel's
@@ -406,15 +425,7 @@ fn select_cpu_f32(
             job.select()
         })
         .collect();
-    let margins = per_row.iter().map(|(_, m)| m.clone()).collect();
-    let blocks = SparseLut::from_fn(
-        shape.q_heads,
-        n,
-        BLOCK_Q,
-        LutUnit::Blocks(BLOCK_K),
-        |h, qb| per_row[h * nqb + qb].0.clone(),
-    )?;
-    Ok(SaleSelection { blocks, margins })
+    SaleSelection::from_rows(shape, per_row)
 }
 
 /// The per-row thresholds of query block `qb` of head `h` (the exact pass's (m, l) and
@@ -504,15 +515,7 @@ fn select_cpu_vnni(
             (kept, mg)
         })
         .collect();
-    let margins = per_row.iter().map(|(_, m)| m.clone()).collect();
-    let blocks = SparseLut::from_fn(
-        shape.q_heads,
-        n,
-        BLOCK_Q,
-        LutUnit::Blocks(BLOCK_K),
-        |h, qb| per_row[h * nqb + qb].0.clone(),
-    )?;
-    Ok(SaleSelection { blocks, margins })
+    SaleSelection::from_rows(shape, per_row)
 }
 
 /// Integer dot products of 8-bit codes on AVX-512 VNNI.
@@ -1101,19 +1104,21 @@ impl Selector for SaleConfig {
         dtype: DType,
         limits: &DeviceLimits,
     ) -> (Vec<PlannedBuffer>, Vec<(String, usize)>) {
-        let es = dtype.size() as u64;
-        let head = (shape.seq_len * shape.head_dim) as u64 * es;
-        let runs = |heads| {
-            head_chunks(heads, head, 4 * es, limits.max_binding, limits.offset_align)
-                .map_or(1, |c| c.len())
-        };
+        let by_heads = |name, heads| planned_by_heads(name, heads, shape, dtype, limits);
+        let (q, q_runs) = by_heads(
+            "Q, bound by runs of heads (sale quantization)",
+            shape.q_heads,
+        );
+        let (k, k_runs) = by_heads(
+            "K, bound by runs of heads (sale quantization)",
+            shape.kv_heads,
+        );
+        let mut buffers = vec![q, k];
+        buffers.extend(SaleBuffers::of(self, shape).planned());
         // Mean partials and codes once per run of heads of Q and of K, the means once.
-        let quantize = 2 * (runs(shape.q_heads) + runs(shape.kv_heads)) + 1;
+        let quantize = 2 * (q_runs + k_runs) + 1;
         let passes = [("quantize", quantize), ("estimate", 1), ("compact", 1)];
-        (
-            SaleBuffers::of(self, shape).planned(shape, dtype, limits),
-            passes.map(|(p, c)| (p.to_string(), c)).to_vec(),
-        )
+        (buffers, planned_passes(&passes))
     }
     fn stats(
         &self,
@@ -1204,25 +1209,8 @@ impl SaleBuffers {
         }
     }
 
-    fn planned(
-        &self,
-        shape: &AttentionShape,
-        dtype: DType,
-        limits: &DeviceLimits,
-    ) -> Vec<PlannedBuffer> {
-        let es = dtype.size() as u64;
-        let head = (shape.seq_len * shape.head_dim) as u64 * es;
-        let by_heads =
-            |name: &str, heads| PlannedBuffer::by_heads(name, heads, head, 4 * es, limits);
+    fn planned(&self) -> Vec<PlannedBuffer> {
         vec![
-            by_heads(
-                "Q, bound by runs of heads (sale quantization)",
-                shape.q_heads,
-            ),
-            by_heads(
-                "K, bound by runs of heads (sale quantization)",
-                shape.kv_heads,
-            ),
             PlannedBuffer::whole("sale mean partial sums", self.partial),
             PlannedBuffer::whole("sale sequence means", self.means),
             PlannedBuffer::whole("sale quantized q", self.qq),

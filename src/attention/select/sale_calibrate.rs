@@ -225,14 +225,7 @@ mod tests {
             let path = std::env::temp_dir()
                 .join(format!("wgsparse-thresholds-fuzz-{}-{case}.json", std::process::id()));
             sample().save(&path).unwrap();
-            let mut b = std::fs::read(&path).unwrap();
-            for (at, v) in &edits {
-                let i = at % b.len();
-                b[i] = *v;
-            }
-            if let Some(c) = cut {
-                b.truncate(c.index(b.len()));
-            }
+            let b = crate::runtime::test_util::mutated(std::fs::read(&path).unwrap(), &edits, cut);
             std::fs::write(&path, &b).unwrap();
             let r = SaleThresholds::load(&path);
             std::fs::remove_file(&path).ok();
