@@ -120,6 +120,37 @@ pub(crate) fn sub_range(start: u64, end: u64, align: u64, unit: u64) -> SubRange
     }
 }
 
+/// The dispatches of one flash pass over `shape` (dense keys: the dense split; a LUT:
+/// the sparse split, which never cuts keys) under `lim`: one function for the build and
+/// the memory plan.
+pub(crate) fn split_for(
+    shape: &AttentionShape,
+    dtype: DType,
+    causal: bool,
+    keys: KeyMode,
+    lim: &SplitLimits,
+) -> Result<Vec<DenseDispatch>> {
+    let problem = SplitProblem {
+        q_heads: shape.q_heads,
+        kv_heads: shape.kv_heads,
+        q_len: shape.seq_len,
+        kv_len: shape.kv_len,
+        head_dim: shape.head_dim,
+        elem_bytes: dtype.size(),
+        causal,
+    };
+    if keys == KeyMode::Range {
+        return split_dense(&problem, lim);
+    }
+    if shape.kv_len != shape.seq_len {
+        return Err(Error::InvalidShape(format!(
+            "sparse attention needs as many keys as queries (prefill), got {} and {}",
+            shape.kv_len, shape.seq_len
+        )));
+    }
+    split_sparse(&problem, lim)
+}
+
 /// What one dispatch binds: Q (and the output, same layout), K (and V), and the f32
 /// row state acc of its rows (the caller's or the sparse executor's).
 pub(crate) struct DispatchRanges {
@@ -549,27 +580,7 @@ impl FlashGpu {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let caps = &g.caps;
         let lim = SplitLimits::from(&crate::runtime::memory::DeviceLimits::of(caps));
-        let problem = SplitProblem {
-            q_heads: shape.q_heads,
-            kv_heads: shape.kv_heads,
-            q_len: shape.seq_len,
-            kv_len: shape.kv_len,
-            head_dim: shape.head_dim,
-            elem_bytes: opts.dtype.size(),
-            causal: opts.causal,
-        };
-        let sparse = exec.keys != KeyMode::Range;
-        if sparse && shape.kv_len != shape.seq_len {
-            return Err(Error::InvalidShape(format!(
-                "sparse attention needs as many keys as queries (prefill), got {} and {}",
-                shape.kv_len, shape.seq_len
-            )));
-        }
-        let dispatches = if sparse {
-            split_sparse(&problem, &lim)?
-        } else {
-            split_dense(&problem, &lim)?
-        };
+        let dispatches = split_for(shape, opts.dtype, opts.causal, exec.keys, &lim)?;
         log::debug!("dense attention: {} dispatch(es)", dispatches.len());
         let align = lim.offset_align;
         let (d, n, nk) = (

@@ -13,10 +13,9 @@ use std::fmt;
 use serde::Serialize;
 
 use super::AttentionShape;
-use super::flash::{ExecConfig, KeyMode, dispatch_ranges};
+use super::flash::{ExecConfig, KeyMode, dispatch_ranges, split_for};
 use super::lut::LutUnit;
 use super::method::Method;
-use super::split::{SplitProblem, split_dense, split_sparse};
 use crate::error::{Error, Result};
 use crate::runtime::dtype::DType;
 pub use crate::runtime::memory::{Binding, DeviceLimits, PlannedBuffer};
@@ -153,20 +152,7 @@ pub(crate) fn plan_flash(
     exec: &ExecConfig,
     lim: &DeviceLimits,
 ) -> Result<FlashBindings> {
-    let problem = SplitProblem {
-        q_heads: shape.q_heads,
-        kv_heads: shape.kv_heads,
-        q_len: shape.seq_len,
-        kv_len: shape.kv_len,
-        head_dim: shape.head_dim,
-        elem_bytes: dtype.size(),
-        causal,
-    };
-    let dispatches = if exec.keys != KeyMode::Range {
-        split_sparse(&problem, &lim.into())?
-    } else {
-        split_dense(&problem, &lim.into())?
-    };
+    let dispatches = split_for(shape, dtype, causal, exec.keys, &lim.into())?;
     let mut out = FlashBindings {
         dispatches: dispatches.len(),
         q_largest: 0,
