@@ -732,12 +732,19 @@ impl Context {
             caps
         );
         let fault = Arc::new(std::sync::Mutex::new(None));
-        let lost = fault.clone();
-        device.set_device_lost_callback(move |reason, message| {
-            log::error!("wgpu: device lost ({reason:?}): {message}");
-            *lost.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(Fault::Lost(format!("{reason:?}: {message}")));
-        });
+        // Natively only: in a browser the device-lost promise also resolves when a wgpu
+        // instance the page no longer holds is collected ("A valid external Instance
+        // reference no longer exists") while the device goes on working, so a loss there
+        // stays wgpu's own error.
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let lost = fault.clone();
+            device.set_device_lost_callback(move |reason, message| {
+                log::error!("wgpu: device lost ({reason:?}): {message}");
+                *lost.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Fault::Lost(format!("{reason:?}: {message}")));
+            });
+        }
         let oom = fault.clone();
         device.on_uncaptured_error(Arc::new(move |e| {
             log::error!("wgpu: {e}");
