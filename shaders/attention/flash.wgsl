@@ -49,6 +49,18 @@ const DC: u32 = 32u;          // head_dim chunk staged in workgroup memory
 const DC4: u32 = DC / 4u;     // vec4s per chunk row
 const KV_STRIDE: u32 = DC4 + 1u;  // padded row stride of the K/V tile (bank spread)
 const D4: u32 = D / 4u;
+
+// Whether column vec4 `col` of a chunk exists: always, unless D is not a multiple of 32
+// (PARTIAL_CHUNK: the last chunk is half empty). The guards are left out otherwise: a
+// thread-dependent branch around the accumulator array makes some compilers (Chrome's
+// SwiftShader) keep it in memory, many times slower.
+fn col_exists(col: u32) -> bool {
+#ifdef PARTIAL_CHUNK
+    return col < D4;
+#else
+    return true;
+#endif
+}
 #include "attention/flash_common.wgsl"
 
 var<workgroup> q_tile: array<vec4<f32>, BQ * DC4>;       // [BQ rows][DC4]
@@ -59,7 +71,7 @@ var<workgroup> p_tile: array<vec4<f32>, BK * BQ / 4u>;     // [BK keys][BQ/4 row
 fn fetch_q(h: u32, row0: u32, chunk: u32, t: u32) -> vec4<f32> {
     let r = row0 + t / DC4;
     let col = chunk * DC4 + t % DC4;
-    if r < p.r1 && col < D4 {
+    if r < p.r1 && col_exists(col) {
         return decode4(q_buf[q_row_vec4(h, r) + col]);
     }
     return vec4<f32>(0.0);
@@ -69,14 +81,14 @@ fn fetch_q(h: u32, row0: u32, chunk: u32, t: u32) -> vec4<f32> {
 // read per fetch would put a dependent load in front of every K/V load.
 fn fetch_k(kvh: u32, j: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
     let col = chunk * DC4 + t % DC4;
-    if j < key_end && col < D4 {
+    if j < key_end && col_exists(col) {
         return decode4(k_buf[kv_row_vec4(p.k_base, kvh, j) + col]);
     }
     return vec4<f32>(0.0);
 }
 fn fetch_v(kvh: u32, j: u32, key_end: u32, chunk: u32, t: u32) -> vec4<f32> {
     let col = chunk * DC4 + t % DC4;
-    if j < key_end && col < D4 {
+    if j < key_end && col_exists(col) {
         return decode4(v_buf[kv_row_vec4(p.v_base, kvh, j) + col]);
     }
     return vec4<f32>(0.0);
@@ -113,9 +125,13 @@ fn flash_attention(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     if row0 + ty * 4u + ${i}u < p.r1 {
         let base = acc_row_vec4(h, row0 + ty * 4u + ${i}u) + tx;
         #unroll c NC
+#ifdef PARTIAL_CHUNK
         if ${c}u * DC4 + tx < D4 {
             acc[${i}u * NC + ${c}u] = acc_buf[base + ${c}u * DC4];
         }
+#else
+        acc[${i}u * NC + ${c}u] = acc_buf[base + ${c}u * DC4];
+#endif
         #endunroll
     }
     #endunroll
@@ -267,9 +283,13 @@ fn flash_attention(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 #ifdef EXPORT_STATE
         let abase = acc_row_vec4(h, r) + tx;
         #unroll c NC
+#ifdef PARTIAL_CHUNK
         if ${c}u * DC4 + tx < D4 {
             acc_buf[abase + ${c}u * DC4] = acc[${i}u * NC + ${c}u];
         }
+#else
+        acc_buf[abase + ${c}u * DC4] = acc[${i}u * NC + ${c}u];
+#endif
         #endunroll
 #endif
 #ifdef WRITE_OUTPUT
@@ -277,9 +297,13 @@ fn flash_attention(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         let inv = select(0.0, 1.0 / l, l > 0.0);
         let obase = o_row_vec4(h, r) + tx;
         #unroll c NC
+#ifdef PARTIAL_CHUNK
         if ${c}u * DC4 + tx < D4 {
             o_buf[obase + ${c}u * DC4] = encode4(acc[${i}u * NC + ${c}u] * inv);
         }
+#else
+        o_buf[obase + ${c}u * DC4] = encode4(acc[${i}u * NC + ${c}u] * inv);
+#endif
         #endunroll
 #endif
     }

@@ -474,6 +474,7 @@ fn kernel_spec(
     let defines = match kernel {
         FlashKernel::Portable(tiles) => Defines::new()
             .const_u32("NC", d.div_ceil(32) as u32)
+            .flag_if("PARTIAL_CHUNK", !d.is_multiple_of(32))
             .const_u32("BQ", tiles.bq as u32)
             .const_u32("KPT", (32 * 8 / (2 * tiles.bq)) as u32),
         FlashKernel::Coop(t) => Defines::new()

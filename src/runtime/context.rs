@@ -427,6 +427,7 @@ pub struct GpuDevice {
 /// What went wrong with a device outside the plans' own error scopes.
 #[derive(Clone, Debug)]
 pub(crate) enum Fault {
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     Lost(String),
     OutOfMemory(String),
 }

@@ -89,7 +89,7 @@ pub struct Recorder<'a> {
     /// The out-of-memory and validation error scopes around the recording, in the order
     /// they must be popped (a recording dropped unsubmitted pops them by dropping the
     /// tuple, first field first).
-    scope: Option<(wgpu::ErrorScopeGuard, wgpu::ErrorScopeGuard)>,
+    scope: Option<(Option<wgpu::ErrorScopeGuard>, wgpu::ErrorScopeGuard)>,
 }
 
 impl<'a> Recorder<'a> {
@@ -100,7 +100,11 @@ impl<'a> Recorder<'a> {
             .ok_or_else(|| Error::InvalidArgument("recording needs a GPU context".into()))?;
         g.check()?;
         let scope = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom_scope = g.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        // (Natively: in a browser the recordings keep the one validation scope they had.)
+        #[cfg(not(target_arch = "wasm32"))]
+        let oom_scope = Some(g.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory));
+        #[cfg(target_arch = "wasm32")]
+        let oom_scope = None;
         let queries = (g.caps.timestamps && max_stages > 0).then(|| {
             g.device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some(&format!("{label} timestamps")),
@@ -218,7 +222,10 @@ impl<'a> Recorder<'a> {
         let start = Instant::now();
         let index = self.g.queue.submit([self.encoder.finish()]);
         let (oom, validation) = self.scope.take().expect("scopes pushed in new");
-        let oom = oom.pop().await;
+        let oom = match oom {
+            Some(s) => s.pop().await,
+            None => None,
+        };
         let validation = validation.pop().await;
         // A lost device turns every call into an error: report the loss itself.
         self.g.check()?;
