@@ -398,53 +398,59 @@ fn select_cpu_f32(
         .map(|k| flash_cpu::pack_key_panels(k, n, d))
         .collect();
     let simd = flash_cpu::simd_tiles();
+    select_block_rows(shape, cfg, scale, quant, ml, |h, qb, rows, thr| {
+        let job = BlockRow {
+            n,
+            d,
+            h,
+            rows,
+            cand_end: cfg.cand_end(qb),
+            thr,
+            qc: &qc,
+            panels: &panels[h / group],
+            quant,
+            simd,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has AVX2 and FMA (`simd_tiles`).
+            return unsafe { job.select_avx2() };
+        }
+        job.select()
+    })
+}
+
+/// The host selection's frame, shared by its two dot-product paths: every (head h,
+/// 64-row query block qb) in parallel, with its rows and their thresholds (the exact
+/// pass's (m, l) and the Q row's mean correction); `block` returns the kept candidate
+/// blocks and every candidate's margin.
+fn select_block_rows(
+    shape: &AttentionShape,
+    cfg: &SaleConfig,
+    scale: f32,
+    quant: &QuantizedQk,
+    ml: &[f32],
+    block: impl Fn(usize, usize, std::ops::Range<usize>, &[f32]) -> (Vec<u32>, Vec<f32>) + Sync,
+) -> Result<SaleSelection> {
+    use rayon::prelude::*;
+    let n = shape.seq_len;
     let nqb = n.div_ceil(BLOCK_Q);
     let per_row: Vec<(Vec<u32>, Vec<f32>)> = (0..shape.q_heads * nqb)
         .into_par_iter()
         .map(|row| {
             let (h, qb) = (row / nqb, row % nqb);
             let rows = qb * BLOCK_Q..((qb + 1) * BLOCK_Q).min(n);
-            let thr = block_thresholds(shape, cfg, scale, quant, ml, h, rows.clone());
-            let job = BlockRow {
-                n,
-                d,
-                h,
-                rows,
-                cand_end: cfg.cand_end(qb),
-                thr: &thr,
-                qc: &qc,
-                panels: &panels[h / group],
-                quant,
-                simd,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the CPU has AVX2 and FMA (`simd_tiles`).
-                return unsafe { job.select_avx2() };
-            }
-            job.select()
+            let thr: Vec<f32> = rows
+                .clone()
+                .map(|i| {
+                    let (m, l) = (ml[2 * (h * n + i)], ml[2 * (h * n + i) + 1]);
+                    row_threshold(cfg.tau_of(h), m, l, scale, quant.q_meta[h * n + i][1])
+                })
+                .collect();
+            block(h, qb, rows, &thr)
         })
         .collect();
     SaleSelection::from_rows(shape, per_row)
-}
-
-/// The per-row thresholds of query block `qb` of head `h` (the exact pass's (m, l) and
-/// the Q row's mean correction).
-fn block_thresholds(
-    shape: &AttentionShape,
-    cfg: &SaleConfig,
-    scale: f32,
-    quant: &QuantizedQk,
-    ml: &[f32],
-    h: usize,
-    rows: std::ops::Range<usize>,
-) -> Vec<f32> {
-    let n = shape.seq_len;
-    rows.map(|i| {
-        let (m, l) = (ml[2 * (h * n + i)], ml[2 * (h * n + i) + 1]);
-        row_threshold(cfg.tau_of(h), m, l, scale, quant.q_meta[h * n + i][1])
-    })
-    .collect()
 }
 
 /// [`select_cpu`] with the dot products on AVX-512 VNNI (`vpdpbusd`): Q codes + 128 as
@@ -477,45 +483,37 @@ fn select_cpu_vnni(
             vnni::KeyPanels::new(&rows, d)
         })
         .collect();
-    let nqb = n.div_ceil(BLOCK_Q);
-    let per_row: Vec<(Vec<u32>, Vec<f32>)> = (0..shape.q_heads * nqb)
-        .into_par_iter()
-        .map(|row| {
-            let (h, qb) = (row / nqb, row % nqb);
-            let rows = qb * BLOCK_Q..((qb + 1) * BLOCK_Q).min(n);
-            let thr = block_thresholds(shape, cfg, scale, quant, ml, h, rows.clone());
-            let q: Vec<Vec<i8>> = rows
-                .clone()
-                .map(|i| codes(&quant.q_packed, h * n + i))
-                .collect();
-            let qu = vnni::QueryRows::new(&q, d);
-            let sq: Vec<f32> = rows.clone().map(|i| quant.q_meta[h * n + i][0]).collect();
-            let kp = &keys[h / group];
-            let mut kept = vec![];
-            let mut mg = vec![];
-            for kb in 1..cfg.cand_end(qb) {
-                let mut best = f32::NEG_INFINITY;
-                for p in (kb * BLOCK_K / vnni::KEYS)..((kb + 1) * BLOCK_K / vnni::KEYS) {
-                    let meta = &quant.k_meta[h * n + p * vnni::KEYS..][..vnni::KEYS];
-                    let sk: [f32; vnni::KEYS] = std::array::from_fn(|j| meta[j][0]);
-                    let qmk: [f32; vnni::KEYS] = std::array::from_fn(|j| meta[j][1]);
-                    for g in 0..qu.groups() {
-                        let r0 = g * vnni::ROWS;
-                        let live = (rows.len() - r0).min(vnni::ROWS);
-                        let (a, t) = (&sq[r0..r0 + live], &thr[r0..r0 + live]);
-                        // SAFETY: `available()` checked AVX-512F and VNNI.
-                        best = best.max(unsafe { kp.block_max(&qu, g, p, a, t, &sk, &qmk) });
-                    }
+    select_block_rows(shape, cfg, scale, quant, ml, |h, qb, rows, thr| {
+        let q: Vec<Vec<i8>> = rows
+            .clone()
+            .map(|i| codes(&quant.q_packed, h * n + i))
+            .collect();
+        let qu = vnni::QueryRows::new(&q, d);
+        let sq: Vec<f32> = rows.clone().map(|i| quant.q_meta[h * n + i][0]).collect();
+        let kp = &keys[h / group];
+        let mut kept = vec![];
+        let mut mg = vec![];
+        for kb in 1..cfg.cand_end(qb) {
+            let mut best = f32::NEG_INFINITY;
+            for p in (kb * BLOCK_K / vnni::KEYS)..((kb + 1) * BLOCK_K / vnni::KEYS) {
+                let meta = &quant.k_meta[h * n + p * vnni::KEYS..][..vnni::KEYS];
+                let sk: [f32; vnni::KEYS] = std::array::from_fn(|j| meta[j][0]);
+                let qmk: [f32; vnni::KEYS] = std::array::from_fn(|j| meta[j][1]);
+                for g in 0..qu.groups() {
+                    let r0 = g * vnni::ROWS;
+                    let live = (rows.len() - r0).min(vnni::ROWS);
+                    let (a, t) = (&sq[r0..r0 + live], &thr[r0..r0 + live]);
+                    // SAFETY: `available()` checked AVX-512F and VNNI.
+                    best = best.max(unsafe { kp.block_max(&qu, g, p, a, t, &sk, &qmk) });
                 }
-                if best > 0.0 {
-                    kept.push(kb as u32);
-                }
-                mg.push(best);
             }
-            (kept, mg)
-        })
-        .collect();
-    SaleSelection::from_rows(shape, per_row)
+            if best > 0.0 {
+                kept.push(kb as u32);
+            }
+            mg.push(best);
+        }
+        (kept, mg)
+    })
 }
 
 /// Integer dot products of 8-bit codes on AVX-512 VNNI.
