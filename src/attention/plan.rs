@@ -16,6 +16,7 @@ use super::AttentionShape;
 use super::flash::{ExecConfig, KeyMode, dispatch_ranges, split_for};
 use super::lut::LutUnit;
 use super::method::Method;
+use super::sparse::SparseSizes;
 use crate::error::{Error, Result};
 use crate::runtime::dtype::DType;
 pub use crate::runtime::memory::{Binding, DeviceLimits, PlannedBuffer};
@@ -304,33 +305,24 @@ pub fn plan(
             let s0 = flash(p0, &exact_exec, true, &mut buffers);
             let s1 = flash(p1, &sparse_exec, true, &mut buffers);
             let name = sel.name();
-            buffers.extend(lut_buffers(
-                &format!("{name} exact"),
-                exact.ranges.len() as u64,
-                exact.indices.len() as u64,
-            ));
-            buffers.push(PlannedBuffer::whole(
-                format!("{name} row state ml"),
-                hq * n * 8,
-            ));
-            let acc = hq * n * d * 4;
-            buffers.push(PlannedBuffer {
-                name: format!("{name} row state acc"),
-                bytes: acc,
-                binding: Binding::Ranges {
-                    largest: s0.unwrap_or(acc).max(s1.unwrap_or(acc)),
-                    pieces: dispatches.iter().map(|(_, c)| *c).max().unwrap_or(1),
+            let sz = SparseSizes::of(shape, &exact, row_base.len(), total);
+            let whole = |what: &str, bytes| PlannedBuffer::whole(format!("{name} {what}"), bytes);
+            buffers.extend([
+                whole("exact LUT ranges", sz.exact_ranges),
+                whole("exact LUT indices", sz.exact_indices),
+                whole("row state ml", sz.ml),
+                PlannedBuffer {
+                    name: format!("{name} row state acc"),
+                    bytes: sz.acc,
+                    binding: Binding::Ranges {
+                        largest: s0.unwrap_or(sz.acc).max(s1.unwrap_or(sz.acc)),
+                        pieces: dispatches.iter().map(|(_, c)| *c).max().unwrap_or(1),
+                    },
                 },
-            });
-            buffers.push(PlannedBuffer::whole(
-                format!("{name} selected slice starts"),
-                row_base.len() as u64 * 4,
-            ));
-            buffers.extend(lut_buffers(
-                &format!("{name} selected"),
-                row_base.len() as u64,
-                total,
-            ));
+                whole("selected slice starts", sz.row_base),
+                whole("selected LUT ranges", sz.ranges),
+                whole("selected LUT indices", sz.indices),
+            ]);
             let (own, passes) = sel.plan_buffers(shape, dtype, limits);
             buffers.extend(own);
             dispatches.extend(passes);

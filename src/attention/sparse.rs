@@ -131,6 +131,40 @@ struct SparseBuffers {
     indices: wgpu::Buffer,
 }
 
+/// The bytes of the two-pass executor's own buffers: one list for its build and the
+/// memory plan ([`super::plan`]). The row state `acc` is bound by the flash passes' row
+/// ranges; the others whole.
+pub(crate) struct SparseSizes {
+    pub exact_ranges: u64,
+    pub exact_indices: u64,
+    pub ml: u64,
+    pub acc: u64,
+    pub row_base: u64,
+    pub ranges: u64,
+    pub indices: u64,
+}
+
+impl SparseSizes {
+    /// For `shape` with the exact pass's LUT `exact` and a selection of `rows` LUT rows
+    /// holding `total` entries.
+    pub(crate) fn of(shape: &AttentionShape, exact: &SparseLut, rows: usize, total: u64) -> Self {
+        let (h, n, d) = (
+            shape.q_heads as u64,
+            shape.seq_len as u64,
+            shape.head_dim as u64,
+        );
+        SparseSizes {
+            exact_ranges: exact.ranges.len() as u64 * 8,
+            exact_indices: exact.indices.len().max(1) as u64 * 4,
+            ml: h * n * 8,
+            acc: h * n * d * 4,
+            row_base: rows as u64 * 4,
+            ranges: rows as u64 * 8,
+            indices: total.max(1) * 4,
+        }
+    }
+}
+
 /// A selector on the two-pass executor, on a GPU context.
 pub(crate) struct SparseGpu {
     selector: Arc<dyn Selector>,
@@ -153,7 +187,6 @@ impl SparseGpu {
         selector: Arc<dyn Selector>,
     ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        let (h, n, d) = (shape.q_heads, shape.seq_len, shape.head_dim);
         let exact_lut = selector.exact_lut(shape)?;
         let layout = selector.layout(shape)?;
         let (row_base, total) = layout.row_base()?;
@@ -162,7 +195,7 @@ impl SparseGpu {
         // names it); the accumulator only against the buffer limit: the flash passes
         // bind it by row ranges, split like Q and the output (at 128k × 32 heads × d 128
         // it is 2 GiB, over an H200's 2 GiB − 4 binding).
-        let acc_size = (h * n * d) as u64 * 4;
+        let sizes = SparseSizes::of(shape, &exact_lut, row_base.len(), total);
         let exact_exec = FlashGpu::build(
             ctx,
             shape,
@@ -211,15 +244,15 @@ impl SparseGpu {
                 &label("exact lut indices"),
                 bytemuck::cast_slice(&exact_lut.indices),
             )?,
-            ml: storage(g, &label("row state ml"), (h * n * 8) as u64)?,
-            acc: storage_ranged(g, &label("row state acc"), acc_size)?,
+            ml: storage(g, &label("row state ml"), sizes.ml)?,
+            acc: storage_ranged(g, &label("row state acc"), sizes.acc)?,
             row_base: storage_init(
                 g,
                 &label("selected slice starts"),
                 bytemuck::cast_slice(&row_base),
             )?,
-            ranges: storage(g, &label("selected lut ranges"), row_base.len() as u64 * 8)?,
-            indices: storage(g, &label("selected lut indices"), total * 4)?,
+            ranges: storage(g, &label("selected lut ranges"), sizes.ranges)?,
+            indices: storage(g, &label("selected lut indices"), sizes.indices)?,
         };
         let select = selector.build_gpu(&SelectBuild {
             ctx,
