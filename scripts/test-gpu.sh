@@ -19,6 +19,7 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '[test-gpu] %s\n' "$*" >&2; }
+. scripts/test-binaries.sh
 
 suite=(coop dense_attention sparse_attention sale decoder_layer moe large_binding q4_0 properties)
 
@@ -26,15 +27,7 @@ build() {
     # `name path` of each release test binary of the suite and of the library's tests.
     local args=(--lib)
     for t in "${suite[@]}"; do args+=(--test "$t"); done
-    cargo test --release --locked --no-run --message-format=json "${args[@]}" 2>/dev/null |
-        python3 -c 'import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in (["test"], ["lib"]):
-        print(m["target"]["name"], m["executable"])'
+    test_binaries --release "${args[@]}"
 }
 
 pack() {

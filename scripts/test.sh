@@ -26,6 +26,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf '[test.sh] %s\n' "$*" >&2; }
 . scripts/apt.sh
+. scripts/test-binaries.sh
 
 # --- Rust toolchain -------------------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
@@ -96,17 +97,8 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     # lavapipe in a Debian 13 root (built once by scripts/coop-lavapipe.sh), with the
     # coop path required, and the coop and MoE tests once more with it turned off.
     say "matrix-unit kernels on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh; WGSPARSE_SKIP_COOP=1 skips)"
-    coop_bins=$(cargo test --locked --no-run --message-format=json --lib \
-        --test coop --test dense_attention --test sparse_attention --test sale --test cli \
-        --test decoder_layer --test moe 2>/dev/null |
-        python3 -c 'import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in (["test"], ["lib"]):
-        print(m["target"]["name"], m["executable"])')
+    coop_bins=$(test_binaries --lib --test coop --test dense_attention --test sparse_attention \
+        --test sale --test cli --test decoder_layer --test moe)
     [ -n "$coop_bins" ] || { say "no test binaries found for the matrix-unit run"; exit 1; }
     while read -r name bin; do
         say "  $name (matrix units required)"
