@@ -21,7 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '[test-gpu] %s\n' "$*" >&2; }
 . scripts/test-binaries.sh
 
-suite=(coop dense_attention sparse_attention sale decoder_layer moe large_binding q4_0 properties)
+suite=(coop dense_attention sparse_attention sale decoder_layer moe large_binding q4_0 properties planning)
 
 build() {
     # `name path` of each release test binary of the suite and of the library's tests.

@@ -98,7 +98,7 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     # coop path required, and the coop and MoE tests once more with it turned off.
     say "matrix-unit kernels on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh; WGSPARSE_SKIP_COOP=1 skips)"
     coop_bins=$(test_binaries --lib --test coop --test dense_attention --test sparse_attention \
-        --test sale --test cli --test decoder_layer --test moe)
+        --test sale --test cli --test decoder_layer --test moe --test planning)
     [ -n "$coop_bins" ] || { say "no test binaries found for the matrix-unit run"; exit 1; }
     while read -r name bin; do
         say "  $name (matrix units required)"

@@ -300,3 +300,47 @@ fn non_finite_data_is_refused() {
         })
     ));
 }
+
+/// `--dry-run` plans without running: at 256k tokens under a browser's default limits
+/// the problem runs in head groups and every binding fits; `--max-buffer-bytes` on a
+/// real run makes it run in head groups with the density, recall and error against
+/// dense (`--check`) of the run without the limit.
+#[test]
+fn dry_run_plans_and_a_lowered_buffer_limit_runs_in_head_groups() {
+    let v = common::json_with(
+        common::wgsparse_line(
+            "attention --dry-run --limits webgpu --method sale --seq-len 262144 --q-heads 32 \
+             --kv-heads 8 --head-dim 128 --dtype f16 --json",
+        ),
+        "groups q_heads_per_group plan",
+    );
+    assert!(v["groups"].as_u64().unwrap() > 1, "{v}");
+    assert_eq!(v["plan"]["problems"].as_array().unwrap().len(), 0, "{v}");
+    let limit = v["plan"]["limits"]["max_binding"].as_u64().unwrap();
+    for b in v["plan"]["buffers"].as_array().unwrap() {
+        let largest = match b["binding"]["bound"].as_str().unwrap() {
+            "whole" => b["bytes"].as_u64().unwrap(),
+            _ => b["binding"]["largest"].as_u64().unwrap(),
+        };
+        assert!(largest <= limit, "{b}");
+    }
+    // A real run with Q (4 heads x 600 x 64 x f32 = 614 KB) over a 400 KB buffer limit.
+    let run = |extra: &str| {
+        common::json_with(
+            common::wgsparse_line(&format!(
+                "attention --method sale --seq-len 600 --q-heads 4 --kv-heads 2 --head-dim 64 \
+                 --dtype f32 --iters 1 --backend auto --check --json {extra}"
+            )),
+            "density attn_recall max_abs_err",
+        )
+    };
+    let (grouped, whole) = (run("--max-buffer-bytes 400000"), run(""));
+    assert_eq!(grouped["density"], whole["density"], "{grouped}\n{whole}");
+    // The same pairs and outputs: the same errors against dense attention.
+    assert_eq!(
+        grouped["max_abs_err"], whole["max_abs_err"],
+        "{grouped}\n{whole}"
+    );
+    assert_eq!(grouped["attn_recall"], whole["attn_recall"]);
+    assert!(grouped["attn_recall"].as_f64().unwrap() > 0.9, "{grouped}");
+}

@@ -688,3 +688,64 @@ fn tile_height_follows_tokens_per_expert() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+/// The memory plan and the build agree: with the binding limit lowered below the
+/// resident expert weights, the plan streams them through the most slots that fit and
+/// the build does the same, with the resident plan's output (same bits). SmallThinker
+/// shapes at long inputs: the H200 fits, a browser's limits name the token count that
+/// does.
+#[test]
+fn expert_weights_over_a_binding_stream_as_the_plan_says() {
+    use wgsparse::attention::plan::DeviceLimits;
+    use wgsparse::moe::memory::memory_plan;
+    use wgsparse::moe::stream::ExpertResidency;
+    let seed = common::seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let c = cfg(256, 8, 2, 256);
+    let t = 20;
+    let w = MoeWeights::random(&c, seed);
+    let x = grid_values(t * c.hidden, 2, &mut rng);
+    let res = wgsparse::attention::synthetic::gaussian(t * c.hidden, seed ^ 5);
+    let Some(full) = common::gpu(None) else {
+        return;
+    };
+    for format in [WeightFormat::F16, WeightFormat::Q4_0] {
+        let want = run_plan(
+            &full,
+            &full.moe(c).tokens(t).format(format).build(&w).unwrap(),
+            &x,
+            &res,
+        );
+        let per = format.packed_bytes(c.ffn, c.hidden);
+        // Room for 3 experts per binding.
+        let ctx = common::gpu(Some(per * 3 + 4)).unwrap();
+        let lim = DeviceLimits::of(ctx.capabilities());
+        let p = memory_plan(&c, t, format, ExpertResidency::Resident, &lim).unwrap();
+        assert_eq!(p.residency, ExpertResidency::Streamed { slots: 3 }, "{p}");
+        assert!(p.fits(), "{p}");
+        let plan = ctx.moe(c).tokens(t).format(format).build(&w).unwrap();
+        assert!(plan.is_streamed());
+        assert_eq!(run_plan(&ctx, &plan, &x, &res), want, "{format:?}");
+    }
+    let st = wgsparse::moe::MoeConfig::smallthinker_4b();
+    for (lim, fits) in [
+        (DeviceLimits::H200, true),
+        (DeviceLimits::WEBGPU_DEFAULT, false),
+    ] {
+        let p = memory_plan(
+            &st,
+            32768,
+            WeightFormat::Q4_0,
+            ExpertResidency::Resident,
+            &lim,
+        )
+        .unwrap();
+        assert_eq!(p.fits(), fits, "{p}");
+        if !fits {
+            assert!(
+                p.problems.iter().any(|x| x.starts_with("tokens: at most")),
+                "{p}"
+            );
+        }
+    }
+}

@@ -94,12 +94,14 @@ fn split_case() -> impl Strategy<Value = (SplitProblem, SplitLimits)> {
             // Real devices allow 65535; tiny grids stress the split (a single workgroup
             // column cannot hold a BLOCK_Q-row chunk of MIN_BLOCK_Q-row workgroups).
             prop::sample::select(vec![2u32, 3, 7, 64, 65535]),
+            // Row state held in buffers of this many heads (0: one buffer).
+            prop::sample::select(vec![0usize, 0, 1, 2, 3, 5]),
         ),
     )
         .prop_map(
             |(
                 (group, kv_heads, q_len, extra, head_dim, elem_bytes, causal),
-                (log2, frac, align, groups),
+                (log2, frac, align, groups, head_run),
             )| {
                 let kv_len = q_len + extra;
                 let max_binding = ((1u64 << log2) as f64 * (1.0 + frac)) as u64;
@@ -117,6 +119,7 @@ fn split_case() -> impl Strategy<Value = (SplitProblem, SplitLimits)> {
                         max_binding,
                         offset_align: align,
                         max_groups: groups,
+                        head_run,
                     },
                 )
             },
@@ -144,6 +147,12 @@ fn check_split(p: &SplitProblem, lim: &SplitLimits, ds: &[DenseDispatch]) -> Res
         }
         if !(x.c0 < x.c1 && x.c1 <= p.kv_len) {
             return Err(format!("#{i} {x:?}: bad key range"));
+        }
+        if lim.head_run > 0 && x.h0 / lim.head_run != (x.h1 - 1) / lim.head_run {
+            return Err(format!(
+                "#{i} {x:?}: heads cross a row-state buffer of {} heads",
+                lim.head_run
+            ));
         }
         // The smallest query block gives the largest grid.
         let (gx, gy) = x.grid(MIN_BLOCK_Q);
@@ -500,6 +509,7 @@ fn non_causal_with_fewer_keys_than_queries() {
         max_binding: 20 << 10,
         offset_align: 256,
         max_groups: 65535,
+        head_run: 0,
     };
     check_split(&p, &lim, &split_dense(&p, &lim).unwrap()).unwrap();
     for limit in [None, Some(20 << 10)] {

@@ -87,6 +87,10 @@ pub struct ExecConfig {
     /// Runs with a caller's row state write the final state back (off for a last pass
     /// that only needs the output).
     pub export_state: bool,
+    /// When not 0, the caller's row state `acc` is held in buffers of this many heads
+    /// each (a state over the buffer limit): no dispatch crosses one, and each binds
+    /// its own.
+    pub state_head_run: usize,
 }
 
 impl Default for ExecConfig {
@@ -96,6 +100,7 @@ impl Default for ExecConfig {
             window: 0,
             sinks: 0,
             export_state: true,
+            state_head_run: 0,
         }
     }
 }
@@ -157,17 +162,21 @@ pub(crate) struct DispatchRanges {
     pub q: SubRange,
     pub k: SubRange,
     pub acc: SubRange,
+    /// The buffer of the row state `acc` that `acc` lies in (0 without a head run).
+    pub acc_part: usize,
     pub ml: SubRange,
 }
 
 /// The byte ranges dispatch `x` binds for a problem of `shape` stored in `elem` bytes
 /// per value, with binding offsets aligned to `align`: one function for the build and
-/// the memory plan ([`super::plan`]).
+/// the memory plan ([`super::plan`]). With a `head_run` (not 0) the row state `acc` is
+/// held in buffers of that many heads, and its range is inside buffer `acc_part`.
 pub(crate) fn dispatch_ranges(
     x: &DenseDispatch,
     shape: &AttentionShape,
     elem: u64,
     align: u64,
+    head_run: usize,
 ) -> DispatchRanges {
     let (d, n, nk) = (
         shape.head_dim as u64,
@@ -181,6 +190,11 @@ pub(crate) fn dispatch_ranges(
     let kv1 = (h1 - 1) / group + 1;
     let q_start = (h0 * n + r0) * d;
     let q_end = ((h1 - 1) * n + r1) * d;
+    let (acc_part, acc_h0) = match head_run as u64 {
+        0 => (0, 0),
+        run => (h0 / run, h0 / run * run),
+    };
+    let acc_shift = acc_h0 * n * d;
     DispatchRanges {
         q: sub_range(q_start * elem, q_end * elem, align, elem),
         k: sub_range(
@@ -189,7 +203,8 @@ pub(crate) fn dispatch_ranges(
             align,
             elem,
         ),
-        acc: sub_range(q_start * 4, q_end * 4, align, 4),
+        acc: sub_range((q_start - acc_shift) * 4, (q_end - acc_shift) * 4, align, 4),
+        acc_part: acc_part as usize,
         ml: sub_range((h0 * n + r0) * 8, ((h1 - 1) * n + r1) * 8, align, 8),
     }
 }
@@ -243,6 +258,7 @@ struct Prepared {
     o: SubRange,
     ml: Option<SubRange>,
     acc: Option<SubRange>,
+    acc_part: usize,
 }
 
 /// The buffers one run binds: inputs, output, and the caller's (ml, acc) state if any.
@@ -251,7 +267,9 @@ pub(crate) struct FlashIo<'a> {
     pub k: &'a wgpu::Buffer,
     pub v: &'a wgpu::Buffer,
     pub o: &'a wgpu::Buffer,
-    pub state: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
+    /// The caller's row state: `ml` and the buffers of `acc` (one, or one per run of
+    /// [`ExecConfig::state_head_run`] heads).
+    pub state: Option<(&'a wgpu::Buffer, &'a [wgpu::Buffer])>,
     /// LUT (ranges, indices) of the sparse modes.
     pub lut: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
 }
@@ -580,7 +598,10 @@ impl FlashGpu {
     ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let caps = &g.caps;
-        let lim = SplitLimits::from(&crate::runtime::memory::DeviceLimits::of(caps));
+        let lim = SplitLimits {
+            head_run: exec.state_head_run,
+            ..SplitLimits::from(&crate::runtime::memory::DeviceLimits::of(caps))
+        };
         let dispatches = split_for(shape, opts.dtype, opts.causal, exec.keys, &lim)?;
         log::debug!("dense attention: {} dispatch(es)", dispatches.len());
         let align = lim.offset_align;
@@ -630,7 +651,7 @@ impl FlashGpu {
                 let (h0, r0, r1) = (x.h0 as u64, x.r0 as u64, x.r1 as u64);
                 let (c0, c1) = (x.c0 as u64, x.c1 as u64);
                 let kv0 = h0 / group;
-                let ranges = dispatch_ranges(x, shape, s, align);
+                let ranges = dispatch_ranges(x, shape, s, align, exec.state_head_run);
                 let (q, k) = (ranges.q, ranges.k);
                 let o = q;
                 let v = k;
@@ -703,6 +724,10 @@ impl FlashGpu {
                     o,
                     ml,
                     acc,
+                    acc_part: match mode {
+                        StateMode::Caller => ranges.acc_part,
+                        StateMode::Scratch => 0,
+                    },
                 });
             }
             Ok(out)
@@ -755,13 +780,10 @@ impl FlashGpu {
     ) -> Result<()> {
         let g = rec.gpu();
         let (q, k, v, o) = (io.q, io.k, io.v, io.o);
-        let (prepared, ml_buf, acc_buf) = match io.state {
-            Some((ml, acc)) => (&self.caller, Some(ml), Some(acc)),
-            None => (
-                &self.scratch,
-                self.scratch_ml.as_ref(),
-                self.scratch_acc.as_ref(),
-            ),
+        let scratch_acc = self.scratch_acc.as_slice();
+        let (prepared, ml_buf, acc_bufs) = match io.state {
+            Some((ml, acc)) => (&self.caller, Some(ml), acc),
+            None => (&self.scratch, self.scratch_ml.as_ref(), scratch_acc),
         };
         let [dummy_ml, dummy_acc] = &self.dummy;
         let lut = match (self.keys, io.lut) {
@@ -785,7 +807,7 @@ impl FlashGpu {
                     }
                 };
                 let ml = ml_buf.unwrap_or(dummy_ml);
-                let acc = acc_buf.unwrap_or(dummy_acc);
+                let acc = acc_bufs.get(x.acc_part).unwrap_or(dummy_acc);
                 let entries = [
                     wgpu::BufferBinding {
                         buffer: &self.params,

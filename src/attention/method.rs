@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::AttentionShape;
 use super::lut::SparseLut;
 use super::params::Params;
 use super::select::Selector;
@@ -99,6 +100,26 @@ macro_rules! registry {
         }
 
         impl MethodStats {
+            /// The statistics of runs of one method over consecutive runs of heads of
+            /// one problem (each part with its q-heads), as the whole problem's: pair
+            /// counts added, per-head lists joined. `None` for no parts or parts of
+            /// different methods.
+            pub fn concat_heads(parts: Vec<(usize, MethodStats)>) -> Option<MethodStats> {
+                match &parts.first()?.1 {
+                    $(MethodStats::$variant(_) => {
+                        let mut of = Vec::with_capacity(parts.len());
+                        for (h, p) in parts {
+                            match p {
+                                MethodStats::$variant(s) => of.push((h, s)),
+                                #[allow(unreachable_patterns)]
+                                _ => return None,
+                            }
+                        }
+                        Some(MethodStats::$variant(<$stats>::concat_heads(of)))
+                    })*
+                }
+            }
+
             /// Fraction of causal pairs computed, the exact pass included.
             pub fn density(&self) -> f64 {
                 match self {
@@ -130,6 +151,52 @@ registry! {
 }
 
 impl Method {
+    /// The method for q-heads `h0..h1` of a problem of `q_heads` run by itself (a head
+    /// group of whole [`Method::head_unit`]s): a fixed LUT keeps those heads' rows,
+    /// ProxyAttn keeps its proxy groups' size; every other method is the same.
+    pub fn for_heads(&self, q_heads: usize, h0: usize, h1: usize) -> Result<Method> {
+        let slice = |l: &SparseLut| -> Result<Arc<SparseLut>> {
+            if h0 >= h1 || h1 > l.q_heads {
+                return Err(Error::InvalidArgument(format!(
+                    "heads {h0}..{h1} of a LUT over {} heads",
+                    l.q_heads
+                )));
+            }
+            Ok(Arc::new(SparseLut::from_fn(
+                h1 - h0,
+                l.seq_len,
+                l.q_block,
+                l.unit,
+                |h, b| l.entries(h0 + h, b).to_vec(),
+            )?))
+        };
+        Ok(match self {
+            Method::BlockSparse(l) => Method::BlockSparse(slice(l)?),
+            Method::Stripes(l) => Method::Stripes(slice(l)?),
+            Method::Proxy(c) => {
+                let part = (h1 - h0) * c.groups;
+                if h0 >= h1 || h1 > q_heads || !part.is_multiple_of(q_heads) {
+                    return Err(Error::InvalidArgument(format!(
+                        "heads {h0}..{h1} of {q_heads} are not whole proxy groups ({})",
+                        c.groups
+                    )));
+                }
+                Method::Proxy(ProxyConfig {
+                    groups: part / q_heads,
+                    ..*c
+                })
+            }
+            m => m.clone(),
+        })
+    }
+
+    /// The fewest consecutive q-heads of `shape` that must run together (a head group
+    /// of [`super::GroupedAttention`] holds a multiple of them): 1, or for ProxyAttn
+    /// the q-heads one proxy head pools.
+    pub fn head_unit(&self, shape: &AttentionShape) -> usize {
+        self.selector().map_or(1, |s| s.head_unit(shape))
+    }
+
     /// Whether the method keeps its own row state (an exact pass continued by a sparse
     /// one): such plans run without a caller's state and report their final (m, l)
     /// through [`super::AttentionPlan::row_stats`].

@@ -14,6 +14,7 @@
 
 pub mod flash;
 pub mod flash_cpu;
+pub mod grouped;
 pub mod lut;
 pub mod method;
 pub mod metrics;
@@ -37,6 +38,7 @@ use crate::runtime::tensor::{DType, HostData, Tensor};
 use crate::runtime::{Recorder, Report, StageTime};
 use flash::{ExecConfig, FlashGpu, FlashIo, KeyMode};
 use flash_cpu::{CpuAttention, HostRowState, attention_cpu};
+pub use grouped::GroupedAttention;
 use lut::{LutUnit, SparseLut};
 pub use method::{Method, MethodStats};
 pub use select::window::WindowConfig;
@@ -695,7 +697,7 @@ impl AttentionPlan {
                     k: &buf(k),
                     v: &buf(v),
                     o: &buf(out),
-                    state: st.as_ref().map(|(a, b)| (a, b)),
+                    state: st.as_ref().map(|(a, b)| (a, std::slice::from_ref(b))),
                     lut: lut.as_ref().map(|[r, i]| (r, i)),
                 };
                 exec.record(&self.ctx, rec, self.method.name(), &io)

@@ -17,9 +17,11 @@ use super::flash::{ExecConfig, KeyMode, dispatch_ranges, split_for};
 use super::lut::LutUnit;
 use super::method::Method;
 use super::sparse::SparseSizes;
+use super::split::SplitLimits;
 use crate::error::{Error, Result};
 use crate::runtime::dtype::DType;
 pub use crate::runtime::memory::{Binding, DeviceLimits, PlannedBuffer};
+use crate::runtime::memory::{mib, problems_of, write_buffers, write_verdict};
 
 /// The memory plan of one attention problem on one set of limits.
 #[derive(Clone, Debug, Serialize)]
@@ -58,22 +60,8 @@ impl MemoryPlan {
     }
 
     fn check(mut self) -> Self {
-        let lim = self.limits;
-        for b in &self.buffers {
-            if b.bytes > lim.max_buffer {
-                self.problems.push(format!(
-                    "{}: {} bytes, over the buffer limit {}",
-                    b.name, b.bytes, lim.max_buffer
-                ));
-            } else if b.largest_binding() > lim.max_binding {
-                self.problems.push(format!(
-                    "{}: a binding of {} bytes, over the binding limit {}",
-                    b.name,
-                    b.largest_binding(),
-                    lim.max_binding
-                ));
-            }
-        }
+        let found = problems_of(&self.buffers, &self.limits);
+        self.problems.extend(found);
         self
     }
 }
@@ -97,15 +85,7 @@ impl fmt::Display for MemoryPlan {
             mib(self.limits.max_buffer),
             self.limits.offset_align
         )?;
-        for b in &self.buffers {
-            let how = match b.binding {
-                Binding::Whole => "bound whole".to_string(),
-                Binding::Ranges { largest, pieces } => {
-                    format!("bound in {pieces} range(s), largest {}", mib(largest))
-                }
-            };
-            writeln!(f, "  {:<44} {:>12}  {how}", b.name, mib(b.bytes))?;
-        }
+        write_buffers(f, &self.buffers)?;
         let n: usize = self.dispatches.iter().map(|(_, c)| c).sum();
         let per: Vec<String> = self
             .dispatches
@@ -114,23 +94,7 @@ impl fmt::Display for MemoryPlan {
             .collect();
         writeln!(f, "  dispatches: {n} ({})", per.join(", "))?;
         writeln!(f, "  plan's own memory: {}", mib(self.own_bytes()))?;
-        if self.fits() {
-            write!(f, "  fits")
-        } else {
-            write!(f, "  does NOT fit:")?;
-            for p in &self.problems {
-                write!(f, "\n    {p}")?;
-            }
-            Ok(())
-        }
-    }
-}
-
-fn mib(b: u64) -> String {
-    if b >= 1 << 20 {
-        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{b} B")
+        write_verdict(f, &self.problems)
     }
 }
 
@@ -153,7 +117,11 @@ pub(crate) fn plan_flash(
     exec: &ExecConfig,
     lim: &DeviceLimits,
 ) -> Result<FlashBindings> {
-    let dispatches = split_for(shape, dtype, causal, exec.keys, &lim.into())?;
+    let split = SplitLimits {
+        head_run: exec.state_head_run,
+        ..lim.into()
+    };
+    let dispatches = split_for(shape, dtype, causal, exec.keys, &split)?;
     let mut out = FlashBindings {
         dispatches: dispatches.len(),
         q_largest: 0,
@@ -162,7 +130,13 @@ pub(crate) fn plan_flash(
         scratch_rows: 0,
     };
     for x in &dispatches {
-        let r = dispatch_ranges(x, shape, dtype.size() as u64, lim.offset_align);
+        let r = dispatch_ranges(
+            x,
+            shape,
+            dtype.size() as u64,
+            lim.offset_align,
+            exec.state_head_run,
+        );
         out.q_largest = out.q_largest.max(r.q.size);
         out.kv_largest = out.kv_largest.max(r.k.size);
         out.state_largest = out.state_largest.max(r.acc.size);
@@ -196,6 +170,7 @@ pub fn plan(
     let mut buffers = vec![];
     let mut dispatches = vec![];
     let mut problems = vec![];
+    let mut late_problems = vec![];
     // The caller's tensors: bound by the ranges of the passes' dispatches.
     let mut q_largest = 0u64;
     let mut kv_largest = 0u64;
@@ -289,36 +264,54 @@ pub fn plan(
                     sel.name()
                 )));
             };
+            let sz = SparseSizes::of(shape, &exact, row_base.len(), total);
+            let head_run = match sz.acc_head_run(limits.max_buffer) {
+                Ok(r) => r,
+                Err(e) => {
+                    late_problems.push(format!("pass {}: {e}", sel.pass_names()[0]));
+                    0
+                }
+            };
             let exact_exec = ExecConfig {
                 keys: KeyMode::Blocks {
                     q_block: exact.q_block,
                     key_block: kb,
                 },
+                state_head_run: head_run,
                 ..Default::default()
             };
             let sparse_exec = ExecConfig {
                 keys: layout.keys(),
                 export_state: true,
+                state_head_run: head_run,
                 ..Default::default()
             };
             let [p0, p1] = sel.pass_names();
             let s0 = flash(p0, &exact_exec, true, &mut buffers);
             let s1 = flash(p1, &sparse_exec, true, &mut buffers);
             let name = sel.name();
-            let sz = SparseSizes::of(shape, &exact, row_base.len(), total);
             let whole = |what: &str, bytes| PlannedBuffer::whole(format!("{name} {what}"), bytes);
             buffers.extend([
                 whole("exact LUT ranges", sz.exact_ranges),
                 whole("exact LUT indices", sz.exact_indices),
                 whole("row state ml", sz.ml),
-                PlannedBuffer {
-                    name: format!("{name} row state acc"),
-                    bytes: sz.acc,
-                    binding: Binding::Ranges {
-                        largest: s0.unwrap_or(sz.acc).max(s1.unwrap_or(sz.acc)),
-                        pieces: dispatches.iter().map(|(_, c)| *c).max().unwrap_or(1),
+            ]);
+            let parts = sz.acc_parts(head_run);
+            let pieces = dispatches.iter().map(|(_, c)| *c).max().unwrap_or(1);
+            for (i, &bytes) in parts.iter().enumerate() {
+                buffers.push(PlannedBuffer {
+                    name: match parts.len() {
+                        1 => format!("{name} row state acc"),
+                        n => format!("{name} row state acc {}/{n} ({head_run} heads)", i + 1),
                     },
-                },
+                    bytes,
+                    binding: Binding::Ranges {
+                        largest: s0.unwrap_or(bytes).max(s1.unwrap_or(bytes)),
+                        pieces,
+                    },
+                });
+            }
+            buffers.extend([
                 whole("selected slice starts", sz.row_base),
                 whole("selected LUT ranges", sz.ranges),
                 whole("selected LUT indices", sz.indices),
@@ -328,6 +321,7 @@ pub fn plan(
             dispatches.extend(passes);
         }
     }
+    problems.extend(late_problems);
     let tensor = |name: &str, bytes: u64, largest: u64| PlannedBuffer {
         name: name.into(),
         bytes,
@@ -357,4 +351,125 @@ pub fn plan(
         problems,
     }
     .check())
+}
+
+/// A problem cut into head groups that run one after the other from host memory
+/// ([`super::GroupedAttention`]): runs of whole kv-heads with their q-heads, or runs of
+/// the q-heads of one kv-head, always whole units of the method
+/// ([`Method::head_unit`]: ProxyAttn's proxy groups). No tensor of the whole problem is allocated, so a prompt
+/// whose Q alone is over a device's buffer limit (a browser's 256 MiB at 128k tokens ×
+/// 32 heads) still runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupedPlan {
+    /// Groups run one after the other (1: the whole problem at once).
+    pub groups: usize,
+    /// q-heads per group: a multiple of the q-heads per kv-head (whole kv-heads) or a
+    /// divisor of it (q-heads of one kv-head).
+    pub q_heads_per_group: usize,
+    /// The plan of one group (the one with the most own memory, or one that does not
+    /// fit): its tensors are the group's slices of Q, K, V and the output.
+    pub plan: MemoryPlan,
+}
+
+/// Group `i` of a problem cut into groups of `q_per_group` q-heads: its q-heads and
+/// kv-heads.
+pub fn group_heads(
+    shape: &AttentionShape,
+    q_per_group: usize,
+    i: usize,
+) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    let g = shape.q_heads / shape.kv_heads;
+    let (q0, q1) = (i * q_per_group, (i + 1) * q_per_group);
+    let kv0 = q0 / g;
+    (q0..q1, kv0..(q1 / g).max(kv0 + 1))
+}
+
+impl GroupedPlan {
+    /// Whether every group fits.
+    pub fn fits(&self) -> bool {
+        self.plan.fits()
+    }
+
+    /// The shape of one group of `q_per_group` q-heads.
+    pub fn group_shape(shape: &AttentionShape, q_per_group: usize) -> AttentionShape {
+        let (q, kv) = group_heads(shape, q_per_group, 0);
+        AttentionShape {
+            q_heads: q.len(),
+            kv_heads: kv.len(),
+            ..*shape
+        }
+    }
+}
+
+impl fmt::Display for GroupedPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.groups > 1 {
+            writeln!(
+                f,
+                "runs in {} head groups of {} q-head(s) / {} kv-head(s), one after the other from host memory (no tensor of the whole problem is allocated); one group:",
+                self.groups, self.plan.shape.q_heads, self.plan.shape.kv_heads
+            )?;
+        }
+        self.plan.fmt(f)
+    }
+}
+
+/// The plan with the fewest head groups that fits `limits`: the whole problem when it
+/// fits ([`plan`]), else runs of whole kv-heads (a divisor of them), else runs of one
+/// kv-head's q-heads (a divisor of them), in whole units of the method
+/// ([`Method::head_unit`]); when even the smallest group does not fit, its plan with
+/// its problems.
+pub fn plan_groups(
+    shape: &AttentionShape,
+    method: &Method,
+    dtype: DType,
+    causal: bool,
+    limits: &DeviceLimits,
+) -> Result<GroupedPlan> {
+    shape.validate(causal)?;
+    let g = shape.q_heads / shape.kv_heads;
+    let divisors = |n: usize| (1..=n).filter(move |c| n.is_multiple_of(*c));
+    // q-heads per group, largest first.
+    let unit = method.head_unit(shape).max(1);
+    let sizes: Vec<usize> = divisors(shape.kv_heads)
+        .map(|c| shape.kv_heads / c * g)
+        .chain(divisors(g).skip(1).map(|c| g / c))
+        .filter(|qp| qp % unit == 0)
+        .collect();
+    // A fixed LUT differs per group: plan each; other methods plan one group.
+    let each = matches!(method, Method::BlockSparse(_) | Method::Stripes(_));
+    let mut last = None;
+    for qp in sizes {
+        let groups = shape.q_heads / qp;
+        let sub = GroupedPlan::group_shape(shape, qp);
+        let mut worst: Option<MemoryPlan> = None;
+        for i in 0..if each { groups } else { 1 } {
+            let (q, _) = group_heads(shape, qp, i);
+            let m = method.for_heads(shape.q_heads, q.start, q.end)?;
+            let mut p = plan(&sub, &m, dtype, causal, limits)?;
+            p.method = method.to_string();
+            worst = match worst {
+                Some(w) if !w.fits() || (p.fits() && p.own_bytes() <= w.own_bytes()) => Some(w),
+                _ => Some(p),
+            };
+        }
+        let gp = GroupedPlan {
+            groups,
+            q_heads_per_group: qp,
+            plan: worst.expect("one group at least"),
+        };
+        if gp.fits() {
+            return Ok(gp);
+        }
+        last = Some(gp);
+    }
+    let mut gp = last.expect("kv_heads >= 1");
+    if unit > g && gp.q_heads_per_group == unit {
+        gp.plan.problems.push(format!(
+            "pass groups: {} pools {unit} q-heads into one selection, so they run together (ProxyAttn: proxy_groups={} lets each kv-head run apart)",
+            method.name(),
+            shape.kv_heads
+        ));
+    }
+    Ok(gp)
 }

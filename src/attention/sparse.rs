@@ -125,7 +125,8 @@ struct SparseBuffers {
     exact_ranges: wgpu::Buffer,
     exact_idx: wgpu::Buffer,
     ml: wgpu::Buffer,
-    acc: wgpu::Buffer,
+    /// One buffer, or one per run of [`SparseSizes::acc_head_run`] heads.
+    acc: Vec<wgpu::Buffer>,
     row_base: wgpu::Buffer,
     ranges: wgpu::Buffer,
     indices: wgpu::Buffer,
@@ -133,7 +134,8 @@ struct SparseBuffers {
 
 /// The bytes of the two-pass executor's own buffers: one list for its build and the
 /// memory plan ([`super::plan`]). The row state `acc` is bound by the flash passes' row
-/// ranges; the others whole.
+/// ranges (and held in several buffers when it is over the buffer limit); the others
+/// whole.
 pub(crate) struct SparseSizes {
     pub exact_ranges: u64,
     pub exact_indices: u64,
@@ -142,6 +144,7 @@ pub(crate) struct SparseSizes {
     pub row_base: u64,
     pub ranges: u64,
     pub indices: u64,
+    q_heads: usize,
 }
 
 impl SparseSizes {
@@ -161,7 +164,38 @@ impl SparseSizes {
             row_base: rows as u64 * 4,
             ranges: rows as u64 * 8,
             indices: total.max(1) * 4,
+            q_heads: shape.q_heads,
         }
+    }
+
+    /// Heads per buffer of the row state `acc` under a buffer limit: 0 when it fits
+    /// one buffer, else the most whole heads a buffer holds (a typed error when one
+    /// head is over the limit).
+    pub(crate) fn acc_head_run(&self, max_buffer: u64) -> Result<usize> {
+        if self.acc <= max_buffer {
+            return Ok(0);
+        }
+        let head = self.acc / self.q_heads.max(1) as u64;
+        match (max_buffer / head.max(1)) as usize {
+            0 => Err(Error::too_large(
+                "one head of the two-pass row state acc (one buffer)",
+                head,
+                max_buffer,
+            )),
+            run => Ok(run),
+        }
+    }
+
+    /// The bytes of each buffer of the row state `acc` for a head run.
+    pub(crate) fn acc_parts(&self, head_run: usize) -> Vec<u64> {
+        if head_run == 0 {
+            return vec![self.acc];
+        }
+        let head = self.acc / self.q_heads.max(1) as u64;
+        (0..self.q_heads)
+            .step_by(head_run)
+            .map(|h0| (head_run.min(self.q_heads - h0)) as u64 * head)
+            .collect()
     }
 }
 
@@ -196,6 +230,7 @@ impl SparseGpu {
         // bind it by row ranges, split like Q and the output (at 128k × 32 heads × d 128
         // it is 2 GiB, over an H200's 2 GiB − 4 binding).
         let sizes = SparseSizes::of(shape, &exact_lut, row_base.len(), total);
+        let head_run = sizes.acc_head_run(g.caps.max_buffer)?;
         let exact_exec = FlashGpu::build(
             ctx,
             shape,
@@ -215,6 +250,7 @@ impl SparseGpu {
                         }
                     },
                 },
+                state_head_run: head_run,
                 ..Default::default()
             },
         )?;
@@ -229,6 +265,7 @@ impl SparseGpu {
             &ExecConfig {
                 keys: layout.keys(),
                 export_state: true,
+                state_head_run: head_run,
                 ..Default::default()
             },
         )?;
@@ -245,7 +282,11 @@ impl SparseGpu {
                 bytemuck::cast_slice(&exact_lut.indices),
             )?,
             ml: storage(g, &label("row state ml"), sizes.ml)?,
-            acc: storage_ranged(g, &label("row state acc"), sizes.acc)?,
+            acc: sizes
+                .acc_parts(head_run)
+                .into_iter()
+                .map(|b| storage_ranged(g, &label("row state acc"), b))
+                .collect::<Result<_>>()?,
             row_base: storage_init(
                 g,
                 &label("selected slice starts"),
@@ -319,7 +360,7 @@ impl SparseGpu {
             k,
             v,
             o: out,
-            state: Some((&b.ml, &b.acc)),
+            state: Some((&b.ml, b.acc.as_slice())),
             lut: Some((ranges, indices)),
         };
         let exact = pass(&b.exact_ranges, &b.exact_idx);

@@ -137,30 +137,15 @@ pub fn evaluate(
     dtype: DType,
     qkv: (&[f32], &[f32], &[f32]),
 ) -> Result<Evaluation> {
-    use crate::attention::RowState;
-    let (qt, kt, vt) = upload_qkv(ctx, &shape, qkv.0, qkv.1, qkv.2, dtype)?;
+    // In head groups when the tensors are over the device's buffer limit.
     let run = |m: &Method| -> Result<(Vec<f32>, Vec<f32>, AttentionReport)> {
         let plan = ctx
             .attention(shape)
             .method(m.clone())
             .dtype(dtype)
-            .build()?;
-        let mut out = Tensor::filled(ctx, &shape.q_dims(), dtype, f32::NAN)?;
-        let ml = if m.manages_state() {
-            plan.run_into(&qt, &kt, &vt, &mut out)?;
-            pollster::block_on(plan.row_stats())?.ok_or_else(|| {
-                crate::error::Error::InvalidArgument("anchor plan kept no row state".into())
-            })?
-        } else {
-            let mut st = RowState::empty(ctx, &shape)?;
-            plan.run_with_state(&qt, &kt, &vt, &mut out, &mut st)?;
-            st.ml.to_f32_blocking()?
-        };
-        Ok((
-            out.to_f32_blocking()?,
-            ml,
-            plan.report().expect("the plan ran"),
-        ))
+            .build_grouped()?;
+        let (out, ml) = plan.run_host_with_row_stats(qkv.0, qkv.1, qkv.2)?;
+        Ok((out, ml, plan.report().expect("the plan ran")))
     };
     let (dense_out, dense_ml, dense_report) = run(&Method::Dense)?;
     let (out, ml, report) = run(method)?;

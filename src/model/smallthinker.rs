@@ -21,8 +21,10 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::attention::flash_cpu::{CpuAttention, attention_cpu};
+use crate::attention::plan::{MemoryPlan, plan};
 use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
+use crate::moe::memory::{MoeMemoryPlan, memory_plan as moe_memory_plan};
 use crate::moe::plan::ExpertStats;
 use crate::moe::stream::ExpertResidency;
 use crate::moe::{MoeConfig, MoePlan, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
@@ -31,6 +33,9 @@ use crate::ops::rmsnorm::{RmsNormGpu, rmsnorm_cpu};
 use crate::ops::rope::{RopeGpu, rope_cpu, rope_table};
 use crate::runtime::context::{Backend, Context};
 use crate::runtime::launch::storage_init;
+use crate::runtime::memory::{
+    DeviceLimits, PlannedBuffer, problems_of, write_buffers, write_verdict,
+};
 use crate::runtime::tensor::{DType, HostData, Tensor};
 use crate::runtime::{Instant, Recorder, Report, StageTime, Submitted};
 
@@ -399,6 +404,107 @@ impl DecoderLayerPlanBuilder {
             last: Mutex::new(None),
         })
     }
+}
+
+/// The memory plan of one decoder layer without a device (`wgsparse layer --dry-run`):
+/// the attention's (on the layer's own Q/K/V tensors, so one group), the MoE block's,
+/// and the layer's own buffers (projections, norms, RoPE table, activations).
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerMemoryPlan {
+    /// Tokens per run.
+    pub tokens: usize,
+    /// The layer's own buffers.
+    pub buffers: Vec<PlannedBuffer>,
+    /// The attention's plan.
+    pub attention: MemoryPlan,
+    /// The MoE block's plan.
+    pub moe: MoeMemoryPlan,
+    /// What does not fit, of the three (empty when the layer fits).
+    pub problems: Vec<String>,
+}
+
+impl LayerMemoryPlan {
+    /// Whether every buffer of the layer fits.
+    pub fn fits(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl std::fmt::Display for LayerMemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "decoder layer plan: {} tokens; own buffers:",
+            self.tokens
+        )?;
+        write_buffers(f, &self.buffers)?;
+        writeln!(f, "{}", self.attention)?;
+        writeln!(f, "{}", self.moe)?;
+        write!(f, "layer:")?;
+        write_verdict(f, &self.problems)
+    }
+}
+
+/// The memory plan of a decoder layer of `cfg` over `tokens` tokens with `format`
+/// weights and the asked expert residency, under `limits`.
+pub fn layer_memory_plan(
+    cfg: &DecoderLayerConfig,
+    tokens: usize,
+    format: WeightFormat,
+    residency: ExpertResidency,
+    limits: &DeviceLimits,
+) -> Result<LayerMemoryPlan> {
+    cfg.validate()?;
+    let (t, h, d) = (tokens, cfg.moe.hidden, cfg.head_dim);
+    let shape = AttentionShape::new(cfg.q_heads, cfg.kv_heads, t, d);
+    let attention = plan(&shape, &cfg.attention_method()?, DType::F32, true, limits)?;
+    let mut moe = moe_memory_plan(&cfg.moe, t, format, residency, limits)?;
+    // The MoE block's input and output are the layer's activations (listed below).
+    moe.buffers
+        .retain(|b| b.name.starts_with("moe ") || b.name.starts_with("tokens"));
+    moe.problems = problems_of(&moe.buffers, limits)
+        .into_iter()
+        .chain(
+            moe.problems
+                .iter()
+                .filter(|p| p.starts_with("tokens"))
+                .cloned(),
+        )
+        .collect();
+    let act = (t * h * 4) as u64;
+    let (qd, kd) = (cfg.q_heads * d, cfg.kv_heads * d);
+    let w = |name: &str, rows, cols| PlannedBuffer::whole(name, format.packed_bytes(rows, cols));
+    let mut buffers = vec![
+        w("q_proj weights", qd, h),
+        w("k_proj weights", kd, h),
+        w("v_proj weights", kd, h),
+        w("o_proj weights", h, qd),
+        PlannedBuffer::whole("layer norm1", h as u64 * 4),
+        PlannedBuffer::whole("layer norm2", h as u64 * 4),
+    ];
+    if cfg.rope_theta.is_some() {
+        buffers.push(PlannedBuffer::whole(
+            "rope cos/sin table",
+            (t * d * 4) as u64,
+        ));
+    }
+    for name in [
+        "normed input",
+        "attention residual h",
+        "normed h (MoE input)",
+    ] {
+        buffers.push(PlannedBuffer::whole(name, act));
+    }
+    let mut problems = problems_of(&buffers, limits);
+    problems.extend(attention.problems.iter().map(|p| format!("attention {p}")));
+    problems.extend(moe.problems.iter().cloned());
+    Ok(LayerMemoryPlan {
+        tokens,
+        buffers,
+        attention,
+        moe,
+        problems,
+    })
 }
 
 /// A built decoder layer.

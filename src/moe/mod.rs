@@ -23,6 +23,7 @@ pub mod combine;
 pub mod cpu;
 pub mod dispatch;
 pub mod expert_ffn;
+pub mod memory;
 pub mod plan;
 pub mod router;
 pub mod stream;

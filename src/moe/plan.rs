@@ -241,7 +241,20 @@ impl MoePlanBuilder {
                 "tile height {tile_m} is not one of {TILE_MS:?}"
             )));
         }
-        let streamed = match self.residency {
+        // Resident weights over a binding are streamed through the most expert slots
+        // that fit (the memory plan, `wgsparse moe --dry-run`, shows the same choice).
+        let residency = match self.ctx.gpu() {
+            Some(g) => {
+                let lim = crate::runtime::memory::DeviceLimits::of(&g.caps);
+                let r = super::memory::fitting_residency(&self.cfg, format, self.residency, &lim);
+                if r != self.residency {
+                    log::info!("moe: the resident expert weights do not fit a binding: {r:?}");
+                }
+                r
+            }
+            None => self.residency,
+        };
+        let streamed = match residency {
             ExpertResidency::Resident => None,
             ExpertResidency::Streamed { slots } => Some(ExpertCache::new(self.cfg.experts, slots)?),
         };

@@ -20,6 +20,16 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
+    /// Bytes of a packed `[rows, cols]` matrix (`cols` a multiple of 32): what
+    /// [`PackedMatrix::pack`] makes, the Q4_0 scales included (18 bytes per 32 values).
+    pub fn packed_bytes(self, rows: usize, cols: usize) -> u64 {
+        let n = (rows * cols) as u64;
+        match self {
+            WeightFormat::F16 => n * 2,
+            WeightFormat::Q4_0 => n / 32 * 18,
+        }
+    }
+
     /// `f16` or `q4_0`.
     pub fn name(self) -> &'static str {
         match self {

@@ -103,6 +103,10 @@ pub struct ContextOptions {
     /// Pretend the device allows at most this many bytes per storage binding (never more
     /// than the real limit). Lets tests drive the split paths with small data.
     pub max_binding_bytes: Option<u64>,
+    /// Pretend the device allows buffers of at most this many bytes (never more than the
+    /// real limit): a browser's 256 MiB, so that long prompts run in head groups
+    /// ([`crate::attention::GroupedAttention`]) the way they would there.
+    pub max_buffer_bytes: Option<u64>,
     /// Pretend the device has at most this much workgroup memory (never more than the
     /// real limit): makes the kernels pick the variants a browser with WebGPU's default
     /// 16 KiB would get, so tests cover them natively.
@@ -117,6 +121,8 @@ pub struct ContextOptions {
 pub struct LimitOverrides {
     /// Bytes per storage binding.
     pub max_binding_bytes: Option<u64>,
+    /// Bytes per buffer.
+    pub max_buffer_bytes: Option<u64>,
     /// Bytes of workgroup memory.
     pub max_workgroup_bytes: Option<u32>,
     /// Matrix-unit kernels off.
@@ -128,13 +134,15 @@ impl ContextOptions {
     pub fn overrides(&self) -> LimitOverrides {
         LimitOverrides {
             max_binding_bytes: self.max_binding_bytes,
+            max_buffer_bytes: self.max_buffer_bytes,
             max_workgroup_bytes: self.max_workgroup_bytes,
             no_coop: self.no_coop,
         }
     }
 
     /// Reads `WGSPARSE_BACKEND`, `WGSPARSE_ADAPTER`, `WGSPARSE_REQUIRE_GPU`,
-    /// `WGSPARSE_MAX_BINDING_BYTES`, `WGSPARSE_MAX_WORKGROUP_BYTES` and
+    /// `WGSPARSE_MAX_BINDING_BYTES`, `WGSPARSE_MAX_BUFFER_BYTES`,
+    /// `WGSPARSE_MAX_WORKGROUP_BYTES` and
     /// `WGSPARSE_NO_COOP`.
     pub fn from_env() -> Result<Self> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
@@ -154,6 +162,10 @@ impl ContextOptions {
             "WGSPARSE_MAX_BINDING_BYTES",
             var("WGSPARSE_MAX_BINDING_BYTES"),
         )?;
+        let max_buffer_bytes = number(
+            "WGSPARSE_MAX_BUFFER_BYTES",
+            var("WGSPARSE_MAX_BUFFER_BYTES"),
+        )?;
         let max_workgroup_bytes = number(
             "WGSPARSE_MAX_WORKGROUP_BYTES",
             var("WGSPARSE_MAX_WORKGROUP_BYTES"),
@@ -166,6 +178,7 @@ impl ContextOptions {
                 Some("1" | "true" | "yes")
             ),
             max_binding_bytes,
+            max_buffer_bytes,
             max_workgroup_bytes,
             no_coop: matches!(
                 var("WGSPARSE_NO_COOP").as_deref(),
@@ -323,7 +336,10 @@ impl Capabilities {
             int_dot4: int_dot4_available(info.backend),
             max_storage_binding: planned,
             adapter_max_storage_binding: adapter_binding,
-            max_buffer: limits.max_buffer_size,
+            max_buffer: overrides
+                .max_buffer_bytes
+                .map(|m| m.min(limits.max_buffer_size))
+                .unwrap_or(limits.max_buffer_size),
             max_workgroup_storage: workgroup,
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,

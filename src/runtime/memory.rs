@@ -99,6 +99,66 @@ impl DeviceLimits {
     }
 }
 
+/// What of `buffers` does not fit `limits`: `NAME: …` for each buffer over the buffer
+/// limit or with a binding over the binding limit.
+pub fn problems_of(buffers: &[PlannedBuffer], limits: &DeviceLimits) -> Vec<String> {
+    let mut out = vec![];
+    for b in buffers {
+        if b.bytes > limits.max_buffer {
+            out.push(format!(
+                "{}: {} bytes, over the buffer limit {}",
+                b.name, b.bytes, limits.max_buffer
+            ));
+        } else if b.largest_binding() > limits.max_binding {
+            out.push(format!(
+                "{}: a binding of {} bytes, over the binding limit {}",
+                b.name,
+                b.largest_binding(),
+                limits.max_binding
+            ));
+        }
+    }
+    out
+}
+
+/// Bytes as `12.5 MiB`, or `300 B` under a MiB.
+pub fn mib(b: u64) -> String {
+    if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// Writes one line per buffer: name, size, how it is bound.
+pub fn write_buffers(
+    f: &mut std::fmt::Formatter<'_>,
+    buffers: &[PlannedBuffer],
+) -> std::fmt::Result {
+    for b in buffers {
+        let how = match b.binding {
+            Binding::Whole => "bound whole".to_string(),
+            Binding::Ranges { largest, pieces } => {
+                format!("bound in {pieces} range(s), largest {}", mib(largest))
+            }
+        };
+        writeln!(f, "  {:<44} {:>12}  {how}", b.name, mib(b.bytes))?;
+    }
+    Ok(())
+}
+
+/// Writes `fits`, or `does NOT fit:` and the problems one per line.
+pub fn write_verdict(f: &mut std::fmt::Formatter<'_>, problems: &[String]) -> std::fmt::Result {
+    if problems.is_empty() {
+        return write!(f, "  fits");
+    }
+    write!(f, "  does NOT fit:")?;
+    for p in problems {
+        write!(f, "\n    {p}")?;
+    }
+    Ok(())
+}
+
 /// One part of a `[heads, rows, d]` tensor bound by itself: heads `h0..h1`, the byte
 /// range that holds them (its start aligned down) and `base`, the element offset of
 /// head `h0` inside that range in units of `unit` bytes.
@@ -127,7 +187,13 @@ pub fn head_chunks(
     max_binding: u64,
     align: u64,
 ) -> Result<Vec<HeadChunk>> {
-    let budget = max_binding.saturating_sub(align.max(1) - 1);
+    // Runs start at multiples of `head_bytes`: aligned (no slack) when it is.
+    let slack = if head_bytes.is_multiple_of(align.max(1)) {
+        0
+    } else {
+        align.max(1) - 1
+    };
+    let budget = max_binding.saturating_sub(slack);
     let per = (budget / head_bytes.max(1)) as usize;
     if per == 0 {
         return Err(Error::too_large(

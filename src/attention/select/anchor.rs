@@ -153,6 +153,26 @@ impl AnchorStats {
     }
 }
 
+impl AnchorStats {
+    /// The statistics of runs over consecutive runs of heads of one problem, as one:
+    /// pair counts added, stripes per group averaged over every part's heads (each
+    /// part given with its q-heads).
+    pub fn concat_heads(parts: Vec<(usize, AnchorStats)>) -> Self {
+        let heads: usize = parts.iter().map(|(h, _)| h).sum();
+        let groups = parts.iter().map(|(_, p)| p.stripes_per_group.len()).max();
+        let mut stripes_per_group = vec![0.0; groups.unwrap_or(0)];
+        for (h, p) in &parts {
+            for (acc, x) in stripes_per_group.iter_mut().zip(&p.stripes_per_group) {
+                *acc += x * *h as f64 / heads.max(1) as f64;
+            }
+        }
+        AnchorStats {
+            pairs: PassPairs::sum(parts.iter().map(|(_, p)| p.pairs)),
+            stripes_per_group,
+        }
+    }
+}
+
 impl Serialize for AnchorStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         let per = serde_json::json!(self.stripes_per_group);

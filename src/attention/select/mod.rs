@@ -122,6 +122,17 @@ impl PassPairs {
         }
     }
 
+    /// The counts of runs over disjoint heads of one problem, added.
+    pub fn sum(parts: impl IntoIterator<Item = PassPairs>) -> Self {
+        parts
+            .into_iter()
+            .fold(PassPairs::default(), |a, b| PassPairs {
+                causal: a.causal + b.causal,
+                exact: a.exact + b.exact,
+                selected: a.selected + b.selected,
+            })
+    }
+
     /// Fraction of causal pairs computed, exact pass included.
     pub fn density(&self) -> f64 {
         (self.exact + self.selected) as f64 / self.causal.max(1) as f64
@@ -274,6 +285,14 @@ pub trait Selector: std::fmt::Debug + Send + Sync {
     }
     /// Checks the configuration against a shape (head counts, lengths).
     fn validate(&self, shape: &AttentionShape) -> Result<()>;
+    /// The fewest consecutive q-heads whose selection depends on their own Q and K
+    /// alone, so that a problem may run in groups of a multiple of them
+    /// ([`crate::attention::GroupedAttention`]): 1 for a per-head selector, a proxy
+    /// group's q-heads for one that pools heads.
+    fn head_unit(&self, shape: &AttentionShape) -> usize {
+        let _ = shape;
+        1
+    }
     /// The exact pass's block LUT.
     fn exact_lut(&self, shape: &AttentionShape) -> Result<SparseLut>;
     /// Geometry and capacity of the selected LUT.

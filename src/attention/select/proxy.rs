@@ -700,6 +700,20 @@ impl ProxyStats {
     }
 }
 
+impl ProxyStats {
+    /// The statistics of runs over consecutive runs of heads of one problem, as one
+    /// (each part given with its q-heads).
+    pub fn concat_heads(parts: Vec<(usize, ProxyStats)>) -> Self {
+        let parts: Vec<ProxyStats> = parts.into_iter().map(|(_, p)| p).collect();
+        ProxyStats {
+            pairs: PassPairs::sum(parts.iter().map(|p| p.pairs)),
+            candidate_blocks: parts.iter().map(|p| p.candidate_blocks).sum(),
+            selected_blocks: parts.iter().map(|p| p.selected_blocks).sum(),
+            head_budgets: parts.into_iter().flat_map(|p| p.head_budgets).collect(),
+        }
+    }
+}
+
 impl Serialize for ProxyStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde_json::json;
@@ -735,6 +749,10 @@ impl Selector for ProxyConfig {
     }
     fn validate(&self, shape: &AttentionShape) -> Result<()> {
         ProxyConfig::validate(self, shape)
+    }
+    fn head_unit(&self, shape: &AttentionShape) -> usize {
+        // One proxy head scores the blocks of all its group's q-heads.
+        shape.q_heads / self.groups.max(1)
     }
     fn exact_lut(&self, shape: &AttentionShape) -> Result<SparseLut> {
         ProxyConfig::exact_lut(self, shape)

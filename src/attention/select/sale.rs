@@ -754,6 +754,23 @@ impl SaleStats {
     }
 }
 
+impl SaleStats {
+    /// The statistics of runs over consecutive runs of heads of one problem, as one
+    /// (each part given with its q-heads).
+    pub fn concat_heads(parts: Vec<(usize, SaleStats)>) -> Self {
+        let parts: Vec<SaleStats> = parts.into_iter().map(|(_, p)| p).collect();
+        SaleStats {
+            pairs: PassPairs::sum(parts.iter().map(|p| p.pairs)),
+            candidate_blocks: parts.iter().map(|p| p.candidate_blocks).sum(),
+            selected_blocks: parts.iter().map(|p| p.selected_blocks).sum(),
+            selected_per_head: parts
+                .into_iter()
+                .flat_map(|p| p.selected_per_head)
+                .collect(),
+        }
+    }
+}
+
 impl Serialize for SaleStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde_json::json;

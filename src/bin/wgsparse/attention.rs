@@ -13,9 +13,7 @@ use wgsparse::attention::select::sale_calibrate::SaleThresholds;
 use wgsparse::attention::synthetic::{Structure, structured_qkv_host};
 use wgsparse::attention::upload_qkv;
 use wgsparse::attention::verify::evaluate;
-use wgsparse::{
-    AttentionPlan, AttentionShape, Backend, Context, DType, Error, Method, Result, Tensor,
-};
+use wgsparse::{AttentionShape, Backend, Context, DType, Error, Method, Result, Tensor};
 
 use crate::device;
 use crate::report::{Check, emit, stage_lines, timed};
@@ -114,21 +112,8 @@ pub struct AttentionArgs {
     /// (exact, on the CPU: slow beyond ~16k tokens).
     #[arg(long)]
     pub(crate) oracle: Option<f64>,
-    /// Plan with at most this many bytes per storage binding (tests the split path).
-    #[arg(long)]
-    pub(crate) max_binding_bytes: Option<u64>,
-    /// Print the memory plan (every buffer, its size and how it is bound, the
-    /// dispatches) for the limits of `--limits` instead of running: nothing is allocated.
-    #[arg(long)]
-    pub(crate) dry_run: bool,
-    /// With --dry-run: whose limits to plan for: `device` (the chosen one), `h200`,
-    /// `webgpu` (a browser's defaults) or `lavapipe`; --max-binding-bytes and
-    /// --max-buffer-bytes override parts of them.
-    #[arg(long, default_value = "device", value_parser = ["device", "h200", "webgpu", "lavapipe"])]
-    pub(crate) limits: String,
-    /// With --dry-run: plan with at most this many bytes per buffer.
-    #[arg(long)]
-    pub(crate) max_buffer_bytes: Option<u64>,
+    #[command(flatten)]
+    pub(crate) plan: device::PlanArgs,
 }
 
 impl AttentionArgs {
@@ -285,12 +270,32 @@ pub fn measure(
     qkv: &HostQkv,
     iters: usize,
 ) -> Result<Measured> {
-    let plan: AttentionPlan = ctx
+    let grouped = ctx
         .attention(shape)
         .method(method.clone())
         .causal(!a.non_causal)
         .dtype(a.dtype)
-        .build()?;
+        .build_grouped()?;
+    let Some(plan) = grouped.single() else {
+        // Tensors over the buffer limit: each run uploads, runs and reads back one head
+        // group at a time (the report's time is the groups' kernels).
+        let run = || grouped.run_host(&qkv.0, &qkv.1, &qkv.2);
+        run()?; // warm-up
+        let mut out = vec![];
+        let t = timed(
+            iters,
+            |r: &AttentionReport| r.ms(),
+            |_| {
+                out = run()?;
+                Ok(grouped.report().expect("ran"))
+            },
+        )?;
+        return Ok(Measured {
+            out,
+            ms: t.ms,
+            report: t.runs.into_iter().last().expect("one run"),
+        });
+    };
     let (q, k, v) = upload_qkv(ctx, &shape, &qkv.0, &qkv.1, &qkv.2, a.dtype)?;
     let mut out = Tensor::zeros(ctx, &shape.q_dims(), a.dtype)?;
     plan.run_into(&q, &k, &v, &mut out)?; // warm-up (pipeline creation, first touch)
@@ -454,28 +459,14 @@ impl fmt::Display for AttentionRun {
 
 /// `--dry-run`: the memory plan for the asked limits, printed; nothing allocated.
 fn dry_run(a: &AttentionArgs) -> Result<()> {
-    use wgsparse::attention::plan::{DeviceLimits, plan};
+    use wgsparse::attention::plan::plan_groups;
     let shape = match &a.data {
         Some(path) => QkvFile::load(path)?.shape,
         None => AttentionShape::new(a.q_heads, a.kv_heads, a.seq_len, a.head_dim),
     };
     let method = a.method(None)?;
-    let mut limits = match a.limits.as_str() {
-        "h200" => DeviceLimits::H200,
-        "webgpu" => DeviceLimits::WEBGPU_DEFAULT,
-        "lavapipe" => DeviceLimits::LAVAPIPE,
-        _ => {
-            let ctx = device::context(a.common.backend, None)?;
-            DeviceLimits::of(ctx.capabilities())
-        }
-    };
-    if let Some(b) = a.max_binding_bytes {
-        limits.max_binding = b;
-    }
-    if let Some(b) = a.max_buffer_bytes {
-        limits.max_buffer = b;
-    }
-    let p = plan(&shape, &method, a.dtype, !a.non_causal, &limits)?;
+    let limits = a.plan.limits(a.common.backend)?;
+    let p = plan_groups(&shape, &method, a.dtype, !a.non_causal, &limits)?;
     if a.common.json {
         println!("{}", serde_json::to_string(&p).expect("serializable"));
     } else {
@@ -485,10 +476,10 @@ fn dry_run(a: &AttentionArgs) -> Result<()> {
 }
 
 pub fn run(a: &AttentionArgs) -> Result<()> {
-    if a.dry_run {
+    if a.plan.dry_run {
         return dry_run(a);
     }
-    let ctx = device::context(a.common.backend, a.max_binding_bytes)?;
+    let ctx = device::context(a.common.backend, a.plan.caps)?;
     let (shape, qkv, data_label, data_layer) = a.data()?;
     let method = a.method(data_layer)?;
     let causal = !a.non_causal;
@@ -569,7 +560,7 @@ fn other_device_result(
         let m = measure(&Context::cpu(), a, &Method::Dense, shape, qkv, 1)?;
         return Ok((m.out, "cpu".into()));
     }
-    if let Some(gpu) = device::other_gpu(a.max_binding_bytes) {
+    if let Some(gpu) = device::other_gpu(a.plan.caps) {
         let m = measure(&gpu, a, &Method::Dense, shape, qkv, 1)?;
         return Ok((m.out, format!("gpu ({})", gpu.adapter_name())));
     }

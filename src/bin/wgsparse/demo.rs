@@ -7,7 +7,7 @@ use wgsparse::{Method, Result};
 use crate::attention::{AttentionArgs, measure};
 
 pub fn run() -> Result<()> {
-    let ctx = crate::device::context(None, None)?;
+    let ctx = crate::device::context(None, Default::default())?;
     println!(
         "wgsparse demo: dense causal attention on {} ({}), synthetic Q/K/V, 32 q-heads / 8 kv-heads, d=128, f16",
         ctx.adapter_name(),

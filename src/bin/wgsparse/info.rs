@@ -7,7 +7,7 @@ use crate::device;
 
 pub fn run(json_out: bool, backend: Option<Backend>) -> Result<()> {
     let adapters = pollster::block_on(Context::list_adapters());
-    let ctx = device::context(backend, None)?;
+    let ctx = device::context(backend, Default::default())?;
     // Which kernel each family runs on the chosen device, and why.
     let caps = ctx.capabilities();
     let attention = if ctx.is_cpu() {

@@ -39,6 +39,8 @@ pub struct LayerArgs {
     iters: usize,
     #[command(flatten)]
     run: crate::moe::ExpertRunArgs,
+    #[command(flatten)]
+    plan: device::PlanArgs,
 }
 
 /// `wgsparse layer`: one SmallThinker-4B decoder layer (router, RMSNorm, attention with
@@ -47,13 +49,24 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     use wgsparse::model::smallthinker::{
         DecoderLayerConfig, DecoderLayerWeights, decoder_layer_cpu,
     };
-    let ctx = device::context(a.common.backend, None)?;
     let mut cfg = DecoderLayerConfig::smallthinker_4b();
     if a.nope {
         cfg.rope_theta = None;
     }
     cfg.window = a.window;
     cfg.sinks = a.sinks;
+    if a.plan.dry_run {
+        let p = wgsparse::model::smallthinker::layer_memory_plan(
+            &cfg,
+            a.tokens,
+            a.weights,
+            a.run.residency(),
+            &a.plan.limits(a.common.backend)?,
+        )?;
+        crate::moe::emit_plan(&p, a.common.json);
+        return Ok(());
+    }
+    let ctx = device::context(a.common.backend, a.plan.caps)?;
     let w = DecoderLayerWeights::random(&cfg, a.common.seed);
     let h = cfg.moe.hidden;
     let x = grid_input(a.tokens * h, a.common.seed ^ 0xdef);

@@ -61,6 +61,8 @@ pub struct MoeArgs {
     iters: usize,
     #[command(flatten)]
     run: ExpertRunArgs,
+    #[command(flatten)]
+    plan: device::PlanArgs,
     /// Tiled path: do not skip 16-neuron chunks that are inactive for a whole tile.
     #[arg(long)]
     no_skip_chunks: bool,
@@ -89,6 +91,17 @@ pub struct ExpertRunArgs {
     /// output and --check use one more run on the usual input.
     #[arg(long)]
     pub vary_inputs: bool,
+}
+
+impl ExpertRunArgs {
+    /// Where the expert weights are asked to live.
+    pub fn residency(&self) -> wgsparse::moe::stream::ExpertResidency {
+        use wgsparse::moe::stream::ExpertResidency;
+        self.stream_slots
+            .map_or(ExpertResidency::Resident, |slots| {
+                ExpertResidency::Streamed { slots }
+            })
+    }
 }
 
 /// The measured part of the reports of `moe` and `layer` (flattened into their JSON).
@@ -283,7 +296,6 @@ impl fmt::Display for MoeRun {
 }
 
 pub fn run(a: &MoeArgs) -> Result<()> {
-    let ctx = device::context(a.common.backend, None)?;
     let cfg = MoeConfig {
         scoring: if a.softmax {
             RouterScoring::Softmax
@@ -293,6 +305,18 @@ pub fn run(a: &MoeArgs) -> Result<()> {
         ..MoeConfig::new(a.hidden, a.experts, a.top_k, a.ffn)
     };
     cfg.validate()?;
+    if a.plan.dry_run {
+        let p = wgsparse::moe::memory::memory_plan(
+            &cfg,
+            a.tokens,
+            a.weights,
+            a.run.residency(),
+            &a.plan.limits(a.common.backend)?,
+        )?;
+        emit_plan(&p, a.common.json);
+        return Ok(());
+    }
+    let ctx = device::context(a.common.backend, a.plan.caps)?;
     let w = MoeWeights::random(&cfg, a.common.seed)
         .with_cold_chunks(a.cold_chunks, a.common.seed ^ 0xc01d)?;
     let r = run_on(&ctx, a, cfg, &w, a.iters)?;
@@ -336,7 +360,7 @@ fn other_result(
     if !ctx.is_cpu() {
         return Ok((moe_cpu(&x, &x, &x, &packed).out, "cpu twin".into()));
     }
-    if let Some(gpu) = device::other_gpu(None) {
+    if let Some(gpu) = device::other_gpu(Default::default()) {
         let r = run_on(&gpu, a, cfg, w, 1)?;
         return Ok((r.out, format!("gpu ({})", gpu.adapter_name())));
     }
@@ -344,4 +368,13 @@ fn other_result(
         moe_reference_f64(&x, &x, &x, &packed),
         "f64 reference (no GPU found)".into(),
     ))
+}
+
+/// Prints a memory plan (`--dry-run`): text, or one JSON object with `--json`.
+pub fn emit_plan<P: serde::Serialize + std::fmt::Display>(p: &P, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(p).expect("serializable"));
+    } else {
+        println!("{p}");
+    }
 }

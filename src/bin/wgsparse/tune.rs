@@ -66,7 +66,7 @@ impl fmt::Display for TuneReport {
 }
 
 pub fn run(a: &TuneArgs) -> Result<()> {
-    let ctx = device::context(a.common.backend, None)?;
+    let ctx = device::context(a.common.backend, Default::default())?;
     let g = ctx
         .gpu()
         .ok_or_else(|| Error::InvalidArgument("tune needs a GPU context".into()))?;
