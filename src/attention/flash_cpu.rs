@@ -492,9 +492,10 @@ struct Inputs<'a> {
     sinks: usize,
     lut: Option<&'a SparseLut>,
     q: &'a [f32],
-    /// K packed per kv head into `nk.div_ceil(NR)` panels of `[d][NR]`, zero-padded
-    /// (dense), or K as given (sparse: gathered per tile).
+    /// K packed per kv head into `nk.div_ceil(NR)` panels of `[d][NR]`, zero-padded.
     kp: &'a [f32],
+    /// K as given (sparse: keys outside whole aligned panels are gathered from it).
+    k: &'a [f32],
     v: &'a [f32],
 }
 
@@ -552,6 +553,7 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
         lut,
         q,
         kp,
+        k,
         v,
     } = *inp;
     let Task { h, r0, out, state } = task;
@@ -560,13 +562,13 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
     let groups = rows.div_ceil(MR);
     let kvh = h / group;
     // Dense: K pre-packed for the whole head. Sparse: this block's key list, and the
-    // tile's keys gathered into `gk` (packed) and `gv` before use.
+    // tile's keys gathered into `gk` (packed) and `gv` before use: a whole aligned
+    // panel of consecutive keys (block LUTs) is copied from the packed K, other keys
+    // one by one from K as given.
     let list = lut.map(|l| l.keys_of(h, r0 / l.q_block));
     let panels = nk.div_ceil(NR);
-    let kp_head = match lut {
-        None => &kp[kvh * panels * NR * d..(kvh + 1) * panels * NR * d],
-        Some(_) => &kp[kvh * nk * d..(kvh + 1) * nk * d],
-    };
+    let kp_head = &kp[kvh * panels * NR * d..(kvh + 1) * panels * NR * d];
+    let k_head = &k[kvh * nk * d..(kvh + 1) * nk * d];
     let v_head = &v[kvh * nk * d..(kvh + 1) * nk * d];
     let (mut gk, mut gv) = match lut {
         None => (vec![], vec![]),
@@ -613,15 +615,32 @@ fn run_task<F: MulAdd>(inp: &Inputs, task: Task) {
             ),
             Some(l) => {
                 let pos = &l[c0..c0 + kt];
-                gk.fill(0.0);
-                for (jj, &key) in pos.iter().enumerate() {
-                    let key = key as usize;
-                    let krow = &kp_head[key * d..(key + 1) * d];
+                // Only a partial last panel keeps columns no key writes: zero it.
+                if kt % NR != 0 {
+                    let last = kt / NR * NR * d;
+                    gk[last..last + NR * d].fill(0.0);
+                }
+                let mut jj = 0;
+                while jj < kt {
+                    let key = pos[jj] as usize;
+                    let whole = jj % NR == 0
+                        && jj + NR <= kt
+                        && key.is_multiple_of(NR)
+                        && pos[jj + NR - 1] as usize == key + NR - 1;
+                    if whole {
+                        gk[jj * d..(jj + NR) * d]
+                            .copy_from_slice(&kp_head[key * d..(key + NR) * d]);
+                        gv[jj * d..(jj + NR) * d].copy_from_slice(&v_head[key * d..(key + NR) * d]);
+                        jj += NR;
+                        continue;
+                    }
+                    let krow = &k_head[key * d..(key + 1) * d];
                     let panel = &mut gk[(jj / NR) * NR * d..(jj / NR + 1) * NR * d];
                     for (c, &x) in krow.iter().enumerate() {
                         panel[c * NR + jj % NR] = x;
                     }
                     gv[jj * d..(jj + 1) * d].copy_from_slice(&v_head[key * d..(key + 1) * d]);
+                    jj += 1;
                 }
                 (TileKeys::List(pos), &gk[..], &gv[..])
             }
@@ -798,10 +817,8 @@ fn attention_with(
         sinks,
         lut,
         q,
-        kp: &match lut {
-            None => pack_k(k, shape.kv_heads, nk, d),
-            Some(_) => k.to_vec(),
-        },
+        kp: &pack_k(k, shape.kv_heads, nk, d),
+        k,
         v,
     };
     // A task's rows must lie in one LUT row (query block, a multiple of 32).

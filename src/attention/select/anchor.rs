@@ -15,6 +15,7 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -27,6 +28,7 @@ use crate::attention::params::impl_params;
 use crate::attention::sparse::{TwoPassRun, two_pass_cpu};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
+use crate::ops::linear::dot;
 use crate::runtime::context::{Capabilities, Context};
 use crate::runtime::launch::Bound;
 use crate::runtime::launch::{Launch, check_axis, storage};
@@ -251,30 +253,37 @@ pub fn select_cpu(
     let np = n.div_ceil(cfg.block);
     let group = shape.q_heads / shape.kv_heads;
     let (qbar, abar) = pool_cpu(shape, cfg, q, ml);
-    let mut margins = vec![];
-    let stripes = SparseLut::from_fn(shape.q_heads, n, cfg.group_rows(), LutUnit::Keys, |h, g| {
-        let kvh = h / group;
-        let s0 = g * cfg.step;
-        let s1 = (s0 + cfg.step).min(np);
-        let mut kept = vec![];
-        let mut mg = vec![];
-        for j in cfg.candidates(g, n) {
-            let krow = &k[(kvh * n + j) * d..(kvh * n + j + 1) * d];
-            let best = (s0..s1)
-                .map(|s| {
-                    let qb = &qbar[(h * np + s) * d..(h * np + s + 1) * d];
-                    let dot: f32 = qb.iter().zip(krow).map(|(a, b)| a * b).sum();
-                    dot * scale + cfg.theta - abar[h * np + s]
-                })
-                .fold(f32::NEG_INFINITY, f32::max);
-            if best >= 0.0 {
-                kept.push(j as u32);
+    // Every (head, query group) by itself, in parallel: its kept keys and margins.
+    let groups = n.div_ceil(cfg.group_rows());
+    let lists: Vec<(Vec<u32>, Vec<f32>)> = (0..shape.q_heads * groups)
+        .into_par_iter()
+        .map(|i| {
+            let (h, g) = (i / groups, i % groups);
+            let kvh = h / group;
+            let s0 = g * cfg.step;
+            let s1 = (s0 + cfg.step).min(np);
+            let mut kept = vec![];
+            let mut mg = vec![];
+            for j in cfg.candidates(g, n) {
+                let krow = &k[(kvh * n + j) * d..(kvh * n + j + 1) * d];
+                let best = (s0..s1)
+                    .map(|s| {
+                        let qb = &qbar[(h * np + s) * d..(h * np + s + 1) * d];
+                        dot(qb, krow) * scale + cfg.theta - abar[h * np + s]
+                    })
+                    .fold(f32::NEG_INFINITY, f32::max);
+                if best >= 0.0 {
+                    kept.push(j as u32);
+                }
+                mg.push(best);
             }
-            mg.push(best);
-        }
-        margins.push(mg);
-        kept
+            (kept, mg)
+        })
+        .collect();
+    let stripes = SparseLut::from_fn(shape.q_heads, n, cfg.group_rows(), LutUnit::Keys, |h, g| {
+        lists[h * groups + g].0.clone()
     })?;
+    let margins = lists.into_iter().map(|(_, m)| m).collect();
     Ok(AnchorSelection { stripes, margins })
 }
 
