@@ -372,9 +372,25 @@ pub fn select_cpu(
     // kernel's register tile. Both give the same sums, so the same selection.
     #[cfg(target_arch = "x86_64")]
     if vnni::available() {
-        return select_cpu_vnni(shape, cfg, scale, quant, ml);
+        return select_cpu_vnni(shape, cfg, scale, quant, ml, true);
     }
     select_cpu_f32(shape, cfg, scale, quant, ml)
+}
+
+/// The selected blocks of [`select_cpu`] without the margins: a kept block's scan
+/// stops at its first row over the threshold (the plan's host path).
+pub fn select_cpu_blocks(
+    shape: &AttentionShape,
+    cfg: &SaleConfig,
+    scale: f32,
+    quant: &QuantizedQk,
+    ml: &[f32],
+) -> Result<SparseLut> {
+    #[cfg(target_arch = "x86_64")]
+    if vnni::available() {
+        return Ok(select_cpu_vnni(shape, cfg, scale, quant, ml, false)?.blocks);
+    }
+    Ok(select_cpu_f32(shape, cfg, scale, quant, ml)?.blocks)
 }
 
 /// [`select_cpu`] with the codes as f32 on the flash kernel's register tile.
@@ -467,6 +483,7 @@ fn select_cpu_vnni(
     scale: f32,
     quant: &QuantizedQk,
     ml: &[f32],
+    full_margins: bool,
 ) -> Result<SaleSelection> {
     use rayon::prelude::*;
     let (n, d) = (shape.seq_len, shape.head_dim);
@@ -501,6 +518,12 @@ fn select_cpu_vnni(
                     let (a, t) = (&sq[r0..r0 + live], &thr[r0..r0 + live]);
                     // SAFETY: `available()` checked AVX-512F and VNNI.
                     best = best.max(unsafe { kp.block_max(&qu, g, p, a, t, &sk, &qmk) });
+                    if best > 0.0 && !full_margins {
+                        break;
+                    }
+                }
+                if best > 0.0 && !full_margins {
+                    break;
                 }
             }
             if best > 0.0 {
@@ -1108,9 +1131,7 @@ impl Selector for SaleConfig {
     }
     fn select_cpu(&self, x: &SelectInput<'_>) -> Result<Selection> {
         let quant = quantize_cpu(x.shape, self.bits, x.q, x.k);
-        Ok(select_cpu(x.shape, self, x.scale, &quant, x.ml)?
-            .blocks
-            .into())
+        Ok(select_cpu_blocks(x.shape, self, x.scale, &quant, x.ml)?.into())
     }
     fn build_gpu(&self, b: &SelectBuild<'_>) -> Result<Box<dyn GpuSelection>> {
         Ok(Box::new(SaleSelectGpu::build(b, self)?))
@@ -1634,9 +1655,12 @@ mod tests {
                         local: 64,
                         ..Default::default()
                     };
-                    let a = select_cpu_vnni(&shape, &cfg, scale, &quant, &ml).unwrap();
+                    let a = select_cpu_vnni(&shape, &cfg, scale, &quant, &ml, true).unwrap();
                     let b = select_cpu_f32(&shape, &cfg, scale, &quant, &ml).unwrap();
                     assert_eq!(a.blocks, b.blocks, "{shape:?} int{bits} tau {tau}");
+                    // Stopping a kept block's scan early keeps the same blocks.
+                    let early = select_cpu_vnni(&shape, &cfg, scale, &quant, &ml, false).unwrap();
+                    assert_eq!(early.blocks, a.blocks, "{shape:?} int{bits} tau {tau}");
                     assert_eq!(a.margins, b.margins, "{shape:?} int{bits} tau {tau}");
                     let kept: usize = a.blocks.indices.len();
                     let cand: usize = a.margins.iter().map(|m| m.len()).sum();
