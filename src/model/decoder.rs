@@ -19,9 +19,10 @@ use rayon::prelude::*;
 use crate::attention::{AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
-use crate::ops::linear::{matmul_t, to_head_major};
+use crate::ops::linear::to_head_major;
 use crate::ops::rmsnorm::rmsnorm_in_place;
 use crate::ops::rope::{RopeStyle, rope_rows, rope_table};
+use crate::quant::QMat;
 use crate::runtime::context::Context;
 use crate::runtime::tensor::DType;
 
@@ -141,14 +142,14 @@ impl Config {
     }
 }
 
-/// A dense f32 matrix `[rows, cols]`, row-major (a linear layer's `[out, in]`).
+/// A linear layer's weights `[rows, cols]` (`[out, in]`), kept in their GGUF format
+/// ([`QMat`]: decoded in registers by each product, never stored as f32).
 pub struct Mat {
     /// Rows (output features).
     pub rows: usize,
     /// Columns (input features).
     pub cols: usize,
-    /// `rows * cols` values.
-    pub data: Vec<f32>,
+    q: QMat,
 }
 
 impl Mat {
@@ -160,16 +161,27 @@ impl Mat {
                 t.dims
             )));
         }
-        Ok(Mat {
-            cols: t.dims[0] as usize,
-            rows: t.dims[1] as usize,
-            data: g.tensor_f32(name)?,
-        })
+        let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+        let q = QMat::new(t.ty, rows, cols, g.tensor_bytes(name)?)
+            .map_err(|e| Error::Gguf(format!("tensor `{name}`: {e}")))?;
+        // A NaN or infinite weight (or block scale) never reaches a product.
+        q.check_finite(&format!("weight `{name}`"))?;
+        Ok(Mat { cols, rows, q })
     }
 
     /// `x [t, cols]` times this matrix transposed: `[t, rows]`.
     pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
-        matmul_t(x, t, self.cols, &self.data, self.rows)
+        self.q.apply(x, t)
+    }
+
+    /// Row `r` as f32 (an embedding lookup).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        self.q.row_f32(r, out)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.q.bytes()
     }
 }
 
@@ -554,7 +566,9 @@ impl Decoder {
                     self.embd.rows
                 )));
             }
-            x.extend_from_slice(&self.embd.data[id * dm..(id + 1) * dm]);
+            let at = x.len();
+            x.resize(at + dm, 0.0);
+            self.embd.row(id, &mut x[at..]);
         }
         if c.arch == Arch::Gemma3 {
             let s = (dm as f32).sqrt();

@@ -7,6 +7,8 @@
 pub mod ggml;
 pub mod packed;
 pub mod q4_0;
+pub mod qmat;
 
 pub use ggml::{GgmlType, dequantize};
 pub use packed::{PackedMatrix, WeightFormat};
+pub use qmat::QMat;
