@@ -279,6 +279,136 @@ mod fused_avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Stores `scale · codes + offset` for 16 codes (8-bit, sign- or zero-extended).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn store16(v: __m128i, signed: bool, scale: f32, offset: f32, out: *mut f32) {
+        let (s, o) = (_mm256_set1_ps(scale), _mm256_set1_ps(offset));
+        let (a, b) = if signed {
+            (
+                _mm256_cvtepi8_epi32(v),
+                _mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)),
+            )
+        } else {
+            (
+                _mm256_cvtepu8_epi32(v),
+                _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)),
+            )
+        };
+        unsafe {
+            _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, o));
+            _mm256_storeu_ps(out.add(8), _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), s, o));
+        }
+    }
+
+    /// One row of `ty` dequantized into `out` (the SGEMM path's tiles): the values of
+    /// [`super::decode_row`], `scale · code + offset`, in the same operation order.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C ([`available`]); `ty` one of [`handles`];
+    /// `out` holds the row's values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row_f32(ty: GgmlType, row: &[u8], out: &mut [f32]) {
+        let mask = _mm_set1_epi8(0x0f);
+        let o = out.as_mut_ptr();
+        unsafe {
+            match ty {
+                GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                    let bb = if ty == GgmlType::Q4_0 { 18 } else { 20 };
+                    for (b, blk) in row.chunks_exact(bb).enumerate() {
+                        let d = f16_at(blk, 0);
+                        let (qs, signed_off, m) = if ty == GgmlType::Q4_0 {
+                            (&blk[2..18], true, 0.0)
+                        } else {
+                            (&blk[4..20], false, f16_at(blk, 2))
+                        };
+                        let v = _mm_loadu_si128(qs.as_ptr().cast());
+                        let mut lo = _mm_and_si128(v, mask);
+                        let mut hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                        if signed_off {
+                            // Q4_0's codes are q − 8.
+                            lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+                            hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+                        }
+                        store16(lo, signed_off, d, m, o.add(b * QK));
+                        store16(hi, signed_off, d, m, o.add(b * QK + 16));
+                    }
+                }
+                GgmlType::Q8_0 => {
+                    for (b, blk) in row.chunks_exact(34).enumerate() {
+                        let d = f16_at(blk, 0);
+                        let v0 = _mm_loadu_si128(blk[2..18].as_ptr().cast());
+                        let v1 = _mm_loadu_si128(blk[18..34].as_ptr().cast());
+                        store16(v0, true, d, 0.0, o.add(b * QK));
+                        store16(v1, true, d, 0.0, o.add(b * QK + 16));
+                    }
+                }
+                GgmlType::Q4K => {
+                    for (sb, blk) in row.chunks_exact(144).enumerate() {
+                        let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                        let (scales, qs) = (&blk[4..16], &blk[16..144]);
+                        for c in 0..4 {
+                            let q0 = _mm_loadu_si128(qs[32 * c..].as_ptr().cast());
+                            let q1 = _mm_loadu_si128(qs[32 * c + 16..].as_ptr().cast());
+                            let (sc1, m1) = scale_min_k4(2 * c, scales);
+                            let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+                            let at = o.add(sb * 256 + 64 * c);
+                            let (s1, o1) = (d * sc1 as f32, -dmin * m1 as f32);
+                            let (s2, o2) = (d * sc2 as f32, -dmin * m2 as f32);
+                            store16(_mm_and_si128(q0, mask), false, s1, o1, at);
+                            store16(_mm_and_si128(q1, mask), false, s1, o1, at.add(16));
+                            let h0 = _mm_and_si128(_mm_srli_epi16(q0, 4), mask);
+                            let h1 = _mm_and_si128(_mm_srli_epi16(q1, 4), mask);
+                            store16(h0, false, s2, o2, at.add(32));
+                            store16(h1, false, s2, o2, at.add(48));
+                        }
+                    }
+                }
+                GgmlType::Q6K => {
+                    let (m4, m2, c32) = (
+                        _mm256_set1_epi8(0x0f),
+                        _mm256_set1_epi8(3),
+                        _mm256_set1_epi8(32),
+                    );
+                    for (sb, blk) in row.chunks_exact(210).enumerate() {
+                        let d = f16_at(blk, 208);
+                        for n in 0..2 {
+                            let ql0 = _mm256_loadu_si256(blk[64 * n..].as_ptr().cast());
+                            let ql1 = _mm256_loadu_si256(blk[64 * n + 32..].as_ptr().cast());
+                            let qh = _mm256_loadu_si256(blk[128 + 32 * n..].as_ptr().cast());
+                            let sc = &blk[192 + 8 * n..192 + 8 * n + 8];
+                            let hb = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, m2), 4);
+                            let runs = [
+                                _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(qh)),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(ql1, m4),
+                                    hb(_mm256_srli_epi16(qh, 2)),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                                    hb(_mm256_srli_epi16(qh, 4)),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                    hb(_mm256_srli_epi16(qh, 6)),
+                                ),
+                            ];
+                            for (k, v) in runs.into_iter().enumerate() {
+                                let v = _mm256_sub_epi8(v, c32);
+                                let at = o.add(sb * 256 + 128 * n + 32 * k);
+                                let s0 = d * (sc[2 * k] as i8) as f32;
+                                let s1 = d * (sc[2 * k + 1] as i8) as f32;
+                                store16(_mm256_castsi256_si128(v), true, s0, 0.0, at);
+                                store16(_mm256_extracti128_si256(v, 1), true, s1, 0.0, at.add(16));
+                            }
+                        }
+                    }
+                }
+                _ => unreachable!("only the formats of `handles`"),
+            }
+        }
+    }
+
     /// One row of `ty` against one activation row (16-bit codes `xq`, block scales
     /// `xd`, block code sums `xs`): `Σ_b xd_b · (scale_b · Σ q·x + offset_b · xs_b)`,
     /// the same sums as [`super::row_dot`] over the decoded row.
@@ -425,11 +555,18 @@ mod fused_avx2 {
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
+
+/// The output of the SGEMM path, shared by tasks that write disjoint columns.
+struct SendPtr(*mut f32);
+// SAFETY: the tasks holding it write disjoint elements only.
+unsafe impl Sync for SendPtr {}
 /// From this many tokens on, a product dequantizes tiles of rows to f32 and multiplies
 /// them by SGEMM (prefill: the decoding is then a small part of the work).
 pub const GEMM_TOKENS: usize = 8;
-/// Rows per dequantized tile of the SGEMM path.
+/// The fewest rows of a dequantized tile of the SGEMM path.
 const GEMM_ROWS: usize = 64;
+/// The most bytes of a dequantized f32 tile of the SGEMM path.
+const GEMM_TILE_BYTES: usize = 8 << 20;
 
 impl QMat {
     /// A `[rows, cols]` matrix of `ty` from its GGUF bytes (row after row). Typed errors
@@ -480,6 +617,11 @@ impl QMat {
 
     /// Row `r` dequantized into `out` (`cols` values).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        self.row_f32_with(r, out, &mut None)
+    }
+
+    /// [`QMat::row_f32`] reusing `codes` for the decoded row.
+    fn row_f32_with(&self, r: usize, out: &mut [f32], codes: &mut Option<RowCodes>) {
         let row = &self.bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
         match self.ty {
             GgmlType::F32 => {
@@ -497,9 +639,14 @@ impl QMat {
                     *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            ty if fused_avx2::handles(ty) && fused_avx2::available() => {
+                // SAFETY: the features were detected; `out` holds the row.
+                unsafe { fused_avx2::row_f32(ty, row, out) }
+            }
             ty => {
-                let mut w = RowCodes::new(self.cols);
-                decode_row(ty, row, &mut w);
+                let w = codes.get_or_insert_with(|| RowCodes::new(self.cols));
+                decode_row(ty, row, w);
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = w.scale[i / 16] * w.q[i] as f32 + w.offset[i / QK];
                 }
@@ -579,36 +726,47 @@ impl QMat {
         let (rows, cols) = (self.rows, self.cols);
         let mut out_t = vec![0f32; rows * t];
         if t >= GEMM_TOKENS {
-            out_t
-                .par_chunks_mut(GEMM_ROWS * t)
-                .enumerate()
-                .for_each(|(task, o)| {
-                    let rt = o.len() / t;
-                    let mut w = vec![0f32; rt * cols];
-                    for (i, wr) in w.chunks_exact_mut(cols).enumerate() {
-                        self.row_f32(task * GEMM_ROWS + i, wr);
-                    }
-                    // o [rt, t] = w [rt, cols] · x [t, cols]ᵀ.
-                    // SAFETY: the strides describe `w`, `x` and `o` exactly.
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            rt,
-                            cols,
-                            t,
-                            1.0,
-                            w.as_ptr(),
-                            cols as isize,
-                            1,
-                            x.as_ptr(),
-                            1,
-                            cols as isize,
-                            0.0,
-                            o.as_mut_ptr(),
-                            t as isize,
-                            1,
-                        );
-                    }
-                });
+            // Each tile writes its own columns of `out [t, rows]` directly.
+            let mut out = vec![0f32; t * rows];
+            let base = SendPtr(out.as_mut_ptr());
+            // Tiles as large as 8 MiB of f32 rows allow (every SGEMM call packs all of
+            // x again), but at least one per thread.
+            let per = (GEMM_TILE_BYTES / (cols * 4))
+                .min(rows.div_ceil(rayon::current_num_threads()))
+                .max(GEMM_ROWS);
+            (0..rows.div_ceil(per)).into_par_iter().for_each(|task| {
+                let r0 = task * per;
+                let rt = per.min(rows - r0);
+                let mut w = vec![0f32; rt * cols];
+                let mut codes = None;
+                for (i, wr) in w.chunks_exact_mut(cols).enumerate() {
+                    self.row_f32_with(r0 + i, wr, &mut codes);
+                }
+                let base = &base;
+                // out[j, r0 + i] = Σ_c w[i, c] · x[j, c]: C = w · xᵀ with C's rows
+                // (tile rows) 1 apart and its columns (tokens) `rows` apart.
+                // SAFETY: the strides describe `w`, `x` and columns r0..r0 + rt of
+                // `out`, which no other task writes.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rt,
+                        cols,
+                        t,
+                        1.0,
+                        w.as_ptr(),
+                        cols as isize,
+                        1,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        0.0,
+                        base.0.add(r0),
+                        1,
+                        rows as isize,
+                    );
+                }
+            });
+            return out;
         } else if self.is_float() {
             out_t
                 .par_chunks_mut(ROWS_PER_TASK * t)
