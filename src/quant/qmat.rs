@@ -455,38 +455,55 @@ mod fused_avx2 {
                     }
                 }
                 GgmlType::Q4K => {
+                    let mut offv = _mm256_setzero_ps();
                     for (sb, blk) in row.chunks_exact(144).enumerate() {
                         let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
                         let (scales, qs) = (&blk[4..16], &blk[16..144]);
+                        // The 8 sub-blocks' factors at once: d·sc·xd and dmin·m·xd·xs.
+                        let (mut sc8, mut m8) = ([0f32; 8], [0f32; 8]);
+                        for j in 0..8 {
+                            let (sc, m) = scale_min_k4(j, scales);
+                            (sc8[j], m8[j]) = (sc as f32, m as f32);
+                        }
+                        let xdv = _mm256_loadu_ps(xd[sb * 8..].as_ptr());
+                        let xsv =
+                            _mm256_cvtepi32_ps(_mm256_loadu_si256(xs[sb * 8..].as_ptr().cast()));
+                        let mut s8 = [0f32; 8];
+                        _mm256_storeu_ps(
+                            s8.as_mut_ptr(),
+                            _mm256_mul_ps(
+                                _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(sc8.as_ptr())),
+                                xdv,
+                            ),
+                        );
+                        let mv = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_loadu_ps(m8.as_ptr()));
+                        offv = _mm256_sub_ps(offv, _mm256_mul_ps(_mm256_mul_ps(mv, xdv), xsv));
                         for c in 0..4 {
                             // 32 bytes: low nibbles are sub-block 2c, high ones 2c + 1.
                             let q0 = _mm_loadu_si128(qs[32 * c..].as_ptr().cast());
                             let q1 = _mm_loadu_si128(qs[32 * c + 16..].as_ptr().cast());
-                            for (half, (sc, m)) in
-                                [scale_min_k4(2 * c, scales), scale_min_k4(2 * c + 1, scales)]
-                                    .into_iter()
-                                    .enumerate()
-                            {
-                                let (a0, a1) = if half == 0 {
-                                    (_mm_and_si128(q0, mask), _mm_and_si128(q1, mask))
-                                } else {
-                                    (
-                                        _mm_and_si128(_mm_srli_epi16(q0, 4), mask),
-                                        _mm_and_si128(_mm_srli_epi16(q1, 4), mask),
-                                    )
-                                };
-                                let b = sb * 8 + 2 * c + half;
-                                let xb = x.add(b * QK);
-                                let p = _mm256_add_epi32(madd_u8(a0, xb), madd_u8(a1, xb.add(16)));
-                                acc = _mm256_fmadd_ps(
-                                    _mm256_cvtepi32_ps(p),
-                                    _mm256_set1_ps(d * sc as f32 * xd[b]),
-                                    acc,
-                                );
-                                off -= dmin * m as f32 * xd[b] * xs[b] as f32;
-                            }
+                            let xb = x.add((sb * 8 + 2 * c) * QK);
+                            let lo = _mm256_add_epi32(
+                                madd_u8(_mm_and_si128(q0, mask), xb),
+                                madd_u8(_mm_and_si128(q1, mask), xb.add(16)),
+                            );
+                            let hi = _mm256_add_epi32(
+                                madd_u8(_mm_and_si128(_mm_srli_epi16(q0, 4), mask), xb.add(32)),
+                                madd_u8(_mm_and_si128(_mm_srli_epi16(q1, 4), mask), xb.add(48)),
+                            );
+                            acc = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(lo),
+                                _mm256_set1_ps(s8[2 * c]),
+                                acc,
+                            );
+                            acc = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(hi),
+                                _mm256_set1_ps(s8[2 * c + 1]),
+                                acc,
+                            );
                         }
                     }
+                    off += hsum(offv);
                 }
                 GgmlType::Q6K => {
                     let (m4, m2, c32) = (
@@ -524,14 +541,27 @@ mod fused_avx2 {
                                     hbits(6),
                                 ),
                             ];
+                            // The 8 groups' factors d·sc·xd at once (two groups a block).
+                            let b0 = sb * 8 + 4 * n;
+                            let scv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                sc.as_ptr().cast(),
+                            )));
+                            let xd8 = _mm256_permutevar8x32_ps(
+                                _mm256_castps128_ps256(_mm_loadu_ps(xd[b0..].as_ptr())),
+                                _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+                            );
+                            let mut s8 = [0f32; 8];
+                            _mm256_storeu_ps(
+                                s8.as_mut_ptr(),
+                                _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(d), scv), xd8),
+                            );
                             for (k, v) in runs.into_iter().enumerate() {
                                 let v = _mm256_sub_epi8(v, c32);
-                                let b = sb * 8 + 4 * n + k;
+                                let b = b0 + k;
                                 let xb = x.add(b * QK);
                                 let p0 = madd_i8(_mm256_castsi256_si128(v), xb);
                                 let p1 = madd_i8(_mm256_extracti128_si256(v, 1), xb.add(16));
-                                let s0 = d * (sc[2 * k] as i8) as f32 * xd[b];
-                                let s1 = d * (sc[2 * k + 1] as i8) as f32 * xd[b];
+                                let (s0, s1) = (s8[2 * k], s8[2 * k + 1]);
                                 acc = _mm256_fmadd_ps(
                                     _mm256_cvtepi32_ps(p0),
                                     _mm256_set1_ps(s0),
@@ -553,8 +583,9 @@ mod fused_avx2 {
     }
 }
 
-/// Rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
+/// Weights per parallel task of a product at least (small matrices then run on fewer
+/// threads instead of paying a fork-join per 16 rows).
+const TASK_WEIGHTS: usize = 1 << 16;
 
 /// The output of the SGEMM path, shared by tasks that write disjoint columns.
 struct SendPtr(*mut f32);
@@ -725,6 +756,7 @@ impl QMat {
     fn apply_with(&self, x: &[f32], t: usize, simd: bool) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         let mut out_t = vec![0f32; rows * t];
+        let per_task = (TASK_WEIGHTS / cols).max(16);
         if t >= GEMM_TOKENS {
             // Each tile writes its own columns of `out [t, rows]` directly.
             let mut out = vec![0f32; t * rows];
@@ -769,12 +801,12 @@ impl QMat {
             return out;
         } else if self.is_float() {
             out_t
-                .par_chunks_mut(ROWS_PER_TASK * t)
+                .par_chunks_mut(per_task * t)
                 .enumerate()
                 .for_each(|(task, o)| {
                     let mut w = vec![0f32; cols];
                     for (ri, orow) in o.chunks_mut(t).enumerate() {
-                        self.row_f32(task * ROWS_PER_TASK + ri, &mut w);
+                        self.row_f32(task * per_task + ri, &mut w);
                         for (i, y) in orow.iter_mut().enumerate() {
                             *y = dot_f32(&w, &x[i * cols..(i + 1) * cols]);
                         }
@@ -789,12 +821,12 @@ impl QMat {
             #[cfg(not(target_arch = "x86_64"))]
             let _ = simd;
             out_t
-                .par_chunks_mut(ROWS_PER_TASK * t)
+                .par_chunks_mut(per_task * t)
                 .enumerate()
                 .for_each(|(task, o)| {
                     let mut w: Option<RowCodes> = None;
                     for (ri, orow) in o.chunks_mut(t).enumerate() {
-                        let r = task * ROWS_PER_TASK + ri;
+                        let r = task * per_task + ri;
                         let row = &self.bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
                         #[cfg(target_arch = "x86_64")]
                         if fused {
