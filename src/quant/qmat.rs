@@ -279,6 +279,35 @@ mod fused_avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// The 4 runs of 32 codes of half `n` of a Q6_K block, each minus 32 as signed bytes
+    /// (positions 32·k.. of the half; two 16-value scale groups a run).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6k_runs(blk: &[u8], n: usize) -> [__m256i; 4] {
+        let (m4, m2, c32) = (
+            _mm256_set1_epi8(0x0f),
+            _mm256_set1_epi8(3),
+            _mm256_set1_epi8(32),
+        );
+        let (ql0, ql1, qh) = unsafe {
+            (
+                _mm256_loadu_si256(blk[64 * n..].as_ptr().cast()),
+                _mm256_loadu_si256(blk[64 * n + 32..].as_ptr().cast()),
+                _mm256_loadu_si256(blk[128 + 32 * n..].as_ptr().cast()),
+            )
+        };
+        let hb = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, m2), 4);
+        let lo4 = |v: __m256i| _mm256_and_si256(v, m4);
+        let hi4 = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        [
+            _mm256_or_si256(lo4(ql0), hb(qh)),
+            _mm256_or_si256(lo4(ql1), hb(_mm256_srli_epi16(qh, 2))),
+            _mm256_or_si256(hi4(ql0), hb(_mm256_srli_epi16(qh, 4))),
+            _mm256_or_si256(hi4(ql1), hb(_mm256_srli_epi16(qh, 6))),
+        ]
+        .map(|v| _mm256_sub_epi8(v, c32))
+    }
+
     /// Stores `scale · codes + offset` for 16 codes (8-bit, sign- or zero-extended).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -365,36 +394,11 @@ mod fused_avx2 {
                     }
                 }
                 GgmlType::Q6K => {
-                    let (m4, m2, c32) = (
-                        _mm256_set1_epi8(0x0f),
-                        _mm256_set1_epi8(3),
-                        _mm256_set1_epi8(32),
-                    );
                     for (sb, blk) in row.chunks_exact(210).enumerate() {
                         let d = f16_at(blk, 208);
                         for n in 0..2 {
-                            let ql0 = _mm256_loadu_si256(blk[64 * n..].as_ptr().cast());
-                            let ql1 = _mm256_loadu_si256(blk[64 * n + 32..].as_ptr().cast());
-                            let qh = _mm256_loadu_si256(blk[128 + 32 * n..].as_ptr().cast());
                             let sc = &blk[192 + 8 * n..192 + 8 * n + 8];
-                            let hb = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, m2), 4);
-                            let runs = [
-                                _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(qh)),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(ql1, m4),
-                                    hb(_mm256_srli_epi16(qh, 2)),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                                    hb(_mm256_srli_epi16(qh, 4)),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                    hb(_mm256_srli_epi16(qh, 6)),
-                                ),
-                            ];
-                            for (k, v) in runs.into_iter().enumerate() {
-                                let v = _mm256_sub_epi8(v, c32);
+                            for (k, v) in q6k_runs(blk, n).into_iter().enumerate() {
                                 let at = o.add(sb * 256 + 128 * n + 32 * k);
                                 let s0 = d * (sc[2 * k] as i8) as f32;
                                 let s1 = d * (sc[2 * k + 1] as i8) as f32;
@@ -506,41 +510,11 @@ mod fused_avx2 {
                     off += hsum(offv);
                 }
                 GgmlType::Q6K => {
-                    let (m4, m2, c32) = (
-                        _mm256_set1_epi8(0x0f),
-                        _mm256_set1_epi8(3),
-                        _mm256_set1_epi8(32),
-                    );
                     for (sb, blk) in row.chunks_exact(210).enumerate() {
                         let d = f16_at(blk, 208);
                         for n in 0..2 {
-                            let ql0 = _mm256_loadu_si256(blk[64 * n..].as_ptr().cast());
-                            let ql1 = _mm256_loadu_si256(blk[64 * n + 32..].as_ptr().cast());
-                            let qh = _mm256_loadu_si256(blk[128 + 32 * n..].as_ptr().cast());
                             let sc = &blk[192 + 8 * n..192 + 8 * n + 8];
-                            let hbits = |s: i32| -> __m256i {
-                                let h = match s {
-                                    0 => qh,
-                                    2 => _mm256_srli_epi16(qh, 2),
-                                    4 => _mm256_srli_epi16(qh, 4),
-                                    _ => _mm256_srli_epi16(qh, 6),
-                                };
-                                _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)
-                            };
-                            // The 4 runs of 32 codes of this half, each two groups of 16
-                            // with their own scale; codes − 32 as signed bytes.
-                            let runs = [
-                                _mm256_or_si256(_mm256_and_si256(ql0, m4), hbits(0)),
-                                _mm256_or_si256(_mm256_and_si256(ql1, m4), hbits(2)),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                                    hbits(4),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                    hbits(6),
-                                ),
-                            ];
+                            let runs = q6k_runs(blk, n);
                             // The 8 groups' factors d·sc·xd at once (two groups a block).
                             let b0 = sb * 8 + 4 * n;
                             let scv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
@@ -556,7 +530,6 @@ mod fused_avx2 {
                                 _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(d), scv), xd8),
                             );
                             for (k, v) in runs.into_iter().enumerate() {
-                                let v = _mm256_sub_epi8(v, c32);
                                 let b = b0 + k;
                                 let xb = x.add(b * QK);
                                 let p0 = madd_i8(_mm256_castsi256_si128(v), xb);

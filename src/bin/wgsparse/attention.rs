@@ -465,14 +465,9 @@ fn dry_run(a: &AttentionArgs) -> Result<()> {
         None => AttentionShape::new(a.q_heads, a.kv_heads, a.seq_len, a.head_dim),
     };
     let method = a.method(None)?;
-    let limits = a.plan.limits(a.common.backend)?;
-    let p = plan_groups(&shape, &method, a.dtype, !a.non_causal, &limits)?;
-    if a.common.json {
-        println!("{}", serde_json::to_string(&p).expect("serializable"));
-    } else {
-        println!("{p}");
-    }
-    Ok(())
+    a.plan.print(a.common.backend, a.common.json, |lim| {
+        plan_groups(&shape, &method, a.dtype, !a.non_causal, lim)
+    })
 }
 
 pub fn run(a: &AttentionArgs) -> Result<()> {

@@ -51,6 +51,23 @@ pub struct PlanArgs {
 }
 
 impl PlanArgs {
+    /// `--dry-run`: prints the plan `make` gives for the asked limits (text, or one
+    /// JSON object with `json`).
+    pub fn print<P: serde::Serialize + std::fmt::Display>(
+        &self,
+        backend: Option<Backend>,
+        json: bool,
+        make: impl FnOnce(&DeviceLimits) -> Result<P>,
+    ) -> Result<()> {
+        let p = make(&self.limits(backend)?)?;
+        if json {
+            println!("{}", serde_json::to_string(&p).expect("serializable"));
+        } else {
+            println!("{p}");
+        }
+        Ok(())
+    }
+
     /// The limits to plan for.
     pub fn limits(&self, backend: Option<Backend>) -> Result<DeviceLimits> {
         let mut limits = match self.limits.as_str() {

@@ -56,15 +56,11 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     cfg.window = a.window;
     cfg.sinks = a.sinks;
     if a.plan.dry_run {
-        let p = wgsparse::model::smallthinker::layer_memory_plan(
-            &cfg,
-            a.tokens,
-            a.weights,
-            a.run.residency(),
-            &a.plan.limits(a.common.backend)?,
-        )?;
-        crate::moe::emit_plan(&p, a.common.json);
-        return Ok(());
+        use wgsparse::model::smallthinker::layer_memory_plan;
+        let (t, w, r) = (a.tokens, a.weights, a.run.residency());
+        return a.plan.print(a.common.backend, a.common.json, |lim| {
+            layer_memory_plan(&cfg, t, w, r, lim)
+        });
     }
     let ctx = device::context(a.common.backend, a.plan.caps)?;
     let w = DecoderLayerWeights::random(&cfg, a.common.seed);

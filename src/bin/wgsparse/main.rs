@@ -115,7 +115,18 @@ fn quiet_window_system_probe() {
     }
 }
 
+/// Output piped into a command that stops reading (`| head`) ends the program quietly,
+/// as other command-line tools do, instead of a panic on the broken pipe.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     quiet_window_system_probe();
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,wgpu_hal::gles=off"),

@@ -306,15 +306,11 @@ pub fn run(a: &MoeArgs) -> Result<()> {
     };
     cfg.validate()?;
     if a.plan.dry_run {
-        let p = wgsparse::moe::memory::memory_plan(
-            &cfg,
-            a.tokens,
-            a.weights,
-            a.run.residency(),
-            &a.plan.limits(a.common.backend)?,
-        )?;
-        emit_plan(&p, a.common.json);
-        return Ok(());
+        use wgsparse::moe::memory::memory_plan;
+        let (t, w, r) = (a.tokens, a.weights, a.run.residency());
+        return a.plan.print(a.common.backend, a.common.json, |lim| {
+            memory_plan(&cfg, t, w, r, lim)
+        });
     }
     let ctx = device::context(a.common.backend, a.plan.caps)?;
     let w = MoeWeights::random(&cfg, a.common.seed)
@@ -368,13 +364,4 @@ fn other_result(
         moe_reference_f64(&x, &x, &x, &packed),
         "f64 reference (no GPU found)".into(),
     ))
-}
-
-/// Prints a memory plan (`--dry-run`): text, or one JSON object with `--json`.
-pub fn emit_plan<P: serde::Serialize + std::fmt::Display>(p: &P, json: bool) {
-    if json {
-        println!("{}", serde_json::to_string(p).expect("serializable"));
-    } else {
-        println!("{p}");
-    }
 }
