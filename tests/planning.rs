@@ -241,7 +241,11 @@ fn head_groups_under_a_lowered_buffer_limit_match_the_whole_problem() {
                 rg.density,
                 rw.density
             );
-            assert!(e_gpu <= tol && e_cpu <= tol, "{} {dtype:?}", m.name());
+            // Grouped and whole run the same kernels: equal within rounding (0 here);
+            // the CPU path sums in another order (f32: up to a few 1e-5 relative) and
+            // rounds to f16 by itself (f16: up to 2 ulps).
+            let cpu_tol = if dtype == DType::F16 { 4e-3 } else { 1e-4 };
+            assert!(e_gpu <= tol && e_cpu <= cpu_tol, "{} {dtype:?}", m.name());
             // The same pairs were computed: the statistics are the whole problem's.
             assert!((rg.density - rw.density).abs() < 1e-9, "{}", m.name());
             assert!((rg.density - rc.density).abs() < 0.01, "{}", m.name());
