@@ -132,7 +132,8 @@ impl GgmlType {
     }
 }
 
-fn h(b: &[u8], at: usize) -> f32 {
+/// The f16 at byte `at` of `b`, as f32 (a block's scale or min).
+pub(crate) fn h(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
@@ -146,7 +147,7 @@ fn dq_q4_1(b: &[u8], y: &mut [f32]) {
 }
 
 /// The 5-bit values of a Q5_0/Q5_1 block: low nibbles from `qs`, bit 4 from `qh`.
-fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
+pub(crate) fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
     let mut v = [0i32; 32];
     for j in 0..16 {
         let xh0 = ((qh >> j) << 4) & 0x10;
@@ -233,17 +234,27 @@ fn dq_q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Dequantizes `n` weights of type `ty` stored in `bytes` into f32 (in parallel over
-/// blocks). Typed errors: the byte count does not match, or the type is not supported.
-pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
-    let need = ty.bytes_for(n as u64)?;
-    if bytes.len() as u64 != need {
-        return Err(Error::Gguf(format!(
-            "{n} weights of {ty:?} need {need} bytes, got {}",
-            bytes.len()
-        )));
-    }
-    let mut out = vec![0f32; n];
+/// Dequantizes one block (its bytes) into its values.
+type BlockFn = fn(&[u8], &mut [f32]);
+
+/// The block dequantizer of an integer type (`None` for the float types and the ones
+/// not supported).
+fn block_fn(ty: GgmlType) -> Option<BlockFn> {
+    Some(match ty {
+        GgmlType::Q4_0 => super::q4_0::dequantize_ggml_block,
+        GgmlType::Q4_1 => dq_q4_1,
+        GgmlType::Q5_0 => dq_q5_0,
+        GgmlType::Q5_1 => dq_q5_1,
+        GgmlType::Q8_0 => dq_q8_0,
+        GgmlType::Q4K => dq_q4_k,
+        GgmlType::Q6K => dq_q6_k,
+        _ => return None,
+    })
+}
+
+/// Dequantizes whole blocks of a type [`GgmlType::can_dequantize`] accepts: `bytes`
+/// into `out` (as many values as the blocks hold), sequentially.
+pub(crate) fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     match ty {
         GgmlType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -261,31 +272,38 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
             }
         }
         _ => {
-            let f: fn(&[u8], &mut [f32]) = match ty {
-                GgmlType::Q4_0 => super::q4_0::dequantize_ggml_block,
-                GgmlType::Q4_1 => dq_q4_1,
-                GgmlType::Q5_0 => dq_q5_0,
-                GgmlType::Q5_1 => dq_q5_1,
-                GgmlType::Q8_0 => dq_q8_0,
-                GgmlType::Q4K => dq_q4_k,
-                GgmlType::Q6K => dq_q6_k,
-                other => {
-                    return Err(Error::Gguf(format!(
-                        "dequantization of {other:?} is not supported (supported: F32, F16, \
-                         BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)"
-                    )));
-                }
-            };
+            let f = block_fn(ty).expect("a type the caller checked");
             let (bw, bb) = ty.block();
-            out.par_chunks_mut(bw * 64)
-                .zip(bytes.par_chunks(bb * 64))
-                .for_each(|(ys, bs)| {
-                    for (y, b) in ys.chunks_exact_mut(bw).zip(bs.chunks_exact(bb)) {
-                        f(b, y);
-                    }
-                });
+            for (y, b) in out.chunks_exact_mut(bw).zip(bytes.chunks_exact(bb)) {
+                f(b, y);
+            }
         }
     }
+}
+
+/// Dequantizes `n` weights of type `ty` stored in `bytes` into f32 (in parallel over
+/// blocks). Typed errors: the byte count does not match, or the type is not supported.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    let need = ty.bytes_for(n as u64)?;
+    if bytes.len() as u64 != need {
+        return Err(Error::Gguf(format!(
+            "{n} weights of {ty:?} need {need} bytes, got {}",
+            bytes.len()
+        )));
+    }
+    if !ty.can_dequantize() {
+        return Err(Error::Gguf(format!(
+            "dequantization of {ty:?} is not supported (supported: F32, F16, \
+             BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)"
+        )));
+    }
+    let mut out = vec![0f32; n];
+    // Chunks of 64 blocks (of 4,096 values for the float types).
+    let (bw, bb) = ty.block();
+    let blocks = if bw == 1 { 4096 } else { 64 };
+    out.par_chunks_mut(bw * blocks)
+        .zip(bytes.par_chunks(bb * blocks))
+        .for_each(|(ys, bs)| dequantize_into(ty, bs, ys));
     Ok(out)
 }
 

@@ -14,10 +14,9 @@
 //! weights only by the activations' 16-bit rounding (half a step of amax / 32767 per
 //! value; tested against an f64 reference within that bound).
 
-use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::ggml::{GgmlType, dequantize, scale_min_k4};
+use super::ggml::{GgmlType, dequantize, dequantize_into, h, q5_values, scale_min_k4};
 use crate::error::{Error, Result};
 
 /// Values per activation block (and per weight offset).
@@ -88,8 +87,15 @@ impl RowCodes {
     }
 }
 
-fn h(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+/// Byte offsets of the f16 scale (and min) fields in a block of an integer format: a
+/// block's values are finite iff these are.
+fn scale_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        _ => &[],
+    }
 }
 
 /// Decodes one row of an integer format into `out`.
@@ -119,13 +125,9 @@ fn decode_row(ty: GgmlType, row: &[u8], out: &mut RowCodes) {
                     GgmlType::Q5_0 => (h(b, 0), None, [b[2], b[3], b[4], b[5]], &b[6..22]),
                     _ => (h(b, 0), Some(h(b, 2)), [b[4], b[5], b[6], b[7]], &b[8..24]),
                 };
-                let qh = u32::from_le_bytes(qh);
                 let bias = if m.is_none() { 16 } else { 0 };
-                for j in 0..16 {
-                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
-                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-                    q[j] = ((qs[j] & 0x0f) | h0) as i8 - bias;
-                    q[j + 16] = ((qs[j] >> 4) | h1) as i8 - bias;
+                for (o, v) in q.iter_mut().zip(q5_values(u32::from_le_bytes(qh), qs)) {
+                    *o = (v - bias) as i8;
                 }
                 s16.fill(d);
                 o32[0] = m.unwrap_or(0.0);
@@ -279,6 +281,27 @@ mod fused_avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// A Q4_0 or Q4_1 block as `scale · nibble + offset`: the scale, the offset (Q4_1's
+    /// min; Q4_0's −8 · scale, its codes being nibble − 8) and the low and high nibbles
+    /// (values 0..16 and 16..32) as bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_block(ty: GgmlType, blk: &[u8]) -> (f32, f32, __m128i, __m128i) {
+        let mask = _mm_set1_epi8(0x0f);
+        let d = unsafe { f16_at(blk, 0) };
+        let (offset, qs) = if ty == GgmlType::Q4_0 {
+            (-8.0 * d, &blk[2..18])
+        } else {
+            (unsafe { f16_at(blk, 2) }, &blk[4..20])
+        };
+        let v = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
+        let (lo, hi) = (
+            _mm_and_si128(v, mask),
+            _mm_and_si128(_mm_srli_epi16(v, 4), mask),
+        );
+        (d, offset, lo, hi)
+    }
+
     /// The 4 runs of 32 codes of half `n` of a Q6_K block, each minus 32 as signed bytes
     /// (positions 32·k.. of the half; two 16-value scale groups a run).
     #[inline]
@@ -345,22 +368,9 @@ mod fused_avx2 {
                 GgmlType::Q4_0 | GgmlType::Q4_1 => {
                     let bb = if ty == GgmlType::Q4_0 { 18 } else { 20 };
                     for (b, blk) in row.chunks_exact(bb).enumerate() {
-                        let d = f16_at(blk, 0);
-                        let (qs, signed_off, m) = if ty == GgmlType::Q4_0 {
-                            (&blk[2..18], true, 0.0)
-                        } else {
-                            (&blk[4..20], false, f16_at(blk, 2))
-                        };
-                        let v = _mm_loadu_si128(qs.as_ptr().cast());
-                        let mut lo = _mm_and_si128(v, mask);
-                        let mut hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-                        if signed_off {
-                            // Q4_0's codes are q − 8.
-                            lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
-                            hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
-                        }
-                        store16(lo, signed_off, d, m, o.add(b * QK));
-                        store16(hi, signed_off, d, m, o.add(b * QK + 16));
+                        let (d, offset, lo, hi) = q4_block(ty, blk);
+                        store16(lo, false, d, offset, o.add(b * QK));
+                        store16(hi, false, d, offset, o.add(b * QK + 16));
                     }
                 }
                 GgmlType::Q8_0 => {
@@ -430,16 +440,7 @@ mod fused_avx2 {
                 GgmlType::Q4_0 | GgmlType::Q4_1 => {
                     let bb = if ty == GgmlType::Q4_0 { 18 } else { 20 };
                     for (b, blk) in row.chunks_exact(bb).enumerate() {
-                        let d = f16_at(blk, 0);
-                        // Q4_0 codes are q − 8: the −8 goes into the offset term.
-                        let (m, qs) = if ty == GgmlType::Q4_0 {
-                            (-8.0 * d, &blk[2..18])
-                        } else {
-                            (f16_at(blk, 2), &blk[4..20])
-                        };
-                        let v = _mm_loadu_si128(qs.as_ptr().cast());
-                        let lo = _mm_and_si128(v, mask);
-                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                        let (d, m, lo, hi) = q4_block(ty, blk);
                         let xb = x.add(b * QK);
                         let p = _mm256_add_epi32(madd_u8(lo, xb), madd_u8(hi, xb.add(16)));
                         acc =
@@ -619,55 +620,23 @@ impl QMat {
         matches!(self.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
     }
 
-    /// Row `r` dequantized into `out` (`cols` values).
+    /// Row `r` dequantized into `out` (`cols` values): ggml's dequantizer, or the same
+    /// values from the fused AVX2 kernels.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        self.row_f32_with(r, out, &mut None)
-    }
-
-    /// [`QMat::row_f32`] reusing `codes` for the decoded row.
-    fn row_f32_with(&self, r: usize, out: &mut [f32], codes: &mut Option<RowCodes>) {
         let row = &self.bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
-        match self.ty {
-            GgmlType::F32 => {
-                for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            GgmlType::F16 => {
-                for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
-                    *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-            GgmlType::BF16 => {
-                for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
-                    *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            ty if fused_avx2::handles(ty) && fused_avx2::available() => {
-                // SAFETY: the features were detected; `out` holds the row.
-                unsafe { fused_avx2::row_f32(ty, row, out) }
-            }
-            ty => {
-                let w = codes.get_or_insert_with(|| RowCodes::new(self.cols));
-                decode_row(ty, row, w);
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = w.scale[i / 16] * w.q[i] as f32 + w.offset[i / QK];
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if fused_avx2::handles(self.ty) && fused_avx2::available() {
+            // SAFETY: the features were detected; `out` holds the row.
+            return unsafe { fused_avx2::row_f32(self.ty, row, out) };
         }
+        dequantize_into(self.ty, row, out);
     }
 
     /// A typed [`Error::NonFinite`] when a weight (or a block scale) is NaN or
     /// infinite, naming `what` (checked row by row, nothing held).
     pub fn check_finite(&self, what: &str) -> Result<()> {
         // Integer formats: a value is finite iff its block's f16 scale (and min) is.
-        let scales: &[usize] = match self.ty {
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => &[0, 2],
-            GgmlType::Q6K => &[208],
-            _ => &[],
-        };
+        let scales = scale_fields(self.ty);
         if !scales.is_empty() {
             let (bw, bb) = self.ty.block();
             let bad = self
@@ -723,13 +692,11 @@ impl QMat {
         self.apply_with(x, t, false)
     }
 
-    /// The product, computed as `[rows, t]` in parallel over runs of rows, then
-    /// transposed.
+    /// The product: by SGEMM tiles writing `[t, rows]` directly, or (decoding) as
+    /// `[rows, t]` in parallel over runs of rows, then transposed.
     #[inline(always)]
     fn apply_with(&self, x: &[f32], t: usize, simd: bool) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
-        let mut out_t = vec![0f32; rows * t];
-        let per_task = (TASK_WEIGHTS / cols).max(16);
         if t >= GEMM_TOKENS {
             // Each tile writes its own columns of `out [t, rows]` directly.
             let mut out = vec![0f32; t * rows];
@@ -743,9 +710,8 @@ impl QMat {
                 let r0 = task * per;
                 let rt = per.min(rows - r0);
                 let mut w = vec![0f32; rt * cols];
-                let mut codes = None;
                 for (i, wr) in w.chunks_exact_mut(cols).enumerate() {
-                    self.row_f32_with(r0 + i, wr, &mut codes);
+                    self.row_f32(r0 + i, wr);
                 }
                 let base = &base;
                 // out[j, r0 + i] = Σ_c w[i, c] · x[j, c]: C = w · xᵀ with C's rows
@@ -772,7 +738,10 @@ impl QMat {
                 }
             });
             return out;
-        } else if self.is_float() {
+        }
+        let mut out_t = vec![0f32; rows * t];
+        let per_task = (TASK_WEIGHTS / cols).max(16);
+        if self.is_float() {
             out_t
                 .par_chunks_mut(per_task * t)
                 .enumerate()
@@ -847,6 +816,7 @@ impl QMat {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     /// Random bytes of `rows` rows of `ty` with finite f16 scales where the format
@@ -867,14 +837,8 @@ mod tests {
                 .collect(),
             _ => {
                 let mut b: Vec<u8> = (0..n / bw * bb).map(|_| rng.random()).collect();
-                let fields: &[usize] = match ty {
-                    GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-                    GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => &[0, 2],
-                    GgmlType::Q6K => &[208],
-                    _ => unreachable!(),
-                };
                 for blk in b.chunks_exact_mut(bb) {
-                    for &at in fields {
+                    for &at in scale_fields(ty) {
                         let v = f16b(rng.random_range(-0.05f32..0.05));
                         blk[at..at + 2].copy_from_slice(&v);
                     }
