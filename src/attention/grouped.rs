@@ -170,21 +170,19 @@ impl GroupedAttention {
             let (qt, kt, vt) = upload_qkv(ctx, g, &q[qr.clone()], &k[kr.clone()], &v[kr], dtype)?;
             // NaN-poisoned: a row the kernels failed to write shows.
             let mut o = Tensor::filled(ctx, &g.q_dims(), dtype, f32::NAN)?;
-            let group_ml = match (row_stats, plan.method().manages_state()) {
-                (false, _) => None,
-                (true, true) => {
-                    plan.run_async(&qt, &kt, &vt, &mut o, None).await?;
+            // The final (m, l): kept by a two-pass method, else from a caller's state.
+            let group_ml = if row_stats && !plan.method().manages_state() {
+                let mut st = RowState::empty(ctx, g)?;
+                plan.run_async(&qt, &kt, &vt, &mut o, Some(&mut st)).await?;
+                Some(st.ml.to_f32().await?)
+            } else {
+                plan.run_async(&qt, &kt, &vt, &mut o, None).await?;
+                if row_stats {
                     plan.row_stats().await?
-                }
-                (true, false) => {
-                    let mut st = RowState::empty(ctx, g)?;
-                    plan.run_async(&qt, &kt, &vt, &mut o, Some(&mut st)).await?;
-                    Some(st.ml.to_f32().await?)
+                } else {
+                    None
                 }
             };
-            if !row_stats {
-                plan.run_async(&qt, &kt, &vt, &mut o, None).await?;
-            }
             if let Some(m) = group_ml {
                 ml[qh.start * mls..qh.end * mls].copy_from_slice(&m);
             }

@@ -16,12 +16,6 @@ use crate::runtime::memory::{
     DeviceLimits, PlannedBuffer, mib, problems_of, write_buffers, write_verdict,
 };
 
-/// Bytes of one expert's `[ffn, hidden]` matrix in `format` (Q4_0: 18 bytes per 32
-/// values, the scales included).
-pub fn expert_matrix_bytes(format: WeightFormat, ffn: usize, hidden: usize) -> u64 {
-    format.packed_bytes(ffn, hidden)
-}
-
 /// Where the expert weights of a plan live under `limits`: as asked when it fits;
 /// resident weights whose buffer (all experts of one matrix) is over a binding are
 /// streamed with the most experts a binding holds instead (at least `top_k`, else as
@@ -32,7 +26,7 @@ pub fn fitting_residency(
     asked: ExpertResidency,
     limits: &DeviceLimits,
 ) -> ExpertResidency {
-    let per = expert_matrix_bytes(format, cfg.ffn, cfg.hidden);
+    let per = format.packed_bytes(cfg.ffn, cfg.hidden);
     let room = limits.max_binding.min(limits.max_buffer);
     let slots = ((room / per.max(1)) as usize).min(cfg.experts);
     match asked {
@@ -86,7 +80,7 @@ pub fn memory_plan(
         cfg.ffn as u64,
     );
     let a = t * cfg.top_k as u64;
-    let per = expert_matrix_bytes(format, cfg.ffn, cfg.hidden);
+    let per = format.packed_bytes(cfg.ffn, cfg.hidden);
     let held = match residency {
         ExpertResidency::Resident => e,
         ExpertResidency::Streamed { slots } => slots as u64,

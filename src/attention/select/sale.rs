@@ -367,14 +367,7 @@ pub fn select_cpu(
     quant: &QuantizedQk,
     ml: &[f32],
 ) -> Result<SaleSelection> {
-    // With AVX-512 VNNI the dot products run on the codes as 8-bit integers (64
-    // multiply-adds an instruction, exact like the kernel); else as f32 on the flash
-    // kernel's register tile. Both give the same sums, so the same selection.
-    #[cfg(target_arch = "x86_64")]
-    if vnni::available() {
-        return select_cpu_vnni(shape, cfg, scale, quant, ml, true);
-    }
-    select_cpu_f32(shape, cfg, scale, quant, ml)
+    select_host(shape, cfg, scale, quant, ml, true)
 }
 
 /// The selected blocks of [`select_cpu`] without the margins: a kept block's scan
@@ -386,11 +379,27 @@ pub fn select_cpu_blocks(
     quant: &QuantizedQk,
     ml: &[f32],
 ) -> Result<SparseLut> {
+    Ok(select_host(shape, cfg, scale, quant, ml, false)?.blocks)
+}
+
+/// The host selection: with AVX-512 VNNI the dot products run on the codes as 8-bit
+/// integers (64 multiply-adds an instruction, exact like the kernel), else as f32 on the
+/// flash kernel's register tile; both give the same sums, so the same selection.
+/// Without `full_margins` a kept block's margin is its first value over 0 (VNNI path).
+fn select_host(
+    shape: &AttentionShape,
+    cfg: &SaleConfig,
+    scale: f32,
+    quant: &QuantizedQk,
+    ml: &[f32],
+    full_margins: bool,
+) -> Result<SaleSelection> {
     #[cfg(target_arch = "x86_64")]
     if vnni::available() {
-        return Ok(select_cpu_vnni(shape, cfg, scale, quant, ml, false)?.blocks);
+        return select_cpu_vnni(shape, cfg, scale, quant, ml, full_margins);
     }
-    Ok(select_cpu_f32(shape, cfg, scale, quant, ml)?.blocks)
+    let _ = full_margins;
+    select_cpu_f32(shape, cfg, scale, quant, ml)
 }
 
 /// [`select_cpu`] with the codes as f32 on the flash kernel's register tile.
