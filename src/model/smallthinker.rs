@@ -24,7 +24,7 @@ use crate::attention::flash_cpu::{CpuAttention, attention_cpu};
 use crate::attention::plan::{MemoryPlan, plan};
 use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
-use crate::moe::memory::{MoeMemoryPlan, memory_plan as moe_memory_plan};
+use crate::moe::memory::{MoeMemoryPlan, block_memory_plan};
 use crate::moe::plan::ExpertStats;
 use crate::moe::stream::ExpertResidency;
 use crate::moe::{MoeConfig, MoePlan, MoeWeights, PackedExperts, PackedMatrix, WeightFormat};
@@ -458,19 +458,8 @@ pub fn layer_memory_plan(
     let (t, h, d) = (tokens, cfg.moe.hidden, cfg.head_dim);
     let shape = AttentionShape::new(cfg.q_heads, cfg.kv_heads, t, d);
     let attention = plan(&shape, &cfg.attention_method()?, DType::F32, true, limits)?;
-    let mut moe = moe_memory_plan(&cfg.moe, t, format, residency, limits)?;
     // The MoE block's input and output are the layer's activations (listed below).
-    moe.buffers
-        .retain(|b| b.name.starts_with("moe ") || b.name.starts_with("tokens"));
-    moe.problems = problems_of(&moe.buffers, limits)
-        .into_iter()
-        .chain(
-            moe.problems
-                .iter()
-                .filter(|p| p.starts_with("tokens"))
-                .cloned(),
-        )
-        .collect();
+    let moe = block_memory_plan(&cfg.moe, t, format, residency, limits)?;
     let act = (t * h * 4) as u64;
     let (qd, kd) = (cfg.q_heads * d, cfg.kv_heads * d);
     let w = |name: &str, rows, cols| PlannedBuffer::whole(name, format.packed_bytes(rows, cols));

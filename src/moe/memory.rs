@@ -63,13 +63,37 @@ impl MoeMemoryPlan {
     }
 }
 
-/// The memory plan of a MoE layer of `cfg` over `tokens` tokens.
+/// The memory plan of a MoE layer of `cfg` over `tokens` tokens, its input and output
+/// tensors included.
 pub fn memory_plan(
     cfg: &MoeConfig,
     tokens: usize,
     format: WeightFormat,
     residency: ExpertResidency,
     limits: &DeviceLimits,
+) -> Result<MoeMemoryPlan> {
+    plan_with(cfg, tokens, format, residency, limits, true)
+}
+
+/// [`memory_plan`] without the input and output tensors: the MoE block of a decoder
+/// layer, whose activations are the layer's.
+pub fn block_memory_plan(
+    cfg: &MoeConfig,
+    tokens: usize,
+    format: WeightFormat,
+    residency: ExpertResidency,
+    limits: &DeviceLimits,
+) -> Result<MoeMemoryPlan> {
+    plan_with(cfg, tokens, format, residency, limits, false)
+}
+
+fn plan_with(
+    cfg: &MoeConfig,
+    tokens: usize,
+    format: WeightFormat,
+    residency: ExpertResidency,
+    limits: &DeviceLimits,
+    io: bool,
 ) -> Result<MoeMemoryPlan> {
     cfg.validate()?;
     let residency = fitting_residency(cfg, format, residency, limits);
@@ -86,12 +110,15 @@ pub fn memory_plan(
         ExpertResidency::Streamed { slots } => slots as u64,
     };
     let whole = |name: &str, bytes: u64| PlannedBuffer::whole(name, bytes);
-    let mut buffers = vec![
-        whole("input x (router, residual)", t * h * 4),
-        whole("input z (experts)", t * h * 4),
-        whole("output", t * h * 4),
-        whole("moe router weights", e * h * 4),
-    ];
+    let mut buffers = vec![];
+    if io {
+        buffers.extend([
+            whole("input x (router, residual)", t * h * 4),
+            whole("input z (experts)", t * h * 4),
+            whole("output", t * h * 4),
+        ]);
+    }
+    buffers.push(whole("moe router weights", e * h * 4));
     let what = match residency {
         ExpertResidency::Resident => "weights",
         ExpertResidency::Streamed { .. } => "weight slots",
