@@ -12,6 +12,7 @@
 //! # Ok::<(), wgsparse::Error>(())
 //! ```
 
+pub mod decode_cpu;
 pub mod flash;
 pub mod flash_cpu;
 pub mod grouped;

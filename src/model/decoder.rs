@@ -5,21 +5,31 @@
 //! with their own RoPE base, SwiGLU / GeGLU, tied embeddings, Gemma's embedding scaling,
 //! pre- and post-norms, and final logit softcapping when the file sets it.
 //!
-//! Projections run on the CPU in f32 on dequantized weights (`matrixmultiply` SGEMM,
-//! rows split over rayon). Attention runs through the crate's [`crate::AttentionPlan`] on the
-//! decoder's [`Context`] with the chosen [`Method`], for prefill and for every decode
-//! step against the KV cache. Gemma's sliding-window layers: while every key is inside
-//! the window (prompt ≤ window) they are plain causal attention; a one-token decode step
-//! attends to the last `window` keys; a longer prefill runs [`Method::Window`] (no sinks,
-//! block skipping) on the GPU or the CPU twin; a chunked prefill after cached tokens uses
-//! the row-wise [`windowed_attention`] on the CPU and returns [`Error::Model`] on a GPU.
+//! Projections run on the CPU on the weights as the file stores them ([`QMat`]: GGUF
+//! blocks multiplied in registers; integer dot products on 16-bit activations while
+//! decoding, SGEMM over dequantized tiles for prompts). The KV cache is kept token
+//! after token in f16 ([`Decoder::kv_precision`]). A prompt's attention from an empty cache
+//! runs through the crate's [`crate::AttentionPlan`] on the decoder's [`Context`] with the
+//! chosen [`Method`]; decode steps and continuations after cached tokens run dense: on
+//! the CPU straight over the cache ([`CacheAttention`]), on a GPU through a dense plan
+//! over the cache converted to f32. Gemma's sliding-window layers: while every key is
+//! inside the window (prompt ≤ window) they are plain causal attention; a longer prompt
+//! runs [`Method::Window`] (no sinks, block skipping) on the GPU or the CPU twin; a
+//! one-token GPU decode step attends to the last `window` keys; the CPU cache attention
+//! applies the window itself; a chunked prefill after cached tokens returns
+//! [`Error::Model`] on a GPU.
 
+use std::borrow::Cow;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::attention::decode_cpu::{CacheAttention, CacheRows};
 use crate::attention::{AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
-use crate::ops::linear::to_head_major;
+use crate::ops::linear::{from_head_major, to_head_major};
 use crate::ops::rmsnorm::rmsnorm_in_place;
 use crate::ops::rope::{RopeStyle, rope_rows, rope_table};
 use crate::quant::QMat;
@@ -185,56 +195,6 @@ impl Mat {
     }
 }
 
-/// Causal sliding-window attention on the CPU: `q [h, t, d]`, `k`/`v [kvh, n, d]`;
-/// query `i` sits at position `n - t + i` and sees keys `j` with `pos - window < j <= pos`.
-#[allow(clippy::too_many_arguments)]
-pub fn windowed_attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    t: usize,
-    n: usize,
-    d: usize,
-    window: usize,
-    scale: f32,
-) -> Vec<f32> {
-    let group = heads / kv_heads;
-    let mut out = vec![0f32; heads * t * d];
-    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
-        let (h, i) = (row / t, row % t);
-        let kh = h / group;
-        let pos = n - t + i;
-        let lo = (pos + 1).saturating_sub(window);
-        let qv = &q[row * d..(row + 1) * d];
-        let ks = &k[kh * n * d..(kh + 1) * n * d];
-        let vs = &v[kh * n * d..(kh + 1) * n * d];
-        let scores: Vec<f32> = (lo..=pos)
-            .map(|j| {
-                scale
-                    * qv.iter()
-                        .zip(&ks[j * d..j * d + d])
-                        .map(|(a, b)| a * b)
-                        .sum::<f32>()
-            })
-            .collect();
-        let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut l = 0f32;
-        for (s, j) in scores.iter().zip(lo..=pos) {
-            let p = (s - m).exp();
-            l += p;
-            for (acc, x) in o.iter_mut().zip(&vs[j * d..j * d + d]) {
-                *acc += p * x;
-            }
-        }
-        for x in o.iter_mut() {
-            *x /= l;
-        }
-    });
-    out
-}
-
 struct Layer {
     attn_norm: Vec<f32>,
     wq: Mat,
@@ -273,10 +233,67 @@ pub struct LayerQkv<'a> {
     pub v: &'a [f32],
 }
 
-/// The KV cache of one sequence: per layer, K and V `[kv_heads, len, head_dim]`.
+/// Precision of a KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// Half precision (half the memory; what llama.cpp keeps too).
+    #[default]
+    F16,
+    /// Single precision: decode steps see exactly the values a prefill sees.
+    F32,
+}
+
+/// One layer's cached keys or values, `[len, kv_heads, head_dim]` token after token,
+/// in the cache's precision.
+#[derive(Clone, Debug)]
+enum KvRows {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl KvRows {
+    fn new(precision: KvPrecision) -> Self {
+        match precision {
+            KvPrecision::F16 => KvRows::F16(Vec::new()),
+            KvPrecision::F32 => KvRows::F32(Vec::new()),
+        }
+    }
+
+    /// Appends token-major rows.
+    fn append(&mut self, x: &[f32]) {
+        match self {
+            KvRows::F16(v) => {
+                let at = v.len();
+                v.resize(at + x.len(), f16::ZERO);
+                v[at..].convert_from_f32_slice(x);
+            }
+            KvRows::F32(v) => v.extend_from_slice(x),
+        }
+    }
+
+    fn rows(&self) -> CacheRows<'_> {
+        match self {
+            KvRows::F16(v) => CacheRows::F16(v),
+            KvRows::F32(v) => CacheRows::F32(v),
+        }
+    }
+
+    /// All rows as f32 `[kv_heads, len, d]` (the attention plans' layout).
+    fn head_major(&self, len: usize, d: usize) -> Vec<f32> {
+        let x = match self {
+            KvRows::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            KvRows::F32(v) => v.clone(),
+        };
+        to_head_major(&x, len, d)
+    }
+}
+
+/// The KV cache of one sequence: per layer, K and V `[len, kv_heads, head_dim]` token
+/// after token, in f16 (the default, [`Decoder::kv_precision`]) or f32. Appending a token
+/// copies its rows once; the CPU decode step reads them in place.
 pub struct KvCache {
-    k: Vec<Vec<Vec<f32>>>,
-    v: Vec<Vec<Vec<f32>>>,
+    k: Vec<KvRows>,
+    v: Vec<KvRows>,
     len: usize,
 }
 
@@ -288,6 +305,26 @@ impl KvCache {
     /// True before the first token.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|r| match r {
+                KvRows::F16(v) => v.len() * 2,
+                KvRows::F32(v) => v.len() * 4,
+            })
+            .sum()
+    }
+}
+
+/// `x [t, heads, d]` as `[heads, t, d]` (the same thing when t = 1).
+fn head_major(x: &[f32], t: usize, d: usize) -> Cow<'_, [f32]> {
+    if t == 1 {
+        Cow::Borrowed(x)
+    } else {
+        Cow::Owned(to_head_major(x, t, d))
     }
 }
 
@@ -303,6 +340,10 @@ pub struct Decoder {
     method: Method,
     /// Layers whose attention runs the plan's method; others run dense (all when empty).
     pub method_layers: Vec<usize>,
+    /// Precision of the KV caches [`Decoder::new_cache`] makes: f16 (the default, half
+    /// the memory; a decode step then attends to keys and values rounded to f16) or f32
+    /// (the oracle: every step sees the values the prefill saw).
+    pub kv_precision: KvPrecision,
 }
 
 fn vec_opt(g: &Gguf, name: &str) -> Result<Option<Vec<f32>>> {
@@ -368,7 +409,35 @@ impl Decoder {
             ctx: ctx.clone(),
             method,
             method_layers: Vec::new(),
+            kv_precision: KvPrecision::F16,
         })
+    }
+
+    /// Bytes of the weights as held (quantized matrices in their GGUF blocks, f32 norms
+    /// and biases).
+    pub fn weight_bytes(&self) -> usize {
+        let v = |x: &Option<Vec<f32>>| x.as_ref().map_or(0, |x| x.len() * 4);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|m| m.bytes())
+                    .sum::<usize>()
+                    + (l.attn_norm.len() + l.ffn_norm.len()) * 4
+                    + [&l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm]
+                        .iter()
+                        .map(|x| v(x))
+                        .sum::<usize>()
+                    + v(&l.post_attn_norm)
+                    + v(&l.post_ffn_norm)
+            })
+            .sum();
+        layers
+            + self.embd.bytes()
+            + self.output.as_ref().map_or(0, |m| m.bytes())
+            + self.out_norm.len() * 4
     }
 
     /// The attention context.
@@ -376,9 +445,9 @@ impl Decoder {
         &self.ctx
     }
 
-    /// An empty KV cache.
+    /// An empty KV cache of [`Decoder::kv_precision`].
     pub fn new_cache(&self) -> KvCache {
-        let per = || vec![vec![Vec::new(); self.cfg.n_kv_head]; self.cfg.n_layer];
+        let per = || vec![KvRows::new(self.kv_precision); self.cfg.n_layer];
         KvCache {
             k: per(),
             v: per(),
@@ -456,20 +525,6 @@ impl Decoder {
                             sinks: 0,
                         }),
                     )
-                } else if self.ctx.is_cpu() {
-                    // A chunked prefill after cached tokens: the row-wise reference.
-                    Ok(windowed_attention(
-                        q,
-                        k,
-                        v,
-                        c.n_head,
-                        c.n_kv_head,
-                        t,
-                        n,
-                        d,
-                        w,
-                        scale,
-                    ))
                 } else {
                     Err(Error::Model(format!(
                         "layer {layer} has a {w}-token sliding window: a chunked prefill \
@@ -605,11 +660,9 @@ impl Decoder {
             };
             rope_rows(&mut q, d, &table, style, |i| i / c.n_head);
             rope_rows(&mut k, d, &table, style, |i| i / c.n_kv_head);
-            let (qh, kh, vh) = (
-                to_head_major(&q, t, d),
-                to_head_major(&k, t, d),
-                to_head_major(&v, t, d),
-            );
+            // Head-major views for the observer and the attention plans ([h, t, d] is
+            // [t, h, d] when t = 1).
+            let (qh, kh, vh) = (head_major(&q, t, d), head_major(&k, t, d), head_major(&v, t, d));
             let method = pick(&LayerQkv {
                 layer: li,
                 global: c.global[li],
@@ -619,25 +672,36 @@ impl Decoder {
                 k: &kh,
                 v: &vh,
             })?;
-            for h in 0..c.n_kv_head {
-                cache.k[li][h].extend_from_slice(&kh[h * t * d..(h + 1) * t * d]);
-                cache.v[li][h].extend_from_slice(&vh[h * t * d..(h + 1) * t * d]);
-            }
+            cache.k[li].append(&k);
+            cache.v[li].append(&v);
             let n = start + t;
-            let (kc, vc) = if start == 0 {
-                (kh, vh)
-            } else {
-                (cache.k[li].concat(), cache.v[li].concat())
-            };
-            let o = self.attend(li, method, &qh, &kc, &vc, t, n)?;
-            // [heads, t, d] -> [t, heads*d]
-            let mut ot = vec![0f32; t * c.n_head * d];
-            for h in 0..c.n_head {
-                for i in 0..t {
-                    ot[(i * c.n_head + h) * d..(i * c.n_head + h + 1) * d]
-                        .copy_from_slice(&o[(h * t + i) * d..(h * t + i + 1) * d]);
+            let ot = if start > 0 && self.ctx.is_cpu() {
+                // A decode step or a continuation on the CPU: straight over the cache,
+                // token-major in and out.
+                let mut o = vec![0f32; t * c.n_head * d];
+                CacheAttention {
+                    heads: c.n_head,
+                    kv_heads: c.n_kv_head,
+                    head_dim: d,
+                    tokens: t,
+                    keys: n,
+                    window: if c.global[li] { None } else { c.window },
+                    scale: self.attention_scale(),
                 }
-            }
+                .run(&q, cache.k[li].rows(), cache.v[li].rows(), &mut o)?;
+                o
+            } else {
+                let (kc, vc) = if start == 0 {
+                    (kh, vh)
+                } else {
+                    (
+                        Cow::Owned(cache.k[li].head_major(n, d)),
+                        Cow::Owned(cache.v[li].head_major(n, d)),
+                    )
+                };
+                let o = self.attend(li, method, &qh, &kc, &vc, t, n)?;
+                from_head_major(&o, t, d)
+            };
             let mut a = l.wo.apply(&ot, t);
             if let Some(w) = &l.post_attn_norm {
                 rmsnorm_in_place(&mut a, w, c.norm_eps);
@@ -766,82 +830,9 @@ pub fn argmax(v: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::flash_cpu::naive_attention;
     use crate::model::gguf::{GgufBuilder, Value};
     use crate::runtime::test_util::{close, rnd};
     use rand::{SeedableRng, rngs::StdRng};
-
-    /// Full softmax over all keys with an explicit window mask: the reference.
-    #[allow(clippy::too_many_arguments)]
-    fn masked_reference(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        h: usize,
-        kvh: usize,
-        t: usize,
-        n: usize,
-        d: usize,
-        w: usize,
-        scale: f32,
-    ) -> Vec<f32> {
-        let mut out = vec![0f32; h * t * d];
-        for hh in 0..h {
-            let kh = hh / (h / kvh);
-            for i in 0..t {
-                let p = n - t + i;
-                let s: Vec<f64> = (0..n)
-                    .map(|j| {
-                        if j <= p && p - j < w {
-                            (scale
-                                * (0..d)
-                                    .map(|x| q[(hh * t + i) * d + x] * k[(kh * n + j) * d + x])
-                                    .sum::<f32>()) as f64
-                        } else {
-                            f64::NEG_INFINITY
-                        }
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for j in 0..n {
-                    let pj = ((s[j] - m).exp() / z) as f32;
-                    for x in 0..d {
-                        out[(hh * t + i) * d + x] += pj * v[(kh * n + j) * d + x];
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn windowed_attention_matches_masked_reference() {
-        let mut rng = StdRng::seed_from_u64(3);
-        let (h, kvh, d) = (4, 2, 16);
-        for (t, n, w) in [(37, 37, 5), (10, 50, 7), (1, 20, 4), (33, 33, 1)] {
-            let q = rnd(&mut rng, h * t * d, 1.0);
-            let k = rnd(&mut rng, kvh * n * d, 1.0);
-            let v = rnd(&mut rng, kvh * n * d, 1.0);
-            let got = windowed_attention(&q, &k, &v, h, kvh, t, n, d, w, 0.3);
-            close(
-                &got,
-                &masked_reference(&q, &k, &v, h, kvh, t, n, d, w, 0.3),
-                1e-5,
-            );
-        }
-        // A window covering everything is plain causal attention.
-        let (t, n, d) = (20, 20, 64);
-        let q = rnd(&mut rng, h * t * d, 1.0);
-        let k = rnd(&mut rng, kvh * n * d, 1.0);
-        let v = rnd(&mut rng, kvh * n * d, 1.0);
-        let shape = AttentionShape::new(h, kvh, t, d);
-        close(
-            &windowed_attention(&q, &k, &v, h, kvh, t, n, d, n, 0.125),
-            &naive_attention(&shape, true, 0.125, &q, &k, &v),
-            1e-5,
-        );
-    }
 
     /// A random 2-layer model of an architecture (head_dim 64, like SmolLM2).
     pub(crate) fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
@@ -951,9 +942,10 @@ mod tests {
     }
 
     #[test]
-    fn window_method_matches_windowed_attention() {
+    fn window_method_matches_the_cache_attention() {
         // The crate's Method::Window (sinks 0), which every prefill uses for Gemma's local
-        // layers, means the same mask as the decoder's row-wise window (chunked prefills).
+        // layers, means the same mask as the cache attention of decode steps and chunked
+        // prefills.
         let mut rng = StdRng::seed_from_u64(4);
         let (h, kvh, t, d, w) = (4, 1, 70, 64, 9);
         let q = rnd(&mut rng, h * t * d, 1.0);
@@ -973,11 +965,25 @@ mod tests {
         let (qt, kt, vt) =
             crate::attention::upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
         let got = plan.run(&qt, &kt, &vt).unwrap().to_f32_blocking().unwrap();
-        close(
-            &got,
-            &windowed_attention(&q, &k, &v, h, kvh, t, t, d, w, 0.125),
-            1e-4,
-        );
+        // The cache attention of a chunked continuation, over all t tokens at once.
+        let mut want = vec![f32::NAN; q.len()];
+        CacheAttention {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            tokens: t,
+            keys: t,
+            window: Some(w),
+            scale: 0.125,
+        }
+        .run(
+            &from_head_major(&q, t, d),
+            CacheRows::F32(&from_head_major(&k, t, d)),
+            CacheRows::F32(&from_head_major(&v, t, d)),
+            &mut want,
+        )
+        .unwrap();
+        close(&got, &to_head_major(&want, t, d), 1e-4);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! qwen2 and gemma3 architectures ([`decoder`]) whose attention runs through the crate's
 //! [`AttentionPlan`](crate::AttentionPlan), and that dumps real post-RoPE Q/K/V.
 
+pub mod bench;
 pub mod decoder;
 pub mod eval;
 pub mod gguf;

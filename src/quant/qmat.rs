@@ -437,27 +437,72 @@ mod fused_avx2 {
         let x = xq.as_ptr();
         unsafe {
             match ty {
-                GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                    let bb = if ty == GgmlType::Q4_0 { 18 } else { 20 };
-                    for (b, blk) in row.chunks_exact(bb).enumerate() {
-                        let (d, m, lo, hi) = q4_block(ty, blk);
-                        let xb = x.add(b * QK);
-                        let p = _mm256_add_epi32(madd_u8(lo, xb), madd_u8(hi, xb.add(16)));
-                        acc =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[b]), acc);
-                        off += m * xd[b] * xs[b] as f32;
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+                    let bb = match ty {
+                        GgmlType::Q4_0 => 18,
+                        GgmlType::Q4_1 => 20,
+                        _ => 34,
+                    };
+                    let nb = row.len() / bb;
+                    // Two accumulators: a block's products do not wait for the last one's.
+                    let mut acc1 = _mm256_setzero_ps();
+                    let mut offv = _mm256_setzero_ps();
+                    for b0 in (0..nb).step_by(8) {
+                        // Eight blocks' factors at once, each scale converted from f16
+                        // in one instruction (a scalar conversion per block would chain
+                        // every block to the previous one through its merge register).
+                        let n = (nb - b0).min(8);
+                        let (mut dbits, mut mbits) = ([0u16; 8], [0u16; 8]);
+                        let (mut xd8, mut xs8) = ([0f32; 8], [0f32; 8]);
+                        for j in 0..n {
+                            let blk = &row[(b0 + j) * bb..];
+                            dbits[j] = u16::from_le_bytes([blk[0], blk[1]]);
+                            if ty == GgmlType::Q4_1 {
+                                mbits[j] = u16::from_le_bytes([blk[2], blk[3]]);
+                            }
+                            xd8[j] = xd[b0 + j];
+                            xs8[j] = xs[b0 + j] as f32;
+                        }
+                        let dv = _mm256_cvtph_ps(_mm_loadu_si128(dbits.as_ptr().cast()));
+                        let xdv = _mm256_loadu_ps(xd8.as_ptr());
+                        let mut s8 = [0f32; 8];
+                        _mm256_storeu_ps(s8.as_mut_ptr(), _mm256_mul_ps(dv, xdv));
+                        // Offsets: Q4_0's codes are nibble − 8, Q4_1 adds its min.
+                        let mv = match ty {
+                            GgmlType::Q4_0 => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
+                            GgmlType::Q4_1 => {
+                                _mm256_cvtph_ps(_mm_loadu_si128(mbits.as_ptr().cast()))
+                            }
+                            _ => _mm256_setzero_ps(),
+                        };
+                        offv = _mm256_fmadd_ps(
+                            _mm256_mul_ps(mv, xdv),
+                            _mm256_loadu_ps(xs8.as_ptr()),
+                            offv,
+                        );
+                        for (j, &s) in s8.iter().enumerate().take(n) {
+                            let blk = row.as_ptr().add((b0 + j) * bb);
+                            let xb = x.add((b0 + j) * QK);
+                            let p = if ty == GgmlType::Q8_0 {
+                                let v0 = _mm_loadu_si128(blk.add(2).cast());
+                                let v1 = _mm_loadu_si128(blk.add(18).cast());
+                                _mm256_add_epi32(madd_i8(v0, xb), madd_i8(v1, xb.add(16)))
+                            } else {
+                                let v = _mm_loadu_si128(blk.add(bb - 16).cast());
+                                let lo = _mm_and_si128(v, mask);
+                                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                                _mm256_add_epi32(madd_u8(lo, xb), madd_u8(hi, xb.add(16)))
+                            };
+                            if j % 2 == 0 {
+                                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+                            } else {
+                                acc1 =
+                                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc1);
+                            }
+                        }
                     }
-                }
-                GgmlType::Q8_0 => {
-                    for (b, blk) in row.chunks_exact(34).enumerate() {
-                        let d = f16_at(blk, 0);
-                        let v0 = _mm_loadu_si128(blk[2..18].as_ptr().cast());
-                        let v1 = _mm_loadu_si128(blk[18..34].as_ptr().cast());
-                        let xb = x.add(b * QK);
-                        let p = _mm256_add_epi32(madd_i8(v0, xb), madd_i8(v1, xb.add(16)));
-                        acc =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[b]), acc);
-                    }
+                    acc = _mm256_add_ps(acc, acc1);
+                    off += hsum(offv);
                 }
                 GgmlType::Q4K => {
                     let mut offv = _mm256_setzero_ps();

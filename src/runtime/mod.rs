@@ -12,6 +12,7 @@
 //!   grid checks) and buffer helpers.
 //! - [`memory`]: buffers as plans describe them before allocating (size, binding).
 //! - [`recorder`]: one command submission per plan run, per-stage GPU time.
+//! - [`threads`]: the CPU path's thread pool, with the calling thread as a worker.
 //!
 //! Imports inside run down this list: `recorder` → `launch` → `tensor` → `context` →
 //! `kernel` → `preprocess`.
@@ -24,6 +25,7 @@ pub mod memory;
 pub mod preprocess;
 pub mod recorder;
 pub mod tensor;
+pub mod threads;
 #[cfg(test)]
 pub(crate) mod test_util;
 

@@ -13,6 +13,7 @@
 //! - `wgsparse shader [--list | NAME]`: prints the final WGSL of kernel variants.
 
 mod attention;
+mod bench_model;
 mod calibrate;
 mod demo;
 mod device;
@@ -41,6 +42,9 @@ use wgsparse::Backend;
     about = "Sparse long-context attention on any GPU (WGSL) and the CPU"
 )]
 struct Cli {
+    /// CPU threads (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -60,6 +64,9 @@ enum Command {
     Attention(Box<attention::AttentionArgs>),
     /// Greedy text generation with a real GGUF model (llama, qwen2, gemma3).
     Generate(generate::GenerateArgs),
+    /// Prefill and decode throughput, time to first token and peak memory of a GGUF
+    /// model, per prompt length.
+    BenchModel(bench_model::BenchModelArgs),
     /// Mean next-token negative log-likelihood of a model on the start of a text.
     Nll(nll::NllArgs),
     /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
@@ -133,6 +140,11 @@ fn main() -> ExitCode {
     )
     .init();
     let cli = Cli::parse();
+    // The main thread runs the models: make it one of the CPU pool's workers.
+    if let Err(e) = wgsparse::runtime::threads::init_cpu_threads(cli.threads) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         None => demo::run(),
         Some(Command::Info { json, backend }) => info::run(json, backend),
@@ -142,6 +154,7 @@ fn main() -> ExitCode {
         Some(Command::Shader { list, name, dump }) => shader::run(list, name, dump),
         Some(Command::Generate(a)) => generate::run(&a),
         Some(Command::Nll(a)) => nll::run(&a),
+        Some(Command::BenchModel(a)) => bench_model::run(&a),
         Some(Command::DumpQkv(a)) => dump_qkv::run(&a),
         Some(Command::Eval(a)) => eval::run(&a),
         Some(Command::Calibrate(a)) => calibrate::run(&a),

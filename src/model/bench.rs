@@ -1,0 +1,165 @@
+//! Model throughput, measured the way a user meets it: a prompt prefilled from an empty
+//! KV cache (time to first token includes the first logits), then greedy decoding of
+//! new tokens one at a time against that cache. [`bench_decoder`] runs one measurement;
+//! [`ModelBench`] is the report of `wgsparse bench-model` (one [`BenchRun`] per prompt
+//! length).
+
+use std::fmt;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::decoder::{Decoder, argmax};
+
+/// One prompt length's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRun {
+    /// Prompt tokens prefilled.
+    pub prompt_tokens: usize,
+    /// Tokens decoded after the prompt.
+    pub gen_tokens: usize,
+    /// Prefill throughput: prompt tokens per second of the prefill forward pass.
+    pub prefill_tok_s: f64,
+    /// Time to first token: the prefill and the first token's logits, in milliseconds.
+    pub ttft_ms: f64,
+    /// Decode throughput: new tokens per second (one forward pass and the logits of
+    /// each), with the context growing from the prompt length.
+    pub decode_tok_s: f64,
+    /// The largest total size of the crate's live GPU buffers during the run; `None`
+    /// while the decoder's GPU buffers are not tracked (today only its attention runs on
+    /// a GPU, with buffers made per call; the CPU backend has none).
+    pub peak_gpu_bytes: Option<u64>,
+    /// The process's peak resident memory so far (the high-water mark, which includes
+    /// loading the model).
+    pub peak_host_bytes: u64,
+}
+
+/// `wgsparse bench-model`'s report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelBench {
+    /// The model file.
+    pub model: String,
+    /// Where attention ran (`cpu`, `vulkan`, ...).
+    pub backend: String,
+    /// The prefill's attention method.
+    pub method: String,
+    /// CPU threads of the projections.
+    pub threads: usize,
+    /// The GGUF file's size in bytes.
+    pub file_bytes: u64,
+    /// Bytes of the weights as the decoder holds them.
+    pub weight_bytes: u64,
+    /// Seconds to load the model.
+    pub load_s: f64,
+    /// The first prompt length's figures, also at the report's top level in JSON
+    /// (`prefill_tok_s`, `decode_tok_s`, `ttft_ms`, `peak_gpu_bytes`,
+    /// `peak_host_bytes`, ...), where a consumer of one run reads them.
+    #[serde(flatten)]
+    pub first: BenchRun,
+    /// One run per prompt length, in the order asked (the first one included).
+    pub runs: Vec<BenchRun>,
+}
+
+impl fmt::Display for ModelBench {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: attention on {}, method {}, {} threads; file {:.1} MiB, weights held {:.1} MiB, loaded in {:.1} s",
+            self.model,
+            self.backend,
+            self.method,
+            self.threads,
+            mib(self.file_bytes),
+            mib(self.weight_bytes),
+            self.load_s
+        )?;
+        writeln!(
+            f,
+            "{:>8} {:>6} {:>12} {:>10} {:>11} {:>14} {:>14}",
+            "prompt", "gen", "prefill t/s", "ttft ms", "decode t/s", "peak host MiB", "peak GPU MiB"
+        )?;
+        for r in &self.runs {
+            writeln!(
+                f,
+                "{:>8} {:>6} {:>12.2} {:>10.1} {:>11.2} {:>14.1} {:>14}",
+                r.prompt_tokens,
+                r.gen_tokens,
+                r.prefill_tok_s,
+                r.ttft_ms,
+                r.decode_tok_s,
+                mib(r.peak_host_bytes),
+                r.peak_gpu_bytes
+                    .map_or("-".to_string(), |b| format!("{:.1}", mib(b)))
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// The process's peak resident memory in bytes (0 where the platform does not say).
+pub fn peak_host_bytes() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes a whole rusage into the pointer it is given.
+        let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) } == 0;
+        if ok {
+            // SAFETY: initialized by the successful call above.
+            let kb = unsafe { u.assume_init() }.ru_maxrss.max(0) as u64;
+            return kb * 1024;
+        }
+    }
+    0
+}
+
+/// Prefills `prompt` from an empty cache, then decodes `new_tokens` greedy tokens (every one,
+/// stop tokens included, so that runs of different models decode the same count);
+/// `on_token` sees each new id.
+pub fn bench_decoder(
+    dec: &Decoder,
+    prompt: &[u32],
+    new_tokens: usize,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<BenchRun> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a benchmark needs at least one prompt token".into(),
+        ));
+    }
+    if prompt.len() + new_tokens > dec.cfg.ctx_len {
+        return Err(Error::InvalidArgument(format!(
+            "{} prompt + {new_tokens} new tokens exceed the model's {}-token context",
+            prompt.len(),
+            dec.cfg.ctx_len
+        )));
+    }
+    let dm = dec.cfg.d_model;
+    let mut cache = dec.new_cache();
+    let t0 = Instant::now();
+    let h = dec.forward(prompt, &mut cache, &mut |_| Ok(()))?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut next = argmax(&dec.logits(&h[h.len() - dm..]));
+    let ttft_s = t0.elapsed().as_secs_f64();
+    on_token(next);
+    let t1 = Instant::now();
+    for _ in 0..new_tokens {
+        let h = dec.forward(&[next], &mut cache, &mut |_| Ok(()))?;
+        next = argmax(&dec.logits(&h));
+        on_token(next);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    Ok(BenchRun {
+        prompt_tokens: prompt.len(),
+        gen_tokens: new_tokens,
+        prefill_tok_s: prompt.len() as f64 / prefill_s,
+        ttft_ms: ttft_s * 1e3,
+        decode_tok_s: if new_tokens == 0 { 0.0 } else { new_tokens as f64 / decode_s },
+        peak_gpu_bytes: None,
+        peak_host_bytes: peak_host_bytes(),
+    })
+}
