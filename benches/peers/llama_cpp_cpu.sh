@@ -7,9 +7,11 @@
 # Builds `llama-bench` once into target/peers/llama.cpp from the llama.cpp source that the
 # llama-cpp-python sdist vendors (pip downloads it; cmake and ninja come from pip too, into
 # target/peers/venv), then per model prints one JSON line per side:
-#   llama.cpp: llama-bench -t THREADS -p 512 -n 32  (prefill and decode tok/s)
-#   wgsparse:  `nll --tokens 512` (prefill tok/s: 512 tokens through the decoder),
-#              `generate --tokens 32` (decode tok/s), peak resident memory of each
+#   llama.cpp: llama-bench -t THREADS -p 512 -n 32 -d 0,512   (prefill of 512 tokens;
+#              decode of 32 tokens from an empty context and after 512 tokens)
+#   wgsparse:  bench-model --backend cpu --threads THREADS --prompt-tokens 16,512
+#              --gen 32   (prefill of 512 tokens; decode of 32 tokens after 16 and after
+#              512 prompt tokens; peak resident memory of the process)
 # THREADS defaults to the number of cores (`nproc`); WGSPARSE is the binary
 # (default target/release/wgsparse, built if missing).
 set -euo pipefail
@@ -20,7 +22,6 @@ threads=${THREADS:-$(nproc)}
 peers=$PWD/target/peers
 bench=$peers/llama.cpp/build/bin/llama-bench
 wgsparse=${WGSPARSE:-target/release/wgsparse}
-text=${TEXT:-data/text/emma.txt}
 
 if [ ! -x "$bench" ]; then
     say "building llama-bench (once)"
@@ -44,34 +45,29 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
 
 for model in "$@"; do
     say "$model: llama.cpp, $threads threads"
-    "$bench" -m "$model" -t "$threads" -p 512 -n 32 -o jsonl 2>/dev/null |
+    "$bench" -m "$model" -t "$threads" -p 512 -n 32 -d 0,512 -o jsonl 2>/dev/null |
         python3 -c '
 import json, sys
 for line in sys.stdin:
     r = json.loads(line)
     kind = "prefill" if r["n_prompt"] else "decode"
-    print(json.dumps({"bench": "llama.cpp", "model": r["model_filename"], "test": kind,
-                      "tokens": r["n_prompt"] or r["n_gen"], "tok_s": round(r["avg_ts"], 2)}))'
-    say "$model: wgsparse --backend cpu"
-    for kind in prefill decode; do
-        if [ $kind = prefill ]; then
-            args=(nll --model "$model" --text "$text" --tokens 512 --backend cpu)
-        else
-            args=(generate --model "$model" --prompt "Once upon a time" --tokens 32 --backend cpu)
-        fi
-        out=$( { /usr/bin/time -f 'peak_kb %M' "$wgsparse" "${args[@]}" 2>&1; } )
-        python3 - "$model" "$kind" "$out" <<'EOF'
-import json, re, sys
-model, kind, out = sys.argv[1], sys.argv[2], sys.argv[3]
-peak = int(re.search(r"peak_kb (\d+)", out).group(1))
-if kind == "prefill":
-    m = re.search(r"of (\d+) tokens .*?, ([\d.]+) s", out)
-    tokens, secs = int(m.group(1)), float(m.group(2))
-else:
-    m = re.search(r"(\d+) generated in ([\d.]+) s", out)
-    tokens, secs = int(m.group(1)), float(m.group(2))
-print(json.dumps({"bench": "wgsparse", "model": model.rsplit("/", 1)[-1], "test": kind,
-                  "tokens": tokens, "tok_s": round(tokens / secs, 2), "peak_mb": peak // 1024}))
-EOF
-    done
+    print(json.dumps({"bench": "llama.cpp", "model": r["model_filename"].rsplit("/", 1)[-1],
+                      "test": kind, "tokens": r["n_prompt"] or r["n_gen"],
+                      "context": r.get("n_depth", 0), "tok_s": round(r["avg_ts"], 2)}))'
+    say "$model: wgsparse bench-model --backend cpu"
+    "$wgsparse" bench-model --model "$model" --backend cpu --threads "$threads" \
+        --prompt-tokens 16,512 --gen 32 --json 2>/dev/null |
+        python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+name = r["model"].rsplit("/", 1)[-1]
+for run in r["runs"]:
+    if run["prompt_tokens"] == 512:
+        print(json.dumps({"bench": "wgsparse", "model": name, "test": "prefill", "tokens": 512,
+                          "context": 0, "tok_s": round(run["prefill_tok_s"], 2)}))
+    print(json.dumps({"bench": "wgsparse", "model": name, "test": "decode",
+                      "tokens": run["gen_tokens"], "context": run["prompt_tokens"],
+                      "tok_s": round(run["decode_tok_s"], 2),
+                      "peak_mb": run["peak_host_bytes"] >> 20,
+                      "file_mb": r["file_bytes"] >> 20}))'
 done

@@ -900,17 +900,27 @@ mod tests {
         // gemma3 with window 6 and 11 tokens: layer 0 and 1 are local (window binds).
         for arch in ["llama", "qwen2", "gemma3"] {
             let g = Gguf::from_bytes(tiny_model(arch, 11)).unwrap();
-            let dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+            let mut dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
             let ids: Vec<u32> = (0..11).map(|i| (i * 7 % 40) as u32).collect();
-            let mut c1 = dec.new_cache();
-            let full = dec.forward(&ids, &mut c1, &mut |_| Ok(())).unwrap();
-            let mut c2 = dec.new_cache();
-            let mut inc = dec.forward(&ids[..4], &mut c2, &mut |_| Ok(())).unwrap();
-            for &id in &ids[4..] {
-                inc.extend(dec.forward(&[id], &mut c2, &mut |_| Ok(())).unwrap());
+            // An f32 cache: decode steps see exactly what the prefill saw; an f16 cache
+            // rounds keys and values to 11 bits (hidden states of size ~1 move by less
+            // than 1e-2 after two layers).
+            for (precision, tol) in [(KvPrecision::F32, 2e-4), (KvPrecision::F16, 1e-2)] {
+                dec.kv_precision = precision;
+                let mut c1 = dec.new_cache();
+                let full = dec.forward(&ids, &mut c1, &mut |_| Ok(())).unwrap();
+                let mut c2 = dec.new_cache();
+                let mut inc = dec.forward(&ids[..4], &mut c2, &mut |_| Ok(())).unwrap();
+                // A 3-token continuation, then one token at a time.
+                inc.extend(dec.forward(&ids[4..7], &mut c2, &mut |_| Ok(())).unwrap());
+                for &id in &ids[7..] {
+                    inc.extend(dec.forward(&[id], &mut c2, &mut |_| Ok(())).unwrap());
+                }
+                assert_eq!(c2.len(), 11);
+                let half = if precision == KvPrecision::F16 { 2 } else { 4 };
+                assert_eq!(c2.bytes(), 2 * 2 * 11 * 64 * half);
+                close(&inc, &full, tol);
             }
-            assert_eq!(c2.len(), 11);
-            close(&inc, &full, 2e-4);
             let (nll, n) = dec.nll(&ids).unwrap();
             assert_eq!(n, 10);
             assert!(nll.is_finite() && nll > 0.0);

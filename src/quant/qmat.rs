@@ -423,6 +423,89 @@ mod fused_avx2 {
         }
     }
 
+    /// Q4_0 (`KIND` 0, `BB` 18 bytes a block), Q4_1 (1, 20) or Q8_0 (2, 34) row against
+    /// 16-bit activations: the integer sums scaled per block into a vector accumulator,
+    /// and the offsets' sum. Eight blocks at a time: their f16 scales converted in one
+    /// instruction (a scalar conversion per block chained every block to the last one
+    /// through its merge register), their products into two accumulators.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn small_blocks<const BB: usize, const KIND: u8>(
+        row: &[u8],
+        x: *const i16,
+        xd: &[f32],
+        xs: &[i32],
+    ) -> (__m256, f32) {
+        let mask = _mm_set1_epi8(0x0f);
+        let nb = row.len() / BB;
+        assert!(xd.len() >= nb && xs.len() >= nb);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut offv = _mm256_setzero_ps();
+        let p = row.as_ptr();
+        let mut b0 = 0;
+        while b0 < nb {
+            let n = (nb - b0).min(8);
+            let (mut dbits, mut mbits) = ([0u16; 8], [0u16; 8]);
+            let (mut xd8, mut xs8) = ([0f32; 8], [0i32; 8]);
+            unsafe {
+                for j in 0..n {
+                    let blk = p.add((b0 + j) * BB);
+                    dbits[j] = blk.cast::<u16>().read_unaligned();
+                    if KIND == 1 {
+                        mbits[j] = blk.add(2).cast::<u16>().read_unaligned();
+                    }
+                }
+                xd8[..n].copy_from_slice(&xd[b0..b0 + n]);
+                xs8[..n].copy_from_slice(&xs[b0..b0 + n]);
+                let dv = _mm256_cvtph_ps(_mm_loadu_si128(dbits.as_ptr().cast()));
+                let xdv = _mm256_loadu_ps(xd8.as_ptr());
+                let sv = _mm256_mul_ps(dv, xdv);
+                // Offsets: Q4_0's codes are nibble − 8, Q4_1 adds its min.
+                let mv = match KIND {
+                    0 => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
+                    1 => _mm256_cvtph_ps(_mm_loadu_si128(mbits.as_ptr().cast())),
+                    _ => _mm256_setzero_ps(),
+                };
+                if KIND != 2 {
+                    offv = _mm256_fmadd_ps(
+                        _mm256_mul_ps(mv, xdv),
+                        _mm256_cvtepi32_ps(_mm256_loadu_si256(xs8.as_ptr().cast())),
+                        offv,
+                    );
+                }
+                let mut s8 = [0f32; 8];
+                _mm256_storeu_ps(s8.as_mut_ptr(), sv);
+                let dot = |j: usize| -> __m256 {
+                    let blk = p.add((b0 + j) * BB);
+                    let xb = x.add((b0 + j) * QK);
+                    let q = if KIND == 2 {
+                        let v0 = _mm_loadu_si128(blk.add(2).cast());
+                        let v1 = _mm_loadu_si128(blk.add(18).cast());
+                        _mm256_add_epi32(madd_i8(v0, xb), madd_i8(v1, xb.add(16)))
+                    } else {
+                        let v = _mm_loadu_si128(blk.add(BB - 16).cast());
+                        let lo = _mm_and_si128(v, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                        _mm256_add_epi32(madd_u8(lo, xb), madd_u8(hi, xb.add(16)))
+                    };
+                    _mm256_cvtepi32_ps(q)
+                };
+                if n == 8 {
+                    for j in (0..8).step_by(2) {
+                        acc0 = _mm256_fmadd_ps(dot(j), _mm256_set1_ps(s8[j]), acc0);
+                        acc1 = _mm256_fmadd_ps(dot(j + 1), _mm256_set1_ps(s8[j + 1]), acc1);
+                    }
+                } else {
+                    for (j, &s) in s8.iter().enumerate().take(n) {
+                        acc0 = _mm256_fmadd_ps(dot(j), _mm256_set1_ps(s), acc0);
+                    }
+                }
+            }
+            b0 += n;
+        }
+        (_mm256_add_ps(acc0, acc1), unsafe { hsum(offv) })
+    }
+
     /// One row of `ty` against one activation row (16-bit codes `xq`, block scales
     /// `xd`, block code sums `xs`): `Σ_b xd_b · (scale_b · Σ q·x + offset_b · xs_b)`,
     /// the same sums as [`super::row_dot`] over the decoded row.
@@ -437,72 +520,20 @@ mod fused_avx2 {
         let x = xq.as_ptr();
         unsafe {
             match ty {
-                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-                    let bb = match ty {
-                        GgmlType::Q4_0 => 18,
-                        GgmlType::Q4_1 => 20,
-                        _ => 34,
-                    };
-                    let nb = row.len() / bb;
-                    // Two accumulators: a block's products do not wait for the last one's.
-                    let mut acc1 = _mm256_setzero_ps();
-                    let mut offv = _mm256_setzero_ps();
-                    for b0 in (0..nb).step_by(8) {
-                        // Eight blocks' factors at once, each scale converted from f16
-                        // in one instruction (a scalar conversion per block would chain
-                        // every block to the previous one through its merge register).
-                        let n = (nb - b0).min(8);
-                        let (mut dbits, mut mbits) = ([0u16; 8], [0u16; 8]);
-                        let (mut xd8, mut xs8) = ([0f32; 8], [0f32; 8]);
-                        for j in 0..n {
-                            let blk = &row[(b0 + j) * bb..];
-                            dbits[j] = u16::from_le_bytes([blk[0], blk[1]]);
-                            if ty == GgmlType::Q4_1 {
-                                mbits[j] = u16::from_le_bytes([blk[2], blk[3]]);
-                            }
-                            xd8[j] = xd[b0 + j];
-                            xs8[j] = xs[b0 + j] as f32;
-                        }
-                        let dv = _mm256_cvtph_ps(_mm_loadu_si128(dbits.as_ptr().cast()));
-                        let xdv = _mm256_loadu_ps(xd8.as_ptr());
-                        let mut s8 = [0f32; 8];
-                        _mm256_storeu_ps(s8.as_mut_ptr(), _mm256_mul_ps(dv, xdv));
-                        // Offsets: Q4_0's codes are nibble − 8, Q4_1 adds its min.
-                        let mv = match ty {
-                            GgmlType::Q4_0 => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
-                            GgmlType::Q4_1 => {
-                                _mm256_cvtph_ps(_mm_loadu_si128(mbits.as_ptr().cast()))
-                            }
-                            _ => _mm256_setzero_ps(),
-                        };
-                        offv = _mm256_fmadd_ps(
-                            _mm256_mul_ps(mv, xdv),
-                            _mm256_loadu_ps(xs8.as_ptr()),
-                            offv,
-                        );
-                        for (j, &s) in s8.iter().enumerate().take(n) {
-                            let blk = row.as_ptr().add((b0 + j) * bb);
-                            let xb = x.add((b0 + j) * QK);
-                            let p = if ty == GgmlType::Q8_0 {
-                                let v0 = _mm_loadu_si128(blk.add(2).cast());
-                                let v1 = _mm_loadu_si128(blk.add(18).cast());
-                                _mm256_add_epi32(madd_i8(v0, xb), madd_i8(v1, xb.add(16)))
-                            } else {
-                                let v = _mm_loadu_si128(blk.add(bb - 16).cast());
-                                let lo = _mm_and_si128(v, mask);
-                                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-                                _mm256_add_epi32(madd_u8(lo, xb), madd_u8(hi, xb.add(16)))
-                            };
-                            if j % 2 == 0 {
-                                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
-                            } else {
-                                acc1 =
-                                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc1);
-                            }
-                        }
-                    }
-                    acc = _mm256_add_ps(acc, acc1);
-                    off += hsum(offv);
+                GgmlType::Q4_0 => {
+                    let (a, o) = small_blocks::<18, 0>(row, x, xd, xs);
+                    acc = a;
+                    off = o;
+                }
+                GgmlType::Q4_1 => {
+                    let (a, o) = small_blocks::<20, 1>(row, x, xd, xs);
+                    acc = a;
+                    off = o;
+                }
+                GgmlType::Q8_0 => {
+                    let (a, o) = small_blocks::<34, 2>(row, x, xd, xs);
+                    acc = a;
+                    off = o;
                 }
                 GgmlType::Q4K => {
                     let mut offv = _mm256_setzero_ps();
@@ -914,8 +945,14 @@ mod tests {
             GgmlType::Q6K,
         ];
         for ty in types {
-            // Ragged rows; decoding (1–3 tokens) and the SGEMM path (9 tokens).
-            for (rows, cols, t) in [(37, 256, 1), (5, 512, 3), (19, 768, 2), (70, 256, 9)] {
+            // Ragged rows; decoding (1–3 tokens) and the SGEMM path (9 tokens); for the
+            // 32-value formats also rows of 3 and 18 blocks (kernels that take eight
+            // blocks at a time then end on a partial group).
+            let mut shapes = vec![(37, 256, 1), (5, 512, 3), (19, 768, 2), (70, 256, 9)];
+            if ty.block().0 == 32 {
+                shapes.extend([(11, 96, 1), (7, 576, 2), (9, 96, 9)]);
+            }
+            for (rows, cols, t) in shapes {
                 let m = QMat::new(ty, rows, cols, random_matrix(ty, rows, cols, &mut rng)).unwrap();
                 let w = m.dequantize().unwrap();
                 let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
