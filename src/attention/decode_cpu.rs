@@ -209,7 +209,10 @@ impl CacheAttention {
         for r0 in (0..n).step_by(ROWS) {
             let rn = ROWS.min(n - r0);
             for r in 0..rn {
-                k.read(((c0 + r0 + r) * kvh + kh) * d, &mut rows[r * d..(r + 1) * d]);
+                k.read(
+                    ((c0 + r0 + r) * kvh + kh) * d,
+                    &mut rows[r * d..(r + 1) * d],
+                );
             }
             for g in 0..group {
                 let qv = &qg[g * d..(g + 1) * d];
@@ -233,7 +236,10 @@ impl CacheAttention {
         for r0 in (0..n).step_by(ROWS) {
             let rn = ROWS.min(n - r0);
             for r in 0..rn {
-                v.read(((c0 + r0 + r) * kvh + kh) * d, &mut rows[r * d..(r + 1) * d]);
+                v.read(
+                    ((c0 + r0 + r) * kvh + kh) * d,
+                    &mut rows[r * d..(r + 1) * d],
+                );
             }
             for g in 0..group {
                 let a = &mut acc[g * d..(g + 1) * d];
@@ -288,7 +294,10 @@ mod tests {
                     .map(|j| {
                         let kr = &k[(j * kvh + kh) * d..][..d];
                         a.scale as f64
-                            * qv.iter().zip(kr).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>()
+                            * qv.iter()
+                                .zip(kr)
+                                .map(|(x, y)| *x as f64 * *y as f64)
+                                .sum::<f64>()
                     })
                     .collect();
                 let m = s.iter().copied().fold(f64::MIN, f64::max);
@@ -329,7 +338,10 @@ mod tests {
             .unwrap();
         let want = reference(&a, &q, &round(&k16), &round(&v16));
         for (x, y) in out.iter().zip(&want) {
-            assert!((x - y).abs() <= 2e-5 + 1e-4 * y.abs(), "{a:?} f16: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 2e-5 + 1e-4 * y.abs(),
+                "{a:?} f16: {x} vs {y}"
+            );
         }
     }
 

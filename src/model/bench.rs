@@ -77,7 +77,13 @@ impl fmt::Display for ModelBench {
         writeln!(
             f,
             "{:>8} {:>6} {:>12} {:>10} {:>11} {:>14} {:>14}",
-            "prompt", "gen", "prefill t/s", "ttft ms", "decode t/s", "peak host MiB", "peak GPU MiB"
+            "prompt",
+            "gen",
+            "prefill t/s",
+            "ttft ms",
+            "decode t/s",
+            "peak host MiB",
+            "peak GPU MiB"
         )?;
         for r in &self.runs {
             writeln!(
@@ -158,7 +164,11 @@ pub fn bench_decoder(
         gen_tokens: new_tokens,
         prefill_tok_s: prompt.len() as f64 / prefill_s,
         ttft_ms: ttft_s * 1e3,
-        decode_tok_s: if new_tokens == 0 { 0.0 } else { new_tokens as f64 / decode_s },
+        decode_tok_s: if new_tokens == 0 {
+            0.0
+        } else {
+            new_tokens as f64 / decode_s
+        },
         peak_gpu_bytes: None,
         peak_host_bytes: peak_host_bytes(),
     })

@@ -662,7 +662,11 @@ impl Decoder {
             rope_rows(&mut k, d, &table, style, |i| i / c.n_kv_head);
             // Head-major views for the observer and the attention plans ([h, t, d] is
             // [t, h, d] when t = 1).
-            let (qh, kh, vh) = (head_major(&q, t, d), head_major(&k, t, d), head_major(&v, t, d));
+            let (qh, kh, vh) = (
+                head_major(&q, t, d),
+                head_major(&k, t, d),
+                head_major(&v, t, d),
+            );
             let method = pick(&LayerQkv {
                 layer: li,
                 global: c.global[li],

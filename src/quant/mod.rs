@@ -8,6 +8,7 @@ pub mod ggml;
 pub mod packed;
 pub mod q4_0;
 pub mod qmat;
+pub mod rows8;
 
 pub use ggml::{GgmlType, dequantize};
 pub use packed::{PackedMatrix, WeightFormat};

@@ -17,6 +17,7 @@
 use rayon::prelude::*;
 
 use super::ggml::{GgmlType, dequantize, dequantize_into, h, q5_values, scale_min_k4};
+use super::rows8;
 use crate::error::{Error, Result};
 
 /// Values per activation block (and per weight offset).
@@ -29,6 +30,8 @@ pub struct QMat {
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    /// Leading rows held in groups of eight ([`rows8`]; 0 for formats kept as is).
+    packed_rows: usize,
     bytes: Vec<u8>,
 }
 
@@ -666,11 +669,29 @@ impl QMat {
                 bytes.len()
             )));
         }
+        let packed_rows = if rows8::repacked(ty) {
+            rows - rows % rows8::GROUP
+        } else {
+            0
+        };
+        let bytes = if packed_rows > 0 {
+            let mut packed = rows8::pack(
+                ty,
+                packed_rows,
+                row_bytes,
+                &bytes[..packed_rows * row_bytes],
+            );
+            packed.extend_from_slice(&bytes[packed_rows * row_bytes..]);
+            packed
+        } else {
+            bytes
+        };
         Ok(QMat {
             ty,
             rows,
             cols,
             row_bytes,
+            packed_rows,
             bytes,
         })
     }
@@ -696,16 +717,72 @@ impl QMat {
         matches!(self.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
     }
 
+    /// Row `r`'s GGUF bytes: in place, or (a row of a group of eight) rebuilt in
+    /// `scratch`.
+    fn gguf_row<'a>(&'a self, r: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        let rb = self.row_bytes;
+        if r < self.packed_rows {
+            let g = r / rows8::GROUP * rows8::GROUP;
+            scratch.resize(rb, 0);
+            let group = &self.bytes[g * rb..(g + rows8::GROUP) * rb];
+            rows8::group_row(self.ty, group, r - g, scratch);
+            scratch
+        } else {
+            &self.bytes[r * rb..(r + 1) * rb]
+        }
+    }
+
     /// Row `r` dequantized into `out` (`cols` values): ggml's dequantizer, or the same
     /// values from the fused AVX2 kernels.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        let row = &self.bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
+        self.row_f32_with(r, out, &mut Vec::new())
+    }
+
+    /// [`QMat::row_f32`] with a scratch buffer for rebuilt rows.
+    fn row_f32_with(&self, r: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
+        let row = self.gguf_row(r, scratch);
         #[cfg(target_arch = "x86_64")]
         if fused_avx2::handles(self.ty) && fused_avx2::available() {
             // SAFETY: the features were detected; `out` holds the row.
             return unsafe { fused_avx2::row_f32(self.ty, row, out) };
         }
         dequantize_into(self.ty, row, out);
+    }
+
+    /// Rows `r0..` dequantized into `out` (whole rows): groups of eight at once where
+    /// the rows are packed and the AVX2 kernels run, row by row otherwise.
+    fn rows_f32(&self, r0: usize, out: &mut [f32]) {
+        let (cols, rb) = (self.cols, self.row_bytes);
+        let mut scratch = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        let groups = fused_avx2::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let groups = false;
+        let mut i = 0;
+        while i < out.len() / cols {
+            let r = r0 + i;
+            #[cfg(target_arch = "x86_64")]
+            if groups
+                && r.is_multiple_of(rows8::GROUP)
+                && r < self.packed_rows
+                && (i + 8) * cols <= out.len()
+            {
+                let group = &self.bytes[r * rb..(r + rows8::GROUP) * rb];
+                let o = &mut out[i * cols..(i + rows8::GROUP) * cols];
+                // SAFETY: the features were detected; the group holds cols / 32 records.
+                unsafe {
+                    match self.ty {
+                        GgmlType::Q4_0 => rows8::avx2::group_f32::<0, 144>(group, cols, o),
+                        GgmlType::Q4_1 => rows8::avx2::group_f32::<1, 160>(group, cols, o),
+                        _ => rows8::avx2::group_f32::<2, 272>(group, cols, o),
+                    }
+                }
+                i += rows8::GROUP;
+                continue;
+            }
+            self.row_f32_with(r, &mut out[i * cols..(i + 1) * cols], &mut scratch);
+            i += 1;
+        }
     }
 
     /// A typed [`Error::NonFinite`] when a weight (or a block scale) is NaN or
@@ -715,19 +792,40 @@ impl QMat {
         let scales = scale_fields(self.ty);
         if !scales.is_empty() {
             let (bw, bb) = self.ty.block();
-            let bad = self
-                .bytes
+            let nb = self.row_bytes / bb;
+            let bad_value = |b: &[u8], fields: &[usize]| {
+                fields.iter().map(|&at| h(b, at)).find(|v| !v.is_finite())
+            };
+            let fail = |index: usize, value: f32| Error::NonFinite {
+                what: format!("{what} (block scale)"),
+                index,
+                value,
+                dtype: "f32",
+            };
+            // Groups of eight rows: a record starts with the eight scales (and mins).
+            let split = self.packed_rows * self.row_bytes;
+            let record = rows8::GROUP * bb;
+            let fields: Vec<usize> = (0..scales.len() * rows8::GROUP).map(|i| 2 * i).collect();
+            let bad = self.bytes[..split]
+                .par_chunks(record)
+                .position_first(|rec| bad_value(rec, &fields).is_some());
+            if let Some(at) = bad {
+                let rec = &self.bytes[at * record..(at + 1) * record];
+                let i = fields
+                    .iter()
+                    .position(|&f| !h(rec, f).is_finite())
+                    .unwrap_or(0);
+                let (g, b, r) = (at / nb, at % nb, i % rows8::GROUP);
+                let index = (g * rows8::GROUP + r) * self.cols + b * bw;
+                return Err(fail(index, bad_value(rec, &fields).unwrap_or(f32::NAN)));
+            }
+            let bad = self.bytes[split..]
                 .par_chunks(bb)
-                .position_first(|b| scales.iter().any(|&at| !h(b, at).is_finite()));
+                .position_first(|b| bad_value(b, scales).is_some());
             if let Some(blk) = bad {
-                let b = &self.bytes[blk * bb..(blk + 1) * bb];
-                let value = scales.iter().map(|&at| h(b, at)).find(|v| !v.is_finite());
-                return Err(Error::NonFinite {
-                    what: format!("{what} (block scale)"),
-                    index: blk * bw,
-                    value: value.unwrap_or(f32::NAN),
-                    dtype: "f32",
-                });
+                let b = &self.bytes[split + blk * bb..split + (blk + 1) * bb];
+                let index = self.packed_rows * self.cols + blk * bw;
+                return Err(fail(index, bad_value(b, scales).unwrap_or(f32::NAN)));
             }
             return Ok(());
         }
@@ -742,7 +840,14 @@ impl QMat {
 
     /// The whole matrix dequantized (tests, the GPU upload).
     pub fn dequantize(&self) -> Result<Vec<f32>> {
-        dequantize(self.ty, &self.bytes, self.rows * self.cols)
+        if self.packed_rows == 0 {
+            return dequantize(self.ty, &self.bytes, self.rows * self.cols);
+        }
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, row)| self.row_f32(r, row));
+        Ok(out)
     }
 
     /// `x [t, cols]` times this matrix transposed: `[t, rows]`. Under [`GEMM_TOKENS`]
@@ -786,9 +891,7 @@ impl QMat {
                 let r0 = task * per;
                 let rt = per.min(rows - r0);
                 let mut w = vec![0f32; rt * cols];
-                for (i, wr) in w.chunks_exact_mut(cols).enumerate() {
-                    self.row_f32(r0 + i, wr);
-                }
+                self.rows_f32(r0, &mut w);
                 let base = &base;
                 // out[j, r0 + i] = Σ_c w[i, c] · x[j, c]: C = w · xᵀ with C's rows
                 // (tile rows) 1 apart and its columns (tokens) `rows` apart.
@@ -816,7 +919,8 @@ impl QMat {
             return out;
         }
         let mut out_t = vec![0f32; rows * t];
-        let per_task = (TASK_WEIGHTS / cols).max(16);
+        // Whole groups of eight rows a task.
+        let per_task = (TASK_WEIGHTS / cols).max(16).next_multiple_of(rows8::GROUP);
         if self.is_float() {
             out_t
                 .par_chunks_mut(per_task * t)
@@ -843,9 +947,47 @@ impl QMat {
                 .enumerate()
                 .for_each(|(task, o)| {
                     let mut w: Option<RowCodes> = None;
-                    for (ri, orow) in o.chunks_mut(t).enumerate() {
+                    let mut scratch = Vec::new();
+                    let mut ri = 0;
+                    while ri < o.len() / t {
                         let r = task * per_task + ri;
-                        let row = &self.bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
+                        #[cfg(target_arch = "x86_64")]
+                        if fused && r < self.packed_rows {
+                            // A group of eight rows (tasks start on a group).
+                            let rb = self.row_bytes;
+                            let group = &self.bytes[r * rb..(r + rows8::GROUP) * rb];
+                            for i in 0..t {
+                                let (xq, xd, xs) = (
+                                    xq.q[i * cols..].as_ptr(),
+                                    &xq.d[i * nb..(i + 1) * nb],
+                                    &xq.sum[i * nb..(i + 1) * nb],
+                                );
+                                // SAFETY: `fused` is set only where AVX2, FMA and F16C
+                                // were detected; the group and activations hold `nb`
+                                // blocks.
+                                let y = unsafe {
+                                    match self.ty {
+                                        GgmlType::Q4_0 => {
+                                            rows8::avx2::dot_group::<0, 144>(group, nb, xq, xd, xs)
+                                        }
+                                        GgmlType::Q4_1 => {
+                                            rows8::avx2::dot_group::<1, 160>(group, nb, xq, xd, xs)
+                                        }
+                                        _ => {
+                                            rows8::avx2::dot_group::<2, 272>(group, nb, xq, xd, xs)
+                                        }
+                                    }
+                                };
+                                for (k, y) in y.into_iter().enumerate() {
+                                    o[(ri + k) * t + i] = y;
+                                }
+                            }
+                            ri += rows8::GROUP;
+                            continue;
+                        }
+                        let orow = &mut o[ri * t..(ri + 1) * t];
+                        ri += 1;
+                        let row = self.gguf_row(r, &mut scratch);
                         #[cfg(target_arch = "x86_64")]
                         if fused {
                             for (i, y) in orow.iter_mut().enumerate() {
@@ -978,6 +1120,13 @@ mod tests {
                 for r in 0..rows {
                     m.row_f32(r, &mut row);
                     assert_eq!(row, w[r * cols..(r + 1) * cols], "{ty:?} row {r}");
+                }
+                // The SGEMM tiles' dequantizer (eight packed rows at a time) gives the
+                // same values, from any first row.
+                for r0 in [0, 3, 8].into_iter().filter(|&r0| r0 < rows) {
+                    let mut tile = vec![f32::NAN; (rows - r0) * cols];
+                    m.rows_f32(r0, &mut tile);
+                    assert_eq!(tile, w[r0 * cols..], "{ty:?} rows from {r0}");
                 }
                 for i in 0..t {
                     for r in 0..rows {

@@ -25,9 +25,9 @@ pub mod memory;
 pub mod preprocess;
 pub mod recorder;
 pub mod tensor;
-pub mod threads;
 #[cfg(test)]
 pub(crate) mod test_util;
+pub mod threads;
 
 pub use kernel::{BindingKind, Kernel, KernelSpec};
 pub(crate) use recorder::Instant;

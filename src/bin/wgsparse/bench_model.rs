@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use clap::Args;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use wgsparse::{Error, Result};
 use wgsparse::model::bench::{ModelBench, bench_decoder};
+use wgsparse::{Error, Result};
 
 use crate::model::*;
 use crate::progress::Progress;
@@ -38,7 +38,9 @@ pub fn run(a: &BenchModelArgs) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let progress = Progress::new(a.prompt_tokens.len() as u64, "bench-model", a.json);
     if a.prompt_tokens.is_empty() {
-        return Err(Error::InvalidArgument("--prompt-tokens lists no length".into()));
+        return Err(Error::InvalidArgument(
+            "--prompt-tokens lists no length".into(),
+        ));
     }
     let mut rng = StdRng::seed_from_u64(1);
     let mut runs = Vec::new();
