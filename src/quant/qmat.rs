@@ -636,6 +636,12 @@ mod fused_avx2 {
     }
 }
 
+/// Whether this CPU has AVX2, FMA and F16C (the fused kernels' features).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_f16c() -> bool {
+    fused_avx2::available()
+}
+
 /// Weights per parallel task of a product at least (small matrices then run on fewer
 /// threads instead of paying a fork-join per 16 rows).
 const TASK_WEIGHTS: usize = 1 << 16;
@@ -649,6 +655,9 @@ unsafe impl Sync for SendPtr {}
 pub const GEMM_TOKENS: usize = 8;
 /// The fewest rows of a dequantized tile of the SGEMM path.
 const GEMM_ROWS: usize = 64;
+/// Weight bytes per task of the VNNI prompt product.
+#[cfg(target_arch = "x86_64")]
+const VNNI_TASK_BYTES: usize = 256 << 10;
 /// The most bytes of a dequantized f32 tile of the SGEMM path.
 const GEMM_TILE_BYTES: usize = 8 << 20;
 
@@ -873,11 +882,97 @@ impl QMat {
         self.apply_with(x, t, false)
     }
 
+    /// A prompt's product with packed rows on AVX-512 VNNI: integer dot products of the
+    /// 16-bit activations, eight tokens at a time per decoded block; the rows past the
+    /// last group of eight by the decode kernel. Writes `[t, rows]` directly.
+    #[cfg(target_arch = "x86_64")]
+    fn apply_vnni(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
+        let nb = cols / QK;
+        let xq = Q16Rows::new(x);
+        let mut out = vec![0f32; t * rows];
+        let base = SendPtr(out.as_mut_ptr());
+        let groups = self.packed_rows / rows8::GROUP;
+        // Groups per task: about 256 KiB of weights (reused by every token tile), and
+        // at least one task per thread.
+        let per = (VNNI_TASK_BYTES / (rows8::GROUP * rb))
+            .clamp(1, groups.div_ceil(rayon::current_num_threads()).max(1));
+        // Eight rows of group g for tokens j..j + TT.
+        fn run<const TT: usize>(m: &QMat, xq: &Q16Rows, g: usize, j: usize) -> [[f32; 8]; TT] {
+            let (cols, rb) = (m.cols, m.row_bytes);
+            let nb = cols / QK;
+            let group = &m.bytes[g * rows8::GROUP * rb..(g + 1) * rows8::GROUP * rb];
+            let xs: [*const i16; TT] = std::array::from_fn(|k| xq.q[(j + k) * cols..].as_ptr());
+            let xd: [*const f32; TT] = std::array::from_fn(|k| xq.d[(j + k) * nb..].as_ptr());
+            let xsum: [*const i32; TT] = std::array::from_fn(|k| xq.sum[(j + k) * nb..].as_ptr());
+            // SAFETY: `apply_with` checked the features; every pointer covers `nb`
+            // blocks of one token's activations.
+            unsafe {
+                match m.ty {
+                    GgmlType::Q4_0 => {
+                        rows8::vnni::gemm_group::<0, 144, TT>(group, nb, xs, xd, xsum)
+                    }
+                    GgmlType::Q4_1 => {
+                        rows8::vnni::gemm_group::<1, 160, TT>(group, nb, xs, xd, xsum)
+                    }
+                    _ => rows8::vnni::gemm_group::<2, 272, TT>(group, nb, xs, xd, xsum),
+                }
+            }
+        }
+        let kernel = |g: usize, j: usize, tt: usize| -> [[f32; 8]; 8] {
+            let mut y = [[0f32; 8]; 8];
+            match tt {
+                8 => y = run::<8>(self, &xq, g, j),
+                4 => y[..4].copy_from_slice(&run::<4>(self, &xq, g, j)),
+                _ => y[0] = run::<1>(self, &xq, g, j)[0],
+            }
+            y
+        };
+        (0..groups.div_ceil(per)).into_par_iter().for_each(|task| {
+            let base = &base;
+            let mut j = 0;
+            while j < t {
+                let tt = [8, 4, 1].into_iter().find(|&n| j + n <= t).unwrap_or(1);
+                for g in task * per..((task + 1) * per).min(groups) {
+                    let y = kernel(g, j, tt);
+                    for (k, y) in y.iter().enumerate().take(tt) {
+                        for (r, &v) in y.iter().enumerate() {
+                            // SAFETY: row g·8 + r of token j + k is written by this task only.
+                            unsafe { *base.0.add((j + k) * rows + g * rows8::GROUP + r) = v };
+                        }
+                    }
+                }
+                j += tt;
+            }
+        });
+        // The rows after the groups, token by token.
+        for r in self.packed_rows..rows {
+            let row = &self.bytes[r * rb..(r + 1) * rb];
+            for j in 0..t {
+                // SAFETY: `apply_with` checked AVX2, FMA and F16C (VNNI implies them).
+                out[j * rows + r] = unsafe {
+                    fused_avx2::row_dot(
+                        self.ty,
+                        row,
+                        &xq.q[j * cols..(j + 1) * cols],
+                        &xq.d[j * nb..(j + 1) * nb],
+                        &xq.sum[j * nb..(j + 1) * nb],
+                    )
+                };
+            }
+        }
+        out
+    }
+
     /// The product: by SGEMM tiles writing `[t, rows]` directly, or (decoding) as
     /// `[rows, t]` in parallel over runs of rows, then transposed.
     #[inline(always)]
     fn apply_with(&self, x: &[f32], t: usize, simd: bool) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
+        #[cfg(target_arch = "x86_64")]
+        if t >= GEMM_TOKENS && simd && self.packed_rows > 0 && rows8::vnni::available() {
+            return self.apply_vnni(x, t);
+        }
         if t >= GEMM_TOKENS {
             // Each tile writes its own columns of `out [t, rows]` directly.
             let mut out = vec![0f32; t * rows];
@@ -1092,7 +1187,7 @@ mod tests {
             // blocks at a time then end on a partial group).
             let mut shapes = vec![(37, 256, 1), (5, 512, 3), (19, 768, 2), (70, 256, 9)];
             if ty.block().0 == 32 {
-                shapes.extend([(11, 96, 1), (7, 576, 2), (9, 96, 9)]);
+                shapes.extend([(11, 96, 1), (7, 576, 2), (9, 96, 9), (17, 96, 13)]);
             }
             for (rows, cols, t) in shapes {
                 let m = QMat::new(ty, rows, cols, random_matrix(ty, rows, cols, &mut rng)).unwrap();

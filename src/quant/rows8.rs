@@ -299,6 +299,102 @@ pub(crate) mod avx2 {
     }
 }
 
+/// The prompt product of packed groups with AVX-512 VNNI: `vpdpwssd` (two 16-bit
+/// products added to a 32-bit lane in one instruction) on the same layout, each group's
+/// codes decoded once per block and used for several tokens.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni {
+    use std::arch::x86_64::*;
+
+    /// Whether this CPU runs [`gemm_group`].
+    pub fn available() -> bool {
+        super::super::qmat::avx2_f16c()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// The eight rows of a packed Q4_0 (`KIND` 0), Q4_1 (1) or Q8_0 (2) group (`nb`
+    /// records of `RB` bytes) times `TT` activation rows (16-bit codes `x[j]`, block
+    /// scales `xd[j]`, code sums `xs[j]`): `out[j][r]`.
+    ///
+    /// # Safety
+    /// AVX2, FMA, F16C, AVX-512 F, VL and VNNI ([`available`]); `group` holds `nb`
+    /// records; each `x[j]` points at `32 · nb` codes and `xd[j]`, `xs[j]` at `nb` values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn gemm_group<const KIND: u8, const RB: usize, const TT: usize>(
+        group: &[u8],
+        nb: usize,
+        x: [*const i16; TT],
+        xd: [*const f32; TT],
+        xs: [*const i32; TT],
+    ) -> [[f32; 8]; TT] {
+        assert!(group.len() >= nb * RB);
+        let lo4 = _mm256_set1_epi16(0x0f);
+        let codes = if KIND == 1 { 32 } else { 16 };
+        let mut facc = [_mm256_setzero_ps(); TT];
+        unsafe {
+            for b in 0..nb {
+                let rec = group.as_ptr().add(b * RB);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
+                let mut acc = [_mm256_setzero_si256(); TT];
+                let pair = |j: usize, p: usize| {
+                    _mm256_set1_epi32(x[j].add(32 * b + 2 * p).cast::<i32>().read_unaligned())
+                };
+                if KIND == 2 {
+                    for reg in 0..8 {
+                        let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
+                        let w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+                        let w1 = _mm256_srai_epi16(v, 8);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_dpwssd_epi32(*a, w0, pair(j, 2 * reg));
+                            *a = _mm256_dpwssd_epi32(*a, w1, pair(j, 2 * reg + 1));
+                        }
+                    }
+                } else {
+                    for reg in 0..4 {
+                        let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
+                        let w = [
+                            _mm256_and_si256(v, lo4),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 8), lo4),
+                            _mm256_srli_epi16(v, 12),
+                        ];
+                        for (s, w) in w.into_iter().enumerate() {
+                            for (j, a) in acc.iter_mut().enumerate() {
+                                *a = _mm256_dpwssd_epi32(*a, w, pair(j, 4 * reg + s));
+                            }
+                        }
+                    }
+                }
+                let m = if KIND == 1 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16).cast()))
+                } else {
+                    _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+                };
+                for j in 0..TT {
+                    let xdb = *xd[j].add(b);
+                    facc[j] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(acc[j]),
+                        _mm256_mul_ps(d, _mm256_set1_ps(xdb)),
+                        facc[j],
+                    );
+                    if KIND != 2 {
+                        let xsum = _mm256_set1_ps(xdb * *xs[j].add(b) as f32);
+                        facc[j] = _mm256_fmadd_ps(m, xsum, facc[j]);
+                    }
+                }
+            }
+            let mut out = [[0f32; 8]; TT];
+            for j in 0..TT {
+                _mm256_storeu_ps(out[j].as_mut_ptr(), facc[j]);
+            }
+            out
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
