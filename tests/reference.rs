@@ -17,10 +17,14 @@ use wgsparse::{Context, Method};
 
 /// Tokens compared.
 const TOKENS: usize = 64;
-/// Max |logit difference| allowed, in logit units (logits here reach about 30; 9.3e-5
-/// measured when written): both sides use the same dequantized weights, the rest is f32
-/// (ours) vs f64 (numpy) arithmetic through 30 layers.
+/// Max |logit difference| allowed of the decoder's oracle form (f32 activations and KV),
+/// in logit units (logits here reach about 30; 9.3e-5 measured when written): both sides
+/// use the same dequantized weights, the rest is f32 (ours) vs f64 (numpy) arithmetic
+/// through 30 layers.
 const TOL: f32 = 2e-3;
+/// The same for the default decoder, whose projections round the activations to 16
+/// bits per block of 32 (1.2e-2 measured when written, 4e-4 of the logits' range).
+const TOL_16BIT: f32 = 5e-2;
 
 fn require() -> bool {
     std::env::var("WGSPARSE_REQUIRE_MODELS").is_ok_and(|v| v == "1")
@@ -91,23 +95,26 @@ fn smollm2_logits_match_the_numpy_reference() {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
 
-    let dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
-    let mut cache = dec.new_cache();
-    let h = dec.forward(&ids, &mut cache, &mut |_| Ok(())).unwrap();
-    let got = dec.logits(&h);
-    assert_eq!(got.len(), want.len(), "logit counts differ");
-    let vocab = got.len() / TOKENS;
-    let mut max_diff = 0f32;
-    let mut argmax_same = 0;
-    for (g, w) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)) {
-        for (a, b) in g.iter().zip(w) {
-            max_diff = max_diff.max((a - b).abs());
+    let mut dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+    for (exact, tol) in [(true, TOL), (false, TOL_16BIT)] {
+        dec.f32_activations = exact;
+        let mut cache = dec.new_cache();
+        let h = dec.forward(&ids, &mut cache, &mut |_| Ok(())).unwrap();
+        let got = dec.logits(&h);
+        assert_eq!(got.len(), want.len(), "logit counts differ");
+        let vocab = got.len() / TOKENS;
+        let mut max_diff = 0f32;
+        let mut argmax_same = 0;
+        for (g, w) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)) {
+            for (a, b) in g.iter().zip(w) {
+                max_diff = max_diff.max((a - b).abs());
+            }
+            argmax_same += usize::from(argmax(g) == argmax(w));
         }
-        argmax_same += usize::from(argmax(g) == argmax(w));
+        eprintln!(
+            "SmolLM2, {TOKENS} tokens, f32 activations {exact}: max |Δlogit| {max_diff:.2e}, greedy token equal at {argmax_same}/{TOKENS} positions"
+        );
+        assert!(max_diff < tol, "max |Δlogit| {max_diff} ≥ {tol}");
+        assert_eq!(argmax_same, TOKENS);
     }
-    eprintln!(
-        "SmolLM2, {TOKENS} tokens: max |Δlogit| {max_diff:.2e}, greedy token equal at {argmax_same}/{TOKENS} positions"
-    );
-    assert!(max_diff < TOL, "max |Δlogit| {max_diff} ≥ {TOL}");
-    assert_eq!(argmax_same, TOKENS);
 }

@@ -179,9 +179,14 @@ impl Mat {
         Ok(Mat { cols, rows, q })
     }
 
-    /// `x [t, cols]` times this matrix transposed: `[t, rows]`.
-    pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
-        self.q.apply(x, t)
+    /// `x [t, cols]` times this matrix transposed: `[t, rows]` (f32 activations when
+    /// `exact`, else the integer products of [`QMat::apply`]).
+    pub fn apply(&self, x: &[f32], t: usize, exact: bool) -> Vec<f32> {
+        if exact {
+            self.q.apply_f32(x, t)
+        } else {
+            self.q.apply(x, t)
+        }
     }
 
     /// Row `r` as f32 (an embedding lookup).
@@ -344,6 +349,10 @@ pub struct Decoder {
     /// the memory; a decode step then attends to keys and values rounded to f16) or f32
     /// (the oracle: every step sees the values the prefill saw).
     pub kv_precision: KvPrecision,
+    /// Projections with f32 activations on the dequantized weights (the oracle) instead
+    /// of integer products on 16-bit activations (the default: within a few 1e-4 of the
+    /// logits' range of it, and faster).
+    pub f32_activations: bool,
 }
 
 fn vec_opt(g: &Gguf, name: &str) -> Result<Option<Vec<f32>>> {
@@ -410,6 +419,7 @@ impl Decoder {
             method,
             method_layers: Vec::new(),
             kv_precision: KvPrecision::F16,
+            f32_activations: false,
         })
     }
 
@@ -609,6 +619,7 @@ impl Decoder {
         let c = &self.cfg;
         let (t, dm, d) = (ids.len(), c.d_model, c.head_dim);
         let start = cache.len;
+        let exact = self.f32_activations;
         if t == 0 {
             return Err(Error::InvalidArgument("no tokens to run".into()));
         }
@@ -633,7 +644,7 @@ impl Decoder {
             let mut xn = x.clone();
             rmsnorm_in_place(&mut xn, &l.attn_norm, c.norm_eps);
             let proj = |m: &Mat, b: &Option<Vec<f32>>| {
-                let mut y = m.apply(&xn, t);
+                let mut y = m.apply(&xn, t, exact);
                 if let Some(b) = b {
                     y.chunks_exact_mut(b.len())
                         .for_each(|r| r.iter_mut().zip(b).for_each(|(a, b)| *a += b));
@@ -706,15 +717,15 @@ impl Decoder {
                 let o = self.attend(li, method, &qh, &kc, &vc, t, n)?;
                 from_head_major(&o, t, d)
             };
-            let mut a = l.wo.apply(&ot, t);
+            let mut a = l.wo.apply(&ot, t, exact);
             if let Some(w) = &l.post_attn_norm {
                 rmsnorm_in_place(&mut a, w, c.norm_eps);
             }
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             let mut xn = x.clone();
             rmsnorm_in_place(&mut xn, &l.ffn_norm, c.norm_eps);
-            let g = l.gate.apply(&xn, t);
-            let u = l.up.apply(&xn, t);
+            let g = l.gate.apply(&xn, t, exact);
+            let u = l.up.apply(&xn, t, exact);
             let gelu = c.arch == Arch::Gemma3;
             let hdn: Vec<f32> = g
                 .par_iter()
@@ -728,7 +739,7 @@ impl Decoder {
                     act * u
                 })
                 .collect();
-            let mut f = l.down.apply(&hdn, t);
+            let mut f = l.down.apply(&hdn, t, exact);
             if let Some(w) = &l.post_ffn_norm {
                 rmsnorm_in_place(&mut f, w, c.norm_eps);
             }
@@ -746,7 +757,7 @@ impl Decoder {
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
         let m = self.output.as_ref().unwrap_or(&self.embd);
         let rows = hidden.len() / self.cfg.d_model;
-        let mut y = m.apply(hidden, rows);
+        let mut y = m.apply(hidden, rows, self.f32_activations);
         if let Some(cap) = self.cfg.final_softcap {
             y.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }

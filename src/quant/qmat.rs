@@ -861,7 +861,9 @@ impl QMat {
 
     /// `x [t, cols]` times this matrix transposed: `[t, rows]`. Under [`GEMM_TOKENS`]
     /// tokens (decoding) by integer dot products on 16-bit activations; from it on
-    /// (prefill) by SGEMM on tiles of rows dequantized to f32.
+    /// (prefill) the same integer products on AVX-512 VNNI for the formats held in
+    /// groups of eight rows ([`rows8`]), else SGEMM on tiles of rows dequantized to
+    /// f32 ([`QMat::apply_f32`]).
     pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
         assert_eq!(x.len(), t * self.cols, "activations of the wrong size");
         #[cfg(target_arch = "x86_64")]
@@ -880,6 +882,57 @@ impl QMat {
 
     fn apply_portable(&self, x: &[f32], t: usize) -> Vec<f32> {
         self.apply_with(x, t, false)
+    }
+
+    /// `x [t, cols]` times this matrix transposed with f32 activations: SGEMM on tiles
+    /// of rows dequantized to f32, for any token count. The oracle of [`QMat::apply`]
+    /// (whose integer products round the activations to 16 bits), and its prompt path
+    /// on CPUs without AVX-512 VNNI.
+    pub fn apply_f32(&self, x: &[f32], t: usize) -> Vec<f32> {
+        assert_eq!(x.len(), t * self.cols, "activations of the wrong size");
+        self.apply_sgemm(x, t)
+    }
+
+    fn apply_sgemm(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        // Each tile writes its own columns of `out [t, rows]` directly.
+        let mut out = vec![0f32; t * rows];
+        let base = SendPtr(out.as_mut_ptr());
+        // Tiles as large as 8 MiB of f32 rows allow (every SGEMM call packs all of
+        // x again), but at least one per thread.
+        let per = (GEMM_TILE_BYTES / (cols * 4))
+            .min(rows.div_ceil(rayon::current_num_threads()))
+            .max(GEMM_ROWS);
+        (0..rows.div_ceil(per)).into_par_iter().for_each(|task| {
+            let r0 = task * per;
+            let rt = per.min(rows - r0);
+            let mut w = vec![0f32; rt * cols];
+            self.rows_f32(r0, &mut w);
+            let base = &base;
+            // out[j, r0 + i] = Σ_c w[i, c] · x[j, c]: C = w · xᵀ with C's rows
+            // (tile rows) 1 apart and its columns (tokens) `rows` apart.
+            // SAFETY: the strides describe `w`, `x` and columns r0..r0 + rt of
+            // `out`, which no other task writes.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rt,
+                    cols,
+                    t,
+                    1.0,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    0.0,
+                    base.0.add(r0),
+                    1,
+                    rows as isize,
+                );
+            }
+        });
+        out
     }
 
     /// A prompt's product with packed rows on AVX-512 VNNI: integer dot products of the
@@ -974,44 +1027,7 @@ impl QMat {
             return self.apply_vnni(x, t);
         }
         if t >= GEMM_TOKENS {
-            // Each tile writes its own columns of `out [t, rows]` directly.
-            let mut out = vec![0f32; t * rows];
-            let base = SendPtr(out.as_mut_ptr());
-            // Tiles as large as 8 MiB of f32 rows allow (every SGEMM call packs all of
-            // x again), but at least one per thread.
-            let per = (GEMM_TILE_BYTES / (cols * 4))
-                .min(rows.div_ceil(rayon::current_num_threads()))
-                .max(GEMM_ROWS);
-            (0..rows.div_ceil(per)).into_par_iter().for_each(|task| {
-                let r0 = task * per;
-                let rt = per.min(rows - r0);
-                let mut w = vec![0f32; rt * cols];
-                self.rows_f32(r0, &mut w);
-                let base = &base;
-                // out[j, r0 + i] = Σ_c w[i, c] · x[j, c]: C = w · xᵀ with C's rows
-                // (tile rows) 1 apart and its columns (tokens) `rows` apart.
-                // SAFETY: the strides describe `w`, `x` and columns r0..r0 + rt of
-                // `out`, which no other task writes.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        rt,
-                        cols,
-                        t,
-                        1.0,
-                        w.as_ptr(),
-                        cols as isize,
-                        1,
-                        x.as_ptr(),
-                        1,
-                        cols as isize,
-                        0.0,
-                        base.0.add(r0),
-                        1,
-                        rows as isize,
-                    );
-                }
-            });
-            return out;
+            return self.apply_sgemm(x, t);
         }
         let mut out_t = vec![0f32; rows * t];
         // Whole groups of eight rows a task.

@@ -241,6 +241,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         model: a.model.clone(),
         method: Method::Dense,
         backend: a.backend,
+        exact: false,
     };
     let (_, tok, dec) = load(&m_args)?;
     let layers = eval_layers(&a.layers, &dec.cfg.global)?;

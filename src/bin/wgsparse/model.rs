@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use wgsparse::model::decoder::Decoder;
+use wgsparse::model::decoder::{Decoder, KvPrecision};
 use wgsparse::model::gguf::Gguf;
 use wgsparse::model::tokenizer::ModelTokenizer;
 use wgsparse::{Backend, Error, Method, Result};
@@ -23,6 +23,10 @@ pub struct ModelArgs {
     /// WGSPARSE_BACKEND). Projections run on the CPU either way.
     #[arg(long)]
     pub(crate) backend: Option<Backend>,
+    /// The decoder's oracle form: f32 activations in the projections (instead of
+    /// integer products on 16-bit activations) and an f32 KV cache (instead of f16).
+    #[arg(long)]
+    pub(crate) exact: bool,
 }
 
 /// `wgsparse generate`.
@@ -31,7 +35,11 @@ pub fn load(m: &ModelArgs) -> Result<(Gguf, ModelTokenizer, Decoder)> {
     let g = Gguf::open(&m.model)?;
     let tok = ModelTokenizer::from_gguf(&g)?;
     let ctx = crate::device::context_or(m.backend, Backend::Cpu)?;
-    let dec = Decoder::load(&g, &ctx, m.method.clone())?;
+    let mut dec = Decoder::load(&g, &ctx, m.method.clone())?;
+    if m.exact {
+        dec.f32_activations = true;
+        dec.kv_precision = KvPrecision::F32;
+    }
     eprintln!(
         "loaded {} ({:?}, {} layers, attention on {}) in {:.1} s",
         m.model.display(),
