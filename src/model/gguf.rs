@@ -472,6 +472,151 @@ impl GgufBuilder {
     }
 }
 
+/// A metadata value with the exact GGUF type it is written as (llama.cpp checks types:
+/// counts are `u32`, floats `f32`, token types an `i32` array).
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaValue {
+    /// `uint32`.
+    U32(u32),
+    /// `int32`.
+    I32(i32),
+    /// `float32`.
+    F32(f32),
+    /// `bool`.
+    Bool(bool),
+    /// `string`.
+    Str(String),
+    /// Array of `string`.
+    Strs(Vec<String>),
+    /// Array of `int32`.
+    I32s(Vec<i32>),
+}
+
+/// Writes a GGUF v3 file as a stream: metadata and tensor descriptions first, then each
+/// tensor's bytes from a callback, in order, so a file of any size needs one tensor's
+/// bytes in memory at a time.
+#[derive(Default)]
+pub struct GgufWriter {
+    kv: Vec<(String, MetaValue)>,
+    tensors: Vec<(String, Vec<u64>, GgmlType, u64)>,
+}
+
+impl GgufWriter {
+    /// An empty file.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a metadata entry.
+    pub fn meta(&mut self, key: &str, v: MetaValue) -> &mut Self {
+        self.kv.push((key.into(), v));
+        self
+    }
+
+    /// Adds a tensor (ggml dims, innermost first); typed error for a first dimension
+    /// that is not a whole number of the type's blocks.
+    pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType) -> Result<&mut Self> {
+        let row = ty.bytes_for(dims.first().copied().unwrap_or(1))?;
+        let bytes = row * dims.iter().skip(1).product::<u64>();
+        self.tensors.push((name.into(), dims.to_vec(), ty, bytes));
+        Ok(self)
+    }
+
+    /// The tensors added: (name, dims, type, bytes).
+    pub fn tensors(&self) -> &[(String, Vec<u64>, GgmlType, u64)] {
+        &self.tensors
+    }
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    fn put_meta(out: &mut Vec<u8>, v: &MetaValue) {
+        let (ty, body): (u32, Vec<u8>) = match v {
+            MetaValue::U32(x) => (4, x.to_le_bytes().to_vec()),
+            MetaValue::I32(x) => (5, x.to_le_bytes().to_vec()),
+            MetaValue::F32(x) => (6, x.to_le_bytes().to_vec()),
+            MetaValue::Bool(b) => (7, vec![*b as u8]),
+            MetaValue::Str(s) => {
+                let mut b = Vec::new();
+                Self::put_str(&mut b, s);
+                (8, b)
+            }
+            MetaValue::Strs(a) => {
+                let mut b = 8u32.to_le_bytes().to_vec();
+                b.extend_from_slice(&(a.len() as u64).to_le_bytes());
+                for s in a {
+                    Self::put_str(&mut b, s);
+                }
+                (9, b)
+            }
+            MetaValue::I32s(a) => {
+                let mut b = 5u32.to_le_bytes().to_vec();
+                b.extend_from_slice(&(a.len() as u64).to_le_bytes());
+                for x in a {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+                (9, b)
+            }
+        };
+        out.extend_from_slice(&ty.to_le_bytes());
+        out.extend_from_slice(&body);
+    }
+
+    /// Writes the file: `data(i, buf)` fills `buf` (cleared) with tensor `i`'s bytes;
+    /// a typed error when it gives a wrong count. Returns the bytes written.
+    pub fn write(
+        &self,
+        w: &mut impl std::io::Write,
+        mut data: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+    ) -> Result<u64> {
+        const ALIGN: u64 = 32;
+        let mut head = b"GGUF".to_vec();
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
+        for (k, v) in &self.kv {
+            Self::put_str(&mut head, k);
+            Self::put_meta(&mut head, v);
+        }
+        let mut off = 0u64;
+        for (name, dims, ty, bytes) in &self.tensors {
+            Self::put_str(&mut head, name);
+            head.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                head.extend_from_slice(&d.to_le_bytes());
+            }
+            head.extend_from_slice(&ty.id().to_le_bytes());
+            head.extend_from_slice(&off.to_le_bytes());
+            off = (off + bytes).div_ceil(ALIGN) * ALIGN;
+        }
+        head.resize(
+            (head.len() as u64).div_ceil(ALIGN) as usize * ALIGN as usize,
+            0,
+        );
+        w.write_all(&head)?;
+        let mut written = head.len() as u64;
+        let mut buf = Vec::new();
+        for (i, (name, _, _, bytes)) in self.tensors.iter().enumerate() {
+            buf.clear();
+            data(i, &mut buf)?;
+            if buf.len() as u64 != *bytes {
+                return Err(Error::Gguf(format!(
+                    "tensor `{name}`: {} bytes given, {bytes} expected",
+                    buf.len()
+                )));
+            }
+            let pad = bytes.div_ceil(ALIGN) * ALIGN - bytes;
+            buf.resize(buf.len() + pad as usize, 0);
+            w.write_all(&buf)?;
+            written += buf.len() as u64;
+        }
+        w.flush()?;
+        Ok(written)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

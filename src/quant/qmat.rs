@@ -678,6 +678,21 @@ impl QMat {
                 bytes.len()
             )));
         }
+        // Q5_0 is held as Q8_0 (its codes minus 16 fit a byte; the same values, 34
+        // bytes a block instead of 22), which the grouped kernels run.
+        let (ty, row_bytes, bytes) = if ty == GgmlType::Q5_0 {
+            let q8 = bytes
+                .par_chunks_exact(22)
+                .flat_map_iter(|b| {
+                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    let codes = q5_values(qh, &b[6..22]).map(|q| (q - 16) as i8 as u8);
+                    b[..2].iter().copied().chain(codes).collect::<Vec<u8>>()
+                })
+                .collect::<Vec<u8>>();
+            (GgmlType::Q8_0, row_bytes / 22 * 34, q8)
+        } else {
+            (ty, row_bytes, bytes)
+        };
         let packed_rows = if rows8::repacked(ty) {
             rows - rows % rows8::GROUP
         } else {
@@ -705,7 +720,7 @@ impl QMat {
         })
     }
 
-    /// The storage format.
+    /// The format held (the file's, except Q5_0, held as Q8_0).
     pub fn ty(&self) -> GgmlType {
         self.ty
     }

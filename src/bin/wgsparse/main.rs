@@ -28,6 +28,7 @@ mod nll;
 mod progress;
 mod report;
 mod shader;
+mod synth_gguf;
 mod tune;
 
 use std::process::ExitCode;
@@ -67,6 +68,9 @@ enum Command {
     /// Prefill and decode throughput, time to first token and peak memory of a GGUF
     /// model, per prompt length.
     BenchModel(bench_model::BenchModelArgs),
+    /// Write a GGUF with a real model's shapes, random weights and a small tokenizer
+    /// (benchmarks without downloads; llama.cpp reads it too).
+    SynthGguf(synth_gguf::SynthArgs),
     /// Mean next-token negative log-likelihood of a model on the start of a text.
     Nll(nll::NllArgs),
     /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
@@ -155,6 +159,7 @@ fn main() -> ExitCode {
         Some(Command::Generate(a)) => generate::run(&a),
         Some(Command::Nll(a)) => nll::run(&a),
         Some(Command::BenchModel(a)) => bench_model::run(&a),
+        Some(Command::SynthGguf(a)) => synth_gguf::run(&a),
         Some(Command::DumpQkv(a)) => dump_qkv::run(&a),
         Some(Command::Eval(a)) => eval::run(&a),
         Some(Command::Calibrate(a)) => calibrate::run(&a),
