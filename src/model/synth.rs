@@ -267,9 +267,17 @@ impl std::fmt::Display for SynthReport {
     }
 }
 
-/// The synthetic tokenizer: tokens, their types (1 normal, 3 control, 5 unused) and
-/// merges, and the end-of-text id.
-fn vocabulary(vocab: usize) -> Result<(Vec<String>, Vec<i32>, Vec<String>, u32)> {
+/// The synthetic tokenizer.
+struct Vocabulary {
+    tokens: Vec<String>,
+    /// 1 normal, 3 control, 5 unused.
+    types: Vec<i32>,
+    merges: Vec<String>,
+    /// The end-of-text id.
+    eos: u32,
+}
+
+fn vocabulary(vocab: usize) -> Result<Vocabulary> {
     let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
     if vocab < 256 + specials.len() {
         return Err(Error::InvalidArgument(format!(
@@ -334,7 +342,12 @@ fn vocabulary(vocab: usize) -> Result<(Vec<String>, Vec<i32>, Vec<String>, u32)>
         tokens.push(format!("[PAD{}]", tokens.len()));
         types.push(5);
     }
-    Ok((tokens, types, merges, eos))
+    Ok(Vocabulary {
+        tokens,
+        types,
+        merges,
+        eos,
+    })
 }
 
 /// Random bytes of a `[rows, cols]` weight of `ty` with standard deviation `std`.
@@ -386,17 +399,22 @@ pub fn write_synth(
     }
     let a = cfg.arch.name();
     let moe = cfg.arch == SynthArch::SmallThinker;
-    if cfg.hidden % 32 != 0
+    if !cfg.hidden.is_multiple_of(32)
         || cfg.heads == 0
         || cfg.kv_heads == 0
-        || cfg.heads % cfg.kv_heads != 0
+        || !cfg.heads.is_multiple_of(cfg.kv_heads)
         || (moe && (cfg.experts == 0 || cfg.top_k == 0 || cfg.top_k > cfg.experts))
     {
         return Err(Error::InvalidArgument(format!(
             "inconsistent synthetic shapes {cfg:?}"
         )));
     }
-    let (tokens, types, merges, eos) = vocabulary(cfg.vocab)?;
+    let Vocabulary {
+        tokens,
+        types,
+        merges,
+        eos,
+    } = vocabulary(cfg.vocab)?;
     let mut w = GgufWriter::new();
     let u = |x: usize| MetaValue::U32(x as u32);
     w.meta("general.architecture", MetaValue::Str(a.into()))
@@ -601,7 +619,12 @@ mod tests {
 
     #[test]
     fn the_tokenizer_is_a_valid_bpe_vocabulary() {
-        let (tokens, types, merges, eos) = vocabulary(400).unwrap();
+        let Vocabulary {
+            tokens,
+            types,
+            merges,
+            eos,
+        } = vocabulary(400).unwrap();
         assert_eq!(tokens.len(), 400);
         assert_eq!(types.len(), 400);
         assert_eq!(tokens[eos as usize], "<|endoftext|>");
