@@ -45,6 +45,9 @@ pub enum Arch {
     Qwen2,
     /// gemma3.
     Gemma3,
+    /// smallthinker (SmallThinker MoE: pre-attention router, ReGLU experts, NoPE
+    /// global layers between sliding-window RoPE ones when the file sets a window).
+    SmallThinker,
 }
 
 /// Hyper-parameters read from a GGUF.
@@ -82,6 +85,15 @@ pub struct Config {
     pub global: Vec<bool>,
     /// Final logit softcapping.
     pub final_softcap: Option<f32>,
+    /// Per layer: whether RoPE applies (false: a NoPE layer).
+    pub rope: Vec<bool>,
+    /// MoE: experts per layer (0 for dense FFNs).
+    pub experts: usize,
+    /// MoE: experts used per token.
+    pub top_k: usize,
+    /// MoE: router weights by sigmoid (SmallThinker) instead of softmax; the top-k
+    /// weights are normalized to sum 1 either way.
+    pub sigmoid_gating: bool,
 }
 
 impl Config {
@@ -92,9 +104,10 @@ impl Config {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "gemma3" => Arch::Gemma3,
+            "smallthinker" => Arch::SmallThinker,
             o => {
                 return Err(Error::Model(format!(
-                    "architecture `{o}` is not supported (llama, qwen2, gemma3)"
+                    "architecture `{o}` is not supported (llama, qwen2, gemma3, smallthinker)"
                 )));
             }
         };
@@ -109,12 +122,33 @@ impl Config {
         let rope_base = g.f64(&k("rope.freq_base")).unwrap_or(10000.0) as f32;
         let window = match arch {
             Arch::Gemma3 => Some(u("attention.sliding_window")?),
+            // SmallThinker-21B: a window of 4096 on 3 of every 4 layers (llama.cpp's
+            // reading of the file's flag; the 4B sets none).
+            Arch::SmallThinker => u("attention.sliding_window")
+                .ok()
+                .filter(|&w| w > 0)
+                .map(|_| 4096),
             _ => None,
         };
-        // gemma3: every 6th layer is global (5, 11, 17, ...), as in llama.cpp/transformers.
-        let global = (0..n_layer)
-            .map(|l| arch != Arch::Gemma3 || l % 6 == 5)
+        // gemma3: every 6th layer is global (5, 11, 17, ...), as in llama.cpp/transformers;
+        // SmallThinker with a window: layers 0, 4, 8, ... are global NoPE layers, the
+        // others sliding-window RoPE layers.
+        let global: Vec<bool> = (0..n_layer)
+            .map(|l| match arch {
+                Arch::Gemma3 => l % 6 == 5,
+                Arch::SmallThinker if window.is_some() => l % 4 == 0,
+                _ => true,
+            })
             .collect();
+        let rope = (0..n_layer)
+            .map(|l| !(arch == Arch::SmallThinker && window.is_some() && l % 4 == 0))
+            .collect();
+        let moe = arch == Arch::SmallThinker;
+        let ffn_dim = if moe {
+            u("expert_feed_forward_length")?
+        } else {
+            u("feed_forward_length")?
+        };
         if g.get(&k("attn_logit_softcapping")).is_some() {
             return Err(Error::Model(
                 "attention logit softcapping is not supported by the attention kernels".into(),
@@ -127,7 +161,7 @@ impl Config {
             n_head,
             n_kv_head,
             head_dim,
-            ffn_dim: u("feed_forward_length")?,
+            ffn_dim,
             vocab,
             ctx_len: u("context_length")?,
             rope_base,
@@ -141,7 +175,18 @@ impl Config {
             window,
             global,
             final_softcap: g.f64(&k("final_logit_softcapping")).ok().map(|v| v as f32),
+            rope,
+            experts: if moe { u("expert_count")? } else { 0 },
+            top_k: if moe { u("expert_used_count")? } else { 0 },
+            // llama.cpp's gating functions: 1 softmax (the default), 2 sigmoid.
+            sigmoid_gating: moe && u("expert_gating_func").unwrap_or(1) == 2,
         };
+        if moe && (cfg.experts == 0 || cfg.top_k == 0 || cfg.top_k > cfg.experts) {
+            return Err(Error::Model(format!(
+                "{} experts, {} used per token",
+                cfg.experts, cfg.top_k
+            )));
+        }
         if cfg.n_head == 0 || cfg.n_kv_head == 0 || !cfg.n_head.is_multiple_of(cfg.n_kv_head) {
             return Err(Error::Model(format!(
                 "bad head counts {} / {}",
@@ -179,6 +224,29 @@ impl Mat {
         Ok(Mat { cols, rows, q })
     }
 
+    /// The `experts` matrices of a 3-D expert tensor (ggml dims `[cols, rows, experts]`).
+    fn load_experts(g: &Gguf, name: &str, experts: usize) -> Result<Vec<Self>> {
+        let t = g.tensor(name)?;
+        if t.dims.len() != 3 || t.dims[2] as usize != experts {
+            return Err(Error::Model(format!(
+                "`{name}` has dims {:?}, expected [cols, rows, {experts}]",
+                t.dims
+            )));
+        }
+        let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+        let bytes = g.tensor_bytes(name)?;
+        let per = bytes.len() / experts;
+        bytes
+            .chunks_exact(per)
+            .map(|b| {
+                let q = QMat::new(t.ty, rows, cols, b.to_vec())
+                    .map_err(|e| Error::Gguf(format!("tensor `{name}`: {e}")))?;
+                q.check_finite(&format!("weight `{name}`"))?;
+                Ok(Mat { cols, rows, q })
+            })
+            .collect()
+    }
+
     /// `x [t, cols]` times this matrix transposed: `[t, rows]` (f32 activations when
     /// `exact`, else the integer products of [`QMat::apply`]).
     pub fn apply(&self, x: &[f32], t: usize, exact: bool) -> Vec<f32> {
@@ -213,10 +281,63 @@ struct Layer {
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
-    gate: Mat,
-    up: Mat,
-    down: Mat,
+    ffn: Ffn,
     post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// A layer's feed-forward block.
+enum Ffn {
+    /// SwiGLU / GeGLU.
+    Dense { gate: Mat, up: Mat, down: Mat },
+    /// Routed ReGLU experts: the router (on the layer's input) and per expert its
+    /// gate, up and down matrices (slices of the file's 3-D expert tensors).
+    Moe {
+        router: Mat,
+        gate: Vec<Mat>,
+        up: Vec<Mat>,
+        down: Vec<Mat>,
+    },
+}
+
+impl Ffn {
+    /// Whether the matrices have the configuration's shapes.
+    fn shapes_match(&self, c: &Config) -> bool {
+        let is = |m: &Mat, rows: usize, cols: usize| m.rows == rows && m.cols == cols;
+        match self {
+            Ffn::Dense { gate, up, down } => {
+                is(gate, c.ffn_dim, c.d_model)
+                    && is(up, c.ffn_dim, c.d_model)
+                    && is(down, c.d_model, c.ffn_dim)
+            }
+            Ffn::Moe {
+                router,
+                gate,
+                up,
+                down,
+            } => {
+                is(router, c.experts, c.d_model)
+                    && gate.iter().all(|m| is(m, c.ffn_dim, c.d_model))
+                    && up.iter().all(|m| is(m, c.ffn_dim, c.d_model))
+                    && down.iter().all(|m| is(m, c.d_model, c.ffn_dim))
+            }
+        }
+    }
+
+    fn mats(&self) -> Vec<&Mat> {
+        match self {
+            Ffn::Dense { gate, up, down } => vec![gate, up, down],
+            Ffn::Moe {
+                router,
+                gate,
+                up,
+                down,
+            } => std::iter::once(router)
+                .chain(gate)
+                .chain(up)
+                .chain(down)
+                .collect(),
+        }
+    }
 }
 
 /// Post-RoPE Q `[heads, t, d]`, K and V `[kv_heads, t, d]` of one layer for the tokens
@@ -324,6 +445,50 @@ impl KvCache {
     }
 }
 
+/// The routed ReGLU experts of `t` normed rows `z [t, d_model]`: for each expert, the
+/// rows routed to it, `down · (ReLU(gate · z) ⊙ (up · z))`, added into each row with its
+/// weight.
+fn experts_cpu(
+    z: &[f32],
+    t: usize,
+    routes: &[Vec<(usize, f32)>],
+    gate: &[Mat],
+    up: &[Mat],
+    down: &[Mat],
+    exact: bool,
+) -> Vec<f32> {
+    let dm = z.len() / t;
+    let mut out = vec![0f32; t * dm];
+    for (e, ((g, u), dn)) in gate.iter().zip(up).zip(down).enumerate() {
+        let rows: Vec<(usize, f32)> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.iter().find(|x| x.0 == e).map(|x| (i, x.1)))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let n = rows.len();
+        let xe: Vec<f32> = rows
+            .iter()
+            .flat_map(|&(i, _)| z[i * dm..(i + 1) * dm].iter().copied())
+            .collect();
+        let gv = g.apply(&xe, n, exact);
+        let uv = u.apply(&xe, n, exact);
+        let h: Vec<f32> = gv.iter().zip(&uv).map(|(g, u)| g.max(0.0) * u).collect();
+        let y = dn.apply(&h, n, exact);
+        for (r, &(i, w)) in rows.iter().enumerate() {
+            for (o, y) in out[i * dm..(i + 1) * dm]
+                .iter_mut()
+                .zip(&y[r * dm..(r + 1) * dm])
+            {
+                *o += w * y;
+            }
+        }
+    }
+    out
+}
+
 /// `x [t, heads, d]` as `[heads, t, d]` (the same thing when t = 1).
 fn head_major(x: &[f32], t: usize, d: usize) -> Cow<'_, [f32]> {
     if t == 1 {
@@ -389,9 +554,21 @@ impl Decoder {
                 k_norm: vec_opt(g, &n("attn_k_norm.weight"))?,
                 post_attn_norm: vec_opt(g, &n("post_attention_norm.weight"))?,
                 ffn_norm: g.tensor_f32(&n("ffn_norm.weight"))?,
-                gate: Mat::load(g, &n("ffn_gate.weight"))?,
-                up: Mat::load(g, &n("ffn_up.weight"))?,
-                down: Mat::load(g, &n("ffn_down.weight"))?,
+                ffn: if cfg.experts > 0 {
+                    let e = cfg.experts;
+                    Ffn::Moe {
+                        router: Mat::load(g, &n("ffn_gate_inp.weight"))?,
+                        gate: Mat::load_experts(g, &n("ffn_gate_exps.weight"), e)?,
+                        up: Mat::load_experts(g, &n("ffn_up_exps.weight"), e)?,
+                        down: Mat::load_experts(g, &n("ffn_down_exps.weight"), e)?,
+                    }
+                } else {
+                    Ffn::Dense {
+                        gate: Mat::load(g, &n("ffn_gate.weight"))?,
+                        up: Mat::load(g, &n("ffn_up.weight"))?,
+                        down: Mat::load(g, &n("ffn_down.weight"))?,
+                    }
+                },
                 post_ffn_norm: vec_opt(g, &n("post_ffw_norm.weight"))?,
             };
             let (qd, kd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
@@ -401,6 +578,7 @@ impl Decoder {
                 || layer.wq.cols != cfg.d_model
                 || layer.wo.cols != qd
                 || layer.attn_norm.len() != cfg.d_model
+                || !layer.ffn.shapes_match(&cfg)
             {
                 return Err(Error::Model(format!(
                     "layer {l}: projection shapes do not match the configuration {cfg:?}"
@@ -431,8 +609,9 @@ impl Decoder {
             .layers
             .iter()
             .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                    .iter()
+                [&l.wq, &l.wk, &l.wv, &l.wo]
+                    .into_iter()
+                    .chain(l.ffn.mats())
                     .map(|m| m.bytes())
                     .sum::<usize>()
                     + (l.attn_norm.len() + l.ffn_norm.len()) * 4
@@ -641,6 +820,11 @@ impl Decoder {
             x.iter_mut().for_each(|v| *v *= s);
         }
         for (li, l) in self.layers.iter().enumerate().take(limit) {
+            // SmallThinker routes on the layer's input, before attention.
+            let routes = match &l.ffn {
+                Ffn::Moe { router, .. } => Some(self.route(&router.apply(&x, t, exact), t)),
+                Ffn::Dense { .. } => None,
+            };
             let mut xn = x.clone();
             rmsnorm_in_place(&mut xn, &l.attn_norm, c.norm_eps);
             let proj = |m: &Mat, b: &Option<Vec<f32>>| {
@@ -669,8 +853,10 @@ impl Decoder {
             } else {
                 RopeStyle::Adjacent
             };
-            rope_rows(&mut q, d, &table, style, |i| i / c.n_head);
-            rope_rows(&mut k, d, &table, style, |i| i / c.n_kv_head);
+            if c.rope[li] {
+                rope_rows(&mut q, d, &table, style, |i| i / c.n_head);
+                rope_rows(&mut k, d, &table, style, |i| i / c.n_kv_head);
+            }
             // Head-major views for the observer and the attention plans ([h, t, d] is
             // [t, h, d] when t = 1).
             let (qh, kh, vh) = (
@@ -724,22 +910,30 @@ impl Decoder {
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             let mut xn = x.clone();
             rmsnorm_in_place(&mut xn, &l.ffn_norm, c.norm_eps);
-            let g = l.gate.apply(&xn, t, exact);
-            let u = l.up.apply(&xn, t, exact);
-            let gelu = c.arch == Arch::Gemma3;
-            let hdn: Vec<f32> = g
-                .par_iter()
-                .zip(u.par_iter())
-                .map(|(&g, &u)| {
-                    let act = if gelu {
-                        0.5 * g * (1.0 + (0.797_884_6 * (g + 0.044_715 * g * g * g)).tanh())
-                    } else {
-                        g / (1.0 + (-g).exp())
-                    };
-                    act * u
-                })
-                .collect();
-            let mut f = l.down.apply(&hdn, t, exact);
+            let mut f = match (&l.ffn, routes) {
+                (Ffn::Dense { gate, up, down }, _) => {
+                    let g = gate.apply(&xn, t, exact);
+                    let u = up.apply(&xn, t, exact);
+                    let gelu = c.arch == Arch::Gemma3;
+                    let hdn: Vec<f32> = g
+                        .par_iter()
+                        .zip(u.par_iter())
+                        .map(|(&g, &u)| {
+                            let act = if gelu {
+                                0.5 * g * (1.0 + (0.797_884_6 * (g + 0.044_715 * g * g * g)).tanh())
+                            } else {
+                                g / (1.0 + (-g).exp())
+                            };
+                            act * u
+                        })
+                        .collect();
+                    down.apply(&hdn, t, exact)
+                }
+                (Ffn::Moe { gate, up, down, .. }, Some(routes)) => {
+                    experts_cpu(&xn, t, &routes, gate, up, down, exact)
+                }
+                (Ffn::Moe { .. }, None) => unreachable!("routes are made for MoE layers"),
+            };
             if let Some(w) = &l.post_ffn_norm {
                 rmsnorm_in_place(&mut f, w, c.norm_eps);
             }
@@ -751,6 +945,33 @@ impl Decoder {
         cache.len += t;
         rmsnorm_in_place(&mut x, &self.out_norm, c.norm_eps);
         Ok(x)
+    }
+
+    /// Each token's experts and weights from its router logits `[t, experts]`: the
+    /// top-k by logit, weighted by softmax or sigmoid of the logits, normalized to 1.
+    fn route(&self, logits: &[f32], t: usize) -> Vec<Vec<(usize, f32)>> {
+        let (e, k) = (self.cfg.experts, self.cfg.top_k);
+        (0..t)
+            .map(|i| {
+                let row = &logits[i * e..(i + 1) * e];
+                let mut idx: Vec<usize> = (0..e).collect();
+                // Stable: equal logits keep the lower expert first.
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                idx.truncate(k);
+                let w: Vec<f32> = if self.cfg.sigmoid_gating {
+                    idx.iter().map(|&j| 1.0 / (1.0 + (-row[j]).exp())).collect()
+                } else {
+                    // Softmax over all experts, then the top-k renormalized: the same
+                    // as a softmax over the top-k logits.
+                    let m = row[idx[0]];
+                    idx.iter().map(|&j| (row[j] - m).exp()).collect()
+                };
+                let sum: f32 = w.iter().sum();
+                idx.into_iter()
+                    .zip(w.into_iter().map(|w| w / sum))
+                    .collect()
+            })
+            .collect()
     }
 
     /// Logits `[rows, vocab]` of final hidden states `[rows, d_model]`.
@@ -1009,6 +1230,74 @@ mod tests {
         )
         .unwrap();
         close(&got, &to_head_major(&want, t, d), 1e-4);
+    }
+
+    /// A synthetic model's file (`model::synth`), f16 weights unless asked.
+    fn synth_model(cfg: &crate::model::synth::SynthConfig, ty: crate::quant::GgmlType) -> Gguf {
+        let mut bytes = Vec::new();
+        crate::model::synth::write_synth(cfg, ty, 5, &mut bytes).unwrap();
+        Gguf::from_bytes(bytes).unwrap()
+    }
+
+    #[test]
+    fn smallthinker_decode_matches_prefill() {
+        use crate::model::synth::preset;
+        use crate::quant::GgmlType;
+        for ty in [GgmlType::F16, GgmlType::Q4_0] {
+            let g = synth_model(&preset("tiny-smallthinker").unwrap(), ty);
+            let mut dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+            assert_eq!(dec.cfg.arch, Arch::SmallThinker);
+            assert_eq!(
+                (dec.cfg.experts, dec.cfg.top_k, dec.cfg.ffn_dim),
+                (8, 2, 64)
+            );
+            assert!(dec.cfg.sigmoid_gating);
+            let ids: Vec<u32> = (0..13).map(|i| (i * 37 % 400) as u32).collect();
+            for (exact, precision, tol) in [
+                (true, KvPrecision::F32, 2e-4),
+                (false, KvPrecision::F16, 2e-2),
+            ] {
+                dec.f32_activations = exact;
+                dec.kv_precision = precision;
+                let full = dec
+                    .forward(&ids, &mut dec.new_cache(), &mut |_| Ok(()))
+                    .unwrap();
+                let mut c = dec.new_cache();
+                let mut inc = dec.forward(&ids[..9], &mut c, &mut |_| Ok(())).unwrap();
+                for &id in &ids[9..] {
+                    inc.extend(dec.forward(&[id], &mut c, &mut |_| Ok(())).unwrap());
+                }
+                close(&inc, &full, tol);
+            }
+        }
+    }
+
+    #[test]
+    fn smallthinker_routes_and_layer_pattern() {
+        use crate::model::synth::{SynthConfig, preset};
+        use crate::quant::GgmlType;
+        // A window makes layers 0, 4, ... global NoPE layers (llama.cpp's reading).
+        let cfg = SynthConfig {
+            layers: 5,
+            window: Some(64),
+            ..preset("tiny-smallthinker").unwrap()
+        };
+        let g = synth_model(&cfg, GgmlType::F16);
+        let mut dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+        assert_eq!(dec.cfg.global, [true, false, false, false, true]);
+        assert_eq!(dec.cfg.rope, [false, true, true, true, false]);
+        assert_eq!(dec.cfg.window, Some(4096));
+        // Top-2 of 8 by logit, weights normalized: sigmoid, then softmax.
+        let logits = [0.0, 2.0, -1.0, 1.0, 0.5, -3.0, 1.5, 0.2];
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let r = dec.route(&logits, 1);
+        assert_eq!(r[0].iter().map(|x| x.0).collect::<Vec<_>>(), [1, 6]);
+        let want = sig(2.0) / (sig(2.0) + sig(1.5));
+        assert!((r[0][0].1 - want).abs() < 1e-6);
+        dec.cfg.sigmoid_gating = false;
+        let r = dec.route(&logits, 1);
+        let want = 1.0 / (1.0 + (-0.5f32).exp());
+        assert!((r[0][0].1 - want).abs() < 1e-6 && (r[0][0].1 + r[0][1].1 - 1.0).abs() < 1e-6);
     }
 
     #[test]
