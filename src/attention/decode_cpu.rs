@@ -71,6 +71,14 @@ pub struct CacheAttention {
     pub scale: f32,
 }
 
+/// Keys `c0..c1` of kv-head `kh`: one task's share.
+#[derive(Clone, Copy)]
+struct Span {
+    kh: usize,
+    c0: usize,
+    c1: usize,
+}
+
 /// One task's partial softmax state for its group's query heads.
 struct Partial {
     /// (m, l) per query head of the group.
@@ -141,10 +149,10 @@ impl CacheAttention {
                 #[cfg(target_arch = "x86_64")]
                 if simd {
                     // SAFETY: `simd` is set only where AVX2 and FMA were detected.
-                    return unsafe { self.chunk_avx2(qg, &k, &v, kh, c0, c1) };
+                    return unsafe { self.chunk_avx2(qg, (&k, &v), Span { kh, c0, c1 }) };
                 }
                 let _ = simd;
-                self.chunk(qg, &k, &v, kh, c0, c1)
+                self.chunk(qg, (&k, &v), Span { kh, c0, c1 })
             })
             .collect();
         // Merge each (token, head)'s chunks; tasks of a token and kv-head are adjacent.
@@ -177,43 +185,33 @@ impl CacheAttention {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn chunk_avx2(
-        &self,
-        qg: &[f32],
-        k: &CacheRows,
-        v: &CacheRows,
-        kh: usize,
-        c0: usize,
-        c1: usize,
-    ) -> Partial {
-        self.chunk(qg, k, v, kh, c0, c1)
+    unsafe fn chunk_avx2(&self, qg: &[f32], kv: (&CacheRows, &CacheRows), span: Span) -> Partial {
+        self.chunk(qg, kv, span)
     }
 
-    /// The partial state of query heads `qg [group, d]` over keys `c0..c1` of kv-head `kh`.
+    /// The partial state of query heads `qg [group, d]` over a span of one kv-head's keys.
     #[inline(always)]
-    fn chunk(
-        &self,
-        qg: &[f32],
-        k: &CacheRows,
-        v: &CacheRows,
-        kh: usize,
-        c0: usize,
-        c1: usize,
-    ) -> Partial {
+    fn chunk(&self, qg: &[f32], (k, v): (&CacheRows, &CacheRows), span: Span) -> Partial {
+        let Span { kh, c0, c1 } = span;
         let (kvh, d) = (self.kv_heads, self.head_dim);
         let group = qg.len() / d;
         let n = c1 - c0;
         let mut rows = vec![0f32; ROWS * d];
-        // Scores [group, n].
-        let mut s = vec![0f32; group * n];
-        for r0 in (0..n).step_by(ROWS) {
+        // Up to ROWS rows of kv-head `kh` from chunk key r0 on, as f32; returns how many.
+        let load = |src: &CacheRows, r0: usize, rows: &mut [f32]| {
             let rn = ROWS.min(n - r0);
             for r in 0..rn {
-                k.read(
+                src.read(
                     ((c0 + r0 + r) * kvh + kh) * d,
                     &mut rows[r * d..(r + 1) * d],
                 );
             }
+            rn
+        };
+        // Scores [group, n].
+        let mut s = vec![0f32; group * n];
+        for r0 in (0..n).step_by(ROWS) {
+            let rn = load(k, r0, &mut rows);
             for g in 0..group {
                 let qv = &qg[g * d..(g + 1) * d];
                 for r in 0..rn {
@@ -234,13 +232,7 @@ impl CacheAttention {
         }
         let mut acc = vec![0f32; group * d];
         for r0 in (0..n).step_by(ROWS) {
-            let rn = ROWS.min(n - r0);
-            for r in 0..rn {
-                v.read(
-                    ((c0 + r0 + r) * kvh + kh) * d,
-                    &mut rows[r * d..(r + 1) * d],
-                );
-            }
+            let rn = load(v, r0, &mut rows);
             for g in 0..group {
                 let a = &mut acc[g * d..(g + 1) * d];
                 for r in 0..rn {

@@ -144,6 +144,30 @@ pub fn group_row(ty: GgmlType, group: &[u8], r: usize, out: &mut [u8]) {
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
+    /// A Q4 record register's four code vectors: pair `4·reg + s` in vector `s`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn q4_codes(v: __m256i) -> [__m256i; 4] {
+        let lo4 = _mm256_set1_epi16(0x0f);
+        [
+            _mm256_and_si256(v, lo4),
+            _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4),
+            _mm256_and_si256(_mm256_srli_epi16(v, 8), lo4),
+            _mm256_srli_epi16(v, 12),
+        ]
+    }
+
+    /// A Q8_0 record register's two code vectors (pairs `2·reg` and `2·reg + 1`),
+    /// sign-extended to 16 bits.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn q8_codes(v: __m256i) -> [__m256i; 2] {
+        [
+            _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8),
+            _mm256_srai_epi16(v, 8),
+        ]
+    }
+
     /// The eight rows of a packed Q4_0 (`KIND` 0), Q4_1 (1) or Q8_0 (2) group (`nb`
     /// records of `RB` bytes) times one activation row: 16-bit codes `x` (`32 · nb`),
     /// block scales `xd` and code sums `xs`. Returns the eight dot products.
@@ -160,7 +184,6 @@ pub(crate) mod avx2 {
         xs: &[i32],
     ) -> [f32; 8] {
         assert!(group.len() >= nb * RB && xd.len() >= nb && xs.len() >= nb);
-        let lo4 = _mm256_set1_epi16(0x0f);
         let (mut accf, mut offv) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let codes = if KIND == 1 { 32 } else { 16 };
         unsafe {
@@ -176,8 +199,7 @@ pub(crate) mod avx2 {
                 if KIND == 2 {
                     for reg in 0..8 {
                         let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
-                        let w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
-                        let w1 = _mm256_srai_epi16(v, 8);
+                        let [w0, w1] = q8_codes(v);
                         let a = &mut acc[reg % 2 * 2..reg % 2 * 2 + 2];
                         a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(w0, pair(xb, 2 * reg)));
                         a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(w1, pair(xb, 2 * reg + 1)));
@@ -185,12 +207,7 @@ pub(crate) mod avx2 {
                 } else {
                     for reg in 0..4 {
                         let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
-                        let w = [
-                            _mm256_and_si256(v, lo4),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 8), lo4),
-                            _mm256_srli_epi16(v, 12),
-                        ];
+                        let w = q4_codes(v);
                         for (s, w) in w.into_iter().enumerate() {
                             acc[s] = _mm256_add_epi32(
                                 acc[s],
@@ -237,7 +254,6 @@ pub(crate) mod avx2 {
     ) {
         let nb = cols / 32;
         assert!(group.len() >= nb * RB && out.len() >= 8 * cols);
-        let lo4 = _mm256_set1_epi16(0x0f);
         let codes = if KIND == 1 { 32 } else { 16 };
         let o = out.as_mut_ptr();
         unsafe {
@@ -282,16 +298,16 @@ pub(crate) mod avx2 {
                 if KIND == 2 {
                     for reg in 0..8 {
                         let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
-                        store(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), 2 * reg);
-                        store(_mm256_srai_epi16(v, 8), 2 * reg + 1);
+                        for (s, w) in q8_codes(v).into_iter().enumerate() {
+                            store(w, 2 * reg + s);
+                        }
                     }
                 } else {
                     for reg in 0..4 {
                         let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
-                        store(_mm256_and_si256(v, lo4), 4 * reg);
-                        store(_mm256_and_si256(_mm256_srli_epi16(v, 4), lo4), 4 * reg + 1);
-                        store(_mm256_and_si256(_mm256_srli_epi16(v, 8), lo4), 4 * reg + 2);
-                        store(_mm256_srli_epi16(v, 12), 4 * reg + 3);
+                        for (s, w) in q4_codes(v).into_iter().enumerate() {
+                            store(w, 4 * reg + s);
+                        }
                     }
                 }
             }
@@ -331,7 +347,6 @@ pub(crate) mod vnni {
         xs: [*const i32; TT],
     ) -> [[f32; 8]; TT] {
         assert!(group.len() >= nb * RB);
-        let lo4 = _mm256_set1_epi16(0x0f);
         let codes = if KIND == 1 { 32 } else { 16 };
         let mut facc = [_mm256_setzero_ps(); TT];
         unsafe {
@@ -345,8 +360,7 @@ pub(crate) mod vnni {
                 if KIND == 2 {
                     for reg in 0..8 {
                         let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
-                        let w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
-                        let w1 = _mm256_srai_epi16(v, 8);
+                        let [w0, w1] = super::avx2::q8_codes(v);
                         for (j, a) in acc.iter_mut().enumerate() {
                             *a = _mm256_dpwssd_epi32(*a, w0, pair(j, 2 * reg));
                             *a = _mm256_dpwssd_epi32(*a, w1, pair(j, 2 * reg + 1));
@@ -355,12 +369,7 @@ pub(crate) mod vnni {
                 } else {
                     for reg in 0..4 {
                         let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
-                        let w = [
-                            _mm256_and_si256(v, lo4),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 8), lo4),
-                            _mm256_srli_epi16(v, 12),
-                        ];
+                        let w = super::avx2::q4_codes(v);
                         for (s, w) in w.into_iter().enumerate() {
                             for (j, a) in acc.iter_mut().enumerate() {
                                 *a = _mm256_dpwssd_epi32(*a, w, pair(j, 4 * reg + s));
