@@ -33,6 +33,9 @@ pub struct BenchRun {
     /// The process's peak resident memory so far (the high-water mark, which includes
     /// loading the model).
     pub peak_host_bytes: u64,
+    /// MoE models with mapped experts: the most bytes of expert weights the decoder
+    /// kept resident during the run (0 for dense models).
+    pub peak_expert_bytes: u64,
 }
 
 /// `wgsparse bench-model`'s report.
@@ -52,6 +55,10 @@ pub struct ModelBench {
     pub weight_bytes: u64,
     /// Seconds to load the model.
     pub load_s: f64,
+    /// Bytes of all expert weights (MoE models; 0 for dense ones).
+    pub expert_bytes: u64,
+    /// The cap on resident expert weights (`--max-resident-mb`), if any.
+    pub expert_cap_bytes: Option<u64>,
     /// The first prompt length's figures, also at the report's top level in JSON
     /// (`prefill_tok_s`, `decode_tok_s`, `ttft_ms`, `peak_gpu_bytes`,
     /// `peak_host_bytes`, ...), where a consumer of one run reads them.
@@ -74,6 +81,15 @@ impl fmt::Display for ModelBench {
             mib(self.weight_bytes),
             self.load_s
         )?;
+        if self.expert_bytes > 0 {
+            writeln!(
+                f,
+                "experts: {:.1} MiB in all, resident at most {}",
+                mib(self.expert_bytes),
+                self.expert_cap_bytes
+                    .map_or("(no cap)".to_string(), |b| format!("{:.1} MiB", mib(b)))
+            )?;
+        }
         writeln!(
             f,
             "{:>8} {:>6} {:>12} {:>10} {:>11} {:>14} {:>14}",
@@ -159,6 +175,7 @@ pub fn bench_decoder(
         on_token(next);
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let (_, peak_expert_bytes, _) = dec.expert_residency();
     Ok(BenchRun {
         prompt_tokens: prompt.len(),
         gen_tokens: new_tokens,
@@ -171,5 +188,6 @@ pub fn bench_decoder(
         },
         peak_gpu_bytes: None,
         peak_host_bytes: peak_host_bytes(),
+        peak_expert_bytes,
     })
 }

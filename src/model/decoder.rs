@@ -224,7 +224,9 @@ impl Mat {
         Ok(Mat { cols, rows, q })
     }
 
-    /// The `experts` matrices of a 3-D expert tensor (ggml dims `[cols, rows, experts]`).
+    /// The `experts` matrices of a 3-D expert tensor (ggml dims `[cols, rows, experts]`):
+    /// read in place from the mapped file when the GGUF is a file on disk (checked for
+    /// non-finite scales, then dropped from memory until routed), else copied.
     fn load_experts(g: &Gguf, name: &str, experts: usize) -> Result<Vec<Self>> {
         let t = g.tensor(name)?;
         if t.dims.len() != 3 || t.dims[2] as usize != experts {
@@ -234,14 +236,26 @@ impl Mat {
             )));
         }
         let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
-        let bytes = g.tensor_bytes(name)?;
-        let per = bytes.len() / experts;
-        bytes
-            .chunks_exact(per)
-            .map(|b| {
-                let q = QMat::new(t.ty, rows, cols, b.to_vec())
-                    .map_err(|e| Error::Gguf(format!("tensor `{name}`: {e}")))?;
+        let wrap = |e: Error| Error::Gguf(format!("tensor `{name}`: {e}"));
+        let mats = if let Some((map, range)) = g.map_tensor(name)? {
+            let per = range.len() / experts;
+            (0..experts)
+                .map(|e| {
+                    let r = range.start + e * per..range.start + (e + 1) * per;
+                    QMat::mapped(t.ty, rows, cols, map.clone(), r).map_err(wrap)
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            let bytes = g.tensor_bytes(name)?;
+            bytes
+                .chunks_exact(bytes.len() / experts)
+                .map(|b| QMat::new(t.ty, rows, cols, b.to_vec()).map_err(wrap))
+                .collect::<Result<Vec<_>>>()?
+        };
+        mats.into_iter()
+            .map(|q| {
                 q.check_finite(&format!("weight `{name}`"))?;
+                q.advise(false);
                 Ok(Mat { cols, rows, q })
             })
             .collect()
@@ -283,6 +297,22 @@ struct Layer {
     ffn_norm: Vec<f32>,
     ffn: Ffn,
     post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// Which routed experts' mapped weights are kept in memory, least recently used first
+/// out when a cap is set ([`Decoder::set_max_resident_experts`]).
+#[derive(Debug, Default)]
+struct ExpertResidency {
+    /// Bytes allowed (`None`: no cap, the kernel decides).
+    cap: Option<u64>,
+    /// Routing steps so far.
+    tick: u64,
+    /// (layer, expert) → last step it was routed to, for the resident ones.
+    last: std::collections::HashMap<(usize, usize), u64>,
+    /// Bytes of the resident experts.
+    bytes: u64,
+    /// The most bytes resident after any step.
+    peak: u64,
 }
 
 /// A layer's feed-forward block.
@@ -514,6 +544,8 @@ pub struct Decoder {
     /// the memory; a decode step then attends to keys and values rounded to f16) or f32
     /// (the oracle: every step sees the values the prefill saw).
     pub kv_precision: KvPrecision,
+    /// Mapped expert weights kept in memory ([`Decoder::set_max_resident_experts`]).
+    residency: std::sync::Mutex<ExpertResidency>,
     /// Projections with f32 activations on the dequantized weights (the oracle) instead
     /// of integer products on 16-bit activations (the default: within a few 1e-4 of the
     /// logits' range of it, and faster).
@@ -598,6 +630,7 @@ impl Decoder {
             method_layers: Vec::new(),
             kv_precision: KvPrecision::F16,
             f32_activations: false,
+            residency: Default::default(),
         })
     }
 
@@ -822,7 +855,11 @@ impl Decoder {
         for (li, l) in self.layers.iter().enumerate().take(limit) {
             // SmallThinker routes on the layer's input, before attention.
             let routes = match &l.ffn {
-                Ffn::Moe { router, .. } => Some(self.route(&router.apply(&x, t, exact), t)),
+                Ffn::Moe { router, .. } => {
+                    let routes = self.route(&router.apply(&x, t, exact), t);
+                    self.touch_experts(li, &routes);
+                    Some(routes)
+                }
                 Ffn::Dense { .. } => None,
             };
             let mut xn = x.clone();
@@ -945,6 +982,92 @@ impl Decoder {
         cache.len += t;
         rmsnorm_in_place(&mut x, &self.out_norm, c.norm_eps);
         Ok(x)
+    }
+
+    /// Caps the bytes of routed expert weights kept in memory when the experts are read
+    /// from the mapped file (`None`: no cap). Over the cap, the least recently routed
+    /// experts are dropped from memory (read again from the file when routed again).
+    pub fn set_max_resident_experts(&self, cap: Option<u64>) {
+        let mut r = self.residency.lock().expect("residency lock");
+        r.cap = cap;
+        self.evict(&mut r, &[]);
+    }
+
+    /// Bytes of expert weights resident now and at most so far, as the decoder counts
+    /// them (experts routed since and not dropped), and the bytes of all experts.
+    pub fn expert_residency(&self) -> (u64, u64, u64) {
+        let r = self.residency.lock().expect("residency lock");
+        let total = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Moe { gate, up, down, .. } => gate
+                    .iter()
+                    .chain(up)
+                    .chain(down)
+                    .map(|m| m.bytes() as u64)
+                    .sum(),
+                Ffn::Dense { .. } => 0,
+            })
+            .sum();
+        (r.bytes, r.peak, total)
+    }
+
+    /// Bytes of expert `e` of layer `li`, and its three matrices.
+    fn expert(&self, li: usize, e: usize) -> Option<[&Mat; 3]> {
+        match &self.layers[li].ffn {
+            Ffn::Moe { gate, up, down, .. } => Some([&gate[e], &up[e], &down[e]]),
+            Ffn::Dense { .. } => None,
+        }
+    }
+
+    /// Marks layer `li`'s routed experts as used now: the ones not resident are read
+    /// ahead (the router runs before attention, so the reads overlap it), then the
+    /// least recently used others are dropped while over the cap.
+    fn touch_experts(&self, li: usize, routes: &[Vec<(usize, f32)>]) {
+        let mut used: Vec<usize> = routes.iter().flatten().map(|x| x.0).collect();
+        used.sort_unstable();
+        used.dedup();
+        let mut r = self.residency.lock().expect("residency lock");
+        r.tick += 1;
+        let tick = r.tick;
+        for &e in &used {
+            let Some(mats) = self.expert(li, e) else {
+                return;
+            };
+            if !mats[0].q.is_mapped() {
+                return;
+            }
+            if r.last.insert((li, e), tick).is_none() {
+                mats.iter().for_each(|m| m.q.advise(true));
+                r.bytes += mats.iter().map(|m| m.bytes() as u64).sum::<u64>();
+            }
+        }
+        let keep: Vec<(usize, usize)> = used.iter().map(|&e| (li, e)).collect();
+        self.evict(&mut r, &keep);
+        r.peak = r.peak.max(r.bytes);
+    }
+
+    /// Drops least recently used experts (not in `keep`) while over the cap.
+    fn evict(&self, r: &mut ExpertResidency, keep: &[(usize, usize)]) {
+        let Some(cap) = r.cap else {
+            return;
+        };
+        while r.bytes > cap {
+            let Some((&key, _)) = r
+                .last
+                .iter()
+                .filter(|(k, _)| !keep.contains(k))
+                .min_by_key(|&(k, t)| (*t, *k))
+            else {
+                break;
+            };
+            r.last.remove(&key);
+            if let Some(mats) = self.expert(key.0, key.1) {
+                mats.iter().for_each(|m| m.q.advise(false));
+                r.bytes -= mats.iter().map(|m| m.bytes() as u64).sum::<u64>();
+            }
+        }
     }
 
     /// Each token's experts and weights from its router logits `[t, experts]`: the
@@ -1270,6 +1393,62 @@ mod tests {
                 close(&inc, &full, tol);
             }
         }
+    }
+
+    #[test]
+    fn mapped_experts_honour_the_resident_cap() {
+        use crate::model::synth::preset;
+        use crate::quant::GgmlType;
+        let cfg = preset("tiny-smallthinker").unwrap();
+        let mut bytes = Vec::new();
+        crate::model::synth::write_synth(&cfg, GgmlType::Q4_0, 9, &mut bytes).unwrap();
+        let path = std::env::temp_dir().join(format!(
+            "wgsparse-mapped-experts-{}.gguf",
+            std::process::id()
+        ));
+        std::fs::write(&path, &bytes).unwrap();
+        let on_disk = Gguf::open(&path).unwrap();
+        let mut mapped = Decoder::load(&on_disk, &Context::cpu(), Method::Dense).unwrap();
+        let mut owned = Decoder::load(
+            &Gguf::from_bytes(bytes).unwrap(),
+            &Context::cpu(),
+            Method::Dense,
+        )
+        .unwrap();
+        let (_, _, total) = mapped.expert_residency();
+        // One expert's three matrices; room for three experts.
+        let one = total / (cfg.layers * cfg.experts) as u64;
+        let cap = 3 * one;
+        mapped.set_max_resident_experts(Some(cap));
+        for d in [&mut mapped, &mut owned] {
+            d.f32_activations = true;
+            d.kv_precision = KvPrecision::F32;
+        }
+        let (mut cm, mut co) = (mapped.new_cache(), owned.new_cache());
+        for i in 0..24u32 {
+            let id = [(i * 53 + 7) % 400];
+            let a = mapped.forward(&id, &mut cm, &mut |_| Ok(())).unwrap();
+            let b = owned.forward(&id, &mut co, &mut |_| Ok(())).unwrap();
+            close(&a, &b, 1e-5);
+            let (now, peak, _) = mapped.expert_residency();
+            assert!(
+                now <= cap && peak <= cap,
+                "{now} / {peak} bytes over the cap {cap}"
+            );
+            assert!(
+                now >= cfg.top_k as u64 * one,
+                "the routed experts stay resident"
+            );
+        }
+        // Without a cap every routed expert stays (counted).
+        mapped.set_max_resident_experts(None);
+        assert_eq!(
+            owned.expert_residency().0,
+            0,
+            "owned experts are not counted"
+        );
+        drop(on_disk);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

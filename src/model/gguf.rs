@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::quant::ggml::{GgmlType, dequantize};
+use crate::quant::qmat::FileMap;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,6 +105,9 @@ pub struct Gguf {
     pub tensors: Vec<TensorInfo>,
     index: BTreeMap<String, usize>,
     source: Source,
+    /// The file mapped on first use ([`Gguf::map_tensor`]; Unix only).
+    #[cfg_attr(not(unix), allow(dead_code))]
+    map: Mutex<Option<std::sync::Arc<FileMap>>>,
 }
 
 /// Reader that counts bytes and refuses lengths larger than what remains.
@@ -292,6 +296,7 @@ impl Gguf {
             tensors,
             index,
             source: Source::Mem(Vec::new()),
+            map: Mutex::new(None),
         })
     }
 
@@ -338,6 +343,27 @@ impl Gguf {
     /// Whether a tensor exists.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.index.contains_key(name)
+    }
+
+    /// The whole file memory-mapped read-only, with the byte range of tensor `name` in
+    /// it; `None` for a GGUF held in memory (or off Unix).
+    pub fn map_tensor(
+        &self,
+        name: &str,
+    ) -> Result<Option<(std::sync::Arc<FileMap>, std::ops::Range<usize>)>> {
+        let t = self.tensor(name)?;
+        #[cfg(unix)]
+        if let Source::File(f) = &self.source {
+            let mut map = self.map.lock().expect("map lock");
+            if map.is_none() {
+                let f = f.lock().expect("file lock");
+                *map = Some(std::sync::Arc::new(FileMap::new(&f)?));
+            }
+            let range = t.offset as usize..(t.offset + t.bytes) as usize;
+            return Ok(map.clone().map(|m| (m, range)));
+        }
+        let _ = t;
+        Ok(None)
     }
 
     /// The raw bytes of a tensor.

@@ -23,6 +23,80 @@ use crate::error::{Error, Result};
 /// Values per activation block (and per weight offset).
 const QK: usize = 32;
 
+/// A file mapped read-only: the weights of memory-mapped matrices ([`QMat::mapped`]).
+pub struct FileMap {
+    #[cfg(unix)]
+    map: memmap2::Mmap,
+}
+
+impl std::fmt::Debug for FileMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileMap({} bytes)", self.bytes().len())
+    }
+}
+
+impl FileMap {
+    /// Maps `file` read-only.
+    #[cfg(unix)]
+    pub fn new(file: &std::fs::File) -> Result<Self> {
+        // SAFETY: a read-only mapping of a file the crate never writes; like every mmap
+        // reader (llama.cpp included), it assumes nobody truncates the file meanwhile.
+        let map = unsafe { memmap2::Mmap::map(file)? };
+        Ok(FileMap { map })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        #[cfg(unix)]
+        return &self.map;
+        #[cfg(not(unix))]
+        &[]
+    }
+
+    /// Asks the kernel to read `range` ahead (`need`) or to drop its pages from this
+    /// process (they are read again from the file cache when touched). Whole pages
+    /// inside the range only; errors are ignored (advice).
+    pub fn advise(&self, range: std::ops::Range<usize>, need: bool) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let (lo, hi) = (range.start.next_multiple_of(PAGE), range.end / PAGE * PAGE);
+            if hi <= lo {
+                return;
+            }
+            let _ = if need {
+                self.map
+                    .advise_range(memmap2::Advice::WillNeed, lo, hi - lo)
+            } else {
+                // SAFETY: MADV_DONTNEED on a read-only file mapping only drops pages,
+                // which the next access reads again from the file.
+                unsafe {
+                    self.map
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+                }
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (range, need);
+    }
+}
+
+/// Where a matrix's bytes live.
+#[derive(Clone, Debug)]
+enum Store {
+    Owned(Vec<u8>),
+    Mapped(std::sync::Arc<FileMap>, std::ops::Range<usize>),
+}
+
+impl std::ops::Deref for Store {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Store::Owned(v) => v,
+            Store::Mapped(m, r) => &m.bytes()[r.clone()],
+        }
+    }
+}
+
 /// A `[rows, cols]` weight matrix (a linear layer's `[out, in]`) in one GGUF format.
 #[derive(Clone, Debug)]
 pub struct QMat {
@@ -32,7 +106,7 @@ pub struct QMat {
     row_bytes: usize,
     /// Leading rows held in groups of eight ([`rows8`]; 0 for formats kept as is).
     packed_rows: usize,
-    bytes: Vec<u8>,
+    bytes: Store,
 }
 
 /// The activations of [`QMat::apply`], quantized to 16 bits per block of 32 values.
@@ -716,8 +790,53 @@ impl QMat {
             cols,
             row_bytes,
             packed_rows,
-            bytes,
+            bytes: Store::Owned(bytes),
         })
+    }
+
+    /// A `[rows, cols]` matrix of `ty` whose GGUF bytes are `range` of a mapped file,
+    /// read in place (as the file lays them out: no rows are regrouped), so only the
+    /// pages a product touches become resident. Typed errors as [`QMat::new`].
+    pub fn mapped(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        map: std::sync::Arc<FileMap>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Self> {
+        if !ty.can_dequantize() {
+            return Err(Error::Gguf(format!("{ty:?} matrices are not supported")));
+        }
+        let row_bytes = ty.bytes_for(cols as u64)? as usize;
+        if range.len() != rows * row_bytes || range.end > map.bytes().len() {
+            return Err(Error::Gguf(format!(
+                "a [{rows}, {cols}] {ty:?} matrix needs {} bytes, the mapped range {range:?} \
+                 of a {}-byte file does not hold them",
+                rows * row_bytes,
+                map.bytes().len()
+            )));
+        }
+        Ok(QMat {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            packed_rows: 0,
+            bytes: Store::Mapped(map, range),
+        })
+    }
+
+    /// For a mapped matrix: reads its pages ahead (`need`) or drops them from this
+    /// process ([`FileMap::advise`]); nothing for one held in memory.
+    pub fn advise(&self, need: bool) {
+        if let Store::Mapped(m, r) = &self.bytes {
+            m.advise(r.clone(), need);
+        }
+    }
+
+    /// Whether the bytes are read from a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.bytes, Store::Mapped(..))
     }
 
     /// The format held (the file's, except Q5_0, held as Q8_0).

@@ -67,6 +67,8 @@ pub fn run(a: &BenchModelArgs) -> Result<()> {
         file_bytes: std::fs::metadata(&a.m.model)?.len(),
         weight_bytes: dec.weight_bytes() as u64,
         load_s,
+        expert_bytes: dec.expert_residency().2,
+        expert_cap_bytes: a.m.max_resident_mb.map(|mb| mb << 20),
         first: runs[0].clone(),
         runs,
     };

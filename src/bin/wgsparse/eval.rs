@@ -242,6 +242,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         method: Method::Dense,
         backend: a.backend,
         exact: false,
+        max_resident_mb: None,
     };
     let (_, tok, dec) = load(&m_args)?;
     let layers = eval_layers(&a.layers, &dec.cfg.global)?;

@@ -27,6 +27,11 @@ pub struct ModelArgs {
     /// integer products on 16-bit activations) and an f32 KV cache (instead of f16).
     #[arg(long)]
     pub(crate) exact: bool,
+    /// MoE models read from a file: keep at most this many MiB of routed expert weights
+    /// in memory (least recently routed dropped first; experts are memory-mapped and
+    /// only routed ones are touched either way).
+    #[arg(long)]
+    pub(crate) max_resident_mb: Option<u64>,
 }
 
 /// `wgsparse generate`.
@@ -40,6 +45,7 @@ pub fn load(m: &ModelArgs) -> Result<(Gguf, ModelTokenizer, Decoder)> {
         dec.f32_activations = true;
         dec.kv_precision = KvPrecision::F32;
     }
+    dec.set_max_resident_experts(m.max_resident_mb.map(|mb| mb << 20));
     eprintln!(
         "loaded {} ({:?}, {} layers, attention on {}) in {:.1} s",
         m.model.display(),
