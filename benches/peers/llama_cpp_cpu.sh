@@ -4,9 +4,9 @@
 #
 #   bash benches/peers/llama_cpp_cpu.sh MODEL.gguf [MODEL.gguf ...]
 #
-# Builds `llama-bench` once into target/peers/llama.cpp from the llama.cpp source that the
-# llama-cpp-python sdist vendors (pip downloads it; cmake and ninja come from pip too, into
-# target/peers/venv), then per model prints one JSON line per side:
+# Builds `llama-bench` once into target/peers/llama.cpp (build_llama_cpp.sh: from the
+# llama.cpp source that the llama-cpp-python sdist vendors), then per model prints one
+# JSON line per side:
 #   llama.cpp: llama-bench -t THREADS -p 512 -n 32 -d 0,512   (prefill of 512 tokens;
 #              decode of 32 tokens from an empty context and after 512 tokens)
 #   wgsparse:  bench-model --backend cpu --threads THREADS --prompt-tokens 16,512
@@ -23,23 +23,8 @@ peers=$PWD/target/peers
 bench=$peers/llama.cpp/build/bin/llama-bench
 wgsparse=${WGSPARSE:-target/release/wgsparse}
 
-if [ ! -x "$bench" ]; then
-    say "building llama-bench (once)"
-    python3 -m venv "$peers/venv"
-    "$peers/venv/bin/pip" install -q --disable-pip-version-check cmake ninja scikit-build-core
-    tmp=$(mktemp -d)
-    "$peers/venv/bin/pip" download -q --disable-pip-version-check --no-deps \
-        --no-build-isolation --no-binary :all: -d "$tmp" llama-cpp-python
-    tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
-    rm -rf "$peers/llama.cpp"
-    mv "$(ls -d "$tmp"/llama_cpp_python-*/vendor/llama.cpp)" "$peers/llama.cpp"
-    rm -rf "$tmp"
-    "$peers/venv/bin/cmake" -S "$peers/llama.cpp" -B "$peers/llama.cpp/build" -G Ninja \
-        -DCMAKE_MAKE_PROGRAM="$peers/venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release \
-        -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-    "$peers/venv/bin/cmake" --build "$peers/llama.cpp/build" --target llama-bench -j "$threads" >/dev/null
-fi
+source benches/peers/build_llama_cpp.sh
+build_llama_cpp llama-bench
 [ -x "$wgsparse" ] || cargo build --release --locked --bin wgsparse
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
 

@@ -21,6 +21,10 @@ pub struct GenerateArgs {
     /// Wrap the prompt in the model's chat format (one user turn).
     #[arg(long)]
     chat: bool,
+    /// Print one JSON object instead of streaming: `text` (the continuation) and
+    /// `tokens` (the generated ids).
+    #[arg(long)]
+    json: bool,
 }
 
 /// `wgsparse nll`.
@@ -36,9 +40,16 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut text = wgsparse::model::tokenizer::TextStream::new(&tok);
     let out = dec.generate(&ids, a.tokens, &tok.stop_ids, &mut |id| {
-        print!("{}", text.push(id));
-        let _ = std::io::stdout().flush();
+        if !a.json {
+            print!("{}", text.push(id));
+            let _ = std::io::stdout().flush();
+        }
     })?;
+    if a.json {
+        let o = serde_json::json!({"text": tok.decode(&out)?, "tokens": out});
+        println!("{o}");
+        return Ok(());
+    }
     println!();
     eprintln!(
         "{} prompt tokens, {} generated in {:.1} s",
