@@ -860,18 +860,37 @@ impl QMat {
         matches!(self.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
     }
 
+    /// Bytes of one group of eight packed rows.
+    fn group_bytes(&self) -> usize {
+        rows8::group_bytes(self.ty, self.row_bytes)
+    }
+
+    /// The packed group holding rows `8·g..8·g + 8`.
+    fn group(&self, g: usize) -> &[u8] {
+        let gb = self.group_bytes();
+        &self.bytes[g * gb..(g + 1) * gb]
+    }
+
+    /// Row `r` (at or after the packed rows) in its GGUF bytes.
+    fn plain_row(&self, r: usize) -> &[u8] {
+        let (rb, at) = (
+            self.row_bytes,
+            self.packed_rows / rows8::GROUP * self.group_bytes(),
+        );
+        let i = r - self.packed_rows;
+        &self.bytes[at + i * rb..at + (i + 1) * rb]
+    }
+
     /// Row `r`'s GGUF bytes: in place, or (a row of a group of eight) rebuilt in
     /// `scratch`.
     fn gguf_row<'a>(&'a self, r: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
-        let rb = self.row_bytes;
         if r < self.packed_rows {
-            let g = r / rows8::GROUP * rows8::GROUP;
-            scratch.resize(rb, 0);
-            let group = &self.bytes[g * rb..(g + rows8::GROUP) * rb];
-            rows8::group_row(self.ty, group, r - g, scratch);
+            scratch.resize(self.row_bytes, 0);
+            let g = r / rows8::GROUP;
+            rows8::group_row(self.ty, self.group(g), r % rows8::GROUP, scratch);
             scratch
         } else {
-            &self.bytes[r * rb..(r + 1) * rb]
+            self.plain_row(r)
         }
     }
 
@@ -895,7 +914,7 @@ impl QMat {
     /// Rows `r0..` dequantized into `out` (whole rows): groups of eight at once where
     /// the rows are packed and the AVX2 kernels run, row by row otherwise.
     fn rows_f32(&self, r0: usize, out: &mut [f32]) {
-        let (cols, rb) = (self.cols, self.row_bytes);
+        let cols = self.cols;
         let mut scratch = Vec::new();
         #[cfg(target_arch = "x86_64")]
         let groups = fused_avx2::available();
@@ -910,13 +929,14 @@ impl QMat {
                 && r < self.packed_rows
                 && (i + 8) * cols <= out.len()
             {
-                let group = &self.bytes[r * rb..(r + rows8::GROUP) * rb];
+                let group = self.group(r / rows8::GROUP);
                 let o = &mut out[i * cols..(i + rows8::GROUP) * cols];
                 // SAFETY: the features were detected; the group holds cols / 32 records.
                 unsafe {
                     match self.ty {
                         GgmlType::Q4_0 => rows8::avx2::group_f32::<0, 144>(group, cols, o),
                         GgmlType::Q4_1 => rows8::avx2::group_f32::<1, 160>(group, cols, o),
+                        GgmlType::Q4K => rows8::avx2::group_f32::<3, 1184>(group, cols, o),
                         _ => rows8::avx2::group_f32::<2, 272>(group, cols, o),
                     }
                 }
@@ -946,8 +966,8 @@ impl QMat {
                 dtype: "f32",
             };
             // Groups of eight rows: a record starts with the eight scales (and mins).
-            let split = self.packed_rows * self.row_bytes;
-            let record = rows8::GROUP * bb;
+            let split = self.packed_rows / rows8::GROUP * self.group_bytes();
+            let record = rows8::record_bytes(self.ty);
             let fields: Vec<usize> = (0..scales.len() * rows8::GROUP).map(|i| 2 * i).collect();
             let bad = self.bytes[..split]
                 .par_chunks(record)
@@ -1086,9 +1106,9 @@ impl QMat {
             .clamp(1, groups.div_ceil(rayon::current_num_threads()).max(1));
         // Eight rows of group g for tokens j..j + TT.
         fn run<const TT: usize>(m: &QMat, xq: &Q16Rows, g: usize, j: usize) -> [[f32; 8]; TT] {
-            let (cols, rb) = (m.cols, m.row_bytes);
+            let cols = m.cols;
             let nb = cols / QK;
-            let group = &m.bytes[g * rows8::GROUP * rb..(g + 1) * rows8::GROUP * rb];
+            let group = m.group(g);
             let xs: [*const i16; TT] = std::array::from_fn(|k| xq.q[(j + k) * cols..].as_ptr());
             let xd: [*const f32; TT] = std::array::from_fn(|k| xq.d[(j + k) * nb..].as_ptr());
             let xsum: [*const i32; TT] = std::array::from_fn(|k| xq.sum[(j + k) * nb..].as_ptr());
@@ -1101,6 +1121,9 @@ impl QMat {
                     }
                     GgmlType::Q4_1 => {
                         rows8::vnni::gemm_group::<1, 160, TT>(group, nb, xs, xd, xsum)
+                    }
+                    GgmlType::Q4K => {
+                        rows8::vnni::gemm_group::<3, 1184, TT>(group, nb, xs, xd, xsum)
                     }
                     _ => rows8::vnni::gemm_group::<2, 272, TT>(group, nb, xs, xd, xsum),
                 }
@@ -1134,7 +1157,7 @@ impl QMat {
         });
         // The rows after the groups, token by token.
         for r in self.packed_rows..rows {
-            let row = &self.bytes[r * rb..(r + 1) * rb];
+            let row = self.plain_row(r);
             for j in 0..t {
                 // SAFETY: `apply_with` checked AVX2, FMA and F16C (VNNI implies them).
                 out[j * rows + r] = unsafe {
@@ -1199,8 +1222,7 @@ impl QMat {
                         #[cfg(target_arch = "x86_64")]
                         if fused && r < self.packed_rows {
                             // A group of eight rows (tasks start on a group).
-                            let rb = self.row_bytes;
-                            let group = &self.bytes[r * rb..(r + rows8::GROUP) * rb];
+                            let group = self.group(r / rows8::GROUP);
                             for i in 0..t {
                                 let (xq, xd, xs) = (
                                     xq.q[i * cols..].as_ptr(),
@@ -1217,6 +1239,9 @@ impl QMat {
                                         }
                                         GgmlType::Q4_1 => {
                                             rows8::avx2::dot_group::<1, 160>(group, nb, xq, xd, xs)
+                                        }
+                                        GgmlType::Q4K => {
+                                            rows8::avx2::dot_group::<3, 1184>(group, nb, xq, xd, xs)
                                         }
                                         _ => {
                                             rows8::avx2::dot_group::<2, 272>(group, nb, xq, xd, xs)

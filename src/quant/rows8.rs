@@ -1,20 +1,25 @@
-//! Q4_0, Q4_1 and Q8_0 matrices repacked eight rows at a time for the decode product:
+//! Q4_0, Q4_1, Q8_0 and Q4_K matrices repacked eight rows at a time for the products:
 //! each lane of a 256-bit register then accumulates one row, so a block's scale is one
 //! vector for eight rows, no horizontal sum is left at the end of a row, and the codes
 //! reach 16-bit lanes by shifts and masks instead of byte shuffles.
 //!
 //! Layout of a group of eight rows: one record per block position `b` (the group's
-//! blocks `b` side by side, as many bytes as their eight GGUF blocks):
-//! - the eight rows' f16 scales `d` (16 bytes), then for Q4_1 their f16 mins `m`;
-//! - the codes as registers of 16 lanes of 16 bits, lane `L` belonging to row `L / 2`
-//!   and to the even (`L` even) or odd value of a pair of columns `(2p, 2p + 1)`:
+//! blocks `b` side by side):
+//! - a header: the eight rows' f16 scales `d` (16 bytes); Q4_1 then their f16 mins;
+//!   Q4_K then their f16 `dmin`, and its sub-blocks' 6-bit scales and mins unpacked to
+//!   bytes (`[sub-block][row]`, 64 bytes each);
+//! - the codes of each run of 32 values (one run, Q4_K's eight sub-blocks eight) as
+//!   registers of 16 lanes of 16 bits, lane `L` belonging to row `L / 2` and to the
+//!   even (`L` even) or odd value of a pair of columns `(2p, 2p + 1)`:
 //!   - Q4 (4 registers): lane bits `4s..4s + 4` hold the nibble of pair `p = 4·reg + s`;
 //!   - Q8_0 (8 registers): the low byte is pair `2·reg`, the high byte pair `2·reg + 1`.
 //!
-//! Against a 16-bit activation pair broadcast to every 32-bit lane, one `pmaddwd`
-//! multiplies two columns of eight rows and sums them per row. A matrix's last
-//! `rows % 8` rows stay in GGUF order after the groups. [`group_row`] gives any row of
-//! a group back in GGUF bytes (the dequantizer and the portable product read those).
+//! A record is as large as its eight GGUF blocks, except Q4_K's (1,184 bytes for 1,152:
+//! its scales unpacked). Against a 16-bit activation pair broadcast to every 32-bit
+//! lane, one `pmaddwd` multiplies two columns of eight rows and sums them per row. A
+//! matrix's last `rows % 8` rows stay in GGUF order after the groups. [`group_row`]
+//! gives any row of a group back in GGUF bytes (the dequantizer and the portable
+//! product read those).
 
 use rayon::prelude::*;
 
@@ -25,44 +30,104 @@ pub const GROUP: usize = 8;
 
 /// Whether `ty` is repacked.
 pub fn repacked(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K
+    )
 }
 
-/// Byte offset of the codes in a GGUF block of `ty`, and in a record.
-fn offsets(ty: GgmlType) -> (usize, usize) {
+/// Q4_K's header: `d`, `dmin`, then the sub-blocks' scales and mins as bytes.
+const K4_SC: usize = 32;
+const K4_M: usize = 96;
+const K4_CODES: usize = 160;
+
+/// Bytes of a record (eight rows' blocks at one position).
+pub fn record_bytes(ty: GgmlType) -> usize {
     match ty {
-        GgmlType::Q4_0 => (2, 16),
-        GgmlType::Q4_1 => (4, 32),
-        _ => (2, 16),
+        GgmlType::Q4K => K4_CODES + 8 * 128,
+        _ => GROUP * ty.block().1,
     }
 }
 
-#[inline(always)]
-/// Code `j` (0..32) of a GGUF block: a nibble (Q4) or a byte (Q8_0, as its bits).
-fn code(ty: GgmlType, blk: &[u8], j: usize) -> u8 {
-    let (at, _) = offsets(ty);
+/// Bytes of a group of eight packed rows of `row_bytes` GGUF bytes each.
+pub fn group_bytes(ty: GgmlType, row_bytes: usize) -> usize {
+    row_bytes / ty.block().1 * record_bytes(ty)
+}
+
+/// Runs of 32 codes in a block, and where run `u`'s codes start in a record.
+fn runs(ty: GgmlType) -> usize {
+    if ty == GgmlType::Q4K { 8 } else { 1 }
+}
+
+fn run_at(ty: GgmlType, u: usize) -> usize {
     match ty {
-        GgmlType::Q8_0 => blk[at + j],
-        _ if j < 16 => blk[at + j] & 0x0f,
-        _ => blk[at + j - 16] >> 4,
+        GgmlType::Q4_1 => 32,
+        GgmlType::Q4K => K4_CODES + 128 * u,
+        _ => 16,
     }
 }
 
-#[inline(always)]
-/// Where code `j` of row `r` (0..8) sits in a record's code bytes: (byte, shift).
-fn place(ty: GgmlType, r: usize, j: usize) -> (usize, u32) {
-    let (p, e) = (j / 2, j % 2);
-    let lane = 2 * r + e;
-    match ty {
-        GgmlType::Q8_0 => {
-            let (reg, s) = (p / 2, p % 2);
-            (reg * 32 + 2 * lane + s, 0)
-        }
+/// The 32 codes of run `u` of a GGUF block: nibbles (Q4), bytes (Q8_0, as bits).
+fn gguf_codes(ty: GgmlType, blk: &[u8], u: usize) -> [u16; 32] {
+    std::array::from_fn(|j| match ty {
+        GgmlType::Q8_0 => blk[2 + j] as u16,
+        GgmlType::Q4K => ((blk[16 + 32 * (u / 2) + j] >> (4 * (u % 2))) & 0x0f) as u16,
         _ => {
-            let (reg, s) = (p / 4, p % 4);
-            // Nibble s of the 16-bit lane: byte s / 2, shift 4 · (s % 2).
-            (reg * 32 + 2 * lane + s / 2, 4 * (s as u32 % 2))
+            let at = if ty == GgmlType::Q4_1 { 4 } else { 2 };
+            (if j < 16 {
+                blk[at + j] & 0x0f
+            } else {
+                blk[at + j - 16] >> 4
+            }) as u16
         }
+    })
+}
+
+/// Writes row `r`'s 32 codes `c` into a run's registers.
+fn put_run(q8: bool, area: &mut [u8], r: usize, c: &[u16; 32]) {
+    for e in 0..2 {
+        let at = 2 * (2 * r + e);
+        if q8 {
+            for reg in 0..8 {
+                let v = c[4 * reg + e] | c[4 * reg + 2 + e] << 8;
+                area[reg * 32 + at..reg * 32 + at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        } else {
+            for reg in 0..4 {
+                let p = |s: usize| c[2 * (4 * reg + s) + e] << (4 * s);
+                let v = p(0) | p(1) | p(2) | p(3);
+                area[reg * 32 + at..reg * 32 + at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Row `r`'s 32 codes from a run's registers.
+fn get_run(q8: bool, area: &[u8], r: usize) -> [u8; 32] {
+    std::array::from_fn(|j| {
+        let (p, e) = (j / 2, j % 2);
+        let lane = 2 * (2 * r + e);
+        if q8 {
+            area[(p / 2) * 32 + lane + p % 2]
+        } else {
+            let v = u16::from_le_bytes([area[(p / 4) * 32 + lane], area[(p / 4) * 32 + lane + 1]]);
+            ((v >> (4 * (p % 4))) & 0x0f) as u8
+        }
+    })
+}
+
+/// Q4_K's 12 scale bytes as eight 6-bit (scale, min) pairs, and back (ggml's packing).
+fn k4_unpack(q: &[u8]) -> [(u8, u8); 8] {
+    std::array::from_fn(|j| super::ggml::scale_min_k4(j, q))
+}
+
+fn k4_pack(sm: &[(u8, u8); 8], q: &mut [u8]) {
+    for j in 0..4 {
+        let (sc, m) = sm[j];
+        let (sc4, m4) = sm[j + 4];
+        q[j] = (sc & 63) | ((sc4 >> 4) << 6);
+        q[j + 4] = (m & 63) | ((m4 >> 4) << 6);
+        q[j + 8] = (sc4 & 0x0f) | ((m4 & 0x0f) << 4);
     }
 }
 
@@ -70,10 +135,10 @@ fn place(ty: GgmlType, r: usize, j: usize) -> (usize, u32) {
 pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> Vec<u8> {
     debug_assert!(repacked(ty) && rows.is_multiple_of(GROUP));
     let bb = ty.block().1;
-    let (nb, rec) = (row_bytes / bb, GROUP * bb);
-    let codes = offsets(ty).1;
-    let mut out = vec![0u8; rows * row_bytes];
-    out.par_chunks_exact_mut(GROUP * row_bytes)
+    let rec = record_bytes(ty);
+    let q8 = ty == GgmlType::Q8_0;
+    let mut out = vec![0u8; rows / GROUP * group_bytes(ty, row_bytes)];
+    out.par_chunks_exact_mut(group_bytes(ty, row_bytes))
         .enumerate()
         .for_each(|(g, grp)| {
             for (b, record) in grp.chunks_exact_mut(rec).enumerate() {
@@ -81,35 +146,21 @@ pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> Vec<u8
                     let src = (g * GROUP + r) * row_bytes + b * bb;
                     let blk = &bytes[src..src + bb];
                     record[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-                    if ty == GgmlType::Q4_1 {
+                    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K) {
                         record[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
                     }
-                    let mut c = [0u16; 32];
-                    for (j, c) in c.iter_mut().enumerate() {
-                        *c = code(ty, blk, j) as u16;
-                    }
-                    // Each 16-bit lane of the row's two lanes (even, odd value of a pair).
-                    let out = &mut record[codes..];
-                    for e in 0..2 {
-                        let at = 2 * (2 * r + e);
-                        if ty == GgmlType::Q8_0 {
-                            for reg in 0..8 {
-                                let v = c[4 * reg + e] | c[4 * reg + 2 + e] << 8;
-                                out[reg * 32 + at..reg * 32 + at + 2]
-                                    .copy_from_slice(&v.to_le_bytes());
-                            }
-                        } else {
-                            for reg in 0..4 {
-                                let p = |s: usize| c[2 * (4 * reg + s) + e] << (4 * s);
-                                let v = p(0) | p(1) | p(2) | p(3);
-                                out[reg * 32 + at..reg * 32 + at + 2]
-                                    .copy_from_slice(&v.to_le_bytes());
-                            }
+                    if ty == GgmlType::Q4K {
+                        for (j, (sc, m)) in k4_unpack(&blk[4..16]).into_iter().enumerate() {
+                            record[K4_SC + 8 * j + r] = sc;
+                            record[K4_M + 8 * j + r] = m;
                         }
+                    }
+                    for u in 0..runs(ty) {
+                        let at = run_at(ty, u);
+                        put_run(q8, &mut record[at..], r, &gguf_codes(ty, blk, u));
                     }
                 }
             }
-            debug_assert_eq!(grp.len(), nb * rec);
         });
     out
 }
@@ -117,23 +168,35 @@ pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> Vec<u8
 /// Row `r` (0..8) of a packed group, as its GGUF bytes, into `out` (`row_bytes`).
 pub fn group_row(ty: GgmlType, group: &[u8], r: usize, out: &mut [u8]) {
     let bb = ty.block().1;
-    let (at, codes) = offsets(ty);
-    for (record, blk) in group.chunks_exact(GROUP * bb).zip(out.chunks_exact_mut(bb)) {
+    let q8 = ty == GgmlType::Q8_0;
+    for (record, blk) in group
+        .chunks_exact(record_bytes(ty))
+        .zip(out.chunks_exact_mut(bb))
+    {
+        blk.fill(0);
         blk[..2].copy_from_slice(&record[2 * r..2 * r + 2]);
-        if ty == GgmlType::Q4_1 {
+        if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K) {
             blk[2..4].copy_from_slice(&record[16 + 2 * r..18 + 2 * r]);
         }
-        blk[at..].fill(0);
-        for j in 0..32 {
-            let (byte, shift) = place(ty, r, j);
-            let c = match ty {
-                GgmlType::Q8_0 => record[codes + byte],
-                _ => (record[codes + byte] >> shift) & 0x0f,
-            };
-            match ty {
-                GgmlType::Q8_0 => blk[at + j] = c,
-                _ if j < 16 => blk[at + j] |= c,
-                _ => blk[at + j - 16] |= c << 4,
+        if ty == GgmlType::Q4K {
+            let sm = std::array::from_fn(|j| (record[K4_SC + 8 * j + r], record[K4_M + 8 * j + r]));
+            k4_pack(&sm, &mut blk[4..16]);
+        }
+        for u in 0..runs(ty) {
+            let c = get_run(q8, &record[run_at(ty, u)..], r);
+            for (j, c) in c.into_iter().enumerate() {
+                match ty {
+                    GgmlType::Q8_0 => blk[2 + j] = c,
+                    GgmlType::Q4K => blk[16 + 32 * (u / 2) + j] |= c << (4 * (u % 2)),
+                    _ => {
+                        let at = if ty == GgmlType::Q4_1 { 4 } else { 2 };
+                        if j < 16 {
+                            blk[at + j] |= c;
+                        } else {
+                            blk[at + j - 16] |= c << 4;
+                        }
+                    }
+                }
             }
         }
     }
@@ -168,12 +231,62 @@ pub(crate) mod avx2 {
         ]
     }
 
-    /// The eight rows of a packed Q4_0 (`KIND` 0), Q4_1 (1) or Q8_0 (2) group (`nb`
-    /// records of `RB` bytes) times one activation row: 16-bit codes `x` (`32 · nb`),
-    /// block scales `xd` and code sums `xs`. Returns the eight dot products.
+    /// Block `b` (32 values) of a packed group of `KIND` (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K;
+    /// records of `RB` bytes): its codes' address and the eight rows' scale and offset
+    /// (`w = scale · code + offset`; Q4_0's offset −8·d, Q4_1's min, Q4_K's −dmin·m).
     ///
     /// # Safety
-    /// AVX2, FMA and F16C; `group` holds `nb · RB` bytes; `x` points at `32 · nb` codes.
+    /// AVX2 and F16C; `group` holds the record of block `b`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn parts<const KIND: u8, const RB: usize>(
+        group: *const u8,
+        b: usize,
+    ) -> (*const u8, __m256, __m256) {
+        unsafe {
+            if KIND == 3 {
+                let (rec, j) = (group.add(b / 8 * RB), b % 8);
+                let bytes = |at: usize| {
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        rec.add(at + 8 * j).cast(),
+                    )))
+                };
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16).cast()));
+                let neg = _mm256_sub_ps(_mm256_setzero_ps(), dmin);
+                (
+                    rec.add(super::K4_CODES + 128 * j),
+                    _mm256_mul_ps(d, bytes(super::K4_SC)),
+                    _mm256_mul_ps(neg, bytes(super::K4_M)),
+                )
+            } else {
+                let rec = group.add(b * RB);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
+                match KIND {
+                    0 => (rec.add(16), d, _mm256_mul_ps(_mm256_set1_ps(-8.0), d)),
+                    1 => (
+                        rec.add(32),
+                        d,
+                        _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16).cast())),
+                    ),
+                    _ => (rec.add(16), d, _mm256_setzero_ps()),
+                }
+            }
+        }
+    }
+
+    /// Records of `RB` bytes that `nb` blocks of 32 values of `KIND` take.
+    pub const fn records<const KIND: u8>(nb: usize) -> usize {
+        if KIND == 3 { nb.div_ceil(8) } else { nb }
+    }
+
+    /// The eight rows of a packed group of `KIND` ([`parts`]; `nb` blocks of 32 values)
+    /// times one activation row: 16-bit codes `x` (`32 · nb`), block scales `xd` and
+    /// code sums `xs`. Returns the eight dot products.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `group` holds the records of `nb` blocks; `x` points at
+    /// `32 · nb` codes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_group<const KIND: u8, const RB: usize>(
@@ -183,22 +296,20 @@ pub(crate) mod avx2 {
         xd: &[f32],
         xs: &[i32],
     ) -> [f32; 8] {
-        assert!(group.len() >= nb * RB && xd.len() >= nb && xs.len() >= nb);
+        assert!(group.len() >= records::<KIND>(nb) * RB && xd.len() >= nb && xs.len() >= nb);
         let (mut accf, mut offv) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let codes = if KIND == 1 { 32 } else { 16 };
         unsafe {
             // The activation pair (2p, 2p + 1) in every 32-bit lane.
             let pair = |xb: *const i16, p: usize| {
                 _mm256_set1_epi32(xb.add(2 * p).cast::<i32>().read_unaligned())
             };
             for b in 0..nb {
-                let rec = group.as_ptr().add(b * RB);
+                let (rec, d, off) = parts::<KIND, RB>(group.as_ptr(), b);
                 let xb = x.add(32 * b);
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
                 let mut acc = [_mm256_setzero_si256(); 4];
                 if KIND == 2 {
                     for reg in 0..8 {
-                        let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
+                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
                         let [w0, w1] = q8_codes(v);
                         let a = &mut acc[reg % 2 * 2..reg % 2 * 2 + 2];
                         a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(w0, pair(xb, 2 * reg)));
@@ -206,7 +317,7 @@ pub(crate) mod avx2 {
                     }
                 } else {
                     for reg in 0..4 {
-                        let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
+                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
                         let w = q4_codes(v);
                         for (s, w) in w.into_iter().enumerate() {
                             acc[s] = _mm256_add_epi32(
@@ -222,15 +333,9 @@ pub(crate) mod avx2 {
                 );
                 let xdb = _mm256_set1_ps(xd[b]);
                 accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, xdb), accf);
-                // Offsets: Q4_0's codes are nibble − 8, Q4_1 adds its min.
-                let xsum = _mm256_set1_ps(xd[b] * xs[b] as f32);
-                match KIND {
-                    0 => offv = _mm256_fmadd_ps(d, _mm256_mul_ps(xsum, _mm256_set1_ps(-8.0)), offv),
-                    1 => {
-                        let m = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16).cast()));
-                        offv = _mm256_fmadd_ps(m, xsum, offv);
-                    }
-                    _ => {}
+                // Offsets: Σ offset · x = offset · xd · (code sum).
+                if KIND != 2 {
+                    offv = _mm256_fmadd_ps(off, _mm256_set1_ps(xd[b] * xs[b] as f32), offv);
                 }
             }
             let mut out = [0f32; 8];
@@ -244,7 +349,7 @@ pub(crate) mod avx2 {
     /// operation order) of the single-row AVX2 dequantizer.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C; `group` holds `cols / 32` records of `RB` bytes.
+    /// AVX2, FMA and F16C; `group` holds the records of `cols / 32` blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_f32<const KIND: u8, const RB: usize>(
@@ -253,18 +358,11 @@ pub(crate) mod avx2 {
         out: &mut [f32],
     ) {
         let nb = cols / 32;
-        assert!(group.len() >= nb * RB && out.len() >= 8 * cols);
-        let codes = if KIND == 1 { 32 } else { 16 };
+        assert!(group.len() >= records::<KIND>(nb) * RB && out.len() >= 8 * cols);
         let o = out.as_mut_ptr();
         unsafe {
             for b in 0..nb {
-                let rec = group.as_ptr().add(b * RB);
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
-                let off = match KIND {
-                    0 => _mm256_mul_ps(_mm256_set1_ps(-8.0), d),
-                    1 => _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16).cast())),
-                    _ => _mm256_setzero_ps(),
-                };
+                let (rec, d, off) = parts::<KIND, RB>(group.as_ptr(), b);
                 // Lanes (2r, 2r + 1) of a pair's values belong to row r.
                 let (lo_rows, hi_rows) = (
                     _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
@@ -297,14 +395,14 @@ pub(crate) mod avx2 {
                 };
                 if KIND == 2 {
                     for reg in 0..8 {
-                        let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
+                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
                         for (s, w) in q8_codes(v).into_iter().enumerate() {
                             store(w, 2 * reg + s);
                         }
                     }
                 } else {
                     for reg in 0..4 {
-                        let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
+                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
                         for (s, w) in q4_codes(v).into_iter().enumerate() {
                             store(w, 4 * reg + s);
                         }
@@ -330,8 +428,8 @@ pub(crate) mod vnni {
             && is_x86_feature_detected!("avx512vnni")
     }
 
-    /// The eight rows of a packed Q4_0 (`KIND` 0), Q4_1 (1) or Q8_0 (2) group (`nb`
-    /// records of `RB` bytes) times `TT` activation rows (16-bit codes `x[j]`, block
+    /// The eight rows of a packed group of `KIND` (see [`super::avx2::parts`]; `nb`
+    /// blocks of 32 values) times `TT` activation rows (16-bit codes `x[j]`, block
     /// scales `xd[j]`, code sums `xs[j]`): `out[j][r]`.
     ///
     /// # Safety
@@ -346,20 +444,18 @@ pub(crate) mod vnni {
         xd: [*const f32; TT],
         xs: [*const i32; TT],
     ) -> [[f32; 8]; TT] {
-        assert!(group.len() >= nb * RB);
-        let codes = if KIND == 1 { 32 } else { 16 };
+        assert!(group.len() >= super::avx2::records::<KIND>(nb) * RB);
         let mut facc = [_mm256_setzero_ps(); TT];
         unsafe {
             for b in 0..nb {
-                let rec = group.as_ptr().add(b * RB);
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
+                let (rec, d, m) = super::avx2::parts::<KIND, RB>(group.as_ptr(), b);
                 let mut acc = [_mm256_setzero_si256(); TT];
                 let pair = |j: usize, p: usize| {
                     _mm256_set1_epi32(x[j].add(32 * b + 2 * p).cast::<i32>().read_unaligned())
                 };
                 if KIND == 2 {
                     for reg in 0..8 {
-                        let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
+                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
                         let [w0, w1] = super::avx2::q8_codes(v);
                         for (j, a) in acc.iter_mut().enumerate() {
                             *a = _mm256_dpwssd_epi32(*a, w0, pair(j, 2 * reg));
@@ -368,7 +464,7 @@ pub(crate) mod vnni {
                     }
                 } else {
                     for reg in 0..4 {
-                        let v = _mm256_loadu_si256(rec.add(codes + 32 * reg).cast());
+                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
                         let w = super::avx2::q4_codes(v);
                         for (s, w) in w.into_iter().enumerate() {
                             for (j, a) in acc.iter_mut().enumerate() {
@@ -377,11 +473,6 @@ pub(crate) mod vnni {
                         }
                     }
                 }
-                let m = if KIND == 1 {
-                    _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16).cast()))
-                } else {
-                    _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
-                };
                 for j in 0..TT {
                     let xdb = *xd[j].add(b);
                     facc[j] = _mm256_fmadd_ps(
@@ -412,15 +503,21 @@ mod tests {
     #[test]
     fn packing_round_trips_every_row() {
         let mut rng = StdRng::seed_from_u64(rand::random());
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+        ] {
             let bb = ty.block().1;
             let (rows, nb) = (16, 5);
             let bytes: Vec<u8> = (0..rows * nb * bb).map(|_| rng.random()).collect();
             let packed = pack(ty, rows, nb * bb, &bytes);
-            assert_eq!(packed.len(), bytes.len());
+            let gb = group_bytes(ty, nb * bb);
+            assert_eq!(packed.len(), rows / GROUP * gb);
             let mut row = vec![0u8; nb * bb];
             for r in 0..rows {
-                let g = &packed[(r / GROUP) * GROUP * nb * bb..][..GROUP * nb * bb];
+                let g = &packed[(r / GROUP) * gb..][..gb];
                 group_row(ty, g, r % GROUP, &mut row);
                 assert_eq!(row, bytes[r * nb * bb..(r + 1) * nb * bb], "{ty:?} row {r}");
             }
