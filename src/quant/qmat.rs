@@ -937,6 +937,7 @@ impl QMat {
                         GgmlType::Q4_0 => rows8::avx2::group_f32::<0, 144>(group, cols, o),
                         GgmlType::Q4_1 => rows8::avx2::group_f32::<1, 160>(group, cols, o),
                         GgmlType::Q4K => rows8::avx2::group_f32::<3, 1184>(group, cols, o),
+                        GgmlType::Q6K => rows8::avx2::group_f32::<4, 1680>(group, cols, o),
                         _ => rows8::avx2::group_f32::<2, 272>(group, cols, o),
                     }
                 }
@@ -1125,6 +1126,9 @@ impl QMat {
                     GgmlType::Q4K => {
                         rows8::vnni::gemm_group::<3, 1184, TT>(group, nb, xs, xd, xsum)
                     }
+                    GgmlType::Q6K => {
+                        rows8::vnni::gemm_group::<4, 1680, TT>(group, nb, xs, xd, xsum)
+                    }
                     _ => rows8::vnni::gemm_group::<2, 272, TT>(group, nb, xs, xd, xsum),
                 }
             }
@@ -1242,6 +1246,9 @@ impl QMat {
                                         }
                                         GgmlType::Q4K => {
                                             rows8::avx2::dot_group::<3, 1184>(group, nb, xq, xd, xs)
+                                        }
+                                        GgmlType::Q6K => {
+                                            rows8::avx2::dot_group::<4, 1680>(group, nb, xq, xd, xs)
                                         }
                                         _ => {
                                             rows8::avx2::dot_group::<2, 272>(group, nb, xq, xd, xs)

@@ -14,7 +14,8 @@
 //!   - Q4 (4 registers): lane bits `4s..4s + 4` hold the nibble of pair `p = 4·reg + s`;
 //!   - Q8_0 (8 registers): the low byte is pair `2·reg`, the high byte pair `2·reg + 1`.
 //!
-//! A record is as large as its eight GGUF blocks, except Q4_K's (1,184 bytes for 1,152:
+//! A record is as large as its eight GGUF blocks (Q6_K keeps its 6-bit codes as a low
+//! nibble and 2 high bits), except Q4_K's (1,184 bytes for 1,152:
 //! its scales unpacked). Against a 16-bit activation pair broadcast to every 32-bit
 //! lane, one `pmaddwd` multiplies two columns of eight rows and sums them per row. A
 //! matrix's last `rows % 8` rows stay in GGUF order after the groups. [`group_row`]
@@ -32,7 +33,7 @@ pub const GROUP: usize = 8;
 pub fn repacked(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
     )
 }
 
@@ -41,10 +42,18 @@ const K4_SC: usize = 32;
 const K4_M: usize = 96;
 const K4_CODES: usize = 160;
 
+/// Q6_K's header: `d`, then the 16 scales of each row as bytes (`[scale][row]`); a run
+/// holds the codes' low 4 bits as Q4 registers, then their high 2 bits (2 registers:
+/// lane bits `2s..2s + 2` hold pair `8·reg + s`).
+const K6_SC: usize = 16;
+const K6_CODES: usize = 144;
+const K6_RUN: usize = 192;
+
 /// Bytes of a record (eight rows' blocks at one position).
 pub fn record_bytes(ty: GgmlType) -> usize {
     match ty {
         GgmlType::Q4K => K4_CODES + 8 * 128,
+        GgmlType::Q6K => K6_CODES + 8 * K6_RUN,
         _ => GROUP * ty.block().1,
     }
 }
@@ -56,21 +65,47 @@ pub fn group_bytes(ty: GgmlType, row_bytes: usize) -> usize {
 
 /// Runs of 32 codes in a block, and where run `u`'s codes start in a record.
 fn runs(ty: GgmlType) -> usize {
-    if ty == GgmlType::Q4K { 8 } else { 1 }
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+        8
+    } else {
+        1
+    }
 }
 
 fn run_at(ty: GgmlType, u: usize) -> usize {
     match ty {
         GgmlType::Q4_1 => 32,
         GgmlType::Q4K => K4_CODES + 128 * u,
+        GgmlType::Q6K => K6_CODES + K6_RUN * u,
         _ => 16,
     }
 }
 
-/// The 32 codes of run `u` of a GGUF block: nibbles (Q4), bytes (Q8_0, as bits).
+/// Where the high 2 bits of row `r`'s code `j` of a Q6_K run sit: (byte, shift) after
+/// the run's low-nibble registers.
+fn k6_high(r: usize, j: usize) -> (usize, u32) {
+    let (p, e) = (j / 2, j % 2);
+    let (reg, s) = (p / 8, p % 8);
+    (128 + reg * 32 + 2 * (2 * r + e) + s / 4, 2 * (s as u32 % 4))
+}
+
+/// Where value `v` (0..256) of a Q6_K block keeps its low 4 bits (`ql` byte, shift)
+/// and its high 2 bits (`qh` byte, shift).
+fn k6_place(v: usize) -> (usize, u32, usize, u32) {
+    let (n, k, l) = (v / 128, v % 128 / 32, v % 32);
+    let ql = 64 * n + l + 32 * (k % 2);
+    (ql, 4 * (k as u32 / 2), 128 + 32 * n + l, 2 * k as u32)
+}
+
+/// The 32 codes of run `u` of a GGUF block: nibbles (Q4), bytes (Q8_0, as bits), 6-bit
+/// codes (Q6_K, 0..64).
 fn gguf_codes(ty: GgmlType, blk: &[u8], u: usize) -> [u16; 32] {
     std::array::from_fn(|j| match ty {
         GgmlType::Q8_0 => blk[2 + j] as u16,
+        GgmlType::Q6K => {
+            let (ql, sl, qh, sh) = k6_place(32 * u + j);
+            (((blk[ql] >> sl) & 0x0f) | (((blk[qh] >> sh) & 3) << 4)) as u16
+        }
         GgmlType::Q4K => ((blk[16 + 32 * (u / 2) + j] >> (4 * (u % 2))) & 0x0f) as u16,
         _ => {
             let at = if ty == GgmlType::Q4_1 { 4 } else { 2 };
@@ -145,7 +180,13 @@ pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> Vec<u8
                 for r in 0..GROUP {
                     let src = (g * GROUP + r) * row_bytes + b * bb;
                     let blk = &bytes[src..src + bb];
-                    record[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+                    let d_at = if ty == GgmlType::Q6K { 208 } else { 0 };
+                    record[2 * r..2 * r + 2].copy_from_slice(&blk[d_at..d_at + 2]);
+                    if ty == GgmlType::Q6K {
+                        for i in 0..16 {
+                            record[K6_SC + 8 * i + r] = blk[192 + i];
+                        }
+                    }
                     if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K) {
                         record[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
                     }
@@ -157,7 +198,16 @@ pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> Vec<u8
                     }
                     for u in 0..runs(ty) {
                         let at = run_at(ty, u);
-                        put_run(q8, &mut record[at..], r, &gguf_codes(ty, blk, u));
+                        let c = gguf_codes(ty, blk, u);
+                        if ty == GgmlType::Q6K {
+                            put_run(false, &mut record[at..], r, &c.map(|c| c & 0x0f));
+                            for (j, c) in c.into_iter().enumerate() {
+                                let (byte, shift) = k6_high(r, j);
+                                record[at + byte] |= ((c >> 4) as u8) << shift;
+                            }
+                        } else {
+                            put_run(q8, &mut record[at..], r, &c);
+                        }
                     }
                 }
             }
@@ -174,7 +224,13 @@ pub fn group_row(ty: GgmlType, group: &[u8], r: usize, out: &mut [u8]) {
         .zip(out.chunks_exact_mut(bb))
     {
         blk.fill(0);
-        blk[..2].copy_from_slice(&record[2 * r..2 * r + 2]);
+        let d_at = if ty == GgmlType::Q6K { 208 } else { 0 };
+        blk[d_at..d_at + 2].copy_from_slice(&record[2 * r..2 * r + 2]);
+        if ty == GgmlType::Q6K {
+            for i in 0..16 {
+                blk[192 + i] = record[K6_SC + 8 * i + r];
+            }
+        }
         if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K) {
             blk[2..4].copy_from_slice(&record[16 + 2 * r..18 + 2 * r]);
         }
@@ -183,10 +239,18 @@ pub fn group_row(ty: GgmlType, group: &[u8], r: usize, out: &mut [u8]) {
             k4_pack(&sm, &mut blk[4..16]);
         }
         for u in 0..runs(ty) {
-            let c = get_run(q8, &record[run_at(ty, u)..], r);
+            let at = run_at(ty, u);
+            let c = get_run(q8, &record[at..], r);
             for (j, c) in c.into_iter().enumerate() {
                 match ty {
                     GgmlType::Q8_0 => blk[2 + j] = c,
+                    GgmlType::Q6K => {
+                        let (byte, shift) = k6_high(r, j);
+                        let q = c | ((record[at + byte] >> shift) & 3) << 4;
+                        let (ql, sl, qh, sh) = k6_place(32 * u + j);
+                        blk[ql] |= (q & 0x0f) << sl;
+                        blk[qh] |= (q >> 4) << sh;
+                    }
                     GgmlType::Q4K => blk[16 + 32 * (u / 2) + j] |= c << (4 * (u % 2)),
                     _ => {
                         let at = if ty == GgmlType::Q4_1 { 4 } else { 2 };
@@ -220,6 +284,26 @@ pub(crate) mod avx2 {
         ]
     }
 
+    /// A Q6_K run's four code vectors of pairs `4·reg..4·reg + 4`: the low nibbles of
+    /// register `reg` with their high 2 bits from the run's high registers, minus 32.
+    ///
+    /// # Safety
+    /// AVX2; `run` points at a Q6_K run (192 bytes).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q6_codes(run: *const u8, reg: usize) -> [__m256i; 4] {
+        unsafe {
+            let lo = q4_codes(_mm256_loadu_si256(run.add(32 * reg).cast()));
+            let h = _mm256_loadu_si256(run.add(128 + 32 * (reg / 2)).cast());
+            let (three, c32) = (_mm256_set1_epi16(3), _mm256_set1_epi16(32));
+            std::array::from_fn(|s| {
+                let sh = _mm_cvtsi32_si128((8 * (reg % 2) + 2 * s) as i32);
+                let hi = _mm256_and_si256(_mm256_srl_epi16(h, sh), three);
+                _mm256_sub_epi16(_mm256_or_si256(lo[s], _mm256_slli_epi16(hi, 4)), c32)
+            })
+        }
+    }
+
     /// A Q8_0 record register's two code vectors (pairs `2·reg` and `2·reg + 1`),
     /// sign-extended to 16 bits.
     #[inline]
@@ -231,9 +315,10 @@ pub(crate) mod avx2 {
         ]
     }
 
-    /// Block `b` (32 values) of a packed group of `KIND` (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K;
-    /// records of `RB` bytes): its codes' address and the eight rows' scale and offset
-    /// (`w = scale · code + offset`; Q4_0's offset −8·d, Q4_1's min, Q4_K's −dmin·m).
+    /// Block `b` (32 values) of a packed group of `KIND` (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K,
+    /// 4 Q6_K; records of `RB` bytes): its codes' address, the eight rows' scales of its
+    /// first and last 16 values (the same but for Q6_K) and their offset (`w = scale ·
+    /// code + offset`; Q4_0's offset −8·d, Q4_1's min, Q4_K's −dmin·m).
     ///
     /// # Safety
     /// AVX2 and F16C; `group` holds the record of block `b`.
@@ -242,34 +327,52 @@ pub(crate) mod avx2 {
     pub unsafe fn parts<const KIND: u8, const RB: usize>(
         group: *const u8,
         b: usize,
-    ) -> (*const u8, __m256, __m256) {
+    ) -> (*const u8, __m256, __m256, __m256) {
         unsafe {
-            if KIND == 3 {
+            if KIND >= 3 {
                 let (rec, j) = (group.add(b / 8 * RB), b % 8);
-                let bytes = |at: usize| {
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                        rec.add(at + 8 * j).cast(),
-                    )))
-                };
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
+                let row_bytes = |at: usize, signed: bool| {
+                    let v = _mm_loadl_epi64(rec.add(at).cast());
+                    _mm256_cvtepi32_ps(if signed {
+                        _mm256_cvtepi8_epi32(v)
+                    } else {
+                        _mm256_cvtepu8_epi32(v)
+                    })
+                };
+                if KIND == 4 {
+                    let (lo, hi) = (
+                        row_bytes(super::K6_SC + 16 * j, true),
+                        row_bytes(super::K6_SC + 16 * j + 8, true),
+                    );
+                    return (
+                        rec.add(super::K6_CODES + super::K6_RUN * j),
+                        _mm256_mul_ps(d, lo),
+                        _mm256_mul_ps(d, hi),
+                        _mm256_setzero_ps(),
+                    );
+                }
                 let dmin = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16).cast()));
                 let neg = _mm256_sub_ps(_mm256_setzero_ps(), dmin);
+                let sc = _mm256_mul_ps(d, row_bytes(super::K4_SC + 8 * j, false));
                 (
                     rec.add(super::K4_CODES + 128 * j),
-                    _mm256_mul_ps(d, bytes(super::K4_SC)),
-                    _mm256_mul_ps(neg, bytes(super::K4_M)),
+                    sc,
+                    sc,
+                    _mm256_mul_ps(neg, row_bytes(super::K4_M + 8 * j, false)),
                 )
             } else {
                 let rec = group.add(b * RB);
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
                 match KIND {
-                    0 => (rec.add(16), d, _mm256_mul_ps(_mm256_set1_ps(-8.0), d)),
+                    0 => (rec.add(16), d, d, _mm256_mul_ps(_mm256_set1_ps(-8.0), d)),
                     1 => (
                         rec.add(32),
                         d,
+                        d,
                         _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16).cast())),
                     ),
-                    _ => (rec.add(16), d, _mm256_setzero_ps()),
+                    _ => (rec.add(16), d, d, _mm256_setzero_ps()),
                 }
             }
         }
@@ -277,7 +380,7 @@ pub(crate) mod avx2 {
 
     /// Records of `RB` bytes that `nb` blocks of 32 values of `KIND` take.
     pub const fn records<const KIND: u8>(nb: usize) -> usize {
-        if KIND == 3 { nb.div_ceil(8) } else { nb }
+        if KIND >= 3 { nb.div_ceil(8) } else { nb }
     }
 
     /// The eight rows of a packed group of `KIND` ([`parts`]; `nb` blocks of 32 values)
@@ -304,37 +407,49 @@ pub(crate) mod avx2 {
                 _mm256_set1_epi32(xb.add(2 * p).cast::<i32>().read_unaligned())
             };
             for b in 0..nb {
-                let (rec, d, off) = parts::<KIND, RB>(group.as_ptr(), b);
+                let (rec, d, d_hi, off) = parts::<KIND, RB>(group.as_ptr(), b);
                 let xb = x.add(32 * b);
                 let mut acc = [_mm256_setzero_si256(); 4];
                 if KIND == 2 {
                     for reg in 0..8 {
                         let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
                         let [w0, w1] = q8_codes(v);
-                        let a = &mut acc[reg % 2 * 2..reg % 2 * 2 + 2];
+                        let a = &mut acc[reg / 4 * 2..reg / 4 * 2 + 2];
                         a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(w0, pair(xb, 2 * reg)));
                         a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(w1, pair(xb, 2 * reg + 1)));
                     }
                 } else {
                     for reg in 0..4 {
-                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
-                        let w = q4_codes(v);
+                        let w = if KIND == 4 {
+                            q6_codes(rec, reg)
+                        } else {
+                            q4_codes(_mm256_loadu_si256(rec.add(32 * reg).cast()))
+                        };
                         for (s, w) in w.into_iter().enumerate() {
-                            acc[s] = _mm256_add_epi32(
-                                acc[s],
+                            // Q6_K: registers 0, 1 hold values 0..16 and 2, 3 values
+                            // 16..32 (two scales) into acc 0, 1 and 2, 3.
+                            let k = if KIND == 4 { reg / 2 * 2 + s % 2 } else { s };
+                            acc[k] = _mm256_add_epi32(
+                                acc[k],
                                 _mm256_madd_epi16(w, pair(xb, 4 * reg + s)),
                             );
                         }
                     }
                 }
-                let sum = _mm256_add_epi32(
+                let xdb = _mm256_set1_ps(xd[b]);
+                let (lo, hi) = (
                     _mm256_add_epi32(acc[0], acc[1]),
                     _mm256_add_epi32(acc[2], acc[3]),
                 );
-                let xdb = _mm256_set1_ps(xd[b]);
-                accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, xdb), accf);
+                if KIND == 4 {
+                    accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(d, xdb), accf);
+                    accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(d_hi, xdb), accf);
+                } else {
+                    let sum = _mm256_add_epi32(lo, hi);
+                    accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, xdb), accf);
+                }
                 // Offsets: Σ offset · x = offset · xd · (code sum).
-                if KIND != 2 {
+                if KIND != 2 && KIND != 4 {
                     offv = _mm256_fmadd_ps(off, _mm256_set1_ps(xd[b] * xs[b] as f32), offv);
                 }
             }
@@ -362,16 +477,20 @@ pub(crate) mod avx2 {
         let o = out.as_mut_ptr();
         unsafe {
             for b in 0..nb {
-                let (rec, d, off) = parts::<KIND, RB>(group.as_ptr(), b);
+                let (rec, d, d_hi, off) = parts::<KIND, RB>(group.as_ptr(), b);
                 // Lanes (2r, 2r + 1) of a pair's values belong to row r.
                 let (lo_rows, hi_rows) = (
                     _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
                     _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7),
                 );
-                let (dlo, dhi) = (
-                    _mm256_permutevar8x32_ps(d, lo_rows),
-                    _mm256_permutevar8x32_ps(d, hi_rows),
-                );
+                let spread = |v: __m256| {
+                    (
+                        _mm256_permutevar8x32_ps(v, lo_rows),
+                        _mm256_permutevar8x32_ps(v, hi_rows),
+                    )
+                };
+                // Scales of pairs 0..8 and 8..16 (Q6_K's two; the same otherwise).
+                let scales = [spread(d), spread(d_hi)];
                 let (olo, ohi) = (
                     _mm256_permutevar8x32_ps(off, lo_rows),
                     _mm256_permutevar8x32_ps(off, hi_rows),
@@ -379,6 +498,7 @@ pub(crate) mod avx2 {
                 // Stores pair p's two values of each of the eight rows.
                 let store = |w: __m256i, p: usize| {
                     let at = o.add(b * 32 + 2 * p);
+                    let (dlo, dhi) = scales[p / 8];
                     for (half, (s, of), r0) in [
                         (_mm256_castsi256_si128(w), (dlo, olo), 0),
                         (_mm256_extracti128_si256(w, 1), (dhi, ohi), 4),
@@ -402,8 +522,12 @@ pub(crate) mod avx2 {
                     }
                 } else {
                     for reg in 0..4 {
-                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
-                        for (s, w) in q4_codes(v).into_iter().enumerate() {
+                        let w = if KIND == 4 {
+                            q6_codes(rec, reg)
+                        } else {
+                            q4_codes(_mm256_loadu_si256(rec.add(32 * reg).cast()))
+                        };
+                        for (s, w) in w.into_iter().enumerate() {
                             store(w, 4 * reg + s);
                         }
                     }
@@ -448,8 +572,10 @@ pub(crate) mod vnni {
         let mut facc = [_mm256_setzero_ps(); TT];
         unsafe {
             for b in 0..nb {
-                let (rec, d, m) = super::avx2::parts::<KIND, RB>(group.as_ptr(), b);
+                let (rec, d, d_hi, m) = super::avx2::parts::<KIND, RB>(group.as_ptr(), b);
+                // Q6_K: the last 16 values (their own scale) in `acc_hi`.
                 let mut acc = [_mm256_setzero_si256(); TT];
+                let mut acc_hi = [_mm256_setzero_si256(); TT];
                 let pair = |j: usize, p: usize| {
                     _mm256_set1_epi32(x[j].add(32 * b + 2 * p).cast::<i32>().read_unaligned())
                 };
@@ -464,8 +590,17 @@ pub(crate) mod vnni {
                     }
                 } else {
                     for reg in 0..4 {
-                        let v = _mm256_loadu_si256(rec.add(32 * reg).cast());
-                        let w = super::avx2::q4_codes(v);
+                        let w = if KIND == 4 {
+                            super::avx2::q6_codes(rec, reg)
+                        } else {
+                            super::avx2::q4_codes(_mm256_loadu_si256(rec.add(32 * reg).cast()))
+                        };
+                        // Q6_K: values 16..32 (registers 2, 3) have their own scale.
+                        let acc = if KIND == 4 && reg >= 2 {
+                            &mut acc_hi
+                        } else {
+                            &mut acc
+                        };
                         for (s, w) in w.into_iter().enumerate() {
                             for (j, a) in acc.iter_mut().enumerate() {
                                 *a = _mm256_dpwssd_epi32(*a, w, pair(j, 4 * reg + s));
@@ -480,7 +615,14 @@ pub(crate) mod vnni {
                         _mm256_mul_ps(d, _mm256_set1_ps(xdb)),
                         facc[j],
                     );
-                    if KIND != 2 {
+                    if KIND == 4 {
+                        facc[j] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(acc_hi[j]),
+                            _mm256_mul_ps(d_hi, _mm256_set1_ps(xdb)),
+                            facc[j],
+                        );
+                    }
+                    if KIND != 2 && KIND != 4 {
                         let xsum = _mm256_set1_ps(xdb * *xs[j].add(b) as f32);
                         facc[j] = _mm256_fmadd_ps(m, xsum, facc[j]);
                     }
@@ -508,6 +650,7 @@ mod tests {
             GgmlType::Q4_1,
             GgmlType::Q8_0,
             GgmlType::Q4K,
+            GgmlType::Q6K,
         ] {
             let bb = ty.block().1;
             let (rows, nb) = (16, 5);
