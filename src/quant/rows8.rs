@@ -1,21 +1,22 @@
-//! Q4_0, Q4_1, Q8_0 and Q4_K matrices repacked eight rows at a time for the products:
-//! each lane of a 256-bit register then accumulates one row, so a block's scale is one
-//! vector for eight rows, no horizontal sum is left at the end of a row, and the codes
-//! reach 16-bit lanes by shifts and masks instead of byte shuffles.
+//! Q4_0, Q4_1, Q8_0, Q4_K and Q6_K matrices repacked eight rows at a time for the
+//! products: each lane of a 256-bit register then accumulates one row, so a block's
+//! scale is one vector for eight rows, no horizontal sum is left at the end of a row,
+//! and the codes reach 16-bit lanes by shifts and masks instead of byte shuffles.
 //!
 //! Layout of a group of eight rows: one record per block position `b` (the group's
 //! blocks `b` side by side):
 //! - a header: the eight rows' f16 scales `d` (16 bytes); Q4_1 then their f16 mins;
-//!   Q4_K then their f16 `dmin`, and its sub-blocks' 6-bit scales and mins unpacked to
-//!   bytes (`[sub-block][row]`, 64 bytes each);
-//! - the codes of each run of 32 values (one run, Q4_K's eight sub-blocks eight) as
-//!   registers of 16 lanes of 16 bits, lane `L` belonging to row `L / 2` and to the
-//!   even (`L` even) or odd value of a pair of columns `(2p, 2p + 1)`:
+//!   Q4_K then their f16 `dmin` and its sub-blocks' 6-bit scales and mins unpacked to
+//!   bytes (`[sub-block][row]`, 64 bytes each); Q6_K its 16 scales a row as bytes;
+//! - the codes of each run of 32 values (one run a block; eight for the 256-value
+//!   K-quants) as registers of 16 lanes of 16 bits, lane `L` belonging to row `L / 2`
+//!   and to the even (`L` even) or odd value of a pair of columns `(2p, 2p + 1)`:
 //!   - Q4 (4 registers): lane bits `4s..4s + 4` hold the nibble of pair `p = 4·reg + s`;
-//!   - Q8_0 (8 registers): the low byte is pair `2·reg`, the high byte pair `2·reg + 1`.
+//!   - Q8_0 (8 registers): the low byte is pair `2·reg`, the high byte pair `2·reg + 1`;
+//!   - Q6_K: its codes' low nibbles as Q4 registers, then 2 registers of their high 2
+//!     bits (lane bits `2s..2s + 2` for pair `8·reg + s`).
 //!
-//! A record is as large as its eight GGUF blocks (Q6_K keeps its 6-bit codes as a low
-//! nibble and 2 high bits), except Q4_K's (1,184 bytes for 1,152:
+//! A record is as large as its eight GGUF blocks, except Q4_K's (1,184 bytes for 1,152:
 //! its scales unpacked). Against a 16-bit activation pair broadcast to every 32-bit
 //! lane, one `pmaddwd` multiplies two columns of eight rows and sums them per row. A
 //! matrix's last `rows % 8` rows stay in GGUF order after the groups. [`group_row`]
