@@ -1,13 +1,18 @@
-//! A small decoder-only transformer for the llama, qwen2 and gemma3 GGUF architectures,
-//! as far as SmolLM2-135M, Qwen2.5-Coder-1.5B and Gemma-3-270M need: RMSNorm, RoPE
-//! (adjacent pairs for llama GGUFs, whose Q/K rows are permuted by the converter; NEOX
-//! half-split pairs for qwen2 and gemma3), GQA, QKV bias, QK-norm, sliding-window layers
-//! with their own RoPE base, SwiGLU / GeGLU, tied embeddings, Gemma's embedding scaling,
-//! pre- and post-norms, and final logit softcapping when the file sets it.
+//! A small decoder-only transformer for the llama, qwen2, gemma3 and smallthinker GGUF
+//! architectures, as far as SmolLM2-135M, Qwen2.5-Coder-1.5B, Gemma-3-270M and
+//! SmallThinker need: RMSNorm, RoPE (adjacent pairs for llama GGUFs, whose Q/K rows are
+//! permuted by the converter; NEOX half-split pairs for the others), GQA, QKV bias,
+//! QK-norm, sliding-window layers with their own RoPE base, NoPE layers, SwiGLU / GeGLU,
+//! routed ReGLU experts (SmallThinker: the router reads the layer's input, before
+//! attention), tied embeddings, Gemma's embedding scaling, pre- and post-norms, and final
+//! logit softcapping when the file sets it.
 //!
 //! Projections run on the CPU on the weights as the file stores them ([`QMat`]: GGUF
-//! blocks multiplied in registers; integer dot products on 16-bit activations while
-//! decoding, SGEMM over dequantized tiles for prompts). The KV cache is kept token
+//! blocks multiplied in registers; integer dot products on 16-bit activations, or f32
+//! ones on dequantized tiles with [`Decoder::f32_activations`]). MoE experts are read in
+//! place from the memory-mapped file: only routed experts are touched, read ahead when
+//! the router picks them, and dropped least recently used first under
+//! [`Decoder::set_max_resident_experts`]. The KV cache is kept token
 //! after token in f16 ([`Decoder::kv_precision`]). A prompt's attention from an empty cache
 //! runs through the crate's [`crate::AttentionPlan`] on the decoder's [`Context`] with the
 //! chosen [`Method`]; decode steps and continuations after cached tokens run dense: on
