@@ -344,3 +344,95 @@ fn dry_run_plans_and_a_lowered_buffer_limit_runs_in_head_groups() {
     assert_eq!(grouped["attn_recall"], whole["attn_recall"]);
     assert!(grouped["attn_recall"].as_f64().unwrap() > 0.9, "{grouped}");
 }
+
+/// `synth-gguf` writes a model every model command reads; `bench-model --json` and
+/// `generate --json` keep their keys; a MoE file runs under a resident cap.
+#[test]
+fn synthetic_models_benchmark_and_generate() {
+    let dir = std::env::temp_dir().join(format!("wgsparse-cli-synth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for arch in ["qwen2", "llama", "smallthinker"] {
+        let file = dir.join(format!("tiny-{arch}.gguf"));
+        let f = file.to_str().unwrap();
+        let (ok, out, err) = common::wgsparse(&[
+            "synth-gguf",
+            "--arch",
+            arch,
+            "--preset",
+            &format!("tiny-{arch}"),
+            "--type",
+            "q8_0",
+            "--out",
+            f,
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v = common::one_json(&out);
+        assert_eq!(
+            v["bytes"].as_u64().unwrap(),
+            std::fs::metadata(&file).unwrap().len()
+        );
+        let mut bench = vec![
+            "bench-model",
+            "--model",
+            f,
+            "--backend",
+            "cpu",
+            "--prompt-tokens",
+            "9,20",
+            "--gen",
+            "5",
+            "--json",
+        ];
+        if arch == "smallthinker" {
+            bench.extend(["--max-resident-mb", "1"]);
+        }
+        let (ok, out, err) = common::wgsparse(&bench);
+        assert!(ok, "{err}");
+        let v = common::one_json(&out);
+        for key in [
+            "prefill_tok_s",
+            "decode_tok_s",
+            "ttft_ms",
+            "peak_host_bytes",
+        ] {
+            assert!(v[key].as_f64().unwrap() > 0.0, "{arch}: {key} in {v}");
+        }
+        assert!(v["peak_gpu_bytes"].is_null());
+        assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+        assert_eq!(v["runs"][1]["prompt_tokens"], 20);
+        if arch == "smallthinker" {
+            let cap = 1u64 << 20;
+            assert_eq!(v["expert_cap_bytes"].as_u64(), Some(cap));
+            assert!(v["expert_bytes"].as_u64().unwrap() > 0);
+        }
+        let (ok, out, err) = common::wgsparse(&[
+            "generate",
+            "--model",
+            f,
+            "--prompt",
+            "hello world",
+            "--tokens",
+            "6",
+            "--backend",
+            "cpu",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v = common::one_json(&out);
+        let tokens = v["tokens"].as_array().unwrap();
+        assert!(!tokens.is_empty() && tokens.len() <= 6);
+        assert!(v["text"].is_string());
+    }
+    let (ok, _, err) = common::wgsparse(&[
+        "synth-gguf",
+        "--arch",
+        "llama",
+        "--preset",
+        "tiny-qwen2",
+        "--out",
+        "/dev/null",
+    ]);
+    assert!(!ok && err.contains("is a qwen2 model"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
