@@ -710,12 +710,6 @@ mod fused_avx2 {
     }
 }
 
-/// Whether this CPU has AVX2, FMA and F16C (the fused kernels' features).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn avx2_f16c() -> bool {
-    fused_avx2::available()
-}
-
 /// Weights per parallel task of a product at least (small matrices then run on fewer
 /// threads instead of paying a fork-join per 16 rows).
 const TASK_WEIGHTS: usize = 1 << 16;

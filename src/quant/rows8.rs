@@ -305,6 +305,23 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// Register `reg`'s four code vectors of a block of a nibble kind (Q4_0, Q4_1, Q4_K;
+    /// Q6_K with its high bits): pairs `4·reg..4·reg + 4`.
+    ///
+    /// # Safety
+    /// AVX2; `codes` points at the block's code registers.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn nibble_codes<const KIND: u8>(codes: *const u8, reg: usize) -> [__m256i; 4] {
+        unsafe {
+            if KIND == 4 {
+                q6_codes(codes, reg)
+            } else {
+                q4_codes(_mm256_loadu_si256(codes.add(32 * reg).cast()))
+            }
+        }
+    }
+
     /// A Q8_0 record register's two code vectors (pairs `2·reg` and `2·reg + 1`),
     /// sign-extended to 16 bits.
     #[inline]
@@ -421,11 +438,7 @@ pub(crate) mod avx2 {
                     }
                 } else {
                     for reg in 0..4 {
-                        let w = if KIND == 4 {
-                            q6_codes(rec, reg)
-                        } else {
-                            q4_codes(_mm256_loadu_si256(rec.add(32 * reg).cast()))
-                        };
+                        let w = nibble_codes::<KIND>(rec, reg);
                         for (s, w) in w.into_iter().enumerate() {
                             // Q6_K: registers 0, 1 hold values 0..16 and 2, 3 values
                             // 16..32 (two scales) into acc 0, 1 and 2, 3.
@@ -523,11 +536,7 @@ pub(crate) mod avx2 {
                     }
                 } else {
                     for reg in 0..4 {
-                        let w = if KIND == 4 {
-                            q6_codes(rec, reg)
-                        } else {
-                            q4_codes(_mm256_loadu_si256(rec.add(32 * reg).cast()))
-                        };
+                        let w = nibble_codes::<KIND>(rec, reg);
                         for (s, w) in w.into_iter().enumerate() {
                             store(w, 4 * reg + s);
                         }
@@ -547,7 +556,9 @@ pub(crate) mod vnni {
 
     /// Whether this CPU runs [`gemm_group`].
     pub fn available() -> bool {
-        super::super::qmat::avx2_f16c()
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
@@ -591,11 +602,7 @@ pub(crate) mod vnni {
                     }
                 } else {
                     for reg in 0..4 {
-                        let w = if KIND == 4 {
-                            super::avx2::q6_codes(rec, reg)
-                        } else {
-                            super::avx2::q4_codes(_mm256_loadu_si256(rec.add(32 * reg).cast()))
-                        };
+                        let w = super::avx2::nibble_codes::<KIND>(rec, reg);
                         // Q6_K: values 16..32 (registers 2, 3) have their own scale.
                         let acc = if KIND == 4 && reg >= 2 {
                             &mut acc_hi
