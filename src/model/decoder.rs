@@ -960,6 +960,7 @@ impl Decoder {
                     let hdn: Vec<f32> = g
                         .par_iter()
                         .zip(u.par_iter())
+                        .with_min_len(crate::quant::qmat::SERIAL_VALUES)
                         .map(|(&g, &u)| {
                             let act = if gelu {
                                 0.5 * g * (1.0 + (0.797_884_6 * (g + 0.044_715 * g * g * g)).tanh())

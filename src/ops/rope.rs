@@ -64,8 +64,10 @@ pub fn rope_rows(
 ) {
     use rayon::prelude::*;
     let half = head_dim / 2;
+    // A decode step's few rows stay on this thread.
     x.par_chunks_exact_mut(head_dim)
         .enumerate()
+        .with_min_len((1 << 13) / head_dim.max(1))
         .for_each(|(r, row)| {
             let t = token_of(r);
             for i in 0..half {

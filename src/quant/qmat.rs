@@ -116,6 +116,10 @@ struct Q16Rows {
     sum: Vec<i32>,
 }
 
+/// Values of elementwise work done on one thread before a parallel step pays
+/// (quantizing activations, activation functions, RoPE).
+pub const SERIAL_VALUES: usize = 1 << 13;
+
 /// The largest 16-bit code.
 const Q16_MAX: f32 = 32767.0;
 
@@ -125,23 +129,27 @@ impl Q16Rows {
         let mut q = vec![0i16; x.len()];
         let mut d = vec![0f32; blocks];
         let mut sum = vec![0i32; blocks];
+        let quantize = |((qb, (db, sb)), xb): ((&mut [i16], (&mut f32, &mut i32)), &[f32])| {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / Q16_MAX;
+            let inv = if amax > 0.0 { Q16_MAX / amax } else { 0.0 };
+            let mut s = 0i32;
+            for (o, &v) in qb.iter_mut().zip(xb) {
+                // Round half to even by the float adder (|v · inv| ≤ 32767 < 2^22).
+                let c = ((v * inv + 12_582_912.0) - 12_582_912.0) as i32;
+                *o = c as i16;
+                s += c;
+            }
+            *db = scale;
+            *sb = s;
+        };
+        // A decode step's activations stay on this thread (a parallel step would wake a
+        // worker for less work than the wake-up costs).
         q.par_chunks_mut(QK)
             .zip(d.par_iter_mut().zip(sum.par_iter_mut()))
             .zip(x.par_chunks(QK))
-            .for_each(|((qb, (db, sb)), xb)| {
-                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = amax / Q16_MAX;
-                let inv = if amax > 0.0 { Q16_MAX / amax } else { 0.0 };
-                let mut s = 0i32;
-                for (o, &v) in qb.iter_mut().zip(xb) {
-                    // Round half to even by the float adder (|v · inv| ≤ 32767 < 2^22).
-                    let c = ((v * inv + 12_582_912.0) - 12_582_912.0) as i32;
-                    *o = c as i16;
-                    s += c;
-                }
-                *db = scale;
-                *sb = s;
-            });
+            .with_min_len(SERIAL_VALUES / QK)
+            .for_each(quantize);
         Q16Rows { q, d, sum }
     }
 }
