@@ -129,9 +129,8 @@ impl Q16Rows {
         let mut q = vec![0i16; x.len()];
         let mut d = vec![0f32; blocks];
         let mut sum = vec![0i32; blocks];
-        let quantize = |((qb, (db, sb)), xb): ((&mut [i16], (&mut f32, &mut i32)), &[f32])| {
+        let quantize = |qb: &mut [i16], db: &mut f32, sb: &mut i32, xb: &[f32]| {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / Q16_MAX;
             let inv = if amax > 0.0 { Q16_MAX / amax } else { 0.0 };
             let mut s = 0i32;
             for (o, &v) in qb.iter_mut().zip(xb) {
@@ -140,7 +139,7 @@ impl Q16Rows {
                 *o = c as i16;
                 s += c;
             }
-            *db = scale;
+            *db = amax / Q16_MAX;
             *sb = s;
         };
         // A decode step's activations stay on this thread (a parallel step would wake a
@@ -149,7 +148,7 @@ impl Q16Rows {
             .zip(d.par_iter_mut().zip(sum.par_iter_mut()))
             .zip(x.par_chunks(QK))
             .with_min_len(SERIAL_VALUES / QK)
-            .for_each(quantize);
+            .for_each(|((qb, (db, sb)), xb)| quantize(qb, db, sb, xb));
         Q16Rows { q, d, sum }
     }
 }
