@@ -934,13 +934,9 @@ impl QMat {
                 let o = &mut out[i * cols..(i + rows8::GROUP) * cols];
                 // SAFETY: the features were detected; the group holds cols / 32 records.
                 unsafe {
-                    match self.ty {
-                        GgmlType::Q4_0 => rows8::avx2::group_f32::<0, 144>(group, cols, o),
-                        GgmlType::Q4_1 => rows8::avx2::group_f32::<1, 160>(group, cols, o),
-                        GgmlType::Q4K => rows8::avx2::group_f32::<3, 1184>(group, cols, o),
-                        GgmlType::Q6K => rows8::avx2::group_f32::<4, 1680>(group, cols, o),
-                        _ => rows8::avx2::group_f32::<2, 272>(group, cols, o),
-                    }
+                    rows8::by_kind!(self.ty, |K, RB| rows8::avx2::group_f32::<K, RB>(
+                        group, cols, o
+                    ))
                 }
                 i += rows8::GROUP;
                 continue;
@@ -1008,10 +1004,11 @@ impl QMat {
         if self.packed_rows == 0 {
             return dequantize(self.ty, &self.bytes, self.rows * self.cols);
         }
+        // The SGEMM tiles' dequantizer, a group of eight rows a task.
         let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(self.cols)
+        out.par_chunks_mut(rows8::GROUP * self.cols)
             .enumerate()
-            .for_each(|(r, row)| self.row_f32(r, row));
+            .for_each(|(g, rows)| self.rows_f32(g * rows8::GROUP, rows));
         Ok(out)
     }
 
@@ -1117,21 +1114,9 @@ impl QMat {
             // SAFETY: `apply_with` checked the features; every pointer covers `nb`
             // blocks of one token's activations.
             unsafe {
-                match m.ty {
-                    GgmlType::Q4_0 => {
-                        rows8::vnni::gemm_group::<0, 144, TT>(group, nb, xs, xd, xsum)
-                    }
-                    GgmlType::Q4_1 => {
-                        rows8::vnni::gemm_group::<1, 160, TT>(group, nb, xs, xd, xsum)
-                    }
-                    GgmlType::Q4K => {
-                        rows8::vnni::gemm_group::<3, 1184, TT>(group, nb, xs, xd, xsum)
-                    }
-                    GgmlType::Q6K => {
-                        rows8::vnni::gemm_group::<4, 1680, TT>(group, nb, xs, xd, xsum)
-                    }
-                    _ => rows8::vnni::gemm_group::<2, 272, TT>(group, nb, xs, xd, xsum),
-                }
+                rows8::by_kind!(m.ty, |K, RB| rows8::vnni::gemm_group::<K, RB, TT>(
+                    group, nb, xs, xd, xsum
+                ))
             }
         }
         let kernel = |g: usize, j: usize, tt: usize| -> [[f32; 8]; 8] {
@@ -1238,23 +1223,9 @@ impl QMat {
                                 // were detected; the group and activations hold `nb`
                                 // blocks.
                                 let y = unsafe {
-                                    match self.ty {
-                                        GgmlType::Q4_0 => {
-                                            rows8::avx2::dot_group::<0, 144>(group, nb, xq, xd, xs)
-                                        }
-                                        GgmlType::Q4_1 => {
-                                            rows8::avx2::dot_group::<1, 160>(group, nb, xq, xd, xs)
-                                        }
-                                        GgmlType::Q4K => {
-                                            rows8::avx2::dot_group::<3, 1184>(group, nb, xq, xd, xs)
-                                        }
-                                        GgmlType::Q6K => {
-                                            rows8::avx2::dot_group::<4, 1680>(group, nb, xq, xd, xs)
-                                        }
-                                        _ => {
-                                            rows8::avx2::dot_group::<2, 272>(group, nb, xq, xd, xs)
-                                        }
-                                    }
+                                    rows8::by_kind!(self.ty, |K, RB| {
+                                        rows8::avx2::dot_group::<K, RB>(group, nb, xq, xd, xs)
+                                    })
                                 };
                                 for (k, y) in y.into_iter().enumerate() {
                                     o[(ri + k) * t + i] = y;

@@ -267,6 +267,42 @@ pub fn group_row(ty: GgmlType, group: &[u8], r: usize, out: &mut [u8]) {
     }
 }
 
+/// Runs `$body` with `$kind` and `$rb` bound as constants to a packed format's kernel
+/// kind (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K, 4 Q6_K) and record bytes ([`record_bytes`]):
+/// the one table from a format to the kernels' const parameters.
+macro_rules! by_kind {
+    ($ty:expr, |$kind:ident, $rb:ident| $body:expr) => {
+        match $ty {
+            GgmlType::Q4_0 => {
+                const $kind: u8 = 0;
+                const $rb: usize = 8 * 18;
+                $body
+            }
+            GgmlType::Q4_1 => {
+                const $kind: u8 = 1;
+                const $rb: usize = 8 * 20;
+                $body
+            }
+            GgmlType::Q4K => {
+                const $kind: u8 = 3;
+                const $rb: usize = 160 + 8 * 128;
+                $body
+            }
+            GgmlType::Q6K => {
+                const $kind: u8 = 4;
+                const $rb: usize = 144 + 8 * 192;
+                $body
+            }
+            _ => {
+                const $kind: u8 = 2;
+                const $rb: usize = 8 * 34;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use by_kind;
+
 /// The AVX2 product of a packed group against 16-bit activations.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
@@ -649,6 +685,22 @@ pub(crate) mod vnni {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn the_kernel_table_matches_the_records() {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+        ] {
+            assert!(repacked(ty));
+            let (kind, rb) = by_kind!(ty, |K, RB| (K, RB));
+            assert_eq!(rb, record_bytes(ty), "{ty:?}");
+            assert_eq!(kind == 2, ty == GgmlType::Q8_0);
+        }
+    }
 
     #[test]
     fn packing_round_trips_every_row() {
