@@ -145,9 +145,9 @@ impl Config {
                 _ => true,
             })
             .collect();
-        let rope = (0..n_layer)
-            .map(|l| !(arch == Arch::SmallThinker && window.is_some() && l % 4 == 0))
-            .collect();
+        // SmallThinker's global layers (with a window) are its NoPE layers.
+        let nope = arch == Arch::SmallThinker && window.is_some();
+        let rope = global.iter().map(|&g| !(nope && g)).collect();
         let moe = arch == Arch::SmallThinker;
         let ffn_dim = if moe {
             u("expert_feed_forward_length")?
@@ -441,11 +441,14 @@ impl KvRows {
 
     /// All rows as f32 `[kv_heads, len, d]` (the attention plans' layout).
     fn head_major(&self, len: usize, d: usize) -> Vec<f32> {
-        let x = match self {
-            KvRows::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            KvRows::F32(v) => v.clone(),
-        };
-        to_head_major(&x, len, d)
+        match self {
+            KvRows::F16(v) => {
+                let mut x = vec![0f32; v.len()];
+                v.convert_to_f32_slice(&mut x);
+                to_head_major(&x, len, d)
+            }
+            KvRows::F32(v) => to_head_major(v, len, d),
+        }
     }
 }
 
@@ -522,6 +525,11 @@ fn experts_cpu(
         }
     }
     out
+}
+
+/// Bytes of one expert's three matrices.
+fn expert_bytes(mats: [&Mat; 3]) -> u64 {
+    mats.iter().map(|m| m.bytes() as u64).sum()
 }
 
 /// `x [t, heads, d]` as `[heads, t, d]` (the same thing when t = 1).
@@ -1003,23 +1011,14 @@ impl Decoder {
     /// them (experts routed since and not dropped), and the bytes of all experts.
     pub fn expert_residency(&self) -> (u64, u64, u64) {
         let r = self.residency.lock().expect("residency lock");
-        let total = self
-            .layers
-            .iter()
-            .map(|l| match &l.ffn {
-                Ffn::Moe { gate, up, down, .. } => gate
-                    .iter()
-                    .chain(up)
-                    .chain(down)
-                    .map(|m| m.bytes() as u64)
-                    .sum(),
-                Ffn::Dense { .. } => 0,
-            })
+        let total = (0..self.layers.len())
+            .flat_map(|li| (0..self.cfg.experts).filter_map(move |e| self.expert(li, e)))
+            .map(expert_bytes)
             .sum();
         (r.bytes, r.peak, total)
     }
 
-    /// Bytes of expert `e` of layer `li`, and its three matrices.
+    /// The three matrices of expert `e` of layer `li`.
     fn expert(&self, li: usize, e: usize) -> Option<[&Mat; 3]> {
         match &self.layers[li].ffn {
             Ffn::Moe { gate, up, down, .. } => Some([&gate[e], &up[e], &down[e]]),
@@ -1046,7 +1045,7 @@ impl Decoder {
             }
             if r.last.insert((li, e), tick).is_none() {
                 mats.iter().for_each(|m| m.q.advise(true));
-                r.bytes += mats.iter().map(|m| m.bytes() as u64).sum::<u64>();
+                r.bytes += expert_bytes(mats);
             }
         }
         let keep: Vec<(usize, usize)> = used.iter().map(|&e| (li, e)).collect();
@@ -1071,7 +1070,7 @@ impl Decoder {
             r.last.remove(&key);
             if let Some(mats) = self.expert(key.0, key.1) {
                 mats.iter().for_each(|m| m.q.advise(false));
-                r.bytes -= mats.iter().map(|m| m.bytes() as u64).sum::<u64>();
+                r.bytes -= expert_bytes(mats);
             }
         }
     }
