@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use super::flash_cpu::exp_fast;
 use crate::error::{Error, Result};
+use crate::ops::linear::dot;
 
 /// Keys per chunk of a task (a chunk's partial state is merged with the others').
 const CHUNK: usize = 512;
@@ -245,25 +246,6 @@ impl CacheAttention {
         }
         Partial { ml, acc }
     }
-}
-
-/// An 8-lane dot product (vectorized by the caller's target features).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = a
-        .chunks_exact(8)
-        .remainder()
-        .iter()
-        .zip(b.chunks_exact(8).remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 #[cfg(test)]

@@ -129,7 +129,9 @@ pub fn all_coop_linear_variants(tile: usize) -> Vec<KernelSpec> {
 }
 
 /// `Σ a·b` with 8 independent lanes (vectorizes; the order differs from a plain loop
-/// only by float rounding).
+/// only by float rounding). Always inlined, so that a caller compiled with wider vector
+/// features (the CPU attention kernels' AVX2 instances) gets them here too.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
