@@ -10,7 +10,8 @@
 # missing adapter FAILS the GPU tests instead of skipping them; runs the attention and
 # matrix-unit tests again on Mesa 26.1's lavapipe, which has cooperative matrices, in a
 # Debian 13 root (scripts/coop-lavapipe.sh builds it once per machine), and validates
-# the matrix-unit SPIR-V with its spirv-val; builds the benches and examples so they
+# the matrix-unit SPIR-V with its spirv-val; runs the CPU kernels' tests cross-built for
+# AArch64 (NEON) under qemu-user (scripts/test-aarch64.sh); builds the benches and examples so they
 # cannot rot and runs three examples; then the real-model tests (scripts/test-models.sh:
 # fetches SmolLM2, 93 MB, and checks the decoder against a numpy reference and the GPU
 # decoder against the CPU one), and finally the browser test (scripts/test-web.sh: the
@@ -19,7 +20,8 @@
 # Environment: WGSPARSE_SKIP_APT=1 skips the package check; WGSPARSE_REQUIRE_GPU=0 lets
 # the GPU tests skip on a machine without any adapter (not for CI); WGSPARSE_SKIP_WEB=1
 # skips the browser test; WGSPARSE_SKIP_MODELS=1 the real-model tests; WGSPARSE_SKIP_COOP=1
-# the matrix-unit run on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh, needs root).
+# the matrix-unit run on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh, needs root);
+# WGSPARSE_SKIP_AARCH64=1 the AArch64 run.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -115,6 +117,10 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     bash scripts/coop-lavapipe.sh sh -c 'n=0; for f in target/coop-spirv/*.spv; do
         spirv-val --target-env vulkan1.3 "$f" || { echo "spirv-val rejected $f"; exit 1; }
         n=$((n + 1)); done; [ "$n" -gt 0 ] || { echo "no SPIR-V written"; exit 1; }; echo "spirv-val: $n modules valid"'
+fi
+if [ "${WGSPARSE_SKIP_AARCH64:-0}" != 1 ]; then
+    say "scripts/test-aarch64.sh (the NEON kernels, cross-built, under qemu-user; WGSPARSE_SKIP_AARCH64=1 skips)"
+    bash scripts/test-aarch64.sh
 fi
 say "cargo build --benches --examples (debug: they must compile)"
 cargo build --locked --benches --examples

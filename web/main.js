@@ -1,7 +1,7 @@
 // The wgsparse demo page: picks a device, runs attention through the WASM module and
 // shows timings, errors against dense attention and the selected block pattern.
 // Test hook: `window.wgsparseDemo` (ready, run(options), last result).
-import init, { WebContext, methods, version } from "./pkg/wgsparse_web.js";
+import init, { WebContext, check_cpu_kernels, methods, version } from "./pkg/wgsparse_web.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -224,7 +224,12 @@ async function main() {
   return { methods: methods() };
 }
 
-window.wgsparseDemo = { run, last: null };
+// checkCpuKernels(seed): the CPU path's quantized products (SIMD128) against f64.
+window.wgsparseDemo = {
+  run,
+  last: null,
+  checkCpuKernels: (seed) => JSON.parse(check_cpu_kernels(BigInt(seed))),
+};
 window.wgsparseDemo.ready = main().catch((e) => {
   showError(e);
   throw e;

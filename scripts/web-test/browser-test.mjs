@@ -4,7 +4,8 @@
 //      browser's WebGPU adapter and agrees with the WASM CPU path;
 //   2. with WebGPU unavailable: the page falls back to the CPU path and still gives the
 //      right answer (vs a naive f64 reference, and vs the WebGPU output of step 1);
-//   3. no page errors, no console errors, no error box.
+//   3. the CPU path's quantized products (SIMD128 in this build) against f64;
+//   4. no page errors, no console errors, no error box.
 // Usage: node browser-test.mjs <web dir> <out dir>   (CHROMIUM=/path overrides the browser)
 import { chromium } from "playwright-core";
 import http from "node:http";
@@ -247,6 +248,15 @@ try {
     const sp = await runApi(page, { device: "cpu", method: "anchor", seq_len: 256, q_heads: 2, kv_heads: 1, head_dim: 64 });
     check(sp.backend === "cpu" && /selected keys/.test(sp.reference) && sp.error.max_abs_err <= 1e-5,
       `CPU anchor vs naive f64 over its keys: max_abs_err ${sp.error && sp.error.max_abs_err}`);
+    // The quantized matrix products of the CPU path (the model decoder's), run by this
+    // WASM build's SIMD128 kernels, against f64 on random weights of every format.
+    const seed = Math.floor(Math.random() * 2 ** 32);
+    const kc = await page.evaluate((s) => window.wgsparseDemo.checkCpuKernels(s), seed);
+    log("CPU kernels:", JSON.stringify(kc));
+    check(kc.simd128 === true, "the WASM build runs the SIMD128 kernels");
+    check(kc.ok && kc.formats.length === 7,
+      `quantized products (Q4_0 … Q6_K, F16) within their bounds, seed ${seed}: worst ` +
+      `${Math.max(...kc.formats.map((f) => f.worst)).toFixed(3)} of the bound`);
     await page.screenshot({ path: path.join(outDir, "demo-cpu.png"), fullPage: true });
     const errBox = await page.evaluate(() => getComputedStyle(document.getElementById("error")).display);
     check(errBox === "none", "no error shown on the page");

@@ -89,7 +89,9 @@ trait MulAdd {
 }
 
 /// Separate multiply and add: baseline x86-64 (SSE2) and wasm.
+#[cfg(not(target_arch = "aarch64"))]
 struct Unfused;
+#[cfg(not(target_arch = "aarch64"))]
 impl MulAdd for Unfused {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {

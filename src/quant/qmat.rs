@@ -919,8 +919,6 @@ impl QMat {
         let mut scratch = Vec::new();
         #[cfg(target_arch = "x86_64")]
         let groups = fused_avx2::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let groups = false;
         let mut i = 0;
         while i < out.len() / cols {
             let r = r0 + i;
@@ -1024,7 +1022,12 @@ impl QMat {
             // SAFETY: the features were just detected.
             return unsafe { self.apply_avx2(x, t) };
         }
-        self.apply_portable(x, t)
+        // NEON (AArch64) and SIMD128 (WASM built with it) need no run-time check.
+        let simd = cfg!(any(
+            target_arch = "aarch64",
+            all(target_arch = "wasm32", target_feature = "simd128")
+        ));
+        self.apply_with(x, t, simd)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1033,6 +1036,8 @@ impl QMat {
         self.apply_with(x, t, true)
     }
 
+    /// The product by the portable kernels only (the SIMD kernels' reference in tests).
+    #[cfg(test)]
     fn apply_portable(&self, x: &[f32], t: usize) -> Vec<f32> {
         self.apply_with(x, t, false)
     }
@@ -1198,8 +1203,7 @@ impl QMat {
             // Formats with a fused AVX2 kernel skip the decoded row.
             #[cfg(target_arch = "x86_64")]
             let fused = simd && fused_avx2::handles(self.ty) && fused_avx2::available();
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = simd;
+            let group_dot = rows8::group_dot(self.ty, simd);
             out_t
                 .par_chunks_mut(per_task * t)
                 .enumerate()
@@ -1209,8 +1213,7 @@ impl QMat {
                     let mut ri = 0;
                     while ri < o.len() / t {
                         let r = task * per_task + ri;
-                        #[cfg(target_arch = "x86_64")]
-                        if fused && r < self.packed_rows {
+                        if r < self.packed_rows {
                             // A group of eight rows (tasks start on a group).
                             let group = self.group(r / rows8::GROUP);
                             for i in 0..t {
@@ -1219,14 +1222,9 @@ impl QMat {
                                     &xq.d[i * nb..(i + 1) * nb],
                                     &xq.sum[i * nb..(i + 1) * nb],
                                 );
-                                // SAFETY: `fused` is set only where AVX2, FMA and F16C
-                                // were detected; the group and activations hold `nb`
-                                // blocks.
-                                let y = unsafe {
-                                    rows8::by_kind!(self.ty, |K, RB| {
-                                        rows8::avx2::dot_group::<K, RB>(group, nb, xq, xd, xs)
-                                    })
-                                };
+                                // SAFETY: `group_dot` chose a kernel this CPU runs; the
+                                // group and activations hold `nb` blocks.
+                                let y = unsafe { group_dot(group, nb, xq, xd, xs) };
                                 for (k, y) in y.into_iter().enumerate() {
                                     o[(ri + k) * t + i] = y;
                                 }

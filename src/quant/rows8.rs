@@ -301,7 +301,372 @@ macro_rules! by_kind {
         }
     };
 }
+#[allow(unused_imports)] // only x86-64 builds use it outside this module
 pub(crate) use by_kind;
+
+/// The product of one packed group's eight rows with one activation row: 16-bit codes
+/// `x` (`32 · nb`), block scales `xd` and code sums `xs`, `nb` blocks of 32 values.
+///
+/// # Safety
+/// The CPU has the features of the kernel [`group_dot`] chose; `group` holds the records
+/// of `nb` blocks; `x` points at `32 · nb` codes; `xd`, `xs` hold `nb` values.
+pub(crate) type GroupDot = unsafe fn(&[u8], usize, *const i16, &[f32], &[i32]) -> [f32; 8];
+
+/// The group product of `ty` (a [`repacked`] format) for this CPU, chosen in one place:
+/// AVX2 on x86-64 (detected at run time), NEON on AArch64, SIMD128 in a WASM build
+/// with that feature; the portable kernel without `simd` or any of these.
+pub(crate) fn group_dot(ty: GgmlType, simd: bool) -> GroupDot {
+    by_kind!(ty, |K, RB| {
+        #[cfg(target_arch = "x86_64")]
+        if simd
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return avx2::dot_group::<K, RB>;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if simd {
+            return neon::dot_group::<K, RB>;
+        }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        if simd {
+            return simd128::dot_group::<K, RB>;
+        }
+        let _ = simd;
+        portable::dot_group::<K, RB>
+    })
+}
+
+/// Block `b` of a packed group of `KIND` (records of `RB` bytes), as the 128-bit and
+/// portable kernels read it: where its codes start in `group`, the eight rows' scales of
+/// its first and last 16 values (the same but for Q6_K) and their offsets (`w = scale ·
+/// code + offset`), the values [`avx2::parts`] computes.
+#[inline(always)]
+fn parts<const KIND: u8, const RB: usize>(
+    group: &[u8],
+    b: usize,
+) -> (usize, [f32; 8], [f32; 8], [f32; 8]) {
+    let f16 = |at: usize| half::f16::from_le_bytes([group[at], group[at + 1]]).to_f32();
+    let row8 = |at: usize| -> [f32; 8] { std::array::from_fn(|r| f16(at + 2 * r)) };
+    if KIND >= 3 {
+        let (rec, j) = (b / 8 * RB, b % 8);
+        let d = row8(rec);
+        if KIND == 4 {
+            let sc = |at: usize| -> [f32; 8] {
+                std::array::from_fn(|r| d[r] * group[rec + at + r] as i8 as f32)
+            };
+            return (
+                rec + K6_CODES + K6_RUN * j,
+                sc(K6_SC + 16 * j),
+                sc(K6_SC + 16 * j + 8),
+                [0.0; 8],
+            );
+        }
+        let dmin = row8(rec + 16);
+        let sc = std::array::from_fn(|r| d[r] * group[rec + K4_SC + 8 * j + r] as f32);
+        let off = std::array::from_fn(|r| -dmin[r] * group[rec + K4_M + 8 * j + r] as f32);
+        (rec + K4_CODES + 128 * j, sc, sc, off)
+    } else {
+        let rec = b * RB;
+        let d = row8(rec);
+        match KIND {
+            0 => (rec + 16, d, d, d.map(|d| -8.0 * d)),
+            1 => (rec + 32, d, d, row8(rec + 16)),
+            _ => (rec + 16, d, d, [0.0; 8]),
+        }
+    }
+}
+
+/// The portable group product: the packed codes read lane by lane, integer sums per
+/// block, the floats of the SIMD kernels (the reference they are tested against, and
+/// the kernel of CPUs with none of them).
+pub(crate) mod portable {
+    use super::{k6_high, parts};
+
+    /// Code `e` (0 even, 1 odd) of pair `p` of row `r` in the run at `run`.
+    #[inline(always)]
+    fn code<const KIND: u8>(run: &[u8], p: usize, r: usize, e: usize) -> i32 {
+        let lane = 2 * (2 * r + e);
+        if KIND == 2 {
+            return run[(p / 2) * 32 + lane + p % 2] as i8 as i32;
+        }
+        let at = (p / 4) * 32 + lane;
+        let v = u16::from_le_bytes([run[at], run[at + 1]]);
+        let c = ((v >> (4 * (p % 4))) & 0x0f) as i32;
+        if KIND == 4 {
+            let (byte, shift) = k6_high(r, 2 * p + e);
+            c | (((run[byte] >> shift) & 3) as i32) << 4
+        } else {
+            c
+        }
+    }
+
+    /// [`dot_group`] of format `ty` (tests).
+    #[cfg(test)]
+    pub fn dot_group_of(
+        ty: super::GgmlType,
+        group: &[u8],
+        nb: usize,
+        x: &[i16],
+        xd: &[f32],
+        xs: &[i32],
+    ) -> [f32; 8] {
+        use super::GgmlType;
+        assert!(x.len() >= 32 * nb);
+        // SAFETY: `x` holds `32 · nb` codes.
+        super::by_kind!(ty, |K, RB| unsafe {
+            dot_group::<K, RB>(group, nb, x.as_ptr(), xd, xs)
+        })
+    }
+
+    /// See [`super::GroupDot`].
+    ///
+    /// # Safety
+    /// `x` points at `32 · nb` codes (every other read is through slices).
+    pub unsafe fn dot_group<const KIND: u8, const RB: usize>(
+        group: &[u8],
+        nb: usize,
+        x: *const i16,
+        xd: &[f32],
+        xs: &[i32],
+    ) -> [f32; 8] {
+        // SAFETY: the caller gives `32 · nb` codes at `x` (GroupDot's contract).
+        let x = unsafe { std::slice::from_raw_parts(x, 32 * nb) };
+        let mut acc = [0f32; 8];
+        for b in 0..nb {
+            let (at, d, d_hi, off) = parts::<KIND, RB>(group, b);
+            let run = &group[at..];
+            let xb = &x[32 * b..32 * b + 32];
+            for r in 0..8 {
+                let mut half = [0i32; 2];
+                for p in 0..16 {
+                    for e in 0..2 {
+                        let mut c = code::<KIND>(run, p, r, e);
+                        if KIND == 4 {
+                            c -= 32;
+                        }
+                        half[p / 8] += c * xb[2 * p + e] as i32;
+                    }
+                }
+                let mut y = (half[0] as f32 * d[r] + half[1] as f32 * d_hi[r]) * xd[b];
+                if KIND != 2 && KIND != 4 {
+                    y += off[r] * (xd[b] * xs[b] as f32);
+                }
+                acc[r] += y;
+            }
+        }
+        acc
+    }
+}
+
+/// The group product on AArch64's NEON (part of the base architecture): each 32-byte
+/// code register as two 128-bit halves (rows 0–3, rows 4–7), widening 16-bit
+/// multiply-adds (`smlal`) and a pairwise add per block.
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon {
+    use super::parts;
+    use std::arch::aarch64::*;
+
+    /// Half `h` of register `reg`'s code vectors of a nibble kind (Q6_K with its high
+    /// bits, minus 32): pairs `4·reg..4·reg + 4`.
+    #[inline(always)]
+    unsafe fn nibble_codes<const KIND: u8>(run: *const u8, reg: usize, h: usize) -> [int16x8_t; 4] {
+        unsafe {
+            let v = vld1q_u16(run.add(32 * reg + 16 * h).cast());
+            let lo4 = vdupq_n_u16(0x0f);
+            let nib = |s: i16| vandq_u16(vshlq_u16(v, vdupq_n_s16(-4 * s)), lo4);
+            let c = [nib(0), nib(1), nib(2), nib(3)];
+            if KIND != 4 {
+                return c.map(|v| vreinterpretq_s16_u16(v));
+            }
+            let hi = vld1q_u16(run.add(128 + 32 * (reg / 2) + 16 * h).cast());
+            let (three, c32) = (vdupq_n_u16(3), vdupq_n_s16(32));
+            std::array::from_fn(|s| {
+                let sh = vdupq_n_s16(-((8 * (reg % 2) + 2 * s) as i16));
+                let top = vshlq_n_u16::<4>(vandq_u16(vshlq_u16(hi, sh), three));
+                vsubq_s16(vreinterpretq_s16_u16(vorrq_u16(c[s], top)), c32)
+            })
+        }
+    }
+
+    /// See [`super::GroupDot`].
+    ///
+    /// # Safety
+    /// As [`super::GroupDot`] (NEON is always present on AArch64).
+    pub unsafe fn dot_group<const KIND: u8, const RB: usize>(
+        group: &[u8],
+        nb: usize,
+        x: *const i16,
+        xd: &[f32],
+        xs: &[i32],
+    ) -> [f32; 8] {
+        assert!(xd.len() >= nb && xs.len() >= nb);
+        unsafe {
+            let mut accf = [vdupq_n_f32(0.0); 2];
+            for b in 0..nb {
+                let (at, d, d_hi, off) = parts::<KIND, RB>(group, b);
+                assert!(group.len() >= at + if KIND == 4 { 192 } else { 128 });
+                let run = group.as_ptr().add(at);
+                let xb = x.add(32 * b);
+                // The activation pair (2p, 2p + 1) in every 32-bit lane.
+                let pair = |p: usize| {
+                    vreinterpretq_s16_s32(vdupq_n_s32(xb.add(2 * p).cast::<i32>().read_unaligned()))
+                };
+                // [half][scale]: lanes (2r', 2r' + 1) of rows 0, 1 (low) and 2, 3 (high).
+                let mut lo = [[vdupq_n_s32(0); 2]; 2];
+                let mut hi = [[vdupq_n_s32(0); 2]; 2];
+                let mut add = |h: usize, k: usize, w: int16x8_t, xp: int16x8_t| {
+                    lo[h][k] = vmlal_s16(lo[h][k], vget_low_s16(w), vget_low_s16(xp));
+                    hi[h][k] = vmlal_high_s16(hi[h][k], w, xp);
+                };
+                if KIND == 2 {
+                    for reg in 0..8 {
+                        for h in 0..2 {
+                            let v = vld1q_s16(run.add(32 * reg + 16 * h).cast());
+                            let w0 = vshrq_n_s16::<8>(vshlq_n_s16::<8>(v));
+                            let w1 = vshrq_n_s16::<8>(v);
+                            add(h, reg / 4, w0, pair(2 * reg));
+                            add(h, reg / 4, w1, pair(2 * reg + 1));
+                        }
+                    }
+                } else {
+                    for reg in 0..4 {
+                        for h in 0..2 {
+                            let w = nibble_codes::<KIND>(run, reg, h);
+                            for (s, w) in w.into_iter().enumerate() {
+                                add(h, reg / 2, w, pair(4 * reg + s));
+                            }
+                        }
+                    }
+                }
+                let xdb = vdupq_n_f32(xd[b]);
+                for h in 0..2 {
+                    let rows = |k: usize| vcvtq_f32_s32(vpaddq_s32(lo[h][k], hi[h][k]));
+                    let dv = vmulq_f32(vld1q_f32(d.as_ptr().add(4 * h)), xdb);
+                    let dh = vmulq_f32(vld1q_f32(d_hi.as_ptr().add(4 * h)), xdb);
+                    let (s0, s1) = (rows(0), rows(1));
+                    let y = if KIND == 4 {
+                        vfmaq_f32(vmulq_f32(s0, dv), s1, dh)
+                    } else {
+                        vmulq_f32(vaddq_f32(s0, s1), dv)
+                    };
+                    accf[h] = vaddq_f32(accf[h], y);
+                    if KIND != 2 && KIND != 4 {
+                        let o = vld1q_f32(off.as_ptr().add(4 * h));
+                        accf[h] = vfmaq_f32(accf[h], o, vdupq_n_f32(xd[b] * xs[b] as f32));
+                    }
+                }
+            }
+            let mut out = [0f32; 8];
+            vst1q_f32(out.as_mut_ptr(), accf[0]);
+            vst1q_f32(out.as_mut_ptr().add(4), accf[1]);
+            out
+        }
+    }
+}
+
+/// The group product on WebAssembly SIMD128 (builds with `+simd128`, which every
+/// current browser runs): `i32x4.dot_i16x8_s` is x86's `pmaddwd` on 128 bits, so each
+/// half of a 32-byte code register (rows 0–3, rows 4–7) gives four rows' sums.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub(crate) mod simd128 {
+    use super::parts;
+    use std::arch::wasm32::*;
+
+    /// Half `h` of register `reg`'s code vectors of a nibble kind (Q6_K with its high
+    /// bits, minus 32): pairs `4·reg..4·reg + 4`.
+    #[inline(always)]
+    unsafe fn nibble_codes<const KIND: u8>(run: *const u8, reg: usize, h: usize) -> [v128; 4] {
+        unsafe {
+            let v = v128_load(run.add(32 * reg + 16 * h).cast());
+            let lo4 = i16x8_splat(0x0f);
+            let c: [v128; 4] = std::array::from_fn(|s| v128_and(u16x8_shr(v, 4 * s as u32), lo4));
+            if KIND != 4 {
+                return c;
+            }
+            let hi = v128_load(run.add(128 + 32 * (reg / 2) + 16 * h).cast());
+            let (three, c32) = (i16x8_splat(3), i16x8_splat(32));
+            std::array::from_fn(|s| {
+                let sh = (8 * (reg % 2) + 2 * s) as u32;
+                let top = i16x8_shl(v128_and(u16x8_shr(hi, sh), three), 4);
+                i16x8_sub(v128_or(c[s], top), c32)
+            })
+        }
+    }
+
+    /// See [`super::GroupDot`].
+    ///
+    /// # Safety
+    /// As [`super::GroupDot`] (SIMD128 is enabled at build time).
+    pub unsafe fn dot_group<const KIND: u8, const RB: usize>(
+        group: &[u8],
+        nb: usize,
+        x: *const i16,
+        xd: &[f32],
+        xs: &[i32],
+    ) -> [f32; 8] {
+        assert!(xd.len() >= nb && xs.len() >= nb);
+        unsafe {
+            let mut accf = [f32x4_splat(0.0); 2];
+            for b in 0..nb {
+                let (at, d, d_hi, off) = parts::<KIND, RB>(group, b);
+                assert!(group.len() >= at + if KIND == 4 { 192 } else { 128 });
+                let run = group.as_ptr().add(at);
+                let xb = x.add(32 * b);
+                let pair = |p: usize| i32x4_splat(xb.add(2 * p).cast::<i32>().read_unaligned());
+                // [half][scale]: four rows' sums each.
+                let mut acc = [[i32x4_splat(0); 2]; 2];
+                if KIND == 2 {
+                    for reg in 0..8 {
+                        for h in 0..2 {
+                            let v = v128_load(run.add(32 * reg + 16 * h).cast());
+                            let w0 = i16x8_shr(i16x8_shl(v, 8), 8);
+                            let w1 = i16x8_shr(v, 8);
+                            let a = &mut acc[h][reg / 4];
+                            *a = i32x4_add(*a, i32x4_dot_i16x8(w0, pair(2 * reg)));
+                            *a = i32x4_add(*a, i32x4_dot_i16x8(w1, pair(2 * reg + 1)));
+                        }
+                    }
+                } else {
+                    for reg in 0..4 {
+                        for h in 0..2 {
+                            let w = nibble_codes::<KIND>(run, reg, h);
+                            let a = &mut acc[h][reg / 2];
+                            for (s, w) in w.into_iter().enumerate() {
+                                *a = i32x4_add(*a, i32x4_dot_i16x8(w, pair(4 * reg + s)));
+                            }
+                        }
+                    }
+                }
+                let xdb = f32x4_splat(xd[b]);
+                for h in 0..2 {
+                    let (s0, s1) = (
+                        f32x4_convert_i32x4(acc[h][0]),
+                        f32x4_convert_i32x4(acc[h][1]),
+                    );
+                    let dv = f32x4_mul(v128_load(d.as_ptr().add(4 * h).cast()), xdb);
+                    let dh = f32x4_mul(v128_load(d_hi.as_ptr().add(4 * h).cast()), xdb);
+                    let y = if KIND == 4 {
+                        f32x4_add(f32x4_mul(s0, dv), f32x4_mul(s1, dh))
+                    } else {
+                        f32x4_mul(f32x4_add(s0, s1), dv)
+                    };
+                    accf[h] = f32x4_add(accf[h], y);
+                    if KIND != 2 && KIND != 4 {
+                        let o = v128_load(off.as_ptr().add(4 * h).cast());
+                        let xsum = f32x4_splat(xd[b] * xs[b] as f32);
+                        accf[h] = f32x4_add(accf[h], f32x4_mul(o, xsum));
+                    }
+                }
+            }
+            let mut out = [0f32; 8];
+            v128_store(out.as_mut_ptr().cast(), accf[0]);
+            v128_store(out.as_mut_ptr().add(4).cast(), accf[1]);
+            out
+        }
+    }
+}
 
 /// The AVX2 product of a packed group against 16-bit activations.
 #[cfg(target_arch = "x86_64")]
@@ -699,6 +1064,74 @@ mod tests {
             let (kind, rb) = by_kind!(ty, |K, RB| (K, RB));
             assert_eq!(rb, record_bytes(ty), "{ty:?}");
             assert_eq!(kind == 2, ty == GgmlType::Q8_0);
+        }
+    }
+
+    /// The kernel [`group_dot`] picks on this CPU (AVX2, NEON, SIMD128) and the portable
+    /// one against an f64 product of the dequantized rows, on random groups with finite
+    /// scales and 16-bit activation codes: the integer sums are exact, so the bound is
+    /// the f32 rounding of the per-block scaling (1e-5 of Σ|w·x|).
+    #[test]
+    fn simd_and_portable_group_products_match_f64() {
+        let seed = std::env::var("WGSPARSE_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        eprintln!("seed {seed} (set WGSPARSE_SEED to replay)");
+        let mut rng = StdRng::seed_from_u64(seed);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+        ] {
+            let (bw, bb) = ty.block();
+            for blocks in [1, 3] {
+                let cols = blocks * bw;
+                let row_bytes = blocks * bb;
+                let mut bytes: Vec<u8> = (0..GROUP * row_bytes).map(|_| rng.random()).collect();
+                // Finite scales (and mins): f16 values in ±0.05.
+                let fields: &[usize] = match ty {
+                    GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
+                    GgmlType::Q6K => &[208],
+                    _ => &[0],
+                };
+                for blk in bytes.chunks_exact_mut(bb) {
+                    for &at in fields {
+                        let v = half::f16::from_f32(rng.random_range(-0.05f32..0.05));
+                        blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                let group = pack(ty, GROUP, row_bytes, &bytes);
+                let nb = cols / 32;
+                let x: Vec<i16> = (0..cols).map(|_| rng.random()).collect();
+                let xd: Vec<f32> = (0..nb).map(|_| rng.random_range(1e-5f32..1e-3)).collect();
+                let xs: Vec<i32> = x
+                    .chunks(32)
+                    .map(|c| c.iter().map(|&v| v as i32).sum())
+                    .collect();
+                let w = super::super::ggml::dequantize(ty, &bytes, GROUP * cols).unwrap();
+                // SAFETY: `group_dot` picks a kernel this CPU runs; the group and the
+                // activations hold `nb` blocks.
+                let simd = unsafe { group_dot(ty, true)(&group, nb, x.as_ptr(), &xd, &xs) };
+                let portable = portable::dot_group_of(ty, &group, nb, &x, &xd, &xs);
+                for r in 0..GROUP {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for c in 0..cols {
+                        let xv = x[c] as f64 * xd[c / 32] as f64;
+                        want += w[r * cols + c] as f64 * xv;
+                        mag += (w[r * cols + c] as f64 * xv).abs();
+                    }
+                    let bound = 1e-5 * mag + 1e-9;
+                    for (what, got) in [("selected", simd[r]), ("portable", portable[r])] {
+                        assert!(
+                            (got as f64 - want).abs() <= bound,
+                            "{ty:?} {what} row {r}: {got} vs {want} (bound {bound})"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -28,6 +28,7 @@ use wgsparse::{
 };
 
 mod clock;
+pub mod kernels;
 mod pattern;
 
 pub use pattern::{KeyPattern, Visibility};
@@ -45,6 +46,13 @@ pub fn start() {
 #[wasm_bindgen]
 pub fn methods() -> Vec<String> {
     Method::all().iter().map(|m| m.name().to_string()).collect()
+}
+
+/// The CPU path's quantized products checked in this build against f64 (see
+/// [`kernels::check`]): a JSON [`kernels::KernelCheck`].
+#[wasm_bindgen]
+pub fn check_cpu_kernels(seed: u64) -> String {
+    serde_json::to_string(&kernels::check(seed)).expect("a plain report")
 }
 
 /// The crate version.
