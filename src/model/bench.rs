@@ -36,6 +36,9 @@ pub struct BenchRun {
     /// MoE models with mapped experts: the most bytes of expert weights the decoder
     /// kept resident during the run (0 for dense models).
     pub peak_expert_bytes: u64,
+    /// MoE models with ReGLU experts: the fraction of routed experts' up rows the decode
+    /// steps skipped (gate off: not read); `None` for dense models.
+    pub decode_up_rows_skipped: Option<f64>,
 }
 
 /// `wgsparse bench-model`'s report.
@@ -115,6 +118,19 @@ impl fmt::Display for ModelBench {
                     .map_or("-".to_string(), |b| format!("{:.1}", mib(b)))
             )?;
         }
+        let skipped: Vec<String> = self
+            .runs
+            .iter()
+            .filter_map(|r| r.decode_up_rows_skipped)
+            .map(|s| format!("{:.1} %", 100.0 * s))
+            .collect();
+        if !skipped.is_empty() {
+            writeln!(
+                f,
+                "ReGLU neuron skipping: routed up rows not read while decoding: {}",
+                skipped.join(", ")
+            )?;
+        }
         Ok(())
     }
 }
@@ -168,6 +184,7 @@ pub fn bench_decoder(
     let mut next = argmax(&dec.logits(&h[h.len() - dm..]));
     let ttft_s = t0.elapsed().as_secs_f64();
     on_token(next);
+    let skips0 = dec.neuron_skips();
     let t1 = Instant::now();
     for _ in 0..new_tokens {
         let h = dec.forward(&[next], &mut cache, &mut |_| Ok(()))?;
@@ -176,6 +193,8 @@ pub fn bench_decoder(
     }
     let decode_s = t1.elapsed().as_secs_f64();
     let (_, peak_expert_bytes, _) = dec.expert_residency();
+    let skips = dec.neuron_skips();
+    let considered = skips.1 - skips0.1;
     Ok(BenchRun {
         prompt_tokens: prompt.len(),
         gen_tokens: new_tokens,
@@ -189,5 +208,7 @@ pub fn bench_decoder(
         peak_gpu_bytes: None,
         peak_host_bytes: peak_host_bytes(),
         peak_expert_bytes,
+        decode_up_rows_skipped: (considered > 0)
+            .then(|| (skips.0 - skips0.0) as f64 / considered as f64),
     })
 }

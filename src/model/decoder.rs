@@ -485,7 +485,10 @@ impl KvCache {
 
 /// The routed ReGLU experts of `t` normed rows `z [t, d_model]`: for each expert, the
 /// rows routed to it, `down · (ReLU(gate · z) ⊙ (up · z))`, added into each row with its
-/// weight.
+/// weight. Neuron skipping: the gate product runs first, and the up rows whose gate is
+/// off (≤ 0) for every routed row are not read (their products would be multiplied by
+/// 0); `skips` counts the up rows skipped and considered.
+#[allow(clippy::too_many_arguments)]
 fn experts_cpu(
     z: &[f32],
     t: usize,
@@ -494,6 +497,7 @@ fn experts_cpu(
     up: &[Mat],
     down: &[Mat],
     exact: bool,
+    skips: &NeuronSkips,
 ) -> Vec<f32> {
     let dm = z.len() / t;
     let mut out = vec![0f32; t * dm];
@@ -512,7 +516,18 @@ fn experts_cpu(
             .flat_map(|&(i, _)| z[i * dm..(i + 1) * dm].iter().copied())
             .collect();
         let gv = g.apply(&xe, n, exact);
-        let uv = u.apply(&xe, n, exact);
+        let inter = u.rows;
+        let mut active = vec![false; inter];
+        for gr in gv.chunks_exact(inter) {
+            active.iter_mut().zip(gr).for_each(|(a, &g)| *a |= g > 0.0);
+        }
+        let on = active.iter().filter(|&&a| a).count();
+        skips.record((inter - on) as u64, inter as u64);
+        let uv = if exact {
+            u.apply(&xe, n, true)
+        } else {
+            u.q.apply_active(&xe, n, &active)
+        };
         let h: Vec<f32> = gv.iter().zip(&uv).map(|(g, u)| g.max(0.0) * u).collect();
         let y = dn.apply(&h, n, exact);
         for (r, &(i, w)) in rows.iter().enumerate() {
@@ -525,6 +540,21 @@ fn experts_cpu(
         }
     }
     out
+}
+
+/// Counts of ReGLU up rows skipped by [`experts_cpu`] and considered.
+#[derive(Debug, Default)]
+struct NeuronSkips {
+    skipped: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl NeuronSkips {
+    fn record(&self, skipped: u64, total: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.skipped.fetch_add(skipped, Relaxed);
+        self.total.fetch_add(total, Relaxed);
+    }
 }
 
 /// Bytes of one expert's three matrices.
@@ -559,6 +589,11 @@ pub struct Decoder {
     pub kv_precision: KvPrecision,
     /// Mapped expert weights kept in memory ([`Decoder::set_max_resident_experts`]).
     residency: std::sync::Mutex<ExpertResidency>,
+    /// Every mapped expert matrix's byte range in the file, with its (layer, expert),
+    /// sorted by start ([`Decoder::drop_stray_pages`]).
+    expert_spans: Vec<(std::ops::Range<usize>, usize, usize)>,
+    /// ReGLU up rows skipped (gate off for every routed token) and considered.
+    skips: NeuronSkips,
     /// Projections with f32 activations on the dequantized weights (the oracle) instead
     /// of integer products on 16-bit activations (the default: within a few 1e-4 of the
     /// logits' range of it, and faster).
@@ -632,6 +667,19 @@ impl Decoder {
             layers.push(layer);
         }
         log::info!("loaded {:?}: {} layers", cfg.arch, cfg.n_layer);
+        let mut expert_spans: Vec<(std::ops::Range<usize>, usize, usize)> = Vec::new();
+        for (li, l) in layers.iter().enumerate() {
+            if let Ffn::Moe { gate, up, down, .. } = &l.ffn {
+                for mats in [gate, up, down] {
+                    for (e, m) in mats.iter().enumerate() {
+                        if let Some((_, r)) = m.q.mapping() {
+                            expert_spans.push((r, li, e));
+                        }
+                    }
+                }
+            }
+        }
+        expert_spans.sort_by_key(|s| s.0.start);
         Ok(Decoder {
             out_norm: g.tensor_f32("output_norm.weight")?,
             cfg,
@@ -644,6 +692,8 @@ impl Decoder {
             kv_precision: KvPrecision::F16,
             f32_activations: false,
             residency: Default::default(),
+            expert_spans,
+            skips: Default::default(),
         })
     }
 
@@ -867,13 +917,13 @@ impl Decoder {
         }
         for (li, l) in self.layers.iter().enumerate().take(limit) {
             // SmallThinker routes on the layer's input, before attention.
-            let routes = match &l.ffn {
+            let (routes, fresh) = match &l.ffn {
                 Ffn::Moe { router, .. } => {
                     let routes = self.route(&router.apply(&x, t, exact), t);
-                    self.touch_experts(li, &routes);
-                    Some(routes)
+                    let fresh = self.touch_experts(li, &routes);
+                    (Some(routes), fresh)
                 }
-                Ffn::Dense { .. } => None,
+                Ffn::Dense { .. } => (None, Vec::new()),
             };
             let mut xn = x.clone();
             rmsnorm_in_place(&mut xn, &l.attn_norm, c.norm_eps);
@@ -981,7 +1031,9 @@ impl Decoder {
                     down.apply(&hdn, t, exact)
                 }
                 (Ffn::Moe { gate, up, down, .. }, Some(routes)) => {
-                    experts_cpu(&xn, t, &routes, gate, up, down, exact)
+                    let y = experts_cpu(&xn, t, &routes, gate, up, down, exact, &self.skips);
+                    self.drop_stray_pages(li, &fresh);
+                    y
                 }
                 (Ffn::Moe { .. }, None) => unreachable!("routes are made for MoE layers"),
             };
@@ -1018,6 +1070,17 @@ impl Decoder {
         (r.bytes, r.peak, total)
     }
 
+    /// Up rows of routed ReGLU experts skipped so far because their gate was off for
+    /// every token routed to the expert (not read: neuron skipping), and up rows
+    /// considered; both 0 for dense models.
+    pub fn neuron_skips(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.skips.skipped.load(Relaxed),
+            self.skips.total.load(Relaxed),
+        )
+    }
+
     /// The three matrices of expert `e` of layer `li`.
     fn expert(&self, li: usize, e: usize) -> Option<[&Mat; 3]> {
         match &self.layers[li].ffn {
@@ -1026,31 +1089,76 @@ impl Decoder {
         }
     }
 
+    /// After a layer's experts ran: drops the pages the kernel mapped around the newly
+    /// read experts `fresh` that belong to no resident expert (only under a cap). A
+    /// file system with large folios maps a whole folio (up to 2 MiB, aligned in the
+    /// file) on one touch, over neighbouring experts and tensors, which no eviction
+    /// would ever drop: the cap would bound the counted bytes but not the process's
+    /// resident memory.
+    fn drop_stray_pages(&self, li: usize, fresh: &[usize]) {
+        const FOLIO: usize = 2 << 20;
+        let r = self.residency.lock().expect("residency lock");
+        if r.cap.is_none() || fresh.is_empty() {
+            return;
+        }
+        let spans = &self.expert_spans;
+        for &e in fresh {
+            let Some(mats) = self.expert(li, e) else {
+                return;
+            };
+            for m in mats {
+                let Some((map, range)) = m.q.mapping() else {
+                    return;
+                };
+                let lo = range.start / FOLIO * FOLIO;
+                let hi = range.end.next_multiple_of(FOLIO).min(map.len());
+                // The resident experts' matrices inside [lo, hi) stay; the gaps go.
+                let first = spans.partition_point(|s| s.0.end <= lo);
+                let mut at = lo;
+                for (span, sl, se) in spans[first..].iter().take_while(|s| s.0.start < hi) {
+                    if r.last.contains_key(&(*sl, *se)) {
+                        if span.start > at {
+                            map.advise(at..span.start, false);
+                        }
+                        at = at.max(span.end);
+                    }
+                }
+                if hi > at {
+                    map.advise(at..hi, false);
+                }
+            }
+        }
+    }
+
     /// Marks layer `li`'s routed experts as used now: the ones not resident are read
     /// ahead (the router runs before attention, so the reads overlap it), then the
-    /// least recently used others are dropped while over the cap.
-    fn touch_experts(&self, li: usize, routes: &[Vec<(usize, f32)>]) {
+    /// least recently used others are dropped while over the cap. Returns the experts
+    /// read anew.
+    fn touch_experts(&self, li: usize, routes: &[Vec<(usize, f32)>]) -> Vec<usize> {
         let mut used: Vec<usize> = routes.iter().flatten().map(|x| x.0).collect();
         used.sort_unstable();
         used.dedup();
         let mut r = self.residency.lock().expect("residency lock");
         r.tick += 1;
         let tick = r.tick;
+        let mut fresh = Vec::new();
         for &e in &used {
             let Some(mats) = self.expert(li, e) else {
-                return;
+                return fresh;
             };
             if !mats[0].q.is_mapped() {
-                return;
+                return fresh;
             }
             if r.last.insert((li, e), tick).is_none() {
                 mats.iter().for_each(|m| m.q.advise(true));
                 r.bytes += expert_bytes(mats);
+                fresh.push(e);
             }
         }
         let keep: Vec<(usize, usize)> = used.iter().map(|&e| (li, e)).collect();
         self.evict(&mut r, &keep);
         r.peak = r.peak.max(r.bytes);
+        fresh
     }
 
     /// Drops least recently used experts (not in `keep`) while over the cap.

@@ -372,12 +372,16 @@ fn weight(rng: &mut StdRng, ty: GgmlType, rows: usize, cols: usize, std: f32) ->
                 .collect()
         }
         _ => {
-            // Q4_0: uniform nibbles (value − 8, standard deviation ≈ 4.61).
-            let d = f16::from_f32(std / 4.61).to_le_bytes();
+            // Q4_0: nibbles uniform in 1..=15, values −7..=7 (mean 0, standard
+            // deviation ≈ 4.32). Uniform 0..=15 would give every weight a mean of −d/2:
+            // all rows of a matrix would share a bias along the activations' sum, which
+            // decides the sign of most gate outputs and router logits at once.
+            let d = f16::from_f32(std / 4.32).to_le_bytes();
+            let mut nib = || rng.random_range(1u8..=15);
             (0..n / 32)
                 .flat_map(|_| {
                     let mut b = d.to_vec();
-                    b.extend((0..16).map(|_| rng.random::<u8>()));
+                    b.extend((0..16).map(|_| nib() | nib() << 4));
                     b
                 })
                 .collect()

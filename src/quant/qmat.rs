@@ -42,7 +42,23 @@ impl FileMap {
         // SAFETY: a read-only mapping of a file the crate never writes; like every mmap
         // reader (llama.cpp included), it assumes nobody truncates the file meanwhile.
         let map = unsafe { memmap2::Mmap::map(file)? };
+        // Pages, not 2 MiB folios: a file system with large folios may map a whole
+        // 2 MiB folio on the first touch (a PMD), over the neighbouring experts, and
+        // dropping one expert's pages would then not free them. Advice: ignored where
+        // unsupported.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::NoHugePage);
         Ok(FileMap { map })
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// Whether the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn bytes(&self) -> &[u8] {
@@ -835,6 +851,14 @@ impl QMat {
         }
     }
 
+    /// For a mapped matrix: its file mapping and the byte range of its weights in it.
+    pub fn mapping(&self) -> Option<(&std::sync::Arc<FileMap>, std::ops::Range<usize>)> {
+        match &self.bytes {
+            Store::Mapped(m, r) => Some((m, r.clone())),
+            Store::Owned(_) => None,
+        }
+    }
+
     /// Whether the bytes are read from a mapped file.
     pub fn is_mapped(&self) -> bool {
         matches!(self.bytes, Store::Mapped(..))
@@ -1016,30 +1040,43 @@ impl QMat {
     /// groups of eight rows ([`rows8`]), else SGEMM on tiles of rows dequantized to
     /// f32 ([`QMat::apply_f32`]).
     pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
+        self.apply_rows(x, t, None)
+    }
+
+    /// [`QMat::apply`] of the rows where `active` is true only, the others 0: under
+    /// [`GEMM_TOKENS`] tokens their weights are not read (a ReGLU expert's up rows whose
+    /// gate is off for every token: neuron skipping); from it on every row is computed
+    /// and the inactive ones zeroed.
+    pub fn apply_active(&self, x: &[f32], t: usize, active: &[bool]) -> Vec<f32> {
+        assert_eq!(active.len(), self.rows, "one flag a row");
+        self.apply_rows(x, t, Some(active))
+    }
+
+    fn apply_rows(&self, x: &[f32], t: usize, active: Option<&[bool]>) -> Vec<f32> {
         assert_eq!(x.len(), t * self.cols, "activations of the wrong size");
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
-            return unsafe { self.apply_avx2(x, t) };
+            return unsafe { self.apply_avx2(x, t, active) };
         }
         // NEON (AArch64) and SIMD128 (WASM built with it) need no run-time check.
         let simd = cfg!(any(
             target_arch = "aarch64",
             all(target_arch = "wasm32", target_feature = "simd128")
         ));
-        self.apply_with(x, t, simd)
+        self.apply_with(x, t, simd, active)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn apply_avx2(&self, x: &[f32], t: usize) -> Vec<f32> {
-        self.apply_with(x, t, true)
+    unsafe fn apply_avx2(&self, x: &[f32], t: usize, active: Option<&[bool]>) -> Vec<f32> {
+        self.apply_with(x, t, true, active)
     }
 
     /// The product by the portable kernels only (the SIMD kernels' reference in tests).
     #[cfg(test)]
     fn apply_portable(&self, x: &[f32], t: usize) -> Vec<f32> {
-        self.apply_with(x, t, false)
+        self.apply_with(x, t, false, None)
     }
 
     /// `x [t, cols]` times this matrix transposed with f32 activations: SGEMM on tiles
@@ -1172,15 +1209,33 @@ impl QMat {
     /// The product: by SGEMM tiles writing `[t, rows]` directly, or (decoding) as
     /// `[rows, t]` in parallel over runs of rows, then transposed.
     #[inline(always)]
-    fn apply_with(&self, x: &[f32], t: usize, simd: bool) -> Vec<f32> {
+    fn apply_with(&self, x: &[f32], t: usize, simd: bool, active: Option<&[bool]>) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
-        #[cfg(target_arch = "x86_64")]
-        if t >= GEMM_TOKENS && simd && self.packed_rows > 0 && rows8::vnni::available() {
-            return self.apply_vnni(x, t);
-        }
         if t >= GEMM_TOKENS {
-            return self.apply_sgemm(x, t);
+            #[cfg(target_arch = "x86_64")]
+            let vnni = simd && self.packed_rows > 0 && rows8::vnni::available();
+            #[cfg(not(target_arch = "x86_64"))]
+            let vnni = false;
+            #[cfg(target_arch = "x86_64")]
+            let mut out = if vnni {
+                self.apply_vnni(x, t)
+            } else {
+                self.apply_sgemm(x, t)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let mut out = {
+                let _ = vnni;
+                self.apply_sgemm(x, t)
+            };
+            if let Some(active) = active {
+                for y in out.chunks_exact_mut(rows) {
+                    y.iter_mut().zip(active).for_each(|(y, &a)| *y = if a { *y } else { 0.0 });
+                }
+            }
+            return out;
         }
+        // Whether row r is computed.
+        let on = |r: usize| active.is_none_or(|a| a[r]);
         let mut out_t = vec![0f32; rows * t];
         // Whole groups of eight rows a task.
         let per_task = (TASK_WEIGHTS / cols).max(16).next_multiple_of(rows8::GROUP);
@@ -1191,6 +1246,9 @@ impl QMat {
                 .for_each(|(task, o)| {
                     let mut w = vec![0f32; cols];
                     for (ri, orow) in o.chunks_mut(t).enumerate() {
+                        if !on(task * per_task + ri) {
+                            continue;
+                        }
                         self.row_f32(task * per_task + ri, &mut w);
                         for (i, y) in orow.iter_mut().enumerate() {
                             *y = dot_f32(&w, &x[i * cols..(i + 1) * cols]);
@@ -1211,10 +1269,16 @@ impl QMat {
                     let mut w: Option<RowCodes> = None;
                     let mut scratch = Vec::new();
                     let mut ri = 0;
-                    while ri < o.len() / t {
+                    let task_rows = o.len() / t;
+                    while ri < task_rows {
                         let r = task * per_task + ri;
                         if r < self.packed_rows {
-                            // A group of eight rows (tasks start on a group).
+                            // A group of eight rows (tasks start on a group), skipped
+                            // when none of them is active.
+                            if (r..r + rows8::GROUP).all(|r| !on(r)) {
+                                ri += rows8::GROUP;
+                                continue;
+                            }
                             let group = self.group(r / rows8::GROUP);
                             for i in 0..t {
                                 let (xq, xd, xs) = (
@@ -1226,7 +1290,7 @@ impl QMat {
                                 // group and activations hold `nb` blocks.
                                 let y = unsafe { group_dot(group, nb, xq, xd, xs) };
                                 for (k, y) in y.into_iter().enumerate() {
-                                    o[(ri + k) * t + i] = y;
+                                    o[(ri + k) * t + i] = if on(r + k) { y } else { 0.0 };
                                 }
                             }
                             ri += rows8::GROUP;
@@ -1234,7 +1298,28 @@ impl QMat {
                         }
                         let orow = &mut o[ri * t..(ri + 1) * t];
                         ri += 1;
+                        if !on(r) {
+                            continue;
+                        }
                         let row = self.gguf_row(r, &mut scratch);
+                        #[cfg(target_arch = "x86_64")]
+                        if fused && active.is_some() && r >= self.packed_rows {
+                            // Rows skipped here and there break the hardware's
+                            // sequential prefetch: fetch the next active row's bytes
+                            // while this one is multiplied.
+                            let end = task * per_task + task_rows;
+                            if let Some(n) = (r + 1..end).find(|&n| on(n)) {
+                                let next = self.plain_row(n);
+                                for at in (0..next.len()).step_by(64) {
+                                    // SAFETY: a prefetch hint of an address inside `next`.
+                                    unsafe {
+                                        std::arch::x86_64::_mm_prefetch::<
+                                            { std::arch::x86_64::_MM_HINT_T0 },
+                                        >(next.as_ptr().add(at).cast())
+                                    };
+                                }
+                            }
+                        }
                         #[cfg(target_arch = "x86_64")]
                         if fused {
                             for (i, y) in orow.iter_mut().enumerate() {
@@ -1418,6 +1503,38 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The product of the active rows only equals the whole product with the inactive
+    /// rows zeroed (the same kernels: bit for bit), for grouped and single rows, every
+    /// group fully off, partly off and on, decode and prompt token counts.
+    #[test]
+    fn active_rows_match_the_whole_product() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        for ty in [GgmlType::Q4_0, GgmlType::Q6K, GgmlType::Q5_1, GgmlType::F16] {
+            let (rows, cols) = (27, 256);
+            let m = QMat::new(ty, rows, cols, random_matrix(ty, rows, cols, &mut rng)).unwrap();
+            // Rows 0..8 all off, 8..16 partly, 16..24 all on, the tail mixed.
+            let active: Vec<bool> = (0..rows)
+                .map(|r| match r / 8 {
+                    0 => false,
+                    2 => true,
+                    _ => rng.random_bool(0.5),
+                })
+                .collect();
+            for t in [1, 3, GEMM_TOKENS + 1] {
+                let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let mut want = m.apply(&x, t);
+                for y in want.chunks_exact_mut(rows) {
+                    for (y, &a) in y.iter_mut().zip(&active) {
+                        if !a {
+                            *y = 0.0;
+                        }
+                    }
+                }
+                assert_eq!(m.apply_active(&x, t, &active), want, "{ty:?} t {t}");
             }
         }
     }
