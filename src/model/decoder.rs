@@ -38,6 +38,7 @@ use crate::ops::linear::{from_head_major, to_head_major};
 use crate::ops::rmsnorm::rmsnorm_in_place;
 use crate::ops::rope::{RopeStyle, rope_rows, rope_table};
 use crate::quant::QMat;
+use crate::quant::qmat::FileMap;
 use crate::runtime::context::Context;
 use crate::runtime::tensor::DType;
 
@@ -1101,7 +1102,6 @@ impl Decoder {
         if r.cap.is_none() || fresh.is_empty() {
             return;
         }
-        let spans = &self.expert_spans;
         for &e in fresh {
             let Some(mats) = self.expert(li, e) else {
                 return;
@@ -1112,21 +1112,27 @@ impl Decoder {
                 };
                 let lo = range.start / FOLIO * FOLIO;
                 let hi = range.end.next_multiple_of(FOLIO).min(map.len());
-                // The resident experts' matrices inside [lo, hi) stay; the gaps go.
-                let first = spans.partition_point(|s| s.0.end <= lo);
-                let mut at = lo;
-                for (span, sl, se) in spans[first..].iter().take_while(|s| s.0.start < hi) {
-                    if r.last.contains_key(&(*sl, *se)) {
-                        if span.start > at {
-                            map.advise(at..span.start, false);
-                        }
-                        at = at.max(span.end);
-                    }
-                }
-                if hi > at {
-                    map.advise(at..hi, false);
-                }
+                self.drop_unowned(&r, map, lo, hi);
             }
+        }
+    }
+
+    /// Drops the pages of `lo..hi` of the mapped file that no resident expert's
+    /// matrix overlaps (a page shared with a resident one stays).
+    fn drop_unowned(&self, r: &ExpertResidency, map: &FileMap, lo: usize, hi: usize) {
+        let spans = &self.expert_spans;
+        let first = spans.partition_point(|s| s.0.end <= lo);
+        let mut at = lo;
+        for (span, sl, se) in spans[first..].iter().take_while(|s| s.0.start < hi) {
+            if r.last.contains_key(&(*sl, *se)) {
+                if span.start > at {
+                    map.advise(at..span.start, false);
+                }
+                at = at.max(span.end);
+            }
+        }
+        if hi > at {
+            map.advise(at..hi, false);
         }
     }
 
@@ -1177,7 +1183,15 @@ impl Decoder {
             };
             r.last.remove(&key);
             if let Some(mats) = self.expert(key.0, key.1) {
-                mats.iter().for_each(|m| m.q.advise(false));
+                // Its pages, and the edge pages it shares with no resident expert.
+                const PAGE: usize = 4096;
+                for m in mats {
+                    if let Some((map, range)) = m.q.mapping() {
+                        let (lo, hi) =
+                            (range.start / PAGE * PAGE, range.end.next_multiple_of(PAGE));
+                        self.drop_unowned(r, map, lo, hi.min(map.len()));
+                    }
+                }
                 r.bytes -= expert_bytes(mats);
             }
         }
@@ -1508,6 +1522,29 @@ mod tests {
         }
     }
 
+    /// KiB of `path` mapped into this process and resident (`/proc/self/smaps`).
+    #[cfg(target_os = "linux")]
+    fn mapped_rss_kib(path: &std::path::Path) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let name = path.to_str().unwrap();
+        let mut inside = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            let head = line.split_whitespace().next().unwrap_or("");
+            if head.contains('-') && !head.ends_with(':') {
+                inside = line.ends_with(name);
+            } else if inside && let Some(v) = line.strip_prefix("Rss:") {
+                kib += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+        kib
+    }
+
     #[test]
     fn mapped_experts_honour_the_resident_cap() {
         use crate::model::synth::preset;
@@ -1552,6 +1589,26 @@ mod tests {
                 now >= cfg.top_k as u64 * one,
                 "the routed experts stay resident"
             );
+            // The process holds no more of the file than the pages of the resident
+            // experts (whole large folios mapped on a touch are trimmed back).
+            #[cfg(target_os = "linux")]
+            {
+                let pages: std::collections::BTreeSet<usize> = {
+                    let r = mapped.residency.lock().unwrap();
+                    mapped
+                        .expert_spans
+                        .iter()
+                        .filter(|s| r.last.contains_key(&(s.1, s.2)))
+                        .flat_map(|s| s.0.start / 4096..s.0.end.div_ceil(4096))
+                        .collect()
+                };
+                let rss = mapped_rss_kib(&path);
+                assert!(
+                    rss * 1024 <= pages.len() as u64 * 4096,
+                    "token {i}: {rss} KiB of the file resident, the resident experts span {} pages",
+                    pages.len()
+                );
+            }
         }
         // Without a cap every routed expert stays (counted).
         mapped.set_max_resident_experts(None);

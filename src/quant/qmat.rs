@@ -70,12 +70,19 @@ impl FileMap {
 
     /// Asks the kernel to read `range` ahead (`need`) or to drop its pages from this
     /// process (they are read again from the file cache when touched). Whole pages
-    /// inside the range only; errors are ignored (advice).
+    /// inside the range only (and the file's last page when the range ends the file);
+    /// errors are ignored (advice).
     pub fn advise(&self, range: std::ops::Range<usize>, need: bool) {
         #[cfg(unix)]
         {
             const PAGE: usize = 4096;
-            let (lo, hi) = (range.start.next_multiple_of(PAGE), range.end / PAGE * PAGE);
+            // The file's last page is the mapping's, past its end too.
+            let hi = if range.end >= self.len() {
+                range.end.next_multiple_of(PAGE)
+            } else {
+                range.end / PAGE * PAGE
+            };
+            let lo = range.start.next_multiple_of(PAGE);
             if hi <= lo {
                 return;
             }
@@ -1229,7 +1236,9 @@ impl QMat {
             };
             if let Some(active) = active {
                 for y in out.chunks_exact_mut(rows) {
-                    y.iter_mut().zip(active).for_each(|(y, &a)| *y = if a { *y } else { 0.0 });
+                    y.iter_mut()
+                        .zip(active)
+                        .for_each(|(y, &a)| *y = if a { *y } else { 0.0 });
                 }
             }
             return out;
@@ -1315,7 +1324,9 @@ impl QMat {
                                     unsafe {
                                         std::arch::x86_64::_mm_prefetch::<
                                             { std::arch::x86_64::_MM_HINT_T0 },
-                                        >(next.as_ptr().add(at).cast())
+                                        >(
+                                            next.as_ptr().add(at).cast()
+                                        )
                                     };
                                 }
                             }
