@@ -223,8 +223,13 @@ impl Mat {
             )));
         }
         let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
-        let q = QMat::new(t.ty, rows, cols, g.tensor_bytes(name)?)
-            .map_err(|e| Error::Gguf(format!("tensor `{name}`: {e}")))?;
+        let wrap = |e: Error| Error::Gguf(format!("tensor `{name}`: {e}"));
+        // From a file: packed straight from the mapped bytes, whose pages are dropped
+        // again (no second copy of the tensor is ever held); in memory: copied.
+        let q = match g.map_tensor(name)? {
+            Some((map, range)) => QMat::from_mapped(t.ty, rows, cols, &map, range).map_err(wrap)?,
+            None => QMat::new(t.ty, rows, cols, g.tensor_bytes(name)?).map_err(wrap)?,
+        };
         // A NaN or infinite weight (or block scale) never reaches a product.
         q.check_finite(&format!("weight `{name}`"))?;
         Ok(Mat { cols, rows, q })

@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod eval;
 pub mod gguf;
 pub mod smallthinker;
+pub mod spm;
 pub mod synth;
 #[cfg(all(feature = "tokenizers", not(target_arch = "wasm32")))]
 pub mod tokenizer;

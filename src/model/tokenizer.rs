@@ -6,9 +6,10 @@
 //!   regex, `smollm` splits every digit first (`\p{N}`, as the model's own tokenizer and
 //!   llama.cpp do), anything else GPT-2's byte-level regex.
 //! - `tokenizer.ggml.model = llama` (Gemma-3's SentencePiece vocabulary): BPE with byte
-//!   fallback, spaces written `▁`, and merges rebuilt from the vocabulary: every token
+//!   fallback, spaces written `▁`, and the merges implied by the vocabulary: every token
 //!   cut into two vocabulary tokens, ordered by the token's position in the file (for
-//!   Gemma the file order is the merge order; its scores are not).
+//!   Gemma the file order is the merge order; its scores are not). Run by
+//!   [`crate::model::spm::Spm`], which looks the merges up instead of storing them.
 //!
 //! Control tokens (`<|im_start|>`, `<bos>`, ...) are added as special tokens so they are
 //! never split.
@@ -19,10 +20,11 @@ use serde_json::{Value as Json, json};
 
 use crate::error::{Error, Result};
 use crate::model::gguf::{Gguf, Value};
+use crate::model::spm::Spm;
 
 /// A model's tokenizer plus its special ids.
 pub struct ModelTokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     /// Beginning-of-sequence id, if the file names one.
     pub bos: Option<u32>,
     /// End-of-sequence id, if the file names one.
@@ -35,6 +37,23 @@ pub struct ModelTokenizer {
     /// The chat template, if the file has one.
     pub chat_template: Option<String>,
     kind: String,
+}
+
+/// The tokenizer proper.
+enum Inner {
+    /// Byte-level BPE (`tokenizers`).
+    Hf(Box<tokenizers::Tokenizer>),
+    /// SentencePiece vocabularies.
+    Spm(Box<Spm>),
+}
+
+impl Inner {
+    fn token_to_id(&self, t: &str) -> Option<u32> {
+        match self {
+            Inner::Hf(h) => h.token_to_id(t),
+            Inner::Spm(s) => s.token_to_id(t),
+        }
+    }
 }
 
 /// GPT-2's byte → printable-character table (the byte-level BPE alphabet).
@@ -148,19 +167,29 @@ impl ModelTokenizer {
             Some(Value::Bool(b)) => *b,
             _ => kind == "llama",
         };
-        let spec = match kind.as_str() {
-            "gpt2" => Self::byte_level_spec(g, &tokens, &types)?,
-            "llama" => Self::sentencepiece_spec(g, &tokens, &types)?,
+        let inner = match kind.as_str() {
+            "gpt2" => {
+                let spec = Self::byte_level_spec(g, &tokens, &types)?;
+                let hf: tokenizers::Tokenizer = spec
+                    .to_string()
+                    .parse()
+                    .map_err(|e| Error::Tokenizer(format!("building the {kind} tokenizer: {e}")))?;
+                Inner::Hf(Box::new(hf))
+            }
+            "llama" => {
+                let unk = g
+                    .get("tokenizer.ggml.unknown_token_id")
+                    .and_then(Value::as_u64)
+                    .filter(|&i| (i as usize) < tokens.len())
+                    .map(|i| i as u32);
+                Inner::Spm(Box::new(Spm::new(&tokens, &types, unk)))
+            }
             o => {
                 return Err(Error::Tokenizer(format!(
                     "tokenizer.ggml.model `{o}` is not supported (gpt2, llama)"
                 )));
             }
         };
-        let inner: tokenizers::Tokenizer = spec
-            .to_string()
-            .parse()
-            .map_err(|e| Error::Tokenizer(format!("building the {kind} tokenizer: {e}")))?;
         let mut stop_ids: Vec<u32> = eos.into_iter().collect();
         for s in ["<end_of_turn>", "<|im_end|>", "<|endoftext|>"] {
             if let Some(i) = inner.token_to_id(s)
@@ -249,57 +278,6 @@ impl ModelTokenizer {
         }))
     }
 
-    fn sentencepiece_spec(g: &Gguf, tokens: &[String], types: &[i64]) -> Result<Json> {
-        // Runs of spaces are stored as spaces; the BPE sees them as `▁`.
-        let spelled: Vec<String> = tokens
-            .iter()
-            .map(|t| {
-                if !t.is_empty() && t.chars().all(|c| c == ' ') {
-                    "▁".repeat(t.chars().count())
-                } else {
-                    t.clone()
-                }
-            })
-            .collect();
-        let mut vocab = serde_json::Map::with_capacity(tokens.len());
-        for (i, t) in spelled.iter().enumerate() {
-            vocab.insert(t.clone(), json!(i));
-        }
-        let mut added_tokens = Vec::new();
-        for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
-            if *ty == 3 {
-                added_tokens.push(added(i, t, true));
-            } else if *ty == 4 && vocab.contains_key(t) {
-                added_tokens.push(added(i, t, false));
-            }
-        }
-        let merges: Vec<Json> = merges_from_vocab(&spelled)
-            .into_iter()
-            .map(|(a, b)| json!([a, b]))
-            .collect();
-        let unk = g
-            .get("tokenizer.ggml.unknown_token_id")
-            .and_then(Value::as_u64)
-            .and_then(|i| tokens.get(i as usize))
-            .cloned();
-        Ok(json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added_tokens,
-            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
-            "pre_tokenizer": null,
-            "post_processor": null,
-            "decoder": {"type": "Sequence", "decoders": [
-                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-                {"type": "ByteFallback"}, {"type": "Fuse"}]},
-            "model": {"type": "BPE", "dropout": null, "unk_token": unk,
-                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
-        }))
-    }
-
     /// `gpt2` (byte-level BPE) or `llama` (SentencePiece).
     pub fn kind(&self) -> &str {
         &self.kind
@@ -307,17 +285,22 @@ impl ModelTokenizer {
 
     /// Vocabulary size (with added tokens).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Inner::Hf(h) => h.get_vocab_size(true),
+            Inner::Spm(s) => s.vocab_size(),
+        }
     }
 
     /// Token ids of `text` (special-token strings in the text are matched whole; no BOS).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?
-            .get_ids()
-            .to_vec())
+        match &self.inner {
+            Inner::Hf(h) => Ok(h
+                .encode(text, false)
+                .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?
+                .get_ids()
+                .to_vec()),
+            Inner::Spm(s) => Ok(s.encode(text)),
+        }
     }
 
     /// Like [`encode`](Self::encode), with BOS first when the model wants it.
@@ -334,9 +317,12 @@ impl ModelTokenizer {
 
     /// Text of ids (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
+        match &self.inner {
+            Inner::Hf(h) => h
+                .decode(ids, true)
+                .map_err(|e| Error::Tokenizer(format!("decode: {e}"))),
+            Inner::Spm(s) => Ok(s.decode(ids)),
+        }
     }
 
     /// A one-turn chat prompt in the model's format (ChatML for SmolLM2 and Qwen, turn
@@ -367,6 +353,63 @@ impl ModelTokenizer {
             ))
         }
     }
+}
+
+/// The `tokenizers` BPE that `transformers` builds from a SentencePiece vocabulary, with
+/// every merge stored ([`merges_from_vocab`]): the reference [`Spm`] is tested against.
+#[cfg(test)]
+pub(crate) fn sentencepiece_reference(
+    tokens: &[String],
+    types: &[i64],
+    unk: Option<u32>,
+) -> tokenizers::Tokenizer {
+    // Runs of spaces are stored as spaces; the BPE sees them as `▁`.
+    let spelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if !t.is_empty() && t.chars().all(|c| c == ' ') {
+                "▁".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    for (i, t) in spelled.iter().enumerate() {
+        vocab.insert(t.clone(), json!(i));
+    }
+    let mut added_tokens = Vec::new();
+    for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
+        if *ty == 3 {
+            added_tokens.push(added(i, t, true));
+        } else if *ty == 4 && vocab.contains_key(t) {
+            added_tokens.push(added(i, t, false));
+        }
+    }
+    let merges: Vec<Json> = merges_from_vocab(&spelled)
+        .into_iter()
+        .map(|(a, b)| json!([a, b]))
+        .collect();
+    let unk = unk.and_then(|i| tokens.get(i as usize)).cloned();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    })
+    .to_string()
+    .parse()
+    .expect("a valid tokenizer")
 }
 
 /// Text of generated tokens as it grows: [`TextStream::push`] gives the new text of
@@ -465,6 +508,103 @@ mod tests {
         let pieces: Vec<String> = [9, 5, 8, 0].iter().map(|&id| stream.push(id)).collect();
         assert_eq!(pieces, ["hello", " ", "hell", ""]);
         assert_eq!(stream.ids(), [9, 5, 8, 0]);
+    }
+
+    /// A SentencePiece-like vocabulary from `seed`: `<unk>`, a control token `<c>`, a
+    /// user-defined `<u>`, the 256 byte tokens, single characters (not `日`, `Ω`: those
+    /// fall back to bytes), a run of two spaces, and random pieces of 2–5 characters
+    /// (repeats included).
+    fn spm_vocab(seed: u64) -> (Vec<String>, Vec<i64>) {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(seed);
+        let alphabet = ['a', 'b', 'c', 'é', '▁'];
+        let mut toks: Vec<String> = vec!["<unk>".into(), "<c>".into(), "<u>".into()];
+        let mut types = vec![2, 3, 4];
+        for b in 0..=255u8 {
+            toks.push(format!("<0x{b:02X}>"));
+            types.push(6);
+        }
+        for c in alphabet {
+            toks.push(c.to_string());
+            types.push(1);
+        }
+        toks.push("  ".into());
+        types.push(1);
+        for _ in 0..80 {
+            let n = rng.random_range(2..=5);
+            toks.push(
+                (0..n)
+                    .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                    .collect(),
+            );
+            types.push(1);
+        }
+        (toks, types)
+    }
+
+    proptest::proptest! {
+        /// The merge-free tokenizer gives the ids and text of the BPE with every merge
+        /// stored, on random vocabularies and texts (added tokens, byte fallback, runs
+        /// of spaces), and decodes any ids the same.
+        #[test]
+        fn spm_matches_the_stored_merges_bpe(
+            seed in proptest::prelude::any::<u64>(),
+            text in "([abcé日Ω ]|<c>|<u>|<0x41>){0,48}",
+            ids in proptest::collection::vec(0u32..400, 0..24),
+        ) {
+            let (toks, types) = spm_vocab(seed);
+            let spm = Spm::new(&toks, &types, Some(0));
+            let hf = sentencepiece_reference(&toks, &types, Some(0));
+            let want = hf.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+            let got = spm.encode(&text);
+            proptest::prop_assert_eq!(&got, &want, "encode {:?}", text);
+            proptest::prop_assert_eq!(spm.decode(&got), hf.decode(&want, true).unwrap());
+            proptest::prop_assert_eq!(spm.decode(&ids), hf.decode(&ids, true).unwrap());
+            for t in ["<c>", "<u>", "ab", "<0x41>", "▁▁"] {
+                proptest::prop_assert_eq!(spm.token_to_id(t), hf.token_to_id(t), "{}", t);
+            }
+        }
+    }
+
+    /// Gemma-3's 262k-token vocabulary (when the model file is here: see
+    /// scripts/fetch-models.sh): the same ids as the stored-merges BPE on the start of
+    /// every text in data/text, and the same text back.
+    #[test]
+    fn gemma_vocabulary_matches_the_stored_merges_bpe() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/data/models/gemma-3-270m-q4_k_m.gguf"
+        );
+        if !std::path::Path::new(path).exists() {
+            assert!(
+                std::env::var("WGSPARSE_REQUIRE_MODELS").as_deref() != Ok("1"),
+                "{path} missing"
+            );
+            eprintln!("skipped: {path} not here");
+            return;
+        }
+        let g = Gguf::open(path).unwrap();
+        let toks = strings(&g, "tokenizer.ggml.tokens").unwrap();
+        let types = token_types(&g, toks.len());
+        let unk = g
+            .get("tokenizer.ggml.unknown_token_id")
+            .and_then(Value::as_u64)
+            .map(|i| i as u32);
+        let spm = Spm::new(&toks, &types, unk);
+        let hf = sentencepiece_reference(&toks, &types, unk);
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/data/text");
+        let mut texts: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .map(|t| t.chars().take(20_000).collect())
+            .collect();
+        texts.push("<start_of_turn>user\nWrite 日本語 ✓ code:\t`x  =  1`<end_of_turn>\n".into());
+        for t in &texts {
+            let want = hf.encode(t.as_str(), false).unwrap().get_ids().to_vec();
+            let got = spm.encode(t);
+            assert_eq!(got, want);
+            assert_eq!(spm.decode(&got), hf.decode(&want, true).unwrap());
+        }
     }
 
     #[test]

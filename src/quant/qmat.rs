@@ -51,6 +51,11 @@ impl FileMap {
         Ok(FileMap { map })
     }
 
+    /// The mapped bytes of `range`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.bytes()[range]
+    }
+
     /// Bytes mapped.
     pub fn len(&self) -> usize {
         self.bytes().len()
@@ -764,6 +769,85 @@ impl QMat {
     /// for a row that is not a whole number of blocks, a byte count that does not match,
     /// or a type the crate cannot decode.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
+        Self::build(ty, rows, cols, std::borrow::Cow::Owned(bytes))
+    }
+
+    /// [`QMat::new`] from borrowed GGUF bytes (a mapped file's): the held copy is
+    /// written once, at its final size, with no intermediate buffer.
+    pub fn from_slice(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        Self::build(ty, rows, cols, std::borrow::Cow::Borrowed(bytes))
+    }
+
+    /// [`QMat::from_slice`] of `range` of a mapped file, a few MiB of rows at a time,
+    /// each run's pages dropped again once it is held: the process never holds much
+    /// more than the matrix itself (a whole-slice copy would hold the tensor twice
+    /// for a moment: a 178 MiB embedding, 356 MiB).
+    pub fn from_mapped(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        map: &FileMap,
+        range: std::ops::Range<usize>,
+    ) -> Result<Self> {
+        const RUN_BYTES: usize = 8 << 20;
+        let row_bytes = ty.bytes_for(cols as u64)? as usize;
+        if range.len() != rows * row_bytes || range.end > map.len() {
+            return Err(Error::Gguf(format!(
+                "a [{rows}, {cols}] {ty:?} matrix needs {} bytes, got {}",
+                rows * row_bytes,
+                range.len()
+            )));
+        }
+        let run = (RUN_BYTES / row_bytes.max(1))
+            .max(1)
+            .next_multiple_of(rows8::GROUP);
+        if rows <= run {
+            let m = QMat::from_slice(ty, rows, cols, map.slice(range.clone()));
+            map.advise(range, false);
+            return m;
+        }
+        // Runs of whole groups of eight rows: their packed bytes laid end to end are the
+        // whole matrix's (groups in order, the last run's tail rows last).
+        let mut out: Option<(QMat, usize)> = None;
+        for r0 in (0..rows).step_by(run) {
+            let n = run.min(rows - r0);
+            let src = range.start + r0 * row_bytes..range.start + (r0 + n) * row_bytes;
+            let part = QMat::from_slice(ty, n, cols, map.slice(src.clone()))?;
+            map.advise(src, false);
+            let (whole, _) = out.get_or_insert_with(|| {
+                let packed_rows = if rows8::repacked(part.ty) {
+                    rows - rows % rows8::GROUP
+                } else {
+                    0
+                };
+                let rb = part.row_bytes;
+                let total = packed_rows / rows8::GROUP * rows8::group_bytes(part.ty, rb)
+                    + (rows - packed_rows) * rb;
+                let whole = QMat {
+                    ty: part.ty,
+                    rows,
+                    cols,
+                    row_bytes: rb,
+                    packed_rows,
+                    bytes: Store::Owned(Vec::with_capacity(total)),
+                };
+                (whole, total)
+            });
+            if let Store::Owned(v) = &mut whole.bytes {
+                v.extend_from_slice(&part.bytes);
+            }
+        }
+        let (whole, total) = out.expect("at least one run");
+        debug_assert_eq!(whole.bytes.len(), total);
+        Ok(whole)
+    }
+
+    fn build(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: std::borrow::Cow<'_, [u8]>,
+    ) -> Result<Self> {
         if !ty.can_dequantize() {
             return Err(Error::Gguf(format!("{ty:?} matrices are not supported")));
         }
@@ -779,15 +863,21 @@ impl QMat {
         // Q5_0 is held as Q8_0 (its codes minus 16 fit a byte; the same values, 34
         // bytes a block instead of 22), which the grouped kernels run.
         let (ty, row_bytes, bytes) = if ty == GgmlType::Q5_0 {
-            let q8 = bytes
-                .par_chunks_exact(22)
-                .flat_map_iter(|b| {
+            let mut q8 = vec![0u8; bytes.len() / 22 * 34];
+            q8.par_chunks_exact_mut(34)
+                .zip(bytes.par_chunks_exact(22))
+                .for_each(|(o, b)| {
                     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                    let codes = q5_values(qh, &b[6..22]).map(|q| (q - 16) as i8 as u8);
-                    b[..2].iter().copied().chain(codes).collect::<Vec<u8>>()
-                })
-                .collect::<Vec<u8>>();
-            (GgmlType::Q8_0, row_bytes / 22 * 34, q8)
+                    o[..2].copy_from_slice(&b[..2]);
+                    for (o, q) in o[2..].iter_mut().zip(q5_values(qh, &b[6..22])) {
+                        *o = (q - 16) as i8 as u8;
+                    }
+                });
+            (
+                GgmlType::Q8_0,
+                row_bytes / 22 * 34,
+                std::borrow::Cow::Owned(q8),
+            )
         } else {
             (ty, row_bytes, bytes)
         };
@@ -797,16 +887,10 @@ impl QMat {
             0
         };
         let bytes = if packed_rows > 0 {
-            let mut packed = rows8::pack(
-                ty,
-                packed_rows,
-                row_bytes,
-                &bytes[..packed_rows * row_bytes],
-            );
-            packed.extend_from_slice(&bytes[packed_rows * row_bytes..]);
-            packed
+            let (groups, tail) = bytes.split_at(packed_rows * row_bytes);
+            rows8::pack(ty, packed_rows, row_bytes, groups, tail)
         } else {
-            bytes
+            bytes.into_owned()
         };
         Ok(QMat {
             ty,

@@ -167,13 +167,16 @@ fn k4_pack(sm: &[(u8, u8); 8], q: &mut [u8]) {
     }
 }
 
-/// The groups of `rows` GGUF rows (`row_bytes` each, `rows` a multiple of 8) repacked.
-pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> Vec<u8> {
+/// The groups of `rows` GGUF rows (`row_bytes` each, `rows` a multiple of 8) repacked,
+/// followed by `tail` as is (one allocation of the final size).
+pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8], tail: &[u8]) -> Vec<u8> {
     debug_assert!(repacked(ty) && rows.is_multiple_of(GROUP));
     let bb = ty.block().1;
     let rec = record_bytes(ty);
     let q8 = ty == GgmlType::Q8_0;
-    let mut out = vec![0u8; rows / GROUP * group_bytes(ty, row_bytes)];
+    let n = rows / GROUP * group_bytes(ty, row_bytes);
+    let mut out = Vec::with_capacity(n + tail.len());
+    out.resize(n, 0u8);
     out.par_chunks_exact_mut(group_bytes(ty, row_bytes))
         .enumerate()
         .for_each(|(g, grp)| {
@@ -213,6 +216,7 @@ pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> Vec<u8
                 }
             }
         });
+    out.extend_from_slice(tail);
     out
 }
 
@@ -1103,7 +1107,7 @@ mod tests {
                         blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
                     }
                 }
-                let group = pack(ty, GROUP, row_bytes, &bytes);
+                let group = pack(ty, GROUP, row_bytes, &bytes, &[]);
                 let nb = cols / 32;
                 let x: Vec<i16> = (0..cols).map(|_| rng.random()).collect();
                 let xd: Vec<f32> = (0..nb).map(|_| rng.random_range(1e-5f32..1e-3)).collect();
@@ -1148,7 +1152,7 @@ mod tests {
             let bb = ty.block().1;
             let (rows, nb) = (16, 5);
             let bytes: Vec<u8> = (0..rows * nb * bb).map(|_| rng.random()).collect();
-            let packed = pack(ty, rows, nb * bb, &bytes);
+            let packed = pack(ty, rows, nb * bb, &bytes, &[]);
             let gb = group_bytes(ty, nb * bb);
             assert_eq!(packed.len(), rows / GROUP * gb);
             let mut row = vec![0u8; nb * bb];

@@ -24,6 +24,17 @@ pub fn init_cpu_threads(threads: Option<usize>) -> Result<usize> {
     Ok(rayon::current_num_threads())
 }
 
+/// Hands the allocator's free memory back to the system (glibc's `malloc_trim`; nothing
+/// elsewhere): after loading a model, the freed metadata and load-time buffers would
+/// otherwise stay resident in the heap.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,7 @@ pub struct BenchModelArgs {
 /// `wgsparse bench-model`.
 pub fn run(a: &BenchModelArgs) -> Result<()> {
     let t0 = Instant::now();
-    let (_, tok, dec) = load(&a.m)?;
+    let (tok, dec) = load(&a.m)?;
     let load_s = t0.elapsed().as_secs_f64();
     let progress = Progress::new(a.prompt_tokens.len() as u64, "bench-model", a.json);
     if a.prompt_tokens.is_empty() {

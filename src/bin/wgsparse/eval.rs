@@ -244,7 +244,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         exact: false,
         max_resident_mb: None,
     };
-    let (_, tok, dec) = load(&m_args)?;
+    let (tok, dec) = load(&m_args)?;
     let layers = eval_layers(&a.layers, &dec.cfg.global)?;
     if layers.is_empty() && a.no_end_to_end {
         return Err(Error::InvalidArgument(

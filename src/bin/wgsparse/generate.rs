@@ -30,7 +30,7 @@ pub struct GenerateArgs {
 /// `wgsparse nll`.
 /// Greedy generation, streamed to stdout.
 pub fn run(a: &GenerateArgs) -> Result<()> {
-    let (_, tok, dec) = load(&a.m)?;
+    let (tok, dec) = load(&a.m)?;
     let prompt = if a.chat {
         tok.chat_prompt(&a.prompt)?
     } else {

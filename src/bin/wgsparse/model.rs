@@ -35,10 +35,14 @@ pub struct ModelArgs {
 }
 
 /// `wgsparse generate`.
-pub fn load(m: &ModelArgs) -> Result<(Gguf, ModelTokenizer, Decoder)> {
+pub fn load(m: &ModelArgs) -> Result<(ModelTokenizer, Decoder)> {
     let t0 = Instant::now();
-    let g = Gguf::open(&m.model)?;
+    let mut g = Gguf::open(&m.model)?;
     let tok = ModelTokenizer::from_gguf(&g)?;
+    // The vocabulary's metadata (strings, scores, merges: tens of MiB for a 262k-token
+    // vocabulary) is the tokenizer's now: free it before the weights are read.
+    g.metadata.retain(|k, _| !k.starts_with("tokenizer.ggml."));
+    wgsparse::runtime::threads::release_free_memory();
     let ctx = crate::device::context_or(m.backend, Backend::Cpu)?;
     let mut dec = Decoder::load(&g, &ctx, m.method.clone())?;
     if m.exact {
@@ -54,7 +58,11 @@ pub fn load(m: &ModelArgs) -> Result<(Gguf, ModelTokenizer, Decoder)> {
         ctx.backend(),
         t0.elapsed().as_secs_f64()
     );
-    Ok((g, tok, dec))
+    // The GGUF's metadata (the vocabulary's strings, the merges) is no longer needed:
+    // free it and hand the heap's free pages back to the system.
+    drop(g);
+    wgsparse::runtime::threads::release_free_memory();
+    Ok((tok, dec))
 }
 
 pub fn text_ids(tok: &ModelTokenizer, path: &PathBuf, n: usize) -> Result<Vec<u32>> {

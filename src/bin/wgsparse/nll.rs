@@ -23,7 +23,7 @@ pub struct NllArgs {
 /// `wgsparse dump-qkv`.
 /// Mean next-token NLL over the first tokens of a text.
 pub fn run(a: &NllArgs) -> Result<()> {
-    let (_, tok, dec) = load(&a.m)?;
+    let (tok, dec) = load(&a.m)?;
     let ids = text_ids(&tok, &a.text, a.tokens)?;
     let t0 = Instant::now();
     let (nll, n) = dec.nll(&ids)?;
