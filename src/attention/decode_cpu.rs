@@ -80,12 +80,27 @@ struct Span {
     c1: usize,
 }
 
-/// One task's partial softmax state for its group's query heads.
-struct Partial {
-    /// (m, l) per query head of the group.
+/// Buffers of [`CacheAttention::run_with`], reused from one call to the next (a
+/// decode step then allocates nothing once they have grown).
+#[derive(Debug, Default)]
+pub struct CacheScratch {
+    tasks: Vec<(usize, usize, usize, usize)>,
+    /// Per task: scores `[group, CHUNK]`.
+    scores: Vec<f32>,
+    /// Per task: `(m, l)` of each query head of the group.
     ml: Vec<(f32, f32)>,
-    /// Unnormalized output per query head of the group, `[group, d]`.
+    /// Per task: unnormalized output rows `[group, d]`.
     acc: Vec<f32>,
+    /// Per task: key or value rows converted to f32 `[ROWS, d]`.
+    rows: Vec<f32>,
+}
+
+/// One task's buffers.
+struct TaskBufs<'a> {
+    scores: &'a mut [f32],
+    ml: &'a mut [(f32, f32)],
+    acc: &'a mut [f32],
+    rows: &'a mut [f32],
 }
 
 impl CacheAttention {
@@ -126,6 +141,19 @@ impl CacheAttention {
     /// `q [tokens, heads, d]` and the cache's `k`, `v` `[keys, kv_heads, d]`. Typed
     /// errors for inconsistent sizes.
     pub fn run(&self, q: &[f32], k: CacheRows, v: CacheRows, out: &mut [f32]) -> Result<()> {
+        self.run_with(q, k, v, out, &mut CacheScratch::default())
+    }
+
+    /// [`CacheAttention::run`] with its buffers in `scratch` (no heap allocation once
+    /// they have grown to the call's size).
+    pub fn run_with(
+        &self,
+        q: &[f32],
+        k: CacheRows,
+        v: CacheRows,
+        out: &mut [f32],
+        scratch: &mut CacheScratch,
+    ) -> Result<()> {
         self.check(q, &k, &v, out)?;
         #[cfg(target_arch = "x86_64")]
         let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
@@ -134,7 +162,14 @@ impl CacheAttention {
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let group = h / kvh;
         // Tasks: (token, kv-head, chunk), each token's chunks cover its visible keys.
-        let mut tasks = Vec::new();
+        let CacheScratch {
+            tasks,
+            scores,
+            ml,
+            acc,
+            rows,
+        } = scratch;
+        tasks.clear();
         for i in 0..self.tokens {
             let (lo, pos) = self.visible(i);
             for kh in 0..kvh {
@@ -143,36 +178,56 @@ impl CacheAttention {
                 }
             }
         }
-        let partials: Vec<Partial> = tasks
+        let n = tasks.len();
+        scores.resize(n * group * CHUNK, 0.0);
+        ml.resize(n * group, (0.0, 0.0));
+        acc.resize(n * group * d, 0.0);
+        rows.resize(n * ROWS * d, 0.0);
+        tasks
             .par_iter()
-            .map(|&(i, kh, c0, c1)| {
+            .zip(scores.par_chunks_mut(group * CHUNK))
+            .zip(ml.par_chunks_mut(group))
+            .zip(acc.par_chunks_mut(group * d))
+            .zip(rows.par_chunks_mut(ROWS * d))
+            .for_each(|((((&(i, kh, c0, c1), scores), ml), acc), rows)| {
                 let qg = &q[(i * h + kh * group) * d..(i * h + (kh + 1) * group) * d];
+                let bufs = TaskBufs {
+                    scores,
+                    ml,
+                    acc,
+                    rows,
+                };
                 #[cfg(target_arch = "x86_64")]
                 if simd {
                     // SAFETY: `simd` is set only where AVX2 and FMA were detected.
-                    return unsafe { self.chunk_avx2(qg, (&k, &v), Span { kh, c0, c1 }) };
+                    unsafe { self.chunk_avx2(qg, (&k, &v), Span { kh, c0, c1 }, bufs) };
+                    return;
                 }
                 let _ = simd;
-                self.chunk(qg, (&k, &v), Span { kh, c0, c1 })
-            })
-            .collect();
+                self.chunk(qg, (&k, &v), Span { kh, c0, c1 }, bufs)
+            });
         // Merge each (token, head)'s chunks; tasks of a token and kv-head are adjacent.
         let mut at = 0;
         for i in 0..self.tokens {
             let (lo, pos) = self.visible(i);
             let chunks = (pos + 1 - lo).div_ceil(CHUNK);
             for kh in 0..kvh {
-                let parts = &partials[at..at + chunks];
+                let parts = at..at + chunks;
                 at += chunks;
                 for g in 0..group {
-                    let m = parts.iter().map(|p| p.ml[g].0).fold(f32::MIN, f32::max);
+                    let m = parts
+                        .clone()
+                        .map(|p| ml[p * group + g].0)
+                        .fold(f32::MIN, f32::max);
                     let o = &mut out[(i * h + kh * group + g) * d..][..d];
                     o.fill(0.0);
                     let mut l = 0f32;
-                    for p in parts {
-                        let w = (p.ml[g].0 - m).exp();
-                        l += w * p.ml[g].1;
-                        for (o, a) in o.iter_mut().zip(&p.acc[g * d..(g + 1) * d]) {
+                    for p in parts.clone() {
+                        let (pm, pl) = ml[p * group + g];
+                        let w = (pm - m).exp();
+                        l += w * pl;
+                        let a = &acc[(p * group + g) * d..(p * group + g + 1) * d];
+                        for (o, a) in o.iter_mut().zip(a) {
                             *o += w * a;
                         }
                     }
@@ -186,18 +241,29 @@ impl CacheAttention {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn chunk_avx2(&self, qg: &[f32], kv: (&CacheRows, &CacheRows), span: Span) -> Partial {
-        self.chunk(qg, kv, span)
+    unsafe fn chunk_avx2(
+        &self,
+        qg: &[f32],
+        kv: (&CacheRows, &CacheRows),
+        span: Span,
+        bufs: TaskBufs,
+    ) {
+        self.chunk(qg, kv, span, bufs)
     }
 
     /// The partial state of query heads `qg [group, d]` over a span of one kv-head's keys.
     #[inline(always)]
-    fn chunk(&self, qg: &[f32], (k, v): (&CacheRows, &CacheRows), span: Span) -> Partial {
+    fn chunk(&self, qg: &[f32], (k, v): (&CacheRows, &CacheRows), span: Span, bufs: TaskBufs) {
         let Span { kh, c0, c1 } = span;
         let (kvh, d) = (self.kv_heads, self.head_dim);
         let group = qg.len() / d;
         let n = c1 - c0;
-        let mut rows = vec![0f32; ROWS * d];
+        let TaskBufs {
+            scores: s,
+            ml,
+            acc,
+            rows,
+        } = bufs;
         // Up to ROWS rows of kv-head `kh` from chunk key r0 on, as f32; returns how many.
         let load = |src: &CacheRows, r0: usize, rows: &mut [f32]| {
             let rn = ROWS.min(n - r0);
@@ -210,9 +276,8 @@ impl CacheAttention {
             rn
         };
         // Scores [group, n].
-        let mut s = vec![0f32; group * n];
         for r0 in (0..n).step_by(ROWS) {
-            let rn = load(k, r0, &mut rows);
+            let rn = load(k, r0, rows);
             for g in 0..group {
                 let qv = &qg[g * d..(g + 1) * d];
                 for r in 0..rn {
@@ -220,7 +285,6 @@ impl CacheAttention {
                 }
             }
         }
-        let mut ml = Vec::with_capacity(group);
         for g in 0..group {
             let row = &mut s[g * n..(g + 1) * n];
             let m = row.iter().copied().fold(f32::MIN, f32::max);
@@ -229,11 +293,11 @@ impl CacheAttention {
                 *x = exp_fast(*x - m);
                 l += *x;
             }
-            ml.push((m, l));
+            ml[g] = (m, l);
         }
-        let mut acc = vec![0f32; group * d];
+        acc.fill(0.0);
         for r0 in (0..n).step_by(ROWS) {
-            let rn = load(v, r0, &mut rows);
+            let rn = load(v, r0, rows);
             for g in 0..group {
                 let a = &mut acc[g * d..(g + 1) * d];
                 for r in 0..rn {
@@ -244,7 +308,6 @@ impl CacheAttention {
                 }
             }
         }
-        Partial { ml, acc }
     }
 }
 

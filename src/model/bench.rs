@@ -178,6 +178,8 @@ pub fn bench_decoder(
     }
     let dm = dec.cfg.d_model;
     let mut cache = dec.new_cache();
+    cache.reserve(prompt.len() + new_tokens);
+    let mut ws = dec.workspace();
     let t0 = Instant::now();
     let h = dec.forward(prompt, &mut cache, &mut |_| Ok(()))?;
     let prefill_s = t0.elapsed().as_secs_f64();
@@ -187,8 +189,7 @@ pub fn bench_decoder(
     let skips0 = dec.neuron_skips();
     let t1 = Instant::now();
     for _ in 0..new_tokens {
-        let h = dec.forward(&[next], &mut cache, &mut |_| Ok(()))?;
-        next = argmax(&dec.logits(&h));
+        next = argmax(dec.step(next, &mut cache, &mut ws)?);
         on_token(next);
     }
     let decode_s = t1.elapsed().as_secs_f64();

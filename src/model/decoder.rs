@@ -30,15 +30,15 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::attention::decode_cpu::{CacheAttention, CacheRows};
+use crate::attention::decode_cpu::{CacheAttention, CacheRows, CacheScratch};
 use crate::attention::{AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
 use crate::ops::linear::{from_head_major, to_head_major};
 use crate::ops::rmsnorm::rmsnorm_in_place;
-use crate::ops::rope::{RopeStyle, rope_rows, rope_table};
+use crate::ops::rope::{RopeStyle, rope_rows, rope_table_into};
 use crate::quant::QMat;
-use crate::quant::qmat::FileMap;
+use crate::quant::qmat::{ApplyScratch, FileMap};
 use crate::runtime::context::Context;
 use crate::runtime::tensor::DType;
 
@@ -282,6 +282,23 @@ impl Mat {
         }
     }
 
+    /// [`Mat::apply`] into `out` with the product's buffers in `scratch` (no heap
+    /// allocation for a decode step's 16-bit products once they have grown).
+    pub fn apply_into(
+        &self,
+        x: &[f32],
+        t: usize,
+        exact: bool,
+        out: &mut Vec<f32>,
+        scratch: &mut ApplyScratch,
+    ) {
+        if exact {
+            *out = self.q.apply_f32(x, t);
+        } else {
+            self.q.apply_into(x, t, out, scratch);
+        }
+    }
+
     /// Row `r` as f32 (an embedding lookup).
     pub fn row(&self, r: usize, out: &mut [f32]) {
         self.q.row_f32(r, out)
@@ -465,9 +482,22 @@ pub struct KvCache {
     k: Vec<KvRows>,
     v: Vec<KvRows>,
     len: usize,
+    /// Values of one token's K (or V) row in a layer.
+    row: usize,
 }
 
 impl KvCache {
+    /// Room for `tokens` more positions in every layer, so appending them (a decode
+    /// loop's steps) never reallocates.
+    pub fn reserve(&mut self, tokens: usize) {
+        for rows in self.k.iter_mut().chain(self.v.iter_mut()) {
+            match rows {
+                KvRows::F16(v) => v.reserve(tokens * self.row),
+                KvRows::F32(v) => v.reserve(tokens * self.row),
+            }
+        }
+    }
+
     /// Cached positions.
     pub fn len(&self) -> usize {
         self.len
@@ -487,6 +517,33 @@ impl KvCache {
             })
             .sum()
     }
+}
+
+/// What picks each layer's attention method from its post-RoPE Q/K/V.
+type LayerPick<'p> = &'p mut dyn FnMut(&LayerQkv<'_>) -> Result<Method>;
+
+/// Buffers a decoder's forward pass writes into, kept from one call to the next by
+/// [`Decoder::step`] (so a decode step allocates nothing once they have grown).
+#[derive(Default)]
+pub struct Workspace {
+    /// Hidden states `[t, d_model]` (the result).
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    a: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    h: Vec<f32>,
+    f: Vec<f32>,
+    /// RoPE tables of the step's positions (global base, local base).
+    rope: Vec<f32>,
+    rope_local: Vec<f32>,
+    logits: Vec<f32>,
+    products: ApplyScratch,
+    attention: CacheScratch,
 }
 
 /// The routed ReGLU experts of `t` normed rows `z [t, d_model]`: for each expert, the
@@ -743,6 +800,7 @@ impl Decoder {
             k: per(),
             v: per(),
             len: 0,
+            row: self.cfg.n_kv_head * self.cfg.head_dim,
         }
     }
 
@@ -857,7 +915,9 @@ impl Decoder {
         cache: &mut KvCache,
         pick: &mut dyn FnMut(&LayerQkv<'_>) -> Result<Method>,
     ) -> Result<Vec<f32>> {
-        self.run_layers(ids, cache, pick, self.layers.len())
+        let mut ws = Workspace::default();
+        self.run_layers(ids, cache, Some(pick), self.layers.len(), &mut ws)?;
+        Ok(ws.x)
     }
 
     /// Runs `ids` from an empty cache through the first `layers` layers only (dense
@@ -879,24 +939,30 @@ impl Decoder {
         self.run_layers(
             ids,
             &mut cache,
-            &mut |l| {
+            Some(&mut |l| {
                 observe(l)?;
                 Ok(self.layer_method(l.layer))
-            },
+            }),
             layers,
+            &mut Workspace::default(),
         )?;
         Ok(())
     }
 
-    /// The body of [`Decoder::forward_with`] over the first `limit` layers; the final
-    /// norm applies only when every layer ran (and `cache.len` advances only then).
+    /// The body of [`Decoder::forward_with`] over the first `limit` layers, on the
+    /// buffers of `ws` (the hidden states end in `ws.x`); the final norm applies only
+    /// when every layer ran (and `cache.len` advances only then). Without `pick`, each
+    /// layer runs [`Decoder::layer_method`]. A CPU decode step over the cache makes no
+    /// heap allocation once `ws` and `cache` have room (16-bit activations, a dense
+    /// model): every product, norm, rotation and the attention write into `ws`.
     fn run_layers(
         &self,
         ids: &[u32],
         cache: &mut KvCache,
-        pick: &mut dyn FnMut(&LayerQkv<'_>) -> Result<Method>,
+        mut pick: Option<LayerPick<'_>>,
         limit: usize,
-    ) -> Result<Vec<f32>> {
+        ws: &mut Workspace,
+    ) -> Result<()> {
         let c = &self.cfg;
         let (t, dm, d) = (ids.len(), c.d_model, c.head_dim);
         let start = cache.len;
@@ -904,7 +970,25 @@ impl Decoder {
         if t == 0 {
             return Err(Error::InvalidArgument("no tokens to run".into()));
         }
-        let mut x = Vec::with_capacity(t * dm);
+        let Workspace {
+            x,
+            xn,
+            q,
+            k,
+            v,
+            att,
+            a,
+            g,
+            u,
+            h,
+            f,
+            rope,
+            rope_local,
+            products,
+            attention,
+            ..
+        } = ws;
+        x.clear();
         for &id in ids {
             let id = id as usize;
             if id >= self.embd.rows {
@@ -921,71 +1005,84 @@ impl Decoder {
             let s = (dm as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= s);
         }
+        // The rotation tables of these positions, once for all layers.
+        rope_table_into(t, d, c.rope_base as f64, start, rope);
+        if c.rope_base_local != c.rope_base {
+            rope_table_into(t, d, c.rope_base_local as f64, start, rope_local);
+        }
+        let style = if c.rope_neox {
+            RopeStyle::Neox
+        } else {
+            RopeStyle::Adjacent
+        };
+        // A decode step or a continuation on the CPU attends straight over the cache.
+        let over_cache = start > 0 && self.ctx.is_cpu();
         for (li, l) in self.layers.iter().enumerate().take(limit) {
             // SmallThinker routes on the layer's input, before attention.
             let (routes, fresh) = match &l.ffn {
                 Ffn::Moe { router, .. } => {
-                    let routes = self.route(&router.apply(&x, t, exact), t);
+                    let routes = self.route(&router.apply(x, t, exact), t);
                     let fresh = self.touch_experts(li, &routes);
                     (Some(routes), fresh)
                 }
                 Ffn::Dense { .. } => (None, Vec::new()),
             };
-            let mut xn = x.clone();
-            rmsnorm_in_place(&mut xn, &l.attn_norm, c.norm_eps);
-            let proj = |m: &Mat, b: &Option<Vec<f32>>| {
-                let mut y = m.apply(&xn, t, exact);
+            xn.clear();
+            xn.extend_from_slice(x);
+            rmsnorm_in_place(xn, &l.attn_norm, c.norm_eps);
+            let mut proj = |m: &Mat, b: &Option<Vec<f32>>, y: &mut Vec<f32>| {
+                m.apply_into(xn, t, exact, y, products);
                 if let Some(b) = b {
                     y.chunks_exact_mut(b.len())
                         .for_each(|r| r.iter_mut().zip(b).for_each(|(a, b)| *a += b));
                 }
-                y
             };
-            let (mut q, mut k, v) = (proj(&l.wq, &l.bq), proj(&l.wk, &l.bk), proj(&l.wv, &l.bv));
+            proj(&l.wq, &l.bq, q);
+            proj(&l.wk, &l.bk, k);
+            proj(&l.wv, &l.bv, v);
             if let Some(w) = &l.q_norm {
-                rmsnorm_in_place(&mut q, w, c.norm_eps);
+                rmsnorm_in_place(q, w, c.norm_eps);
             }
             if let Some(w) = &l.k_norm {
-                rmsnorm_in_place(&mut k, w, c.norm_eps);
+                rmsnorm_in_place(k, w, c.norm_eps);
             }
-            let base = if c.global[li] {
-                c.rope_base
+            let table = if c.global[li] || c.rope_base_local == c.rope_base {
+                &*rope
             } else {
-                c.rope_base_local
-            };
-            let table = rope_table(t, d, base as f64, start);
-            let style = if c.rope_neox {
-                RopeStyle::Neox
-            } else {
-                RopeStyle::Adjacent
+                &*rope_local
             };
             if c.rope[li] {
-                rope_rows(&mut q, d, &table, style, |i| i / c.n_head);
-                rope_rows(&mut k, d, &table, style, |i| i / c.n_kv_head);
+                rope_rows(q, d, table, style, |i| i / c.n_head);
+                rope_rows(k, d, table, style, |i| i / c.n_kv_head);
             }
             // Head-major views for the observer and the attention plans ([h, t, d] is
             // [t, h, d] when t = 1).
-            let (qh, kh, vh) = (
-                head_major(&q, t, d),
-                head_major(&k, t, d),
-                head_major(&v, t, d),
-            );
-            let method = pick(&LayerQkv {
-                layer: li,
-                global: c.global[li],
-                start,
-                tokens: t,
-                q: &qh,
-                k: &kh,
-                v: &vh,
-            })?;
-            cache.k[li].append(&k);
-            cache.v[li].append(&v);
+            let method = match pick.as_mut() {
+                Some(pick) => {
+                    let (qh, kh, vh) = (
+                        head_major(q, t, d),
+                        head_major(k, t, d),
+                        head_major(v, t, d),
+                    );
+                    pick(&LayerQkv {
+                        layer: li,
+                        global: c.global[li],
+                        start,
+                        tokens: t,
+                        q: &qh,
+                        k: &kh,
+                        v: &vh,
+                    })?
+                }
+                None if over_cache => Method::Dense,
+                None => self.layer_method(li),
+            };
+            cache.k[li].append(k);
+            cache.v[li].append(v);
             let n = start + t;
-            let ot = if start > 0 && self.ctx.is_cpu() {
-                // A decode step or a continuation on the CPU: straight over the cache,
-                // token-major in and out.
-                let mut o = vec![0f32; t * c.n_head * d];
+            if over_cache {
+                att.clear();
+                att.resize(t * c.n_head * d, 0.0);
                 CacheAttention {
                     heads: c.n_head,
                     kv_heads: c.n_kv_head,
@@ -995,9 +1092,19 @@ impl Decoder {
                     window: if c.global[li] { None } else { c.window },
                     scale: self.attention_scale(),
                 }
-                .run(&q, cache.k[li].rows(), cache.v[li].rows(), &mut o)?;
-                o
+                .run_with(
+                    q,
+                    cache.k[li].rows(),
+                    cache.v[li].rows(),
+                    att,
+                    attention,
+                )?;
             } else {
+                let (qh, kh, vh) = (
+                    head_major(q, t, d),
+                    head_major(k, t, d),
+                    head_major(v, t, d),
+                );
                 let (kc, vc) = if start == 0 {
                     (kh, vh)
                 } else {
@@ -1007,53 +1114,80 @@ impl Decoder {
                     )
                 };
                 let o = self.attend(li, method, &qh, &kc, &vc, t, n)?;
-                from_head_major(&o, t, d)
-            };
-            let mut a = l.wo.apply(&ot, t, exact);
-            if let Some(w) = &l.post_attn_norm {
-                rmsnorm_in_place(&mut a, w, c.norm_eps);
+                *att = from_head_major(&o, t, d);
             }
-            x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
-            let mut xn = x.clone();
-            rmsnorm_in_place(&mut xn, &l.ffn_norm, c.norm_eps);
-            let mut f = match (&l.ffn, routes) {
+            l.wo.apply_into(att, t, exact, a, products);
+            if let Some(w) = &l.post_attn_norm {
+                rmsnorm_in_place(a, w, c.norm_eps);
+            }
+            x.iter_mut().zip(a.iter()).for_each(|(x, a)| *x += a);
+            xn.clear();
+            xn.extend_from_slice(x);
+            rmsnorm_in_place(xn, &l.ffn_norm, c.norm_eps);
+            match (&l.ffn, routes) {
                 (Ffn::Dense { gate, up, down }, _) => {
-                    let g = gate.apply(&xn, t, exact);
-                    let u = up.apply(&xn, t, exact);
+                    gate.apply_into(xn, t, exact, g, products);
+                    up.apply_into(xn, t, exact, u, products);
                     let gelu = c.arch == Arch::Gemma3;
-                    let hdn: Vec<f32> = g
-                        .par_iter()
-                        .zip(u.par_iter())
+                    h.clear();
+                    h.resize(g.len(), 0.0);
+                    h.par_iter_mut()
+                        .zip(g.par_iter().zip(u.par_iter()))
                         .with_min_len(crate::quant::qmat::SERIAL_VALUES)
-                        .map(|(&g, &u)| {
+                        .for_each(|(h, (&g, &u))| {
                             let act = if gelu {
                                 0.5 * g * (1.0 + (0.797_884_6 * (g + 0.044_715 * g * g * g)).tanh())
                             } else {
                                 g / (1.0 + (-g).exp())
                             };
-                            act * u
-                        })
-                        .collect();
-                    down.apply(&hdn, t, exact)
+                            *h = act * u;
+                        });
+                    down.apply_into(h, t, exact, f, products);
                 }
                 (Ffn::Moe { gate, up, down, .. }, Some(routes)) => {
-                    let y = experts_cpu(&xn, t, &routes, gate, up, down, exact, &self.skips);
+                    *f = experts_cpu(xn, t, &routes, gate, up, down, exact, &self.skips);
                     self.drop_stray_pages(li, &fresh);
-                    y
                 }
                 (Ffn::Moe { .. }, None) => unreachable!("routes are made for MoE layers"),
-            };
-            if let Some(w) = &l.post_ffn_norm {
-                rmsnorm_in_place(&mut f, w, c.norm_eps);
             }
-            x.iter_mut().zip(&f).for_each(|(x, f)| *x += f);
+            if let Some(w) = &l.post_ffn_norm {
+                rmsnorm_in_place(f, w, c.norm_eps);
+            }
+            x.iter_mut().zip(f.iter()).for_each(|(x, f)| *x += f);
         }
         if limit < self.layers.len() {
-            return Ok(x);
+            return Ok(());
         }
         cache.len += t;
-        rmsnorm_in_place(&mut x, &self.out_norm, c.norm_eps);
-        Ok(x)
+        rmsnorm_in_place(x, &self.out_norm, c.norm_eps);
+        Ok(())
+    }
+
+    /// A workspace for [`Decoder::step`] (and the buffers of any forward pass).
+    pub fn workspace(&self) -> Workspace {
+        Workspace::default()
+    }
+
+    /// One decode step: runs token `id` after what `cache` holds and returns the next
+    /// token's logits, on the reused buffers of `ws`. On the CPU backend with 16-bit
+    /// activations ([`Decoder::f32_activations`] off) and a dense model, a step makes
+    /// no heap allocation once `ws` has served a step and `cache` has room
+    /// ([`KvCache::reserve`]); the exact form and MoE layers allocate.
+    pub fn step<'w>(
+        &self,
+        id: u32,
+        cache: &mut KvCache,
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32]> {
+        self.run_layers(&[id], cache, None, self.layers.len(), ws)?;
+        let Workspace {
+            x,
+            logits,
+            products,
+            ..
+        } = ws;
+        self.logits_into(x, logits, products);
+        Ok(logits)
     }
 
     /// Caps the bytes of routed expert weights kept in memory when the experts are read
@@ -1231,13 +1365,19 @@ impl Decoder {
 
     /// Logits `[rows, vocab]` of final hidden states `[rows, d_model]`.
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let mut y = Vec::new();
+        self.logits_into(hidden, &mut y, &mut ApplyScratch::default());
+        y
+    }
+
+    /// [`Decoder::logits`] into `out`, with the product's buffers in `scratch`.
+    fn logits_into(&self, hidden: &[f32], out: &mut Vec<f32>, scratch: &mut ApplyScratch) {
         let m = self.output.as_ref().unwrap_or(&self.embd);
         let rows = hidden.len() / self.cfg.d_model;
-        let mut y = m.apply(hidden, rows, self.f32_activations);
+        m.apply_into(hidden, rows, self.f32_activations, out, scratch);
         if let Some(cap) = self.cfg.final_softcap {
-            y.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+            out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }
-        y
     }
 
     /// Greedy generation: prefill `prompt`, then up to `max_new` tokens, stopping early
@@ -1250,18 +1390,20 @@ impl Decoder {
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Vec<u32>> {
         let mut cache = self.new_cache();
-        let mut out = Vec::new();
+        cache.reserve(prompt.len() + max_new);
+        let mut out = Vec::with_capacity(max_new);
         let h = self.forward(prompt, &mut cache, &mut |_| Ok(()))?;
         let dm = self.cfg.d_model;
-        let mut last = h[h.len() - dm..].to_vec();
-        for _ in 0..max_new {
-            let next = argmax(&self.logits(&last));
+        let mut next = argmax(&self.logits(&h[h.len() - dm..]));
+        // The decode steps reuse one workspace.
+        let mut ws = self.workspace();
+        for i in 0..max_new {
             out.push(next);
             on_token(next);
-            if stop.contains(&next) {
+            if stop.contains(&next) || i + 1 == max_new {
                 break;
             }
-            last = self.forward(&[next], &mut cache, &mut |_| Ok(()))?;
+            next = argmax(self.step(next, &mut cache, &mut ws)?);
         }
         Ok(out)
     }

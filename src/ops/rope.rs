@@ -31,8 +31,21 @@ pub fn rope_spec() -> KernelSpec {
 /// `[tokens, head_dim/2, 2]` of (cos, sin) of `(pos0 + t) · θ^(−2i/head_dim)`, computed
 /// in f64.
 pub fn rope_table(tokens: usize, head_dim: usize, theta: f64, pos0: usize) -> Vec<f32> {
-    let half = head_dim / 2;
     let mut out = Vec::with_capacity(tokens * head_dim);
+    rope_table_into(tokens, head_dim, theta, pos0, &mut out);
+    out
+}
+
+/// [`rope_table`] into `out` (cleared first; no allocation once it holds enough room).
+pub fn rope_table_into(
+    tokens: usize,
+    head_dim: usize,
+    theta: f64,
+    pos0: usize,
+    out: &mut Vec<f32>,
+) {
+    let half = head_dim / 2;
+    out.clear();
     for t in 0..tokens {
         for i in 0..half {
             let inv = theta.powf(-(2.0 * i as f64) / head_dim as f64);
@@ -41,7 +54,6 @@ pub fn rope_table(tokens: usize, head_dim: usize, theta: f64, pos0: usize) -> Ve
             out.push(a.sin() as f32);
         }
     }
-    out
 }
 
 /// Which dimensions rotate together.

@@ -153,10 +153,22 @@ const Q16_MAX: f32 = 32767.0;
 
 impl Q16Rows {
     fn new(x: &[f32]) -> Self {
+        let mut r = Q16Rows {
+            q: Vec::new(),
+            d: Vec::new(),
+            sum: Vec::new(),
+        };
+        r.fill(x);
+        r
+    }
+
+    /// `x` quantized into these buffers (grown only when too small).
+    fn fill(&mut self, x: &[f32]) {
         let blocks = x.len() / QK;
-        let mut q = vec![0i16; x.len()];
-        let mut d = vec![0f32; blocks];
-        let mut sum = vec![0i32; blocks];
+        let Q16Rows { q, d, sum } = self;
+        q.resize(x.len(), 0);
+        d.resize(blocks, 0.0);
+        sum.resize(blocks, 0);
         let quantize = |qb: &mut [i16], db: &mut f32, sb: &mut i32, xb: &[f32]| {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let inv = if amax > 0.0 { Q16_MAX / amax } else { 0.0 };
@@ -177,8 +189,24 @@ impl Q16Rows {
             .zip(x.par_chunks(QK))
             .with_min_len(SERIAL_VALUES / QK)
             .for_each(|((qb, (db, sb)), xb)| quantize(qb, db, sb, xb));
-        Q16Rows { q, d, sum }
     }
+}
+
+/// Buffers [`QMat::apply_into`] reuses from one product to the next (a decode step's
+/// products then allocate nothing).
+#[derive(Default)]
+pub struct ApplyScratch {
+    xq: Option<Q16Rows>,
+    out_t: Vec<f32>,
+}
+
+thread_local! {
+    /// A row dequantized to f32 (float formats' decode products), per thread.
+    static ROW_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A packed row rebuilt in GGUF bytes ([`QMat::row_f32`]), per thread.
+    static ROW_BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A row decoded to codes (formats without a fused kernel), per thread.
+    static ROW_CODES: std::cell::RefCell<Option<RowCodes>> = const { std::cell::RefCell::new(None) };
 }
 
 /// One weight row decoded for the integer dot: 8-bit codes, a scale per 16 values and
@@ -1013,7 +1041,9 @@ impl QMat {
     /// Row `r` dequantized into `out` (`cols` values): ggml's dequantizer, or the same
     /// values from the fused AVX2 kernels.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        self.row_f32_with(r, out, &mut Vec::new())
+        // A packed row is rebuilt in GGUF bytes first: in this thread's buffer (an
+        // embedding lookup per decode step then allocates nothing).
+        ROW_BYTES.with_borrow_mut(|scratch| self.row_f32_with(r, out, scratch))
     }
 
     /// [`QMat::row_f32`] with a scratch buffer for rebuilt rows.
@@ -1131,7 +1161,15 @@ impl QMat {
     /// groups of eight rows ([`rows8`]), else SGEMM on tiles of rows dequantized to
     /// f32 ([`QMat::apply_f32`]).
     pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
-        self.apply_rows(x, t, None)
+        let mut out = Vec::new();
+        self.apply_rows(x, t, None, &mut out, &mut ApplyScratch::default());
+        out
+    }
+
+    /// [`QMat::apply`] into `out` (resized to `t · rows`), with `scratch` reused: under
+    /// [`GEMM_TOKENS`] tokens no heap allocation once the buffers have grown to size.
+    pub fn apply_into(&self, x: &[f32], t: usize, out: &mut Vec<f32>, scratch: &mut ApplyScratch) {
+        self.apply_rows(x, t, None, out, scratch)
     }
 
     /// [`QMat::apply`] of the rows where `active` is true only, the others 0: under
@@ -1140,34 +1178,52 @@ impl QMat {
     /// and the inactive ones zeroed.
     pub fn apply_active(&self, x: &[f32], t: usize, active: &[bool]) -> Vec<f32> {
         assert_eq!(active.len(), self.rows, "one flag a row");
-        self.apply_rows(x, t, Some(active))
+        let mut out = Vec::new();
+        self.apply_rows(x, t, Some(active), &mut out, &mut ApplyScratch::default());
+        out
     }
 
-    fn apply_rows(&self, x: &[f32], t: usize, active: Option<&[bool]>) -> Vec<f32> {
+    fn apply_rows(
+        &self,
+        x: &[f32],
+        t: usize,
+        active: Option<&[bool]>,
+        out: &mut Vec<f32>,
+        s: &mut ApplyScratch,
+    ) {
         assert_eq!(x.len(), t * self.cols, "activations of the wrong size");
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
-            return unsafe { self.apply_avx2(x, t, active) };
+            return unsafe { self.apply_avx2(x, t, active, out, s) };
         }
         // NEON (AArch64) and SIMD128 (WASM built with it) need no run-time check.
         let simd = cfg!(any(
             target_arch = "aarch64",
             all(target_arch = "wasm32", target_feature = "simd128")
         ));
-        self.apply_with(x, t, simd, active)
+        self.apply_with(x, t, simd, active, out, s)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn apply_avx2(&self, x: &[f32], t: usize, active: Option<&[bool]>) -> Vec<f32> {
-        self.apply_with(x, t, true, active)
+    unsafe fn apply_avx2(
+        &self,
+        x: &[f32],
+        t: usize,
+        active: Option<&[bool]>,
+        out: &mut Vec<f32>,
+        s: &mut ApplyScratch,
+    ) {
+        self.apply_with(x, t, true, active, out, s)
     }
 
     /// The product by the portable kernels only (the SIMD kernels' reference in tests).
     #[cfg(test)]
     fn apply_portable(&self, x: &[f32], t: usize) -> Vec<f32> {
-        self.apply_with(x, t, false, None)
+        let mut out = Vec::new();
+        self.apply_with(x, t, false, None, &mut out, &mut ApplyScratch::default());
+        out
     }
 
     /// `x [t, cols]` times this matrix transposed with f32 activations: SGEMM on tiles
@@ -1300,7 +1356,15 @@ impl QMat {
     /// The product: by SGEMM tiles writing `[t, rows]` directly, or (decoding) as
     /// `[rows, t]` in parallel over runs of rows, then transposed.
     #[inline(always)]
-    fn apply_with(&self, x: &[f32], t: usize, simd: bool, active: Option<&[bool]>) -> Vec<f32> {
+    fn apply_with(
+        &self,
+        x: &[f32],
+        t: usize,
+        simd: bool,
+        active: Option<&[bool]>,
+        result: &mut Vec<f32>,
+        scratch: &mut ApplyScratch,
+    ) {
         let (rows, cols) = (self.rows, self.cols);
         if t >= GEMM_TOKENS {
             #[cfg(target_arch = "x86_64")]
@@ -1325,11 +1389,20 @@ impl QMat {
                         .for_each(|(y, &a)| *y = if a { *y } else { 0.0 });
                 }
             }
-            return out;
+            *result = out;
+            return;
         }
         // Whether row r is computed.
         let on = |r: usize| active.is_none_or(|a| a[r]);
-        let mut out_t = vec![0f32; rows * t];
+        // Decoding: `[rows, t]` (the result itself when t = 1), zeroed (skipped rows
+        // stay 0), then transposed.
+        let out_t = if t == 1 {
+            &mut *result
+        } else {
+            &mut scratch.out_t
+        };
+        out_t.clear();
+        out_t.resize(rows * t, 0.0);
         // Whole groups of eight rows a task.
         let per_task = (TASK_WEIGHTS / cols).max(16).next_multiple_of(rows8::GROUP);
         if self.is_float() {
@@ -1337,19 +1410,23 @@ impl QMat {
                 .par_chunks_mut(per_task * t)
                 .enumerate()
                 .for_each(|(task, o)| {
-                    let mut w = vec![0f32; cols];
-                    for (ri, orow) in o.chunks_mut(t).enumerate() {
-                        if !on(task * per_task + ri) {
-                            continue;
+                    ROW_F32.with_borrow_mut(|w| {
+                        w.resize(cols, 0.0);
+                        for (ri, orow) in o.chunks_mut(t).enumerate() {
+                            if !on(task * per_task + ri) {
+                                continue;
+                            }
+                            self.row_f32(task * per_task + ri, w);
+                            for (i, y) in orow.iter_mut().enumerate() {
+                                *y = dot_f32(w, &x[i * cols..(i + 1) * cols]);
+                            }
                         }
-                        self.row_f32(task * per_task + ri, &mut w);
-                        for (i, y) in orow.iter_mut().enumerate() {
-                            *y = dot_f32(&w, &x[i * cols..(i + 1) * cols]);
-                        }
-                    }
+                    });
                 });
         } else {
-            let xq = Q16Rows::new(x);
+            let xq = scratch.xq.get_or_insert_with(|| Q16Rows::new(&[]));
+            xq.fill(x);
+            let xq = &*xq;
             let nb = cols / QK;
             // Formats with a fused AVX2 kernel skip the decoded row.
             #[cfg(target_arch = "x86_64")]
@@ -1359,7 +1436,6 @@ impl QMat {
                 .par_chunks_mut(per_task * t)
                 .enumerate()
                 .for_each(|(task, o)| {
-                    let mut w: Option<RowCodes> = None;
                     let mut scratch = Vec::new();
                     let mut ri = 0;
                     let task_rows = o.len() / t;
@@ -1432,29 +1508,34 @@ impl QMat {
                             }
                             continue;
                         }
-                        let w = w.get_or_insert_with(|| RowCodes::new(cols));
-                        decode_row(self.ty, row, w);
-                        for (i, y) in orow.iter_mut().enumerate() {
-                            *y = row_dot(
-                                w,
-                                &xq.q[i * cols..(i + 1) * cols],
-                                &xq.d[i * nb..(i + 1) * nb],
-                                &xq.sum[i * nb..(i + 1) * nb],
-                            );
-                        }
+                        ROW_CODES.with_borrow_mut(|w| {
+                            if w.as_ref().is_none_or(|w| w.q.len() != cols) {
+                                *w = Some(RowCodes::new(cols));
+                            }
+                            let w = w.as_mut().expect("just made");
+                            decode_row(self.ty, row, w);
+                            for (i, y) in orow.iter_mut().enumerate() {
+                                *y = row_dot(
+                                    w,
+                                    &xq.q[i * cols..(i + 1) * cols],
+                                    &xq.d[i * nb..(i + 1) * nb],
+                                    &xq.sum[i * nb..(i + 1) * nb],
+                                );
+                            }
+                        });
                     }
                 });
         }
         if t == 1 {
-            return out_t;
+            return;
         }
-        let mut out = vec![0f32; t * rows];
-        for (r, col) in out_t.chunks(t).enumerate() {
+        result.clear();
+        result.resize(t * rows, 0.0);
+        for (r, col) in scratch.out_t.chunks(t).enumerate() {
             for (i, &y) in col.iter().enumerate() {
-                out[i * rows + r] = y;
+                result[i * rows + r] = y;
             }
         }
-        out
     }
 }
 
