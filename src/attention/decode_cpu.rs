@@ -157,6 +157,12 @@ impl CacheAttention {
         self.check(q, &k, &v, out)?;
         #[cfg(target_arch = "x86_64")]
         let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        // An f16 cache read in registers (F16C) instead of through f32 row copies.
+        #[cfg(target_arch = "x86_64")]
+        let f16_direct = simd
+            && is_x86_feature_detected!("f16c")
+            && matches!((&k, &v), (CacheRows::F16(_), CacheRows::F16(_)))
+            && self.head_dim.is_multiple_of(8);
         #[cfg(not(target_arch = "x86_64"))]
         let simd = false;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -198,6 +204,12 @@ impl CacheAttention {
                     rows,
                 };
                 #[cfg(target_arch = "x86_64")]
+                if f16_direct && let (CacheRows::F16(k16), CacheRows::F16(v16)) = (k, v) {
+                    // SAFETY: AVX2, FMA and F16C were detected; d is a multiple of 8.
+                    unsafe { self.chunk_f16_avx2(qg, (k16, v16), Span { kh, c0, c1 }, bufs) };
+                    return;
+                }
+                #[cfg(target_arch = "x86_64")]
                 if simd {
                     // SAFETY: `simd` is set only where AVX2 and FMA were detected.
                     unsafe { self.chunk_avx2(qg, (&k, &v), Span { kh, c0, c1 }, bufs) };
@@ -237,6 +249,85 @@ impl CacheAttention {
             }
         }
         Ok(())
+    }
+
+    /// [`CacheAttention::chunk`] over an f16 cache, each key and value row converted in
+    /// registers (`vcvtph2ps`) where it is used.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `head_dim` a multiple of 8.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn chunk_f16_avx2(
+        &self,
+        qg: &[f32],
+        (k, v): (&[f16], &[f16]),
+        span: Span,
+        bufs: TaskBufs,
+    ) {
+        use std::arch::x86_64::*;
+        let Span { kh, c0, c1 } = span;
+        let (kvh, d) = (self.kv_heads, self.head_dim);
+        let group = qg.len() / d;
+        let n = c1 - c0;
+        let TaskBufs {
+            scores: s, ml, acc, ..
+        } = bufs;
+        let row = |src: &[f16], j: usize| -> *const f16 {
+            let at = ((c0 + j) * kvh + kh) * d;
+            src[at..at + d].as_ptr()
+        };
+        // SAFETY (all blocks): every pointer covers `d` halfs or floats, d % 8 == 0.
+        unsafe {
+            for j in 0..n {
+                let kr = row(k, j);
+                for g in 0..group {
+                    let qv = qg[g * d..].as_ptr();
+                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut i = 0;
+                    while i + 16 <= d {
+                        let k0 = _mm256_cvtph_ps(_mm_loadu_si128(kr.add(i).cast()));
+                        let k1 = _mm256_cvtph_ps(_mm_loadu_si128(kr.add(i + 8).cast()));
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv.add(i)), k0, a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qv.add(i + 8)), k1, a1);
+                        i += 16;
+                    }
+                    if i < d {
+                        let k0 = _mm256_cvtph_ps(_mm_loadu_si128(kr.add(i).cast()));
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qv.add(i)), k0, a0);
+                    }
+                    let a = _mm256_add_ps(a0, a1);
+                    let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+                    s[g * n + j] = self.scale * _mm_cvtss_f32(h);
+                }
+            }
+        }
+        for g in 0..group {
+            let r = &mut s[g * n..(g + 1) * n];
+            let m = r.iter().copied().fold(f32::MIN, f32::max);
+            let mut l = 0f32;
+            for x in r.iter_mut() {
+                *x = exp_fast(*x - m);
+                l += *x;
+            }
+            ml[g] = (m, l);
+        }
+        acc.fill(0.0);
+        unsafe {
+            for j in 0..n {
+                let vr = row(v, j);
+                for g in 0..group {
+                    let p = _mm256_set1_ps(s[g * n + j]);
+                    let a = acc[g * d..].as_mut_ptr();
+                    for i in (0..d).step_by(8) {
+                        let x = _mm256_cvtph_ps(_mm_loadu_si128(vr.add(i).cast()));
+                        _mm256_storeu_ps(a.add(i), _mm256_fmadd_ps(p, x, _mm256_loadu_ps(a.add(i))));
+                    }
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
