@@ -323,7 +323,10 @@ impl CacheAttention {
                     let a = acc[g * d..].as_mut_ptr();
                     for i in (0..d).step_by(8) {
                         let x = _mm256_cvtph_ps(_mm_loadu_si128(vr.add(i).cast()));
-                        _mm256_storeu_ps(a.add(i), _mm256_fmadd_ps(p, x, _mm256_loadu_ps(a.add(i))));
+                        _mm256_storeu_ps(
+                            a.add(i),
+                            _mm256_fmadd_ps(p, x, _mm256_loadu_ps(a.add(i))),
+                        );
                     }
                 }
             }

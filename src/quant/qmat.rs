@@ -888,27 +888,6 @@ impl QMat {
                 bytes.len()
             )));
         }
-        // Q5_0 is held as Q8_0 (its codes minus 16 fit a byte; the same values, 34
-        // bytes a block instead of 22), which the grouped kernels run.
-        let (ty, row_bytes, bytes) = if ty == GgmlType::Q5_0 {
-            let mut q8 = vec![0u8; bytes.len() / 22 * 34];
-            q8.par_chunks_exact_mut(34)
-                .zip(bytes.par_chunks_exact(22))
-                .for_each(|(o, b)| {
-                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                    o[..2].copy_from_slice(&b[..2]);
-                    for (o, q) in o[2..].iter_mut().zip(q5_values(qh, &b[6..22])) {
-                        *o = (q - 16) as i8 as u8;
-                    }
-                });
-            (
-                GgmlType::Q8_0,
-                row_bytes / 22 * 34,
-                std::borrow::Cow::Owned(q8),
-            )
-        } else {
-            (ty, row_bytes, bytes)
-        };
         let packed_rows = if rows8::repacked(ty) {
             rows - rows % rows8::GROUP
         } else {
@@ -1335,18 +1314,24 @@ impl QMat {
             }
         });
         // The rows after the groups, token by token.
+        let fused = fused_avx2::handles(self.ty);
+        let mut codes = None;
         for r in self.packed_rows..rows {
             let row = self.plain_row(r);
+            if !fused {
+                let w = codes.get_or_insert_with(|| RowCodes::new(cols));
+                decode_row(self.ty, row, w);
+            }
             for j in 0..t {
-                // SAFETY: `apply_with` checked AVX2, FMA and F16C (VNNI implies them).
-                out[j * rows + r] = unsafe {
-                    fused_avx2::row_dot(
-                        self.ty,
-                        row,
-                        &xq.q[j * cols..(j + 1) * cols],
-                        &xq.d[j * nb..(j + 1) * nb],
-                        &xq.sum[j * nb..(j + 1) * nb],
-                    )
+                let (xq, xd, xs) = (
+                    &xq.q[j * cols..(j + 1) * cols],
+                    &xq.d[j * nb..(j + 1) * nb],
+                    &xq.sum[j * nb..(j + 1) * nb],
+                );
+                out[j * rows + r] = match &codes {
+                    Some(w) if !fused => row_dot(w, xq, xd, xs),
+                    // SAFETY: `apply_with` checked AVX2, FMA and F16C (VNNI implies them).
+                    _ => unsafe { fused_avx2::row_dot(self.ty, row, xq, xd, xs) },
                 };
             }
         }

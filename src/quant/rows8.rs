@@ -12,6 +12,8 @@
 //!   K-quants) as registers of 16 lanes of 16 bits, lane `L` belonging to row `L / 2`
 //!   and to the even (`L` even) or odd value of a pair of columns `(2p, 2p + 1)`:
 //!   - Q4 (4 registers): lane bits `4s..4s + 4` hold the nibble of pair `p = 4·reg + s`;
+//!   - Q5_0: its codes' low nibbles as Q4 registers, then 1 register of their high bits
+//!     (lane bit `p` for pair `p`);
 //!   - Q8_0 (8 registers): the low byte is pair `2·reg`, the high byte pair `2·reg + 1`;
 //!   - Q6_K: its codes' low nibbles as Q4 registers, then 2 registers of their high 2
 //!     bits (lane bits `2s..2s + 2` for pair `8·reg + s`).
@@ -34,7 +36,12 @@ pub const GROUP: usize = 8;
 pub fn repacked(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q6K
     )
 }
 
@@ -90,6 +97,13 @@ fn k6_high(r: usize, j: usize) -> (usize, u32) {
     (128 + reg * 32 + 2 * (2 * r + e) + s / 4, 2 * (s as u32 % 4))
 }
 
+/// Where the high bit of row `r`'s code `j` of a Q5_0 run sits: (byte, bit) after the
+/// run's low-nibble registers (lane `2r + e` of one register, bit `p` for pair `p`).
+fn q5_high(r: usize, j: usize) -> (usize, u32) {
+    let (p, e) = (j / 2, j % 2);
+    (128 + 2 * (2 * r + e) + p / 8, (p % 8) as u32)
+}
+
 /// Where value `v` (0..256) of a Q6_K block keeps its low 4 bits (`ql` byte, shift)
 /// and its high 2 bits (`qh` byte, shift).
 fn k6_place(v: usize) -> (usize, u32, usize, u32) {
@@ -108,6 +122,15 @@ fn gguf_codes(ty: GgmlType, blk: &[u8], u: usize) -> [u16; 32] {
             (((blk[ql] >> sl) & 0x0f) | (((blk[qh] >> sh) & 3) << 4)) as u16
         }
         GgmlType::Q4K => ((blk[16 + 32 * (u / 2) + j] >> (4 * (u % 2))) & 0x0f) as u16,
+        GgmlType::Q5_0 => {
+            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+            let lo = if j < 16 {
+                blk[6 + j] & 0x0f
+            } else {
+                blk[6 + j - 16] >> 4
+            };
+            (lo as u32 | ((qh >> j) & 1) << 4) as u16
+        }
         _ => {
             let at = if ty == GgmlType::Q4_1 { 4 } else { 2 };
             (if j < 16 {
@@ -209,6 +232,12 @@ pub fn pack(ty: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8], tail: &[u
                                 let (byte, shift) = k6_high(r, j);
                                 record[at + byte] |= ((c >> 4) as u8) << shift;
                             }
+                        } else if ty == GgmlType::Q5_0 {
+                            put_run(false, &mut record[at..], r, &c.map(|c| c & 0x0f));
+                            for (j, c) in c.into_iter().enumerate() {
+                                let (byte, bit) = q5_high(r, j);
+                                record[at + byte] |= ((c >> 4) as u8) << bit;
+                            }
                         } else {
                             put_run(q8, &mut record[at..], r, &c);
                         }
@@ -257,6 +286,16 @@ pub fn group_row(ty: GgmlType, group: &[u8], r: usize, out: &mut [u8]) {
                         blk[qh] |= (q >> 4) << sh;
                     }
                     GgmlType::Q4K => blk[16 + 32 * (u / 2) + j] |= c << (4 * (u % 2)),
+                    GgmlType::Q5_0 => {
+                        let (byte, bit) = q5_high(r, j);
+                        let hi = (record[at + byte] >> bit) & 1;
+                        blk[2 + j / 8] |= hi << (j % 8);
+                        if j < 16 {
+                            blk[6 + j] |= c;
+                        } else {
+                            blk[6 + j - 16] |= c << 4;
+                        }
+                    }
                     _ => {
                         let at = if ty == GgmlType::Q4_1 { 4 } else { 2 };
                         if j < 16 {
@@ -272,7 +311,7 @@ pub fn group_row(ty: GgmlType, group: &[u8], r: usize, out: &mut [u8]) {
 }
 
 /// Runs `$body` with `$kind` and `$rb` bound as constants to a packed format's kernel
-/// kind (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K, 4 Q6_K) and record bytes ([`record_bytes`]):
+/// kind (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K, 4 Q6_K, 5 Q5_0) and record bytes ([`record_bytes`]):
 /// the one table from a format to the kernels' const parameters.
 macro_rules! by_kind {
     ($ty:expr, |$kind:ident, $rb:ident| $body:expr) => {
@@ -285,6 +324,11 @@ macro_rules! by_kind {
             GgmlType::Q4_1 => {
                 const $kind: u8 = 1;
                 const $rb: usize = 8 * 20;
+                $body
+            }
+            GgmlType::Q5_0 => {
+                const $kind: u8 = 5;
+                const $rb: usize = 8 * 22;
                 $body
             }
             GgmlType::Q4K => {
@@ -353,7 +397,7 @@ fn parts<const KIND: u8, const RB: usize>(
 ) -> (usize, [f32; 8], [f32; 8], [f32; 8]) {
     let f16 = |at: usize| half::f16::from_le_bytes([group[at], group[at + 1]]).to_f32();
     let row8 = |at: usize| -> [f32; 8] { std::array::from_fn(|r| f16(at + 2 * r)) };
-    if KIND >= 3 {
+    if KIND == 3 || KIND == 4 {
         let (rec, j) = (b / 8 * RB, b % 8);
         let d = row8(rec);
         if KIND == 4 {
@@ -386,7 +430,7 @@ fn parts<const KIND: u8, const RB: usize>(
 /// block, the floats of the SIMD kernels (the reference they are tested against, and
 /// the kernel of CPUs with none of them).
 pub(crate) mod portable {
-    use super::{k6_high, parts};
+    use super::{k6_high, parts, q5_high};
 
     /// Code `e` (0 even, 1 odd) of pair `p` of row `r` in the run at `run`.
     #[inline(always)]
@@ -398,11 +442,16 @@ pub(crate) mod portable {
         let at = (p / 4) * 32 + lane;
         let v = u16::from_le_bytes([run[at], run[at + 1]]);
         let c = ((v >> (4 * (p % 4))) & 0x0f) as i32;
-        if KIND == 4 {
-            let (byte, shift) = k6_high(r, 2 * p + e);
-            c | (((run[byte] >> shift) & 3) as i32) << 4
-        } else {
-            c
+        match KIND {
+            4 => {
+                let (byte, shift) = k6_high(r, 2 * p + e);
+                c | (((run[byte] >> shift) & 3) as i32) << 4
+            }
+            5 => {
+                let (byte, bit) = q5_high(r, 2 * p + e);
+                c | (((run[byte] >> bit) & 1) as i32) << 4
+            }
+            _ => c,
         }
     }
 
@@ -447,14 +496,16 @@ pub(crate) mod portable {
                 for p in 0..16 {
                     for e in 0..2 {
                         let mut c = code::<KIND>(run, p, r, e);
-                        if KIND == 4 {
-                            c -= 32;
+                        match KIND {
+                            4 => c -= 32,
+                            5 => c -= 16,
+                            _ => {}
                         }
                         half[p / 8] += c * xb[2 * p + e] as i32;
                     }
                 }
                 let mut y = (half[0] as f32 * d[r] + half[1] as f32 * d_hi[r]) * xd[b];
-                if KIND != 2 && KIND != 4 {
+                if KIND != 2 && KIND != 4 && KIND != 5 {
                     y += off[r] * (xd[b] * xs[b] as f32);
                 }
                 acc[r] += y;
@@ -481,6 +532,16 @@ pub(crate) mod neon {
             let lo4 = vdupq_n_u16(0x0f);
             let nib = |s: i16| vandq_u16(vshlq_u16(v, vdupq_n_s16(-4 * s)), lo4);
             let c = [nib(0), nib(1), nib(2), nib(3)];
+            if KIND == 5 {
+                // Q5_0: the high bit of pair p is lane bit p of the run's fifth register.
+                let hi = vld1q_u16(run.add(128 + 16 * h).cast());
+                let (one, c16) = (vdupq_n_u16(1), vdupq_n_s16(16));
+                return std::array::from_fn(|s| {
+                    let sh = vdupq_n_s16(-((4 * reg + s) as i16));
+                    let top = vshlq_n_u16::<4>(vandq_u16(vshlq_u16(hi, sh), one));
+                    vsubq_s16(vreinterpretq_s16_u16(vorrq_u16(c[s], top)), c16)
+                });
+            }
             if KIND != 4 {
                 return c.map(|v| vreinterpretq_s16_u16(v));
             }
@@ -510,7 +571,15 @@ pub(crate) mod neon {
             let mut accf = [vdupq_n_f32(0.0); 2];
             for b in 0..nb {
                 let (at, d, d_hi, off) = parts::<KIND, RB>(group, b);
-                assert!(group.len() >= at + if KIND == 4 { 192 } else { 128 });
+                assert!(
+                    group.len()
+                        >= at
+                            + match KIND {
+                                4 => 192,
+                                5 => 160,
+                                _ => 128,
+                            }
+                );
                 let run = group.as_ptr().add(at);
                 let xb = x.add(32 * b);
                 // The activation pair (2p, 2p + 1) in every 32-bit lane.
@@ -556,7 +625,7 @@ pub(crate) mod neon {
                         vmulq_f32(vaddq_f32(s0, s1), dv)
                     };
                     accf[h] = vaddq_f32(accf[h], y);
-                    if KIND != 2 && KIND != 4 {
+                    if KIND != 2 && KIND != 4 && KIND != 5 {
                         let o = vld1q_f32(off.as_ptr().add(4 * h));
                         accf[h] = vfmaq_f32(accf[h], o, vdupq_n_f32(xd[b] * xs[b] as f32));
                     }
@@ -586,6 +655,15 @@ pub(crate) mod simd128 {
             let v = v128_load(run.add(32 * reg + 16 * h).cast());
             let lo4 = i16x8_splat(0x0f);
             let c: [v128; 4] = std::array::from_fn(|s| v128_and(u16x8_shr(v, 4 * s as u32), lo4));
+            if KIND == 5 {
+                // Q5_0: the high bit of pair p is lane bit p of the run's fifth register.
+                let hi = v128_load(run.add(128 + 16 * h).cast());
+                let (one, c16) = (i16x8_splat(1), i16x8_splat(16));
+                return std::array::from_fn(|s| {
+                    let top = i16x8_shl(v128_and(u16x8_shr(hi, (4 * reg + s) as u32), one), 4);
+                    i16x8_sub(v128_or(c[s], top), c16)
+                });
+            }
             if KIND != 4 {
                 return c;
             }
@@ -615,7 +693,15 @@ pub(crate) mod simd128 {
             let mut accf = [f32x4_splat(0.0); 2];
             for b in 0..nb {
                 let (at, d, d_hi, off) = parts::<KIND, RB>(group, b);
-                assert!(group.len() >= at + if KIND == 4 { 192 } else { 128 });
+                assert!(
+                    group.len()
+                        >= at
+                            + match KIND {
+                                4 => 192,
+                                5 => 160,
+                                _ => 128,
+                            }
+                );
                 let run = group.as_ptr().add(at);
                 let xb = x.add(32 * b);
                 let pair = |p: usize| i32x4_splat(xb.add(2 * p).cast::<i32>().read_unaligned());
@@ -657,7 +743,7 @@ pub(crate) mod simd128 {
                         f32x4_mul(f32x4_add(s0, s1), dv)
                     };
                     accf[h] = f32x4_add(accf[h], y);
-                    if KIND != 2 && KIND != 4 {
+                    if KIND != 2 && KIND != 4 && KIND != 5 {
                         let o = v128_load(off.as_ptr().add(4 * h).cast());
                         let xsum = f32x4_splat(xd[b] * xs[b] as f32);
                         accf[h] = f32x4_add(accf[h], f32x4_mul(o, xsum));
@@ -710,6 +796,26 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// A Q5_0 run's four code vectors of pairs `4·reg..4·reg + 4`: the low nibbles of
+    /// register `reg` with their high bit from the run's fifth register, minus 16.
+    ///
+    /// # Safety
+    /// AVX2; `run` points at a Q5_0 run (160 bytes).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q5_codes(run: *const u8, reg: usize) -> [__m256i; 4] {
+        unsafe {
+            let lo = q4_codes(_mm256_loadu_si256(run.add(32 * reg).cast()));
+            let h = _mm256_loadu_si256(run.add(128).cast());
+            let (one, c16) = (_mm256_set1_epi16(1), _mm256_set1_epi16(16));
+            std::array::from_fn(|s| {
+                let sh = _mm_cvtsi32_si128((4 * reg + s) as i32);
+                let hi = _mm256_and_si256(_mm256_srl_epi16(h, sh), one);
+                _mm256_sub_epi16(_mm256_or_si256(lo[s], _mm256_slli_epi16(hi, 4)), c16)
+            })
+        }
+    }
+
     /// Register `reg`'s four code vectors of a block of a nibble kind (Q4_0, Q4_1, Q4_K;
     /// Q6_K with its high bits): pairs `4·reg..4·reg + 4`.
     ///
@@ -719,10 +825,10 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn nibble_codes<const KIND: u8>(codes: *const u8, reg: usize) -> [__m256i; 4] {
         unsafe {
-            if KIND == 4 {
-                q6_codes(codes, reg)
-            } else {
-                q4_codes(_mm256_loadu_si256(codes.add(32 * reg).cast()))
+            match KIND {
+                4 => q6_codes(codes, reg),
+                5 => q5_codes(codes, reg),
+                _ => q4_codes(_mm256_loadu_si256(codes.add(32 * reg).cast())),
             }
         }
     }
@@ -752,7 +858,7 @@ pub(crate) mod avx2 {
         b: usize,
     ) -> (*const u8, __m256, __m256, __m256) {
         unsafe {
-            if KIND >= 3 {
+            if KIND == 3 || KIND == 4 {
                 let (rec, j) = (group.add(b / 8 * RB), b % 8);
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.cast()));
                 let row_bytes = |at: usize, signed: bool| {
@@ -803,7 +909,11 @@ pub(crate) mod avx2 {
 
     /// Records of `RB` bytes that `nb` blocks of 32 values of `KIND` take.
     pub const fn records<const KIND: u8>(nb: usize) -> usize {
-        if KIND >= 3 { nb.div_ceil(8) } else { nb }
+        if KIND == 3 || KIND == 4 {
+            nb.div_ceil(8)
+        } else {
+            nb
+        }
     }
 
     /// The eight rows of a packed group of `KIND` ([`parts`]; `nb` blocks of 32 values)
@@ -868,7 +978,7 @@ pub(crate) mod avx2 {
                     accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, xdb), accf);
                 }
                 // Offsets: Σ offset · x = offset · xd · (code sum).
-                if KIND != 2 && KIND != 4 {
+                if KIND != 2 && KIND != 4 && KIND != 5 {
                     offv = _mm256_fmadd_ps(off, _mm256_set1_ps(xd[b] * xs[b] as f32), offv);
                 }
             }
@@ -1035,7 +1145,7 @@ pub(crate) mod vnni {
                             facc[j],
                         );
                     }
-                    if KIND != 2 && KIND != 4 {
+                    if KIND != 2 && KIND != 4 && KIND != 5 {
                         let xsum = _mm256_set1_ps(xdb * *xs[j].add(b) as f32);
                         facc[j] = _mm256_fmadd_ps(m, xsum, facc[j]);
                     }
@@ -1060,6 +1170,7 @@ mod tests {
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
+            GgmlType::Q5_0,
             GgmlType::Q8_0,
             GgmlType::Q4K,
             GgmlType::Q6K,
@@ -1086,6 +1197,7 @@ mod tests {
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
+            GgmlType::Q5_0,
             GgmlType::Q8_0,
             GgmlType::Q4K,
             GgmlType::Q6K,
@@ -1145,6 +1257,7 @@ mod tests {
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
+            GgmlType::Q5_0,
             GgmlType::Q8_0,
             GgmlType::Q4K,
             GgmlType::Q6K,
