@@ -110,6 +110,37 @@ fn cpu_decode_steps_allocate_nothing() {
         let dec = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
         check(&dec, &[3, 141, 59, 26, 5], 6, &format!("{name} {ty:?}"));
     }
+    // SmallThinker (router before attention, routed ReGLU experts with neuron
+    // skipping): in memory, then memory-mapped from a file under a resident cap.
+    let mut bytes = Vec::new();
+    write_synth(
+        &preset("tiny-smallthinker").unwrap(),
+        GgmlType::Q4_0,
+        5,
+        &mut bytes,
+    )
+    .unwrap();
+    let owned = Decoder::load(
+        &Gguf::from_bytes(bytes.clone()).unwrap(),
+        &Context::cpu(),
+        Method::Dense,
+    )
+    .unwrap();
+    check(&owned, &[3, 141, 59, 26, 5], 6, "tiny-smallthinker Q4_0");
+    let path = std::env::temp_dir().join(format!("wgsparse-alloc-{}.gguf", std::process::id()));
+    std::fs::write(&path, &bytes).unwrap();
+    let mapped =
+        Decoder::load(&Gguf::open(&path).unwrap(), &Context::cpu(), Method::Dense).unwrap();
+    let (_, _, total) = mapped.expert_residency();
+    mapped.set_max_resident_experts(Some(total / 3));
+    check(
+        &mapped,
+        &[3, 141, 59, 26, 5],
+        6,
+        "tiny-smallthinker Q4_0, mapped, capped",
+    );
+    drop(mapped);
+    let _ = std::fs::remove_file(&path);
     // Gemma-3 (sliding-window layers, two RoPE bases, post-norms, GELU, soft-capped
     // logits) when the model is here (scripts/fetch-models.sh).
     let gemma = concat!(

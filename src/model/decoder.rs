@@ -544,65 +544,95 @@ pub struct Workspace {
     logits: Vec<f32>,
     products: ApplyScratch,
     attention: CacheScratch,
+    moe: MoeScratch,
 }
 
-/// The routed ReGLU experts of `t` normed rows `z [t, d_model]`: for each expert, the
-/// rows routed to it, `down · (ReLU(gate · z) ⊙ (up · z))`, added into each row with its
-/// weight. Neuron skipping: the gate product runs first, and the up rows whose gate is
-/// off (≤ 0) for every routed row are not read (their products would be multiplied by
-/// 0); `skips` counts the up rows skipped and considered.
+/// A MoE layer's buffers in a [`Workspace`].
+#[derive(Default)]
+struct MoeScratch {
+    /// Router logits `[t, experts]`.
+    router: Vec<f32>,
+    /// Each token's top-k (expert, weight), `[t, top_k]`.
+    routes: Vec<(usize, f32)>,
+    order: Vec<usize>,
+    /// The layer's routed experts, and those read anew (not resident before).
+    used: Vec<usize>,
+    fresh: Vec<usize>,
+    /// One expert's (token, weight) rows and its products.
+    rows: Vec<(usize, f32)>,
+    xe: Vec<f32>,
+    gv: Vec<f32>,
+    uv: Vec<f32>,
+    h: Vec<f32>,
+    y: Vec<f32>,
+    active: Vec<bool>,
+}
+
+/// The routed ReGLU experts of `t` normed rows `z [t, d_model]` into `out`: for each
+/// expert, the rows routed to it (`routes [t, top_k]`), `down · (ReLU(gate · z) ⊙
+/// (up · z))`, added into each row with its weight. Neuron skipping: the gate product
+/// runs first, and the up rows whose gate is off (≤ 0) for every routed row are not
+/// read (their products would be multiplied by 0); `skips` counts the up rows skipped
+/// and considered. Buffers in `s` and `products` (no allocation once grown).
 #[allow(clippy::too_many_arguments)]
 fn experts_cpu(
     z: &[f32],
     t: usize,
-    routes: &[Vec<(usize, f32)>],
-    gate: &[Mat],
-    up: &[Mat],
-    down: &[Mat],
+    (gate, up, down): (&[Mat], &[Mat], &[Mat]),
     exact: bool,
     skips: &NeuronSkips,
-) -> Vec<f32> {
+    s: &mut MoeScratch,
+    products: &mut ApplyScratch,
+    out: &mut Vec<f32>,
+) {
     let dm = z.len() / t;
-    let mut out = vec![0f32; t * dm];
+    let k = s.routes.len() / t;
+    out.clear();
+    out.resize(t * dm, 0.0);
     for (e, ((g, u), dn)) in gate.iter().zip(up).zip(down).enumerate() {
-        let rows: Vec<(usize, f32)> = routes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.iter().find(|x| x.0 == e).map(|x| (i, x.1)))
-            .collect();
-        if rows.is_empty() {
+        s.rows.clear();
+        for i in 0..t {
+            if let Some(&(_, w)) = s.routes[i * k..(i + 1) * k].iter().find(|x| x.0 == e) {
+                s.rows.push((i, w));
+            }
+        }
+        if s.rows.is_empty() {
             continue;
         }
-        let n = rows.len();
-        let xe: Vec<f32> = rows
-            .iter()
-            .flat_map(|&(i, _)| z[i * dm..(i + 1) * dm].iter().copied())
-            .collect();
-        let gv = g.apply(&xe, n, exact);
-        let inter = u.rows;
-        let mut active = vec![false; inter];
-        for gr in gv.chunks_exact(inter) {
-            active.iter_mut().zip(gr).for_each(|(a, &g)| *a |= g > 0.0);
+        let n = s.rows.len();
+        s.xe.clear();
+        for &(i, _) in &s.rows {
+            s.xe.extend_from_slice(&z[i * dm..(i + 1) * dm]);
         }
-        let on = active.iter().filter(|&&a| a).count();
+        g.apply_into(&s.xe, n, exact, &mut s.gv, products);
+        let inter = u.rows;
+        s.active.clear();
+        s.active.resize(inter, false);
+        for gr in s.gv.chunks_exact(inter) {
+            s.active
+                .iter_mut()
+                .zip(gr)
+                .for_each(|(a, &g)| *a |= g > 0.0);
+        }
+        let on = s.active.iter().filter(|&&a| a).count();
         skips.record((inter - on) as u64, inter as u64);
-        let uv = if exact {
-            u.apply(&xe, n, true)
+        if exact {
+            s.uv = u.apply(&s.xe, n, true);
         } else {
-            u.q.apply_active(&xe, n, &active)
-        };
-        let h: Vec<f32> = gv.iter().zip(&uv).map(|(g, u)| g.max(0.0) * u).collect();
-        let y = dn.apply(&h, n, exact);
-        for (r, &(i, w)) in rows.iter().enumerate() {
+            u.q.apply_active_into(&s.xe, n, &s.active, &mut s.uv, products);
+        }
+        s.h.clear();
+        s.h.extend(s.gv.iter().zip(&s.uv).map(|(g, u)| g.max(0.0) * u));
+        dn.apply_into(&s.h, n, exact, &mut s.y, products);
+        for (r, &(i, w)) in s.rows.iter().enumerate() {
             for (o, y) in out[i * dm..(i + 1) * dm]
                 .iter_mut()
-                .zip(&y[r * dm..(r + 1) * dm])
+                .zip(&s.y[r * dm..(r + 1) * dm])
             {
                 *o += w * y;
             }
         }
     }
-    out
 }
 
 /// Counts of ReGLU up rows skipped by [`experts_cpu`] and considered.
@@ -953,8 +983,8 @@ impl Decoder {
     /// buffers of `ws` (the hidden states end in `ws.x`); the final norm applies only
     /// when every layer ran (and `cache.len` advances only then). Without `pick`, each
     /// layer runs [`Decoder::layer_method`]. A CPU decode step over the cache makes no
-    /// heap allocation once `ws` and `cache` have room (16-bit activations, a dense
-    /// model): every product, norm, rotation and the attention write into `ws`.
+    /// heap allocation once `ws` and `cache` have room (16-bit activations): every
+    /// product, norm, rotation, the attention and the experts write into `ws`.
     fn run_layers(
         &self,
         ids: &[u32],
@@ -986,6 +1016,7 @@ impl Decoder {
             rope_local,
             products,
             attention,
+            moe,
             ..
         } = ws;
         x.clear();
@@ -1019,14 +1050,11 @@ impl Decoder {
         let over_cache = start > 0 && self.ctx.is_cpu();
         for (li, l) in self.layers.iter().enumerate().take(limit) {
             // SmallThinker routes on the layer's input, before attention.
-            let (routes, fresh) = match &l.ffn {
-                Ffn::Moe { router, .. } => {
-                    let routes = self.route(&router.apply(x, t, exact), t);
-                    let fresh = self.touch_experts(li, &routes);
-                    (Some(routes), fresh)
-                }
-                Ffn::Dense { .. } => (None, Vec::new()),
-            };
+            if let Ffn::Moe { router, .. } = &l.ffn {
+                router.apply_into(x, t, exact, &mut moe.router, products);
+                self.route_into(&moe.router, t, &mut moe.order, &mut moe.routes);
+                self.touch_experts(li, moe);
+            }
             xn.clear();
             xn.extend_from_slice(x);
             rmsnorm_in_place(xn, &l.attn_norm, c.norm_eps);
@@ -1124,8 +1152,8 @@ impl Decoder {
             xn.clear();
             xn.extend_from_slice(x);
             rmsnorm_in_place(xn, &l.ffn_norm, c.norm_eps);
-            match (&l.ffn, routes) {
-                (Ffn::Dense { gate, up, down }, _) => {
+            match &l.ffn {
+                Ffn::Dense { gate, up, down } => {
                     gate.apply_into(xn, t, exact, g, products);
                     up.apply_into(xn, t, exact, u, products);
                     let gelu = c.arch == Arch::Gemma3;
@@ -1144,11 +1172,19 @@ impl Decoder {
                         });
                     down.apply_into(h, t, exact, f, products);
                 }
-                (Ffn::Moe { gate, up, down, .. }, Some(routes)) => {
-                    *f = experts_cpu(xn, t, &routes, gate, up, down, exact, &self.skips);
-                    self.drop_stray_pages(li, &fresh);
+                Ffn::Moe { gate, up, down, .. } => {
+                    experts_cpu(
+                        xn,
+                        t,
+                        (gate, up, down),
+                        exact,
+                        &self.skips,
+                        moe,
+                        products,
+                        f,
+                    );
+                    self.drop_stray_pages(li, &moe.fresh);
                 }
-                (Ffn::Moe { .. }, None) => unreachable!("routes are made for MoE layers"),
             }
             if let Some(w) = &l.post_ffn_norm {
                 rmsnorm_in_place(f, w, c.norm_eps);
@@ -1170,9 +1206,10 @@ impl Decoder {
 
     /// One decode step: runs token `id` after what `cache` holds and returns the next
     /// token's logits, on the reused buffers of `ws`. On the CPU backend with 16-bit
-    /// activations ([`Decoder::f32_activations`] off) and a dense model, a step makes
-    /// no heap allocation once `ws` has served a step and `cache` has room
-    /// ([`KvCache::reserve`]); the exact form and MoE layers allocate.
+    /// activations ([`Decoder::f32_activations`] off), a step makes no heap allocation
+    /// once `ws` has served a step and `cache` has room ([`KvCache::reserve`]), MoE
+    /// layers included (routing, expert products, residency); the exact form
+    /// allocates.
     pub fn step<'w>(
         &self,
         id: u32,
@@ -1196,7 +1233,7 @@ impl Decoder {
     pub fn set_max_resident_experts(&self, cap: Option<u64>) {
         let mut r = self.residency.lock().expect("residency lock");
         r.cap = cap;
-        self.evict(&mut r, &[]);
+        self.evict(&mut r, None);
     }
 
     /// Bytes of expert weights resident now and at most so far, as the decoder counts
@@ -1275,24 +1312,31 @@ impl Decoder {
         }
     }
 
-    /// Marks layer `li`'s routed experts as used now: the ones not resident are read
-    /// ahead (the router runs before attention, so the reads overlap it), then the
-    /// least recently used others are dropped while over the cap. Returns the experts
-    /// read anew.
-    fn touch_experts(&self, li: usize, routes: &[Vec<(usize, f32)>]) -> Vec<usize> {
-        let mut used: Vec<usize> = routes.iter().flatten().map(|x| x.0).collect();
+    /// Marks layer `li`'s routed experts (`moe.routes`) as used now: the ones not
+    /// resident are read ahead (the router runs before attention, so the reads overlap
+    /// it), then the least recently used others are dropped while over the cap. The
+    /// experts read anew end in `moe.fresh`.
+    fn touch_experts(&self, li: usize, moe: &mut MoeScratch) {
+        let MoeScratch {
+            routes,
+            used,
+            fresh,
+            ..
+        } = moe;
+        used.clear();
+        used.extend(routes.iter().map(|x| x.0));
         used.sort_unstable();
         used.dedup();
+        fresh.clear();
         let mut r = self.residency.lock().expect("residency lock");
         r.tick += 1;
         let tick = r.tick;
-        let mut fresh = Vec::new();
-        for &e in &used {
+        for &e in used.iter() {
             let Some(mats) = self.expert(li, e) else {
-                return fresh;
+                return;
             };
             if !mats[0].q.is_mapped() {
-                return fresh;
+                return;
             }
             if r.last.insert((li, e), tick).is_none() {
                 mats.iter().for_each(|m| m.q.advise(true));
@@ -1300,14 +1344,13 @@ impl Decoder {
                 fresh.push(e);
             }
         }
-        let keep: Vec<(usize, usize)> = used.iter().map(|&e| (li, e)).collect();
-        self.evict(&mut r, &keep);
+        self.evict(&mut r, Some((li, used)));
         r.peak = r.peak.max(r.bytes);
-        fresh
     }
 
-    /// Drops least recently used experts (not in `keep`) while over the cap.
-    fn evict(&self, r: &mut ExpertResidency, keep: &[(usize, usize)]) {
+    /// Drops least recently used experts (not those of `keep`: a layer and experts)
+    /// while over the cap.
+    fn evict(&self, r: &mut ExpertResidency, keep: Option<(usize, &[usize])>) {
         let Some(cap) = r.cap else {
             return;
         };
@@ -1315,7 +1358,7 @@ impl Decoder {
             let Some((&key, _)) = r
                 .last
                 .iter()
-                .filter(|(k, _)| !keep.contains(k))
+                .filter(|(k, _)| keep.is_none_or(|(l, es)| k.0 != l || !es.contains(&k.1)))
                 .min_by_key(|&(k, t)| (*t, *k))
             else {
                 break;
@@ -1338,29 +1381,34 @@ impl Decoder {
 
     /// Each token's experts and weights from its router logits `[t, experts]`: the
     /// top-k by logit, weighted by softmax or sigmoid of the logits, normalized to 1.
-    fn route(&self, logits: &[f32], t: usize) -> Vec<Vec<(usize, f32)>> {
+    fn route_into(
+        &self,
+        logits: &[f32],
+        t: usize,
+        order: &mut Vec<usize>,
+        routes: &mut Vec<(usize, f32)>,
+    ) {
         let (e, k) = (self.cfg.experts, self.cfg.top_k);
-        (0..t)
-            .map(|i| {
-                let row = &logits[i * e..(i + 1) * e];
-                let mut idx: Vec<usize> = (0..e).collect();
-                // Stable: equal logits keep the lower expert first.
-                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-                idx.truncate(k);
-                let w: Vec<f32> = if self.cfg.sigmoid_gating {
-                    idx.iter().map(|&j| 1.0 / (1.0 + (-row[j]).exp())).collect()
-                } else {
-                    // Softmax over all experts, then the top-k renormalized: the same
-                    // as a softmax over the top-k logits.
-                    let m = row[idx[0]];
-                    idx.iter().map(|&j| (row[j] - m).exp()).collect()
-                };
-                let sum: f32 = w.iter().sum();
-                idx.into_iter()
-                    .zip(w.into_iter().map(|w| w / sum))
-                    .collect()
-            })
-            .collect()
+        routes.clear();
+        for i in 0..t {
+            let row = &logits[i * e..(i + 1) * e];
+            order.clear();
+            order.extend(0..e);
+            // Equal logits keep the lower expert first.
+            order.sort_unstable_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let top = &order[..k];
+            let at = routes.len();
+            if self.cfg.sigmoid_gating {
+                routes.extend(top.iter().map(|&j| (j, 1.0 / (1.0 + (-row[j]).exp()))));
+            } else {
+                // Softmax over all experts, then the top-k renormalized: the same as a
+                // softmax over the top-k logits.
+                let m = row[top[0]];
+                routes.extend(top.iter().map(|&j| (j, (row[j] - m).exp())));
+            }
+            let sum: f32 = routes[at..].iter().map(|x| x.1).sum();
+            routes[at..].iter_mut().for_each(|x| x.1 /= sum);
+        }
     }
 
     /// Logits `[rows, vocab]` of final hidden states `[rows, d_model]`.
@@ -1786,14 +1834,15 @@ mod tests {
         // Top-2 of 8 by logit, weights normalized: sigmoid, then softmax.
         let logits = [0.0, 2.0, -1.0, 1.0, 0.5, -3.0, 1.5, 0.2];
         let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
-        let r = dec.route(&logits, 1);
-        assert_eq!(r[0].iter().map(|x| x.0).collect::<Vec<_>>(), [1, 6]);
+        let (mut order, mut r) = (Vec::new(), Vec::new());
+        dec.route_into(&logits, 1, &mut order, &mut r);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 6]);
         let want = sig(2.0) / (sig(2.0) + sig(1.5));
-        assert!((r[0][0].1 - want).abs() < 1e-6);
+        assert!((r[0].1 - want).abs() < 1e-6);
         dec.cfg.sigmoid_gating = false;
-        let r = dec.route(&logits, 1);
+        dec.route_into(&logits, 1, &mut order, &mut r);
         let want = 1.0 / (1.0 + (-0.5f32).exp());
-        assert!((r[0][0].1 - want).abs() < 1e-6 && (r[0][0].1 + r[0][1].1 - 1.0).abs() < 1e-6);
+        assert!((r[0].1 - want).abs() < 1e-6 && (r[0].1 + r[1].1 - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -962,7 +962,7 @@ impl QMat {
         matches!(self.bytes, Store::Mapped(..))
     }
 
-    /// The format held (the file's, except Q5_0, held as Q8_0).
+    /// The format held (the file's).
     pub fn ty(&self) -> GgmlType {
         self.ty
     }
@@ -1160,6 +1160,20 @@ impl QMat {
         let mut out = Vec::new();
         self.apply_rows(x, t, Some(active), &mut out, &mut ApplyScratch::default());
         out
+    }
+
+    /// [`QMat::apply_active`] into `out`, with `scratch` reused (see
+    /// [`QMat::apply_into`]).
+    pub fn apply_active_into(
+        &self,
+        x: &[f32],
+        t: usize,
+        active: &[bool],
+        out: &mut Vec<f32>,
+        scratch: &mut ApplyScratch,
+    ) {
+        assert_eq!(active.len(), self.rows, "one flag a row");
+        self.apply_rows(x, t, Some(active), out, scratch)
     }
 
     fn apply_rows(

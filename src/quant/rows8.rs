@@ -1,4 +1,4 @@
-//! Q4_0, Q4_1, Q8_0, Q4_K and Q6_K matrices repacked eight rows at a time for the
+//! Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K matrices repacked eight rows at a time for the
 //! products: each lane of a 256-bit register then accumulates one row, so a block's
 //! scale is one vector for eight rows, no horizontal sum is left at the end of a row,
 //! and the codes reach 16-bit lanes by shifts and masks instead of byte shuffles.
