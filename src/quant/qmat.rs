@@ -228,8 +228,8 @@ impl RowCodes {
 }
 
 /// Byte offsets of the f16 scale (and min) fields in a block of an integer format: a
-/// block's values are finite iff these are.
-fn scale_fields(ty: GgmlType) -> &'static [usize] {
+/// block's values are finite iff these are (empty for the float formats).
+pub fn scale_fields(ty: GgmlType) -> &'static [usize] {
     match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => &[0, 2],
@@ -1578,12 +1578,7 @@ mod tests {
     /// block's |w|); ragged row counts, 1 and several tokens.
     #[test]
     fn every_format_matches_the_dequantized_f64_product() {
-        let seed = std::env::var("WGSPARSE_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random::<u64>);
-        eprintln!("seed {seed} (set WGSPARSE_SEED to replay)");
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = StdRng::seed_from_u64(crate::runtime::test_util::seed());
         let types = [
             GgmlType::F32,
             GgmlType::F16,

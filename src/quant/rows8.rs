@@ -426,6 +426,17 @@ fn parts<const KIND: u8, const RB: usize>(
     }
 }
 
+/// Bytes of one run of 32 codes of `KIND` in a record (Q6_K and Q5_0 carry high-bit
+/// registers after the nibbles).
+const fn run_bytes<const KIND: u8>() -> usize {
+    match KIND {
+        2 => 256,
+        4 => 192,
+        5 => 160,
+        _ => 128,
+    }
+}
+
 /// The portable group product: the packed codes read lane by lane, integer sums per
 /// block, the floats of the SIMD kernels (the reference they are tested against, and
 /// the kernel of CPUs with none of them).
@@ -489,7 +500,7 @@ pub(crate) mod portable {
         let mut acc = [0f32; 8];
         for b in 0..nb {
             let (at, d, d_hi, off) = parts::<KIND, RB>(group, b);
-            let run = &group[at..];
+            let run = &group[at..at + super::run_bytes::<KIND>()];
             let xb = &x[32 * b..32 * b + 32];
             for r in 0..8 {
                 let mut half = [0i32; 2];
@@ -571,15 +582,7 @@ pub(crate) mod neon {
             let mut accf = [vdupq_n_f32(0.0); 2];
             for b in 0..nb {
                 let (at, d, d_hi, off) = parts::<KIND, RB>(group, b);
-                assert!(
-                    group.len()
-                        >= at
-                            + match KIND {
-                                4 => 192,
-                                5 => 160,
-                                _ => 128,
-                            }
-                );
+                assert!(group.len() >= at + super::run_bytes::<KIND>());
                 let run = group.as_ptr().add(at);
                 let xb = x.add(32 * b);
                 // The activation pair (2p, 2p + 1) in every 32-bit lane.
@@ -693,15 +696,7 @@ pub(crate) mod simd128 {
             let mut accf = [f32x4_splat(0.0); 2];
             for b in 0..nb {
                 let (at, d, d_hi, off) = parts::<KIND, RB>(group, b);
-                assert!(
-                    group.len()
-                        >= at
-                            + match KIND {
-                                4 => 192,
-                                5 => 160,
-                                _ => 128,
-                            }
-                );
+                assert!(group.len() >= at + super::run_bytes::<KIND>());
                 let run = group.as_ptr().add(at);
                 let xb = x.add(32 * b);
                 let pair = |p: usize| i32x4_splat(xb.add(2 * p).cast::<i32>().read_unaligned());
@@ -709,20 +704,20 @@ pub(crate) mod simd128 {
                 let mut acc = [[i32x4_splat(0); 2]; 2];
                 if KIND == 2 {
                     for reg in 0..8 {
-                        for h in 0..2 {
+                        for (h, acc) in acc.iter_mut().enumerate() {
                             let v = v128_load(run.add(32 * reg + 16 * h).cast());
                             let w0 = i16x8_shr(i16x8_shl(v, 8), 8);
                             let w1 = i16x8_shr(v, 8);
-                            let a = &mut acc[h][reg / 4];
+                            let a = &mut acc[reg / 4];
                             *a = i32x4_add(*a, i32x4_dot_i16x8(w0, pair(2 * reg)));
                             *a = i32x4_add(*a, i32x4_dot_i16x8(w1, pair(2 * reg + 1)));
                         }
                     }
                 } else {
                     for reg in 0..4 {
-                        for h in 0..2 {
+                        for (h, acc) in acc.iter_mut().enumerate() {
                             let w = nibble_codes::<KIND>(run, reg, h);
-                            let a = &mut acc[h][reg / 2];
+                            let a = &mut acc[reg / 2];
                             for (s, w) in w.into_iter().enumerate() {
                                 *a = i32x4_add(*a, i32x4_dot_i16x8(w, pair(4 * reg + s)));
                             }
@@ -1188,12 +1183,7 @@ mod tests {
     /// the f32 rounding of the per-block scaling (1e-5 of Σ|w·x|).
     #[test]
     fn simd_and_portable_group_products_match_f64() {
-        let seed = std::env::var("WGSPARSE_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random::<u64>);
-        eprintln!("seed {seed} (set WGSPARSE_SEED to replay)");
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = StdRng::seed_from_u64(crate::runtime::test_util::seed());
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
@@ -1208,13 +1198,8 @@ mod tests {
                 let row_bytes = blocks * bb;
                 let mut bytes: Vec<u8> = (0..GROUP * row_bytes).map(|_| rng.random()).collect();
                 // Finite scales (and mins): f16 values in ±0.05.
-                let fields: &[usize] = match ty {
-                    GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
-                    GgmlType::Q6K => &[208],
-                    _ => &[0],
-                };
                 for blk in bytes.chunks_exact_mut(bb) {
-                    for &at in fields {
+                    for &at in super::super::qmat::scale_fields(ty) {
                         let v = half::f16::from_f32(rng.random_range(-0.05f32..0.05));
                         blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
                     }

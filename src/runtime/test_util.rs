@@ -22,13 +22,19 @@ pub(crate) fn gpu() -> Option<Context> {
     }
 }
 
-/// A fresh seed for random test inputs (printed, so a failure can be replayed).
+/// A fresh seed for random test inputs, or `WGSPARSE_SEED`'s (printed, so a failure
+/// can be replayed).
 pub(crate) fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as u64;
-    eprintln!("seed = {s}");
+    let s = std::env::var("WGSPARSE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos() as u64
+        });
+    eprintln!("seed = {s} (set WGSPARSE_SEED to replay)");
     s
 }
 

@@ -39,14 +39,9 @@ fn random_bytes(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec
             .flat_map(|_| f16(rng.random_range(-1.0f32..1.0)))
             .collect();
     }
-    let fields: &[usize] = match ty {
-        GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
-        GgmlType::Q6K => &[208],
-        _ => &[0],
-    };
     let mut b: Vec<u8> = (0..rows * cols / bw * bb).map(|_| rng.random()).collect();
     for blk in b.chunks_exact_mut(bb) {
-        for &at in fields {
+        for &at in wgsparse::quant::qmat::scale_fields(ty) {
             blk[at..at + 2].copy_from_slice(&f16(rng.random_range(-0.05f32..0.05)));
         }
     }
