@@ -32,17 +32,19 @@ use super::ggml::GgmlType;
 /// Rows per group.
 pub const GROUP: usize = 8;
 
+/// The formats repacked eight rows at a time.
+pub const FORMATS: [GgmlType; 6] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+];
+
 /// Whether `ty` is repacked.
 pub fn repacked(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q8_0
-            | GgmlType::Q4K
-            | GgmlType::Q6K
-    )
+    FORMATS.contains(&ty)
 }
 
 /// Q4_K's header: `d`, `dmin`, then the sub-blocks' scales and mins as bytes.
@@ -1162,14 +1164,7 @@ mod tests {
 
     #[test]
     fn the_kernel_table_matches_the_records() {
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::Q4K,
-            GgmlType::Q6K,
-        ] {
+        for ty in FORMATS {
             assert!(repacked(ty));
             let (kind, rb) = by_kind!(ty, |K, RB| (K, RB));
             assert_eq!(rb, record_bytes(ty), "{ty:?}");
@@ -1184,14 +1179,7 @@ mod tests {
     #[test]
     fn simd_and_portable_group_products_match_f64() {
         let mut rng = StdRng::seed_from_u64(crate::runtime::test_util::seed());
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::Q4K,
-            GgmlType::Q6K,
-        ] {
+        for ty in FORMATS {
             let (bw, bb) = ty.block();
             for blocks in [1, 3] {
                 let cols = blocks * bw;
@@ -1239,14 +1227,7 @@ mod tests {
     #[test]
     fn packing_round_trips_every_row() {
         let mut rng = StdRng::seed_from_u64(rand::random());
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::Q4K,
-            GgmlType::Q6K,
-        ] {
+        for ty in FORMATS {
             let bb = ty.block().1;
             let (rows, nb) = (16, 5);
             let bytes: Vec<u8> = (0..rows * nb * bb).map(|_| rng.random()).collect();

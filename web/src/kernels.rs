@@ -55,15 +55,10 @@ fn random_bytes(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec
 pub fn check(seed: u64) -> KernelCheck {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut formats = Vec::new();
-    for ty in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q6K,
-        GgmlType::F16,
-    ] {
+    for ty in wgsparse::quant::rows8::FORMATS
+        .into_iter()
+        .chain([GgmlType::F16])
+    {
         let mut worst = 0f64;
         let mut shape = [0; 3];
         for (rows, cols, t) in [(21, 256, 1), (8, 512, 3), (13, 768, 2)] {
