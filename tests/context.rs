@@ -108,3 +108,42 @@ fn capabilities_and_overrides() {
     .unwrap();
     assert_eq!(big.capabilities().max_storage_binding, real);
 }
+
+/// The runtime records the peak of live GPU buffer memory: a 4 MiB tensor raises the
+/// live count and the peak by at least its size; once it is dropped (and the device
+/// has freed it) the live count falls back while the peak stays; a reset starts from
+/// what is live.
+#[test]
+fn peak_gpu_buffer_memory_is_recorded() {
+    let Some(ctx) = common::gpu(None) else {
+        return;
+    };
+    let g = ctx.gpu().expect("a GPU context");
+    let poll = || {
+        let _ = g.device.poll(wgpu::PollType::wait_indefinitely());
+    };
+    poll();
+    g.reset_peak_buffer_bytes();
+    let before = g.buffer_bytes();
+    let bytes = 4u64 << 20;
+    let t = wgsparse::Tensor::zeros(&ctx, &[(bytes / 4) as usize], DType::F32).unwrap();
+    let live = g.buffer_bytes();
+    assert!(
+        live >= before + bytes,
+        "live {live} after {before} + {bytes}"
+    );
+    assert!(g.peak_buffer_bytes() >= live);
+    drop(t);
+    poll();
+    let after = g.buffer_bytes();
+    assert!(
+        after + bytes <= live,
+        "live {after} after dropping from {live}"
+    );
+    assert!(g.peak_buffer_bytes() >= before + bytes, "the peak stays");
+    g.reset_peak_buffer_bytes();
+    assert!(
+        g.peak_buffer_bytes() < before + bytes,
+        "reset to what is live"
+    );
+}

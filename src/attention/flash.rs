@@ -734,7 +734,7 @@ impl FlashGpu {
         };
         let scratch = prepare(StateMode::Scratch)?;
         let caller = prepare(StateMode::Caller)?;
-        let params_buf = g.device.create_buffer(&wgpu::BufferDescriptor {
+        let params_buf = g.create_buffer(&wgpu::BufferDescriptor {
             label: Some("dense attention params"),
             size: params.len() as u64,
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
@@ -742,7 +742,7 @@ impl FlashGpu {
         });
         g.queue.write_buffer(&params_buf, 0, &params);
         let storage = |label: &str, size: u64| {
-            g.device.create_buffer(&wgpu::BufferDescriptor {
+            g.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size: size.max(16),
                 usage: wgpu::BufferUsages::STORAGE,

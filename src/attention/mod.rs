@@ -476,7 +476,7 @@ fn upload_lut(
     }
     crate::runtime::tensor::check_buffer_size(ctx, "sparse LUT", lut.gpu_bytes())?;
     let make = |label: &str, bytes: &[u8]| {
-        let buf = g.device.create_buffer(&wgpu::BufferDescriptor {
+        let buf = g.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: (bytes.len() as u64).max(16),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,

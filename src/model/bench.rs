@@ -26,9 +26,9 @@ pub struct BenchRun {
     /// Decode throughput: new tokens per second (one forward pass and the logits of
     /// each), with the context growing from the prompt length.
     pub decode_tok_s: f64,
-    /// The largest total size of the crate's live GPU buffers during the run; `None`
-    /// while the decoder's GPU buffers are not tracked (today only its attention runs on
-    /// a GPU, with buffers made per call; the CPU backend has none).
+    /// The most GPU buffer memory live during the run (the runtime records wgpu-hal's
+    /// count after every buffer it creates; today only the decoder's attention runs on
+    /// a GPU); `None` on the CPU backend.
     pub peak_gpu_bytes: Option<u64>,
     /// The process's peak resident memory so far (the high-water mark, which includes
     /// loading the model).
@@ -180,6 +180,10 @@ pub fn bench_decoder(
     let mut cache = dec.new_cache();
     cache.reserve(prompt.len() + new_tokens);
     let mut ws = dec.workspace();
+    let gpu = dec.context().gpu();
+    if let Some(g) = gpu {
+        g.reset_peak_buffer_bytes();
+    }
     let t0 = Instant::now();
     let h = dec.forward(prompt, &mut cache, &mut |_| Ok(()))?;
     let prefill_s = t0.elapsed().as_secs_f64();
@@ -206,7 +210,7 @@ pub fn bench_decoder(
         } else {
             new_tokens as f64 / decode_s
         },
-        peak_gpu_bytes: None,
+        peak_gpu_bytes: gpu.map(|g| g.peak_buffer_bytes()),
         peak_host_bytes: peak_host_bytes(),
         peak_expert_bytes,
         decode_up_rows_skipped: (considered > 0)

@@ -364,7 +364,7 @@ impl MoeGpu {
         };
         let stream = streamed.map(|cache| StreamGpu {
             cache: Mutex::new(cache),
-            counts_readback: g.device.create_buffer(&wgpu::BufferDescriptor {
+            counts_readback: g.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("moe routed counts readback"),
                 size: e * 4,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,

@@ -438,6 +438,9 @@ pub struct GpuDevice {
     /// A fault the device reported outside any error scope: its loss (sticky) or an
     /// out-of-memory (taken by the next check).
     pub(crate) fault: Arc<std::sync::Mutex<Option<Fault>>>,
+    /// The most buffer memory seen live after a buffer the runtime created
+    /// ([`GpuDevice::peak_buffer_bytes`]).
+    peak_buffer_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What went wrong with a device outside the plans' own error scopes.
@@ -449,6 +452,41 @@ pub(crate) enum Fault {
 }
 
 impl GpuDevice {
+    /// Bytes of GPU memory held by live buffers now, as wgpu-hal counts them (the crate's
+    /// buffers and wgpu's own; 0 where the backend counts nothing: the browser's WebGPU).
+    pub fn buffer_bytes(&self) -> u64 {
+        self.device
+            .get_internal_counters()
+            .hal
+            .buffer_memory
+            .read()
+            .max(0) as u64
+    }
+
+    /// The most [`GpuDevice::buffer_bytes`] seen right after any buffer the runtime
+    /// created since the last [`GpuDevice::reset_peak_buffer_bytes`] (the peak of live
+    /// buffer memory: it only grows when a buffer is made).
+    pub fn peak_buffer_bytes(&self) -> u64 {
+        self.peak_buffer_bytes
+            .load(Ordering::Relaxed)
+            .max(self.buffer_bytes())
+    }
+
+    /// Starts a new peak from the buffer memory live now.
+    pub fn reset_peak_buffer_bytes(&self) {
+        self.peak_buffer_bytes
+            .store(self.buffer_bytes(), Ordering::Relaxed);
+    }
+
+    /// Creates a buffer and records the live buffer memory into the peak: every buffer of
+    /// the crate is made here.
+    pub(crate) fn create_buffer(&self, desc: &wgpu::BufferDescriptor<'_>) -> wgpu::Buffer {
+        let buf = self.device.create_buffer(desc);
+        self.peak_buffer_bytes
+            .fetch_max(self.buffer_bytes(), Ordering::Relaxed);
+        buf
+    }
+
     /// `Err` when the device was lost ([`Error::DeviceLost`], every later call too) or
     /// ran out of memory since the last check ([`Error::OutOfMemory`], once).
     pub fn check(&self) -> Result<()> {
@@ -782,6 +820,7 @@ impl Context {
                     checked_shaders: std::env::var("WGSPARSE_CHECKED_SHADERS")
                         .is_ok_and(|v| v == "1" || v == "true"),
                     fault,
+                    peak_buffer_bytes: Default::default(),
                 })),
                 cpu_caps: Capabilities::cpu(),
                 reason: std::sync::Mutex::new("the adapter given".into()),

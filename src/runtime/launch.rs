@@ -170,7 +170,7 @@ impl<P: Pod> Step<P> {
 
 /// A uniform buffer holding `bytes` (written now).
 pub(crate) fn uniform(g: &GpuDevice, label: &str, bytes: &[u8]) -> wgpu::Buffer {
-    let buf = g.device.create_buffer(&wgpu::BufferDescriptor {
+    let buf = g.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: (bytes.len() as u64).div_ceil(16).max(1) * 16,
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
@@ -189,7 +189,7 @@ pub(crate) fn storage(g: &GpuDevice, label: &str, size: u64) -> Result<wgpu::Buf
 
 /// A storage buffer of `size` bytes (rounded up to whole words, at least one), unchecked.
 fn new_storage(g: &GpuDevice, label: &str, size: u64) -> wgpu::Buffer {
-    g.device.create_buffer(&wgpu::BufferDescriptor {
+    g.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: size.div_ceil(4).max(4) * 4,
         usage: wgpu::BufferUsages::STORAGE

@@ -208,7 +208,7 @@ impl<'a> Recorder<'a> {
         let readback = match (&self.queries, n) {
             (Some(q), n) if n > 0 => {
                 let size = 16 * n as u64;
-                let resolve = self.g.device.create_buffer(&wgpu::BufferDescriptor {
+                let resolve = self.g.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("timestamp resolve"),
                     size,
                     usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,

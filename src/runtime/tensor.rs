@@ -271,7 +271,7 @@ fn new_storage_buffer(
     shape: &[usize],
     size: u64,
 ) -> wgpu::Buffer {
-    g.device.create_buffer(&wgpu::BufferDescriptor {
+    g.create_buffer(&wgpu::BufferDescriptor {
         label: Some(&format!("tensor {} {:?}", dtype.name(), shape)),
         size,
         usage: wgpu::BufferUsages::STORAGE
@@ -297,7 +297,7 @@ pub(crate) async fn read_buffer(
     size: u64,
 ) -> Result<Vec<u8>> {
     g.check()?;
-    let staging = g.device.create_buffer(&wgpu::BufferDescriptor {
+    let staging = g.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback staging"),
         size,
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
