@@ -423,6 +423,32 @@ fn synthetic_models_benchmark_and_generate() {
         let tokens = v["tokens"].as_array().unwrap();
         assert!(!tokens.is_empty() && tokens.len() <= 6);
         assert!(v["text"].is_string());
+        // Sampled: a seed replays its tokens.
+        let sampled = |seed: &str| {
+            let (ok, out, err) = common::wgsparse(&[
+                "generate",
+                "--model",
+                f,
+                "--prompt",
+                "hello world",
+                "--tokens",
+                "6",
+                "--backend",
+                "cpu",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "50",
+                "--top-p",
+                "0.9",
+                "--seed",
+                seed,
+                "--json",
+            ]);
+            assert!(ok, "{err}");
+            common::one_json(&out)["tokens"].clone()
+        };
+        assert_eq!(sampled("5"), sampled("5"));
     }
     let (ok, _, err) = common::wgsparse(&[
         "synth-gguf",

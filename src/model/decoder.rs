@@ -34,6 +34,7 @@ use crate::attention::decode_cpu::{CacheAttention, CacheRows, CacheScratch};
 use crate::attention::{AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
+use crate::model::sample::Sampler;
 use crate::ops::linear::{from_head_major, to_head_major};
 use crate::ops::rmsnorm::rmsnorm_in_place;
 use crate::ops::rope::{RopeStyle, rope_rows, rope_table_into};
@@ -1437,12 +1438,25 @@ impl Decoder {
         stop: &[u32],
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Vec<u32>> {
+        self.generate_with(prompt, max_new, stop, &mut Sampler::greedy(), on_token)
+    }
+
+    /// [`Decoder::generate`] with each token chosen by `sampler` (temperature, top-k,
+    /// top-p, seed).
+    pub fn generate_with(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Vec<u32>> {
         let mut cache = self.new_cache();
         cache.reserve(prompt.len() + max_new);
         let mut out = Vec::with_capacity(max_new);
         let h = self.forward(prompt, &mut cache, &mut |_| Ok(()))?;
         let dm = self.cfg.d_model;
-        let mut next = argmax(&self.logits(&h[h.len() - dm..]));
+        let mut next = sampler.sample(&self.logits(&h[h.len() - dm..]));
         // The decode steps reuse one workspace.
         let mut ws = self.workspace();
         for i in 0..max_new {
@@ -1451,7 +1465,7 @@ impl Decoder {
             if stop.contains(&next) || i + 1 == max_new {
                 break;
             }
-            next = argmax(self.step(next, &mut cache, &mut ws)?);
+            next = sampler.sample(self.step(next, &mut cache, &mut ws)?);
         }
         Ok(out)
     }

@@ -1,10 +1,12 @@
-//! `wgsparse generate`: greedy text generation with a real GGUF model.
+//! `wgsparse generate`: text generation with a real GGUF model (greedy, or sampled with
+//! a temperature, top-k, top-p and a seed).
 
 use std::io::Write;
 use std::time::Instant;
 
 use clap::Args;
 use wgsparse::Result;
+use wgsparse::model::sample::{Sampler, SamplerConfig};
 
 use crate::model::*;
 
@@ -15,9 +17,21 @@ pub struct GenerateArgs {
     /// The prompt, used as given (BOS first when the model wants one).
     #[arg(long)]
     prompt: String,
-    /// New tokens at most (greedy).
+    /// New tokens at most.
     #[arg(long, default_value_t = 32)]
     tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample from the smallest set of most likely tokens reaching this probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler (the same seed replays a generation).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Wrap the prompt in the model's chat format (one user turn).
     #[arg(long)]
     chat: bool,
@@ -27,9 +41,14 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-/// `wgsparse nll`.
-/// Greedy generation, streamed to stdout.
+/// Generation, streamed to stdout.
 pub fn run(a: &GenerateArgs) -> Result<()> {
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    })?;
     let (tok, dec) = load(&a.m)?;
     let prompt = if a.chat {
         tok.chat_prompt(&a.prompt)?
@@ -39,7 +58,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     let ids = tok.encode_prompt(&prompt)?;
     let t0 = Instant::now();
     let mut text = wgsparse::model::tokenizer::TextStream::new(&tok);
-    let out = dec.generate(&ids, a.tokens, &tok.stop_ids, &mut |id| {
+    let out = dec.generate_with(&ids, a.tokens, &tok.stop_ids, &mut sampler, &mut |id| {
         if !a.json {
             print!("{}", text.push(id));
             let _ = std::io::stdout().flush();
