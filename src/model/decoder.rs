@@ -1085,26 +1085,26 @@ impl Decoder {
                 rope_rows(k, d, table, style, |i| i / c.n_kv_head);
             }
             // Head-major views for the observer and the attention plans ([h, t, d] is
-            // [t, h, d] when t = 1).
-            let method = match pick.as_mut() {
-                Some(pick) => {
-                    let (qh, kh, vh) = (
-                        head_major(q, t, d),
-                        head_major(k, t, d),
-                        head_major(v, t, d),
-                    );
-                    pick(&LayerQkv {
-                        layer: li,
-                        global: c.global[li],
-                        start,
-                        tokens: t,
-                        q: &qh,
-                        k: &kh,
-                        v: &vh,
-                    })?
-                }
-                None if over_cache => Method::Dense,
-                None => self.layer_method(li),
+            // [t, h, d] when t = 1), made once for both.
+            let views = (pick.is_some() || !over_cache).then(|| {
+                (
+                    head_major(q, t, d),
+                    head_major(k, t, d),
+                    head_major(v, t, d),
+                )
+            });
+            let method = match (pick.as_mut(), &views) {
+                (Some(pick), Some((qh, kh, vh))) => pick(&LayerQkv {
+                    layer: li,
+                    global: c.global[li],
+                    start,
+                    tokens: t,
+                    q: qh,
+                    k: kh,
+                    v: vh,
+                })?,
+                _ if over_cache => Method::Dense,
+                _ => self.layer_method(li),
             };
             cache.k[li].append(k);
             cache.v[li].append(v);
@@ -1129,11 +1129,7 @@ impl Decoder {
                     attention,
                 )?;
             } else {
-                let (qh, kh, vh) = (
-                    head_major(q, t, d),
-                    head_major(k, t, d),
-                    head_major(v, t, d),
-                );
+                let (qh, kh, vh) = views.expect("made for a plan's attention");
                 let (kc, vc) = if start == 0 {
                     (kh, vh)
                 } else {

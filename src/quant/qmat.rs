@@ -42,12 +42,6 @@ impl FileMap {
         // SAFETY: a read-only mapping of a file the crate never writes; like every mmap
         // reader (llama.cpp included), it assumes nobody truncates the file meanwhile.
         let map = unsafe { memmap2::Mmap::map(file)? };
-        // Pages, not 2 MiB folios: a file system with large folios may map a whole
-        // 2 MiB folio on the first touch (a PMD), over the neighbouring experts, and
-        // dropping one expert's pages would then not free them. Advice: ignored where
-        // unsupported.
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::NoHugePage);
         Ok(FileMap { map })
     }
 
@@ -836,38 +830,30 @@ impl QMat {
         }
         // Runs of whole groups of eight rows: their packed bytes laid end to end are the
         // whole matrix's (groups in order, the last run's tail rows last).
-        let mut out: Option<(QMat, usize)> = None;
+        let packed_rows = if rows8::repacked(ty) {
+            rows - rows % rows8::GROUP
+        } else {
+            0
+        };
+        let total = packed_rows / rows8::GROUP * rows8::group_bytes(ty, row_bytes)
+            + (rows - packed_rows) * row_bytes;
+        let mut bytes = Vec::with_capacity(total);
         for r0 in (0..rows).step_by(run) {
             let n = run.min(rows - r0);
             let src = range.start + r0 * row_bytes..range.start + (r0 + n) * row_bytes;
             let part = QMat::from_slice(ty, n, cols, map.slice(src.clone()))?;
             map.advise(src, false);
-            let (whole, _) = out.get_or_insert_with(|| {
-                let packed_rows = if rows8::repacked(part.ty) {
-                    rows - rows % rows8::GROUP
-                } else {
-                    0
-                };
-                let rb = part.row_bytes;
-                let total = packed_rows / rows8::GROUP * rows8::group_bytes(part.ty, rb)
-                    + (rows - packed_rows) * rb;
-                let whole = QMat {
-                    ty: part.ty,
-                    rows,
-                    cols,
-                    row_bytes: rb,
-                    packed_rows,
-                    bytes: Store::Owned(Vec::with_capacity(total)),
-                };
-                (whole, total)
-            });
-            if let Store::Owned(v) = &mut whole.bytes {
-                v.extend_from_slice(&part.bytes);
-            }
+            bytes.extend_from_slice(&part.bytes);
         }
-        let (whole, total) = out.expect("at least one run");
-        debug_assert_eq!(whole.bytes.len(), total);
-        Ok(whole)
+        debug_assert_eq!(bytes.len(), total);
+        Ok(QMat {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            packed_rows,
+            bytes: Store::Owned(bytes),
+        })
     }
 
     fn build(
@@ -1343,7 +1329,7 @@ impl QMat {
                     &xq.sum[j * nb..(j + 1) * nb],
                 );
                 out[j * rows + r] = match &codes {
-                    Some(w) if !fused => row_dot(w, xq, xd, xs),
+                    Some(w) => row_dot(w, xq, xd, xs),
                     // SAFETY: `apply_with` checked AVX2, FMA and F16C (VNNI implies them).
                     _ => unsafe { fused_avx2::row_dot(self.ty, row, xq, xd, xs) },
                 };
@@ -1367,20 +1353,13 @@ impl QMat {
         let (rows, cols) = (self.rows, self.cols);
         if t >= GEMM_TOKENS {
             #[cfg(target_arch = "x86_64")]
-            let vnni = simd && self.packed_rows > 0 && rows8::vnni::available();
-            #[cfg(not(target_arch = "x86_64"))]
-            let vnni = false;
-            #[cfg(target_arch = "x86_64")]
-            let mut out = if vnni {
+            let mut out = if simd && self.packed_rows > 0 && rows8::vnni::available() {
                 self.apply_vnni(x, t)
             } else {
                 self.apply_sgemm(x, t)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let mut out = {
-                let _ = vnni;
-                self.apply_sgemm(x, t)
-            };
+            let mut out = self.apply_sgemm(x, t);
             if let Some(active) = active {
                 for y in out.chunks_exact_mut(rows) {
                     y.iter_mut()
@@ -1471,7 +1450,7 @@ impl QMat {
                         }
                         let row = self.gguf_row(r, &mut scratch);
                         #[cfg(target_arch = "x86_64")]
-                        if fused && active.is_some() && r >= self.packed_rows {
+                        if fused && active.is_some() {
                             // Rows skipped here and there break the hardware's
                             // sequential prefetch: fetch the next active row's bytes
                             // while this one is multiplied.
@@ -1682,7 +1661,7 @@ mod tests {
     /// group fully off, partly off and on, decode and prompt token counts.
     #[test]
     fn active_rows_match_the_whole_product() {
-        let mut rng = StdRng::seed_from_u64(rand::random());
+        let mut rng = StdRng::seed_from_u64(crate::runtime::test_util::seed());
         for ty in [GgmlType::Q4_0, GgmlType::Q6K, GgmlType::Q5_1, GgmlType::F16] {
             let (rows, cols) = (27, 256);
             let m = QMat::new(ty, rows, cols, random_matrix(ty, rows, cols, &mut rng)).unwrap();
