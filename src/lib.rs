@@ -64,6 +64,7 @@ pub fn all_kernel_variants() -> Vec<runtime::KernelSpec> {
     v.extend(attention::select::anchor::all_anchor_variants());
     v.extend(attention::select::sale::all_sale_variants());
     v.extend(attention::select::proxy::all_proxy_variants());
+    v.extend(attention::decode::all_decode_variants());
     v.extend(moe::all_moe_variants());
     v.extend(ops::all_ops_variants());
     v
@@ -76,6 +77,7 @@ pub fn all_coop_variants(tile: usize) -> Vec<runtime::KernelSpec> {
     v.extend(attention::select::sale::all_coop_sale_variants(tile));
     v.extend(attention::select::anchor::all_coop_anchor_variants(tile));
     v.extend(ops::linear::all_coop_linear_variants(tile));
+    v.extend(ops::linear::all_coop_ggml_linear_variants(tile));
     v.extend(moe::expert_ffn::all_coop_expert_ffn_variants(tile));
     v
 }

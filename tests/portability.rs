@@ -151,10 +151,17 @@ fn every_variant_validates_with_the_webgpu_baseline() {
     for c in all {
         // f32 storage needs nothing at all; f16 storage only pack/unpack2x16float, which
         // wgpu withholds on llvmpipe without `shader-f16` (DownlevelFlags::SHADER_F16_IN_F32).
-        // The MoE / layer kernels read f16 weights and Q4_0 scales the same way.
-        let caps = if ["STORE_F16", "WEIGHTS_F16", "WEIGHTS_Q4_0"]
-            .iter()
-            .any(|f| c.spec.defines.has(f))
+        // The MoE / layer kernels read f16 weights and Q4_0 scales the same way, the
+        // GGUF-weight kernels their f16 scales, the cache attention its f16 cache.
+        let caps = if [
+            "STORE_F16",
+            "WEIGHTS_F16",
+            "WEIGHTS_Q4_0",
+            "GGML",
+            "F16_CACHE",
+        ]
+        .iter()
+        .any(|f| c.spec.defines.has(f))
         {
             NagaCaps::SHADER_FLOAT16_IN_FLOAT32
         } else {

@@ -47,8 +47,7 @@ fn linear(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         xs[lr * S + lc] = xv;
         var wv = vec4<f32>(0.0);
         if (wvalid) {
-            let l = wloc(wn, k0 + lc * 4u, p.k, p.sb);
-            wv = wdecode(w[l.w0], w[l.w1], l);
+            wv = wload4(wn, k0 + lc * 4u);
         }
         ws[lr * S + lc] = wv;
         workgroupBarrier();
@@ -73,11 +72,7 @@ fn linear(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         let t = t0 + ty + ${i}u * 16u;
         let n = n0 + tx + ${j}u * 16u;
         if (t < p.tokens && n < p.n) {
-            var v = acc${i}[${j}];
-#ifdef RESIDUAL
-            v += res[t * p.n + n];
-#endif
-            y[y_index(t, n)] = v;
+            store_y(t, n, acc${i}[${j}]);
         }
     }
 #endunroll

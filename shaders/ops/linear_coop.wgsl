@@ -56,8 +56,7 @@ fn linear_coop(me: InvocationSub) {
         }
         var wv = vec4<f32>(0.0);
         if n0 + r < p.n {
-            let l = wloc(n0 + r, k0 + c4, p.k, p.sb);
-            wv = wdecode(w[l.w0], w[l.w1], l);
+            wv = wload4(n0 + r, k0 + c4);
         }
         let ws = split4(wv);
         for (var e = 0u; e < 4u; e++) {
@@ -95,11 +94,7 @@ fn linear_coop(me: InvocationSub) {
         let t = t0 + i / TN;
         let n = n0 + i % TN;
         if t < p.tokens && n < p.n {
-            var v = c_hi[i] + c_lo[i] / LO;
-#ifdef RESIDUAL
-            v += res[t * p.n + n];
-#endif
-            y[y_index(t, n)] = v;
+            store_y(t, n, c_hi[i] + c_lo[i] / LO);
         }
     }
 }

@@ -1,7 +1,9 @@
-// Rotary position embedding (rotate-half convention of HF Llama/Qwen/SmallThinker), in
-// place on x [heads, tokens, D]: for i < D/2, with (c, s) = table[t, i],
-//   x[i]       <- x[i] c - x[i + D/2] s
-//   x[i + D/2] <- x[i + D/2] c + x[i] s
+// Rotary position embedding, in place on x [heads, tokens, D]: for i < D/2, with
+// (c, s) = table[t, i] and the pair (a, b) = (i, i + D/2) (rotate-half convention of
+// HF Llama/Qwen/Gemma/SmallThinker) or, with ADJACENT, (2i, 2i + 1) (GGUF `llama`,
+// whose converter permuted the Q/K rows):
+//   x[a] <- x[a] c - x[b] s
+//   x[b] <- x[b] c + x[a] s
 // The cos/sin table [tokens, D/2, 2] is computed on the host in f64 (GPU sin/cos lose
 // accuracy at large angles). One thread per (head, token, i), on a flattened 2D grid.
 
@@ -21,8 +23,15 @@ fn rope(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
     let t = row % p.tokens;
     let cs = table[t * p.half + i];
     let base = row * 2u * p.half;
-    let x1 = x[base + i];
-    let x2 = x[base + i + p.half];
-    x[base + i] = x1 * cs.x - x2 * cs.y;
-    x[base + i + p.half] = x2 * cs.x + x1 * cs.y;
+#ifdef ADJACENT
+    let a = base + 2u * i;
+    let b = a + 1u;
+#else
+    let a = base + i;
+    let b = a + p.half;
+#endif
+    let x1 = x[a];
+    let x2 = x[b];
+    x[a] = x1 * cs.x - x2 * cs.y;
+    x[b] = x2 * cs.x + x1 * cs.y;
 }

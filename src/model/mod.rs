@@ -7,6 +7,7 @@ pub mod bench;
 pub mod decoder;
 pub mod eval;
 pub mod gguf;
+pub mod gpu;
 pub mod sample;
 pub mod smallthinker;
 pub mod spm;

@@ -4,9 +4,10 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::{PackedMatrix, WeightFormat};
+use crate::quant::gpu::GpuMatrix;
+use crate::quant::{GgmlType, PackedMatrix, WeightFormat};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Step, check_axis, storage_init};
+use crate::runtime::launch::{Dispatch, Step, check_axis, storage_init};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::Tensor;
 use crate::runtime::{BindingKind, KernelSpec, Recorder, Report};
@@ -19,7 +20,9 @@ crate::wgsl_params! {
         n: u32,
         head_dim: u32,
         sb: u32,
-        _pad: [u32; 3],
+        row0: u32,
+        n_out: u32,
+        _pad: u32,
     }
 }
 
@@ -32,6 +35,8 @@ pub struct LinearLayout {
     pub out_head_major: bool,
     /// Output = residual `[tokens, n]` + projection.
     pub residual: bool,
+    /// Output + a bias `[n]` (Qwen2's Q/K/V).
+    pub bias: bool,
 }
 
 /// Workgroup memory of the matrix-unit linear kernel: the x and W chunks as f16 halves
@@ -61,27 +66,62 @@ pub fn linear_spec_on(
     layout: LinearLayout,
     coop: Option<usize>,
 ) -> KernelSpec {
+    let kernel = match coop {
+        Some(t) => LinearKernel::Coop(t),
+        None => LinearKernel::Tiled,
+    };
+    let flag = match format {
+        WeightFormat::F16 => "WEIGHTS_F16",
+        WeightFormat::Q4_0 => "WEIGHTS_Q4_0",
+    };
+    linear_spec_flags(Defines::new().flag(flag), layout, kernel)
+}
+
+/// Which kernel computes a projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LinearKernel {
+    /// One token: a matrix-vector product (`ops/gemv.wgsl`; layouts are moot).
+    Gemv,
+    /// Tiled on the portable path (`ops/linear.wgsl`).
+    Tiled,
+    /// Tiled on matrix units of tile 8 or 16 (`ops/linear_coop.wgsl`).
+    Coop(usize),
+}
+
+/// The projection kernel for GGUF weights of type `ty` (see [`crate::quant::gpu`]).
+pub fn ggml_linear_spec(ty: GgmlType, layout: LinearLayout, kernel: LinearKernel) -> KernelSpec {
+    let flag = crate::quant::gpu::wgsl_flag(ty).unwrap_or("GGML_UNSUPPORTED");
+    // F16 weights are exact in the matrix units' halves (no low half needed).
+    let defines = Defines::new()
+        .flag("GGML")
+        .flag(flag)
+        .flag_if("WEIGHTS_F16", ty == GgmlType::F16);
+    linear_spec_flags(defines, layout, kernel)
+}
+
+fn linear_spec_flags(format: Defines, layout: LinearLayout, kernel: LinearKernel) -> KernelSpec {
     let mut bindings = BindingKind::layout("urrw");
     if layout.residual {
         bindings.push(BindingKind::StorageRead);
     }
-    let (file, entry) = match coop {
-        Some(_) => ("ops/linear_coop.wgsl", "linear_coop"),
-        None => ("ops/linear.wgsl", "linear"),
+    if layout.bias {
+        bindings.push(BindingKind::StorageRead);
+    }
+    let (file, entry) = match kernel {
+        LinearKernel::Coop(_) => ("ops/linear_coop.wgsl", "linear_coop"),
+        LinearKernel::Tiled => ("ops/linear.wgsl", "linear"),
+        LinearKernel::Gemv => ("ops/gemv.wgsl", "gemv"),
     };
     KernelSpec {
         file,
         entry,
-        defines: Defines::new()
-            .flag_if("TILE16", coop == Some(16))
+        defines: format
+            .flag_if("TILE16", kernel == LinearKernel::Coop(16))
             .params::<LinearParams>()
-            .flag(match format {
-                WeightFormat::F16 => "WEIGHTS_F16",
-                WeightFormat::Q4_0 => "WEIGHTS_Q4_0",
-            })
             .flag_if("IN_HEAD_MAJOR", layout.in_head_major)
             .flag_if("OUT_HEAD_MAJOR", layout.out_head_major)
-            .flag_if("RESIDUAL", layout.residual),
+            .flag_if("RESIDUAL", layout.residual)
+            .flag_if("BIAS", layout.bias),
         bindings,
     }
 }
@@ -112,6 +152,66 @@ pub fn all_linear_variants() -> Vec<KernelSpec> {
     for f in [WeightFormat::F16, WeightFormat::Q4_0] {
         for l in layouts {
             out.push(linear_spec(f, l));
+        }
+    }
+    out
+}
+
+/// The layouts the GPU decoder uses with GGUF weights: plain, head-major out with a bias
+/// or not (Q/K/V), head-major in with the residual (attention output), residual
+/// (feed-forward down).
+pub fn ggml_layouts() -> [LinearLayout; 5] {
+    let hm = LinearLayout {
+        out_head_major: true,
+        ..Default::default()
+    };
+    [
+        LinearLayout::default(),
+        hm,
+        LinearLayout { bias: true, ..hm },
+        LinearLayout {
+            in_head_major: true,
+            residual: true,
+            ..Default::default()
+        },
+        LinearLayout {
+            residual: true,
+            ..Default::default()
+        },
+    ]
+}
+
+/// Every GGUF-weight projection variant (portable tiled and GEMV, every GPU format and
+/// decoder layout).
+pub fn all_ggml_linear_variants() -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for ty in crate::quant::gpu::GPU_FORMATS {
+        for l in ggml_layouts() {
+            out.push(ggml_linear_spec(ty, l, LinearKernel::Tiled));
+        }
+        for l in [
+            LinearLayout::default(),
+            LinearLayout {
+                bias: true,
+                ..Default::default()
+            },
+            LinearLayout {
+                residual: true,
+                ..Default::default()
+            },
+        ] {
+            out.push(ggml_linear_spec(ty, l, LinearKernel::Gemv));
+        }
+    }
+    out
+}
+
+/// Every matrix-unit GGUF-weight projection variant at tile `tile`.
+pub fn all_coop_ggml_linear_variants(tile: usize) -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for ty in crate::quant::gpu::GPU_FORMATS {
+        for l in ggml_layouts() {
+            out.push(ggml_linear_spec(ty, l, LinearKernel::Coop(tile)));
         }
     }
     out
@@ -289,7 +389,9 @@ impl LinearGpu {
             n: n as u32,
             head_dim: head_dim as u32,
             sb: w.scale_base,
-            _pad: [0; 3],
+            row0: 0,
+            n_out: n as u32,
+            _pad: 0,
         };
         let max = g.caps.max_workgroups_per_dim;
         let coop = linear_coop_tile(&g.caps, w.format);
@@ -345,6 +447,136 @@ impl LinearGpu {
         let res = residual.map(Tensor::gpu_buffer).transpose()?;
         self.record(&mut rec, "linear", x.gpu_buffer()?, y.gpu_buffer()?, res)?;
         rec.submit_blocking()
+    }
+}
+
+/// A projection `y = x · Wᵀ (+ residual) (+ bias)` with GGUF weights on the GPU
+/// ([`GpuMatrix`]) for a fixed token count: one dispatch per part of the matrix, on the
+/// matrix-vector kernel for one token, else the tiled kernel (on matrix units when the
+/// device has them). Build once, make its dispatches over the run's buffers once
+/// ([`MatmulGpu::dispatches`]) and record them as often as needed.
+pub struct MatmulGpu {
+    steps: Vec<(Step<LinearParams>, wgpu::Buffer)>,
+    layout: LinearLayout,
+    kernel: LinearKernel,
+}
+
+impl MatmulGpu {
+    /// Compiles the kernel for `w`, `tokens` and `layout` (`head_dim` for the head-major
+    /// layouts).
+    pub fn build(
+        ctx: &Context,
+        label: &str,
+        w: &GpuMatrix,
+        tokens: usize,
+        head_dim: usize,
+        layout: LinearLayout,
+    ) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let (n, k) = (w.rows, w.cols);
+        if tokens == 0 {
+            return Err(Error::InvalidShape(format!("{label}: no tokens")));
+        }
+        let head_major = layout.in_head_major || layout.out_head_major;
+        if head_major
+            && (head_dim == 0
+                || !head_dim.is_multiple_of(4)
+                || (layout.in_head_major && !k.is_multiple_of(head_dim))
+                || (layout.out_head_major && !n.is_multiple_of(head_dim)))
+        {
+            return Err(Error::InvalidShape(format!(
+                "{label}: head-major layouts need head_dim ({head_dim}) % 4 == 0 dividing the width"
+            )));
+        }
+        let coop = if tokens == 1 {
+            None
+        } else {
+            crate::ops::linear::linear_coop_tile(
+                &g.caps,
+                if w.ty == GgmlType::F16 {
+                    WeightFormat::F16
+                } else {
+                    WeightFormat::Q4_0
+                },
+            )
+        };
+        let kernel = match (tokens, coop) {
+            (1, _) => LinearKernel::Gemv,
+            (_, Some(t)) => LinearKernel::Coop(t),
+            _ => LinearKernel::Tiled,
+        };
+        let spec = ggml_linear_spec(w.ty, layout, kernel);
+        let max = g.caps.max_workgroups_per_dim;
+        let steps = w
+            .parts
+            .iter()
+            .map(|part| {
+                let p = LinearParams {
+                    tokens: tokens as u32,
+                    k: k as u32,
+                    n: part.rows as u32,
+                    head_dim: head_dim as u32,
+                    sb: 0,
+                    row0: part.row0 as u32,
+                    n_out: n as u32,
+                    _pad: 0,
+                };
+                let step = match kernel {
+                    LinearKernel::Gemv => Step::flat(ctx, &spec, &p, part.rows.div_ceil(8) as u64)?,
+                    _ => {
+                        let rows = if coop.is_some() { 32 } else { 64 };
+                        let grid = (
+                            check_axis(tokens.div_ceil(rows) as u64, max, label)?,
+                            check_axis(part.rows.div_ceil(64) as u64, max, label)?,
+                            1,
+                        );
+                        Step::new(ctx, &spec, &p, grid)?
+                    }
+                };
+                Ok((step, part.buffer.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MatmulGpu {
+            steps,
+            layout,
+            kernel,
+        })
+    }
+
+    /// The kernel chosen.
+    pub fn kernel(&self) -> LinearKernel {
+        self.kernel
+    }
+
+    /// The dispatches over `x` (`[tokens, k]`, or head-major), `y` and, as the layout
+    /// asks, the residual and the bias.
+    pub fn dispatches(
+        &self,
+        g: &crate::runtime::context::GpuDevice,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        residual: Option<&wgpu::Buffer>,
+        bias: Option<&wgpu::Buffer>,
+    ) -> Result<Vec<Dispatch>> {
+        if residual.is_some() != self.layout.residual || bias.is_some() != self.layout.bias {
+            return Err(Error::InvalidArgument(format!(
+                "projection built with residual {} and bias {}, given {} and {}",
+                self.layout.residual,
+                self.layout.bias,
+                residual.is_some(),
+                bias.is_some()
+            )));
+        }
+        Ok(self
+            .steps
+            .iter()
+            .map(|(step, w)| {
+                let mut bufs = vec![x, w, y];
+                bufs.extend(residual);
+                bufs.extend(bias);
+                step.dispatch(g, &bufs)
+            })
+            .collect())
     }
 }
 

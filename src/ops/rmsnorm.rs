@@ -15,18 +15,49 @@ crate::wgsl_params! {
         tokens: u32,
         hidden: u32,
         eps: f32,
-        _pad: u32,
+        row0: u32,
     }
+}
+
+/// Where an RMSNorm writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RmsNormMode {
+    /// `out = norm(x) · g`.
+    #[default]
+    Out,
+    /// `x = norm(x) · g` (QK-norm of head rows).
+    InPlace,
+    /// `out += norm(x) · g` (a post-norm added into the residual stream).
+    Add,
 }
 
 /// The RMSNorm kernel.
 pub fn rmsnorm_spec() -> KernelSpec {
+    rmsnorm_spec_for(RmsNormMode::Out)
+}
+
+/// The RMSNorm kernel of a mode.
+pub fn rmsnorm_spec_for(mode: RmsNormMode) -> KernelSpec {
     KernelSpec {
         file: "ops/rmsnorm.wgsl",
         entry: "rmsnorm",
-        defines: Defines::new().params::<RmsNormParams>(),
-        bindings: BindingKind::layout("urrw"),
+        defines: Defines::new()
+            .params::<RmsNormParams>()
+            .flag_if("INPLACE", mode == RmsNormMode::InPlace)
+            .flag_if("ADD", mode == RmsNormMode::Add),
+        bindings: BindingKind::layout(if mode == RmsNormMode::InPlace {
+            "uwr"
+        } else {
+            "urrw"
+        }),
     }
+}
+
+/// Every RMSNorm variant.
+pub fn all_rmsnorm_variants() -> Vec<KernelSpec> {
+    [RmsNormMode::Out, RmsNormMode::InPlace, RmsNormMode::Add]
+        .map(rmsnorm_spec_for)
+        .to_vec()
 }
 
 /// CPU twin: `x [tokens, hidden]` normalized by its RMS and scaled by `g`.
@@ -56,6 +87,18 @@ pub struct RmsNormGpu {
 impl RmsNormGpu {
     /// Compiles and writes the parameters.
     pub fn build(ctx: &Context, tokens: usize, hidden: usize, eps: f32) -> Result<Self> {
+        Self::build_for(ctx, tokens, hidden, eps, 0, RmsNormMode::Out)
+    }
+
+    /// [`RmsNormGpu::build`] reading rows `row0 .. row0 + tokens` of its input, in `mode`.
+    pub fn build_for(
+        ctx: &Context,
+        tokens: usize,
+        hidden: usize,
+        eps: f32,
+        row0: usize,
+        mode: RmsNormMode,
+    ) -> Result<Self> {
         if hidden == 0 || !hidden.is_multiple_of(4) {
             return Err(Error::InvalidShape(format!(
                 "RMSNorm width {hidden} must be a positive multiple of 4"
@@ -65,11 +108,20 @@ impl RmsNormGpu {
             tokens: tokens as u32,
             hidden: hidden as u32,
             eps,
-            _pad: 0,
+            row0: row0 as u32,
         };
         Ok(RmsNormGpu {
-            step: Step::flat(ctx, &rmsnorm_spec(), &p, tokens as u64)?,
+            step: Step::flat(ctx, &rmsnorm_spec_for(mode), &p, tokens as u64)?,
         })
+    }
+
+    /// The dispatch over `buffers` (x, g, out; x, g in place).
+    pub fn dispatch(
+        &self,
+        g: &crate::runtime::context::GpuDevice,
+        buffers: &[&wgpu::Buffer],
+    ) -> crate::runtime::launch::Dispatch {
+        self.step.dispatch(g, buffers)
     }
 
     /// Records `out = rmsnorm(x) * g` as stage `name`.

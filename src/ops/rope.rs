@@ -18,12 +18,19 @@ crate::wgsl_params! {
     }
 }
 
-/// The RoPE kernel.
+/// The RoPE kernel (rotate-half pairs).
 pub fn rope_spec() -> KernelSpec {
+    rope_spec_for(RopeStyle::Neox)
+}
+
+/// The RoPE kernel of a pairing style.
+pub fn rope_spec_for(style: RopeStyle) -> KernelSpec {
     KernelSpec {
         file: "ops/rope.wgsl",
         entry: "rope",
-        defines: Defines::new().params::<RopeParams>(),
+        defines: Defines::new()
+            .params::<RopeParams>()
+            .flag_if("ADJACENT", style == RopeStyle::Adjacent),
         bindings: BindingKind::layout("urw"),
     }
 }
@@ -54,6 +61,32 @@ pub fn rope_table_into(
             out.push(a.sin() as f32);
         }
     }
+}
+
+/// The rotation of `[heads, tokens, head_dim]` tensors by a table bound at dispatch
+/// time (bindings: the table `[tokens, head_dim / 2]` of (cos, sin), then the tensor):
+/// a model writes the table of each call's positions into one buffer and records the
+/// same dispatch call after call.
+pub fn rope_step(
+    ctx: &Context,
+    style: RopeStyle,
+    heads: usize,
+    tokens: usize,
+    head_dim: usize,
+) -> Result<crate::runtime::launch::Step<RopeParams>> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(Error::InvalidArgument(format!(
+            "RoPE needs an even head_dim (got {head_dim})"
+        )));
+    }
+    let p = RopeParams {
+        heads: heads as u32,
+        tokens: tokens as u32,
+        half: (head_dim / 2) as u32,
+        _pad: 0,
+    };
+    let groups = (heads as u64 * tokens as u64 * head_dim as u64 / 2).div_ceil(256);
+    crate::runtime::launch::Step::flat(ctx, &rope_spec_for(style), &p, groups)
 }
 
 /// Which dimensions rotate together.

@@ -307,6 +307,36 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Random bytes of `n` values of `ty` (a whole number of blocks): uniform values in
+/// ±`scale` for the float types; for the block types random codes with every f16 scale
+/// (and min) field in ±`scale` / 16, so that all values stay finite and of the order
+/// of `scale`. Test and benchmark data for every kernel that reads GGUF blocks.
+pub fn random_bytes(ty: GgmlType, n: usize, scale: f32, rng: &mut impl rand::Rng) -> Vec<u8> {
+    let (bw, bb) = ty.block();
+    match ty {
+        GgmlType::F32 => (0..n)
+            .flat_map(|_| rng.random_range(-scale..scale).to_le_bytes())
+            .collect(),
+        GgmlType::F16 => (0..n)
+            .flat_map(|_| f16::from_f32(rng.random_range(-scale..scale)).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => (0..n)
+            .flat_map(|_| bf16::from_f32(rng.random_range(-scale..scale)).to_le_bytes())
+            .collect(),
+        _ => {
+            let mut b: Vec<u8> = (0..n / bw * bb).map(|_| rng.random()).collect();
+            let s = scale / 16.0;
+            for blk in b.chunks_exact_mut(bb) {
+                for &at in crate::quant::qmat::scale_fields(ty) {
+                    blk[at..at + 2]
+                        .copy_from_slice(&f16::from_f32(rng.random_range(-s..s)).to_le_bytes());
+                }
+            }
+            b
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 //! the GGUF decoder.
 
 pub mod ggml;
+pub mod gpu;
 pub mod packed;
 pub mod q4_0;
 pub mod qmat;

@@ -1520,36 +1520,13 @@ impl QMat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use half::{bf16, f16};
+    use half::f16;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    /// Random bytes of `rows` rows of `ty` with finite f16 scales where the format
-    /// keeps them.
+    /// Random bytes of `rows` rows of `ty` with finite f16 scales (±0.05) where the
+    /// format keeps them.
     fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
-        let (bw, bb) = ty.block();
-        let n = rows * cols;
-        let f16b = |v: f32| f16::from_f32(v).to_le_bytes();
-        match ty {
-            GgmlType::F32 => (0..n)
-                .flat_map(|_| rng.random_range(-1.0f32..1.0).to_le_bytes())
-                .collect(),
-            GgmlType::F16 => (0..n)
-                .flat_map(|_| f16b(rng.random_range(-1.0f32..1.0)))
-                .collect(),
-            GgmlType::BF16 => (0..n)
-                .flat_map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_le_bytes())
-                .collect(),
-            _ => {
-                let mut b: Vec<u8> = (0..n / bw * bb).map(|_| rng.random()).collect();
-                for blk in b.chunks_exact_mut(bb) {
-                    for &at in scale_fields(ty) {
-                        let v = f16b(rng.random_range(-0.05f32..0.05));
-                        blk[at..at + 2].copy_from_slice(&v);
-                    }
-                }
-                b
-            }
-        }
+        crate::quant::ggml::random_bytes(ty, rows * cols, 0.8, rng)
     }
 
     /// Every format against an f64 product of the dequantized weights, within the bound

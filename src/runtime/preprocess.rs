@@ -19,6 +19,20 @@ use crate::error::{Error, Result};
 /// `shaders/`.
 pub const SHADER_FILES: &[(&str, &str)] = &[
     (
+        "quant/ggml.wgsl",
+        include_str!("../../shaders/quant/ggml.wgsl"),
+    ),
+    ("ops/gemv.wgsl", include_str!("../../shaders/ops/gemv.wgsl")),
+    (
+        "ops/embed.wgsl",
+        include_str!("../../shaders/ops/embed.wgsl"),
+    ),
+    ("ops/act.wgsl", include_str!("../../shaders/ops/act.wgsl")),
+    (
+        "attention/decode.wgsl",
+        include_str!("../../shaders/attention/decode.wgsl"),
+    ),
+    (
         "common/online_softmax.wgsl",
         include_str!("../../shaders/common/online_softmax.wgsl"),
     ),

@@ -157,6 +157,29 @@ impl Tensor {
         })
     }
 
+    /// A tensor over an existing GPU buffer of at least the shape's bytes (a model's
+    /// activation buffers handed to an attention plan).
+    pub fn from_buffer(
+        ctx: &Context,
+        shape: &[usize],
+        dtype: DType,
+        buffer: wgpu::Buffer,
+    ) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if ctx.gpu().is_none() || buffer.size() < gpu_bytes(numel, dtype) {
+            return Err(Error::Mismatch(format!(
+                "a {} byte buffer cannot hold {shape:?} {dtype:?} on {ctx:?}",
+                buffer.size()
+            )));
+        }
+        Ok(Tensor {
+            ctx: ctx.clone(),
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Gpu(buffer),
+        })
+    }
+
     /// Uploads f32 values, stored as `dtype` (f32 or f16).
     pub fn from_f32(ctx: &Context, shape: &[usize], values: &[f32], dtype: DType) -> Result<Self> {
         Self::from_host(ctx, shape, HostData::from_f32(values, dtype)?)

@@ -32,20 +32,7 @@ pub struct KernelCheck {
 
 /// Random GGUF bytes of `rows × cols` values of `ty`, with finite f16 scales (±0.05).
 fn random_bytes(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
-    let (bw, bb) = ty.block();
-    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
-    if ty == GgmlType::F16 {
-        return (0..rows * cols)
-            .flat_map(|_| f16(rng.random_range(-1.0f32..1.0)))
-            .collect();
-    }
-    let mut b: Vec<u8> = (0..rows * cols / bw * bb).map(|_| rng.random()).collect();
-    for blk in b.chunks_exact_mut(bb) {
-        for &at in wgsparse::quant::qmat::scale_fields(ty) {
-            blk[at..at + 2].copy_from_slice(&f16(rng.random_range(-0.05f32..0.05)));
-        }
-    }
-    b
+    wgsparse::quant::ggml::random_bytes(ty, rows * cols, 0.8, rng)
 }
 
 /// Every format the decoder keeps quantized, with ragged row counts (whole groups of

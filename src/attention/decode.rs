@@ -1,0 +1,237 @@
+//! Attention of a few query tokens over a layer's KV cache on the GPU
+//! (`shaders/attention/decode.wgsl`): the GPU decoder's decode steps and chunked prefill
+//! continuations. Its CPU twin is [`crate::attention::decode_cpu::CacheAttention`].
+//!
+//! The cache ([`GpuKvLayer`]) holds K and V in f16, `[kv_heads, capacity, head_dim]`:
+//! room for a whole context is reserved once, new rows are stored at their positions
+//! ([`DecodeAttentionGpu::store`]) and a step reads only the keys it needs. The position
+//! of the first query token is a uniform written per call (`start`, [`DecodePos`]), so
+//! the dispatches are built once per token count and recorded step after step.
+//!
+//! Split-K: each (query head, query token) is cut into `splits` key ranges, each a
+//! workgroup with an online softmax leaving `(m, l, acc)`; a second kernel merges them
+//! exactly. A long cache thus keeps the GPU busy even with one query token.
+
+use crate::error::{Error, Result};
+use crate::runtime::context::{Context, GpuDevice};
+use crate::runtime::launch::{Dispatch, Step, check_axis, storage};
+use crate::runtime::preprocess::Defines;
+use crate::runtime::{BindingKind, KernelSpec};
+
+crate::wgsl_params! {
+    /// Uniform parameters; mirrors `struct Params` in the WGSL.
+    pub struct DecodeParams {
+        heads: u32,
+        kv_heads: u32,
+        tokens: u32,
+        d: u32,
+        cap: u32,
+        splits: u32,
+        window: u32,
+        scale: f32,
+    }
+}
+
+/// The three kernels: store rows into the cache, the split pass, the merge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// New K or V rows into the cache.
+    Store,
+    /// One key range of one query row.
+    Split,
+    /// The ranges merged.
+    Combine,
+}
+
+/// The kernel spec of one of the three.
+pub fn decode_spec(k: DecodeKernel) -> KernelSpec {
+    let (entry, flag, layout) = match k {
+        DecodeKernel::Store => ("kv_store", "STORE", "uurw"),
+        DecodeKernel::Split => ("decode_split", "SPLIT", "uurrrw"),
+        DecodeKernel::Combine => ("decode_combine", "COMBINE", "urw"),
+    };
+    KernelSpec {
+        file: "attention/decode.wgsl",
+        entry,
+        defines: Defines::new()
+            .params::<DecodeParams>()
+            .flag(flag)
+            .flag("F16_CACHE"),
+        bindings: BindingKind::layout(layout),
+    }
+}
+
+/// Every decode-attention variant.
+pub fn all_decode_variants() -> Vec<KernelSpec> {
+    [
+        DecodeKernel::Store,
+        DecodeKernel::Split,
+        DecodeKernel::Combine,
+    ]
+    .map(decode_spec)
+    .to_vec()
+}
+
+/// One layer's cached keys and values on the GPU, f16 `[kv_heads, capacity, head_dim]`.
+pub struct GpuKvLayer {
+    /// Keys.
+    pub k: wgpu::Buffer,
+    /// Values.
+    pub v: wgpu::Buffer,
+}
+
+impl GpuKvLayer {
+    /// Room for `capacity` positions of `kv_heads` heads of `head_dim` (even).
+    pub fn new(ctx: &Context, kv_heads: usize, capacity: usize, head_dim: usize) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        if !head_dim.is_multiple_of(2) || head_dim > 256 || capacity == 0 {
+            return Err(Error::InvalidShape(format!(
+                "a GPU KV cache needs an even head_dim ≤ 256 (got {head_dim}) and room \
+                 for a token"
+            )));
+        }
+        let bytes = (kv_heads * capacity * head_dim * 2) as u64;
+        Ok(GpuKvLayer {
+            k: storage(g, "kv cache keys", bytes)?,
+            v: storage(g, "kv cache values", bytes)?,
+        })
+    }
+}
+
+/// The uniform holding the position of a call's first query token.
+pub struct DecodePos {
+    buf: wgpu::Buffer,
+}
+
+impl DecodePos {
+    /// A new position uniform (0).
+    pub fn new(ctx: &Context) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        Ok(DecodePos {
+            buf: crate::runtime::launch::uniform(g, "decode position", &[0u8; 16]),
+        })
+    }
+
+    /// Writes `start` (queued before the next submission).
+    pub fn set(&self, g: &GpuDevice, start: usize) {
+        let v = [start as u32, 0, 0, 0];
+        g.queue.write_buffer(&self.buf, 0, bytemuck::cast_slice(&v));
+    }
+
+    /// The buffer.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buf
+    }
+}
+
+/// A built cache attention for `tokens` query tokens of `heads` heads over a cache of
+/// `capacity` positions.
+pub struct DecodeAttentionGpu {
+    store: Step<DecodeParams>,
+    split: Step<DecodeParams>,
+    combine: Step<DecodeParams>,
+    part: wgpu::Buffer,
+}
+
+/// The shape of a cache attention.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (dividing `heads`).
+    pub kv_heads: usize,
+    /// Query tokens per call.
+    pub tokens: usize,
+    /// Head dimension (even, ≤ 256).
+    pub head_dim: usize,
+    /// Cache positions.
+    pub capacity: usize,
+    /// Sliding window (keys `pos − window < j ≤ pos`), if any.
+    pub window: Option<usize>,
+    /// Softmax scale.
+    pub scale: f32,
+}
+
+impl DecodeAttentionGpu {
+    /// Compiles the three kernels; `splits` key ranges per query row (1 ..= 1024).
+    pub fn build(ctx: &Context, s: DecodeShape, splits: usize) -> Result<Self> {
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        if s.heads == 0
+            || s.kv_heads == 0
+            || !s.heads.is_multiple_of(s.kv_heads)
+            || s.tokens == 0
+            || !s.head_dim.is_multiple_of(2)
+            || s.head_dim > 256
+            || !(1..=1024).contains(&splits)
+        {
+            return Err(Error::InvalidShape(format!(
+                "cache attention {s:?} with {splits} splits: heads must be a multiple of \
+                 kv_heads, head_dim even and ≤ 256, splits 1 ..= 1024"
+            )));
+        }
+        let p = DecodeParams {
+            heads: s.heads as u32,
+            kv_heads: s.kv_heads as u32,
+            tokens: s.tokens as u32,
+            d: s.head_dim as u32,
+            cap: s.capacity as u32,
+            splits: splits as u32,
+            window: s.window.unwrap_or(0) as u32,
+            scale: s.scale,
+        };
+        let max = g.caps.max_workgroups_per_dim;
+        let pairs = (s.kv_heads * s.tokens * s.head_dim / 2) as u64;
+        let what = "cache attention";
+        let split_grid = (
+            splits as u32,
+            check_axis(s.tokens as u64, max, what)?,
+            check_axis(s.heads as u64, max, what)?,
+        );
+        let part_bytes = (s.heads * s.tokens * splits * (s.head_dim + 2) * 4) as u64;
+        Ok(DecodeAttentionGpu {
+            store: Step::flat(
+                ctx,
+                &decode_spec(DecodeKernel::Store),
+                &p,
+                pairs.div_ceil(256),
+            )?,
+            split: Step::new(ctx, &decode_spec(DecodeKernel::Split), &p, split_grid)?,
+            combine: Step::new(
+                ctx,
+                &decode_spec(DecodeKernel::Combine),
+                &p,
+                (split_grid.1, split_grid.2, 1),
+            )?,
+            part: storage(g, "cache attention partial states", part_bytes)?,
+        })
+    }
+
+    /// The dispatch storing new rows `x` (`[kv_heads, tokens, head_dim]` f32) into
+    /// `cache` (keys or values) at positions `start ..`.
+    pub fn store(
+        &self,
+        g: &GpuDevice,
+        pos: &DecodePos,
+        x: &wgpu::Buffer,
+        cache: &wgpu::Buffer,
+    ) -> Dispatch {
+        self.store.dispatch(g, &[pos.buffer(), x, cache])
+    }
+
+    /// The two dispatches of the attention of `q` (`[heads, tokens, head_dim]` f32) over
+    /// `layer` into `out` (`[heads, tokens, head_dim]`).
+    pub fn attend(
+        &self,
+        g: &GpuDevice,
+        pos: &DecodePos,
+        q: &wgpu::Buffer,
+        layer: &GpuKvLayer,
+        out: &wgpu::Buffer,
+    ) -> [Dispatch; 2] {
+        [
+            self.split
+                .dispatch(g, &[pos.buffer(), q, &layer.k, &layer.v, &self.part]),
+            self.combine.dispatch(g, &[&self.part, out]),
+        ]
+    }
+}

@@ -1,0 +1,752 @@
+//! The GPU decoder: the whole forward pass of a GGUF model on a GPU context, with the
+//! weights kept in their file blocks ([`GpuMatrix`], decoded inside the kernels) and the
+//! KV cache in GPU memory ([`GpuKvCache`]); only the ids go up and the last token's
+//! logits come back.
+//!
+//! A call of `t` tokens after `start` cached ones records, per layer: RMSNorm → Q/K/V
+//! projections (head-major, Qwen2's biases fused) → QK-norm (Gemma 3) → RoPE (adjacent
+//! pairs for `llama` files, rotate-half for the others; NoPE layers skip it) → K/V
+//! stored into the f16 cache → attention → output projection (+ residual, or Gemma's
+//! post-norm added) → RMSNorm → gate/up → SwiGLU/GeGLU → down (+ residual, or
+//! post-norm added); then the final norm of the last row and the logits. A prompt from
+//! an empty cache attends through the crate's [`crate::AttentionPlan`] with the layer's
+//! method (dense, or any sparse method; a sliding-window layer longer than its window
+//! runs [`Method::Window`]); decode steps and continuations after cached tokens attend
+//! over the cache with the split-K kernel of [`crate::attention::decode`] (dense, the
+//! window applied). Everything of one call is one submission.
+//!
+//! Architectures: llama, qwen2, gemma3. SmallThinker's routed experts run on the CPU
+//! decoder ([`crate::model::decoder::Decoder`]) only, for now.
+//!
+//! The dispatches of a token count are built once per cache ([`GpuKvCache`]) and
+//! recorded call after call: a decode step writes the ids, the RoPE tables and the
+//! position uniform, records, submits and reads `vocab` floats back.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::attention::decode::{DecodeAttentionGpu, DecodePos, DecodeShape, GpuKvLayer};
+use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
+use crate::error::{Error, Result};
+use crate::model::decoder::{Arch, Config};
+use crate::model::gguf::Gguf;
+use crate::model::sample::Sampler;
+use crate::ops::act::{ActGpu, Gate};
+use crate::ops::embed::EmbedGpu;
+use crate::ops::linear::{LinearLayout, MatmulGpu};
+use crate::ops::rmsnorm::{RmsNormGpu, RmsNormMode};
+use crate::ops::rope::{RopeStyle, rope_step, rope_table};
+use crate::quant::gpu::GpuMatrix;
+use crate::runtime::Recorder;
+use crate::runtime::context::{Context, GpuDevice};
+use crate::runtime::launch::{Dispatch, storage, storage_init};
+use crate::runtime::recorder::Report;
+use crate::runtime::tensor::{DType, Tensor};
+
+/// Identifies a decoder, so that a cache is only ever run with the one that made it.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One layer's weights on the GPU.
+struct GpuLayer {
+    attn_norm: wgpu::Buffer,
+    wq: GpuMatrix,
+    wk: GpuMatrix,
+    wv: GpuMatrix,
+    wo: GpuMatrix,
+    bq: Option<wgpu::Buffer>,
+    bk: Option<wgpu::Buffer>,
+    bv: Option<wgpu::Buffer>,
+    q_norm: Option<wgpu::Buffer>,
+    k_norm: Option<wgpu::Buffer>,
+    post_attn_norm: Option<wgpu::Buffer>,
+    ffn_norm: wgpu::Buffer,
+    gate: GpuMatrix,
+    up: GpuMatrix,
+    down: GpuMatrix,
+    post_ffn_norm: Option<wgpu::Buffer>,
+}
+
+/// A GGUF model whose forward pass runs on a GPU.
+pub struct GpuDecoder {
+    /// Its configuration.
+    pub cfg: Config,
+    ctx: Context,
+    id: u64,
+    embd: GpuMatrix,
+    output: Option<GpuMatrix>,
+    out_norm: wgpu::Buffer,
+    layers: Vec<GpuLayer>,
+    method: Method,
+    /// Layers whose prompt attention runs the method; the others run dense (all when
+    /// empty).
+    pub method_layers: Vec<usize>,
+    weight_bytes: u64,
+    last: Mutex<Option<Report>>,
+}
+
+/// The KV cache of one sequence on the GPU (f16, room for `capacity` positions reserved
+/// at creation), with the dispatches of the token counts it has run.
+pub struct GpuKvCache {
+    owner: u64,
+    layers: Vec<GpuKvLayer>,
+    len: usize,
+    capacity: usize,
+    pos: DecodePos,
+    plans: HashMap<usize, TokenPlan>,
+}
+
+impl GpuKvCache {
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Positions it has room for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Forgets the cached tokens after the first `len` (a chat rewinding to a common
+    /// prefix); the room stays.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+    /// Bytes of the cache buffers.
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.k.size() + l.v.size()).sum()
+    }
+}
+
+/// The activation buffers of one token count.
+struct Buffers {
+    ids: wgpu::Buffer,
+    /// Hidden states `[t, d_model]` (the residual stream) and its second copy (a
+    /// projection cannot read and write one buffer).
+    x: wgpu::Buffer,
+    x2: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    att: wgpu::Buffer,
+    a: wgpu::Buffer,
+    g: wgpu::Buffer,
+    u: wgpu::Buffer,
+    xl: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    rope: wgpu::Buffer,
+    rope_local: wgpu::Buffer,
+}
+
+/// Everything recorded for a call of `t` tokens, built once per cache.
+struct TokenPlan {
+    t: usize,
+    bufs: Buffers,
+    head: Vec<Dispatch>,
+    pre: Vec<Vec<Dispatch>>,
+    cached: Vec<[Dispatch; 2]>,
+    post: Vec<Vec<Dispatch>>,
+    tail: Vec<Dispatch>,
+}
+
+fn f32_buffer(g: &GpuDevice, label: &str, values: usize) -> Result<wgpu::Buffer> {
+    storage(g, label, (values.max(1) * 4) as u64)
+}
+
+impl GpuDecoder {
+    /// Uploads the weights of a llama / qwen2 / gemma3 GGUF to `ctx` (a GPU) tensor by
+    /// tensor, straight from the mapped file (no f32 copy of a matrix is made); the
+    /// prompt attention of every layer (or [`GpuDecoder::method_layers`]) runs `method`.
+    pub fn load(g: &Gguf, ctx: &Context, method: Method) -> Result<Self> {
+        Self::load_with(g, ctx, method, None)
+    }
+
+    /// [`GpuDecoder::load`] with matrices split into parts of at most `max_part` bytes
+    /// (tests of the splitting; `None`: the device's binding limit).
+    pub fn load_with(
+        g: &Gguf,
+        ctx: &Context,
+        method: Method,
+        max_part: Option<u64>,
+    ) -> Result<Self> {
+        let dev = ctx.gpu().ok_or(Error::WrongContext)?;
+        let cfg = Config::from_gguf(g)?;
+        if cfg.arch == Arch::SmallThinker {
+            return Err(Error::Model(
+                "the GPU decoder runs llama, qwen2 and gemma3 files; SmallThinker's experts \
+                 run on the CPU decoder (--backend cpu)"
+                    .into(),
+            ));
+        }
+        if !cfg.head_dim.is_multiple_of(4) || cfg.head_dim > 256 || !cfg.d_model.is_multiple_of(4) {
+            return Err(Error::Model(format!(
+                "the GPU decoder needs head_dim % 4 == 0 and ≤ 256, d_model % 4 == 0 ({cfg:?})"
+            )));
+        }
+        let mut bytes = 0u64;
+        let mut mat = |name: &str| -> Result<GpuMatrix> {
+            let t = g.tensor(name)?;
+            if t.dims.len() != 2 {
+                return Err(Error::Model(format!(
+                    "`{name}` has dims {:?}, expected a matrix",
+                    t.dims
+                )));
+            }
+            let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+            let m = match g.map_tensor(name)? {
+                Some((map, range)) => {
+                    let m = GpuMatrix::upload(
+                        ctx,
+                        name,
+                        t.ty,
+                        rows,
+                        cols,
+                        map.slice(range.clone()),
+                        max_part,
+                    );
+                    // The pages were only read to be copied: let them go.
+                    map.advise(range, false);
+                    m?
+                }
+                None => GpuMatrix::upload(
+                    ctx,
+                    name,
+                    t.ty,
+                    rows,
+                    cols,
+                    &g.tensor_bytes(name)?,
+                    max_part,
+                )?,
+            };
+            bytes += m.bytes();
+            Ok(m)
+        };
+        let embd = mat("token_embd.weight")?;
+        let output = if g.has_tensor("output.weight") {
+            Some(mat("output.weight")?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let (wq, wk, wv, wo) = (
+                mat(&n("attn_q.weight"))?,
+                mat(&n("attn_k.weight"))?,
+                mat(&n("attn_v.weight"))?,
+                mat(&n("attn_output.weight"))?,
+            );
+            let (gate, up, down) = (
+                mat(&n("ffn_gate.weight"))?,
+                mat(&n("ffn_up.weight"))?,
+                mat(&n("ffn_down.weight"))?,
+            );
+            let (qd, kd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+            if g.has_tensor(&n("post_attention_norm.weight"))
+                != g.has_tensor(&n("post_ffw_norm.weight"))
+            {
+                return Err(Error::Model(format!(
+                    "layer {l}: post-norms after attention and feed-forward come together                      (Gemma) or not at all"
+                )));
+            }
+            let is = |m: &GpuMatrix, r: usize, c: usize| m.rows == r && m.cols == c;
+            if !(is(&wq, qd, cfg.d_model)
+                && is(&wk, kd, cfg.d_model)
+                && is(&wv, kd, cfg.d_model)
+                && is(&wo, cfg.d_model, qd)
+                && is(&gate, cfg.ffn_dim, cfg.d_model)
+                && is(&up, cfg.ffn_dim, cfg.d_model)
+                && is(&down, cfg.d_model, cfg.ffn_dim))
+            {
+                return Err(Error::Model(format!(
+                    "layer {l}: projection shapes do not match the configuration {cfg:?}"
+                )));
+            }
+            layers.push(GpuLayer {
+                attn_norm: vec_buf(ctx, g, &n("attn_norm.weight"), cfg.d_model)?,
+                wq,
+                wk,
+                wv,
+                wo,
+                bq: vec_opt(ctx, g, &n("attn_q.bias"), qd)?,
+                bk: vec_opt(ctx, g, &n("attn_k.bias"), kd)?,
+                bv: vec_opt(ctx, g, &n("attn_v.bias"), kd)?,
+                q_norm: vec_opt(ctx, g, &n("attn_q_norm.weight"), cfg.head_dim)?,
+                k_norm: vec_opt(ctx, g, &n("attn_k_norm.weight"), cfg.head_dim)?,
+                post_attn_norm: vec_opt(ctx, g, &n("post_attention_norm.weight"), cfg.d_model)?,
+                ffn_norm: vec_buf(ctx, g, &n("ffn_norm.weight"), cfg.d_model)?,
+                gate,
+                up,
+                down,
+                post_ffn_norm: vec_opt(ctx, g, &n("post_ffw_norm.weight"), cfg.d_model)?,
+            });
+        }
+        let out_norm = vec_buf(ctx, g, "output_norm.weight", cfg.d_model)?;
+        log::info!(
+            "GPU decoder: {:?}, {} layers, {:.1} MiB of weights on {}",
+            cfg.arch,
+            cfg.n_layer,
+            bytes as f64 / (1 << 20) as f64,
+            dev.info.name
+        );
+        Ok(GpuDecoder {
+            cfg,
+            ctx: ctx.clone(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            embd,
+            output,
+            out_norm,
+            layers,
+            method,
+            method_layers: Vec::new(),
+            weight_bytes: bytes,
+            last: Mutex::new(None),
+        })
+    }
+
+    /// Bytes of the weights on the GPU.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// The context it runs on.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// The method of layer `layer`'s prompt attention.
+    pub fn layer_method(&self, layer: usize) -> Method {
+        if self.method_layers.is_empty() || self.method_layers.contains(&layer) {
+            self.method.clone()
+        } else {
+            Method::Dense
+        }
+    }
+
+    /// Replaces the prompt attention method.
+    pub fn set_method(&mut self, method: Method) {
+        self.method = method;
+    }
+
+    /// The timing report of the last call (stages `layer{i}.pre`, `layer{i}.attention`,
+    /// `layer{i}.post`, where the device has timestamps).
+    pub fn last_report(&self) -> Option<Report> {
+        self.last.lock().expect("report lock").clone()
+    }
+
+    /// An empty cache with room for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> Result<GpuKvCache> {
+        let c = &self.cfg;
+        let layers = (0..c.n_layer)
+            .map(|_| GpuKvLayer::new(&self.ctx, c.n_kv_head, capacity, c.head_dim))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuKvCache {
+            owner: self.id,
+            layers,
+            len: 0,
+            capacity,
+            pos: DecodePos::new(&self.ctx)?,
+            plans: HashMap::new(),
+        })
+    }
+
+    /// Builds the buffers and dispatches of a call of `t` tokens on `cache`.
+    fn plan(&self, t: usize, cache: &GpuKvCache) -> Result<TokenPlan> {
+        let ctx = &self.ctx;
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let c = &self.cfg;
+        let (dm, d, h, kvh, f) = (c.d_model, c.head_dim, c.n_head, c.n_kv_head, c.ffn_dim);
+        let vocab = self.output.as_ref().unwrap_or(&self.embd).rows;
+        let bufs = Buffers {
+            ids: storage(g, "token ids", (t * 4) as u64)?,
+            x: f32_buffer(g, "hidden", t * dm)?,
+            x2: f32_buffer(g, "hidden (second)", t * dm)?,
+            xn: f32_buffer(g, "normed hidden", t * dm)?,
+            q: f32_buffer(g, "q", t * h * d)?,
+            k: f32_buffer(g, "k", t * kvh * d)?,
+            v: f32_buffer(g, "v", t * kvh * d)?,
+            att: f32_buffer(g, "attention output", t * h * d)?,
+            a: f32_buffer(g, "projection output", t * dm)?,
+            g: f32_buffer(g, "ffn gate", t * f)?,
+            u: f32_buffer(g, "ffn up", t * f)?,
+            xl: f32_buffer(g, "last hidden", dm)?,
+            logits: f32_buffer(g, "logits", vocab)?,
+            rope: f32_buffer(g, "rope table", t * d)?,
+            rope_local: f32_buffer(g, "rope table (local)", t * d)?,
+        };
+        let b = &bufs;
+        let scale = if c.arch == Arch::Gemma3 {
+            (dm as f32).sqrt()
+        } else {
+            1.0
+        };
+        let head = EmbedGpu::build(ctx, &self.embd, t, scale)?.dispatches(g, &b.ids, &b.x);
+        let style = if c.rope_neox {
+            RopeStyle::Neox
+        } else {
+            RopeStyle::Adjacent
+        };
+        let (rope_q, rope_k) = (
+            rope_step(ctx, style, h, t, d)?,
+            rope_step(ctx, style, kvh, t, d)?,
+        );
+        let norm = RmsNormGpu::build_for(ctx, t, dm, c.norm_eps, 0, RmsNormMode::Out)?;
+        let norm_add = RmsNormGpu::build_for(ctx, t, dm, c.norm_eps, 0, RmsNormMode::Add)?;
+        let qk_norm_q = RmsNormGpu::build_for(ctx, t * h, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
+        let qk_norm_k =
+            RmsNormGpu::build_for(ctx, t * kvh, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
+        let act = ActGpu::build(
+            ctx,
+            if c.arch == Arch::Gemma3 {
+                Gate::GeluTanh
+            } else {
+                Gate::Silu
+            },
+            t * f,
+        )?;
+        let splits = decode_splits(cache.capacity, h, t);
+        let mut pre = Vec::with_capacity(c.n_layer);
+        let mut cached = Vec::with_capacity(c.n_layer);
+        let mut post = Vec::with_capacity(c.n_layer);
+        for (li, l) in self.layers.iter().enumerate() {
+            let hm = LinearLayout {
+                out_head_major: true,
+                ..Default::default()
+            };
+            let proj = |m: &GpuMatrix,
+                        bias: &Option<wgpu::Buffer>,
+                        out: &wgpu::Buffer|
+             -> Result<Vec<Dispatch>> {
+                let layout = LinearLayout {
+                    bias: bias.is_some(),
+                    ..hm
+                };
+                MatmulGpu::build(ctx, "projection", m, t, d, layout)?.dispatches(
+                    g,
+                    &b.xn,
+                    out,
+                    None,
+                    bias.as_ref(),
+                )
+            };
+            let mut list = vec![norm.dispatch(g, &[&b.x, &l.attn_norm, &b.xn])];
+            list.extend(proj(&l.wq, &l.bq, &b.q)?);
+            list.extend(proj(&l.wk, &l.bk, &b.k)?);
+            list.extend(proj(&l.wv, &l.bv, &b.v)?);
+            if let Some(w) = &l.q_norm {
+                list.push(qk_norm_q.dispatch(g, &[&b.q, w]));
+            }
+            if let Some(w) = &l.k_norm {
+                list.push(qk_norm_k.dispatch(g, &[&b.k, w]));
+            }
+            if c.rope[li] {
+                let table = if c.global[li] || c.rope_base_local == c.rope_base {
+                    &b.rope
+                } else {
+                    &b.rope_local
+                };
+                list.push(rope_q.dispatch(g, &[table, &b.q]));
+                list.push(rope_k.dispatch(g, &[table, &b.k]));
+            }
+            let window = if c.global[li] { None } else { c.window };
+            let attn = DecodeAttentionGpu::build(
+                ctx,
+                DecodeShape {
+                    heads: h,
+                    kv_heads: kvh,
+                    tokens: t,
+                    head_dim: d,
+                    capacity: cache.capacity,
+                    window,
+                    scale: self.attention_scale(),
+                },
+                splits,
+            )?;
+            let kv = &cache.layers[li];
+            list.push(attn.store(g, &cache.pos, &b.k, &kv.k));
+            list.push(attn.store(g, &cache.pos, &b.v, &kv.v));
+            pre.push(list);
+            cached.push(attn.attend(g, &cache.pos, &b.q, kv, &b.att));
+            // After attention: x2 = x + O·att (or x += norm(O·att)), then the FFN back
+            // into x.
+            let mut list = vec![];
+            let o_res = l.post_attn_norm.is_none();
+            let o_layout = LinearLayout {
+                in_head_major: true,
+                residual: o_res,
+                ..Default::default()
+            };
+            let o = MatmulGpu::build(ctx, "attention output", &l.wo, t, d, o_layout)?;
+            let stream = if o_res {
+                list.extend(o.dispatches(g, &b.att, &b.x2, Some(&b.x), None)?);
+                &b.x2
+            } else {
+                list.extend(o.dispatches(g, &b.att, &b.a, None, None)?);
+                let w = l.post_attn_norm.as_ref().expect("checked");
+                list.push(norm_add.dispatch(g, &[&b.a, w, &b.x]));
+                &b.x
+            };
+            list.push(norm.dispatch(g, &[stream, &l.ffn_norm, &b.xn]));
+            let plain = LinearLayout::default();
+            list.extend(
+                MatmulGpu::build(ctx, "ffn gate", &l.gate, t, d, plain)?
+                    .dispatches(g, &b.xn, &b.g, None, None)?,
+            );
+            list.extend(
+                MatmulGpu::build(ctx, "ffn up", &l.up, t, d, plain)?
+                    .dispatches(g, &b.xn, &b.u, None, None)?,
+            );
+            list.push(act.dispatch(g, &b.g, &b.u));
+            match &l.post_ffn_norm {
+                // x = x2 + down · h.
+                None => {
+                    let res = LinearLayout {
+                        residual: true,
+                        ..Default::default()
+                    };
+                    let down = MatmulGpu::build(ctx, "ffn down", &l.down, t, d, res)?;
+                    list.extend(down.dispatches(g, &b.g, &b.x, Some(&b.x2), None)?);
+                }
+                // x += norm(down · h).
+                Some(w) => {
+                    let down = MatmulGpu::build(ctx, "ffn down", &l.down, t, d, plain)?;
+                    list.extend(down.dispatches(g, &b.g, &b.a, None, None)?);
+                    list.push(norm_add.dispatch(g, &[&b.a, w, &b.x]));
+                }
+            }
+            post.push(list);
+        }
+        let last = RmsNormGpu::build_for(ctx, 1, dm, c.norm_eps, t - 1, RmsNormMode::Out)?;
+        let mut tail = vec![last.dispatch(g, &[&b.x, &self.out_norm, &b.xl])];
+        let out = self.output.as_ref().unwrap_or(&self.embd);
+        tail.extend(
+            MatmulGpu::build(ctx, "logits", out, 1, d, LinearLayout::default())?
+                .dispatches(g, &b.xl, &b.logits, None, None)?,
+        );
+        Ok(TokenPlan {
+            t,
+            bufs,
+            head,
+            pre,
+            cached,
+            post,
+            tail,
+        })
+    }
+
+    /// The softmax scale of the attention (1/√head_dim).
+    pub fn attention_scale(&self) -> f32 {
+        1.0 / (self.cfg.head_dim as f32).sqrt()
+    }
+
+    /// The prompt attention plan of layer `li` for `t` tokens from an empty cache.
+    fn prompt_plan(&self, li: usize, t: usize) -> Result<AttentionPlan> {
+        let c = &self.cfg;
+        let method = match (c.global[li], c.window) {
+            (false, Some(w)) if t > w => Method::Window(WindowConfig {
+                window: w,
+                sinks: 0,
+            }),
+            (false, Some(_)) => Method::Dense,
+            _ => self.layer_method(li),
+        };
+        let shape = AttentionShape::new(c.n_head, c.n_kv_head, t, c.head_dim);
+        self.ctx
+            .attention(shape)
+            .method(method)
+            .dtype(DType::F32)
+            .scale(self.attention_scale())
+            .build()
+    }
+
+    /// Runs `ids` after what `cache` holds, appending their keys and values, and returns
+    /// the logits of the last token (final soft-capping applied).
+    pub fn forward(&self, ids: &[u32], cache: &mut GpuKvCache) -> Result<Vec<f32>> {
+        pollster::block_on(self.forward_async(ids, cache))
+    }
+
+    /// [`GpuDecoder::forward`], async (the browser's form).
+    pub async fn forward_async(&self, ids: &[u32], cache: &mut GpuKvCache) -> Result<Vec<f32>> {
+        let g = self.ctx.gpu().ok_or(Error::WrongContext)?;
+        let c = &self.cfg;
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::InvalidArgument("no tokens to run".into()));
+        }
+        if cache.owner != self.id {
+            return Err(Error::InvalidArgument(
+                "this KV cache was made by another GPU decoder".into(),
+            ));
+        }
+        let start = cache.len;
+        if start + t > cache.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "{t} tokens after {start} cached exceed the cache's {} positions",
+                cache.capacity
+            )));
+        }
+        let vocab = self.embd.rows;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} outside the vocabulary ({vocab})"
+            )));
+        }
+        if !cache.plans.contains_key(&t) {
+            // Keep the one-token plan and the newest other one.
+            cache.plans.retain(|&k, _| k == 1);
+            let plan = self.plan(t, cache)?;
+            cache.plans.insert(t, plan);
+        }
+        let plan = &cache.plans[&t];
+        let b = &plan.bufs;
+        g.queue.write_buffer(&b.ids, 0, bytemuck::cast_slice(ids));
+        let d = c.head_dim;
+        g.queue.write_buffer(
+            &b.rope,
+            0,
+            bytemuck::cast_slice(&rope_table(t, d, c.rope_base as f64, start)),
+        );
+        if c.rope_base_local != c.rope_base {
+            g.queue.write_buffer(
+                &b.rope_local,
+                0,
+                bytemuck::cast_slice(&rope_table(t, d, c.rope_base_local as f64, start)),
+            );
+        }
+        cache.pos.set(g, start);
+        // A prompt from an empty cache attends through the attention plans.
+        let prompt: Vec<AttentionPlan> = if start == 0 {
+            (0..c.n_layer)
+                .map(|li| self.prompt_plan(li, t))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let stages: u32 = 2
+            + 2 * c.n_layer as u32
+            + if prompt.is_empty() {
+                c.n_layer as u32
+            } else {
+                prompt.iter().map(|p| p.stage_count()).sum()
+            };
+        let mut rec = Recorder::new(&self.ctx, "gpu decoder", stages)?;
+        rec.dispatch_stage("embedding", &plan.head);
+        let tensors = if prompt.is_empty() {
+            None
+        } else {
+            let (h, kvh) = (c.n_head, c.n_kv_head);
+            let tensor = |buf: &wgpu::Buffer, heads: usize| {
+                Tensor::from_buffer(&self.ctx, &[heads, t, d], DType::F32, buf.clone())
+            };
+            Some((
+                tensor(&b.q, h)?,
+                tensor(&b.k, kvh)?,
+                tensor(&b.v, kvh)?,
+                tensor(&b.att, h)?,
+            ))
+        };
+        for (li, ((pre, cached), post)) in plan
+            .pre
+            .iter()
+            .zip(&plan.cached)
+            .zip(&plan.post)
+            .enumerate()
+        {
+            rec.dispatch_stage(&format!("layer{li}.pre"), pre);
+            match &tensors {
+                Some((q, k, v, o)) => prompt[li].record(&mut rec, q, k, v, o)?,
+                None => rec.dispatch_stage(&format!("layer{li}.attention"), cached),
+            }
+            rec.dispatch_stage(&format!("layer{li}.post"), post);
+        }
+        rec.dispatch_stage("logits", &plan.tail);
+        let report = rec.submit().await?;
+        let bytes =
+            crate::runtime::tensor::read_buffer(g, &b.logits, 0, (vocab * 4) as u64).await?;
+        *self.last.lock().expect("report lock") = Some(report);
+        cache.len += t;
+        let mut logits: Vec<f32> = bytemuck::cast_slice(&bytes).to_vec();
+        if let Some(cap) = c.final_softcap {
+            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
+        debug_assert_eq!(plan.t, t);
+        Ok(logits)
+    }
+
+    /// Runs a long prompt in chunks of at most `chunk` tokens (the first from an empty
+    /// cache through the layer methods, the others over the cache): the activations of
+    /// one chunk bound the memory. Returns the last token's logits.
+    pub fn prefill(&self, ids: &[u32], cache: &mut GpuKvCache, chunk: usize) -> Result<Vec<f32>> {
+        if ids.is_empty() || chunk == 0 {
+            return Err(Error::InvalidArgument(
+                "prefill of no tokens, or chunks of 0".into(),
+            ));
+        }
+        let mut logits = Vec::new();
+        for part in ids.chunks(chunk) {
+            logits = self.forward(part, cache)?;
+        }
+        Ok(logits)
+    }
+
+    /// Generation: prefill `prompt` (in chunks of `chunk` tokens) after what `cache`
+    /// holds, then up to `max_new` tokens chosen by `sampler`, stopping early at any of
+    /// `stop`. Calls `on_token` with each new id. The cache keeps everything, so a next
+    /// chat turn prefills only its new tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        sampler: &mut Sampler,
+        cache: &mut GpuKvCache,
+        chunk: usize,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(max_new);
+        let logits = self.prefill(prompt, cache, chunk)?;
+        let mut next = sampler.sample(&logits);
+        for i in 0..max_new {
+            out.push(next);
+            on_token(next);
+            if stop.contains(&next) || i + 1 == max_new {
+                break;
+            }
+            next = sampler.sample(&self.forward(&[next], cache)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Key ranges per query row of the cache attention: enough workgroups to fill a GPU at
+/// one token, few enough that the partial states stay small for a chunk of many.
+fn decode_splits(capacity: usize, heads: usize, tokens: usize) -> usize {
+    (capacity / 512)
+        .min(4096 / (heads * tokens).max(1))
+        .clamp(1, 32)
+}
+
+/// A 1-D f32 tensor of the file uploaded (checked for its length).
+fn vec_buf(ctx: &Context, g: &Gguf, name: &str, len: usize) -> Result<wgpu::Buffer> {
+    let v = g.tensor_f32(name)?;
+    if v.len() != len {
+        return Err(Error::Model(format!(
+            "`{name}` has {} values, expected {len}",
+            v.len()
+        )));
+    }
+    let dev = ctx.gpu().ok_or(Error::WrongContext)?;
+    storage_init(dev, name, bytemuck::cast_slice(&v))
+}
+
+fn vec_opt(ctx: &Context, g: &Gguf, name: &str, len: usize) -> Result<Option<wgpu::Buffer>> {
+    if g.has_tensor(name) {
+        Ok(Some(vec_buf(ctx, g, name, len)?))
+    } else {
+        Ok(None)
+    }
+}
