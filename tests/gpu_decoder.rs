@@ -172,7 +172,7 @@ fn bad_gpu_weights_are_typed_errors() {
     let Some(ctx) = common::gpu(None) else { return };
     let b = vec![0u8; 18 * 4];
     // Not on the GPU, wrong byte count, ragged width.
-    assert!(GpuMatrix::upload(&ctx, "w", GgmlType::Q5_1, 1, 128, &vec![0u8; 96], None).is_err());
+    assert!(GpuMatrix::upload(&ctx, "w", GgmlType::Q5_1, 1, 128, &[0u8; 96], None).is_err());
     assert!(GpuMatrix::upload(&ctx, "w", GgmlType::Q4_0, 3, 64, &b, None).is_err());
     assert!(GpuMatrix::upload(&ctx, "w", GgmlType::F16, 1, 20, &[0u8; 40], None).is_err());
     assert!(GpuMatrix::upload(&Context::cpu(), "w", GgmlType::Q4_0, 4, 32, &b, None).is_err());
@@ -502,7 +502,7 @@ fn sparse_prompt_and_sampling_match_the_cpu_decoder() {
         seed: 7,
     };
     let run = || {
-        let mut s = Sampler::new(cfg.clone()).unwrap();
+        let mut s = Sampler::new(cfg).unwrap();
         let mut c = dense.new_cache(64).unwrap();
         let first = dense
             .generate_with(&ids[..10], 5, &[], &mut s, &mut c, 8, &mut |_| {})
