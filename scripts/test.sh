@@ -100,13 +100,13 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     # coop path required, and the coop and MoE tests once more with it turned off.
     say "matrix-unit kernels on Mesa 26.1's lavapipe (scripts/coop-lavapipe.sh; WGSPARSE_SKIP_COOP=1 skips)"
     coop_bins=$(test_binaries --lib --test coop --test dense_attention --test sparse_attention \
-        --test sale --test cli --test decoder_layer --test moe --test planning)
+        --test sale --test cli --test decoder_layer --test moe --test planning --test gpu_decoder)
     [ -n "$coop_bins" ] || { say "no test binaries found for the matrix-unit run"; exit 1; }
     while read -r name bin; do
         say "  $name (matrix units required)"
         # (the root has Vulkan only: the GL-compute test runs on the host above)
         bash scripts/coop-lavapipe.sh "$bin" --test-threads 1 --skip gl_backend_matches_cpu
-        if [ "$name" = coop ] || [ "$name" = moe ]; then
+        if [ "$name" = coop ] || [ "$name" = moe ] || [ "$name" = gpu_decoder ]; then
             say "  $name (WGSPARSE_NO_COOP=1: the portable kernels on the same lavapipe)"
             WGSPARSE_NO_COOP=1 bash scripts/coop-lavapipe.sh "$bin" --test-threads 1
         fi

@@ -186,6 +186,94 @@ fn smollm2_decoder_on_the_gpu_matches_the_cpu() {
     }
 }
 
+/// The first `n` token ids of Pride and Prejudice from a model's fixture.
+fn fixture_ids(fixture: &str, n: usize) -> Vec<u32> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f["ids"].as_array().unwrap()[..n]
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The GPU decoder (the whole forward pass on lavapipe in CI) against the CPU decoder's
+/// oracle form (f32 activations, f16 KV cache like the GPU's) on a real model: the
+/// logits of a `prompt`-token prompt and of 16 greedy steps after it (the CPU's tokens
+/// fed to both) within `tol` of each other, the greedy token equal wherever the CPU's
+/// top-2 margin exceeds twice that, and the NLL of the prompt within 2e-3.
+fn gpu_decoder_matches_the_cpu(file: &str, fixture: &str, prompt: usize, tol: f32) {
+    use wgsparse::model::decoder::{KvPrecision, argmax};
+    use wgsparse::model::gpu::GpuDecoder;
+    let Some(g) = model(file) else { return };
+    let Some(ctx) = common::gpu(None) else { return };
+    let mut cpu = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+    cpu.f32_activations = true;
+    cpu.kv_precision = KvPrecision::F16;
+    let gpu = GpuDecoder::load(&g, &ctx, Method::Dense).unwrap();
+    let ids = fixture_ids(fixture, prompt);
+    let mut cc = cpu.new_cache();
+    let mut gc = gpu.new_cache(prompt + 16).unwrap();
+    let h = cpu.forward(&ids, &mut cc, &mut |_| Ok(())).unwrap();
+    let mut want = cpu.logits(&h[h.len() - cpu.cfg.d_model..]);
+    let mut got = gpu.forward(&ids, &mut gc).unwrap();
+    let (mut worst, mut compared, mut tokens) = (0f32, 0, vec![]);
+    for step in 0..16 {
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        worst = worst.max(diff);
+        assert!(
+            diff <= tol,
+            "{file} step {step}: logits differ by {diff} > {tol}"
+        );
+        let mut sorted = want.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let next = argmax(&want);
+        if sorted[0] - sorted[1] > 2.0 * tol {
+            assert_eq!(argmax(&got), next, "{file} step {step}: greedy token");
+            compared += 1;
+        }
+        tokens.push(next);
+        let h = cpu.forward(&[next], &mut cc, &mut |_| Ok(())).unwrap();
+        want = cpu.logits(&h[h.len() - cpu.cfg.d_model..]);
+        got = gpu.forward(&[next], &mut gc).unwrap();
+    }
+    let (nll_cpu, n) = cpu.nll(&ids).unwrap();
+    let (nll_gpu, _) = gpu.nll(&ids, prompt).unwrap();
+    eprintln!(
+        "{file}: worst logit difference {worst:.2e} over 17 positions, {compared} greedy \
+         tokens compared, NLL over {n} tokens cpu {nll_cpu:.5} gpu {nll_gpu:.5}"
+    );
+    assert!(
+        (nll_cpu - nll_gpu).abs() < 2e-3,
+        "{file}: NLL {nll_cpu} vs {nll_gpu}"
+    );
+    assert!(
+        compared >= 12,
+        "{file}: only {compared} of 16 greedy tokens had a clear margin"
+    );
+}
+
+#[test]
+fn smollm2_gpu_decoder_matches_the_cpu() {
+    gpu_decoder_matches_the_cpu(SMOLLM2, "tokens_smollm2_prideprejudice.json", 200, 2e-2);
+}
+
+#[test]
+fn gemma3_gpu_decoder_matches_the_cpu() {
+    gpu_decoder_matches_the_cpu(GEMMA3, "tokens_gemma3_prideprejudice.json", 200, 2e-2);
+}
+
+#[test]
+fn qwen2_gpu_decoder_matches_the_cpu() {
+    gpu_decoder_matches_the_cpu(QWEN2, "tokens_qwen2_prideprejudice.json", 200, 2e-2);
+}
+
 #[test]
 fn gemma3_greedy_matches_the_research_notes() {
     let Some(g) = model(GEMMA3) else { return };

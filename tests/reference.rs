@@ -118,3 +118,86 @@ fn smollm2_logits_match_the_numpy_reference() {
         assert_eq!(argmax_same, TOKENS);
     }
 }
+
+/// `synth-gguf`'s files read back by the `gguf` package (`tests/reference/read_gguf.py`):
+/// every tensor's name, dims and type, and its values dequantized by `gguf.quants`
+/// against the crate's dequantizer, for each architecture and weight type the writer
+/// offers, and the architecture's name.
+#[test]
+fn synthetic_files_read_back_with_the_gguf_package() {
+    use wgsparse::model::synth::{preset, write_synth};
+    use wgsparse::quant::{GgmlType, dequantize};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let data = std::env::var("WGSPARSE_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("data"));
+    let python = std::env::var("WGSPARSE_REFERENCE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| data.join("venv/bin/python"));
+    let ok = Command::new(&python)
+        .args(["-c", "import numpy, gguf"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        return skip(format!("{} cannot import numpy and gguf", python.display()));
+    }
+    let dir = std::env::temp_dir().join(format!("wgsparse-synth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-smallthinker"] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F16] {
+            let cfg = preset(name).unwrap();
+            let path = dir.join(format!("{name}-{ty:?}.gguf"));
+            write_synth(&cfg, ty, 3, &mut std::fs::File::create(&path).unwrap()).unwrap();
+            let out = Command::new(&python)
+                .arg(root.join("tests/reference/read_gguf.py"))
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name} {ty:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(py["arch"], cfg.arch.name(), "{name}");
+            let g = Gguf::open(&path).unwrap();
+            let tensors = py["tensors"].as_array().unwrap();
+            assert_eq!(
+                tensors.len(),
+                g.tensors.len(),
+                "{name} {ty:?}: tensor count"
+            );
+            for t in tensors {
+                let tname = t["name"].as_str().unwrap();
+                let ours = g.tensor(tname).unwrap();
+                let dims: Vec<u64> = t["dims"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap())
+                    .collect();
+                assert_eq!(dims, ours.dims, "{name} {tname}: dims");
+                assert_eq!(
+                    t["type"].as_u64().unwrap() as u32,
+                    ours.ty.id(),
+                    "{name} {tname}"
+                );
+                let v = dequantize(
+                    ours.ty,
+                    &g.tensor_bytes(tname).unwrap(),
+                    ours.numel() as usize,
+                )
+                .unwrap();
+                let sum: f64 = v.iter().map(|&x| x as f64).sum();
+                let abs: f64 = v.iter().map(|&x| (x as f64).abs()).sum();
+                let (ps, pa) = (t["sum"].as_f64().unwrap(), t["abs"].as_f64().unwrap());
+                assert!(
+                    (abs - pa).abs() <= 1e-9 * pa.max(1.0)
+                        && (sum - ps).abs() <= 1e-9 * pa.max(1.0),
+                    "{name} {tname}: values differ (sum {sum} vs {ps}, |x| {abs} vs {pa})"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's CPU tools (the targets given, e.g. llama-bench llama-simple) into
-# target/peers/llama.cpp/build/bin, once, from the llama.cpp source that the
-# llama-cpp-python sdist vendors (pip downloads it; cmake and ninja come from pip too,
-# into target/peers/venv). Sourced by the peer scripts: `build_llama_cpp TARGET...`.
+# Builds llama.cpp's tools (the targets given, e.g. llama-bench llama-simple) once, from
+# the llama.cpp source that the llama-cpp-python sdist vendors (pip downloads it; cmake
+# and ninja come from pip too, into target/peers/venv). Sourced by the peer scripts:
+# `build_llama_cpp TARGET...`.
+#
+# LLAMA_BACKEND picks the ggml backend and the build directory:
+#   cpu (default)  target/peers/llama.cpp/build         -DGGML_NATIVE=ON
+#   vulkan         target/peers/llama.cpp/build-vulkan  -DGGML_VULKAN=ON (needs the
+#                  Vulkan headers and glslc: apt install libvulkan-dev glslc)
+#   cuda           target/peers/llama.cpp/build-cuda    -DGGML_CUDA=ON
+#                  -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} (needs nvcc; the H200 is sm_90)
+# llama_cpp_bin_dir prints the directory the tools land in.
+llama_cpp_bin_dir() {
+    case "${LLAMA_BACKEND:-cpu}" in
+        cpu) echo "$PWD/target/peers/llama.cpp/build/bin" ;;
+        *) echo "$PWD/target/peers/llama.cpp/build-${LLAMA_BACKEND}/bin" ;;
+    esac
+}
+
 build_llama_cpp() {
-    local peers=$PWD/target/peers missing=()
+    local peers=$PWD/target/peers missing=() bin
+    bin=$(llama_cpp_bin_dir)
     for t in "$@"; do
-        [ -x "$peers/llama.cpp/build/bin/$t" ] || missing+=("$t")
+        [ -x "$bin/$t" ] || missing+=("$t")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     printf '[build-llama-cpp] building %s (once)\n' "${missing[*]}" >&2
@@ -22,10 +38,17 @@ build_llama_cpp() {
         mv "$(ls -d "$tmp"/llama_cpp_python-*/vendor/llama.cpp)" "$peers/llama.cpp"
         rm -rf "$tmp"
     fi
-    "$peers/venv/bin/cmake" -S "$peers/llama.cpp" -B "$peers/llama.cpp/build" -G Ninja \
+    local build flags=()
+    build=$(dirname "$bin")
+    case "${LLAMA_BACKEND:-cpu}" in
+        cpu) flags=(-DGGML_NATIVE=ON) ;;
+        vulkan) flags=(-DGGML_NATIVE=ON -DGGML_VULKAN=ON) ;;
+        cuda) flags=(-DGGML_NATIVE=ON -DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90}") ;;
+        *) printf '[build-llama-cpp] LLAMA_BACKEND=%s: cpu, vulkan or cuda\n' "$LLAMA_BACKEND" >&2; return 2 ;;
+    esac
+    "$peers/venv/bin/cmake" -S "$peers/llama.cpp" -B "$build" -G Ninja \
         -DCMAKE_MAKE_PROGRAM="$peers/venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release \
-        -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        "${flags[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF >/dev/null
-    "$peers/venv/bin/cmake" --build "$peers/llama.cpp/build" --target "${missing[@]}" \
-        -j "$(nproc)" >/dev/null
+    "$peers/venv/bin/cmake" --build "$build" --target "${missing[@]}" -j "$(nproc)" >/dev/null
 }

@@ -127,6 +127,8 @@ impl DecodePos {
 /// A built cache attention for `tokens` query tokens of `heads` heads over a cache of
 /// `capacity` positions.
 pub struct DecodeAttentionGpu {
+    params: DecodeParams,
+    grid: (u32, u32, u32),
     store: Step<DecodeParams>,
     split: Step<DecodeParams>,
     combine: Step<DecodeParams>,
@@ -189,6 +191,8 @@ impl DecodeAttentionGpu {
         );
         let part_bytes = (s.heads * s.tokens * splits * (s.head_dim + 2) * 4) as u64;
         Ok(DecodeAttentionGpu {
+            params: p,
+            grid: split_grid,
             store: Step::flat(
                 ctx,
                 &decode_spec(DecodeKernel::Store),
@@ -203,6 +207,28 @@ impl DecodeAttentionGpu {
                 (split_grid.1, split_grid.2, 1),
             )?,
             part: storage(g, "cache attention partial states", part_bytes)?,
+        })
+    }
+
+    /// The same attention with a sliding window of `window` keys, sharing this one's
+    /// partial-state buffer (the two never run at once).
+    pub fn with_window(&self, ctx: &Context, window: usize) -> Result<Self> {
+        let p = DecodeParams {
+            window: window as u32,
+            ..self.params
+        };
+        Ok(DecodeAttentionGpu {
+            params: p,
+            grid: self.grid,
+            store: Step::new(ctx, &decode_spec(DecodeKernel::Store), &p, self.store.grid)?,
+            split: Step::new(ctx, &decode_spec(DecodeKernel::Split), &p, self.grid)?,
+            combine: Step::new(
+                ctx,
+                &decode_spec(DecodeKernel::Combine),
+                &p,
+                self.combine.grid,
+            )?,
+            part: self.part.clone(),
         })
     }
 

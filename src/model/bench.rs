@@ -11,6 +11,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::decoder::{Decoder, argmax};
+use crate::model::engine::Engine;
+use crate::model::gpu::GpuDecoder;
+use crate::runtime::recorder::Report;
 
 /// One prompt length's figures.
 #[derive(Clone, Debug, Serialize)]
@@ -27,8 +30,8 @@ pub struct BenchRun {
     /// each), with the context growing from the prompt length.
     pub decode_tok_s: f64,
     /// The most GPU buffer memory live during the run (the runtime records wgpu-hal's
-    /// count after every buffer it creates; today only the decoder's attention runs on
-    /// a GPU); `None` on the CPU backend.
+    /// count after every buffer it creates: the GPU decoder's weights, KV cache and
+    /// activations, or the CPU decoder's attention buffers); `None` on the CPU backend.
     pub peak_gpu_bytes: Option<u64>,
     /// The process's peak resident memory so far (the high-water mark, which includes
     /// loading the model).
@@ -39,6 +42,10 @@ pub struct BenchRun {
     /// MoE models with ReGLU experts: the fraction of routed experts' up rows the decode
     /// steps skipped (gate off: not read); `None` for dense models.
     pub decode_up_rows_skipped: Option<f64>,
+    /// The GPU decoder: the share of the prefill's GPU time spent in attention (the
+    /// attention stages over all stages, from timestamps); `None` without timestamps or
+    /// on the CPU decoder.
+    pub prefill_attention_share: Option<f64>,
 }
 
 /// `wgsparse bench-model`'s report.
@@ -46,8 +53,11 @@ pub struct BenchRun {
 pub struct ModelBench {
     /// The model file.
     pub model: String,
-    /// Where attention ran (`cpu`, `vulkan`, ...).
+    /// The device of the run's context (`cpu`, `vulkan`, ...).
     pub backend: String,
+    /// The decoder: `cpu` (projections on the CPU, attention on the backend) or `gpu`
+    /// (the whole forward pass on the backend).
+    pub engine: String,
     /// The prefill's attention method.
     pub method: String,
     /// CPU threads of the projections.
@@ -75,8 +85,9 @@ impl fmt::Display for ModelBench {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{}: attention on {}, method {}, {} threads; file {:.1} MiB, weights held {:.1} MiB, loaded in {:.1} s",
+            "{}: {} decoder on {}, method {}, {} threads; file {:.1} MiB, weights held {:.1} MiB, loaded in {:.1} s",
             self.model,
+            self.engine,
             self.backend,
             self.method,
             self.threads,
@@ -116,6 +127,19 @@ impl fmt::Display for ModelBench {
                 mib(r.peak_host_bytes),
                 r.peak_gpu_bytes
                     .map_or("-".to_string(), |b| format!("{:.1}", mib(b)))
+            )?;
+        }
+        let shares: Vec<String> = self
+            .runs
+            .iter()
+            .filter_map(|r| r.prefill_attention_share)
+            .map(|s| format!("{:.1} %", 100.0 * s))
+            .collect();
+        if !shares.is_empty() {
+            writeln!(
+                f,
+                "attention's share of the prefill GPU time: {}",
+                shares.join(", ")
             )?;
         }
         let skipped: Vec<String> = self
@@ -215,5 +239,87 @@ pub fn bench_decoder(
         peak_expert_bytes,
         decode_up_rows_skipped: (considered > 0)
             .then(|| (skips.0 - skips0.0) as f64 / considered as f64),
+        prefill_attention_share: None,
     })
+}
+
+/// [`bench_decoder`] on the GPU decoder: the prompt prefilled in chunks of `chunk`
+/// tokens into a cache with room for the whole run (its peak memory included), then
+/// `new_tokens` greedy decode steps.
+pub fn bench_gpu_decoder(
+    dec: &GpuDecoder,
+    prompt: &[u32],
+    new_tokens: usize,
+    chunk: usize,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<BenchRun> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a benchmark needs at least one prompt token".into(),
+        ));
+    }
+    let g = dec.context().gpu().ok_or(Error::WrongContext)?;
+    g.reset_peak_buffer_bytes();
+    let mut cache = dec.new_cache(prompt.len() + new_tokens + 1)?;
+    let t0 = Instant::now();
+    let logits = dec.prefill(prompt, &mut cache, chunk)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let share = dec.last_report().and_then(|r| attention_share(&r));
+    let mut next = argmax(&logits);
+    let ttft_s = t0.elapsed().as_secs_f64();
+    on_token(next);
+    let t1 = Instant::now();
+    for _ in 0..new_tokens {
+        next = argmax(&dec.forward(&[next], &mut cache)?);
+        on_token(next);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    Ok(BenchRun {
+        prompt_tokens: prompt.len(),
+        gen_tokens: new_tokens,
+        prefill_tok_s: prompt.len() as f64 / prefill_s,
+        ttft_ms: ttft_s * 1e3,
+        decode_tok_s: if new_tokens == 0 {
+            0.0
+        } else {
+            new_tokens as f64 / decode_s
+        },
+        peak_gpu_bytes: Some(g.peak_buffer_bytes()),
+        peak_host_bytes: peak_host_bytes(),
+        peak_expert_bytes: 0,
+        decode_up_rows_skipped: None,
+        prefill_attention_share: share,
+    })
+}
+
+/// The attention stages' share of a GPU decoder call's timed stages (every stage but
+/// the embedding, the logits and the layers' `pre` / `post` stages).
+pub fn attention_share(r: &Report) -> Option<f64> {
+    let mut total = 0.0;
+    let mut attention = 0.0;
+    for s in &r.stages {
+        let ms = s.ms?;
+        total += ms;
+        let other = s.name == "embedding"
+            || s.name == "logits"
+            || s.name.ends_with(".pre")
+            || s.name.ends_with(".post");
+        if !other {
+            attention += ms;
+        }
+    }
+    (total > 0.0).then(|| attention / total)
+}
+
+/// Runs [`bench_decoder`] or [`bench_gpu_decoder`] (in the GPU decoder's default chunks).
+pub fn bench_engine(
+    engine: &Engine,
+    prompt: &[u32],
+    new_tokens: usize,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<BenchRun> {
+    match engine {
+        Engine::Cpu(d) => bench_decoder(d, prompt, new_tokens, on_token),
+        Engine::Gpu(d) => bench_gpu_decoder(d, prompt, new_tokens, d.default_chunk(), on_token),
+    }
 }

@@ -503,6 +503,18 @@ impl KvCache {
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Forgets the cached tokens after the first `len` (a chat rewinding to the prefix
+    /// its next prompt shares).
+    pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.len);
+        for rows in self.k.iter_mut().chain(self.v.iter_mut()) {
+            match rows {
+                KvRows::F16(v) => v.truncate(len * self.row),
+                KvRows::F32(v) => v.truncate(len * self.row),
+            }
+        }
+        self.len = len;
+    }
     /// True before the first token.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -677,6 +689,9 @@ pub struct Decoder {
     method: Method,
     /// Layers whose attention runs the plan's method; others run dense (all when empty).
     pub method_layers: Vec<usize>,
+    /// Per-layer methods overriding the others (calibrated SALE thresholds:
+    /// [`crate::attention::select::sale_calibrate::SaleThresholds::methods`]).
+    pub layer_methods: std::collections::HashMap<usize, Method>,
     /// Precision of the KV caches [`Decoder::new_cache`] makes: f16 (the default, half
     /// the memory; a decode step then attends to keys and values rounded to f16) or f32
     /// (the oracle: every step sees the values the prefill saw).
@@ -783,6 +798,7 @@ impl Decoder {
             ctx: ctx.clone(),
             method,
             method_layers: Vec::new(),
+            layer_methods: Default::default(),
             kv_precision: KvPrecision::F16,
             f32_activations: false,
             residency: Default::default(),
@@ -838,6 +854,9 @@ impl Decoder {
     /// The method the decoder's plan runs in `layer` (the loaded method, or dense for a
     /// layer outside [`Decoder::method_layers`]).
     pub fn layer_method(&self, layer: usize) -> Method {
+        if let Some(m) = self.layer_methods.get(&layer) {
+            return m.clone();
+        }
         if self.method_layers.is_empty() || self.method_layers.contains(&layer) {
             self.method.clone()
         } else {

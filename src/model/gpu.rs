@@ -81,6 +81,9 @@ pub struct GpuDecoder {
     /// Layers whose prompt attention runs the method; the others run dense (all when
     /// empty).
     pub method_layers: Vec<usize>,
+    /// Per-layer methods overriding the others (calibrated SALE thresholds:
+    /// [`crate::attention::select::sale_calibrate::SaleThresholds::methods`]).
+    pub layer_methods: std::collections::HashMap<usize, Method>,
     weight_bytes: u64,
     last: Mutex<Option<Report>>,
 }
@@ -285,6 +288,14 @@ impl GpuDecoder {
             });
         }
         let out_norm = vec_buf(ctx, g, "output_norm.weight", cfg.d_model)?;
+        // Drop every page of the mapped file this process still holds (a page fault maps
+        // a whole folio, so neighbours of the tensors read stay mapped otherwise).
+        if let Some((map, _)) = g.map_tensor("token_embd.weight")? {
+            map.advise(0..map.len(), false);
+        }
+        // Let the uploads finish, so that their staging copies are freed now.
+        dev.queue.submit([]);
+        let _ = dev.device.poll(wgpu::PollType::wait_indefinitely());
         log::info!(
             "GPU decoder: {:?}, {} layers, {:.1} MiB of weights on {}",
             cfg.arch,
@@ -302,6 +313,7 @@ impl GpuDecoder {
             layers,
             method,
             method_layers: Vec::new(),
+            layer_methods: Default::default(),
             weight_bytes: bytes,
             last: Mutex::new(None),
         })
@@ -319,6 +331,9 @@ impl GpuDecoder {
 
     /// The method of layer `layer`'s prompt attention.
     pub fn layer_method(&self, layer: usize) -> Method {
+        if let Some(m) = self.layer_methods.get(&layer) {
+            return m.clone();
+        }
         if self.method_layers.is_empty() || self.method_layers.contains(&layer) {
             self.method.clone()
         } else {
@@ -408,6 +423,28 @@ impl GpuDecoder {
             t * f,
         )?;
         let splits = decode_splits(cache.capacity, h, t);
+        // One cache attention per window (global / local layers), its partial states
+        // shared by every layer (they run one after the other).
+        let attn_for = |window: Option<usize>| {
+            DecodeAttentionGpu::build(
+                ctx,
+                DecodeShape {
+                    heads: h,
+                    kv_heads: kvh,
+                    tokens: t,
+                    head_dim: d,
+                    capacity: cache.capacity,
+                    window,
+                    scale: self.attention_scale(),
+                },
+                splits,
+            )
+        };
+        let attn_global = attn_for(None)?;
+        let attn_local = match c.window {
+            Some(w) => Some(attn_global.with_window(ctx, w)?),
+            None => None,
+        };
         let mut pre = Vec::with_capacity(c.n_layer);
         let mut cached = Vec::with_capacity(c.n_layer);
         let mut post = Vec::with_capacity(c.n_layer);
@@ -451,20 +488,10 @@ impl GpuDecoder {
                 list.push(rope_q.dispatch(g, &[table, &b.q]));
                 list.push(rope_k.dispatch(g, &[table, &b.k]));
             }
-            let window = if c.global[li] { None } else { c.window };
-            let attn = DecodeAttentionGpu::build(
-                ctx,
-                DecodeShape {
-                    heads: h,
-                    kv_heads: kvh,
-                    tokens: t,
-                    head_dim: d,
-                    capacity: cache.capacity,
-                    window,
-                    scale: self.attention_scale(),
-                },
-                splits,
-            )?;
+            let attn = match (&attn_local, c.global[li]) {
+                (Some(local), false) => local,
+                _ => &attn_global,
+            };
             let kv = &cache.layers[li];
             list.push(attn.store(g, &cache.pos, &b.k, &kv.k));
             list.push(attn.store(g, &cache.pos, &b.v, &kv.v));
@@ -542,17 +569,75 @@ impl GpuDecoder {
         1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
-    /// The prompt attention plan of layer `li` for `t` tokens from an empty cache.
-    fn prompt_plan(&self, li: usize, t: usize) -> Result<AttentionPlan> {
+    /// The prompt attention method of layer `li` for `t` tokens from an empty cache.
+    fn prompt_method(&self, li: usize, t: usize) -> Method {
         let c = &self.cfg;
-        let method = match (c.global[li], c.window) {
+        match (c.global[li], c.window) {
             (false, Some(w)) if t > w => Method::Window(WindowConfig {
                 window: w,
                 sinks: 0,
             }),
             (false, Some(_)) => Method::Dense,
             _ => self.layer_method(li),
+        }
+    }
+
+    /// Records and submits a prompt of `t` tokens from an empty cache: each layer's
+    /// attention through an attention plan of its method. Layers of one method share one
+    /// plan and one submission; where the method changes (calibrated per-layer SALE
+    /// thresholds, a window layer) the recording so far is submitted and the next
+    /// plan built, so that at most two plans' buffers are alive at once.
+    async fn record_prompt(&self, plan: &TokenPlan, t: usize) -> Result<Report> {
+        let c = &self.cfg;
+        let (b, d) = (&plan.bufs, c.head_dim);
+        let tensor = |buf: &wgpu::Buffer, heads: usize| {
+            Tensor::from_buffer(&self.ctx, &[heads, t, d], DType::F32, buf.clone())
         };
+        let (q, k, v, o) = (
+            tensor(&b.q, c.n_head)?,
+            tensor(&b.k, c.n_kv_head)?,
+            tensor(&b.v, c.n_kv_head)?,
+            tensor(&b.att, c.n_head)?,
+        );
+        let t0 = crate::runtime::recorder::Instant::now();
+        let mut parts = Vec::new();
+        let mut current: Option<(Method, AttentionPlan)> = None;
+        let new_rec = |stages: u32| Recorder::new(&self.ctx, "gpu decoder prompt", stages);
+        let mut rec: Option<Recorder<'_>> = None;
+        for li in 0..c.n_layer {
+            let m = self.prompt_method(li, t);
+            if current.as_ref().is_none_or(|(cm, _)| *cm != m) {
+                if let Some(r) = rec.take() {
+                    parts.push(r.submit().await?);
+                }
+                current = Some((m.clone(), self.prompt_plan(m, t)?));
+            }
+            let (_, attention) = current.as_ref().expect("set above");
+            let r = match &mut rec {
+                Some(r) => r,
+                None => {
+                    // Room for every remaining layer's stages and the logits.
+                    let per = 2 + attention.stage_count();
+                    let mut r = new_rec(per * (c.n_layer - li) as u32 + 2)?;
+                    if li == 0 {
+                        r.dispatch_stage("embedding", &plan.head);
+                    }
+                    rec.insert(r)
+                }
+            };
+            r.dispatch_stage(&format!("layer{li}.pre"), &plan.pre[li]);
+            attention.record(r, &q, &k, &v, &o)?;
+            r.dispatch_stage(&format!("layer{li}.post"), &plan.post[li]);
+        }
+        let mut r = rec.expect("a model has layers");
+        r.dispatch_stage("logits", &plan.tail);
+        parts.push(r.submit().await?);
+        Ok(Report::concat(parts, t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// A prompt attention plan of `t` tokens running `method`.
+    fn prompt_plan(&self, method: Method, t: usize) -> Result<AttentionPlan> {
+        let c = &self.cfg;
         let shape = AttentionShape::new(c.n_head, c.n_kv_head, t, c.head_dim);
         self.ctx
             .attention(shape)
@@ -617,53 +702,27 @@ impl GpuDecoder {
             );
         }
         cache.pos.set(g, start);
-        // A prompt from an empty cache attends through the attention plans.
-        let prompt: Vec<AttentionPlan> = if start == 0 {
-            (0..c.n_layer)
-                .map(|li| self.prompt_plan(li, t))
-                .collect::<Result<_>>()?
+        let report = if start == 0 {
+            self.record_prompt(plan, t).await?
         } else {
-            Vec::new()
-        };
-        let stages: u32 = 2
-            + 2 * c.n_layer as u32
-            + if prompt.is_empty() {
-                c.n_layer as u32
-            } else {
-                prompt.iter().map(|p| p.stage_count()).sum()
-            };
-        let mut rec = Recorder::new(&self.ctx, "gpu decoder", stages)?;
-        rec.dispatch_stage("embedding", &plan.head);
-        let tensors = if prompt.is_empty() {
-            None
-        } else {
-            let (h, kvh) = (c.n_head, c.n_kv_head);
-            let tensor = |buf: &wgpu::Buffer, heads: usize| {
-                Tensor::from_buffer(&self.ctx, &[heads, t, d], DType::F32, buf.clone())
-            };
-            Some((
-                tensor(&b.q, h)?,
-                tensor(&b.k, kvh)?,
-                tensor(&b.v, kvh)?,
-                tensor(&b.att, h)?,
-            ))
-        };
-        for (li, ((pre, cached), post)) in plan
-            .pre
-            .iter()
-            .zip(&plan.cached)
-            .zip(&plan.post)
-            .enumerate()
-        {
-            rec.dispatch_stage(&format!("layer{li}.pre"), pre);
-            match &tensors {
-                Some((q, k, v, o)) => prompt[li].record(&mut rec, q, k, v, o)?,
-                None => rec.dispatch_stage(&format!("layer{li}.attention"), cached),
+            // Decode steps and continuations: one submission.
+            let stages = 2 + 3 * c.n_layer as u32;
+            let mut rec = Recorder::new(&self.ctx, "gpu decoder", stages)?;
+            rec.dispatch_stage("embedding", &plan.head);
+            for (li, ((pre, cached), post)) in plan
+                .pre
+                .iter()
+                .zip(&plan.cached)
+                .zip(&plan.post)
+                .enumerate()
+            {
+                rec.dispatch_stage(&format!("layer{li}.pre"), pre);
+                rec.dispatch_stage(&format!("layer{li}.attention"), cached);
+                rec.dispatch_stage(&format!("layer{li}.post"), post);
             }
-            rec.dispatch_stage(&format!("layer{li}.post"), post);
-        }
-        rec.dispatch_stage("logits", &plan.tail);
-        let report = rec.submit().await?;
+            rec.dispatch_stage("logits", &plan.tail);
+            rec.submit().await?
+        };
         let bytes =
             crate::runtime::tensor::read_buffer(g, &b.logits, 0, (vocab * 4) as u64).await?;
         *self.last.lock().expect("report lock") = Some(report);
@@ -719,6 +778,113 @@ impl GpuDecoder {
             next = sampler.sample(&self.forward(&[next], cache)?);
         }
         Ok(out)
+    }
+}
+
+impl GpuDecoder {
+    /// The longest prefill chunk whose activations fit one storage binding each (at
+    /// most 8,192 tokens, a multiple of 256 when over it).
+    pub fn default_chunk(&self) -> usize {
+        let c = &self.cfg;
+        let widest = c.ffn_dim.max(c.n_head * c.head_dim).max(c.d_model) as u64 * 4;
+        let limit = self.ctx.gpu().map_or(u64::MAX, |g| {
+            g.caps.max_storage_binding.min(g.caps.max_buffer)
+        });
+        let t = (limit / widest).min(8192) as usize;
+        if t > 256 { t - t % 256 } else { t.max(1) }
+    }
+
+    /// Mean next-token negative log-likelihood (nats) of `ids` and the count of
+    /// predictions: the prompt in chunks of `chunk` tokens (the first through the layer
+    /// methods, the rest over the cache), every row's logits computed on the GPU 64
+    /// rows at a time and read back.
+    pub fn nll(&self, ids: &[u32], chunk: usize) -> Result<(f64, usize)> {
+        let n = ids.len();
+        if n < 2 || chunk == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "an NLL needs at least two tokens and a chunk (got {n}, {chunk})"
+            )));
+        }
+        let mut cache = self.new_cache(n)?;
+        let mut total = 0f64;
+        for (ci, part) in ids.chunks(chunk).enumerate() {
+            let start = ci * chunk;
+            self.forward(part, &mut cache)?;
+            self.logit_rows(&cache, part.len(), &mut |r, row| {
+                if let Some(&next) = ids.get(start + r + 1) {
+                    total += crate::model::decoder::token_nll(row, next);
+                }
+            })?;
+        }
+        Ok((total / (n - 1) as f64, n - 1))
+    }
+
+    /// The logits of every row of the last call of `t` tokens on `cache` (its final
+    /// hidden states are still in the plan's buffers): `f(row, logits)`.
+    fn logit_rows(
+        &self,
+        cache: &GpuKvCache,
+        t: usize,
+        f: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        let ctx = &self.ctx;
+        let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        let c = &self.cfg;
+        let plan = cache
+            .plans
+            .get(&t)
+            .ok_or_else(|| Error::InvalidArgument(format!("no call of {t} tokens ran")))?;
+        let b = &plan.bufs;
+        let out = self.output.as_ref().unwrap_or(&self.embd);
+        let vocab = out.rows;
+        let rows = (g.caps.max_storage_binding / (vocab as u64 * 4)).clamp(1, 64) as usize;
+        let rows = rows.min(t);
+        let norm = RmsNormGpu::build_for(ctx, t, c.d_model, c.norm_eps, 0, RmsNormMode::Out)?;
+        let xr = f32_buffer(g, "logit rows input", rows * c.d_model)?;
+        let lr = f32_buffer(g, "logit rows", rows * vocab)?;
+        let mm = MatmulGpu::build(
+            ctx,
+            "logits",
+            out,
+            rows,
+            c.head_dim,
+            LinearLayout::default(),
+        )?;
+        let list = mm.dispatches(g, &xr, &lr, None, None)?;
+        let mut rec = Recorder::new(ctx, "final norm", 0)?;
+        rec.dispatch_stage(
+            "final norm",
+            &[norm.dispatch(g, &[&b.x, &self.out_norm, &b.xn])],
+        );
+        rec.submit_blocking()?;
+        let row_bytes = (c.d_model * 4) as u64;
+        for r0 in (0..t).step_by(rows) {
+            let m = rows.min(t - r0);
+            let mut rec = Recorder::new(ctx, "logit rows", 0)?;
+            rec.encoder().copy_buffer_to_buffer(
+                &b.xn,
+                r0 as u64 * row_bytes,
+                &xr,
+                0,
+                m as u64 * row_bytes,
+            );
+            rec.dispatch_stage("logits", &list);
+            rec.submit_blocking()?;
+            let bytes = pollster::block_on(crate::runtime::tensor::read_buffer(
+                g,
+                &lr,
+                0,
+                (m * vocab * 4) as u64,
+            ))?;
+            let mut v: Vec<f32> = bytemuck::cast_slice(&bytes).to_vec();
+            if let Some(cap) = c.final_softcap {
+                v.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+            }
+            for (i, row) in v.chunks_exact(vocab).enumerate() {
+                f(r0 + i, row);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,13 +1,18 @@
 //! Real models: a GGUF reader with dequantization ([`gguf`], weight formats in [`crate::quant`]), the tokenizer
-//! built from a GGUF's vocabulary ([`tokenizer`]), and a small decoder for the llama,
-//! qwen2 and gemma3 architectures ([`decoder`]) whose attention runs through the crate's
-//! [`AttentionPlan`](crate::AttentionPlan), and that dumps real post-RoPE Q/K/V.
+//! built from a GGUF's vocabulary (`tokenizer`), the CPU decoder for the llama, qwen2,
+//! gemma3 and smallthinker architectures ([`decoder`]) whose attention runs through the
+//! crate's [`AttentionPlan`](crate::AttentionPlan) and that dumps real post-RoPE Q/K/V,
+//! the GPU decoder ([`gpu`]: the whole forward pass on a GPU), the choice between them
+//! ([`engine`]), and evaluation (`passkey` retrieval, [`eval`]).
 
 pub mod bench;
 pub mod decoder;
+pub mod engine;
 pub mod eval;
 pub mod gguf;
 pub mod gpu;
+#[cfg(all(feature = "tokenizers", not(target_arch = "wasm32")))]
+pub mod passkey;
 pub mod sample;
 pub mod smallthinker;
 pub mod spm;

@@ -328,7 +328,16 @@ impl ModelTokenizer {
     /// A one-turn chat prompt in the model's format (ChatML for SmolLM2 and Qwen, turn
     /// markers for Gemma), chosen from the chat template's markers.
     pub fn chat_prompt(&self, user: &str) -> Result<String> {
+        self.chat_transcript(&[(user.to_string(), None)])
+    }
+
+    /// A whole conversation in the model's chat format: each turn a user message and,
+    /// for all but the last, the model's reply; the text ends where the model answers
+    /// the last message. Turns that extend a transcript extend its text (a chat reuses
+    /// the KV cache of the common prefix).
+    pub fn chat_transcript(&self, turns: &[(String, Option<String>)]) -> Result<String> {
         let t = self.chat_template.as_deref().unwrap_or("");
+        let mut p = String::new();
         if t.contains("<|im_start|>") || self.inner.token_to_id("<|im_start|>").is_some() {
             let system = if t.contains("SmolLM") {
                 "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -337,16 +346,24 @@ impl ModelTokenizer {
             } else {
                 ""
             };
-            let mut p = String::new();
             if !system.is_empty() {
                 p += &format!("<|im_start|>system\n{system}<|im_end|>\n");
             }
-            p += &format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n");
+            for (user, reply) in turns {
+                p += &format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n");
+                if let Some(r) = reply {
+                    p += &format!("{r}<|im_end|>\n");
+                }
+            }
             Ok(p)
         } else if self.inner.token_to_id("<start_of_turn>").is_some() {
-            Ok(format!(
-                "<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
-            ))
+            for (user, reply) in turns {
+                p += &format!("<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n");
+                if let Some(r) = reply {
+                    p += &format!("{r}<end_of_turn>\n");
+                }
+            }
+            Ok(p)
         } else {
             Err(Error::Tokenizer(
                 "this model has no chat format this crate knows (ChatML or Gemma turns)".into(),

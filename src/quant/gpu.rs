@@ -62,7 +62,7 @@ pub struct GpuMatrix {
 /// Bytes uploaded between two queue submissions: the staging copies of
 /// `write_buffer` are freed once a submission completes, so host memory holds at most
 /// about this much of them.
-const UPLOAD_CHUNK: usize = 32 << 20;
+const UPLOAD_CHUNK: usize = 4 << 20;
 
 impl GpuMatrix {
     /// Bytes of one row.
@@ -123,7 +123,6 @@ impl GpuMatrix {
             per -= per % 64;
         }
         let mut parts = Vec::new();
-        let mut since_submit = 0usize;
         for row0 in (0..rows).step_by(per) {
             let n = per.min(rows - row0);
             let src = &bytes[row0 * rb..(row0 + n) * rb];
@@ -134,7 +133,7 @@ impl GpuMatrix {
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
-            upload(g, &buffer, src, &mut since_submit);
+            upload(g, &buffer, src);
             parts.push(MatrixPart {
                 row0,
                 rows: n,
@@ -155,18 +154,22 @@ impl GpuMatrix {
     }
 }
 
+/// Bytes written since the last flush of the queue (by any upload of the process).
+static PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Writes `src` into `buffer` in chunks (whole words; the tail padded with zeros),
-/// submitting the queue every [`UPLOAD_CHUNK`] bytes so that staging memory is freed.
-fn upload(g: &GpuDevice, buffer: &wgpu::Buffer, src: &[u8], since_submit: &mut usize) {
+/// submitting the queue and waiting for it every [`UPLOAD_CHUNK`] bytes written (over
+/// all matrices) so that the staging copies are freed as the model loads.
+fn upload(g: &GpuDevice, buffer: &wgpu::Buffer, src: &[u8]) {
+    use std::sync::atomic::Ordering;
     let whole = src.len() / 4 * 4;
     for (i, chunk) in src[..whole].chunks(UPLOAD_CHUNK).enumerate() {
         g.queue
             .write_buffer(buffer, (i * UPLOAD_CHUNK) as u64, chunk);
-        *since_submit += chunk.len();
-        if *since_submit >= UPLOAD_CHUNK {
+        if PENDING.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len() >= UPLOAD_CHUNK {
+            PENDING.store(0, Ordering::Relaxed);
             g.queue.submit([]);
             let _ = g.device.poll(wgpu::PollType::wait_indefinitely());
-            *since_submit = 0;
         }
     }
     if whole < src.len() {

@@ -111,6 +111,21 @@ impl SaleThresholds {
             ..base.clone()
         })
     }
+
+    /// Every calibrated layer's method: SALE `base` with that layer's per-head τ (what a
+    /// decoder's per-layer methods take; uncalibrated layers keep the decoder's method).
+    pub fn methods(&self, base: &SaleConfig) -> Vec<(usize, crate::attention::Method)> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let cfg = SaleConfig {
+                    head_tau: Some(l.tau.clone()),
+                    ..base.clone()
+                };
+                (l.layer, crate::attention::Method::Sale(cfg))
+            })
+            .collect()
+    }
 }
 
 /// Result of calibrating one attention.

@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use clap::Args;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use wgsparse::model::bench::{ModelBench, bench_decoder};
+use wgsparse::model::bench::{ModelBench, bench_engine};
 use wgsparse::{Error, Result};
 
 use crate::model::*;
 use crate::progress::Progress;
+use wgsparse::model::engine::Engine;
 
 #[derive(Args, Clone)]
 pub struct BenchModelArgs {
@@ -48,10 +49,10 @@ pub fn run(a: &BenchModelArgs) -> Result<()> {
         let prompt = match &a.text {
             Some(t) => text_ids(&tok, t, n)?,
             None => (0..n)
-                .map(|_| rng.random_range(0..dec.cfg.vocab as u32))
+                .map(|_| rng.random_range(0..dec.cfg().vocab as u32))
                 .collect(),
         };
-        let r = bench_decoder(&dec, &prompt, a.r#gen, &mut |_| {})?;
+        let r = bench_engine(&dec, &prompt, a.r#gen, &mut |_| {})?;
         progress.step(&format!(
             "{n} prompt tokens: prefill {:.2} tok/s, decode {:.2} tok/s",
             r.prefill_tok_s, r.decode_tok_s
@@ -62,12 +63,16 @@ pub fn run(a: &BenchModelArgs) -> Result<()> {
     let report = ModelBench {
         model: a.m.model.display().to_string(),
         backend: dec.context().backend().to_string(),
+        engine: dec.kind().to_string(),
         method: a.m.method.name().to_string(),
         threads: rayon::current_num_threads(),
         file_bytes: std::fs::metadata(&a.m.model)?.len(),
-        weight_bytes: dec.weight_bytes() as u64,
+        weight_bytes: dec.weight_bytes(),
         load_s,
-        expert_bytes: dec.expert_residency().2,
+        expert_bytes: match &dec {
+            Engine::Cpu(d) => d.expert_residency().2,
+            Engine::Gpu(_) => 0,
+        },
         expert_cap_bytes: a.m.max_resident_mb.map(|mb| mb << 20),
         first: runs[0].clone(),
         runs,

@@ -56,7 +56,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         method: Method::Dense,
         ..a.m.clone()
     };
-    let (tok, dec) = load(&m_args)?;
+    let (tok, dec) = load_decoder(&m_args)?;
     let layers = eval_layers(&a.layers, &dec.cfg.global)?;
     if a.tokens > dec.cfg.ctx_len {
         return Err(Error::InvalidArgument(format!(

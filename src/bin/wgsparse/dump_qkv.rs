@@ -33,7 +33,7 @@ pub struct DumpArgs {
 
 /// Prefill over a text, writing the chosen layers' post-RoPE Q/K/V as Q/K/V files.
 pub fn run(a: &DumpArgs) -> Result<()> {
-    let (tok, dec) = load(&a.m)?;
+    let (tok, dec) = load_decoder(&a.m)?;
     let c = dec.cfg.clone();
     if let Some(&bad) = a.layers.iter().find(|&&l| l >= c.n_layer) {
         return Err(Error::InvalidArgument(format!(

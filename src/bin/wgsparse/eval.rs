@@ -241,10 +241,12 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         model: a.model.clone(),
         method: Method::Dense,
         backend: a.backend,
+        engine: wgsparse::model::engine::EngineKind::Cpu,
+        thresholds: None,
         exact: false,
         max_resident_mb: None,
     };
-    let (tok, dec) = load(&m_args)?;
+    let (tok, dec) = load_decoder(&m_args)?;
     let layers = eval_layers(&a.layers, &dec.cfg.global)?;
     if layers.is_empty() && a.no_end_to_end {
         return Err(Error::InvalidArgument(

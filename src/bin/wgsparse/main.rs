@@ -15,6 +15,7 @@
 mod attention;
 mod bench_model;
 mod calibrate;
+mod chat;
 mod demo;
 mod device;
 mod dump_qkv;
@@ -25,6 +26,7 @@ mod layer;
 mod model;
 mod moe;
 mod nll;
+mod passkey;
 mod progress;
 mod report;
 mod shader;
@@ -73,6 +75,10 @@ enum Command {
     SynthGguf(synth_gguf::SynthArgs),
     /// Mean next-token negative log-likelihood of a model on the start of a text.
     Nll(nll::NllArgs),
+    /// A conversation from stdin (one message per line), the KV cache kept across turns.
+    Chat(chat::ChatArgs),
+    /// Passkey retrieval at a long context, per prompt attention method.
+    Passkey(passkey::PasskeyArgs),
     /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
     DumpQkv(dump_qkv::DumpArgs),
     /// Quality of attention methods on a real model: per layer and head, and end to end.
@@ -158,6 +164,8 @@ fn main() -> ExitCode {
         Some(Command::Shader { list, name, dump }) => shader::run(list, name, dump),
         Some(Command::Generate(a)) => generate::run(&a),
         Some(Command::Nll(a)) => nll::run(&a),
+        Some(Command::Chat(a)) => chat::run(&a),
+        Some(Command::Passkey(a)) => passkey::run(&a),
         Some(Command::BenchModel(a)) => bench_model::run(&a),
         Some(Command::SynthGguf(a)) => synth_gguf::run(&a),
         Some(Command::DumpQkv(a)) => dump_qkv::run(&a),

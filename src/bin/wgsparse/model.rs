@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use clap::Args;
 use wgsparse::model::decoder::{Decoder, KvPrecision};
+use wgsparse::model::engine::{Engine, EngineKind};
 use wgsparse::model::gguf::Gguf;
 use wgsparse::model::tokenizer::ModelTokenizer;
 use wgsparse::{Backend, Error, Method, Result};
@@ -19,10 +20,19 @@ pub struct ModelArgs {
     /// Attention method of the prefill.
     #[arg(long, default_value = "dense")]
     pub(crate) method: Method,
-    /// Where attention runs: auto, vulkan, metal, dx12, gl or cpu (default cpu; also
-    /// WGSPARSE_BACKEND). Projections run on the CPU either way.
+    /// The device: auto (the best GPU, else the CPU), vulkan, metal, dx12, gl or cpu
+    /// (default cpu; also WGSPARSE_BACKEND). On a GPU the whole model runs there (the
+    /// GPU decoder) unless `--engine cpu` keeps the projections on the CPU.
     #[arg(long)]
     pub(crate) backend: Option<Backend>,
+    /// The decoder: auto (the GPU decoder on a GPU backend for llama/qwen2/gemma3, else
+    /// the CPU decoder), cpu (projections on the CPU, attention on the backend) or gpu.
+    #[arg(long, default_value = "auto")]
+    pub(crate) engine: EngineKind,
+    /// SALE: calibrated per-head thresholds (`wgsparse calibrate`) for the layers the
+    /// file holds (`--method sale` sets the other parameters).
+    #[arg(long)]
+    pub(crate) thresholds: Option<PathBuf>,
     /// The decoder's oracle form: f32 activations in the projections (instead of
     /// integer products on 16-bit activations) and an f32 KV cache (instead of f16).
     #[arg(long)]
@@ -34,8 +44,21 @@ pub struct ModelArgs {
     pub(crate) max_resident_mb: Option<u64>,
 }
 
-/// `wgsparse generate`.
-pub fn load(m: &ModelArgs) -> Result<(ModelTokenizer, Decoder)> {
+/// The model on the engine `--engine` and `--backend` ask for.
+pub fn load(m: &ModelArgs) -> Result<(ModelTokenizer, Engine)> {
+    load_on(m, m.engine)
+}
+
+/// The model on the CPU decoder (attention on `--backend`): the commands that observe
+/// its layers.
+pub fn load_decoder(m: &ModelArgs) -> Result<(ModelTokenizer, Decoder)> {
+    match load_on(m, EngineKind::Cpu)? {
+        (tok, Engine::Cpu(d)) => Ok((tok, d)),
+        _ => unreachable!("the CPU engine was asked"),
+    }
+}
+
+fn load_on(m: &ModelArgs, kind: EngineKind) -> Result<(ModelTokenizer, Engine)> {
     let t0 = Instant::now();
     let mut g = Gguf::open(&m.model)?;
     let tok = ModelTokenizer::from_gguf(&g)?;
@@ -44,17 +67,41 @@ pub fn load(m: &ModelArgs) -> Result<(ModelTokenizer, Decoder)> {
     g.metadata.retain(|k, _| !k.starts_with("tokenizer.ggml."));
     wgsparse::runtime::threads::release_free_memory();
     let ctx = crate::device::context_or(m.backend, Backend::Cpu)?;
-    let mut dec = Decoder::load(&g, &ctx, m.method.clone())?;
-    if m.exact {
-        dec.f32_activations = true;
-        dec.kv_precision = KvPrecision::F32;
+    let mut dec = Engine::load(&g, &ctx, m.method.clone(), kind)?;
+    if let Some(path) = &m.thresholds {
+        let Method::Sale(base) = &m.method else {
+            return Err(Error::InvalidArgument(
+                "--thresholds needs --method sale".into(),
+            ));
+        };
+        let t = wgsparse::attention::select::sale_calibrate::SaleThresholds::load(path)?;
+        let methods = t.methods(base).into_iter().collect();
+        match &mut dec {
+            Engine::Cpu(d) => d.layer_methods = methods,
+            Engine::Gpu(d) => d.layer_methods = methods,
+        }
     }
-    dec.set_max_resident_experts(m.max_resident_mb.map(|mb| mb << 20));
+    match &mut dec {
+        Engine::Cpu(d) => {
+            if m.exact {
+                d.f32_activations = true;
+                d.kv_precision = KvPrecision::F32;
+            }
+            d.set_max_resident_experts(m.max_resident_mb.map(|mb| mb << 20));
+        }
+        Engine::Gpu(_) if m.exact || m.max_resident_mb.is_some() => {
+            return Err(Error::InvalidArgument(
+                "--exact and --max-resident-mb are CPU decoder options (--engine cpu)".into(),
+            ));
+        }
+        Engine::Gpu(_) => {}
+    }
+    let (cfg, engine) = (dec.cfg(), dec.kind());
     eprintln!(
-        "loaded {} ({:?}, {} layers, attention on {}) in {:.1} s",
+        "loaded {} ({:?}, {} layers, {engine} decoder on {}) in {:.1} s",
         m.model.display(),
-        dec.cfg.arch,
-        dec.cfg.n_layer,
+        cfg.arch,
+        cfg.n_layer,
         ctx.backend(),
         t0.elapsed().as_secs_f64()
     );
