@@ -462,3 +462,141 @@ fn synthetic_models_benchmark_and_generate() {
     assert!(!ok && err.contains("is a qwen2 model"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `chat` keeps the KV cache across turns: the second turn prefills only what its
+/// transcript adds (the CPU decoder and, on the GPU, the GPU decoder, greedy replies
+/// equal); `bench-model` on the GPU decoder reports its keys; `passkey` runs and scores.
+#[test]
+fn chat_reuses_the_cache_and_the_gpu_decoder_benchmarks() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("wgsparse-cli-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiny-llama.gguf");
+    let f = file.to_str().unwrap();
+    let (ok, _, err) = common::wgsparse(&[
+        "synth-gguf",
+        "--arch",
+        "llama",
+        "--preset",
+        "tiny-llama",
+        "--type",
+        "q8_0",
+        "--out",
+        f,
+    ]);
+    assert!(ok, "{err}");
+    let gpu = common::gpu(None).is_some();
+    let chat = |backend: &str| -> (String, Vec<(usize, usize)>) {
+        let bin = env!("CARGO_BIN_EXE_wgsparse");
+        let mut child = std::process::Command::new(bin)
+            .args([
+                "chat",
+                "--model",
+                f,
+                "--tokens",
+                "6",
+                "--context",
+                "512",
+                "--backend",
+                backend,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"hello there\nand a second question\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{backend}: {err}");
+        // "[turn N: P of T prompt tokens prefilled, ...]"
+        let turns: Vec<(usize, usize)> = err
+            .lines()
+            .filter_map(|l| l.strip_prefix("[turn "))
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w[1].parse().unwrap(), w[3].parse().unwrap())
+            })
+            .collect();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), turns)
+    };
+    let (text, turns) = chat("cpu");
+    assert_eq!(turns.len(), 2, "{text}");
+    assert_eq!(turns[0].0, turns[0].1, "the first turn prefills everything");
+    // At least the first turn's prompt is reused (the reply too where its text
+    // re-encodes to the generated ids, as it does on real models).
+    assert!(
+        turns[1].0 <= turns[1].1 - turns[0].1,
+        "second turn: {turns:?}"
+    );
+    if gpu {
+        let (gtext, gturns) = chat("vulkan");
+        assert_eq!(gturns.len(), 2);
+        assert!(gturns[1].0 <= gturns[1].1 - gturns[0].1, "GPU: {gturns:?}");
+        assert!(!gtext.trim().is_empty() || !text.trim().is_empty());
+        let (ok, out, err) = common::wgsparse(&[
+            "bench-model",
+            "--model",
+            f,
+            "--backend",
+            "vulkan",
+            "--prompt-tokens",
+            "9,20",
+            "--gen",
+            "4",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v = common::one_json(&out);
+        assert_eq!(v["engine"], "gpu", "{v}");
+        for key in [
+            "prefill_tok_s",
+            "decode_tok_s",
+            "ttft_ms",
+            "peak_gpu_bytes",
+            "peak_host_bytes",
+        ] {
+            assert!(v[key].as_f64().unwrap() > 0.0, "GPU decoder: {key} in {v}");
+        }
+        // Weights stay in their blocks: live GPU memory stays near the file's size.
+        let file_bytes = v["file_bytes"].as_f64().unwrap();
+        assert!(
+            v["weight_bytes"].as_f64().unwrap() <= 1.1 * file_bytes,
+            "{v}"
+        );
+    }
+    let text_file = dir.join("filler.txt");
+    std::fs::write(
+        &text_file,
+        "It is a truth universally acknowledged, that a single man in possession of a \
+         good fortune, must be in want of a wife. "
+            .repeat(100),
+    )
+    .unwrap();
+    let (ok, out, err) = common::wgsparse(&[
+        "passkey",
+        "--model",
+        f,
+        "--text",
+        text_file.to_str().unwrap(),
+        "--tokens",
+        "400",
+        "--depths",
+        "0.2,0.8",
+        "--methods",
+        "dense,window:window=64",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v = common::one_json(&out);
+    assert_eq!(v["runs"].as_array().unwrap().len(), 4, "{v}");
+    assert_eq!(v["success"].as_array().unwrap().len(), 2, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

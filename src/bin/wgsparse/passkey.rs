@@ -70,8 +70,13 @@ impl fmt::Display for PasskeyReport {
         for r in &self.runs {
             writeln!(
                 f,
-                "{:<24} {:>6.2} {:>07} {:>6} {:>8.1}  {:?}",
-                r.method, r.depth, r.key, r.found, r.seconds, r.answer
+                "{:<24} {:>6.2} {:>7} {:>6} {:>8.1}  {:?}",
+                r.method,
+                r.depth,
+                format!("{:05}", r.key),
+                r.found,
+                r.seconds,
+                r.answer
             )?;
         }
         for (m, ok, n) in &self.success {
