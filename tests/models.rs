@@ -140,14 +140,7 @@ fn smollm2_greedy_and_nll_match_the_research_notes() {
 
 /// The first `n` SmolLM2 token ids of Pride and Prejudice (tests/fixtures).
 fn pride_ids(n: usize) -> Vec<u32> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tokens_smollm2_prideprejudice.json");
-    let f: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    f["ids"].as_array().unwrap()[..n]
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
+    fixture_ids("tokens_smollm2_prideprejudice.json", n)
 }
 
 /// The decoder with its attention on a GPU (lavapipe in CI) against the CPU path:

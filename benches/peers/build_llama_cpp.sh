@@ -7,7 +7,7 @@
 # LLAMA_BACKEND picks the ggml backend and the build directory:
 #   cpu (default)  target/peers/llama.cpp/build         -DGGML_NATIVE=ON
 #   vulkan         target/peers/llama.cpp/build-vulkan  -DGGML_VULKAN=ON (needs the
-#                  Vulkan headers and glslc: apt install libvulkan-dev glslc)
+#                  Vulkan and SPIR-V headers and glslc: apt install libvulkan-dev spirv-headers glslc)
 #   cuda           target/peers/llama.cpp/build-cuda    -DGGML_CUDA=ON
 #                  -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} (needs nvcc; the H200 is sm_90)
 # llama_cpp_bin_dir prints the directory the tools land in.
@@ -26,9 +26,11 @@ build_llama_cpp() {
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     printf '[build-llama-cpp] building %s (once)\n' "${missing[*]}" >&2
-    if [ ! -f "$peers/llama.cpp/CMakeLists.txt" ]; then
+    if [ ! -x "$peers/venv/bin/cmake" ] || [ ! -x "$peers/venv/bin/ninja" ]; then
         python3 -m venv "$peers/venv"
         "$peers/venv/bin/pip" install -q --disable-pip-version-check cmake ninja scikit-build-core
+    fi
+    if [ ! -f "$peers/llama.cpp/CMakeLists.txt" ]; then
         local tmp
         tmp=$(mktemp -d)
         "$peers/venv/bin/pip" download -q --disable-pip-version-check --no-deps \
@@ -40,6 +42,8 @@ build_llama_cpp() {
     fi
     local build flags=()
     build=$(dirname "$bin")
+    # (the Vulkan backend's shader generator is a sub-build that finds ninja on PATH)
+    export PATH="$peers/venv/bin:$PATH"
     case "${LLAMA_BACKEND:-cpu}" in
         cpu) flags=(-DGGML_NATIVE=ON) ;;
         vulkan) flags=(-DGGML_NATIVE=ON -DGGML_VULKAN=ON) ;;

@@ -4,9 +4,9 @@
 #
 #   LLAMA_BACKEND=vulkan|cuda bash benches/peers/llama_cpp_gpu.sh MODEL.gguf [MODEL.gguf ...]
 #
-# Builds `llama-bench` once (build_llama_cpp.sh; vulkan needs libvulkan-dev and glslc,
-# cuda needs nvcc: CUDA_ARCH=90 on the H200), then per model prints one JSON line per
-# side and test:
+# Builds `llama-bench` once (build_llama_cpp.sh; vulkan needs libvulkan-dev, spirv-headers
+# and glslc, cuda needs nvcc: CUDA_ARCH=90 on the H200), then per model prints one JSON
+# line per side and test:
 #   llama.cpp: llama-bench -ngl 99 -fa 1 -p PROMPTS -n GEN   (all layers on the GPU,
 #              flash attention; prefill of each prompt length, decode from an empty
 #              context)

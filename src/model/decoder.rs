@@ -204,6 +204,31 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The softmax scale of the attention (1/√head_dim).
+    pub fn attention_scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+/// The prompt attention method of `layer`, as both decoders choose it: its own method
+/// (`layer_methods`: calibrated per-layer thresholds), else `method` where
+/// `method_layers` is empty or lists the layer, else dense.
+pub fn choose_layer_method(
+    method: &Method,
+    method_layers: &[usize],
+    layer_methods: &std::collections::HashMap<usize, Method>,
+    layer: usize,
+) -> Method {
+    if let Some(m) = layer_methods.get(&layer) {
+        m.clone()
+    } else if method_layers.is_empty() || method_layers.contains(&layer) {
+        method.clone()
+    } else {
+        Method::Dense
+    }
+}
+
 /// A linear layer's weights `[rows, cols]` (`[out, in]`), kept in their GGUF format
 /// ([`QMat`]: decoded in registers by each product, never stored as f32).
 pub struct Mat {
@@ -854,14 +879,12 @@ impl Decoder {
     /// The method the decoder's plan runs in `layer` (the loaded method, or dense for a
     /// layer outside [`Decoder::method_layers`]).
     pub fn layer_method(&self, layer: usize) -> Method {
-        if let Some(m) = self.layer_methods.get(&layer) {
-            return m.clone();
-        }
-        if self.method_layers.is_empty() || self.method_layers.contains(&layer) {
-            self.method.clone()
-        } else {
-            Method::Dense
-        }
+        choose_layer_method(
+            &self.method,
+            &self.method_layers,
+            &self.layer_methods,
+            layer,
+        )
     }
 
     /// Replaces the attention method (for every layer in [`Decoder::method_layers`]).
@@ -871,7 +894,7 @@ impl Decoder {
 
     /// The softmax scale of the attention (1/√head_dim).
     pub fn attention_scale(&self) -> f32 {
-        1.0 / (self.cfg.head_dim as f32).sqrt()
+        self.cfg.attention_scale()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1468,21 +1491,14 @@ impl Decoder {
     ) -> Result<Vec<u32>> {
         let mut cache = self.new_cache();
         cache.reserve(prompt.len() + max_new);
-        let mut out = Vec::with_capacity(max_new);
         let h = self.forward(prompt, &mut cache, &mut |_| Ok(()))?;
         let dm = self.cfg.d_model;
-        let mut next = sampler.sample(&self.logits(&h[h.len() - dm..]));
+        let first = sampler.sample(&self.logits(&h[h.len() - dm..]));
         // The decode steps reuse one workspace.
         let mut ws = self.workspace();
-        for i in 0..max_new {
-            out.push(next);
-            on_token(next);
-            if stop.contains(&next) || i + 1 == max_new {
-                break;
-            }
-            next = sampler.sample(self.step(next, &mut cache, &mut ws)?);
-        }
-        Ok(out)
+        crate::model::sample::generation_loop(first, max_new, stop, on_token, &mut |t| {
+            Ok(sampler.sample(self.step(t, &mut cache, &mut ws)?))
+        })
     }
 
     /// Mean next-token negative log-likelihood (nats) of `ids` (prefill of all of them,

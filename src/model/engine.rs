@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::decoder::{Arch, Config, Decoder, KvCache};
 use crate::model::gguf::Gguf;
 use crate::model::gpu::{GpuDecoder, GpuKvCache};
-use crate::model::sample::Sampler;
+use crate::model::sample::{Sampler, generation_loop};
 use crate::runtime::context::Context;
 
 /// Which decoder runs a model.
@@ -195,42 +195,29 @@ impl Engine {
         // At least the last prompt token runs, for its logits.
         let keep = common_prefix(&s.ids, prompt).min(prompt.len() - 1);
         let new = &prompt[keep..];
-        let mut out = Vec::with_capacity(max_new);
-        match (self, &mut s.cache) {
+        let out = match (self, &mut s.cache) {
             (Engine::Cpu(d), SessionCache::Cpu(cache)) => {
                 cache.truncate(keep);
                 let h = d.forward(new, cache, &mut |_| Ok(()))?;
-                let dm = d.cfg.d_model;
-                let mut next = sampler.sample(&d.logits(&h[h.len() - dm..]));
+                let first = sampler.sample(&d.logits(&h[h.len() - d.cfg.d_model..]));
                 let mut ws = d.workspace();
-                for i in 0..max_new {
-                    out.push(next);
-                    on_token(next);
-                    if stop.contains(&next) || i + 1 == max_new {
-                        break;
-                    }
-                    next = sampler.sample(d.step(next, cache, &mut ws)?);
-                }
+                generation_loop(first, max_new, stop, on_token, &mut |t| {
+                    Ok(sampler.sample(d.step(t, cache, &mut ws)?))
+                })?
             }
             (Engine::Gpu(d), SessionCache::Gpu(cache)) => {
                 cache.truncate(keep);
-                let logits = d.prefill(new, cache, d.default_chunk())?;
-                let mut next = sampler.sample(&logits);
-                for i in 0..max_new {
-                    out.push(next);
-                    on_token(next);
-                    if stop.contains(&next) || i + 1 == max_new {
-                        break;
-                    }
-                    next = sampler.sample(&d.forward(&[next], cache)?);
-                }
+                let first = sampler.sample(&d.prefill(new, cache, d.default_chunk())?);
+                generation_loop(first, max_new, stop, on_token, &mut |t| {
+                    Ok(sampler.sample(&d.forward(&[t], cache)?))
+                })?
             }
             _ => {
                 return Err(Error::InvalidArgument(
                     "this session was made by the other engine".into(),
                 ));
             }
-        }
+        };
         s.ids.truncate(keep);
         s.ids.extend_from_slice(new);
         s.ids.extend_from_slice(&out[..out.len() - 1]);

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::attention::decode::{DecodeAttentionGpu, DecodePos, DecodeShape, GpuKvLayer};
 use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
-use crate::model::decoder::{Arch, Config};
+use crate::model::decoder::{Arch, Config, choose_layer_method};
 use crate::model::gguf::Gguf;
 use crate::model::sample::Sampler;
 use crate::ops::act::{ActGpu, Gate};
@@ -331,14 +331,12 @@ impl GpuDecoder {
 
     /// The method of layer `layer`'s prompt attention.
     pub fn layer_method(&self, layer: usize) -> Method {
-        if let Some(m) = self.layer_methods.get(&layer) {
-            return m.clone();
-        }
-        if self.method_layers.is_empty() || self.method_layers.contains(&layer) {
-            self.method.clone()
-        } else {
-            Method::Dense
-        }
+        choose_layer_method(
+            &self.method,
+            &self.method_layers,
+            &self.layer_methods,
+            layer,
+        )
     }
 
     /// Replaces the prompt attention method.
@@ -566,7 +564,7 @@ impl GpuDecoder {
 
     /// The softmax scale of the attention (1/√head_dim).
     pub fn attention_scale(&self) -> f32 {
-        1.0 / (self.cfg.head_dim as f32).sqrt()
+        self.cfg.attention_scale()
     }
 
     /// The prompt attention method of layer `li` for `t` tokens from an empty cache.
@@ -766,18 +764,11 @@ impl GpuDecoder {
         chunk: usize,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Vec<u32>> {
-        let mut out = Vec::with_capacity(max_new);
         let logits = self.prefill(prompt, cache, chunk)?;
-        let mut next = sampler.sample(&logits);
-        for i in 0..max_new {
-            out.push(next);
-            on_token(next);
-            if stop.contains(&next) || i + 1 == max_new {
-                break;
-            }
-            next = sampler.sample(&self.forward(&[next], cache)?);
-        }
-        Ok(out)
+        let first = sampler.sample(&logits);
+        crate::model::sample::generation_loop(first, max_new, stop, on_token, &mut |t| {
+            Ok(sampler.sample(&self.forward(&[t], cache)?))
+        })
     }
 }
 

@@ -125,6 +125,29 @@ impl Sampler {
     }
 }
 
+/// The generation loop of every decoder: `first` is the token sampled from the
+/// prompt's logits; each token is kept and shown to `on_token`, and, unless it is one of
+/// `stop` or the `max_new`-th, fed to `step`, which runs it and returns the next token.
+pub fn generation_loop(
+    first: u32,
+    max_new: usize,
+    stop: &[u32],
+    on_token: &mut dyn FnMut(u32),
+    step: &mut dyn FnMut(u32) -> crate::error::Result<u32>,
+) -> crate::error::Result<Vec<u32>> {
+    let mut out = Vec::with_capacity(max_new);
+    let mut next = first;
+    for i in 0..max_new {
+        out.push(next);
+        on_token(next);
+        if stop.contains(&next) || i + 1 == max_new {
+            break;
+        }
+        next = step(next)?;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

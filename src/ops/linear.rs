@@ -127,6 +127,23 @@ fn linear_spec_flags(format: Defines, layout: LinearLayout, kernel: LinearKernel
 }
 
 impl LinearLayout {
+    /// Errors unless `head_dim` suits the head-major sides of an `[n, k]` projection (a
+    /// multiple of 4 dividing the width).
+    pub fn check(&self, label: &str, n: usize, k: usize, head_dim: usize) -> Result<()> {
+        let head_major = self.in_head_major || self.out_head_major;
+        if head_major
+            && (head_dim == 0
+                || !head_dim.is_multiple_of(4)
+                || (self.in_head_major && !k.is_multiple_of(head_dim))
+                || (self.out_head_major && !n.is_multiple_of(head_dim)))
+        {
+            return Err(Error::InvalidShape(format!(
+                "{label}: head-major layouts need head_dim ({head_dim}) % 4 == 0 dividing the width"
+            )));
+        }
+        Ok(())
+    }
+
     /// The layouts a decoder layer uses: plain, head-major out (q/k/v projections),
     /// head-major in with the residual (the output projection).
     pub fn used() -> [LinearLayout; 3] {
@@ -372,17 +389,7 @@ impl LinearGpu {
         )?;
         w.validate()?;
         let (n, k) = (w.rows, w.cols);
-        let head_major = layout.in_head_major || layout.out_head_major;
-        if head_major
-            && (head_dim == 0
-                || !head_dim.is_multiple_of(4)
-                || (layout.in_head_major && !k.is_multiple_of(head_dim))
-                || (layout.out_head_major && !n.is_multiple_of(head_dim)))
-        {
-            return Err(Error::InvalidShape(format!(
-                "{label}: head-major layouts need head_dim ({head_dim}) % 4 == 0 dividing the width"
-            )));
-        }
+        layout.check(label, n, k, head_dim)?;
         let p = LinearParams {
             tokens: tokens as u32,
             k: k as u32,
@@ -477,17 +484,7 @@ impl MatmulGpu {
         if tokens == 0 {
             return Err(Error::InvalidShape(format!("{label}: no tokens")));
         }
-        let head_major = layout.in_head_major || layout.out_head_major;
-        if head_major
-            && (head_dim == 0
-                || !head_dim.is_multiple_of(4)
-                || (layout.in_head_major && !k.is_multiple_of(head_dim))
-                || (layout.out_head_major && !n.is_multiple_of(head_dim)))
-        {
-            return Err(Error::InvalidShape(format!(
-                "{label}: head-major layouts need head_dim ({head_dim}) % 4 == 0 dividing the width"
-            )));
-        }
+        layout.check(label, n, k, head_dim)?;
         let coop = if tokens == 1 {
             None
         } else {

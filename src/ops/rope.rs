@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Dispatch, Launch, grid_2d, storage_init};
+use crate::runtime::launch::{Dispatch, storage_init};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
@@ -136,8 +136,8 @@ pub fn rope_cpu(x: &mut [f32], tokens: usize, head_dim: usize, table: &[f32]) {
 /// A built RoPE for tensors `[heads[i], tokens, head_dim]` (one per entry of `heads`,
 /// e.g. Q and K) at positions `pos0..`.
 pub struct RopeGpu {
-    /// One launch and grid per rotated tensor.
-    params: Vec<(Launch<RopeParams>, (u32, u32))>,
+    /// One step per rotated tensor.
+    params: Vec<crate::runtime::launch::Step<RopeParams>>,
     table: wgpu::Buffer,
 }
 
@@ -152,26 +152,14 @@ impl RopeGpu {
         pos0: usize,
     ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        if head_dim == 0 || !head_dim.is_multiple_of(2) || theta.is_nan() || theta <= 1.0 {
+        if theta.is_nan() || theta <= 1.0 {
             return Err(Error::InvalidArgument(format!(
-                "RoPE needs an even head_dim (got {head_dim}) and θ > 1 (got {theta})"
+                "RoPE needs θ > 1 (got {theta})"
             )));
         }
         let params = heads
             .iter()
-            .map(|&h| {
-                let p = RopeParams {
-                    heads: h as u32,
-                    tokens: tokens as u32,
-                    half: (head_dim / 2) as u32,
-                    _pad: 0,
-                };
-                let groups = (h as u64 * tokens as u64 * head_dim as u64 / 2).div_ceil(256);
-                Ok((
-                    Launch::new(ctx, &rope_spec(), &p)?,
-                    grid_2d(groups, g.caps.max_workgroups_per_dim, "rope")?,
-                ))
-            })
+            .map(|&h| rope_step(ctx, RopeStyle::Neox, h, tokens, head_dim))
             .collect::<Result<Vec<_>>>()?;
         let table = rope_table(tokens, head_dim, theta, pos0);
         Ok(RopeGpu {
@@ -193,9 +181,7 @@ impl RopeGpu {
         let list: Vec<Dispatch> = xs
             .iter()
             .zip(&self.params)
-            .map(|(x, (launch, (gx, gy)))| {
-                launch.dispatch(rec.gpu(), &[&self.table, x], (*gx, *gy, 1))
-            })
+            .map(|(x, step)| step.dispatch(rec.gpu(), &[&self.table, x]))
             .collect();
         rec.dispatch_stage(name, &list);
         Ok(())

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use clap::Args;
 use wgsparse::Result;
-use wgsparse::model::sample::{Sampler, SamplerConfig};
 
 use crate::model::*;
 
@@ -20,29 +19,14 @@ pub struct ChatArgs {
     /// Room of the conversation's KV cache in tokens (the GPU decoder reserves it).
     #[arg(long, default_value_t = 4096)]
     context: usize,
-    /// Sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample among the k most likely tokens only (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Sample from the smallest set of most likely tokens reaching this probability.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of the sampler.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 /// The conversation: each reply on its own line of stdout; per turn, on stderr, the
 /// tokens prefilled (the new ones only) and the time.
 pub fn run(a: &ChatArgs) -> Result<()> {
-    let mut sampler = Sampler::new(SamplerConfig {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    })?;
+    let mut sampler = a.sampling.sampler()?;
     let (tok, dec) = load(&a.m)?;
     let mut session = dec.new_session(a.context)?;
     let mut turns: Vec<(String, Option<String>)> = Vec::new();

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use clap::Args;
 use wgsparse::Result;
-use wgsparse::model::sample::{Sampler, SamplerConfig};
 
 use crate::model::*;
 
@@ -20,18 +19,8 @@ pub struct GenerateArgs {
     /// New tokens at most.
     #[arg(long, default_value_t = 32)]
     tokens: usize,
-    /// Sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample among the k most likely tokens only (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Sample from the smallest set of most likely tokens reaching this probability.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of the sampler (the same seed replays a generation).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Wrap the prompt in the model's chat format (one user turn).
     #[arg(long)]
     chat: bool,
@@ -43,12 +32,7 @@ pub struct GenerateArgs {
 
 /// Generation, streamed to stdout.
 pub fn run(a: &GenerateArgs) -> Result<()> {
-    let mut sampler = Sampler::new(SamplerConfig {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    })?;
+    let mut sampler = a.sampling.sampler()?;
     let (tok, dec) = load(&a.m)?;
     let prompt = if a.chat {
         tok.chat_prompt(&a.prompt)?

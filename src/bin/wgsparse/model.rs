@@ -44,6 +44,35 @@ pub struct ModelArgs {
     pub(crate) max_resident_mb: Option<u64>,
 }
 
+/// How the generating commands choose tokens.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample from the smallest set of most likely tokens reaching this probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler (the same seed replays a generation).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    /// The sampler these flags describe.
+    pub fn sampler(&self) -> Result<wgsparse::model::sample::Sampler> {
+        wgsparse::model::sample::Sampler::new(wgsparse::model::sample::SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        })
+    }
+}
+
 /// The model on the engine `--engine` and `--backend` ask for.
 pub fn load(m: &ModelArgs) -> Result<(ModelTokenizer, Engine)> {
     load_on(m, m.engine)
