@@ -18,7 +18,7 @@ use crate::runtime::launch::{Dispatch, Step, check_axis, storage};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec};
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
     pub struct DecodeParams {
         heads: u32,

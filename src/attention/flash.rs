@@ -17,7 +17,7 @@ use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
 use crate::runtime::{BindingKind, Kernel, KernelSpec, Recorder};
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters of one dispatch; mirrors `struct Params` in the WGSL.
     pub struct FlashParams {
         q_base: u32,

@@ -35,6 +35,7 @@ use crate::attention::{AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
 use crate::model::sample::Sampler;
+pub use crate::model::sample::argmax;
 use crate::ops::linear::{from_head_major, to_head_major};
 use crate::ops::rmsnorm::rmsnorm_in_place;
 use crate::ops::rope::{RopeStyle, rope_rows, rope_table_into};
@@ -1540,17 +1541,6 @@ pub fn token_nll(row: &[f32], target: u32) -> f64 {
             .sum::<f64>()
             .ln();
     lse - row[target as usize] as f64
-}
-
-/// Index of the largest value (first on ties).
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::error::{Error, Result};
-use crate::model::decoder::argmax;
 
 /// How [`Sampler`] chooses.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -123,6 +122,17 @@ impl Sampler {
         }
         cand[cand.len() - 1].0
     }
+}
+
+/// Index of the largest value (first on ties): the greedy choice.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// The generation loop of every decoder: `first` is the token sampled from the

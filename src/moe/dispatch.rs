@@ -10,7 +10,7 @@ use crate::runtime::{BindingKind, KernelSpec, Recorder};
 /// Assignments per histogram / scatter workgroup.
 pub const DISPATCH_BLOCK: usize = 256;
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
     pub struct DispatchParams {
         assignments: u32,

@@ -50,7 +50,7 @@ pub enum FfnKernel {
     Gemv,
 }
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
     pub struct FfnParams {
         assignments: u32,

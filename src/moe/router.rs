@@ -8,7 +8,7 @@ use crate::runtime::launch::Step;
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec};
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
     pub struct RouterParams {
         tokens: u32,

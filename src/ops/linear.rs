@@ -12,7 +12,7 @@ use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::Tensor;
 use crate::runtime::{BindingKind, KernelSpec, Recorder, Report};
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
     pub struct LinearParams {
         tokens: u32,

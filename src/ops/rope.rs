@@ -8,7 +8,7 @@ use crate::runtime::launch::{Dispatch, storage_init};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
     pub struct RopeParams {
         heads: u32,

@@ -307,6 +307,17 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Byte offsets of the f16 scale (and min) fields in a block of an integer format: a
+/// block's values are finite iff these are (empty for the float formats).
+pub fn scale_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        _ => &[],
+    }
+}
+
 /// Random bytes of `n` values of `ty` (a whole number of blocks): uniform values in
 /// ±`scale` for the float types; for the block types random codes with every f16 scale
 /// (and min) field in ±`scale` / 16, so that all values stay finite and of the order
@@ -327,7 +338,7 @@ pub fn random_bytes(ty: GgmlType, n: usize, scale: f32, rng: &mut impl rand::Rng
             let mut b: Vec<u8> = (0..n / bw * bb).map(|_| rng.random()).collect();
             let s = scale / 16.0;
             for blk in b.chunks_exact_mut(bb) {
-                for &at in crate::quant::qmat::scale_fields(ty) {
+                for &at in scale_fields(ty) {
                     blk[at..at + 2]
                         .copy_from_slice(&f16::from_f32(rng.random_range(-s..s)).to_le_bytes());
                 }

@@ -221,16 +221,7 @@ impl RowCodes {
     }
 }
 
-/// Byte offsets of the f16 scale (and min) fields in a block of an integer format: a
-/// block's values are finite iff these are (empty for the float formats).
-pub fn scale_fields(ty: GgmlType) -> &'static [usize] {
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => &[0, 2],
-        GgmlType::Q6K => &[208],
-        _ => &[],
-    }
-}
+pub use crate::quant::ggml::scale_fields;
 
 /// Decodes one row of an integer format into `out`.
 #[inline(always)]

@@ -189,6 +189,9 @@ macro_rules! wgsl_params {
     };
 }
 
+// The macro by its module's path, so that kernels name the runtime, not the crate root.
+pub use crate::wgsl_params;
+
 /// What one kernel variant is compiled with: flags for `#ifdef` and `const` values.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Defines {

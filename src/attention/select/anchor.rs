@@ -328,7 +328,7 @@ pub fn anchor_cpu(
     })
 }
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters of the selection kernels; mirrors `struct Params` in the WGSL.
     pub struct SelectParams {
         seq_len: u32,

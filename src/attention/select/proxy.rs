@@ -814,7 +814,7 @@ impl Selector for ProxyConfig {
     }
 }
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters of the ProxyAttn kernels (`struct Params` in proxy.wgsl).
     pub struct ProxyParams {
         seq_len: u32,

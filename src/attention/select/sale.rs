@@ -885,7 +885,7 @@ pub fn sale_cpu(
     })
 }
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters of the quantization kernels (`struct Params` in quantize.wgsl).
     pub struct SaleQuantParams {
         seq_len: u32,
@@ -901,7 +901,7 @@ crate::wgsl_params! {
     }
 }
 
-crate::wgsl_params! {
+crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters of the estimation kernels (`struct Params` in estimate.wgsl).
     pub struct SaleEstimateParams {
         seq_len: u32,
