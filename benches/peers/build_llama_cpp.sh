@@ -7,9 +7,12 @@
 # LLAMA_BACKEND picks the ggml backend and the build directory:
 #   cpu (default)  target/peers/llama.cpp/build         -DGGML_NATIVE=ON
 #   vulkan         target/peers/llama.cpp/build-vulkan  -DGGML_VULKAN=ON (needs the
-#                  Vulkan and SPIR-V headers and glslc: apt install libvulkan-dev spirv-headers glslc)
+#                  Vulkan and SPIR-V headers and glslc: apt install libvulkan-dev spirv-headers
+#                  glslc; the Vulkan headers must be ≥ 1.3.261, as Debian 13's are: Debian 12's
+#                  1.3.239 lack VK_EXT_layer_settings and the build stops there)
 #   cuda           target/peers/llama.cpp/build-cuda    -DGGML_CUDA=ON
 #                  -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} (needs nvcc; the H200 is sm_90)
+# LLAMA_CMAKE_ARGS adds cmake flags (e.g. -DVulkan_INCLUDE_DIR=... for newer headers).
 # llama_cpp_bin_dir prints the directory the tools land in.
 llama_cpp_bin_dir() {
     case "${LLAMA_BACKEND:-cpu}" in
@@ -52,7 +55,7 @@ build_llama_cpp() {
     esac
     "$peers/venv/bin/cmake" -S "$peers/llama.cpp" -B "$build" -G Ninja \
         -DCMAKE_MAKE_PROGRAM="$peers/venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release \
-        "${flags[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        "${flags[@]}" ${LLAMA_CMAKE_ARGS:-} -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF >/dev/null
     "$peers/venv/bin/cmake" --build "$build" --target "${missing[@]}" -j "$(nproc)" >/dev/null
 }
