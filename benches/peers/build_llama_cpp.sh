@@ -8,8 +8,8 @@
 #   cpu (default)  target/peers/llama.cpp/build         -DGGML_NATIVE=ON
 #   vulkan         target/peers/llama.cpp/build-vulkan  -DGGML_VULKAN=ON (needs the
 #                  Vulkan and SPIR-V headers and glslc: apt install libvulkan-dev spirv-headers
-#                  glslc; the Vulkan headers must be ≥ 1.3.261, as Debian 13's are: Debian 12's
-#                  1.3.239 lack VK_EXT_layer_settings and the build stops there)
+#                  glslc; Vulkan headers newer than Debian 12's 1.3.239, e.g. Debian 13's:
+#                  1.3.239 lacks VK_EXT_layer_settings and the build stops there)
 #   cuda           target/peers/llama.cpp/build-cuda    -DGGML_CUDA=ON
 #                  -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} (needs nvcc; the H200 is sm_90)
 # LLAMA_CMAKE_ARGS adds cmake flags (e.g. -DVulkan_INCLUDE_DIR=... for newer headers).
