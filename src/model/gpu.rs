@@ -671,12 +671,14 @@ impl GpuDecoder {
                 cache.capacity
             )));
         }
-        let vocab = self.embd.rows;
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        let rows = self.embd.rows;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= rows) {
             return Err(Error::InvalidArgument(format!(
-                "token id {bad} outside the vocabulary ({vocab})"
+                "token id {bad} outside the vocabulary ({rows})"
             )));
         }
+        // The logits' width: the output matrix's rows (the embedding's when tied).
+        let vocab = self.output.as_ref().unwrap_or(&self.embd).rows;
         if !cache.plans.contains_key(&t) {
             // Keep the one-token plan and the newest other one.
             cache.plans.retain(|&k, _| k == 1);
