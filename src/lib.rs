@@ -39,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod budget;
 pub mod error;
 pub mod model;
 pub mod moe;
