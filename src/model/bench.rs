@@ -129,30 +129,22 @@ impl fmt::Display for ModelBench {
                     .map_or("-".to_string(), |b| format!("{:.1}", mib(b)))
             )?;
         }
-        let shares: Vec<String> = self
-            .runs
-            .iter()
-            .filter_map(|r| r.prefill_attention_share)
-            .map(|s| format!("{:.1} %", 100.0 * s))
-            .collect();
-        if !shares.is_empty() {
-            writeln!(
-                f,
-                "attention's share of the prefill GPU time: {}",
-                shares.join(", ")
-            )?;
+        let percents = |pick: fn(&BenchRun) -> Option<f64>| -> Option<String> {
+            let v: Vec<String> = self
+                .runs
+                .iter()
+                .filter_map(pick)
+                .map(|s| format!("{:.1} %", 100.0 * s))
+                .collect();
+            (!v.is_empty()).then(|| v.join(", "))
+        };
+        if let Some(s) = percents(|r| r.prefill_attention_share) {
+            writeln!(f, "attention's share of the prefill GPU time: {s}")?;
         }
-        let skipped: Vec<String> = self
-            .runs
-            .iter()
-            .filter_map(|r| r.decode_up_rows_skipped)
-            .map(|s| format!("{:.1} %", 100.0 * s))
-            .collect();
-        if !skipped.is_empty() {
+        if let Some(s) = percents(|r| r.decode_up_rows_skipped) {
             writeln!(
                 f,
-                "ReGLU neuron skipping: routed up rows not read while decoding: {}",
-                skipped.join(", ")
+                "ReGLU neuron skipping: routed up rows not read while decoding: {s}"
             )?;
         }
         Ok(())
