@@ -14,7 +14,10 @@
 #              (the GPU decoder: prefill of each prompt length; decode after 16 and
 #              after each prompt; peak GPU buffer memory and peak host memory)
 # PROMPTS defaults to 512 (the H200 issue: 512,8192,32768), GEN to 32; METHOD (default
-# dense) is wgsparse's prompt attention; WGSPARSE is the binary (built if missing).
+# dense) is wgsparse's prompt attention; REPS (default 5) llama-bench's repetitions;
+# WGSPARSE is the binary (built if missing). llama.cpp skips CPU-type Vulkan devices
+# (lavapipe) unless GGML_VK_VISIBLE_DEVICES names them: the script sets it to 0 when
+# unset and the only device is one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 [ $# -ge 1 ] || { echo "usage: LLAMA_BACKEND=vulkan|cuda $0 MODEL.gguf [MODEL.gguf ...]" >&2; exit 2; }
@@ -26,6 +29,9 @@ method=${METHOD:-dense}
 wgsparse=${WGSPARSE:-target/release/wgsparse}
 
 source benches/peers/build_llama_cpp.sh
+if [ "$LLAMA_BACKEND" = vulkan ] && [ -z "${GGML_VK_VISIBLE_DEVICES:-}" ]; then
+    export GGML_VK_VISIBLE_DEVICES=0
+fi
 build_llama_cpp llama-bench
 bench=$(llama_cpp_bin_dir)/llama-bench
 [ -x "$wgsparse" ] || cargo build --release --locked --bin wgsparse
@@ -33,7 +39,7 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
 
 for model in "$@"; do
     say "$model: llama.cpp ($LLAMA_BACKEND), -ngl 99 -fa 1 -p $prompts -n $gen"
-    "$bench" -m "$model" -ngl 99 -fa 1 -p "$prompts" -n "$gen" -o jsonl 2>/dev/null |
+    "$bench" -m "$model" -ngl 99 -fa 1 -p "$prompts" -n "$gen" -r "${REPS:-5}" -o jsonl 2>/dev/null |
         python3 -c '
 import json, sys
 for line in sys.stdin:
