@@ -171,6 +171,77 @@ pub fn peak_host_bytes() -> u64 {
     0
 }
 
+/// The times of one measured run.
+struct Timing {
+    prefill_s: f64,
+    ttft_s: f64,
+    decode_s: f64,
+}
+
+/// Checks a benchmark's request (a prompt, within the model's `ctx_len`), then times it
+/// on the decoder's state `cache`: `prefill` runs the prompt and returns the first token
+/// with the instant its forward pass ended (before or after its logits), `step` decodes
+/// one token into the next; `on_token` sees each new id.
+fn time_run<C>(
+    prompt: &[u32],
+    ctx_len: usize,
+    new_tokens: usize,
+    on_token: &mut dyn FnMut(u32),
+    cache: &mut C,
+    mut prefill: impl FnMut(&mut C) -> Result<(u32, Instant)>,
+    mut step: impl FnMut(&mut C, u32) -> Result<u32>,
+) -> Result<Timing> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a benchmark needs at least one prompt token".into(),
+        ));
+    }
+    if prompt.len() + new_tokens > ctx_len {
+        return Err(Error::InvalidArgument(format!(
+            "{} prompt + {new_tokens} new tokens exceed the model's {ctx_len}-token context",
+            prompt.len(),
+        )));
+    }
+    let t0 = Instant::now();
+    let (mut next, done) = prefill(cache)?;
+    let prefill_s = done.duration_since(t0).as_secs_f64();
+    let ttft_s = t0.elapsed().as_secs_f64();
+    on_token(next);
+    let t1 = Instant::now();
+    for _ in 0..new_tokens {
+        next = step(cache, next)?;
+        on_token(next);
+    }
+    Ok(Timing {
+        prefill_s,
+        ttft_s,
+        decode_s: t1.elapsed().as_secs_f64(),
+    })
+}
+
+impl BenchRun {
+    /// The throughput figures of a timed run (memory and MoE figures left to the
+    /// caller: none held, nothing skipped).
+    fn timed(prompt_tokens: usize, gen_tokens: usize, t: &Timing) -> Self {
+        BenchRun {
+            prompt_tokens,
+            gen_tokens,
+            prefill_tok_s: prompt_tokens as f64 / t.prefill_s,
+            ttft_ms: t.ttft_s * 1e3,
+            decode_tok_s: if gen_tokens == 0 {
+                0.0
+            } else {
+                gen_tokens as f64 / t.decode_s
+            },
+            peak_gpu_bytes: None,
+            peak_host_bytes: peak_host_bytes(),
+            peak_expert_bytes: 0,
+            decode_up_rows_skipped: None,
+            prefill_attention_share: None,
+        }
+    }
+}
+
 /// Prefills `prompt` from an empty cache, then decodes `new_tokens` greedy tokens (every one,
 /// stop tokens included, so that runs of different models decode the same count);
 /// `on_token` sees each new id.
@@ -180,18 +251,6 @@ pub fn bench_decoder(
     new_tokens: usize,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<BenchRun> {
-    if prompt.is_empty() {
-        return Err(Error::InvalidArgument(
-            "a benchmark needs at least one prompt token".into(),
-        ));
-    }
-    if prompt.len() + new_tokens > dec.cfg.ctx_len {
-        return Err(Error::InvalidArgument(format!(
-            "{} prompt + {new_tokens} new tokens exceed the model's {}-token context",
-            prompt.len(),
-            dec.cfg.ctx_len
-        )));
-    }
     let dm = dec.cfg.d_model;
     let mut cache = dec.new_cache();
     cache.reserve(prompt.len() + new_tokens);
@@ -200,38 +259,31 @@ pub fn bench_decoder(
     if let Some(g) = gpu {
         g.reset_peak_buffer_bytes();
     }
-    let t0 = Instant::now();
-    let h = dec.forward(prompt, &mut cache, &mut |_| Ok(()))?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut next = argmax(&dec.logits(&h[h.len() - dm..]));
-    let ttft_s = t0.elapsed().as_secs_f64();
-    on_token(next);
-    let skips0 = dec.neuron_skips();
-    let t1 = Instant::now();
-    for _ in 0..new_tokens {
-        next = argmax(dec.step(next, &mut cache, &mut ws)?);
-        on_token(next);
-    }
-    let decode_s = t1.elapsed().as_secs_f64();
+    let mut skips0 = (0, 0);
+    let timing = time_run(
+        prompt,
+        dec.cfg.ctx_len,
+        new_tokens,
+        on_token,
+        &mut cache,
+        |cache| {
+            let h = dec.forward(prompt, cache, &mut |_| Ok(()))?;
+            let done = Instant::now();
+            let next = argmax(&dec.logits(&h[h.len() - dm..]));
+            skips0 = dec.neuron_skips();
+            Ok((next, done))
+        },
+        |cache, t| Ok(argmax(dec.step(t, cache, &mut ws)?)),
+    )?;
     let (_, peak_expert_bytes, _) = dec.expert_residency();
     let skips = dec.neuron_skips();
     let considered = skips.1 - skips0.1;
     Ok(BenchRun {
-        prompt_tokens: prompt.len(),
-        gen_tokens: new_tokens,
-        prefill_tok_s: prompt.len() as f64 / prefill_s,
-        ttft_ms: ttft_s * 1e3,
-        decode_tok_s: if new_tokens == 0 {
-            0.0
-        } else {
-            new_tokens as f64 / decode_s
-        },
         peak_gpu_bytes: gpu.map(|g| g.peak_buffer_bytes()),
-        peak_host_bytes: peak_host_bytes(),
         peak_expert_bytes,
         decode_up_rows_skipped: (considered > 0)
             .then(|| (skips.0 - skips0.0) as f64 / considered as f64),
-        prefill_attention_share: None,
+        ..BenchRun::timed(prompt.len(), new_tokens, &timing)
     })
 }
 
@@ -245,42 +297,29 @@ pub fn bench_gpu_decoder(
     chunk: usize,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<BenchRun> {
-    if prompt.is_empty() {
-        return Err(Error::InvalidArgument(
-            "a benchmark needs at least one prompt token".into(),
-        ));
-    }
     let g = dec.context().gpu().ok_or(Error::WrongContext)?;
     g.reset_peak_buffer_bytes();
     let mut cache = dec.new_cache(prompt.len() + new_tokens + 1)?;
-    let t0 = Instant::now();
-    let logits = dec.prefill(prompt, &mut cache, chunk)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let share = dec.last_report().and_then(|r| attention_share(&r));
-    let mut next = argmax(&logits);
-    let ttft_s = t0.elapsed().as_secs_f64();
-    on_token(next);
-    let t1 = Instant::now();
-    for _ in 0..new_tokens {
-        next = argmax(&dec.forward(&[next], &mut cache)?);
-        on_token(next);
-    }
-    let decode_s = t1.elapsed().as_secs_f64();
-    Ok(BenchRun {
-        prompt_tokens: prompt.len(),
-        gen_tokens: new_tokens,
-        prefill_tok_s: prompt.len() as f64 / prefill_s,
-        ttft_ms: ttft_s * 1e3,
-        decode_tok_s: if new_tokens == 0 {
-            0.0
-        } else {
-            new_tokens as f64 / decode_s
+    let mut share = None;
+    let timing = time_run(
+        prompt,
+        dec.cfg.ctx_len,
+        new_tokens,
+        on_token,
+        &mut cache,
+        |cache| {
+            // The logits come back with the prefill's submission.
+            let logits = dec.prefill(prompt, cache, chunk)?;
+            let done = Instant::now();
+            share = dec.last_report().and_then(|r| attention_share(&r));
+            Ok((argmax(&logits), done))
         },
+        |cache, t| Ok(argmax(&dec.forward(&[t], cache)?)),
+    )?;
+    Ok(BenchRun {
         peak_gpu_bytes: Some(g.peak_buffer_bytes()),
-        peak_host_bytes: peak_host_bytes(),
-        peak_expert_bytes: 0,
-        decode_up_rows_skipped: None,
         prefill_attention_share: share,
+        ..BenchRun::timed(prompt.len(), new_tokens, &timing)
     })
 }
 
