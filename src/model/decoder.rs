@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
 use crate::model::sample::Sampler;
 pub use crate::model::sample::argmax;
+use crate::ops::act::Gate;
 use crate::ops::linear::{from_head_major, to_head_major};
 use crate::ops::rmsnorm::rmsnorm_in_place;
 use crate::ops::rope::{RopeStyle, rope_rows, rope_table_into};
@@ -209,6 +210,31 @@ impl Config {
     /// The softmax scale of the attention (1/√head_dim).
     pub fn attention_scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// The factor the embeddings are multiplied by (Gemma: √d_model).
+    pub fn embedding_scale(&self) -> f32 {
+        if self.arch == Arch::Gemma3 {
+            (self.d_model as f32).sqrt()
+        } else {
+            1.0
+        }
+    }
+
+    /// The dense FFN's gate activation (GeGLU for Gemma, SwiGLU otherwise).
+    pub fn gate(&self) -> Gate {
+        if self.arch == Arch::Gemma3 {
+            Gate::GeluTanh
+        } else {
+            Gate::Silu
+        }
+    }
+
+    /// Applies the final logit soft-capping the file sets (`cap · tanh(v / cap)`), if any.
+    pub fn softcap(&self, logits: &mut [f32]) {
+        if let Some(cap) = self.final_softcap {
+            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
     }
 }
 
@@ -1076,8 +1102,8 @@ impl Decoder {
             x.resize(at + dm, 0.0);
             self.embd.row(id, &mut x[at..]);
         }
-        if c.arch == Arch::Gemma3 {
-            let s = (dm as f32).sqrt();
+        if c.embedding_scale() != 1.0 {
+            let s = c.embedding_scale();
             x.iter_mut().for_each(|v| *v *= s);
         }
         // The rotation tables of these positions, once for all layers.
@@ -1196,20 +1222,13 @@ impl Decoder {
                 Ffn::Dense { gate, up, down } => {
                     gate.apply_into(xn, t, exact, g, products);
                     up.apply_into(xn, t, exact, u, products);
-                    let gelu = c.arch == Arch::Gemma3;
+                    let gate_fn = c.gate();
                     h.clear();
                     h.resize(g.len(), 0.0);
                     h.par_iter_mut()
                         .zip(g.par_iter().zip(u.par_iter()))
                         .with_min_len(crate::quant::qmat::SERIAL_VALUES)
-                        .for_each(|(h, (&g, &u))| {
-                            let act = if gelu {
-                                0.5 * g * (1.0 + (0.797_884_6 * (g + 0.044_715 * g * g * g)).tanh())
-                            } else {
-                                g / (1.0 + (-g).exp())
-                            };
-                            *h = act * u;
-                        });
+                        .for_each(|(h, (&g, &u))| *h = gate_fn.apply(g) * u);
                     down.apply_into(h, t, exact, f, products);
                 }
                 Ffn::Moe { gate, up, down, .. } => {
@@ -1463,9 +1482,7 @@ impl Decoder {
         let m = self.output.as_ref().unwrap_or(&self.embd);
         let rows = hidden.len() / self.cfg.d_model;
         m.apply_into(hidden, rows, self.f32_activations, out, scratch);
-        if let Some(cap) = self.cfg.final_softcap {
-            out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
-        }
+        self.cfg.softcap(out);
     }
 
     /// Greedy generation: prefill `prompt`, then up to `max_new` tokens, stopping early

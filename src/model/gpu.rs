@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::model::decoder::{Arch, Config, choose_layer_method};
 use crate::model::gguf::Gguf;
 use crate::model::sample::Sampler;
-use crate::ops::act::{ActGpu, Gate};
+use crate::ops::act::ActGpu;
 use crate::ops::embed::EmbedGpu;
 use crate::ops::linear::{LinearLayout, MatmulGpu};
 use crate::ops::rmsnorm::{RmsNormGpu, RmsNormMode};
@@ -146,7 +146,6 @@ struct Buffers {
 
 /// Everything recorded for a call of `t` tokens, built once per cache.
 struct TokenPlan {
-    t: usize,
     bufs: Buffers,
     head: Vec<Dispatch>,
     pre: Vec<Vec<Dispatch>>,
@@ -252,7 +251,8 @@ impl GpuDecoder {
                 != g.has_tensor(&n("post_ffw_norm.weight"))
             {
                 return Err(Error::Model(format!(
-                    "layer {l}: post-norms after attention and feed-forward come together                      (Gemma) or not at all"
+                    "layer {l}: post-norms after attention and feed-forward come together \
+                     (Gemma) or not at all"
                 )));
             }
             let is = |m: &GpuMatrix, r: usize, c: usize| m.rows == r && m.cols == c;
@@ -319,6 +319,11 @@ impl GpuDecoder {
         })
     }
 
+    /// The logits' matrix: `output.weight`, or the embedding when the file ties them.
+    fn output_matrix(&self) -> &GpuMatrix {
+        self.output.as_ref().unwrap_or(&self.embd)
+    }
+
     /// Bytes of the weights on the GPU.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
@@ -372,7 +377,9 @@ impl GpuDecoder {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         let c = &self.cfg;
         let (dm, d, h, kvh, f) = (c.d_model, c.head_dim, c.n_head, c.n_kv_head, c.ffn_dim);
-        let vocab = self.output.as_ref().unwrap_or(&self.embd).rows;
+        let vocab = self.output_matrix().rows;
+        let post_norms = self.layers.iter().any(|l| l.post_attn_norm.is_some());
+        let local_rope = c.rope_base_local != c.rope_base;
         let bufs = Buffers {
             ids: storage(g, "token ids", (t * 4) as u64)?,
             x: f32_buffer(g, "hidden", t * dm)?,
@@ -382,21 +389,18 @@ impl GpuDecoder {
             k: f32_buffer(g, "k", t * kvh * d)?,
             v: f32_buffer(g, "v", t * kvh * d)?,
             att: f32_buffer(g, "attention output", t * h * d)?,
-            a: f32_buffer(g, "projection output", t * dm)?,
+            // (Gemma's post-norms only)
+            a: f32_buffer(g, "projection output", if post_norms { t * dm } else { 1 })?,
             g: f32_buffer(g, "ffn gate", t * f)?,
             u: f32_buffer(g, "ffn up", t * f)?,
             xl: f32_buffer(g, "last hidden", dm)?,
             logits: f32_buffer(g, "logits", vocab)?,
             rope: f32_buffer(g, "rope table", t * d)?,
-            rope_local: f32_buffer(g, "rope table (local)", t * d)?,
+            rope_local: f32_buffer(g, "rope table (local)", if local_rope { t * d } else { 1 })?,
         };
         let b = &bufs;
-        let scale = if c.arch == Arch::Gemma3 {
-            (dm as f32).sqrt()
-        } else {
-            1.0
-        };
-        let head = EmbedGpu::build(ctx, &self.embd, t, scale)?.dispatches(g, &b.ids, &b.x);
+        let head =
+            EmbedGpu::build(ctx, &self.embd, t, c.embedding_scale())?.dispatches(g, &b.ids, &b.x);
         let style = if c.rope_neox {
             RopeStyle::Neox
         } else {
@@ -411,15 +415,7 @@ impl GpuDecoder {
         let qk_norm_q = RmsNormGpu::build_for(ctx, t * h, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
         let qk_norm_k =
             RmsNormGpu::build_for(ctx, t * kvh, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
-        let act = ActGpu::build(
-            ctx,
-            if c.arch == Arch::Gemma3 {
-                Gate::GeluTanh
-            } else {
-                Gate::Silu
-            },
-            t * f,
-        )?;
+        let act = ActGpu::build(ctx, c.gate(), t * f)?;
         let splits = decode_splits(cache.capacity, h, t);
         // One cache attention per window (global / local layers), its partial states
         // shared by every layer (they run one after the other).
@@ -546,13 +542,12 @@ impl GpuDecoder {
         }
         let last = RmsNormGpu::build_for(ctx, 1, dm, c.norm_eps, t - 1, RmsNormMode::Out)?;
         let mut tail = vec![last.dispatch(g, &[&b.x, &self.out_norm, &b.xl])];
-        let out = self.output.as_ref().unwrap_or(&self.embd);
+        let out = self.output_matrix();
         tail.extend(
             MatmulGpu::build(ctx, "logits", out, 1, d, LinearLayout::default())?
                 .dispatches(g, &b.xl, &b.logits, None, None)?,
         );
         Ok(TokenPlan {
-            t,
             bufs,
             head,
             pre,
@@ -567,7 +562,9 @@ impl GpuDecoder {
         self.cfg.attention_scale()
     }
 
-    /// The prompt attention method of layer `li` for `t` tokens from an empty cache.
+    /// The prompt attention method of layer `li` for `t` tokens from an empty cache: a
+    /// sliding-window layer whose keys reach past its window runs that window (no sinks),
+    /// every other layer its method — as the CPU decoder chooses.
     fn prompt_method(&self, li: usize, t: usize) -> Method {
         let c = &self.cfg;
         match (c.global[li], c.window) {
@@ -575,7 +572,6 @@ impl GpuDecoder {
                 window: w,
                 sinks: 0,
             }),
-            (false, Some(_)) => Method::Dense,
             _ => self.layer_method(li),
         }
     }
@@ -677,8 +673,7 @@ impl GpuDecoder {
                 "token id {bad} outside the vocabulary ({rows})"
             )));
         }
-        // The logits' width: the output matrix's rows (the embedding's when tied).
-        let vocab = self.output.as_ref().unwrap_or(&self.embd).rows;
+        let vocab = self.output_matrix().rows;
         if !cache.plans.contains_key(&t) {
             // Keep the one-token plan and the newest other one.
             cache.plans.retain(|&k, _| k == 1);
@@ -728,10 +723,7 @@ impl GpuDecoder {
         *self.last.lock().expect("report lock") = Some(report);
         cache.len += t;
         let mut logits: Vec<f32> = bytemuck::cast_slice(&bytes).to_vec();
-        if let Some(cap) = c.final_softcap {
-            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
-        }
-        debug_assert_eq!(plan.t, t);
+        c.softcap(&mut logits);
         Ok(logits)
     }
 
@@ -828,7 +820,7 @@ impl GpuDecoder {
             .get(&t)
             .ok_or_else(|| Error::InvalidArgument(format!("no call of {t} tokens ran")))?;
         let b = &plan.bufs;
-        let out = self.output.as_ref().unwrap_or(&self.embd);
+        let out = self.output_matrix();
         let vocab = out.rows;
         let rows = (g.caps.max_storage_binding / (vocab as u64 * 4)).clamp(1, 64) as usize;
         let rows = rows.min(t);
@@ -870,9 +862,7 @@ impl GpuDecoder {
                 (m * vocab * 4) as u64,
             ))?;
             let mut v: Vec<f32> = bytemuck::cast_slice(&bytes).to_vec();
-            if let Some(cap) = c.final_softcap {
-                v.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
-            }
+            c.softcap(&mut v);
             for (i, row) in v.chunks_exact(vocab).enumerate() {
                 f(r0 + i, row);
             }
