@@ -35,29 +35,44 @@ fn skip(why: String) {
     eprintln!("skipping: {why}");
 }
 
-#[test]
-fn smollm2_logits_match_the_numpy_reference() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let data = std::env::var("WGSPARSE_DATA")
+/// The data folder (`$WGSPARSE_DATA`, else `data/`).
+fn data_dir() -> PathBuf {
+    std::env::var("WGSPARSE_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("data"));
-    let model = data.join("models/smollm2-135m-instruct-q4_1.gguf");
-    if !model.exists() {
-        return skip(format!("{} is missing", model.display()));
-    }
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data"))
+}
+
+/// The Python with numpy and gguf (`$WGSPARSE_REFERENCE_PYTHON`, else the data folder's
+/// venv), or why there is none.
+fn reference_python() -> Result<PathBuf, String> {
     let python = std::env::var("WGSPARSE_REFERENCE_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| data.join("venv/bin/python"));
+        .unwrap_or_else(|_| data_dir().join("venv/bin/python"));
     let ok = Command::new(&python)
         .args(["-c", "import numpy, gguf"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !ok {
-        return skip(format!(
+    if ok {
+        Ok(python)
+    } else {
+        Err(format!(
             "{} cannot import numpy and gguf (scripts/test.sh makes that venv)",
             python.display()
-        ));
+        ))
     }
+}
+
+#[test]
+fn smollm2_logits_match_the_numpy_reference() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = data_dir().join("models/smollm2-135m-instruct-q4_1.gguf");
+    if !model.exists() {
+        return skip(format!("{} is missing", model.display()));
+    }
+    let python = match reference_python() {
+        Ok(p) => p,
+        Err(why) => return skip(why),
+    };
 
     let g = Gguf::open(&model).unwrap();
     let tok = ModelTokenizer::from_gguf(&g).unwrap();
@@ -128,19 +143,10 @@ fn synthetic_files_read_back_with_the_gguf_package() {
     use wgsparse::model::synth::{preset, write_synth};
     use wgsparse::quant::{GgmlType, dequantize};
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let data = std::env::var("WGSPARSE_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("data"));
-    let python = std::env::var("WGSPARSE_REFERENCE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| data.join("venv/bin/python"));
-    let ok = Command::new(&python)
-        .args(["-c", "import numpy, gguf"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        return skip(format!("{} cannot import numpy and gguf", python.display()));
-    }
+    let python = match reference_python() {
+        Ok(p) => p,
+        Err(why) => return skip(why),
+    };
     let dir = std::env::temp_dir().join(format!("wgsparse-synth-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for name in ["tiny-llama", "tiny-qwen2", "tiny-smallthinker"] {

@@ -127,8 +127,8 @@ impl DecodePos {
 /// A built cache attention for `tokens` query tokens of `heads` heads over a cache of
 /// `capacity` positions.
 pub struct DecodeAttentionGpu {
-    params: DecodeParams,
-    grid: (u32, u32, u32),
+    shape: DecodeShape,
+    splits: usize,
     store: Step<DecodeParams>,
     split: Step<DecodeParams>,
     combine: Step<DecodeParams>,
@@ -157,6 +157,26 @@ pub struct DecodeShape {
 impl DecodeAttentionGpu {
     /// Compiles the three kernels; `splits` key ranges per query row (1 ..= 1024).
     pub fn build(ctx: &Context, s: DecodeShape, splits: usize) -> Result<Self> {
+        Self::build_on(ctx, s, splits, None)
+    }
+
+    /// The same attention with a sliding window of `window` keys, sharing this one's
+    /// partial-state buffer (the two never run at once).
+    pub fn with_window(&self, ctx: &Context, window: usize) -> Result<Self> {
+        let s = DecodeShape {
+            window: Some(window),
+            ..self.shape
+        };
+        Self::build_on(ctx, s, self.splits, Some(self.part.clone()))
+    }
+
+    /// [`DecodeAttentionGpu::build`] on a given partial-state buffer, else a new one.
+    fn build_on(
+        ctx: &Context,
+        s: DecodeShape,
+        splits: usize,
+        part: Option<wgpu::Buffer>,
+    ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
         if s.heads == 0
             || s.kv_heads == 0
@@ -189,10 +209,16 @@ impl DecodeAttentionGpu {
             check_axis(s.tokens as u64, max, what)?,
             check_axis(s.heads as u64, max, what)?,
         );
-        let part_bytes = (s.heads * s.tokens * splits * (s.head_dim + 2) * 4) as u64;
+        let part = match part {
+            Some(b) => b,
+            None => {
+                let bytes = (s.heads * s.tokens * splits * (s.head_dim + 2) * 4) as u64;
+                storage(g, "cache attention partial states", bytes)?
+            }
+        };
         Ok(DecodeAttentionGpu {
-            params: p,
-            grid: split_grid,
+            shape: s,
+            splits,
             store: Step::flat(
                 ctx,
                 &decode_spec(DecodeKernel::Store),
@@ -206,29 +232,7 @@ impl DecodeAttentionGpu {
                 &p,
                 (split_grid.1, split_grid.2, 1),
             )?,
-            part: storage(g, "cache attention partial states", part_bytes)?,
-        })
-    }
-
-    /// The same attention with a sliding window of `window` keys, sharing this one's
-    /// partial-state buffer (the two never run at once).
-    pub fn with_window(&self, ctx: &Context, window: usize) -> Result<Self> {
-        let p = DecodeParams {
-            window: window as u32,
-            ..self.params
-        };
-        Ok(DecodeAttentionGpu {
-            params: p,
-            grid: self.grid,
-            store: Step::new(ctx, &decode_spec(DecodeKernel::Store), &p, self.store.grid)?,
-            split: Step::new(ctx, &decode_spec(DecodeKernel::Split), &p, self.grid)?,
-            combine: Step::new(
-                ctx,
-                &decode_spec(DecodeKernel::Combine),
-                &p,
-                self.combine.grid,
-            )?,
-            part: self.part.clone(),
+            part,
         })
     }
 

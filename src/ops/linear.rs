@@ -365,6 +365,24 @@ pub fn from_head_major(x: &[f32], tokens: usize, d: usize) -> Vec<f32> {
     out
 }
 
+/// The grid of the tiled kernels (`linear.wgsl`: 64 tokens, `linear_coop.wgsl`: 32, by
+/// 64 outputs a workgroup) for `tokens` × `n` outputs, checked against the device.
+fn tiled_grid(
+    g: &crate::runtime::context::GpuDevice,
+    label: &str,
+    tokens: usize,
+    n: usize,
+    coop: bool,
+) -> Result<(u32, u32, u32)> {
+    let max = g.caps.max_workgroups_per_dim;
+    let rows = if coop { 32 } else { 64 };
+    Ok((
+        check_axis(tokens.div_ceil(rows) as u64, max, label)?,
+        check_axis(n.div_ceil(64) as u64, max, label)?,
+        1,
+    ))
+}
+
 /// A built projection with its weights on the GPU.
 pub struct LinearGpu {
     step: Step<LinearParams>,
@@ -400,14 +418,8 @@ impl LinearGpu {
             n_out: n as u32,
             _pad: 0,
         };
-        let max = g.caps.max_workgroups_per_dim;
         let coop = linear_coop_tile(&g.caps, w.format);
-        let rows = if coop.is_some() { 32 } else { 64 };
-        let grid = (
-            check_axis(tokens.div_ceil(rows) as u64, max, label)?,
-            check_axis(n.div_ceil(64) as u64, max, label)?,
-            1,
-        );
+        let grid = tiled_grid(g, label, tokens, n, coop.is_some())?;
         let weights = bytemuck::cast_slice(&w.words);
         Ok(LinearGpu {
             step: Step::new(ctx, &linear_spec_on(w.format, layout, coop), &p, grid)?,
@@ -488,7 +500,7 @@ impl MatmulGpu {
         let coop = if tokens == 1 {
             None
         } else {
-            crate::ops::linear::linear_coop_tile(
+            linear_coop_tile(
                 &g.caps,
                 if w.ty == GgmlType::F16 {
                     WeightFormat::F16
@@ -503,7 +515,6 @@ impl MatmulGpu {
             _ => LinearKernel::Tiled,
         };
         let spec = ggml_linear_spec(w.ty, layout, kernel);
-        let max = g.caps.max_workgroups_per_dim;
         let steps = w
             .parts
             .iter()
@@ -521,12 +532,7 @@ impl MatmulGpu {
                 let step = match kernel {
                     LinearKernel::Gemv => Step::flat(ctx, &spec, &p, part.rows.div_ceil(8) as u64)?,
                     _ => {
-                        let rows = if coop.is_some() { 32 } else { 64 };
-                        let grid = (
-                            check_axis(tokens.div_ceil(rows) as u64, max, label)?,
-                            check_axis(part.rows.div_ceil(64) as u64, max, label)?,
-                            1,
-                        );
+                        let grid = tiled_grid(g, label, tokens, part.rows, coop.is_some())?;
                         Step::new(ctx, &spec, &p, grid)?
                     }
                 };
