@@ -268,14 +268,7 @@ pub struct Mat {
 
 impl Mat {
     fn load(g: &Gguf, name: &str) -> Result<Self> {
-        let t = g.tensor(name)?;
-        if t.dims.len() != 2 {
-            return Err(Error::Model(format!(
-                "`{name}` has dims {:?}, expected a matrix",
-                t.dims
-            )));
-        }
-        let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+        let (t, rows, cols) = g.matrix(name)?;
         let wrap = |e: Error| Error::Gguf(format!("tensor `{name}`: {e}"));
         // From a file: packed straight from the mapped bytes, whose pages are dropped
         // again (no second copy of the tensor is ever held); in memory: copied.

@@ -340,6 +340,19 @@ impl Gguf {
             .ok_or_else(|| Error::Gguf(format!("tensor `{name}` is not in the file")))
     }
 
+    /// A 2-D tensor (a weight matrix) with its `(rows, cols)`: ggml dims `[cols, rows]`;
+    /// a typed error for any other rank.
+    pub fn matrix(&self, name: &str) -> Result<(&TensorInfo, usize, usize)> {
+        let t = self.tensor(name)?;
+        if t.dims.len() != 2 {
+            return Err(Error::Model(format!(
+                "`{name}` has dims {:?}, expected a matrix",
+                t.dims
+            )));
+        }
+        Ok((t, t.dims[1] as usize, t.dims[0] as usize))
+    }
+
     /// Whether a tensor exists.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.index.contains_key(name)

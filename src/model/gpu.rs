@@ -190,14 +190,7 @@ impl GpuDecoder {
         }
         let mut bytes = 0u64;
         let mut mat = |name: &str| -> Result<GpuMatrix> {
-            let t = g.tensor(name)?;
-            if t.dims.len() != 2 {
-                return Err(Error::Model(format!(
-                    "`{name}` has dims {:?}, expected a matrix",
-                    t.dims
-                )));
-            }
-            let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+            let (t, rows, cols) = g.matrix(name)?;
             let m = match g.map_tensor(name)? {
                 Some((map, range)) => {
                     let m = GpuMatrix::upload(
