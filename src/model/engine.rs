@@ -94,6 +94,25 @@ impl Engine {
         }
     }
 
+    /// Replaces the prompt attention: `method` for every layer but those in
+    /// `layer_methods` (calibrated per-layer methods), on either decoder.
+    pub fn set_methods(
+        &mut self,
+        method: Method,
+        layer_methods: std::collections::HashMap<usize, Method>,
+    ) {
+        match self {
+            Engine::Cpu(d) => {
+                d.set_method(method);
+                d.layer_methods = layer_methods;
+            }
+            Engine::Gpu(d) => {
+                d.set_method(method);
+                d.layer_methods = layer_methods;
+            }
+        }
+    }
+
     /// Bytes of the weights as held.
     pub fn weight_bytes(&self) -> u64 {
         match self {

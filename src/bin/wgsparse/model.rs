@@ -44,6 +44,24 @@ pub struct ModelArgs {
     pub(crate) max_resident_mb: Option<u64>,
 }
 
+/// The per-layer methods of calibrated SALE `thresholds` on `method` (which must be
+/// SALE; none without thresholds).
+pub fn layer_methods(
+    method: &Method,
+    thresholds: Option<&PathBuf>,
+) -> Result<std::collections::HashMap<usize, Method>> {
+    let Some(path) = thresholds else {
+        return Ok(Default::default());
+    };
+    let Method::Sale(base) = method else {
+        return Err(Error::InvalidArgument(
+            "--thresholds needs --method sale".into(),
+        ));
+    };
+    let t = wgsparse::attention::select::sale_calibrate::SaleThresholds::load(path)?;
+    Ok(t.methods(base).into_iter().collect())
+}
+
 /// How the generating commands choose tokens.
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
@@ -97,19 +115,10 @@ fn load_on(m: &ModelArgs, kind: EngineKind) -> Result<(ModelTokenizer, Engine)> 
     wgsparse::runtime::threads::release_free_memory();
     let ctx = crate::device::context_or(m.backend, Backend::Cpu)?;
     let mut dec = Engine::load(&g, &ctx, m.method.clone(), kind)?;
-    if let Some(path) = &m.thresholds {
-        let Method::Sale(base) = &m.method else {
-            return Err(Error::InvalidArgument(
-                "--thresholds needs --method sale".into(),
-            ));
-        };
-        let t = wgsparse::attention::select::sale_calibrate::SaleThresholds::load(path)?;
-        let methods = t.methods(base).into_iter().collect();
-        match &mut dec {
-            Engine::Cpu(d) => d.layer_methods = methods,
-            Engine::Gpu(d) => d.layer_methods = methods,
-        }
-    }
+    dec.set_methods(
+        m.method.clone(),
+        layer_methods(&m.method, m.thresholds.as_ref())?,
+    );
     match &mut dec {
         Engine::Cpu(d) => {
             if m.exact {

@@ -100,20 +100,20 @@ pub fn run(a: &PasskeyArgs) -> Result<()> {
         .collect();
     let mut runs = Vec::new();
     let mut success = Vec::new();
-    let mut names = (String::new(), String::new());
+    // Loaded once (`--method` and `--thresholds` are applied per method below).
+    let m_args = ModelArgs {
+        method: Method::Dense,
+        thresholds: None,
+        ..a.m.clone()
+    };
+    let (tok, mut dec) = load(&m_args)?;
     for method in &a.methods {
-        let m_args = ModelArgs {
-            method: method.clone(),
-            thresholds: if matches!(method, Method::Sale(_)) {
-                a.m.thresholds.clone()
-            } else {
-                None
-            },
-            ..a.m.clone()
-        };
-        let (tok, dec) = load(&m_args)?;
-        names = (dec.kind().to_string(), dec.context().backend().to_string());
-        let label = match &m_args.thresholds {
+        let thresholds =
+            a.m.thresholds
+                .as_ref()
+                .filter(|_| matches!(method, Method::Sale(_)));
+        dec.set_methods(method.clone(), layer_methods(method, thresholds)?);
+        let label = match thresholds {
             Some(_) => format!("{method} (calibrated)"),
             None => method.to_string(),
         };
@@ -139,8 +139,8 @@ pub fn run(a: &PasskeyArgs) -> Result<()> {
     }
     let report = PasskeyReport {
         model: a.m.model.display().to_string(),
-        engine: names.0,
-        backend: names.1,
+        engine: dec.kind().to_string(),
+        backend: dec.context().backend().to_string(),
         tokens: a.tokens,
         success,
         runs,
