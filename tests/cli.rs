@@ -405,6 +405,32 @@ fn synthetic_models_benchmark_and_generate() {
             let cap = 1u64 << 20;
             assert_eq!(v["expert_cap_bytes"].as_u64(), Some(cap));
             assert!(v["expert_bytes"].as_u64().unwrap() > 0);
+            // On a GPU the MoE model runs on the GPU decoder; the resident cap (a CPU
+            // decoder option) chooses the CPU decoder.
+            if common::gpu(None).is_some() {
+                for (cap, engine) in [(None, "gpu"), (Some("1"), "cpu")] {
+                    let mut args = vec![
+                        "bench-model",
+                        "--model",
+                        f,
+                        "--backend",
+                        "vulkan",
+                        "--prompt-tokens",
+                        "9",
+                        "--gen",
+                        "3",
+                        "--json",
+                    ];
+                    if let Some(c) = cap {
+                        args.extend(["--max-resident-mb", c]);
+                    }
+                    let (ok, out, err) = common::wgsparse(&args);
+                    assert!(ok, "{err}");
+                    let v = common::one_json(&out);
+                    assert_eq!(v["engine"], engine, "{v}");
+                    assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+                }
+            }
         }
         let (ok, out, err) = common::wgsparse(&[
             "generate",

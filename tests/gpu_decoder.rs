@@ -17,6 +17,10 @@ use wgsparse::model::decoder::{Decoder, KvPrecision};
 use wgsparse::model::gguf::{Gguf, GgufBuilder, Value};
 use wgsparse::model::gpu::GpuDecoder;
 use wgsparse::model::sample::Sampler;
+use wgsparse::moe::RouterScoring;
+use wgsparse::moe::cpu::top_k;
+use wgsparse::moe::experts_ggml::{ExpertsGgmlGpu, ExpertsShape, experts_ggml_cpu};
+use wgsparse::moe::router::top_k_step;
 use wgsparse::ops::embed::{EmbedGpu, embed_cpu};
 use wgsparse::ops::linear::{LinearKernel, LinearLayout, MatmulGpu};
 use wgsparse::quant::ggml::{dequantize, random_bytes};
@@ -175,6 +179,191 @@ fn every_gpu_format_matches_the_cpu_dequantizer() {
 }
 
 #[test]
+fn routed_experts_match_the_cpu_twin() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let g = ctx.gpu().unwrap();
+    let mut rng = StdRng::seed_from_u64(common::seed());
+    // Widths of whole K-quant blocks; 5 experts, 2 or 3 chosen per token.
+    let (experts, hidden, ffn) = (5usize, 256usize, 256usize);
+    for (i, ty) in GPU_FORMATS.into_iter().enumerate() {
+        // The down matrix in another format than gate and up, as real files do.
+        let ty_down = GPU_FORMATS[(i + 4) % GPU_FORMATS.len()];
+        let gb = matrix_bytes(ty, experts * ffn, hidden, 1.0 / 16.0, &mut rng);
+        let ub = matrix_bytes(ty, experts * ffn, hidden, 1.0 / 16.0, &mut rng);
+        let db = matrix_bytes(ty_down, experts * hidden, ffn, 1.0 / 16.0, &mut rng);
+        let deq = |t, b: &[u8], n| dequantize(t, b, n).unwrap();
+        let (gf, uf, df) = (
+            deq(ty, &gb, experts * ffn * hidden),
+            deq(ty, &ub, experts * ffn * hidden),
+            deq(ty_down, &db, experts * hidden * ffn),
+        );
+        // Parts of two experts (three parts) for gate and down, one part for up.
+        let two = |t, rows, cols| Some((2 * rows * GpuMatrix::row_bytes(t, cols)) as u64 + 4);
+        let up_mat =
+            |max| GpuMatrix::upload_grouped(&ctx, "up", ty, experts * ffn, hidden, &ub, max, ffn);
+        let gate = GpuMatrix::upload_grouped(
+            &ctx,
+            "gate",
+            ty,
+            experts * ffn,
+            hidden,
+            &gb,
+            two(ty, ffn, hidden),
+            ffn,
+        )
+        .unwrap();
+        let up = up_mat(None).unwrap();
+        let down = GpuMatrix::upload_grouped(
+            &ctx,
+            "down",
+            ty_down,
+            experts * hidden,
+            ffn,
+            &db,
+            two(ty_down, hidden, ffn),
+            hidden,
+        )
+        .unwrap();
+        assert_eq!(
+            (gate.parts.len(), up.parts.len(), down.parts.len()),
+            (3, 1, 3)
+        );
+        for (tokens, top_k) in [(1usize, 2usize), (7, 3)] {
+            let shape = ExpertsShape {
+                tokens,
+                top_k,
+                experts,
+                hidden,
+                ffn,
+            };
+            let z: Vec<f32> = (0..tokens * hidden)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let res: Vec<f32> = (0..tokens * hidden)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let mut ids = Vec::new();
+            let mut route_w = Vec::new();
+            for _ in 0..tokens {
+                let mut pick: Vec<u32> = (0..experts as u32).collect();
+                for j in 0..top_k {
+                    let r = rng.random_range(j..experts);
+                    pick.swap(j, r);
+                }
+                let w: Vec<f32> = (0..top_k).map(|_| rng.random_range(0.1f32..1.0)).collect();
+                let sum: f32 = w.iter().sum();
+                ids.extend_from_slice(&pick[..top_k]);
+                route_w.extend(w.iter().map(|v| v / sum));
+            }
+            let run = ExpertsGgmlGpu::build(&ctx, shape, &gate, &up, &down).unwrap();
+            let (zt, rt, it, wt) = (
+                upload_f32(&ctx, &z),
+                upload_f32(&ctx, &res),
+                Tensor::from_u32(&ctx, &[ids.len()], &ids).unwrap(),
+                upload_f32(&ctx, &route_w),
+            );
+            let h = Tensor::filled(&ctx, &[tokens * top_k * ffn], DType::F32, f32::NAN).unwrap();
+            let out = Tensor::filled(&ctx, &[tokens * hidden], DType::F32, f32::NAN).unwrap();
+            let b = |t: &Tensor| t.gpu_buffer().unwrap().clone();
+            let list = run.dispatches(g, &b(&zt), &b(&it), &b(&wt), &b(&h), &b(&rt), &b(&out));
+            let mut rec = Recorder::new(&ctx, "experts", 1).unwrap();
+            rec.dispatch_stage("experts", &list);
+            rec.submit_blocking().unwrap();
+            let got = out.to_f32_blocking().unwrap();
+            let (want, mag) = experts_ggml_cpu(shape, &z, &ids, &route_w, &gf, &uf, &df, &res);
+            for (j, ((a, w), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                let tol = 2e-5 * m + 1e-5;
+                assert!(
+                    (a - w).abs() <= tol,
+                    "{ty:?}/{ty_down:?} tokens {tokens} top-{top_k} [{j}]: {a} vs {w} (tol {tol})"
+                );
+            }
+            // Neuron skipping happened: some gates were off.
+            let hv = h.to_f32_blocking().unwrap();
+            let off = hv.iter().filter(|&&v| v == 0.0).count();
+            assert!(
+                off > hv.len() / 5 && off < hv.len() * 4 / 5,
+                "{ty:?}: {off} of {} neurons off",
+                hv.len()
+            );
+        }
+        // Typed errors: a part splitting an expert, shapes that do not match the block.
+        let split = GpuMatrix::upload(
+            &ctx,
+            "up",
+            ty,
+            experts * ffn,
+            hidden,
+            &ub,
+            Some((ffn / 2 * GpuMatrix::row_bytes(ty, hidden)) as u64 + 4),
+        )
+        .unwrap();
+        let shape = ExpertsShape {
+            tokens: 2,
+            top_k: 2,
+            experts,
+            hidden,
+            ffn,
+        };
+        assert!(ExpertsGgmlGpu::build(&ctx, shape, &gate, &split, &down).is_err());
+        let narrow = ExpertsShape { ffn: 128, ..shape };
+        assert!(ExpertsGgmlGpu::build(&ctx, narrow, &gate, &up, &down).is_err());
+        let too_many = ExpertsShape { top_k: 6, ..shape };
+        assert!(ExpertsGgmlGpu::build(&ctx, too_many, &gate, &up, &down).is_err());
+        assert!(up_mat(Some(100)).is_err(), "an expert larger than a part");
+    }
+}
+
+/// The router's top-k over logits made by a projection (the GPU decoder's MoE layers):
+/// ids equal to the CPU twin's (ties to the lower expert), weights within 1e-6.
+#[test]
+fn router_top_k_matches_the_cpu_twin() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let g = ctx.gpu().unwrap();
+    let mut rng = StdRng::seed_from_u64(common::seed());
+    for (tokens, experts, k) in [
+        (1usize, 5usize, 2usize),
+        (13, 33, 8),
+        (4, 256, 3),
+        (9, 7, 7),
+    ] {
+        for scoring in [RouterScoring::Sigmoid, RouterScoring::Softmax] {
+            // Quarter steps: many ties.
+            let logits: Vec<f32> = (0..tokens * experts)
+                .map(|_| (rng.random_range(-8.0f32..8.0) * 4.0).round() / 4.0)
+                .collect();
+            let (want_ids, want_w) = top_k(&logits, experts, k, scoring);
+            let step = top_k_step(&ctx, experts, k, scoring, tokens).unwrap();
+            let lt = upload_f32(&ctx, &logits);
+            let it = Tensor::from_u32(&ctx, &[tokens * k], &vec![u32::MAX; tokens * k]).unwrap();
+            let wt = Tensor::filled(&ctx, &[tokens * k], DType::F32, f32::NAN).unwrap();
+            let d = step.dispatch(
+                g,
+                &[
+                    lt.gpu_buffer().unwrap(),
+                    it.gpu_buffer().unwrap(),
+                    wt.gpu_buffer().unwrap(),
+                ],
+            );
+            let mut rec = Recorder::new(&ctx, "top-k", 1).unwrap();
+            rec.dispatch_stage("top-k", &[d]);
+            rec.submit_blocking().unwrap();
+            let wgsparse::runtime::tensor::HostData::U32(ids) = it.read_blocking().unwrap() else {
+                panic!("u32 ids")
+            };
+            let w = wt.to_f32_blocking().unwrap();
+            assert_eq!(ids, want_ids, "{tokens} x {experts} top-{k} {scoring:?}");
+            for (a, b) in w.iter().zip(&want_w) {
+                assert!((a - b).abs() <= 1e-6, "{scoring:?}: weight {a} vs {b}");
+            }
+        }
+    }
+    assert!(top_k_step(&ctx, 257, 2, RouterScoring::Sigmoid, 1).is_err());
+    assert!(top_k_step(&ctx, 4, 5, RouterScoring::Sigmoid, 1).is_err());
+    assert!(top_k_step(&ctx, 16, 9, RouterScoring::Sigmoid, 1).is_err());
+}
+
+#[test]
 fn bad_gpu_weights_are_typed_errors() {
     let Some(ctx) = common::gpu(None) else { return };
     let b = vec![0u8; 18 * 4];
@@ -307,7 +496,8 @@ fn cache_attention_matches_the_cpu_twin() {
 const CYCLE: [GgmlType; 9] = GPU_FORMATS;
 
 /// A random 2-layer model of `arch` (d_model 256, 4 heads of 64 with 2 kv-heads, FFN
-/// 512, vocabulary 300), its matrices in every GPU format in turn.
+/// 512, vocabulary 300; smallthinker: 5 experts of 256 neurons, 2 chosen by sigmoid
+/// gating, layer 0 NoPE and layer 1 RoPE), its matrices in every GPU format in turn.
 fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
     let (dm, nh, nkv, hd, ff, vocab, nl) = (
@@ -327,16 +517,37 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
     ] {
         b = b.meta(&format!("{arch}.{key}"), value);
     }
+    let (experts, eff) = (5usize, 256usize);
+    if arch == "smallthinker" {
+        for (key, value) in [
+            ("expert_feed_forward_length", Value::U64(eff as u64)),
+            ("expert_count", Value::U64(experts as u64)),
+            ("expert_used_count", Value::U64(2)),
+            ("expert_gating_func", Value::U64(2)),
+            // The 21B's flag: global NoPE layers 0, 4, ..., windowed RoPE layers between.
+            ("attention.sliding_window", Value::U64(4096)),
+        ] {
+            b = b.meta(&format!("smallthinker.{key}"), value);
+        }
+    }
     if arch == "gemma3" {
         b = b.meta("gemma3.attention.sliding_window", Value::U64(6));
         b = b.meta("gemma3.final_logit_softcapping", Value::F64(30.0));
     }
     let mut next = 0usize;
-    let mut m = |b: GgufBuilder, name: &str, rows: usize, cols: usize, rng: &mut StdRng| {
+    // `[rows, cols]`, or `depth` > 1 stacked matrices (expert tensors `[cols, rows, depth]`).
+    let mut m = |b: GgufBuilder,
+                 name: &str,
+                 (rows, cols, depth): (usize, usize, usize),
+                 rng: &mut StdRng| {
         let ty = CYCLE[next % CYCLE.len()];
         next += 1;
-        let bytes = matrix_bytes(ty, rows, cols, 1.0 / (cols as f32).sqrt(), rng);
-        b.tensor(name, &[cols as u64, rows as u64], ty, bytes)
+        let bytes = matrix_bytes(ty, rows * depth, cols, 1.0 / (cols as f32).sqrt(), rng);
+        let mut dims = vec![cols as u64, rows as u64];
+        if depth > 1 {
+            dims.push(depth as u64);
+        }
+        b.tensor(name, &dims, ty, bytes)
     };
     let vecf = |b: GgufBuilder, name: &str, n: usize, base: f32, rng: &mut StdRng| {
         let v: Vec<f32> = (0..n)
@@ -344,19 +555,26 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
             .collect();
         b.tensor_f32(name, &[n as u64], &v)
     };
-    b = m(b, "token_embd.weight", vocab, dm, &mut rng);
+    b = m(b, "token_embd.weight", (vocab, dm, 1), &mut rng);
     b = vecf(b, "output_norm.weight", dm, 1.0, &mut rng);
     for l in 0..nl {
         let n = |s: &str| format!("blk.{l}.{s}");
         b = vecf(b, &n("attn_norm.weight"), dm, 1.0, &mut rng);
         b = vecf(b, &n("ffn_norm.weight"), dm, 1.0, &mut rng);
-        b = m(b, &n("attn_q.weight"), nh * hd, dm, &mut rng);
-        b = m(b, &n("attn_k.weight"), nkv * hd, dm, &mut rng);
-        b = m(b, &n("attn_v.weight"), nkv * hd, dm, &mut rng);
-        b = m(b, &n("attn_output.weight"), dm, nh * hd, &mut rng);
-        b = m(b, &n("ffn_gate.weight"), ff, dm, &mut rng);
-        b = m(b, &n("ffn_up.weight"), ff, dm, &mut rng);
-        b = m(b, &n("ffn_down.weight"), dm, ff, &mut rng);
+        b = m(b, &n("attn_q.weight"), (nh * hd, dm, 1), &mut rng);
+        b = m(b, &n("attn_k.weight"), (nkv * hd, dm, 1), &mut rng);
+        b = m(b, &n("attn_v.weight"), (nkv * hd, dm, 1), &mut rng);
+        b = m(b, &n("attn_output.weight"), (dm, nh * hd, 1), &mut rng);
+        if arch == "smallthinker" {
+            b = m(b, &n("ffn_gate_inp.weight"), (experts, dm, 1), &mut rng);
+            b = m(b, &n("ffn_gate_exps.weight"), (eff, dm, experts), &mut rng);
+            b = m(b, &n("ffn_up_exps.weight"), (eff, dm, experts), &mut rng);
+            b = m(b, &n("ffn_down_exps.weight"), (dm, eff, experts), &mut rng);
+        } else {
+            b = m(b, &n("ffn_gate.weight"), (ff, dm, 1), &mut rng);
+            b = m(b, &n("ffn_up.weight"), (ff, dm, 1), &mut rng);
+            b = m(b, &n("ffn_down.weight"), (dm, ff, 1), &mut rng);
+        }
         if arch == "qwen2" {
             b = vecf(b, &n("attn_q.bias"), nh * hd, 0.0, &mut rng);
             b = vecf(b, &n("attn_k.bias"), nkv * hd, 0.0, &mut rng);
@@ -402,13 +620,19 @@ const TOL: f32 = 2e-3;
 fn gpu_forward_matches_the_cpu_decoder() {
     let Some(ctx) = common::gpu(None) else { return };
     let seed = common::seed();
-    for arch in ["llama", "qwen2", "gemma3"] {
+    for arch in ["llama", "qwen2", "gemma3", "smallthinker"] {
         let g = Gguf::from_bytes(tiny_model(arch, seed)).unwrap();
         let mut cpu = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
         cpu.f32_activations = true;
         cpu.kv_precision = KvPrecision::F16;
-        // Parts of at most 40 KiB: the embedding and the FFN matrices in several.
-        let gpu = GpuDecoder::load_with(&g, &ctx, Method::Dense, Some(40 << 10)).unwrap();
+        // Parts of at most 40 KiB: the embedding and the FFN matrices in several
+        // (expert tensors: parts of whole experts, up to 2 of the f32 ones).
+        let part = if arch == "smallthinker" {
+            600 << 10
+        } else {
+            40 << 10
+        };
+        let gpu = GpuDecoder::load_with(&g, &ctx, Method::Dense, Some(part)).unwrap();
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
         let ids: Vec<u32> = (0..11).map(|_| rng.random_range(0..300)).collect();
         let mut cc = cpu.new_cache();

@@ -10,6 +10,8 @@
 //
 // Layouts: x [tokens, hidden], w [experts, hidden] (f32, read as vec4), logits
 // [tokens, experts], ids / weights [tokens, top_k]. Constants: MAX_E (256), MAX_K (8).
+// LOGITS_IN: the logits were computed by another kernel (the GPU decoder's projection
+// of GGUF router weights); only the top k and the weights are made (no x, no w).
 
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
@@ -18,11 +20,17 @@
 const WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
+#ifdef LOGITS_IN
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ids: array<u32>;
+@group(0) @binding(3) var<storage, read_write> weights: array<f32>;
+#else
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(4) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(5) var<storage, read_write> weights: array<f32>;
+#endif
 
 var<workgroup> lg: array<f32, MAX_E>;
 
@@ -30,6 +38,11 @@ var<workgroup> lg: array<f32, MAX_E>;
 fn router(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
     let t = flat_id(wg);
     if (t >= p.tokens) { return; }
+#ifdef LOGITS_IN
+    for (var e = lid; e < p.experts; e += WG) {
+        lg[e] = logits[t * p.experts + e];
+    }
+#else
     let h4 = p.hidden / 4u;
     for (var e = lid; e < p.experts; e += WG) {
         var acc = vec4<f32>(0.0);
@@ -40,6 +53,7 @@ fn router(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
         lg[e] = s;
         logits[t * p.experts + e] = s;
     }
+#endif
     workgroupBarrier();
     if (lid != 0u) { return; }
     var vals: array<f32, MAX_K>;

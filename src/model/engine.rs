@@ -6,7 +6,7 @@
 
 use crate::attention::Method;
 use crate::error::{Error, Result};
-use crate::model::decoder::{Arch, Config, Decoder, KvCache};
+use crate::model::decoder::{Config, Decoder, KvCache};
 use crate::model::gguf::Gguf;
 use crate::model::gpu::{GpuDecoder, GpuKvCache};
 use crate::model::sample::{Sampler, generation_loop};
@@ -60,12 +60,9 @@ pub enum Engine {
 impl Engine {
     /// Loads `g` on `ctx` with the prompt attention `method`, on the decoder `kind` asks.
     pub fn load(g: &Gguf, ctx: &Context, method: Method, kind: EngineKind) -> Result<Self> {
-        let gpu_arch = !matches!(Config::from_gguf(g)?.arch, Arch::SmallThinker);
         match kind {
             EngineKind::Gpu => Ok(Engine::Gpu(GpuDecoder::load(g, ctx, method)?)),
-            EngineKind::Auto if !ctx.is_cpu() && gpu_arch => {
-                Ok(Engine::Gpu(GpuDecoder::load(g, ctx, method)?))
-            }
+            EngineKind::Auto if !ctx.is_cpu() => Ok(Engine::Gpu(GpuDecoder::load(g, ctx, method)?)),
             _ => Ok(Engine::Cpu(Decoder::load(g, ctx, method)?)),
         }
     }

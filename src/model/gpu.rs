@@ -15,8 +15,11 @@
 //! over the cache with the split-K kernel of [`crate::attention::decode`] (dense, the
 //! window applied). Everything of one call is one submission.
 //!
-//! Architectures: llama, qwen2, gemma3. SmallThinker's routed experts run on the CPU
-//! decoder ([`crate::model::decoder::Decoder`]) only, for now.
+//! Architectures: llama, qwen2, gemma3 and smallthinker. SmallThinker's layers route on
+//! their input before attention (GGUF router weights projected, then the top-k kernel
+//! of [`crate::moe::router`]) and run their ReGLU experts from the file's 3-D tensors
+//! in place ([`crate::moe::experts_ggml`]: gate, up only where the gate is positive,
+//! down weighted into the residual stream).
 //!
 //! The dispatches of a token count are built once per cache ([`GpuKvCache`]) and
 //! recorded call after call: a decode step writes the ids, the RoPE tables and the
@@ -29,9 +32,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::attention::decode::{DecodeAttentionGpu, DecodePos, DecodeShape, GpuKvLayer};
 use crate::attention::{AttentionPlan, AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
-use crate::model::decoder::{Arch, Config, choose_layer_method};
+use crate::model::decoder::{Config, choose_layer_method};
 use crate::model::gguf::Gguf;
 use crate::model::sample::Sampler;
+use crate::moe::RouterScoring;
+use crate::moe::experts_ggml::{ExpertsGgmlGpu, ExpertsShape};
+use crate::moe::router::top_k_step;
 use crate::ops::act::ActGpu;
 use crate::ops::embed::EmbedGpu;
 use crate::ops::linear::{LinearLayout, MatmulGpu};
@@ -61,9 +67,13 @@ struct GpuLayer {
     k_norm: Option<wgpu::Buffer>,
     post_attn_norm: Option<wgpu::Buffer>,
     ffn_norm: wgpu::Buffer,
+    /// The FFN's matrices; for a MoE layer the experts' 3-D tensors as `[experts · rows,
+    /// cols]` in parts of whole experts.
     gate: GpuMatrix,
     up: GpuMatrix,
     down: GpuMatrix,
+    /// A MoE layer's router `[experts, d_model]`.
+    router: Option<GpuMatrix>,
     post_ffn_norm: Option<wgpu::Buffer>,
 }
 
@@ -136,8 +146,15 @@ struct Buffers {
     v: wgpu::Buffer,
     att: wgpu::Buffer,
     a: wgpu::Buffer,
+    /// Gate products `[t, ffn]` (`[t · top_k, ffn]` for MoE layers), then the
+    /// activation in place.
     g: wgpu::Buffer,
     u: wgpu::Buffer,
+    /// MoE layers: router logits `[t, experts]`, the chosen experts and their weights
+    /// `[t, top_k]`.
+    route_logits: wgpu::Buffer,
+    route_ids: wgpu::Buffer,
+    route_w: wgpu::Buffer,
     xl: wgpu::Buffer,
     logits: wgpu::Buffer,
     rope: wgpu::Buffer,
@@ -176,24 +193,40 @@ impl GpuDecoder {
     ) -> Result<Self> {
         let dev = ctx.gpu().ok_or(Error::WrongContext)?;
         let cfg = Config::from_gguf(g)?;
-        if cfg.arch == Arch::SmallThinker {
-            return Err(Error::Model(
-                "the GPU decoder runs llama, qwen2 and gemma3 files; SmallThinker's experts \
-                 run on the CPU decoder (--backend cpu)"
-                    .into(),
-            ));
-        }
         if !cfg.head_dim.is_multiple_of(4) || cfg.head_dim > 256 || !cfg.d_model.is_multiple_of(4) {
             return Err(Error::Model(format!(
                 "the GPU decoder needs head_dim % 4 == 0 and ≤ 256, d_model % 4 == 0 ({cfg:?})"
             )));
         }
+        let moe = cfg.experts > 0;
+        if moe && cfg.experts > crate::moe::MAX_EXPERTS {
+            return Err(Error::Model(format!(
+                "{} experts: the GPU router takes at most {}",
+                cfg.experts,
+                crate::moe::MAX_EXPERTS
+            )));
+        }
         let mut bytes = 0u64;
-        let mut mat = |name: &str| -> Result<GpuMatrix> {
-            let (t, rows, cols) = g.matrix(name)?;
+        // A matrix, or (`experts` > 0) a 3-D expert tensor as `[experts · rows, cols]`
+        // in parts of whole experts.
+        let mut tensor = |name: &str, experts: usize| -> Result<GpuMatrix> {
+            let (t, rows, cols, group) = if experts == 0 {
+                let (t, rows, cols) = g.matrix(name)?;
+                (t, rows, cols, 1)
+            } else {
+                let t = g.tensor(name)?;
+                if t.dims.len() != 3 || t.dims[2] as usize != experts {
+                    return Err(Error::Model(format!(
+                        "`{name}` has dims {:?}, expected [cols, rows, {experts}]",
+                        t.dims
+                    )));
+                }
+                let rows = t.dims[1] as usize;
+                (t, rows * experts, t.dims[0] as usize, rows)
+            };
             let m = match g.map_tensor(name)? {
                 Some((map, range)) => {
-                    let m = GpuMatrix::upload(
+                    let m = GpuMatrix::upload_grouped(
                         ctx,
                         name,
                         t.ty,
@@ -201,12 +234,13 @@ impl GpuDecoder {
                         cols,
                         map.slice(range.clone()),
                         max_part,
+                        group,
                     );
                     // The pages were only read to be copied: let them go.
                     map.advise(range, false);
                     m?
                 }
-                None => GpuMatrix::upload(
+                None => GpuMatrix::upload_grouped(
                     ctx,
                     name,
                     t.ty,
@@ -214,14 +248,16 @@ impl GpuDecoder {
                     cols,
                     &g.tensor_bytes(name)?,
                     max_part,
+                    group,
                 )?,
             };
             bytes += m.bytes();
             Ok(m)
         };
-        let embd = mat("token_embd.weight")?;
+
+        let embd = tensor("token_embd.weight", 0)?;
         let output = if g.has_tensor("output.weight") {
-            Some(mat("output.weight")?)
+            Some(tensor("output.weight", 0)?)
         } else {
             None
         };
@@ -229,16 +265,27 @@ impl GpuDecoder {
         for l in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{l}.{s}");
             let (wq, wk, wv, wo) = (
-                mat(&n("attn_q.weight"))?,
-                mat(&n("attn_k.weight"))?,
-                mat(&n("attn_v.weight"))?,
-                mat(&n("attn_output.weight"))?,
+                tensor(&n("attn_q.weight"), 0)?,
+                tensor(&n("attn_k.weight"), 0)?,
+                tensor(&n("attn_v.weight"), 0)?,
+                tensor(&n("attn_output.weight"), 0)?,
             );
-            let (gate, up, down) = (
-                mat(&n("ffn_gate.weight"))?,
-                mat(&n("ffn_up.weight"))?,
-                mat(&n("ffn_down.weight"))?,
-            );
+            let e = cfg.experts;
+            let (gate, up, down, router) = if moe {
+                (
+                    tensor(&n("ffn_gate_exps.weight"), e)?,
+                    tensor(&n("ffn_up_exps.weight"), e)?,
+                    tensor(&n("ffn_down_exps.weight"), e)?,
+                    Some(tensor(&n("ffn_gate_inp.weight"), 0)?),
+                )
+            } else {
+                (
+                    tensor(&n("ffn_gate.weight"), 0)?,
+                    tensor(&n("ffn_up.weight"), 0)?,
+                    tensor(&n("ffn_down.weight"), 0)?,
+                    None,
+                )
+            };
             let (qd, kd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
             if g.has_tensor(&n("post_attention_norm.weight"))
                 != g.has_tensor(&n("post_ffw_norm.weight"))
@@ -249,13 +296,17 @@ impl GpuDecoder {
                 )));
             }
             let is = |m: &GpuMatrix, r: usize, c: usize| m.rows == r && m.cols == c;
+            // A MoE layer's FFN matrices hold every expert's rows.
+            let per = e.max(1);
             if !(is(&wq, qd, cfg.d_model)
                 && is(&wk, kd, cfg.d_model)
                 && is(&wv, kd, cfg.d_model)
                 && is(&wo, cfg.d_model, qd)
-                && is(&gate, cfg.ffn_dim, cfg.d_model)
-                && is(&up, cfg.ffn_dim, cfg.d_model)
-                && is(&down, cfg.d_model, cfg.ffn_dim))
+                && is(&gate, per * cfg.ffn_dim, cfg.d_model)
+                && is(&up, per * cfg.ffn_dim, cfg.d_model)
+                && is(&down, per * cfg.d_model, cfg.ffn_dim)
+                && router.as_ref().is_none_or(|r| is(r, e, cfg.d_model)))
+                || (moe && g.has_tensor(&n("post_ffw_norm.weight")))
             {
                 return Err(Error::Model(format!(
                     "layer {l}: projection shapes do not match the configuration {cfg:?}"
@@ -277,6 +328,7 @@ impl GpuDecoder {
                 gate,
                 up,
                 down,
+                router,
                 post_ffn_norm: vec_opt(ctx, g, &n("post_ffw_norm.weight"), cfg.d_model)?,
             });
         }
@@ -372,6 +424,7 @@ impl GpuDecoder {
         let (dm, d, h, kvh, f) = (c.d_model, c.head_dim, c.n_head, c.n_kv_head, c.ffn_dim);
         let vocab = self.output_matrix().rows;
         let post_norms = self.layers.iter().any(|l| l.post_attn_norm.is_some());
+        let moe = c.experts > 0;
         let local_rope = c.rope_base_local != c.rope_base;
         let bufs = Buffers {
             ids: storage(g, "token ids", (t * 4) as u64)?,
@@ -384,8 +437,11 @@ impl GpuDecoder {
             att: f32_buffer(g, "attention output", t * h * d)?,
             // (Gemma's post-norms only)
             a: f32_buffer(g, "projection output", if post_norms { t * dm } else { 1 })?,
-            g: f32_buffer(g, "ffn gate", t * f)?,
-            u: f32_buffer(g, "ffn up", t * f)?,
+            g: f32_buffer(g, "ffn gate", t * f * c.top_k.max(1))?,
+            u: f32_buffer(g, "ffn up", if moe { 1 } else { t * f })?,
+            route_logits: f32_buffer(g, "router logits", t * c.experts)?,
+            route_ids: storage(g, "routed experts", (t * c.top_k).max(1) as u64 * 4)?,
+            route_w: f32_buffer(g, "routing weights", t * c.top_k)?,
             xl: f32_buffer(g, "last hidden", dm)?,
             logits: f32_buffer(g, "logits", vocab)?,
             rope: f32_buffer(g, "rope table", t * d)?,
@@ -409,6 +465,24 @@ impl GpuDecoder {
         let qk_norm_k =
             RmsNormGpu::build_for(ctx, t * kvh, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
         let act = ActGpu::build(ctx, c.gate(), t * f)?;
+        let (router_top_k, experts_shape) = if moe {
+            let scoring = if c.sigmoid_gating {
+                RouterScoring::Sigmoid
+            } else {
+                RouterScoring::Softmax
+            };
+            let step = top_k_step(ctx, c.experts, c.top_k, scoring, t)?;
+            let shape = ExpertsShape {
+                tokens: t,
+                top_k: c.top_k,
+                experts: c.experts,
+                hidden: dm,
+                ffn: f,
+            };
+            (Some(step), Some(shape))
+        } else {
+            (None, None)
+        };
         let splits = decode_splits(cache.capacity, h, t);
         // One cache attention per window (global / local layers), its partial states
         // shared by every layer (they run one after the other).
@@ -456,7 +530,16 @@ impl GpuDecoder {
                     bias.as_ref(),
                 )
             };
-            let mut list = vec![norm.dispatch(g, &[&b.x, &l.attn_norm, &b.xn])];
+            let mut list = vec![];
+            // SmallThinker routes on the layer's input, before attention.
+            if let (Some(router), Some(top_k)) = (&l.router, &router_top_k) {
+                list.extend(
+                    MatmulGpu::build(ctx, "router", router, t, d, LinearLayout::default())?
+                        .dispatches(g, &b.x, &b.route_logits, None, None)?,
+                );
+                list.push(top_k.dispatch(g, &[&b.route_logits, &b.route_ids, &b.route_w]));
+            }
+            list.push(norm.dispatch(g, &[&b.x, &l.attn_norm, &b.xn]));
             list.extend(proj(&l.wq, &l.bq, &b.q)?);
             list.extend(proj(&l.wk, &l.bk, &b.k)?);
             list.extend(proj(&l.wv, &l.bv, &b.v)?);
@@ -505,6 +588,21 @@ impl GpuDecoder {
             };
             list.push(norm.dispatch(g, &[stream, &l.ffn_norm, &b.xn]));
             let plain = LinearLayout::default();
+            if let Some(shape) = experts_shape {
+                // x = x2 + Σ_j w_j · expert_j(xn) (no post-norms in a MoE model).
+                let experts = ExpertsGgmlGpu::build(ctx, shape, &l.gate, &l.up, &l.down)?;
+                list.extend(experts.dispatches(
+                    g,
+                    &b.xn,
+                    &b.route_ids,
+                    &b.route_w,
+                    &b.g,
+                    &b.x2,
+                    &b.x,
+                ));
+                post.push(list);
+                continue;
+            }
             list.extend(
                 MatmulGpu::build(ctx, "ffn gate", &l.gate, t, d, plain)?
                     .dispatches(g, &b.xn, &b.g, None, None)?,
@@ -764,7 +862,8 @@ impl GpuDecoder {
     /// most 8,192 tokens, a multiple of 256 when over it).
     pub fn default_chunk(&self) -> usize {
         let c = &self.cfg;
-        let widest = c.ffn_dim.max(c.n_head * c.head_dim).max(c.d_model) as u64 * 4;
+        let ffn = c.ffn_dim * c.top_k.max(1);
+        let widest = ffn.max(c.n_head * c.head_dim).max(c.d_model) as u64 * 4;
         let limit = self.ctx.gpu().map_or(u64::MAX, |g| {
             g.caps.max_storage_binding.min(g.caps.max_buffer)
         });

@@ -23,6 +23,7 @@ pub mod combine;
 pub mod cpu;
 pub mod dispatch;
 pub mod expert_ffn;
+pub mod experts_ggml;
 pub mod memory;
 pub mod plan;
 pub mod router;
@@ -249,6 +250,7 @@ pub fn all_moe_variants() -> Vec<crate::runtime::KernelSpec> {
     let mut v = router::all_router_variants();
     v.extend(dispatch::all_dispatch_variants());
     v.extend(expert_ffn::all_expert_ffn_variants());
+    v.extend(experts_ggml::all_experts_ggml_variants());
     v.push(combine::combine_spec());
     v
 }

@@ -18,8 +18,16 @@ crate::runtime::preprocess::wgsl_params! {
     }
 }
 
-/// The router kernel for a scoring rule.
+/// The router kernel for a scoring rule (logits from f32 router weights, then the top
+/// k).
 pub fn router_spec(scoring: RouterScoring) -> KernelSpec {
+    router_spec_with(scoring, false)
+}
+
+/// The router kernel; `logits_in`: the logits `[tokens, experts]` are an input (made by
+/// a projection of GGUF router weights) and only the top k and their weights are made.
+/// Its buffers are then `[logits, ids, weights]`.
+pub fn router_spec_with(scoring: RouterScoring, logits_in: bool) -> KernelSpec {
     KernelSpec {
         file: "moe/router.wgsl",
         entry: "router",
@@ -27,17 +35,42 @@ pub fn router_spec(scoring: RouterScoring) -> KernelSpec {
             .params::<RouterParams>()
             .const_u32("MAX_E", MAX_EXPERTS as u32)
             .const_u32("MAX_K", MAX_TOP_K as u32)
-            .flag_if("SOFTMAX", scoring == RouterScoring::Softmax),
-        bindings: BindingKind::layout("urrwww"),
+            .flag_if("SOFTMAX", scoring == RouterScoring::Softmax)
+            .flag_if("LOGITS_IN", logits_in),
+        bindings: BindingKind::layout(if logits_in { "urww" } else { "urrwww" }),
     }
 }
 
 /// Every router variant (shader dump, portability tests).
 pub fn all_router_variants() -> Vec<KernelSpec> {
-    vec![
-        router_spec(RouterScoring::Sigmoid),
-        router_spec(RouterScoring::Softmax),
-    ]
+    [RouterScoring::Sigmoid, RouterScoring::Softmax]
+        .into_iter()
+        .flat_map(|s| [router_spec_with(s, false), router_spec_with(s, true)])
+        .collect()
+}
+
+/// The top-k step over precomputed logits for `tokens` rows: buffers `[logits, ids,
+/// weights]` (twin: [`super::cpu::top_k`]).
+pub fn top_k_step(
+    ctx: &Context,
+    experts: usize,
+    top_k: usize,
+    scoring: RouterScoring,
+    tokens: usize,
+) -> Result<Step<RouterParams>> {
+    if experts == 0 || experts > MAX_EXPERTS || top_k == 0 || top_k > MAX_TOP_K.min(experts) {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "router top-{top_k} of {experts} experts (at most {MAX_EXPERTS} experts and \
+             {MAX_TOP_K} chosen)"
+        )));
+    }
+    let p = RouterParams {
+        tokens: tokens as u32,
+        hidden: 0,
+        experts: experts as u32,
+        top_k: top_k as u32,
+    };
+    Step::flat(ctx, &router_spec_with(scoring, true), &p, tokens as u64)
 }
 
 /// The router for `tokens` rows (one workgroup each); its buffers are

@@ -84,7 +84,29 @@ impl GpuMatrix {
         bytes: &[u8],
         max_part: Option<u64>,
     ) -> Result<Self> {
+        Self::upload_grouped(ctx, label, ty, rows, cols, bytes, max_part, 1)
+    }
+
+    /// [`GpuMatrix::upload`] of a matrix made of `group`-row blocks that a part must not
+    /// split (a 3-D expert tensor as `[experts · rows, cols]`: `group` = one expert's
+    /// rows, so that each part holds whole experts).
+    #[allow(clippy::too_many_arguments)]
+    pub fn upload_grouped(
+        ctx: &Context,
+        label: &str,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        max_part: Option<u64>,
+        group: usize,
+    ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
+        if group == 0 || !rows.is_multiple_of(group) {
+            return Err(Error::InvalidShape(format!(
+                "{label}: {rows} rows are not whole groups of {group}"
+            )));
+        }
         if wgsl_flag(ty).is_none() {
             return Err(Error::Gguf(format!(
                 "{label}: {ty:?} weights have no GPU kernel (supported: {GPU_FORMATS:?})"
@@ -110,16 +132,17 @@ impl GpuMatrix {
             .unwrap_or(g.caps.max_storage_binding)
             .min(g.caps.max_buffer)
             .saturating_sub(4);
-        // Parts of whole rows, a multiple of 64 rows where more than 64 fit.
+        // Parts of whole groups of rows, a multiple of 64 rows where more than 64 fit.
         let mut per = (limit / rb as u64) as usize;
+        per -= per % group;
         if per == 0 {
             return Err(Error::too_large(
-                format!("{label}: one row"),
-                rb as u64 + 4,
+                format!("{label}: one group of {group} rows"),
+                (rb * group) as u64 + 4,
                 limit + 4,
             ));
         }
-        if per > 64 {
+        if group == 1 && per > 64 {
             per -= per % 64;
         }
         let mut parts = Vec::new();

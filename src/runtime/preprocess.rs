@@ -102,6 +102,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/moe/router.wgsl"),
     ),
     (
+        "moe/experts_ggml.wgsl",
+        include_str!("../../shaders/moe/experts_ggml.wgsl"),
+    ),
+    (
         "moe/dispatch.wgsl",
         include_str!("../../shaders/moe/dispatch.wgsl"),
     ),

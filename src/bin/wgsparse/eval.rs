@@ -19,7 +19,7 @@ use crate::model::*;
 /// `wgsparse eval`.
 #[derive(Args, Clone)]
 pub struct EvalArgs {
-    /// A GGUF file (llama, qwen2 or gemma3; see scripts/fetch-models.sh).
+    /// A GGUF file (llama, qwen2, gemma3 or smallthinker; see scripts/fetch-models.sh).
     #[arg(long)]
     model: PathBuf,
     /// A UTF-8 text file.

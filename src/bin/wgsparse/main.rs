@@ -65,7 +65,7 @@ enum Command {
     },
     /// Run attention on synthetic Q/K/V and print per-stage times.
     Attention(Box<attention::AttentionArgs>),
-    /// Greedy text generation with a real GGUF model (llama, qwen2, gemma3).
+    /// Text generation with a GGUF model (llama, qwen2, gemma3, smallthinker).
     Generate(generate::GenerateArgs),
     /// Prefill and decode throughput, time to first token and peak memory of a GGUF
     /// model, per prompt length.

@@ -14,7 +14,8 @@ use wgsparse::{Backend, Error, Method, Result};
 /// Options shared by the model commands.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file (llama, qwen2 or gemma3; see scripts/fetch-models.sh).
+    /// A GGUF file (llama, qwen2, gemma3 or smallthinker; see scripts/fetch-models.sh
+    /// and `wgsparse synth-gguf`).
     #[arg(long)]
     pub(crate) model: PathBuf,
     /// Attention method of the prefill.
@@ -25,8 +26,9 @@ pub struct ModelArgs {
     /// GPU decoder) unless `--engine cpu` keeps the projections on the CPU.
     #[arg(long)]
     pub(crate) backend: Option<Backend>,
-    /// The decoder: auto (the GPU decoder on a GPU backend for llama/qwen2/gemma3, else
-    /// the CPU decoder), cpu (projections on the CPU, attention on the backend) or gpu.
+    /// The decoder: auto (the GPU decoder on a GPU backend, the CPU decoder on the CPU
+    /// or with `--exact` / `--max-resident-mb`), cpu (projections on the CPU, attention
+    /// on the backend) or gpu.
     #[arg(long, default_value = "auto")]
     pub(crate) engine: EngineKind,
     /// SALE: calibrated per-head thresholds (`wgsparse calibrate`) for the layers the
@@ -114,6 +116,11 @@ fn load_on(m: &ModelArgs, kind: EngineKind) -> Result<(ModelTokenizer, Engine)> 
     g.metadata.retain(|k, _| !k.starts_with("tokenizer.ggml."));
     wgsparse::runtime::threads::release_free_memory();
     let ctx = crate::device::context_or(m.backend, Backend::Cpu)?;
+    // The options only the CPU decoder has choose it where the engine is left to choose.
+    let kind = match kind {
+        EngineKind::Auto if m.exact || m.max_resident_mb.is_some() => EngineKind::Cpu,
+        k => k,
+    };
     let mut dec = Engine::load(&g, &ctx, m.method.clone(), kind)?;
     dec.set_methods(
         m.method.clone(),

@@ -1,0 +1,152 @@
+// Routed ReGLU experts with GGUF weights (SmallThinker on the GPU decoder): each
+// expert's gate, up and down matrices are read in place from the file's 3-D expert
+// tensors. ggml stores such a tensor as dims [cols, rows, experts], expert after expert,
+// so expert e's matrix is rows e·R .. e·R + R of one [E·R, C] matrix in the file's
+// blocks (quant/ggml.wgsl decodes them).
+//
+// Three entry points, dispatched in this order for a layer; assignment a = i·K + j is
+// token i's j-th routed expert e(a) = ids[a] (K = p.top_k):
+//   experts_gate (GATE): y[a, n] = W_gate[e(a)][n] · x[i]                (y = g [A, R])
+//   experts_up   (UP):   y[a, n] = max(y[a, n], 0) · (W_up[e(a)][n] · x[i]), in place
+//                        on the gate: the up row is not read at all where the gate is
+//                        ≤ 0 (neuron skipping: ReLU makes its product 0);
+//   experts_down (DOWN): y[i, n] = base[i, n] + Σ_j route_w[a] · (W_down[e(a)][n] · x[a])
+//                        with x = h [A, F]; a lane's four neurons are not read where
+//                        their h are all 0. base = res (the stream) for the first part,
+//                        y itself (ACCUM) for the others.
+// One workgroup of 256 threads per (8 output rows, assignment) — per (8 rows, token)
+// for DOWN — folded over a 2-D grid; the 32 lanes of a row stride over its columns
+// four values at a time and reduce in workgroup memory (as ops/gemv.wgsl).
+// A tensor too large for one binding is split into parts of whole experts
+// [p.e0, p.e0 + p.experts): one dispatch per part, assignments of other experts left to
+// the other dispatches.
+
+// `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
+
+#include "common/invocation.wgsl"
+
+const ROWS: u32 = 8u;
+const LANES: u32 = 32u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read> ids: array<u32>;
+#ifdef DOWN
+@group(0) @binding(4) var<storage, read> route_w: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+#ifndef ACCUM
+@group(0) @binding(6) var<storage, read> res: array<f32>;
+#endif
+#else
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+#endif
+
+#include "quant/ggml.wgsl"
+
+var<workgroup> part: array<f32, 256>;
+
+// This lane's share of row `row` (of this part) times the activation row starting at
+// vec4 index `x0`.
+fn lane_dot(row: u32, x0: u32, lane: u32) -> f32 {
+    var acc = 0.0;
+    for (var c = lane * 4u; c < p.k; c += LANES * 4u) {
+        let xv = x[x0 + c / 4u];
+#ifdef DOWN
+        if (any(xv != vec4<f32>(0.0))) {
+            acc += dot(ggml_load4(row, c, p.k), xv);
+        }
+#else
+        acc += dot(ggml_load4(row, c, p.k), xv);
+#endif
+    }
+    return acc;
+}
+
+// The expert of assignment `a` as a row offset into this part, or -1 (as u32 max)
+// where it lies in another part.
+fn part_expert(a: u32) -> u32 {
+    let e = ids[a];
+    if (e >= p.e0 && e < p.e0 + p.experts) {
+        return e - p.e0;
+    }
+    return 0xffffffffu;
+}
+
+#ifdef DOWN
+@compute @workgroup_size(256)
+fn experts_down(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    let lane = lid % LANES;
+    let g = flat_id(wg);
+    let i = g / p.row_blocks;
+    let n = (g % p.row_blocks) * ROWS + lid / LANES;
+    let valid = i < p.tokens && n < p.n;
+    var acc = 0.0;
+    if (valid) {
+        for (var j = 0u; j < p.top_k; j++) {
+            let a = i * p.top_k + j;
+            let e = part_expert(a);
+            if (e != 0xffffffffu) {
+                acc += route_w[a] * lane_dot(e * p.n + n, a * p.k / 4u, lane);
+            }
+        }
+    }
+    part[lid] = acc;
+    workgroupBarrier();
+#unroll s 5
+    if (lane < (16u >> ${s}u)) {
+        part[lid] += part[lid + (16u >> ${s}u)];
+    }
+    workgroupBarrier();
+#endunroll
+    if (lane == 0u && valid) {
+#ifdef ACCUM
+        y[i * p.n + n] += part[lid];
+#else
+        y[i * p.n + n] = res[i * p.n + n] + part[lid];
+#endif
+    }
+}
+#else
+@compute @workgroup_size(256)
+fn experts_gate_up(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    let lane = lid % LANES;
+    let g = flat_id(wg);
+    let a = g / p.row_blocks;
+    let n = (g % p.row_blocks) * ROWS + lid / LANES;
+    var e = 0xffffffffu;
+    if (a < p.tokens * p.top_k && n < p.n) {
+        e = part_expert(a);
+    }
+    let mine = e != 0xffffffffu;
+    var acc = 0.0;
+#ifdef UP
+    var gate = 0.0;
+    if (mine) {
+        gate = max(y[a * p.n + n], 0.0);
+    }
+    if (gate > 0.0) {
+        acc = lane_dot(e * p.n + n, (a / p.top_k) * p.k / 4u, lane);
+    }
+#else
+    if (mine) {
+        acc = lane_dot(e * p.n + n, (a / p.top_k) * p.k / 4u, lane);
+    }
+#endif
+    part[lid] = acc;
+    workgroupBarrier();
+#unroll s 5
+    if (lane < (16u >> ${s}u)) {
+        part[lid] += part[lid + (16u >> ${s}u)];
+    }
+    workgroupBarrier();
+#endunroll
+    if (lane == 0u && mine) {
+#ifdef UP
+        y[a * p.n + n] = gate * part[lid];
+#else
+        y[a * p.n + n] = part[lid];
+#endif
+    }
+}
+#endif
