@@ -380,12 +380,14 @@ fn cache_attention_matches_the_cpu_twin() {
     let g = ctx.gpu().unwrap();
     let mut rng = StdRng::seed_from_u64(common::seed());
     let (h, kvh, d, cap) = (6usize, 2usize, 64usize, 300usize);
-    for (start, t, window, splits) in [
-        (0, 1, None, 1),
-        (37, 1, None, 4),
-        (200, 3, Some(50), 7),
-        (90, 21, None, 3),
-        (250, 2, Some(8), 32),
+    // Pages of `page` positions (None: one page), ragged against the splits.
+    for (start, t, window, splits, page) in [
+        (0, 1, None, 1, None),
+        (37, 1, None, 4, Some(16)),
+        (200, 3, Some(50), 7, Some(64)),
+        (90, 21, None, 3, Some(13)),
+        (250, 2, Some(8), 32, None),
+        (298, 2, None, 5, Some(100)),
     ] {
         let n = start + t;
         // Rows token-major, as the CPU cache holds them: [n, kvh, d].
@@ -415,7 +417,10 @@ fn cache_attention_matches_the_cpu_twin() {
         .unwrap();
         // The GPU: store the rows of positions 0..start and start..n through the store
         // kernel (head-major inputs), then attend.
-        let layer = GpuKvLayer::new(&ctx, kvh, cap, d).unwrap();
+        let page_bytes = page.map(|p: usize| (p * kvh * d * 2) as u64);
+        let layer = GpuKvLayer::with_page_bytes(&ctx, kvh, cap, d, page_bytes).unwrap();
+        assert_eq!(layer.page_len, page.unwrap_or(cap));
+        assert_eq!(layer.pages.len(), cap.div_ceil(layer.page_len));
         let pos = DecodePos::new(&ctx).unwrap();
         let head_major = |x: &[f32], from: usize, to: usize| -> Vec<f32> {
             let mut o = Vec::new();
@@ -432,6 +437,7 @@ fn cache_attention_matches_the_cpu_twin() {
             tokens,
             head_dim: d,
             capacity: cap,
+            page_len: layer.page_len,
             window,
             scale,
         };
@@ -444,13 +450,8 @@ fn cache_attention_matches_the_cpu_twin() {
             let vt = upload_f32(&ctx, &head_major(&vr, from, to));
             pos.set(g, from);
             let mut rec = Recorder::new(&ctx, "store", 1).unwrap();
-            rec.dispatch_stage(
-                "store",
-                &[
-                    a.store(g, &pos, kt.gpu_buffer().unwrap(), &layer.k),
-                    a.store(g, &pos, vt.gpu_buffer().unwrap(), &layer.v),
-                ],
-            );
+            let (kb, vb) = (kt.gpu_buffer().unwrap(), vt.gpu_buffer().unwrap());
+            rec.dispatch_stage("store", &a.store(g, &pos, kb, vb, &layer).unwrap());
             rec.submit_blocking().unwrap();
         }
         // q head-major [h, t, d].
@@ -474,7 +475,8 @@ fn cache_attention_matches_the_cpu_twin() {
                 qt.gpu_buffer().unwrap(),
                 &layer,
                 ot.gpu_buffer().unwrap(),
-            ),
+            )
+            .unwrap(),
         );
         rec.submit_blocking().unwrap();
         let got = ot.to_f32_blocking().unwrap();
@@ -484,7 +486,7 @@ fn cache_attention_matches_the_cpu_twin() {
                     let (gv, wv) = (got[(hh * t + i) * d + e], want[(i * h + hh) * d + e]);
                     assert!(
                         (gv - wv).abs() < 2e-4,
-                        "start {start} t {t} window {window:?} splits {splits}: head {hh} token {i} dim {e}: {gv} vs {wv}"
+                        "start {start} t {t} window {window:?} splits {splits} page {page:?}: head {hh} token {i} dim {e}: {gv} vs {wv}"
                     );
                 }
             }
@@ -636,9 +638,10 @@ fn gpu_forward_matches_the_cpu_decoder() {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
         let ids: Vec<u32> = (0..11).map(|_| rng.random_range(0..300)).collect();
         let mut cc = cpu.new_cache();
-        let mut gc = gpu.new_cache(64).unwrap();
+        // A paged cache: pages of 5 positions (2 kv heads × 64 × f16 = 256 bytes each).
+        let mut gc = gpu.new_cache_with(64, Some(5 * 256)).unwrap();
         // The prompt (attention plans), three decode steps, a chunk of four (cache
-        // attention with several queries).
+        // attention with several queries), each across page boundaries.
         let mut steps: Vec<Vec<u32>> = vec![ids.clone()];
         steps.extend((0..3).map(|_| vec![rng.random_range(0..300)]));
         steps.push((0..4).map(|_| rng.random_range(0..300)).collect());

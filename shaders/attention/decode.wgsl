@@ -1,15 +1,18 @@
 // Attention of a few query tokens over a layer's KV cache (decode steps and chunked
-// prefill continuations): split-K ("flash decoding"). The cache holds K and V in f16,
-// two per u32, [kv_heads, cap, D / 2] words; query token i sits at position
-// start + i (start: the `dyn` uniform, written per call) and sees keys
-// lo ..= start + i (lo = 0, or the window's first key). The CPU twin is
-// attention/decode_cpu.rs (CacheAttention).
+// prefill continuations): split-K ("flash decoding"). The cache is paged: page `page`
+// (of `pages`) holds positions page0 .. page0 + cap in its own K and V buffers, f16,
+// two per u32, [kv_heads, cap, D / 2] words (one page when the whole cache fits a
+// binding). Query token i sits at position start + i (start: the `dyn` uniform, written
+// per call) and sees keys lo ..= start + i (lo = 0, or the window's first key). The CPU
+// twin is attention/decode_cpu.rs (CacheAttention).
 //
-// STORE:   cache[kv_head, start + t, :] = f16(x[kv_head, t, :]) for new K or V rows.
-// SPLIT:   workgroup (s, i, h): keys of split s (of `splits` equal parts of the query's
-//          range), 64 at a time with an online softmax; writes (m, l, acc[D]) of the
-//          split to `part` [heads, tokens, splits, D + 2].
-// COMBINE: workgroup (i, h): merges the splits into out [heads, tokens, D].
+// STORE:   one dispatch per page: cache[kv_head, start + t − page0, :] = f16(x[kv_head,
+//          t, :]) for the new K or V rows whose position falls in the page.
+// SPLIT:   one dispatch per page; workgroup (s, i, h): the page's keys of split s (of
+//          `splits` equal parts of the query's range), 64 at a time with an online
+//          softmax; writes (m, l, acc[D]) to `part` [heads, tokens, pages, splits, D + 2]
+//          (an empty range: m = −1e30, l = 0).
+// COMBINE: workgroup (i, h): merges every page's splits into out [heads, tokens, D].
 
 #include "common/invocation.wgsl"
 
@@ -32,7 +35,11 @@ fn kv_store(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
     let i = idx % half;
     let t = (idx / half) % p.tokens;
     let h = idx / (half * p.tokens);
-    cache[(h * p.cap + dyn.x + t) * half + i] = pack2x16float(x[idx]);
+    let pos = dyn.x + t;
+    if (pos < p.page0 || pos >= p.page0 + p.cap) {
+        return;
+    }
+    cache[(h * p.cap + pos - p.page0) * half + i] = pack2x16float(x[idx]);
 }
 #endif
 
@@ -74,8 +81,9 @@ fn decode_split(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         lo = pos + 1u - p.window;
     }
     let per = (pos + 1u - lo + p.splits - 1u) / p.splits;
-    let k0 = min(pos + 1u, lo + s * per);
-    let k1 = min(pos + 1u, k0 + per);
+    // The split's keys inside this page.
+    let k0 = max(min(pos + 1u, lo + s * per), p.page0);
+    let k1 = min(min(pos + 1u, lo + s * per + per), p.page0 + p.cap);
     for (var d = lid; d < p.d; d += 64u) {
         qs[d] = q[(h * p.tokens + i) * p.d + d] * p.scale;
     }
@@ -87,7 +95,7 @@ fn decode_split(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         let key = kb + lid;
         var sc = -1e30;
         if (key < k1) {
-            let row = (kvh * p.cap + key) * half;
+            let row = (kvh * p.cap + key - p.page0) * half;
             var a = 0.0;
             for (var j = 0u; j < half; j++) {
                 let kv = unpack2x16float(kc[row + j]);
@@ -110,7 +118,7 @@ fn decode_split(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         acc *= alpha;
         let nk = min(64u, k1 - kb);
         for (var jj = 0u; jj < nk; jj++) {
-            let row = (kvh * p.cap + kb + jj) * half;
+            let row = (kvh * p.cap + kb + jj - p.page0) * half;
             let pw = ps[jj];
 #unroll e 4
             {
@@ -123,7 +131,7 @@ fn decode_split(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         }
         m = mn;
     }
-    let base = ((h * p.tokens + i) * p.splits + s) * (p.d + 2u);
+    let base = (((h * p.tokens + i) * p.pages + p.page) * p.splits + s) * (p.d + 2u);
     if (lid == 0u) {
         part[base] = m;
         part[base + 1u] = l;
@@ -147,19 +155,20 @@ fn decode_split(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 fn decode_combine(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let i = wg.id.x;
     let h = wg.id.y;
-    let row = (h * p.tokens + i) * p.splits;
+    let n = p.splits * p.pages;
+    let row = (h * p.tokens + i) * n;
     var mx = -1e30;
-    for (var s = 0u; s < p.splits; s++) {
+    for (var s = 0u; s < n; s++) {
         mx = max(mx, part[(row + s) * (p.d + 2u)]);
     }
     var l = 0.0;
-    for (var s = 0u; s < p.splits; s++) {
+    for (var s = 0u; s < n; s++) {
         let b = (row + s) * (p.d + 2u);
         l += part[b + 1u] * exp(part[b] - mx);
     }
     for (var d = lid; d < p.d; d += 64u) {
         var a = 0.0;
-        for (var s = 0u; s < p.splits; s++) {
+        for (var s = 0u; s < n; s++) {
             let b = (row + s) * (p.d + 2u);
             a += part[b + 2u + d] * exp(part[b] - mx);
         }

@@ -2,9 +2,11 @@
 //! (`shaders/attention/decode.wgsl`): the GPU decoder's decode steps and chunked prefill
 //! continuations. Its CPU twin is [`crate::attention::decode_cpu::CacheAttention`].
 //!
-//! The cache ([`GpuKvLayer`]) holds K and V in f16, `[kv_heads, capacity, head_dim]`:
-//! room for a whole context is reserved once, new rows are stored at their positions
-//! ([`DecodeAttentionGpu::store`]) and a step reads only the keys it needs. The position
+//! The cache ([`GpuKvLayer`]) holds K and V in f16, in pages of `page_len` positions
+//! (`[kv_heads, page_len, head_dim]` each, in their own buffers, so that a 128k context
+//! of any model fits under the storage-binding limit; one page when the whole cache
+//! fits): room for a whole context is reserved once, new rows are stored at their
+//! positions ([`DecodeAttentionGpu::store`]) and a step reads only the keys it needs. The position
 //! of the first query token is a uniform written per call (`start`, [`DecodePos`]), so
 //! the dispatches are built once per token count and recorded step after step.
 //!
@@ -29,6 +31,10 @@ crate::runtime::preprocess::wgsl_params! {
         splits: u32,
         window: u32,
         scale: f32,
+        page0: u32,
+        page: u32,
+        pages: u32,
+        _pad: u32,
     }
 }
 
@@ -72,29 +78,64 @@ pub fn all_decode_variants() -> Vec<KernelSpec> {
     .to_vec()
 }
 
-/// One layer's cached keys and values on the GPU, f16 `[kv_heads, capacity, head_dim]`.
+/// One layer's cached keys and values on the GPU, f16, in pages of `page_len`
+/// positions: page `p` holds positions `p · page_len ..` as `[kv_heads, page_len,
+/// head_dim]` (the last page may hold fewer).
 pub struct GpuKvLayer {
-    /// Keys.
-    pub k: wgpu::Buffer,
-    /// Values.
-    pub v: wgpu::Buffer,
+    /// Each page's keys and values.
+    pub pages: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    /// Positions per page.
+    pub page_len: usize,
 }
 
 impl GpuKvLayer {
-    /// Room for `capacity` positions of `kv_heads` heads of `head_dim` (even).
+    /// Room for `capacity` positions of `kv_heads` heads of `head_dim` (even), in pages
+    /// as large as the device's binding limit allows.
     pub fn new(ctx: &Context, kv_heads: usize, capacity: usize, head_dim: usize) -> Result<Self> {
+        Self::with_page_bytes(ctx, kv_heads, capacity, head_dim, None)
+    }
+
+    /// [`GpuKvLayer::new`] with pages of at most `max_page` bytes (tests of the paging;
+    /// `None`: the binding limit).
+    pub fn with_page_bytes(
+        ctx: &Context,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        max_page: Option<u64>,
+    ) -> Result<Self> {
         let g = ctx.gpu().ok_or(Error::WrongContext)?;
-        if !head_dim.is_multiple_of(2) || head_dim > 256 || capacity == 0 {
+        if !head_dim.is_multiple_of(2) || head_dim > 256 || capacity == 0 || kv_heads == 0 {
             return Err(Error::InvalidShape(format!(
-                "a GPU KV cache needs an even head_dim ≤ 256 (got {head_dim}) and room \
-                 for a token"
+                "a GPU KV cache needs kv heads, an even head_dim ≤ 256 (got {head_dim}) and \
+                 room for a token"
             )));
         }
-        let bytes = (kv_heads * capacity * head_dim * 2) as u64;
-        Ok(GpuKvLayer {
-            k: storage(g, "kv cache keys", bytes)?,
-            v: storage(g, "kv cache values", bytes)?,
-        })
+        let limit = max_page
+            .unwrap_or(g.caps.max_storage_binding)
+            .min(g.caps.max_storage_binding)
+            .min(g.caps.max_buffer);
+        let per_pos = (kv_heads * head_dim * 2) as u64;
+        let page_len = ((limit / per_pos) as usize).min(capacity);
+        if page_len == 0 {
+            return Err(Error::too_large("one KV cache position", per_pos, limit));
+        }
+        let pages = (0..capacity.div_ceil(page_len))
+            .map(|p| {
+                let n = page_len.min(capacity - p * page_len);
+                let bytes = per_pos * n as u64;
+                Ok((
+                    storage(g, "kv cache keys", bytes)?,
+                    storage(g, "kv cache values", bytes)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuKvLayer { pages, page_len })
+    }
+
+    /// Bytes of its buffers.
+    pub fn bytes(&self) -> u64 {
+        self.pages.iter().map(|(k, v)| k.size() + v.size()).sum()
     }
 }
 
@@ -125,12 +166,12 @@ impl DecodePos {
 }
 
 /// A built cache attention for `tokens` query tokens of `heads` heads over a cache of
-/// `capacity` positions.
+/// `capacity` positions in pages of `page_len` (a store and a split step per page).
 pub struct DecodeAttentionGpu {
     shape: DecodeShape,
     splits: usize,
-    store: Step<DecodeParams>,
-    split: Step<DecodeParams>,
+    store: Vec<Step<DecodeParams>>,
+    split: Vec<Step<DecodeParams>>,
     combine: Step<DecodeParams>,
     part: wgpu::Buffer,
 }
@@ -148,6 +189,8 @@ pub struct DecodeShape {
     pub head_dim: usize,
     /// Cache positions.
     pub capacity: usize,
+    /// Positions per cache page ([`GpuKvLayer::page_len`]; `capacity` for one page).
+    pub page_len: usize,
     /// Sliding window (keys `pos − window < j ≤ pos`), if any.
     pub window: Option<usize>,
     /// Softmax scale.
@@ -185,12 +228,15 @@ impl DecodeAttentionGpu {
             || !s.head_dim.is_multiple_of(2)
             || s.head_dim > 256
             || !(1..=1024).contains(&splits)
+            || s.capacity == 0
+            || s.page_len == 0
         {
             return Err(Error::InvalidShape(format!(
                 "cache attention {s:?} with {splits} splits: heads must be a multiple of \
-                 kv_heads, head_dim even and ≤ 256, splits 1 ..= 1024"
+                 kv_heads, head_dim even and ≤ 256, splits 1 ..= 1024, room and pages"
             )));
         }
+        let pages = s.capacity.div_ceil(s.page_len);
         let p = DecodeParams {
             heads: s.heads as u32,
             kv_heads: s.kv_heads as u32,
@@ -200,6 +246,16 @@ impl DecodeAttentionGpu {
             splits: splits as u32,
             window: s.window.unwrap_or(0) as u32,
             scale: s.scale,
+            page0: 0,
+            page: 0,
+            pages: pages as u32,
+            _pad: 0,
+        };
+        let page = |i: usize| DecodeParams {
+            page0: (i * s.page_len) as u32,
+            page: i as u32,
+            cap: s.page_len.min(s.capacity - i * s.page_len) as u32,
+            ..p
         };
         let max = g.caps.max_workgroups_per_dim;
         let pairs = (s.kv_heads * s.tokens * s.head_dim / 2) as u64;
@@ -212,20 +268,22 @@ impl DecodeAttentionGpu {
         let part = match part {
             Some(b) => b,
             None => {
-                let bytes = (s.heads * s.tokens * splits * (s.head_dim + 2) * 4) as u64;
+                let bytes = (s.heads * s.tokens * pages * splits * (s.head_dim + 2) * 4) as u64;
                 storage(g, "cache attention partial states", bytes)?
             }
         };
         Ok(DecodeAttentionGpu {
             shape: s,
             splits,
-            store: Step::flat(
-                ctx,
-                &decode_spec(DecodeKernel::Store),
-                &p,
-                pairs.div_ceil(256),
-            )?,
-            split: Step::new(ctx, &decode_spec(DecodeKernel::Split), &p, split_grid)?,
+            store: (0..pages)
+                .map(|i| {
+                    let spec = decode_spec(DecodeKernel::Store);
+                    Step::flat(ctx, &spec, &page(i), pairs.div_ceil(256))
+                })
+                .collect::<Result<_>>()?,
+            split: (0..pages)
+                .map(|i| Step::new(ctx, &decode_spec(DecodeKernel::Split), &page(i), split_grid))
+                .collect::<Result<_>>()?,
             combine: Step::new(
                 ctx,
                 &decode_spec(DecodeKernel::Combine),
@@ -236,20 +294,47 @@ impl DecodeAttentionGpu {
         })
     }
 
-    /// The dispatch storing new rows `x` (`[kv_heads, tokens, head_dim]` f32) into
-    /// `cache` (keys or values) at positions `start ..`.
+    /// Checks that `layer` has this attention's pages.
+    fn check(&self, layer: &GpuKvLayer) -> Result<()> {
+        if layer.page_len != self.shape.page_len || layer.pages.len() != self.split.len() {
+            return Err(Error::Mismatch(format!(
+                "a cache of {} pages of {} positions for an attention built for {} of {}",
+                layer.pages.len(),
+                layer.page_len,
+                self.split.len(),
+                self.shape.page_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// The dispatches (one per page) storing new rows `k` and `v` (`[kv_heads, tokens,
+    /// head_dim]` f32) into `layer` at positions `start ..`.
     pub fn store(
         &self,
         g: &GpuDevice,
         pos: &DecodePos,
-        x: &wgpu::Buffer,
-        cache: &wgpu::Buffer,
-    ) -> Dispatch {
-        self.store.dispatch(g, &[pos.buffer(), x, cache])
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        layer: &GpuKvLayer,
+    ) -> Result<Vec<Dispatch>> {
+        self.check(layer)?;
+        Ok(self
+            .store
+            .iter()
+            .zip(&layer.pages)
+            .flat_map(|(step, (kc, vc))| {
+                [
+                    step.dispatch(g, &[pos.buffer(), k, kc]),
+                    step.dispatch(g, &[pos.buffer(), v, vc]),
+                ]
+            })
+            .collect())
     }
 
-    /// The two dispatches of the attention of `q` (`[heads, tokens, head_dim]` f32) over
-    /// `layer` into `out` (`[heads, tokens, head_dim]`).
+    /// The dispatches of the attention of `q` (`[heads, tokens, head_dim]` f32) over
+    /// `layer` into `out` (`[heads, tokens, head_dim]`): a split pass per page, then the
+    /// merge.
     pub fn attend(
         &self,
         g: &GpuDevice,
@@ -257,11 +342,15 @@ impl DecodeAttentionGpu {
         q: &wgpu::Buffer,
         layer: &GpuKvLayer,
         out: &wgpu::Buffer,
-    ) -> [Dispatch; 2] {
-        [
-            self.split
-                .dispatch(g, &[pos.buffer(), q, &layer.k, &layer.v, &self.part]),
-            self.combine.dispatch(g, &[&self.part, out]),
-        ]
+    ) -> Result<Vec<Dispatch>> {
+        self.check(layer)?;
+        let mut list: Vec<Dispatch> = self
+            .split
+            .iter()
+            .zip(&layer.pages)
+            .map(|(step, (kc, vc))| step.dispatch(g, &[pos.buffer(), q, kc, vc, &self.part]))
+            .collect();
+        list.push(self.combine.dispatch(g, &[&self.part, out]));
+        Ok(list)
     }
 }

@@ -129,7 +129,7 @@ impl GpuKvCache {
     }
     /// Bytes of the cache buffers.
     pub fn bytes(&self) -> u64 {
-        self.layers.iter().map(|l| l.k.size() + l.v.size()).sum()
+        self.layers.iter().map(GpuKvLayer::bytes).sum()
     }
 }
 
@@ -166,7 +166,7 @@ struct TokenPlan {
     bufs: Buffers,
     head: Vec<Dispatch>,
     pre: Vec<Vec<Dispatch>>,
-    cached: Vec<[Dispatch; 2]>,
+    cached: Vec<Vec<Dispatch>>,
     post: Vec<Vec<Dispatch>>,
     tail: Vec<Dispatch>,
 }
@@ -400,11 +400,20 @@ impl GpuDecoder {
         self.last.lock().expect("report lock").clone()
     }
 
-    /// An empty cache with room for `capacity` positions.
+    /// An empty cache with room for `capacity` positions (each layer's keys and values
+    /// in pages under the device's binding limit, so long contexts fit).
     pub fn new_cache(&self, capacity: usize) -> Result<GpuKvCache> {
+        self.new_cache_with(capacity, None)
+    }
+
+    /// [`GpuDecoder::new_cache`] with pages of at most `max_page` bytes (tests of the
+    /// paging).
+    pub fn new_cache_with(&self, capacity: usize, max_page: Option<u64>) -> Result<GpuKvCache> {
         let c = &self.cfg;
         let layers = (0..c.n_layer)
-            .map(|_| GpuKvLayer::new(&self.ctx, c.n_kv_head, capacity, c.head_dim))
+            .map(|_| {
+                GpuKvLayer::with_page_bytes(&self.ctx, c.n_kv_head, capacity, c.head_dim, max_page)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(GpuKvCache {
             owner: self.id,
@@ -495,6 +504,7 @@ impl GpuDecoder {
                     tokens: t,
                     head_dim: d,
                     capacity: cache.capacity,
+                    page_len: cache.layers[0].page_len,
                     window,
                     scale: self.attention_scale(),
                 },
@@ -563,10 +573,9 @@ impl GpuDecoder {
                 _ => &attn_global,
             };
             let kv = &cache.layers[li];
-            list.push(attn.store(g, &cache.pos, &b.k, &kv.k));
-            list.push(attn.store(g, &cache.pos, &b.v, &kv.v));
+            list.extend(attn.store(g, &cache.pos, &b.k, &b.v, kv)?);
             pre.push(list);
-            cached.push(attn.attend(g, &cache.pos, &b.q, kv, &b.att));
+            cached.push(attn.attend(g, &cache.pos, &b.q, kv, &b.att)?);
             // After attention: x2 = x + O·att (or x += norm(O·att)), then the FFN back
             // into x.
             let mut list = vec![];
