@@ -476,6 +476,65 @@ fn synthetic_models_benchmark_and_generate() {
         };
         assert_eq!(sampled("5"), sampled("5"));
     }
+    // `crop` writes a smaller model that `generate` runs; `--mask` keeps the shapes.
+    let src = dir.join("tiny-llama.gguf");
+    for mask in [false, true] {
+        let out = dir.join(format!("tiny-llama-crop-{mask}.gguf"));
+        let mut args = vec![
+            "crop",
+            "--model",
+            src.to_str().unwrap(),
+            "--keep",
+            "0.8",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        if mask {
+            args.push("--mask");
+        }
+        let (ok, stdout, err) = common::wgsparse(&args);
+        assert!(ok, "{err}");
+        let v = common::one_json(&stdout);
+        let (tin, tout) = (
+            v["tensor_bytes_in"].as_u64().unwrap(),
+            v["tensor_bytes_out"].as_u64().unwrap(),
+        );
+        assert!(if mask { tout == tin } else { tout < tin }, "{v}");
+        assert!(v["cost"].as_f64().unwrap() <= v["budget"].as_f64().unwrap() * 1.000001);
+        assert_eq!(
+            v["layers"][0]["kept"].as_u64().unwrap() % 32,
+            0,
+            "whole Q8_0 blocks: {v}"
+        );
+        let (ok, out, err) = common::wgsparse(&[
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt",
+            "hello",
+            "--tokens",
+            "3",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        assert!(
+            !common::one_json(&out)["tokens"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let (ok, _, err) = common::wgsparse(&[
+        "crop",
+        "--model",
+        src.to_str().unwrap(),
+        "--keep",
+        "1.5",
+        "--out",
+        "/dev/null",
+    ]);
+    assert!(!ok && err.contains("keep"), "{err}");
     let (ok, _, err) = common::wgsparse(&[
         "synth-gguf",
         "--arch",

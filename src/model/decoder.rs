@@ -33,7 +33,7 @@ use rayon::prelude::*;
 use crate::attention::decode_cpu::{CacheAttention, CacheRows, CacheScratch};
 use crate::attention::{AttentionShape, Method, WindowConfig};
 use crate::error::{Error, Result};
-use crate::model::gguf::Gguf;
+use crate::model::gguf::{Gguf, Value};
 use crate::model::sample::Sampler;
 pub use crate::model::sample::argmax;
 use crate::ops::act::Gate;
@@ -74,8 +74,11 @@ pub struct Config {
     pub n_kv_head: usize,
     /// Head dimension.
     pub head_dim: usize,
-    /// FFN width.
+    /// FFN width (per expert for MoE layers): the widest layer's.
     pub ffn_dim: usize,
+    /// FFN width of each layer (equal for most files; a cropped model's differ: the
+    /// `feed_forward_length` metadata is then an array, as llama.cpp reads it).
+    pub ffn_dims: Vec<usize>,
     /// Vocabulary size.
     pub vocab: usize,
     /// Trained context length.
@@ -153,11 +156,26 @@ impl Config {
         let nope = arch == Arch::SmallThinker && window.is_some();
         let rope = global.iter().map(|&g| !(nope && g)).collect();
         let moe = arch == Arch::SmallThinker;
-        let ffn_dim = if moe {
-            u("expert_feed_forward_length")?
+        let ffn_key = k(if moe {
+            "expert_feed_forward_length"
         } else {
-            u("feed_forward_length")?
+            "feed_forward_length"
+        });
+        let ffn_dims: Vec<usize> = match g.require(&ffn_key)? {
+            Value::Array(a) => a
+                .iter()
+                .map(|v| v.as_u64().map(|v| v as usize))
+                .collect::<Option<Vec<_>>>()
+                .filter(|v| v.len() == n_layer)
+                .ok_or_else(|| Error::Model(format!("`{ffn_key}` must hold {n_layer} widths")))?,
+            v => vec![
+                v.as_u64()
+                    .ok_or_else(|| Error::Model(format!("`{ffn_key}`: {v:?}")))?
+                    as usize;
+                n_layer
+            ],
         };
+        let ffn_dim = ffn_dims.iter().copied().max().unwrap_or(0);
         if g.get(&k("attn_logit_softcapping")).is_some() {
             return Err(Error::Model(
                 "attention logit softcapping is not supported by the attention kernels".into(),
@@ -171,6 +189,7 @@ impl Config {
             n_kv_head,
             head_dim,
             ffn_dim,
+            ffn_dims,
             vocab,
             ctx_len: u("context_length")?,
             rope_base,
@@ -405,13 +424,12 @@ enum Ffn {
 
 impl Ffn {
     /// Whether the matrices have the configuration's shapes.
-    fn shapes_match(&self, c: &Config) -> bool {
+    fn shapes_match(&self, c: &Config, layer: usize) -> bool {
         let is = |m: &Mat, rows: usize, cols: usize| m.rows == rows && m.cols == cols;
+        let f = c.ffn_dims[layer];
         match self {
             Ffn::Dense { gate, up, down } => {
-                is(gate, c.ffn_dim, c.d_model)
-                    && is(up, c.ffn_dim, c.d_model)
-                    && is(down, c.d_model, c.ffn_dim)
+                is(gate, f, c.d_model) && is(up, f, c.d_model) && is(down, c.d_model, f)
             }
             Ffn::Moe {
                 router,
@@ -420,9 +438,9 @@ impl Ffn {
                 down,
             } => {
                 is(router, c.experts, c.d_model)
-                    && gate.iter().all(|m| is(m, c.ffn_dim, c.d_model))
-                    && up.iter().all(|m| is(m, c.ffn_dim, c.d_model))
-                    && down.iter().all(|m| is(m, c.d_model, c.ffn_dim))
+                    && gate.iter().all(|m| is(m, f, c.d_model))
+                    && up.iter().all(|m| is(m, f, c.d_model))
+                    && down.iter().all(|m| is(m, c.d_model, f))
             }
         }
     }
@@ -812,7 +830,7 @@ impl Decoder {
                 || layer.wq.cols != cfg.d_model
                 || layer.wo.cols != qd
                 || layer.attn_norm.len() != cfg.d_model
-                || !layer.ffn.shapes_match(&cfg)
+                || !layer.ffn.shapes_match(&cfg, l)
             {
                 return Err(Error::Model(format!(
                     "layer {l}: projection shapes do not match the configuration {cfg:?}"

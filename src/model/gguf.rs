@@ -529,6 +529,53 @@ pub enum MetaValue {
     Strs(Vec<String>),
     /// Array of `int32`.
     I32s(Vec<i32>),
+    /// `uint64`.
+    U64(u64),
+    /// Array of `float32`.
+    F32s(Vec<f32>),
+}
+
+impl MetaValue {
+    /// A value read from a file, in the narrowest type that holds it (integers as
+    /// `uint32`/`int32` where they fit, floats as `float32`, arrays of strings, integers
+    /// or floats): what a rewritten file (a cropped model) carries over.
+    pub fn from_value(key: &str, v: &Value) -> Result<Self> {
+        let bad = || Error::Gguf(format!("metadata `{key}`: {v:?} cannot be written back"));
+        Ok(match v {
+            Value::U64(x) => u32::try_from(*x).map_or(MetaValue::U64(*x), MetaValue::U32),
+            Value::I64(x) => match i32::try_from(*x) {
+                Ok(x) => MetaValue::I32(x),
+                Err(_) => MetaValue::U64(u64::try_from(*x).map_err(|_| bad())?),
+            },
+            Value::F64(x) => MetaValue::F32(*x as f32),
+            Value::Bool(b) => MetaValue::Bool(*b),
+            Value::Str(s) => MetaValue::Str(s.clone()),
+            Value::Array(a) if a.iter().all(|x| matches!(x, Value::Str(_))) && !a.is_empty() => {
+                MetaValue::Strs(
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect(),
+                )
+            }
+            Value::Array(a) if a.iter().all(|x| matches!(x, Value::F64(_))) && !a.is_empty() => {
+                MetaValue::F32s(
+                    a.iter()
+                        .filter_map(|x| x.as_f64().map(|f| f as f32))
+                        .collect(),
+                )
+            }
+            Value::Array(a) => MetaValue::I32s(
+                a.iter()
+                    .map(|x| match x {
+                        Value::U64(u) => i32::try_from(*u).ok(),
+                        Value::I64(i) => i32::try_from(*i).ok(),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(bad)?,
+            ),
+        })
+    }
 }
 
 /// Writes a GGUF v3 file as a stream: metadata and tensor descriptions first, then each
@@ -592,6 +639,15 @@ impl GgufWriter {
             }
             MetaValue::I32s(a) => {
                 let mut b = 5u32.to_le_bytes().to_vec();
+                b.extend_from_slice(&(a.len() as u64).to_le_bytes());
+                for x in a {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+                (9, b)
+            }
+            MetaValue::U64(x) => (10, x.to_le_bytes().to_vec()),
+            MetaValue::F32s(a) => {
+                let mut b = 6u32.to_le_bytes().to_vec();
                 b.extend_from_slice(&(a.len() as u64).to_le_bytes());
                 for x in a {
                     b.extend_from_slice(&x.to_le_bytes());

@@ -302,9 +302,9 @@ impl GpuDecoder {
                 && is(&wk, kd, cfg.d_model)
                 && is(&wv, kd, cfg.d_model)
                 && is(&wo, cfg.d_model, qd)
-                && is(&gate, per * cfg.ffn_dim, cfg.d_model)
-                && is(&up, per * cfg.ffn_dim, cfg.d_model)
-                && is(&down, per * cfg.d_model, cfg.ffn_dim)
+                && is(&gate, per * cfg.ffn_dims[l], cfg.d_model)
+                && is(&up, per * cfg.ffn_dims[l], cfg.d_model)
+                && is(&down, per * cfg.d_model, cfg.ffn_dims[l])
                 && router.as_ref().is_none_or(|r| is(r, e, cfg.d_model)))
                 || (moe && g.has_tensor(&n("post_ffw_norm.weight")))
             {
@@ -473,7 +473,6 @@ impl GpuDecoder {
         let qk_norm_q = RmsNormGpu::build_for(ctx, t * h, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
         let qk_norm_k =
             RmsNormGpu::build_for(ctx, t * kvh, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
-        let act = ActGpu::build(ctx, c.gate(), t * f)?;
         let (router_top_k, experts_shape) = if moe {
             let scoring = if c.sigmoid_gating {
                 RouterScoring::Sigmoid
@@ -597,7 +596,9 @@ impl GpuDecoder {
             };
             list.push(norm.dispatch(g, &[stream, &l.ffn_norm, &b.xn]));
             let plain = LinearLayout::default();
+            let fl = c.ffn_dims[li];
             if let Some(shape) = experts_shape {
+                let shape = ExpertsShape { ffn: fl, ..shape };
                 // x = x2 + Σ_j w_j · expert_j(xn) (no post-norms in a MoE model).
                 let experts = ExpertsGgmlGpu::build(ctx, shape, &l.gate, &l.up, &l.down)?;
                 list.extend(experts.dispatches(
@@ -620,7 +621,7 @@ impl GpuDecoder {
                 MatmulGpu::build(ctx, "ffn up", &l.up, t, d, plain)?
                     .dispatches(g, &b.xn, &b.u, None, None)?,
             );
-            list.push(act.dispatch(g, &b.g, &b.u));
+            list.push(ActGpu::build(ctx, c.gate(), t * fl)?.dispatch(g, &b.g, &b.u));
             match &l.post_ffn_norm {
                 // x = x2 + down · h.
                 None => {

@@ -3,9 +3,11 @@
 //! gemma3 and smallthinker architectures ([`decoder`]) whose attention runs through the
 //! crate's [`AttentionPlan`](crate::AttentionPlan) and that dumps real post-RoPE Q/K/V,
 //! the GPU decoder ([`gpu`]: the whole forward pass on a GPU), the choice between them
-//! ([`engine`]), and evaluation (`passkey` retrieval, [`eval`]).
+//! ([`engine`]), structured cropping of FFN channels ([`crop`]), and evaluation
+//! (`passkey` retrieval, [`eval`]).
 
 pub mod bench;
+pub mod crop;
 pub mod decoder;
 pub mod engine;
 pub mod eval;

@@ -16,6 +16,7 @@ mod attention;
 mod bench_model;
 mod calibrate;
 mod chat;
+mod crop;
 mod demo;
 mod device;
 mod dump_qkv;
@@ -79,6 +80,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Passkey retrieval at a long context, per prompt attention method.
     Passkey(passkey::PasskeyArgs),
+    /// Remove whole FFN channels per layer at the budget solver's ratios (a smaller
+    /// dense GGUF; PreCrop's structured cropping, no retraining).
+    Crop(crop::CropArgs),
     /// Write real post-RoPE Q/K/V of chosen layers over a text as Q/K/V files.
     DumpQkv(dump_qkv::DumpArgs),
     /// Quality of attention methods on a real model: per layer and head, and end to end.
@@ -166,6 +170,7 @@ fn main() -> ExitCode {
         Some(Command::Nll(a)) => nll::run(&a),
         Some(Command::Chat(a)) => chat::run(&a),
         Some(Command::Passkey(a)) => passkey::run(&a),
+        Some(Command::Crop(a)) => crop::run(&a),
         Some(Command::BenchModel(a)) => bench_model::run(&a),
         Some(Command::SynthGguf(a)) => synth_gguf::run(&a),
         Some(Command::DumpQkv(a)) => dump_qkv::run(&a),
