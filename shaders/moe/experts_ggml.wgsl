@@ -43,8 +43,8 @@ const LANES: u32 = 32u;
 #endif
 
 #include "quant/ggml.wgsl"
+#include "common/row_sum.wgsl"
 
-var<workgroup> part: array<f32, 256>;
 
 // This lane's share of row `row` (of this part) times the activation row starting at
 // vec4 index `x0`.
@@ -91,19 +91,12 @@ fn experts_down(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
             }
         }
     }
-    part[lid] = acc;
-    workgroupBarrier();
-#unroll s 5
-    if (lane < (16u >> ${s}u)) {
-        part[lid] += part[lid + (16u >> ${s}u)];
-    }
-    workgroupBarrier();
-#endunroll
+    let total = row_sum(acc, lid);
     if (lane == 0u && valid) {
 #ifdef ACCUM
-        y[i * p.n + n] += part[lid];
+        y[i * p.n + n] += total;
 #else
-        y[i * p.n + n] = res[i * p.n + n] + part[lid];
+        y[i * p.n + n] = res[i * p.n + n] + total;
 #endif
     }
 }
@@ -133,19 +126,12 @@ fn experts_gate_up(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
         acc = lane_dot(e * p.n + n, (a / p.top_k) * p.k / 4u, lane);
     }
 #endif
-    part[lid] = acc;
-    workgroupBarrier();
-#unroll s 5
-    if (lane < (16u >> ${s}u)) {
-        part[lid] += part[lid + (16u >> ${s}u)];
-    }
-    workgroupBarrier();
-#endunroll
+    let total = row_sum(acc, lid);
     if (lane == 0u && mine) {
 #ifdef UP
-        y[a * p.n + n] = gate * part[lid];
+        y[a * p.n + n] = gate * total;
 #else
-        y[a * p.n + n] = part[lid];
+        y[a * p.n + n] = total;
 #endif
     }
 }

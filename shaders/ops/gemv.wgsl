@@ -10,11 +10,10 @@
 // `struct Params` comes from the launcher (wgsl_params!: one field list for Rust and WGSL).
 
 #include "ops/linear_common.wgsl"
+#include "common/row_sum.wgsl"
 
 const ROWS: u32 = 8u;
 const LANES: u32 = 32u;
-
-var<workgroup> part: array<f32, 256>;
 
 @compute @workgroup_size(256)
 fn gemv(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
@@ -27,15 +26,8 @@ fn gemv(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
             acc += dot(wload4(n, k), x[k / 4u]);
         }
     }
-    part[lid] = acc;
-    workgroupBarrier();
-#unroll s 5
-    if (lane < (16u >> ${s}u)) {
-        part[lid] += part[lid + (16u >> ${s}u)];
-    }
-    workgroupBarrier();
-#endunroll
+    let total = row_sum(acc, lid);
     if (lane == 0u && n < p.n) {
-        store_y(0u, n, part[lid]);
+        store_y(0u, n, total);
     }
 }

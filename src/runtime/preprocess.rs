@@ -118,6 +118,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/moe/expert_ffn_coop.wgsl"),
     ),
     (
+        "common/row_sum.wgsl",
+        include_str!("../../shaders/common/row_sum.wgsl"),
+    ),
+    (
         "common/invocation.wgsl",
         include_str!("../../shaders/common/invocation.wgsl"),
     ),
