@@ -395,7 +395,7 @@ pub fn plan(g: &Gguf, opts: CropOptions) -> Result<CropPlan> {
     })
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 #[derive(Clone, Debug, Serialize)]
 pub struct CropReport {
     /// The plan.
@@ -423,7 +423,7 @@ impl fmt::Display for CropReport {
     }
 }
 
-/// What [`write`] does with the channels a plan drops.
+/// What [`write()`] does with the channels a plan drops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CropMode {
@@ -440,7 +440,7 @@ pub fn write(g: &Gguf, plan: CropPlan, out: &mut impl Write) -> Result<CropRepor
     write_as(g, plan, CropMode::Remove, out)
 }
 
-/// [`write`] with the dropped channels removed or masked.
+/// [`write()`] with the dropped channels removed or masked.
 pub fn write_as(
     g: &Gguf,
     plan: CropPlan,
