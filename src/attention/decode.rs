@@ -6,9 +6,10 @@
 //! (`[kv_heads, page_len, head_dim]` each, in their own buffers, so that a 128k context
 //! of any model fits under the storage-binding limit; one page when the whole cache
 //! fits): room for a whole context is reserved once, new rows are stored at their
-//! positions ([`DecodeAttentionGpu::store`]) and a step reads only the keys it needs. The position
-//! of the first query token is a uniform written per call (`start`, [`DecodePos`]), so
-//! the dispatches are built once per token count and recorded step after step.
+//! positions ([`DecodeAttentionGpu::store`]) and a step reads only the keys it needs.
+//! The position of the first query token is a uniform written per call (`start`,
+//! [`DecodePos`]), so the dispatches are built once per token count and recorded step
+//! after step.
 //!
 //! Split-K: each (query head, query token) is cut into `splits` key ranges, each a
 //! workgroup with an online softmax leaving `(m, l, acc)`; a second kernel merges them

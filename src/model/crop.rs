@@ -26,6 +26,7 @@
 //! `feed_forward_length` metadata as an array, as llama.cpp reads per-layer
 //! hyper-parameters.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::str::FromStr;
@@ -217,6 +218,18 @@ fn ffn_names(cfg: &Config, l: usize) -> [String; 3] {
     ["gate", "up", "down"].map(|m| format!("blk.{l}.ffn_{m}{e}.weight"))
 }
 
+/// Every FFN tensor's name → (layer, 0 gate / 1 up / 2 down).
+fn ffn_roles(cfg: &Config) -> HashMap<String, (usize, usize)> {
+    (0..cfg.n_layer)
+        .flat_map(|l| {
+            ffn_names(cfg, l)
+                .into_iter()
+                .enumerate()
+                .map(move |(which, n)| (n, (l, which)))
+        })
+        .collect()
+}
+
 /// Σ of the squares of each row of a `[rows, cols]` matrix.
 fn row_norms2(w: &[f32], cols: usize) -> Vec<f64> {
     w.chunks_exact(cols)
@@ -290,11 +303,11 @@ pub fn plan(g: &Gguf, opts: CropOptions) -> Result<CropPlan> {
     let costs: Vec<f64> = (0..cfg.n_layer)
         .map(|l| active * 3.0 * (cfg.d_model * cfg.ffn_dims[l]) as f64)
         .collect();
+    let roles = ffn_roles(&cfg);
     let mut total = 0.0;
     for t in &g.tensors {
         let name = &t.name;
-        let is_ffn = (0..cfg.n_layer).any(|l| ffn_names(&cfg, l).contains(name));
-        if is_ffn {
+        if roles.contains_key(name) {
             continue;
         }
         total += match opts.by {
@@ -481,18 +494,16 @@ pub fn write_as(
         &ffn_key,
         MetaValue::I32s(widths.iter().map(|&k| k as i32).collect()),
     );
-    // (tensor index, layer, which: 0 gate, 1 up, 2 down) for the FFN tensors.
-    let mut role = vec![None; g.tensors.len()];
-    for (i, t) in g.tensors.iter().enumerate() {
-        let found = (0..cfg.n_layer).find_map(|l| {
-            ffn_names(&cfg, l)
-                .iter()
-                .position(|n| *n == t.name)
-                .map(|which| (l, which))
-        });
+    // Per tensor: (layer, which: 0 gate, 1 up, 2 down) for the FFN tensors.
+    let roles = ffn_roles(&cfg);
+    let role: Vec<Option<(usize, usize)>> = g
+        .tensors
+        .iter()
+        .map(|t| roles.get(&t.name).copied())
+        .collect();
+    for (t, r) in g.tensors.iter().zip(&role) {
         let mut dims = t.dims.clone();
-        if let Some((l, which)) = found {
-            role[i] = Some((l, which));
+        if let Some((l, which)) = *r {
             // Gate/up lose rows (dims[1]), down loses columns (dims[0]).
             dims[usize::from(which < 2)] = widths[l] as u64;
         }

@@ -304,14 +304,7 @@ impl Mat {
     /// read in place from the mapped file when the GGUF is a file on disk (checked for
     /// non-finite scales, then dropped from memory until routed), else copied.
     fn load_experts(g: &Gguf, name: &str, experts: usize) -> Result<Vec<Self>> {
-        let t = g.tensor(name)?;
-        if t.dims.len() != 3 || t.dims[2] as usize != experts {
-            return Err(Error::Model(format!(
-                "`{name}` has dims {:?}, expected [cols, rows, {experts}]",
-                t.dims
-            )));
-        }
-        let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+        let (t, rows, cols) = g.experts(name, experts)?;
         let wrap = |e: Error| Error::Gguf(format!("tensor `{name}`: {e}"));
         let mats = if let Some((map, range)) = g.map_tensor(name)? {
             let per = range.len() / experts;

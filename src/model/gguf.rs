@@ -353,6 +353,20 @@ impl Gguf {
         Ok((t, t.dims[1] as usize, t.dims[0] as usize))
     }
 
+    /// A 3-D tensor of `experts` stacked matrices (ggml dims `[cols, rows, experts]`,
+    /// expert after expert) with one expert's `(rows, cols)`; a typed error for any
+    /// other shape.
+    pub fn experts(&self, name: &str, experts: usize) -> Result<(&TensorInfo, usize, usize)> {
+        let t = self.tensor(name)?;
+        if t.dims.len() != 3 || t.dims[2] as usize != experts {
+            return Err(Error::Model(format!(
+                "`{name}` has dims {:?}, expected [cols, rows, {experts}]",
+                t.dims
+            )));
+        }
+        Ok((t, t.dims[1] as usize, t.dims[0] as usize))
+    }
+
     /// Whether a tensor exists.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.index.contains_key(name)

@@ -214,15 +214,8 @@ impl GpuDecoder {
                 let (t, rows, cols) = g.matrix(name)?;
                 (t, rows, cols, 1)
             } else {
-                let t = g.tensor(name)?;
-                if t.dims.len() != 3 || t.dims[2] as usize != experts {
-                    return Err(Error::Model(format!(
-                        "`{name}` has dims {:?}, expected [cols, rows, {experts}]",
-                        t.dims
-                    )));
-                }
-                let rows = t.dims[1] as usize;
-                (t, rows * experts, t.dims[0] as usize, rows)
+                let (t, rows, cols) = g.experts(name, experts)?;
+                (t, rows * experts, cols, rows)
             };
             let m = match g.map_tensor(name)? {
                 Some((map, range)) => {
@@ -254,7 +247,6 @@ impl GpuDecoder {
             bytes += m.bytes();
             Ok(m)
         };
-
         let embd = tensor("token_embd.weight", 0)?;
         let output = if g.has_tensor("output.weight") {
             Some(tensor("output.weight", 0)?)
@@ -473,6 +465,14 @@ impl GpuDecoder {
         let qk_norm_q = RmsNormGpu::build_for(ctx, t * h, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
         let qk_norm_k =
             RmsNormGpu::build_for(ctx, t * kvh, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
+        // The gated activation per FFN width (one for most models; a cropped model's
+        // layers differ).
+        let mut acts: HashMap<usize, ActGpu> = HashMap::new();
+        for &fl in &c.ffn_dims {
+            if !moe && !acts.contains_key(&fl) {
+                acts.insert(fl, ActGpu::build(ctx, c.gate(), t * fl)?);
+            }
+        }
         let (router_top_k, experts_shape) = if moe {
             let scoring = if c.sigmoid_gating {
                 RouterScoring::Sigmoid
@@ -621,7 +621,7 @@ impl GpuDecoder {
                 MatmulGpu::build(ctx, "ffn up", &l.up, t, d, plain)?
                     .dispatches(g, &b.xn, &b.u, None, None)?,
             );
-            list.push(ActGpu::build(ctx, c.gate(), t * fl)?.dispatch(g, &b.g, &b.u));
+            list.push(acts[&fl].dispatch(g, &b.g, &b.u));
             match &l.post_ffn_norm {
                 // x = x2 + down · h.
                 None => {
