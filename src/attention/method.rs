@@ -153,7 +153,8 @@ registry! {
 impl Method {
     /// The method for q-heads `h0..h1` of a problem of `q_heads` run by itself (a head
     /// group of whole [`Method::head_unit`]s): a fixed LUT keeps those heads' rows,
-    /// ProxyAttn keeps its proxy groups' size; every other method is the same.
+    /// ProxyAttn keeps its proxy groups' size, per-head budgets and thresholds keep
+    /// those heads' entries; every other method is the same.
     pub fn for_heads(&self, q_heads: usize, h0: usize, h1: usize) -> Result<Method> {
         let slice = |l: &SparseLut| -> Result<Arc<SparseLut>> {
             if h0 >= h1 || h1 > l.q_heads {
@@ -170,6 +171,17 @@ impl Method {
                 |h, b| l.entries(h0 + h, b).to_vec(),
             )?))
         };
+        // Per-head parameters keep those heads' entries.
+        let heads_of = |v: &Option<Vec<f32>>, what: &str| -> Result<Option<Vec<f32>>> {
+            match v {
+                None => Ok(None),
+                Some(v) if h0 < h1 && h1 <= v.len() => Ok(Some(v[h0..h1].to_vec())),
+                Some(v) => Err(Error::InvalidArgument(format!(
+                    "heads {h0}..{h1} of {} per-head {what}",
+                    v.len()
+                ))),
+            }
+        };
         Ok(match self {
             Method::BlockSparse(l) => Method::BlockSparse(slice(l)?),
             Method::Stripes(l) => Method::Stripes(slice(l)?),
@@ -183,9 +195,14 @@ impl Method {
                 }
                 Method::Proxy(ProxyConfig {
                     groups: part / q_heads,
-                    ..*c
+                    head_budget: heads_of(&c.head_budget, "budgets")?,
+                    ..c.clone()
                 })
             }
+            Method::Sale(c) => Method::Sale(SaleConfig {
+                head_tau: heads_of(&c.head_tau, "thresholds")?,
+                ..c.clone()
+            }),
             m => m.clone(),
         })
     }

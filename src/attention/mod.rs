@@ -12,6 +12,7 @@
 //! # Ok::<(), wgsparse::Error>(())
 //! ```
 
+pub mod budgets;
 pub mod decode;
 pub mod decode_cpu;
 pub mod flash;

@@ -16,6 +16,7 @@
 
 use serde::Serialize;
 
+use crate::attention::budgets::HeadBudgets;
 use crate::attention::metrics::Quality;
 use crate::attention::select::anchor::AnchorConfig;
 use crate::attention::select::oracle::oracle;
@@ -45,9 +46,15 @@ pub enum EvalMethod {
         /// Attention-mass coverage γ in (0, 1].
         coverage: f64,
     },
-    /// ProxyAttn with this configuration (run on the whole layer: its proxy pools the
-    /// heads; the per-head rows are slices of that run).
-    Proxy(ProxyConfig),
+    /// ProxyAttn (run on the whole layer: its proxy pools the heads; the per-head rows
+    /// are slices of that run), estimating its per-head budgets or under fixed ones.
+    Proxy {
+        /// Its parameters (γ, groups, stride, block, minimum budget).
+        cfg: ProxyConfig,
+        /// Per-layer, per-head budgets (`wgsparse budget`) instead of the per-prompt
+        /// estimate; every measured layer must be in the file.
+        budgets: Option<std::sync::Arc<HeadBudgets>>,
+    },
     /// SALE with one τ for every head, or with calibrated per-layer, per-head τ.
     Sale {
         /// Bits, blocks, local window, and τ when no thresholds are given.
@@ -66,8 +73,15 @@ impl EvalMethod {
             EvalMethod::Anchor(c) => format!("anchor θ={}", c.theta),
             EvalMethod::Window(w) => format!("window {}+{} sinks", w.window, w.sinks),
             EvalMethod::Oracle { coverage } => format!("oracle γ={coverage}"),
-            EvalMethod::Proxy(c) => {
-                let mut s = format!("proxy γ={}", c.gamma);
+            EvalMethod::Proxy { cfg: c, budgets } => {
+                let mut s = match budgets {
+                    None => format!("proxy γ={}", c.gamma),
+                    Some(b) => format!(
+                        "proxy {} budgets (mean {:.3})",
+                        b.allocation,
+                        b.mean_budget()
+                    ),
+                };
                 let d = ProxyConfig::default();
                 if c.min_budget != d.min_budget {
                     s += &format!(" min {}", c.min_budget);
@@ -105,7 +119,20 @@ impl EvalMethod {
             EvalMethod::Dense => (Method::Dense, None),
             EvalMethod::Anchor(c) => (Method::Anchor(*c), None),
             EvalMethod::Window(w) => (Method::Window(*w), None),
-            EvalMethod::Proxy(c) => (Method::Proxy(*c), None),
+            EvalMethod::Proxy { cfg, budgets } => {
+                let cfg = match budgets {
+                    None => cfg.clone(),
+                    Some(b) => b.proxy_for(cfg, layer)?,
+                };
+                // ProxyAttn runs on whole layers: `heads` is every head of `shape`.
+                if heads != (0..shape.q_heads) {
+                    return Err(Error::InvalidArgument(format!(
+                        "proxy runs on a whole layer, heads {heads:?} of {} asked",
+                        shape.q_heads
+                    )));
+                }
+                (Method::Proxy(cfg), None)
+            }
             EvalMethod::Sale { cfg, thresholds } => {
                 let cfg = match thresholds {
                     None => cfg.clone(),
@@ -295,7 +322,7 @@ pub fn layer_quality(
     let whole: Vec<Option<LayerRun>> = methods
         .iter()
         .map(|m| match m {
-            EvalMethod::Proxy(_) => {
+            EvalMethod::Proxy { .. } => {
                 let (method, _) = m.method_for(layer, 0..shape.q_heads, shape, scale, q, k)?;
                 run_layer(ctx, *shape, &method, scale, qkv).map(Some)
             }

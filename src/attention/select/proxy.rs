@@ -50,7 +50,9 @@ use crate::attention::lut::{LutUnit, SparseLut};
 use crate::attention::params::impl_params;
 use crate::error::{Error, Result};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Bound, Launch, check_axis, check_binding, grid_2d, storage};
+use crate::runtime::launch::{
+    Bound, Launch, check_axis, check_binding, grid_2d, storage, storage_init,
+};
 use crate::runtime::memory::{DeviceLimits, HeadChunk, PlannedBuffer, head_chunks};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::DType;
@@ -60,7 +62,7 @@ use crate::runtime::{BindingKind, KernelSpec, Recorder};
 const SWEEP_ROWS: usize = 8;
 
 /// ProxyAttn's parameters (the defaults of the method's authors).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProxyConfig {
     /// Share of a head's (last-block) attention its kept blocks must hold: sets the
     /// head's budget fraction.
@@ -73,6 +75,12 @@ pub struct ProxyConfig {
     pub block: usize,
     /// Fewest keys every query block keeps (rounded down to whole blocks).
     pub min_budget: usize,
+    /// Fixed per-head budget fractions β (length `q_heads`, each in (0, 1]), e.g. from a
+    /// budgets file (`wgsparse budget`): head `i` keeps `⌈β_i · blocks⌉` of the last
+    /// query block's key blocks and step 4 (the budget estimate) is skipped; `gamma`
+    /// is then unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_budget: Option<Vec<f32>>,
 }
 
 impl Default for ProxyConfig {
@@ -83,6 +91,7 @@ impl Default for ProxyConfig {
             stride: 4,
             block: 128,
             min_budget: 2048,
+            head_budget: None,
         }
     }
 }
@@ -114,7 +123,32 @@ impl ProxyConfig {
         if shape.kv_len != shape.seq_len {
             return bad("needs as many keys as queries (causal prefill)".into());
         }
+        if let Some(b) = &self.head_budget {
+            if b.len() != shape.q_heads {
+                return bad(format!(
+                    "{} per-head budgets for {} q heads",
+                    b.len(),
+                    shape.q_heads
+                ));
+            }
+            if let Some(x) = b.iter().find(|x| !(**x > 0.0 && **x <= 1.0)) {
+                return bad(format!("per-head budget {x} must be in (0, 1]"));
+            }
+        }
         Ok(())
+    }
+
+    /// The fixed per-head budgets in key blocks (`⌈β · blocks⌉`, at least 1) when
+    /// [`ProxyConfig::head_budget`] is set.
+    pub fn fixed_budgets(&self, blocks: usize) -> Option<Vec<u32>> {
+        self.head_budget.as_ref().map(|b| {
+            b.iter()
+                .map(|&beta| {
+                    let k = (beta as f64 * blocks as f64 - 1e-9).ceil() as usize;
+                    k.clamp(1, blocks.max(1)) as u32
+                })
+                .collect()
+        })
     }
 
     /// The proxy group of query head `h`.
@@ -558,7 +592,13 @@ pub fn proxy_select_cpu(
         k,
         ml: &[],
     };
-    let (scores, budgets) = rayon::join(|| proxy_block_scores(&x, cfg), || head_budgets(&x, cfg));
+    let (scores, budgets) = rayon::join(
+        || proxy_block_scores(&x, cfg),
+        || {
+            cfg.fixed_budgets(nb)
+                .unwrap_or_else(|| head_budgets(&x, cfg))
+        },
+    );
     let est = ProxyEstimate {
         blocks: nb,
         scores,
@@ -975,7 +1015,7 @@ impl ProxySelectGpu {
             .collect::<Result<Vec<_>>>()?;
         Ok(ProxySelectGpu {
             shape: *shape,
-            cfg: *cfg,
+            cfg: cfg.clone(),
             runs,
             launches: [
                 launch(Stage::Scores)?,
@@ -989,7 +1029,11 @@ impl ProxySelectGpu {
             scores: storage(g, "proxy block scores", sizes.scores)?,
             part: storage(g, "proxy head weight parts", sizes.part)?,
             weights: storage(g, "proxy head weights", sizes.weights)?,
-            budget: storage(g, "proxy head budgets", sizes.budget)?,
+            // Fixed budgets are written once here; estimated ones by `proxy_budget`.
+            budget: match cfg.fixed_budgets(nb) {
+                Some(b) => storage_init(g, "proxy head budgets", bytemuck::cast_slice(&b))?,
+                None => storage(g, "proxy head budgets", sizes.budget)?,
+            },
         })
     }
 }
@@ -1066,12 +1110,19 @@ impl GpuSelection for ProxySelectGpu {
             &[&self.qbar, &self.kbar, &self.scores],
             (nb, self.cfg.groups as u32, 1),
         )];
-        for (_, weights, c) in &self.runs {
-            let bufs = [q_part(c), w(io.k), w(&self.part)];
-            let grid = (self.chunks, (c.h1 - c.h0) as u32, 1);
-            estimate.push(weights.dispatch_bound(g, &bufs, grid));
+        // Step 4 only where the budgets are estimated (fixed ones are in the buffer).
+        if self.cfg.head_budget.is_none() {
+            for (_, weights, c) in &self.runs {
+                let bufs = [q_part(c), w(io.k), w(&self.part)];
+                let grid = (self.chunks, (c.h1 - c.h0) as u32, 1);
+                estimate.push(weights.dispatch_bound(g, &bufs, grid));
+            }
+            estimate.push(budget.dispatch(
+                g,
+                &[&self.part, &self.weights, &self.budget],
+                (hq, 1, 1),
+            ));
         }
-        estimate.push(budget.dispatch(g, &[&self.part, &self.weights, &self.budget], (hq, 1, 1)));
         let bufs = [
             &self.scores,
             &self.budget,
@@ -1087,7 +1138,10 @@ impl GpuSelection for ProxySelectGpu {
     }
 
     fn counts(&self) -> (u32, usize) {
-        (3, 2 * self.runs.len() + 3)
+        match self.cfg.head_budget {
+            Some(_) => (3, self.runs.len() + 2),
+            None => (3, 2 * self.runs.len() + 3),
+        }
     }
 
     fn detail(&self) -> Option<&wgpu::Buffer> {
@@ -1346,7 +1400,7 @@ mod tests {
             );
             let plan = ctx
                 .attention(shape)
-                .method(Method::Proxy(cfg))
+                .method(Method::Proxy(cfg.clone()))
                 .dtype(dtype)
                 .build()
                 .unwrap();
@@ -1474,6 +1528,103 @@ mod tests {
         eprintln!("{near_budget} budgets differed at a near-tie with gamma");
     }
 
+    /// Fixed per-head budgets (a budgets file's): the GPU skips the budget estimate,
+    /// keeps exactly those budgets, selects the host's mask over its own scores and
+    /// matches attention over that mask; the CPU twin keeps the same budgets; a head
+    /// group of the problem keeps its heads' budgets; bad budgets are typed errors.
+    #[test]
+    fn fixed_head_budgets_run_on_gpu_and_cpu() {
+        let shape = AttentionShape::new(4, 2, 333, 64);
+        let cfg = ProxyConfig {
+            block: 64,
+            min_budget: 0,
+            head_budget: Some(vec![0.2, 1.0, 0.5, 0.01]),
+            ..Default::default()
+        };
+        let nb = shape.seq_len.div_ceil(64);
+        let want_budgets = cfg.fixed_budgets(nb).unwrap();
+        assert_eq!(want_budgets, vec![2, 6, 3, 1]);
+        let (q, k, v) = qkv_host(&shape, seed());
+        let scale = 1.0 / 8.0;
+        // The CPU twin: the fixed budgets, and the mask of step 5 under them.
+        let (mask, est) = proxy_select_cpu(&shape, &cfg, scale, &q, &k).unwrap();
+        assert_eq!(est.budgets, want_budgets);
+        for h in 0..shape.q_heads {
+            for m in 0..nb {
+                let k = cfg.keep_count(m, want_budgets[h] as usize, nb);
+                let n = mask.entries(h, m).len();
+                assert!(
+                    n >= k && n <= k + 2,
+                    "head {h} block {m}: {n} blocks, K {k}"
+                );
+            }
+        }
+        // Head groups keep their heads' budgets.
+        let two = ProxyConfig {
+            groups: 2,
+            ..cfg.clone()
+        };
+        let part = Method::Proxy(two).for_heads(4, 2, 4).unwrap();
+        let Method::Proxy(p) = part else { panic!() };
+        assert_eq!(p.head_budget, Some(vec![0.5, 0.01]));
+        for bad in [
+            vec![0.2, 0.3],
+            vec![0.2, 0.0, 0.5, 0.5],
+            vec![0.2, 1.5, 0.5, 0.5],
+        ] {
+            let c = ProxyConfig {
+                head_budget: Some(bad),
+                ..cfg.clone()
+            };
+            assert!(c.validate(&shape).is_err());
+        }
+        let Some(ctx) = gpu() else { return };
+        let plan = ctx
+            .attention(shape)
+            .method(Method::Proxy(cfg.clone()))
+            .build()
+            .unwrap();
+        let (tq, tk, tv) = upload_qkv(&ctx, &shape, &q, &k, &v, DType::F32).unwrap();
+        let mut out = crate::Tensor::filled(&ctx, &shape.q_dims(), DType::F32, f32::NAN).unwrap();
+        plan.run_into(&tq, &tk, &tv, &mut out).unwrap();
+        let Some(GpuPlan::Sparse(exec)) = &plan.gpu else {
+            panic!("a GPU plan")
+        };
+        let sel: &dyn std::any::Any = exec.selection_gpu();
+        let gpu_sel = sel.downcast_ref::<ProxySelectGpu>().unwrap();
+        // One run of heads: pool, scores, select — no head weights, no budget kernel.
+        assert_eq!(gpu_sel.counts(), (3, gpu_sel.runs.len() + 2));
+        let st = pollster::block_on(gpu_sel.state(&ctx)).unwrap();
+        assert_eq!(st.estimate.budgets, want_budgets);
+        let mask = mask_from(&shape, &cfg, &st.estimate).unwrap();
+        let pattern = pollster::block_on(plan.selected_pattern())
+            .unwrap()
+            .unwrap();
+        for h in 0..shape.q_heads {
+            for m in 0..nb {
+                let mut got: Vec<u32> = pattern[0].entries(h, m).to_vec();
+                got.extend(pattern[1].entries(h, m));
+                got.sort_unstable();
+                assert_eq!(got, mask.entries(h, m), "head {h} block {m}");
+            }
+        }
+        let want = crate::attention::flash_cpu::naive_masked_attention(
+            &shape,
+            scale,
+            &q,
+            &k,
+            &v,
+            |h, r, j| j <= r && mask.entries(h, r / 64).contains(&((j / 64) as u32)),
+        );
+        crate::runtime::test_util::close(&out.to_f32_blocking().unwrap(), &want, 2e-5);
+        let report = plan.report().unwrap();
+        let Some(MethodStats::Proxy(stats)) = &report.stats else {
+            panic!("proxy statistics")
+        };
+        let fractions: Vec<f64> = want_budgets.iter().map(|&b| b as f64 / nb as f64).collect();
+        assert_eq!(stats.head_budgets, fractions);
+    }
+
     /// γ = 1 with a minimum budget of every key: the plan computes every causal pair,
     /// on the GPU and on the CPU, and its output is dense attention's.
     #[test]
@@ -1495,7 +1646,7 @@ mod tests {
                 let out = plan.run(&tq, &tk, &tv).unwrap().to_f32_blocking().unwrap();
                 (out, plan.report().unwrap().density)
             };
-            let (sparse, density) = run(Method::Proxy(cfg));
+            let (sparse, density) = run(Method::Proxy(cfg.clone()));
             let (dense, _) = run(Method::Dense);
             assert_eq!(density, 1.0, "{:?}", ctx.backend());
             crate::runtime::test_util::close(&sparse, &dense, 2e-5);
@@ -1525,7 +1676,7 @@ mod tests {
                 seed in 0u64..1000,
             ) {
                 let shape = AttentionShape::new(kv * per_kv, kv, n, 64);
-                let cfg = ProxyConfig { gamma, groups, stride, block, min_budget };
+                let cfg = ProxyConfig { gamma, groups, stride, block, min_budget, head_budget: None };
                 let (q, k, _) = qkv_host(&shape, seed);
                 match proxy_select_cpu(&shape, &cfg, 0.125, &q, &k) {
                     Err(e) => prop_assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}"),

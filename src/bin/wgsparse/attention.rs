@@ -5,6 +5,7 @@ use std::fmt;
 
 use clap::Parser;
 use serde::Serialize;
+use wgsparse::attention::budgets::HeadBudgets;
 use wgsparse::attention::flash_cpu::naive_attention;
 use wgsparse::attention::metrics::compare;
 use wgsparse::attention::qkv_file::QkvFile;
@@ -37,7 +38,11 @@ pub struct AttentionArgs {
     /// Q/K/V file's `layer`, or the file's only layer).
     #[arg(long)]
     pub(crate) thresholds: Option<std::path::PathBuf>,
-    /// SALE with --thresholds: which calibrated layer.
+    /// ProxyAttn: fixed per-head budgets from `wgsparse budget` (the layer from
+    /// --layer, from the Q/K/V file's `layer`, or the file's only layer).
+    #[arg(long, conflicts_with = "thresholds")]
+    pub(crate) budgets: Option<std::path::PathBuf>,
+    /// With --thresholds or --budgets: which layer of the file.
     #[arg(long)]
     pub(crate) layer: Option<usize>,
     /// SALE: estimation bits, 4 or 8.
@@ -120,24 +125,39 @@ impl AttentionArgs {
     /// The method with the command-line parameters applied (`data_layer`: the layer
     /// named by the Q/K/V file, for --thresholds).
     fn method(&self, data_layer: Option<usize>) -> Result<Method> {
-        let sale_only = self.tau.is_some()
-            || self.thresholds.is_some()
-            || self.bits.is_some()
-            || self.layer.is_some();
+        let sale_only = self.tau.is_some() || self.thresholds.is_some() || self.bits.is_some();
         if sale_only && !matches!(self.method, Method::Sale(_)) {
             return Err(Error::InvalidArgument(
-                "--tau / --thresholds / --bits / --layer apply to --method sale".into(),
+                "--tau / --thresholds / --bits apply to --method sale".into(),
             ));
         }
         let proxy_only = self.gamma.is_some()
             || self.proxy_groups.is_some()
             || self.stride.is_some()
-            || self.min_budget.is_some();
+            || self.min_budget.is_some()
+            || self.budgets.is_some();
         if proxy_only && !matches!(self.method, Method::Proxy(_)) {
             return Err(Error::InvalidArgument(
-                "--gamma / --proxy-groups / --stride / --min-budget apply to --method proxy".into(),
+                "--gamma / --proxy-groups / --stride / --min-budget / --budgets apply to --method proxy"
+                    .into(),
             ));
         }
+        if self.layer.is_some() && self.thresholds.is_none() && self.budgets.is_none() {
+            return Err(Error::InvalidArgument(
+                "--layer picks a layer of --thresholds or --budgets".into(),
+            ));
+        }
+        // The layer of a per-layer file: --layer, the Q/K/V file's, or the file's only.
+        let pick = |path: &std::path::Path, layers: Vec<usize>| -> Result<usize> {
+            match (self.layer, data_layer, layers.as_slice()) {
+                (Some(l), _, _) | (None, Some(l), _) => Ok(l),
+                (None, None, [only]) => Ok(*only),
+                _ => Err(Error::InvalidArgument(format!(
+                    "{} holds several layers: pick one with --layer",
+                    path.display()
+                ))),
+            }
+        };
         Ok(match &self.method {
             Method::Sale(base) => {
                 let mut c = base.clone();
@@ -149,22 +169,13 @@ impl AttentionArgs {
                 }
                 if let Some(path) = &self.thresholds {
                     let t = SaleThresholds::load(path)?;
-                    let layer = match (self.layer, data_layer, t.layers.as_slice()) {
-                        (Some(l), _, _) | (None, Some(l), _) => l,
-                        (None, None, [only]) => only.layer,
-                        _ => {
-                            return Err(Error::InvalidArgument(format!(
-                                "{} holds several layers: pick one with --layer",
-                                path.display()
-                            )));
-                        }
-                    };
+                    let layer = pick(path, t.layers.iter().map(|l| l.layer).collect())?;
                     c = t.config_for(&c, layer)?;
                 }
                 Method::Sale(c)
             }
             Method::Anchor(base) => {
-                let mut c = *base;
+                let mut c = base.clone();
                 if let Some(t) = self.theta {
                     c.theta = t;
                 }
@@ -177,11 +188,16 @@ impl AttentionArgs {
                 Method::Anchor(c)
             }
             Method::Proxy(base) => {
-                let mut c = *base;
+                let mut c = base.clone();
                 c.gamma = self.gamma.unwrap_or(c.gamma);
                 c.groups = self.proxy_groups.unwrap_or(c.groups);
                 c.stride = self.stride.unwrap_or(c.stride);
                 c.min_budget = self.min_budget.unwrap_or(c.min_budget);
+                if let Some(path) = &self.budgets {
+                    let b = HeadBudgets::load(path)?;
+                    let layer = pick(path, b.layers.iter().map(|l| l.layer).collect())?;
+                    c = b.proxy_for(&c, layer)?;
+                }
                 Method::Proxy(c)
             }
             Method::Window(base) => {

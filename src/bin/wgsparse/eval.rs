@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
+use wgsparse::attention::budgets::HeadBudgets;
 use wgsparse::attention::metrics::Quality;
 use wgsparse::attention::select::anchor::AnchorConfig;
 use wgsparse::attention::select::proxy::ProxyConfig;
@@ -67,6 +68,10 @@ pub struct EvalArgs {
     /// ProxyAttn: proxy groups (must divide the model's key heads).
     #[arg(long, default_value_t = 1)]
     proxy_groups: usize,
+    /// ProxyAttn under fixed per-head budgets (`wgsparse budget`): one proxy row per file
+    /// (and per --min-budget), next to the rows that estimate budgets per prompt (γ).
+    #[arg(long, value_delimiter = ',')]
+    budgets: Vec<PathBuf>,
     /// Window method: keys per window.
     #[arg(long, default_value_t = 1024)]
     window: usize,
@@ -130,16 +135,36 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
             Method::Proxy(c) if from_flags => {
                 for &gamma in &a.gamma {
                     for &min_budget in &a.min_budget {
-                        out.push(EvalMethod::Proxy(ProxyConfig {
-                            gamma,
-                            min_budget,
-                            groups: a.proxy_groups,
-                            ..c
-                        }));
+                        out.push(EvalMethod::Proxy {
+                            cfg: ProxyConfig {
+                                gamma,
+                                min_budget,
+                                groups: a.proxy_groups,
+                                ..c.clone()
+                            },
+                            budgets: None,
+                        });
+                    }
+                }
+                for path in &a.budgets {
+                    let b = std::sync::Arc::new(HeadBudgets::load(path)?);
+                    for &min_budget in &a.min_budget {
+                        out.push(EvalMethod::Proxy {
+                            cfg: ProxyConfig {
+                                min_budget,
+                                groups: a.proxy_groups,
+                                block: b.block,
+                                ..c.clone()
+                            },
+                            budgets: Some(b.clone()),
+                        });
                     }
                 }
             }
-            Method::Proxy(c) => out.push(EvalMethod::Proxy(c)),
+            Method::Proxy(c) => out.push(EvalMethod::Proxy {
+                cfg: c,
+                budgets: None,
+            }),
             Method::Sale(c) => {
                 let base = if from_flags {
                     SaleConfig { bits: a.bits, ..c }
@@ -186,7 +211,7 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
             EvalMethod::Sale { cfg, .. } => cfg.validate()?,
             // The parts that do not depend on the model (groups vs its key heads are
             // checked per layer).
-            EvalMethod::Proxy(c) => c.validate(&AttentionShape::new(
+            EvalMethod::Proxy { cfg: c, .. } => c.validate(&AttentionShape::new(
                 c.groups.max(1),
                 c.groups.max(1),
                 c.block,
@@ -243,6 +268,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         backend: a.backend,
         engine: wgsparse::model::engine::EngineKind::Cpu,
         thresholds: None,
+        budgets: None,
         exact: false,
         max_resident_mb: None,
     };

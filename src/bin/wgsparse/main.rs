@@ -14,6 +14,7 @@
 
 mod attention;
 mod bench_model;
+mod budget;
 mod calibrate;
 mod chat;
 mod crop;
@@ -89,6 +90,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Calibrate SALE's per-head thresholds on a real model and text.
     Calibrate(calibrate::CalibrateArgs),
+    /// Per-head attention budgets under one global density, from each head's measured
+    /// need on a real model and text (the budget solver), for `--method proxy --budgets`.
+    Budget(budget::BudgetArgs),
     /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
     Moe(moe::MoeArgs),
     /// Run one SmallThinker-4B decoder layer (router, attention, MoE) on synthetic data.
@@ -176,6 +180,7 @@ fn main() -> ExitCode {
         Some(Command::DumpQkv(a)) => dump_qkv::run(&a),
         Some(Command::Eval(a)) => eval::run(&a),
         Some(Command::Calibrate(a)) => calibrate::run(&a),
+        Some(Command::Budget(a)) => budget::run(&a),
         Some(Command::Tune(a)) => tune::run(&a),
     };
     match result {

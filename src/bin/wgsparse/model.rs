@@ -35,6 +35,11 @@ pub struct ModelArgs {
     /// file holds (`--method sale` sets the other parameters).
     #[arg(long)]
     pub(crate) thresholds: Option<PathBuf>,
+    /// ProxyAttn: fixed per-head budgets (`wgsparse budget`) for the layers the file
+    /// holds, instead of estimating them per prompt (`--method proxy` sets the other
+    /// parameters).
+    #[arg(long, conflicts_with = "thresholds")]
+    pub(crate) budgets: Option<PathBuf>,
     /// The decoder's oracle form: f32 activations in the projections (instead of
     /// integer products on 16-bit activations) and an f32 KV cache (instead of f16).
     #[arg(long)]
@@ -46,12 +51,17 @@ pub struct ModelArgs {
     pub(crate) max_resident_mb: Option<u64>,
 }
 
-/// The per-layer methods of calibrated SALE `thresholds` on `method` (which must be
-/// SALE; none without thresholds).
+/// The per-layer methods of calibrated SALE `thresholds` or ProxyAttn `budgets` on
+/// `method` (which must be SALE, resp. ProxyAttn; none without either file).
 pub fn layer_methods(
     method: &Method,
     thresholds: Option<&PathBuf>,
+    budgets: Option<&PathBuf>,
 ) -> Result<std::collections::HashMap<usize, Method>> {
+    if let Some(path) = budgets {
+        let b = wgsparse::attention::budgets::HeadBudgets::load(path)?;
+        return Ok(b.methods(method)?.into_iter().collect());
+    }
     let Some(path) = thresholds else {
         return Ok(Default::default());
     };
@@ -124,7 +134,7 @@ fn load_on(m: &ModelArgs, kind: EngineKind) -> Result<(ModelTokenizer, Engine)> 
     let mut dec = Engine::load(&g, &ctx, m.method.clone(), kind)?;
     dec.set_methods(
         m.method.clone(),
-        layer_methods(&m.method, m.thresholds.as_ref())?,
+        layer_methods(&m.method, m.thresholds.as_ref(), m.budgets.as_ref())?,
     );
     match &mut dec {
         Engine::Cpu(d) => {

@@ -100,10 +100,12 @@ pub fn run(a: &PasskeyArgs) -> Result<()> {
         .collect();
     let mut runs = Vec::new();
     let mut success = Vec::new();
-    // Loaded once (`--method` and `--thresholds` are applied per method below).
+    // Loaded once (`--method`, `--thresholds` and `--budgets` are applied per method
+    // below).
     let m_args = ModelArgs {
         method: Method::Dense,
         thresholds: None,
+        budgets: None,
         ..a.m.clone()
     };
     let (tok, mut dec) = load(&m_args)?;
@@ -112,10 +114,15 @@ pub fn run(a: &PasskeyArgs) -> Result<()> {
             a.m.thresholds
                 .as_ref()
                 .filter(|_| matches!(method, Method::Sale(_)));
-        dec.set_methods(method.clone(), layer_methods(method, thresholds)?);
-        let label = match thresholds {
-            Some(_) => format!("{method} (calibrated)"),
-            None => method.to_string(),
+        let budgets =
+            a.m.budgets
+                .as_ref()
+                .filter(|_| matches!(method, Method::Proxy(_)));
+        dec.set_methods(method.clone(), layer_methods(method, thresholds, budgets)?);
+        let label = match (thresholds, budgets) {
+            (Some(_), _) => format!("{method} (calibrated)"),
+            (_, Some(_)) => format!("{method} (budgets file)"),
+            _ => method.to_string(),
         };
         let mut found = 0;
         for (&depth, &key) in a.depths.iter().zip(&keys) {
