@@ -685,3 +685,186 @@ fn chat_reuses_the_cache_and_the_gpu_decoder_benchmarks() {
     assert_eq!(v["success"].as_array().unwrap().len(), 2, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `budget` measures each head's need on a model and text and writes per-head budgets
+/// under the target; ProxyAttn runs under them in `nll`, `eval` and `passkey`-style model
+/// commands (`--budgets`), and wrong uses are refused with a message.
+#[test]
+fn budget_writes_per_head_budgets_that_proxy_runs_under() {
+    let dir = std::env::temp_dir().join(format!("wgsparse-cli-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny-llama.gguf");
+    let m = model.to_str().unwrap();
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "It is a truth universally acknowledged, that a single man in possession of a good \
+         fortune, must be in want of a wife. "
+            .repeat(40),
+    )
+    .unwrap();
+    let t = text.to_str().unwrap();
+    let (ok, _, err) = common::wgsparse(&[
+        "synth-gguf",
+        "--arch",
+        "llama",
+        "--preset",
+        "tiny-llama",
+        "--type",
+        "q8_0",
+        "--out",
+        m,
+    ]);
+    assert!(ok, "{err}");
+    let mut files = vec![];
+    for allocation in ["solver", "uniform"] {
+        let out = dir.join(format!("{allocation}.json"));
+        let o = out.to_str().unwrap();
+        let (ok, json, err) = common::wgsparse(&[
+            "budget",
+            "--model",
+            m,
+            "--text",
+            t,
+            "--tokens",
+            "300",
+            "--block",
+            "64",
+            "--attention",
+            "0.5",
+            "--allocation",
+            allocation,
+            "--out",
+            o,
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v = common::one_json(&json);
+        assert_eq!(v["allocation"], allocation);
+        let layers = v["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 2, "both layers of tiny-llama: {v}");
+        let budgets: Vec<f64> = layers
+            .iter()
+            .flat_map(|l| l["budget"].as_array().unwrap())
+            .map(|b| b.as_f64().unwrap())
+            .collect();
+        assert_eq!(budgets.len(), 2 * 4, "4 heads per layer");
+        // 300 tokens in 64-row blocks: 5 blocks; budgets are whole blocks.
+        assert!(
+            budgets
+                .iter()
+                .all(|&b| b > 0.0 && b <= 1.0 && ((b * 5.0).round() - b * 5.0).abs() < 1e-4)
+        );
+        let mean = budgets.iter().sum::<f64>() / budgets.len() as f64;
+        assert!(mean <= 0.5 + 1e-6, "{allocation}: mean {mean}");
+        for l in layers {
+            let need = l["need"].as_array().unwrap();
+            assert!(need.iter().all(|x| x.as_f64().unwrap() > 0.0));
+        }
+        files.push(out);
+    }
+    let solver = files[0].to_str().unwrap();
+    let (ok, out, err) = common::wgsparse(&[
+        "nll",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--tokens",
+        "300",
+        "--backend",
+        "cpu",
+        "--method",
+        "proxy:block=64,min_budget=0",
+        "--budgets",
+        solver,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("nats/token"), "{out}");
+    let (ok, out, err) = common::wgsparse(&[
+        "eval",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--tokens",
+        "256",
+        "--continuation",
+        "8",
+        "--layers",
+        "1",
+        "--methods",
+        "dense,proxy",
+        "--min-budget",
+        "0",
+        "--budgets",
+        solver,
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v = common::one_json(&out);
+    let labels: Vec<&str> = v["end_to_end"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    assert!(
+        labels.iter().any(|l| l.contains("solver budgets")),
+        "{labels:?}"
+    );
+    assert!(
+        labels.iter().any(|l| l.starts_with("proxy γ=")),
+        "{labels:?}"
+    );
+    // Budgets are ProxyAttn's, counted in the file's block size.
+    let (ok, _, err) = common::wgsparse(&[
+        "nll",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--tokens",
+        "300",
+        "--backend",
+        "cpu",
+        "--method",
+        "sale",
+        "--budgets",
+        solver,
+    ]);
+    assert!(!ok && err.contains("ProxyAttn"), "{err}");
+    let (ok, _, err) = common::wgsparse(&[
+        "nll",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--tokens",
+        "300",
+        "--backend",
+        "cpu",
+        "--method",
+        "proxy",
+        "--budgets",
+        solver,
+    ]);
+    assert!(!ok && err.contains("blocks"), "{err}");
+    let (ok, _, err) = common::wgsparse(&[
+        "budget",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--tokens",
+        "300",
+        "--attention",
+        "1.5",
+        "--out",
+        "/dev/null",
+    ]);
+    assert!(!ok && err.contains("--attention"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
