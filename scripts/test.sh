@@ -112,9 +112,9 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     while read -r name bin; do
         filters=()
         # dense_attention: the runs the coop test does not repeat (split problems under
-        # lowered binding limits, row-state continuation, the browser-limit variant);
+        # lowered binding limits, row-state continuation; browsers have no matrix units);
         # its GL test needs the host's EGL.
-        [ "$name" = dense_attention ] && filters=(split_paths row_state webgpu_default)
+        [ "$name" = dense_attention ] && filters=(split_paths row_state)
         say "  $name (matrix units required)"
         bash scripts/coop-lavapipe.sh "$bin" --test-threads 2 "${filters[@]}"
         if [ "$name" = coop ] || [ "$name" = moe ] || [ "$name" = gpu_decoder ]; then

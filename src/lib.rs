@@ -41,6 +41,7 @@
 pub mod attention;
 pub mod budget;
 pub mod error;
+mod json_file;
 pub mod model;
 pub mod moe;
 pub mod ops;

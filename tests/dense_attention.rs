@@ -160,10 +160,11 @@ fn gl_backend_matches_cpu() {
     };
     assert_eq!(ctx.backend(), wgsparse::Backend::Gl);
     let seed = common::seed();
-    let mut cases = vec![(AttentionShape::new(2, 1, 45, 64), DType::F32, true)];
-    if ctx.capabilities().f16_storage {
-        cases.push((AttentionShape::new(2, 2, 30, 128), DType::F16, false));
-    }
+    // One kernel: llvmpipe's GL compiler takes ~50 s per flash-attention variant on a
+    // 2-core machine. f32 storage, what every GL device can hold; the f16 kernels' WGSL
+    // runs on Vulkan in every test here, and the GL backend's own part (GLSL
+    // translation, bindings, dispatch) does not depend on the storage type.
+    let cases = [(AttentionShape::new(2, 2, 45, 64), DType::F32, true)];
     check_all(&ctx, &cases, seed);
 }
 

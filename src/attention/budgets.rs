@@ -242,24 +242,15 @@ impl HeadBudgets {
     /// Reads a budgets file (JSON). Errors say what is wrong.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bad = |m: String| Error::BadFile {
-            path: path.display().to_string(),
-            message: m,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let b: HeadBudgets = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        b.validate().map_err(|e| bad(e.to_string()))?;
+        let b: HeadBudgets = crate::json_file::load(path)?;
+        b.validate()
+            .map_err(|e| crate::json_file::bad_file(path, e))?;
         Ok(b)
     }
 
     /// Writes the file (pretty JSON).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let text = serde_json::to_string_pretty(self).expect("serializable");
-        std::fs::write(path, text).map_err(|e| Error::BadFile {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        crate::json_file::save(path.as_ref(), self)
     }
 
     /// The per-head budgets of `layer`, if the file has it.
@@ -384,9 +375,7 @@ mod tests {
             for &x in &b {
                 assert!(x >= 1.0 / blocks as f64 - 1e-7 && x <= 1.0);
                 // Whole key blocks.
-                assert!(
-                    ((x as f64 * blocks as f64) - (x as f64 * blocks as f64).round()).abs() < 1e-3
-                );
+                assert!(((x * blocks as f64) - (x * blocks as f64).round()).abs() < 1e-3);
             }
         }
     }

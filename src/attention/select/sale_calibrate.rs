@@ -60,12 +60,8 @@ impl SaleThresholds {
     /// Reads a thresholds file (JSON). Errors say what is wrong.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bad = |m: String| Error::BadFile {
-            path: path.display().to_string(),
-            message: m,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let t: SaleThresholds = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let bad = |m: String| crate::json_file::bad_file(path, m);
+        let t: SaleThresholds = crate::json_file::load(path)?;
         if t.method != "sale" {
             return Err(bad(format!("method `{}` is not sale", t.method)));
         }
@@ -82,12 +78,7 @@ impl SaleThresholds {
 
     /// Writes the file (pretty JSON).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let text = serde_json::to_string_pretty(self).expect("serializable");
-        std::fs::write(path, text).map_err(|e| Error::BadFile {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        crate::json_file::save(path.as_ref(), self)
     }
 
     /// The per-head τ of `layer`, if calibrated.

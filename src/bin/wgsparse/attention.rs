@@ -175,7 +175,7 @@ impl AttentionArgs {
                 Method::Sale(c)
             }
             Method::Anchor(base) => {
-                let mut c = base.clone();
+                let mut c = *base;
                 if let Some(t) = self.theta {
                     c.theta = t;
                 }
