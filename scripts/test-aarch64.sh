@@ -31,5 +31,7 @@ fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
 filters=(quant:: attention::decode_cpu attention::flash_cpu "$@")
-cargo test --locked --release --target "$target" --lib -- "${filters[@]}"
+# The library alone (no CLI dependencies), in the cross-test profile (the crate
+# optimized, its dependencies not).
+cargo test --locked --profile cross-test --no-default-features --target "$target" --lib -- "${filters[@]}"
 say "passed in $((SECONDS - start)) s"

@@ -820,51 +820,18 @@ fn budget_writes_per_head_budgets_that_proxy_runs_under() {
         "{labels:?}"
     );
     // Budgets are ProxyAttn's, counted in the file's block size.
-    let (ok, _, err) = common::wgsparse(&[
-        "nll",
-        "--model",
-        m,
-        "--text",
-        t,
-        "--tokens",
-        "300",
-        "--backend",
-        "cpu",
-        "--method",
-        "sale",
-        "--budgets",
-        solver,
-    ]);
+    let nll = |method: &str| {
+        common::wgsparse_line(&format!(
+            "nll --model {m} --text {t} --tokens 300 --backend cpu --method {method} --budgets {solver}"
+        ))
+    };
+    let (ok, _, err) = nll("sale");
     assert!(!ok && err.contains("ProxyAttn"), "{err}");
-    let (ok, _, err) = common::wgsparse(&[
-        "nll",
-        "--model",
-        m,
-        "--text",
-        t,
-        "--tokens",
-        "300",
-        "--backend",
-        "cpu",
-        "--method",
-        "proxy",
-        "--budgets",
-        solver,
-    ]);
+    let (ok, _, err) = nll("proxy");
     assert!(!ok && err.contains("blocks"), "{err}");
-    let (ok, _, err) = common::wgsparse(&[
-        "budget",
-        "--model",
-        m,
-        "--text",
-        t,
-        "--tokens",
-        "300",
-        "--attention",
-        "1.5",
-        "--out",
-        "/dev/null",
-    ]);
+    let (ok, _, err) = common::wgsparse_line(&format!(
+        "budget --model {m} --text {t} --tokens 300 --attention 1.5 --out /dev/null"
+    ));
     assert!(!ok && err.contains("--attention"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

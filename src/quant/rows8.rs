@@ -1226,7 +1226,7 @@ mod tests {
 
     #[test]
     fn packing_round_trips_every_row() {
-        let mut rng = StdRng::seed_from_u64(rand::random());
+        let mut rng = StdRng::seed_from_u64(crate::runtime::test_util::seed());
         for ty in FORMATS {
             let bb = ty.block().1;
             let (rows, nb) = (16, 5);

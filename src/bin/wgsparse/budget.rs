@@ -80,20 +80,9 @@ pub fn run(a: &BudgetArgs) -> Result<()> {
             "no global attention layer to budget".into(),
         ));
     }
-    if a.tokens > dec.cfg.ctx_len {
-        return Err(Error::InvalidArgument(format!(
-            "{} tokens exceed the model's {}-token context",
-            a.tokens, dec.cfg.ctx_len
-        )));
-    }
-    let ids = text_ids(&tok, &a.text, a.tokens)?;
+    let (ids, text_name) = calibration_ids(&tok, &dec, &a.text, a.tokens)?;
     let c = dec.cfg.clone();
     let scale = dec.attention_scale();
-    let name = |p: &PathBuf| {
-        p.file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
     let t0 = Instant::now();
     let progress = crate::progress::Progress::new(layers.len() as u64, "budget", a.json);
     let mut needs = Vec::new();
@@ -115,8 +104,8 @@ pub fn run(a: &BudgetArgs) -> Result<()> {
     progress.finish();
     let blocks = ids.len().div_ceil(a.block);
     let file = HeadBudgets {
-        model: name(&a.m.model),
-        text: name(&a.text),
+        model: file_name(&a.m.model),
+        text: text_name,
         tokens: ids.len(),
         coverage: a.coverage,
         target: a.attention,

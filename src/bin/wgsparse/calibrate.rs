@@ -58,21 +58,10 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     };
     let (tok, dec) = load_decoder(&m_args)?;
     let layers = eval_layers(&a.layers, &dec.cfg.global)?;
-    if a.tokens > dec.cfg.ctx_len {
-        return Err(Error::InvalidArgument(format!(
-            "{} tokens exceed the model's {}-token context",
-            a.tokens, dec.cfg.ctx_len
-        )));
-    }
-    let ids = text_ids(&tok, &a.text, a.tokens)?;
+    let (ids, text_name) = calibration_ids(&tok, &dec, &a.text, a.tokens)?;
     let c = dec.cfg.clone();
     let scale = dec.attention_scale();
     let ctx = dec.context().clone();
-    let name = |p: &PathBuf| {
-        p.file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
     let t0 = Instant::now();
     let progress = crate::progress::Progress::new(layers.len() as u64, "calibrate", false);
     let mut out = Vec::new();
@@ -99,8 +88,8 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     progress.finish();
     let file = SaleThresholds {
         method: "sale".into(),
-        model: name(&a.m.model),
-        text: name(&a.text),
+        model: file_name(&a.m.model),
+        text: text_name,
         tokens: a.tokens,
         budget: a.budget,
         bits: a.bits,

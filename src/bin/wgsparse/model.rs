@@ -167,6 +167,30 @@ fn load_on(m: &ModelArgs, kind: EngineKind) -> Result<(ModelTokenizer, Engine)> 
     Ok((tok, dec))
 }
 
+/// The first `n` tokens of a calibration text for `dec`'s model (within its context),
+/// and the text's file name (what a calibration file records).
+pub fn calibration_ids(
+    tok: &ModelTokenizer,
+    dec: &Decoder,
+    path: &PathBuf,
+    n: usize,
+) -> Result<(Vec<u32>, String)> {
+    if n > dec.cfg.ctx_len {
+        return Err(Error::InvalidArgument(format!(
+            "{n} tokens exceed the model's {}-token context",
+            dec.cfg.ctx_len
+        )));
+    }
+    Ok((text_ids(tok, path, n)?, file_name(path)))
+}
+
+/// A path's file name (empty when it has none).
+pub fn file_name(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 pub fn text_ids(tok: &ModelTokenizer, path: &PathBuf, n: usize) -> Result<Vec<u32>> {
     let text = std::fs::read_to_string(path)?;
     // Enough characters for n tokens (≥ 2 chars per token in prose), then cut.
