@@ -171,13 +171,8 @@ pub fn allocate(
     let lo = 1.0 / blocks as f64;
     let kept: Vec<usize> = match allocation {
         Allocation::Uniform => {
-            let k = ((target * blocks as f64 - 1e-9).ceil() as usize).clamp(1, blocks);
-            // Whole blocks at or below the target where one block fits under it.
-            let k = if k as f64 > target * blocks as f64 + 1e-9 && k > 1 {
-                k - 1
-            } else {
-                k
-            };
+            // Whole blocks at or below the target, at least one.
+            let k = ((target * blocks as f64 + 1e-9).floor() as usize).clamp(1, blocks);
             vec![k; heads]
         }
         Allocation::Solver => {

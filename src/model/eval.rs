@@ -134,24 +134,16 @@ impl EvalMethod {
                 (Method::Proxy(cfg), None)
             }
             EvalMethod::Sale { cfg, thresholds } => {
-                let cfg = match thresholds {
-                    None => cfg.clone(),
+                let method = match thresholds {
+                    None => Method::Sale(cfg.clone()),
+                    // The layer's calibrated τ, cut to these heads.
                     Some(t) => {
                         let all = t.config_for(cfg, layer)?;
-                        let tau = all.head_tau.expect("config_for sets head_tau");
-                        let picked = tau.get(heads.clone()).ok_or_else(|| {
-                            Error::InvalidArgument(format!(
-                                "layer {layer} has {} thresholds, heads {heads:?} asked",
-                                tau.len()
-                            ))
-                        })?;
-                        SaleConfig {
-                            head_tau: Some(picked.to_vec()),
-                            ..all
-                        }
+                        let n = all.head_tau.as_ref().map_or(0, Vec::len);
+                        Method::Sale(all).for_heads(n, heads.start, heads.end)?
                     }
                 };
-                (Method::Sale(cfg), None)
+                (method, None)
             }
             EvalMethod::Oracle { coverage } => {
                 let o = oracle(shape, scale, q, k, *coverage, ORACLE_BLOCK, ORACLE_BLOCK)?;

@@ -936,10 +936,13 @@ pub fn all_proxy_variants() -> Vec<KernelSpec> {
 pub(crate) struct ProxySelectGpu {
     shape: AttentionShape,
     cfg: ProxyConfig,
-    /// Pool and head weights once per run of whole heads of Q that fits a binding.
-    runs: Vec<(Launch<ProxyParams>, Launch<ProxyParams>, HeadChunk)>,
-    /// Block scores, budget, select.
-    launches: [Launch<ProxyParams>; 3],
+    /// Pool once per run of whole heads of Q that fits a binding.
+    runs: Vec<(Launch<ProxyParams>, HeadChunk)>,
+    /// Block scores and select.
+    launches: [Launch<ProxyParams>; 2],
+    /// The budget estimate (step 4): head weights per run of heads, then the budget;
+    /// `None` under fixed budgets, whose kernels are then not built.
+    estimate_budget: Option<(Vec<Launch<ProxyParams>>, Launch<ProxyParams>)>,
     grid_pool: (u32, u32),
     chunks: u32,
     qbar: wgpu::Buffer,
@@ -995,33 +998,34 @@ impl ProxySelectGpu {
         };
         let spec = |s| proxy_spec(s, d, opts.dtype);
         let launch = |s| Launch::new(ctx, &spec(s), &params);
-        let runs = q_chunks
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let pc = ProxyParams {
-                    x_head0: c.h0 as u32,
-                    x_head1: c.h1 as u32,
-                    x_base: c.base,
-                    first_run: (i == 0) as u32,
-                    ..params
-                };
-                Ok((
-                    Launch::new(ctx, &spec(Stage::Pool), &pc)?,
-                    Launch::new(ctx, &spec(Stage::HeadWeights), &pc)?,
-                    *c,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let run_params = |i: usize, c: &HeadChunk| ProxyParams {
+            x_head0: c.h0 as u32,
+            x_head1: c.h1 as u32,
+            x_base: c.base,
+            first_run: (i == 0) as u32,
+            ..params
+        };
+        let per_run = |stage: Stage| -> Result<Vec<Launch<ProxyParams>>> {
+            q_chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Launch::new(ctx, &spec(stage), &run_params(i, c)))
+                .collect()
+        };
+        let runs = per_run(Stage::Pool)?
+            .into_iter()
+            .zip(q_chunks.iter().copied())
+            .collect();
+        let estimate_budget = match cfg.head_budget {
+            None => Some((per_run(Stage::HeadWeights)?, launch(Stage::Budget)?)),
+            Some(_) => None,
+        };
         Ok(ProxySelectGpu {
             shape: *shape,
             cfg: cfg.clone(),
             runs,
-            launches: [
-                launch(Stage::Scores)?,
-                launch(Stage::Budget)?,
-                launch(Stage::Select)?,
-            ],
+            launches: [launch(Stage::Scores)?, launch(Stage::Select)?],
+            estimate_budget,
             grid_pool,
             chunks: chunks as u32,
             qbar: storage(g, "proxy pooled q", sizes.qbar)?,
@@ -1091,7 +1095,7 @@ impl ProxyBuffers {
 impl GpuSelection for ProxySelectGpu {
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
         let g = rec.gpu();
-        let [scores, budget, select] = &self.launches;
+        let [scores, select] = &self.launches;
         let nb = self.shape.seq_len.div_ceil(self.cfg.block) as u32;
         let hq = self.shape.q_heads as u32;
         let (gx, gy) = self.grid_pool;
@@ -1100,7 +1104,7 @@ impl GpuSelection for ProxySelectGpu {
         let pool: Vec<_> = self
             .runs
             .iter()
-            .map(|(pool, _, c)| {
+            .map(|(pool, c)| {
                 let bufs = [q_part(c), w(io.k), w(&self.qbar), w(&self.kbar)];
                 pool.dispatch_bound(g, &bufs, (gx, gy, 1))
             })
@@ -1111,8 +1115,8 @@ impl GpuSelection for ProxySelectGpu {
             (nb, self.cfg.groups as u32, 1),
         )];
         // Step 4 only where the budgets are estimated (fixed ones are in the buffer).
-        if self.cfg.head_budget.is_none() {
-            for (_, weights, c) in &self.runs {
+        if let Some((head_weights, budget)) = &self.estimate_budget {
+            for (weights, (_, c)) in head_weights.iter().zip(&self.runs) {
                 let bufs = [q_part(c), w(io.k), w(&self.part)];
                 let grid = (self.chunks, (c.h1 - c.h0) as u32, 1);
                 estimate.push(weights.dispatch_bound(g, &bufs, grid));
@@ -1138,9 +1142,9 @@ impl GpuSelection for ProxySelectGpu {
     }
 
     fn counts(&self) -> (u32, usize) {
-        match self.cfg.head_budget {
-            Some(_) => (3, self.runs.len() + 2),
-            None => (3, 2 * self.runs.len() + 3),
+        match self.estimate_budget {
+            None => (3, self.runs.len() + 2),
+            Some(_) => (3, 2 * self.runs.len() + 3),
         }
     }
 

@@ -114,14 +114,7 @@ pub fn run(a: &BudgetArgs) -> Result<()> {
         layers: allocate(&needs, blocks, a.attention, a.allocation)?,
     };
     file.save(&a.out)?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&file).map_err(|e| Error::InvalidArgument(e.to_string()))?
-        );
-    } else {
-        print!("{file}");
-    }
+    crate::report::emit(&file, a.json);
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
