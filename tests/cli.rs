@@ -687,10 +687,11 @@ fn chat_reuses_the_cache_and_the_gpu_decoder_benchmarks() {
 }
 
 /// `budget` measures each head's need on a model and text and writes per-head budgets
-/// under the target; ProxyAttn runs under them in `nll`, `eval` and `passkey`-style model
-/// commands (`--budgets`), and wrong uses are refused with a message.
+/// under the target; ProxyAttn and SALE run under them in `nll`, `eval` and
+/// `passkey`-style model commands (`--budgets`), and wrong uses are refused with a
+/// message.
 #[test]
-fn budget_writes_per_head_budgets_that_proxy_runs_under() {
+fn budget_writes_per_head_budgets_that_proxy_and_sale_run_under() {
     let dir = std::env::temp_dir().join(format!("wgsparse-cli-budget-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let model = dir.join("tiny-llama.gguf");
@@ -794,7 +795,7 @@ fn budget_writes_per_head_budgets_that_proxy_runs_under() {
         "--layers",
         "1",
         "--methods",
-        "dense,proxy",
+        "dense,proxy,sale",
         "--min-budget",
         "0",
         "--budgets",
@@ -819,14 +820,20 @@ fn budget_writes_per_head_budgets_that_proxy_runs_under() {
         labels.iter().any(|l| l.starts_with("proxy γ=")),
         "{labels:?}"
     );
-    // Budgets are ProxyAttn's, counted in the file's block size.
+    assert!(
+        labels.iter().any(|l| l.starts_with("sale solver budgets")),
+        "{labels:?}"
+    );
+    // Budgets run ProxyAttn (in the file's block size) and SALE.
     let nll = |method: &str| {
         common::wgsparse_line(&format!(
             "nll --model {m} --text {t} --tokens 300 --backend cpu --method {method} --budgets {solver}"
         ))
     };
-    let (ok, _, err) = nll("sale");
-    assert!(!ok && err.contains("ProxyAttn"), "{err}");
+    let (ok, out, err) = nll("sale");
+    assert!(ok && out.contains("nats/token"), "{err}");
+    let (ok, _, err) = nll("anchor");
+    assert!(!ok && err.contains("ProxyAttn or SALE"), "{err}");
     let (ok, _, err) = nll("proxy");
     assert!(!ok && err.contains("blocks"), "{err}");
     let (ok, _, err) = common::wgsparse_line(&format!(

@@ -213,7 +213,8 @@ fn selectors_on_matrix_units_match_the_host_over_their_selection() {
 /// SALE's estimation on matrix units computes the same integers as the integer path, so
 /// the selection is bit-identical: with f32 storage (both contexts then run the same
 /// portable attention kernel) the selected LUTs and the outputs of a matrix-unit context
-/// and a `no_coop` context on the same device are equal, int4 and int8, d 64/128/256.
+/// and a `no_coop` context on the same device are equal, int4 and int8, d 64/128/256,
+/// by threshold and under per-head budgets (the ranked margins).
 #[test]
 fn sale_estimation_on_matrix_units_is_bit_identical() {
     let Some(ctx) = common::gpu(None) else { return };
@@ -227,10 +228,19 @@ fn sale_estimation_on_matrix_units_is_bit_identical() {
     assert_eq!(plain.capabilities().coop_tile, None);
     let seed = common::seed();
     let mut skipped = 0;
-    for (i, (d, bits)) in [(64, 4), (128, 8), (256, 4)].into_iter().enumerate() {
+    let cases = [
+        (64, 4, false),
+        (128, 8, false),
+        (256, 4, false),
+        (128, 4, true),
+    ];
+    for (i, (d, bits, budgets)) in cases.into_iter().enumerate() {
         let shape = AttentionShape::new(2, 1, 333, d);
         let (q, k, v) = common::planted_qkv(&shape, DType::F32, seed + i as u64);
-        let method: Method = format!("sale:tau=0.05,bits={bits}").parse().unwrap();
+        let mut method: Method = format!("sale:tau=0.05,bits={bits}").parse().unwrap();
+        if let (true, Method::Sale(c)) = (budgets, &mut method) {
+            c.head_budget = Some(vec![0.3, 0.6]);
+        }
         let run =
             |c: &Context| common::run_sparse(c, shape, method.clone(), DType::F32, (&q, &k, &v));
         let (out_c, rep_c, luts_c) = run(&ctx);
@@ -249,12 +259,18 @@ fn sale_estimation_on_matrix_units_is_bit_identical() {
         };
         assert_eq!(estimate(&rep_c).as_deref(), Some(want), "d {d} int{bits}");
         assert_eq!(estimate(&rep_p).as_deref(), Some("sale_estimate"));
-        assert_eq!(luts_c[1], luts_p[1], "d {d} int{bits}: selections differ");
-        assert_eq!(out_c, out_p, "d {d} int{bits}: outputs differ");
+        assert_eq!(
+            luts_c[1], luts_p[1],
+            "d {d} int{bits} budgets {budgets}: selections differ"
+        );
+        assert_eq!(
+            out_c, out_p,
+            "d {d} int{bits} budgets {budgets}: outputs differ"
+        );
         if rep_c.density < 1.0 {
             skipped += 1;
         }
     }
     // Identical selections are only a test when something was left out.
-    assert!(skipped >= 2, "only {skipped} of 3 cases skipped blocks");
+    assert!(skipped >= 3, "only {skipped} of 4 cases skipped blocks");
 }

@@ -197,6 +197,110 @@ fn sale_with_tau_zero_is_dense() {
     assert!(s.selected_per_head[1] < 1.0, "{:?}", s.selected_per_head);
 }
 
+/// SALE under per-head budgets: every (head, query block) of the GPU keeps exactly its
+/// budget of candidate blocks, those of the largest estimated margins — the CPU twin's
+/// blocks unless two margins at the row's cut are a rounding tie; budget 1 keeps every
+/// candidate; the output equals the host's attention over the GPU's blocks (NaN-poisoned,
+/// ragged lengths, GQA, int4/int8, f32/f16); head groups keep their heads' budgets.
+#[test]
+fn sale_under_head_budgets_keeps_each_heads_top_blocks() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let seed = common::seed();
+    let cases = [
+        (
+            AttentionShape::new(4, 2, 777, 64),
+            vec![0.1, 0.3, 0.6, 1.0],
+            4,
+            128,
+            DType::F32,
+        ),
+        (
+            AttentionShape::new(2, 1, 1000, 128),
+            vec![0.05, 0.25],
+            8,
+            64,
+            DType::F16,
+        ),
+    ];
+    for (i, (shape, budgets, bits, local, dtype)) in cases.into_iter().enumerate() {
+        let cfg = SaleConfig {
+            bits,
+            local,
+            head_budget: Some(budgets.clone()),
+            ..Default::default()
+        };
+        let (q, k, v) = common::planted_qkv(&shape, dtype, seed + i as u64);
+        let (got, report, lut) = run_gpu(&ctx, shape, &cfg, dtype, (&q, &k, &v));
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let run = sale_cpu(&shape, &cfg, scale, &q, &k, &v).unwrap();
+        assert_eq!(lut[0], cfg.exact_lut(shape.q_heads, shape.seq_len).unwrap());
+        let (gpu, cpu) = (&lut[1], &run.selection.blocks);
+        let nqb = shape.seq_len.div_ceil(BLOCK_Q);
+        let (mut kept, mut ties) = (0, 0);
+        for (h, &beta) in budgets.iter().enumerate() {
+            for qb in 0..nqb {
+                let keep = cfg.budget_keep(h, qb, shape.seq_len).unwrap();
+                let (g, c) = (gpu.entries(h, qb), cpu.entries(h, qb));
+                assert_eq!(g.len(), keep, "head {h} block {qb}: GPU kept {g:?}");
+                assert_eq!(c.len(), keep, "head {h} block {qb}: CPU kept {c:?}");
+                if beta == 1.0 {
+                    assert_eq!(keep, cfg.candidates(qb), "budget 1 keeps every candidate");
+                }
+                kept += keep;
+                if g == c {
+                    continue;
+                }
+                // A disagreement is a tie at the cut: the margins of both choices are
+                // within rounding of the row's keep-th largest margin.
+                let m = &run.selection.margins[h * nqb + qb];
+                let mut sorted = m.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let cut = sorted[keep - 1];
+                for b in g
+                    .iter()
+                    .filter(|b| !c.contains(b))
+                    .chain(c.iter().filter(|b| !g.contains(b)))
+                {
+                    let x = m[*b as usize - 1];
+                    assert!(
+                        (x - cut).abs() <= 1e-2 * cut.abs().max(1.0),
+                        "head {h} block {qb}: block {b} margin {x}, cut {cut}"
+                    );
+                    ties += 1;
+                }
+            }
+        }
+        assert!(
+            kept > 0 && ties * 50 <= kept,
+            "{ties} ties of {kept} kept blocks"
+        );
+        let mut st = HostRowState::empty(&shape);
+        let exec = |lut| CpuAttention::sparse(scale, lut);
+        attention_cpu(&shape, &exec(&lut[0]), &q, &k, &v, Some(&mut st));
+        let want = attention_cpu(&shape, &exec(gpu), &q, &k, &v, Some(&mut st));
+        let err = compare(&got, &want);
+        eprintln!(
+            "sale budgets {budgets:?} {shape:?} int{bits} {dtype:?}: {err:?}, density {:.4}, ties {ties}",
+            report.density
+        );
+        assert!(
+            err.max_abs_err <= dense_tolerance_for(dtype, shape.seq_len),
+            "{err:?}"
+        );
+        assert!(!got.iter().any(|x| x.is_nan()), "a row was not written");
+        assert!(report.density < 1.0);
+    }
+    // A head group keeps its heads' budgets.
+    let all = Method::Sale(SaleConfig {
+        head_budget: Some(vec![0.1, 0.2, 0.3, 0.4]),
+        ..Default::default()
+    });
+    let Method::Sale(part) = all.for_heads(4, 2, 4).unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(part.head_budget, Some(vec![0.3, 0.4]));
+}
+
 #[test]
 fn bad_sale_requests_are_typed_errors() {
     let cpu = Context::cpu();
@@ -222,6 +326,18 @@ fn bad_sale_requests_are_typed_errors() {
         },
         SaleConfig {
             head_tau: Some(vec![0.01; 3]),
+            ..Default::default()
+        },
+        SaleConfig {
+            head_budget: Some(vec![0.5; 3]),
+            ..Default::default()
+        },
+        SaleConfig {
+            head_budget: Some(vec![0.5, 0.0]),
+            ..Default::default()
+        },
+        SaleConfig {
+            head_budget: Some(vec![0.5, 1.5]),
             ..Default::default()
         },
     ] {

@@ -12,11 +12,15 @@
 //! last query block. [`Allocation::Uniform`] gives every head the target instead, the
 //! baseline the solver is compared with.
 //!
-//! [`HeadBudgets`] is the file `wgsparse budget` writes and `--budgets FILE` reads;
-//! ProxyAttn runs under it with fixed per-head budgets
-//! ([`ProxyConfig::head_budget`]) instead of estimating them per prompt. SALE's
-//! selection is a threshold on estimated scores, not a count: it runs under
-//! calibrated per-head thresholds (`--thresholds`), not under budgets.
+//! [`HeadBudgets`] is the file `wgsparse budget` writes and `--budgets FILE` reads; the
+//! block-sparse selectors run under it with fixed per-head budgets: ProxyAttn keeps
+//! its top `⌈β_h · blocks⌉` proxy-scored key blocks ([`ProxyConfig::head_budget`])
+//! instead of estimating a budget per prompt, and SALE keeps the key blocks of the
+//! largest estimated attention scores up to `⌈β_h · causal blocks⌉` per query block
+//! ([`SaleConfig::head_budget`]) instead of testing them against a threshold. Budgets
+//! are fractions of the causal pairs, so one file serves both block sizes (ProxyAttn's
+//! block must be the file's, as its need was measured in those blocks; SALE's 64 × 32
+//! blocks only round the fractions more finely).
 
 use std::fmt;
 use std::path::Path;
@@ -29,6 +33,7 @@ use super::AttentionShape;
 use super::method::Method;
 use super::select::oracle::oracle;
 use super::select::proxy::ProxyConfig;
+use super::select::sale::SaleConfig;
 use crate::budget::{BudgetItem, round, solve};
 use crate::error::{Error, Result};
 
@@ -275,32 +280,53 @@ impl HeadBudgets {
                 self.block, base.block
             )));
         }
-        let b = self.layer(layer).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "the budgets file has no layer {layer} (it has {:?})",
-                self.layers.iter().map(|l| l.layer).collect::<Vec<_>>()
-            ))
-        })?;
         Ok(ProxyConfig {
-            head_budget: Some(b.to_vec()),
+            head_budget: Some(self.budgets_of(layer)?.to_vec()),
             ..base.clone()
         })
     }
 
+    /// SALE `base` with `layer`'s per-head budgets (which replace its thresholds); a
+    /// typed error for a layer not in the file.
+    pub fn sale_for(&self, base: &SaleConfig, layer: usize) -> Result<SaleConfig> {
+        Ok(SaleConfig {
+            head_budget: Some(self.budgets_of(layer)?.to_vec()),
+            head_tau: None,
+            ..base.clone()
+        })
+    }
+
+    /// `method` under `layer`'s budgets: ProxyAttn or SALE, the block-sparse selectors
+    /// that run under per-head budgets.
+    pub fn method_for(&self, method: &Method, layer: usize) -> Result<Method> {
+        match method {
+            Method::Proxy(base) => Ok(Method::Proxy(self.proxy_for(base, layer)?)),
+            Method::Sale(base) => Ok(Method::Sale(self.sale_for(base, layer)?)),
+            m => Err(Error::InvalidArgument(format!(
+                "per-head budgets run ProxyAttn or SALE (--method proxy|sale), not {}",
+                m.name()
+            ))),
+        }
+    }
+
     /// Every layer's method under these budgets (what a decoder's per-layer methods
     /// take; layers not in the file keep the decoder's method): `method` must be
-    /// ProxyAttn, the block-sparse selector that runs under per-head budgets.
+    /// ProxyAttn or SALE.
     pub fn methods(&self, method: &Method) -> Result<Vec<(usize, Method)>> {
-        let Method::Proxy(base) = method else {
-            return Err(Error::InvalidArgument(format!(
-                "per-head budgets run ProxyAttn (--method proxy), not {}",
-                method.name()
-            )));
-        };
         self.layers
             .iter()
-            .map(|l| Ok((l.layer, Method::Proxy(self.proxy_for(base, l.layer)?))))
+            .map(|l| Ok((l.layer, self.method_for(method, l.layer)?)))
             .collect()
+    }
+
+    /// `layer`'s budgets, or a typed error naming the file's layers.
+    fn budgets_of(&self, layer: usize) -> Result<&[f32]> {
+        self.layer(layer).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the budgets file has no layer {layer} (it has {:?})",
+                self.layers.iter().map(|l| l.layer).collect::<Vec<_>>()
+            ))
+        })
     }
 }
 
@@ -414,7 +440,20 @@ mod tests {
         let base = ProxyConfig::default();
         let m = file.methods(&Method::Proxy(base.clone())).unwrap();
         assert_eq!(m.len(), 2);
+        // SALE under budgets: the layer's budgets replace calibrated thresholds.
+        let sale = SaleConfig {
+            head_tau: Some(vec![0.01; 8]),
+            ..Default::default()
+        };
+        let m = file.methods(&Method::Sale(sale)).unwrap();
+        let Method::Sale(s) = &m[1].1 else { panic!() };
+        assert_eq!(s.head_budget.as_deref(), file.layer(m[1].0));
+        assert_eq!(s.head_tau, None);
         assert!(file.methods(&Method::Dense).is_err());
+        assert!(
+            file.sale_for(&SaleConfig::default(), 1).is_err(),
+            "layer not in the file"
+        );
         assert!(file.proxy_for(&base, 1).is_err(), "layer not in the file");
         let other = ProxyConfig { block: 64, ..base };
         assert!(file.proxy_for(&other, 0).is_err(), "another block size");

@@ -201,6 +201,7 @@ impl Method {
             }
             Method::Sale(c) => Method::Sale(SaleConfig {
                 head_tau: heads_of(&c.head_tau, "thresholds")?,
+                head_budget: heads_of(&c.head_budget, "budgets")?,
                 ..c.clone()
             }),
             m => m.clone(),

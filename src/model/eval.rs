@@ -55,13 +55,17 @@ pub enum EvalMethod {
         /// estimate; every measured layer must be in the file.
         budgets: Option<std::sync::Arc<HeadBudgets>>,
     },
-    /// SALE with one τ for every head, or with calibrated per-layer, per-head τ.
+    /// SALE with one τ for every head, with calibrated per-layer, per-head τ, or under
+    /// fixed per-head budgets.
     Sale {
-        /// Bits, blocks, local window, and τ when no thresholds are given.
+        /// Bits, blocks, local window, and τ when neither file is given.
         cfg: SaleConfig,
         /// Calibrated thresholds (`wgsparse calibrate`); every measured layer must be in
         /// the file.
         thresholds: Option<std::sync::Arc<SaleThresholds>>,
+        /// Per-layer, per-head budgets (`wgsparse budget`) instead of a threshold;
+        /// every measured layer must be in the file.
+        budgets: Option<std::sync::Arc<HeadBudgets>>,
     },
 }
 
@@ -93,12 +97,20 @@ impl EvalMethod {
             }
             EvalMethod::Sale {
                 cfg,
-                thresholds: None,
-            } => format!("sale τ={} int{}", cfg.tau, cfg.bits),
+                budgets: Some(b),
+                ..
+            } => format!(
+                "sale {} budgets (mean {:.3}) int{}",
+                b.allocation,
+                b.mean_budget(),
+                cfg.bits
+            ),
             EvalMethod::Sale {
                 cfg,
                 thresholds: Some(t),
+                ..
             } => format!("sale calibrated (budget {}) int{}", t.budget, cfg.bits),
+            EvalMethod::Sale { cfg, .. } => format!("sale τ={} int{}", cfg.tau, cfg.bits),
         }
     }
 
@@ -133,17 +145,22 @@ impl EvalMethod {
                 }
                 (Method::Proxy(cfg), None)
             }
-            EvalMethod::Sale { cfg, thresholds } => {
-                let method = match thresholds {
-                    None => Method::Sale(cfg.clone()),
-                    // The layer's calibrated τ, cut to these heads.
-                    Some(t) => {
-                        let all = t.config_for(cfg, layer)?;
-                        let n = all.head_tau.as_ref().map_or(0, Vec::len);
-                        Method::Sale(all).for_heads(n, heads.start, heads.end)?
-                    }
+            EvalMethod::Sale {
+                cfg,
+                thresholds,
+                budgets,
+            } => {
+                // The layer's budgets or calibrated τ, cut to these heads.
+                let all = match (budgets, thresholds) {
+                    (Some(b), _) => b.sale_for(cfg, layer)?,
+                    (None, Some(t)) => t.config_for(cfg, layer)?,
+                    (None, None) => return Ok((Method::Sale(cfg.clone()), None)),
                 };
-                (method, None)
+                let n = (all.head_budget.as_ref().or(all.head_tau.as_ref())).map_or(0, Vec::len);
+                (
+                    Method::Sale(all).for_heads(n, heads.start, heads.end)?,
+                    None,
+                )
             }
             EvalMethod::Oracle { coverage } => {
                 let o = oracle(shape, scale, q, k, *coverage, ORACLE_BLOCK, ORACLE_BLOCK)?;

@@ -57,6 +57,14 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/ops/linear_coop.wgsl"),
     ),
     (
+        "common/scan.wgsl",
+        include_str!("../../shaders/common/scan.wgsl"),
+    ),
+    (
+        "common/topk.wgsl",
+        include_str!("../../shaders/common/topk.wgsl"),
+    ),
+    (
         "common/compact.wgsl",
         include_str!("../../shaders/common/compact.wgsl"),
     ),

@@ -294,7 +294,6 @@ fn proxy_block_scores(wg: Workgroup, @builtin(local_invocation_index) lid: u32) 
 
 #ifdef REDUCE  // proxy_budget and proxy_select
 var<workgroup> red_f: array<f32, WG>;
-var<workgroup> red_u: array<u32, WG>;
 
 // The workgroup's sum of `v` (every thread gets it; call from uniform control flow).
 fn sum_f32(lid: u32, v: f32) -> f32 {
@@ -311,20 +310,7 @@ fn sum_f32(lid: u32, v: f32) -> f32 {
     return total;
 }
 
-// The sum of `v` over the threads before this one, and over all (exclusive scan).
-fn scan_u32(lid: u32, v: u32) -> vec2<u32> {
-    red_u[lid] = v;
-    workgroupBarrier();
-    var before = 0u;
-    var total = 0u;
-    for (var t = 0u; t < WG; t++) {
-        let x = red_u[t];
-        before += select(0u, x, t < lid);
-        total += x;
-    }
-    workgroupBarrier();
-    return vec2<u32>(before, total);
-}
+#include "common/scan.wgsl"
 #endif
 
 #ifdef STAGE_BUDGET
@@ -395,16 +381,12 @@ fn proxy_budget(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 @group(0) @binding(4) var<storage, read_write> lut_ranges: array<vec2<u32>>;
 @group(0) @binding(5) var<storage, read_write> lut_idx: array<u32>;
 
-// Whether a score (its bits) is among the kept: above the cut `t`, or equal to it and
-// among the first `need_eq` equal ones (`eq_rank`: this one's rank, advanced).
-fn is_kept(a: u32, t: u32, need_eq: u32, eq_rank: ptr<function, u32>) -> bool {
-    if a == t {
-        let kept = *eq_rank < need_eq;
-        *eq_rank += 1u;
-        return kept;
-    }
-    return a > t;
+// The row's scores (each >= 0: its bits order as the numbers).
+var<private> row_at: u32;
+fn topk_key(n: u32) -> u32 {
+    return bitcast<u32>(scores[row_at + n]);
 }
+#include "common/topk.wgsl"
 
 @compute @workgroup_size(64)
 fn proxy_select(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
@@ -416,47 +398,22 @@ fn proxy_select(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let causal = m + 1u;
     let by_budget = (budget[h] * causal + nb - 1u) / nb;
     let keep = min(causal, max(by_budget, p.min_blocks));
-    let row_at = (g * nb + m) * nb;
-    // Thread lid owns the contiguous blocks [lo, hi) of 0..=m (order matters below).
-    let per = (causal + WG - 1u) / WG;
-    let lo = min(lid * per, causal);
-    let hi = min(lo + per, causal);
-    // The keep-th largest score: the largest t with at least `keep` scores >= t.
-    var t = 0u;
-    for (var b = 0u; b < 32u; b++) {
-        let cand = t | (1u << (31u - b));
-        var mine = 0u;
-        for (var n = lo; n < hi; n++) {
-            mine += select(0u, 1u, bitcast<u32>(scores[row_at + n]) >= cand);
-        }
-        if scan_u32(lid, mine).y >= keep {
-            t = cand;
-        }
-    }
-    var gt = 0u;
-    var eq = 0u;
-    for (var n = lo; n < hi; n++) {
-        let a = bitcast<u32>(scores[row_at + n]);
-        gt += select(0u, 1u, a > t);
-        eq += select(0u, 1u, a == t);
-    }
-    let need_eq = keep - scan_u32(lid, gt).y;
-    // Equal scores: the lowest blocks first (this thread's first equal one has rank
-    // eq_first among them).
-    let eq_first = scan_u32(lid, eq).x;
-    var eq_rank = eq_first;
+    row_at = (g * nb + m) * nb;
+    let span = topk_span(lid, causal);
+    let cut = topk_cut(lid, span, keep);
+    var eq_rank = cut.eq_first;
     var written = 0u;
-    for (var n = lo; n < hi; n++) {
-        let kept = is_kept(bitcast<u32>(scores[row_at + n]), t, need_eq, &eq_rank);
+    for (var n = span.x; n < span.y; n++) {
+        let kept = topk_kept(topk_key(n), cut, &eq_rank);
         written += select(0u, 1u, kept && n != 0u && n != m);
     }
     let row = h * nb + m;
     let at = scan_u32(lid, written);
     let base = row_base[row];
     var pos = base + at.x;
-    eq_rank = eq_first;
-    for (var n = lo; n < hi; n++) {
-        let kept = is_kept(bitcast<u32>(scores[row_at + n]), t, need_eq, &eq_rank);
+    eq_rank = cut.eq_first;
+    for (var n = span.x; n < span.y; n++) {
+        let kept = topk_kept(topk_key(n), cut, &eq_rank);
         if kept && n != 0u && n != m {
             lut_idx[pos] = n;
             pos += 1u;

@@ -13,9 +13,15 @@
 //                exp(scale·(q·k − m)) / l > τ_h  with (m, l) the exact pass's row state.
 //                Writes one bit per candidate block (32 per u32). No N × N matrix.
 //                With WRITE_DOTS it writes the integer dot products instead (tests).
+//                With SCORES (per-head budgets) it writes instead each candidate
+//                block's largest margin  ŝ − threshold  at τ = 1 (the estimated
+//                ln RAS / scale of the block's strongest entry) as an ordered u32.
 // sale_compact   same grid: the kept key blocks of the chunk, ascending, at the
 //                chunk's offset (set bits of the row's earlier chunks) in the row's slice
 //                of the LUT; chunk 0 also writes the row's LUT range.
+// sale_topk      (per-head budgets, after SCORES) one workgroup per (query block,
+//                q-head): the row's keep[h, qb] candidates of the largest margins (ties
+//                to the lower block; "common/topk.wgsl"), ascending into its LUT slice.
 // Constants: D (head_dim), BITS (4 or 8), LOCAL_BLOCKS (local window / 32).
 //
 // COOP (entry sale_estimate_coop): the integer dot products on matrix units. The codes
@@ -60,7 +66,21 @@ fn cand_end(qb: u32) -> u32 {
 #ifdef WRITE_DOTS
 @group(0) @binding(7) var<storage, read_write> dots: array<i32>;      // [q_heads, n, n]
 #else
+#ifdef SCORES
+@group(0) @binding(7) var<storage, read_write> scores: array<u32>;    // [q_heads, n_qb, chunks · 32]
+var<workgroup> best: array<atomic<u32>, CHUNK_BLOCKS>;
+
+// An f32's bits mapped so that unsigned order is the numbers' order.
+fn ordered(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    if (b & 0x80000000u) != 0u {
+        return ~b;
+    }
+    return b | 0x80000000u;
+}
+#else
 @group(0) @binding(7) var<storage, read_write> flags: array<u32>;     // [q_heads, n_qb, chunks]
+#endif
 #endif
 
 var<workgroup> q_tile: array<u32, BQ * WORDS>;   // the query block's packed rows
@@ -137,6 +157,11 @@ fn sale_estimate(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     if lid == 0u {
         atomicStore(&selected, 0u);
     }
+#ifdef SCORES
+    if lid < CHUNK_BLOCKS {
+        atomicStore(&best[lid], 0u);  // below every margin: no candidate
+    }
+#endif
     // Thread (rg, kg) owns rows rg + 16·t (t < 4) and keys kg + 4·u (u < 8) of a block.
     let rg = lid / 4u;
     let kg = lid % 4u;
@@ -297,7 +322,11 @@ fn sale_estimate(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
         #endunroll
         #endunroll
 #else
+#ifdef SCORES
+        var top = NEG_BIG;
+#else
         var hit = false;
+#endif
 #ifdef PORTABLE_LOOPS
         for (var u = 0u; u < 8u; u++) {
             let km = k_meta[h * n + kb * BK + kg + 4u * u];
@@ -307,7 +336,12 @@ fn sale_estimate(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 #else
                 let s = acc[t * 8u + u];
 #endif
-                hit = hit || f32(s) * sq[t] * km.x + km.y > thr[t];
+                let e = f32(s) * sq[t] * km.x + km.y;
+#ifdef SCORES
+                top = max(top, e - thr[t]);
+#else
+                hit = hit || e > thr[t];
+#endif
             }
         }
 #else
@@ -321,22 +355,37 @@ fn sale_estimate(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 #else
                 let s = acc[${t} * 8 + ${u}];
 #endif
-                hit = hit || f32(s) * sq[${t}] * km.x + km.y > thr[${t}];
+                let e = f32(s) * sq[${t}] * km.x + km.y;
+#ifdef SCORES
+                top = max(top, e - thr[${t}]);
+#else
+                hit = hit || e > thr[${t}];
+#endif
             }
             #endunroll
         }
         #endunroll
 #endif
+#ifdef SCORES
+        atomicMax(&best[kb - kb0], ordered(top));
+#else
         if hit {
             atomicOr(&selected, 1u << (kb - kb0));
         }
 #endif
+#endif
     }
 #ifndef WRITE_DOTS
     workgroupBarrier();
+#ifdef SCORES
+    if lid < CHUNK_BLOCKS {
+        scores[((h * p.n_qb + qb) * p.chunks + chunk) * CHUNK_BLOCKS + lid] = atomicLoad(&best[lid]);
+    }
+#else
     if lid == 0u {
         flags[(h * p.n_qb + qb) * p.chunks + chunk] = atomicLoad(&selected);
     }
+#endif
 #endif
 }
 #endif
@@ -374,6 +423,54 @@ fn sale_compact(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     if (word & (1u << lid)) != 0u {
         let rank = countOneBits(word & ((1u << lid) - 1u));
         lut_idx[base + offset + rank] = 1u + chunk * CHUNK_BLOCKS + lid;
+    }
+}
+#endif
+
+#ifdef STAGE_TOPK
+@group(0) @binding(1) var<storage, read> scores: array<u32>;          // [q_heads, n_qb, chunks · 32]
+@group(0) @binding(2) var<storage, read> keep_of: array<u32>;         // [q_heads, n_qb]
+@group(0) @binding(3) var<storage, read> row_base: array<u32>;        // [h, n_qb] slice starts
+@group(0) @binding(4) var<storage, read_write> lut_ranges: array<vec2<u32>>; // [h, n_qb]
+@group(0) @binding(5) var<storage, read_write> lut_idx: array<u32>;
+
+const WG: u32 = 64u;
+#include "common/scan.wgsl"
+
+// Candidate i of the row (key block 1 + i): its ordered margin.
+var<private> row_at: u32;
+fn topk_key(i: u32) -> u32 {
+    return scores[row_at + i];
+}
+#include "common/topk.wgsl"
+
+@compute @workgroup_size(64)
+fn sale_topk(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
+    let qb = wg.id.x;
+    let h = wg.id.y;
+    let row = h * p.n_qb + qb;
+    let count = cand_end(qb) - 1u;
+    let keep = min(keep_of[row], count);
+    row_at = row * p.chunks * CHUNK_BLOCKS;
+    let span = topk_span(lid, count);
+    let cut = topk_cut(lid, span, keep);
+    var eq_rank = cut.eq_first;
+    var mine = 0u;
+    for (var i = span.x; i < span.y; i++) {
+        mine += select(0u, 1u, topk_kept(topk_key(i), cut, &eq_rank));
+    }
+    let at = scan_u32(lid, mine);
+    let base = row_base[row];
+    var pos = base + at.x;
+    eq_rank = cut.eq_first;
+    for (var i = span.x; i < span.y; i++) {
+        if topk_kept(topk_key(i), cut, &eq_rank) {
+            lut_idx[pos] = 1u + i;
+            pos += 1u;
+        }
+    }
+    if lid == 0u {
+        lut_ranges[row] = vec2<u32>(base, base + at.y);
     }
 }
 #endif

@@ -69,6 +69,14 @@ pub struct SaleConfig {
     pub local: usize,
     /// Per-head thresholds (length `q_heads`), e.g. from calibration; overrides `tau`.
     pub head_tau: Option<Vec<f32>>,
+    /// Per-head budgets (length `q_heads`, each in (0, 1]), e.g. from
+    /// [`crate::attention::budgets`]: instead of the threshold test, each 64-row query
+    /// block of head `h` keeps its `⌈β_h · causal blocks⌉` key blocks in all — the exact
+    /// pass's sink, local window and diagonal, then the candidates of the largest
+    /// estimated Relative Attention Score (each block's largest entry; ties to the lower
+    /// block). Overrides `tau` and `head_tau`.
+    #[serde(default)]
+    pub head_budget: Option<Vec<f32>>,
 }
 
 impl Default for SaleConfig {
@@ -80,6 +88,7 @@ impl Default for SaleConfig {
             block_k: BLOCK_K,
             local: 128,
             head_tau: None,
+            head_budget: None,
         }
     }
 }
@@ -111,22 +120,45 @@ impl SaleConfig {
         {
             return bad(format!("per-head tau {x} must be finite and >= 0"));
         }
+        if let Some(b) = &self.head_budget
+            && let Some(x) = b.iter().find(|x| !(**x > 0.0 && **x <= 1.0))
+        {
+            return bad(format!("per-head budget {x} must be in (0, 1]"));
+        }
         Ok(())
     }
 
-    /// Checks the per-head thresholds against a head count.
+    /// Checks the per-head thresholds and budgets against a head count.
     pub fn validate_heads(&self, q_heads: usize) -> Result<()> {
-        match &self.head_tau {
+        let check = |v: &Option<Vec<f32>>, what: &str| match v {
             Some(t) if t.len() != q_heads => Err(Error::InvalidArgument(format!(
-                "sale: {} per-head thresholds for {q_heads} q heads",
+                "sale: {} per-head {what} for {q_heads} q heads",
                 t.len()
             ))),
             _ => Ok(()),
-        }
+        };
+        check(&self.head_tau, "thresholds")?;
+        check(&self.head_budget, "budgets")
     }
 
-    /// τ of head `h`.
+    /// Candidate blocks query block `qb` of head `h` keeps under the per-head budgets
+    /// (`None` without budgets): `⌈β_h · causal⌉` minus the exact pass's blocks, within
+    /// `0..=candidates`, for a sequence of `seq_len` rows.
+    pub fn budget_keep(&self, h: usize, qb: usize, seq_len: usize) -> Option<usize> {
+        let beta = *self.head_budget.as_ref()?.get(h)?;
+        let last = ((qb + 1) * BLOCK_Q).min(seq_len).max(1) - 1;
+        let causal = last / BLOCK_K + 1;
+        let cand = self.candidates(qb);
+        let want = (beta as f64 * causal as f64 - 1e-9).ceil() as usize;
+        Some(want.saturating_sub(causal - cand).min(cand))
+    }
+
+    /// τ of head `h` (1 under per-head budgets: a block's margin against it is then
+    /// its estimated ln RAS / scale, which the budgets rank).
     pub fn tau_of(&self, h: usize) -> f32 {
+        if self.head_budget.is_some() {
+            return 1.0;
+        }
         self.head_tau.as_ref().map_or(self.tau, |t| t[h])
     }
 
@@ -394,6 +426,8 @@ fn select_host(
     ml: &[f32],
     full_margins: bool,
 ) -> Result<SaleSelection> {
+    // Budgets rank every candidate's margin: none may stop early.
+    let full_margins = full_margins || cfg.head_budget.is_some();
     #[cfg(target_arch = "x86_64")]
     if vnni::available() {
         return select_cpu_vnni(shape, cfg, scale, quant, ml, full_margins);
@@ -452,7 +486,8 @@ fn select_cpu_f32(
 /// The host selection's frame, shared by its two dot-product paths: every (head h,
 /// 64-row query block qb) in parallel, with its rows and their thresholds (the exact
 /// pass's (m, l) and the Q row's mean correction); `block` returns the kept candidate
-/// blocks and every candidate's margin.
+/// blocks and every candidate's margin. Under per-head budgets the kept blocks are
+/// instead the row's [`SaleConfig::budget_keep`] largest margins ([`top_blocks`]).
 fn select_block_rows(
     shape: &AttentionShape,
     cfg: &SaleConfig,
@@ -476,10 +511,38 @@ fn select_block_rows(
                     row_threshold(cfg.tau_of(h), m, l, scale, quant.q_meta[h * n + i][1])
                 })
                 .collect();
-            block(h, qb, rows, &thr)
+            let (kept, margins) = block(h, qb, rows, &thr);
+            match cfg.budget_keep(h, qb, n) {
+                Some(keep) => (top_blocks(&margins, keep), margins),
+                None => (kept, margins),
+            }
         })
         .collect();
     SaleSelection::from_rows(shape, per_row)
+}
+
+/// An f32's bits mapped so that unsigned order is the numbers' order (the key the GPU's
+/// budgeted selection ranks margins by).
+pub fn ordered_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The `keep` candidates of the largest margins (`margins[i]` is key block `1 + i`;
+/// equal margins keep the lower block), ascending: SALE's choice under a budget.
+pub fn top_blocks(margins: &[f32], keep: usize) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..margins.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(ordered_bits(margins[i])), i));
+    let mut kept: Vec<u32> = order[..keep.min(margins.len())]
+        .iter()
+        .map(|&i| 1 + i as u32)
+        .collect();
+    kept.sort_unstable();
+    kept
 }
 
 /// [`select_cpu`] with the dot products on AVX-512 VNNI (`vpdpbusd`): Q codes + 128 as
@@ -924,6 +987,10 @@ enum Stage {
     Estimate,
     Dots,
     Compact,
+    /// The estimation writing every candidate's margin (per-head budgets).
+    Scores,
+    /// The budgeted selection from the margins.
+    TopK,
 }
 
 /// How the estimation kernel is built: `dot4I8Packed` or plain integer products, and
@@ -953,18 +1020,17 @@ fn sale_spec(
             .const_u32("D", d as u32)
             .const_u32("BITS", bits)
     };
+    // The estimation's variant flags mean nothing to the selection kernels.
+    let estimates = matches!(stage, Stage::Estimate | Stage::Dots | Stage::Scores);
     let est = |flag: &str| {
         Defines::new()
             .params::<SaleEstimateParams>()
             .flag(flag)
             .flag_if("INT4", bits == 4)
             .flag_if("INT_DOT4", ev.dot4)
-            .flag_if("COOP", ev.coop.is_some() && stage != Stage::Compact)
-            .flag_if("TILE16", ev.coop == Some(16) && stage != Stage::Compact)
-            .flag_if(
-                "PORTABLE_LOOPS",
-                ev.portable_loops && stage != Stage::Compact,
-            )
+            .flag_if("COOP", ev.coop.is_some() && estimates)
+            .flag_if("TILE16", ev.coop == Some(16) && estimates)
+            .flag_if("PORTABLE_LOOPS", ev.portable_loops && estimates)
             .const_u32("D", d as u32)
             .const_u32("BITS", bits)
             .const_u32("LOCAL_BLOCKS", (local / BLOCK_K) as u32)
@@ -996,13 +1062,16 @@ fn sale_spec(
             quant("STAGE_QUANT").flag_if("QUANT_K", stage == Stage::QuantK),
             "urrww",
         ),
-        Stage::Estimate | Stage::Dots => (
+        Stage::Estimate | Stage::Dots | Stage::Scores => (
             estimate,
             estimate_entry,
-            est("STAGE_ESTIMATE").flag_if("WRITE_DOTS", stage == Stage::Dots),
+            est("STAGE_ESTIMATE")
+                .flag_if("WRITE_DOTS", stage == Stage::Dots)
+                .flag_if("SCORES", stage == Stage::Scores),
             "urrrrrrw",
         ),
         Stage::Compact => (estimate, "sale_compact", est("STAGE_COMPACT"), "urrww"),
+        Stage::TopK => (estimate, "sale_topk", est("STAGE_TOPK"), "urrrww"),
     };
     KernelSpec {
         file,
@@ -1044,8 +1113,8 @@ pub(crate) fn estimate_variant(
 }
 
 /// Every SALE kernel variant (shader dump and portability tests): d = 64/128/256,
-/// int4/int8, f32/f16 storage, with and without `dot4I8Packed`, the test-only dot
-/// product output included.
+/// int4/int8, f32/f16 storage, with and without `dot4I8Packed`, the budgeted margins
+/// and top-k selection and the test-only dot product output included.
 pub fn all_sale_variants() -> Vec<KernelSpec> {
     let mut out = vec![];
     for d in [64, 128, 256] {
@@ -1072,7 +1141,7 @@ pub fn all_sale_variants() -> Vec<KernelSpec> {
                         portable_loops,
                         coop: None,
                     };
-                    for stage in [Stage::Estimate, Stage::Dots] {
+                    for stage in [Stage::Estimate, Stage::Dots, Stage::Scores] {
                         out.push(sale_spec(stage, d, bits, 128, DType::F32, ev));
                     }
                 }
@@ -1082,14 +1151,16 @@ pub fn all_sale_variants() -> Vec<KernelSpec> {
                 portable_loops: false,
                 coop: None,
             };
-            out.push(sale_spec(Stage::Compact, d, bits, 128, DType::F32, ev));
+            for stage in [Stage::Compact, Stage::TopK] {
+                out.push(sale_spec(stage, d, bits, 128, DType::F32, ev));
+            }
         }
     }
     out
 }
 
 /// Every matrix-unit estimation variant at tile `tile` (8 or 16): d = 64/80/128/256,
-/// int4/int8, the selection and the test-only dot product output.
+/// int4/int8, the selection, the budgeted margins and the test-only dot product output.
 pub fn all_coop_sale_variants(tile: usize) -> Vec<KernelSpec> {
     let ev = EstimateVariant {
         dot4: false,
@@ -1099,7 +1170,7 @@ pub fn all_coop_sale_variants(tile: usize) -> Vec<KernelSpec> {
     let mut out = vec![];
     for d in [64, 80, 128, 256] {
         for bits in [4, 8] {
-            for stage in [Stage::Estimate, Stage::Dots] {
+            for stage in [Stage::Estimate, Stage::Dots, Stage::Scores] {
                 out.push(sale_spec(stage, d, bits, 128, DType::F32, ev));
             }
         }
@@ -1164,7 +1235,11 @@ impl Selector for SaleConfig {
         buffers.extend(SaleBuffers::of(self, shape).planned());
         // Mean partials and codes once per run of heads of Q and of K, the means once.
         let quantize = 2 * (q_runs + k_runs) + 1;
-        let passes = [("quantize", quantize), ("estimate", 1), ("compact", 1)];
+        let passes = [
+            ("quantize", quantize),
+            ("estimate", 1),
+            (self.pick_stage(), 1),
+        ];
         (buffers, planned_passes(&passes))
     }
     fn stats(
@@ -1178,18 +1253,32 @@ impl Selector for SaleConfig {
     }
 }
 
+impl SaleConfig {
+    /// The name of the selection's last stage: `compact` (threshold test) or `top-k`
+    /// (per-head budgets).
+    fn pick_stage(&self) -> &'static str {
+        if self.head_budget.is_some() {
+            "top-k"
+        } else {
+            "compact"
+        }
+    }
+}
+
 /// SALE's selection on a GPU context: quantization (before the exact pass), estimation
-/// and compaction.
+/// and compaction (or, under per-head budgets, margins and a top-k per row).
 pub(crate) struct SaleSelectGpu {
     cfg: SaleConfig,
     shape: AttentionShape,
     /// Mean partial sums, final means, Q codes, K codes: one step per run of whole
     /// heads of Q or K that fits a binding.
     quantize: Vec<QuantStep>,
-    /// Estimation and compaction.
+    /// Estimation and compaction (budgets: margins and top-k).
     select: [Launch<SaleEstimateParams>; 2],
     est_params: SaleEstimateParams,
     grid_estimate: (u32, u32, u32),
+    /// The grid of the second selection stage.
+    grid_pick: (u32, u32, u32),
     partial: wgpu::Buffer,
     means: wgpu::Buffer,
     qq: wgpu::Buffer,
@@ -1197,7 +1286,10 @@ pub(crate) struct SaleSelectGpu {
     q_meta: wgpu::Buffer,
     k_meta: wgpu::Buffer,
     tau: wgpu::Buffer,
-    flags: wgpu::Buffer,
+    /// The estimation's output: block bits, or under budgets every candidate's margin.
+    picks: wgpu::Buffer,
+    /// Under budgets: candidates each (head, query block) keeps.
+    keep: Option<wgpu::Buffer>,
 }
 
 /// One quantization dispatch: its stage, kernel and parameters, grid, and the part of Q
@@ -1226,7 +1318,10 @@ struct SaleBuffers {
     q_meta: u64,
     k_meta: u64,
     tau: u64,
-    flags: u64,
+    /// Block bits, or under budgets one margin per candidate slot.
+    picks: u64,
+    /// Under budgets: kept candidates per (head, query block); else 0.
+    keep: u64,
 }
 
 impl SaleBuffers {
@@ -1252,7 +1347,22 @@ impl SaleBuffers {
             q_meta: hq * n * 8,
             k_meta: hq * n * 8,
             tau: hq * 4,
-            flags: hq * n_qb * chunks * 4,
+            picks: match cfg.head_budget {
+                Some(_) => hq * n_qb * chunks * CHUNK_BLOCKS as u64 * 4,
+                None => hq * n_qb * chunks * 4,
+            },
+            keep: match cfg.head_budget {
+                Some(_) => hq * n_qb * 4,
+                None => 0,
+            },
+        }
+    }
+
+    fn picks_name(&self) -> &'static str {
+        if self.keep > 0 {
+            "sale block margins"
+        } else {
+            "sale block bits"
         }
     }
 
@@ -1265,8 +1375,11 @@ impl SaleBuffers {
             PlannedBuffer::whole("sale q scales and corrections", self.q_meta),
             PlannedBuffer::whole("sale k scales and corrections", self.k_meta),
             PlannedBuffer::whole("sale per-head tau", self.tau),
-            PlannedBuffer::whole("sale block bits", self.flags),
+            PlannedBuffer::whole(self.picks_name(), self.picks),
         ]
+        .into_iter()
+        .chain((self.keep > 0).then(|| PlannedBuffer::whole("sale kept blocks", self.keep)))
+        .collect()
     }
 }
 
@@ -1367,13 +1480,29 @@ impl SaleSelectGpu {
             let grid = (row_blocks, (c.h1 - c.h0) as u32, 1);
             step(Stage::QuantK, c.h0, grid, Some((Tensor::K, *c)))?;
         }
+        let (select, grid_pick, keep) = match cfg.head_budget {
+            Some(_) => {
+                let keep: Vec<u32> = (0..hq * n_qb)
+                    .map(|r| cfg.budget_keep(r / n_qb, r % n_qb, n).unwrap_or(0) as u32)
+                    .collect();
+                let keep = storage_init(g, "sale kept blocks", bytemuck::cast_slice(&keep))?;
+                let grid = (grid_estimate.1, grid_estimate.2, 1);
+                ([est(Stage::Scores)?, est(Stage::TopK)?], grid, Some(keep))
+            }
+            None => (
+                [est(Stage::Estimate)?, est(Stage::Compact)?],
+                grid_estimate,
+                None,
+            ),
+        };
         Ok(SaleSelectGpu {
             cfg: cfg.clone(),
             shape: *shape,
             quantize,
-            select: [est(Stage::Estimate)?, est(Stage::Compact)?],
+            select,
             est_params: ep,
             grid_estimate,
+            grid_pick,
             partial: storage(g, "sale mean partial sums", sizes.partial)?,
             means: storage(g, "sale sequence means", sizes.means)?,
             qq: storage(g, "sale quantized q", sizes.qq)?,
@@ -1381,7 +1510,8 @@ impl SaleSelectGpu {
             q_meta: storage(g, "sale q scales and corrections", sizes.q_meta)?,
             k_meta: storage(g, "sale k scales and corrections", sizes.k_meta)?,
             tau: storage_init(g, "sale per-head tau", bytemuck::cast_slice(&taus))?,
-            flags: storage(g, "sale block bits", sizes.flags)?,
+            picks: storage(g, sizes.picks_name(), sizes.picks)?,
+            keep,
         })
     }
 }
@@ -1420,7 +1550,7 @@ impl GpuSelection for SaleSelectGpu {
 
     fn record(&self, rec: &mut Recorder<'_>, io: &SelectIo<'_>) -> Result<()> {
         let g = rec.gpu();
-        let [estimate, compact] = &self.select;
+        let [estimate, pick] = &self.select;
         let bufs = [
             &self.qq,
             &self.kq,
@@ -1428,13 +1558,21 @@ impl GpuSelection for SaleSelectGpu {
             &self.k_meta,
             io.ml,
             &self.tau,
-            &self.flags,
+            &self.picks,
         ];
         let estimate = estimate.dispatch(g, &bufs, self.grid_estimate);
-        let bufs = [&self.flags, io.row_base, io.ranges, io.indices];
-        let compact = compact.dispatch(g, &bufs, self.grid_estimate);
+        let pick = match &self.keep {
+            Some(keep) => {
+                let bufs = [&self.picks, keep, io.row_base, io.ranges, io.indices];
+                pick.dispatch(g, &bufs, self.grid_pick)
+            }
+            None => {
+                let bufs = [&self.picks, io.row_base, io.ranges, io.indices];
+                pick.dispatch(g, &bufs, self.grid_pick)
+            }
+        };
         rec.dispatch_stage("estimate", &[estimate]);
-        rec.dispatch_stage("compact", &[compact]);
+        rec.dispatch_stage(self.cfg.pick_stage(), &[pick]);
         Ok(())
     }
 
@@ -1554,6 +1692,47 @@ mod tests {
         }
         // Query block 10: sink, local blocks 16..20, diagonal 20, 21; candidates 1..16.
         assert_eq!(cfg.cand_end(10), 16);
+    }
+
+    /// Budgets: a row keeps `⌈β · causal⌉` blocks in all (the exact pass's first),
+    /// within its candidates; the top-k order is the margins' with ties to the lower
+    /// block, through bits whose unsigned order is the floats' order.
+    #[test]
+    fn budgets_keep_the_largest_margins_within_the_candidates() {
+        let cfg = SaleConfig {
+            head_budget: Some(vec![0.25, 1.0, 0.01]),
+            ..Default::default()
+        };
+        let n = 1000usize;
+        for (h, &beta) in [0.25f64, 1.0, 0.01].iter().enumerate() {
+            for qb in 0..n.div_ceil(BLOCK_Q) {
+                let keep = cfg.budget_keep(h, qb, n).unwrap();
+                let cand = cfg.candidates(qb);
+                let causal = (((qb + 1) * BLOCK_Q).min(n) - 1) / BLOCK_K + 1;
+                let exact = causal - cand;
+                let want = ((beta * causal as f64).ceil() as usize).clamp(exact, causal);
+                assert_eq!(keep + exact, want, "head {h} block {qb}");
+            }
+        }
+        assert_eq!(SaleConfig::default().budget_keep(0, 3, n), None);
+        assert_eq!(top_blocks(&[0.5, -1.0, 2.0, 0.5, 0.5], 3), vec![1, 3, 4]);
+        assert_eq!(top_blocks(&[0.5, -1.0], 0), Vec::<u32>::new());
+        assert_eq!(top_blocks(&[0.5, -1.0], 5), vec![1, 2]);
+        let xs = [
+            f32::NEG_INFINITY,
+            -3e38,
+            -2.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            0.75,
+            3e38,
+        ];
+        for w in xs.windows(2) {
+            assert!(ordered_bits(w[0]) < ordered_bits(w[1]), "{w:?}");
+        }
+        assert!(cfg.tau_of(0) == 1.0 && cfg.validate().is_ok());
     }
 
     #[test]

@@ -38,9 +38,10 @@ pub struct AttentionArgs {
     /// Q/K/V file's `layer`, or the file's only layer).
     #[arg(long)]
     pub(crate) thresholds: Option<std::path::PathBuf>,
-    /// ProxyAttn: fixed per-head budgets from `wgsparse budget` (the layer from
-    /// --layer, from the Q/K/V file's `layer`, or the file's only layer).
-    #[arg(long, conflicts_with = "thresholds")]
+    /// ProxyAttn or SALE: fixed per-head budgets from `wgsparse budget` (the layer from
+    /// --layer, from the Q/K/V file's `layer`, or the file's only layer); SALE then
+    /// keeps each head's budget of blocks instead of testing --tau.
+    #[arg(long, conflicts_with_all = ["thresholds", "tau"])]
     pub(crate) budgets: Option<std::path::PathBuf>,
     /// With --thresholds or --budgets: which layer of the file.
     #[arg(long)]
@@ -134,12 +135,10 @@ impl AttentionArgs {
         let proxy_only = self.gamma.is_some()
             || self.proxy_groups.is_some()
             || self.stride.is_some()
-            || self.min_budget.is_some()
-            || self.budgets.is_some();
+            || self.min_budget.is_some();
         if proxy_only && !matches!(self.method, Method::Proxy(_)) {
             return Err(Error::InvalidArgument(
-                "--gamma / --proxy-groups / --stride / --min-budget / --budgets apply to --method proxy"
-                    .into(),
+                "--gamma / --proxy-groups / --stride / --min-budget apply to --method proxy".into(),
             ));
         }
         if self.layer.is_some() && self.thresholds.is_none() && self.budgets.is_none() {
@@ -158,7 +157,7 @@ impl AttentionArgs {
                 ))),
             }
         };
-        Ok(match &self.method {
+        let method = match &self.method {
             Method::Sale(base) => {
                 let mut c = base.clone();
                 if let Some(t) = self.tau {
@@ -193,11 +192,6 @@ impl AttentionArgs {
                 c.groups = self.proxy_groups.unwrap_or(c.groups);
                 c.stride = self.stride.unwrap_or(c.stride);
                 c.min_budget = self.min_budget.unwrap_or(c.min_budget);
-                if let Some(path) = &self.budgets {
-                    let b = HeadBudgets::load(path)?;
-                    let layer = pick(path, b.layers.iter().map(|l| l.layer).collect())?;
-                    c = b.proxy_for(&c, layer)?;
-                }
                 Method::Proxy(c)
             }
             Method::Window(base) => {
@@ -219,7 +213,15 @@ impl AttentionArgs {
                 }
                 m.clone()
             }
-        })
+        };
+        match &self.budgets {
+            Some(path) => {
+                let b = HeadBudgets::load(path)?;
+                let layer = pick(path, b.layers.iter().map(|l| l.layer).collect())?;
+                Ok(b.method_for(&method, layer)?)
+            }
+            None => Ok(method),
+        }
     }
 
     /// Host Q/K/V, their shape, a label saying where they come from and the model

@@ -68,8 +68,9 @@ pub struct EvalArgs {
     /// ProxyAttn: proxy groups (must divide the model's key heads).
     #[arg(long, default_value_t = 1)]
     proxy_groups: usize,
-    /// ProxyAttn under fixed per-head budgets (`wgsparse budget`): one proxy row per file
-    /// (and per --min-budget), next to the rows that estimate budgets per prompt (γ).
+    /// Fixed per-head budgets (`wgsparse budget`): one proxy row per file (and per
+    /// --min-budget), next to the rows that estimate budgets per prompt (γ), and one
+    /// SALE row per file, next to its threshold rows.
     #[arg(long, value_delimiter = ',')]
     budgets: Vec<PathBuf>,
     /// Window method: keys per window.
@@ -173,8 +174,9 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
                 };
                 if let Some(path) = &a.thresholds {
                     out.push(EvalMethod::Sale {
-                        cfg: base,
+                        cfg: base.clone(),
                         thresholds: Some(std::sync::Arc::new(SaleThresholds::load(path)?)),
+                        budgets: None,
                     });
                 } else if from_flags {
                     for &tau in &a.tau {
@@ -185,13 +187,24 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
                         out.push(EvalMethod::Sale {
                             cfg,
                             thresholds: None,
+                            budgets: None,
                         });
                     }
                 } else {
                     out.push(EvalMethod::Sale {
-                        cfg: base,
+                        cfg: base.clone(),
                         thresholds: None,
+                        budgets: None,
                     });
+                }
+                if from_flags {
+                    for path in &a.budgets {
+                        out.push(EvalMethod::Sale {
+                            cfg: base.clone(),
+                            thresholds: None,
+                            budgets: Some(std::sync::Arc::new(HeadBudgets::load(path)?)),
+                        });
+                    }
                 }
             }
             m => {

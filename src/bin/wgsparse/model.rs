@@ -35,9 +35,9 @@ pub struct ModelArgs {
     /// file holds (`--method sale` sets the other parameters).
     #[arg(long)]
     pub(crate) thresholds: Option<PathBuf>,
-    /// ProxyAttn: fixed per-head budgets (`wgsparse budget`) for the layers the file
-    /// holds, instead of estimating them per prompt (`--method proxy` sets the other
-    /// parameters).
+    /// ProxyAttn or SALE: fixed per-head budgets (`wgsparse budget`) for the layers the
+    /// file holds, instead of ProxyAttn's per-prompt budgets or SALE's threshold
+    /// (`--method proxy|sale` sets the other parameters).
     #[arg(long, conflicts_with = "thresholds")]
     pub(crate) budgets: Option<PathBuf>,
     /// The decoder's oracle form: f32 activations in the projections (instead of
@@ -51,8 +51,8 @@ pub struct ModelArgs {
     pub(crate) max_resident_mb: Option<u64>,
 }
 
-/// The per-layer methods of calibrated SALE `thresholds` or ProxyAttn `budgets` on
-/// `method` (which must be SALE, resp. ProxyAttn; none without either file).
+/// The per-layer methods of calibrated SALE `thresholds` or per-head `budgets` on
+/// `method` (which must be SALE, resp. ProxyAttn or SALE; none without either file).
 pub fn layer_methods(
     method: &Method,
     thresholds: Option<&PathBuf>,
