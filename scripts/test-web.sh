@@ -2,8 +2,9 @@
 # Browser test: builds the web crate (scripts/build-web.sh), serves web/ on 127.0.0.1 and
 # drives the system Chromium headless through playwright-core (never a downloaded
 # browser) to check the demo page on WebGPU and on the CPU (WASM) fallback; see
-# scripts/web-test/browser-test.mjs for the assertions; then every portable kernel variant
-# through the browser's own WGSL compiler (scripts/web-test/compile-wgsl.mjs).
+# scripts/web-test/browser-test.mjs for the assertions; the model page with SmolLM2-135M
+# and a tiny SmallThinker (scripts/web-test/model-test.mjs); then every portable kernel
+# variant through the browser's own WGSL compiler (scripts/web-test/compile-wgsl.mjs).
 #
 #   bash scripts/test-web.sh
 #
@@ -57,6 +58,27 @@ t=$SECONDS
 bash scripts/build-web.sh
 say "web build took $((SECONDS - t)) s"
 CHROMIUM="$chromium" node "$pw/browser-test.mjs" web target/web-test
+# The model page: SmolLM2-135M (fetched by the real-model tests) generating greedily on
+# WebGPU and on the WASM CPU path, against the native CPU decoder's text; a tiny
+# synthetic SmallThinker (MoE) file. WGSPARSE_SKIP_MODELS=1 skips it.
+if [ "${WGSPARSE_SKIP_MODELS:-0}" = 1 ]; then
+    say "model page test skipped (WGSPARSE_SKIP_MODELS=1)"
+else
+    data="${WGSPARSE_DATA:-$PWD/data}"
+    [ -f "$data/models/smollm2-135m-instruct-q4_1.gguf" ] || bash scripts/fetch-models.sh smollm2
+    models="$(mktemp -d)"
+    trap 'rm -rf "$models"' EXIT
+    ln -s "$data/models/smollm2-135m-instruct-q4_1.gguf" "$models/"
+    prompt="The capital of France is"
+    tokens=8
+    cargo run --locked --quiet -- synth-gguf --arch smallthinker --preset tiny-smallthinker \
+        --type q4_0 --out "$models/tiny-smallthinker.gguf" >/dev/null
+    cargo run --locked --quiet -- generate --model "$models/smollm2-135m-instruct-q4_1.gguf" \
+        --engine cpu --backend cpu --prompt "$prompt" --tokens "$tokens" --json >"$models/expected.json"
+    say "native CPU decoder: $(cat "$models/expected.json")"
+    CHROMIUM="$chromium" node "$pw/model-test.mjs" web target/web-test "$models" \
+        "$models/expected.json" "$prompt" "$tokens"
+fi
 # Every portable kernel variant through the browser's own shader compiler.
 rm -rf target/web-test/wgsl
 cargo run --locked --quiet -- shader --dump target/web-test/wgsl >/dev/null

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::attention::budgets::HeadBudgets;
 use crate::attention::metrics::Quality;
 use crate::attention::select::anchor::AnchorConfig;
-use crate::attention::select::oracle::oracle;
+use crate::attention::select::oracle::{oracle, oracle_top_k};
 use crate::attention::select::proxy::ProxyConfig;
 use crate::attention::select::sale::SaleConfig;
 use crate::attention::select::sale_calibrate::SaleThresholds;
@@ -46,6 +46,10 @@ pub enum EvalMethod {
         /// Attention-mass coverage γ in (0, 1].
         coverage: f64,
     },
+    /// The block oracle under per-head budgets: each query block keeps its head's
+    /// budget of the key blocks holding the most exact attention mass (the ceiling of
+    /// any selector under those budgets).
+    OracleBudgets(std::sync::Arc<HeadBudgets>),
     /// ProxyAttn (run on the whole layer: its proxy pools the heads; the per-head rows
     /// are slices of that run), estimating its per-head budgets or under fixed ones.
     Proxy {
@@ -77,6 +81,11 @@ impl EvalMethod {
             EvalMethod::Anchor(c) => format!("anchor θ={}", c.theta),
             EvalMethod::Window(w) => format!("window {}+{} sinks", w.window, w.sinks),
             EvalMethod::Oracle { coverage } => format!("oracle γ={coverage}"),
+            EvalMethod::OracleBudgets(b) => format!(
+                "oracle top-k {} budgets (mean {:.3})",
+                b.allocation,
+                b.mean_budget()
+            ),
             EvalMethod::Proxy { cfg: c, budgets } => {
                 let mut s = match budgets {
                     None => format!("proxy γ={}", c.gamma),
@@ -161,6 +170,19 @@ impl EvalMethod {
                     Method::Sale(all).for_heads(n, heads.start, heads.end)?,
                     None,
                 )
+            }
+            EvalMethod::OracleBudgets(b) => {
+                let all = b.layer(layer).ok_or_else(|| {
+                    Error::InvalidArgument(format!("the budgets file has no layer {layer}"))
+                })?;
+                let mine = all.get(heads.clone()).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "heads {heads:?} of {} budgets in layer {layer}",
+                        all.len()
+                    ))
+                })?;
+                let lut = oracle_top_k(shape, scale, (q, k), mine, ORACLE_BLOCK, ORACLE_BLOCK)?;
+                (Method::BlockSparse(std::sync::Arc::new(lut)), None)
             }
             EvalMethod::Oracle { coverage } => {
                 let o = oracle(shape, scale, q, k, *coverage, ORACLE_BLOCK, ORACLE_BLOCK)?;

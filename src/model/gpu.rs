@@ -832,6 +832,16 @@ impl GpuDecoder {
     /// cache through the layer methods, the others over the cache): the activations of
     /// one chunk bound the memory. Returns the last token's logits.
     pub fn prefill(&self, ids: &[u32], cache: &mut GpuKvCache, chunk: usize) -> Result<Vec<f32>> {
+        pollster::block_on(self.prefill_async(ids, cache, chunk))
+    }
+
+    /// [`GpuDecoder::prefill`], async (the browser's form).
+    pub async fn prefill_async(
+        &self,
+        ids: &[u32],
+        cache: &mut GpuKvCache,
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
         if ids.is_empty() || chunk == 0 {
             return Err(Error::InvalidArgument(
                 "prefill of no tokens, or chunks of 0".into(),
@@ -839,7 +849,7 @@ impl GpuDecoder {
         }
         let mut logits = Vec::new();
         for part in ids.chunks(chunk) {
-            logits = self.forward(part, cache)?;
+            logits = self.forward_async(part, cache).await?;
         }
         Ok(logits)
     }

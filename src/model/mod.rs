@@ -19,5 +19,5 @@ pub mod sample;
 pub mod smallthinker;
 pub mod spm;
 pub mod synth;
-#[cfg(all(feature = "tokenizers", not(target_arch = "wasm32")))]
+#[cfg(feature = "tokenizers")]
 pub mod tokenizer;

@@ -29,7 +29,10 @@ use wgsparse::{
 
 mod clock;
 pub mod kernels;
+pub mod model;
 mod pattern;
+
+pub use model::WebModel;
 
 pub use pattern::{KeyPattern, Visibility};
 

@@ -6,7 +6,10 @@
 //!   keys of that row); its density is the fraction of causal pairs they make up;
 //! - per block: for each (q-head, query block), the fewest key blocks whose mass,
 //!   summed over the block's rows, is ≥ γ × rows; a [`SparseLut`] that the block-sparse
-//!   executor runs (`Method::BlockSparse`), so its output error can be measured too.
+//!   executor runs (`Method::BlockSparse`), so its output error can be measured too;
+//! - per block under per-head budgets ([`oracle_top_k`]): each query block of head `h`
+//!   keeps its `⌈β_h · causal blocks⌉` key blocks of the largest mass — the best any
+//!   selector can do with those budgets (a fixed top-k on exact scores).
 //!
 //! Cost: O(q_heads · N² · d) for the scores plus a sort per row; meant for evaluation
 //! at up to tens of thousands of tokens.
@@ -51,6 +54,86 @@ pub fn oracle(
             "coverage γ = {gamma} not in (0, 1]"
         )));
     }
+    let (blocks, block_lut) = block_oracle(
+        shape,
+        scale,
+        (q, k),
+        Keep::Coverage(gamma),
+        q_block,
+        key_block,
+    )?;
+    let causal = shape.q_heads as f64 * (shape.seq_len as f64) * (shape.seq_len as f64 + 1.0) / 2.0;
+    Ok(Oracle {
+        gamma,
+        row_density: blocks.iter().map(|b| b.row_keys).sum::<u64>() as f64 / causal,
+        block_density: blocks.iter().map(|b| b.block_pairs).sum::<u64>() as f64 / causal,
+        block_recall: blocks.iter().map(|b| b.block_mass).sum::<f64>()
+            / (shape.q_heads * shape.seq_len) as f64,
+        block_lut,
+    })
+}
+
+/// The block oracle under per-head budgets: query block `b` of head `h` keeps the
+/// `⌈β_h · C_b⌉` of its `C_b` causal key blocks that hold the most attention mass
+/// (summed over its rows), `budgets[h]` = β_h in (0, 1]. Typed errors for a budget
+/// count or value that does not fit.
+pub fn oracle_top_k(
+    shape: &AttentionShape,
+    scale: f32,
+    (q, k): (&[f32], &[f32]),
+    budgets: &[f32],
+    q_block: usize,
+    key_block: usize,
+) -> Result<SparseLut> {
+    if budgets.len() != shape.q_heads {
+        return Err(Error::InvalidArgument(format!(
+            "{} budgets for {} q heads",
+            budgets.len(),
+            shape.q_heads
+        )));
+    }
+    if let Some(b) = budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
+        return Err(Error::InvalidArgument(format!("budget {b} not in (0, 1]")));
+    }
+    Ok(block_oracle(
+        shape,
+        scale,
+        (q, k),
+        Keep::Budgets(budgets),
+        q_block,
+        key_block,
+    )?
+    .1)
+}
+
+/// How the block oracle chooses a query block's key blocks.
+#[derive(Clone, Copy)]
+enum Keep<'a> {
+    /// The fewest reaching coverage γ (and each row's top keys reaching γ counted).
+    Coverage(f64),
+    /// `⌈β_h · causal blocks⌉` for head `h`.
+    Budgets(&'a [f32]),
+}
+
+/// One (head, query block) of the block oracle: the per-row oracle's key count (for
+/// a coverage), its chosen key blocks, the pairs and the mass they hold.
+struct Block {
+    row_keys: u64,
+    blocks: Vec<u32>,
+    block_pairs: u64,
+    block_mass: f64,
+}
+
+/// Every (head, query block)'s exact block masses and the blocks `keep` picks from
+/// them, and the LUT of those blocks.
+fn block_oracle(
+    shape: &AttentionShape,
+    scale: f32,
+    (q, k): (&[f32], &[f32]),
+    keep: Keep<'_>,
+    q_block: usize,
+    key_block: usize,
+) -> Result<(Vec<Block>, SparseLut)> {
     if shape.kv_len != shape.seq_len {
         return Err(Error::InvalidShape(
             "the oracle is for square (prefill) attention".into(),
@@ -61,12 +144,6 @@ pub fn oracle(
     let nqb = n.div_ceil(q_block);
     let nkb = n.div_ceil(key_block);
     // One task per (head, query block): per-row top-key counts, and block masses.
-    struct Block {
-        row_keys: u64,
-        blocks: Vec<u32>,
-        block_pairs: u64,
-        block_mass: f64,
-    }
     let blocks: Vec<Block> = (0..shape.q_heads * nqb)
         .into_par_iter()
         .map(|t| {
@@ -112,16 +189,27 @@ pub fn oracle(
                     *x *= inv;
                     mass[j / key_block] += *x;
                 }
-                row_keys += top_mass_count(&mut p, gamma) as u64;
+                if let Keep::Coverage(gamma) = keep {
+                    row_keys += top_mass_count(&mut p, gamma) as u64;
+                }
             }
-            // Fewest key blocks reaching γ × rows of the block's summed mass.
             let rows = (r1 - r0) as f64;
             let mut order: Vec<usize> = (0..nkb).filter(|&kb| kb * key_block < r1).collect();
-            order.sort_unstable_by(|&a, &c| mass[c].total_cmp(&mass[a]));
+            // Equal masses: the lower block first.
+            order.sort_unstable_by(|&a, &c| mass[c].total_cmp(&mass[a]).then(a.cmp(&c)));
+            // Coverage: the fewest key blocks reaching γ × rows of the summed mass;
+            // budgets: the head's count.
+            let count = match keep {
+                Keep::Coverage(_) => order.len(),
+                Keep::Budgets(b) => ((b[h] as f64 * order.len() as f64 - 1e-9).ceil() as usize)
+                    .clamp(1, order.len()),
+            };
             let mut acc = 0.0;
             let mut chosen = vec![];
-            for kb in order {
-                if acc >= gamma * rows - 1e-9 {
+            for &kb in &order[..count] {
+                if let Keep::Coverage(gamma) = keep
+                    && acc >= gamma * rows - 1e-9
+                {
                     break;
                 }
                 acc += mass[kb];
@@ -148,7 +236,6 @@ pub fn oracle(
             }
         })
         .collect();
-    let causal = shape.q_heads as f64 * (n as f64) * (n as f64 + 1.0) / 2.0;
     let block_lut = SparseLut::from_fn(
         shape.q_heads,
         n,
@@ -156,13 +243,7 @@ pub fn oracle(
         LutUnit::Blocks(key_block),
         |h, b| blocks[h * nqb + b].blocks.clone(),
     )?;
-    Ok(Oracle {
-        gamma,
-        row_density: blocks.iter().map(|b| b.row_keys).sum::<u64>() as f64 / causal,
-        block_density: blocks.iter().map(|b| b.block_pairs).sum::<u64>() as f64 / causal,
-        block_recall: blocks.iter().map(|b| b.block_mass).sum::<f64>() / (shape.q_heads * n) as f64,
-        block_lut,
-    })
+    Ok((blocks, block_lut))
 }
 
 /// The fewest entries of `p` (probabilities of one row) whose sum reaches `gamma`: the
@@ -251,5 +332,58 @@ mod tests {
         let all = oracle(&shape, 0.5, &q, &k, 1.0, 32, 32).unwrap();
         assert!(all.row_density > 0.99 && all.block_density > 0.99);
         assert!(oracle(&shape, 0.5, &q, &k, 1.5, 32, 32).is_err());
+    }
+
+    /// Under budgets each query block keeps exactly its head's count of causal key
+    /// blocks, and no block left out holds more mass than a kept one; budget 1 keeps
+    /// every causal block; bad budgets are typed errors.
+    #[test]
+    fn top_k_oracle_keeps_the_heaviest_blocks_within_the_budget() {
+        let shape = AttentionShape::new(3, 1, 200, 16);
+        let (q, k, _) =
+            crate::attention::synthetic::qkv_host(&shape, crate::runtime::test_util::seed());
+        let budgets = [0.2f32, 0.5, 1.0];
+        let lut = oracle_top_k(&shape, 0.25, (&q, &k), &budgets, 32, 32).unwrap();
+        let (n, d) = (shape.seq_len, shape.head_dim);
+        for (h, &beta) in budgets.iter().enumerate() {
+            for b in 0..n.div_ceil(32) {
+                let r1 = ((b + 1) * 32).min(n);
+                let causal = r1.div_ceil(32);
+                let kept = lut.entries(h, b);
+                let want = ((beta as f64 * causal as f64 - 1e-9).ceil() as usize).max(1);
+                assert_eq!(kept.len(), want, "head {h} block {b}");
+                // The block masses, naively.
+                let mut mass = vec![0.0f64; causal];
+                for r in b * 32..r1 {
+                    let s: Vec<f64> = (0..=r)
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| (q[(h * n + r) * d + c] * k[j * d + c]) as f64)
+                                .sum::<f64>()
+                                * 0.25
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    for (j, x) in s.iter().enumerate() {
+                        mass[j / 32] += (x - mx).exp() / z;
+                    }
+                }
+                let low = kept
+                    .iter()
+                    .map(|&kb| mass[kb as usize])
+                    .fold(f64::INFINITY, f64::min);
+                for (kb, &m) in mass.iter().enumerate() {
+                    if !kept.contains(&(kb as u32)) {
+                        assert!(
+                            m <= low + 1e-9,
+                            "head {h} block {b}: left out {kb} ({m} > {low})"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(oracle_top_k(&shape, 0.25, (&q, &k), &budgets[..2], 32, 32).is_err());
+        assert!(oracle_top_k(&shape, 0.25, (&q, &k), &[0.2, 0.0, 1.0], 32, 32).is_err());
     }
 }

@@ -69,8 +69,9 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1)]
     proxy_groups: usize,
     /// Fixed per-head budgets (`wgsparse budget`): one proxy row per file (and per
-    /// --min-budget), next to the rows that estimate budgets per prompt (γ), and one
-    /// SALE row per file, next to its threshold rows.
+    /// --min-budget), next to the rows that estimate budgets per prompt (γ), one SALE
+    /// row per file, next to its threshold rows, and one oracle row per file (the
+    /// heaviest blocks within the budgets: the ceiling of any selector under them).
     #[arg(long, value_delimiter = ',')]
     budgets: Vec<PathBuf>,
     /// Window method: keys per window.
@@ -112,6 +113,11 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
             out.push(EvalMethod::Oracle {
                 coverage: a.coverage,
             });
+            for path in &a.budgets {
+                out.push(EvalMethod::OracleBudgets(std::sync::Arc::new(
+                    HeadBudgets::load(path)?,
+                )));
+            }
             continue;
         }
         let method: Method = spec.parse().map_err(|e| {

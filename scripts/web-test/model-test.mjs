@@ -1,0 +1,116 @@
+// Headless-browser test of the model page (web/chat.html): serves web/ and, under
+// /models/, a folder of GGUF files; drives the system Chromium (playwright-core, never a
+// downloaded browser) and checks
+//   1. with WebGPU (SwiftShader here): SmolLM2-135M loads through the page's bundled-model
+//      path and its greedy continuation of the prompt is the native CPU decoder's text
+//      and tokens (given as JSON), on the GPU decoder;
+//   2. without WebGPU: the same model on the CPU decoder compiled to WASM, same text;
+//   3. a tiny synthetic SmallThinker (MoE) file generates on WebGPU without error;
+//   4. no page errors, no console errors, no error box.
+// Prefill and decode tok/s are printed (SwiftShader's, not a real GPU's). Screenshots go to
+// the out dir.
+// Usage: node model-test.mjs <web dir> <out dir> <models dir> <expected.json> <prompt> <tokens>
+import { chromium } from "playwright-core";
+import http from "node:http";
+import fs from "node:fs";
+import path from "node:path";
+import os from "node:os";
+
+const [webArg, outArg, modelsArg, expectedArg, prompt, tokensArg] = process.argv.slice(2);
+const webDir = path.resolve(webArg);
+const outDir = path.resolve(outArg);
+const modelsDir = path.resolve(modelsArg);
+const expected = JSON.parse(fs.readFileSync(expectedArg, "utf8"));
+const maxTokens = Number(tokensArg);
+fs.mkdirSync(outDir, { recursive: true });
+const browserPath = process.env.CHROMIUM || "/usr/bin/chromium";
+
+const log = (...a) => console.log("[model-test]", ...a);
+let failures = 0;
+function check(cond, what) {
+  if (cond) log("ok  ", what);
+  else { failures++; log("FAIL", what); }
+}
+
+const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm",
+  ".json": "application/json", ".css": "text/css" };
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, "http://x");
+  let p = path.normalize(decodeURIComponent(url.pathname)).replace(/^(\.\.[/\\])+/, "");
+  if (p.endsWith("/")) p += "index.html";
+  const [root, rel] = p.startsWith("/models/") ? [modelsDir, p.slice("/models/".length)] : [webDir, p];
+  const file = path.join(root, rel);
+  if (!file.startsWith(root) || !fs.existsSync(file) || !fs.statSync(file).isFile()) {
+    res.writeHead(404); res.end("not found"); return;
+  }
+  res.writeHead(200, { "content-type": types[path.extname(file)] || "application/octet-stream",
+    "content-length": fs.statSync(file).size, "cache-control": "no-store" });
+  if (req.method === "HEAD") { res.end(); return; }
+  fs.createReadStream(file).pipe(res);
+});
+await new Promise((r) => server.listen(0, "127.0.0.1", r));
+const base = `http://127.0.0.1:${server.address().port}/`;
+
+const baseArgs = ["--headless=new", "--no-sandbox", "--disable-gpu-sandbox", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"];
+
+async function session(webgpu, label, body) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "wgsparse-chromium-"));
+  const args = webgpu
+    ? [...baseArgs, "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader"]
+    : [...baseArgs, "--disable-features=WebGPU,Vulkan"];
+  const ctx = await chromium.launchPersistentContext(dir, {
+    executablePath: browserPath, headless: true, args, viewport: { width: 1100, height: 900 },
+  });
+  const page = ctx.pages()[0] || (await ctx.newPage());
+  const problems = [];
+  page.on("pageerror", (e) => problems.push("pageerror: " + e.message));
+  page.on("console", (m) => { if (m.type() === "error") problems.push("console.error: " + m.text()); });
+  page.on("crash", () => problems.push("page crashed"));
+  page.setDefaultTimeout(480_000);
+  try {
+    await page.goto(base + "chat.html");
+    await page.evaluate(() => window.wgsparseChat.ready);
+    await body(page);
+    const box = await page.evaluate(() => document.getElementById("error").textContent);
+    check(!box, `${label}: no error box (${box || "empty"})`);
+    check(problems.length === 0, `${label}: no page or console errors ${JSON.stringify(problems)}`);
+    await page.screenshot({ path: path.join(outDir, `model-${label}.png`), fullPage: true });
+  } finally {
+    await ctx.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+async function smollm2(page, label, engine) {
+  const t0 = Date.now();
+  const info = await page.evaluate(() => window.wgsparseChat.loadUrl("models/smollm2-135m-instruct-q4_1.gguf"));
+  log(`${label}: loaded in ${Date.now() - t0} ms:`, JSON.stringify(info));
+  check(info.engine === engine, `${label}: the ${engine} decoder runs the model (${info.engine})`);
+  const r = await page.evaluate(([p, n]) => window.wgsparseChat.generate(p, { max_tokens: n, method: "dense" }),
+    [prompt, maxTokens]);
+  log(`${label}: ${JSON.stringify(r.text)}; prefill ${r.prefill_tok_s.toFixed(2)} tok/s (${r.prompt_tokens} tokens, ` +
+    `ttft ${r.ttft_ms.toFixed(0)} ms), decode ${r.decode_tok_s.toFixed(2)} tok/s`);
+  check(JSON.stringify(r.tokens) === JSON.stringify(expected.tokens),
+    `${label}: greedy tokens equal the native CPU decoder's (${r.tokens} vs ${expected.tokens})`);
+  check(r.text === expected.text, `${label}: text equals the native CPU decoder's`);
+  const shown = await page.evaluate(() => document.getElementById("output").textContent);
+  check(shown === prompt + r.text, `${label}: the page streamed the continuation`);
+}
+
+await session(true, "webgpu", async (page) => {
+  await smollm2(page, "webgpu", "gpu");
+  const info = await page.evaluate(() => window.wgsparseChat.loadUrl("models/tiny-smallthinker.gguf"));
+  check(info.architecture === "smallthinker" && info.experts > 0 && info.engine === "gpu",
+    `smallthinker: an MoE model on the GPU decoder (${JSON.stringify(info)})`);
+  const r = await page.evaluate(() => window.wgsparseChat.generate("Hello", { max_tokens: 6, method: "dense" }));
+  check(r.tokens.length >= 1 && r.tokens.length <= 6, `smallthinker: generated ${r.tokens.length} tokens`);
+});
+await session(false, "cpu", (page) => smollm2(page, "cpu", "cpu"));
+
+server.close();
+if (failures) {
+  log(`${failures} check(s) failed`);
+  process.exit(1);
+}
+log("model page: all checks passed");

@@ -1,0 +1,159 @@
+// The model page: loads a GGUF file (picker, drag-and-drop, or the bundled SmolLM2 when
+// the server has it), then generates with the crate's GPU decoder on WebGPU (CPU/WASM
+// without it), streaming tokens. Test hook: `window.wgsparseChat` (ready, loadUrl(url),
+// loadBytes(bytes, name), generate(prompt, options), last result).
+import init, { WebContext, WebModel, methods, version } from "./pkg/wgsparse_web.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const BUNDLED = "models/smollm2-135m-instruct-q4_1.gguf";
+// WASM memory is 32-bit: the file is copied in once, and the decoder needs room beside it.
+const MAX_FILE_BYTES = 2 ** 31;
+let ctx = null;
+let model = null;
+let busy = false;
+
+function setStatus(state, text) {
+  const s = $("status");
+  s.dataset.state = state;
+  s.textContent = text;
+  document.body.dataset.state = state;
+}
+
+function showError(err) {
+  const msg = err && err.message ? err.message : String(err);
+  $("error").textContent = "Error: " + msg;
+  $("error").style.display = "block";
+  setStatus("error", "failed");
+  console.warn("wgsparse chat:", msg);
+}
+
+window.addEventListener("error", (e) => showError(e.error || e.message));
+window.addEventListener("unhandledrejection", (e) => showError(e.reason));
+
+function mib(b) { return (b / 2 ** 20).toFixed(1) + " MiB"; }
+
+async function loadBytes(bytes, name) {
+  if (bytes.length > MAX_FILE_BYTES) {
+    throw new Error(`${name} is ${mib(bytes.length)}: over the ${mib(MAX_FILE_BYTES)} a page's WebAssembly memory can take with room for the decoder; pick a smaller model`);
+  }
+  setStatus("loading", `loading ${name} (${mib(bytes.length)})…`);
+  $("error").style.display = "none";
+  await new Promise((r) => setTimeout(r, 0)); // let the status paint
+  if (model) { model.free(); model = null; }
+  model = WebModel.load(ctx, bytes, name);
+  const info = JSON.parse(model.infoJson());
+  $("model").textContent = `${info.name}: ${info.architecture}, ${info.layers} layers, d ${info.d_model}, ` +
+    `${info.heads}/${info.kv_heads} heads${info.experts ? `, ${info.experts} experts` : ""}, vocab ${info.vocab} (${info.tokenizer}); ` +
+    `${info.engine === "gpu" ? "GPU decoder (WebGPU)" : "CPU decoder (WASM)"}, weights ${mib(info.weight_bytes)} ` +
+    `from a ${mib(info.file_bytes)} file, loaded in ${(info.load_ms / 1e3).toFixed(1)} s`;
+  $("run").disabled = false;
+  setStatus("done", "model loaded");
+  return info;
+}
+
+async function loadUrl(url) {
+  setStatus("loading", `fetching ${url}…`);
+  const r = await fetch(url);
+  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  return loadBytes(new Uint8Array(await r.arrayBuffer()), url.split("/").pop());
+}
+
+async function loadFile(file) {
+  return loadBytes(new Uint8Array(await file.arrayBuffer()), file.name);
+}
+
+function options() {
+  return {
+    max_tokens: Number($("max_tokens").value),
+    method: $("method").value,
+    chat: $("chat").checked,
+    temperature: Number($("temperature").value),
+    top_k: Number($("top_k").value),
+    top_p: Number($("top_p").value),
+    seed: Number($("seed").value),
+  };
+}
+
+function row(name, value) {
+  const tr = document.createElement("tr");
+  tr.innerHTML = `<td>${name}</td><td class="num">${value}</td>`;
+  return tr;
+}
+
+async function generate(prompt, opts) {
+  if (!model) throw new Error("load a model first");
+  if (busy) throw new Error("a generation is running");
+  busy = true;
+  $("run").disabled = true;
+  const out = $("output");
+  out.innerHTML = "";
+  const p = document.createElement("span");
+  p.className = "prompt";
+  p.textContent = prompt;
+  out.append(p);
+  const gen = document.createElement("span");
+  out.append(gen);
+  setStatus("running", "prefill…");
+  try {
+    let n = 0;
+    const r = JSON.parse(await model.generate(prompt, JSON.stringify(opts), (piece) => {
+      gen.textContent += piece;
+      n++;
+      setStatus("running", `generating: ${n} token${n === 1 ? "" : "s"}`);
+    }));
+    const t = $("stats");
+    t.innerHTML = "";
+    t.append(row("engine · prompt attention", `${r.engine} · ${r.method}`),
+      row("prompt tokens", r.prompt_tokens),
+      row("time to first token", `${r.ttft_ms.toFixed(0)} ms`),
+      row("prefill", `${r.prefill_tok_s.toFixed(1)} tok/s`),
+      row("decode", `${r.decode_tok_s.toFixed(2)} tok/s (${r.tokens.length} tokens)`),
+      row("peak GPU buffers", r.peak_gpu_bytes === null ? "not reported by the browser" : mib(r.peak_gpu_bytes)));
+    window.wgsparseChat.last = r;
+    setStatus("done", `done in ${(r.total_ms / 1e3).toFixed(1)} s`);
+    return r;
+  } finally {
+    busy = false;
+    $("run").disabled = false;
+  }
+}
+
+async function main() {
+  await init();
+  for (const m of methods()) {
+    const o = document.createElement("option");
+    o.textContent = m;
+    $("method").append(o);
+  }
+  ctx = await WebContext.create(params.get("device") || "auto");
+  const info = JSON.parse(ctx.infoJson());
+  $("device").textContent = info.is_cpu
+    ? `CPU (WASM)${info.fallback_reason ? ": " + info.fallback_reason : ""}`
+    : `WebGPU${info.capabilities.f16 ? " (f16)" : ""}`;
+  document.title += ` · ${version()}`;
+  $("file").addEventListener("change", (e) => e.target.files[0] && loadFile(e.target.files[0]).catch(showError));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const f = e.dataTransfer.files[0];
+    if (f) loadFile(f).catch(showError);
+  });
+  // The bundled model: offered when the server has it (the test setup does).
+  fetch(BUNDLED, { method: "HEAD" }).then((r) => {
+    if (r.ok) {
+      $("bundled").hidden = false;
+      $("bundled").addEventListener("click", () => loadUrl(BUNDLED).catch(showError));
+    }
+  }).catch(() => {});
+  $("form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    generate($("prompt").value, options()).catch(showError);
+  });
+  setStatus("done", "ready: pick a model");
+}
+
+window.wgsparseChat = { ready: main(), loadUrl, loadBytes, generate, last: null };

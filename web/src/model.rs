@@ -1,0 +1,295 @@
+//! A real GGUF model in the page: load a file's bytes, tokenize, prefill and generate on
+//! WebGPU with the GPU decoder (the CPU decoder compiled to WASM when there is no
+//! WebGPU), streaming each token to a JavaScript callback.
+//!
+//! ```js
+//! const ctx = await WebContext.create("auto");
+//! const bytes = new Uint8Array(await file.arrayBuffer());
+//! const model = WebModel.load(ctx, bytes, file.name);      // the bytes are copied once
+//! const r = JSON.parse(await model.generate("The capital of France is",
+//!     JSON.stringify({ max_tokens: 16, method: "dense" }), (piece) => show(piece)));
+//! // r.text, r.tokens, r.prefill_tok_s, r.decode_tok_s, r.ttft_ms, ...
+//! ```
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+use wgsparse::Method;
+use wgsparse::model::engine::{Engine, EngineKind};
+use wgsparse::model::gguf::Gguf;
+use wgsparse::model::sample::{Sampler, SamplerConfig};
+use wgsparse::model::tokenizer::{ModelTokenizer, TextStream};
+
+use crate::WebContext;
+use crate::clock::now_ms;
+
+/// A loaded model: its decoder (GPU or CPU) and tokenizer.
+#[wasm_bindgen]
+pub struct WebModel {
+    inner: Rc<Loaded>,
+}
+
+struct Loaded {
+    /// Borrowed mutably by one generation at a time (its prompt method is set).
+    engine: RefCell<Engine>,
+    tok: ModelTokenizer,
+    name: String,
+    file_bytes: u64,
+    load_ms: f64,
+}
+
+/// What [`WebModel::info_json`] describes.
+#[derive(Serialize)]
+struct ModelInfo<'a> {
+    name: &'a str,
+    architecture: String,
+    layers: usize,
+    d_model: usize,
+    heads: usize,
+    kv_heads: usize,
+    experts: usize,
+    vocab: usize,
+    tokenizer: &'a str,
+    /// `gpu` (the whole forward pass on WebGPU) or `cpu` (WASM).
+    engine: &'static str,
+    file_bytes: u64,
+    /// Bytes of the weights as the decoder holds them (on the GPU: the file's blocks).
+    weight_bytes: u64,
+    load_ms: f64,
+}
+
+/// Generation options (JSON from the page; every field optional).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct GenerateOptions {
+    /// New tokens at most.
+    pub max_tokens: usize,
+    /// Prompt attention: any method spec (`dense`, `sale`, `proxy:gamma=0.9`, ...).
+    pub method: String,
+    /// Wrap the prompt in the model's chat format (one user turn).
+    pub chat: bool,
+    /// Sampling temperature (0: greedy).
+    pub temperature: f32,
+    /// Top-k (0: off).
+    pub top_k: usize,
+    /// Top-p (1: off).
+    pub top_p: f32,
+    /// Sampling seed.
+    pub seed: u64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 32,
+            method: "dense".into(),
+            chat: false,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// What [`WebModel::generate`] resolves to (as JSON).
+#[derive(Serialize)]
+struct Generated {
+    text: String,
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    engine: &'static str,
+    method: String,
+    /// Prompt prefill: from the start to the first token's logits.
+    ttft_ms: f64,
+    prefill_tok_s: f64,
+    /// Tokens after the first, over the time they took.
+    decode_tok_s: f64,
+    total_ms: f64,
+    /// The largest total size of the crate's GPU buffers so far: 0 on the CPU, none in
+    /// a browser (WebGPU reports no buffer memory to wgpu's counters).
+    peak_gpu_bytes: Option<u64>,
+}
+
+#[wasm_bindgen]
+impl WebModel {
+    /// Reads a GGUF file's bytes (copied once into WASM memory; the weights are then
+    /// uploaded to the GPU in their file blocks and the host copy dropped) and loads it
+    /// on `ctx`: the GPU decoder on WebGPU, the CPU decoder otherwise. Errors say what
+    /// does not fit or is not supported.
+    pub fn load(ctx: &WebContext, bytes: Vec<u8>, name: String) -> Result<WebModel, JsError> {
+        let t0 = now_ms();
+        let file_bytes = bytes.len() as u64;
+        let err = |e: wgsparse::Error| JsError::new(&format!("{name}: {e}"));
+        let g = Gguf::from_bytes(bytes).map_err(err)?;
+        let tok = ModelTokenizer::from_gguf(&g).map_err(err)?;
+        let engine = Engine::load(&g, &ctx.ctx, Method::Dense, EngineKind::Auto).map_err(err)?;
+        drop(g);
+        Ok(WebModel {
+            inner: Rc::new(Loaded {
+                engine: RefCell::new(engine),
+                tok,
+                name,
+                file_bytes,
+                load_ms: now_ms() - t0,
+            }),
+        })
+    }
+
+    /// The model as JSON: architecture, sizes, tokenizer, engine, bytes, load time.
+    #[wasm_bindgen(js_name = infoJson)]
+    pub fn info_json(&self) -> String {
+        let m = &self.inner;
+        let Ok(engine) = m.engine.try_borrow() else {
+            return "{\"error\":\"a generation is running\"}".into();
+        };
+        let c = engine.cfg();
+        let info = ModelInfo {
+            name: &m.name,
+            architecture: format!("{:?}", c.arch).to_lowercase(),
+            layers: c.n_layer,
+            d_model: c.d_model,
+            heads: c.n_head,
+            kv_heads: c.n_kv_head,
+            experts: c.experts,
+            vocab: m.tok.vocab_size(),
+            tokenizer: m.tok.kind(),
+            engine: engine_name(&engine),
+            file_bytes: m.file_bytes,
+            weight_bytes: engine.weight_bytes(),
+            load_ms: m.load_ms,
+        };
+        serde_json::to_string(&info).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// Generates a continuation of `prompt` (options as JSON, see [`GenerateOptions`]),
+    /// calling `on_token(piece)` with the text of each new token as it comes, and
+    /// resolves to a JSON summary: `text`, `tokens`, `prompt_tokens`, `ttft_ms`,
+    /// `prefill_tok_s`, `decode_tok_s`, `peak_gpu_bytes`.
+    pub fn generate(
+        &self,
+        prompt: String,
+        options_json: String,
+        on_token: js_sys::Function,
+    ) -> js_sys::Promise {
+        let m = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let opts: GenerateOptions = serde_json::from_str(&options_json)
+                .map_err(|e| JsError::new(&format!("bad options: {e}")))?;
+            let r = generate(&m, &prompt, &opts, &on_token)
+                .await
+                .map_err(|e| JsError::new(&e))?;
+            Ok(JsValue::from_str(
+                &serde_json::to_string(&r).map_err(|e| JsError::new(&e.to_string()))?,
+            ))
+        })
+    }
+}
+
+fn engine_name(e: &Engine) -> &'static str {
+    match e.kind() {
+        EngineKind::Gpu => "gpu",
+        _ => "cpu",
+    }
+}
+
+/// Prefill and generation: on the GPU decoder every step awaits the browser (so the
+/// page repaints between tokens); the CPU decoder runs to the end in one call. The
+/// engine stays borrowed across the awaits on purpose: a second generation started
+/// meanwhile gets a "running" error from `try_borrow_mut` instead of interleaving.
+#[allow(clippy::await_holding_refcell_ref)]
+async fn generate(
+    m: &Loaded,
+    prompt: &str,
+    o: &GenerateOptions,
+    on_token: &js_sys::Function,
+) -> Result<Generated, String> {
+    let text_prompt = if o.chat {
+        m.tok.chat_prompt(prompt).map_err(|e| e.to_string())?
+    } else {
+        prompt.to_string()
+    };
+    let ids = m.tok.encode_prompt(&text_prompt).map_err(|e| e.to_string())?;
+    if ids.is_empty() || o.max_tokens == 0 {
+        return Err("an empty prompt, or no token to generate".into());
+    }
+    let method: Method = o.method.parse().map_err(|e| format!("method: {e}"))?;
+    let mut engine = m
+        .engine
+        .try_borrow_mut()
+        .map_err(|_| "a generation is already running on this model".to_string())?;
+    engine.set_methods(method.clone(), Default::default());
+    let engine = &*engine;
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: o.temperature,
+        top_k: o.top_k,
+        top_p: o.top_p,
+        seed: o.seed,
+    })
+    .map_err(|e| e.to_string())?;
+    let mut stream = TextStream::new(&m.tok);
+    let mut show = |id: u32| {
+        let piece = stream.push(id);
+        let _ = on_token.call1(&JsValue::NULL, &JsValue::from_str(&piece));
+    };
+    let t0 = now_ms();
+    let mut ttft = 0.0;
+    let out = match engine {
+        Engine::Gpu(dec) => {
+            let mut cache = dec
+                .new_cache(ids.len() + o.max_tokens)
+                .map_err(|e| e.to_string())?;
+            let logits = dec
+                .prefill_async(&ids, &mut cache, dec.default_chunk())
+                .await
+                .map_err(|e| e.to_string())?;
+            ttft = now_ms() - t0;
+            let mut next = sampler.sample(&logits);
+            let mut out = vec![];
+            loop {
+                out.push(next);
+                show(next);
+                if m.tok.stop_ids.contains(&next) || out.len() == o.max_tokens {
+                    break;
+                }
+                let logits = dec
+                    .forward_async(&[next], &mut cache)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                next = sampler.sample(&logits);
+            }
+            out
+        }
+        Engine::Cpu(dec) => {
+            let mut first = true;
+            dec.generate_with(&ids, o.max_tokens, &m.tok.stop_ids, &mut sampler, &mut |id| {
+                if first {
+                    ttft = now_ms() - t0;
+                    first = false;
+                }
+                show(id)
+            })
+            .map_err(|e| e.to_string())?
+        }
+    };
+    let total = now_ms() - t0;
+    let decode_ms = total - ttft;
+    Ok(Generated {
+        text: m.tok.decode(&out).map_err(|e| e.to_string())?,
+        prompt_tokens: ids.len(),
+        engine: engine_name(engine),
+        method: method.to_string(),
+        ttft_ms: ttft,
+        prefill_tok_s: ids.len() as f64 / (ttft / 1e3).max(1e-9),
+        decode_tok_s: (out.len().saturating_sub(1)) as f64 / (decode_ms / 1e3).max(1e-9),
+        total_ms: total,
+        tokens: out,
+        peak_gpu_bytes: match engine.context().gpu() {
+            None => Some(0),
+            Some(_) if engine.context().backend() == wgsparse::Backend::BrowserWebGpu => None,
+            Some(g) => Some(g.peak_buffer_bytes()),
+        },
+    })
+}
