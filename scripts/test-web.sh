@@ -76,8 +76,9 @@ else
     cargo run --locked --quiet -- generate --model "$models/smollm2-135m-instruct-q4_1.gguf" \
         --engine cpu --backend cpu --prompt "$prompt" --tokens "$tokens" --json >"$models/expected.json"
     say "native CPU decoder: $(cat "$models/expected.json")"
+    [ -f "$data/text/prideprejudice.txt" ] || bash scripts/fetch-models.sh austen
     CHROMIUM="$chromium" node "$pw/model-test.mjs" web target/web-test "$models" \
-        "$models/expected.json" "$prompt" "$tokens"
+        "$models/expected.json" "$prompt" "$tokens" "$data/text/prideprejudice.txt"
 fi
 # Every portable kernel variant through the browser's own shader compiler.
 rm -rf target/web-test/wgsl

@@ -1,8 +1,10 @@
 // The model page: loads a GGUF file (picker, drag-and-drop, or the bundled SmolLM2 when
 // the server has it), then generates with the crate's GPU decoder on WebGPU (CPU/WASM
-// without it), streaming tokens. Test hook: `window.wgsparseChat` (ready, loadUrl(url),
-// loadBytes(bytes, name), generate(prompt, options), last result).
+// without it), streaming tokens; and the sparse-prefill view of one layer of a long text.
+// Test hook: `window.wgsparseChat` (ready, loadUrl(url), loadBytes(bytes, name),
+// generate(prompt, options), view(text, options), last result).
 import init, { WebContext, WebModel, methods, version } from "./pkg/wgsparse_web.js";
+import { paintPattern } from "./pattern.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -48,6 +50,7 @@ async function loadBytes(bytes, name) {
     `${info.engine === "gpu" ? "GPU decoder (WebGPU)" : "CPU decoder (WASM)"}, weights ${mib(info.weight_bytes)} ` +
     `from a ${mib(info.file_bytes)} file, loaded in ${(info.load_ms / 1e3).toFixed(1)} s`;
   $("run").disabled = false;
+  $("view-run").disabled = false;
   setStatus("done", "model loaded");
   return info;
 }
@@ -119,12 +122,47 @@ async function generate(prompt, opts) {
   }
 }
 
+async function view(text, opts) {
+  if (!model) throw new Error("load a model first");
+  if (busy) throw new Error("a generation is running");
+  busy = true;
+  $("view-run").disabled = true;
+  setStatus("running", "sparse-prefill view: prefill…");
+  try {
+    const v = JSON.parse(await model.prefillView(text, JSON.stringify(opts)));
+    const m = v.method;
+    paintPattern($("view-dense"), v.dense_pattern);
+    paintPattern($("view-sparse"), m.pattern);
+    $("view-dense-head").textContent = `dense: ${v.dense_ms.toFixed(1)} ms`;
+    $("view-method-head").textContent = `${m.method}: ${m.attention_ms.toFixed(1)} ms, density ${m.density.toFixed(3)}, ` +
+      `recall ${m.recall === null ? "–" : m.recall.toFixed(4)}`;
+    const t = $("view-stats");
+    t.innerHTML = "";
+    t.append(row("tokens · layer · head", `${v.tokens} · ${v.layer} · ${v.head}`),
+      row("prefill of layers 0–" + v.layer + " (dense, WASM CPU decoder)", `${(v.prefill_ms / 1e3).toFixed(1)} s`),
+      row(`attention, dense (${m.backend}, ${m.attention_timing})`, `${v.dense_ms.toFixed(1)} ms`),
+      row(`attention, ${m.method} (${m.attention_timing})`, `${m.attention_ms.toFixed(1)} ms`),
+      row("density (share of causal pairs computed)", m.density.toFixed(4)),
+      row("attention-mass recall vs dense", m.recall === null ? "–" : m.recall.toFixed(4)));
+    window.wgsparseChat.lastView = v;
+    setStatus("done", "view done");
+    return v;
+  } finally {
+    busy = false;
+    $("view-run").disabled = false;
+  }
+}
+
 async function main() {
   await init();
   for (const m of methods()) {
-    const o = document.createElement("option");
-    o.textContent = m;
-    $("method").append(o);
+    for (const sel of ["method", "view-method"]) {
+      if (sel === "view-method" && (m === "block-sparse" || m === "stripes")) continue;
+      const o = document.createElement("option");
+      o.textContent = m;
+      if (sel === "view-method" && m === "sale") o.selected = true;
+      $(sel).append(o);
+    }
   }
   ctx = await WebContext.create(params.get("device") || "auto");
   const info = JSON.parse(ctx.infoJson());
@@ -153,7 +191,17 @@ async function main() {
     e.preventDefault();
     generate($("prompt").value, options()).catch(showError);
   });
+  $("view-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const layer = $("view-layer").value;
+    view($("view-text").value, {
+      tokens: Number($("view-tokens").value),
+      layer: layer === "" ? null : Number(layer),
+      head: Number($("view-head").value),
+      method: $("view-method").value,
+    }).catch(showError);
+  });
   setStatus("done", "ready: pick a model");
 }
 
-window.wgsparseChat = { ready: main(), loadUrl, loadBytes, generate, last: null };
+window.wgsparseChat = { ready: main(), loadUrl, loadBytes, generate, view, last: null, lastView: null };

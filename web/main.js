@@ -2,6 +2,7 @@
 // shows timings, errors against dense attention and the selected block pattern.
 // Test hook: `window.wgsparseDemo` (ready, run(options), last result).
 import init, { WebContext, check_cpu_kernels, methods, version } from "./pkg/wgsparse_web.js";
+import { paintPattern, patternCaption } from "./pattern.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -109,39 +110,12 @@ function render(summary, device) {
   drawPattern(summary.pattern);
 }
 
-// Cell colour: masked (no causal pair) grey; otherwise from skipped (pink) to computed
-// (blue) by the computed fraction; exactly computed cells are pure #2f6fe4.
-function cellColor(v) {
-  if (v < 0) return "#f1f3f5";
-  if (v >= 1) return "#2f6fe4";
-  const mix = (a, b) => Math.round(a + (b - a) * v);
-  return `rgb(${mix(0xf2, 0x2f)},${mix(0xb8, 0x6f)},${mix(0xb5, 0xe4)})`;
-}
-
 function drawPattern(p) {
-  const cv = $("pattern");
-  const g = cv.getContext("2d");
-  if (!p) {
-    cv.width = 1;
-    cv.height = 1;
+  if (!paintPattern($("pattern"), p)) {
     $("pattern-caption").textContent = "No pattern reported.";
     return;
   }
-  // Columns are keys (or bins of keys); rows are query blocks, drawn tall enough that
-  // the picture is roughly square.
-  const cw = Math.max(1, Math.floor(512 / p.k_bins));
-  const rh = Math.max(1, Math.floor((cw * p.k_bins) / p.q_blocks));
-  cv.width = cw * p.k_bins;
-  cv.height = rh * p.q_blocks;
-  for (let r = 0; r < p.q_blocks; r++) {
-    for (let c = 0; c < p.k_bins; c++) {
-      g.fillStyle = cellColor(p.cells[r * p.k_bins + c]);
-      g.fillRect(c * cw, r * rh, cw, rh);
-    }
-  }
-  $("pattern-caption").textContent =
-    `head ${p.head}: ${p.q_blocks} query blocks of ${p.block_q} rows × ${p.k_bins} columns of ${p.key_bin} key(s); ` +
-    `${(100 * p.head_density).toFixed(1)}% of this head's causal pairs computed. Stripes are single columns.`;
+  $("pattern-caption").textContent = patternCaption(p);
 }
 
 function formOptions() {

@@ -5,18 +5,22 @@
 //      path and its greedy continuation of the prompt is the native CPU decoder's text
 //      and tokens (given as JSON), on the GPU decoder;
 //   2. without WebGPU: the same model on the CPU decoder compiled to WASM, same text;
-//   3. a tiny synthetic SmallThinker (MoE) file generates on WebGPU without error;
-//   4. no page errors, no console errors, no error box.
+//   3. the sparse-prefill view on the first 4,096 tokens of a text: SALE on one layer of
+//      SmolLM2 on WebGPU against dense (reported density below 1, attention-mass recall
+//      at least 0.9, both pattern pictures drawn);
+//   4. a tiny synthetic SmallThinker (MoE) file generates on WebGPU without error;
+//   5. no page errors, no console errors, no error box.
 // Prefill and decode tok/s are printed (SwiftShader's, not a real GPU's). Screenshots go to
 // the out dir.
-// Usage: node model-test.mjs <web dir> <out dir> <models dir> <expected.json> <prompt> <tokens>
+// Usage: node model-test.mjs <web dir> <out dir> <models dir> <expected.json> <prompt> <tokens> <long text>
 import { chromium } from "playwright-core";
 import http from "node:http";
 import fs from "node:fs";
 import path from "node:path";
 import os from "node:os";
 
-const [webArg, outArg, modelsArg, expectedArg, prompt, tokensArg] = process.argv.slice(2);
+const [webArg, outArg, modelsArg, expectedArg, prompt, tokensArg, textArg] = process.argv.slice(2);
+const longText = fs.readFileSync(textArg, "utf8").slice(0, 40_000);
 const webDir = path.resolve(webArg);
 const outDir = path.resolve(outArg);
 const modelsDir = path.resolve(modelsArg);
@@ -100,6 +104,19 @@ async function smollm2(page, label, engine) {
 
 await session(true, "webgpu", async (page) => {
   await smollm2(page, "webgpu", "gpu");
+  const t0 = Date.now();
+  const v = await page.evaluate((t) => window.wgsparseChat.view(t, { tokens: 4096, layer: 2, head: 0, method: "sale" }),
+    longText);
+  const m = v.method;
+  log(`view: ${v.tokens} tokens, layer ${v.layer}: prefill ${(v.prefill_ms / 1e3).toFixed(1)} s (WASM CPU decoder); ` +
+    `attention dense ${v.dense_ms.toFixed(0)} ms, ${m.method} ${m.attention_ms.toFixed(0)} ms (${m.backend}), ` +
+    `density ${m.density.toFixed(3)}, recall ${m.recall.toFixed(4)}; ${Date.now() - t0} ms in all`);
+  check(v.tokens === 4096 && v.layer === 2, `view: 4,096 tokens of layer 2 (${v.tokens}, ${v.layer})`);
+  check(v.dense_pattern.head_density === 1 && m.pattern && v.dense_ms > 0, "view: dense timed, both patterns drawn");
+  check(m.density > 0 && m.density < 1, `view: SALE skipped blocks (density ${m.density})`);
+  check(m.recall >= 0.9 && m.recall <= 1 + 1e-9, `view: SALE's attention-mass recall vs dense ${m.recall} >= 0.9`);
+  check(m.backend === "webgpu", `view: the attention ran on WebGPU (${m.backend})`);
+  await page.screenshot({ path: path.join(outDir, "model-view-webgpu.png"), fullPage: true });
   const info = await page.evaluate(() => window.wgsparseChat.loadUrl("models/tiny-smallthinker.gguf"));
   check(info.architecture === "smallthinker" && info.experts > 0 && info.engine === "gpu",
     `smallthinker: an MoE model on the GPU decoder (${JSON.stringify(info)})`);

@@ -166,7 +166,7 @@ impl WebContext {
         wasm_bindgen_futures::future_to_promise(async move {
             let opts: RunOptions = serde_json::from_str(&options_json)
                 .map_err(|e| JsError::new(&format!("bad options: {e}")))?;
-            run(&ctx, &opts)
+            run(&ctx, &opts, None)
                 .await
                 .map(JsValue::from)
                 .map_err(|e| JsError::new(&e).into())
@@ -210,6 +210,11 @@ pub struct RunOptions {
     pub compare: bool,
     /// Query rows per row of the pattern picture.
     pub block: usize,
+    /// The head the pattern picture shows.
+    pub head: usize,
+    /// With `compare` on WebGPU: also run the same method on the WASM CPU path and
+    /// report the output's error against it.
+    pub twin: bool,
     /// `structured` (sinks, local band, heavy columns, RoPE) or `gaussian`.
     pub data: String,
     /// AnchorAttention: θ, rows per pooled block, blocks per group, initial keys
@@ -253,6 +258,8 @@ impl Default for RunOptions {
             seed: 7,
             compare: true,
             block: 64,
+            head: 0,
+            twin: true,
             data: "structured".into(),
             theta: 5.0,
             anchor_block: 64,
@@ -324,6 +331,9 @@ struct Summary {
     /// Attention time: GPU timestamps where the adapter has them, else wall clock.
     attention_ms: f64,
     attention_timing: String,
+    /// With `compare`: dense attention's time on the same inputs and device (the same
+    /// clock as `attention_ms`).
+    dense_ms: Option<f64>,
     total_ms: f64,
     stages: Vec<Stage>,
     density: f64,
@@ -396,20 +406,40 @@ async fn run_with_ml(
     Ok((out.to_f32().await.map_err(e)?, ml))
 }
 
-async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
+/// Q/K/V a run is given instead of synthetic data (a model layer's, from the model
+/// page's sparse-prefill view).
+pub(crate) struct GivenQkv {
+    pub shape: AttentionShape,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    /// The model's attention scale.
+    pub scale: f32,
+    /// What they are, for the summary.
+    pub label: String,
+}
+
+async fn run(ctx: &Context, o: &RunOptions, given: Option<&GivenQkv>) -> Result<RunResult, String> {
     let t_all = clock::now_ms();
     let method = o.method()?;
     let dtype: DType = o.dtype.parse().map_err(|e| format!("{e}"))?;
-    let shape = AttentionShape::new(o.q_heads, o.kv_heads, o.seq_len, o.head_dim);
+    let shape = match given {
+        Some(g) => g.shape,
+        None => AttentionShape::new(o.q_heads, o.kv_heads, o.seq_len, o.head_dim),
+    };
     shape.validate(o.causal).map_err(|e| e.to_string())?;
-    if o.block == 0 {
-        return Err("block must be positive".into());
+    if o.block == 0 || o.head >= shape.q_heads {
+        return Err(format!(
+            "block {} must be positive and head {} below {}",
+            o.block, o.head, shape.q_heads
+        ));
     }
     let mut stages = vec![];
 
     let t = clock::now_ms();
-    let (qh, kh, vh, data) = match o.data.as_str() {
-        "structured" => {
+    let (qh, kh, vh, data) = match (given, o.data.as_str()) {
+        (Some(g), _) => (g.q.clone(), g.k.clone(), g.v.clone(), g.label.as_str()),
+        (None, "structured") => {
             let (q, k, v) = structured_qkv_host(&shape, &Structure::default(), o.seed);
             (
                 q,
@@ -418,7 +448,7 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
                 "synthetic structured Q/K/V (sinks, local band, heavy columns, RoPE)",
             )
         }
-        "gaussian" => {
+        (None, "gaussian") => {
             let (q, k, v) = wgsparse::attention::synthetic::qkv_host(&shape, o.seed);
             (
                 q,
@@ -427,7 +457,7 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
                 "synthetic Gaussian Q/K/V (fixed seed), not a model's activations",
             )
         }
-        other => return Err(format!("data `{other}`: expected structured or gaussian")),
+        (None, other) => return Err(format!("data `{other}`: expected structured or gaussian")),
     };
     // Inputs as stored: every comparison below uses the same rounded values.
     let (qh, kh, vh) = (
@@ -438,13 +468,19 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
     host_stage(&mut stages, "generate inputs", t);
 
     let t = clock::now_ms();
-    let plan = ctx
-        .attention(shape)
-        .method(method.clone())
-        .causal(o.causal)
-        .dtype(dtype)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let scale = given.map(|g| g.scale);
+    let builder = |m: &Method| {
+        let b = ctx
+            .attention(shape)
+            .method(m.clone())
+            .causal(o.causal)
+            .dtype(dtype);
+        match scale {
+            Some(s) => b.scale(s),
+            None => b,
+        }
+    };
+    let plan = builder(&method).build().map_err(|e| e.to_string())?;
     host_stage(&mut stages, "build plan (compile kernels)", t);
 
     let t = clock::now_ms();
@@ -454,7 +490,13 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
     host_stage(&mut stages, "upload", t);
 
     let t = clock::now_ms();
-    plan.run_async(&q, &k, &v, &mut out, None)
+    // With `compare`, the run keeps its final (m, l) for the quality measure: methods
+    // that manage their own row state report it, the others get a state to fill.
+    let mut state = match o.compare && !plan.method().manages_state() {
+        true => Some(RowState::empty(ctx, &shape).map_err(|e| e.to_string())?),
+        false => None,
+    };
+    plan.run_async(&q, &k, &v, &mut out, state.as_mut())
         .await
         .map_err(|e| e.to_string())?;
     host_stage(&mut stages, "attention (submit to done)", t);
@@ -482,15 +524,17 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
         .map_err(|e| e.to_string())?
         .unwrap_or_default();
     let vis = Visibility::new(&method, &luts, o.causal);
-    let pattern = Some(KeyPattern::build(&shape, &vis, 0, o.block, 512));
+    let pattern = Some(KeyPattern::build(&shape, &vis, o.head, o.block, 512));
     host_stage(&mut stages, "pattern", t);
 
-    let (mut reference, mut error, mut quality) = (None, None, None);
+    let (mut reference, mut error, mut quality, mut dense_ms) = (None, None, None, None);
     if o.compare {
         let t = clock::now_ms();
         let scale = plan.options().scale_for(&shape);
         let work = shape.pairs(o.causal) * shape.head_dim as f64;
-        let (name, want) = if !ctx.is_cpu() {
+        let (name, want) = if !ctx.is_cpu() && !o.twin {
+            ("none (not asked)".to_string(), output.clone())
+        } else if !ctx.is_cpu() {
             // The twin: the same method on the WASM CPU path, same inputs.
             let cpu = Context::cpu();
             let twin = cpu
@@ -498,6 +542,7 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
                 .method(method.clone())
                 .causal(o.causal)
                 .dtype(DType::F32)
+                .scale(scale)
                 .build()
                 .map_err(|e| e.to_string())?;
             let (q, k, v) =
@@ -538,17 +583,20 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
 
         // Quality against dense attention on this device.
         let t = clock::now_ms();
-        let dense = ctx
-            .attention(shape)
-            .causal(o.causal)
-            .dtype(dtype)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let dense = builder(&Method::Dense).build().map_err(|e| e.to_string())?;
         let (dense_out, dense_ml) = run_with_ml(ctx, &dense, &shape, (&q, &k, &v), dtype).await?;
-        let (m_out, m_ml) = run_with_ml(ctx, &plan, &shape, (&q, &k, &v), dtype).await?;
+        dense_ms = dense.report().map(|r| r.ms());
+        let m_ml = match &state {
+            Some(st) => st.ml.to_f32().await.map_err(|e| e.to_string())?,
+            None => plan
+                .row_stats()
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no row state kept")?,
+        };
         quality = Some(Quality::measure(
             report.density,
-            &m_out,
+            &output,
             &m_ml,
             &dense_out,
             &dense_ml,
@@ -559,15 +607,16 @@ async fn run(ctx: &Context, o: &RunOptions) -> Result<RunResult, String> {
     let summary = Summary {
         backend: ctx.backend().to_string(),
         method: method.name().into(),
-        seq_len: o.seq_len,
-        q_heads: o.q_heads,
-        kv_heads: o.kv_heads,
-        head_dim: o.head_dim,
+        seq_len: shape.seq_len,
+        q_heads: shape.q_heads,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
         causal: o.causal,
         dtype: dtype.name().into(),
         seed: o.seed,
         attention_ms: report.ms(),
         attention_timing: report.timing.timing.clone(),
+        dense_ms,
         total_ms: clock::now_ms() - t_all,
         stages,
         density: report.density,

@@ -22,8 +22,10 @@ use wgsparse::model::gguf::Gguf;
 use wgsparse::model::sample::{Sampler, SamplerConfig};
 use wgsparse::model::tokenizer::{ModelTokenizer, TextStream};
 
-use crate::WebContext;
 use crate::clock::now_ms;
+use crate::{GivenQkv, RunOptions, WebContext};
+use wgsparse::model::decoder::Decoder;
+use wgsparse::{AttentionShape, Context};
 
 /// A loaded model: its decoder (GPU or CPU) and tokenizer.
 #[wasm_bindgen]
@@ -34,6 +36,14 @@ pub struct WebModel {
 struct Loaded {
     /// Borrowed mutably by one generation at a time (its prompt method is set).
     engine: RefCell<Engine>,
+    /// The file (the one copy in WASM memory), kept for the sparse-prefill view's CPU
+    /// decoder.
+    gguf: Gguf,
+    /// The CPU decoder that gives the view a layer's Q/K/V (made on first use when the
+    /// engine runs on the GPU).
+    cpu: RefCell<Option<Decoder>>,
+    /// The page's context (the view's attention runs on it).
+    ctx: Context,
     tok: ModelTokenizer,
     name: String,
     file_bytes: u64,
@@ -126,10 +136,12 @@ impl WebModel {
         let g = Gguf::from_bytes(bytes).map_err(err)?;
         let tok = ModelTokenizer::from_gguf(&g).map_err(err)?;
         let engine = Engine::load(&g, &ctx.ctx, Method::Dense, EngineKind::Auto).map_err(err)?;
-        drop(g);
         Ok(WebModel {
             inner: Rc::new(Loaded {
                 engine: RefCell::new(engine),
+                gguf: g,
+                cpu: RefCell::new(None),
+                ctx: ctx.ctx.clone(),
                 tok,
                 name,
                 file_bytes,
@@ -188,6 +200,161 @@ impl WebModel {
     }
 }
 
+/// Options of the sparse-prefill view (JSON; every field optional): the attention
+/// options of the kernels demo ([`RunOptions`]: method and its parameters, pattern
+/// block, head) plus the text's token count and the layer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ViewOptions {
+    /// Tokens of the text to prefill (the text's first ones).
+    pub tokens: usize,
+    /// The layer shown (a global-attention layer; default: the first).
+    pub layer: Option<usize>,
+    /// Method, its parameters, pattern block and head.
+    #[serde(flatten)]
+    pub run: RunOptions,
+}
+
+impl Default for ViewOptions {
+    fn default() -> Self {
+        ViewOptions {
+            tokens: 4096,
+            layer: None,
+            run: RunOptions {
+                block: 64,
+                ..RunOptions::default()
+            },
+        }
+    }
+}
+
+/// What the view resolves to (as JSON): the layer's dense and sparse runs side by side.
+#[derive(Serialize)]
+struct View {
+    tokens: usize,
+    layer: usize,
+    head: usize,
+    /// Prefill of layers `0..=layer` (dense) on the WASM CPU decoder, giving the Q/K/V.
+    prefill_ms: f64,
+    /// Dense attention over the layer's Q/K/V on the page's device (the method run's
+    /// reference: same clock as its `attention_ms`).
+    dense_ms: f64,
+    /// Dense attention's pattern picture of the head (every causal pair).
+    dense_pattern: crate::KeyPattern,
+    /// The kernels demo's summary of the method over the layer's Q/K/V, with its
+    /// density and attention-mass recall against dense.
+    method: serde_json::Value,
+}
+
+#[wasm_bindgen]
+impl WebModel {
+    /// The sparse-prefill view: prefills the first `tokens` tokens of `text` through
+    /// layer `layer` (dense, on the WASM CPU decoder), then runs that layer's attention
+    /// with dense and with the chosen method on the page's device (options as JSON,
+    /// see [`ViewOptions`]) and resolves to JSON: each run's attention time, density,
+    /// recall against dense and the pattern picture of the chosen head.
+    #[wasm_bindgen(js_name = prefillView)]
+    pub fn prefill_view(&self, text: String, options_json: String) -> js_sys::Promise {
+        let m = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let opts: ViewOptions = serde_json::from_str(&options_json)
+                .map_err(|e| JsError::new(&format!("bad options: {e}")))?;
+            let v = view(&m, &text, &opts).await.map_err(|e| JsError::new(&e))?;
+            Ok(JsValue::from_str(
+                &serde_json::to_string(&v).map_err(|e| JsError::new(&e.to_string()))?,
+            ))
+        })
+    }
+}
+
+async fn view(m: &Loaded, text: &str, o: &ViewOptions) -> Result<View, String> {
+    let (given, layer, prefill_ms) = layer_qkv(m, text, o)?;
+    let opts = RunOptions {
+        compare: true,
+        twin: false,
+        ..o.run.clone()
+    };
+    let r = crate::run(&m.ctx, &opts, Some(&given)).await?;
+    let method: serde_json::Value = serde_json::from_str(&r.json()).map_err(|x| x.to_string())?;
+    let dense_vis = crate::Visibility::new(&Method::Dense, &[], true);
+    Ok(View {
+        tokens: given.shape.seq_len,
+        layer,
+        head: o.run.head,
+        prefill_ms,
+        dense_ms: method["dense_ms"].as_f64().unwrap_or(f64::NAN),
+        dense_pattern: crate::KeyPattern::build(
+            &given.shape,
+            &dense_vis,
+            o.run.head,
+            o.run.block,
+            512,
+        ),
+        method,
+    })
+}
+
+/// The view's layer's Q/K/V from a dense prefill of the text's first tokens on the CPU
+/// decoder, the layer, and the prefill's time (ms).
+fn layer_qkv(m: &Loaded, text: &str, o: &ViewOptions) -> Result<(GivenQkv, usize, f64), String> {
+    let e = |x: wgsparse::Error| x.to_string();
+    let mut ids = m.tok.encode_prompt(text).map_err(e)?;
+    ids.truncate(o.tokens);
+    if ids.len() < 2 {
+        return Err("the text has fewer than two tokens".into());
+    }
+    let engine = m
+        .engine
+        .try_borrow()
+        .map_err(|_| "a generation is running")?;
+    let mut made = m.cpu.try_borrow_mut().map_err(|_| "a view is running")?;
+    let dec: &Decoder = match &*engine {
+        Engine::Cpu(d) => d,
+        Engine::Gpu(_) => {
+            if made.is_none() {
+                *made = Some(Decoder::load(&m.gguf, &Context::cpu(), Method::Dense).map_err(e)?);
+            }
+            made.as_ref().expect("made above")
+        }
+    };
+    let c = &dec.cfg;
+    let layer = o
+        .layer
+        .or_else(|| c.global.iter().position(|&g| g))
+        .unwrap_or(0);
+    if layer >= c.n_layer || !c.global[layer] {
+        return Err(format!(
+            "layer {layer}: pick a global-attention layer of {} ({:?})",
+            c.n_layer,
+            (0..c.n_layer).filter(|&l| c.global[l]).collect::<Vec<_>>()
+        ));
+    }
+    let t0 = now_ms();
+    let mut qkv = None;
+    dec.observe_layers(&ids, layer + 1, &mut |l| {
+        if l.layer == layer {
+            qkv = Some((l.q.to_vec(), l.k.to_vec(), l.v.to_vec()));
+        }
+        Ok(())
+    })
+    .map_err(e)?;
+    let prefill_ms = now_ms() - t0;
+    let (q, k, v) = qkv.ok_or("the layer was not reached")?;
+    let given = GivenQkv {
+        shape: AttentionShape::new(c.n_head, c.n_kv_head, ids.len(), c.head_dim),
+        q,
+        k,
+        v,
+        scale: dec.attention_scale(),
+        label: format!(
+            "{} layer {layer}: Q/K/V of {} tokens of the text",
+            m.name,
+            ids.len()
+        ),
+    };
+    Ok((given, layer, prefill_ms))
+}
+
 fn engine_name(e: &Engine) -> &'static str {
     match e.kind() {
         EngineKind::Gpu => "gpu",
@@ -211,7 +378,10 @@ async fn generate(
     } else {
         prompt.to_string()
     };
-    let ids = m.tok.encode_prompt(&text_prompt).map_err(|e| e.to_string())?;
+    let ids = m
+        .tok
+        .encode_prompt(&text_prompt)
+        .map_err(|e| e.to_string())?;
     if ids.is_empty() || o.max_tokens == 0 {
         return Err("an empty prompt, or no token to generate".into());
     }
@@ -264,13 +434,19 @@ async fn generate(
         }
         Engine::Cpu(dec) => {
             let mut first = true;
-            dec.generate_with(&ids, o.max_tokens, &m.tok.stop_ids, &mut sampler, &mut |id| {
-                if first {
-                    ttft = now_ms() - t0;
-                    first = false;
-                }
-                show(id)
-            })
+            dec.generate_with(
+                &ids,
+                o.max_tokens,
+                &m.tok.stop_ids,
+                &mut sampler,
+                &mut |id| {
+                    if first {
+                        ttft = now_ms() - t0;
+                        first = false;
+                    }
+                    show(id)
+                },
+            )
             .map_err(|e| e.to_string())?
         }
     };
