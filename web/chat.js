@@ -2,7 +2,7 @@
 // the server has it), then generates with the crate's GPU decoder on WebGPU (CPU/WASM
 // without it), streaming tokens; and the sparse-prefill view of one layer of a long text.
 // Test hook: `window.wgsparseChat` (ready, loadUrl(url), loadBytes(bytes, name),
-// generate(prompt, options), view(text, options), last result).
+// generate(prompt, options), view(text, options), kvCacheBytes(positions), last result).
 import init, { WebContext, WebModel, methods, version } from "./pkg/wgsparse_web.js";
 import { paintPattern } from "./pattern.js";
 
@@ -43,7 +43,7 @@ async function loadBytes(bytes, name) {
   $("error").style.display = "none";
   await new Promise((r) => setTimeout(r, 0)); // let the status paint
   if (model) { model.free(); model = null; }
-  model = WebModel.load(ctx, bytes, name);
+  model = await WebModel.load(ctx, bytes, name);
   const info = JSON.parse(model.infoJson());
   $("model").textContent = `${info.name}: ${info.architecture}, ${info.layers} layers, d ${info.d_model}, ` +
     `${info.heads}/${info.kv_heads} heads${info.experts ? `, ${info.experts} experts` : ""}, vocab ${info.vocab} (${info.tokenizer}); ` +
@@ -204,4 +204,10 @@ async function main() {
   setStatus("done", "ready: pick a model");
 }
 
-window.wgsparseChat = { ready: main(), loadUrl, loadBytes, generate, view, last: null, lastView: null };
+// Bytes of a GPU KV cache of `n` positions for the loaded model (made and dropped).
+async function kvCacheBytes(n) {
+  if (!model) throw new Error("load a model first");
+  return model.kvCacheBytes(n);
+}
+
+window.wgsparseChat = { ready: main(), loadUrl, loadBytes, generate, view, kvCacheBytes, last: null, lastView: null };

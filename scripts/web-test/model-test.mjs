@@ -8,7 +8,8 @@
 //   3. the sparse-prefill view on the first 4,096 tokens of a text: SALE on one layer of
 //      SmolLM2 on WebGPU against dense (reported density below 1, attention-mass recall
 //      at least 0.9, both pattern pictures drawn);
-//   4. a tiny synthetic SmallThinker (MoE) file generates on WebGPU without error;
+//   4. a tiny synthetic SmallThinker (MoE) file generates on WebGPU without error, and a
+//      32k-position KV cache for SmolLM2 fits on WebGPU;
 //   5. no page errors, no console errors, no error box.
 // Prefill and decode tok/s are printed (SwiftShader's, not a real GPU's). Screenshots go to
 // the out dir.
@@ -104,6 +105,10 @@ async function smollm2(page, label, engine) {
 
 await session(true, "webgpu", async (page) => {
   await smollm2(page, "webgpu", "gpu");
+  // A 32k-token context for SmolLM2: 30 layers × K and V × 3 heads × 64 × 2 bytes (f16).
+  const kv = await page.evaluate(() => window.wgsparseChat.kvCacheBytes(32768));
+  const want = 30 * 2 * 3 * 64 * 32768 * 2;
+  check(kv >= want && kv < want * 1.1, `a KV cache of 32,768 positions fits on WebGPU (${kv} B)`);
   const t0 = Date.now();
   const v = await page.evaluate((t) => window.wgsparseChat.view(t, { tokens: 4096, layer: 2, head: 0, method: "sale" }),
     longText);

@@ -125,28 +125,39 @@ struct Generated {
 
 #[wasm_bindgen]
 impl WebModel {
-    /// Reads a GGUF file's bytes (copied once into WASM memory; the weights are then
-    /// uploaded to the GPU in their file blocks and the host copy dropped) and loads it
-    /// on `ctx`: the GPU decoder on WebGPU, the CPU decoder otherwise. Errors say what
-    /// does not fit or is not supported.
-    pub fn load(ctx: &WebContext, bytes: Vec<u8>, name: String) -> Result<WebModel, JsError> {
-        let t0 = now_ms();
-        let file_bytes = bytes.len() as u64;
-        let err = |e: wgsparse::Error| JsError::new(&format!("{name}: {e}"));
-        let g = Gguf::from_bytes(bytes).map_err(err)?;
-        let tok = ModelTokenizer::from_gguf(&g).map_err(err)?;
-        let engine = Engine::load(&g, &ctx.ctx, Method::Dense, EngineKind::Auto).map_err(err)?;
-        Ok(WebModel {
-            inner: Rc::new(Loaded {
-                engine: RefCell::new(engine),
-                gguf: g,
-                cpu: RefCell::new(None),
-                ctx: ctx.ctx.clone(),
-                tok,
-                name,
-                file_bytes,
-                load_ms: now_ms() - t0,
-            }),
+    /// Reads a GGUF file's bytes (copied once into WASM memory; on WebGPU the weights
+    /// are uploaded in their file blocks, in parts under the binding limit) and loads it
+    /// on `ctx`: the GPU decoder on WebGPU, the CPU decoder otherwise. Resolves to the
+    /// model; rejects with a message when the file is not a supported model or its
+    /// buffers do not fit the adapter (out of memory, over a limit).
+    pub fn load(ctx: &WebContext, bytes: Vec<u8>, name: String) -> js_sys::Promise {
+        let ctx = ctx.ctx.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let m = load_model(&ctx, bytes, &name)
+                .await
+                .map_err(|e| JsError::new(&e))?;
+            Ok(JsValue::from(m))
+        })
+    }
+
+    /// Bytes of a GPU KV cache for `positions` tokens, made and dropped (how long a
+    /// context fits; in pages under the binding limit). Errors when it does not fit, or
+    /// on the CPU decoder (its cache grows as it goes).
+    #[wasm_bindgen(js_name = kvCacheBytes)]
+    pub fn kv_cache_bytes(&self, positions: usize) -> js_sys::Promise {
+        let m = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let what = format!("a KV cache of {positions} positions");
+            let bytes = within_scopes(&m.ctx, &what, || {
+                let engine = m.engine.try_borrow().map_err(|_| "a generation is running")?;
+                let Engine::Gpu(dec) = &*engine else {
+                    return Err("the CPU decoder's cache grows as it goes".into());
+                };
+                dec.new_cache(positions).map(|c| c.bytes()).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| JsError::new(&e))?;
+            Ok(JsValue::from_f64(bytes as f64))
         })
     }
 
@@ -353,6 +364,52 @@ fn layer_qkv(m: &Loaded, text: &str, o: &ViewOptions) -> Result<(GivenQkv, usize
         ),
     };
     Ok((given, layer, prefill_ms))
+}
+
+async fn load_model(ctx: &Context, bytes: Vec<u8>, name: &str) -> Result<WebModel, String> {
+    let t0 = now_ms();
+    let file_bytes = bytes.len() as u64;
+    let err = |e: wgsparse::Error| format!("{name}: {e}");
+    let g = Gguf::from_bytes(bytes).map_err(err)?;
+    let tok = ModelTokenizer::from_gguf(&g).map_err(err)?;
+    let what = format!("{name} ({:.0} MiB)", file_bytes as f64 / 1048576.0);
+    let engine = within_scopes(ctx, &what, || {
+        Engine::load(&g, ctx, Method::Dense, EngineKind::Auto).map_err(err)
+    })
+    .await?;
+    Ok(WebModel {
+        inner: Rc::new(Loaded {
+            engine: RefCell::new(engine),
+            gguf: g,
+            cpu: RefCell::new(None),
+            ctx: ctx.clone(),
+            tok,
+            name: name.to_string(),
+            file_bytes,
+            load_ms: now_ms() - t0,
+        }),
+    })
+}
+
+/// Runs `f` inside WebGPU error scopes (out of memory, validation) and turns what they
+/// catch into a message naming `what` (the browser reports these asynchronously).
+async fn within_scopes<T>(
+    ctx: &Context,
+    what: &str,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let Some(g) = ctx.gpu() else { return f() };
+    let oom = g.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let invalid = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let r = f();
+    let (invalid, oom) = (invalid.pop().await, oom.pop().await);
+    if let Some(e) = oom {
+        return Err(format!("{what} does not fit this adapter's memory: {e}"));
+    }
+    if let Some(e) = invalid {
+        return Err(format!("{what}: the adapter refused a buffer (over one of its limits?): {e}"));
+    }
+    r
 }
 
 fn engine_name(e: &Engine) -> &'static str {
