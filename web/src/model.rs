@@ -149,11 +149,16 @@ impl WebModel {
         wasm_bindgen_futures::future_to_promise(async move {
             let what = format!("a KV cache of {positions} positions");
             let bytes = within_scopes(&m.ctx, &what, || {
-                let engine = m.engine.try_borrow().map_err(|_| "a generation is running")?;
+                let engine = m
+                    .engine
+                    .try_borrow()
+                    .map_err(|_| "a generation is running")?;
                 let Engine::Gpu(dec) = &*engine else {
                     return Err("the CPU decoder's cache grows as it goes".into());
                 };
-                dec.new_cache(positions).map(|c| c.bytes()).map_err(|e| e.to_string())
+                dec.new_cache(positions)
+                    .map(|c| c.bytes())
+                    .map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| JsError::new(&e))?;
@@ -407,7 +412,9 @@ async fn within_scopes<T>(
         return Err(format!("{what} does not fit this adapter's memory: {e}"));
     }
     if let Some(e) = invalid {
-        return Err(format!("{what}: the adapter refused a buffer (over one of its limits?): {e}"));
+        return Err(format!(
+            "{what}: the adapter refused a buffer (over one of its limits?): {e}"
+        ));
     }
     r
 }
