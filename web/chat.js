@@ -5,6 +5,7 @@
 // generate(prompt, options), view(text, options), kvCacheBytes(positions), last result).
 import init, { WebContext, WebModel, methods, version } from "./pkg/wgsparse_web.js";
 import { paintPattern } from "./pattern.js";
+import { clearError, setStatus, showError as showPageError } from "./page.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -15,20 +16,7 @@ let ctx = null;
 let model = null;
 let busy = false;
 
-function setStatus(state, text) {
-  const s = $("status");
-  s.dataset.state = state;
-  s.textContent = text;
-  document.body.dataset.state = state;
-}
-
-function showError(err) {
-  const msg = err && err.message ? err.message : String(err);
-  $("error").textContent = "Error: " + msg;
-  $("error").style.display = "block";
-  setStatus("error", "failed");
-  console.warn("wgsparse chat:", msg);
-}
+const showError = (err) => showPageError(err, "wgsparse chat");
 
 window.addEventListener("error", (e) => showError(e.error || e.message));
 window.addEventListener("unhandledrejection", (e) => showError(e.reason));
@@ -40,7 +28,7 @@ async function loadBytes(bytes, name) {
     throw new Error(`${name} is ${mib(bytes.length)}: over the ${mib(MAX_FILE_BYTES)} a page's WebAssembly memory can take with room for the decoder; pick a smaller model`);
   }
   setStatus("loading", `loading ${name} (${mib(bytes.length)})…`);
-  $("error").style.display = "none";
+  clearError();
   await new Promise((r) => setTimeout(r, 0)); // let the status paint
   if (model) { model.free(); model = null; }
   model = await WebModel.load(ctx, bytes, name);

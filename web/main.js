@@ -3,31 +3,13 @@
 // Test hook: `window.wgsparseDemo` (ready, run(options), last result).
 import init, { WebContext, check_cpu_kernels, methods, version } from "./pkg/wgsparse_web.js";
 import { paintPattern, patternCaption } from "./pattern.js";
+import { clearError, setStatus, showError as showPageError } from "./page.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const contexts = new Map(); // device pick -> Promise<WebContext>
 
-function setStatus(state, text) {
-  const s = $("status");
-  s.dataset.state = state;
-  s.textContent = text;
-  document.body.dataset.state = state;
-}
-
-function showError(err) {
-  const msg = err && err.message ? err.message : String(err);
-  const box = $("error");
-  box.textContent = "Error: " + msg;
-  box.style.display = "block";
-  setStatus("error", "failed");
-  console.warn("wgsparse demo:", msg);
-}
-
-function clearError() {
-  $("error").style.display = "none";
-  $("error").textContent = "";
-}
+const showError = (err) => showPageError(err, "wgsparse demo");
 
 window.addEventListener("error", (e) => showError(e.error || e.message));
 window.addEventListener("unhandledrejection", (e) => showError(e.reason));
