@@ -4,7 +4,8 @@
 //   1. with WebGPU (SwiftShader here): SmolLM2-135M loads through the page's bundled-model
 //      path and its greedy continuation of the prompt is the native CPU decoder's text
 //      and tokens (given as JSON), on the GPU decoder;
-//   2. without WebGPU: the same model on the CPU decoder compiled to WASM, same text;
+//   2. without WebGPU: the same model on the CPU decoder compiled to WASM, same text; a
+//      file chosen with the file picker and one dropped on the page load;
 //   3. the sparse-prefill view on the first 4,096 tokens of a text: SALE on one layer of
 //      SmolLM2 on WebGPU against dense (reported density below 1, attention-mass recall
 //      at least 0.9, both pattern pictures drawn);
@@ -128,7 +129,23 @@ await session(true, "webgpu", async (page) => {
   const r = await page.evaluate(() => window.wgsparseChat.generate("Hello", { max_tokens: 6, method: "dense" }));
   check(r.tokens.length >= 1 && r.tokens.length <= 6, `smallthinker: generated ${r.tokens.length} tokens`);
 });
-await session(false, "cpu", (page) => smollm2(page, "cpu", "cpu"));
+await session(false, "cpu", async (page) => {
+  await smollm2(page, "cpu", "cpu");
+  // The file picker and drag-and-drop (the tiny MoE file): the page loads what is chosen.
+  const shown = (name) => page.waitForFunction((n) => document.getElementById("model").textContent.startsWith(n), name);
+  await page.setInputFiles("#file", path.join(modelsDir, "tiny-smallthinker.gguf"));
+  await shown("tiny-smallthinker.gguf");
+  check(true, "file picker: the chosen file loads");
+  await page.evaluate(async () => {
+    const buf = await (await fetch("models/tiny-smallthinker.gguf")).arrayBuffer();
+    const dt = new DataTransfer();
+    dt.items.add(new File([buf], "dropped.gguf"));
+    document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+  });
+  await shown("dropped.gguf");
+  const r = await page.evaluate(() => window.wgsparseChat.generate("Hello", { max_tokens: 4, method: "dense" }));
+  check(r.engine === "cpu" && r.tokens.length >= 1, `drag-and-drop: the dropped file loads and generates (${r.tokens.length} tokens)`);
+});
 
 server.close();
 if (failures) {
