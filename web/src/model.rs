@@ -36,9 +36,10 @@ pub struct WebModel {
 struct Loaded {
     /// Borrowed mutably by one generation at a time (its prompt method is set).
     engine: RefCell<Engine>,
-    /// The file (the one copy in WASM memory), kept for the sparse-prefill view's CPU
-    /// decoder.
-    gguf: Gguf,
+    /// The file (its one copy in WASM memory), kept when the engine runs on the GPU
+    /// for the sparse-prefill view's CPU decoder (made from it on first use); dropped
+    /// after loading a CPU engine, whose decoder serves the view itself.
+    gguf: Option<Gguf>,
     /// The CPU decoder that gives the view a layer's Q/K/V (made on first use when the
     /// engine runs on the GPU).
     cpu: RefCell<Option<Decoder>>,
@@ -328,7 +329,8 @@ fn layer_qkv(m: &Loaded, text: &str, o: &ViewOptions) -> Result<(GivenQkv, usize
         Engine::Cpu(d) => d,
         Engine::Gpu(_) => {
             if made.is_none() {
-                *made = Some(Decoder::load(&m.gguf, &Context::cpu(), Method::Dense).map_err(e)?);
+                let g = m.gguf.as_ref().ok_or("the model file was not kept")?;
+                *made = Some(Decoder::load(g, &Context::cpu(), Method::Dense).map_err(e)?);
             }
             made.as_ref().expect("made above")
         }
@@ -382,10 +384,11 @@ async fn load_model(ctx: &Context, bytes: Vec<u8>, name: &str) -> Result<WebMode
         Engine::load(&g, ctx, Method::Dense, EngineKind::Auto).map_err(err)
     })
     .await?;
+    let gguf = matches!(engine, Engine::Gpu(_)).then_some(g);
     Ok(WebModel {
         inner: Rc::new(Loaded {
             engine: RefCell::new(engine),
-            gguf: g,
+            gguf,
             cpu: RefCell::new(None),
             ctx: ctx.clone(),
             tok,
