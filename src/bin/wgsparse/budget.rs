@@ -38,7 +38,7 @@ pub struct BudgetArgs {
     /// Layers: comma-separated indices or `all` (every global attention layer).
     #[arg(long, default_value = "all")]
     layers: String,
-    /// Output budgets file (JSON), read by `--method proxy --budgets FILE`.
+    /// Output budgets file (JSON), read by `--method proxy|sale --budgets FILE`.
     #[arg(long)]
     out: PathBuf,
     /// Print the file's summary as JSON instead of text.

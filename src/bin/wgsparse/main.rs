@@ -91,7 +91,7 @@ enum Command {
     /// Calibrate SALE's per-head thresholds on a real model and text.
     Calibrate(calibrate::CalibrateArgs),
     /// Per-head attention budgets under one global density, from each head's measured
-    /// need on a real model and text (the budget solver), for `--method proxy --budgets`.
+    /// need on a real model and text (the budget solver), for `--method proxy|sale --budgets`.
     Budget(budget::BudgetArgs),
     /// Run one MoE layer (router, dispatch, experts, combine) on synthetic data.
     Moe(moe::MoeArgs),
