@@ -7,7 +7,9 @@
 // f32 mapped to keep their order).
 // Larger keys are kept first, equal keys lowest index first. Thread `lid` owns the
 // contiguous candidates `topk_span(lid, count)`; call every function from uniform
-// control flow.
+// control flow. `topk_select` also needs `fn topk_entry(i: u32) -> u32` (candidate i's
+// LUT entry, or TOPK_SKIP for one the exact pass already has) and the bindings
+// `row_base`, `lut_ranges` and `lut_idx` of the selected LUT.
 
 // Thread lid's candidates [x, y) of `count` (contiguous: ties go to lower indices).
 fn topk_span(lid: u32, count: u32) -> vec2<u32> {
@@ -58,4 +60,35 @@ fn topk_kept(a: u32, cut: TopKCut, eq_rank: ptr<function, u32>) -> bool {
         return kept;
     }
     return a > cut.t;
+}
+
+// A candidate `topk_entry` leaves out of the LUT (it still counts among the kept).
+const TOPK_SKIP: u32 = 0xffffffffu;
+
+// Keeps the `keep` largest of the row's `count` candidates and writes their entries,
+// ascending, into the slice of LUT row `row` (from row_base[row]) and its range.
+fn topk_select(lid: u32, count: u32, keep: u32, row: u32) {
+    let span = topk_span(lid, count);
+    let cut = topk_cut(lid, span, keep);
+    var eq_rank = cut.eq_first;
+    var mine = 0u;
+    for (var i = span.x; i < span.y; i++) {
+        let kept = topk_kept(topk_key(i), cut, &eq_rank);
+        mine += select(0u, 1u, kept && topk_entry(i) != TOPK_SKIP);
+    }
+    let at = scan_u32(lid, mine);
+    let base = row_base[row];
+    var pos = base + at.x;
+    eq_rank = cut.eq_first;
+    for (var i = span.x; i < span.y; i++) {
+        let kept = topk_kept(topk_key(i), cut, &eq_rank);
+        let e = topk_entry(i);
+        if kept && e != TOPK_SKIP {
+            lut_idx[pos] = e;
+            pos += 1u;
+        }
+    }
+    if lid == 0u {
+        lut_ranges[row] = vec2<u32>(base, base + at.y);
+    }
 }

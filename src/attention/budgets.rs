@@ -281,7 +281,7 @@ impl HeadBudgets {
             )));
         }
         Ok(ProxyConfig {
-            head_budget: Some(self.budgets_of(layer)?.to_vec()),
+            head_budget: Some(self.layer_budgets(layer)?.to_vec()),
             ..base.clone()
         })
     }
@@ -290,7 +290,7 @@ impl HeadBudgets {
     /// typed error for a layer not in the file.
     pub fn sale_for(&self, base: &SaleConfig, layer: usize) -> Result<SaleConfig> {
         Ok(SaleConfig {
-            head_budget: Some(self.budgets_of(layer)?.to_vec()),
+            head_budget: Some(self.layer_budgets(layer)?.to_vec()),
             head_tau: None,
             ..base.clone()
         })
@@ -320,7 +320,7 @@ impl HeadBudgets {
     }
 
     /// `layer`'s budgets, or a typed error naming the file's layers.
-    fn budgets_of(&self, layer: usize) -> Result<&[f32]> {
+    pub fn layer_budgets(&self, layer: usize) -> Result<&[f32]> {
         self.layer(layer).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "the budgets file has no layer {layer} (it has {:?})",

@@ -7,3 +7,11 @@
 pub mod solver;
 
 pub use solver::{Allocation, BudgetItem, RoundedAllocation, round, solve};
+
+/// The whole units a budget `fraction` of `count` units buys: `⌈fraction · count⌉`, a
+/// product that is whole up to floating-point error (0.3 · 10) not rounded up past it.
+/// The one rounding rule of per-head attention budgets (ProxyAttn's blocks, SALE's
+/// blocks per query block, the top-k oracle's).
+pub fn units_of(fraction: f32, count: usize) -> usize {
+    (fraction as f64 * count as f64 - 1e-9).ceil().max(0.0) as usize
+}

@@ -47,8 +47,9 @@ pub enum EvalMethod {
         coverage: f64,
     },
     /// The block oracle under per-head budgets: each query block keeps its head's
-    /// budget of the key blocks holding the most exact attention mass (the ceiling of
-    /// any selector under those budgets).
+    /// budget of the 64 × 64 key blocks holding the most exact attention mass (the
+    /// best choice of such blocks under those budgets; a selector with finer blocks or
+    /// a local window can do better, EVALUATION.md).
     OracleBudgets(std::sync::Arc<HeadBudgets>),
     /// ProxyAttn (run on the whole layer: its proxy pools the heads; the per-head rows
     /// are slices of that run), estimating its per-head budgets or under fixed ones.
@@ -172,9 +173,7 @@ impl EvalMethod {
                 )
             }
             EvalMethod::OracleBudgets(b) => {
-                let all = b.layer(layer).ok_or_else(|| {
-                    Error::InvalidArgument(format!("the budgets file has no layer {layer}"))
-                })?;
+                let all = b.layer_budgets(layer)?;
                 let mine = all.get(heads.clone()).ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "heads {heads:?} of {} budgets in layer {layer}",

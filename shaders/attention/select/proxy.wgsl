@@ -381,10 +381,15 @@ fn proxy_budget(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 @group(0) @binding(4) var<storage, read_write> lut_ranges: array<vec2<u32>>;
 @group(0) @binding(5) var<storage, read_write> lut_idx: array<u32>;
 
-// The row's scores (each >= 0: its bits order as the numbers).
+// The row's scores (each >= 0: its bits order as the numbers), and its query block:
+// block 0 and the diagonal are the exact pass's.
 var<private> row_at: u32;
+var<private> row_m: u32;
 fn topk_key(n: u32) -> u32 {
     return bitcast<u32>(scores[row_at + n]);
+}
+fn topk_entry(n: u32) -> u32 {
+    return select(n, TOPK_SKIP, n == 0u || n == row_m);
 }
 #include "common/topk.wgsl"
 
@@ -399,28 +404,7 @@ fn proxy_select(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let by_budget = (budget[h] * causal + nb - 1u) / nb;
     let keep = min(causal, max(by_budget, p.min_blocks));
     row_at = (g * nb + m) * nb;
-    let span = topk_span(lid, causal);
-    let cut = topk_cut(lid, span, keep);
-    var eq_rank = cut.eq_first;
-    var written = 0u;
-    for (var n = span.x; n < span.y; n++) {
-        let kept = topk_kept(topk_key(n), cut, &eq_rank);
-        written += select(0u, 1u, kept && n != 0u && n != m);
-    }
-    let row = h * nb + m;
-    let at = scan_u32(lid, written);
-    let base = row_base[row];
-    var pos = base + at.x;
-    eq_rank = cut.eq_first;
-    for (var n = span.x; n < span.y; n++) {
-        let kept = topk_kept(topk_key(n), cut, &eq_rank);
-        if kept && n != 0u && n != m {
-            lut_idx[pos] = n;
-            pos += 1u;
-        }
-    }
-    if lid == 0u {
-        lut_ranges[row] = vec2<u32>(base, base + at.y);
-    }
+    row_m = m;
+    topk_select(lid, causal, keep, h * nb + m);
 }
 #endif

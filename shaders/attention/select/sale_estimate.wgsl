@@ -437,10 +437,13 @@ fn sale_compact(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
 const WG: u32 = 64u;
 #include "common/scan.wgsl"
 
-// Candidate i of the row (key block 1 + i): its ordered margin.
+// Candidate i of the row is key block 1 + i; its key, the ordered margin.
 var<private> row_at: u32;
 fn topk_key(i: u32) -> u32 {
     return scores[row_at + i];
+}
+fn topk_entry(i: u32) -> u32 {
+    return 1u + i;
 }
 #include "common/topk.wgsl"
 
@@ -450,27 +453,7 @@ fn sale_topk(wg: Workgroup, @builtin(local_invocation_index) lid: u32) {
     let h = wg.id.y;
     let row = h * p.n_qb + qb;
     let count = cand_end(qb) - 1u;
-    let keep = min(keep_of[row], count);
     row_at = row * p.chunks * CHUNK_BLOCKS;
-    let span = topk_span(lid, count);
-    let cut = topk_cut(lid, span, keep);
-    var eq_rank = cut.eq_first;
-    var mine = 0u;
-    for (var i = span.x; i < span.y; i++) {
-        mine += select(0u, 1u, topk_kept(topk_key(i), cut, &eq_rank));
-    }
-    let at = scan_u32(lid, mine);
-    let base = row_base[row];
-    var pos = base + at.x;
-    eq_rank = cut.eq_first;
-    for (var i = span.x; i < span.y; i++) {
-        if topk_kept(topk_key(i), cut, &eq_rank) {
-            lut_idx[pos] = 1u + i;
-            pos += 1u;
-        }
-    }
-    if lid == 0u {
-        lut_ranges[row] = vec2<u32>(base, base + at.y);
-    }
+    topk_select(lid, count, min(keep_of[row], count), row);
 }
 #endif

@@ -8,8 +8,9 @@
 //!   summed over the block's rows, is ≥ γ × rows; a [`SparseLut`] that the block-sparse
 //!   executor runs (`Method::BlockSparse`), so its output error can be measured too;
 //! - per block under per-head budgets ([`oracle_top_k`]): each query block of head `h`
-//!   keeps its `⌈β_h · causal blocks⌉` key blocks of the largest mass — the best any
-//!   selector can do with those budgets (a fixed top-k on exact scores).
+//!   keeps its `⌈β_h · causal blocks⌉` key blocks of the largest mass — the best
+//!   choice of blocks of that size under those budgets (a fixed top-k on exact
+//!   scores).
 //!
 //! Cost: O(q_heads · N² · d) for the scores plus a sort per row; meant for evaluation
 //! at up to tens of thousands of tokens.
@@ -201,8 +202,9 @@ fn block_oracle(
             // budgets: the head's count.
             let count = match keep {
                 Keep::Coverage(_) => order.len(),
-                Keep::Budgets(b) => ((b[h] as f64 * order.len() as f64 - 1e-9).ceil() as usize)
-                    .clamp(1, order.len()),
+                Keep::Budgets(b) => {
+                    crate::budget::units_of(b[h], order.len()).clamp(1, order.len())
+                }
             };
             let mut acc = 0.0;
             let mut chosen = vec![];

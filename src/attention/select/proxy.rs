@@ -143,10 +143,7 @@ impl ProxyConfig {
     pub fn fixed_budgets(&self, blocks: usize) -> Option<Vec<u32>> {
         self.head_budget.as_ref().map(|b| {
             b.iter()
-                .map(|&beta| {
-                    let k = (beta as f64 * blocks as f64 - 1e-9).ceil() as usize;
-                    k.clamp(1, blocks.max(1)) as u32
-                })
+                .map(|&beta| crate::budget::units_of(beta, blocks).clamp(1, blocks.max(1)) as u32)
                 .collect()
         })
     }

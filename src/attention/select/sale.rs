@@ -149,7 +149,7 @@ impl SaleConfig {
         let last = ((qb + 1) * BLOCK_Q).min(seq_len).max(1) - 1;
         let causal = last / BLOCK_K + 1;
         let cand = self.candidates(qb);
-        let want = (beta as f64 * causal as f64 - 1e-9).ceil() as usize;
+        let want = crate::budget::units_of(beta, causal);
         Some(want.saturating_sub(causal - cand).min(cand))
     }
 

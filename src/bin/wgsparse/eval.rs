@@ -71,7 +71,7 @@ pub struct EvalArgs {
     /// Fixed per-head budgets (`wgsparse budget`): one proxy row per file (and per
     /// --min-budget), next to the rows that estimate budgets per prompt (γ), one SALE
     /// row per file, next to its threshold rows, and one oracle row per file (the
-    /// heaviest blocks within the budgets: the ceiling of any selector under them).
+    /// heaviest 64 × 64 blocks within the budgets).
     #[arg(long, value_delimiter = ',')]
     budgets: Vec<PathBuf>,
     /// Window method: keys per window.
@@ -101,6 +101,12 @@ pub struct EvalArgs {
 /// `--tau` (or the calibrated `--thresholds`), the window from `--window`/`--sinks`.
 fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
     let mut out = Vec::new();
+    // Each budgets file, read once for every method that runs under it.
+    let budgets: Vec<std::sync::Arc<HeadBudgets>> = a
+        .budgets
+        .iter()
+        .map(|p| HeadBudgets::load(p).map(std::sync::Arc::new))
+        .collect::<Result<_>>()?;
     for spec in &a.methods {
         let spec = spec.trim();
         if spec == "oracle" {
@@ -113,10 +119,8 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
             out.push(EvalMethod::Oracle {
                 coverage: a.coverage,
             });
-            for path in &a.budgets {
-                out.push(EvalMethod::OracleBudgets(std::sync::Arc::new(
-                    HeadBudgets::load(path)?,
-                )));
+            for b in &budgets {
+                out.push(EvalMethod::OracleBudgets(b.clone()));
             }
             continue;
         }
@@ -153,8 +157,7 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
                         });
                     }
                 }
-                for path in &a.budgets {
-                    let b = std::sync::Arc::new(HeadBudgets::load(path)?);
+                for b in &budgets {
                     for &min_budget in &a.min_budget {
                         out.push(EvalMethod::Proxy {
                             cfg: ProxyConfig {
@@ -204,11 +207,11 @@ fn eval_methods(a: &EvalArgs) -> Result<Vec<EvalMethod>> {
                     });
                 }
                 if from_flags {
-                    for path in &a.budgets {
+                    for b in &budgets {
                         out.push(EvalMethod::Sale {
                             cfg: base.clone(),
                             thresholds: None,
-                            budgets: Some(std::sync::Arc::new(HeadBudgets::load(path)?)),
+                            budgets: Some(b.clone()),
                         });
                     }
                 }
