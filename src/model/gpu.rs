@@ -869,11 +869,28 @@ impl GpuDecoder {
         chunk: usize,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Vec<u32>> {
-        let logits = self.prefill(prompt, cache, chunk)?;
+        pollster::block_on(
+            self.generate_async(prompt, max_new, stop, sampler, cache, chunk, on_token),
+        )
+    }
+
+    /// [`GpuDecoder::generate_with`], async (the browser's form: each step awaits the
+    /// device, so the page repaints between tokens).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn generate_async(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        sampler: &mut Sampler,
+        cache: &mut GpuKvCache,
+        chunk: usize,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        let logits = self.prefill_async(prompt, cache, chunk).await?;
         let first = sampler.sample(&logits);
-        crate::model::sample::generation_loop(first, max_new, stop, on_token, &mut |t| {
-            Ok(sampler.sample(&self.forward(&[t], cache)?))
-        })
+        let step = async |t| Ok(sampler.sample(&self.forward_async(&[t], cache).await?));
+        crate::model::sample::generation_loop_async(first, max_new, stop, on_token, step).await
     }
 }
 

@@ -145,6 +145,25 @@ pub fn generation_loop(
     on_token: &mut dyn FnMut(u32),
     step: &mut dyn FnMut(u32) -> crate::error::Result<u32>,
 ) -> crate::error::Result<Vec<u32>> {
+    // The step is ready at once: blocking on the async loop never waits.
+    pollster::block_on(generation_loop_async(
+        first,
+        max_new,
+        stop,
+        on_token,
+        async |t| step(t),
+    ))
+}
+
+/// [`generation_loop`] with a step that awaits (the GPU decoder in a browser, whose
+/// every step waits for the device's readback).
+pub async fn generation_loop_async(
+    first: u32,
+    max_new: usize,
+    stop: &[u32],
+    on_token: &mut dyn FnMut(u32),
+    mut step: impl AsyncFnMut(u32) -> crate::error::Result<u32>,
+) -> crate::error::Result<Vec<u32>> {
     let mut out = Vec::with_capacity(max_new);
     let mut next = first;
     for i in 0..max_new {
@@ -153,7 +172,7 @@ pub fn generation_loop(
         if stop.contains(&next) || i + 1 == max_new {
             break;
         }
-        next = step(next)?;
+        next = step(next).await?;
     }
     Ok(out)
 }

@@ -166,10 +166,9 @@ impl WebContext {
         wasm_bindgen_futures::future_to_promise(async move {
             let opts: RunOptions = serde_json::from_str(&options_json)
                 .map_err(|e| JsError::new(&format!("bad options: {e}")))?;
-            run(&ctx, &opts, None)
-                .await
-                .map(JsValue::from)
-                .map_err(|e| JsError::new(&e).into())
+            let (summary, output) = run(&ctx, &opts, None).await.map_err(|e| JsError::new(&e))?;
+            let json = serde_json::to_string(&summary).map_err(|e| JsError::new(&e.to_string()))?;
+            Ok(JsValue::from(RunResult { json, output }))
         })
     }
 }
@@ -317,8 +316,9 @@ struct Stage {
     clock: &'static str,
 }
 
+/// What one run reports (the JSON of [`RunResult::json`]).
 #[derive(Serialize)]
-struct Summary {
+pub(crate) struct Summary {
     backend: String,
     method: String,
     seq_len: usize,
@@ -419,7 +419,12 @@ pub(crate) struct GivenQkv {
     pub label: String,
 }
 
-async fn run(ctx: &Context, o: &RunOptions, given: Option<&GivenQkv>) -> Result<RunResult, String> {
+/// One run: its summary and its output.
+async fn run(
+    ctx: &Context,
+    o: &RunOptions,
+    given: Option<&GivenQkv>,
+) -> Result<(Summary, Vec<f32>), String> {
     let t_all = clock::now_ms();
     let method = o.method()?;
     let dtype: DType = o.dtype.parse().map_err(|e| format!("{e}"))?;
@@ -631,8 +636,7 @@ async fn run(ctx: &Context, o: &RunOptions, given: Option<&GivenQkv>) -> Result<
         nonfinite: output.iter().filter(|x| !x.is_finite()).count(),
         data: data.into(),
     };
-    let json = serde_json::to_string(&summary).map_err(|e| e.to_string())?;
-    Ok(RunResult { json, output })
+    Ok((summary, output))
 }
 
 /// Records a host-timed stage that started at `t0` (ms).

@@ -237,10 +237,7 @@ impl Default for ViewOptions {
         ViewOptions {
             tokens: 4096,
             layer: None,
-            run: RunOptions {
-                block: 64,
-                ..RunOptions::default()
-            },
+            run: RunOptions::default(),
         }
     }
 }
@@ -260,7 +257,7 @@ struct View {
     dense_pattern: crate::KeyPattern,
     /// The kernels demo's summary of the method over the layer's Q/K/V, with its
     /// density and attention-mass recall against dense.
-    method: serde_json::Value,
+    method: crate::Summary,
 }
 
 #[wasm_bindgen]
@@ -291,15 +288,14 @@ async fn view(m: &Loaded, text: &str, o: &ViewOptions) -> Result<View, String> {
         twin: false,
         ..o.run.clone()
     };
-    let r = crate::run(&m.ctx, &opts, Some(&given)).await?;
-    let method: serde_json::Value = serde_json::from_str(&r.json()).map_err(|x| x.to_string())?;
+    let (method, _) = crate::run(&m.ctx, &opts, Some(&given)).await?;
     let dense_vis = crate::Visibility::new(&Method::Dense, &[], true);
     Ok(View {
         tokens: given.shape.seq_len,
         layer,
         head: o.run.head,
         prefill_ms,
-        dense_ms: method["dense_ms"].as_f64().unwrap_or(f64::NAN),
+        dense_ms: method.dense_ms.ok_or("the dense run reported no time")?,
         dense_pattern: crate::KeyPattern::build(
             &given.shape,
             &dense_vis,
@@ -467,56 +463,36 @@ async fn generate(
     })
     .map_err(|e| e.to_string())?;
     let mut stream = TextStream::new(&m.tok);
-    let mut show = |id: u32| {
+    let t0 = now_ms();
+    let mut ttft = None;
+    // Each token's text to the page; the first one ends the time to first token.
+    let mut on_id = |id: u32| {
+        ttft.get_or_insert_with(|| now_ms() - t0);
         let piece = stream.push(id);
         let _ = on_token.call1(&JsValue::NULL, &JsValue::from_str(&piece));
     };
-    let t0 = now_ms();
-    let mut ttft = 0.0;
+    let stop = &m.tok.stop_ids;
     let out = match engine {
         Engine::Gpu(dec) => {
             let mut cache = dec
                 .new_cache(ids.len() + o.max_tokens)
                 .map_err(|e| e.to_string())?;
-            let logits = dec
-                .prefill_async(&ids, &mut cache, dec.default_chunk())
-                .await
-                .map_err(|e| e.to_string())?;
-            ttft = now_ms() - t0;
-            let mut next = sampler.sample(&logits);
-            let mut out = vec![];
-            loop {
-                out.push(next);
-                show(next);
-                if m.tok.stop_ids.contains(&next) || out.len() == o.max_tokens {
-                    break;
-                }
-                let logits = dec
-                    .forward_async(&[next], &mut cache)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                next = sampler.sample(&logits);
-            }
-            out
-        }
-        Engine::Cpu(dec) => {
-            let mut first = true;
-            dec.generate_with(
+            let chunk = dec.default_chunk();
+            dec.generate_async(
                 &ids,
                 o.max_tokens,
-                &m.tok.stop_ids,
+                stop,
                 &mut sampler,
-                &mut |id| {
-                    if first {
-                        ttft = now_ms() - t0;
-                        first = false;
-                    }
-                    show(id)
-                },
+                &mut cache,
+                chunk,
+                &mut on_id,
             )
-            .map_err(|e| e.to_string())?
+            .await
         }
-    };
+        Engine::Cpu(dec) => dec.generate_with(&ids, o.max_tokens, stop, &mut sampler, &mut on_id),
+    }
+    .map_err(|e| e.to_string())?;
+    let ttft = ttft.unwrap_or(0.0);
     let total = now_ms() - t0;
     let decode_ms = total - ttft;
     Ok(Generated {
