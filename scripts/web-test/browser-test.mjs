@@ -8,7 +8,7 @@
 //   4. no page errors, no console errors, no error box.
 // Usage: node browser-test.mjs <web dir> <out dir>   (CHROMIUM=/path overrides the browser)
 import { chromium } from "playwright-core";
-import http from "node:http";
+import { chromiumArgs, serve } from "./serve.mjs";
 import fs from "node:fs";
 import path from "node:path";
 import os from "node:os";
@@ -27,33 +27,12 @@ function check(cond, what) {
   else { failures++; log("FAIL", what); }
 }
 
-// --- static server ----------------------------------------------------------------
-const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript",
-  ".wasm": "application/wasm", ".json": "application/json", ".css": "text/css", ".ts": "text/plain" };
-const server = http.createServer((req, res) => {
-  const url = new URL(req.url, "http://x");
-  let p = path.normalize(decodeURIComponent(url.pathname)).replace(/^(\.\.[/\\])+/, "");
-  if (p.endsWith("/")) p += "index.html";
-  const file = path.join(webDir, p);
-  if (!file.startsWith(webDir) || !fs.existsSync(file) || !fs.statSync(file).isFile()) {
-    res.writeHead(404); res.end("not found"); return;
-  }
-  res.writeHead(200, { "content-type": types[path.extname(file)] || "application/octet-stream",
-    "cache-control": "no-store" });
-  fs.createReadStream(file).pipe(res);
-});
-await new Promise((r) => server.listen(0, "127.0.0.1", r));
-const base = `http://127.0.0.1:${server.address().port}/`;
+const { server, base } = await serve(webDir, []);
 log("serving", webDir, "at", base, "browser", browserPath);
-
-const baseArgs = ["--headless=new", "--no-sandbox", "--disable-gpu-sandbox", "--disable-background-networking",
-  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"];
 
 async function openPage(webgpu) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "wgsparse-chromium-"));
-  const args = webgpu
-    ? [...baseArgs, "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader"]
-    : [...baseArgs, "--disable-features=WebGPU,Vulkan"];
+  const args = chromiumArgs(webgpu);
   const t0 = Date.now();
   const ctx = await chromium.launchPersistentContext(dir, {
     executablePath: browserPath, headless: true, args, viewport: { width: 1100, height: 900 },

@@ -16,7 +16,7 @@
 // the out dir.
 // Usage: node model-test.mjs <web dir> <out dir> <models dir> <expected.json> <prompt> <tokens> <long text>
 import { chromium } from "playwright-core";
-import http from "node:http";
+import { chromiumArgs, serve } from "./serve.mjs";
 import fs from "node:fs";
 import path from "node:path";
 import os from "node:os";
@@ -38,33 +38,10 @@ function check(cond, what) {
   else { failures++; log("FAIL", what); }
 }
 
-const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm",
-  ".json": "application/json", ".css": "text/css" };
-const server = http.createServer((req, res) => {
-  const url = new URL(req.url, "http://x");
-  let p = path.normalize(decodeURIComponent(url.pathname)).replace(/^(\.\.[/\\])+/, "");
-  if (p.endsWith("/")) p += "index.html";
-  const [root, rel] = p.startsWith("/models/") ? [modelsDir, p.slice("/models/".length)] : [webDir, p];
-  const file = path.join(root, rel);
-  if (!file.startsWith(root) || !fs.existsSync(file) || !fs.statSync(file).isFile()) {
-    res.writeHead(404); res.end("not found"); return;
-  }
-  res.writeHead(200, { "content-type": types[path.extname(file)] || "application/octet-stream",
-    "content-length": fs.statSync(file).size, "cache-control": "no-store" });
-  if (req.method === "HEAD") { res.end(); return; }
-  fs.createReadStream(file).pipe(res);
-});
-await new Promise((r) => server.listen(0, "127.0.0.1", r));
-const base = `http://127.0.0.1:${server.address().port}/`;
-
-const baseArgs = ["--headless=new", "--no-sandbox", "--disable-gpu-sandbox", "--disable-background-networking",
-  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"];
-
+const { server, base } = await serve(webDir, [["models", modelsDir]]);
 async function session(webgpu, label, body) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "wgsparse-chromium-"));
-  const args = webgpu
-    ? [...baseArgs, "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader"]
-    : [...baseArgs, "--disable-features=WebGPU,Vulkan"];
+  const args = chromiumArgs(webgpu);
   const ctx = await chromium.launchPersistentContext(dir, {
     executablePath: browserPath, headless: true, args, viewport: { width: 1100, height: 900 },
   });
