@@ -17,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '[test-web] %s\n' "$*" >&2; }
 . scripts/apt.sh
+. scripts/test-binaries.sh
 start=$SECONDS
 
 # --- system packages ------------------------------------------------------------------
@@ -57,6 +58,9 @@ fi
 t=$SECONDS
 bash scripts/build-web.sh
 say "web build took $((SECONDS - t)) s"
+# The CLI as the host tests built it (scripts/test-binaries.sh says why not `cargo run`).
+wgsparse="$(cli_binary)"
+[ -x "$wgsparse" ] || { say "could not build the wgsparse command"; exit 1; }
 CHROMIUM="$chromium" node "$pw/browser-test.mjs" web target/web-test
 # The model page: SmolLM2-135M (fetched by the real-model tests) generating greedily on
 # WebGPU and on the WASM CPU path, against the native CPU decoder's text; a tiny
@@ -71,9 +75,9 @@ else
     ln -s "$data/models/smollm2-135m-instruct-q4_1.gguf" "$models/"
     prompt="The capital of France is"
     tokens=8
-    cargo run --locked --quiet -- synth-gguf --arch smallthinker --preset tiny-smallthinker \
+    "$wgsparse" synth-gguf --arch smallthinker --preset tiny-smallthinker \
         --type q4_0 --out "$models/tiny-smallthinker.gguf" >/dev/null
-    cargo run --locked --quiet -- generate --model "$models/smollm2-135m-instruct-q4_1.gguf" \
+    "$wgsparse" generate --model "$models/smollm2-135m-instruct-q4_1.gguf" \
         --engine cpu --backend cpu --prompt "$prompt" --tokens "$tokens" --json >"$models/expected.json"
     say "native CPU decoder: $(cat "$models/expected.json")"
     [ -f "$data/text/prideprejudice.txt" ] || bash scripts/fetch-models.sh austen
@@ -82,6 +86,6 @@ else
 fi
 # Every portable kernel variant through the browser's own shader compiler.
 rm -rf target/web-test/wgsl
-cargo run --locked --quiet -- shader --dump target/web-test/wgsl >/dev/null
+"$wgsparse" shader --dump target/web-test/wgsl >/dev/null
 CHROMIUM="$chromium" node "$pw/compile-wgsl.mjs" target/web-test/wgsl
 say "browser test passed; screenshots in target/web-test/; $((SECONDS - start)) s in all"

@@ -252,9 +252,11 @@ fn gpu_decoder_matches_the_cpu(file: &str, fixture: &str, prompt: usize, tol: f3
     );
 }
 
+/// In CI: a 96-token prompt (the GPU decoder's prefill on lavapipe is most of the
+/// real-model stage's time); the larger models below use 200.
 #[test]
 fn smollm2_gpu_decoder_matches_the_cpu() {
-    gpu_decoder_matches_the_cpu(SMOLLM2, "tokens_smollm2_prideprejudice.json", 200, 2e-2);
+    gpu_decoder_matches_the_cpu(SMOLLM2, "tokens_smollm2_prideprejudice.json", 96, 2e-2);
 }
 
 #[test]
