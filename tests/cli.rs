@@ -654,6 +654,30 @@ fn chat_reuses_the_cache_and_the_gpu_decoder_benchmarks() {
             v["weight_bytes"].as_f64().unwrap() <= 1.1 * file_bytes,
             "{v}"
         );
+        // `--prefill-chunk`: the GPU decoder's prompt in chunks of 5 tokens; a chunk of
+        // 0 and the CPU decoder (which prefills a prompt at once) are refused.
+        let generate = |extra: &[&str]| {
+            let base = [
+                "generate",
+                "--model",
+                f,
+                "--prompt",
+                "hello there, how are you today my friend",
+                "--tokens",
+                "3",
+                "--backend",
+                "vulkan",
+                "--json",
+            ];
+            common::wgsparse(&[&base[..], extra].concat())
+        };
+        let v = common::json_with(generate(&["--prefill-chunk", "5"]), "text tokens");
+        let n = v["tokens"].as_array().unwrap().len();
+        assert!((1..=3).contains(&n), "{v}");
+        let (ok, _, err) = generate(&["--prefill-chunk", "0"]);
+        assert!(!ok && err.contains("at least 1"), "{err}");
+        let (ok, _, err) = generate(&["--prefill-chunk", "5", "--engine", "cpu"]);
+        assert!(!ok && err.contains("GPU decoder option"), "{err}");
     }
     let text_file = dir.join("filler.txt");
     std::fs::write(

@@ -15,7 +15,7 @@ use wgsparse::attention::decode_cpu::{CacheAttention, CacheRows};
 use wgsparse::attention::{Method, WindowConfig};
 use wgsparse::model::decoder::{Decoder, KvPrecision};
 use wgsparse::model::gguf::{Gguf, GgufBuilder, Value};
-use wgsparse::model::gpu::GpuDecoder;
+use wgsparse::model::gpu::{DENSE_CHUNK, GpuDecoder};
 use wgsparse::model::sample::Sampler;
 use wgsparse::moe::RouterScoring;
 use wgsparse::moe::cpu::top_k;
@@ -748,4 +748,84 @@ fn sparse_prompt_and_sampling_match_the_cpu_decoder() {
         (first, second)
     };
     assert_eq!(run(), run());
+}
+
+/// The engine's prefill chunk: a dense prompt in chunks of at most `DENSE_CHUNK` tokens;
+/// a sparse prompt method (in any layer) in the longest chunk the storage bindings allow,
+/// since the chunks after the first attend densely over the cache; a caller's chunk
+/// wins; lowered bindings shorten the longest chunk to what its widest activation
+/// outside the FFN fits.
+#[test]
+fn prefill_chunks_follow_the_prompt_method_and_the_bindings() {
+    let Some(ctx) = common::gpu(None) else { return };
+    let g = Gguf::from_bytes(tiny_model("llama", common::seed())).unwrap();
+    let mut dec = GpuDecoder::load(&g, &ctx, Method::Dense).unwrap();
+    let max = dec.max_chunk();
+    assert!(max > DENSE_CHUNK, "the tiny model's longest chunk {max}");
+    assert_eq!(dec.default_chunk(), DENSE_CHUNK);
+    let sale = Method::Sale(Default::default());
+    dec.set_method(sale.clone());
+    assert_eq!(dec.default_chunk(), max);
+    dec.set_method(Method::Dense);
+    dec.layer_methods.insert(1, sale);
+    assert_eq!(dec.default_chunk(), max, "one sparse layer");
+    dec.prefill_chunk = Some(100);
+    assert_eq!(dec.default_chunk(), 100);
+
+    let limit = 256 << 10;
+    let small = common::gpu(Some(limit)).unwrap();
+    let dec = GpuDecoder::load(&g, &small, Method::Sale(Default::default())).unwrap();
+    let t = dec.max_chunk();
+    let c = &dec.cfg;
+    // The FFN runs in parts under the binding, so the widest other activation counts.
+    let widest = (c.n_head * c.head_dim).max(c.d_model) as u64 * 4;
+    assert!(widest < c.ffn_dim as u64 * 4);
+    assert!(t >= 1 && t as u64 * widest <= limit && (t as u64 + 1) * widest > limit);
+    assert_eq!(dec.default_chunk(), t);
+}
+
+/// A chunk longer than one binding of its FFN activations: the dense FFN runs in parts
+/// of 64-token rows (bindings at offsets into the hidden states) and the forward pass
+/// still equals the CPU decoder's, for the three dense architectures (Gemma's post-norm
+/// after the parts); the longest chunk is then set by the other activations.
+#[test]
+fn a_chunk_over_the_ffn_binding_runs_its_ffn_in_parts() {
+    // 192 KiB: 150 tokens of [d_model] or [heads · head_dim] f32 (150 KiB) fit, of the
+    // 512-wide FFN (300 KiB) do not: parts of 64, 64 and 22 tokens.
+    let limit = 192 << 10;
+    let Some(small) = common::gpu(Some(limit)) else {
+        return;
+    };
+    let seed = common::seed();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xff17);
+    let ids: Vec<u32> = (0..150).map(|_| rng.random_range(0..300)).collect();
+    for arch in ["llama", "qwen2", "gemma3"] {
+        let g = Gguf::from_bytes(tiny_model(arch, seed)).unwrap();
+        let mut cpu = Decoder::load(&g, &Context::cpu(), Method::Dense).unwrap();
+        cpu.f32_activations = true;
+        cpu.kv_precision = KvPrecision::F16;
+        let gpu = GpuDecoder::load(&g, &small, Method::Dense).unwrap();
+        let c = &gpu.cfg;
+        assert!((ids.len() * c.ffn_dim * 4) as u64 > limit);
+        assert!(gpu.max_chunk() >= ids.len(), "{arch}: {}", gpu.max_chunk());
+        let h = cpu
+            .forward(&ids, &mut cpu.new_cache(), &mut |_| Ok(()))
+            .unwrap();
+        let want = cpu.logits(&h[h.len() - cpu.cfg.d_model..]);
+        let mut cache = gpu.new_cache(ids.len() + 1).unwrap();
+        let got = gpu.forward(&ids, &mut cache).unwrap();
+        assert_close(
+            &format!("{arch}: 150 tokens, FFN in parts"),
+            &got,
+            &want,
+            TOL,
+        );
+        // The cache the parts wrote serves a decode step.
+        let h = cpu
+            .forward(&[7], &mut cpu.new_cache(), &mut |_| Ok(()))
+            .unwrap();
+        assert!(h.iter().all(|v| v.is_finite()));
+        let step = gpu.forward(&[7], &mut cache).unwrap();
+        assert!(step.iter().all(|v| v.is_finite()), "{arch}: decode step");
+    }
 }

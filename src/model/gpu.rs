@@ -46,7 +46,7 @@ use crate::ops::rope::{RopeStyle, rope_step, rope_table};
 use crate::quant::gpu::GpuMatrix;
 use crate::runtime::Recorder;
 use crate::runtime::context::{Context, GpuDevice};
-use crate::runtime::launch::{Dispatch, storage, storage_init};
+use crate::runtime::launch::{Bound, Dispatch, storage, storage_init};
 use crate::runtime::recorder::Report;
 use crate::runtime::tensor::{DType, Tensor};
 
@@ -77,6 +77,9 @@ struct GpuLayer {
     post_ffn_norm: Option<wgpu::Buffer>,
 }
 
+/// The longest prefill chunk of a dense prompt by default ([`GpuDecoder::default_chunk`]).
+pub const DENSE_CHUNK: usize = 8192;
+
 /// A GGUF model whose forward pass runs on a GPU.
 pub struct GpuDecoder {
     /// Its configuration.
@@ -94,6 +97,9 @@ pub struct GpuDecoder {
     /// Per-layer methods overriding the others (calibrated SALE thresholds:
     /// [`crate::attention::select::sale_calibrate::SaleThresholds::methods`]).
     pub layer_methods: std::collections::HashMap<usize, Method>,
+    /// Prompt tokens per prefill chunk where the caller sets it (memory: a chunk's
+    /// activations grow with its length); `None`: [`GpuDecoder::default_chunk`].
+    pub prefill_chunk: Option<usize>,
     weight_bytes: u64,
     last: Mutex<Option<Report>>,
 }
@@ -351,6 +357,7 @@ impl GpuDecoder {
             method,
             method_layers: Vec::new(),
             layer_methods: Default::default(),
+            prefill_chunk: None,
             weight_bytes: bytes,
             last: Mutex::new(None),
         })
@@ -427,6 +434,13 @@ impl GpuDecoder {
         let post_norms = self.layers.iter().any(|l| l.post_attn_norm.is_some());
         let moe = c.experts > 0;
         let local_rope = c.rope_base_local != c.rope_base;
+        // A dense FFN runs in parts of `ffn_rows` tokens when `[t, ffn]` is over the
+        // binding limit (gate and up hold one part).
+        let ffn_rows = if moe {
+            t
+        } else {
+            ffn_part_rows(t, f, binding_limit(g))?
+        };
         let bufs = Buffers {
             ids: storage(g, "token ids", (t * 4) as u64)?,
             x: f32_buffer(g, "hidden", t * dm)?,
@@ -438,8 +452,8 @@ impl GpuDecoder {
             att: f32_buffer(g, "attention output", t * h * d)?,
             // (Gemma's post-norms only)
             a: f32_buffer(g, "projection output", if post_norms { t * dm } else { 1 })?,
-            g: f32_buffer(g, "ffn gate", t * f * c.top_k.max(1))?,
-            u: f32_buffer(g, "ffn up", if moe { 1 } else { t * f })?,
+            g: f32_buffer(g, "ffn gate", ffn_rows * f * c.top_k.max(1))?,
+            u: f32_buffer(g, "ffn up", if moe { 1 } else { ffn_rows * f })?,
             route_logits: f32_buffer(g, "router logits", t * c.experts)?,
             route_ids: storage(g, "routed experts", (t * c.top_k).max(1) as u64 * 4)?,
             route_w: f32_buffer(g, "routing weights", t * c.top_k)?,
@@ -465,12 +479,19 @@ impl GpuDecoder {
         let qk_norm_q = RmsNormGpu::build_for(ctx, t * h, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
         let qk_norm_k =
             RmsNormGpu::build_for(ctx, t * kvh, d, c.norm_eps, 0, RmsNormMode::InPlace)?;
-        // The gated activation per FFN width (one for most models; a cropped model's
-        // layers differ).
-        let mut acts: HashMap<usize, ActGpu> = HashMap::new();
+        // The FFN's parts of the chunk: token rows [r0, r0 + rows).
+        let ffn_parts: Vec<(usize, usize)> = (0..t)
+            .step_by(ffn_rows)
+            .map(|r0| (r0, ffn_rows.min(t - r0)))
+            .collect();
+        // The gated activation per FFN width and part length (one for most models; a
+        // cropped model's layers differ).
+        let mut acts: HashMap<(usize, usize), ActGpu> = HashMap::new();
         for &fl in &c.ffn_dims {
-            if !moe && !acts.contains_key(&fl) {
-                acts.insert(fl, ActGpu::build(ctx, c.gate(), t * fl)?);
+            for &(_, rows) in &ffn_parts {
+                if !moe && !acts.contains_key(&(fl, rows)) {
+                    acts.insert((fl, rows), ActGpu::build(ctx, c.gate(), rows * fl)?);
+                }
             }
         }
         let (router_top_k, experts_shape) = if moe {
@@ -613,31 +634,60 @@ impl GpuDecoder {
                 post.push(list);
                 continue;
             }
-            list.extend(
-                MatmulGpu::build(ctx, "ffn gate", &l.gate, t, d, plain)?
-                    .dispatches(g, &b.xn, &b.g, None, None)?,
-            );
-            list.extend(
-                MatmulGpu::build(ctx, "ffn up", &l.up, t, d, plain)?
-                    .dispatches(g, &b.xn, &b.u, None, None)?,
-            );
-            list.push(acts[&fl].dispatch(g, &b.g, &b.u));
-            match &l.post_ffn_norm {
-                // x = x2 + down · h.
-                None => {
-                    let res = LinearLayout {
-                        residual: true,
-                        ..Default::default()
-                    };
-                    let down = MatmulGpu::build(ctx, "ffn down", &l.down, t, d, res)?;
-                    list.extend(down.dispatches(g, &b.g, &b.x, Some(&b.x2), None)?);
+            let rows_of = |buf, r0, rows| token_rows(buf, r0, rows, t, dm);
+            for &(r0, rows) in &ffn_parts {
+                let xn = rows_of(&b.xn, r0, rows);
+                list.extend(
+                    MatmulGpu::build(ctx, "ffn gate", &l.gate, rows, d, plain)?.dispatches_bound(
+                        g,
+                        xn,
+                        Bound::Whole(&b.g),
+                        None,
+                        None,
+                    )?,
+                );
+                list.extend(
+                    MatmulGpu::build(ctx, "ffn up", &l.up, rows, d, plain)?.dispatches_bound(
+                        g,
+                        xn,
+                        Bound::Whole(&b.u),
+                        None,
+                        None,
+                    )?,
+                );
+                list.push(acts[&(fl, rows)].dispatch(g, &b.g, &b.u));
+                let h = Bound::Whole(&b.g);
+                match &l.post_ffn_norm {
+                    // x = x2 + down · h.
+                    None => {
+                        let res = LinearLayout {
+                            residual: true,
+                            ..Default::default()
+                        };
+                        let down = MatmulGpu::build(ctx, "ffn down", &l.down, rows, d, res)?;
+                        list.extend(down.dispatches_bound(
+                            g,
+                            h,
+                            rows_of(&b.x, r0, rows),
+                            Some(rows_of(&b.x2, r0, rows)),
+                            None,
+                        )?);
+                    }
+                    // a = down · h (x += norm(a) after the last part).
+                    Some(_) => {
+                        let down = MatmulGpu::build(ctx, "ffn down", &l.down, rows, d, plain)?;
+                        list.extend(down.dispatches_bound(
+                            g,
+                            h,
+                            rows_of(&b.a, r0, rows),
+                            None,
+                            None,
+                        )?);
+                    }
                 }
-                // x += norm(down · h).
-                Some(w) => {
-                    let down = MatmulGpu::build(ctx, "ffn down", &l.down, t, d, plain)?;
-                    list.extend(down.dispatches(g, &b.g, &b.a, None, None)?);
-                    list.push(norm_add.dispatch(g, &[&b.a, w, &b.x]));
-                }
+            }
+            if let Some(w) = &l.post_ffn_norm {
+                list.push(norm_add.dispatch(g, &[&b.a, w, &b.x]));
             }
             post.push(list);
         }
@@ -895,17 +945,36 @@ impl GpuDecoder {
 }
 
 impl GpuDecoder {
-    /// The longest prefill chunk whose activations fit one storage binding each (at
-    /// most 8,192 tokens, a multiple of 256 when over it).
-    pub fn default_chunk(&self) -> usize {
+    /// The longest prefill chunk whose activations fit one storage binding each (a
+    /// multiple of 256 when over it).
+    pub fn max_chunk(&self) -> usize {
         let c = &self.cfg;
-        let ffn = c.ffn_dim * c.top_k.max(1);
+        let limit = self.ctx.gpu().map_or(u64::MAX, binding_limit);
+        // A dense FFN runs in parts of FFN_PART_ROWS tokens or more ([`ffn_part_rows`]);
+        // a MoE layer's routed activations are one binding.
+        let ffn = if c.experts > 0 || limit < (FFN_PART_ROWS * c.ffn_dim * 4) as u64 {
+            c.ffn_dim * c.top_k.max(1)
+        } else {
+            0
+        };
         let widest = ffn.max(c.n_head * c.head_dim).max(c.d_model) as u64 * 4;
-        let limit = self.ctx.gpu().map_or(u64::MAX, |g| {
-            g.caps.max_storage_binding.min(g.caps.max_buffer)
-        });
-        let t = (limit / widest).min(8192) as usize;
+        let t = (limit / widest).min(1 << 24) as usize;
         if t > 256 { t - t % 256 } else { t.max(1) }
+    }
+
+    /// The prefill chunk of the engine's commands: [`GpuDecoder::prefill_chunk`] where
+    /// set; else, when some layer's prompt attention is not dense, [`GpuDecoder::max_chunk`]
+    /// — chunks after the first attend densely over the cache, so a sparse prompt runs
+    /// in as few chunks as the device's bindings allow (the whole prompt where it fits);
+    /// else at most [`DENSE_CHUNK`] tokens (a dense prompt does the same work in any
+    /// chunks, and shorter ones hold less memory).
+    pub fn default_chunk(&self) -> usize {
+        if let Some(chunk) = self.prefill_chunk {
+            return chunk.max(1);
+        }
+        let max = self.max_chunk();
+        let sparse = (0..self.cfg.n_layer).any(|li| self.layer_method(li) != Method::Dense);
+        if sparse { max } else { max.min(DENSE_CHUNK) }
     }
 
     /// Mean next-token negative log-likelihood (nats) of `ids` and the count of
@@ -1000,6 +1069,43 @@ impl GpuDecoder {
     }
 }
 
+/// Token rows `[r0, r0 + rows)` of a `[t, width]` f32 buffer: the whole buffer, or a
+/// byte range of it.
+fn token_rows(buf: &wgpu::Buffer, r0: usize, rows: usize, t: usize, width: usize) -> Bound<'_> {
+    if rows == t {
+        Bound::Whole(buf)
+    } else {
+        Bound::Range(buf, (r0 * width * 4) as u64, (rows * width * 4) as u64)
+    }
+}
+
+/// The largest binding of one activation buffer.
+fn binding_limit(g: &GpuDevice) -> u64 {
+    g.caps.max_storage_binding.min(g.caps.max_buffer)
+}
+
+/// Token rows per FFN part: a part's offset into `[t, d_model]` f32 rows is a multiple
+/// of 64 rows (256 bytes times d_model: every device's storage offset alignment).
+const FFN_PART_ROWS: usize = 64;
+
+/// Rows of one part of a `t`-token chunk's dense FFN: all `t` where `[t, ffn]` f32 fits
+/// a binding of `limit` bytes, else the most multiples of [`FFN_PART_ROWS`] that do.
+fn ffn_part_rows(t: usize, ffn: usize, limit: u64) -> Result<usize> {
+    let row = (ffn * 4) as u64;
+    if t as u64 * row <= limit {
+        return Ok(t);
+    }
+    let rows = (limit / row) as usize / FFN_PART_ROWS * FFN_PART_ROWS;
+    if rows == 0 {
+        return Err(Error::too_large(
+            format!("{FFN_PART_ROWS} FFN rows of a {t}-token chunk (prefill in shorter chunks)"),
+            FFN_PART_ROWS as u64 * row,
+            limit,
+        ));
+    }
+    Ok(rows)
+}
+
 /// Key ranges per query row of the cache attention: enough workgroups to fill a GPU at
 /// one token, few enough that the partial states stay small for a chunk of many.
 fn decode_splits(capacity: usize, heads: usize, tokens: usize) -> usize {
@@ -1026,5 +1132,22 @@ fn vec_opt(ctx: &Context, g: &Gguf, name: &str, len: usize) -> Result<Option<wgp
         Ok(Some(vec_buf(ctx, g, name, len)?))
     } else {
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ffn_parts_are_whole_multiples_of_64_rows_under_the_binding() {
+        // [t, 512] f32 rows are 2 KiB.
+        assert_eq!(ffn_part_rows(150, 512, 300 << 10).unwrap(), 150);
+        assert_eq!(ffn_part_rows(150, 512, 192 << 10).unwrap(), 64);
+        assert_eq!(ffn_part_rows(1000, 512, 1 << 20).unwrap(), 512);
+        assert!(matches!(
+            ffn_part_rows(150, 512, 100 << 10),
+            Err(Error::TooLarge { .. })
+        ));
     }
 }

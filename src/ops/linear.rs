@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::quant::gpu::GpuMatrix;
 use crate::quant::{GgmlType, PackedMatrix, WeightFormat};
 use crate::runtime::context::Context;
-use crate::runtime::launch::{Dispatch, Step, check_axis, storage_init};
+use crate::runtime::launch::{Bound, Dispatch, Step, check_axis, storage_init};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::tensor::Tensor;
 use crate::runtime::{BindingKind, KernelSpec, Recorder, Report};
@@ -561,6 +561,27 @@ impl MatmulGpu {
         residual: Option<&wgpu::Buffer>,
         bias: Option<&wgpu::Buffer>,
     ) -> Result<Vec<Dispatch>> {
+        self.dispatches_bound(
+            g,
+            Bound::Whole(x),
+            Bound::Whole(y),
+            residual.map(Bound::Whole),
+            bias,
+        )
+    }
+
+    /// [`MatmulGpu::dispatches`] over bindings that may be byte ranges of larger buffers
+    /// (token rows `r0..r0 + tokens` of `[T, k]` activations: a long chunk's FFN in
+    /// parts under the binding limit). Offsets must meet the device's storage offset
+    /// alignment.
+    pub fn dispatches_bound(
+        &self,
+        g: &crate::runtime::context::GpuDevice,
+        x: Bound<'_>,
+        y: Bound<'_>,
+        residual: Option<Bound<'_>>,
+        bias: Option<&wgpu::Buffer>,
+    ) -> Result<Vec<Dispatch>> {
         if residual.is_some() != self.layout.residual || bias.is_some() != self.layout.bias {
             return Err(Error::InvalidArgument(format!(
                 "projection built with residual {} and bias {}, given {} and {}",
@@ -574,10 +595,10 @@ impl MatmulGpu {
             .steps
             .iter()
             .map(|(step, w)| {
-                let mut bufs = vec![x, w, y];
-                bufs.extend(residual);
-                bufs.extend(bias);
-                step.dispatch(g, &bufs)
+                let mut bound = vec![x, Bound::Whole(w), y];
+                bound.extend(residual);
+                bound.extend(bias.map(Bound::Whole));
+                step.launch.dispatch_bound(g, &bound, step.grid)
             })
             .collect())
     }

@@ -293,6 +293,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         budgets: None,
         exact: false,
         max_resident_mb: None,
+        prefill_chunk: None,
     };
     let (tok, dec) = load_decoder(&m_args)?;
     let layers = eval_layers(&a.layers, &dec.cfg.global)?;

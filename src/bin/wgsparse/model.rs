@@ -49,6 +49,12 @@ pub struct ModelArgs {
     /// only routed ones are touched either way).
     #[arg(long)]
     pub(crate) max_resident_mb: Option<u64>,
+    /// GPU decoder: prompt tokens per prefill chunk. Default: with a sparse prompt
+    /// method, the longest chunk the device's storage bindings allow (chunks after the
+    /// first attend densely over the KV cache); dense, at most 8,192. Lower it where a
+    /// long prompt's activations do not fit GPU memory.
+    #[arg(long)]
+    pub(crate) prefill_chunk: Option<usize>,
 }
 
 /// The per-layer methods of calibrated SALE `thresholds` or per-head `budgets` on
@@ -149,7 +155,22 @@ fn load_on(m: &ModelArgs, kind: EngineKind) -> Result<(ModelTokenizer, Engine)> 
                 "--exact and --max-resident-mb are CPU decoder options (--engine cpu)".into(),
             ));
         }
-        Engine::Gpu(_) => {}
+        Engine::Gpu(d) => d.prefill_chunk = m.prefill_chunk,
+    }
+    match (m.prefill_chunk, &dec) {
+        (Some(0), _) => {
+            return Err(Error::InvalidArgument(
+                "--prefill-chunk must be at least 1 token".into(),
+            ));
+        }
+        (Some(_), Engine::Cpu(_)) => {
+            return Err(Error::InvalidArgument(
+                "--prefill-chunk is a GPU decoder option (the CPU decoder prefills a prompt \
+                 at once)"
+                    .into(),
+            ));
+        }
+        _ => {}
     }
     let (cfg, engine) = (dec.cfg(), dec.kind());
     eprintln!(
