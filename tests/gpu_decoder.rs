@@ -19,7 +19,7 @@ use wgsparse::model::gpu::{DENSE_CHUNK, GpuDecoder};
 use wgsparse::model::sample::Sampler;
 use wgsparse::moe::RouterScoring;
 use wgsparse::moe::cpu::top_k;
-use wgsparse::moe::experts_ggml::{ExpertsGgmlGpu, ExpertsShape, experts_ggml_cpu};
+use wgsparse::moe::experts_ggml::{ExpertsGgmlGpu, ExpertsScratch, ExpertsShape, experts_ggml_cpu};
 use wgsparse::moe::router::top_k_step;
 use wgsparse::ops::embed::{EmbedGpu, embed_cpu};
 use wgsparse::ops::linear::{LinearKernel, LinearLayout, MatmulGpu};
@@ -228,7 +228,15 @@ fn routed_experts_match_the_cpu_twin() {
             (gate.parts.len(), up.parts.len(), down.parts.len()),
             (3, 1, 3)
         );
-        for (tokens, top_k) in [(1usize, 2usize), (7, 3)] {
+        // One token (matrix-vector passes); prompts (grouped passes: tiles of 8
+        // assignments per expert, partial tiles, parts of the matrices): random routing,
+        // and routing to experts 0 and 3 only (experts without assignments).
+        for (tokens, top_k, only) in [
+            (1usize, 2usize, None),
+            (7, 3, None),
+            (45, 2, None),
+            (21, 2, Some([0u32, 3])),
+        ] {
             let shape = ExpertsShape {
                 tokens,
                 top_k,
@@ -245,9 +253,12 @@ fn routed_experts_match_the_cpu_twin() {
             let mut ids = Vec::new();
             let mut route_w = Vec::new();
             for _ in 0..tokens {
-                let mut pick: Vec<u32> = (0..experts as u32).collect();
+                let mut pick: Vec<u32> = match only {
+                    Some(o) => o.to_vec(),
+                    None => (0..experts as u32).collect(),
+                };
                 for j in 0..top_k {
-                    let r = rng.random_range(j..experts);
+                    let r = rng.random_range(j..pick.len());
                     pick.swap(j, r);
                 }
                 let w: Vec<f32> = (0..top_k).map(|_| rng.random_range(0.1f32..1.0)).collect();
@@ -265,7 +276,17 @@ fn routed_experts_match_the_cpu_twin() {
             let h = Tensor::filled(&ctx, &[tokens * top_k * ffn], DType::F32, f32::NAN).unwrap();
             let out = Tensor::filled(&ctx, &[tokens * hidden], DType::F32, f32::NAN).unwrap();
             let b = |t: &Tensor| t.gpu_buffer().unwrap().clone();
-            let list = run.dispatches(g, &b(&zt), &b(&it), &b(&wt), &b(&h), &b(&rt), &b(&out));
+            let scratch = ExpertsScratch::new(g, shape).unwrap();
+            let list = run.dispatches(
+                g,
+                &b(&zt),
+                &b(&it),
+                &b(&wt),
+                &b(&h),
+                &b(&rt),
+                &b(&out),
+                &scratch,
+            );
             let mut rec = Recorder::new(&ctx, "experts", 1).unwrap();
             rec.dispatch_stage("experts", &list);
             rec.submit_blocking().unwrap();
@@ -275,7 +296,8 @@ fn routed_experts_match_the_cpu_twin() {
                 let tol = 2e-5 * m + 1e-5;
                 assert!(
                     (a - w).abs() <= tol,
-                    "{ty:?}/{ty_down:?} tokens {tokens} top-{top_k} [{j}]: {a} vs {w} (tol {tol})"
+                    "{ty:?}/{ty_down:?} tokens {tokens} top-{top_k} {only:?} [{j}]: {a} vs {w} \
+                     (tol {tol})"
                 );
             }
             // Neuron skipping happened: some gates were off.

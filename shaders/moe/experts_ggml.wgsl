@@ -4,7 +4,8 @@
 // so expert e's matrix is rows e·R .. e·R + R of one [E·R, C] matrix in the file's
 // blocks (quant/ggml.wgsl decodes them).
 //
-// Three entry points, dispatched in this order for a layer; assignment a = i·K + j is
+// One token: three entry points (a prompt: the grouped passes, GROUPED below),
+// dispatched in this order for a layer; assignment a = i·K + j is
 // token i's j-th routed expert e(a) = ids[a] (K = p.top_k):
 //   experts_gate (GATE): y[a, n] = W_gate[e(a)][n] · x[i]                (y = g [A, R])
 //   experts_up   (UP):   y[a, n] = max(y[a, n], 0) · (W_up[e(a)][n] · x[i]), in place
@@ -31,6 +32,11 @@ const LANES: u32 = 32u;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
+#ifdef GROUPED
+@group(0) @binding(3) var<storage, read> sorted: array<u32>;
+@group(0) @binding(4) var<storage, read> seg: array<u32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+#else
 @group(0) @binding(3) var<storage, read> ids: array<u32>;
 #ifdef DOWN
 @group(0) @binding(4) var<storage, read> route_w: array<f32>;
@@ -41,9 +47,123 @@ const LANES: u32 = 32u;
 #else
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 #endif
+#endif
 
 #include "quant/ggml.wgsl"
 #include "common/row_sum.wgsl"
+
+#ifdef GROUPED
+// Prompts: the grouped passes. moe/dispatch.wgsl has sorted the assignments into
+// expert-contiguous order (sorted[pos] = a; seg = counts [E], offsets [E + 1], tile
+// starts [E + 1] for tiles of TILE assignments). One workgroup per (tile, 8 output rows):
+// each lane decodes a weight row's four values once and multiplies them with the tile's
+// TILE activation rows, so a prompt reads an expert's weights once per tile instead of
+// once per assignment. GATE: y[a, n] = W_gate[e][n] · x[i(a)]; UP: y[a, n] =
+// max(y[a, n], 0) · (W_up[e][n] · x[i(a)]) in place, the up row not read where the tile's
+// gates are all ≤ 0; DOWN: y[pos, n] = W_down[e][n] · h[a] in sorted order (moe/combine.wgsl
+// adds them, weighted, to the residual), four neurons skipped where every h is 0.
+
+const TILE: u32 = 8u;
+
+struct Tile {
+    e: u32,
+    pos0: u32,
+    count: u32,
+}
+
+// Tile `t` of the expert-contiguous order: its expert, first position and assignment
+// count; expert 0xffffffff past the last tile.
+fn find_tile(t: u32) -> Tile {
+    let ne = p.layer_experts;
+    let starts = 2u * ne + 1u;
+    if (t >= seg[starts + ne]) {
+        return Tile(0xffffffffu, 0u, 0u);
+    }
+    // The last expert whose first tile is at or before t (experts without tiles share
+    // the next one's start and come before it).
+    var lo = 0u;
+    var hi = ne;
+    while (lo + 1u < hi) {
+        let mid = (lo + hi) / 2u;
+        if (seg[starts + mid] <= t) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let first = (t - seg[starts + lo]) * TILE;
+    return Tile(lo, seg[ne + lo] + first, min(TILE, seg[lo] - first));
+}
+
+@compute @workgroup_size(256)
+fn experts_grouped(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
+    let lane = lid % LANES;
+    let g = flat_id(wg);
+    let tile = find_tile(g / p.row_blocks);
+    let n = (g % p.row_blocks) * ROWS + lid / LANES;
+    // Tiles of this part's experts only.
+    let mine = tile.e != 0xffffffffu && tile.e >= p.e0 && tile.e < p.e0 + p.experts && n < p.n;
+    let row = (tile.e - p.e0) * p.n + n;
+    var a: array<u32, TILE>;
+    var acc: array<f32, TILE>;
+#ifdef UP
+    var gate: array<f32, TILE>;
+#endif
+    var live = false;
+    for (var m = 0u; m < TILE; m++) {
+        if (mine && m < tile.count) {
+            a[m] = sorted[tile.pos0 + m];
+#ifdef UP
+            gate[m] = max(y[a[m] * p.n + n], 0.0);
+            live = live || gate[m] > 0.0;
+#else
+            live = true;
+#endif
+        }
+    }
+    if (live) {
+        for (var c = lane * 4u; c < p.k; c += LANES * 4u) {
+#ifdef DOWN
+            var hv: array<vec4<f32>, TILE>;
+            var nonzero = false;
+            for (var m = 0u; m < TILE; m++) {
+                if (m < tile.count) {
+                    hv[m] = x[(a[m] * p.k + c) / 4u];
+                    nonzero = nonzero || any(hv[m] != vec4<f32>(0.0));
+                }
+            }
+            if (nonzero) {
+                let wv = ggml_load4(row, c, p.k);
+                for (var m = 0u; m < TILE; m++) {
+                    acc[m] += dot(wv, hv[m]);
+                }
+            }
+#else
+            let wv = ggml_load4(row, c, p.k);
+            for (var m = 0u; m < TILE; m++) {
+                if (m < tile.count) {
+                    acc[m] += dot(wv, x[((a[m] / p.top_k) * p.k + c) / 4u]);
+                }
+            }
+#endif
+        }
+    }
+    for (var m = 0u; m < TILE; m++) {
+        let total = row_sum(acc[m], lid);
+        if (lane == 0u && mine && m < tile.count) {
+#ifdef DOWN
+            y[(tile.pos0 + m) * p.n + n] = total;
+#else
+#ifdef UP
+            y[a[m] * p.n + n] = gate[m] * total;
+#else
+            y[a[m] * p.n + n] = total;
+#endif
+#endif
+        }
+    }
+}
+#else
 
 
 // This lane's share of row `row` (of this part) times the activation row starting at
@@ -135,4 +255,5 @@ fn experts_gate_up(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
 #endif
     }
 }
+#endif
 #endif

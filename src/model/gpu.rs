@@ -36,7 +36,7 @@ use crate::model::decoder::{Config, choose_layer_method};
 use crate::model::gguf::Gguf;
 use crate::model::sample::Sampler;
 use crate::moe::RouterScoring;
-use crate::moe::experts_ggml::{ExpertsGgmlGpu, ExpertsShape};
+use crate::moe::experts_ggml::{ExpertsGgmlGpu, ExpertsScratch, ExpertsShape};
 use crate::moe::router::top_k_step;
 use crate::ops::act::ActGpu;
 use crate::ops::embed::EmbedGpu;
@@ -161,6 +161,8 @@ struct Buffers {
     route_logits: wgpu::Buffer,
     route_ids: wgpu::Buffer,
     route_w: wgpu::Buffer,
+    /// MoE layers of a prompt: the grouped passes' scratch.
+    experts: Option<ExpertsScratch>,
     xl: wgpu::Buffer,
     logits: wgpu::Buffer,
     rope: wgpu::Buffer,
@@ -457,6 +459,20 @@ impl GpuDecoder {
             route_logits: f32_buffer(g, "router logits", t * c.experts)?,
             route_ids: storage(g, "routed experts", (t * c.top_k).max(1) as u64 * 4)?,
             route_w: f32_buffer(g, "routing weights", t * c.top_k)?,
+            experts: if moe {
+                Some(ExpertsScratch::new(
+                    g,
+                    ExpertsShape {
+                        tokens: t,
+                        top_k: c.top_k,
+                        experts: c.experts,
+                        hidden: dm,
+                        ffn: f,
+                    },
+                )?)
+            } else {
+                None
+            },
             xl: f32_buffer(g, "last hidden", dm)?,
             logits: f32_buffer(g, "logits", vocab)?,
             rope: f32_buffer(g, "rope table", t * d)?,
@@ -630,6 +646,7 @@ impl GpuDecoder {
                     &b.g,
                     &b.x2,
                     &b.x,
+                    b.experts.as_ref().expect("made for MoE models"),
                 ));
                 post.push(list);
                 continue;
@@ -952,8 +969,11 @@ impl GpuDecoder {
         let limit = self.ctx.gpu().map_or(u64::MAX, binding_limit);
         // A dense FFN runs in parts of FFN_PART_ROWS tokens or more ([`ffn_part_rows`]);
         // a MoE layer's routed activations are one binding.
-        let ffn = if c.experts > 0 || limit < (FFN_PART_ROWS * c.ffn_dim * 4) as u64 {
-            c.ffn_dim * c.top_k.max(1)
+        // (its down products too, `[t · top_k, d_model]`).
+        let ffn = if c.experts > 0 {
+            (c.ffn_dim * c.top_k).max(c.d_model * c.top_k)
+        } else if limit < (FFN_PART_ROWS * c.ffn_dim * 4) as u64 {
+            c.ffn_dim
         } else {
             0
         };

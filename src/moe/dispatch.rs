@@ -2,8 +2,8 @@
 //! router's assignments into expert-contiguous order (three dispatches, one stage).
 
 use crate::error::{Error, Result};
-use crate::runtime::context::Context;
-use crate::runtime::launch::{Launch, grid_2d};
+use crate::runtime::context::{Context, GpuDevice};
+use crate::runtime::launch::{Dispatch, Launch, grid_2d};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec, Recorder};
 
@@ -98,16 +98,20 @@ impl DispatchGpu {
         })
     }
 
-    /// Records the three passes over `[ids, block_counts, meta, sorted, inv]`.
-    pub(crate) fn record(&self, rec: &mut Recorder<'_>, bufs: &[&wgpu::Buffer; 5]) {
+    /// The three passes over `[ids, block_counts, meta, sorted, inv]`, in order.
+    pub(crate) fn dispatches(&self, g: &GpuDevice, bufs: &[&wgpu::Buffer; 5]) -> Vec<Dispatch> {
         let (gx, gy) = self.grid;
         let [histogram, scan, scatter] = &self.launches;
-        let g = rec.gpu();
-        let list = [
+        vec![
             histogram.dispatch(g, bufs, (gx, gy, 1)),
             scan.dispatch(g, bufs, (1, 1, 1)),
             scatter.dispatch(g, bufs, (gx, gy, 1)),
-        ];
+        ]
+    }
+
+    /// Records the three passes over `[ids, block_counts, meta, sorted, inv]`.
+    pub(crate) fn record(&self, rec: &mut Recorder<'_>, bufs: &[&wgpu::Buffer; 5]) {
+        let list = self.dispatches(rec.gpu(), bufs);
         rec.dispatch_stage("dispatch", &list);
     }
 }

@@ -7,19 +7,25 @@
 //! then the down products weighted by the router and added to the residual stream. The
 //! CPU twin is [`experts_ggml_cpu`].
 //!
-//! These are matrix-vector kernels per assignment: a prompt reads an expert's weights
-//! once per token routed to it (the MoE layer's grouped tiled kernels of
-//! [`super::MoePlan`] read them once per tile, but want the crate's repacked formats).
+//! One token runs matrix-vector kernels per assignment. A prompt runs the grouped
+//! passes: the router's assignments sorted into expert-contiguous order on the GPU
+//! ([`super::dispatch`]), then one workgroup per tile of [`GROUPED_TILE`] assignments of
+//! one expert and 8 output rows, which decodes each weight once for the whole tile (an
+//! expert's weights are read once per tile instead of once per routed token), and the
+//! down products gathered back to token order, weighted, onto the residual
+//! ([`super::combine`]).
 
 use crate::error::{Error, Result};
 use crate::quant::GgmlType;
 use crate::quant::gpu::{GPU_FORMATS, GpuMatrix, wgsl_flag};
 use crate::runtime::context::{Context, GpuDevice};
-use crate::runtime::launch::{Dispatch, Step};
+use crate::runtime::launch::{Dispatch, Step, storage};
 use crate::runtime::preprocess::Defines;
 use crate::runtime::{BindingKind, KernelSpec};
 
 use super::MAX_TOP_K;
+use super::combine::{CombineParams, combine_step};
+use super::dispatch::{DISPATCH_BLOCK, DispatchGpu, meta_words};
 
 crate::runtime::preprocess::wgsl_params! {
     /// Uniform parameters; mirrors `struct Params` in the WGSL.
@@ -31,12 +37,15 @@ crate::runtime::preprocess::wgsl_params! {
         e0: u32,
         experts: u32,
         row_blocks: u32,
-        _pad: u32,
+        layer_experts: u32,
     }
 }
 
 /// Output rows per workgroup (the shader's `ROWS`).
 const ROWS: usize = 8;
+
+/// Assignments per tile of the grouped passes (the shader's `TILE`).
+pub const GROUPED_TILE: usize = 8;
 
 /// The passes of one layer's experts, in their order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,8 +83,29 @@ pub fn experts_ggml_spec(ty: GgmlType, pass: ExpertsPass) -> KernelSpec {
     }
 }
 
-/// Every variant (each GPU weight format × pass), for the shader dump and the
-/// portability tests.
+/// The grouped kernel of a prompt's pass over weights of type `ty` (`Gate`, `Up` or
+/// `Down`: every part of the down matrix writes its own assignments' rows).
+pub fn experts_grouped_spec(ty: GgmlType, pass: ExpertsPass) -> KernelSpec {
+    let flag = wgsl_flag(ty).unwrap_or("GGML_UNSUPPORTED");
+    KernelSpec {
+        file: "moe/experts_ggml.wgsl",
+        entry: "experts_grouped",
+        defines: Defines::new()
+            .params::<ExpertsParams>()
+            .flag("GGML")
+            .flag("GROUPED")
+            .flag(flag)
+            .flag_if("UP", pass == ExpertsPass::Up)
+            .flag_if(
+                "DOWN",
+                matches!(pass, ExpertsPass::Down | ExpertsPass::DownAccum),
+            ),
+        bindings: BindingKind::layout("urrrrw"),
+    }
+}
+
+/// Every variant (each GPU weight format × pass, one-token and grouped), for the
+/// shader dump and the portability tests.
 pub fn all_experts_ggml_variants() -> Vec<KernelSpec> {
     GPU_FORMATS
         .iter()
@@ -87,6 +117,11 @@ pub fn all_experts_ggml_variants() -> Vec<KernelSpec> {
                 ExpertsPass::DownAccum,
             ]
             .map(move |p| experts_ggml_spec(ty, p))
+            .into_iter()
+            .chain(
+                [ExpertsPass::Gate, ExpertsPass::Up, ExpertsPass::Down]
+                    .map(move |p| experts_grouped_spec(ty, p)),
+            )
         })
         .collect()
 }
@@ -131,12 +166,58 @@ impl ExpertsShape {
     }
 }
 
+/// The scratch buffers of the grouped passes (shared by the layers of a plan, which run
+/// one after the other): the dispatch's per-block counts, its `meta` (counts, offsets,
+/// tile starts), the sorted order and its inverse, and the down products in sorted
+/// order `[assignments, hidden]`.
+pub struct ExpertsScratch {
+    block_counts: wgpu::Buffer,
+    meta: wgpu::Buffer,
+    sorted: wgpu::Buffer,
+    inv: wgpu::Buffer,
+    down: wgpu::Buffer,
+}
+
+impl ExpertsScratch {
+    /// Buffers for `shape` (a few bytes for one token, which runs no grouped pass).
+    pub fn new(g: &GpuDevice, shape: ExpertsShape) -> Result<Self> {
+        let a = if shape.tokens > 1 {
+            shape.assignments()
+        } else {
+            1
+        };
+        let blocks = a.div_ceil(DISPATCH_BLOCK);
+        let words = |label: &str, n: usize| storage(g, label, (n.max(1) * 4) as u64);
+        Ok(ExpertsScratch {
+            block_counts: words("experts block counts", blocks * shape.experts)?,
+            meta: words("experts meta", meta_words(shape.experts))?,
+            sorted: words("experts sorted", a)?,
+            inv: words("experts inverse", a)?,
+            down: words(
+                "experts down products",
+                if shape.tokens > 1 {
+                    a * shape.hidden
+                } else {
+                    1
+                },
+            )?,
+        })
+    }
+}
+
+/// The grouped passes of a prompt: the dispatch, gate / up / down per part, the combine.
+struct Grouped {
+    dispatch: DispatchGpu,
+    combine: Step<CombineParams>,
+}
+
 /// The three passes of a layer's routed experts, built once for a token count
-/// (one dispatch per part of each matrix).
+/// (one dispatch per part of each matrix; a prompt's grouped, see the module docs).
 pub struct ExpertsGgmlGpu {
     gate: Vec<(Step<ExpertsParams>, wgpu::Buffer)>,
     up: Vec<(Step<ExpertsParams>, wgpu::Buffer)>,
     down: Vec<(Step<ExpertsParams>, wgpu::Buffer)>,
+    grouped: Option<Grouped>,
 }
 
 impl ExpertsGgmlGpu {
@@ -152,6 +233,16 @@ impl ExpertsGgmlGpu {
     ) -> Result<Self> {
         shape.check()?;
         let s = shape;
+        let grouped = s.tokens > 1;
+        if s.experts > super::MAX_EXPERTS {
+            return Err(Error::InvalidShape(format!(
+                "routed experts: {} experts, at most {}",
+                s.experts,
+                super::MAX_EXPERTS
+            )));
+        }
+        // Tiles of the grouped passes: at most one partial tile per expert.
+        let tiles = s.assignments().div_ceil(GROUPED_TILE) + s.experts.min(s.assignments());
         let steps = |m: &GpuMatrix,
                      name: &str,
                      (rows, cols): (usize, usize),
@@ -164,8 +255,11 @@ impl ExpertsGgmlGpu {
                 )));
             }
             let row_blocks = rows.div_ceil(ROWS);
-            // Gate and up: one workgroup row per assignment; down: per token.
-            let items = if pass(0) == ExpertsPass::Down {
+            // Gate and up: one workgroup row per assignment; down: per token; grouped:
+            // per tile.
+            let items = if grouped {
+                tiles
+            } else if pass(0) == ExpertsPass::Down {
                 s.tokens
             } else {
                 s.assignments()
@@ -189,9 +283,13 @@ impl ExpertsGgmlGpu {
                         e0: (part.row0 / rows) as u32,
                         experts: (part.rows / rows) as u32,
                         row_blocks: row_blocks as u32,
-                        _pad: 0,
+                        layer_experts: s.experts as u32,
                     };
-                    let spec = experts_ggml_spec(m.ty, pass(i));
+                    let spec = if grouped {
+                        experts_grouped_spec(m.ty, pass(i))
+                    } else {
+                        experts_ggml_spec(m.ty, pass(i))
+                    };
                     let step = Step::flat(ctx, &spec, &p, (row_blocks * items) as u64)?;
                     Ok((step, part.buffer.clone()))
                 })
@@ -207,12 +305,22 @@ impl ExpertsGgmlGpu {
                     ExpertsPass::DownAccum
                 }
             })?,
+            grouped: if grouped {
+                Some(Grouped {
+                    dispatch: DispatchGpu::build(ctx, s.experts, s.assignments(), GROUPED_TILE)?,
+                    combine: combine_step(ctx, s.tokens, s.hidden, s.top_k)?,
+                })
+            } else {
+                None
+            },
         })
     }
 
     /// The dispatches, in order: `z` the normed rows `[tokens, hidden]`, `ids` and
     /// `route_w` the router's choice `[tokens, top_k]`, `h` scratch `[assignments,
-    /// ffn]`, `out = res + Σ` `[tokens, hidden]` (`out` and `res` distinct buffers).
+    /// ffn]`, `out = res + Σ` `[tokens, hidden]` (`out` and `res` distinct buffers);
+    /// `scratch` for the grouped passes of a prompt ([`ExpertsScratch::new`] of the same
+    /// shape).
     #[allow(clippy::too_many_arguments)]
     pub fn dispatches(
         &self,
@@ -223,7 +331,30 @@ impl ExpertsGgmlGpu {
         h: &wgpu::Buffer,
         res: &wgpu::Buffer,
         out: &wgpu::Buffer,
+        scratch: &ExpertsScratch,
     ) -> Vec<Dispatch> {
+        if let Some(gr) = &self.grouped {
+            let sc = scratch;
+            let mut list = gr
+                .dispatch
+                .dispatches(g, &[ids, &sc.block_counts, &sc.meta, &sc.sorted, &sc.inv]);
+            list.extend(
+                self.gate
+                    .iter()
+                    .chain(&self.up)
+                    .map(|(s, w)| s.dispatch(g, &[z, w, &sc.sorted, &sc.meta, h])),
+            );
+            list.extend(
+                self.down
+                    .iter()
+                    .map(|(s, w)| s.dispatch(g, &[h, w, &sc.sorted, &sc.meta, &sc.down])),
+            );
+            list.push(
+                gr.combine
+                    .dispatch(g, &[&sc.down, route_w, &sc.inv, res, out]),
+            );
+            return list;
+        }
         let gate_up = self
             .gate
             .iter()
