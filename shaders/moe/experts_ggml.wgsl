@@ -65,6 +65,27 @@ const LANES: u32 = 32u;
 
 const TILE: u32 = 8u;
 
+// The tile's TILE row sums at once (one set of barriers, not TILE): after the call,
+// lane 0 of each row finds the row's sum for assignment m in tile_part[m * 256 + lid].
+// Call from uniform control flow.
+var<workgroup> tile_part: array<f32, 2048>;
+
+fn tile_row_sums(acc: array<f32, TILE>, lid: u32) {
+    let lane = lid % LANES;
+    for (var m = 0u; m < TILE; m++) {
+        tile_part[m * 256u + lid] = acc[m];
+    }
+    workgroupBarrier();
+#unroll s 5
+    if (lane < (16u >> ${s}u)) {
+        for (var m = 0u; m < TILE; m++) {
+            tile_part[m * 256u + lid] += tile_part[m * 256u + lid + (16u >> ${s}u)];
+        }
+    }
+    workgroupBarrier();
+#endunroll
+}
+
 struct Tile {
     e: u32,
     pos0: u32,
@@ -148,8 +169,9 @@ fn experts_grouped(wg: WorkgroupN, @builtin(local_invocation_index) lid: u32) {
 #endif
         }
     }
+    tile_row_sums(acc, lid);
     for (var m = 0u; m < TILE; m++) {
-        let total = row_sum(acc[m], lid);
+        let total = tile_part[m * 256u + lid];
         if (lane == 0u && mine && m < tile.count) {
 #ifdef DOWN
             y[(tile.pos0 + m) * p.n + n] = total;
