@@ -443,6 +443,13 @@ impl GpuDecoder {
         } else {
             ffn_part_rows(t, f, binding_limit(g))?
         };
+        let experts_shape = moe.then_some(ExpertsShape {
+            tokens: t,
+            top_k: c.top_k,
+            experts: c.experts,
+            hidden: dm,
+            ffn: f,
+        });
         let bufs = Buffers {
             ids: storage(g, "token ids", (t * 4) as u64)?,
             x: f32_buffer(g, "hidden", t * dm)?,
@@ -459,20 +466,9 @@ impl GpuDecoder {
             route_logits: f32_buffer(g, "router logits", t * c.experts)?,
             route_ids: storage(g, "routed experts", (t * c.top_k).max(1) as u64 * 4)?,
             route_w: f32_buffer(g, "routing weights", t * c.top_k)?,
-            experts: if moe {
-                Some(ExpertsScratch::new(
-                    g,
-                    ExpertsShape {
-                        tokens: t,
-                        top_k: c.top_k,
-                        experts: c.experts,
-                        hidden: dm,
-                        ffn: f,
-                    },
-                )?)
-            } else {
-                None
-            },
+            experts: experts_shape
+                .map(|shape| ExpertsScratch::new(g, shape))
+                .transpose()?,
             xl: f32_buffer(g, "last hidden", dm)?,
             logits: f32_buffer(g, "logits", vocab)?,
             rope: f32_buffer(g, "rope table", t * d)?,
@@ -510,23 +506,15 @@ impl GpuDecoder {
                 }
             }
         }
-        let (router_top_k, experts_shape) = if moe {
+        let router_top_k = if moe {
             let scoring = if c.sigmoid_gating {
                 RouterScoring::Sigmoid
             } else {
                 RouterScoring::Softmax
             };
-            let step = top_k_step(ctx, c.experts, c.top_k, scoring, t)?;
-            let shape = ExpertsShape {
-                tokens: t,
-                top_k: c.top_k,
-                experts: c.experts,
-                hidden: dm,
-                ffn: f,
-            };
-            (Some(step), Some(shape))
+            Some(top_k_step(ctx, c.experts, c.top_k, scoring, t)?)
         } else {
-            (None, None)
+            None
         };
         let splits = decode_splits(cache.capacity, h, t);
         // One cache attention per window (global / local layers), its partial states
