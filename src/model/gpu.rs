@@ -26,6 +26,7 @@
 //! position uniform, records, submits and reads `vocab` floats back.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -499,10 +500,12 @@ impl GpuDecoder {
         // The gated activation per FFN width and part length (one for most models; a
         // cropped model's layers differ).
         let mut acts: HashMap<(usize, usize), ActGpu> = HashMap::new();
-        for &fl in &c.ffn_dims {
-            for &(_, rows) in &ffn_parts {
-                if !moe && !acts.contains_key(&(fl, rows)) {
-                    acts.insert((fl, rows), ActGpu::build(ctx, c.gate(), rows * fl)?);
+        if !moe {
+            for &fl in &c.ffn_dims {
+                for &(_, rows) in &ffn_parts {
+                    if let Entry::Vacant(e) = acts.entry((fl, rows)) {
+                        e.insert(ActGpu::build(ctx, c.gate(), rows * fl)?);
+                    }
                 }
             }
         }
@@ -640,56 +643,31 @@ impl GpuDecoder {
                 continue;
             }
             let rows_of = |buf, r0, rows| token_rows(buf, r0, rows, t, dm);
+            // x = x2 + down · h, or a = down · h (x += norm(a) after the last part).
+            let down_layout = LinearLayout {
+                residual: l.post_ffn_norm.is_none(),
+                ..Default::default()
+            };
+            // The three products per part length (the parts but the last share one).
+            let mut products: HashMap<usize, [MatmulGpu; 3]> = HashMap::new();
             for &(r0, rows) in &ffn_parts {
-                let xn = rows_of(&b.xn, r0, rows);
-                list.extend(
-                    MatmulGpu::build(ctx, "ffn gate", &l.gate, rows, d, plain)?.dispatches_bound(
-                        g,
-                        xn,
-                        Bound::Whole(&b.g),
-                        None,
-                        None,
-                    )?,
-                );
-                list.extend(
-                    MatmulGpu::build(ctx, "ffn up", &l.up, rows, d, plain)?.dispatches_bound(
-                        g,
-                        xn,
-                        Bound::Whole(&b.u),
-                        None,
-                        None,
-                    )?,
-                );
-                list.push(acts[&(fl, rows)].dispatch(g, &b.g, &b.u));
-                let h = Bound::Whole(&b.g);
-                match &l.post_ffn_norm {
-                    // x = x2 + down · h.
-                    None => {
-                        let res = LinearLayout {
-                            residual: true,
-                            ..Default::default()
-                        };
-                        let down = MatmulGpu::build(ctx, "ffn down", &l.down, rows, d, res)?;
-                        list.extend(down.dispatches_bound(
-                            g,
-                            h,
-                            rows_of(&b.x, r0, rows),
-                            Some(rows_of(&b.x2, r0, rows)),
-                            None,
-                        )?);
-                    }
-                    // a = down · h (x += norm(a) after the last part).
-                    Some(_) => {
-                        let down = MatmulGpu::build(ctx, "ffn down", &l.down, rows, d, plain)?;
-                        list.extend(down.dispatches_bound(
-                            g,
-                            h,
-                            rows_of(&b.a, r0, rows),
-                            None,
-                            None,
-                        )?);
-                    }
+                if let Entry::Vacant(e) = products.entry(rows) {
+                    e.insert([
+                        MatmulGpu::build(ctx, "ffn gate", &l.gate, rows, d, plain)?,
+                        MatmulGpu::build(ctx, "ffn up", &l.up, rows, d, plain)?,
+                        MatmulGpu::build(ctx, "ffn down", &l.down, rows, d, down_layout)?,
+                    ]);
                 }
+                let [gate, up, down] = &products[&rows];
+                let xn = rows_of(&b.xn, r0, rows);
+                list.extend(gate.dispatches_bound(g, xn, Bound::Whole(&b.g), None, None)?);
+                list.extend(up.dispatches_bound(g, xn, Bound::Whole(&b.u), None, None)?);
+                list.push(acts[&(fl, rows)].dispatch(g, &b.g, &b.u));
+                let (y, residual) = match &l.post_ffn_norm {
+                    None => (rows_of(&b.x, r0, rows), Some(rows_of(&b.x2, r0, rows))),
+                    Some(_) => (rows_of(&b.a, r0, rows), None),
+                };
+                list.extend(down.dispatches_bound(g, Bound::Whole(&b.g), y, residual, None)?);
             }
             if let Some(w) = &l.post_ffn_norm {
                 list.push(norm_add.dispatch(g, &[&b.a, w, &b.x]));
@@ -956,8 +934,8 @@ impl GpuDecoder {
         let c = &self.cfg;
         let limit = self.ctx.gpu().map_or(u64::MAX, binding_limit);
         // A dense FFN runs in parts of FFN_PART_ROWS tokens or more ([`ffn_part_rows`]);
-        // a MoE layer's routed activations are one binding.
-        // (its down products too, `[t · top_k, d_model]`).
+        // a MoE layer's routed activations `[t · top_k, ffn]` and down products
+        // `[t · top_k, d_model]` are one binding each.
         let ffn = if c.experts > 0 {
             (c.ffn_dim * c.top_k).max(c.d_model * c.top_k)
         } else if limit < (FFN_PART_ROWS * c.ffn_dim * 4) as u64 {

@@ -147,7 +147,19 @@ impl ExpertsShape {
         self.tokens * self.top_k
     }
 
+    /// A prompt (more than one token) runs the grouped passes.
+    pub fn grouped(&self) -> bool {
+        self.tokens > 1
+    }
+
     fn check(&self) -> Result<()> {
+        if self.experts > super::MAX_EXPERTS {
+            return Err(Error::InvalidShape(format!(
+                "routed experts: {} experts, at most {}",
+                self.experts,
+                super::MAX_EXPERTS
+            )));
+        }
         if self.tokens == 0
             || self.experts == 0
             || self.top_k == 0
@@ -181,11 +193,8 @@ pub struct ExpertsScratch {
 impl ExpertsScratch {
     /// Buffers for `shape` (a few bytes for one token, which runs no grouped pass).
     pub fn new(g: &GpuDevice, shape: ExpertsShape) -> Result<Self> {
-        let a = if shape.tokens > 1 {
-            shape.assignments()
-        } else {
-            1
-        };
+        let grouped = shape.grouped();
+        let a = if grouped { shape.assignments() } else { 1 };
         let blocks = a.div_ceil(DISPATCH_BLOCK);
         let words = |label: &str, n: usize| storage(g, label, (n.max(1) * 4) as u64);
         Ok(ExpertsScratch {
@@ -195,11 +204,7 @@ impl ExpertsScratch {
             inv: words("experts inverse", a)?,
             down: words(
                 "experts down products",
-                if shape.tokens > 1 {
-                    a * shape.hidden
-                } else {
-                    1
-                },
+                if grouped { a * shape.hidden } else { 1 },
             )?,
         })
     }
@@ -233,14 +238,7 @@ impl ExpertsGgmlGpu {
     ) -> Result<Self> {
         shape.check()?;
         let s = shape;
-        let grouped = s.tokens > 1;
-        if s.experts > super::MAX_EXPERTS {
-            return Err(Error::InvalidShape(format!(
-                "routed experts: {} experts, at most {}",
-                s.experts,
-                super::MAX_EXPERTS
-            )));
-        }
+        let grouped = s.grouped();
         // Tiles of the grouped passes: at most one partial tile per expert.
         let tiles = s.assignments().div_ceil(GROUPED_TILE) + s.experts.min(s.assignments());
         let steps = |m: &GpuMatrix,
@@ -334,24 +332,28 @@ impl ExpertsGgmlGpu {
         scratch: &ExpertsScratch,
     ) -> Vec<Dispatch> {
         if let Some(gr) = &self.grouped {
-            let sc = scratch;
-            let mut list = gr
-                .dispatch
-                .dispatches(g, &[ids, &sc.block_counts, &sc.meta, &sc.sorted, &sc.inv]);
+            let mut list = gr.dispatch.dispatches(
+                g,
+                &[
+                    ids,
+                    &scratch.block_counts,
+                    &scratch.meta,
+                    &scratch.sorted,
+                    &scratch.inv,
+                ],
+            );
             list.extend(
                 self.gate
                     .iter()
                     .chain(&self.up)
-                    .map(|(s, w)| s.dispatch(g, &[z, w, &sc.sorted, &sc.meta, h])),
+                    .map(|(s, w)| s.dispatch(g, &[z, w, &scratch.sorted, &scratch.meta, h])),
             );
-            list.extend(
-                self.down
-                    .iter()
-                    .map(|(s, w)| s.dispatch(g, &[h, w, &sc.sorted, &sc.meta, &sc.down])),
-            );
+            list.extend(self.down.iter().map(|(s, w)| {
+                s.dispatch(g, &[h, w, &scratch.sorted, &scratch.meta, &scratch.down])
+            }));
             list.push(
                 gr.combine
-                    .dispatch(g, &[&sc.down, route_w, &sc.inv, res, out]),
+                    .dispatch(g, &[&scratch.down, route_w, &scratch.inv, res, out]),
             );
             return list;
         }
