@@ -740,7 +740,7 @@ fn sparse_prompt_and_sampling_match_the_cpu_decoder() {
     let got = gpu.forward(&ids, &mut gpu.new_cache(64).unwrap()).unwrap();
     assert_close("window prompt", &got, &want, TOL);
     // A dense prompt differs: the method ran.
-    let dense = GpuDecoder::load(&g, &ctx, Method::Dense).unwrap();
+    let mut dense = GpuDecoder::load(&g, &ctx, Method::Dense).unwrap();
     let d = dense
         .forward(&ids, &mut dense.new_cache(64).unwrap())
         .unwrap();
@@ -757,14 +757,16 @@ fn sparse_prompt_and_sampling_match_the_cpu_decoder() {
         top_p: 0.9,
         seed: 7,
     };
+    // The first turn's 10 tokens prefill in two chunks.
+    dense.prefill_chunk = Some(8);
     let run = || {
         let mut s = Sampler::new(cfg).unwrap();
         let mut c = dense.new_cache(64).unwrap();
         let first = dense
-            .generate_with(&ids[..10], 5, &[], &mut s, &mut c, 8, &mut |_| {})
+            .generate_with(&ids[..10], 5, &[], &mut s, &mut c, &mut |_| {})
             .unwrap();
         let second = dense
-            .generate_with(&ids[10..14], 5, &[], &mut s, &mut c, 8, &mut |_| {})
+            .generate_with(&ids[10..14], 5, &[], &mut s, &mut c, &mut |_| {})
             .unwrap();
         assert_eq!(c.len(), 10 + 5 - 1 + 4 + 5 - 1);
         (first, second)

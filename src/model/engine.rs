@@ -132,8 +132,7 @@ impl Engine {
             Engine::Cpu(d) => d.generate_with(prompt, max_new, stop, sampler, on_token),
             Engine::Gpu(d) => {
                 let mut cache = d.new_cache(prompt.len() + max_new)?;
-                let chunk = d.default_chunk();
-                d.generate_with(prompt, max_new, stop, sampler, &mut cache, chunk, on_token)
+                d.generate_with(prompt, max_new, stop, sampler, &mut cache, on_token)
             }
         }
     }

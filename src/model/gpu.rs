@@ -887,11 +887,10 @@ impl GpuDecoder {
         Ok(logits)
     }
 
-    /// Generation: prefill `prompt` (in chunks of `chunk` tokens) after what `cache`
-    /// holds, then up to `max_new` tokens chosen by `sampler`, stopping early at any of
-    /// `stop`. Calls `on_token` with each new id. The cache keeps everything, so a next
-    /// chat turn prefills only its new tokens.
-    #[allow(clippy::too_many_arguments)]
+    /// Generation: prefill `prompt` after what `cache` holds (in chunks of
+    /// [`GpuDecoder::default_chunk`] tokens), then up to `max_new` tokens chosen by
+    /// `sampler`, stopping early at any of `stop`. Calls `on_token` with each new id. The
+    /// cache keeps everything, so a next chat turn prefills only its new tokens.
     pub fn generate_with(
         &self,
         prompt: &[u32],
@@ -899,17 +898,13 @@ impl GpuDecoder {
         stop: &[u32],
         sampler: &mut Sampler,
         cache: &mut GpuKvCache,
-        chunk: usize,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Vec<u32>> {
-        pollster::block_on(
-            self.generate_async(prompt, max_new, stop, sampler, cache, chunk, on_token),
-        )
+        pollster::block_on(self.generate_async(prompt, max_new, stop, sampler, cache, on_token))
     }
 
     /// [`GpuDecoder::generate_with`], async (the browser's form: each step awaits the
     /// device, so the page repaints between tokens).
-    #[allow(clippy::too_many_arguments)]
     pub async fn generate_async(
         &self,
         prompt: &[u32],
@@ -917,10 +912,11 @@ impl GpuDecoder {
         stop: &[u32],
         sampler: &mut Sampler,
         cache: &mut GpuKvCache,
-        chunk: usize,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Vec<u32>> {
-        let logits = self.prefill_async(prompt, cache, chunk).await?;
+        let logits = self
+            .prefill_async(prompt, cache, self.default_chunk())
+            .await?;
         let first = sampler.sample(&logits);
         let step = async |t| Ok(sampler.sample(&self.forward_async(&[t], cache).await?));
         crate::model::sample::generation_loop_async(first, max_new, stop, on_token, step).await

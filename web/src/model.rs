@@ -477,14 +477,12 @@ async fn generate(
             let mut cache = dec
                 .new_cache(ids.len() + o.max_tokens)
                 .map_err(|e| e.to_string())?;
-            let chunk = dec.default_chunk();
             dec.generate_async(
                 &ids,
                 o.max_tokens,
                 stop,
                 &mut sampler,
                 &mut cache,
-                chunk,
                 &mut on_id,
             )
             .await
