@@ -74,7 +74,7 @@ else
     trap 'rm -rf "$models"' EXIT
     ln -s "$data/models/smollm2-135m-instruct-q4_1.gguf" "$models/"
     prompt="The capital of France is"
-    tokens=8
+    tokens=4
     "$wgsparse" synth-gguf --arch smallthinker --preset tiny-smallthinker \
         --type q4_0 --out "$models/tiny-smallthinker.gguf" >/dev/null
     "$wgsparse" generate --model "$models/smollm2-135m-instruct-q4_1.gguf" \

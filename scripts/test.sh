@@ -9,7 +9,8 @@
 # with WGSPARSE_REQUIRE_GPU=1 (and WGSPARSE_REQUIRE_GL=1 for the GL-compute test), so a
 # missing adapter FAILS the GPU tests instead of skipping them; runs the attention and
 # matrix-unit tests again on Mesa 26.1's lavapipe, which has cooperative matrices, in a
-# Debian 13 root (scripts/coop-lavapipe.sh builds it once per machine), and validates
+# Debian 13 root (scripts/coop-lavapipe.sh builds it once per machine) — the coop, MoE
+# and GPU-decoder tests run there only, with and without the matrix units — and validates
 # the matrix-unit SPIR-V with its spirv-val; runs the CPU kernels' tests cross-built for
 # AArch64 (NEON) under qemu-user (scripts/test-aarch64.sh); builds the benches and examples so they
 # cannot rot and runs three examples; then the real-model tests (scripts/test-models.sh:
@@ -92,8 +93,22 @@ export WGSPARSE_SOAK_S="${WGSPARSE_SOAK_S:-20}"
 
 # --- Tests ----------------------------------------------------------------------------
 start=$SECONDS
-say "cargo test (WGSPARSE_REQUIRE_GPU=$WGSPARSE_REQUIRE_GPU)"
-cargo test --locked "$@"
+# The test binaries that the matrix-unit stage below runs twice on Mesa 26.1's lavapipe
+# (matrix units required, then WGSPARSE_NO_COOP=1: the portable kernels) are not run a
+# third time on this machine's lavapipe; every other tests/*.rs runs here.
+twice_in_root=(coop moe gpu_decoder)
+host_targets=(--lib --bins)
+for f in tests/*.rs; do
+    name=$(basename "$f" .rs)
+    if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ] && [[ " ${twice_in_root[*]} " == *" $name "* ]]; then
+        continue
+    fi
+    host_targets+=(--test "$name")
+done
+say "cargo test (WGSPARSE_REQUIRE_GPU=$WGSPARSE_REQUIRE_GPU): ${host_targets[*]}"
+cargo test --locked "${host_targets[@]}" "$@"
+say "cargo test --doc"
+cargo test --locked --doc "$@"
 if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
     # The matrix-unit (cooperative-matrix) kernels: this machine's lavapipe has none, so
     # the tests of the matrix-unit kernels (flash attention: dense, block-sparse, stripes,
@@ -117,7 +132,7 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
         [ "$name" = dense_attention ] && filters=(split_paths row_state)
         say "  $name (matrix units required)"
         bash scripts/coop-lavapipe.sh "$bin" --test-threads 2 "${filters[@]}"
-        if [ "$name" = coop ] || [ "$name" = moe ] || [ "$name" = gpu_decoder ]; then
+        if [[ " ${twice_in_root[*]} " == *" $name "* ]]; then
             say "  $name (WGSPARSE_NO_COOP=1: the portable kernels on the same lavapipe)"
             WGSPARSE_NO_COOP=1 bash scripts/coop-lavapipe.sh "$bin" --test-threads 2
         fi

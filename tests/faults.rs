@@ -3,7 +3,7 @@
 //! methods leaves no GPU buffers, kernels or host memory behind (wgpu's own resource
 //! counters, the kernel cache, the process's resident memory).
 //!
-//! The soak runs `WGSPARSE_SOAK_S` seconds (default 20; CI sets more).
+//! The soak runs `WGSPARSE_SOAK_S` seconds (default 20, as in CI; set more for longer soaks).
 
 mod common;
 
