@@ -438,7 +438,7 @@ impl GpuDecoder {
         let moe = c.experts > 0;
         let local_rope = c.rope_base_local != c.rope_base;
         // A dense FFN runs in parts of `ffn_rows` tokens when `[t, ffn]` is over the
-        // binding limit (gate and up hold one part).
+        // binding limit or FFN_PART_BYTES (gate and up hold one part).
         let ffn_rows = if moe {
             t
         } else {
@@ -1070,14 +1070,30 @@ fn binding_limit(g: &GpuDevice) -> u64 {
 /// of 64 rows (256 bytes times d_model: every device's storage offset alignment).
 const FFN_PART_ROWS: usize = 64;
 
+/// The most bytes of one FFN activation buffer (gate or up, `[rows, ffn]` f32) a chunk
+/// holds, whatever the binding limit: a long chunk (a sparse prompt runs in the longest
+/// the bindings allow) would otherwise hold its whole `[t, ffn]` twice — 14 GiB for
+/// 100k tokens of a 7B model's 18,944-wide FFN; in parts of this size it holds 128 MiB,
+/// and a part keeps hundreds of token rows or more (a 7B model: 832; SmolLM2: 10,880),
+/// enough for a full-speed matrix product.
+const FFN_PART_BYTES: u64 = 64 << 20;
+
 /// Rows of one part of a `t`-token chunk's dense FFN: all `t` where `[t, ffn]` f32 fits
-/// a binding of `limit` bytes, else the most multiples of [`FFN_PART_ROWS`] that do.
+/// `min(limit, FFN_PART_BYTES)` bytes (`limit`: the device's binding limit), else the
+/// most multiples of [`FFN_PART_ROWS`] that do (at least one under the binding limit).
 fn ffn_part_rows(t: usize, ffn: usize, limit: u64) -> Result<usize> {
     let row = (ffn * 4) as u64;
-    if t as u64 * row <= limit {
+    let budget = limit.min(FFN_PART_BYTES);
+    if t as u64 * row <= budget {
         return Ok(t);
     }
-    let rows = (limit / row) as usize / FFN_PART_ROWS * FFN_PART_ROWS;
+    let rows = ((budget / row) as usize / FFN_PART_ROWS * FFN_PART_ROWS).max(
+        if FFN_PART_ROWS as u64 * row <= limit {
+            FFN_PART_ROWS
+        } else {
+            0
+        },
+    );
     if rows == 0 {
         return Err(Error::too_large(
             format!("{FFN_PART_ROWS} FFN rows of a {t}-token chunk (prefill in shorter chunks)"),
@@ -1131,5 +1147,15 @@ mod tests {
             ffn_part_rows(150, 512, 100 << 10),
             Err(Error::TooLarge { .. })
         ));
+        // Under a large binding limit the parts hold at most FFN_PART_BYTES each.
+        let ffn = 18_944;
+        let rows = ffn_part_rows(100_000, ffn, 2 << 30).unwrap();
+        assert_eq!(rows, 832);
+        assert!(rows as u64 * ffn as u64 * 4 <= FFN_PART_BYTES);
+        assert!((rows + FFN_PART_ROWS) as u64 * ffn as u64 * 4 > FFN_PART_BYTES);
+        assert_eq!(ffn_part_rows(4096, 1536, 2 << 30).unwrap(), 4096);
+        // A row wider than the budget still runs in parts of 64 rows where they fit.
+        let wide = (FFN_PART_BYTES / 4 / 32) as usize;
+        assert_eq!(ffn_part_rows(1000, wide, 2 << 30).unwrap(), 64);
     }
 }
