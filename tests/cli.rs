@@ -806,6 +806,34 @@ fn budget_writes_per_head_budgets_that_proxy_and_sale_run_under() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("nats/token"), "{out}");
+    // The same run as one JSON object: the typed report.
+    let (ok, json, err) = common::wgsparse(&[
+        "nll",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--tokens",
+        "300",
+        "--backend",
+        "cpu",
+        "--method",
+        "proxy:block=64,min_budget=0",
+        "--budgets",
+        solver,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v = common::one_json(&json);
+    assert_eq!(v["tokens"], 300, "{v}");
+    assert_eq!(v["predictions"], 299, "{v}");
+    assert_eq!(v["engine"], "cpu", "{v}");
+    assert_eq!(v["per_layer_file"], solver, "{v}");
+    let nll = v["nll"].as_f64().unwrap();
+    assert!(nll.is_finite() && nll > 0.0, "{v}");
+    assert!((v["perplexity"].as_f64().unwrap() - nll.exp()).abs() < 1e-6 * nll.exp());
+    // Both forms report the same figure.
+    assert!(out.contains(&format!("nll {nll:.4}")), "{out} vs {v}");
     let (ok, out, err) = common::wgsparse(&[
         "eval",
         "--model",
