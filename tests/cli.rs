@@ -789,7 +789,7 @@ fn budget_writes_per_head_budgets_that_proxy_and_sale_run_under() {
         files.push(out);
     }
     let solver = files[0].to_str().unwrap();
-    let (ok, out, err) = common::wgsparse(&[
+    let nll = [
         "nll",
         "--model",
         m,
@@ -803,26 +803,12 @@ fn budget_writes_per_head_budgets_that_proxy_and_sale_run_under() {
         "proxy:block=64,min_budget=0",
         "--budgets",
         solver,
-    ]);
+    ];
+    let (ok, out, err) = common::wgsparse(&nll);
     assert!(ok, "{err}");
     assert!(out.contains("nats/token"), "{out}");
     // The same run as one JSON object: the typed report.
-    let (ok, json, err) = common::wgsparse(&[
-        "nll",
-        "--model",
-        m,
-        "--text",
-        t,
-        "--tokens",
-        "300",
-        "--backend",
-        "cpu",
-        "--method",
-        "proxy:block=64,min_budget=0",
-        "--budgets",
-        solver,
-        "--json",
-    ]);
+    let (ok, json, err) = common::wgsparse(&[&nll[..], &["--json"]].concat());
     assert!(ok, "{err}");
     let v = common::one_json(&json);
     assert_eq!(v["tokens"], 300, "{v}");
