@@ -97,10 +97,11 @@ start=$SECONDS
 # (matrix units required, then WGSPARSE_NO_COOP=1: the portable kernels) are not run a
 # third time on this machine's lavapipe; every other tests/*.rs runs here.
 twice_in_root=(coop moe gpu_decoder)
+runs_twice_in_root() { [[ " ${twice_in_root[*]} " == *" $1 "* ]]; }
 host_targets=(--lib --bins)
 for f in tests/*.rs; do
     name=$(basename "$f" .rs)
-    if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ] && [[ " ${twice_in_root[*]} " == *" $name "* ]]; then
+    if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ] && runs_twice_in_root "$name"; then
         continue
     fi
     host_targets+=(--test "$name")
@@ -132,7 +133,7 @@ if [ "${WGSPARSE_SKIP_COOP:-0}" != 1 ]; then
         [ "$name" = dense_attention ] && filters=(split_paths row_state)
         say "  $name (matrix units required)"
         bash scripts/coop-lavapipe.sh "$bin" --test-threads 2 "${filters[@]}"
-        if [[ " ${twice_in_root[*]} " == *" $name "* ]]; then
+        if runs_twice_in_root "$name"; then
             say "  $name (WGSPARSE_NO_COOP=1: the portable kernels on the same lavapipe)"
             WGSPARSE_NO_COOP=1 bash scripts/coop-lavapipe.sh "$bin" --test-threads 2
         fi

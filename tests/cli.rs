@@ -789,7 +789,7 @@ fn budget_writes_per_head_budgets_that_proxy_and_sale_run_under() {
         files.push(out);
     }
     let solver = files[0].to_str().unwrap();
-    let nll = [
+    let nll_args = [
         "nll",
         "--model",
         m,
@@ -804,11 +804,11 @@ fn budget_writes_per_head_budgets_that_proxy_and_sale_run_under() {
         "--budgets",
         solver,
     ];
-    let (ok, out, err) = common::wgsparse(&nll);
+    let (ok, out, err) = common::wgsparse(&nll_args);
     assert!(ok, "{err}");
     assert!(out.contains("nats/token"), "{out}");
     // The same run as one JSON object: the typed report.
-    let (ok, json, err) = common::wgsparse(&[&nll[..], &["--json"]].concat());
+    let (ok, json, err) = common::wgsparse(&[&nll_args[..], &["--json"]].concat());
     assert!(ok, "{err}");
     let v = common::one_json(&json);
     assert_eq!(v["tokens"], 300, "{v}");

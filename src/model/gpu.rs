@@ -1080,21 +1080,15 @@ const FFN_PART_BYTES: u64 = 64 << 20;
 
 /// Rows of one part of a `t`-token chunk's dense FFN: all `t` where `[t, ffn]` f32 fits
 /// `min(limit, FFN_PART_BYTES)` bytes (`limit`: the device's binding limit), else the
-/// most multiples of [`FFN_PART_ROWS`] that do (at least one under the binding limit).
+/// most multiples of [`FFN_PART_ROWS`] that do — at least one, which must fit `limit`.
 fn ffn_part_rows(t: usize, ffn: usize, limit: u64) -> Result<usize> {
     let row = (ffn * 4) as u64;
     let budget = limit.min(FFN_PART_BYTES);
     if t as u64 * row <= budget {
         return Ok(t);
     }
-    let rows = ((budget / row) as usize / FFN_PART_ROWS * FFN_PART_ROWS).max(
-        if FFN_PART_ROWS as u64 * row <= limit {
-            FFN_PART_ROWS
-        } else {
-            0
-        },
-    );
-    if rows == 0 {
+    let rows = ((budget / row) as usize / FFN_PART_ROWS * FFN_PART_ROWS).max(FFN_PART_ROWS);
+    if rows as u64 * row > limit {
         return Err(Error::too_large(
             format!("{FFN_PART_ROWS} FFN rows of a {t}-token chunk (prefill in shorter chunks)"),
             FFN_PART_ROWS as u64 * row,
